@@ -1,0 +1,61 @@
+"""The backend's one config dataclass, built from torch.compile's `mode=` and `options=`."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MODES = ("eager", "inductor", "pcg", "bcg", "full")
+GRAPH_MODES = ("pcg", "bcg", "full")
+INNER_COMPILERS = ("inductor", "eager")
+DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+@dataclass
+class Config:
+    """How hattn compiles and runs one model.
+
+    mode            eager | inductor (graph-free) | pcg (piecewise CUDA graphs) | bcg (breakable CUDA graph) |
+                    full (one graph per step; every split op must be capture-safe)
+    capture_sizes   token counts to capture graphs for; inputs are padded up to the next one (graph modes)
+    inner_compiler  what compiles the pieces between split ops: inductor or eager
+    debug           extra checks at replay (static input addresses, outputs not aliased across replays)
+    progress        show a progress bar while capturing
+    """
+
+    mode: str = "pcg"
+    capture_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CAPTURE_SIZES))
+    inner_compiler: str = "inductor"
+    debug: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown hattn mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        if self.inner_compiler not in INNER_COMPILERS:
+            raise ValueError(
+                f"unknown inner_compiler {self.inner_compiler!r}; valid: {', '.join(INNER_COMPILERS)}"
+            )
+        sizes = list(self.capture_sizes)
+        if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
+            raise ValueError(f"capture_sizes must be a non-empty list of positive ints, got {self.capture_sizes!r}")
+        self.capture_sizes = sorted(set(sizes))
+
+    @property
+    def uses_graphs(self) -> bool:
+        return self.mode in GRAPH_MODES
+
+    @classmethod
+    def from_options(cls, mode: str | None = None, options: dict | None = None, **kwargs) -> "Config":
+        """Merge torch.compile's `mode`, `options` (which may also hold "mode") and keyword options."""
+        merged = {**(options or {}), **kwargs}
+        if mode is not None and mode != "default":
+            if "mode" in merged and merged["mode"] != mode:
+                raise ValueError(f"mode given twice: mode={mode!r} and options['mode']={merged['mode']!r}")
+            merged["mode"] = mode
+        if merged.get("mode") == "default":
+            merged.pop("mode")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - valid)
+        if unknown:
+            raise ValueError(f"unknown hattn option(s) {unknown}; valid options: {sorted(valid)}")
+        return cls(**merged)
