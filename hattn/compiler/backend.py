@@ -1,0 +1,119 @@
+"""The `hattn` Dynamo backend: guard -> split -> compile pieces -> hand to the runtime of the mode.
+
+    torch.compile(model, backend="hattn", mode="pcg")                    # entry point, no import needed
+    torch.compile(model, backend="hattn", options={"mode": "bcg", "capture_sizes": [1, 2, 4]})
+    torch.compile(model, backend=hattn.backend(mode="pcg", capture_sizes=[1, 2, 4]))
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from hattn.compiler.config import Config
+from hattn.passes.guards import check_no_unregistered_attention
+from hattn.passes.split import split_graph
+from hattn.stats import Stats, new_stats
+
+log = logging.getLogger("hattn")
+
+
+def _compile_piece(piece: fx.GraphModule, args: list, config: Config) -> Callable:
+    if config.mode == "eager" or config.inner_compiler == "eager":
+        return piece
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(piece, args)
+
+
+class _CompilePieces(fx.Interpreter):
+    """Runs the split graph on Dynamo's (fake) example inputs, compiling each piece with the inputs it receives."""
+
+    def __init__(self, split_gm: fx.GraphModule, config: Config):
+        super().__init__(split_gm)
+        self.config = config
+
+    def call_module(self, target, args, kwargs):
+        piece = self.fetch_attr(target)
+        out = piece(*args)
+        self.module.register_module(target, _Compiled(_compile_piece(piece, list(args), self.config)))
+        return out
+
+
+class _Compiled(torch.nn.Module):
+    """A compiled piece as a submodule of the split graph (the runtime calls it like the piece)."""
+
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
+    """Guard, split and compile one Dynamo graph; return the callable the mode's runtime serves it with."""
+    check_no_unregistered_attention(gm)
+    split_gm, info = split_graph(gm)
+    stats.graphs_compiled += 1
+    stats.pieces += len(info.pieces)
+    stats.split_ops += len(info.split_nodes)
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:  # called outside Dynamo (tests): compile with the real inputs
+        _CompilePieces(split_gm, config).run(*example_inputs)
+    else:  # Dynamo's fake mode memoizes its inputs: from_tensor gives the (symbolic) fakes it traced with
+        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        with fake_mode:
+            _CompilePieces(split_gm, config).run(*fakes)
+    log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)
+    from hattn.runtime import build_runtime
+
+    return build_runtime(config, split_gm, example_inputs, stats)
+
+
+class HattnBackend:
+    """A configured backend: `torch.compile(m, backend=hattn.backend(mode="pcg", capture_sizes=[...]))`.
+
+    Its `stats` add up every graph it compiled (more than one graph means Dynamo graph breaks).
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.graph_stats: list[Stats] = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
+        config = self.config
+        if kwargs:
+            config = Config.from_options(None, {**dataclasses.asdict(self.config), **_merge(kwargs)})
+        stats = new_stats()
+        self.graph_stats.append(stats)
+        return compile_graph(gm, example_inputs, config, stats)
+
+    @property
+    def stats(self) -> Stats:
+        total = Stats()
+        for s in self.graph_stats:
+            total.add(s)
+        return total
+
+
+def _merge(kwargs: dict) -> dict:
+    merged = dict(kwargs.get("options") or {})
+    if kwargs.get("mode") not in (None, "default"):
+        merged["mode"] = kwargs["mode"]
+    return merged
+
+
+def backend(mode: str = "pcg", **options: Any) -> HattnBackend:
+    """A hattn backend configured with `mode` and options (capture_sizes, inner_compiler, debug, progress)."""
+    return HattnBackend(Config.from_options(mode, options))
+
+
+def hattn_backend(gm: fx.GraphModule, example_inputs: list, mode: str | None = None, options: dict | None = None):
+    """The function registered as torch.compile backend "hattn" (entry point group torch_dynamo_backends)."""
+    config = Config.from_options(mode, options)
+    return compile_graph(gm, example_inputs, config, new_stats())

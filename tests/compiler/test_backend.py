@@ -1,0 +1,146 @@
+"""The hattn backend end to end on CPU: every mode == eager, split counts, guard errors, user kinds, options."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hattn
+from hattn.compiler.backend import backend
+from hattn.compiler.config import MODES, Config
+from hattn.models.toy import ToyConfig, ToyHybridModel, toy_model
+from hattn.passes.guards import UnregisteredAttentionError
+
+PATTERN = ["linear", "full", "linear", "linear", "full"]
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_matches_eager_with_expected_splits(mode):
+    model = toy_model(pattern=PATTERN)
+    be = backend(mode=mode, inner_compiler="eager")
+    compiled = torch.compile(model, backend=be)
+    for n in (7, 13, 5):  # the second shape makes Dynamo recompile once with a dynamic token count
+        torch.testing.assert_close(compiled(_ids(n, n)), model(_ids(n, n)), rtol=1e-5, atol=1e-5)
+    s = be.stats
+    assert be.graph_stats[0].graphs_compiled == 1  # no Dynamo graph break
+    assert be.graph_stats[0].split_ops == len(PATTERN)
+    assert be.graph_stats[0].pieces == len(PATTERN) + 1
+    assert s.eager_runs == 3 and s.cuda_graphs == 0  # CPU: graph-free
+
+
+def test_entry_point_string_backend_with_inductor_pieces():
+    model = toy_model(pattern=["linear", "full"])
+    compiled = torch.compile(model, backend="hattn", mode="inductor")
+    torch.testing.assert_close(compiled(_ids(9)), model(_ids(9)), rtol=1e-4, atol=1e-4)
+
+
+def test_entry_point_accepts_options_with_mode():
+    model = toy_model(pattern=["full", "linear"])
+    compiled = torch.compile(model, backend="hattn", options={"mode": "bcg", "inner_compiler": "eager"})
+    torch.testing.assert_close(compiled(_ids(6)), model(_ids(6)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mode": "fast"}, "unknown hattn mode 'fast'; valid modes: eager, inductor, pcg, bcg, full"),
+        ({"mode": "pcg", "capture_size": [1]}, r"unknown hattn option\(s\) \['capture_size'\]"),
+        ({"mode": "pcg", "inner_compiler": "tvm"}, "unknown inner_compiler 'tvm'"),
+        ({"mode": "pcg", "capture_sizes": [0, 4]}, "capture_sizes must be a non-empty list of positive ints"),
+    ],
+)
+def test_bad_mode_or_option_is_a_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Config.from_options(kwargs.pop("mode"), kwargs)
+
+
+def test_bad_mode_through_torch_compile():
+    compiled = torch.compile(toy_model(), backend="hattn", mode="fast")
+    with pytest.raises(Exception, match="valid modes: eager, inductor, pcg, bcg, full"):
+        compiled(_ids(4))
+
+
+class SdpaAttention(nn.Module):
+    """A full-attention layer that calls SDPA directly instead of a hattn split op."""
+
+    def __init__(self, c: ToyConfig, layer_id: int):
+        super().__init__()
+        self.qkv = nn.Linear(c.hidden, 3 * c.hidden, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(0).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
+
+
+def test_unregistered_sdpa_is_rejected_with_node_line_and_fix():
+    torch.manual_seed(0)
+    model = ToyHybridModel(ToyConfig(pattern=["linear", "sdpa"]), mixers={"sdpa": SdpaAttention}).eval()
+    with pytest.raises(Exception) as err:
+        torch.compile(model, backend=backend(mode="bcg", inner_compiler="eager"))(_ids(5))
+    msg = str(err.value)
+    assert "scaled_dot_product_attention" in msg and "not a registered hattn split op" in msg
+    assert "test_backend.py" in msg and "F.scaled_dot_product_attention(q, k, v" in msg  # source line
+    assert "register_split_op" in msg  # the fix
+    assert isinstance(err.value.__cause__, UnregisteredAttentionError) or "UnregisteredAttentionError" in msg
+
+
+@torch.library.custom_op("hattn_test::mamba_mixer", mutates_args=())
+def mamba_mixer(x: torch.Tensor, decay: float) -> torch.Tensor:
+    """A toy causal SSM-like mixer: y_t = x_t + decay * y_{t-1}."""
+    out, h = torch.empty_like(x), torch.zeros_like(x[0])
+    for t in range(x.shape[0]):
+        h = x[t] + decay * h
+        out[t] = h
+    return out
+
+
+@mamba_mixer.register_fake
+def _(x, decay):
+    return torch.empty_like(x)
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, c: ToyConfig, layer_id: int):
+        super().__init__()
+        self.proj = nn.Linear(c.hidden, c.hidden, bias=False)
+
+    def forward(self, x):
+        return self.proj(torch.ops.hattn_test.mamba_mixer(x, 0.9))
+
+
+def test_user_registered_mamba_op_splits_too():
+    torch.manual_seed(0)
+    model = ToyHybridModel(ToyConfig(pattern=["mamba", "full", "mamba"]), mixers={"mamba": MambaMixer}).eval()
+    # unregistered, its name says it is a mixer: rejected
+    with pytest.raises(Exception, match="custom op hattn_test::mamba_mixer"):
+        torch.compile(model, backend=backend(mode="pcg", inner_compiler="eager"))(_ids(6))
+    torch._dynamo.reset()
+    hattn.register_split_op(torch.ops.hattn_test.mamba_mixer, "mamba")
+    try:
+        be = backend(mode="pcg", inner_compiler="eager")
+        torch.testing.assert_close(torch.compile(model, backend=be)(_ids(6)), model(_ids(6)))
+        assert be.stats.split_ops == 3 and be.stats.pieces == 4
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_test.mamba_mixer)
+
+
+def test_graph_break_gives_several_graphs_each_split():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = toy_model(pattern=["linear", "full"]), toy_model(seed=1, pattern=["full"])
+
+        def forward(self, ids):
+            x = self.a(ids)
+            torch._dynamo.graph_break()
+            return self.b(x.argmax(-1))
+
+    model = Broken().eval()
+    be = backend(mode="pcg", inner_compiler="eager")
+    torch.testing.assert_close(torch.compile(model, backend=be)(_ids(8)), model(_ids(8)))
+    assert be.stats.graphs_compiled == 2 and be.stats.split_ops == 3

@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import hattn
+
+settings.register_profile(
+    "ci", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile("dev", max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+
+
+# Split ops defined for tests: a functional one and an out= one, both of the user kind "testmix".
+
+
+@torch.library.custom_op("hattn_test::scale", mutates_args=())
+def scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x * factor + 1
+
+
+@scale.register_fake
+def _(x, factor):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("hattn_test::add_into", mutates_args=("out",))
+def add_into(x: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(x + x.sum(dim=-1, keepdim=True))
+
+
+@add_into.register_fake
+def _(x, out):
+    return None
+
+
+hattn.register_split_op(torch.ops.hattn_test.scale, "testmix")
+hattn.register_split_op(torch.ops.hattn_test.add_into, "testmix")

@@ -1,0 +1,59 @@
+"""The registry: what is a split op, registration errors, routing by layer id and kind."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+
+import hattn
+import hattn.ops  # noqa: F401
+from hattn.registry import RegistryError, check_route, is_split_op, runs_outside_graph, split_op_of
+
+
+def test_builtin_ops_are_split_ops_by_packet_and_overload():
+    for packet, kind in [(torch.ops.hattn.full_attention, "full"), (torch.ops.hattn.linear_attention, "linear")]:
+        assert split_op_of(packet).kind == kind
+        assert split_op_of(packet.default).kind == kind
+        assert runs_outside_graph(packet.default)
+    assert not is_split_op(torch.ops.aten.mm) and not is_split_op(torch.sin)
+
+
+def test_split_op_of_fx_nodes():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    node = g.call_function(torch.ops.hattn_test.scale.default, (x, 1.0))
+    assert split_op_of(node).kind == "testmix"
+    assert split_op_of(x) is None
+
+
+def test_register_twice_same_kind_ok_other_kind_error():
+    hattn.register_split_op(torch.ops.hattn_test.scale, "testmix")
+    with pytest.raises(RegistryError, match="already a split op of kind 'testmix'; it cannot also be 'full'"):
+        hattn.register_split_op("hattn_test::scale", "full")
+
+
+def test_register_rejects_non_custom_ops_and_bad_kinds():
+    with pytest.raises(RegistryError, match="is not a torch custom op"):
+        hattn.register_split_op(lambda x: x, "mamba")
+    with pytest.raises(RegistryError, match="must be an identifier"):
+        hattn.register_split_op(torch.ops.hattn_test.scale, "not a kind")
+
+
+def test_route_cross_checks_layer_kinds():
+    kinds = {0: "linear", 1: "full"}
+    check_route("full", 1, kinds)
+    check_route("full", 5, None)  # no model table: toy models accept any layer
+    with pytest.raises(RegistryError, match="layer 0 is a 'linear' layer in the model config but called a 'full'"):
+        check_route("full", 0, kinds)
+    with pytest.raises(RegistryError, match="has no layer 7"):
+        check_route("linear", 7, kinds)
+
+
+def test_op_call_with_mismatched_layer_table_is_an_error():
+    from hattn.models.toy import toy_model
+
+    model = toy_model(pattern=["linear", "full"])
+    ids = torch.arange(5)
+    with hattn.forward_context(hattn.ForwardContext(seq_lens=[5], layer_kinds={0: "full", 1: "full"})):
+        with pytest.raises(RegistryError, match="layer 0 is a 'full' layer"):
+            model(ids)
