@@ -1,0 +1,122 @@
+"""The static hybrid cache: every layer's cache preallocated for `slots` sequences of up to `max_len` tokens.
+
+One slot per running sequence. Full-attention layers keep a KV cache `[slots, max_len, kv_heads, head_dim]`;
+linear-attention layers keep a conv state `[slots, conv_dim, kernel-1]` and an fp32 recurrent state
+`[slots, v_heads, k_dim, v_dim]`; other mixer kinds (KDA, lightning attention, Mamba2) keep the per-slot states
+their family declares. Nothing is allocated after construction, so every address is fixed and graphs can be
+captured over it. Split ops reach the cache through the forward context (`kv(layer_id)`, `linear_state(layer_id)`,
+`state(layer_id)`); a sequence whose context length is 0 starts from zero state, so a freed slot is reused as is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer caches.
+
+    kind    the layer's split-op kind ("full", "linear", or a family kind such as "kda")
+    kv      full layers: (kv_heads, k_dim, v_dim) of the KV cache
+    states  other kinds: per-slot state shapes and dtypes (None = the cache's dtype), e.g. for "linear":
+            (((conv_dim, kernel - 1), None), ((v_heads, k_dim, v_dim), torch.float32))
+    """
+
+    kind: str
+    kv: tuple[int, int, int] | None = None
+    states: tuple[tuple[tuple[int, ...], torch.dtype | None], ...] = ()
+
+    def __post_init__(self):
+        if (self.kv is not None) == bool(self.states):
+            raise ValueError(f"a {self.kind!r} LayerSpec needs exactly one of kv= (full attention) or states= (mixers)")
+
+
+def full_spec(kv_heads: int, k_dim: int, v_dim: int | None = None) -> LayerSpec:
+    return LayerSpec("full", kv=(kv_heads, k_dim, k_dim if v_dim is None else v_dim))
+
+
+def linear_spec(conv_dim: int, kernel: int, v_heads: int, k_dim: int, v_dim: int, kind: str = "linear") -> LayerSpec:
+    """Conv state [conv_dim, kernel-1] (model dtype) + recurrent state [v_heads, k_dim, v_dim] fp32."""
+    return LayerSpec(kind, states=(((conv_dim, kernel - 1), None), ((v_heads, k_dim, v_dim), torch.float32)))
+
+
+class HybridCache:
+    """Preallocated KV caches and mixer states of a hybrid model, one slot per sequence.
+
+    specs: layer id -> LayerSpec (layers without a mixer, e.g. Nemotron-H's MLP layers, are absent).
+    """
+
+    def __init__(self, specs: dict[int, LayerSpec], slots: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        if slots < 1 or max_len < 1:
+            raise ValueError(f"a cache needs slots >= 1 and max_len >= 1, got slots={slots}, max_len={max_len}")
+        self.specs, self.slots, self.max_len = dict(specs), slots, max_len
+        self.dtype, self.device = dtype, torch.device(device)
+        self._tensors = {i: self._allocate(spec) for i, spec in self.specs.items()}
+        self._free = list(range(slots))
+
+    def _allocate(self, spec: LayerSpec) -> tuple[torch.Tensor, ...]:
+        if spec.kv is not None:
+            heads, k_dim, v_dim = spec.kv
+            shape = (self.slots, self.max_len, heads)
+            return (self._zeros(shape + (k_dim,), None), self._zeros(shape + (v_dim,), None))
+        return tuple(self._zeros((self.slots, *shape), dtype) for shape, dtype in spec.states)
+
+    def _zeros(self, shape, dtype) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype or self.dtype, device=self.device)
+
+    # -- what split ops read -------------------------------------------------------------------------------------
+    def kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache [slots, max_len, kv_heads, k_dim], v_cache [slots, max_len, kv_heads, v_dim])."""
+        return self._get(layer_id, "full")
+
+    def linear_state(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv_state [slots, conv_dim, kernel-1], recurrent_state [slots, v_heads, k_dim, v_dim] fp32)."""
+        return self._get(layer_id, "linear")
+
+    def state(self, layer_id: int) -> tuple[torch.Tensor, ...]:
+        """The per-slot state tensors of a mixer layer of any kind, each [slots, ...]."""
+        return self._get(layer_id, None)
+
+    def _get(self, layer_id: int, kind: str | None) -> tuple[torch.Tensor, ...]:
+        spec = self.specs.get(layer_id)
+        if spec is None:
+            raise KeyError(f"the cache has no layer {layer_id}; cached layers: {sorted(self.specs)}")
+        if kind is not None and spec.kind != kind:
+            raise KeyError(f"layer {layer_id} caches a {spec.kind!r} layer, not a {kind!r} layer")
+        return self._tensors[layer_id]
+
+    # -- slots ---------------------------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, n: int = 1) -> list[int]:
+        """Take `n` free slots (lowest first). A new sequence in a slot starts at context length 0."""
+        if n > len(self._free):
+            raise RuntimeError(
+                f"the cache has {len(self._free)} free slot(s) of {self.slots} but {n} were requested; "
+                f"free finished sequences or build the cache with more slots (max batch)"
+            )
+        taken, self._free = self._free[:n], self._free[n:]
+        return taken
+
+    def free(self, slots: list[int]) -> None:
+        """Give slots back for reuse (their contents are ignored from now on)."""
+        for s in slots:
+            if not 0 <= s < self.slots or s in self._free:
+                raise ValueError(f"slot {s} is not an allocated slot of this cache (slots 0..{self.slots - 1})")
+        self._free = sorted(self._free + list(slots))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self._tensors.values() for t in ts)
+
+    def __repr__(self) -> str:
+        kinds = {}
+        for spec in self.specs.values():
+            kinds[spec.kind] = kinds.get(spec.kind, 0) + 1
+        return (
+            f"HybridCache(slots={self.slots}, max_len={self.max_len}, layers={kinds}, dtype={self.dtype}, "
+            f"{self.nbytes() / 2**20:.1f} MiB)"
+        )

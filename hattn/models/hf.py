@@ -1,0 +1,216 @@
+"""Adapters that make an unmodified transformers hybrid model call hattn's split ops.
+
+    lm = hattn.models.hf.adapt(AutoModelForCausalLM.from_config(config))   # -> HybridLM
+    logits = lm(input_ids, positions)                                       # [T] packed tokens -> [T, vocab]
+
+- Full-attention modules keep their code: the model's attention implementation is set to "hattn", a transformers
+  `AttentionInterface` function that packs `[1, H, T, D]` into `[T, H, D]` and calls `hattn::full_attention`
+  (which writes K/V into *our* cache, so the HF model runs with `use_cache=False`).
+- Linear-attention / mixer modules get a family's forward (the module's class is swapped for a subclass that only
+  overrides `forward`; parameters stay where they are): projections, norms and gates run as before, only the
+  batch-dependent core is the split op.
+- Layer kinds come from the config (`layer_types` or the family's equivalent), never from a module's class: the
+  adapter patches layer i as the kind the config gives it, and every split-op call is cross-checked against the
+  same table (`registry.check_route`), so a mismatch is an error (shared/seeds/001, 003).
+
+A family is one file in hattn/models/families/ that calls `register_family(Family(...))`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+import hattn.ops  # noqa: F401  (defines torch.ops.hattn.*)
+from hattn.models.cache import HybridCache, LayerSpec, full_spec
+
+ATTN_IMPLEMENTATION = "hattn"
+
+
+# -- full attention: a transformers AttentionInterface function --------------------------------------------------
+def hattn_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """query: [1, Hq, T, Dk]; key: [1, Hkv, T, Dk]; value: [1, Hkv, T, Dv] -> ([1, T, Hq, Dv], None).
+
+    The mask is ignored: sequences are packed along T and the forward context says where each starts.
+    """
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"hattn packs sequences along the token dimension: call the model with batch size 1 (input [1, T]), "
+            f"got batch {query.shape[0]}"
+        )
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [T, H, D]
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+    torch.ops.hattn.full_attention(q, k, v, out, module.layer_idx, scale)
+    return out[None], None
+
+
+def register_attention() -> None:
+    """Register "hattn" as a transformers attention implementation (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, hattn_attention)
+
+
+# -- families ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """How hattn runs one transformers model family.
+
+    model_types   config.model_type values served (e.g. ("qwen3_5_text",))
+    layer_kinds   config -> {layer id: split-op kind}; layers without a mixer are absent
+    cache_specs   config -> {layer id: LayerSpec}
+    forwards      kind -> replacement `forward(self, hidden_states, ...)` for mixer modules of that kind
+                  (full attention needs none: it goes through the attention interface)
+    mixer         (decoder layer, kind) -> the layer's mixer module, found by attribute name
+    check         config -> None, raises for configs the adapter cannot serve (optional)
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layer_kinds: Callable[[object], dict[int, str]]
+    cache_specs: Callable[[object], dict[int, LayerSpec]]
+    forwards: dict[str, Callable]
+    mixer: Callable[[nn.Module, str], nn.Module | None]
+    check: Callable[[object], None] = field(default=lambda config: None)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    for t in family.model_types:
+        other = FAMILIES.get(t)
+        if other is not None and other.name != family.name:
+            raise ValueError(f"model_type {t!r} is already served by family {other.name!r}")
+        FAMILIES[t] = family
+    return family
+
+
+def family_of(config) -> Family:
+    import hattn.models.families  # noqa: F401  (registers every family)
+
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        known = sorted({f.name for f in FAMILIES.values()})
+        raise ValueError(
+            f"hattn has no adapter for model_type {config.model_type!r}; supported families: {known}. "
+            f"Add one file in hattn/models/families/ that calls register_family."
+        )
+    return family
+
+
+def kinds_from_layer_types(config, linear_kind: str = "linear", key: str = "layer_types") -> dict[int, str]:
+    """{"full_attention": "full", "linear_attention": linear_kind} over `config.<key>`; other types are an error."""
+    names = {"full_attention": "full", "linear_attention": linear_kind}
+    types = getattr(config, key, None)
+    if types is None:
+        raise ValueError(f"{config.model_type} config has no {key}; hattn needs the per-layer kinds")
+    unknown = sorted(set(types) - set(names))
+    if unknown:
+        raise ValueError(f"{config.model_type}: layer types {unknown} are not served by hattn (known: {sorted(names)})")
+    return {i: names[t] for i, t in enumerate(types)}
+
+
+def gqa_full_spec(config) -> LayerSpec:
+    """KV cache spec of a plain GQA attention layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return full_spec(config.num_key_value_heads, head_dim)
+
+
+def text_config(config):
+    """The text config of a multimodal config (Qwen3.5's `text_config`), else the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+# -- patching ------------------------------------------------------------------------------------------------------
+_PATCHED: dict[tuple[type, Callable], type] = {}
+
+
+def _patched_class(cls: type, forward: Callable) -> type:
+    key = (cls, forward)
+    if key not in _PATCHED:
+        _PATCHED[key] = type(f"Hattn{cls.__name__}", (cls,), {"forward": forward, "_hattn_base": cls})
+    return _PATCHED[key]
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no .model.layers ModuleList; hattn adapts decoder-only LMs")
+    return layers
+
+
+def _patch_layers(model: nn.Module, family: Family, kinds: dict[int, str]) -> None:
+    layers = _decoder_layers(model)
+    if max(kinds, default=-1) >= len(layers):
+        raise ValueError(f"the config gives kinds for {max(kinds) + 1} layers but the model has {len(layers)}")
+    for i, kind in sorted(kinds.items()):
+        module = family.mixer(layers[i], kind)
+        if module is None:
+            raise ValueError(
+                f"{family.name}: the config says layer {i} is a {kind!r} layer but the layer has no {kind!r} mixer "
+                f"({type(layers[i]).__name__}); the config's layer types disagree with the model"
+            )
+        if getattr(module, "layer_idx", i) != i:
+            raise ValueError(f"{family.name}: layer {i}'s mixer has layer_idx {module.layer_idx}; expected {i}")
+        if kind == "full":
+            continue
+        if kind not in family.forwards:
+            raise ValueError(f"{family.name} has no forward for {kind!r} layers (has: {sorted(family.forwards)})")
+        base = getattr(type(module), "_hattn_base", type(module))
+        module.__class__ = _patched_class(base, family.forwards[kind])
+
+
+def _set_attention(model: nn.Module) -> None:
+    register_attention()
+    for config in {id(c): c for c in (model.config, text_config(model.config))}.values():
+        config._attn_implementation = ATTN_IMPLEMENTATION
+
+
+class HybridLM(nn.Module):
+    """An adapted HF causal LM: `forward(input_ids [T], positions [T]) -> logits [T, vocab]`.
+
+    Sequences are packed along T; the forward context (seq_lens, context_lens, slots, cache, layer_kinds) says
+    where each starts and which cache slot it uses. Without a context the input is one sequence with no cache.
+    """
+
+    def __init__(self, hf_model: nn.Module, family: Family, layer_kinds: dict[int, str]):
+        super().__init__()
+        self.hf = hf_model
+        self.family = family.name
+        self.layer_kinds = dict(layer_kinds)
+        self._specs = family.cache_specs(text_config(hf_model.config))
+
+    @property
+    def config(self):
+        return text_config(self.hf.config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self.hf(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False)
+        return out.logits[0]
+
+    def cache_specs(self) -> dict[int, LayerSpec]:
+        return dict(self._specs)
+
+    def make_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> HybridCache:
+        """A HybridCache for `slots` sequences of up to `max_len` tokens, on the model's device and dtype."""
+        p = next(self.hf.parameters())
+        return HybridCache(self._specs, slots, max_len, dtype or p.dtype, device or p.device)
+
+
+def adapt(hf_model: nn.Module) -> HybridLM:
+    """Make `hf_model` (an unmodified transformers causal LM of a supported family) call hattn's split ops.
+
+    Modifies `hf_model` in place (attention implementation, mixer classes) and returns the HybridLM around it.
+    """
+    config = text_config(hf_model.config)
+    family = family_of(config)
+    family.check(config)
+    kinds = family.layer_kinds(config)
+    _patch_layers(hf_model, family, kinds)
+    _set_attention(hf_model)
+    return HybridLM(hf_model.eval(), family, kinds)
