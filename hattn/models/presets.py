@@ -1,0 +1,153 @@
+"""Model presets: transformers configs built in code (no hub download), with fixed-seed random weights.
+
+    lm = load("tiny")                                   # a small Qwen3.5-shaped model for demos and tests
+    lm = load("qwen3.5-1b", dtype=torch.bfloat16, device="cuda")
+    lm = load(config="path/to/config.json")             # any supported family, random weights
+    lm = load(model="path/to/saved_model")              # a local saved model (save_pretrained output)
+
+"tiny-<family>" presets are small random models of every family hattn adapts (the tests use them).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from hattn.models.hf import HybridLM, adapt
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+def _pattern(n_layers: int, every: int = 4) -> list[str]:
+    """`every-1` linear layers then one full layer, repeated (Qwen3.5's 3:1 for every=4)."""
+    return [FULL if (i + 1) % every == 0 else LINEAR for i in range(n_layers)]
+
+
+_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, initializer_range=0.05, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+
+
+def tiny():
+    from transformers import Qwen3_5TextConfig
+
+    return Qwen3_5TextConfig(**_TINY, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                             linear_key_head_dim=16, linear_value_head_dim=16, layer_types=_pattern(4))
+
+
+def qwen3_5_1b():
+    """The 1B-class Qwen3.5 shape of the benchmarks (~1.0B parameters, untied embeddings)."""
+    from transformers import Qwen3_5TextConfig
+
+    return Qwen3_5TextConfig(vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+                             num_attention_heads=8, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                             linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                             layer_types=_pattern(24), tie_word_embeddings=False)
+
+
+def tiny_qwen3_next():
+    from transformers import Qwen3NextConfig
+
+    return Qwen3NextConfig(**_TINY, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                           linear_key_head_dim=16, linear_value_head_dim=16, layer_types=_pattern(4),
+                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                           shared_expert_intermediate_size=64)
+
+
+def tiny_olmo_hybrid():
+    from transformers import OlmoHybridConfig
+
+    return OlmoHybridConfig(**_TINY, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                            linear_value_head_dim=32, layer_types=_pattern(4))
+
+
+_MLA = dict(kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, linear_num_heads=4,
+            linear_head_dim=16, num_experts=4, num_experts_per_token=2, moe_intermediate_size=64,
+            num_shared_experts=1)
+
+
+def tiny_kimi_linear():
+    from transformers import KimiLinearConfig
+
+    return KimiLinearConfig(**{**_TINY, "num_key_value_heads": 4}, **_MLA, q_lora_rank=None,
+                            layer_types=_pattern(4), mlp_layer_types=["dense", "sparse", "sparse", "sparse"])
+
+
+def tiny_bailing_hybrid():
+    from transformers import BailingHybridConfig
+
+    return BailingHybridConfig(**{**_TINY, "num_key_value_heads": 4}, **_MLA, num_expert_group=1, topk_group=1,
+                               first_k_dense_replace=1, num_mtp_layers=0, layer_types=_pattern(4))
+
+
+def tiny_minimax():
+    from transformers import MiniMaxConfig
+
+    return MiniMaxConfig(**_TINY, head_dim=16, layer_types=_pattern(4), block_size=8, num_local_experts=4,
+                         num_experts_per_tok=2)
+
+
+def tiny_nemotron_h():
+    from transformers import NemotronHConfig
+
+    types = [LINEAR, "moe", FULL, "mlp", LINEAR, "mlp"]
+    return NemotronHConfig(**{**_TINY, "num_hidden_layers": len(types)}, head_dim=16, layer_types=types,
+                           mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, n_groups=2, chunk_size=8,
+                           n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                           moe_shared_expert_intermediate_size=64, num_nextn_predict_layers=0)
+
+
+PRESETS: dict[str, Callable] = {
+    "tiny": tiny,
+    "qwen3.5-1b": qwen3_5_1b,
+    "tiny-qwen3-next": tiny_qwen3_next,
+    "tiny-olmo-hybrid": tiny_olmo_hybrid,
+    "tiny-kimi-linear": tiny_kimi_linear,
+    "tiny-bailing-hybrid": tiny_bailing_hybrid,
+    "tiny-minimax": tiny_minimax,
+    "tiny-nemotron-h": tiny_nemotron_h,
+}
+
+
+def preset_config(name: str):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def random_model(config, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> torch.nn.Module:
+    """An unmodified transformers causal LM of `config` with weights drawn from `seed` (on `device`)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load(preset: str | None = None, *, config: str | None = None, model: str | None = None,
+         dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> HybridLM:
+    """An adapted model from exactly one of: a preset name, a config file/dir (random weights), a saved model dir."""
+    if sum(x is not None for x in (preset, config, model)) != 1:
+        raise ValueError("give exactly one of preset=, config= (config.json), model= (a saved model directory)")
+    if model is not None:
+        return adapt(_from_pretrained(model, dtype, device))
+    if config is not None:
+        return adapt(random_model(_read_config(config), dtype, device, seed))
+    return adapt(random_model(preset_config(preset), dtype, device, seed))
+
+
+def _read_config(path: str):
+    from transformers import AutoConfig
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config {path!r} does not exist (give a config.json or a directory holding one)")
+    return AutoConfig.from_pretrained(path)
+
+
+def _from_pretrained(path: str, dtype, device):
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model {path!r} is not a directory (save one with model.save_pretrained(path))")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
