@@ -62,5 +62,5 @@ def _(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, he
     return None
 
 
-registry.register_split_op(torch.ops.hattn.full_attention, "full")
-registry.register_split_op(torch.ops.hattn.linear_attention, "linear")
+registry.register_split_op(torch.ops.hattn.full_attention, "full", capture_safe=True)
+registry.register_split_op(torch.ops.hattn.linear_attention, "linear", capture_safe=True)

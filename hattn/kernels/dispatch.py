@@ -8,6 +8,7 @@ import torch
 
 from hattn.kernels.attention.reference import causal_attention
 from hattn.kernels.conv1d.reference import causal_conv1d
+from hattn.kernels.decode import full_attention_decode, linear_attention_decode
 from hattn.kernels.gated_delta.reference import recurrent_gated_delta_rule
 from hattn.runtime.context import ForwardContext
 
@@ -22,6 +23,10 @@ def _check_rows(ctx: ForwardContext, rows: int, what: str) -> None:
 
 def full_attention_forward(q, k, v, out, layer_id: int, scale: float, ctx: ForwardContext) -> None:
     """q: [T, Hq, D], k/v: [T, Hkv, D], out: [T, Hq, D]. Writes k/v into the cache when the context has one."""
+    if ctx.device is not None:  # full-graph decode: capture-safe, metadata in device tensors
+        k_cache, v_cache = ctx.cache.kv(layer_id)
+        return full_attention_decode(q, k, v, out, k_cache, v_cache, ctx.device["slots"],
+                                     ctx.device["context_lens"], scale)
     _check_rows(ctx, q.shape[0], "full_attention")
     cache = ctx.cache.kv(layer_id) if ctx.cache is not None else None
     for start, n, past, slot in zip(ctx.starts(), ctx.seq_lens, ctx.context_lens, ctx.slots):
@@ -46,6 +51,10 @@ def linear_attention_forward(
 
     mixed_qkv: [T, 2*Hk*Dk + Hv*Dv]; conv_weight: [C, W]; g, beta: [T, Hv]; out: [T, Hv, Dv].
     """
+    if ctx.device is not None:  # full-graph decode: capture-safe, metadata in device tensors
+        conv_state, rec_state = ctx.cache.linear_state(layer_id)
+        return linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state,
+                                       ctx.device["slots"], num_k_heads, head_k_dim)
     _check_rows(ctx, mixed_qkv.shape[0], "linear_attention")
     hv, dv = out.shape[1], out.shape[2]
     key_dim = num_k_heads * head_k_dim

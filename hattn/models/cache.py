@@ -53,15 +53,16 @@ class HybridCache:
             raise ValueError(f"a cache needs slots >= 1 and max_len >= 1, got slots={slots}, max_len={max_len}")
         self.specs, self.slots, self.max_len = dict(specs), slots, max_len
         self.dtype, self.device = dtype, torch.device(device)
+        self.scratch_slot = slots  # one extra row that graph runtimes point padding rows at; never handed out
         self._tensors = {i: self._allocate(spec) for i, spec in self.specs.items()}
         self._free = list(range(slots))
 
     def _allocate(self, spec: LayerSpec) -> tuple[torch.Tensor, ...]:
         if spec.kv is not None:
             heads, k_dim, v_dim = spec.kv
-            shape = (self.slots, self.max_len, heads)
+            shape = (self.slots + 1, self.max_len, heads)
             return (self._zeros(shape + (k_dim,), None), self._zeros(shape + (v_dim,), None))
-        return tuple(self._zeros((self.slots, *shape), dtype) for shape, dtype in spec.states)
+        return tuple(self._zeros((self.slots + 1, *shape), dtype) for shape, dtype in spec.states)
 
     def _zeros(self, shape, dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype or self.dtype, device=self.device)

@@ -42,6 +42,7 @@ class ForwardContext:
     cache: LayerCache | None = None
     layer_kinds: dict[int, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-step values that user split ops may read
+    device: dict[str, torch.Tensor] | None = None  # full-graph decode: static "slots"/"context_lens" [B] tensors
 
     def __post_init__(self):
         n = len(self.seq_lens)

@@ -1,0 +1,113 @@
+"""Per-mode latency of a toy 24-layer hybrid model (3 linear : 1 full, bf16) on the GPU: eager vs pcg vs bcg vs
+full at token counts 1, 16, 256, 2048, plus capture time and pool memory for 16 capture sizes.
+
+    python3 -m hattn.runtime.bench [--tokens 1 16 256 2048] [--layers 24]
+
+`full` serves decode steps (one token per sequence, with a cache); at prefill token counts it runs graph-free, so
+its column there is marked "-".
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import hattn
+from hattn.models.cache import HybridCache, full_spec, linear_spec
+from hattn.models.toy import toy_model
+
+SIZES16 = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048]
+
+
+def _model(layers: int):
+    pattern = (["linear"] * 3 + ["full"]) * (layers // 4)
+    return toy_model(pattern=pattern, device="cuda", dtype=torch.bfloat16, vocab=32000, hidden=1024, heads=8,
+                     kv_heads=2, head_dim=128, k_heads=8, v_heads=8, k_dim=128, v_dim=128, intermediate=3584)
+
+
+def _cache(model, batch: int, max_len: int = 4096) -> HybridCache:
+    c = model.config
+    conv = 2 * c.k_heads * c.k_dim + c.v_heads * c.v_dim
+    specs = {i: full_spec(c.kv_heads, c.head_dim) if k == "full" else
+             linear_spec(conv, c.conv_kernel, c.v_heads, c.k_dim, c.v_dim) for i, k in enumerate(c.pattern)}
+    return HybridCache(specs, batch, max_len, torch.bfloat16, "cuda")
+
+
+def _context(n: int, cache: HybridCache | None):
+    if n == 1 or cache is not None and n <= cache.slots:  # a decode step of n sequences at context 512
+        return hattn.ForwardContext(seq_lens=[1] * n, context_lens=[512] * n, slots=list(range(n)), cache=cache)
+    return hattn.ForwardContext(seq_lens=[n], cache=None)
+
+
+def time_ms(fn, reps: int = 20) -> float:
+    """Median of CUDA-event timings after warm-up (`reps` of them, 3 for steps slower than 50 ms)."""
+    fn()
+    times = []
+    for i in range(reps):
+        if i == 3 and statistics.median(times) > 50:
+            break
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def run(tokens: list[int], layers: int) -> dict:
+    model = _model(layers)
+    results = {}
+    for mode in ("eager", "pcg", "bcg", "full"):
+        torch._dynamo.reset()
+        be = hattn.backend(mode=mode, capture_sizes=SIZES16, progress=False)
+        fn = model if mode == "eager" else torch.compile(model, backend=be, dynamic=True)
+        row = {}
+        for n in tokens:
+            decode = n <= 64
+            cache = _cache(model, max(n, 1)) if decode else None
+            if mode == "full" and not decode:
+                row[n] = None
+                continue
+            ids = torch.randint(0, 32000, (n,), device="cuda")
+            ctx = _context(n, cache)
+
+            def step():
+                with hattn.forward_context(ctx):
+                    fn(ids)
+
+            with torch.inference_mode():
+                row[n] = time_ms(step)
+        stats = be.stats if mode != "eager" else None
+        results[mode] = {"ms": row, "capture_s": stats.capture_seconds if stats else 0.0,
+                         "pool_mb": stats.pool_bytes / 2**20 if stats else 0.0,
+                         "graphs": stats.cuda_graphs if stats else 0}
+    return results
+
+
+def _print(results: dict, tokens: list[int]) -> None:
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    head = "mode".ljust(7) + "".join(f"{f'T={n} ms':>12}" for n in tokens) + "   vs eager" + "  capture s  pool MiB"
+    print(head)
+    eager = results["eager"]["ms"]
+    for mode, r in results.items():
+        cells = "".join(f"{r['ms'][n]:12.3f}" if r["ms"][n] is not None else f"{'-':>12}" for n in tokens)
+        ratios = ",".join(f"{eager[n] / r['ms'][n]:.2f}x" if r["ms"][n] else "-" for n in tokens)
+        print(f"{mode:7}{cells}   {ratios}  {r['capture_s']:9.2f}  {r['pool_mb']:8.1f}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 2048])
+    p.add_argument("--layers", type=int, default=24)
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    results = run(args.tokens, args.layers)
+    _print(results, args.tokens)
+    print(f"total {time.perf_counter() - t0:.0f} s; 16 capture sizes {SIZES16}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""PCG: piecewise CUDA graphs. Each compiled piece gets one CUDA graph per capture size; split ops run eagerly
+between the graphs; all graphs of all pieces and sizes share one memory pool.
+
+A piece's graph reads its inputs at the addresses seen at capture: outputs of the previous piece's graph (pool
+memory, fixed), parameters (fixed) and the padded static inputs (fixed). An input at a new address (e.g. what a
+functional split op returned) is copied into the captured tensor before replay.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from hattn.runtime.graphs import GraphRuntime, copy_if_moved
+from hattn.runtime.tokens import TokenLayout
+from hattn.stats import Stats
+
+
+class _PieceGraphs(torch.nn.Module):
+    """One compiled piece and its CUDA graphs, one per size; what it does depends on the runtime's phase."""
+
+    def __init__(self, fn, runtime: "PiecewiseRuntime"):
+        super().__init__()
+        self.fn, self.runtime = fn, runtime
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list, object]] = {}
+
+    def forward(self, *args):
+        phase, size = self.runtime.phase, self.runtime.size
+        if phase == "eager":
+            return self.fn(*args)
+        if phase == "capture":
+            return self._capture(size, args)
+        graph, static_args, static_out = self.graphs[size]
+        copy_if_moved(static_args, args)
+        graph.replay()
+        return static_out
+
+    def _capture(self, size: int, args):
+        self.fn(*args)  # warm-up (lazy init, autotuning) outside the graph
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.runtime.pool):
+            out = self.fn(*args)
+        self.graphs[size] = (graph, list(args), out)
+        self.runtime.stats.cuda_graphs += 1
+        return out
+
+
+class PiecewiseRuntime(GraphRuntime):
+    """Runs a split graph whose pieces replay CUDA graphs (see module docstring)."""
+
+    def __init__(self, split_gm: fx.GraphModule, pieces: list[str], layout: TokenLayout, sizes, stats: Stats,
+                 progress: bool = True):
+        super().__init__(self._run_eager, layout, sizes, stats, progress)
+        self.split_gm, self.phase, self.size = split_gm, "eager", 0
+        for name in pieces:
+            split_gm.register_module(name, _PieceGraphs(split_gm.get_submodule(name), self))
+
+    def _run(self, phase: str, size: int, args):
+        self.phase, self.size = phase, size
+        try:
+            return self.split_gm(*args)
+        finally:
+            self.phase = "eager"
+
+    def _run_eager(self, *args):
+        return self._run("eager", 0, args)
+
+    def capture(self, size: int, args: list) -> None:
+        self._run("eager", size, args)  # warm the split ops too
+        self._run("capture", size, args)
+
+    def replay(self, size: int, args: list):
+        return self._run("replay", size, args)
