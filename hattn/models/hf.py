@@ -22,9 +22,12 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hattn.ops  # noqa: F401  (defines torch.ops.hattn.*)
 from hattn.models.cache import HybridCache, LayerSpec, full_spec
+from hattn.registry import split_op_of
+from hattn.runtime.context import ForwardContext, forward_context
 
 ATTN_IMPLEMENTATION = "hattn"
 
@@ -202,10 +205,55 @@ class HybridLM(nn.Module):
         return HybridCache(self._specs, slots, max_len, dtype or p.dtype, device or p.device)
 
 
-def adapt(hf_model: nn.Module) -> HybridLM:
+class _RecordSplitOps(TorchDispatchMode):
+    """Records (kind, layer_id) of every split-op call under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int | None]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = split_op_of(func)
+        if op is not None:
+            names = [a.name for a in func._schema.arguments]
+            i = names.index("layer_id") if "layer_id" in names else len(args)
+            self.calls.append((op.kind, kwargs.get("layer_id", args[i] if i < len(args) else None)))
+        return func(*args, **kwargs)
+
+
+def probe(lm: HybridLM) -> None:
+    """Run 2 tokens and check that every layer of the table calls exactly one split op, of its kind.
+
+    check_route catches a layer calling the wrong op; this also catches a layer that calls none (a mixer the
+    adapter did not reach would run the model's own code, silently without our cache).
+    """
+    p = next(lm.hf.parameters())
+    ids = torch.zeros(2, dtype=torch.long, device=p.device)
+    with torch.no_grad(), _RecordSplitOps() as rec, forward_context(ForwardContext(seq_lens=[2])):
+        try:
+            lm(ids, torch.arange(2, device=p.device))
+        except Exception as e:
+            raise ValueError(
+                f"{lm.family}: a probe forward failed ({type(e).__name__}: {e}); the config's layer types may "
+                f"disagree with the model's modules"
+            ) from e
+    called = {}
+    for kind, layer_id in rec.calls:
+        called.setdefault(layer_id, []).append(kind)
+    layers = sorted(set(called) | set(lm.layer_kinds), key=str)
+    wrong = {i: called.get(i) for i in layers if called.get(i) != [lm.layer_kinds.get(i)]}
+    if wrong:
+        detail = ", ".join(f"layer {i}: config {lm.layer_kinds.get(i)!r}, called {k or 'no split op'}"
+                           for i, k in wrong.items())
+        raise ValueError(f"{lm.family}: the model's layers disagree with its config's layer kinds ({detail})")
+
+
+def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
     """Make `hf_model` (an unmodified transformers causal LM of a supported family) call hattn's split ops.
 
     Modifies `hf_model` in place (attention implementation, mixer classes) and returns the HybridLM around it.
+    `check` runs a 2-token probe (see `probe`); it is skipped for models on the meta device.
     """
     config = text_config(hf_model.config)
     family = family_of(config)
@@ -213,4 +261,7 @@ def adapt(hf_model: nn.Module) -> HybridLM:
     kinds = family.layer_kinds(config)
     _patch_layers(hf_model, family, kinds)
     _set_attention(hf_model)
-    return HybridLM(hf_model.eval(), family, kinds)
+    lm = HybridLM(hf_model.eval(), family, kinds)
+    if check and next(hf_model.parameters()).device.type != "meta":
+        probe(lm)
+    return lm

@@ -1,0 +1,254 @@
+"""The `hattn` command line.
+
+    hattn demo                                      # tiny Qwen3.5-shaped model, every mode, tokens vs HF eager
+    hattn generate --preset tiny --mode pcg --prompt-ids 1,2,3 --prompt-ids 7,8
+    hattn generate --model path/to/saved_model --mode bcg --prompt "Hello"
+
+Subcommands live in `SUBCOMMANDS` (name -> function adding its parser); a module adds one with `@subcommand`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+MODES = ("eager", "inductor", "pcg", "bcg", "full")
+
+
+def subcommand(name: str):
+    """Register `fn(subparsers)` as the parser builder of `hattn <name>` (it must set `func=` on its parser)."""
+    def register(fn):
+        SUBCOMMANDS[name] = fn
+        return fn
+    return register
+
+
+# -- shared helpers -------------------------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights (and of sampling)")
+    p.add_argument("--capture-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32, 64],
+                   help="token counts graphs are captured for (graph modes)")
+
+
+def _device_dtype(args):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, name)
+
+
+def compile_mode(lm, mode: str, capture_sizes: list[int]):
+    """`torch.compile(lm)` with the hattn backend in `mode`; returns (model, backend) (backend.stats counts)."""
+    import torch
+
+    from hattn.compiler.backend import backend
+
+    be = backend(mode=mode, capture_sizes=list(capture_sizes), progress=False)
+    return torch.compile(lm, backend=be), be
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        for r in [header] + rows:
+            print("  ".join(f"{c:<14}" for c in r))
+        return
+    table = Table(title=title)
+    for h in header:
+        table.add_column(h, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+# -- demo -----------------------------------------------------------------------------------------------------------
+@dataclass
+class ModeResult:
+    mode: str
+    ok: bool
+    note: str
+    first_s: float = 0.0
+    prefill_ms: float = 0.0
+    decode_tok_s: float = 0.0
+    graphs: int = 0
+
+    def row(self) -> list[str]:
+        if not self.first_s:
+            return [self.mode, "ERROR", "", "", "", "", self.note]
+        return [self.mode, "ok" if self.ok else "MISMATCH", f"{self.first_s:.2f}", f"{self.prefill_ms:.1f}",
+                f"{self.decode_tok_s:.0f}", str(self.graphs), self.note]
+
+
+def run_mode(lm, mode: str, prompts, cache, ref, params, capture_sizes, tie: float) -> ModeResult:
+    """Compile `lm` in `mode`, generate twice (first: compile + capture; second: timed), check tokens vs HF."""
+    import torch
+
+    from hattn.models.generate import generate
+    from hattn.models.reference import check_tokens
+
+    torch._dynamo.reset()
+    try:
+        model, be = compile_mode(lm, mode, capture_sizes)
+        t0 = time.perf_counter()
+        first = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
+        first_s = time.perf_counter() - t0
+        res = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
+    except Exception as e:  # a failing mode is reported in its row, not raised
+        return ModeResult(mode, False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+    ok, note = check_tokens(ref, res.tokens, tie)
+    if ok and first.tokens != res.tokens:
+        ok, note = False, "the first and second runs gave different tokens"
+    return ModeResult(mode, ok, note, first_s, res.prefill_s * 1e3, res.decode_tok_per_s, be.stats.cuda_graphs)
+
+
+def demo_prompts(vocab: int, lengths=(5, 17, 9), seed: int = 0) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_demo(args) -> int:
+    import torch
+
+    from hattn.models.generate import SamplingParams
+    from hattn.models.hf import adapt
+    from hattn.models.presets import preset_config, random_model
+    from hattn.models.reference import hf_greedy
+
+    device, dtype = _device_dtype(args)
+    hf = random_model(preset_config(args.preset), dtype, device, args.seed)
+    reference_model = copy.deepcopy(hf)
+    lm = adapt(hf)
+    prompts = demo_prompts(lm.config.vocab_size, seed=args.seed)
+    t0 = time.perf_counter()
+    ref = hf_greedy(reference_model, prompts, args.max_new_tokens)
+    hf_s = time.perf_counter() - t0
+    del reference_model
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    cache = lm.make_cache(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
+    tie = 1e-4 if dtype == torch.float32 else 0.1
+    results = [run_mode(lm, m, prompts, cache, ref, params, args.capture_sizes, tie) for m in args.modes]
+    title = (f"hattn demo: preset {args.preset} on {device} ({str(dtype).removeprefix('torch.')}), "
+             f"{len(prompts)} prompts of {[len(p) for p in prompts]} tokens, {args.max_new_tokens} new tokens each; "
+             f"HF eager generate (one prompt at a time): {hf_s:.2f}s")
+    header = ["mode", "tokens", "first run s", "prefill ms", "decode tok/s", "cuda graphs", "note"]
+    _print_table(title, header, [r.row() for r in results])
+    if device == "cpu":
+        print("on CPU the graph modes (pcg, bcg, full) run graph-free: no CUDA graphs to capture")
+    return 0 if all(r.ok for r in results) else 1
+
+
+@subcommand("demo")
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="a tiny model in every mode: tokens checked against HF eager, times")
+    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help="comma-separated modes")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    _device_args(p)
+    p.set_defaults(func=run_demo)
+
+
+# -- generate -------------------------------------------------------------------------------------------------------
+def _load(args, device, dtype):
+    from hattn.models.presets import load
+
+    return load(args.preset, config=args.config, model=args.model, dtype=dtype, device=device, seed=args.seed)
+
+
+def _prompts(args, lm) -> tuple[list[list[int]], object]:
+    prompts = list(args.prompt_ids or [])
+    tokenizer = None
+    if args.prompt:
+        if args.model is None:
+            raise SystemExit("--prompt needs --model PATH with a tokenizer; with presets give --prompt-ids 1,2,3")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        prompts += [tokenizer(text)["input_ids"] for text in args.prompt]
+    if not prompts:
+        raise SystemExit("give at least one --prompt-ids 1,2,3 (or --prompt TEXT with --model)")
+    vocab = lm.config.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+        raise SystemExit(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    return prompts, tokenizer
+
+
+def run_generate(args) -> int:
+    from hattn.models.generate import SamplingParams, generate
+
+    device, dtype = _device_dtype(args)
+    lm = _load(args, device, dtype)
+    prompts, tokenizer = _prompts(args, lm)
+    eos = lm.config.eos_token_id
+    stops = args.stop_ids if args.stop_ids is not None else ([eos] if isinstance(eos, int) else list(eos or []))
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(stops), args.seed)
+    max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
+    cache = lm.make_cache(len(prompts), max_len)
+    model, be = compile_mode(lm, args.mode, args.capture_sizes) if args.mode != "none" else (lm, None)
+    for _ in range(args.warmup):
+        generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
+    res = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
+    for i, (p, new) in enumerate(zip(prompts, res.tokens)):
+        text = f"  {tokenizer.decode(new)!r}" if tokenizer is not None else ""
+        print(f"[{i}] {p} -> {new}{text}")
+    graphs = f", {be.stats.cuda_graphs} cuda graphs" if be is not None else ""
+    print(f"mode {args.mode} on {device}: prefill {res.prefill_s * 1e3:.1f} ms, decode {res.decode_steps} steps "
+          f"{res.decode_tok_per_s:.0f} tok/s{graphs}", file=sys.stderr)
+    return 0
+
+
+@subcommand("generate")
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate from token ids with a preset, a config or a saved model")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a preset name (tiny, qwen3.5-1b, tiny-<family>)")
+    src.add_argument("--config", help="a config.json (or its directory): random weights")
+    src.add_argument("--model", help="a saved model directory (save_pretrained output)")
+    p.add_argument("--mode", default="eager", choices=MODES + ("none",), help="'none': the eager module, uncompiled")
+    p.add_argument("--prompt-ids", type=_ints, action="append", help="a prompt as ids 1,2,3; repeat for a batch")
+    p.add_argument("--prompt", action="append", help="a text prompt (needs --model with a tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=None, help="cache length per sequence (default: just enough)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop-ids", type=_ints, default=None, help="stop tokens (default: the config's eos)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed runs first (compile, capture)")
+    _device_args(p)
+    p.set_defaults(func=run_generate)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hattn", description="hybrid-attention LLMs under torch.compile")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS.values():
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix it, no traceback
+        print(f"hattn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""What hattn's tokens are checked against: the unmodified transformers model's own greedy generation.
+
+`hf_greedy` runs HF's `generate` (its own cache, its own attention) one prompt at a time, keeping each step's
+top-1 - top-2 logit margin; `check_tokens` compares hattn's tokens with it, allowing a divergence only where HF
+itself was at a near-tie (low-precision runs may legitimately pick the other token there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Reference:
+    tokens: list[list[int]]     # greedy new tokens per prompt
+    margins: list[list[float]]  # top-1 minus top-2 logit at each step
+
+
+def hf_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int) -> Reference:
+    """HF eager greedy decoding of each prompt alone (no padding), with its own cache. HF stops early at the
+    config's eos token; pass it as a stop token to hattn's generate to compare like with like."""
+    device = next(hf_model.parameters()).device
+    tokens, margins = [], []
+    for p in prompts:
+        with torch.inference_mode():
+            out = hf_model.generate(
+                torch.tensor([p], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+                output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+            )
+        tokens.append(out.sequences[0, len(p):].tolist())
+        top2 = [s[0].float().topk(2).values for s in out.scores]
+        margins.append([float(v[0] - v[1]) for v in top2])
+    return Reference(tokens, margins)
+
+
+def check_tokens(ref: Reference, got: list[list[int]], tie: float = 0.0) -> tuple[bool, str]:
+    """(ok, note): every sequence equals the reference, or first differs at a step whose HF margin is <= tie."""
+    notes = []
+    for i, (want, have, margin) in enumerate(zip(ref.tokens, got, ref.margins)):
+        if want == have:
+            continue
+        step = next((k for k, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+        if step < len(margin) and margin[step] <= tie:
+            notes.append(f"seq {i} diverges at a near-tie (step {step}, margin {margin[step]:.3g})")
+            continue
+        where = f"step {step}" + (f" (HF margin {margin[step]:.3g})" if step < len(margin) else "")
+        return False, f"seq {i} differs from HF eager at {where}: HF {want[step:step + 4]} vs {have[step:step + 4]}"
+    return True, "; ".join(notes) or "equal to HF eager"
