@@ -1,6 +1,9 @@
 """Per-sequence drivers of the split ops over a packed batch (`ForwardContext`), reading/writing cache slots.
 
-These run eagerly (outside CUDA graphs). Padding rows (past `ctx.num_tokens`) are written as zeros.
+These run eagerly (outside CUDA graphs). Padding rows (past `ctx.num_tokens`) are written as zeros. On CUDA (with
+Triton) linear attention runs our kernels: a decode batch (every sequence one token) is one fused Triton step,
+anything else the packed prefill (Triton conv1d + fla's chunked delta rule, or its torch reference without fla).
+On CPU the per-sequence torch references run.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from hattn.kernels.attention.reference import causal_attention
 from hattn.kernels.conv1d.reference import causal_conv1d
 from hattn.kernels.decode import full_attention_decode, linear_attention_decode
 from hattn.kernels.gated_delta.reference import recurrent_gated_delta_rule
+from hattn.kernels.launch import use_triton
 from hattn.runtime.context import ForwardContext
 
 
@@ -28,6 +32,14 @@ def full_attention_forward(q, k, v, out, layer_id: int, scale: float, ctx: Forwa
         return full_attention_decode(q, k, v, out, k_cache, v_cache, ctx.device["slots"],
                                      ctx.device["context_lens"], scale)
     _check_rows(ctx, q.shape[0], "full_attention")
+    if ctx.cache is not None and ctx.is_decode and q.is_cuda:  # one batched step instead of a loop over sequences
+        k_cache, v_cache = ctx.cache.kv(layer_id)
+        _check_capacity(max(ctx.context_lens) + 1, k_cache.shape[1], layer_id)
+        n = ctx.num_tokens
+        slots, lens = _device_meta(ctx, q.device)
+        full_attention_decode(q[:n], k[:n], v[:n], out[:n], k_cache, v_cache, slots, lens, scale)
+        out[n:] = 0
+        return
     cache = ctx.cache.kv(layer_id) if ctx.cache is not None else None
     for start, n, past, slot in zip(ctx.starts(), ctx.seq_lens, ctx.context_lens, ctx.slots):
         if n == 0:
@@ -39,7 +51,8 @@ def full_attention_forward(q, k, v, out, layer_id: int, scale: float, ctx: Forwa
             k_cache[slot, past:past + n] = ks
             v_cache[slot, past:past + n] = vs
             ks, vs = k_cache[slot, :past + n], v_cache[slot, :past + n]
-        out[start:start + n] = causal_attention(q[start:start + n], ks, vs, scale, past if cache is not None else 0)
+        attend = _sdpa if q.is_cuda else causal_attention
+        out[start:start + n] = attend(q[start:start + n], ks, vs, scale, past if cache is not None else 0)
     out[ctx.num_tokens:] = 0
 
 
@@ -54,11 +67,13 @@ def linear_attention_forward(
     if ctx.device is not None:  # full-graph decode: capture-safe, metadata in device tensors
         conv_state, rec_state = ctx.cache.linear_state(layer_id)
         return linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state,
-                                       ctx.device["slots"], num_k_heads, head_k_dim)
+                                       ctx.device["slots"], num_k_heads, head_k_dim, ctx.device.get("context_lens"))
     _check_rows(ctx, mixed_qkv.shape[0], "linear_attention")
+    states = ctx.cache.linear_state(layer_id) if ctx.cache is not None else None
+    if use_triton(mixed_qkv):
+        return _linear_cuda(mixed_qkv, conv_weight, conv_bias, g, beta, out, states, num_k_heads, head_k_dim, ctx)
     hv, dv = out.shape[1], out.shape[2]
     key_dim = num_k_heads * head_k_dim
-    states = ctx.cache.linear_state(layer_id) if ctx.cache is not None else None
     for start, n, past, slot in zip(ctx.starts(), ctx.seq_lens, ctx.context_lens, ctx.slots):
         if n == 0:
             continue
@@ -77,6 +92,42 @@ def linear_attention_forward(
             g[start:start + n], beta[start:start + n], rec_state,
         )
     out[ctx.num_tokens:] = 0
+
+
+def _device_meta(ctx: ForwardContext, device) -> tuple[torch.Tensor, torch.Tensor]:
+    slots = torch.tensor(ctx.slots, dtype=torch.long).to(device, non_blocking=True)
+    lens = torch.tensor(ctx.context_lens, dtype=torch.long).to(device, non_blocking=True)
+    return slots, lens
+
+
+def _sdpa(q, k, v, scale: float, offset: int) -> torch.Tensor:
+    """causal_attention through torch's fused SDPA (eager, outside graphs). q: [T, Hq, D]; k, v: [L, Hkv, D]."""
+    t, length = q.shape[0], k.shape[0]
+    mask = None
+    if offset:
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+        is_causal=not offset, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return o[0].transpose(0, 1)
+
+
+def _linear_cuda(mixed_qkv, conv_weight, conv_bias, g, beta, out, states, num_k_heads, head_k_dim, ctx) -> None:
+    """CUDA: a decode batch is one fused Triton step; anything else is the packed prefill (Triton conv + fla)."""
+    n = ctx.num_tokens
+    if ctx.is_decode:
+        conv_state, rec_state, slots, lens = None, None, None, None  # no cache: zero states, nothing kept
+        if states is not None:
+            (conv_state, rec_state), (slots, lens) = states, _device_meta(ctx, mixed_qkv.device)
+        linear_attention_decode(mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], conv_state,
+                                rec_state, slots, num_k_heads, head_k_dim, lens)
+    else:
+        from hattn.kernels.gated_delta.packed import linear_attention_packed  # needs triton: CUDA installs only
+
+        linear_attention_packed(mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], states,
+                                ctx.seq_lens, ctx.slots, ctx.context_lens, num_k_heads, head_k_dim)
+    out[n:] = 0
 
 
 def _check_capacity(needed: int, capacity: int, layer_id: int) -> None:

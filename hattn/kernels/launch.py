@@ -1,0 +1,64 @@
+"""Checks shared by the Triton launchers: device, dtypes, shapes, with errors that name the problem and the fix.
+
+Triton kernels run on CUDA tensors; with `TRITON_INTERPRET=1` they also run on CPU tensors (Triton's interpreter),
+which is how the kernels are debugged without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve tensors like `t` (CUDA with Triton installed)."""
+    return t.is_cuda and has_triton()
+
+
+def check_device(what: str, **tensors: torch.Tensor | None) -> None:
+    """Every given tensor on one CUDA device (or on CPU under TRITON_INTERPRET=1)."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{what}: tensors on different devices {devices}; move them to one CUDA device")
+    for name, device in devices.items():
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(f"{what}: {name} is on {device}; this Triton kernel needs CUDA tensors "
+                             f"(use the torch reference on CPU, or set TRITON_INTERPRET=1 to debug)")
+
+
+def check_shape(what: str, name: str, t: torch.Tensor | None, shape: tuple) -> None:
+    if t is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{what}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def check_pow2(what: str, **dims: int) -> None:
+    for name, d in dims.items():
+        if d < 16 or d & (d - 1):
+            raise ValueError(f"{what}: {name}={d} must be a power of two >= 16 (e.g. 64, 128, 256)")
+
+
+def check_last_contiguous(what: str, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{what}: {name} must be contiguous in its last dim (stride {t.stride()}); "
+                             f"pass {name}.contiguous()")
+
+
+def check_contiguous(what: str, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{what}: {name} must be contiguous (it is read and written in place at fixed "
+                             f"addresses); allocate it with torch.zeros(...) rather than as a strided view")

@@ -1,0 +1,22 @@
+"""Kernel-test fixtures: NaN-filled fresh allocations, so an output element a kernel never writes fails the test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _nan_filled(fn):
+    def wrapper(*args, **kwargs):
+        t = fn(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+    return wrapper
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """torch.empty / empty_like / Tensor.new_empty return NaN-filled float tensors for the test's duration."""
+    monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", _nan_filled(torch.Tensor.new_empty))

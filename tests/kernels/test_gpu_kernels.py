@@ -1,0 +1,160 @@
+"""GPU paths of the linear-attention op vs the plain-torch references: packed prefill (Triton conv + fla's chunked
+rule, or the torch chunked reference without fla), the batched decode step through dispatch (padding rows zero),
+the decode step captured in a CUDA graph (other slots untouched), and the fla facts our wrapper relies on.
+
+fla runs at the benchmark's layer shapes in bf16 only: each new (heads, dims, dtype) costs fla a minute of
+autotuning. Tolerance for fla (bf16 tensor-core math): relative error 3e-2 on outputs and states.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hattn.kernels.conv1d.reference import causal_conv1d_packed
+from hattn.kernels.decode import linear_attention_decode
+from hattn.kernels.dispatch import linear_attention_forward
+from hattn.kernels.gated_delta import packed
+from hattn.kernels.gated_delta.chunk import fla_chunk
+from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed, linear_attention_decode_reference
+from hattn.runtime.context import ForwardContext
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+needs_fla = pytest.mark.skipif(fla_chunk() is None, reason="flash-linear-attention not installed")
+SHAPES = [(16, 32, 128), (16, 16, 128)]  # (Hk, Hv, D): Qwen3-Next's linear layers; the 1B-class preset's
+
+
+class _Cache:
+    def __init__(self, slots, conv_dim, kernel, hv, dk, dv, dtype, seed=0):
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        self.conv = torch.randn(slots, conv_dim, kernel - 1, device="cuda", generator=gen).to(dtype)
+        self.rec = torch.randn(slots, hv, dk, dv, device="cuda", generator=gen) * 0.1
+
+    def linear_state(self, layer_id):
+        return self.conv, self.rec
+
+
+def _inputs(t, hk, hv, dk, dv, kernel, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    c = 2 * hk * dk + hv * dv
+    r = lambda *s: torch.randn(*s, device="cuda", generator=gen)  # noqa: E731
+    return (r(t, c).to(dtype), (r(c, kernel) * 0.3).to(dtype), -torch.rand(t, hv, device="cuda", generator=gen),
+            torch.rand(t, hv, device="cuda", generator=gen).to(dtype))
+
+
+def _reference(mixed, w, g, beta, cache, ctx, hk, dk):
+    """Packed fp32 references on copies of the states; returns (out, conv, rec)."""
+    conv, rec = cache.conv.float().clone(), cache.rec.clone()
+    hv, dv = rec.shape[1], rec.shape[3]
+    cu = [0]
+    for n in ctx.seq_lens:
+        cu.append(cu[-1] + n)
+    has = [c > 0 for c in ctx.context_lens]
+    x = causal_conv1d_packed(mixed[:cu[-1]].float(), w.float(), None, cu, conv, ctx.slots, has)
+    q, k, v = x.split([hk * dk, hk * dk, hv * dv], -1)
+    t = cu[-1]
+    out = chunk_gated_delta_rule_packed(q.reshape(t, hk, dk), k.reshape(t, hk, dk), v.reshape(t, hv, dv),
+                                        g[:t], beta[:t].float(), cu, rec, ctx.slots, has)
+    return out, conv, rec
+
+
+def _rel(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def _prefill(hk, hv, d, dtype, lens, past, slots, seed):
+    mixed, w, g, beta = _inputs(sum(lens) + 3, hk, hv, d, d, 4, dtype, seed)  # 3 padding rows
+    cache = _Cache(8, mixed.shape[1], 4, hv, d, d, dtype, seed)
+    ctx = ForwardContext(seq_lens=lens, context_lens=past, slots=slots, cache=cache)
+    want, conv, rec = _reference(mixed, w, g, beta, cache, ctx, hk, d)
+    untouched = [s for s in range(8) if s not in [sl for sl, n in zip(slots, lens) if n]]
+    before = cache.rec[untouched].clone()
+    out = torch.full((sum(lens) + 3, hv, d), float("nan"), device="cuda", dtype=dtype)
+    linear_attention_forward(mixed, w, None, g, beta, out, 0, hk, d, ctx)
+    assert not out.isnan().any() and (out[-3:] == 0).all()
+    assert torch.equal(cache.rec[untouched], before)
+    torch.testing.assert_close(cache.conv.float(), conv, rtol=0, atol=0)  # conv states are copied inputs: exact
+    return _rel(out[:-3], want), _rel(cache.rec, rec)
+
+
+@needs_fla
+@pytest.mark.parametrize("hk, hv, d", SHAPES)
+def test_fla_packed_prefill_matches_reference(hk, hv, d, nan_empty):
+    out_err, state_err = _prefill(hk, hv, d, torch.bfloat16, [63, 1, 0, 130, 17], [0, 5, 3, 0, 9], [3, 0, 6, 5, 2], 0)
+    assert out_err < 3e-2 and state_err < 3e-2, (out_err, state_err)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_prefill_without_fla_runs_the_torch_reference(dtype, tol, monkeypatch, nan_empty):
+    monkeypatch.setattr(packed, "fla_chunk", lambda: None)
+    out_err, state_err = _prefill(2, 4, 64, dtype, [65, 1, 0, 7], [0, 2, 0, 4], [1, 4, 2, 7], 1)
+    assert out_err < tol and state_err < tol, (out_err, state_err)
+
+
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_dispatch_decode_batch_is_the_fused_step_and_zeroes_padding(with_cache, nan_empty):
+    hk, hv, d, b = 2, 4, 64, 5
+    mixed, w, g, beta = _inputs(b + 2, hk, hv, d, d, 4, torch.bfloat16, 3)
+    cache = _Cache(8, mixed.shape[1], 4, hv, d, d, torch.bfloat16, 3) if with_cache else None
+    slots, past = [6, 0, 3, 1, 7], [4, 0, 9, 1, 2]
+    ctx = ForwardContext(seq_lens=[1] * b, context_lens=past, slots=slots, cache=cache)
+    want = torch.empty(b, hv, d, device="cuda")
+    states = (cache.conv.float().clone(), cache.rec.clone(), torch.tensor(slots, device="cuda")) if cache else \
+        (None, None, None)
+    linear_attention_decode_reference(mixed[:b].float(), w.float(), None, g[:b], beta[:b].float(), want, *states,
+                                      hk, d, torch.tensor(past, device="cuda") if cache else None)
+    out = torch.full((b + 2, hv, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+    linear_attention_forward(mixed, w, None, g, beta, out, 0, hk, d, ctx)
+    assert (out[b:] == 0).all()
+    assert _rel(out[:b], want) < 1e-2
+    if cache:
+        torch.testing.assert_close(cache.rec, states[1], rtol=2e-3, atol=2e-3)
+
+
+def test_decode_step_captured_in_graph_matches_reference_and_spares_other_slots():
+    hk, hv, dk, b = 2, 4, 64, 3
+    mixed, w, g, beta = _inputs(b, hk, hv, dk, dk, 4, torch.float32, 1)
+    cache = _Cache(8, mixed.shape[1], 4, hv, dk, dk, torch.float32)
+    slots = torch.tensor([6, 1, 3], device="cuda")
+    static = [t.clone() for t in (mixed, g, beta)]
+    out = torch.empty(b, hv, dk, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    linear_attention_decode(static[0], w, None, static[1], static[2], out, cache.conv.clone(), cache.rec.clone(),
+                            slots, hk, dk)  # warm-up on copies
+    with torch.cuda.graph(graph):
+        linear_attention_decode(static[0], w, None, static[1], static[2], out, cache.conv, cache.rec, slots, hk, dk)
+    for seed in (2, 3):  # replay with new inputs
+        mixed, _, g, beta = _inputs(b, hk, hv, dk, dk, 4, torch.float32, seed)
+        for s, new in zip(static, (mixed, g, beta)):
+            s.copy_(new)
+        ctx = ForwardContext(seq_lens=[1] * b, context_lens=[4] * b, slots=slots.tolist(), cache=cache)
+        want, conv, rec = _reference(mixed, w, g, beta, cache, ctx, hk, dk)
+        untouched = [i for i in range(8) if i not in slots.tolist()]
+        before = cache.rec[untouched].clone()
+        graph.replay()
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache.rec, rec, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache.conv, conv, rtol=0, atol=0)
+        assert torch.equal(cache.rec[untouched], before)
+
+
+@needs_fla
+def test_fla_facts_our_wrappers_rely_on():
+    """fla 0.6.0: chunk's final state is a new fp32 tensor (the initial state is left alone); the fused recurrent
+    kernel's 5th positional parameter is `gk`, not `beta` (pass beta by keyword); chunk wants B == 1 with cu_seqlens."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+    hk, hv, d, t = 16, 32, 128, 40
+    mixed, _, g, beta = _inputs(t, hk, hv, d, d, 4, torch.bfloat16, 5)
+    q, k, v = mixed.split([hk * d, hk * d, hv * d], -1)
+    q, k, v = q.reshape(1, t, hk, d), k.reshape(1, t, hk, d), v.reshape(1, t, hv, d)
+    h0 = torch.randn(2, hv, d, d, device="cuda")
+    h0_copy = h0.clone()
+    cu = torch.tensor([0, 15, t], device="cuda")
+    _, ht = chunk_gated_delta_rule(q, k, v, g=g[None], beta=beta[None], initial_state=h0, output_final_state=True,
+                                   use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+    assert ht.dtype == torch.float32 and ht.data_ptr() != h0.data_ptr() and torch.equal(h0, h0_copy)
+    with pytest.raises(ValueError, match="batch size is expected to be 1"):
+        chunk_gated_delta_rule(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                               g=g[None].expand(2, -1, -1), beta=beta[None].expand(2, -1, -1), cu_seqlens=cu)
+    import inspect
+    assert list(inspect.signature(fused_recurrent_gated_delta_rule).parameters)[4] == "gk"
