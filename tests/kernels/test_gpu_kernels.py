@@ -13,7 +13,6 @@ import torch
 from hattn.kernels.conv1d.reference import causal_conv1d_packed
 from hattn.kernels.decode import linear_attention_decode
 from hattn.kernels.dispatch import linear_attention_forward
-from hattn.kernels.gated_delta import packed
 from hattn.kernels.gated_delta.chunk import fla_chunk
 from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed, linear_attention_decode_reference
 from hattn.runtime.context import ForwardContext
@@ -85,7 +84,7 @@ def test_fla_packed_prefill_matches_reference(hk, hv, d, nan_empty):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 def test_prefill_without_fla_runs_the_torch_reference(dtype, tol, monkeypatch, nan_empty):
-    monkeypatch.setattr(packed, "fla_chunk", lambda: None)
+    monkeypatch.setattr("hattn.kernels.gated_delta.packed.fla_chunk", lambda: None)
     out_err, state_err = _prefill(2, 4, 64, dtype, [65, 1, 0, 7], [0, 2, 0, 4], [1, 4, 2, 7], 1)
     assert out_err < tol and state_err < tol, (out_err, state_err)
 
