@@ -18,6 +18,7 @@ class Stats:
     replays: int = 0             # forward calls served by graph replay
     eager_runs: int = 0          # forward calls run without graphs (above the largest capture size, CPU, ...)
     padded_tokens: int = 0       # padding rows added to reach a capture size
+    graph_free_graphs: int = 0   # graphs a graph mode serves graph-free (several dynamic sizes, ...; reason logged)
 
     def add(self, other: "Stats") -> "Stats":
         for f in dataclasses.fields(self):

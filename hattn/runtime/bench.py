@@ -27,7 +27,7 @@ def _model(layers: int):
                      kv_heads=2, head_dim=128, k_heads=8, v_heads=8, k_dim=128, v_dim=128, intermediate=3584)
 
 
-def _cache(model, batch: int, max_len: int = 4096) -> HybridCache:
+def _cache(model, batch: int, max_len: int = 1024) -> HybridCache:
     c = model.config
     conv = 2 * c.k_heads * c.k_dim + c.v_heads * c.v_dim
     specs = {i: full_spec(c.kv_heads, c.head_dim) if k == "full" else
@@ -36,7 +36,7 @@ def _cache(model, batch: int, max_len: int = 4096) -> HybridCache:
 
 
 def _context(n: int, cache: HybridCache | None):
-    if n == 1 or cache is not None and n <= cache.slots:  # a decode step of n sequences at context 512
+    if cache is not None:  # a decode step of n sequences at context 512
         return hattn.ForwardContext(seq_lens=[1] * n, context_lens=[512] * n, slots=list(range(n)), cache=cache)
     return hattn.ForwardContext(seq_lens=[n], cache=None)
 
@@ -61,30 +61,36 @@ def run(tokens: list[int], layers: int) -> dict:
     model = _model(layers)
     results = {}
     for mode in ("eager", "pcg", "bcg", "full"):
-        torch._dynamo.reset()
-        be = hattn.backend(mode=mode, capture_sizes=SIZES16, progress=False)
-        fn = model if mode == "eager" else torch.compile(model, backend=be, dynamic=True)
-        row = {}
-        for n in tokens:
-            decode = n <= 64
-            cache = _cache(model, max(n, 1)) if decode else None
-            if mode == "full" and not decode:
-                row[n] = None
-                continue
-            ids = torch.randint(0, 32000, (n,), device="cuda")
-            ctx = _context(n, cache)
-
-            def step():
-                with hattn.forward_context(ctx):
-                    fn(ids)
-
-            with torch.inference_mode():
-                row[n] = time_ms(step)
-        stats = be.stats if mode != "eager" else None
-        results[mode] = {"ms": row, "capture_s": stats.capture_seconds if stats else 0.0,
-                         "pool_mb": stats.pool_bytes / 2**20 if stats else 0.0,
-                         "graphs": stats.cuda_graphs if stats else 0}
+        try:
+            results[mode] = _run_mode(model, mode, tokens)
+        except Exception as e:  # a failed mode is reported in its row, never dropped
+            results[mode] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return results
+
+
+def _run_mode(model, mode: str, tokens: list[int]) -> dict:
+    torch._dynamo.reset()
+    be = hattn.backend(mode=mode, capture_sizes=SIZES16, progress=False)
+    fn = model if mode == "eager" else torch.compile(model, backend=be, dynamic=True)
+    row = {}
+    cache = _cache(model, 64)
+    for n in tokens:
+        decode = n <= 64
+        if mode == "full" and not decode:
+            row[n] = None
+            continue
+        ids = torch.randint(0, 32000, (n,), device="cuda")
+        ctx = _context(n, cache if decode else None)
+
+        def step():
+            with hattn.forward_context(ctx):
+                fn(ids)
+
+        with torch.inference_mode():
+            row[n] = time_ms(step)
+    stats = be.stats if mode != "eager" else None
+    return {"ms": row, "capture_s": stats.capture_seconds if stats else 0.0,
+            "pool_mb": stats.pool_bytes / 2**20 if stats else 0.0, "graphs": stats.cuda_graphs if stats else 0}
 
 
 def _print(results: dict, tokens: list[int]) -> None:
@@ -93,6 +99,9 @@ def _print(results: dict, tokens: list[int]) -> None:
     print(head)
     eager = results["eager"]["ms"]
     for mode, r in results.items():
+        if "error" in r:
+            print(f"{mode:7} FAILED: {r['error']}")
+            continue
         cells = "".join(f"{r['ms'][n]:12.3f}" if r["ms"][n] is not None else f"{'-':>12}" for n in tokens)
         ratios = ",".join(f"{eager[n] / r['ms'][n]:.2f}x" if r["ms"][n] else "-" for n in tokens)
         print(f"{mode:7}{cells}   {ratios}  {r['capture_s']:9.2f}  {r['pool_mb']:8.1f}")

@@ -2,29 +2,36 @@
 is called: the segment's graph ends, the op runs eagerly (and is recorded with its arguments), a new segment begins.
 Replay = segments and recorded ops in order. All segments of all sizes share one pool.
 
-Breaking is automatic for every registered split op: during capture a TorchDispatchMode sees every op call and asks
-the registry (no decorator on a layer class to forget). The same mode rejects attention that is not a registered
-split op (SDPA, flash attention) before any graph is used: it would be frozen into a segment (shared/seeds/000).
+Breaking is automatic for every registered split op: during warm-up and capture a TorchDispatchMode sees every op
+call and asks the registry (no decorator on a layer class to forget, the bug of shared/seeds/000). The warm-up,
+which runs before anything is captured, rejects attention or mixer kernels that are not registered split ops
+(SDPA, flash attention, a custom op named like a linear-attention kernel): inside a segment they would be frozen
+with the batch metadata of capture time. Side streams forked inside a segment are joined before it ends.
 
     runner = BreakableGraphRunner(model, capture_sizes=[1, 2, 4, 8])   # a plain nn.Module, no torch.compile
     logits = runner(input_ids)                                          # token dim 0 is padded to a capture size
 """
 from __future__ import annotations
 
+import logging
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hattn.compiler.config import DEFAULT_CAPTURE_SIZES
-from hattn.passes.guards import _ATTENTION_ATEN, UnregisteredAttentionError
+from hattn.passes.guards import _ATTENTION_ATEN, _MIXER_NAME, UnregisteredAttentionError
 from hattn.registry import split_op_of
-from hattn.runtime.graphs import GraphRuntime, copy_if_moved
+from hattn.runtime.graphs import CaptureError, GraphRuntime, copy_if_moved, weak_refs
 from hattn.runtime.tokens import TokenLayout, layout_from_args
 from hattn.stats import Stats, new_stats
 
-_CAPTURE: ContextVar["_Capture | None"] = ContextVar("hattn_bcg_capture", default=None)
+log = logging.getLogger("hattn")
+_WATCH: ContextVar["_Capture | None"] = ContextVar("hattn_bcg_capture", default=None)
+_ATTENTION_FUNCTIONS = {"scaled_dot_product_attention", "flex_attention"}
+_OWN_NAMESPACES = ("aten", "prims", "_c10d_functional", "c10d")
 
 
 @dataclass
@@ -37,78 +44,173 @@ class _Recorded:
 
 @dataclass
 class _Capture:
-    """One size's capture: segments (CUDA graphs) and the eager ops between them."""
+    """One forward under watch: a warm-up (`stream` None: checks only) or one size's capture (segments + ops)."""
 
-    pool: object
+    pool: object = None
+    stream: torch.cuda.Stream | None = None  # the capture stream; None during warm-up
     segments: list = field(default_factory=list)
     ops: list = field(default_factory=list)
     graph: torch.cuda.CUDAGraph | None = None
+    side: dict = field(default_factory=dict)  # side streams seen in segments: handle -> stream
+    in_split_op: bool = False
+    split_calls: int = 0
 
     def begin_segment(self) -> None:
+        if self.stream is None:
+            return
         self.graph = torch.cuda.CUDAGraph()
-        self.graph.capture_begin(pool=self.pool)
+        with torch.cuda.stream(self.stream):
+            self.graph.capture_begin(pool=self.pool)
+        for s in self.side.values():  # streams the model forked before keep running inside the new segment
+            s.wait_stream(self.stream)
 
     def end_segment(self) -> None:
-        self.graph.capture_end()
+        if self.stream is None:
+            return
+        with torch.cuda.stream(self.stream):
+            for s in self.side.values():  # join forked side streams: a capture must end with all work joined
+                self.stream.wait_stream(s)
+            self.graph.capture_end()
         self.segments.append(self.graph)
         self.graph = None
 
     def abort(self) -> None:
         if self.graph is not None:
             try:
-                self.graph.capture_end()
+                with torch.cuda.stream(self.stream):
+                    self.graph.capture_end()
             except Exception:  # the stream capture may already be invalidated
                 pass
             self.graph = None
 
+    def run_split_op(self, func, args, kwargs):
+        self.end_segment()
+        self.in_split_op = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.in_split_op = False
+        self.split_calls += 1
+        if self.stream is not None:
+            self.ops.append(_Recorded(func, args, kwargs, out))
+        self.begin_segment()
+        return out
+
+    def note_stream(self) -> None:
+        """Remember side streams used inside a segment; reject work on a stream the capture does not see."""
+        if self.stream is None:
+            return
+        current = torch.cuda.current_stream()
+        if current.cuda_stream == self.stream.cuda_stream:
+            return
+        if not torch.cuda.is_current_stream_capturing():
+            raise CaptureError(
+                "an op ran on a CUDA stream that is not part of the breakable graph's capture, so replays would "
+                "skip it. Fix: fork the stream from the current one first (side.wait_stream(torch.cuda."
+                "current_stream())) and join it back before using its results"
+            )
+        self.side.setdefault(current.cuda_stream, current)
+
+
+def unregistered_mixer_reason(func) -> str | None:
+    """Why an op call must not be captured inside a segment (attention / mixer not registered), or None."""
+    packet = getattr(func, "overloadpacket", None)
+    if packet is None or split_op_of(func) is not None:
+        return None
+    ns, name = packet._qualified_op_name.split("::", 1)
+    if ns == "aten" and name in _ATTENTION_ATEN:
+        return f"aten.{name}"
+    if ns not in _OWN_NAMESPACES and _MIXER_NAME.search(name.lower()):
+        return f"custom op {ns}::{name}"
+    return None
+
+
+def _unregistered(what: str) -> UnregisteredAttentionError:
+    return UnregisteredAttentionError(
+        f"{what} would run inside a breakable CUDA graph segment: it is not a registered hattn split op, so its "
+        f"batch metadata would be frozen into the graph (nothing was captured). Fix: route it through a hattn "
+        f"adapter, or hattn.register_split_op(<its custom op>, kind=...)"
+    )
+
 
 class _BreakAtSplitOps(TorchDispatchMode):
+    """Sees every op of the watched forward: split ops break the segment, unregistered mixers are rejected."""
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        cap = _CAPTURE.get()
-        if cap is None or cap.graph is None:
+        cap = _WATCH.get()
+        if cap is None or cap.in_split_op:
             return func(*args, **kwargs)
         if split_op_of(func) is not None:
-            cap.end_segment()
-            out = func(*args, **kwargs)
-            cap.ops.append(_Recorded(func, args, kwargs, out))
-            cap.begin_segment()
-            return out
-        name = func.overloadpacket._qualified_op_name.split("::")[-1] if hasattr(func, "overloadpacket") else ""
-        if name in _ATTENTION_ATEN:
-            raise UnregisteredAttentionError(
-                f"aten.{name} ran inside a breakable CUDA graph segment: it is not a registered hattn split op, so "
-                f"its batch metadata would be frozen into the graph. Fix: route it through a hattn adapter, or "
-                f"hattn.register_split_op(<its custom op>, kind=...)"
-            )
+            return cap.run_split_op(func, args, kwargs)
+        reason = unregistered_mixer_reason(func)
+        if reason is not None:
+            raise _unregistered(reason)
+        cap.note_stream()
         return func(*args, **kwargs)
+
+
+class _RejectAttentionFunctions(TorchFunctionMode):
+    """Sees F.scaled_dot_product_attention before it decomposes (the math path never reaches the dispatcher)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        cap = _WATCH.get()
+        if cap is not None and not cap.in_split_op and getattr(func, "__name__", "") in _ATTENTION_FUNCTIONS:
+            raise _unregistered(f"torch.nn.functional.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def watched(cap: _Capture, fn, args):
+    """Run fn(*args) with `cap` watching every op (see the module docstring)."""
+    token = _WATCH.set(cap)
+    try:
+        with _RejectAttentionFunctions(), _BreakAtSplitOps():
+            return fn(*args)
+    finally:
+        _WATCH.reset(token)
+
+
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """One capture stream per device, reused by every capture: the caching allocator keeps blocks per stream, so a
+    new stream per size would strand the eager ops' memory of every size (16 sizes: 16x the memory)."""
+    device = torch.cuda.current_device()
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream()
+    return _STREAMS[device]
 
 
 class BreakableRuntime(GraphRuntime):
     """Serves any callable (a split graph, a plain nn.Module) with breakable CUDA graphs per size."""
+
+    name = "bcg"
 
     def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         super().__init__(fn, layout, sizes, stats, progress)
         self.captures: dict[int, tuple[_Capture, list, object]] = {}
 
     def capture(self, size: int, args: list) -> None:
-        self.fn(*args)  # warm-up
-        cap = _Capture(self.pool)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        token = _CAPTURE.set(cap)
+        watched(_Capture(), self.fn, args)  # warm-up; rejects unregistered attention before any capture
+        cap = _Capture(self.pool, _capture_stream())
+        cap.stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(stream), _BreakAtSplitOps():
+            with torch.cuda.stream(cap.stream):
                 cap.begin_segment()
-                out = self.fn(*args)
+                out = watched(cap, self.fn, args)
                 cap.end_segment()
         except BaseException:
             cap.abort()
             raise
         finally:
-            _CAPTURE.reset(token)
-            torch.cuda.current_stream().wait_stream(stream)
-        self.captures[size] = (cap, list(args), out)
+            torch.cuda.current_stream().wait_stream(cap.stream)
+        # segments' tensors are pool memory: weak references let other sizes reuse it; what the eager ops
+        # returned (rec.out) and the inputs stay owned
+        for rec in cap.ops:
+            rec.args, rec.kwargs = weak_refs(rec.args), weak_refs(rec.kwargs)
+        cap.side.clear()
+        self.captures[size] = (cap, list(args), weak_refs(out))
         self.stats.cuda_graphs += len(cap.segments)
 
     def replay(self, size: int, args: list):
@@ -119,6 +221,9 @@ class BreakableRuntime(GraphRuntime):
             _rerun(rec)
         cap.segments[-1].replay()
         return out
+
+    def segments(self, size: int) -> int:
+        return len(self.captures[size][0].segments)
 
     def release(self) -> None:
         self.captures.clear()
@@ -139,21 +244,31 @@ def _rerun(rec: _Recorded) -> None:
 class BreakableGraphRunner:
     """Breakable CUDA graphs for a plain callable (e.g. an nn.Module), no torch.compile needed.
 
-    Tensor args whose `token_dim` has the first tensor arg's size are padded to the next capture size; outputs are
-    sliced back and owned by the caller. Above the largest size the callable runs eagerly (counted in `stats`).
+    Tensor args whose `token_dim` has the first tensor arg's size are padded to the next capture size (zeros);
+    other tensor args are copied into owned static buffers. Outputs (any pytree) are sliced back along
+    `token_dim` and cloned, so the caller owns them. Above the largest size, or on CPU, the callable runs
+    graph-free (counted in `stats.eager_runs`). Split ops read the caller's forward context; without one they see
+    one sequence of the real token count.
     """
 
     def __init__(self, fn, capture_sizes=DEFAULT_CAPTURE_SIZES, token_dim: int = 0, progress: bool = True):
-        self.fn, self.sizes, self.token_dim, self.progress = fn, sorted(set(capture_sizes)), token_dim, progress
+        sizes = sorted(set(capture_sizes))
+        if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"capture_sizes must be positive ints, got {capture_sizes!r}")
+        self.fn, self.sizes, self.token_dim, self.progress = fn, sizes, token_dim, progress
         self.stats = new_stats()
         self.runtime: BreakableRuntime | None = None
 
     def __call__(self, *args):
+        if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+            log.info("hattn: BreakableGraphRunner runs graph-free: the inputs are not on a CUDA device")
+            self.stats.eager_runs += 1
+            return self.fn(*args)
         if self.runtime is None:
             self.runtime = BreakableRuntime(self.fn, layout_from_args(args, self.token_dim), self.sizes, self.stats,
                                             self.progress)
         return self.runtime(*args)
 
     def segments(self, size: int) -> int:
-        """Number of CUDA graph segments captured for `size`."""
-        return len(self.runtime.captures[size][0].segments)
+        """Number of CUDA graph segments captured for `size` (split-op calls + 1)."""
+        return self.runtime.segments(size)

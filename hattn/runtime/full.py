@@ -14,7 +14,7 @@ import torch
 
 from hattn.registry import SplitOp
 from hattn.runtime.context import ForwardContext, forward_context, get_forward_context
-from hattn.runtime.graphs import GraphRuntime, copy_if_moved
+from hattn.runtime.graphs import GraphRuntime, copy_if_moved, weak_refs
 from hattn.runtime.tokens import TokenLayout
 from hattn.stats import Stats
 
@@ -36,6 +36,10 @@ def check_capture_safe(ops: list[SplitOp]) -> None:
 
 
 class FullGraphRuntime(GraphRuntime):
+    """Serves decode steps (every sequence one new token, a cache set) with one CUDA graph per batch size."""
+
+    name = "full"
+
     def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, split_ops: list[SplitOp], progress=True):
         check_capture_safe(split_ops)
         super().__init__(fn, layout, sizes, stats, progress)
@@ -47,6 +51,8 @@ class FullGraphRuntime(GraphRuntime):
         if ctx is None or ctx.cache is None or not ctx.is_decode:
             self.stats.eager_runs += 1  # prefill, or no cache: nothing a decode graph can serve
             return self.fn(*args)
+        if not self.captured and self.layout.has_tokens:  # a decode batch never exceeds the cache's slots
+            self.sizes = [s for s in self.sizes if s <= ctx.cache.slots] or self.sizes[:1]
         return super().__call__(*args)
 
     def _meta(self, size: int, device) -> dict[str, torch.Tensor]:
@@ -61,13 +67,18 @@ class FullGraphRuntime(GraphRuntime):
 
     def capture_context(self, size):
         user = get_forward_context()
+        size = size if size is not None else len(user.seq_lens)  # a static graph: the batch it was traced for
         meta = self._meta(size, _device_of(user.cache))
         meta["slots"].fill_(user.cache.scratch_slot)  # warm-up writes only the scratch slot
         meta["context_lens"].zero_()
         return forward_context(self._context(user, size))
 
-    def step_context(self, num_tokens: int, size: int):
+    def step_context(self, num_tokens, size: int):
         user = get_forward_context()
+        if num_tokens is None:  # a static graph: one batch size, no padding
+            num_tokens = size = len(user.seq_lens)
+        elif user.num_tokens != num_tokens:
+            raise ValueError(f"the forward context holds {user.num_tokens} tokens but the input has {num_tokens}")
         meta = self._meta(size, _device_of(user.cache))
         pad = size - num_tokens
         slots = list(user.slots) + [user.cache.scratch_slot] * pad
@@ -80,7 +91,7 @@ class FullGraphRuntime(GraphRuntime):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.fn(*args)
-        self.graphs[size] = (graph, list(args), out)
+        self.graphs[size] = (graph, list(args), weak_refs(out))
         self.stats.cuda_graphs += 1
 
     def replay(self, size: int, args: list):

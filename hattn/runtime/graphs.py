@@ -1,7 +1,9 @@
 """What every CUDA-graph runtime shares: size selection, static inputs, the per-step forward context, capture of
-all sizes (largest first, one pool, progress bar, stats), graph-free fallback above the largest size.
+all sizes (largest first, one pool, warm-up, gc off after the first graph, progress bar, stats), graph-free
+fallback above the largest size.
 
-A runtime subclasses `GraphRuntime` and implements `capture(size, args)` and `replay(size, args)`.
+A runtime subclasses `GraphRuntime` and implements `capture(size, args)` and `replay(size, args)`; `args` are
+static (the same tensors at every call of a size), so what a graph reads never moves.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import time
 from unittest import mock
 
 import torch
+from torch.utils._pytree import tree_map
 
 from hattn.runtime.context import ForwardContext, forward_context, get_forward_context
 from hattn.runtime.tokens import StaticInputs, TokenLayout, pick_size, unpad_outputs
@@ -24,22 +27,55 @@ class CaptureError(RuntimeError):
     """Capturing a CUDA graph failed (out of memory, an op that cannot be captured, ...)."""
 
 
+# -- device helpers (no-ops without CUDA, so the size/padding logic is testable on CPU) -------------------------
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _new_pool():
+    return torch.cuda.graph_pool_handle() if _cuda() else None
+
+
+def _sync() -> None:
+    if _cuda():
+        torch.cuda.synchronize()
+
+
+def _reserved() -> int:
+    return torch.cuda.memory_reserved() if _cuda() else 0
+
+
+def pool_bytes(pool) -> int:
+    """Bytes of the CUDA caching allocator's segments that belong to graph pool `pool`."""
+    if pool is None or not _cuda():
+        return 0
+    segments = torch.cuda.memory_snapshot()
+    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(pool))
+
+
 @contextlib.contextmanager
 def no_gc_in_capture():
     """torch.cuda.graph runs gc.collect + empty_cache per capture; do it once, then skip (peers do the same)."""
     gc.collect()
-    torch.cuda.empty_cache()
+    if _cuda():
+        torch.cuda.empty_cache()
     with mock.patch("gc.collect", lambda *a, **k: 0), mock.patch("torch.cuda.empty_cache", lambda: None):
         yield
 
 
-def _step_context(num_tokens: int) -> contextlib.AbstractContextManager:
+# -- forward contexts ---------------------------------------------------------------------------------------------
+def _step_context(num_tokens: int | None) -> contextlib.AbstractContextManager:
     """The caller's forward context if it describes num_tokens; a one-sequence context if none is set."""
     ctx = get_forward_context()
+    if num_tokens is None:  # a static graph: split ops see the caller's context, or none (as eagerly)
+        return contextlib.nullcontext()
     if ctx is None:
         return forward_context(ForwardContext(seq_lens=[num_tokens]))
     if ctx.num_tokens != num_tokens:
-        raise ValueError(f"the forward context holds {ctx.num_tokens} tokens but the input has {num_tokens}")
+        raise ValueError(
+            f"the forward context holds {ctx.num_tokens} tokens (seq_lens={ctx.seq_lens}) but the input has "
+            f"{num_tokens}; set a context whose seq_lens sum to the input's token count"
+        )
     return contextlib.nullcontext()
 
 
@@ -51,6 +87,26 @@ def _capture_context(size: int | None) -> contextlib.AbstractContextManager:
     if size is None:
         return forward_context(ForwardContext(seq_lens=list(user.seq_lens), extra=extra) if user else None)
     return forward_context(ForwardContext(seq_lens=[size], extra=extra))
+
+
+# -- static tensors -----------------------------------------------------------------------------------------------
+def weak_ref(x):
+    """A tensor over x's memory that does not own it, so the pool may hand the memory to the next capture (graphs
+    of other sizes replay one at a time and rewrite their intermediates before reading them). Non-tensors pass."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    st = x.untyped_storage()
+    storage = torch._C._construct_storage_from_data_pointer(st.data_ptr(), x.device, st.nbytes())
+    return torch.empty((), dtype=x.dtype, device=x.device).set_(storage, x.storage_offset(), x.shape, x.stride())
+
+
+def weak_refs(value):
+    """weak_ref of every tensor in a pytree (tuples, lists, dicts, ...)."""
+    return tree_map(weak_ref, value)
+
+
+def storage_ptr(x) -> int | None:
+    return x.untyped_storage().data_ptr() if isinstance(x, torch.Tensor) else None
 
 
 def copy_if_moved(static: list, args) -> None:
@@ -65,18 +121,22 @@ def copy_if_moved(static: list, args) -> None:
             s.copy_(a)
 
 
+# -- the runtime --------------------------------------------------------------------------------------------------
 class GraphRuntime:
     """Serves a callable with graphs captured per capture size; runs graph-free above the largest size.
 
     A callable without token-dependent inputs (a static Dynamo graph) gets one graph, under size key 0.
     """
 
+    name = "graph"
+
     def __init__(self, fn, layout: TokenLayout, sizes: list[int], stats: Stats, progress: bool = True):
         self.fn, self.layout, self.stats, self.progress = fn, layout, stats, progress
-        self.sizes = list(sizes) if layout.has_tokens else [0]
+        self.sizes = sorted(set(sizes)) if layout.has_tokens else [0]
         self.inputs = StaticInputs(layout)
         self.pool = None
         self.captured: set[int] = set()
+        self.failed: str | None = None  # why graphs were given up (capture ran out of memory): run graph-free
 
     # subclasses -------------------------------------------------------------------------------------------------
     def capture(self, size: int, args: list) -> None:
@@ -85,7 +145,8 @@ class GraphRuntime:
     def replay(self, size: int, args: list):
         raise NotImplementedError
 
-    def step_context(self, num_tokens: int, size: int) -> contextlib.AbstractContextManager:
+    def step_context(self, num_tokens: int | None, size: int) -> contextlib.AbstractContextManager:
+        """Around a replay; num_tokens is None for a static graph."""
         return _step_context(num_tokens)
 
     def capture_context(self, size: int | None) -> contextlib.AbstractContextManager:
@@ -93,50 +154,54 @@ class GraphRuntime:
 
     # shared -----------------------------------------------------------------------------------------------------
     def __call__(self, *args):
-        if self.layout.reason is not None:
-            self.stats.eager_runs += 1
-            return self.fn(*args)
         n = self.layout.num_tokens(args) if self.layout.has_tokens else None
         size = pick_size(self.sizes, n) if n is not None else 0
-        if size is None:  # above the largest capture size: graph-free, counted
-            self.stats.eager_runs += 1
+        if size is None or self.layout.reason is not None or self.failed is not None:
+            self.stats.eager_runs += 1  # above the largest capture size (or no graphs): graph-free, counted
             with _step_context(n):
                 return self.fn(*args)
         if size not in self.captured:
             self.capture_all(args)
-        with self.step_context(n, size) if n is not None else contextlib.nullcontext():
-            out = self.replay(size, self.inputs.fill(size, args, n) if n is not None else list(args))
+        static = self.inputs.fill(size, args, n)
+        with self.step_context(n, size):
+            out = self.replay(size, static)
         self.stats.replays += 1
         self.stats.padded_tokens += size - n if n is not None else 0
-        return unpad_outputs(out, self.layout.out_dims, size, n if n is not None else size)
+        return unpad_outputs(out, self.layout, size, n if n is not None else size)
 
     def capture_all(self, args) -> None:
-        """Capture every size, largest first so smaller sizes reuse the pool."""
+        """Capture every size not captured yet, largest first so smaller sizes reuse the pool's memory."""
         from tqdm.auto import tqdm
 
-        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        self.pool = self.pool or _new_pool()
         todo = sorted((s for s in self.sizes if s not in self.captured), reverse=True)
-        start, reserved = time.perf_counter(), torch.cuda.memory_reserved()
-        bar = tqdm(todo, desc="hattn capture", unit="size", disable=not self.progress or len(todo) < 2)
+        start, reserved = time.perf_counter(), _reserved()
+        bar = tqdm(todo, desc=f"hattn {self.name} capture", unit="size", disable=not self.progress or len(todo) < 2)
         with no_gc_in_capture():
             for size in bar:
+                bar.set_postfix(tokens=size)
                 self._capture_one(size, args)
-        torch.cuda.synchronize()
+                if self.failed is not None:
+                    break
+        _sync()
         self.stats.capture_seconds += time.perf_counter() - start
-        self.stats.pool_bytes += max(0, torch.cuda.memory_reserved() - reserved)
+        # the pool's segments; if the allocator's snapshot does not name pools, what capture added to the reserve
+        self.stats.pool_bytes = pool_bytes(self.pool) or self.stats.pool_bytes + max(0, _reserved() - reserved)
 
     def _capture_one(self, size: int, args) -> None:
         has_tokens = self.layout.has_tokens
-        static = self.inputs.fill(size, args, 0) if has_tokens else list(args)
+        static = self.inputs.fill(size, args, 0 if has_tokens else None)
         try:
             with self.capture_context(size if has_tokens else None):
                 self.capture(size, static)
-        except torch.OutOfMemoryError as e:
+        except torch.OutOfMemoryError:
             self.release()
-            raise CaptureError(
-                f"out of memory while capturing graphs for {size} tokens; the graph pool was released and the model "
-                f"still runs eagerly. Fix: pass fewer or smaller capture_sizes (now {self.sizes})"
-            ) from e
+            self.failed = f"out of memory while capturing graphs for {size} tokens"
+            log.warning(
+                "hattn: %s; the graph pool was released and this graph now runs graph-free. Fix: pass fewer or "
+                "smaller capture_sizes (now %s)", self.failed, self.sizes,
+            )
+            return
         self.captured.add(size)
         self.stats.capture_sizes_done += 1
 
@@ -144,4 +209,5 @@ class GraphRuntime:
         """Drop every captured graph and the pool."""
         self.captured.clear()
         self.pool = None
-        torch.cuda.empty_cache()
+        if _cuda():
+            torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from hattn.runtime.graphs import GraphRuntime, copy_if_moved
+from hattn.runtime.graphs import GraphRuntime, copy_if_moved, storage_ptr, weak_ref, weak_refs
 from hattn.runtime.tokens import TokenLayout
 from hattn.stats import Stats
 
@@ -39,7 +39,12 @@ class _PieceGraphs(torch.nn.Module):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.runtime.pool):
             out = self.fn(*args)
-        self.graphs[size] = (graph, list(args), out)
+        # what earlier graphs of this size produced is pool memory: keep weak references, so the next size's
+        # capture can reuse it; anything else (inputs, eager split-op results) stays owned here
+        pooled = self.runtime.pooled
+        static_args = [weak_ref(a) if storage_ptr(a) in pooled else a for a in args]
+        pooled.update(storage_ptr(o) for o in (out if isinstance(out, (tuple, list)) else [out]))
+        self.graphs[size] = (graph, static_args, weak_refs(out))
         self.runtime.stats.cuda_graphs += 1
         return out
 
@@ -47,10 +52,13 @@ class _PieceGraphs(torch.nn.Module):
 class PiecewiseRuntime(GraphRuntime):
     """Runs a split graph whose pieces replay CUDA graphs (see module docstring)."""
 
+    name = "pcg"
+
     def __init__(self, split_gm: fx.GraphModule, pieces: list[str], layout: TokenLayout, sizes, stats: Stats,
                  progress: bool = True):
         super().__init__(self._run_eager, layout, sizes, stats, progress)
         self.split_gm, self.phase, self.size = split_gm, "eager", 0
+        self.pooled: set[int] = set()  # storages allocated by the graphs of the size being captured
         for name in pieces:
             split_gm.register_module(name, _PieceGraphs(split_gm.get_submodule(name), self))
 
@@ -66,7 +74,9 @@ class PiecewiseRuntime(GraphRuntime):
 
     def capture(self, size: int, args: list) -> None:
         self._run("eager", size, args)  # warm the split ops too
+        self.pooled = set()
         self._run("capture", size, args)
+        self.pooled = set()
 
     def replay(self, size: int, args: list):
         return self._run("replay", size, args)

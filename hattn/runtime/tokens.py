@@ -3,6 +3,12 @@
 Graph runtimes replay graphs captured at fixed sizes: a call with T tokens runs at the smallest capture size
 S >= T, with every token-dependent input zero-padded to S (padding rows are zeros, never uninitialised memory) and
 every token-dependent output sliced back to T (and cloned, so the caller owns it).
+
+Inputs fall in three groups. Token-dependent tensors are copied into runtime-owned, zero-padded static buffers.
+Other tensors passed as forward arguments ("owned": e.g. the ids of a static graph) are copied into runtime-owned
+buffers too, so a later call never writes into a tensor the caller kept. Everything else (parameters, buffers, cache
+tensors reached through attributes) is module state: the graphs read and mutate it in place; if its address
+changes, its new content is copied into the tensor captured in its place.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import bisect
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils._pytree import tree_map
 
 
 @dataclass
@@ -18,14 +25,18 @@ class TokenLayout:
 
     in_dims[i]   the dims of tensor input i whose size is the token count ((): not token-dependent)
     in_ints      indices of int inputs that are the token count itself (Dynamo's SymInt placeholders)
-    out_dims[j]  likewise for outputs; None = discover at run time (dims whose size equals the padded count)
+    out_dims[j]  likewise for outputs; None = discover at run time: every tensor whose dim `out_dim` has the
+                 padded size (outputs of any pytree structure)
+    owned        indices of other tensor inputs that are forward arguments (copied into owned static buffers)
     reason       why graphs cannot serve this callable (e.g. several dynamic sizes), or None
     """
 
     in_dims: list[tuple[int, ...]]
     in_ints: list[int] = field(default_factory=list)
     out_dims: list[tuple[int, ...]] | None = None
+    owned: list[int] = field(default_factory=list)
     reason: str | None = None
+    out_dim: int = 0
 
     def num_tokens(self, args) -> int:
         for i in self.in_ints:
@@ -54,31 +65,44 @@ def _dims_of(value, symbol) -> tuple[int, ...]:
     return tuple(d for d, s in enumerate(value.shape) if isinstance(s, torch.SymInt) and s.node.expr == symbol)
 
 
-def layout_from_examples(inputs: list, outputs: list) -> TokenLayout:
-    """Layout of a Dynamo graph from its placeholders' and outputs' example values (fake, maybe symbolic)."""
+def layout_from_examples(inputs: list, outputs: list, forward_args: set[int] = frozenset()) -> TokenLayout:
+    """Layout of a Dynamo graph from its placeholders' and outputs' example values (fake, maybe symbolic).
+
+    forward_args: indices of inputs that are the forward's own arguments (not module state). A graph with one
+    symbol is padded along it; a static graph is captured at its one size; a graph with several symbols, or sizes
+    derived from the symbol, gets a `reason` and runs graph-free.
+    """
     exprs = [e for v in list(inputs) + list(outputs) for e in _sym_exprs(v)]
     symbols = {s for e in exprs for s in e.free_symbols}
-    if not symbols:  # a static graph: one fixed size, nothing to pad
-        return TokenLayout(in_dims=[()] * len(inputs), out_dims=[()] * len(outputs))
+    n = len(inputs)
     if len(symbols) > 1:
-        return TokenLayout([()] * len(inputs), reason=f"the graph has several dynamic sizes {sorted(map(str, symbols))}")
-    (symbol,) = symbols
-    derived = sorted({str(e) for e in exprs if e != symbol})
-    if derived:
-        return TokenLayout([()] * len(inputs), reason=f"sizes derived from the token count ({', '.join(derived)})")
+        return TokenLayout([()] * n, reason=f"the graph has several dynamic sizes {sorted(map(str, symbols))}")
+    if symbols:
+        (symbol,) = symbols
+        derived = sorted({str(e) for e in exprs if e != symbol})
+        if derived:
+            return TokenLayout([()] * n, reason=f"sizes derived from the token count ({', '.join(derived)})")
+    else:  # a static graph: one fixed size, nothing to pad
+        symbol = None
+    dims = [_dims_of(v, symbol) for v in inputs]
     ints = [i for i, v in enumerate(inputs) if isinstance(v, torch.SymInt)]
-    return TokenLayout([_dims_of(v, symbol) for v in inputs], ints, [_dims_of(v, symbol) for v in outputs])
+    owned = [i for i in sorted(forward_args) if isinstance(inputs[i], torch.Tensor) and not dims[i]]
+    return TokenLayout(dims, ints, [_dims_of(v, symbol) for v in outputs], owned)
 
 
 def layout_from_args(args, token_dim: int = 0) -> TokenLayout:
-    """Layout of a plain callable: tensor args whose `token_dim` has the first tensor arg's size are token-dependent."""
+    """Layout of a plain callable: tensor args whose `token_dim` has the first tensor arg's size are token-dependent;
+    every other tensor arg is owned (a forward argument)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if not tensors:
         raise ValueError("a graph runner needs at least one tensor argument (its token dimension is padded)")
+    if tensors[0].dim() <= token_dim:
+        raise ValueError(f"token_dim={token_dim} but the first tensor argument has shape {list(tensors[0].shape)}")
     n = tensors[0].shape[token_dim]
     dims = [(token_dim,) if isinstance(a, torch.Tensor) and a.dim() > token_dim and a.shape[token_dim] == n else ()
             for a in args]
-    return TokenLayout(dims, out_dims=None)
+    owned = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not dims[i]]
+    return TokenLayout(dims, out_dims=None, owned=owned, out_dim=token_dim)
 
 
 def pick_size(sizes: list[int], num_tokens: int) -> int | None:
@@ -88,34 +112,51 @@ def pick_size(sizes: list[int], num_tokens: int) -> int | None:
 
 
 class StaticInputs:
-    """Per-size static buffers of the token-dependent inputs; other inputs pass through unchanged."""
+    """Per-size static buffers of the token-dependent and owned inputs; module state passes through unchanged."""
 
     def __init__(self, layout: TokenLayout):
         self.layout = layout
         self.buffers: dict[int, list] = {}
 
-    def fill(self, size: int, args, num_tokens: int) -> list:
-        """args with token-dependent tensors copied into the size's zero-padded static buffers."""
+    def fill(self, size: int, args, num_tokens: int | None) -> list:
+        """args with token-dependent tensors copied into the size's zero-padded static buffers (num_tokens rows)
+        and owned tensors copied into their static buffers (only when the caller passed another tensor)."""
         bufs = self.buffers.get(size)
         if bufs is None:
-            bufs = self.buffers[size] = [_new_buffer(a, dims, size) for a, dims in zip(args, self.layout.in_dims)]
+            bufs = self.buffers[size] = [_new_buffer(a, i, self.layout, size) for i, a in enumerate(args)]
         out = list(args)
         for i, dims in enumerate(self.layout.in_dims):
             if dims:
                 _copy_padded(bufs[i], args[i], dims, num_tokens)
                 out[i] = bufs[i]
+        for i in self.layout.owned:
+            if args[i].data_ptr() != bufs[i].data_ptr():
+                _check_same(bufs[i], args[i])
+                bufs[i].copy_(args[i])
+            out[i] = bufs[i]
         for i in self.layout.in_ints:
             out[i] = size
         return out
 
 
-def _new_buffer(arg, dims: tuple[int, ...], size: int):
+def _new_buffer(arg, i: int, layout: TokenLayout, size: int):
+    dims = layout.in_dims[i] if i < len(layout.in_dims) else ()
+    if i in layout.owned:
+        return torch.zeros_like(arg, memory_format=torch.contiguous_format)
     if not dims:
         return None
     shape = list(arg.shape)
     for d in dims:
         shape[d] = size
     return torch.zeros(shape, dtype=arg.dtype, device=arg.device)
+
+
+def _check_same(buf: torch.Tensor, arg: torch.Tensor) -> None:
+    if arg.shape != buf.shape or arg.dtype != buf.dtype or arg.device != buf.device:
+        raise TypeError(
+            f"a graph input is {arg.dtype}{list(arg.shape)} on {arg.device} but graphs were captured for "
+            f"{buf.dtype}{list(buf.shape)} on {buf.device}; pass inputs of that dtype, shape and device (or recompile)"
+        )
 
 
 def _copy_padded(buf: torch.Tensor, arg: torch.Tensor, dims: tuple[int, ...], n: int) -> None:
@@ -131,17 +172,24 @@ def _copy_padded(buf: torch.Tensor, arg: torch.Tensor, dims: tuple[int, ...], n:
     view.copy_(arg)
 
 
-def unpad_outputs(outputs, dims_list: list[tuple[int, ...]] | None, size: int, num_tokens: int):
+def unpad_outputs(outputs, layout: TokenLayout, size: int, num_tokens: int):
     """Slice token dims back to num_tokens and clone every tensor (the caller owns what it gets)."""
-    single = not isinstance(outputs, (tuple, list))
-    outs = [outputs] if single else list(outputs)
-    result = []
-    for j, o in enumerate(outs):
-        if isinstance(o, torch.Tensor):
-            dims = dims_list[j] if dims_list is not None else tuple(d for d, s in enumerate(o.shape) if s == size)
-            dims = dims if size != num_tokens else ()
-            for d in dims:
-                o = o.narrow(d, 0, num_tokens)
-            o = o.clone()
-        result.append(o)
-    return result[0] if single else type(outputs)(result) if isinstance(outputs, tuple) else result
+    if layout.out_dims is not None and isinstance(outputs, (tuple, list)):
+        return type(outputs)(_unpad(o, layout.out_dims[j], size, num_tokens) for j, o in enumerate(outputs))
+    if layout.out_dims is not None:
+        return _unpad(outputs, layout.out_dims[0], size, num_tokens)
+
+    def discover(o):
+        dims = (layout.out_dim,) if isinstance(o, torch.Tensor) and o.dim() > layout.out_dim and \
+            o.shape[layout.out_dim] == size else ()
+        return _unpad(o, dims, size, num_tokens)
+
+    return tree_map(discover, outputs)
+
+
+def _unpad(o, dims: tuple[int, ...], size: int, num_tokens: int):
+    if not isinstance(o, torch.Tensor):
+        return o
+    for d in dims if size != num_tokens else ():
+        o = o.narrow(d, 0, num_tokens)
+    return o.clone()

@@ -1,11 +1,15 @@
-"""Padding logic of the graph runtimes (CPU): size selection, zero-padded static inputs, owned outputs."""
+"""Padding logic of the graph runtimes (CPU): size selection, zero-padded and owned static inputs, owned outputs,
+token layouts of real Dynamo graphs (dynamic, static, several symbols)."""
 from __future__ import annotations
 
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
-from hattn.runtime.tokens import StaticInputs, layout_from_args, pick_size, unpad_outputs
+from hattn.models.toy import toy_model
+from hattn.runtime import graph_layout
+from hattn.runtime.tokens import StaticInputs, TokenLayout, layout_from_args, pick_size, unpad_outputs
 
 
 @given(st.lists(st.integers(1, 600), min_size=1, max_size=16, unique=True), st.integers(1, 700))
@@ -17,19 +21,71 @@ def test_pick_size_is_smallest_fitting_size(sizes, n):
 
 
 def test_static_inputs_zero_pad_and_keep_address():
-    ids, w = torch.arange(1, 6), torch.randn(3, 3)
-    layout = layout_from_args([ids, w])
-    assert layout.in_dims == [(0,), ()]
+    ids = torch.arange(1, 6)
+    layout = layout_from_args([ids])
+    assert layout.in_dims == [(0,)]
     inputs = StaticInputs(layout)
-    first = inputs.fill(8, [ids, w], 5)
-    assert first[1] is w and first[0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0]
-    second = inputs.fill(8, [torch.arange(10, 13), w], 3)
+    first = inputs.fill(8, [ids], 5)
+    assert first[0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0]
+    second = inputs.fill(8, [torch.arange(10, 13)], 3)
     assert second[0].data_ptr() == first[0].data_ptr()  # same static buffer
     assert second[0].tolist() == [10, 11, 12, 0, 0, 0, 0, 0]  # stale rows zeroed, never left over
 
 
-def test_unpad_slices_and_clones():
+def test_owned_inputs_are_copies_and_module_state_passes_through():
+    ids, temp, weight = torch.arange(1, 6), torch.tensor(0.5), nn.Parameter(torch.randn(3))
+    layout = TokenLayout(in_dims=[(0,), (), ()], owned=[1])  # ids token-dependent, temp a forward arg
+    inputs = StaticInputs(layout)
+    first = inputs.fill(8, [ids, temp, weight], 5)
+    assert first[1] is not temp and first[1].item() == 0.5 and first[2] is weight
+    second = inputs.fill(8, [ids, torch.tensor(2.0), weight], 5)
+    assert second[1] is first[1] and second[1].item() == 2.0
+    assert temp.item() == 0.5  # a tensor the caller kept is never written
+
+
+def test_unpad_slices_only_the_token_dim_and_clones():
+    layout = TokenLayout(in_dims=[(0,)], out_dims=[(0,)])
     out = torch.randn(8, 4)
-    (got,) = unpad_outputs((out,), [(0,)], 8, 5)
+    (got,) = unpad_outputs((out,), layout, 8, 5)
     assert got.shape == (5, 4) and got.data_ptr() != out.data_ptr()
     torch.testing.assert_close(got, out[:5])
+    discovered = layout_from_args([torch.zeros(8)])  # out_dims None: the token dim of any pytree's tensors
+    square = torch.randn(8, 8)  # the other dim equal to the size must stay whole
+    got = unpad_outputs({"logits": square, "n": 3}, discovered, 8, 5)
+    assert got["logits"].shape == (5, 8) and got["n"] == 3
+    same = unpad_outputs(square, discovered, 8, 8)
+    assert same.data_ptr() != square.data_ptr()  # no padding: still a copy the caller owns
+
+
+def _layout_of(model, *args, dynamic):
+    seen = []
+
+    def probe(gm, example_inputs):
+        seen.append(graph_layout(gm))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=probe, dynamic=dynamic)(*args)
+    return seen[0]
+
+
+def test_layout_of_dynamic_graph_pads_ids_and_leaves_parameters():
+    layout = _layout_of(toy_model(pattern=["linear", "full"]), torch.arange(6), dynamic=True)
+    assert layout.reason is None and layout.has_tokens
+    assert sum(1 for d in layout.in_dims if d == (0,)) == 1 and layout.in_ints  # ids [s0], and s0 itself
+    assert layout.owned == [] and layout.out_dims == [(0,)]
+
+
+def test_layout_of_static_graph_owns_its_forward_args():
+    layout = _layout_of(toy_model(pattern=["full"]), torch.arange(6), dynamic=False)
+    assert layout.reason is None and not layout.has_tokens
+    assert len(layout.owned) == 1  # the ids: copied into an owned buffer, parameters used in place
+
+
+def test_layout_of_graph_with_two_symbols_has_a_reason():
+    class TwoSizes(nn.Module):
+        def forward(self, a, b):
+            return a.sum() + b.sum(), a * 2
+
+    layout = _layout_of(TwoSizes(), torch.randn(5), torch.randn(7), dynamic=True)
+    assert layout.reason is not None and "several dynamic sizes" in layout.reason

@@ -1,0 +1,146 @@
+"""The graph runtimes' logic that needs no GPU: size selection and padding through `GraphRuntime.__call__` (with a
+fake "graph" that replays by calling the function on the static inputs), graph-free fallbacks and their log line,
+and the errors (full mode with a split op that is not capture-safe, unregistered mixers under BCG)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch import nn
+
+import hattn
+from hattn.models.toy import ToyConfig, ToyHybridModel, toy_model
+from hattn.runtime import BreakableGraphRunner
+from hattn.runtime.breakable import unregistered_mixer_reason
+from hattn.runtime.context import get_forward_context
+from hattn.runtime.full import NotCaptureSafeError, check_capture_safe
+from hattn.runtime.graphs import GraphRuntime
+from hattn.runtime.tokens import layout_from_args
+from hattn.stats import Stats
+
+
+class FakeGraphs(GraphRuntime):
+    """Captures by remembering the static inputs and the context split ops saw; replays by calling fn on them."""
+
+    def __init__(self, fn, sizes):
+        super().__init__(fn, layout_from_args([torch.zeros(1)]), sizes, Stats(), progress=False)
+        self.static, self.order, self.seen = {}, [], []
+
+    def capture(self, size, args):
+        self.order.append(size)
+        self.static[size] = args
+        self.seen.append(("capture", get_forward_context().seq_lens))
+
+    def replay(self, size, args):
+        assert all(a is s for a, s in zip(args, self.static[size]))  # the same static tensors every time
+        self.seen.append(("replay", get_forward_context().seq_lens))
+        return self.fn(*args)
+
+
+def _rowwise(x):  # a per-row function: padding rows cannot leak into real rows
+    return x * 2 + 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=6, unique=True), st.lists(st.integers(1, 80), max_size=6))
+def test_fake_graphs_equal_eager_for_any_sizes(sizes, counts):
+    rt = FakeGraphs(_rowwise, sizes)
+    for n in counts:
+        x = torch.randn(n, 3)
+        torch.testing.assert_close(rt(x), _rowwise(x))
+    inside = sum(1 for n in counts if n <= max(sizes))
+    assert rt.stats.replays == inside and rt.stats.eager_runs == len(counts) - inside
+    assert rt.order == (sorted(set(sizes), reverse=True) if inside else [])  # largest first, each once
+
+
+def test_padding_rows_are_zeros_and_outputs_owned():
+    got_inputs = []
+    rt = FakeGraphs(lambda x: got_inputs.append(x.clone()) or x + 1, [4, 8])
+    out = rt(torch.ones(5))
+    assert got_inputs[-1].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]  # 5 real rows padded to 8 with zeros
+    assert out.tolist() == [2.0] * 5
+    rt(torch.full((5,), 7.0))
+    assert out.tolist() == [2.0] * 5  # a kept output is not overwritten by the next replay
+    assert rt.stats.padded_tokens == 6
+
+
+def test_split_ops_see_real_token_count_at_replay_and_size_at_capture():
+    rt = FakeGraphs(_rowwise, [8])
+    rt(torch.randn(3))
+    with hattn.forward_context(hattn.ForwardContext(seq_lens=[1, 2])):
+        rt(torch.randn(3))
+    assert rt.seen == [("capture", [8]), ("replay", [3]), ("replay", [1, 2])]
+
+
+def test_context_that_does_not_match_the_input_is_an_error():
+    rt = FakeGraphs(_rowwise, [8])
+    with hattn.forward_context(hattn.ForwardContext(seq_lens=[4])), pytest.raises(ValueError, match="holds 4 tokens"):
+        rt(torch.randn(3))
+
+
+def test_graph_modes_on_cpu_run_graph_free_and_say_so_once(caplog):
+    model = toy_model(pattern=["linear", "full"])
+    be = hattn.backend(mode="bcg", capture_sizes=[4], inner_compiler="eager")
+    fn = torch.compile(model, backend=be)
+    ids = torch.arange(6)
+    with caplog.at_level(logging.INFO, logger="hattn"):
+        for _ in range(3):
+            torch.testing.assert_close(fn(ids), model(ids))
+    assert be.stats.eager_runs == 3 and be.stats.cuda_graphs == 0
+    assert sum("runs graph-free on CPU" in r.getMessage() for r in caplog.records) <= 1
+
+
+def test_breakable_runner_on_cpu_is_graph_free():
+    model = toy_model(pattern=["linear", "full"])
+    runner = BreakableGraphRunner(model, capture_sizes=[4], progress=False)
+    torch.testing.assert_close(runner(torch.arange(6)), model(torch.arange(6)))
+    assert runner.stats.eager_runs == 1
+
+
+class ScaleMixer(nn.Module):
+    """Calls the conftest's functional split op hattn_test::scale (kind "testmix", not capture-safe)."""
+
+    def __init__(self, c: ToyConfig, layer_id: int):
+        super().__init__()
+        self.proj = nn.Linear(c.hidden, c.hidden, bias=False)
+
+    def forward(self, x):
+        return self.proj(torch.ops.hattn_test.scale(x, 0.5))
+
+
+def test_full_mode_rejects_a_split_op_that_is_not_capture_safe_even_on_cpu():
+    torch.manual_seed(0)
+    model = ToyHybridModel(ToyConfig(pattern=["testmix", "full"]), {"testmix": ScaleMixer}).eval()
+    with pytest.raises(Exception, match="hattn_test::scale is not registered capture-safe"):
+        torch.compile(model, backend=hattn.backend(mode="full", inner_compiler="eager"))(torch.arange(5))
+    torch._dynamo.reset()  # the same model runs in pcg (split ops eager)
+    torch.testing.assert_close(
+        torch.compile(model, backend=hattn.backend(mode="pcg", inner_compiler="eager"))(torch.arange(5)),
+        model(torch.arange(5)))
+
+
+def test_check_capture_safe_names_every_unsafe_op():
+    from hattn.registry import split_op_of
+
+    ops = [split_op_of(torch.ops.hattn.full_attention), split_op_of(torch.ops.hattn_test.scale)]
+    with pytest.raises(NotCaptureSafeError, match="hattn_test::scale is not registered capture-safe.*mode='pcg'"):
+        check_capture_safe(ops)
+    check_capture_safe(ops[:1])
+
+
+@torch.library.custom_op("hattn_test::fused_linear_attention_fwd", mutates_args=())
+def _unregistered_kernel(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+def test_unregistered_mixer_reason_for_ops_seen_in_a_segment():
+    aten = torch.ops.aten
+    assert unregistered_mixer_reason(aten._scaled_dot_product_flash_attention.default) is not None
+    assert unregistered_mixer_reason(torch.ops.hattn_test.fused_linear_attention_fwd.default) == (
+        "custom op hattn_test::fused_linear_attention_fwd")
+    assert unregistered_mixer_reason(torch.ops.hattn.linear_attention.default) is None  # registered
+    assert unregistered_mixer_reason(aten.mm.default) is None
