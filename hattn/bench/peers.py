@@ -1,0 +1,243 @@
+"""Peers: what a user would run instead of hattn, on the same (unmodified) transformers model and weights.
+
+    hf-eager-fla  HF eager forward with the fast kernels transformers found (flash-linear-attention, causal-conv1d)
+    hf-eager      HF eager forward with those kernels switched off (transformers' torch reference code)
+    hf-static     HF `generate` with a static cache, which transformers compiles itself (reduce-overhead) on a GPU
+    tc-default    torch.compile(model) on the HF model; decode over a transformers StaticCache
+    tc-ro         torch.compile(model, mode="reduce-overhead") likewise (inductor + cudagraph trees)
+
+The fla switch. transformers 5 decorates its linear-attention kernels (`causal_conv1d_fn`, `causal_conv1d_update`,
+`torch_chunk_gated_delta_rule`, `torch_recurrent_gated_delta_rule` in modeling_qwen3_5, and the same in other hybrid
+families) with `use_kernel_func_from_hub_with_fallback`: at import of the modeling module it tries
+`import fla` / `import causal_conv1d` and, if that works, the module-level function calls the package's kernel;
+the torch code stays reachable as `fn.__wrapped__`. "Without fla" replaces those module globals by their
+`__wrapped__` torch code for the duration of the target (`torch_kernels`); `hub_kernels` reports which
+implementation each one resolved to. Peers never write the KV cache during prefill (`use_cache=False`), which can
+only favour them.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable
+
+import torch
+
+from hattn.bench.harness import Skip
+from hattn.bench.target import Setup, Target
+from hattn.bench.workloads import Point, token_ids
+
+
+# -- the fla switch ------------------------------------------------------------------------------------------------
+def _closure(fn) -> dict:
+    code = getattr(fn, "__code__", None)
+    if code is None or not fn.__closure__:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, fn.__closure__)}
+
+
+def _kernel_wrapper(fn):
+    """The transformers fallback wrapper inside `fn` (following __wrapped__), or None if `fn` is not one."""
+    while fn is not None:
+        if "is_new_implementation" in _closure(fn):
+            return fn
+        fn = getattr(fn, "__wrapped__", None)
+    return None
+
+
+def hub_kernels(module) -> dict[str, str]:
+    """{module-level kernel function: "package.module.function" it resolved to, or "torch"} of a modeling module."""
+    out = {}
+    for name, fn in sorted(vars(module).items()):
+        wrapper = _kernel_wrapper(fn) if callable(fn) else None
+        if wrapper is not None:
+            c = _closure(wrapper)
+            impl = c["implementation"]
+            out[name] = f"{impl.__module__}.{impl.__name__}" if c["is_new_implementation"] else "torch"
+    return out
+
+
+@contextlib.contextmanager
+def torch_kernels(module):
+    """Inside the block, the module's fast kernel functions call transformers' torch code instead."""
+    saved = {}
+    for name, fn in list(vars(module).items()):
+        wrapper = _kernel_wrapper(fn) if callable(fn) else None
+        if wrapper is not None and _closure(wrapper)["is_new_implementation"]:
+            saved[name] = fn
+            setattr(module, name, _closure(wrapper)["torch_function"])
+    try:
+        yield sorted(saved)
+    finally:
+        for name, fn in saved.items():
+            setattr(module, name, fn)
+
+
+def modeling_module(hf) -> object:
+    return sys.modules[type(hf).__module__]
+
+
+# -- peers ---------------------------------------------------------------------------------------------------------
+def _batched(point: Point, setup: Setup) -> torch.Tensor:
+    """The prefill point's tokens as HF input [seqs, tokens/seqs] (same tokens as hattn's packed input)."""
+    ids = token_ids(point.tokens, setup.vocab, setup.device, setup.seed)
+    return ids.view(point.seqs, point.tokens // point.seqs)
+
+
+class _HFPeer(Target):
+    kind = "peer"
+
+    def _forward(self):
+        return self.s.hf
+
+    def prefill(self, point: Point):
+        model, ids = self._forward(), _batched(point, self.s)
+        return lambda: _infer(model, input_ids=ids, use_cache=False)
+
+    def _filled_cache(self, point: Point, static: bool):
+        """A transformers cache holding `context` tokens of `batch` sequences (eager prefill, last logits only)."""
+        from transformers import StaticCache
+
+        b, c = point.batch, point.context
+        ids = token_ids(b * c, self.s.vocab, self.s.device, self.s.seed).view(b, c)
+        cache = StaticCache(config=self.s.hf.config, max_cache_len=c + 16) if static else None
+        out = _infer(self.s.hf, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.past_key_values, ids[:, -1:].clone()
+
+    def _generate(self, point: Point, **kwargs) -> Callable[[], object]:
+        ids = token_ids(point.prompt, self.s.vocab, self.s.device, self.s.seed).view(1, -1).repeat(point.batch, 1)
+        n = point.new_tokens
+        return lambda: _infer_generate(self.s.hf, ids, n, **kwargs)
+
+
+def _infer(model, **kwargs):
+    with torch.inference_mode():
+        return model(**kwargs)
+
+
+def _infer_generate(hf, ids: torch.Tensor, n: int, **kwargs):
+    with torch.inference_mode():
+        return hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                           eos_token_id=None, **kwargs)
+
+
+class HFEager(_HFPeer):
+    """HF eager forward; decode steps over transformers' default DynamicCache (it grows by one token per call)."""
+
+    def __init__(self, setup: Setup, fla: bool):
+        super().__init__(setup)
+        self.fla = fla
+        self.name = "hf-eager-fla" if fla else "hf-eager"
+        self.about = "HF eager + fla kernels" if fla else "HF eager, torch kernels (fla switched off)"
+        self._switch = contextlib.ExitStack()
+
+    def prepare(self) -> None:
+        module = modeling_module(self.s.hf)
+        kernels = hub_kernels(module)
+        fast = {k: v for k, v in kernels.items() if v != "torch"}
+        if self.fla and not fast:
+            raise Skip(f"transformers found no fast kernels for {type(self.s.hf).__name__} ({kernels or 'none'}): "
+                       f"install flash-linear-attention; hf-eager measures the torch path")
+        if not self.fla:
+            switched = self._switch.enter_context(torch_kernels(module))
+            if switched:
+                self.notes.append(f"switched to torch code: {', '.join(switched)}")
+
+    def decode(self, point: Point):
+        cache, last = self._filled_cache(point, static=False)
+        return lambda: _infer(self.s.hf, input_ids=last, past_key_values=cache, use_cache=True)
+
+    def e2e(self, point: Point):
+        return self._generate(point)
+
+    def info(self) -> dict:
+        return {"kernels": hub_kernels(modeling_module(self.s.hf))}
+
+    def close(self) -> None:
+        self._switch.close()
+
+
+class HFStatic(_HFPeer):
+    """`generate(cache_implementation="static")`: transformers compiles the decode step (CompileConfig default)."""
+
+    name, about, est_s = "hf-static", "HF generate, static cache, compiled by transformers (+fla if found)", 60.0
+
+    def prepare(self) -> None:
+        torch._dynamo.reset()
+        if self.s.device.type != "cuda":
+            self.notes.append("transformers compiles generate only on GPUs: on this device it ran uncompiled")
+
+    def prefill(self, point: Point):
+        raise Skip("hf-static is measured end to end (generate); its per-token figure is in the per-token row")
+
+    decode = prefill
+
+    def e2e(self, point: Point):
+        return self._generate(point, cache_implementation="static")
+
+    def info(self) -> dict:
+        return {"kernels": hub_kernels(modeling_module(self.s.hf))}
+
+    def close(self) -> None:
+        torch._dynamo.reset()
+
+
+class TorchCompile(_HFPeer):
+    """torch.compile of the HF model: prefill without cache, decode steps over a filled StaticCache."""
+
+    est_s = 60.0
+
+    def __init__(self, setup: Setup, mode: str):
+        super().__init__(setup)
+        self.mode = mode
+        self.name = "tc-default" if mode == "default" else "tc-ro"
+        self.about = f"torch.compile(model{'' if mode == 'default' else ', mode=' + repr(mode)}) on the HF model"
+        self.warmup = 3 if mode == "reduce-overhead" else 2  # cudagraph trees record on the second call
+        self.model = None
+
+    def prepare(self) -> None:
+        torch._dynamo.reset()
+        if self.s.peer_backend == "inductor":
+            self.model = torch.compile(self.s.hf, mode=None if self.mode == "default" else self.mode)
+        else:
+            self.model = torch.compile(self.s.hf, backend=self.s.peer_backend)
+            self.notes.append(f"compiled with backend={self.s.peer_backend!r} (mode {self.mode!r} not applied)")
+
+    def _forward(self):
+        return self.model
+
+    def prefill(self, point: Point):
+        ids = _batched(point, self.s)
+        if ids.shape[1] > 1:
+            torch._dynamo.maybe_mark_dynamic(ids, 1)  # one graph for every token count, as hattn gets
+        return lambda: _infer(self.model, input_ids=ids, use_cache=False)
+
+    def decode(self, point: Point):
+        cache, last = self._filled_cache(point, static=True)
+        pos = torch.tensor([point.context], device=self.s.device)
+        return lambda: _infer(self.model, input_ids=last, past_key_values=cache, cache_position=pos, use_cache=True)
+
+    def e2e(self, point: Point):
+        raise Skip("generate with torch.compile is the hf-static peer (transformers compiles the decode step)")
+
+    def info(self) -> dict:
+        return {"kernels": hub_kernels(modeling_module(self.s.hf))}
+
+    def close(self) -> None:
+        self.model = None
+        torch._dynamo.reset()
+
+
+PEERS = ("hf-eager-fla", "hf-eager", "hf-static", "tc-default", "tc-ro")
+
+
+def make_peer(name: str, setup: Setup) -> Target:
+    if name == "hf-eager-fla":
+        return HFEager(setup, fla=True)
+    if name == "hf-eager":
+        return HFEager(setup, fla=False)
+    if name == "hf-static":
+        return HFStatic(setup)
+    if name in ("tc-default", "tc-ro"):
+        return TorchCompile(setup, "default" if name == "tc-default" else "reduce-overhead")
+    raise ValueError(f"unknown peer {name!r}; peers: {', '.join(PEERS)}")

@@ -1,0 +1,99 @@
+"""A bench target: one column of the report (a hattn mode or a peer), measured on the shared models and caches.
+
+A target turns each workload point into a zero-argument step to time, or raises `Skip(reason)` when the point does
+not apply to it; the runner records every skip and error with its reason.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hattn.bench.harness import Skip
+from hattn.bench.workloads import Plan, Point
+
+
+@dataclass
+class Setup:
+    """What every target of one run shares.
+
+    hf     the unmodified transformers model (peers run it)
+    lm     a HybridLM adapted from a deep copy of `hf` (same weights; hattn modes run it)
+    caches hattn's HybridCaches, built on first use: "prefill" (plan.seqs slots of plan's largest prefill) and
+           "decode" (plan's largest batch, room for the decode context and for generation)
+    """
+
+    hf: nn.Module
+    lm: nn.Module
+    device: torch.device
+    plan: Plan
+    capture_sizes: list[int]
+    inner_compiler: str = "inductor"
+    peer_backend: str = "inductor"
+    progress: bool = True
+    seed: int = 0
+    caches: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, hf: nn.Module, **kwargs) -> "Setup":
+        from hattn.models.hf import adapt
+
+        lm = adapt(copy.deepcopy(hf))
+        return cls(hf=hf, lm=lm, device=next(hf.parameters()).device, **kwargs)
+
+    @property
+    def vocab(self) -> int:
+        return self.lm.config.vocab_size
+
+    def cache(self, which: str):
+        if which not in self.caches:
+            p = self.plan
+            if which == "prefill":
+                self.caches[which] = self.lm.make_cache(max(1, p.seqs), p.max_prefill)
+            else:
+                self.caches[which] = self.lm.make_cache(p.max_batch, max(p.context + 1, p.prompt + p.new_tokens))
+        return self.caches[which]
+
+
+class Target:
+    """Base of hattn modes and peers. Subclasses set the class fields and implement what applies to them.
+
+    warmup  calls before timing (the first one, compile included, is timed on its own)
+    est_s   seconds the target needs before its first figure (compile), on a GPU; the runner does not start a
+            target with less budget left
+    """
+
+    name = "target"
+    kind = "hattn"
+    about = ""
+    warmup = 2
+    est_s = 10.0
+
+    def __init__(self, setup: Setup):
+        self.s = setup
+        self.notes: list[str] = []
+
+    def prepare(self) -> None:
+        """Build what the steps need (the compile itself happens on the first call). Raise Skip to skip all."""
+
+    def step(self, point: Point) -> Callable[[], object]:
+        return getattr(self, point.kind)(point)
+
+    def prefill(self, point: Point) -> Callable[[], object]:
+        raise Skip(f"{self.name} does not run prefill")
+
+    def decode(self, point: Point) -> Callable[[], object]:
+        raise Skip(f"{self.name} does not run decode steps")
+
+    def e2e(self, point: Point) -> Callable[[], object]:
+        raise Skip(f"{self.name} does not run generation")
+
+    def info(self) -> dict:
+        """Figures beyond latency: compile/capture seconds, graph pool bytes, graph counts, kernels used."""
+        return {}
+
+    def close(self) -> None:
+        """Drop compiled code, graphs and per-target memory."""

@@ -1,0 +1,138 @@
+"""The runner records every point of every target: figures, skips, errors, time boxes, projections, budget."""
+import time
+
+import torch
+
+from hattn.bench.harness import Budget, Clock, Skip
+from hattn.bench.runner import Options, profile_target, run_all, run_target, warmup_figures
+from hattn.bench.target import Target
+from hattn.bench.workloads import Plan, Point
+
+
+class FakeSetup:
+    device = torch.device("cpu")
+
+
+class Fake(Target):
+    """Steps that sleep `ms[point.id]` ms, raise for ids in `errors`, skip for ids in `skips`."""
+
+    name, kind, warmup, est_s = "fake", "hattn", 1, 0.0
+
+    def __init__(self, ms=None, errors=(), skips=(), fail_prepare=None):
+        super().__init__(FakeSetup())
+        self.ms, self.errors, self.skips, self.fail_prepare = ms or {}, set(errors), set(skips), fail_prepare
+
+    def prepare(self):
+        if self.fail_prepare is not None:
+            raise self.fail_prepare
+
+    def step(self, point):
+        if point.id in self.skips:
+            raise Skip("not for fakes")
+        if point.id in self.errors:
+            raise RuntimeError(f"boom at {point.id}\nsecond line")
+        delay = self.ms.get(point.id, 0.0) / 1e3
+        return lambda: time.sleep(delay)
+
+    def info(self):
+        return {"capture_s": 0.0, "cuda_graphs": 0}
+
+
+OPTS = Options(reps=2, max_s=0.05, slow_s=0.05, progress=False)
+POINTS = Plan(tokens=[16, 64, 256], seqs=2, batches=[1, 4], context=8, prompt=4, new_tokens=4).points()
+
+
+def run(target, points=POINTS, opts=OPTS, deadline_s=60.0):
+    return run_target(target, points, Clock("cpu"), opts, time.perf_counter() + deadline_s)
+
+
+def test_every_point_gets_a_figure():
+    e = run(Fake())
+    assert e["status"] == "ok"
+    assert set(e["results"]) == {p.id for p in POINTS}
+    assert all("ms" in r and r["reps"] >= 1 for r in e["results"].values())
+    assert e["first_call_s"] is not None and e["peak_bytes"] is None  # no peak memory on a CPU
+
+
+def test_skips_and_errors_carry_their_reasons():
+    e = run(Fake(errors={"decode/B4/C8"}, skips={"prefill/T16/x1"}))
+    assert e["results"]["prefill/T16/x1"] == {"skipped": "not for fakes"}
+    err = e["results"]["decode/B4/C8"]
+    assert err["error"] == "RuntimeError: boom at decode/B4/C8" and "Traceback" in err["detail"]
+    assert "ms" in e["results"]["prefill/T64/x1"]
+
+
+def test_a_repeated_error_stops_the_target():
+    class Broken(Fake):
+        def step(self, point):
+            raise RuntimeError("compile failed")
+
+    ids = [p.id for p in POINTS]
+    e = run(Broken())
+    assert "error" in e["results"][ids[0]] and "error" in e["results"][ids[1]]
+    assert all(e["results"][i]["skipped"].startswith("not run: the same error") for i in ids[2:])
+    assert e["status"] == "failed"
+
+
+def test_larger_sizes_are_skipped_when_projected_past_the_limit():
+    e = run(Fake(ms={"prefill/T16/x1": 20.0}))  # 64 tokens project to 80 ms > slow_s = 50 ms
+    assert "ms" in e["results"]["prefill/T16/x1"]
+    for pid in ("prefill/T64/x1", "prefill/T256/x1"):
+        assert "project to >= 0.1 s per call" in e["results"][pid]["skipped"]
+    assert "ms" in e["results"]["prefill/T64/x2"]  # another series
+
+
+def test_generate_rows_are_never_projected_away():
+    e = run(Fake(ms={"e2e/B1/P4/N1": 30.0}))
+    assert "ms" in e["results"]["e2e/B1/P4/N4"]
+
+
+def test_a_spent_time_box_skips_the_rest():
+    e = run(Fake(), deadline_s=-1.0)
+    assert all("time box was spent" in r["skipped"] for r in e["results"].values())
+
+
+def test_a_failing_prepare_marks_every_point():
+    e = run(Fake(fail_prepare=RuntimeError("no device")))
+    assert e["status"] == "failed" and e["reason"] == "failed in setup: RuntimeError: no device"
+    assert all(r == {"error": e["reason"]} for r in e["results"].values())
+    e = run(Fake(fail_prepare=Skip("fla missing")))
+    assert e["status"] == "skipped" and all(r == {"skipped": "skipped: fla missing"} for r in e["results"].values())
+
+
+def test_run_all_skips_targets_the_budget_cannot_cover():
+    class Slow(Fake):
+        est_s = 1e6  # never fits
+
+    def broken():
+        raise ValueError("bad target")
+
+    seen = []
+    entries = run_all([Fake, Slow, broken], ["a", "b", "c"], POINTS[:2], Clock("cpu"), OPTS, Budget(60.0),
+                      on_entry=lambda done: seen.append(sorted(done)))
+    assert list(entries) == ["a", "b", "c"]
+    assert entries["a"]["status"] == "ok" and entries["a"]["box_s"] > 0
+    assert entries["b"]["status"] == "skipped" and "budget left" in entries["b"]["reason"]
+    assert entries["c"]["status"] == "failed" and "bad target" in entries["c"]["reason"]
+    assert all("budget left" in r["skipped"] for r in entries["b"]["results"].values())
+    assert seen and seen[-1] == ["a", "b", "c"]
+
+
+def test_warmup_figures():
+    res = {"a": {"ms": 1.0, "first_ms": 2001.0}, "b": {"ms": 2.0, "first_ms": 502.0}, "c": {"skipped": "x"}}
+    w = warmup_figures(res, capture_s=0.5)
+    assert w["first_call_s"] == 2.001
+    assert abs(w["warmup_overhead_s"] - 2.5) < 1e-9 and abs(w["compile_s"] - 2.0) < 1e-9
+    assert warmup_figures({}, 0.0)["first_call_s"] is None
+
+
+def test_profile_summarises_top_ops():
+    class MatMul(Fake):
+        def step(self, point):
+            x = torch.randn(64, 64)
+            return lambda: x @ x
+
+    prof = profile_target(MatMul(), [Point("decode", batch=1, context=8)], Clock("cpu"),
+                          Options(profile_steps=2, progress=False))
+    p = prof["decode/B1/C8"]
+    assert p["steps"] == 2 and p["top"] and any("mm" in r["name"] for r in p["top"])
