@@ -1,10 +1,12 @@
 """Per-mode latency of a toy 24-layer hybrid model (3 linear : 1 full, bf16) on the GPU: eager vs pcg vs bcg vs
 full at token counts 1, 16, 256, 2048, plus capture time and pool memory for 16 capture sizes.
 
-    python3 -m hattn.runtime.bench [--tokens 1 16 256 2048] [--layers 24]
+    python3 -m hattn.runtime.bench [--tokens 1 16 256 2048] [--layers 24] [--inner inductor|eager]
 
-`full` serves decode steps (one token per sequence, with a cache); at prefill token counts it runs graph-free, so
-its column there is marked "-".
+Token counts up to 64 are decode steps (that many sequences, one new token each, context 512, with a cache);
+larger counts are one prefill sequence without a cache. `full` serves decode steps only; at prefill token counts
+its column is "-". Pieces are compiled by `--inner` (inductor by default); split ops run the same kernels in every
+mode, so the columns differ only in how the pieces run.
 """
 from __future__ import annotations
 
@@ -57,22 +59,27 @@ def time_ms(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def run(tokens: list[int], layers: int) -> dict:
+def run(tokens: list[int], layers: int, inner: str = "inductor") -> dict:
+    """Time every mode; print each mode's row as soon as it is done (a slow mode never hides the others)."""
     model = _model(layers)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  {layers} layers  inner={inner}")
+    print("mode".ljust(7) + "".join(f"{f'T={n} ms':>11}" for n in tokens) + "  vs eager".ljust(26)
+          + "first call s  capture s  sizes  graphs  pool MiB", flush=True)
     results = {}
     for mode in ("eager", "pcg", "bcg", "full"):
         try:
-            results[mode] = _run_mode(model, mode, tokens)
+            results[mode] = _run_mode(model, mode, tokens, inner)
         except Exception as e:  # a failed mode is reported in its row, never dropped
-            results[mode] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            results[mode] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        _print_row(mode, results[mode], results.get("eager"), tokens)
     return results
 
 
-def _run_mode(model, mode: str, tokens: list[int]) -> dict:
+def _run_mode(model, mode: str, tokens: list[int], inner: str) -> dict:
     torch._dynamo.reset()
-    be = hattn.backend(mode=mode, capture_sizes=SIZES16, progress=False)
+    be = hattn.backend(mode=mode, capture_sizes=SIZES16, inner_compiler=inner, progress=False)
     fn = model if mode == "eager" else torch.compile(model, backend=be, dynamic=True)
-    row = {}
+    row, first = {}, 0.0
     cache = _cache(model, 64)
     for n in tokens:
         decode = n <= 64
@@ -87,34 +94,35 @@ def _run_mode(model, mode: str, tokens: list[int]) -> dict:
                 fn(ids)
 
         with torch.inference_mode():
+            t0 = time.perf_counter()
+            step()  # compile and capture happen in the first calls
+            torch.cuda.synchronize()
+            first += time.perf_counter() - t0
             row[n] = time_ms(step)
-    stats = be.stats if mode != "eager" else None
-    return {"ms": row, "capture_s": stats.capture_seconds if stats else 0.0,
-            "pool_mb": stats.pool_bytes / 2**20 if stats else 0.0, "graphs": stats.cuda_graphs if stats else 0}
+    s = be.stats
+    return {"ms": row, "first_s": first, "capture_s": s.capture_seconds, "sizes": s.capture_sizes_done,
+            "graphs": s.cuda_graphs, "pool_mb": s.pool_bytes / 2**20}
 
 
-def _print(results: dict, tokens: list[int]) -> None:
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    head = "mode".ljust(7) + "".join(f"{f'T={n} ms':>12}" for n in tokens) + "   vs eager" + "  capture s  pool MiB"
-    print(head)
-    eager = results["eager"]["ms"]
-    for mode, r in results.items():
-        if "error" in r:
-            print(f"{mode:7} FAILED: {r['error']}")
-            continue
-        cells = "".join(f"{r['ms'][n]:12.3f}" if r["ms"][n] is not None else f"{'-':>12}" for n in tokens)
-        ratios = ",".join(f"{eager[n] / r['ms'][n]:.2f}x" if r["ms"][n] else "-" for n in tokens)
-        print(f"{mode:7}{cells}   {ratios}  {r['capture_s']:9.2f}  {r['pool_mb']:8.1f}")
+def _print_row(mode: str, r: dict, eager: dict | None, tokens: list[int]) -> None:
+    if "error" in r:
+        print(f"{mode:7} FAILED: {r['error']}", flush=True)
+        return
+    cells = "".join(f"{r['ms'][n]:11.3f}" if r["ms"][n] is not None else f"{'-':>11}" for n in tokens)
+    ok = eager is not None and "ms" in eager
+    ratios = ",".join(f"{eager['ms'][n] / r['ms'][n]:.2f}x" if ok and r["ms"][n] else "-" for n in tokens)
+    print(f"{mode:7}{cells}  {ratios:24}{r['first_s']:12.1f}{r['capture_s']:11.2f}{r['sizes']:7d}{r['graphs']:8d}"
+          f"{r['pool_mb']:10.1f}", flush=True)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 256, 2048])
     p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--inner", choices=["inductor", "eager"], default="inductor")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    results = run(args.tokens, args.layers)
-    _print(results, args.tokens)
+    run(args.tokens, args.layers, args.inner)
     print(f"total {time.perf_counter() - t0:.0f} s; 16 capture sizes {SIZES16}")
 
 

@@ -144,3 +144,37 @@ def test_unregistered_mixer_reason_for_ops_seen_in_a_segment():
         "custom op hattn_test::fused_linear_attention_fwd")
     assert unregistered_mixer_reason(torch.ops.hattn.linear_attention.default) is None  # registered
     assert unregistered_mixer_reason(aten.mm.default) is None
+
+
+def test_bcg_warmup_sees_every_split_op_call_and_rejects_unregistered_ones():
+    from hattn.runtime.breakable import _Capture, watched
+    from hattn.passes.guards import UnregisteredAttentionError
+
+    model = toy_model(pattern=["linear", "full", "linear"])
+    ids = torch.arange(5)
+    cap = _Capture()  # no stream: a warm-up, nothing is captured
+    torch.testing.assert_close(watched(cap, model, (ids,)), model(ids))
+    assert cap.split_calls == 3 and not cap.segments
+    hattn.unregister_split_op(torch.ops.hattn.linear_attention)
+    try:
+        with pytest.raises(UnregisteredAttentionError, match="custom op hattn::linear_attention.*nothing was captured"):
+            watched(_Capture(), model, (ids,))
+    finally:
+        hattn.register_split_op(torch.ops.hattn.linear_attention, "linear", capture_safe=True)
+
+
+class _Sdpa(nn.Module):
+    def forward(self, x):
+        q = x[None, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)[0, 0]
+
+
+def test_bcg_warmup_rejects_sdpa_but_not_inside_a_split_op():
+    from hattn.runtime.breakable import _Capture, watched
+    from hattn.passes.guards import UnregisteredAttentionError
+
+    with pytest.raises(UnregisteredAttentionError, match="scaled_dot_product_attention"):
+        watched(_Capture(), _Sdpa(), (torch.randn(4, 8),))
+    cap = _Capture()
+    cap.in_split_op = True  # what a split op does inside (e.g. a fused SDPA kernel) runs eagerly: allowed
+    watched(cap, _Sdpa(), (torch.randn(4, 8),))
