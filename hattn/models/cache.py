@@ -46,6 +46,8 @@ class HybridCache:
     """Preallocated KV caches and mixer states of a hybrid model, one slot per sequence.
 
     specs: layer id -> LayerSpec (layers without a mixer, e.g. Nemotron-H's MLP layers, are absent).
+    Every tensor has `slots + 1` rows: row `scratch_slot` (= slots) is never handed out; graph runtimes point
+    padding rows at it.
     """
 
     def __init__(self, specs: dict[int, LayerSpec], slots: int, max_len: int, dtype: torch.dtype, device="cpu"):

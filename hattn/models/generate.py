@@ -99,14 +99,14 @@ def decode(model, tokens, context_lens, cache: HybridCache, slots, layer_kinds, 
 def _check_fits(prompts, params: SamplingParams, cache: HybridCache) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
-    for i, p in enumerate(prompts):
-        need = len(p) + params.max_new_tokens - 1  # the last new token is never fed back
-        if need > cache.max_len:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens and max_new_tokens={params.max_new_tokens}: it needs {need} "
-                f"cache positions but the cache holds max_len={cache.max_len}; build the cache with "
-                f"max_len >= {need} or shorten the prompt"
-            )
+    i = max(range(len(prompts)), key=lambda j: len(prompts[j]))  # the longest prompt needs the most
+    need = len(prompts[i]) + params.max_new_tokens - 1  # the last new token is never fed back
+    if need > cache.max_len:
+        raise ValueError(
+            f"prompt {i} has {len(prompts[i])} tokens and max_new_tokens={params.max_new_tokens}: it needs {need} "
+            f"cache positions but the cache holds max_len={cache.max_len}; build the cache with "
+            f"max_len >= {need} or shorten the prompt"
+        )
     if len(prompts) > cache.num_free:
         raise ValueError(
             f"{len(prompts)} prompts but the cache has {cache.num_free} free slots (of {cache.slots}); "

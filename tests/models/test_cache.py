@@ -1,0 +1,66 @@
+"""HybridCache: shapes per layer kind, one slot per sequence, alloc/free/reuse, clear errors."""
+import pytest
+import torch
+
+from hattn.models.cache import HybridCache, LayerSpec, full_spec, linear_spec
+
+SPECS = {0: linear_spec(conv_dim=48, kernel=4, v_heads=4, k_dim=8, v_dim=16), 1: full_spec(2, 16, 8),
+         3: LayerSpec("lightning", states=(((4, 8, 8), torch.float32),))}
+
+
+def cache(slots=3, max_len=10, dtype=torch.bfloat16):
+    return HybridCache(SPECS, slots=slots, max_len=max_len, dtype=dtype)
+
+
+def test_shapes_and_dtypes_per_kind():
+    c = cache()
+    rows = c.slots + 1  # + the scratch slot graph runtimes point padding at
+    k, v = c.kv(1)
+    assert k.shape == (rows, 10, 2, 16) and v.shape == (rows, 10, 2, 8) and k.dtype == torch.bfloat16
+    conv, rec = c.linear_state(0)
+    assert conv.shape == (rows, 48, 3) and conv.dtype == torch.bfloat16
+    assert rec.shape == (rows, 4, 8, 16) and rec.dtype == torch.float32  # recurrent states stay fp32
+    (s,) = c.state(3)
+    assert s.shape == (rows, 4, 8, 8) and s.dtype == torch.float32
+    assert c.nbytes() == sum(t.numel() * t.element_size() for i in SPECS for t in c.state(i))
+    assert "slots=3" in repr(c)
+
+
+def test_wrong_layer_or_kind_is_an_error():
+    c = cache()
+    with pytest.raises(KeyError, match="no layer 2"):
+        c.kv(2)
+    with pytest.raises(KeyError, match="not a 'full' layer"):
+        c.kv(0)
+    with pytest.raises(KeyError, match="not a 'linear' layer"):
+        c.linear_state(3)
+
+
+def test_alloc_free_reuse():
+    c = cache(slots=3)
+    a = c.alloc(2)
+    assert a == [0, 1] and c.num_free == 1
+    with pytest.raises(RuntimeError, match="1 free slot.*2 were requested"):
+        c.alloc(2)
+    c.free([0])
+    assert c.alloc(2) == [0, 2] and c.num_free == 0
+    with pytest.raises(ValueError, match="not an allocated slot"):
+        c.free([5])
+    c.free([0, 1, 2])
+    with pytest.raises(ValueError, match="not an allocated slot"):
+        c.free([1])
+    assert c.scratch_slot == 3 and c.alloc(3) == [0, 1, 2]  # the scratch slot is never handed out
+
+
+def test_addresses_are_fixed():
+    c = cache()
+    before = [t.data_ptr() for i in SPECS for t in c.state(i)]
+    c.free(c.alloc(3))
+    assert before == [t.data_ptr() for i in SPECS for t in c.state(i)]
+
+
+def test_bad_specs_and_sizes():
+    with pytest.raises(ValueError, match="exactly one of kv"):
+        LayerSpec("full")
+    with pytest.raises(ValueError, match="slots >= 1"):
+        HybridCache(SPECS, slots=0, max_len=4, dtype=torch.float32)

@@ -1,0 +1,40 @@
+"""Every adapted family == its unmodified transformers model: logits of a packed prefill, 32 greedy tokens."""
+import torch
+
+from hattn.models.generate import SamplingParams, generate
+from hattn.runtime.context import ForwardContext, forward_context
+
+NEW_TOKENS = 32  # as conftest's reference
+
+
+def test_greedy_tokens_equal_hf_generate(family_case):
+    c = family_case
+    res = generate(c.lm, c.prompts, params=SamplingParams(max_new_tokens=NEW_TOKENS))
+    assert res.tokens == c.ref.tokens
+    assert res.decode_steps == NEW_TOKENS - 1
+
+
+def test_packed_prefill_logits_close_to_hf(family_case):
+    c = family_case
+    ids = torch.tensor([t for p in c.prompts for t in p])
+    pos = torch.cat([torch.arange(len(p)) for p in c.prompts])
+    with torch.no_grad(), forward_context(ForwardContext(seq_lens=[len(p) for p in c.prompts])):
+        logits = c.lm(ids, pos)
+    start = 0
+    for p in c.prompts:
+        with torch.no_grad():
+            want = c.hf(input_ids=torch.tensor([p])).logits[0]
+        torch.testing.assert_close(logits[start:start + len(p)], want, atol=1e-4, rtol=1e-4)
+        start += len(p)
+
+
+def test_every_layer_calls_a_split_op_of_its_kind(family_case):
+    kinds = set(family_case.lm.layer_kinds.values())
+    assert "full" in kinds and len(kinds) == 2  # a hybrid: full attention + one mixer kind
+
+
+def test_adapter_keeps_parameters(make_case):
+    c = make_case("tiny")
+    got = dict(c.lm.hf.named_parameters())
+    for name, p in c.hf.named_parameters():
+        assert torch.equal(got[name], p), name
