@@ -62,7 +62,7 @@ def _reference_decode(case, out_shape, slots, hk, dk, context_lens, stateless=Fa
 @given(b=st.integers(1, 6), hk=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2, 3]),
        dims=st.sampled_from([(64, 64), (128, 128), (64, 128), (256, 128), (128, 256)]), width=st.sampled_from([3, 4]),
        dtype=st.sampled_from(DTYPES), bias=st.booleans(), with_ctx=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
 def test_fused_decode_matches_reference(b, hk, rep, dims, width, dtype, bias, with_ctx, seed, nan_empty):
     dk, dv = dims
     case = _decode_case(b, hk, rep, dk, dv, width, dtype, b + 3, seed)
@@ -109,7 +109,7 @@ def test_fused_decode_rejects_bad_shapes_with_a_fix():
 @given(lens=st.lists(st.sampled_from([1, 2, 3, 5, 17, 63, 64, 130]), min_size=1, max_size=5),
        width=st.sampled_from([2, 3, 4]), c=st.sampled_from([64, 200, 384]), dtype=st.sampled_from(DTYPES),
        bias=st.booleans(), stateful=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=20, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
 def test_packed_conv_matches_reference(lens, width, c, dtype, bias, stateful, seed, nan_empty):
     gen = torch.Generator().manual_seed(seed)
     t, n = sum(lens), len(lens)

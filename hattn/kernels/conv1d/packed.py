@@ -96,6 +96,8 @@ def packed_causal_conv1d(
     n, width = len(seq_lens), weight.shape[1]
     if sum(seq_lens) != t or min(seq_lens, default=1) < 1:
         raise ValueError(f"{what}: seq_lens {seq_lens} must be >= 1 each and sum to x's {t} rows; drop empty ones")
+    if width < 2:
+        raise ValueError(f"{what}: conv kernel width {width} must be >= 2 (a conv state of width-1 >= 1 inputs)")
     if activation not in ("silu", None):
         raise ValueError(f"{what}: unsupported activation {activation!r}; expected 'silu' or None")
     if (conv_state is None) != (slots is None) or (conv_state is not None and has_state is None):

@@ -26,7 +26,8 @@ def _conv_step(x_row, w, stride_w, bias, cs_row, o_c, keep,
     """silu(conv) of channels o_c for one new input; shifts their conv-state rows [W-1] in place."""
     o_w = tl.arange(0, BW)
     b_x = tl.load(x_row + o_c).to(tl.float32)
-    is_new = (o_w == W - 1)[None, :]
+    b_w = tl.load(w + o_c[:, None] * stride_w + o_w[None, :], mask=(o_c >= 0)[:, None] & (o_w < W)[None, :],
+                  other=0.).to(tl.float32)
     if HAS_STATE:
         p_s = cs_row + o_c[:, None] * (W - 1) + o_w[None, :]
         m_all = (o_c >= 0)[:, None] & keep
@@ -34,10 +35,8 @@ def _conv_step(x_row, w, stride_w, bias, cs_row, o_c, keep,
         b_nxt = tl.load(p_s + 1, mask=m_all & (o_w < W - 2)[None, :], other=0.).to(tl.float32)
         b_nxt = tl.where((o_w == W - 2)[None, :], b_x[:, None], b_nxt)
     else:
-        b_win = tl.zeros([o_c.shape[0], BW], dtype=tl.float32)
-    b_win = tl.where(is_new, b_x[:, None], b_win)
-    b_w = tl.load(w + o_c[:, None] * stride_w + o_w[None, :], mask=(o_c >= 0)[:, None] & (o_w < W)[None, :],
-                  other=0.).to(tl.float32)
+        b_win = tl.zeros_like(b_w)
+    b_win = tl.where((o_w == W - 1)[None, :], b_x[:, None], b_win)
     b_y = tl.sum(b_win * b_w, 1)
     if HAS_BIAS:
         b_y += tl.load(bias + o_c).to(tl.float32)
@@ -51,13 +50,12 @@ def _conv_step(x_row, w, stride_w, bias, cs_row, o_c, keep,
 def fused_decode_kernel(
     x, stride_x, w, stride_w, bias, g, stride_g, beta, stride_beta, o, stride_ob, stride_oh,
     cs, rs, slots, context_lens, scale,
-    HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    HK: tl.constexpr, HV: tl.constexpr, REP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BV: tl.constexpr,
     W: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_CTX: tl.constexpr,
 ):
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
     i_b64 = i_b.to(tl.int64)
-    REP: tl.constexpr = HV // HK
-    C: tl.constexpr = 2 * HK * DK + HV * DV
     x_row = x + i_b64 * stride_x
     if HAS_CTX:
         keep = tl.load(context_lens + i_b) > 0
@@ -98,8 +96,9 @@ def fused_decode_kernel(
 
 
 def default_config(dk: int, dv: int) -> tuple[int, int]:
-    """(BV, num_warps): [Dk, BV] fp32 state tiles of 8K elements, 4 warps."""
-    return min(dv, max(16, 8192 // dk)), 4
+    """(BV, num_warps): [Dk, BV] fp32 state tiles of 4K elements, 4 warps (128 registers a thread at Dk=128, so
+    four programs share an SM; 8K-element tiles need ~250 and halve that)."""
+    return min(dv, max(16, 4096 // dk)), 4
 
 
 def fused_gdn_decode(
@@ -137,6 +136,8 @@ def fused_gdn_decode(
     if hv % hk or c != 2 * hk * dk + hv * dv:
         raise ValueError(f"{what}: need Hv ({hv}) a multiple of Hk ({hk}) and C ({c}) == 2*Hk*Dk + Hv*Dv "
                          f"({2 * hk * dk + hv * dv}) for Hk={hk}, Dk={dk}, Hv={hv}, Dv={dv}")
+    if width < 2:
+        raise ValueError(f"{what}: conv kernel width {width} must be >= 2 (a conv state of width-1 >= 1 inputs)")
     check_pow2(what, head_k_dim=dk, head_v_dim=dv)
     for name, t, shape in [("mixed_qkv", mixed_qkv, (b, c)), ("g", g, (b, hv)), ("beta", beta, (b, hv)),
                            ("conv_bias", conv_bias, (c,)), ("slots", slots, (b,)),
@@ -158,6 +159,6 @@ def fused_gdn_decode(
     fused_decode_kernel[(b, hk)](
         mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, g, g.stride(0),
         beta, beta.stride(0), out, out.stride(0), out.stride(1), conv_state, rec_state, slots, context_lens,
-        dk ** -0.5, HK=hk, HV=hv, DK=dk, DV=dv, BV=bv, W=width, BW=triton.next_power_of_2(width),
+        dk ** -0.5, HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=bv, W=width, BW=triton.next_power_of_2(width),
         HAS_BIAS=conv_bias is not None, HAS_STATE=stateful, HAS_CTX=context_lens is not None, num_warps=warps,
     )

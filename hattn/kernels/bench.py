@@ -1,0 +1,196 @@
+"""Benchmark of the linear-attention kernels: `python3 -m hattn.kernels.bench` (CUDA; fla optional).
+
+Decode step (batch 1..256) and packed prefill (512..16k tokens) for two layer shapes, Qwen3-Next's (16 key heads,
+32 value heads, dim 128) and the 1B-class preset's (16/16 heads of 128), bf16 inputs, fp32 states:
+ours vs fla vs the torch reference (reference at small sizes only). Decode also reports achieved memory bandwidth
+against `--peak` (~3.0 TB/s on the H100) counting recurrent state read+write, conv state read+write, inputs,
+outputs and weights; "xfloor" = time / (bytes / peak), the goal being <= 1.2 at batch >= 32.
+fla decode = gather states + `fused_recurrent_gated_delta_rule` + scatter (no conv: fla has no slot-indexed one).
+fla prefill = fla's `causal_conv1d` + `chunk_gated_delta_rule`. Times are medians of triton's do_bench (L2 flushed).
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from hattn.kernels.conv1d.reference import causal_conv1d_packed
+from hattn.kernels.gated_delta.chunk import fla_chunk
+from hattn.kernels.gated_delta.fused_decode import default_config, fused_gdn_decode
+from hattn.kernels.gated_delta.packed import linear_attention_packed
+from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed, linear_attention_decode_reference
+
+SHAPES = {"qwen3-next 16/32x128": (16, 32, 128), "1B-class 16/16x128": (16, 16, 128)}
+WIDTH, DTYPE = 4, torch.bfloat16
+DEV = "cuda"
+
+
+def _us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def _try(fn) -> float | str:
+    try:
+        return _us(fn)
+    except Exception as e:  # a baseline that fails must not stop the table
+        return f"error: {type(e).__name__}: {str(e)[:60]}"
+
+
+def _fmt(x) -> str:
+    return f"{x:9.1f}" if isinstance(x, float) else f"{'-' if x is None else 'err':>9}"
+
+
+def _layer(b, hk, hv, d, slots_total, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    c = 2 * hk * d + hv * d
+    r = lambda *s: torch.randn(*s, device=DEV, generator=gen)  # noqa: E731
+    return dict(mixed_qkv=r(b, c).to(DTYPE), conv_weight=(r(c, WIDTH) * 0.3).to(DTYPE), conv_bias=None,
+                g=-torch.rand(b, hv, device=DEV, generator=gen) * 0.1,
+                beta=torch.rand(b, hv, device=DEV, generator=gen).to(DTYPE),
+                conv_state=r(slots_total, c, WIDTH - 1).to(DTYPE), rec_state=r(slots_total, hv, d, d) * 0.05)
+
+
+def decode_bytes(b, hk, hv, d) -> int:
+    c, e = 2 * hk * d + hv * d, DTYPE.itemsize
+    return (b * hv * d * d * 4 * 2 + b * c * (WIDTH - 1) * e * 2 + b * c * e + b * hv * d * e + b * hv * (4 + e)
+            + c * WIDTH * e + b * 8)
+
+
+def _fla_decode(t, slots, hk, hv, d):
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    b = t["mixed_qkv"].shape[0]
+    q, k, v = t["mixed_qkv"].split([hk * d, hk * d, hv * d], -1)
+    q, k, v = q.view(b, 1, hk, d), k.view(b, 1, hk, d), v.view(b, 1, hv, d)
+
+    def run():
+        h0 = t["rec_state"].index_select(0, slots)
+        _, ht = fused_recurrent_gated_delta_rule(q, k, v, g=t["g"][:, None], beta=t["beta"][:, None],
+                                                 initial_state=h0, output_final_state=True,
+                                                 use_qk_l2norm_in_kernel=True)
+        t["rec_state"].index_copy_(0, slots, ht)
+    return run
+
+
+def bench_decode(batches, peak):
+    print(f"\n## decode step (bf16 in, fp32 state), peak {peak:.1f} TB/s; times in us")
+    print(f"{'shape':22} {'B':>4} {'ours':>9} {'fla':>9} {'torch':>9} {'fla/ours':>8} {'torch/ours':>10} "
+          f"{'GB/s':>7} {'%peak':>6} {'xfloor':>6}")
+    for name, (hk, hv, d) in SHAPES.items():
+        for b in batches:
+            t = _layer(b, hk, hv, d, b + 1)
+            slots = torch.randperm(b, device=DEV)
+            out = torch.empty(b, hv, d, device=DEV, dtype=DTYPE)
+            ours = _us(lambda: fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=d, **t))
+            fla = _try(_fla_decode(t, slots, hk, hv, d)) if fla_chunk() is not None else None
+            ref = _try(lambda: linear_attention_decode_reference(out=out, slots=slots, num_k_heads=hk, head_k_dim=d,
+                                                                 **t)) if b <= 32 else None
+            gbs = decode_bytes(b, hk, hv, d) / ours / 1e3
+            ratio = lambda x: f"{x / ours:8.2f}" if isinstance(x, float) else f"{'-':>8}"  # noqa: E731
+            print(f"{name:22} {b:4d} {_fmt(ours)} {_fmt(fla)} {_fmt(ref)} {ratio(fla)} {ratio(ref):>10} "
+                  f"{gbs:7.0f} {gbs / peak / 10:6.1f} {peak * 1e3 / gbs:6.2f}", flush=True)
+            del t
+
+
+def bench_decode_configs(batches, configs):
+    """(BV, num_warps) sweep of the decode kernel at Qwen3-Next's shape (to tune `default_config`)."""
+    hk, hv, d = SHAPES["qwen3-next 16/32x128"]
+    print(f"\n## decode kernel configs (BV, warps) at qwen3-next shape; default {default_config(d, d)}; times in us")
+    print(f"{'B':>4} " + " ".join(f"{str(c):>9}" for c in configs))
+    for b in batches:
+        t = _layer(b, hk, hv, d, b + 1)
+        slots = torch.randperm(b, device=DEV)
+        out = torch.empty(b, hv, d, device=DEV, dtype=DTYPE)
+        row = [_try(lambda c=c: fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=d, config=c, **t))
+               for c in configs]
+        print(f"{b:4d} " + " ".join(_fmt(x) for x in row), flush=True)
+
+
+def _fla_prefill(x, t, hk, hv, d, cu):
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    n = x.shape[0]
+    h0 = t["rec_state"][:1].clone()
+
+    def run():
+        y, _ = causal_conv1d(x[None], t["conv_weight"], None, initial_state=None, output_final_state=True,
+                             activation="silu", cu_seqlens=cu)
+        q, k, v = y[0].split([hk * d, hk * d, hv * d], -1)
+        fla_chunk()(q.view(1, n, hk, d), k.view(1, n, hk, d), v.view(1, n, hv, d), g=t["g"][None],
+                    beta=t["beta"][None], initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+                    cu_seqlens=cu)
+    return run
+
+
+def bench_prefill(lengths, ref_max):
+    print("\n## prefill, one sequence continuing from its cache slot (bf16 in, fp32 state); times in us")
+    print(f"{'shape':22} {'T':>6} {'ours':>9} {'fla':>9} {'torch':>9} {'fla/ours':>8} {'Mtok/s':>7}")
+    for name, (hk, hv, d) in SHAPES.items():
+        for n in lengths:
+            t = _layer(n, hk, hv, d, 2)
+            out = torch.empty(n, hv, d, device=DEV, dtype=DTYPE)
+            states = (t["conv_state"], t["rec_state"])
+            args = (t["mixed_qkv"], t["conv_weight"], None, t["g"], t["beta"], out)
+            ours = _us(lambda: linear_attention_packed(*args, states, [n], [1], [5], hk, d))
+            cu = torch.tensor([0, n], device=DEV)
+            fla = _try(_fla_prefill(t["mixed_qkv"], t, hk, hv, d, cu)) if fla_chunk() is not None else None
+            ref = _try(lambda: _torch_prefill(t, n, hk, hv, d)) if n <= ref_max else None
+            ratio = f"{fla / ours:8.2f}" if isinstance(fla, float) else f"{'-':>8}"
+            print(f"{name:22} {n:6d} {_fmt(ours)} {_fmt(fla)} {_fmt(ref)} {ratio} {n / ours:7.1f}", flush=True)
+            del t
+
+
+def _torch_prefill(t, n, hk, hv, d):
+    x = causal_conv1d_packed(t["mixed_qkv"], t["conv_weight"], None, [0, n], t["conv_state"], [1], [True])
+    q, k, v = x.split([hk * d, hk * d, hv * d], -1)
+    chunk_gated_delta_rule_packed(q.view(n, hk, d), k.view(n, hk, d), v.view(n, hv, d), t["g"], t["beta"], [0, n],
+                                  t["rec_state"], [1], [True])
+
+
+def accuracy():
+    """Max abs errors of our CUDA paths vs the fp32 torch references at Qwen3-Next's shape (bf16 inputs)."""
+    hk, hv, d = SHAPES["qwen3-next 16/32x128"]
+    print("\n## accuracy vs fp32 torch reference (qwen3-next shape, bf16 inputs)")
+    for kind, n in (("decode B=64", 64), ("prefill T=1000", 1000)):
+        t = _layer(n, hk, hv, d, n + 1 if kind.startswith("decode") else 2, seed=1)
+        f = {k: None if v is None else v.float().clone() for k, v in t.items()}
+        out, want = torch.empty(n, hv, d, device=DEV, dtype=DTYPE), torch.empty(n, hv, d, device=DEV)
+        if kind.startswith("decode"):
+            slots = torch.randperm(n + 1, device=DEV)[:n]
+            fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=d, **t)
+            linear_attention_decode_reference(out=want, slots=slots, num_k_heads=hk, head_k_dim=d, **f)
+        else:
+            linear_attention_packed(t["mixed_qkv"], t["conv_weight"], None, t["g"], t["beta"], out,
+                                    (t["conv_state"], t["rec_state"]), [n], [1], [5], hk, d)
+            x = causal_conv1d_packed(f["mixed_qkv"], f["conv_weight"], None, [0, n], f["conv_state"], [1], [True])
+            q, k, v = x.split([hk * d, hk * d, hv * d], -1)
+            want = chunk_gated_delta_rule_packed(q.view(n, hk, d), k.view(n, hk, d), v.view(n, hv, d), f["g"],
+                                                 f["beta"], [0, n], f["rec_state"], [1], [True])
+        o_err = (out.float() - want).abs().max().item() / want.abs().max().item()
+        s_err = (t["rec_state"] - f["rec_state"]).abs().max().item() / f["rec_state"].abs().max().item()
+        print(f"{kind:16} out max|err|/max|ref| {o_err:.2e}   state max|err|/max|ref| {s_err:.2e}", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peak", type=float, default=3.0, help="GPU memory bandwidth, TB/s (H100 SXM measured ~3.0)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384])
+    p.add_argument("--ref-max", type=int, default=2048, help="largest prefill length the torch reference runs")
+    p.add_argument("--sweep", action="store_true", help="also sweep the decode kernel's (BV, num_warps)")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("hattn.kernels.bench needs a CUDA GPU (the kernels are Triton); run it on the device machine")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"fla {'yes' if fla_chunk() is not None else 'not installed'}")
+    torch.manual_seed(0)
+    accuracy()
+    bench_decode(a.batches, a.peak)
+    if a.sweep:
+        bench_decode_configs([32, 128], [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8)])
+    bench_prefill(a.lengths, a.ref_max)
+
+
+if __name__ == "__main__":
+    main()
