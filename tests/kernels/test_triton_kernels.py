@@ -35,7 +35,7 @@ STATE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 
 
 def _close(got, want, tol):
-    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=tol, atol=tol)
 
 
 def _decode_case(b, hk, rep, dk, dv, width, dtype, slots_total, seed):
