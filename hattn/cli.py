@@ -42,6 +42,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (and of sampling)")
     p.add_argument("--capture-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32, 64],
                    help="token counts graphs are captured for (graph modes)")
+    p.add_argument("--inner-compiler", default="inductor", choices=["inductor", "eager"],
+                   help="what compiles the pieces between split ops in pcg/bcg/full")
 
 
 def _device_dtype(args):
@@ -52,13 +54,14 @@ def _device_dtype(args):
     return device, getattr(torch, name)
 
 
-def compile_mode(lm, mode: str, capture_sizes: list[int]):
+def compile_mode(lm, mode: str, capture_sizes: list[int], inner_compiler: str = "inductor"):
     """`torch.compile(lm)` with the hattn backend in `mode`; returns (model, backend) (backend.stats counts)."""
     import torch
 
     from hattn.compiler.backend import backend
 
-    be = backend(mode=mode, capture_sizes=list(capture_sizes), progress=False)
+    options = {"inner_compiler": inner_compiler} if mode not in ("eager", "inductor") else {}
+    be = backend(mode=mode, capture_sizes=list(capture_sizes), progress=False, **options)
     return torch.compile(lm, backend=be), be
 
 
@@ -76,7 +79,7 @@ def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
         table.add_column(h, overflow="fold")
     for r in rows:
         table.add_row(*r)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 # -- demo -----------------------------------------------------------------------------------------------------------
@@ -97,7 +100,7 @@ class ModeResult:
                 f"{self.decode_tok_s:.0f}", str(self.graphs), self.note]
 
 
-def run_mode(lm, mode: str, prompts, cache, ref, params, capture_sizes, tie: float) -> ModeResult:
+def run_mode(lm, mode: str, prompts, cache, ref, params, args, tie: float) -> ModeResult:
     """Compile `lm` in `mode`, generate twice (first: compile + capture; second: timed), check tokens vs HF."""
     import torch
 
@@ -106,7 +109,7 @@ def run_mode(lm, mode: str, prompts, cache, ref, params, capture_sizes, tie: flo
 
     torch._dynamo.reset()
     try:
-        model, be = compile_mode(lm, mode, capture_sizes)
+        model, be = compile_mode(lm, mode, args.capture_sizes, args.inner_compiler)
         t0 = time.perf_counter()
         first = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
         first_s = time.perf_counter() - t0
@@ -146,7 +149,7 @@ def run_demo(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     cache = lm.make_cache(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
     tie = 1e-4 if dtype == torch.float32 else 0.1
-    results = [run_mode(lm, m, prompts, cache, ref, params, args.capture_sizes, tie) for m in args.modes]
+    results = [run_mode(lm, m, prompts, cache, ref, params, args, tie) for m in args.modes]
     title = (f"hattn demo: preset {args.preset} on {device} ({str(dtype).removeprefix('torch.')}), "
              f"{len(prompts)} prompts of {[len(p) for p in prompts]} tokens, {args.max_new_tokens} new tokens each; "
              f"HF eager generate (one prompt at a time): {hf_s:.2f}s")
@@ -204,7 +207,7 @@ def run_generate(args) -> int:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(stops), args.seed)
     max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     cache = lm.make_cache(len(prompts), max_len)
-    model, be = compile_mode(lm, args.mode, args.capture_sizes) if args.mode != "none" else (lm, None)
+    model, be = compile_mode(lm, args.mode, args.capture_sizes, args.inner_compiler) if args.mode != "none" else (lm, None)
     for _ in range(args.warmup):
         generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
     res = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
