@@ -61,3 +61,11 @@ def test_subcommands_are_a_dict():
     assert {"demo", "generate"} <= set(cli.SUBCOMMANDS)
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_demo_on_the_gpu_every_mode(capsys):
+    assert cli.main(["demo"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "on cuda (bfloat16)" in out and "MISMATCH" not in out and "ERROR" not in out

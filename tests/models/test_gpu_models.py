@@ -1,0 +1,93 @@
+"""Adapted HF models on the GPU in bf16: every graph mode gives HF eager's greedy tokens (a divergence is allowed
+only where HF itself is at a near-tie), CUDA graphs are really used, and mode="full" refuses mixers whose split op
+is not capture-safe. Run on the device: python3 -m pytest -m gpu tests/models."""
+import copy
+
+import pytest
+import torch
+
+from hattn.compiler.backend import backend
+from hattn.models.generate import SamplingParams, generate
+from hattn.models.hf import adapt
+from hattn.models.presets import preset_config, random_model
+from hattn.models.reference import check_tokens, hf_greedy
+from hattn.registry import split_ops
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+FAMILIES = ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-kimi-linear", "tiny-bailing-hybrid",
+            "tiny-minimax", "tiny-nemotron-h"]
+SIZES = [1, 2, 4, 8, 16, 32, 64]
+TIE = 0.1  # bf16 logits: HF's top-2 margin below this may legitimately flip
+NEW = 32
+_CASES = {}
+
+
+def _case(preset: str, new_tokens: int = NEW):
+    if preset not in _CASES:
+        hf = random_model(preset_config(preset), torch.bfloat16, "cuda", seed=0)
+        reference = copy.deepcopy(hf)
+        lm = adapt(hf)
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, lm.config.vocab_size, (n,), generator=g).tolist() for n in (5, 17, 9)]
+        _CASES[preset] = (lm, prompts, hf_greedy(reference, prompts, new_tokens))
+        del reference
+    return _CASES[preset]
+
+
+def _capture_safe(lm) -> bool:
+    safe = {op.kind for op in split_ops() if op.capture_safe}
+    return set(lm.layer_kinds.values()) <= safe
+
+
+def _run(lm, prompts, mode, inner, new_tokens=NEW):
+    be = backend(mode=mode, capture_sizes=SIZES, inner_compiler=inner, progress=False)
+    model = torch.compile(lm, backend=be)
+    cache = lm.make_cache(slots=len(prompts), max_len=64)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    first = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds).tokens
+    second = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds).tokens
+    return first, second, be.stats
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_eager_mode_bf16_matches_hf(preset):
+    lm, prompts, ref = _case(preset)
+    first, second, _ = _run(lm, prompts, "eager", "eager")
+    ok, note = check_tokens(ref, first, TIE)
+    assert ok, note
+    assert first == second
+
+
+@pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_graph_modes_bf16_match_hf(preset, mode):
+    lm, prompts, ref = _case(preset)
+    if mode == "full" and not _capture_safe(lm):
+        with pytest.raises(Exception, match="not registered capture-safe"):
+            _run(lm, prompts, mode, "eager")
+        return
+    first, second, stats = _run(lm, prompts, mode, "eager")
+    ok, note = check_tokens(ref, first, TIE)
+    assert ok, note
+    assert first == second  # replays of captured graphs give what the capturing run gave
+    assert stats.cuda_graphs > 0 and stats.replays > 0
+
+
+@pytest.mark.parametrize("mode", ["inductor", "pcg", "bcg", "full"])
+def test_inductor_pieces_bf16_match_hf(mode):
+    lm, prompts, ref = _case("tiny")
+    first, second, stats = _run(lm, prompts, mode, "inductor")
+    ok, note = check_tokens(ref, first, TIE)
+    assert ok, note
+    assert first == second
+
+
+def test_qwen3_5_1b_preset_generates_in_pcg():
+    hf = random_model(preset_config("qwen3.5-1b"), torch.bfloat16, "cuda", seed=0)
+    prompts = [[11, 22, 33, 44, 55, 66, 77], [5] * 40, [1, 2, 3]]
+    ref = hf_greedy(hf, prompts, 8)
+    lm = adapt(hf)
+    first, second, stats = _run(lm, prompts, "pcg", "eager", new_tokens=8)
+    ok, note = check_tokens(ref, first, TIE)
+    assert ok, note
+    assert stats.cuda_graphs > 0
