@@ -89,12 +89,15 @@ def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
     """
     dev = torch.device(device)
     nbytes = nbytes or (2**30 if dev.type == "cuda" else 2**26)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
-    dst = torch.empty_like(src)
-    timing = measure(lambda: dst.copy_(src), Clock(dev), reps=reps, max_s=2.0)
-    del src, dst
+    timing = _time_copy(dev, nbytes, reps)
     free_memory(dev)
     return 2 * nbytes / (timing.ms / 1e3)
+
+
+def _time_copy(dev: torch.device, nbytes: int, reps: int) -> Timing:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
+    dst = torch.empty_like(src)
+    return measure(lambda: dst.copy_(src), Clock(dev), reps=reps, max_s=2.0)
 
 
 def free_memory(device) -> None:

@@ -96,30 +96,33 @@ def _s(x) -> str:
 
 
 def tables(result: dict) -> list:
-    """rich renderables: latency, floor, targets, goals, notes, profiles."""
+    """rich renderables: latency, floor, targets, goals, notes (the reasons the other tables point at), profiles."""
+    entries, notes = result["entries"], Notes()
+    names = ordered(entries)
+    out = [_latency_table(result, names, notes), _floor_table(result, names), _target_table(result, names, notes),
+           goals_table(result["goals"])]
+    for name in names:  # entry-level failures too
+        if entries[name]["status"] != "ok" and entries[name].get("reason"):
+            notes.ref(name, entries[name]["reason"])
+    return out + [_notes_table(notes)] + _profile_tables(entries, names)
+
+
+def _latency_table(result: dict, names: list[str], notes: Notes):
     from rich.table import Table
 
-    meta, entries, notes = result["meta"], result["entries"], Notes()
-    names = ordered(entries)
-    vs_eager, vs_floor = result["ratios"]["vs_eager"], result["ratios"]["vs_floor"]
-    lat = Table(title=f"latency, ms (median); (x): speedup vs {result['ratios']['base']}", title_justify="left")
-    lat.add_column("workload")
+    base, vs_eager = result["ratios"]["base"], result["ratios"]["vs_eager"]
+    t = Table(title=f"latency, ms (median); (x): speedup vs {base}", title_justify="left")
+    t.add_column("workload")
     for n in names:
-        lat.add_column(n, justify="right")
+        t.add_column(n, justify="right")
     for p in result["points"]:
         row = []
         for n in names:
             x = vs_eager.get(n, {}).get(p["id"])
-            extra = f" ({x:.2f}x)" if x is not None and n != result["ratios"]["base"] else ""
-            row.append(_cell(entries[n]["results"].get(p["id"]), n, notes, extra))
-        lat.add_row(p["label"], *row)
-    out = [lat, _floor_table(result, names), _target_table(result, names, notes), goals_table(result["goals"])]
-    for name in names:  # entry-level failures too
-        if entries[name]["status"] != "ok" and entries[name].get("reason"):
-            notes.ref(name, entries[name]["reason"])
-    out.append(_notes_table(notes))
-    out += _profile_tables(entries, names)
-    return out
+            extra = f" ({x:.2f}x)" if x is not None and n != base else ""
+            row.append(_cell(result["entries"][n]["results"].get(p["id"]), n, notes, extra))
+        t.add_row(p["label"], *row)
+    return t
 
 
 def _floor_table(result: dict, names: list[str]):
@@ -149,13 +152,13 @@ def _target_table(result: dict, names: list[str], notes: Notes):
               "peak MiB", "peak over base MiB", "dynamo graphs", "graph breaks", "notes"):
         t.add_column(h, overflow="fold")
     for n in names:
-        e = entries = result["entries"][n]
+        e = result["entries"][n]
         pool = e.get("pool_bytes")
         status = e["status"] if e["status"] == "ok" else f"{e['status']}[{notes.ref(n, e.get('reason') or '?')}]"
         t.add_row(n, status, _s(e.get("first_call_s")), _s(e.get("compile_s")), _s(e.get("capture_s")),
                   str(e.get("cuda_graphs", "-")), _mb(pool), f"{pool / weights:.1%}" if pool is not None else "-",
                   _mb(e.get("peak_bytes")), _mb(e.get("peak_over_base_bytes")), str(e.get("dynamo_graphs", "-")),
-                  str(e.get("graph_breaks", "-")), "; ".join(entries.get("notes", [])))
+                  str(e.get("graph_breaks", "-")), "; ".join(e.get("notes", [])))
     return t
 
 

@@ -41,6 +41,9 @@ class Options:
 
 def reason(e: BaseException) -> str:
     """One line naming an exception: type and the first line of its message."""
+    if type(e).__name__ == "FailOnRecompileLimitHit":
+        return (f"Dynamo hit its recompile limit ({torch._dynamo.config.recompile_limit}): this target recompiles "
+                f"for every new shape; further calls would run uncompiled, so they are not measured")
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0][:300]}" if msg else type(e).__name__
 
@@ -101,15 +104,25 @@ def run_target(target: Target, points: list[Point], clock: Clock, opts: Options,
         return e.skip_all(points, f"failed in setup: {reason(ex)}", status="failed")
     e.d["setup_s"] = time.perf_counter() - t0
     bar = _bar(points, target.name, opts.progress)
-    for i, p in enumerate(points):
-        bar.set_postfix_str(p.id)
-        e.results[p.id] = _run_point(e, p, points[i + 1:], clock, opts, deadline)
-        bar.update()
+    with _no_silent_eager():
+        for i, p in enumerate(points):
+            bar.set_postfix_str(p.id)
+            e.results[p.id] = _run_point(e, p, points[i + 1:], clock, opts, deadline)
+            bar.update()
     bar.close()
     if opts.profile and target.kind == "hattn" and time.perf_counter() < deadline:
         e.d["profile"] = profile_target(target, points, clock, opts)
     _finish(e, mem)
     return e.d
+
+
+def _no_silent_eager():
+    """Make Dynamo raise at its recompile limit instead of running the rest uncompiled (where torch has the flag)."""
+    import contextlib
+
+    if "fail_on_recompile_limit_hit" in getattr(torch._dynamo.config, "_config", {}):
+        return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+    return contextlib.nullcontext()
 
 
 def _bar(points, name: str, progress: bool):

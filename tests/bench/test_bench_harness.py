@@ -64,7 +64,7 @@ def test_plan_points_order_and_ids():
     assert points[0].id == "decode/B1/C1024"
     assert e2e_ids(plan) == ("e2e/B1/P128/N1", "e2e/B1/P128/N128")
     assert per_token_id(plan) == "e2e/B1/P128/per_token"
-    assert [p.kind for p in plan.points(["e2e"])] == ["e2e", "e2e"]
+    assert [p.new_tokens for p in plan.points(["e2e"])] == [128, 1]  # a compiling peer compiles in the first
     assert {p.series for p in points} == {"decode", "prefill/x1", "prefill/x4", "e2e"}
 
 

@@ -83,7 +83,8 @@ def test_larger_sizes_are_skipped_when_projected_past_the_limit():
 
 
 def test_generate_rows_are_never_projected_away():
-    e = run(Fake(ms={"e2e/B1/P4/N1": 30.0}))
+    points = [Point("e2e", prompt=4, new_tokens=1), Point("e2e", prompt=4, new_tokens=4)]
+    e = run(Fake(ms={"e2e/B1/P4/N1": 30.0}), points=points)  # 4 tokens would project to 120 ms > slow_s
     assert "ms" in e["results"]["e2e/B1/P4/N4"]
 
 
@@ -136,3 +137,19 @@ def test_profile_summarises_top_ops():
                           Options(profile_steps=2, progress=False))
     p = prof["decode/B1/C8"]
     assert p["steps"] == 2 and p["top"] and any("mm" in r["name"] for r in p["top"])
+
+
+def test_hitting_the_recompile_limit_is_an_error_not_a_silent_eager_run():
+    class Recompiles(Fake):
+        def prepare(self):
+            self.fn = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+
+        def step(self, point):
+            x = torch.ones(point.size)
+            return lambda: self.fn(x)
+
+    points = [Point("prefill", tokens=t) for t in range(1, 12)]
+    torch._dynamo.reset()
+    e = run(Recompiles(), points=points, opts=Options(reps=1, max_s=0.01, slow_s=100.0, progress=False))
+    errors = [r["error"] for r in e["results"].values() if "error" in r]
+    assert errors and "recompile limit" in errors[0]
