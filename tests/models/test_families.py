@@ -38,3 +38,23 @@ def test_adapter_keeps_parameters(make_case):
     got = dict(c.lm.hf.named_parameters())
     for name, p in c.hf.named_parameters():
         assert torch.equal(got[name], p), name
+
+
+def test_padding_rows_leave_real_rows_unchanged(family_case):
+    """Graph runtimes pad the token dim with zeros up to a capture size; real rows must not see the padding."""
+    c = family_case
+    lens = [len(p) for p in c.prompts]
+    ids = torch.tensor([t for p in c.prompts for t in p])
+    pos = torch.cat([torch.arange(n) for n in lens])
+    pad = 9
+    outs = []
+    for extra in (0, pad):
+        cache = c.lm.make_cache(slots=3, max_len=40)
+        ctx = ForwardContext(seq_lens=lens, cache=cache, layer_kinds=c.lm.layer_kinds)
+        with torch.no_grad(), forward_context(ctx):
+            prefill = c.lm(torch.cat([ids, ids.new_zeros(extra)]), torch.cat([pos, pos.new_zeros(extra)]))
+        step = ForwardContext(seq_lens=[1, 1, 1], context_lens=lens, cache=cache, layer_kinds=c.lm.layer_kinds)
+        with torch.no_grad(), forward_context(step):
+            decode = c.lm(torch.tensor([1, 2, 3] + [0] * extra), torch.tensor(lens + [0] * extra))
+        outs.append((prefill[:len(ids)], decode[:3]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
