@@ -95,14 +95,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _plan(args):
+    import dataclasses
+
     from hattn.bench.workloads import Plan
 
-    plan = Plan.quick() if args.quick else Plan()
-    for key in ("tokens", "seqs", "batches", "context", "prompt", "new_tokens"):
-        if getattr(args, key) is not None:
-            setattr(plan, key, getattr(args, key))
-    plan.__post_init__()
-    return plan
+    keys = ("tokens", "seqs", "batches", "context", "prompt", "new_tokens")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return dataclasses.replace(Plan.quick() if args.quick else Plan(), **overrides)
 
 
 def _options(args, cuda: bool):
@@ -133,38 +132,53 @@ def _targets(names: list[str], setup):
     return [(lambda n=n: HattnMode(setup, n) if n in HATTN_MODES else make_peer(n, setup)) for n in names]
 
 
+def _setup(args, device, opts):
+    """(Setup with the HF model and its adapted copy, model name) for the run."""
+    import torch
+
+    from hattn.bench.target import Setup
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    hf, model_name = _model(args, device, dtype)
+    sizes = args.capture_sizes or (QUICK_SIZES if args.quick else SIZES16)
+    setup = Setup.build(hf, plan=_plan(args), capture_sizes=sizes, inner_compiler=args.inner_compiler,
+                        peer_backend=args.peer_backend, progress=opts.progress, seed=args.seed)
+    if any(n in HATTN_MODES for n in args.modes):  # allocated before any target: not in a target's peak
+        setup.cache("prefill"), setup.cache("decode")
+    return setup, model_name
+
+
+def _meta(args, setup, model_name: str, opts, budget) -> dict:
+    """Everything but the figures: device, versions, model, weight bytes, bandwidth floor, plan, options."""
+    from hattn.bench.harness import copy_bandwidth, environment
+    from hattn.bench.workloads import e2e_ids, per_token_id
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in setup.lm.parameters())
+    bandwidth = copy_bandwidth(setup.device)
+    return {"model": model_name, "dtype": str(next(setup.lm.parameters()).dtype).removeprefix("torch."),
+            "env": environment(setup.device), "args": {k: v for k, v in vars(args).items() if k != "func"},
+            "params": sum(p.numel() for p in setup.lm.parameters()), "weight_bytes": weight_bytes,
+            "copy_bandwidth": bandwidth, "floor_ms": weight_bytes / bandwidth * 1e3, "plan": setup.plan.as_dict(),
+            "capture_sizes": list(setup.capture_sizes), "targets": args.modes, "workloads": args.workloads,
+            "options": vars(opts).copy(), "budget_s": budget.total_s, "setup_s": budget.elapsed(),
+            "per_token_id": per_token_id(setup.plan), "e2e_ids": list(e2e_ids(setup.plan)),
+            "inner_compiler": args.inner_compiler, "peer_backend": args.peer_backend}
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the bench described by parsed arguments; write the report; return the result dict."""
     import torch
 
     from hattn.bench import report
-    from hattn.bench.harness import Budget, Clock, copy_bandwidth, environment
+    from hattn.bench.harness import Budget, Clock
     from hattn.bench.runner import run_all
-    from hattn.bench.target import Setup
-    from hattn.bench.workloads import e2e_ids, per_token_id
 
     budget = Budget(args.budget or (120.0 if args.quick else 420.0))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    plan, opts = _plan(args), _options(args, device.type == "cuda")
-    env = environment(device)
-    hf, model_name = _model(args, device, dtype)
-    sizes = args.capture_sizes or (QUICK_SIZES if args.quick else SIZES16)
-    setup = Setup.build(hf, plan=plan, capture_sizes=sizes, inner_compiler=args.inner_compiler,
-                        peer_backend=args.peer_backend, progress=opts.progress, seed=args.seed)
-    if any(n in HATTN_MODES for n in args.modes):  # allocated before any target: not in a target's peak
-        setup.cache("prefill"), setup.cache("decode")
-    weight_bytes = sum(p.numel() * p.element_size() for p in setup.lm.parameters())
-    bandwidth = copy_bandwidth(device)
-    points = plan.points(args.workloads)
-    meta = {"model": model_name, "dtype": str(dtype).removeprefix("torch."), "env": env,
-            "args": {k: v for k, v in vars(args).items() if k != "func"},
-            "params": sum(p.numel() for p in setup.lm.parameters()), "weight_bytes": weight_bytes,
-            "copy_bandwidth": bandwidth, "floor_ms": weight_bytes / bandwidth * 1e3, "plan": plan.as_dict(),
-            "capture_sizes": list(sizes), "targets": args.modes, "workloads": args.workloads,
-            "options": vars(opts).copy(), "budget_s": budget.total_s, "setup_s": budget.elapsed(),
-            "per_token_id": per_token_id(plan), "e2e_ids": list(e2e_ids(plan)),
-            "inner_compiler": args.inner_compiler, "peer_backend": args.peer_backend}
+    opts = _options(args, device.type == "cuda")
+    setup, model_name = _setup(args, device, opts)
+    meta = _meta(args, setup, model_name, opts, budget)
+    points = setup.plan.points(args.workloads)
     entries = run_all(_targets(args.modes, setup), args.modes, points, Clock(device), opts, budget,
                       on_entry=lambda done: _partial(args.out, meta, done))
     meta["total_s"] = budget.elapsed()

@@ -91,7 +91,7 @@ def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
     nbytes = nbytes or (2**30 if dev.type == "cuda" else 2**26)
     timing = _time_copy(dev, nbytes, reps)
     free_memory(dev)
-    return 2 * nbytes / (timing.ms / 1e3)
+    return 2 * nbytes / (max(timing.ms, 1e-6) / 1e3)
 
 
 def _time_copy(dev: torch.device, nbytes: int, reps: int) -> Timing:

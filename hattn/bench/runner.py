@@ -1,8 +1,8 @@
 """Runs targets over workload points inside the run's time budget and records every figure, skip and error.
 
-Each target gets a time box (an even share of the budget left, at least its compile estimate). Within a target,
-points are skipped with a reason when the box is spent, when a smaller point of the same series projects the next
-one past the per-call limit, or when the same error repeats. Nothing is dropped silently: every point of every
+Each target gets a time box: its compile estimate plus an even share of what the estimates of the targets still to
+run leave of the budget. Within a target, points are skipped with a reason when the box is spent, when a smaller
+point of the same series projects the next one past the per-call limit, or when the same error repeats. Nothing is dropped silently: every point of every
 target ends up in the entry as a timing, `skipped` or `error`.
 """
 from __future__ import annotations
@@ -71,8 +71,8 @@ def _clear_dynamo_counters() -> None:
 class _Entry:
     """What one target produced; becomes the JSON entry."""
 
-    def __init__(self, target: Target):
-        self.t = target
+    def __init__(self, target: Target, box_s: float):
+        self.t, self.box_s = target, box_s
         self.d = {"kind": target.kind, "about": target.about, "status": "ok", "reason": None, "results": {},
                   "notes": target.notes}
         self.series_skip: dict[str, str] = {}
@@ -91,17 +91,19 @@ class _Entry:
 
 def run_target(target: Target, points: list[Point], clock: Clock, opts: Options, deadline: float) -> dict:
     """Measure `target` on every point until `deadline` (time.perf_counter seconds)."""
-    e = _Entry(target)
+    t0 = time.perf_counter()
+    e = _Entry(target, deadline - t0)
     mem = Memory(target.s.device)
     _clear_dynamo_counters()
-    t0 = time.perf_counter()
     try:
         target.prepare()
     except Skip as s:
-        return e.skip_all(points, f"skipped: {s}")
+        e.skip_all(points, f"skipped: {s}")
+        return _finish(e, mem)
     except Exception as ex:  # noqa: BLE001  (a failing target is a row with its reason, never a crash)
         e.d["detail"] = detail(ex)
-        return e.skip_all(points, f"failed in setup: {reason(ex)}", status="failed")
+        e.skip_all(points, f"failed in setup: {reason(ex)}", status="failed")
+        return _finish(e, mem)
     e.d["setup_s"] = time.perf_counter() - t0
     bar = _bar(points, target.name, opts.progress)
     with _no_silent_eager():
@@ -112,8 +114,7 @@ def run_target(target: Target, points: list[Point], clock: Clock, opts: Options,
     bar.close()
     if opts.profile and target.kind == "hattn" and time.perf_counter() < deadline:
         e.d["profile"] = profile_target(target, points, clock, opts)
-    _finish(e, mem)
-    return e.d
+    return _finish(e, mem)
 
 
 def _no_silent_eager():
@@ -137,7 +138,7 @@ def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Opti
     if e.repeats >= 2:
         return {"skipped": f"not run: the same error repeated ({e.last_error})"}
     if time.perf_counter() > deadline:
-        return {"skipped": f"skipped: {e.t.name}'s time box was spent (total budget; see meta.budget_s)"}
+        return {"skipped": f"skipped: {e.t.name}'s time box ({e.box_s:.0f} s of the run's --budget) was spent"}
     try:
         fn = e.t.step(p)
         timing = measure(fn, clock, opts.reps, opts.max_s, e.t.warmup)
@@ -165,7 +166,7 @@ def _project(e: _Entry, p: Point, later: list[Point], ms: float, slow_s: float) 
                                    f"project to >= {projected:.1f} s per call (limit {slow_s:g} s)")
 
 
-def _finish(e: _Entry, mem: Memory) -> None:
+def _finish(e: _Entry, mem: Memory) -> dict:
     try:
         e.d.update(e.t.info())
     except Exception as ex:  # noqa: BLE001
@@ -176,6 +177,7 @@ def _finish(e: _Entry, mem: Memory) -> None:
     if not any("ms" in r for r in e.results.values()):
         e.d["status"] = "failed" if any("error" in r for r in e.results.values()) else "skipped"
         e.d["reason"] = e.d["reason"] or "no point measured (see the points' reasons)"
+    return e.d
 
 
 def warmup_figures(results: dict, capture_s: float) -> dict:
@@ -218,6 +220,9 @@ def run_all(targets: list[Callable[[], Target]], names: list[str], points: list[
             try:
                 entries[name] = run_target(target, points, clock, opts, time.perf_counter() + box)
                 entries[name]["box_s"] = box
+            except Exception as ex:  # noqa: BLE001  (e.g. a broken CUDA context: the run goes on, reported)
+                entries[name] = _not_run(points, f"failed: {reason(ex)}", "failed", target)
+                entries[name]["detail"] = detail(ex)
             finally:
                 _close(target, entries.get(name))
         if on_entry is not None:
@@ -234,10 +239,10 @@ def _not_run(points, why: str, status: str, target: Target | None = None) -> dic
 def _close(target: Target, entry: dict | None) -> None:
     try:
         target.close()
+        free_memory(target.s.device)
     except Exception as ex:  # noqa: BLE001
         if entry is not None:
             entry["notes"].append(f"close failed: {reason(ex)}")
-    free_memory(target.s.device)
 
 
 # -- profile -------------------------------------------------------------------------------------------------------

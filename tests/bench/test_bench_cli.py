@@ -96,3 +96,15 @@ def test_quick_run_on_gpu_captures_graphs(tmp_path):
         assert "ms" in e["results"]["decode/B1/C64"], e["results"]["decode/B1/C64"]
         assert "top" in e["profile"]["decode/B1/C64"]
     assert r["entries"]["hf-static"]["results"]["e2e/B1/P16/per_token"].get("ms") is not None
+
+
+def test_add_parser_builds_the_hattn_subcommand():
+    import argparse
+
+    from hattn.bench import add_parser
+    from hattn.bench.cli import run_cli
+
+    parser = argparse.ArgumentParser(prog="hattn")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", "--quick", "--modes", "pcg,full", "--workloads", "decode"])
+    assert args.func is run_cli and args.modes == ["pcg", "full"] and args.workloads == ["decode"] and args.quick

@@ -90,7 +90,7 @@ def test_generate_rows_are_never_projected_away():
 
 def test_a_spent_time_box_skips_the_rest():
     e = run(Fake(), deadline_s=-1.0)
-    assert all("time box was spent" in r["skipped"] for r in e["results"].values())
+    assert all("time box (" in r["skipped"] and "was spent" in r["skipped"] for r in e["results"].values())
 
 
 def test_a_failing_prepare_marks_every_point():
@@ -153,3 +153,15 @@ def test_hitting_the_recompile_limit_is_an_error_not_a_silent_eager_run():
     e = run(Recompiles(), points=points, opts=Options(reps=1, max_s=0.01, slow_s=100.0, progress=False))
     errors = [r["error"] for r in e["results"].values() if "error" in r]
     assert errors and "recompile limit" in errors[0]
+
+
+def test_run_all_reports_a_target_that_breaks_the_runner(monkeypatch):
+    import hattn.bench.runner as runner
+
+    def broken_memory(device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner, "Memory", broken_memory)
+    entries = run_all([Fake], ["a"], POINTS[:2], Clock("cpu"), OPTS, Budget(60.0))
+    assert entries["a"]["status"] == "failed" and "illegal memory access" in entries["a"]["reason"]
+    assert all("error" in r for r in entries["a"]["results"].values())
