@@ -3,6 +3,7 @@
     hattn demo                                      # tiny Qwen3.5-shaped model, every mode, tokens vs HF eager
     hattn generate --preset tiny --mode pcg --prompt-ids 1,2,3 --prompt-ids 7,8
     hattn generate --model path/to/saved_model --mode bcg --prompt "Hello"
+    hattn bench ...                                 # hattn/bench: every mode and the peers side by side
 
 Subcommands live in `SUBCOMMANDS` (name -> function adding its parser); a module adds one with `@subcommand`.
 """
@@ -239,6 +240,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--warmup", type=int, default=0, help="untimed runs first (compile, capture)")
     _device_args(p)
     p.set_defaults(func=run_generate)
+
+
+# -- bench ----------------------------------------------------------------------------------------------------------
+@subcommand("bench")
+def _add_bench(sub) -> None:
+    from hattn.bench.cli import add_parser  # modes and peers side by side (hattn/bench)
+
+    add_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

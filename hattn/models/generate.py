@@ -3,7 +3,8 @@
 Every step is one call `model(input_ids [T], positions [T]) -> logits [T, vocab]` inside a forward context that
 says how the T tokens split into sequences and which cache slot each sequence owns. The model may be an eager
 HybridLM or `torch.compile(lm, backend=hattn.backend(mode=...))`: the token dimension of the inputs is marked
-dynamic so one graph serves every token count.
+dynamic so one graph serves every token count of 2 or more. A one-token step (batch-1 decode) gets a second graph:
+Dynamo specializes size 1 (unbacked sizes would avoid it, but inductor rejects them on torch 2.13).
 """
 from __future__ import annotations
 
