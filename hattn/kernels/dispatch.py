@@ -95,9 +95,7 @@ def linear_attention_forward(
 
 
 def _device_meta(ctx: ForwardContext, device) -> tuple[torch.Tensor, torch.Tensor]:
-    slots = torch.tensor(ctx.slots, dtype=torch.long).to(device, non_blocking=True)
-    lens = torch.tensor(ctx.context_lens, dtype=torch.long).to(device, non_blocking=True)
-    return slots, lens
+    return ctx.device_meta(device)  # one copy per step, shared by every layer
 
 
 def _sdpa(q, k, v, scale: float, offset: int) -> torch.Tensor:

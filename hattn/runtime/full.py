@@ -3,7 +3,8 @@
 Every split op in the graph must be registered capture-safe (fixed addresses, no host sync); the batch metadata
 they read (cache slots, context lengths) lives in static device tensors refilled before each replay. Padding rows
 point at the cache's scratch slot. Steps that are not decode steps (prefill), or that carry no cache, run
-graph-free (counted in stats).
+graph-free (counted in stats). The graphs read and write the cache they were captured with: a step with another
+cache object releases them and captures again (logged).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from hattn.registry import SplitOp
 from hattn.runtime.context import ForwardContext, forward_context, get_forward_context
 from hattn.runtime.graphs import GraphRuntime, copy_if_moved, weak_refs
-from hattn.runtime.tokens import TokenLayout
+from hattn.runtime.tokens import TokenLayout, pick_size
 from hattn.stats import Stats
 
 log = logging.getLogger("hattn")
@@ -45,14 +46,19 @@ class FullGraphRuntime(GraphRuntime):
         super().__init__(fn, layout, sizes, stats, progress)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list, object]] = {}
         self.meta: dict[int, dict[str, torch.Tensor]] = {}
+        self.all_sizes, self.cache = list(self.sizes), None
 
     def __call__(self, *args):
         ctx = get_forward_context()
         if ctx is None or ctx.cache is None or not ctx.is_decode:
             self.stats.eager_runs += 1  # prefill, or no cache: nothing a decode graph can serve
             return self.fn(*args)
-        if not self.captured and self.layout.has_tokens:  # a decode batch never exceeds the cache's slots
-            self.sizes = [s for s in self.sizes if s <= ctx.cache.slots] or self.sizes[:1]
+        if self.cache is not None and ctx.cache is not self.cache:
+            log.info("hattn: mode='full' got another cache object; its graphs are captured again for it")
+            self.release()
+        if not self.captured:
+            self.cache = ctx.cache
+            self.sizes = _sizes_for(self.all_sizes, ctx.cache.slots) if self.layout.has_tokens else self.all_sizes
         return super().__call__(*args)
 
     def _meta(self, size: int, device) -> dict[str, torch.Tensor]:
@@ -103,6 +109,12 @@ class FullGraphRuntime(GraphRuntime):
     def release(self) -> None:
         self.graphs.clear()
         super().release()
+
+
+def _sizes_for(sizes: list[int], slots: int) -> list[int]:
+    """A decode batch never exceeds the cache's slots: the sizes up to the first one that holds `slots`."""
+    cap = pick_size(sizes, slots) or sizes[-1]
+    return [s for s in sizes if s <= cap]
 
 
 def _device_of(cache) -> torch.device:

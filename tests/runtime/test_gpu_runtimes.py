@@ -88,7 +88,8 @@ def test_static_graph_owns_its_inputs(mode):
 # -- split ops run eagerly on every replay: an op reading a per-step host value -----------------------------------
 @torch.library.custom_op("hattn_test::add_step_bias", mutates_args=())
 def add_step_bias(x: torch.Tensor) -> torch.Tensor:
-    return x + float(hattn.runtime.context.get_forward_context().extra.get("bias", 0.0))
+    ctx = hattn.runtime.context.get_forward_context()
+    return x + float(ctx.extra.get("bias", 0.0) if ctx is not None else 0.0)
 
 
 @add_step_bias.register_fake
@@ -236,17 +237,11 @@ def test_one_pool_for_sixteen_sizes(mode):
 
 
 # -- full graph: decode steps with a cache ------------------------------------------------------------------------
-def _toy_cache(c: ToyConfig, slots=8, max_len=64, seed=None):
+def _toy_cache(c: ToyConfig, slots=8, max_len=64):
     conv_dim = 2 * c.k_heads * c.k_dim + c.v_heads * c.v_dim
     specs = {i: full_spec(c.kv_heads, c.head_dim) if k == "full" else
              linear_spec(conv_dim, c.conv_kernel, c.v_heads, c.k_dim, c.v_dim) for i, k in enumerate(c.pattern)}
-    cache = HybridCache(specs, slots, max_len, torch.float32, "cuda")
-    if seed is not None:  # random history in every slot
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        for i in specs:
-            for t in cache.state(i):
-                t.copy_(torch.randn(t.shape, device="cuda", generator=gen) * 0.3)
-    return cache
+    return HybridCache(specs, slots, max_len, torch.float32, "cuda")
 
 
 @pytest.mark.parametrize("mode", ["full", "pcg", "bcg"])
@@ -278,34 +273,60 @@ def test_decode_steps_with_cache_equal_eager(mode):
     assert be.stats.cuda_graphs > 0 and be.stats.replays == 5
 
 
+def _randomize(cache, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    for i in cache.specs:
+        for t in cache.state(i):
+            t.copy_(torch.randn(t.shape, device="cuda", generator=gen) * 0.3)
+
+
 _FULL = {}
 
 
 @settings(max_examples=15, deadline=None)
 @given(st.data())
 def test_full_graph_decode_equals_eager_for_random_batches(data):
-    """Random batch (inside and above the sizes), random slots and context lengths, random cache contents."""
+    """Random batch (inside and above the sizes), random slots and context lengths, random cache contents (the
+    graphs keep reading the cache they were captured with: the same two caches, refilled per example)."""
     if not _FULL:
         model = toy_model(pattern=PATTERN, device="cuda")
         be = hattn.backend(mode="full", capture_sizes=[1, 2, 4], inner_compiler="eager", progress=False)
-        _FULL.update(model=model, fn=torch.compile(model, backend=be, dynamic=True), be=be)
+        _FULL.update(model=model, fn=torch.compile(model, backend=be, dynamic=True), be=be,
+                     caches=(_toy_cache(model.config), _toy_cache(model.config)))
     model, fn = _FULL["model"], _FULL["fn"]
     b = data.draw(st.integers(1, 6), label="batch")
     slots = data.draw(st.permutations(range(8)), label="slots")[:b]
-    lens = data.draw(st.lists(st.integers(1, 60), min_size=b, max_size=b), label="context_lens")
+    lens = data.draw(st.lists(st.integers(0, 60), min_size=b, max_size=b), label="context_lens")
     seed = data.draw(st.integers(0, 1000), label="seed")
     tok = _ids(b, seed)
     results = []
     with torch.no_grad():
-        for run in (model, fn):
-            cache = _toy_cache(model.config, seed=seed)
+        for run, cache in zip((model, fn), _FULL["caches"]):
+            _randomize(cache, seed)
             with hattn.forward_context(hattn.ForwardContext([1] * b, lens, list(slots), cache)):
-                results.append((run(tok.clone()), cache))
-    (want, c_eager), (got, c_graph) = results
-    torch.testing.assert_close(got, want, **TOL)
+                results.append(run(tok.clone()))
+    torch.testing.assert_close(results[1], results[0], **TOL)
     for i in range(len(PATTERN)):  # the caches were updated alike (padding rows only touched the scratch slot)
-        for a, g in zip(c_eager.state(i), c_graph.state(i)):
+        for a, g in zip(*(c.state(i) for c in _FULL["caches"])):
             torch.testing.assert_close(g[:8], a[:8], **TOL)
+
+
+def test_full_graph_captures_again_for_another_cache():
+    model = toy_model(pattern=PATTERN, device="cuda")
+    be = hattn.backend(mode="full", capture_sizes=[1, 2, 4], inner_compiler="eager", progress=False)
+    fn = torch.compile(model, backend=be, dynamic=True)
+    tok = _ids(3, 0)
+    with torch.no_grad():
+        for seed in (1, 2):
+            eager_cache, graph_cache = _toy_cache(model.config, slots=3), _toy_cache(model.config, slots=3)
+            outs = []
+            for run, cache in ((model, eager_cache), (fn, graph_cache)):
+                _randomize(cache, seed)
+                with hattn.forward_context(hattn.ForwardContext([1] * 3, [5, 0, 9], [2, 0, 1], cache)):
+                    outs.append(run(tok))
+            torch.testing.assert_close(outs[1], outs[0], **TOL)
+    s = be.stats
+    assert s.replays == 2 and s.capture_sizes_done == 2 * 3  # sizes 1, 2, 4 (4 holds the 3 slots), twice
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
