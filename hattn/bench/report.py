@@ -193,12 +193,15 @@ def _profile_tables(entries: dict, names: list[str]) -> list:
         for pid, prof in (entries[n].get("profile") or {}).items():
             if "top" not in prof:
                 continue
-            t = Table(title=f"profile {n} {pid}: {prof['total_ms_per_step']:.3f} {prof['time']} ms per step "
-                            f"(self time, top ops)", title_justify="left")
-            for h in ("op", "calls/step", f"{prof['time']} ms/step", "cpu ms/step"):
+            unit = f"{prof['time']} ms/step"
+            t = Table(title=f"profile {n} {pid}: {prof['total_ms_per_step']:.3f} {unit}, of which split ops "
+                            f"{prof['split_ops_ms_per_step']:.3f} (top ops by self time)", title_justify="left")
+            for h in ("op", "calls/step", unit, "cpu ms/step"):
                 t.add_column(h, overflow="fold")
-            for r in prof["top"][:8]:
-                t.add_row(r["name"], str(r["calls"]), f"{r['ms_per_step']:.3f}", f"{r['cpu_ms_per_step']:.3f}")
+            for r in prof["split_ops"] + prof["top"][:8]:
+                ms = r["total_ms_per_step"] if r in prof["split_ops"] else r["ms_per_step"]
+                t.add_row(r["name"] + (" (incl.)" if r in prof["split_ops"] else ""), f"{r['calls']:g}", f"{ms:.3f}",
+                          f"{r['cpu_ms_per_step']:.3f}")
             out.append(t)
     return out
 

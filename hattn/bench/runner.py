@@ -2,8 +2,8 @@
 
 Each target gets a time box: its compile estimate plus an even share of what the estimates of the targets still to
 run leave of the budget. Within a target, points are skipped with a reason when the box is spent, when a smaller
-point of the same series projects the next one past the per-call limit, or when the same error repeats. Nothing is dropped silently: every point of every
-target ends up in the entry as a timing, `skipped` or `error`.
+point of the same series projects the next one past the per-call limit, or when the same error repeats. Nothing
+is dropped silently: every point of every target ends up in the entry as a timing, `skipped` or `error`.
 """
 from __future__ import annotations
 
@@ -268,8 +268,12 @@ def profile_target(target: Target, points: list[Point], clock: Clock, opts: Opti
     return out
 
 
-def _self_device_us(ev) -> float:
-    for name in ("self_device_time_total", "self_cuda_time_total"):
+def _us(ev, kind: str, cuda: bool) -> float:
+    """An event's self or total time in us: device time on a GPU run (older torch: cuda_*), else CPU time."""
+    prefix = "self_" if kind == "self" else ""
+    if not cuda:
+        return getattr(ev, f"{prefix}cpu_time_total")
+    for name in (f"{prefix}device_time_total", f"{prefix}cuda_time_total"):
         value = getattr(ev, name, None)
         if value is not None:
             return value
@@ -277,7 +281,11 @@ def _self_device_us(ev) -> float:
 
 
 def _profile(fn: Callable, clock: Clock, steps: int, top: int = 12) -> dict:
+    """total_ms_per_step: all self time; split_ops_ms_per_step: time inside registered split ops (run eagerly
+    between graphs); top: ops and kernels by self time; split_ops: each split op with its inclusive time."""
     from torch.profiler import ProfilerActivity, profile
+
+    from hattn.registry import split_ops
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
     clock.sync()
@@ -285,12 +293,13 @@ def _profile(fn: Callable, clock: Clock, steps: int, top: int = 12) -> dict:
         for _ in range(steps):
             fn()
         clock.sync()
-    rows = []
-    for ev in prof.key_averages():
-        dev = _self_device_us(ev) if clock.cuda else ev.self_cpu_time_total
-        rows.append({"name": ev.key[:80], "calls": ev.count // steps, "ms_per_step": dev / 1e3 / steps,
-                     "cpu_ms_per_step": ev.self_cpu_time_total / 1e3 / steps})
+    names = {op.name for op in split_ops()}
+    rows = [{"name": ev.key[:80], "calls": ev.count / steps, "ms_per_step": _us(ev, "self", clock.cuda) / 1e3 / steps,
+             "total_ms_per_step": _us(ev, "total", clock.cuda) / 1e3 / steps,
+             "cpu_ms_per_step": ev.self_cpu_time_total / 1e3 / steps} for ev in prof.key_averages()]
+    split = sorted((r for r in rows if r["name"] in names), key=lambda r: -r["total_ms_per_step"])
     rows.sort(key=lambda r: -r["ms_per_step"])
-    total = sum(r["ms_per_step"] for r in rows)
-    return {"steps": steps, "time": "device" if clock.cuda else "cpu", "total_ms_per_step": total,
+    return {"steps": steps, "time": "device" if clock.cuda else "cpu",
+            "total_ms_per_step": sum(r["ms_per_step"] for r in rows),
+            "split_ops_ms_per_step": sum(r["total_ms_per_step"] for r in split), "split_ops": split,
             "top": rows[:top]}

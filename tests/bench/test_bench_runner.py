@@ -137,6 +137,26 @@ def test_profile_summarises_top_ops():
                           Options(profile_steps=2, progress=False))
     p = prof["decode/B1/C8"]
     assert p["steps"] == 2 and p["top"] and any("mm" in r["name"] for r in p["top"])
+    assert p["split_ops"] == [] and p["split_ops_ms_per_step"] == 0
+
+
+def test_profile_times_split_ops_inclusively():
+    class SplitOps(Fake):
+        def step(self, point):
+            import hattn.ops  # noqa: F401  (defines torch.ops.hattn.*)
+            from hattn.runtime.context import ForwardContext, forward_context
+
+            q, out = torch.randn(8, 2, 4), torch.empty(8, 2, 4)
+
+            def call():
+                with forward_context(ForwardContext(seq_lens=[8])):
+                    torch.ops.hattn.full_attention(q, q[:, :1], q[:, :1], out, 0, 0.5)
+            return call
+
+    p = profile_target(SplitOps(), [Point("decode", batch=1, context=8)], Clock("cpu"),
+                       Options(profile_steps=2, progress=False))["decode/B1/C8"]
+    assert [r["name"] for r in p["split_ops"]] == ["hattn::full_attention"]
+    assert p["split_ops"][0]["calls"] == 1 and p["split_ops_ms_per_step"] > 0
 
 
 def test_hitting_the_recompile_limit_is_an_error_not_a_silent_eager_run():
