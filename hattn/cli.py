@@ -209,7 +209,9 @@ def run_generate(args) -> int:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(stops), args.seed)
     max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     cache = lm.make_cache(len(prompts), max_len)
-    model, be = compile_mode(lm, args.mode, args.capture_sizes, args.inner_compiler) if args.mode != "none" else (lm, None)
+    model, be = lm, None
+    if args.mode != "none":
+        model, be = compile_mode(lm, args.mode, args.capture_sizes, args.inner_compiler)
     for _ in range(args.warmup):
         generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
     res = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
