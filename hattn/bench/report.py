@@ -229,30 +229,51 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 10))
-    entries, points, names = result["entries"], result["points"], ordered(result["entries"])
-    seqs = sorted({p.get("seqs", 1) for p in points if p["kind"] == "prefill"})
-    panels = [(axes[0][0], "prefill", 1, "tokens"), (axes[0][1], "prefill", seqs[-1] if seqs else 1, "tokens"),
-              (axes[1][0], "decode", None, "batch")]
-    for ax, kind, s, key in panels:
-        for n in names:
-            pts = [(p[key], entries[n]["results"][p["id"]]["ms"]) for p in points if p["kind"] == kind and
-                   (s is None or p["seqs"] == s) and "ms" in entries[n]["results"].get(p["id"], {})]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=n)
-        ax.set(xscale="log", yscale="log", xlabel=key, ylabel="ms",
-               title=f"{kind}" + (f" ({s} sequence{'s' if s > 1 else ''})" if s else ""))
-        ax.grid(True, which="both", alpha=0.3)
+    points, names = result["points"], ordered(result["entries"])
+    seqs = max((p["seqs"] for p in points if p["kind"] == "prefill"), default=1)
+    for ax, kind, s, key in [(axes[0][0], "prefill", 1, "tokens"), (axes[0][1], "prefill", seqs, "tokens"),
+                             (axes[1][0], "decode", None, "batch")]:
+        rows = [p for p in points if p["kind"] == kind and (s is None or p["seqs"] == s)]
+        _lines(ax, result, names, rows, key)
+        ctx = result["meta"]["plan"]["context"]
+        ax.set(title=kind + (f" ({s} sequence{'s' if s > 1 else ''})" if s else f" (context {ctx})"))
     floor = result["meta"].get("floor_ms")
     if floor:
         axes[1][0].axhline(floor, color="k", linestyle="--", label=f"bandwidth floor {floor:.3f} ms")
+        axes[1][0].legend(fontsize=8)
     _per_token_bars(axes[1][1], result, names)
-    for ax in (axes[0][0], axes[0][1], axes[1][0]):
-        if ax.get_lines():
-            ax.legend(fontsize=8)
-    fig.suptitle(header(result), fontsize=9)
+    m = result["meta"]
+    fig.suptitle(f"hattn bench: {m['model']}, {m['dtype']}, {m['env']['device_name']}\n"
+                 f"torch {m['env']['torch']}, transformers {m['env']['transformers']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+COLORS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "k")  # one per ORDER entry, same in every panel
+
+
+def _color(name: str) -> str:
+    return COLORS[ORDER.index(name)] if name in ORDER else "gray"
+
+
+def _lines(ax, result: dict, names: list[str], rows: list[dict], key: str) -> None:
+    """One line per target over `rows` (log-log), x ticks at the measured sizes."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for n in names:
+        res = result["entries"][n]["results"]
+        pts = [(p[key], res[p["id"]]["ms"]) for p in rows if "ms" in res.get(p["id"], {})]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=n, color=_color(n))
+    ax.set(xscale="log", yscale="log", xlabel=key, ylabel="ms")
+    if rows:
+        ax.set_xticks([p[key] for p in rows])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
 
 
 def _per_token_bars(ax, result: dict, names: list[str]) -> None:
@@ -260,7 +281,7 @@ def _per_token_bars(ax, result: dict, names: list[str]) -> None:
     bars = [(n, result["entries"][n]["results"][pid]["ms"]) for n in names
             if "ms" in result["entries"][n]["results"].get(pid, {})]
     if bars:
-        ax.bar(*zip(*bars))
+        ax.bar(*zip(*bars), color=[_color(n) for n, _ in bars])
         ax.tick_params(axis="x", rotation=30)
     ax.set(ylabel="ms", title="generate: ms per new token (batch 1)")
 
