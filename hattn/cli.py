@@ -148,8 +148,7 @@ def run_demo(args) -> int:
     hf_s = time.perf_counter() - t0
     del reference_model
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    # spare slots: mode="full" captures decode sizes only up to the cache's slot count, and 3 sequences pad to 4
-    cache = lm.make_cache(max(8, len(prompts)), max(map(len, prompts)) + args.max_new_tokens)
+    cache = lm.make_cache(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
     tie = 1e-4 if dtype == torch.float32 else 0.1
     results = [run_mode(lm, m, prompts, cache, ref, params, args, tie) for m in args.modes]
     title = (f"hattn demo: preset {args.preset} on {device} ({str(dtype).removeprefix('torch.')}), "
