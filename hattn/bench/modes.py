@@ -32,7 +32,7 @@ class HattnMode(Target):
             raise ValueError(f"unknown hattn mode {mode!r}; valid: {', '.join(MODES)}")
         super().__init__(setup)
         self.name, self.mode, self.about = mode, mode, ABOUT[mode]
-        self.est_s = 15.0 if mode == "eager" else 40.0
+        self.est_s = 25.0 if mode == "eager" else 40.0  # Dynamo traces (two graphs: T=1 and dynamic T), inductor
         self.backend = self.model = None
 
     def prepare(self) -> None:

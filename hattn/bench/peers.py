@@ -87,12 +87,9 @@ def _batched(point: Point, setup: Setup) -> torch.Tensor:
 class _HFPeer(Target):
     kind = "peer"
 
-    def _forward(self):
-        return self.s.hf
-
     def prefill(self, point: Point):
-        model, ids = self._forward(), _batched(point, self.s)
-        return lambda: _infer(model, input_ids=ids, use_cache=False)
+        ids = _batched(point, self.s)
+        return lambda: _infer(self.s.hf, input_ids=ids, use_cache=False)
 
     def _filled_cache(self, point: Point, static: bool):
         """A transformers cache holding `context` tokens of `batch` sequences (eager prefill, last logits only)."""
@@ -202,9 +199,6 @@ class TorchCompile(_HFPeer):
         else:
             self.model = torch.compile(self.s.hf, backend=self.s.peer_backend)
             self.notes.append(f"compiled with backend={self.s.peer_backend!r} (mode {self.mode!r} not applied)")
-
-    def _forward(self):
-        return self.model
 
     def prefill(self, point: Point):
         ids = _batched(point, self.s)

@@ -36,7 +36,7 @@ class Options:
     profile: bool = False
     progress: bool = True
     profile_steps: int = 5
-    min_measure_s: float = 20.0
+    min_measure_s: float = 30.0
 
 
 def reason(e: BaseException) -> str:
