@@ -60,12 +60,15 @@ def goal_vs_peer(result: dict) -> dict:
     if peer is None:
         return _goal(goal, "-", None, why)
     parts, oks, missing = [], [], []
-    for mode in ("full", "pcg", "bcg"):
-        ms, why = ms_of(result, mode, _decode_b1(result))
+    for mode in ("full", "pcg", "bcg"):  # per generated token on both sides; a decode step if that is missing
+        ms, why = ms_of(result, mode, result["meta"]["per_token_id"])
+        what = ""
+        if ms is None:
+            (ms, why), what = ms_of(result, mode, _decode_b1(result)), " (decode step)"
         if ms is None:
             missing.append(why)
             continue
-        parts.append(f"{mode} {peer / ms:.1f}x")
+        parts.append(f"{mode} {peer / ms:.1f}x{what}")
         oks.append(peer / ms >= PEER_SPEEDUP_X)
     kernels = result["entries"]["hf-static"].get("kernels") or {}
     fla = "with fla" if any(v != "torch" for v in kernels.values()) else "without fla (not found)"
