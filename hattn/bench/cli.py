@@ -14,6 +14,16 @@ import time
 DEFAULT_TARGETS = ("eager", "full", "pcg", "bcg", "hf-static", "inductor", "hf-eager-fla", "hf-eager",
                    "tc-default", "tc-ro")  # run order = priority: what the goals need first, slow compiles last
 HATTN_MODES = ("eager", "inductor", "pcg", "bcg", "full")
+DESCRIPTION = """Every hattn mode (eager, inductor, pcg, bcg, full) and the peers a user would pick instead (HF eager
+with and without fla kernels, HF generate with a static cache, torch.compile default and reduce-overhead) on one model,
+in one process: prefill, decode and generate latency, compile and capture time, graph pool and peak memory, ratios
+against eager and against the decode bandwidth floor, and issue 7's goals. Writes bench.json, bench.png, bench.txt.
+
+    hattn bench --preset qwen3.5-1b                      # everything, < 8 min on an H100 (budget 420 s)
+    hattn bench --preset tiny --quick --out /tmp/b       # smoke run (CPU too)
+    hattn bench --modes pcg,full,hf-static --workloads decode,e2e
+
+Reading the report: docs/benchmarks.md."""
 GROUPS = {"all": DEFAULT_TARGETS, "hattn": HATTN_MODES,
           "peers": ("hf-static", "hf-eager-fla", "hf-eager", "tc-default", "tc-ro")}
 SIZES16 = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048]
@@ -88,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `bench` to the `hattn` subcommand parsers (hattn.cli)."""
     p = sub.add_parser("bench", help="every hattn mode and the peers side by side: table, JSON, PNG",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run_cli)
     return p
@@ -206,7 +216,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python3 -m hattn.bench [args]` (the same arguments as `hattn bench`)."""
-    p = argparse.ArgumentParser(prog="hattn bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="hattn bench", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
