@@ -2,11 +2,15 @@
 
 Decode step (batch 1..256) and packed prefill (512..16k tokens) for two layer shapes, Qwen3-Next's (16 key heads,
 32 value heads, dim 128) and the 1B-class preset's (16/16 heads of 128), bf16 inputs, fp32 states:
-ours vs fla vs the torch reference (reference at small sizes only). Decode also reports achieved memory bandwidth
-against `--peak` (~3.0 TB/s on the H100) counting recurrent state read+write, conv state read+write, inputs,
-outputs and weights; "xfloor" = time / (bytes / peak), the goal being <= 1.2 at batch >= 32.
-fla decode = gather states + `fused_recurrent_gated_delta_rule` + scatter (no conv: fla has no slot-indexed one).
-fla prefill = fla's `causal_conv1d` + `chunk_gated_delta_rule`. Times are medians of triton's do_bench (L2 flushed).
+ours vs fla vs the torch reference (reference at small sizes only).
+
+Decode is timed as `mode="full"` runs it: one CUDA graph holding the step of K layers (each with its own states,
+K * state >= 256 MB so states come from HBM, not L2), time per layer. Achieved bandwidth counts recurrent state
+read+write, conv state read+write, inputs, outputs, weights; "xfloor" = time / (bytes / peak), the goal being
+<= 1.2 at batch >= 32 with peak ~3.0 TB/s (H100). fla decode = gather states + `fused_recurrent_gated_delta_rule`
++ scatter (no conv: fla has none indexed by slot). Prefill runs eagerly: "wall" is triton's do_bench (host
+launch overhead included, L2 flushed), "gpu" the summed kernel time from torch.profiler; fla prefill = fla's
+`causal_conv1d` + `chunk_gated_delta_rule`, both given host and device cu_seqlens built per call as ours are.
 """
 from __future__ import annotations
 
@@ -30,11 +34,42 @@ def _us(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
 
 
-def _try(fn) -> float | str:
+def _gpu_us(fn, iters: int = 3) -> float:
+    """Summed device time of the kernels (and copies) `fn` launches, per call, from torch.profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / iters
+
+
+def _graph_us(calls, reps: int = 10) -> float:
+    """Time per call of `calls` (one per layer) captured together in one CUDA graph and replayed."""
+    for c in calls:  # warm-up: compiles, autotunes
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
+
+
+def _try(timer, fn) -> float | str:
     try:
-        return _us(fn)
+        return timer(fn)
     except Exception as e:  # a baseline that fails must not stop the table
-        return f"error: {type(e).__name__}: {str(e)[:60]}"
+        print(f"  ({type(e).__name__}: {str(e)[:100]})")
+        return "error"
 
 
 def _fmt(x) -> str:
@@ -73,71 +108,92 @@ def _fla_decode(t, slots, hk, hv, d):
     return run
 
 
+def _decode_layers(b, hk, hv, d):
+    """K layers' inputs and states (K * state bytes >= 256 MB, K <= 64), with their slots and out buffers."""
+    k = max(1, min(64, -(-(256 << 20) // (b * hv * d * d * 4))))
+    layers = [_layer(b, hk, hv, d, b + 1, seed=i) for i in range(k)]
+    for t in layers:
+        t["slots"] = torch.randperm(b, device=DEV)
+        t["out"] = torch.empty(b, hv, d, device=DEV, dtype=DTYPE)
+    return layers
+
+
+def _ours(t, hk, d, config=None):
+    return lambda: fused_gdn_decode(num_k_heads=hk, head_k_dim=d, config=config, **t)
+
+
+def _reference(t, hk, d):
+    return lambda: linear_attention_decode_reference(num_k_heads=hk, head_k_dim=d, **t)
+
+
 def bench_decode(batches, peak):
-    print(f"\n## decode step (bf16 in, fp32 state), peak {peak:.1f} TB/s; times in us")
+    print(f"\n## decode step per layer in a CUDA graph (bf16 in, fp32 state), peak {peak:.1f} TB/s; times in us")
     print(f"{'shape':22} {'B':>4} {'ours':>9} {'fla':>9} {'torch':>9} {'fla/ours':>8} {'torch/ours':>10} "
           f"{'GB/s':>7} {'%peak':>6} {'xfloor':>6}")
     for name, (hk, hv, d) in SHAPES.items():
         for b in batches:
-            t = _layer(b, hk, hv, d, b + 1)
-            slots = torch.randperm(b, device=DEV)
-            out = torch.empty(b, hv, d, device=DEV, dtype=DTYPE)
-            ours = _us(lambda: fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=d, **t))
-            fla = _try(_fla_decode(t, slots, hk, hv, d)) if fla_chunk() is not None else None
-            ref = _try(lambda: linear_attention_decode_reference(out=out, slots=slots, num_k_heads=hk, head_k_dim=d,
-                                                                 **t)) if b <= 32 else None
+            layers = _decode_layers(b, hk, hv, d)
+            ours = _graph_us([_ours(t, hk, d) for t in layers])
+            fla = None
+            if fla_chunk() is not None:
+                fla = _try(_graph_us, [_fla_decode(t, t["slots"], hk, hv, d) for t in layers])
+            ref = _try(_graph_us, [_reference(t, hk, d) for t in layers]) if b <= 32 else None
             gbs = decode_bytes(b, hk, hv, d) / ours / 1e3
             ratio = lambda x: f"{x / ours:8.2f}" if isinstance(x, float) else f"{'-':>8}"  # noqa: E731
             print(f"{name:22} {b:4d} {_fmt(ours)} {_fmt(fla)} {_fmt(ref)} {ratio(fla)} {ratio(ref):>10} "
                   f"{gbs:7.0f} {gbs / peak / 10:6.1f} {peak * 1e3 / gbs:6.2f}", flush=True)
-            del t
+            del layers
 
 
-def bench_decode_configs(batches, configs):
-    """(BV, num_warps) sweep of the decode kernel at Qwen3-Next's shape (to tune `default_config`)."""
-    hk, hv, d = SHAPES["qwen3-next 16/32x128"]
-    print(f"\n## decode kernel configs (BV, warps) at qwen3-next shape; default {default_config(d, d)}; times in us")
-    print(f"{'B':>4} " + " ".join(f"{str(c):>9}" for c in configs))
-    for b in batches:
-        t = _layer(b, hk, hv, d, b + 1)
-        slots = torch.randperm(b, device=DEV)
-        out = torch.empty(b, hv, d, device=DEV, dtype=DTYPE)
-        row = [_try(lambda c=c: fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=d, config=c, **t))
-               for c in configs]
-        print(f"{b:4d} " + " ".join(_fmt(x) for x in row), flush=True)
+def bench_decode_configs(batches, configs, peak):
+    """Launch forms of the decode kernel, (BV, num_warps, tiles per program; None = one program per key head)."""
+    for name, (hk, hv, d) in SHAPES.items():
+        print(f"\n## decode kernel configs at {name}, default {default_config(1, hk, hv, d, d)}; us (xfloor)")
+        print(f"{'B':>4} " + " ".join(f"{str(c):>16}" for c in configs))
+        for b in batches:
+            layers = _decode_layers(b, hk, hv, d)
+            floor = decode_bytes(b, hk, hv, d) / peak / 1e6
+            row = [_try(_graph_us, [_ours(t, hk, d, c) for t in layers]) for c in configs]
+            print(f"{b:4d} " + " ".join(f"{x:8.1f} ({x / floor:4.2f})" if isinstance(x, float) else f"{'err':>16}"
+                                        for x in row), flush=True)
+            del layers
 
 
-def _fla_prefill(x, t, hk, hv, d, cu):
+def _fla_prefill(t, n, hk, hv, d):
     from fla.modules.causal_conv1d import causal_conv1d
 
-    n = x.shape[0]
     h0 = t["rec_state"][:1].clone()
 
     def run():
-        y, _ = causal_conv1d(x[None], t["conv_weight"], None, initial_state=None, output_final_state=True,
-                             activation="silu", cu_seqlens=cu)
+        cu_cpu = torch.tensor([0, n])
+        cu = cu_cpu.to(DEV, non_blocking=True)
+        y, _ = causal_conv1d(t["mixed_qkv"][None], t["conv_weight"], None, initial_state=None,
+                             output_final_state=True, activation="silu", cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
         q, k, v = y[0].split([hk * d, hk * d, hv * d], -1)
         fla_chunk()(q.view(1, n, hk, d), k.view(1, n, hk, d), v.view(1, n, hv, d), g=t["g"][None],
                     beta=t["beta"][None], initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
-                    cu_seqlens=cu)
+                    cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
     return run
 
 
 def bench_prefill(lengths, ref_max):
     print("\n## prefill, one sequence continuing from its cache slot (bf16 in, fp32 state); times in us")
-    print(f"{'shape':22} {'T':>6} {'ours':>9} {'fla':>9} {'torch':>9} {'fla/ours':>8} {'Mtok/s':>7}")
+    print(f"{'shape':22} {'T':>6} {'ours wall':>9} {'fla wall':>9} {'torch':>9} {'ours gpu':>9} {'fla gpu':>9} "
+          f"{'fla/ours wall':>13} {'fla/ours gpu':>12}")
     for name, (hk, hv, d) in SHAPES.items():
         for n in lengths:
             t = _layer(n, hk, hv, d, 2)
             out = torch.empty(n, hv, d, device=DEV, dtype=DTYPE)
-            states = (t["conv_state"], t["rec_state"])
-            args = (t["mixed_qkv"], t["conv_weight"], None, t["g"], t["beta"], out)
-            ours = _us(lambda: linear_attention_packed(*args, states, [n], [1], [5], hk, d))
-            cu = torch.tensor([0, n], device=DEV)
-            fla = _try(_fla_prefill(t["mixed_qkv"], t, hk, hv, d, cu)) if fla_chunk() is not None else None
-            ref = _try(lambda: _torch_prefill(t, n, hk, hv, d)) if n <= ref_max else None
-            ratio = f"{fla / ours:8.2f}" if isinstance(fla, float) else f"{'-':>8}"
-            print(f"{name:22} {n:6d} {_fmt(ours)} {_fmt(fla)} {_fmt(ref)} {ratio} {n / ours:7.1f}", flush=True)
+            args = (t["mixed_qkv"], t["conv_weight"], None, t["g"], t["beta"], out, (t["conv_state"], t["rec_state"]))
+            ours = lambda: linear_attention_packed(*args, [n], [1], [5], hk, d)  # noqa: E731
+            wall, gpu = _us(ours), _try(_gpu_us, ours)
+            fla_wall = fla_gpu = None
+            if fla_chunk() is not None:
+                fla_wall, fla_gpu = _try(_us, _fla_prefill(t, n, hk, hv, d)), _try(_gpu_us, _fla_prefill(t, n, hk, hv, d))
+            ref = _try(_us, lambda: _torch_prefill(t, n, hk, hv, d)) if n <= ref_max else None
+            ratio = lambda x, y: f"{x / y:.2f}" if isinstance(x, float) and isinstance(y, float) else "-"  # noqa: E731
+            print(f"{name:22} {n:6d} {_fmt(wall)} {_fmt(fla_wall)} {_fmt(ref)} {_fmt(gpu)} {_fmt(fla_gpu)} "
+                  f"{ratio(fla_wall, wall):>13} {ratio(fla_gpu, gpu):>12}", flush=True)
             del t
 
 
@@ -178,7 +234,7 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     p.add_argument("--ref-max", type=int, default=2048, help="largest prefill length the torch reference runs")
-    p.add_argument("--sweep", action="store_true", help="also sweep the decode kernel's (BV, num_warps)")
+    p.add_argument("--sweep", action="store_true", help="also sweep the decode kernel's launch forms")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("hattn.kernels.bench needs a CUDA GPU (the kernels are Triton); run it on the device machine")
@@ -187,9 +243,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     accuracy()
     bench_decode(a.batches, a.peak)
-    if a.sweep:
-        bench_decode_configs([32, 128], [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8)])
     bench_prefill(a.lengths, a.ref_max)
+    if a.sweep:
+        bench_decode_configs([8, 32, 256], [(16, 4, 1), (32, 8, 1), (32, 4, 2), (16, 4, None), (32, 4, None)], a.peak)
 
 
 if __name__ == "__main__":

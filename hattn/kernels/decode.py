@@ -2,7 +2,7 @@
 
 Batch metadata comes as device tensors (slots, context lengths) that the full-graph runtime refills before each
 replay; caches and states are read and written in place at their slots. Padding rows point at the cache's
-scratch slot. On CUDA the linear-attention step is one fused Triton launch
+scratch slot. On CUDA the linear-attention step is the fused Triton step
 (`hattn.kernels.gated_delta.fused_decode`); elsewhere its torch reference runs.
 """
 from __future__ import annotations

@@ -34,6 +34,14 @@ OUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 STATE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 
 
+MODES = ["default", "single launch", "two tiles a program"]
+
+
+def _config(mode: str, dv: int):
+    """The decode kernel's launch forms: default (a tile a program + q/k conv shift), one program per key head."""
+    return {"default": None, "single launch": (min(dv, 32), 4, None), "two tiles a program": (32, 4, 2)}[mode]
+
+
 def _close(got, want, tol):
     torch.testing.assert_close(got.float().cpu(), want.float().cpu(), rtol=tol, atol=tol)
 
@@ -61,9 +69,10 @@ def _reference_decode(case, out_shape, slots, hk, dk, context_lens, stateless=Fa
 
 @given(b=st.integers(1, 6), hk=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2, 3]),
        dims=st.sampled_from([(64, 64), (128, 128), (64, 128), (256, 128), (128, 256)]), width=st.sampled_from([3, 4]),
-       dtype=st.sampled_from(DTYPES), bias=st.booleans(), with_ctx=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
-def test_fused_decode_matches_reference(b, hk, rep, dims, width, dtype, bias, with_ctx, seed, nan_empty):
+       dtype=st.sampled_from(DTYPES), bias=st.booleans(), with_ctx=st.booleans(), mode=st.sampled_from(MODES),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=16, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
+def test_fused_decode_matches_reference(b, hk, rep, dims, width, dtype, bias, with_ctx, mode, seed, nan_empty):
     dk, dv = dims
     case = _decode_case(b, hk, rep, dk, dv, width, dtype, b + 3, seed)
     if not bias:
@@ -73,7 +82,8 @@ def test_fused_decode_matches_reference(b, hk, rep, dims, width, dtype, bias, wi
     want, want_conv, want_rec = _reference_decode(case, (b, hk * rep, dv), slots, hk, dk, context_lens)
     conv0, rec0 = case["conv_state"].clone(), case["rec_state"].clone()
     out = torch.empty(b, hk * rep, dv, device=DEV, dtype=dtype)
-    fused.fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=dk, context_lens=context_lens, **case)
+    fused.fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=dk, context_lens=context_lens,
+                           config=_config(mode, dv), **case)
     _close(out, want, OUT_TOL[dtype])
     _close(case["rec_state"], want_rec, STATE_TOL[dtype])
     _close(case["conv_state"], want_conv, STATE_TOL[dtype])
@@ -133,7 +143,8 @@ def test_packed_conv_matches_reference(lens, width, c, dtype, bias, stateful, se
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need CUDA")
-def test_fused_decode_captured_in_graph_replays_new_inputs_and_spares_other_slots():
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_decode_captured_in_graph_replays_new_inputs_and_spares_other_slots(mode):
     b, hk, rep, dk, dv, total = 4, 2, 2, 128, 128, 9
     static = _decode_case(b, hk, rep, dk, dv, 4, torch.bfloat16, total, 0)
     slots = torch.tensor([7, 1, 3, 5], device=DEV)
@@ -141,7 +152,7 @@ def test_fused_decode_captured_in_graph_replays_new_inputs_and_spares_other_slot
     out = torch.full((b, hk * rep, dv), float("nan"), device=DEV, dtype=torch.bfloat16)
     states = {k: static.pop(k) for k in ("conv_state", "rec_state")}
     run = lambda: fused.fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=dk,  # noqa: E731
-                                         context_lens=context_lens, **static, **states)
+                                         context_lens=context_lens, config=_config(mode, dv), **static, **states)
     saved = {k: v.clone() for k, v in states.items()}
     run()  # warm-up (compiles), then restore the states
     for k, v in saved.items():

@@ -1,14 +1,18 @@
-"""Fused gated-delta-net decode step in Triton: one launch, capture-safe (no allocation, no host sync).
+"""Fused gated-delta-net decode step in Triton, capture-safe (no allocation, no host sync).
 
 For B sequences with one new token each: causal conv1d update of `conv_state[slot]` in place + silu + split q/k/v
 + L2-norm of q, k + q scaling + gated delta rule update of `rec_state[slot]` (fp32) in place + output into `out`.
 Slots (and optionally context lengths: 0 = a new sequence, start from zero states) are device tensors, so the
-launch can be captured in a CUDA graph and replayed for new inputs at the same addresses.
+launches can be captured in a CUDA graph and replayed for new inputs at the same addresses.
 
-One program per (sequence, key head): it owns the conv-state rows of its q/k channels and of the v channels of its
-Hv // Hk value heads, so no two programs touch the same state (a program reading a conv row that another program
-shifts would race). It then sweeps each value head's [Dk, Dv] state in [Dk, BV] tiles. Torch reference:
-`hattn.kernels.gated_delta.reference.linear_attention_decode_reference`.
+The step is bound by the recurrent state's read + write. Each program computes `TPP` [Dk, BV] tiles of the states
+of one key head's Hv // Hk value heads (loading tile i+1 while tile i is computed). A conv-state row must be shifted
+only after every program that reads it has read it, and no two programs may shift the same row:
+- TPP = all of a key head's tiles (one program per sequence and key head): the program owns its q/k rows and shifts
+  them itself; one launch, but only B * Hk programs (few at small batch);
+- fewer (default: one tile a program, B * Hv * Dv / BV programs): each program shifts only its own v rows and
+  reads the q/k rows it shares; a second small launch (`qk_conv_shift_kernel`) then shifts the q/k rows.
+Torch reference: `hattn.kernels.gated_delta.reference.linear_attention_decode_reference`.
 """
 from __future__ import annotations
 
@@ -21,9 +25,9 @@ from hattn.kernels.launch import (FLOATS, check_contiguous, check_device, check_
 
 
 @triton.jit
-def _conv_step(x_row, w, stride_w, bias, cs_row, o_c, keep,
-               W: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr):
-    """silu(conv) of channels o_c for one new input; shifts their conv-state rows [W-1] in place."""
+def _conv_step(x_row, w, stride_w, bias, cs_row, o_c, keep, W: tl.constexpr, BW: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, WRITE: tl.constexpr):
+    """silu(conv) of channels o_c for one new input; with WRITE, shifts their conv-state rows [W-1] in place."""
     o_w = tl.arange(0, BW)
     b_x = tl.load(x_row + o_c).to(tl.float32)
     b_w = tl.load(w + o_c[:, None] * stride_w + o_w[None, :], mask=(o_c >= 0)[:, None] & (o_w < W)[None, :],
@@ -40,7 +44,7 @@ def _conv_step(x_row, w, stride_w, bias, cs_row, o_c, keep,
     b_y = tl.sum(b_win * b_w, 1)
     if HAS_BIAS:
         b_y += tl.load(bias + o_c).to(tl.float32)
-    if HAS_STATE:
+    if HAS_STATE and WRITE:
         tl.debug_barrier()  # every thread has read the old rows before any row is overwritten
         tl.store(p_s, b_nxt.to(p_s.dtype.element_ty), mask=(o_c >= 0)[:, None] & (o_w < W - 1)[None, :])
     return b_y * tl.sigmoid(b_y)
@@ -51,54 +55,86 @@ def fused_decode_kernel(
     x, stride_x, w, stride_w, bias, g, stride_g, beta, stride_beta, o, stride_ob, stride_oh,
     cs, rs, slots, context_lens, scale,
     HK: tl.constexpr, HV: tl.constexpr, REP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BV: tl.constexpr,
+    BV: tl.constexpr, NV: tl.constexpr, TPP: tl.constexpr, SOLE: tl.constexpr,
     W: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_CTX: tl.constexpr,
 ):
-    i_b, i_hk = tl.program_id(0), tl.program_id(1)
-    i_b64 = i_b.to(tl.int64)
+    # program (i_b, i_p) computes state tiles i_p*TPP .. +TPP-1 of sequence i_b; tile t = value head t // NV,
+    # value columns block t % NV; all of one key head. TPP == REP*NV: the program owns the key head's q/k conv rows.
+    i_b, i_p = tl.program_id(0), tl.program_id(1)
+    i_b64, t0 = i_b.to(tl.int64), i_p * TPP
+    i_hk = t0 // (REP * NV)
     x_row = x + i_b64 * stride_x
+    keep, slot = _keep_slot(i_b, slots, context_lens, HAS_STATE, HAS_CTX)
+    cs_row, rs_row = cs, rs
+    if HAS_STATE:
+        cs_row, rs_row = cs + slot * (C * (W - 1)), rs + slot * (HV * DK * DV)
+    o_k, o_b = tl.arange(0, DK), tl.arange(0, BV)
+    m_h = (o_k[:, None] >= 0) & (o_b[None, :] >= 0) & keep
+    if HAS_STATE:  # the first state tile's load overlaps the q/k conv
+        b_h_next = tl.load(_tile(rs_row, t0, o_k, o_b, NV, DK, DV, BV), mask=m_h, other=0.)
+    b_q = _conv_step(x_row, w, stride_w, bias, cs_row, i_hk * DK + o_k, keep, W, BW, HAS_BIAS, HAS_STATE, SOLE)
+    b_k = _conv_step(x_row, w, stride_w, bias, cs_row, (HK + i_hk) * DK + o_k, keep, W, BW, HAS_BIAS, HAS_STATE,
+                     SOLE)
+    b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale
+    b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
+
+    for j in range(TPP):
+        t = t0 + j
+        i_hv = t // NV
+        o_v = (t % NV) * BV + o_b
+        if HAS_STATE:
+            b_h = b_h_next
+            if TPP > 1:  # prefetch tile t+1 while tile t is computed
+                b_h_next = tl.load(_tile(rs_row, t0 + tl.minimum(j + 1, TPP - 1), o_k, o_b, NV, DK, DV, BV),
+                                   mask=m_h & (j + 1 < TPP), other=0.)
+        else:
+            b_h = tl.zeros([DK, BV], dtype=tl.float32)
+        b_v = _conv_step(x_row, w, stride_w, bias, cs_row, 2 * HK * DK + i_hv * DV + o_v, keep,
+                         W, BW, HAS_BIAS, HAS_STATE, True)
+        b_h *= tl.exp(tl.load(g + i_b64 * stride_g + i_hv).to(tl.float32))
+        b_v = (b_v - tl.sum(b_h * b_k[:, None], 0)) * tl.load(beta + i_b64 * stride_beta + i_hv).to(tl.float32)
+        b_h += b_k[:, None] * b_v[None, :]
+        if HAS_STATE:
+            tl.store(_tile(rs_row, t, o_k, o_b, NV, DK, DV, BV), b_h)
+        b_o = tl.sum(b_h * b_q[:, None], 0)
+        tl.store(o + i_b64 * stride_ob + i_hv * stride_oh + o_v, b_o.to(o.dtype.element_ty))
+
+
+@triton.jit
+def qk_conv_shift_kernel(x, stride_x, w, stride_w, cs, slots, context_lens, C: tl.constexpr, DK: tl.constexpr,
+                         W: tl.constexpr, BW: tl.constexpr, HAS_CTX: tl.constexpr):
+    """Shift the q/k conv-state rows (channels pid1*DK ..) after a split launch, whose programs only read them."""
+    i_b, i_c = tl.program_id(0), tl.program_id(1)
+    keep, slot = _keep_slot(i_b, slots, context_lens, True, HAS_CTX)
+    o_c = i_c * DK + tl.arange(0, DK)
+    _conv_step(x + i_b.to(tl.int64) * stride_x, w, stride_w, None, cs + slot * (C * (W - 1)), o_c, keep, W, BW,
+               False, True, True)
+
+
+@triton.jit
+def _keep_slot(i_b, slots, context_lens, HAS_STATE: tl.constexpr, HAS_CTX: tl.constexpr):
+    """(whether sequence i_b has history (context length > 0), its cache slot as int64)."""
     if HAS_CTX:
         keep = tl.load(context_lens + i_b) > 0
     else:
         keep = i_b >= 0
-    cs_row, rs_row = cs, rs
+    slot = i_b.to(tl.int64) * 0
     if HAS_STATE:
         slot = tl.load(slots + i_b).to(tl.int64)
-        cs_row = cs + slot * (C * (W - 1))
-        rs_row = rs + slot * (HV * DK * DV)
-
-    o_k = tl.arange(0, DK)
-    b_q = _conv_step(x_row, w, stride_w, bias, cs_row, i_hk * DK + o_k, keep, W, BW, HAS_BIAS, HAS_STATE)
-    b_k = _conv_step(x_row, w, stride_w, bias, cs_row, HK * DK + i_hk * DK + o_k, keep, W, BW, HAS_BIAS, HAS_STATE)
-    b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale
-    b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
-
-    for r in range(REP):
-        i_hv = i_hk * REP + r
-        b_decay = tl.exp(tl.load(g + i_b64 * stride_g + i_hv).to(tl.float32))
-        b_beta = tl.load(beta + i_b64 * stride_beta + i_hv).to(tl.float32)
-        for i_v in range(DV // BV):
-            o_v = i_v * BV + tl.arange(0, BV)
-            b_v = _conv_step(x_row, w, stride_w, bias, cs_row, 2 * HK * DK + i_hv * DV + o_v, keep,
-                             W, BW, HAS_BIAS, HAS_STATE)
-            if HAS_STATE:
-                p_h = rs_row + i_hv * (DK * DV) + o_k[:, None] * DV + o_v[None, :]
-                m_h = (o_k[:, None] >= 0) & (o_v[None, :] >= 0) & keep
-                b_h = tl.load(p_h, mask=m_h, other=0.) * b_decay  # [DK, BV]
-            else:
-                b_h = tl.zeros([DK, BV], dtype=tl.float32)
-            b_v = (b_v - tl.sum(b_h * b_k[:, None], 0)) * b_beta
-            b_h += b_k[:, None] * b_v[None, :]
-            b_o = tl.sum(b_h * b_q[:, None], 0)
-            if HAS_STATE:
-                tl.store(p_h, b_h)
-            tl.store(o + i_b64 * stride_ob + i_hv * stride_oh + o_v, b_o.to(o.dtype.element_ty))
+    return keep, slot
 
 
-def default_config(dk: int, dv: int) -> tuple[int, int]:
-    """(BV, num_warps): [Dk, BV] fp32 state tiles of 4K elements, 4 warps (128 registers a thread at Dk=128, so
-    four programs share an SM; 8K-element tiles need ~250 and halve that)."""
-    return min(dv, max(16, 4096 // dk)), 4
+@triton.jit
+def _tile(rs_row, t, o_k, o_b, NV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+    """Pointers [DK, BV] of state tile t: value head t // NV, value columns block t % NV."""
+    return rs_row + (t // NV) * (DK * DV) + o_k[:, None] * DV + ((t % NV) * BV + o_b)[None, :]
+
+
+def default_config(b: int, hk: int, hv: int, dk: int, dv: int) -> tuple[int, int, int | None]:
+    """(BV, num_warps, tiles per program): one [Dk, BV] fp32 state tile of 2K elements per program on 4 warps
+    (~60 registers a thread at Dk=128: nine programs share an SM), so even batch 1 spreads over the GPU; the q/k
+    conv rows then take the second launch. (BV, 4, None) is the single-launch form (one program per key head)."""
+    return min(dv, max(16, 2048 // dk)), 4, 1
 
 
 def fused_gdn_decode(
@@ -114,7 +150,7 @@ def fused_gdn_decode(
     num_k_heads: int,
     head_k_dim: int,
     context_lens: torch.Tensor | None = None,
-    config: tuple[int, int] | None = None,
+    config: tuple[int, int, int | None] | None = None,
 ) -> None:
     """One gated-delta-net decode step for B sequences, states updated in place at their slots.
 
@@ -122,12 +158,39 @@ def fused_gdn_decode(
     g (log decay), beta: [B, Hv]; out: [B, Hv, Dv] (written); conv_state: [S, C, W-1]; rec_state: [S, Hv, Dk, Dv]
     fp32; slots: [B] int32/int64 device tensor; context_lens: [B] int device tensor or None (0 = new sequence:
     start from zero states). conv_state = rec_state = slots = None: start from zeros and write no state.
-    config: (BV, num_warps) override (benchmarks); default `default_config`.
+    config: (BV, num_warps, tiles per program) override, default `default_config`. Tiles per program below
+    Hv/Hk * Dv/BV split a key head over several programs (more parallelism at small batch); a second small launch
+    then shifts the q/k conv-state rows, which those programs share and only read.
     """
-    what = "fused_gdn_decode"
+    _check(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, num_k_heads, head_k_dim,
+           context_lens)
     b, hv, dv = out.shape
     c, width = conv_weight.shape
     hk, dk = num_k_heads, head_k_dim
+    if b == 0:
+        return
+    bv, warps, tpp = config or default_config(b, hk, hv, dk, dv)
+    tiles = hv // hk * (dv // bv)
+    tpp = tiles if tpp is None else tpp
+    if dv % bv or tiles % tpp:
+        raise ValueError(f"fused_gdn_decode: config {config} must split Dv={dv} into blocks and {tiles} tiles evenly")
+    stateful, meta = rec_state is not None, dict(W=width, BW=triton.next_power_of_2(width),
+                                                 HAS_CTX=context_lens is not None)
+    fused_decode_kernel[(b, hk * tiles // tpp)](
+        mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, g, g.stride(0),
+        beta, beta.stride(0), out, out.stride(0), out.stride(1), conv_state, rec_state, slots, context_lens,
+        dk ** -0.5, HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=bv, NV=dv // bv, TPP=tpp, SOLE=tpp == tiles,
+        HAS_BIAS=conv_bias is not None, HAS_STATE=stateful, num_warps=warps, **meta,
+    )
+    if stateful and tpp != tiles:
+        qk_conv_shift_kernel[(b, 2 * hk)](mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0),
+                                          conv_state, slots, context_lens, C=c, DK=dk, num_warps=4, **meta)
+
+
+def _check(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, hk, dk, context_lens):
+    what = "fused_gdn_decode"
+    b, hv, dv = out.shape
+    c, width = conv_weight.shape
     stateful = rec_state is not None
     if stateful != (conv_state is not None) or stateful != (slots is not None):
         raise ValueError(f"{what}: pass conv_state, rec_state and slots together, or none of them (no cache)")
@@ -153,12 +216,3 @@ def fused_gdn_decode(
     if mixed_qkv.dtype not in FLOATS or out.dtype not in FLOATS:
         raise ValueError(f"{what}: mixed_qkv/out must be fp16, bf16 or fp32 (got {mixed_qkv.dtype}, {out.dtype})")
     check_last_contiguous(what, mixed_qkv=mixed_qkv, conv_weight=conv_weight, g=g, beta=beta, out=out)
-    if b == 0:
-        return
-    bv, warps = config or default_config(dk, dv)
-    fused_decode_kernel[(b, hk)](
-        mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, g, g.stride(0),
-        beta, beta.stride(0), out, out.stride(0), out.stride(1), conv_state, rec_state, slots, context_lens,
-        dk ** -0.5, HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=bv, W=width, BW=triton.next_power_of_2(width),
-        HAS_BIAS=conv_bias is not None, HAS_STATE=stateful, HAS_CTX=context_lens is not None, num_warps=warps,
-    )
