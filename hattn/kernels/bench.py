@@ -148,7 +148,8 @@ def bench_decode(batches, peak):
 def bench_decode_configs(batches, configs, peak):
     """Launch forms of the decode kernel, (BV, num_warps, tiles per program; None = one program per key head)."""
     for name, (hk, hv, d) in SHAPES.items():
-        print(f"\n## decode kernel configs at {name}, default {default_config(1, hk, hv, d, d)}; us (xfloor)")
+        print(f"\n## decode kernel configs at {name}; default {default_config(1, hk, hv, d, d)} below B*Hk=256, "
+              f"{default_config(256, hk, hv, d, d)} above; us (xfloor)")
         print(f"{'B':>4} " + " ".join(f"{str(c):>16}" for c in configs))
         for b in batches:
             layers = _decode_layers(b, hk, hv, d)

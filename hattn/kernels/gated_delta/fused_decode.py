@@ -8,10 +8,10 @@ launches can be captured in a CUDA graph and replayed for new inputs at the same
 The step is bound by the recurrent state's read + write. Each program computes `TPP` [Dk, BV] tiles of the states
 of one key head's Hv // Hk value heads (loading tile i+1 while tile i is computed). A conv-state row must be shifted
 only after every program that reads it has read it, and no two programs may shift the same row:
-- TPP = all of a key head's tiles (one program per sequence and key head): the program owns its q/k rows and shifts
-  them itself; one launch, but only B * Hk programs (few at small batch);
-- fewer (default: one tile a program, B * Hv * Dv / BV programs): each program shifts only its own v rows and
-  reads the q/k rows it shares; a second small launch (`qk_conv_shift_kernel`) then shifts the q/k rows.
+- TPP = all of a key head's tiles (one program per sequence and key head; the default from B * Hk >= 256): the
+  program owns its q/k rows and shifts them itself; one launch, but only B * Hk programs;
+- fewer (the default below: two tiles a program): each program shifts only its own v rows and reads the q/k rows it
+  shares with the key head's other programs; a second small launch (`qk_conv_shift_kernel`) then shifts the q/k rows.
 Torch reference: `hattn.kernels.gated_delta.reference.linear_attention_decode_reference`.
 """
 from __future__ import annotations
@@ -131,10 +131,13 @@ def _tile(rs_row, t, o_k, o_b, NV: tl.constexpr, DK: tl.constexpr, DV: tl.conste
 
 
 def default_config(b: int, hk: int, hv: int, dk: int, dv: int) -> tuple[int, int, int | None]:
-    """(BV, num_warps, tiles per program): one [Dk, BV] fp32 state tile of 2K elements per program on 4 warps
-    (~60 registers a thread at Dk=128: nine programs share an SM), so even batch 1 spreads over the GPU; the q/k
-    conv rows then take the second launch. (BV, 4, None) is the single-launch form (one program per key head)."""
-    return min(dv, max(16, 2048 // dk)), 4, 1
+    """(BV, num_warps, tiles per program), from `python3 -m hattn.kernels.bench --sweep` on an H100 at Dk=Dv=128:
+    [Dk, BV] fp32 tiles of 4K elements on 4 warps; one program per key head (a single launch, fastest from 512
+    programs up: 1.28x its bandwidth floor at B=32, 1.21x at B=256) once B*Hk >= 256, else two tiles a program
+    (B=8: 17.9 us vs 23.0 us for the single launch). One tile a program (BV=16) measured slowest (1.6-1.7x)."""
+    bv = min(dv, max(16, 4096 // dk))
+    tiles = hv // hk * (dv // bv)
+    return (bv, 4, None) if b * hk >= 256 or tiles % 2 else (bv, 4, 2)
 
 
 def fused_gdn_decode(
