@@ -23,7 +23,14 @@ def nan_empty(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _full_fp32_references(monkeypatch):
-    """References compare at 1e-4 in fp32: keep cuDNN (the reference conv1d) and matmuls off TF32."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _full_fp32_references():
+    """References compare at 1e-4 in fp32: keep cuDNN (the reference conv1d) and matmuls off TF32.
+
+    Set and restored by hand: torch.backends.cuda.matmul is a module proxy whose attributes monkeypatch cannot
+    delete on undo (torch 2.13 raises AttributeError there).
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32, matmul.allow_tf32 = False, False
+    yield
+    cudnn.allow_tf32, matmul.allow_tf32 = before
