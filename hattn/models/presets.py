@@ -112,7 +112,18 @@ PRESETS: dict[str, Callable] = {
 def preset_config(name: str):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    try:
+        return PRESETS[name]()
+    except ImportError as e:  # the family is newer than the installed transformers
+        import transformers
+
+        raise PresetUnavailable(f"preset {name!r} needs a transformers release that ships its model family "
+                                f"({e}); installed: transformers {transformers.__version__}. Fix: "
+                                f"pip install -U 'transformers>=5.23'") from e
+
+
+class PresetUnavailable(ImportError):
+    """The installed transformers does not ship the family of a preset."""
 
 
 def random_model(config, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> torch.nn.Module:
