@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
+from torch._guards import TracingContext, detect_fake_mode
 
 from hattn.compiler.config import Config
 from hattn.passes.guards import check_no_unregistered_attention
@@ -22,12 +22,42 @@ from hattn.stats import Stats, new_stats
 log = logging.getLogger("hattn")
 
 
+def _compiles_pieces(config: Config) -> bool:
+    """Pieces run as FX code in mode eager and with inner_compiler eager: nothing to compile, no fake run."""
+    return config.mode != "eager" and config.inner_compiler != "eager"
+
+
 def _compile_piece(piece: fx.GraphModule, args: list, config: Config) -> Callable:
-    if config.mode == "eager" or config.inner_compiler == "eager":
-        return piece
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(piece, args)
+
+
+def _traced_fake(x, node: fx.Node, fake_mode):
+    """The fake of a Dynamo graph input with the symbols Dynamo traced it with (as AOTAutograd fakeifies inputs).
+
+    A bare `fake_mode.from_tensor(x)` came back with static sizes on torch 2.11 with CUDA inputs; running the pieces
+    on it guarded the token count to a constant, and Dynamo then rejected every mark_dynamic'd batch after the
+    first. If the fake still lacks the symbols of the placeholder's example value, an empty fake of that symbolic
+    shape stands in (pieces are compiled from shapes, dtypes and strides only).
+    """
+    if not isinstance(x, torch.Tensor):
+        return x
+    context = source = None
+    tracing = TracingContext.try_get()
+    if tracing is not None and x in tracing.tensor_to_context:
+        context = tracing.tensor_to_context[x]
+        source = context.tensor_source
+    fake = fake_mode.from_tensor(x, static_shapes=False, symbolic_context=context, source=source)
+    traced = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(traced, torch.Tensor) and _symbolic_dims(traced) - _symbolic_dims(fake):
+        with fake_mode:
+            fake = torch.empty_strided(traced.shape, traced.stride(), dtype=traced.dtype, device=traced.device)
+    return fake
+
+
+def _symbolic_dims(t: torch.Tensor) -> set[int]:
+    return {i for i, n in enumerate(t.shape) if isinstance(n, torch.SymInt)}
 
 
 class _CompilePieces(fx.Interpreter):
@@ -62,13 +92,15 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     stats.graphs_compiled += 1
     stats.pieces += len(info.pieces)
     stats.split_ops += len(info.split_nodes)
-    fake_mode = detect_fake_mode(example_inputs)
-    if fake_mode is None:  # called outside Dynamo (tests): compile with the real inputs
-        _CompilePieces(split_gm, config).run(*example_inputs)
-    else:  # Dynamo's fake mode memoizes its inputs: from_tensor gives the (symbolic) fakes it traced with
-        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-        with fake_mode:
-            _CompilePieces(split_gm, config).run(*fakes)
+    if _compiles_pieces(config):
+        fake_mode = detect_fake_mode(example_inputs)
+        if fake_mode is None:  # called outside Dynamo (tests): compile with the real inputs
+            _CompilePieces(split_gm, config).run(*example_inputs)
+        else:
+            placeholders = [n for n in split_gm.graph.nodes if n.op == "placeholder"]
+            fakes = [_traced_fake(x, n, fake_mode) for x, n in zip(example_inputs, placeholders, strict=True)]
+            with fake_mode:
+                _CompilePieces(split_gm, config).run(*fakes)
     log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)
     from hattn.runtime import build_runtime
 
