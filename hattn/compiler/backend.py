@@ -36,20 +36,21 @@ def _compile_piece(piece: fx.GraphModule, args: list, config: Config) -> Callabl
 def _traced_fake(x, node: fx.Node, fake_mode):
     """The fake of a Dynamo graph input with the symbols Dynamo traced it with (as AOTAutograd fakeifies inputs).
 
-    A bare `fake_mode.from_tensor(x)` came back with static sizes on torch 2.11 with CUDA inputs; running the pieces
-    on it guarded the token count to a constant, and Dynamo then rejected every mark_dynamic'd batch after the
-    first. If the fake still lacks the symbols of the placeholder's example value, an empty fake of that symbolic
-    shape stands in (pieces are compiled from shapes, dtypes and strides only).
+    Dynamo's example inputs are real: on torch 2.11 the token-count placeholder (a SymInt) arrives as a plain int,
+    and a bare `fake_mode.from_tensor(x)` may give static sizes. Running the pieces on either guards the token count
+    to a constant, and Dynamo then rejects every mark_dynamic'd batch after the first (seen on the H100). So a SymInt
+    placeholder gets its traced SymInt, and a tensor whose fake lacks the symbols of the placeholder's example value
+    gets an empty fake of that symbolic shape (pieces are compiled from shapes, dtypes and strides only).
     """
-    if not isinstance(x, torch.Tensor):
-        return x
+    traced = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(x, torch.Tensor):  # torch 2.11 passes a SymInt placeholder's example input as a plain int
+        return traced if isinstance(traced, torch.SymInt) else x
     context = source = None
     tracing = TracingContext.try_get()
     if tracing is not None and x in tracing.tensor_to_context:
         context = tracing.tensor_to_context[x]
         source = context.tensor_source
     fake = fake_mode.from_tensor(x, static_shapes=False, symbolic_context=context, source=source)
-    traced = node.meta.get("example_value", node.meta.get("val"))
     if isinstance(traced, torch.Tensor) and _symbolic_dims(traced) - _symbolic_dims(fake):
         with fake_mode:
             fake = torch.empty_strided(traced.shape, traced.stride(), dtype=traced.dtype, device=traced.device)

@@ -146,9 +146,11 @@ def test_graph_break_gives_several_graphs_each_split():
     assert be.stats.graphs_compiled == 2 and be.stats.split_ops == 3
 
 
-def test_inductor_pieces_keep_a_marked_dynamic_token_count_when_fakes_come_back_static(monkeypatch):
-    """torch 2.11 on CUDA: fake_mode.from_tensor gave Dynamo's inputs static sizes, the pieces' fake run guarded the
-    token count to a constant and Dynamo rejected every mark_dynamic'd batch. Forced here on CPU for any torch."""
+@pytest.mark.parametrize("ints_for_symints", [False, True])
+def test_inductor_pieces_keep_a_marked_dynamic_token_count_with_static_example_inputs(monkeypatch, ints_for_symints):
+    """torch 2.11 on CUDA gives the backend the token count's SymInt placeholder as a plain int (and fakes may come
+    back static); the pieces' fake run then guarded the token count to a constant and Dynamo rejected every
+    mark_dynamic'd batch. Forced here on CPU for any torch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from_tensor = FakeTensorMode.from_tensor
@@ -167,6 +169,8 @@ def test_inductor_pieces_keep_a_marked_dynamic_token_count_when_fakes_come_back_
         from torch._guards import detect_fake_mode
 
         detect_fake_mode(example_inputs)._hattn_test_backend_mode = True
+        if ints_for_symints:
+            example_inputs = [x.node.hint if isinstance(x, torch.SymInt) else x for x in example_inputs]
         return compile_graph(gm, example_inputs, config, stats)
 
     monkeypatch.setattr(FakeTensorMode, "from_tensor", static_from_tensor)
