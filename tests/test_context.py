@@ -32,6 +32,19 @@ def test_context_rejects_inconsistent_metadata():
             model(_ids(5, 0))
 
 
+def test_context_rejects_slots_and_lengths_outside_its_cache():
+    from hattn.models.cache import HybridCache, full_spec
+
+    cache = HybridCache({0: full_spec(2, 8)}, slots=3, max_len=16, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"sequence 1 uses cache slot 4 but the cache has slots 0..2"):
+        hattn.ForwardContext(seq_lens=[1, 1], context_lens=[0, 0], slots=[0, 4], cache=cache)
+    with pytest.raises(ValueError, match=r"sequence 0 uses cache slot -1"):
+        hattn.ForwardContext(seq_lens=[1], slots=[-1], cache=cache)
+    with pytest.raises(ValueError, match=r"needs 17 cache positions \(15 cached \+ 2 new\).*max_len=16"):
+        hattn.ForwardContext(seq_lens=[2], context_lens=[15], slots=[0], cache=cache)
+    hattn.ForwardContext(seq_lens=[1, 1], context_lens=[15, 0], slots=[2, cache.scratch_slot], cache=cache)
+
+
 def test_two_threads_two_models_no_cross_talk():
     models = [toy_model(seed=0), toy_model(seed=1, pattern=["full", "linear"])]
     packings = [[5, 2], [1, 1, 4]]

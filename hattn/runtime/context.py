@@ -58,6 +58,20 @@ class ForwardContext:
             )
         if any(s < 0 for s in self.seq_lens) or any(c < 0 for c in self.context_lens):
             raise ValueError("sequence and context lengths must be >= 0")
+        if self.cache is not None:
+            self._check_fits(self.cache)
+
+    def _check_fits(self, cache) -> None:
+        """Slots and lengths inside the cache (a bad one would index past it deep in a kernel, or write another
+        sequence's rows). The cache's scratch slot is allowed: graph runtimes point padding sequences at it."""
+        top, max_len = getattr(cache, "scratch_slot", None), getattr(cache, "max_len", None)
+        for i, (slot, n, past) in enumerate(zip(self.slots, self.seq_lens, self.context_lens)):
+            if top is not None and not 0 <= slot <= top:
+                raise ValueError(f"sequence {i} uses cache slot {slot} but the cache has slots 0..{top - 1}; "
+                                 f"take slots from cache.alloc() or build the cache with more slots")
+            if max_len is not None and past + n > max_len:
+                raise ValueError(f"sequence {i} needs {past + n} cache positions ({past} cached + {n} new) but the "
+                                 f"cache holds max_len={max_len}; build the cache with a larger max_len")
 
     @property
     def num_tokens(self) -> int:

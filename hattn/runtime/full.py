@@ -68,8 +68,10 @@ class FullGraphRuntime(GraphRuntime):
         return self.meta[size]
 
     def _context(self, user: ForwardContext, size: int) -> ForwardContext:
-        return ForwardContext(seq_lens=[1] * size, cache=user.cache, layer_kinds=user.layer_kinds,
-                              extra=user.extra, device=self._meta(size, _device_of(user.cache)))
+        # the real slots live in the device tensors; the host list only names the scratch slot
+        return ForwardContext(seq_lens=[1] * size, slots=[user.cache.scratch_slot] * size, cache=user.cache,
+                              layer_kinds=user.layer_kinds, extra=user.extra,
+                              device=self._meta(size, _device_of(user.cache)))
 
     def capture_context(self, size):
         user = get_forward_context()

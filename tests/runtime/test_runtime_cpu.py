@@ -178,3 +178,48 @@ def test_bcg_warmup_rejects_sdpa_but_not_inside_a_split_op():
     cap = _Capture()
     cap.in_split_op = True  # what a split op does inside (e.g. a fused SDPA kernel) runs eagerly: allowed
     watched(cap, _Sdpa(), (torch.randn(4, 8),))
+
+
+class FailingCapture(FakeGraphs):
+    """FakeGraphs whose capture of one size raises `error` (once, or every time)."""
+
+    def __init__(self, sizes, fail_size, error, once=True):
+        super().__init__(_rowwise, sizes)
+        self.fail_size, self.error, self.once = fail_size, error, once
+
+    def capture(self, size, args):
+        if size == self.fail_size and self.error is not None:
+            error = self.error
+            if self.once:
+                self.error = None
+            raise error
+        super().capture(size, args)
+
+
+def test_out_of_memory_in_capture_releases_graphs_and_runs_graph_free(caplog):
+    rt = FailingCapture([4, 8], 4, torch.OutOfMemoryError("CUDA out of memory"), once=False)
+    x = torch.randn(3)
+    with caplog.at_level(logging.WARNING, logger="hattn"):
+        torch.testing.assert_close(rt(x), _rowwise(x))
+    assert rt.failed == "out of memory while capturing graphs for 4 tokens"
+    assert "the graph pool was released" in caplog.text and "fewer or smaller capture_sizes" in caplog.text
+    assert rt.captured == set() and rt.pool is None  # size 8 (captured first) was dropped too
+    y = torch.randn(7)
+    torch.testing.assert_close(rt(y), _rowwise(y))  # still usable: graph-free, counted, no new capture
+    assert rt.order == [8] and rt.stats.eager_runs == 2 and rt.stats.replays == 0
+
+
+def test_interrupt_in_capture_restores_the_state_and_a_later_call_captures():
+    import gc
+
+    collect = gc.collect
+    rt = FailingCapture([4, 8], 4, KeyboardInterrupt())
+    x = torch.randn(3)
+    with hattn.forward_context(hattn.ForwardContext(seq_lens=[3])):
+        with pytest.raises(KeyboardInterrupt):
+            rt(x)
+        assert get_forward_context().seq_lens == [3]  # the caller's context, not the capture's
+    assert get_forward_context() is None and gc.collect is collect  # capture's gc patch undone
+    assert rt.captured == {8}
+    torch.testing.assert_close(rt(x), _rowwise(x))  # the next call captures what is missing, then replays
+    assert rt.captured == {4, 8} and rt.order == [8, 4] and rt.stats.replays == 1
