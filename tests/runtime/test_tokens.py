@@ -2,6 +2,7 @@
 token layouts of real Dynamo graphs (dynamic, static, several symbols)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -89,3 +90,25 @@ def test_layout_of_graph_with_two_symbols_has_a_reason():
 
     layout = _layout_of(TwoSizes(), torch.randn(5), torch.randn(7), dynamic=True)
     assert layout.reason is not None and "several dynamic sizes" in layout.reason
+
+
+def test_inputs_of_another_dtype_or_device_are_errors_naming_both():
+    layout = layout_from_args([torch.zeros(4, 3), torch.zeros(5)])  # arg 1 is owned (not token-dependent)
+    inputs = StaticInputs(layout)
+    inputs.fill(8, [torch.zeros(4, 3), torch.zeros(5)], 4)
+    with pytest.raises(TypeError, match=r"changed from torch.float32 on cpu to torch.float64 on cpu"):
+        inputs.fill(8, [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(5)], 4)
+    with pytest.raises(TypeError, match=r"changed from torch.float32 on cpu to torch.float32 on meta"):
+        inputs.fill(8, [torch.zeros(4, 3, device="meta"), torch.zeros(5)], 4)
+    with pytest.raises(TypeError, match=r"is torch.int64\[5\] on cpu but graphs were captured for torch.float32\[5\]"):
+        inputs.fill(8, [torch.zeros(4, 3), torch.zeros(5, dtype=torch.long)], 4)
+
+
+def test_non_contiguous_inputs_are_copied_into_the_static_buffers():
+    layout = layout_from_args([torch.zeros(4, 3)])
+    inputs = StaticInputs(layout)
+    x = torch.randn(3, 6).t()[:5]  # [5, 3], non-contiguous
+    (static,) = inputs.fill(8, [x], 5)
+    assert static.is_contiguous() and static.shape == (8, 3)
+    torch.testing.assert_close(static[:5], x)
+    assert static[5:].abs().sum() == 0
