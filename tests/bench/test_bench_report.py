@@ -104,6 +104,17 @@ def test_goals_missed_and_unknown():
     assert "bcg was not run" in by_goal["decode B=1: bcg <= 1.25x full"]["detail"]
 
 
+def test_capture_and_pool_goals_of_fewer_sizes_are_unknown_unless_missed():
+    r = good_result()
+    r["entries"]["pcg"].update(capture_s=1.4, capture_sizes_done=1, pool_bytes=2 * 2**20)
+    r["entries"]["bcg"].update(capture_s=11.0, capture_sizes_done=3)
+    by_goal = {g["goal"]: g for g in goals.evaluate(r)}
+    assert by_goal["pcg: capture of 16 sizes < 10 s"]["status"] == "unknown"
+    assert by_goal["pcg: graph pool memory < 5% of weight memory"]["status"] == "unknown"
+    assert "only 1 sizes captured" in by_goal["pcg: graph pool memory < 5% of weight memory"]["detail"]
+    assert by_goal["bcg: capture of 16 sizes < 10 s"]["status"] == "missed"  # already over with 3 sizes
+
+
 def test_prefill_goal_ignores_sizes_above_2048():
     r = good_result()
     r["entries"]["pcg"]["results"]["prefill/T4096/x1"]["ms"] = 999.0
