@@ -1,11 +1,48 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, run the GPU tests and the benchmarks, write logs under $OUT.
-# Usage (device tool, carry .whl): bash scripts/gpu_check.sh [pytest args...]
+# One device call: install the carried wheels, then run the parts named (default: all) under $OUT, each in its own
+# time box so a slow part cannot starve the rest. The last lines printed are a summary: part, exit code, seconds.
+#
+#   bash scripts/gpu_check.sh                       # tests kernels-tests runtime-tests models-tests demo rt-bench k-bench bench
+#   bash scripts/gpu_check.sh tests demo            # a subset
+#   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
+#
+# Wheels (carry=[".whl"]): fla-core, einops, hypothesis, sortedcontainers, pytest and its deps, rich and its deps,
+# and transformers 5.23 (the device's 5.17 lacks bailing_hybrid). Files under $OUT (the device tool returns 8 at
+# most): gpu_tests.log demo.log runtime_bench.log kernels_bench.log bench.log bench/{bench.json,bench.txt,bench.png}.
 set -uo pipefail
 OUT=${OUT:-/tmp/hattn-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
-nvidia-smi -L; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-python3 -m pytest -m gpu -q -p no:warnings -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$OUT/gpu_tests.log"
+nvidia-smi -L
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+
+PYTEST=(python3 -m pytest -m gpu -q -p no:warnings -p no:cacheprovider -rfE --durations=8)
+declare -A CMD=(
+  [tests]="${PYTEST[*]} tests/bench tests/compiler tests/passes tests/test_cli.py"
+  [kernels-tests]="${PYTEST[*]} tests/kernels"
+  [runtime-tests]="${PYTEST[*]} tests/runtime"
+  [models-tests]="${PYTEST[*]} tests/models"
+  [demo]="python3 -m hattn.cli demo"
+  [rt-bench]="python3 -m hattn.runtime.bench"
+  [k-bench]="python3 -m hattn.kernels.bench"
+  [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress"
+)
+declare -A LOG=([tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [models-tests]=gpu_tests
+                [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench)
+declare -A BOX=([tests]=120 [kernels-tests]=150 [runtime-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
+                [k-bench]=150 [bench]=480)
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests models-tests demo rt-bench k-bench bench)
+summary=()
+for part in "${parts[@]}"; do
+  [ -n "${CMD[$part]:-}" ] || { echo "unknown part $part; parts: ${!CMD[*]}"; exit 2; }
+  var="SECONDS_${part//-/_}"; box=${!var:-${BOX[$part]}}
+  log="$OUT/${LOG[$part]}.log"; start=$(date +%s)
+  echo "== $part (time box ${box}s)" | tee -a "$log"
+  timeout "$box" ${CMD[$part]} >>"$log" 2>&1; rc=$?
+  summary+=("$part rc=$rc $(( $(date +%s) - start ))s")
+  grep -vE '^\[transformers\]' "$log" | tail -n 15
+done
+printf '%s\n' "== summary (rc 124: the time box ran out)" "${summary[@]}"
