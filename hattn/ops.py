@@ -19,8 +19,7 @@ def _context(kind: str, layer_id: int, num_rows: int):
     return ctx
 
 
-@torch.library.custom_op("hattn::full_attention", mutates_args=("out",))
-def full_attention(
+def _full_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int, scale: float
 ) -> None:
     """Causal GQA attention of packed sequences over their KV cache.
@@ -31,13 +30,15 @@ def full_attention(
     full_attention_forward(q, k, v, out, layer_id, scale, ctx)
 
 
+full_attention = torch.library.custom_op("hattn::full_attention", mutates_args=("out",))(_full_attention)
+
+
 @full_attention.register_fake
 def _(q, k, v, out, layer_id, scale) -> None:
     return None
 
 
-@torch.library.custom_op("hattn::linear_attention", mutates_args=("out",))
-def linear_attention(
+def _linear_attention(
     mixed_qkv: torch.Tensor,
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
@@ -57,10 +58,13 @@ def linear_attention(
     linear_attention_forward(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx)
 
 
+linear_attention = torch.library.custom_op("hattn::linear_attention", mutates_args=("out",))(_linear_attention)
+
+
 @linear_attention.register_fake
 def _(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim) -> None:
     return None
 
 
-registry.register_split_op(torch.ops.hattn.full_attention, "full", capture_safe=True)
-registry.register_split_op(torch.ops.hattn.linear_attention, "linear", capture_safe=True)
+registry.register_split_op(torch.ops.hattn.full_attention, "full", capture_safe=True, direct=_full_attention)
+registry.register_split_op(torch.ops.hattn.linear_attention, "linear", capture_safe=True, direct=_linear_attention)

@@ -7,6 +7,7 @@ import torch.fx as fx
 
 import hattn
 import hattn.ops  # noqa: F401
+from hattn import registry
 from hattn.registry import RegistryError, check_route, is_split_op, runs_outside_graph, split_op_of
 
 
@@ -57,3 +58,27 @@ def test_op_call_with_mismatched_layer_table_is_an_error():
     with hattn.forward_context(hattn.ForwardContext(seq_lens=[5], layer_kinds={0: "full", 1: "full"})):
         with pytest.raises(RegistryError, match="layer 0 is a 'full' layer"):
             model(ids)
+
+
+def test_direct_call_skips_the_dispatcher_only_for_ops_with_a_direct_implementation():
+    op = torch.ops.hattn.full_attention
+    assert registry.direct_call(op.default) is not op.default
+    assert registry.direct_call(op).__name__ == "direct_hattn_full_attention"
+    assert registry.direct_call(torch.ops.hattn_test.scale) is torch.ops.hattn_test.scale  # no direct=: dispatcher
+    assert registry.direct_call(torch.ops.aten.add.Tensor) is torch.ops.aten.add.Tensor  # not a split op
+    with pytest.raises(RegistryError, match="direct= must be the op's implementation function"):
+        registry.register_split_op(torch.ops.hattn_test.scale, "testmix", direct=42)
+
+
+def test_direct_call_keeps_a_profiler_range_named_after_the_op():
+    calls = []
+    entry = registry.split_op_of(torch.ops.hattn_test.scale)
+    registry.register_split_op(torch.ops.hattn_test.scale, "testmix", direct=lambda x, f: calls.append(f) or x * f + 1)
+    try:
+        fn = registry.direct_call(torch.ops.hattn_test.scale.default)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = fn(torch.ones(2), 3.0)
+        assert out.tolist() == [4.0, 4.0] and calls == [3.0]
+        assert "hattn_test::scale" in {e.name for e in prof.events()}
+    finally:
+        registry.register_split_op(torch.ops.hattn_test.scale, "testmix", direct=entry.direct)

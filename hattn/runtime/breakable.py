@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hattn.compiler.config import DEFAULT_CAPTURE_SIZES
 from hattn.passes.guards import _ATTENTION_ATEN, _MIXER_NAME, UnregisteredAttentionError
-from hattn.registry import split_op_of
+from hattn.registry import direct_call, split_op_of
 from hattn.runtime.graphs import CaptureError, GraphRuntime, copy_if_moved, weak_refs
 from hattn.runtime.tokens import TokenLayout, layout_from_args
 from hattn.stats import Stats, new_stats
@@ -92,7 +92,7 @@ class _Capture:
             self.in_split_op = False
         self.split_calls += 1
         if self.stream is not None:
-            self.ops.append(_Recorded(func, args, kwargs, out))
+            self.ops.append(_Recorded(direct_call(func), args, kwargs, out))  # replays skip the dispatcher
         self.begin_segment()
         return out
 
