@@ -1,12 +1,12 @@
 """Helpers for family-defined split ops (KDA, lightning attention, Mamba2): walk the packed sequences of the
 forward context with each sequence's state slots, the way hattn's own ops do.
 
-    @torch.library.custom_op("hattn::kda_attention", mutates_args=("out",))
-    def kda_attention(x, ..., out, layer_id: int) -> None:
+    def _kda_attention(x, ..., out, layer_id: int) -> None:
         for rows, (conv_state, rec_state) in sequence_states("kda", layer_id, x.shape[0], fresh):
             out[rows] = ...           # one sequence, continuing from (and updating) its states in place
         out[num_tokens(x.shape[0]):] = 0
-    hattn.register_split_op(torch.ops.hattn.kda_attention, "kda")
+    kda_attention = torch.library.custom_op("hattn::kda_attention", mutates_args=("out",))(_kda_attention)
+    hattn.register_split_op(torch.ops.hattn.kda_attention, "kda", direct=_kda_attention)
 """
 from __future__ import annotations
 

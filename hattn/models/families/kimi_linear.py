@@ -41,8 +41,7 @@ def recurrent_kda(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     return out.to(v.dtype)
 
 
-@torch.library.custom_op("hattn::kda_attention", mutates_args=("out",))
-def kda_attention(
+def _kda_attention(
     mixed_qkv: torch.Tensor,
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
@@ -69,12 +68,15 @@ def kda_attention(
     out[num_tokens(rows_total):] = 0
 
 
+kda_attention = torch.library.custom_op("hattn::kda_attention", mutates_args=("out",))(_kda_attention)
+
+
 @kda_attention.register_fake
 def _(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id) -> None:
     return None
 
 
-registry.register_split_op(torch.ops.hattn.kda_attention, "kda")
+registry.register_split_op(torch.ops.hattn.kda_attention, "kda", direct=_kda_attention)
 
 
 def kda_core(module, mixed_qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,7 @@ def recurrent_lightning(q, k, v, slope: torch.Tensor, state: torch.Tensor) -> to
     return out.to(v.dtype)
 
 
-@torch.library.custom_op("hattn::lightning_attention", mutates_args=("out",))
-def lightning_attention(
+def _lightning_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, out: torch.Tensor, layer_id: int
 ) -> None:
     """Lightning attention of packed sequences. q, k, v, out: [T, H, D]; slope: [H].
@@ -48,12 +47,15 @@ def lightning_attention(
     out[num_tokens(q.shape[0]):] = 0
 
 
+lightning_attention = torch.library.custom_op("hattn::lightning_attention", mutates_args=("out",))(_lightning_attention)
+
+
 @lightning_attention.register_fake
 def _(q, k, v, slope, out, layer_id) -> None:
     return None
 
 
-registry.register_split_op(torch.ops.hattn.lightning_attention, "lightning")
+registry.register_split_op(torch.ops.hattn.lightning_attention, "lightning", direct=_lightning_attention)
 
 
 def lightning_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,

@@ -34,8 +34,7 @@ def recurrent_ssd(x, dt, a, b, c, d, state: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-@torch.library.custom_op("hattn::mamba2_mixer", mutates_args=("out",))
-def mamba2_mixer(
+def _mamba2_mixer(
     xbc: torch.Tensor,
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
@@ -64,12 +63,15 @@ def mamba2_mixer(
     out[num_tokens(xbc.shape[0]):] = 0
 
 
+mamba2_mixer = torch.library.custom_op("hattn::mamba2_mixer", mutates_args=("out",))(_mamba2_mixer)
+
+
 @mamba2_mixer.register_fake
 def _(xbc, conv_weight, conv_bias, dt, a, d, out, layer_id, n_groups, state_size) -> None:
     return None
 
 
-registry.register_split_op(torch.ops.hattn.mamba2_mixer, "mamba2")
+registry.register_split_op(torch.ops.hattn.mamba2_mixer, "mamba2", direct=_mamba2_mixer)
 
 
 def mamba2_forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
