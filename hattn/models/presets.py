@@ -109,6 +109,10 @@ PRESETS: dict[str, Callable] = {
 }
 
 
+class PresetUnavailable(ImportError):
+    """The installed transformers does not ship the family of a preset."""
+
+
 def preset_config(name: str):
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
@@ -120,10 +124,6 @@ def preset_config(name: str):
         raise PresetUnavailable(f"preset {name!r} needs a transformers release that ships its model family "
                                 f"({e}); installed: transformers {transformers.__version__}. Fix: "
                                 f"pip install -U 'transformers>=5.23'") from e
-
-
-class PresetUnavailable(ImportError):
-    """The installed transformers does not ship the family of a preset."""
 
 
 def random_model(config, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> torch.nn.Module:

@@ -10,8 +10,8 @@ import logging
 
 import torch.fx as fx
 
-from hattn.registry import direct_call, split_op_of
-from hattn.runtime.graph_free import graph_free
+from hattn.registry import split_op_of
+from hattn.runtime.graph_free import direct_split_ops, graph_free
 from hattn.runtime.tokens import TokenLayout, layout_from_examples
 
 log = logging.getLogger("hattn")
@@ -53,36 +53,22 @@ def _split_ops(split_gm: fx.GraphModule):
     return [op for op in map(split_op_of, split_gm.graph.nodes) if op is not None]
 
 
-def direct_split_ops(split_gm: fx.GraphModule) -> fx.GraphModule:
-    """Point the split graph's split-op calls at their direct implementations (`registry.direct_call`), for the
-    runtimes that run them eagerly from the graph: graph-free and pcg. BCG finds split ops through the dispatcher
-    and full captures them, so neither gets this. The op each node called stays in node.meta["split_op"]."""
-    changed = False
-    for node in split_gm.graph.nodes:
-        fn = direct_call(node.target) if split_op_of(node) is not None else node.target
-        if fn is not node.target:
-            node.meta["split_op"], node.target, changed = node.target, fn, True
-    if changed:
-        split_gm.recompile()
-    return split_gm
-
-
 def build_runtime(config, split_gm: fx.GraphModule, example_inputs, stats):
     """The callable that runs `split_gm` in `config.mode` (see the module docstring)."""
     if not config.uses_graphs:
-        return graph_free(direct_split_ops(split_gm), stats)
+        return graph_free(split_gm, stats)
     if config.mode == "full":
         from hattn.runtime.full import check_capture_safe
 
         check_capture_safe(_split_ops(split_gm))  # on every device, so CPU runs catch it too
     if not _on_cuda(example_inputs):
         _log_once("hattn: mode=%s runs graph-free on CPU (the inputs are not on a CUDA device)", config.mode)
-        return graph_free(direct_split_ops(split_gm), stats)
+        return graph_free(split_gm, stats)
     layout = graph_layout(split_gm)
     if layout.reason is not None:
         _log_once("hattn: mode=%s runs a graph graph-free: %s", config.mode, layout.reason)
         stats.graph_free_graphs += 1
-        return graph_free(direct_split_ops(split_gm), stats)
+        return graph_free(split_gm, stats)
     sizes, progress = config.capture_sizes, config.progress
     if config.mode == "pcg":
         from hattn.runtime.piecewise import PiecewiseRuntime

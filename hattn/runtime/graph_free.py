@@ -6,12 +6,29 @@ from typing import Callable
 
 import torch.fx as fx
 
+from hattn.registry import direct_call, split_op_of
 from hattn.stats import Stats
 
 
 def graph_free(split_gm: fx.GraphModule, stats: Stats) -> Callable:
+    direct_split_ops(split_gm)
+
     def run(*args):
         stats.eager_runs += 1
         return split_gm(*args)
 
     return run
+
+
+def direct_split_ops(split_gm: fx.GraphModule) -> fx.GraphModule:
+    """Point the split graph's split-op calls at their direct implementations (`registry.direct_call`), for the
+    runtimes that run them eagerly from the graph: graph-free and pcg. BCG finds split ops through the dispatcher
+    and full captures them, so neither gets this. The op each node called stays in node.meta["split_op"]."""
+    changed = False
+    for node in split_gm.graph.nodes:
+        fn = direct_call(node.target) if split_op_of(node) is not None else node.target
+        if fn is not node.target:
+            node.meta["split_op"], node.target, changed = node.target, fn, True
+    if changed:
+        split_gm.recompile()
+    return split_gm

@@ -156,9 +156,10 @@ class GraphRuntime:
     def __call__(self, *args):
         n = self.layout.num_tokens(args) if self.layout.has_tokens else None
         size = pick_size(self.sizes, n) if n is not None else 0
-        if size is not None and size not in self.captured and self.layout.reason is None and self.failed is None:
-            self.capture_all(args)
-        if size is None or self.layout.reason is not None or self.failed is not None:
+        graphs = size is not None and self.layout.reason is None
+        if graphs and self.failed is None and size not in self.captured:
+            self.capture_all(args)  # may give graphs up (self.failed: out of memory)
+        if not graphs or self.failed is not None:
             self.stats.eager_runs += 1  # above the largest capture size (or no graphs): graph-free, counted
             with _step_context(n):
                 return self.fn(*args)
