@@ -21,7 +21,7 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 
 PYTEST=(python3 -m pytest -m gpu -q -p no:warnings -p no:cacheprovider -rfE --durations=8)
 declare -A CMD=(
-  [tests]="${PYTEST[*]} tests/bench tests/compiler tests/passes tests/test_cli.py"
+  [tests]="${PYTEST[*]} tests --ignore=tests/kernels --ignore=tests/runtime --ignore=tests/models"
   [kernels-tests]="${PYTEST[*]} tests/kernels"
   [runtime-tests]="${PYTEST[*]} tests/runtime"
   [models-tests]="${PYTEST[*]} tests/models"

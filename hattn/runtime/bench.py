@@ -18,8 +18,8 @@ import time
 import torch
 
 import hattn
-from hattn.models.cache import HybridCache, full_spec, linear_spec
-from hattn.models.toy import toy_model
+from hattn.models.cache import HybridCache
+from hattn.models.toy import toy_cache, toy_model
 
 SIZES16 = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048]
 
@@ -31,11 +31,7 @@ def _model(layers: int):
 
 
 def _cache(model, batch: int, max_len: int = 1024) -> HybridCache:
-    c = model.config
-    conv = 2 * c.k_heads * c.k_dim + c.v_heads * c.v_dim
-    specs = {i: full_spec(c.kv_heads, c.head_dim) if k == "full" else
-             linear_spec(conv, c.conv_kernel, c.v_heads, c.k_dim, c.v_dim) for i, k in enumerate(c.pattern)}
-    return HybridCache(specs, batch, max_len, torch.bfloat16, "cuda")
+    return toy_cache(model.config, batch, max_len, torch.bfloat16, "cuda")
 
 
 def _context(n: int, cache: HybridCache | None):

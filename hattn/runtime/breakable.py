@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hattn.compiler.config import DEFAULT_CAPTURE_SIZES
 from hattn.passes.guards import _ATTENTION_ATEN, _MIXER_NAME, UnregisteredAttentionError
 from hattn.registry import direct_call, split_op_of
-from hattn.runtime.graphs import CaptureError, GraphRuntime, copy_if_moved, weak_refs
+from hattn.runtime.graphs import CAPTURE_ERROR_MODE, CaptureError, GraphRuntime, copy_if_moved, weak_refs
 from hattn.runtime.tokens import TokenLayout, layout_from_args
 from hattn.stats import Stats, new_stats
 
@@ -60,7 +60,7 @@ class _Capture:
             return
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(self.stream):
-            self.graph.capture_begin(pool=self.pool)
+            self.graph.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_ERROR_MODE)
         for s in self.side.values():  # streams the model forked before keep running inside the new segment
             s.wait_stream(self.stream)
 

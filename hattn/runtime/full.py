@@ -15,7 +15,7 @@ import torch
 
 from hattn.registry import SplitOp
 from hattn.runtime.context import ForwardContext, forward_context, get_forward_context
-from hattn.runtime.graphs import GraphRuntime, copy_if_moved, weak_refs
+from hattn.runtime.graphs import CAPTURE_ERROR_MODE, GraphRuntime, copy_if_moved, weak_refs
 from hattn.runtime.tokens import TokenLayout, pick_size
 from hattn.stats import Stats
 
@@ -97,7 +97,7 @@ class FullGraphRuntime(GraphRuntime):
     def capture(self, size: int, args: list) -> None:
         self.fn(*args)  # warm-up
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=CAPTURE_ERROR_MODE):
             out = self.fn(*args)
         self.graphs[size] = (graph, list(args), weak_refs(out))
         self.stats.cuda_graphs += 1

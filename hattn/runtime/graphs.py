@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import threading
 import time
 from unittest import mock
 
@@ -21,6 +22,11 @@ from hattn.runtime.tokens import StaticInputs, TokenLayout, pick_size, unpad_out
 from hattn.stats import Stats
 
 log = logging.getLogger("hattn")
+# Captures are serialized process-wide: capture's gc/empty_cache patch is global, and two stream captures at once in
+# one process are fragile. Each capture also uses the "thread_local" error mode, so another thread's eager work
+# (a cudaMalloc, a sync) does not invalidate it. Replays and graph-free runs take no lock.
+CAPTURE_LOCK = threading.RLock()
+CAPTURE_ERROR_MODE = "thread_local"
 
 
 class CaptureError(RuntimeError):
@@ -178,7 +184,7 @@ class GraphRuntime:
         todo = sorted((s for s in self.sizes if s not in self.captured), reverse=True)
         start, reserved = time.perf_counter(), _reserved()
         bar = tqdm(todo, desc=f"hattn {self.name} capture", unit="size", disable=not self.progress or len(todo) < 2)
-        with no_gc_in_capture():
+        with CAPTURE_LOCK, no_gc_in_capture():
             for size in bar:
                 bar.set_postfix(tokens=size)
                 self._capture_one(size, args)

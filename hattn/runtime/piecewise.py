@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from hattn.runtime.graphs import GraphRuntime, copy_if_moved, storage_ptr, weak_ref, weak_refs
+from hattn.runtime.graphs import (CAPTURE_ERROR_MODE, GraphRuntime, copy_if_moved, storage_ptr, weak_ref,
+                                  weak_refs)
 from hattn.runtime.tokens import TokenLayout
 from hattn.stats import Stats
 
@@ -37,7 +38,7 @@ class _PieceGraphs(torch.nn.Module):
     def _capture(self, size: int, args):
         self.fn(*args)  # warm-up (lazy init, autotuning) outside the graph
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.runtime.pool):
+        with torch.cuda.graph(graph, pool=self.runtime.pool, capture_error_mode=CAPTURE_ERROR_MODE):
             out = self.fn(*args)
         # what earlier graphs of this size produced is pool memory: keep weak references, so the next size's
         # capture can reuse it; anything else (inputs, eager split-op results) stays owned here
@@ -59,8 +60,9 @@ class PiecewiseRuntime(GraphRuntime):
         super().__init__(self._run_eager, layout, sizes, stats, progress)
         self.split_gm, self.phase, self.size = split_gm, "eager", 0
         self.pooled: set[int] = set()  # storages allocated by the graphs of the size being captured
-        for name in pieces:
-            split_gm.register_module(name, _PieceGraphs(split_gm.get_submodule(name), self))
+        self.pieces = [_PieceGraphs(split_gm.get_submodule(name), self) for name in pieces]
+        for name, piece in zip(pieces, self.pieces):
+            split_gm.register_module(name, piece)
 
     def _run(self, phase: str, size: int, args):
         self.phase, self.size = phase, size
@@ -80,3 +82,8 @@ class PiecewiseRuntime(GraphRuntime):
 
     def replay(self, size: int, args: list):
         return self._run("replay", size, args)
+
+    def release(self) -> None:
+        for piece in self.pieces:
+            piece.graphs.clear()
+        super().release()

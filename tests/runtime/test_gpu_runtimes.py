@@ -12,8 +12,7 @@ from torch import nn
 
 import hattn
 from hattn.kernels.attention.decode import decode_attention_reference
-from hattn.models.cache import HybridCache, full_spec, linear_spec
-from hattn.models.toy import ToyConfig, ToyHybridModel, toy_model
+from hattn.models.toy import ToyConfig, ToyHybridModel, toy_cache, toy_model
 from hattn.passes.guards import UnregisteredAttentionError
 from hattn.runtime import BreakableGraphRunner
 
@@ -238,10 +237,7 @@ def test_one_pool_for_sixteen_sizes(mode):
 
 # -- full graph: decode steps with a cache ------------------------------------------------------------------------
 def _toy_cache(c: ToyConfig, slots=8, max_len=64):
-    conv_dim = 2 * c.k_heads * c.k_dim + c.v_heads * c.v_dim
-    specs = {i: full_spec(c.kv_heads, c.head_dim) if k == "full" else
-             linear_spec(conv_dim, c.conv_kernel, c.v_heads, c.k_dim, c.v_dim) for i, k in enumerate(c.pattern)}
-    return HybridCache(specs, slots, max_len, torch.float32, "cuda")
+    return toy_cache(c, slots, max_len, torch.float32, "cuda")
 
 
 @pytest.mark.parametrize("mode", ["full", "pcg", "bcg"])
