@@ -19,20 +19,21 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 
-PYTEST=(python3 -m pytest -m gpu -q -p no:warnings -p no:cacheprovider -rfE --durations=8)
+PYTEST=(python3 -m pytest -m gpu -v -p no:warnings -p no:cacheprovider -rfE --durations=8)
 declare -A CMD=(
   [tests]="${PYTEST[*]} tests --ignore=tests/kernels --ignore=tests/runtime --ignore=tests/models"
   [kernels-tests]="${PYTEST[*]} tests/kernels"
   [runtime-tests]="${PYTEST[*]} tests/runtime"
+  [faults-tests]="${PYTEST[*]} tests/runtime/test_gpu_faults.py tests/test_fuzz_modes.py"
   [models-tests]="${PYTEST[*]} tests/models"
   [demo]="python3 -m hattn.cli demo"
   [rt-bench]="python3 -m hattn.runtime.bench"
   [k-bench]="python3 -m hattn.kernels.bench"
   [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress"
 )
-declare -A LOG=([tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [models-tests]=gpu_tests
+declare -A LOG=([tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench)
-declare -A BOX=([tests]=120 [kernels-tests]=150 [runtime-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
+declare -A BOX=([tests]=120 [kernels-tests]=150 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
                 [k-bench]=150 [bench]=480)
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests models-tests demo rt-bench k-bench bench)
 summary=()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import hattn
@@ -12,14 +12,14 @@ from hattn.models.toy import toy_cache, toy_model
 
 
 @st.composite
-def cases(draw):
+def cases(draw, linear_heads=((1, 1), (1, 2), (2, 2), (2, 4))):
     pattern = draw(st.lists(st.sampled_from(["full", "linear"]), min_size=1, max_size=4))
-    k_heads = draw(st.sampled_from([1, 2]))
+    k_heads, v_heads = draw(st.sampled_from(linear_heads))
     shape = dict(
         pattern=pattern,
         hidden=draw(st.sampled_from([16, 32])),
         heads=4, kv_heads=draw(st.sampled_from([1, 2, 4])), head_dim=draw(st.sampled_from([8, 16])),
-        k_heads=k_heads, v_heads=k_heads * draw(st.sampled_from([1, 2])), k_dim=8, v_dim=8,
+        k_heads=k_heads, v_heads=v_heads, k_dim=8, v_dim=8,
         conv_kernel=draw(st.sampled_from([2, 4])), intermediate=32,
     )
     seq_lens = draw(st.lists(st.integers(0, 9), min_size=1, max_size=4).filter(lambda s: sum(s) > 0))
@@ -39,13 +39,18 @@ def test_every_mode_equals_eager_on_random_configs(case):
 
 
 # -- the same on the GPU: graph modes over random configs (pcg/bcg: packed prefill batches; full: decode steps) ----
+# The linear layers' head counts are fixed on the GPU: flash-linear-attention autotunes its kernels for every new
+# head shape (tens of seconds each), which would spend the run on autotuning. A failing example is reported as
+# drawn (no shrinking: every example compiles and captures a model).
+GPU_CASES = cases(linear_heads=((2, 4),))
+GPU_SETTINGS = settings(max_examples=15, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 GPU_SIZES = [1, 2, 4, 8, 16]  # packings reach 36 tokens: above 16 runs graph-free
 GPU_TOL = dict(rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("mode", ["pcg", "bcg"])
-@settings(max_examples=20, deadline=None)
-@given(case=cases())
+@GPU_SETTINGS
+@given(case=GPU_CASES)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_modes_equal_eager_on_random_configs_gpu(mode, case):
@@ -71,8 +76,8 @@ def _random_cache(model, seed):
     return cache
 
 
-@settings(max_examples=20, deadline=None)
-@given(case=cases(), data=st.data())
+@GPU_SETTINGS
+@given(case=GPU_CASES, data=st.data())
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_full_graph_decode_equals_eager_on_random_configs_gpu(case, data):

@@ -184,12 +184,19 @@ class GraphRuntime:
         todo = sorted((s for s in self.sizes if s not in self.captured), reverse=True)
         start, reserved = time.perf_counter(), _reserved()
         bar = tqdm(todo, desc=f"hattn {self.name} capture", unit="size", disable=not self.progress or len(todo) < 2)
-        with CAPTURE_LOCK, no_gc_in_capture():
-            for size in bar:
-                bar.set_postfix(tokens=size)
-                self._capture_one(size, args)
-                if self.failed is not None:
-                    break
+        try:
+            with CAPTURE_LOCK, no_gc_in_capture():
+                for size in bar:
+                    bar.set_postfix(tokens=size)
+                    self._capture_one(size, args)
+                    if self.failed is not None:
+                        break
+        except BaseException:
+            if not self.captured:
+                # the aborted capture's graphs were the pool's only users: torch's caching host allocator does not
+                # take a pool id back once its use count fell to zero (an internal assert at the next capture)
+                self.pool = None
+            raise
         _sync()
         self.stats.capture_seconds += time.perf_counter() - start
         # the pool's segments; if the allocator's snapshot does not name pools, what capture added to the reserve
@@ -217,4 +224,5 @@ class GraphRuntime:
         self.captured.clear()
         self.pool = None
         if _cuda():
-            torch.cuda.empty_cache()
+            with CAPTURE_LOCK:  # empty_cache frees device memory, which CUDA forbids while any stream captures
+                torch.cuda.empty_cache()
