@@ -3,7 +3,8 @@
 Batch metadata comes as device tensors (slots, context lengths) that the full-graph runtime refills before each
 replay; caches and states are read and written in place at their slots. Padding rows point at the cache's
 scratch slot. On CUDA the linear-attention step is the fused Triton step
-(`hattn.kernels.gated_delta.fused_decode`); elsewhere its torch reference runs.
+(`hattn.kernels.gated_delta.fused_decode`); elsewhere, or for head dims its tiles cannot take (not a power of two
+>= 16), its torch reference runs.
 """
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import torch
 
 from hattn.kernels.attention.decode import full_attention_decode  # noqa: F401  (re-exported)
 from hattn.kernels.gated_delta.reference import linear_attention_decode_reference
-from hattn.kernels.launch import use_triton
+from hattn.kernels.launch import pow2_dims, use_triton, warn_reference
+
+
+def gated_delta_triton(head_k_dim: int, head_v_dim: int) -> bool:
+    """Whether the Triton/fla gated-delta kernels serve these head dims (else the torch reference, logged once)."""
+    if pow2_dims(head_k_dim, head_v_dim):
+        return True
+    warn_reference("gated delta rule", (head_k_dim, head_v_dim))
+    return False
 
 
 def linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots,
@@ -23,7 +32,7 @@ def linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, con
     context_lens: [B] int (device) or None; a 0 marks a new sequence, whose slot's states start from zeros.
     conv_state = rec_state = slots = None: no cache (zero states, nothing written).
     """
-    if use_triton(mixed_qkv):
+    if use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[-1]):
         from hattn.kernels.gated_delta.fused_decode import fused_gdn_decode  # needs triton: CUDA installs only
 
         return fused_gdn_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots,

@@ -11,7 +11,7 @@ import torch
 
 from hattn.kernels.attention.reference import causal_attention
 from hattn.kernels.conv1d.reference import causal_conv1d
-from hattn.kernels.decode import full_attention_decode, linear_attention_decode
+from hattn.kernels.decode import full_attention_decode, gated_delta_triton, linear_attention_decode
 from hattn.kernels.gated_delta.reference import recurrent_gated_delta_rule
 from hattn.kernels.launch import use_triton
 from hattn.runtime.context import ForwardContext
@@ -70,7 +70,7 @@ def linear_attention_forward(
                                        ctx.device["slots"], num_k_heads, head_k_dim, ctx.device.get("context_lens"))
     _check_rows(ctx, mixed_qkv.shape[0], "linear_attention")
     states = ctx.cache.linear_state(layer_id) if ctx.cache is not None else None
-    if use_triton(mixed_qkv):
+    if use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[2]):
         return _linear_cuda(mixed_qkv, conv_weight, conv_bias, g, beta, out, states, num_k_heads, head_k_dim, ctx)
     hv, dv = out.shape[1], out.shape[2]
     key_dim = num_k_heads * head_k_dim

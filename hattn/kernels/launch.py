@@ -44,10 +44,26 @@ def check_shape(what: str, name: str, t: torch.Tensor | None, shape: tuple) -> N
         raise ValueError(f"{what}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
 
 
+def pow2_dims(*dims: int) -> bool:
+    """Whether every head dim is a power of two >= 16: what the Triton (and fla) tile shapes need."""
+    return all(d >= 16 and not d & (d - 1) for d in dims)
+
+
 def check_pow2(what: str, **dims: int) -> None:
     for name, d in dims.items():
-        if d < 16 or d & (d - 1):
+        if not pow2_dims(d):
             raise ValueError(f"{what}: {name}={d} must be a power of two >= 16 (e.g. 64, 128, 256)")
+
+
+@functools.cache
+def warn_reference(what: str, dims: tuple[int, ...]) -> None:
+    """Once per (op, head dims): the Triton kernels cannot serve these dims, the torch reference runs instead."""
+    import logging
+
+    logging.getLogger("hattn").warning(
+        "hattn: %s head dims %s are not powers of two >= 16, which its Triton kernels need; the torch reference "
+        "serves them instead (correct, capture-safe, slower)", what, dims,
+    )
 
 
 def check_last_contiguous(what: str, **tensors: torch.Tensor | None) -> None:

@@ -7,6 +7,8 @@ autotuning. Tolerance for fla (bf16 tensor-core math): relative error 3e-2 on ou
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from hattn.kernels.decode import linear_attention_decode
 from hattn.kernels.dispatch import linear_attention_forward
 from hattn.kernels.gated_delta.chunk import fla_chunk
 from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed, linear_attention_decode_reference
+from hattn.kernels.launch import warn_reference
 from hattn.runtime.context import ForwardContext
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -89,9 +92,19 @@ def test_prefill_without_fla_runs_the_torch_reference(dtype, tol, monkeypatch, n
     assert out_err < tol and state_err < tol, (out_err, state_err)
 
 
-@pytest.mark.parametrize("with_cache", [True, False])
-def test_dispatch_decode_batch_is_the_fused_step_and_zeroes_padding(with_cache, nan_empty):
-    hk, hv, d, b = 2, 4, 64, 5
+@pytest.mark.parametrize("d", [8, 24])
+def test_head_dims_the_kernels_cannot_tile_run_the_torch_reference(d, caplog, nan_empty):
+    """Found by the GPU fuzz: a model with 8-wide linear heads raised in the fused decode step."""
+    warn_reference.cache_clear()
+    caplog.set_level(logging.WARNING, logger="hattn")
+    out_err, state_err = _prefill(2, 4, d, torch.float32, [9, 1, 0, 4], [0, 2, 0, 4], [1, 4, 2, 7], 2)
+    assert out_err < 1e-4 and state_err < 1e-4, (out_err, state_err)
+    assert f"head dims ({d}, {d}) are not powers of two >= 16" in caplog.text
+    _dispatch_decode(d, with_cache=True)
+
+
+def _dispatch_decode(d: int, with_cache: bool):
+    hk, hv, b = 2, 4, 5
     mixed, w, g, beta = _inputs(b + 2, hk, hv, d, d, 4, torch.bfloat16, 3)
     cache = _Cache(8, mixed.shape[1], 4, hv, d, d, torch.bfloat16, 3) if with_cache else None
     slots, past = [6, 0, 3, 1, 7], [4, 0, 9, 1, 2]
@@ -107,6 +120,11 @@ def test_dispatch_decode_batch_is_the_fused_step_and_zeroes_padding(with_cache, 
     assert _rel(out[:b], want) < 1e-2
     if cache:
         torch.testing.assert_close(cache.rec, states[1], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_dispatch_decode_batch_is_the_fused_step_and_zeroes_padding(with_cache, nan_empty):
+    _dispatch_decode(64, with_cache)
 
 
 def test_decode_step_captured_in_graph_matches_reference_and_spares_other_slots():
