@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import TracingContext, detect_fake_mode
 
 from hattn.compiler.config import Config
@@ -100,7 +101,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
         else:
             placeholders = [n for n in split_gm.graph.nodes if n.op == "placeholder"]
             fakes = [_traced_fake(x, n, fake_mode) for x, n in zip(example_inputs, placeholders, strict=True)]
-            with fake_mode:
+            # the python dispatcher, as Dynamo traces: without it some CUDA kernels' C++ decompositions (linear on a
+            # 3-d input) call aten.size, whose fake handler guards every symbolic size to its example value
+            with fake_mode, enable_python_dispatcher():
                 _CompilePieces(split_gm, config).run(*fakes)
     log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)
     from hattn.runtime import build_runtime
