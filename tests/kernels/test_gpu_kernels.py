@@ -118,8 +118,9 @@ def _dispatch_decode(d: int, with_cache: bool):
     linear_attention_forward(mixed, w, None, g, beta, out, 0, hk, d, ctx)
     assert (out[b:] == 0).all()
     assert _rel(out[:b], want) < 1e-2
-    if cache:
-        torch.testing.assert_close(cache.rec, states[1], rtol=2e-3, atol=2e-3)
+    if cache:  # the torch path rounds the conv output to bf16 before the delta rule: a looser bound
+        tol = 2e-3 if d == 64 else 5e-3
+        torch.testing.assert_close(cache.rec, states[1], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("with_cache", [True, False])
