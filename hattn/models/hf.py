@@ -193,6 +193,11 @@ class HybridLM(nn.Module):
         return text_config(self.hf.config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # also ties the two sizes under Dynamo: families without rotary embeddings never relate positions to the
+        # tokens, and two dynamic sizes would leave graph modes graph-free
+        if positions.shape != input_ids.shape:
+            raise ValueError(f"positions has shape {tuple(positions.shape)} but input_ids {tuple(input_ids.shape)}: "
+                             f"pass one position per token")
         out = self.hf(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False)
         return out.logits[0]
 

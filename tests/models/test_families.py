@@ -1,7 +1,9 @@
 """Every adapted family == its unmodified transformers model: logits of a packed prefill, 32 greedy tokens."""
 import torch
 
-from hattn.models.generate import SamplingParams, generate
+from hattn.models.generate import SamplingParams, generate, run_step
+from hattn.passes.split import split_graph
+from hattn.runtime import graph_layout
 from hattn.runtime.context import ForwardContext, forward_context
 
 NEW_TOKENS = 32  # as conftest's reference
@@ -58,3 +60,23 @@ def test_padding_rows_leave_real_rows_unchanged(family_case):
             decode = c.lm(torch.tensor([1, 2, 3] + [0] * extra), torch.tensor(lens + [0] * extra))
         outs.append((prefill[:len(ids)], decode[:3]))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_the_token_count_is_the_one_dynamic_size_of_the_graph(family_case):
+    """Graph modes need one dynamic size. A family without rotary embeddings (Kimi-Linear, Nemotron-H) never relates
+    positions to input_ids, so Dynamo gave each its own symbol and pcg/bcg fell back to graph-free (seen on the H100);
+    the adapter's shape check ties them."""
+    c = family_case
+    layouts = []
+
+    def record(gm, example_inputs):
+        layouts.append(graph_layout(split_graph(gm)[0]))
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(c.lm, backend=record)
+    ids = torch.tensor([t for p in c.prompts for t in p])
+    pos = torch.cat([torch.arange(len(p)) for p in c.prompts])
+    ctx = ForwardContext(seq_lens=[len(p) for p in c.prompts], layer_kinds=c.lm.layer_kinds)
+    run_step(compiled, ctx, ids, pos)
+    assert layouts and all(layout.reason is None for layout in layouts), [layout.reason for layout in layouts]
