@@ -2,7 +2,7 @@
 # One device call: install the carried wheels, then run the parts named (default: all) under $OUT, each in its own
 # time box so a slow part cannot starve the rest. The last lines printed are a summary: part, exit code, seconds.
 #
-#   bash scripts/gpu_check.sh                       # tests kernels-tests runtime-tests models-tests demo rt-bench k-bench bench
+#   bash scripts/gpu_check.sh                       # tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench
 #   bash scripts/gpu_check.sh tests demo            # a subset
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
 #
@@ -35,7 +35,7 @@ declare -A LOG=([tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench)
 declare -A BOX=([tests]=120 [kernels-tests]=150 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
                 [k-bench]=150 [bench]=480)
-parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests models-tests demo rt-bench k-bench bench)
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench)
 summary=()
 for part in "${parts[@]}"; do
   [ -n "${CMD[$part]:-}" ] || { echo "unknown part $part; parts: ${!CMD[*]}"; exit 2; }
