@@ -23,7 +23,7 @@ PYTEST=(python3 -m pytest -m gpu -v -p no:warnings -p no:cacheprovider -rfE --du
 declare -A CMD=(
   [tests]="${PYTEST[*]} tests --ignore=tests/kernels --ignore=tests/runtime --ignore=tests/models --ignore=tests/test_fuzz_modes.py"
   [kernels-tests]="${PYTEST[*]} tests/kernels"
-  [runtime-tests]="${PYTEST[*]} tests/runtime"
+  [runtime-tests]="${PYTEST[*]} tests/runtime --ignore=tests/runtime/test_gpu_faults.py"
   [faults-tests]="${PYTEST[*]} tests/runtime/test_gpu_faults.py tests/test_fuzz_modes.py"
   [models-tests]="${PYTEST[*]} tests/models"
   [demo]="python3 -m hattn.cli demo"
