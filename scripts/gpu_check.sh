@@ -33,13 +33,13 @@ declare -A CMD=(
 )
 declare -A LOG=([tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench)
-declare -A BOX=([tests]=120 [kernels-tests]=150 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
+declare -A BOX=([tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
                 [k-bench]=150 [bench]=480)
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench)
 summary=()
 for part in "${parts[@]}"; do
   [ -n "${CMD[$part]:-}" ] || { echo "unknown part $part; parts: ${!CMD[*]}"; exit 2; }
-  var="SECONDS_${part//-/_}"; box=${!var:-${BOX[$part]}}
+  var="SECONDS_${part//-/_}"; var=${var^^}; box=${!var:-${BOX[$part]}}
   log="$OUT/${LOG[$part]}.log"; start=$(date +%s)
   echo "== $part (time box ${box}s)" | tee -a "$log"
   timeout "$box" ${CMD[$part]} >>"$log" 2>&1; rc=$?

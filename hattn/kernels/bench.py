@@ -7,10 +7,13 @@ ours vs fla vs the torch reference (reference at small sizes only).
 Decode is timed as `mode="full"` runs it: one CUDA graph holding the step of K layers (each with its own states,
 K * state >= 256 MB so states come from HBM, not L2), time per layer. Achieved bandwidth counts recurrent state
 read+write, conv state read+write, inputs, outputs, weights; "xfloor" = time / (bytes / peak), the goal being
-<= 1.2 at batch >= 32 with peak ~3.0 TB/s (H100). fla decode = gather states + `fused_recurrent_gated_delta_rule`
-+ scatter (no conv: fla has none indexed by slot). Prefill runs eagerly: "wall" is triton's do_bench (host
-launch overhead included, L2 flushed), "gpu" the summed kernel time from torch.profiler; fla prefill = fla's
-`causal_conv1d` + `chunk_gated_delta_rule`, both given host and device cu_seqlens built per call as ours are.
+<= 1.2 at batch >= 32 with peak ~3.0 TB/s (H100); "copy" times a plain copy of the same state bytes in the same
+harness (launch, ramp and tail included), about the best a step can do at that size. fla decode = gather states
++ `fused_recurrent_gated_delta_rule` + scatter (no conv: fla has none indexed by slot). Prefill runs eagerly: "wall"
+is triton's do_bench (host launch overhead included, L2 flushed), "gpu" the summed kernel time from torch.profiler;
+fla prefill = fla's `causal_conv1d` + `chunk_gated_delta_rule` (q/k L2 norm in fla), given host and device
+cu_seqlens built per call, as ours builds its `PackedBatch` per call (a model builds it once per step for all its
+layers).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from hattn.kernels.gated_delta.chunk import fla_chunk
 from hattn.kernels.gated_delta.fused_decode import default_config, fused_gdn_decode
 from hattn.kernels.gated_delta.packed import linear_attention_packed
 from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed, linear_attention_decode_reference
+from hattn.kernels.packing import PackedBatch
 
 SHAPES = {"qwen3-next 16/32x128": (16, 32, 128), "1B-class 16/16x128": (16, 16, 128)}
 WIDTH, DTYPE = 4, torch.bfloat16
@@ -118,6 +122,14 @@ def _decode_layers(b, hk, hv, d):
     return layers
 
 
+def _copy_us(layers) -> float:
+    """A plain device copy of each layer's recurrent-state bytes, in the same graph harness: the same traffic as
+    the step's state read + write, with a copy kernel's launch, ramp and tail: what this size costs at best."""
+    pairs = [(t["rec_state"][:t["out"].shape[0]], torch.empty_like(t["rec_state"][:t["out"].shape[0]]))
+             for t in layers]
+    return _graph_us([lambda s=s, d=d: d.copy_(s) for s, d in pairs])
+
+
 def _ours(t, hk, d, config=None):
     return lambda: fused_gdn_decode(num_k_heads=hk, head_k_dim=d, config=config, **t)
 
@@ -128,20 +140,21 @@ def _reference(t, hk, d):
 
 def bench_decode(batches, peak):
     print(f"\n## decode step per layer in a CUDA graph (bf16 in, fp32 state), peak {peak:.1f} TB/s; times in us")
-    print(f"{'shape':22} {'B':>4} {'ours':>9} {'fla':>9} {'torch':>9} {'fla/ours':>8} {'torch/ours':>10} "
-          f"{'GB/s':>7} {'%peak':>6} {'xfloor':>6}")
+    print("(copy: a plain device copy of the same state bytes in the same harness; xcopy = ours / copy)")
+    print(f"{'shape':22} {'B':>4} {'ours':>9} {'fla':>9} {'torch':>9} {'copy':>9} {'fla/ours':>8} {'torch/ours':>10} "
+          f"{'GB/s':>7} {'%peak':>6} {'xfloor':>6} {'xcopy':>6}")
     for name, (hk, hv, d) in SHAPES.items():
         for b in batches:
             layers = _decode_layers(b, hk, hv, d)
-            ours = _graph_us([_ours(t, hk, d) for t in layers])
+            ours, copy = _graph_us([_ours(t, hk, d) for t in layers]), _copy_us(layers)
             fla = None
             if fla_chunk() is not None:
                 fla = _try(_graph_us, [_fla_decode(t, t["slots"], hk, hv, d) for t in layers])
             ref = _try(_graph_us, [_reference(t, hk, d) for t in layers]) if b <= 32 else None
             gbs = decode_bytes(b, hk, hv, d) / ours / 1e3
             ratio = lambda x: f"{x / ours:8.2f}" if isinstance(x, float) else f"{'-':>8}"  # noqa: E731
-            print(f"{name:22} {b:4d} {_fmt(ours)} {_fmt(fla)} {_fmt(ref)} {ratio(fla)} {ratio(ref):>10} "
-                  f"{gbs:7.0f} {gbs / peak / 10:6.1f} {peak * 1e3 / gbs:6.2f}", flush=True)
+            print(f"{name:22} {b:4d} {_fmt(ours)} {_fmt(fla)} {_fmt(ref)} {_fmt(copy)} {ratio(fla)} {ratio(ref):>10} "
+                  f"{gbs:7.0f} {gbs / peak / 10:6.1f} {peak * 1e3 / gbs:6.2f} {ours / copy:6.2f}", flush=True)
             del layers
 
 
@@ -149,7 +162,8 @@ def bench_decode_configs(batches, configs, peak):
     """Launch forms of the decode kernel, (BV, num_warps, tiles per program; None = one program per key head)."""
     for name, (hk, hv, d) in SHAPES.items():
         print(f"\n## decode kernel configs at {name}; default {default_config(1, hk, hv, d, d)} below B*Hk=256, "
-              f"{default_config(256, hk, hv, d, d)} above; us (xfloor)")
+              f"{default_config(256, hk, hv, d, d)} below 512, {default_config(512, hk, hv, d, d)} above; "
+              f"us (xfloor)")
         print(f"{'B':>4} " + " ".join(f"{str(c):>16}" for c in configs))
         for b in batches:
             layers = _decode_layers(b, hk, hv, d)
@@ -186,11 +200,12 @@ def bench_prefill(lengths, ref_max):
             t = _layer(n, hk, hv, d, 2)
             out = torch.empty(n, hv, d, device=DEV, dtype=DTYPE)
             args = (t["mixed_qkv"], t["conv_weight"], None, t["g"], t["beta"], out, (t["conv_state"], t["rec_state"]))
-            ours = lambda: linear_attention_packed(*args, [n], [1], [5], hk, d)  # noqa: E731
+            ours = lambda: linear_attention_packed(*args, PackedBatch.build([n], DEV, [1], [5]), hk, d)  # noqa: E731
             wall, gpu = _us(ours), _try(_gpu_us, ours)
             fla_wall = fla_gpu = None
             if fla_chunk() is not None:
-                fla_wall, fla_gpu = _try(_us, _fla_prefill(t, n, hk, hv, d)), _try(_gpu_us, _fla_prefill(t, n, hk, hv, d))
+                fla = _fla_prefill(t, n, hk, hv, d)
+                fla_wall, fla_gpu = _try(_us, fla), _try(_gpu_us, fla)
             ref = _try(_us, lambda: _torch_prefill(t, n, hk, hv, d)) if n <= ref_max else None
             ratio = lambda x, y: f"{x / y:.2f}" if isinstance(x, float) and isinstance(y, float) else "-"  # noqa: E731
             print(f"{name:22} {n:6d} {_fmt(wall)} {_fmt(fla_wall)} {_fmt(ref)} {_fmt(gpu)} {_fmt(fla_gpu)} "
@@ -219,7 +234,7 @@ def accuracy():
             linear_attention_decode_reference(out=want, slots=slots, num_k_heads=hk, head_k_dim=d, **f)
         else:
             linear_attention_packed(t["mixed_qkv"], t["conv_weight"], None, t["g"], t["beta"], out,
-                                    (t["conv_state"], t["rec_state"]), [n], [1], [5], hk, d)
+                                    (t["conv_state"], t["rec_state"]), PackedBatch.build([n], DEV, [1], [5]), hk, d)
             x = causal_conv1d_packed(f["mixed_qkv"], f["conv_weight"], None, [0, n], f["conv_state"], [1], [True])
             q, k, v = x.split([hk * d, hk * d, hv * d], -1)
             want = chunk_gated_delta_rule_packed(q.view(n, hk, d), k.view(n, hk, d), v.view(n, hv, d), f["g"],
@@ -246,7 +261,8 @@ def main(argv=None) -> None:
     bench_decode(a.batches, a.peak)
     bench_prefill(a.lengths, a.ref_max)
     if a.sweep:
-        bench_decode_configs([8, 32, 256], [(16, 4, 1), (32, 8, 1), (32, 4, 2), (16, 4, None), (32, 4, None)], a.peak)
+        bench_decode_configs([8, 16, 32, 256], [(16, 4, 1), (32, 4, 2), (32, 4, None), (64, 4, None), (64, 8, None)],
+                             a.peak)
 
 
 if __name__ == "__main__":

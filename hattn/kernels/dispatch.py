@@ -14,6 +14,7 @@ from hattn.kernels.conv1d.reference import causal_conv1d
 from hattn.kernels.decode import full_attention_decode, gated_delta_triton, linear_attention_decode
 from hattn.kernels.gated_delta.reference import recurrent_gated_delta_rule
 from hattn.kernels.launch import use_triton
+from hattn.kernels.packing import PackedBatch
 from hattn.runtime.context import ForwardContext
 
 
@@ -98,6 +99,12 @@ def _device_meta(ctx: ForwardContext, device) -> tuple[torch.Tensor, torch.Tenso
     return ctx.device_meta(device)  # one copy per step, shared by every layer
 
 
+def _packed_batch(ctx: ForwardContext, device) -> PackedBatch:
+    """The step's packed prefill metadata, built by its first linear-attention layer and shared by the others."""
+    return ctx.memo(("packed_batch", str(device)), lambda: PackedBatch.build(
+        ctx.seq_lens, device, ctx.slots if ctx.cache is not None else None, ctx.context_lens))
+
+
 def _sdpa(q, k, v, scale: float, offset: int) -> torch.Tensor:
     """causal_attention through torch's fused SDPA (eager, outside graphs). q: [T, Hq, D]; k, v: [L, Hkv, D]."""
     t, length = q.shape[0], k.shape[0]
@@ -124,7 +131,7 @@ def _linear_cuda(mixed_qkv, conv_weight, conv_bias, g, beta, out, states, num_k_
         from hattn.kernels.gated_delta.packed import linear_attention_packed  # needs triton: CUDA installs only
 
         linear_attention_packed(mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], states,
-                                ctx.seq_lens, ctx.slots, ctx.context_lens, num_k_heads, head_k_dim)
+                                _packed_batch(ctx, mixed_qkv.device), num_k_heads, head_k_dim)
     out[n:] = 0
 
 

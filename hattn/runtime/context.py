@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -43,7 +43,7 @@ class ForwardContext:
     layer_kinds: dict[int, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-step values that user split ops may read
     device: dict[str, torch.Tensor] | None = None  # full-graph decode: static "slots"/"context_lens" [B] tensors
-    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         n = len(self.seq_lens)
@@ -81,17 +81,23 @@ class ForwardContext:
     def is_decode(self) -> bool:
         return all(s == 1 for s in self.seq_lens)
 
+    def memo(self, key, build: Callable[[], Any]) -> Any:
+        """A value derived from this step's metadata (device copies of it, say), built once by the first split op
+        that asks and shared by the others (treat a context as read-only once a step used it)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
     def device_meta(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots, context_lens) as int64 [B] tensors on `device`, copied once per context: the split ops of every
-        layer share one host-to-device copy per step (treat a context as read-only once a step used it)."""
-        key = str(device)
-        if key not in self._on_device:
+        """(slots, context_lens) as int64 [B] tensors on `device`: one host-to-device copy per step."""
+        def build():
             host = torch.tensor([self.slots, self.context_lens], dtype=torch.long)
             if torch.device(device).type == "cuda":
                 host = host.pin_memory()
             both = host.to(device, non_blocking=True)
-            self._on_device[key] = (both[0], both[1])
-        return self._on_device[key]
+            return both[0], both[1]
+
+        return self.memo(("device_meta", str(device)), build)
 
     def starts(self) -> list[int]:
         """Start row of each sequence in the packed token dimension."""

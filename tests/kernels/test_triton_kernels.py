@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hattn.kernels.conv1d.reference import causal_conv1d_packed
-from hattn.kernels.gated_delta.reference import linear_attention_decode_reference
+from hattn.kernels.gated_delta.reference import l2norm, linear_attention_decode_reference
 from hattn.kernels.launch import interpreting
+from hattn.kernels.packing import PackedBatch
 
 try:
     from hattn.kernels.conv1d import packed
@@ -34,11 +35,14 @@ OUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 STATE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 
 
-MODES = ["default", "single launch", "two tiles a program"]
+MODES = ["default", "large-batch default", "single launch", "two tiles a program"]
 
 
-def _config(mode: str, dv: int):
-    """The decode kernel's launch forms: default (a tile a program + q/k conv shift), one program per key head."""
+def _config(mode: str, hk: int, hv: int, dk: int, dv: int):
+    """The decode kernel's launch forms: the default at this (small) batch (two tiles a program + q/k conv shift),
+    the default at B*Hk >= 512 (one program per key head, 8K-element tiles), 4K tiles, two tiles a program."""
+    if mode == "large-batch default":
+        return fused.default_config(512, hk, hv, dk, dv)
     return {"default": None, "single launch": (min(dv, 32), 4, None), "two tiles a program": (32, 4, 2)}[mode]
 
 
@@ -83,7 +87,7 @@ def test_fused_decode_matches_reference(b, hk, rep, dims, width, dtype, bias, wi
     conv0, rec0 = case["conv_state"].clone(), case["rec_state"].clone()
     out = torch.empty(b, hk * rep, dv, device=DEV, dtype=dtype)
     fused.fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=dk, context_lens=context_lens,
-                           config=_config(mode, dv), **case)
+                           config=_config(mode, hk, hk * rep, dk, dv), **case)
     _close(out, want, OUT_TOL[dtype])
     _close(case["rec_state"], want_rec, STATE_TOL[dtype])
     _close(case["conv_state"], want_conv, STATE_TOL[dtype])
@@ -136,10 +140,42 @@ def test_packed_conv_matches_reference(lens, width, c, dtype, bias, stateful, se
                                 ref_state if stateful else None, slots, has)
     x, w, b, conv_state = (None if v is None else v.to(DEV) for v in (x, w, b, conv_state))
     before = conv_state.clone()
-    state_args = (conv_state, torch.tensor(slots, device=DEV), torch.tensor(has, device=DEV)) if stateful else ()
-    y = packed.packed_causal_conv1d(x, w, b, lens, *state_args)
+    batch = PackedBatch.build(lens, DEV, slots, [int(h) for h in has])
+    y = packed.packed_causal_conv1d(x, w, b, batch, conv_state if stateful else None)
     _close(y, want, OUT_TOL[dtype])
     _close(conv_state, ref_state if stateful else before, 0)  # states are copies of inputs: exact
+
+
+@given(lens=st.lists(st.sampled_from([0, 1, 2, 5, 17, 64, 130]), min_size=1, max_size=4).filter(any),
+       heads=st.sampled_from([(1, 1, 16, 16), (2, 4, 32, 16), (2, 2, 64, 128), (1, 3, 128, 32)]),
+       dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=10, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_conv_qkv_split_is_the_conv_split_and_normalised(lens, heads, dtype, bias, seed, nan_empty):
+    """packed_conv_qkv == conv reference, split into q, k, v, q and k L2-normalised per head; states as the conv's.
+    Empty sequences leave their slots alone."""
+    hk, hv, dk, dv = heads
+    gen = torch.Generator().manual_seed(seed)
+    t, n, kd = sum(lens), len(lens), hk * dk
+    c = 2 * kd + hv * dv
+    x, w = torch.randn(t, c, generator=gen).to(dtype), torch.randn(c, 4, generator=gen).to(dtype)
+    b = torch.randn(c, generator=gen).to(dtype) if bias else None
+    conv_state = torch.randn(n + 1, c, 3, generator=gen).to(dtype)
+    slots, past = torch.randperm(n + 1, generator=gen)[:n].tolist(), [(seed >> i) & 1 for i in range(n)]
+    ref_state = conv_state.float().clone()
+    cu = [0]
+    for m in lens:
+        cu.append(cu[-1] + m)
+    y = causal_conv1d_packed(x.float(), w.float(), None if b is None else b.float(), cu, ref_state, slots,
+                             [p > 0 for p in past])
+    want_q, want_k, want_v = y.split([kd, kd, hv * dv], -1)
+    x, w, b, conv_state = (None if v is None else v.to(DEV) for v in (x, w, b, conv_state))
+    q, k, v = packed.packed_conv_qkv(x, w, b, PackedBatch.build(lens, DEV, slots, past), conv_state, hk, dk)
+    assert q.shape == k.shape == (t, hk, dk) and v.shape == (t, hv * dv)
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    _close(q, l2norm(want_q.reshape(t, hk, dk)), OUT_TOL[dtype])
+    _close(k, l2norm(want_k.reshape(t, hk, dk)), OUT_TOL[dtype])
+    _close(v, want_v, OUT_TOL[dtype])
+    _close(conv_state, ref_state, 0)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need CUDA")
@@ -151,8 +187,9 @@ def test_fused_decode_captured_in_graph_replays_new_inputs_and_spares_other_slot
     context_lens = torch.tensor([3, 0, 1, 2], device=DEV)
     out = torch.full((b, hk * rep, dv), float("nan"), device=DEV, dtype=torch.bfloat16)
     states = {k: static.pop(k) for k in ("conv_state", "rec_state")}
+    config = _config(mode, hk, hk * rep, dk, dv)
     run = lambda: fused.fused_gdn_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=dk,  # noqa: E731
-                                         context_lens=context_lens, config=_config(mode, dv), **static, **states)
+                                         context_lens=context_lens, config=config, **static, **states)
     saved = {k: v.clone() for k, v in states.items()}
     run()  # warm-up (compiles), then restore the states
     for k, v in saved.items():

@@ -3,6 +3,10 @@
 Two launches: `conv_kernel` computes every output (tokens of a sequence whose window reaches before its start read
 the slot's conv state, zeros for a new sequence) and `state_kernel` then writes each slot's new state (the last
 W-1 inputs of [old state, sequence]). The order matters: the second overwrites what the first reads.
+
+`packed_conv_qkv` is the gated-delta-net form: the conv output goes straight into three contiguous buffers q, k, v
+(what the chunked kernels read) with q and k L2-normalised per head, which spares the chunked rule a copy of each
+and two normalisation passes.
 Torch reference: `hattn.kernels.conv1d.reference.causal_conv1d_packed`.
 """
 from __future__ import annotations
@@ -11,15 +15,23 @@ import torch
 import triton
 import triton.language as tl
 
-from hattn.kernels.launch import FLOATS, check_contiguous, check_device, check_last_contiguous, check_shape
+from hattn.kernels.launch import (FLOATS, check_contiguous, check_device, check_last_contiguous, check_pow2,
+                                  check_shape)
+from hattn.kernels.packing import PackedBatch
+
+BT = 32  # tokens a program (the grid's second axis, whose CUDA limit is MAX_GRID_Y blocks)
+MAX_GRID_Y = 65535
 
 
 @triton.jit
 def conv_kernel(x, stride_x, w, stride_w, bias, y, stride_y, seq_ids, cu, cs, slots, has_state, T, C,
                 W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr):
-    o_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+                HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, KD: tl.constexpr):
+    """KD == 0: y is [T, C] (row stride stride_y). KD > 0: y is one buffer holding q [T, KD], k [T, KD] and
+    v [T, C - 2*KD] back to back, and every BC (== head dim) channels of q and k are L2-normalised."""
+    c0 = tl.program_id(0) * BC  # channel blocks vary fastest: neighbouring programs read neighbouring bytes
+    o_t = tl.program_id(1) * BT + tl.arange(0, BT)
+    o_c = c0 + tl.arange(0, BC)
     m_t, m_c = o_t < T, o_c < C
     sid = tl.load(seq_ids + o_t, mask=m_t, other=0)
     start = tl.load(cu + sid, mask=m_t, other=0)
@@ -41,8 +53,14 @@ def conv_kernel(x, stride_x, w, stride_w, bias, y, stride_y, seq_ids, cu, cs, sl
         acc += b_x * tl.load(w + o_c * stride_w + i, mask=m_c, other=0.).to(tl.float32)[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(y + o_t.to(tl.int64)[:, None] * stride_y + o_c[None, :], acc.to(y.dtype.element_ty),
-             mask=m_t[:, None] & m_c[None, :])
+    p_y = y + o_t.to(tl.int64)[:, None] * stride_y + o_c[None, :]
+    if KD > 0:
+        part = (c0 >= KD).to(tl.int64) + (c0 >= 2 * KD).to(tl.int64)  # 0 q, 1 k, 2 v: a block lies in one part
+        width = tl.where(part < 2, KD, C - 2 * KD)
+        p_y = y + part * T * KD + o_t.to(tl.int64)[:, None] * width + (o_c - part * KD)[None, :]
+        if c0 < 2 * KD:
+            acc = acc * tl.rsqrt(tl.sum(acc * acc, 1) + 1e-6)[:, None]
+    tl.store(p_y, acc.to(y.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
 @triton.jit
@@ -65,66 +83,93 @@ def state_kernel(x, stride_x, cu, cs, slots, has_state, C,
     tl.store(p_s + o_w[None, :], (b_x.to(tl.float32) + b_s.to(tl.float32)).to(p_s.dtype.element_ty), mask=m)
 
 
-def _metadata(seq_lens: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cu_seqlens [N+1] int32 and the sequence id of every token [T] int32, on `device`."""
-    lens = torch.tensor(seq_lens, dtype=torch.int32)
-    cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-    ids = torch.repeat_interleave(torch.arange(len(seq_lens), dtype=torch.int32), lens)
-    return cu.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-
-
 def packed_causal_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    seq_lens: list[int],
+    batch: PackedBatch,
     conv_state: torch.Tensor | None = None,
-    slots: torch.Tensor | None = None,
-    has_state: torch.Tensor | None = None,
     activation: str | None = "silu",
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal conv of sequences packed along T, each continuing from (and updating) its slot's conv state.
+    """Causal conv of the sequences of `batch` packed along T, each continuing from (and updating) its slot's
+    conv state when the batch has slots and `conv_state` is given (else from zeros, writing nothing).
 
-    x: [T, C] with T == sum(seq_lens) (every length >= 1); weight: [C, W]; bias: [C] or None;
-    conv_state: [S, C, W-1] or None (start from zeros, write nothing); slots: [N] int device tensor;
-    has_state: [N] bool/int device tensor (0 = new sequence: its slot's state is ignored, then overwritten).
+    x: [T, C] with T == batch.num_tokens; weight: [C, W]; bias: [C] or None; conv_state: [S, C, W-1].
     y: optional output [T, C] (written). Returns y in x's dtype.
     """
+    _check(x, weight, bias, batch, conv_state, activation)
+    y = torch.empty_like(x) if y is None else y
+    check_device("packed_causal_conv1d", x=x, y=y)
+    check_shape("packed_causal_conv1d", "y", y, tuple(x.shape))
+    check_last_contiguous("packed_causal_conv1d", y=y)
+    _launch(x, weight, bias, batch, conv_state, activation, y, y.stride(0), 0, 128)
+    return y
+
+
+def packed_conv_qkv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    batch: PackedBatch,
+    conv_state: torch.Tensor | None,
+    num_k_heads: int,
+    head_k_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gated-delta layer's conv + silu, split: (q [T, Hk, Dk], k [T, Hk, Dk], v [T, C - 2*Hk*Dk]), each
+    contiguous, q and k L2-normalised over each head (eps 1e-6, as transformers and fla). Conv states as in
+    `packed_causal_conv1d`."""
+    _check(x, weight, bias, batch, conv_state, "silu")
+    check_pow2("packed_conv_qkv", head_k_dim=head_k_dim)
+    t, c = x.shape
+    kd = num_k_heads * head_k_dim
+    if c <= 2 * kd:
+        raise ValueError(f"packed_conv_qkv: x has {c} channels, not more than q + k ({2 * kd} for "
+                         f"{num_k_heads} heads of {head_k_dim}); pass the layer's num_k_heads and head_k_dim")
+    y = torch.empty(t * c, device=x.device, dtype=x.dtype)
+    _launch(x, weight, bias, batch, conv_state, "silu", y, kd, kd, head_k_dim)
+    q, k, v = y.split([t * kd, t * kd, t * (c - 2 * kd)])
+    return q.view(t, num_k_heads, head_k_dim), k.view(t, num_k_heads, head_k_dim), v.view(t, c - 2 * kd)
+
+
+def _check(x, weight, bias, batch, conv_state, activation) -> None:
     what = "packed_causal_conv1d"
     t, c = x.shape
-    n, width = len(seq_lens), weight.shape[1]
-    if sum(seq_lens) != t or min(seq_lens, default=1) < 1:
-        raise ValueError(f"{what}: seq_lens {seq_lens} must be >= 1 each and sum to x's {t} rows; drop empty ones")
+    width = weight.shape[1]
+    if triton.cdiv(t, BT) > MAX_GRID_Y:
+        raise ValueError(f"{what}: {t} tokens in one step is more than this kernel's grid holds "
+                         f"({BT * MAX_GRID_Y}); prefill in steps of at most that many tokens")
+    if batch.num_tokens != t:
+        raise ValueError(f"{what}: the batch packs {batch.num_tokens} tokens (lengths {batch.lens}) but x has {t} "
+                         f"rows; build the PackedBatch from the step's seq_lens")
     if width < 2:
         raise ValueError(f"{what}: conv kernel width {width} must be >= 2 (a conv state of width-1 >= 1 inputs)")
     if activation not in ("silu", None):
         raise ValueError(f"{what}: unsupported activation {activation!r}; expected 'silu' or None")
-    if (conv_state is None) != (slots is None) or (conv_state is not None and has_state is None):
-        raise ValueError(f"{what}: pass conv_state, slots and has_state together, or none of them (no cache)")
-    y = torch.empty_like(x) if y is None else y
-    check_device(what, x=x, weight=weight, bias=bias, conv_state=conv_state, slots=slots, has_state=has_state, y=y)
-    check_shape(what, "y", y, (t, c))
+    check_device(what, x=x, weight=weight, bias=bias, conv_state=conv_state, cu=batch.cu)
+    check_shape(what, "weight", weight, (c, width))
     check_shape(what, "bias", bias, (c,))
-    check_shape(what, "slots", slots, (n,))
-    check_shape(what, "has_state", has_state, (n,))
     if conv_state is not None:
         check_shape(what, "conv_state", conv_state, (conv_state.shape[0], c, width - 1))
         check_contiguous(what, conv_state=conv_state)
     if x.dtype not in FLOATS:
         raise ValueError(f"{what}: x must be fp16, bf16 or fp32, got {x.dtype}")
-    check_last_contiguous(what, x=x, weight=weight, y=y)
+    check_last_contiguous(what, x=x, weight=weight)
+
+
+def _launch(x, weight, bias, batch, conv_state, activation, y, stride_y, kd, bc, bt=BT, warps=4) -> None:
+    t, c = x.shape
     if t == 0:
-        return y
-    cu, ids = _metadata(seq_lens, x.device)
-    flags = None if has_state is None else has_state.to(torch.int32)
-    bt, bc = 16, 128
-    conv_kernel[(triton.cdiv(t, bt), triton.cdiv(c, bc))](
-        x, x.stride(0), weight, weight.stride(0), bias, y, y.stride(0), ids, cu, conv_state, slots, flags, t, c,
-        W=width, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None,
-        SILU=activation == "silu", num_warps=4,
+        return
+    width = weight.shape[1]
+    stateful = conv_state is not None and batch.slots_d is not None
+    cs, slots, has = (conv_state, batch.slots_d, batch.has_state_d) if stateful else (None, None, None)
+    conv_kernel[(triton.cdiv(c, bc), triton.cdiv(t, bt))](
+        x, x.stride(0), weight, weight.stride(0), bias, y, stride_y, batch.token_seq, batch.cu, cs, slots, has,
+        t, c, W=width, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STATE=stateful, SILU=activation == "silu",
+        KD=kd, num_warps=warps,
     )
-    if conv_state is not None:
-        state_kernel[(n, triton.cdiv(c, bc))](x, x.stride(0), cu, conv_state, slots, flags, c, W=width,
-                                              BW=triton.next_power_of_2(width), BC=bc, num_warps=4)
-    return y
+    if stateful:
+        state_kernel[(len(batch.lens), triton.cdiv(c, 128))](
+            x, x.stride(0), batch.cu, conv_state, slots, has, c, W=width, BW=triton.next_power_of_2(width), BC=128,
+            num_warps=4)

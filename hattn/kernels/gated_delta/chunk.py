@@ -2,17 +2,25 @@
 
 fla (`fla-core==0.6.0`, the `gpu` extra) is imported only on the first CUDA prefill: CPU installs never have it
 (transformers routes its own GatedDeltaNet to fla whenever `import fla` works, breaking HF's CPU path).
-Facts checked in fla-core 0.6.0's source: `chunk_gated_delta_rule` is `@torch.compiler.disable`d, wants B == 1
-with `cu_seqlens` (raises otherwise), maps value head h to key head h // (Hv // Hk) (as repeat_interleave), takes
-log-space `g` and post-sigmoid `beta`, L2-normalises q/k in the kernel with `use_qk_l2norm_in_kernel=True`, scales q
-by Dk**-0.5 by default and allocates a *new* fp32 final state `[N, Hv, Dk, Dv]` (`k.new_zeros`). So we gather the
-initial states from the cache slots and scatter the final states back. Prefill runs eagerly (outside graphs).
+Facts checked in fla-core 0.6.0's source (and by tests/kernels/test_gpu_kernels.py::test_fla_facts_*):
+`chunk_gated_delta_rule` is `@torch.compiler.disable`d, wants B == 1 with `cu_seqlens`, maps value head h to key
+head h // (Hv // Hk) (as repeat_interleave), takes log-space `g` and post-sigmoid `beta`, and allocates a *new*
+fp32 final state `[N, Hv, Dk, Dv]`; so we gather the initial states from the cache slots and scatter the final
+states back. Its public function wraps `chunk_gated_delta_rule_fwd` in an autograd Function whose `input_guard`
+copies every non-contiguous input and whose `use_qk_l2norm_in_kernel` runs two extra normalisation kernels. We
+call `chunk_gated_delta_rule_fwd` (the forward alone) with q, k already normalised and q, k, v contiguous, written
+so by our conv (`packed_conv_qkv`), and with the chunk indices built once per step (`PackedBatch.memo`).
+Prefill runs eagerly (outside graphs).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+
+from hattn.kernels.packing import PackedBatch
+
+CHUNK = 64  # fla's default chunk size for the gated delta rule
 
 
 @functools.cache
@@ -25,34 +33,32 @@ def fla_chunk():
     return chunk_gated_delta_rule
 
 
-def chunk_gated_delta_rule_varlen(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu=None):
-    """q, k: [T, Hk, Dk]; v: [T, Hv, Dv]; g, beta: [T, Hv]; initial_state: [N, Hv, Dk, Dv] fp32 or None;
-    cu_seqlens: [N+1] int64 (device), cu_seqlens_cpu: the same on the host (spares fla a host sync).
+def _chunk_indices(batch: PackedBatch) -> torch.Tensor:
+    from fla.ops.utils.index import prepare_chunk_indices
 
-    Returns (o [T, Hv, Dv] in q's dtype, final_state [N, Hv, Dk, Dv] fp32, or None without initial_state).
+    return prepare_chunk_indices(batch.cu, CHUNK, cu_seqlens_cpu=batch.cu_cpu)
+
+
+def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state) -> torch.Tensor:
+    """fla's chunked rule over the sequences of `batch`, states gathered from and scattered back to their slots.
+
+    q, k: [T, Hk, Dk], L2-normalised; v: [T, Hv, Dv]; all three contiguous; g (log decay), beta: [T, Hv];
+    rec_state: [S, Hv, Dk, Dv] fp32 or None (start from zeros, keep nothing). Returns o: [T, Hv, Dv] in v's dtype.
     """
-    o, final = fla_chunk()(
-        q[None], k[None], v[None], g=g[None].float(), beta=beta[None], initial_state=initial_state,
-        output_final_state=initial_state is not None, use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens,
-        cu_seqlens_cpu=cu_seqlens_cpu,
-    )
-    return o[0], final
+    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 
-
-def chunk_gated_delta_rule_slots(q, k, v, g, beta, seq_lens: list[int], rec_state, slots, has_state) -> torch.Tensor:
-    """fla over N packed sequences, states gathered from and scattered back to cache slots.
-
-    q, k: [T, Hk, Dk]; v: [T, Hv, Dv]; g, beta: [T, Hv]; seq_lens: N host lengths (each >= 1);
-    rec_state: [S, Hv, Dk, Dv] fp32 or None (start from zeros, keep nothing); slots, has_state: [N] device tensors
-    (has_state 0 = new sequence: start from zeros). Returns o: [T, Hv, Dv] in q's dtype.
-    """
-    cu_cpu = torch.nn.functional.pad(torch.tensor(seq_lens, dtype=torch.long).cumsum(0), (1, 0))
-    cu = cu_cpu.to(q.device, non_blocking=True)
+    stateful = rec_state is not None and batch.slots_d is not None
     h0 = None
-    if rec_state is not None:
-        h0 = rec_state.index_select(0, slots)
-        h0 = torch.where(has_state.bool()[:, None, None, None], h0, torch.zeros((), device=h0.device))
-    o, final = chunk_gated_delta_rule_varlen(q, k, v, g, beta, h0, cu, cu_cpu)
-    if rec_state is not None:
-        rec_state.index_copy_(0, slots, final)
-    return o
+    if stateful and any(batch.has_state):
+        h0 = rec_state.index_select(0, batch.slots_d)
+        if not all(batch.has_state):  # new sequences start from zeros
+            h0.mul_(batch.has_state_d[:, None, None, None])
+    with torch.cuda.device(q.device):
+        _, o, _, final, _, _ = chunk_gated_delta_rule_fwd(
+            q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(), q.shape[-1] ** -0.5,
+            h0, stateful, chunk_size=CHUNK, cu_seqlens=batch.cu, chunk_indices=batch.memo("fla_chunk_indices",
+                                                                        lambda: _chunk_indices(batch)),
+        )
+    if stateful:
+        rec_state.index_copy_(0, batch.slots_d, final)
+    return o[0]

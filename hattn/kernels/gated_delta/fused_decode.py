@@ -131,13 +131,16 @@ def _tile(rs_row, t, o_k, o_b, NV: tl.constexpr, DK: tl.constexpr, DV: tl.conste
 
 
 def default_config(b: int, hk: int, hv: int, dk: int, dv: int) -> tuple[int, int, int | None]:
-    """(BV, num_warps, tiles per program), from `python3 -m hattn.kernels.bench --sweep` on an H100 at Dk=Dv=128:
-    [Dk, BV] fp32 tiles of 4K elements on 4 warps; one program per key head (a single launch, fastest from 512
-    programs up: 1.28x its bandwidth floor at B=32, 1.21x at B=256) once B*Hk >= 256, else two tiles a program
-    (B=8: 17.9 us vs 23.0 us for the single launch). One tile a program (BV=16) measured slowest (1.6-1.7x)."""
+    """(BV, num_warps, tiles per program), from `python3 -m hattn.kernels.bench --sweep` on an H100 at Dk=Dv=128.
+    One program per key head (a single launch) once B*Hk >= 256: [Dk, BV] fp32 tiles of 8K elements on 4 warps
+    from B*Hk >= 512 (about 240 registers, two programs an SM: 1.13-1.18x its bandwidth floor at B=64..256 vs
+    1.21-1.28x with 4K tiles), 4K below. Under 256 programs, two 4K tiles a program (more programs; B=8: 17.9 us
+    vs 23.0 us for the single launch). One tile a program (BV=16) measured slowest (1.6-1.7x)."""
+    tiles_of = lambda bv: hv // hk * (dv // bv)  # noqa: E731
+    if b * hk >= 256:
+        return min(dv, max(16, (8192 if b * hk >= 512 else 4096) // dk)), 4, None
     bv = min(dv, max(16, 4096 // dk))
-    tiles = hv // hk * (dv // bv)
-    return (bv, 4, None) if b * hk >= 256 or tiles % 2 else (bv, 4, 2)
+    return (bv, 4, None) if tiles_of(bv) % 2 else (bv, 4, 2)
 
 
 def fused_gdn_decode(
