@@ -158,7 +158,8 @@ def test_decode_step_captured_in_graph_matches_reference_and_spares_other_slots(
 @needs_fla
 def test_fla_facts_our_wrappers_rely_on():
     """fla 0.6.0: chunk's final state is a new fp32 tensor (the initial state is left alone); the fused recurrent
-    kernel's 5th positional parameter is `gk`, not `beta` (pass beta by keyword); chunk wants B == 1 with cu_seqlens."""
+    kernel's 5th positional parameter is `gk`, not `beta` (pass beta by keyword); chunk wants B == 1 with cu_seqlens;
+    the chunk forward we call directly takes its arguments in the order we pass them."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
     hk, hv, d, t = 16, 32, 128, 40
@@ -175,4 +176,10 @@ def test_fla_facts_our_wrappers_rely_on():
         chunk_gated_delta_rule(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
                                g=g[None].expand(2, -1, -1), beta=beta[None].expand(2, -1, -1), cu_seqlens=cu)
     import inspect
+
+    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
     assert list(inspect.signature(fused_recurrent_gated_delta_rule).parameters)[4] == "gk"
+    # what chunk.chunk_gated_delta_rule_slots passes to the forward it calls directly
+    params = list(inspect.signature(chunk_gated_delta_rule_fwd).parameters)
+    assert params[:8] == ["q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state"]
+    assert {"chunk_size", "cu_seqlens", "chunk_indices"} <= set(params)
