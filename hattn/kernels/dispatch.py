@@ -39,7 +39,7 @@ def full_attention_forward(q, k, v, out, layer_id: int, scale: float, ctx: Forwa
         n = ctx.num_tokens
         slots, lens = _device_meta(ctx, q.device)
         full_attention_decode(q[:n], k[:n], v[:n], out[:n], k_cache, v_cache, slots, lens, scale)
-        out[n:] = 0
+        _zero_padding(out, n)
         return
     cache = ctx.cache.kv(layer_id) if ctx.cache is not None else None
     for start, n, past, slot in zip(ctx.starts(), ctx.seq_lens, ctx.context_lens, ctx.slots):
@@ -54,7 +54,7 @@ def full_attention_forward(q, k, v, out, layer_id: int, scale: float, ctx: Forwa
             ks, vs = k_cache[slot, :past + n], v_cache[slot, :past + n]
         attend = _sdpa if q.is_cuda else causal_attention
         out[start:start + n] = attend(q[start:start + n], ks, vs, scale, past if cache is not None else 0)
-    out[ctx.num_tokens:] = 0
+    _zero_padding(out, ctx.num_tokens)
 
 
 def linear_attention_forward(
@@ -92,7 +92,7 @@ def linear_attention_forward(
             q.reshape(n, num_k_heads, head_k_dim), k.reshape(n, num_k_heads, head_k_dim), v.reshape(n, hv, dv),
             g[start:start + n], beta[start:start + n], rec_state,
         )
-    out[ctx.num_tokens:] = 0
+    _zero_padding(out, ctx.num_tokens)
 
 
 def _device_meta(ctx: ForwardContext, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,13 +126,18 @@ def _linear_cuda(mixed_qkv, conv_weight, conv_bias, g, beta, out, states, num_k_
         if states is not None:
             (conv_state, rec_state), (slots, lens) = states, _device_meta(ctx, mixed_qkv.device)
         linear_attention_decode(mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], conv_state,
-                                rec_state, slots, num_k_heads, head_k_dim, lens)
+                                rec_state, slots, num_k_heads, head_k_dim, lens, eager=True)
     else:
         from hattn.kernels.gated_delta.packed import linear_attention_packed  # needs triton: CUDA installs only
 
         linear_attention_packed(mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], states,
                                 _packed_batch(ctx, mixed_qkv.device), num_k_heads, head_k_dim)
-    out[n:] = 0
+    _zero_padding(out, n)
+
+
+def _zero_padding(out: torch.Tensor, n: int) -> None:
+    if out.shape[0] > n:  # an empty slice assignment still costs a dispatch
+        out[n:] = 0
 
 
 def _check_capacity(needed: int, capacity: int, layer_id: int) -> None:

@@ -130,17 +130,18 @@ def _tile(rs_row, t, o_k, o_b, NV: tl.constexpr, DK: tl.constexpr, DV: tl.conste
     return rs_row + (t // NV) * (DK * DV) + o_k[:, None] * DV + ((t % NV) * BV + o_b)[None, :]
 
 
-def default_config(b: int, hk: int, hv: int, dk: int, dv: int) -> tuple[int, int, int | None]:
+def default_config(b: int, hk: int, hv: int, dk: int, dv: int, eager: bool = False) -> tuple[int, int, int | None]:
     """(BV, num_warps, tiles per program), from `python3 -m hattn.kernels.bench --sweep` on an H100 at Dk=Dv=128.
     One program per key head (a single launch) once B*Hk >= 256: [Dk, BV] fp32 tiles of 8K elements on 4 warps
     from B*Hk >= 512 (about 240 registers, two programs an SM: 1.13-1.18x its bandwidth floor at B=64..256 vs
     1.21-1.28x with 4K tiles), 4K below. Under 256 programs, two 4K tiles a program (more programs; B=8: 17.9 us
-    vs 23.0 us for the single launch). One tile a program (BV=16) measured slowest (1.6-1.7x)."""
-    tiles_of = lambda bv: hv // hk * (dv // bv)  # noqa: E731
-    if b * hk >= 256:
-        return min(dv, max(16, (8192 if b * hk >= 512 else 4096) // dk)), 4, None
-    bv = min(dv, max(16, 4096 // dk))
-    return (bv, 4, None) if tiles_of(bv) % 2 else (bv, 4, 2)
+    vs 23.0 us for the single launch), which takes a second launch; `eager` (a step outside a CUDA graph, where a
+    launch costs tens of microseconds of host time, more than the few the split saves) keeps the single launch.
+    One tile a program (BV=16) measured slowest (1.6-1.7x)."""
+    bv = min(dv, max(16, (8192 if b * hk >= 512 else 4096) // dk))
+    if b * hk >= 256 or eager or hv // hk * (dv // bv) % 2:
+        return bv, 4, None
+    return bv, 4, 2
 
 
 def fused_gdn_decode(
