@@ -113,8 +113,8 @@ def direct_call(target) -> Callable:
     under a profiler range of the op's name while a profiler runs, or `target` itself.
 
     The dispatcher costs a custom op ~50 us a call in Python (default filling, ADInplaceOrView, Dynamo's disable
-    wrapper), paid by every split op of every step in pcg and graph-free modes. Not for BCG, which finds split ops
-    through the dispatcher, nor inside a trace.
+    wrapper), paid by every split op of every step in pcg and graph-free modes, and by BCG's replays (its capture
+    finds split ops through the dispatcher, so only its recorded calls use this). Not inside a trace.
     """
     op = split_op_of(target)
     if op is None or op.direct is None:

@@ -35,9 +35,8 @@ def linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, con
     a small batch's device time: one launch (`fused_decode.default_config`).
     """
     if use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[-1]):
-        from hattn.kernels.gated_delta.fused_decode import fused_gdn_decode  # needs triton: CUDA installs only
-
-        from hattn.kernels.gated_delta.fused_decode import default_config
+        # needs triton: CUDA installs only
+        from hattn.kernels.gated_delta.fused_decode import default_config, fused_gdn_decode
 
         config = default_config(out.shape[0], num_k_heads, out.shape[1], head_k_dim, out.shape[2], eager)
         return fused_gdn_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots,

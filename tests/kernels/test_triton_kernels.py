@@ -146,6 +146,17 @@ def test_packed_conv_matches_reference(lens, width, c, dtype, bias, stateful, se
     _close(conv_state, ref_state if stateful else before, 0)  # states are copies of inputs: exact
 
 
+def test_packed_conv_rejects_a_conv_state_without_slots():
+    """A batch built without slots cannot say where states live: an error, not a conv that silently keeps none."""
+    x, w = torch.randn(5, 64, device=DEV), torch.randn(64, 4, device=DEV)
+    conv_state = torch.zeros(2, 64, 3, device=DEV)
+    with pytest.raises(ValueError, match="no cache slots"):
+        packed.packed_causal_conv1d(x, w, None, PackedBatch.build([2, 3], DEV), conv_state)
+    with pytest.raises(ValueError, match="no cache slots"):
+        packed.packed_conv_qkv(x, w, None, PackedBatch.build([5], DEV), conv_state, 1, 16)
+    assert torch.equal(conv_state, torch.zeros_like(conv_state))
+
+
 @given(lens=st.lists(st.sampled_from([0, 1, 2, 5, 17, 64, 130]), min_size=1, max_size=4).filter(any),
        heads=st.sampled_from([(1, 1, 16, 16), (2, 4, 32, 16), (2, 2, 64, 128), (1, 3, 128, 32)]),
        dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**16))

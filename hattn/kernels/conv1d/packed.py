@@ -93,7 +93,7 @@ def packed_causal_conv1d(
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal conv of the sequences of `batch` packed along T, each continuing from (and updating) its slot's
-    conv state when the batch has slots and `conv_state` is given (else from zeros, writing nothing).
+    conv state when `conv_state` is given (the batch must then have slots), else from zeros, writing nothing.
 
     x: [T, C] with T == batch.num_tokens; weight: [C, W]; bias: [C] or None; conv_state: [S, C, W-1].
     y: optional output [T, C] (written). Returns y in x's dtype.
@@ -127,7 +127,7 @@ def packed_conv_qkv(
         raise ValueError(f"packed_conv_qkv: x has {c} channels, not more than q + k ({2 * kd} for "
                          f"{num_k_heads} heads of {head_k_dim}); pass the layer's num_k_heads and head_k_dim")
     y = torch.empty(t * c, device=x.device, dtype=x.dtype)
-    _launch(x, weight, bias, batch, conv_state, "silu", y, kd, kd, head_k_dim)
+    _launch(x, weight, bias, batch, conv_state, "silu", y, 0, kd, head_k_dim)  # stride_y: unused with KD > 0
     q, k, v = y.split([t * kd, t * kd, t * (c - 2 * kd)])
     return q.view(t, num_k_heads, head_k_dim), k.view(t, num_k_heads, head_k_dim), v.view(t, c - 2 * kd)
 
@@ -144,6 +144,9 @@ def _check(x, weight, bias, batch, conv_state, activation) -> None:
                          f"rows; build the PackedBatch from the step's seq_lens")
     if width < 2:
         raise ValueError(f"{what}: conv kernel width {width} must be >= 2 (a conv state of width-1 >= 1 inputs)")
+    if conv_state is not None and batch.slots_d is None:
+        raise ValueError(f"{what}: conv_state given but the batch has no cache slots; build the PackedBatch with "
+                         f"the step's slots and context_lens (or pass no conv_state: no cache)")
     if activation not in ("silu", None):
         raise ValueError(f"{what}: unsupported activation {activation!r}; expected 'silu' or None")
     check_device(what, x=x, weight=weight, bias=bias, conv_state=conv_state, cu=batch.cu)
@@ -162,7 +165,7 @@ def _launch(x, weight, bias, batch, conv_state, activation, y, stride_y, kd, bc,
     if t == 0:
         return
     width = weight.shape[1]
-    stateful = conv_state is not None and batch.slots_d is not None
+    stateful = conv_state is not None
     cs, slots, has = (conv_state, batch.slots_d, batch.has_state_d) if stateful else (None, None, None)
     conv_kernel[(triton.cdiv(c, bc), triton.cdiv(t, bt))](
         x, x.stride(0), weight, weight.stride(0), bias, y, stride_y, batch.token_seq, batch.cu, cs, slots, has,

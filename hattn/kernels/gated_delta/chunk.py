@@ -47,17 +47,17 @@ def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state
     """
     from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 
-    stateful = rec_state is not None and batch.slots_d is not None
+    stateful = rec_state is not None  # the conv before it checked that the batch then has slots
     h0 = None
     if stateful and any(batch.has_state):
         h0 = rec_state.index_select(0, batch.slots_d)
         if not all(batch.has_state):  # new sequences start from zeros
             h0.mul_(batch.has_state_d[:, None, None, None])
+    chunk_indices = batch.memo("fla_chunk_indices", lambda: _chunk_indices(batch))
     with torch.cuda.device(q.device):
         _, o, _, final, _, _ = chunk_gated_delta_rule_fwd(
             q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(), q.shape[-1] ** -0.5,
-            h0, stateful, chunk_size=CHUNK, cu_seqlens=batch.cu, chunk_indices=batch.memo("fla_chunk_indices",
-                                                                        lambda: _chunk_indices(batch)),
+            h0, stateful, chunk_size=CHUNK, cu_seqlens=batch.cu, chunk_indices=chunk_indices,
         )
     if stateful:
         rec_state.index_copy_(0, batch.slots_d, final)

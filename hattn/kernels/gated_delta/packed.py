@@ -19,7 +19,8 @@ def linear_attention_packed(
     """Gated-delta-net core of the sequences of `batch` packed along T (rows == batch.num_tokens); writes `out`.
 
     mixed_qkv: [T, C = 2*Hk*Dk + Hv*Dv]; conv_weight: [C, W]; g, beta: [T, Hv]; out: [T, Hv, Dv];
-    states: (conv_state [S, C, W-1], rec_state [S, Hv, Dk, Dv] fp32) or None (zeros, nothing kept).
+    states: (conv_state [S, C, W-1], rec_state [S, Hv, Dk, Dv] fp32) or None (zeros, nothing kept); with states
+    the batch must have slots (the conv checks it, before any state is touched).
     """
     if not batch.lens:
         return
@@ -33,7 +34,5 @@ def linear_attention_packed(
     key_dim = num_k_heads * head_k_dim
     q, k, v = x.split([key_dim, key_dim, hv * dv], dim=-1)
     q, k, v = q.view(t, num_k_heads, head_k_dim), k.view(t, num_k_heads, head_k_dim), v.view(t, hv, dv)
-    cu = batch.cu_cpu.tolist()
-    keep = states is not None and batch.slots is not None
-    out.copy_(chunk_gated_delta_rule_packed(q, k, v, g, beta, cu, rec_state if keep else None,
-                                            batch.slots, batch.has_state))
+    out.copy_(chunk_gated_delta_rule_packed(q, k, v, g, beta, batch.cu_cpu.tolist(), rec_state, batch.slots,
+                                            batch.has_state))
