@@ -7,8 +7,10 @@ ours vs fla vs the torch reference (reference at small sizes only).
 Decode is timed as `mode="full"` runs it: one CUDA graph holding the step of K layers (each with its own states,
 K * state >= 256 MB so states come from HBM, not L2), time per layer. Achieved bandwidth counts recurrent state
 read+write, conv state read+write, inputs, outputs, weights; "xfloor" = time / (bytes / peak), the goal being
-<= 1.2 at batch >= 32 with peak ~3.0 TB/s (H100); "copy" times a plain copy of the same state bytes in the same
-harness (launch, ramp and tail included), about the best a step can do at that size. fla decode = gather states
+<= 1.2 at batch >= 32; peak is measured by a 1 GiB device copy (about 3.0 TB/s on the H100, 4.3 on the H200) unless
+`--peak` gives it; "copy" times a plain copy of the same state bytes in the same harness (launch, ramp and tail
+included), about the best a step can do at that size. A line fitted to time against batch (B >= 32) splits each
+into a fixed cost a launch and a cost a sequence (over B = 32..128). fla decode = gather states
 + `fused_recurrent_gated_delta_rule` + scatter (no conv: fla has none indexed by slot). Prefill runs eagerly: "wall"
 is triton's do_bench (host launch overhead included, L2 flushed), "gpu" the summed kernel time from torch.profiler;
 fla prefill = fla's `causal_conv1d` + `chunk_gated_delta_rule` (q/k L2 norm in fla), given host and device
@@ -18,13 +20,14 @@ layers).
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 import triton
 
 from hattn.kernels.conv1d.reference import causal_conv1d_packed
 from hattn.kernels.gated_delta.chunk import fla_chunk
-from hattn.kernels.gated_delta.fused_decode import default_config, fused_gdn_decode
+from hattn.kernels.gated_delta.fused_decode import Launch, default_config, fused_gdn_decode
 from hattn.kernels.gated_delta.packed import linear_attention_packed
 from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed, linear_attention_decode_reference
 from hattn.kernels.packing import PackedBatch
@@ -66,6 +69,24 @@ def _graph_us(calls, reps: int = 10) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / (reps * len(calls))
+
+
+def measure_peak() -> float:
+    """The device's memory bandwidth in TB/s: a 1 GiB device-to-device copy, bytes read + written."""
+    a = torch.empty(1 << 28, device=DEV)
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=20, rep=200, return_mode="median")
+    return 2 * a.numel() * a.element_size() / ms / 1e9
+
+
+def _fit(name, batches, times, floor_per_seq, what):
+    """Time against batch over B = 32..128 as a line: the fixed cost of a launch and the cost per sequence
+    (B = 256 is left out: its harness holds one layer, K = 1, and its copy times are erratic)."""
+    pts = [(b, t) for b, t in zip(batches, times) if 32 <= b <= 128 and isinstance(t, float)]
+    if len(pts) >= 2:
+        slope, icpt = statistics.linear_regression(*zip(*pts))
+        print(f"{name:22} {what:>5}: {icpt:5.1f} us a launch + {slope:6.3f} us a sequence "
+              f"({slope / floor_per_seq:.2f}x the floor's), fit over B = 32..128")
 
 
 def _try(timer, fn) -> float | str:
@@ -144,6 +165,7 @@ def bench_decode(batches, peak):
     print(f"{'shape':22} {'B':>4} {'ours':>9} {'fla':>9} {'torch':>9} {'copy':>9} {'fla/ours':>8} {'torch/ours':>10} "
           f"{'GB/s':>7} {'%peak':>6} {'xfloor':>6} {'xcopy':>6}")
     for name, (hk, hv, d) in SHAPES.items():
+        times = []
         for b in batches:
             layers = _decode_layers(b, hk, hv, d)
             ours, copy = _graph_us([_ours(t, hk, d) for t in layers]), _copy_us(layers)
@@ -155,16 +177,25 @@ def bench_decode(batches, peak):
             ratio = lambda x: f"{x / ours:8.2f}" if isinstance(x, float) else f"{'-':>8}"  # noqa: E731
             print(f"{name:22} {b:4d} {_fmt(ours)} {_fmt(fla)} {_fmt(ref)} {_fmt(copy)} {ratio(fla)} {ratio(ref):>10} "
                   f"{gbs:7.0f} {gbs / peak / 10:6.1f} {peak * 1e3 / gbs:6.2f} {ours / copy:6.2f}", flush=True)
+            times.append((ours, copy))
             del layers
+        per_seq = (decode_bytes(2, hk, hv, d) - decode_bytes(1, hk, hv, d)) / peak / 1e6
+        for i, what in enumerate(("ours", "copy")):
+            _fit(name, batches, [t[i] for t in times], per_seq, what)
+
+
+def _name(c: Launch) -> str:
+    return f"{'staged' if c.staged else 'fused'} {c.bv}/{c.warps}"
 
 
 def bench_decode_configs(batches, configs, peak):
-    """Launch forms of the decode kernel, (BV, num_warps, tiles per program; None = one program per key head)."""
+    """Launch forms of the decode step (`Launch`): staged or fused, BV/warps."""
+    configs = [Launch(*c) for c in configs]
     for name, (hk, hv, d) in SHAPES.items():
-        print(f"\n## decode kernel configs at {name}; default {default_config(1, hk, hv, d, d)} below B*Hk=256, "
-              f"{default_config(256, hk, hv, d, d)} below 512, {default_config(512, hk, hv, d, d)} above; "
-              f"us (xfloor)")
-        print(f"{'B':>4} " + " ".join(f"{str(c):>16}" for c in configs))
+        print(f"\n## decode launch forms at {name}; default in a graph {_name(default_config(1, hk, hv, d, d))}, "
+              f"between graphs {_name(default_config(1, hk, hv, d, d, eager=True))} below B*Hk=512 and "
+              f"{_name(default_config(512, hk, hv, d, d, eager=True))} above; us (xfloor)")
+        print(f"{'B':>4} " + " ".join(f"{_name(c):>16}" for c in configs))
         for b in batches:
             layers = _decode_layers(b, hk, hv, d)
             floor = decode_bytes(b, hk, hv, d) / peak / 1e6
@@ -246,7 +277,8 @@ def accuracy():
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--peak", type=float, default=3.0, help="GPU memory bandwidth, TB/s (H100 SXM measured ~3.0)")
+    p.add_argument("--peak", type=float, default=None,
+                   help="GPU memory bandwidth in TB/s for the floor (default: measured by a 1 GiB device copy)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192, 16384])
     p.add_argument("--ref-max", type=int, default=2048, help="largest prefill length the torch reference runs")
@@ -257,12 +289,14 @@ def main(argv=None) -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"fla {'yes' if fla_chunk() is not None else 'not installed'}")
     torch.manual_seed(0)
+    peak = a.peak or measure_peak()
+    print(f"peak memory bandwidth {peak:.2f} TB/s ({'given' if a.peak else 'measured: 1 GiB device copy'})")
     accuracy()
-    bench_decode(a.batches, a.peak)
+    bench_decode(a.batches, peak)
     bench_prefill(a.lengths, a.ref_max)
     if a.sweep:
-        bench_decode_configs([8, 16, 32, 256], [(16, 4, 1), (32, 4, 2), (32, 4, None), (64, 4, None), (64, 8, None)],
-                             a.peak)
+        bench_decode_configs([1, 8, 16, 32, 64, 256], [(32, 4), (64, 4), (64, 4, True), (32, 4, True), (64, 8, True),
+                                                       (16, 2, True)], peak)
 
 
 if __name__ == "__main__":

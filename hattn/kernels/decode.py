@@ -32,7 +32,7 @@ def linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, con
     context_lens: [B] int (device) or None; a 0 marks a new sequence, whose slot's states start from zeros.
     conv_state = rec_state = slots = None: no cache (zero states, nothing written).
     eager: the step runs outside a CUDA graph (pcg, bcg, graph-free), where each launch costs more host time than
-    a small batch's device time: one launch (`fused_decode.default_config`).
+    a small batch's device time: the fused single launch rather than the staged two (`fused_decode.default_config`).
     """
     if use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[-1]):
         # needs triton: CUDA installs only

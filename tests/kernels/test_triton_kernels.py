@@ -35,15 +35,16 @@ OUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 STATE_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
 
 
-MODES = ["default", "large-batch default", "single launch", "two tiles a program"]
+MODES = ["default (staged)", "eager small-batch default", "eager large-batch default", "staged narrow tiles"]
 
 
 def _config(mode: str, hk: int, hv: int, dk: int, dv: int):
-    """The decode kernel's launch forms: the default at this (small) batch (two tiles a program + q/k conv shift),
-    the default at B*Hk >= 512 (one program per key head, 8K-element tiles), 4K tiles, two tiles a program."""
-    if mode == "large-batch default":
-        return fused.default_config(512, hk, hv, dk, dv)
-    return {"default": None, "single launch": (min(dv, 32), 4, None), "two tiles a program": (32, 4, 2)}[mode]
+    """The decode step's launch forms: the default inside a CUDA graph (staged: q/k/v pass, then one program per
+    state tile), the fused single launch taken between graphs (4K-element tiles; 8K from B*Hk >= 512), and the
+    staged form with narrower tiles (more programs a value head)."""
+    if mode.startswith("eager"):
+        return fused.default_config(512 if "large" in mode else 1, hk, hv, dk, dv, eager=True)
+    return {"default (staged)": None, "staged narrow tiles": fused.Launch(min(dv, 32), 4, staged=True)}[mode]
 
 
 def _close(got, want, tol):
@@ -77,7 +78,16 @@ def _reference_decode(case, out_shape, slots, hk, dk, context_lens, stateless=Fa
        seed=st.integers(0, 2**16))
 @settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
 def test_fused_decode_matches_reference(b, hk, rep, dims, width, dtype, bias, with_ctx, mode, seed, nan_empty):
-    dk, dv = dims
+    _check_decode(b, hk, rep, *dims, width, dtype, bias, with_ctx, mode, seed)
+
+
+@pytest.mark.parametrize("dims", [(64, 128), (128, 128), (256, 128), (128, 256)])
+def test_staged_decode_matches_reference_at_uneven_head_ratios(dims, nan_empty):
+    """The default form inside graphs, at three value heads a key head (a q/k row read by three tiles' programs)."""
+    _check_decode(5, 2, 3, *dims, 4, torch.bfloat16, True, True, "default (staged)", sum(dims))
+
+
+def _check_decode(b, hk, rep, dk, dv, width, dtype, bias, with_ctx, mode, seed):
     case = _decode_case(b, hk, rep, dk, dv, width, dtype, b + 3, seed)
     if not bias:
         case["conv_bias"] = None

@@ -1,20 +1,27 @@
-"""Fused gated-delta-net decode step in Triton, capture-safe (no allocation, no host sync).
+"""Gated-delta-net decode step in Triton, capture-safe (no host sync; fixed addresses at replay).
 
 For B sequences with one new token each: causal conv1d update of `conv_state[slot]` in place + silu + split q/k/v
 + L2-norm of q, k + q scaling + gated delta rule update of `rec_state[slot]` (fp32) in place + output into `out`.
 Slots (and optionally context lengths: 0 = a new sequence, start from zero states) are device tensors, so the
 launches can be captured in a CUDA graph and replayed for new inputs at the same addresses.
 
-The step is bound by the recurrent state's read + write. Each program computes `TPP` [Dk, BV] tiles of the states
-of one key head's Hv // Hk value heads (loading tile i+1 while tile i is computed). A conv-state row must be shifted
-only after every program that reads it has read it, and no two programs may shift the same row:
-- TPP = all of a key head's tiles (one program per sequence and key head; the default from B * Hk >= 256): the
-  program owns its q/k rows and shifts them itself; one launch, but only B * Hk programs;
-- fewer (the default below: two tiles a program): each program shifts only its own v rows and reads the q/k rows it
-  shares with the key head's other programs; a second small launch (`qk_conv_shift_kernel`) then shifts the q/k rows.
+The step is bound by the recurrent state's read + write. Two launch forms (`Launch`):
+- staged (the default inside CUDA graphs): `conv_qkv_kernel` (one program per head) runs the conv step, shifts the
+  conv state and writes q, k (L2-normalised) and v in fp32 to a [B, C] workspace; then `state_step_kernel` streams
+  the states, one [Dk, BV] tile a program, with nothing left to compute before its state tile arrives but three
+  short vector loads. On the H100 at B=32 in a graph: 55.9 against 58.7 us for the fused form (qwen3-next
+  shape), 30.2 against 31.4 us (1B shape); docs/benchmarks.md. The workspace is allocated per call: inside a CUDA graph capture that is the graph's pool,
+  at the same address on every replay.
+- fused (the default between graphs, where a second launch costs more host time than it saves): one launch of
+  `fused_decode_kernel`, a program per (sequence, key head) computing all [Dk, BV] tiles of the key head's
+  Hv // Hk value heads (loading tile i+1 while tile i is computed). A conv-state row must be shifted only after
+  every program that reads it has read it: each program owns its key head's q/k rows and its value heads' v rows,
+  so it shifts them itself.
 Torch reference: `hattn.kernels.gated_delta.reference.linear_attention_decode_reference`.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -26,10 +33,11 @@ from hattn.kernels.launch import (FLOATS, check_contiguous, check_device, check_
 
 @triton.jit
 def _conv_step(x_row, w, stride_w, bias, cs_row, o_c, keep, W: tl.constexpr, BW: tl.constexpr,
-               HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, WRITE: tl.constexpr):
-    """silu(conv) of channels o_c for one new input; with WRITE, shifts their conv-state rows [W-1] in place."""
+               HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr):
+    """silu(conv) of channels o_c for one new input; with HAS_STATE, shifts their conv-state rows [W-1] in place
+    (the caller's program must be the only one to read those rows)."""
     o_w = tl.arange(0, BW)
-    b_x = tl.load(x_row + o_c).to(tl.float32)
+    b_x = tl.load(x_row + o_c, mask=o_c >= 0, other=0.).to(tl.float32)  # o_c < 0: a padding lane
     b_w = tl.load(w + o_c[:, None] * stride_w + o_w[None, :], mask=(o_c >= 0)[:, None] & (o_w < W)[None, :],
                   other=0.).to(tl.float32)
     if HAS_STATE:
@@ -43,8 +51,8 @@ def _conv_step(x_row, w, stride_w, bias, cs_row, o_c, keep, W: tl.constexpr, BW:
     b_win = tl.where((o_w == W - 1)[None, :], b_x[:, None], b_win)
     b_y = tl.sum(b_win * b_w, 1)
     if HAS_BIAS:
-        b_y += tl.load(bias + o_c).to(tl.float32)
-    if HAS_STATE and WRITE:
+        b_y += tl.load(bias + o_c, mask=o_c >= 0, other=0.).to(tl.float32)
+    if HAS_STATE:
         tl.debug_barrier()  # every thread has read the old rows before any row is overwritten
         tl.store(p_s, b_nxt.to(p_s.dtype.element_ty), mask=(o_c >= 0)[:, None] & (o_w < W - 1)[None, :])
     return b_y * tl.sigmoid(b_y)
@@ -55,14 +63,13 @@ def fused_decode_kernel(
     x, stride_x, w, stride_w, bias, g, stride_g, beta, stride_beta, o, stride_ob, stride_oh,
     cs, rs, slots, context_lens, scale,
     HK: tl.constexpr, HV: tl.constexpr, REP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BV: tl.constexpr, NV: tl.constexpr, TPP: tl.constexpr, SOLE: tl.constexpr,
-    W: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_CTX: tl.constexpr,
+    BV: tl.constexpr, NV: tl.constexpr, TPP: tl.constexpr, W: tl.constexpr, BW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_CTX: tl.constexpr,
 ):
-    # program (i_b, i_p) computes state tiles i_p*TPP .. +TPP-1 of sequence i_b; tile t = value head t // NV,
-    # value columns block t % NV; all of one key head. TPP == REP*NV: the program owns the key head's q/k conv rows.
-    i_b, i_p = tl.program_id(0), tl.program_id(1)
-    i_b64, t0 = i_b.to(tl.int64), i_p * TPP
-    i_hk = t0 // (REP * NV)
+    # program (i_b, i_hk) computes the TPP = REP*NV state tiles t0 .. t0+TPP-1 of sequence i_b's key head i_hk;
+    # tile t = value head t // NV, value columns block t % NV.
+    i_b, i_hk = tl.program_id(0), tl.program_id(1)
+    i_b64, t0 = i_b.to(tl.int64), i_hk * TPP
     x_row = x + i_b64 * stride_x
     keep, slot = _keep_slot(i_b, slots, context_lens, HAS_STATE, HAS_CTX)
     cs_row, rs_row = cs, rs
@@ -72,9 +79,8 @@ def fused_decode_kernel(
     m_h = (o_k[:, None] >= 0) & (o_b[None, :] >= 0) & keep
     if HAS_STATE:  # the first state tile's load overlaps the q/k conv
         b_h_next = tl.load(_tile(rs_row, t0, o_k, o_b, NV, DK, DV, BV), mask=m_h, other=0.)
-    b_q = _conv_step(x_row, w, stride_w, bias, cs_row, i_hk * DK + o_k, keep, W, BW, HAS_BIAS, HAS_STATE, SOLE)
-    b_k = _conv_step(x_row, w, stride_w, bias, cs_row, (HK + i_hk) * DK + o_k, keep, W, BW, HAS_BIAS, HAS_STATE,
-                     SOLE)
+    b_q = _conv_step(x_row, w, stride_w, bias, cs_row, i_hk * DK + o_k, keep, W, BW, HAS_BIAS, HAS_STATE)
+    b_k = _conv_step(x_row, w, stride_w, bias, cs_row, (HK + i_hk) * DK + o_k, keep, W, BW, HAS_BIAS, HAS_STATE)
     b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6) * scale
     b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
 
@@ -90,7 +96,7 @@ def fused_decode_kernel(
         else:
             b_h = tl.zeros([DK, BV], dtype=tl.float32)
         b_v = _conv_step(x_row, w, stride_w, bias, cs_row, 2 * HK * DK + i_hv * DV + o_v, keep,
-                         W, BW, HAS_BIAS, HAS_STATE, True)
+                         W, BW, HAS_BIAS, HAS_STATE)
         b_h *= tl.exp(tl.load(g + i_b64 * stride_g + i_hv).to(tl.float32))
         b_v = (b_v - tl.sum(b_h * b_k[:, None], 0)) * tl.load(beta + i_b64 * stride_beta + i_hv).to(tl.float32)
         b_h += b_k[:, None] * b_v[None, :]
@@ -101,14 +107,49 @@ def fused_decode_kernel(
 
 
 @triton.jit
-def qk_conv_shift_kernel(x, stride_x, w, stride_w, cs, slots, context_lens, C: tl.constexpr, DK: tl.constexpr,
-                         W: tl.constexpr, BW: tl.constexpr, HAS_CTX: tl.constexpr):
-    """Shift the q/k conv-state rows (channels pid1*DK ..) after a split launch, whose programs only read them."""
-    i_b, i_c = tl.program_id(0), tl.program_id(1)
+def conv_qkv_kernel(x, stride_x, w, stride_w, bias, cs, slots, context_lens, qkv, scale,
+                    HK: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr,
+                    W: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CTX: tl.constexpr):
+    """Staged form, first launch. Program (b, h): head h's channels (q heads, then k heads, then v heads):
+    silu(conv) with their conv-state rows shifted (each row by its one program); q, k L2-normalised, q scaled;
+    fp32 into qkv[b]."""
+    i_b, i_h = tl.program_id(0), tl.program_id(1)
     keep, slot = _keep_slot(i_b, slots, context_lens, True, HAS_CTX)
-    o_c = i_c * DK + tl.arange(0, DK)
-    _conv_step(x + i_b.to(tl.int64) * stride_x, w, stride_w, None, cs + slot * (C * (W - 1)), o_c, keep, W, BW,
-               False, True, True)
+    is_qk = i_h < 2 * HK
+    c0 = tl.where(is_qk, i_h * DK, 2 * HK * DK + (i_h - 2 * HK) * DV)
+    o = tl.arange(0, BH)
+    m = o < tl.where(is_qk, DK, DV)
+    b_y = _conv_step(x + i_b.to(tl.int64) * stride_x, w, stride_w, bias, cs + slot * (C * (W - 1)),
+                     tl.where(m, c0 + o, -1), keep, W, BW, HAS_BIAS, True)
+    if is_qk:
+        b_y = b_y * tl.rsqrt(tl.sum(b_y * b_y, 0) + 1e-6)
+        if i_h < HK:
+            b_y = b_y * scale
+    tl.store(qkv + i_b.to(tl.int64) * C + c0 + o, b_y, mask=m)
+
+
+@triton.jit
+def state_step_kernel(qkv, g, stride_g, beta, stride_beta, o, stride_ob, stride_oh, rs, slots, context_lens,
+                      HK: tl.constexpr, HV: tl.constexpr, REP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr,
+                      DV: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, HAS_CTX: tl.constexpr):
+    """Staged form, second launch. Program (b, t): state tile t of sequence b (value head t // NV, value columns
+    block t % NV), from the q, k, v that `conv_qkv_kernel` wrote to qkv[b]."""
+    i_b, t = tl.program_id(0), tl.program_id(1)
+    i_b64, i_hv = i_b.to(tl.int64), t // NV
+    keep, slot = _keep_slot(i_b, slots, context_lens, True, HAS_CTX)
+    o_k, o_b = tl.arange(0, DK), tl.arange(0, BV)
+    p_h = _tile(rs + slot * (HV * DK * DV), t, o_k, o_b, NV, DK, DV, BV)
+    b_h = tl.load(p_h, mask=(o_k[:, None] >= 0) & (o_b[None, :] >= 0) & keep, other=0.)
+    row = qkv + i_b64 * C
+    o_v = (t % NV) * BV + o_b
+    b_q = tl.load(row + (i_hv // REP) * DK + o_k)
+    b_k = tl.load(row + (HK + i_hv // REP) * DK + o_k)
+    b_v = tl.load(row + 2 * HK * DK + i_hv * DV + o_v)
+    b_h *= tl.exp(tl.load(g + i_b64 * stride_g + i_hv).to(tl.float32))
+    b_v = (b_v - tl.sum(b_h * b_k[:, None], 0)) * tl.load(beta + i_b64 * stride_beta + i_hv).to(tl.float32)
+    b_h += b_k[:, None] * b_v[None, :]
+    tl.store(p_h, b_h)
+    tl.store(o + i_b64 * stride_ob + i_hv * stride_oh + o_v, tl.sum(b_h * b_q[:, None], 0).to(o.dtype.element_ty))
 
 
 @triton.jit
@@ -130,18 +171,24 @@ def _tile(rs_row, t, o_k, o_b, NV: tl.constexpr, DK: tl.constexpr, DV: tl.conste
     return rs_row + (t // NV) * (DK * DV) + o_k[:, None] * DV + ((t % NV) * BV + o_b)[None, :]
 
 
-def default_config(b: int, hk: int, hv: int, dk: int, dv: int, eager: bool = False) -> tuple[int, int, int | None]:
-    """(BV, num_warps, tiles per program), from `python3 -m hattn.kernels.bench --sweep` on an H100 at Dk=Dv=128.
-    One program per key head (a single launch) once B*Hk >= 256: [Dk, BV] fp32 tiles of 8K elements on 4 warps
-    from B*Hk >= 512 (about 240 registers, two programs an SM: 1.13-1.18x its bandwidth floor at B=64..256 vs
-    1.21-1.28x with 4K tiles), 4K below. Under 256 programs, two 4K tiles a program (more programs; B=8: 17.9 us
-    vs 23.0 us for the single launch), which takes a second launch; `eager` (a step outside a CUDA graph, where a
-    launch costs tens of microseconds of host time, more than the few the split saves) keeps the single launch.
-    One tile a program (BV=16) measured slowest (1.6-1.7x)."""
-    bv = min(dv, max(16, (8192 if b * hk >= 512 else 4096) // dk))
-    if b * hk >= 256 or eager or hv // hk * (dv // bv) % 2:
-        return bv, 4, None
-    return bv, 4, 2
+class Launch(NamedTuple):
+    """How a decode step launches: [Dk, BV] state tiles on `warps` warps; `staged` (two launches, one tile a
+    program) or fused (one launch, a key head's tiles a program)."""
+    bv: int
+    warps: int = 4
+    staged: bool = False
+
+
+def default_config(b: int, hk: int, hv: int, dk: int, dv: int, eager: bool = False) -> Launch:
+    """From `python3 -m hattn.kernels.bench --sweep` on an H100 at Dk=Dv=128: [Dk, BV] fp32 tiles of 8K elements
+    on 4 warps. Inside a CUDA graph the staged form (qwen3-next shape, B=32: 55 to 56 us, 1.20-1.22x its
+    bandwidth floor, against 61 us, 1.33x, for the form it replaced: the fused kernel split over two programs a key
+    head plus a q/k conv-shift launch). `eager` (a step outside a CUDA graph, where a launch costs tens of microseconds of
+    host time, more than the staged form saves) takes the fused form's single launch, with 4K tiles below
+    B*Hk = 512 and 8K from there (1.13-1.18x vs 1.21-1.28x at B=64..256)."""
+    if not eager:
+        return Launch(min(dv, max(16, 8192 // dk)), 4, True)
+    return Launch(min(dv, max(16, (8192 if b * hk >= 512 else 4096) // dk)), 4)
 
 
 def fused_gdn_decode(
@@ -157,7 +204,7 @@ def fused_gdn_decode(
     num_k_heads: int,
     head_k_dim: int,
     context_lens: torch.Tensor | None = None,
-    config: tuple[int, int, int | None] | None = None,
+    config: Launch | tuple | None = None,
 ) -> None:
     """One gated-delta-net decode step for B sequences, states updated in place at their slots.
 
@@ -165,33 +212,52 @@ def fused_gdn_decode(
     g (log decay), beta: [B, Hv]; out: [B, Hv, Dv] (written); conv_state: [S, C, W-1]; rec_state: [S, Hv, Dk, Dv]
     fp32; slots: [B] int32/int64 device tensor; context_lens: [B] int device tensor or None (0 = new sequence:
     start from zero states). conv_state = rec_state = slots = None: start from zeros and write no state.
-    config: (BV, num_warps, tiles per program) override, default `default_config`. Tiles per program below
-    Hv/Hk * Dv/BV split a key head over several programs (more parallelism at small batch); a second small launch
-    then shifts the q/k conv-state rows, which those programs share and only read.
+    config: a `Launch` (or its fields as a tuple) overriding `default_config`. Without a cache the staged form
+    runs fused (it has no states to stream).
     """
     _check(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, num_k_heads, head_k_dim,
            context_lens)
     b, hv, dv = out.shape
-    c, width = conv_weight.shape
-    hk, dk = num_k_heads, head_k_dim
     if b == 0:
         return
-    bv, warps, tpp = config or default_config(b, hk, hv, dk, dv)
-    tiles = hv // hk * (dv // bv)
-    tpp = tiles if tpp is None else tpp
-    if dv % bv or tiles % tpp:
-        raise ValueError(f"fused_gdn_decode: config {config} must split Dv={dv} into blocks and {tiles} tiles evenly")
-    stateful, meta = rec_state is not None, dict(W=width, BW=triton.next_power_of_2(width),
-                                                 HAS_CTX=context_lens is not None)
-    fused_decode_kernel[(b, hk * tiles // tpp)](
+    launch = Launch(*(config or default_config(b, num_k_heads, hv, head_k_dim, dv)))
+    if dv % launch.bv:
+        raise ValueError(f"fused_gdn_decode: config {config} must split Dv={dv} into blocks of BV")
+    if launch.staged and rec_state is not None:
+        return _staged(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, num_k_heads,
+                       head_k_dim, context_lens, launch)
+    _fused(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, num_k_heads, head_k_dim,
+           context_lens, launch)
+
+
+def _fused(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, hk, dk, context_lens,
+           launch):
+    b, hv, dv = out.shape
+    c, width = conv_weight.shape
+    nv = dv // launch.bv
+    fused_decode_kernel[(b, hk)](
         mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, g, g.stride(0),
         beta, beta.stride(0), out, out.stride(0), out.stride(1), conv_state, rec_state, slots, context_lens,
-        dk ** -0.5, HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=bv, NV=dv // bv, TPP=tpp, SOLE=tpp == tiles,
-        HAS_BIAS=conv_bias is not None, HAS_STATE=stateful, num_warps=warps, **meta,
+        dk ** -0.5, HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=launch.bv, NV=nv, TPP=hv // hk * nv,
+        W=width, BW=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, HAS_STATE=rec_state is not None,
+        HAS_CTX=context_lens is not None, num_warps=launch.warps,
     )
-    if stateful and tpp != tiles:
-        qk_conv_shift_kernel[(b, 2 * hk)](mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0),
-                                          conv_state, slots, context_lens, C=c, DK=dk, num_warps=4, **meta)
+
+
+def _staged(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, hk, dk, context_lens,
+            launch):
+    b, hv, dv = out.shape
+    c, width = conv_weight.shape
+    qkv = torch.empty(b, c, device=out.device, dtype=torch.float32)  # the graph pool's, when captured
+    has_ctx = context_lens is not None
+    conv_qkv_kernel[(b, 2 * hk + hv)](
+        mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, conv_state, slots,
+        context_lens, qkv, dk ** -0.5, HK=hk, C=c, DK=dk, DV=dv, BH=max(dk, dv), W=width,
+        BW=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, HAS_CTX=has_ctx, num_warps=4)
+    nv = dv // launch.bv
+    state_step_kernel[(b, hv * nv)](
+        qkv, g, g.stride(0), beta, beta.stride(0), out, out.stride(0), out.stride(1), rec_state, slots, context_lens,
+        HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=launch.bv, NV=nv, HAS_CTX=has_ctx, num_warps=launch.warps)
 
 
 def _check(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, hk, dk, context_lens):
