@@ -9,8 +9,8 @@ K * state >= 256 MB so states come from HBM, not L2), time per layer. Achieved b
 read+write, conv state read+write, inputs, outputs, weights; "xfloor" = time / (bytes / peak), the goal being
 <= 1.2 at batch >= 32; peak is measured by a 1 GiB device copy (about 3.0 TB/s on the H100, 4.3 on the H200) unless
 `--peak` gives it; "copy" times a plain copy of the same state bytes in the same harness (launch, ramp and tail
-included), about the best a step can do at that size. A line fitted to time against batch (B >= 32) splits each
-into a fixed cost a launch and a cost a sequence (over B = 32..128). fla decode = gather states
+included), about the best a step can do at that size. A line fitted to time against batch over B = 32..128 splits
+each into a fixed cost a step and a cost a sequence. fla decode = gather states
 + `fused_recurrent_gated_delta_rule` + scatter (no conv: fla has none indexed by slot). Prefill runs eagerly: "wall"
 is triton's do_bench (host launch overhead included, L2 flushed), "gpu" the summed kernel time from torch.profiler;
 fla prefill = fla's `causal_conv1d` + `chunk_gated_delta_rule` (q/k L2 norm in fla), given host and device
@@ -80,12 +80,12 @@ def measure_peak() -> float:
 
 
 def _fit(name, batches, times, floor_per_seq, what):
-    """Time against batch over B = 32..128 as a line: the fixed cost of a launch and the cost per sequence
+    """Time against batch over B = 32..128 as a line: the fixed cost of a step and the cost per sequence
     (B = 256 is left out: its harness holds one layer, K = 1, and its copy times are erratic)."""
     pts = [(b, t) for b, t in zip(batches, times) if 32 <= b <= 128 and isinstance(t, float)]
     if len(pts) >= 2:
         slope, icpt = statistics.linear_regression(*zip(*pts))
-        print(f"{name:22} {what:>5}: {icpt:5.1f} us a launch + {slope:6.3f} us a sequence "
+        print(f"{name:22} {what:>5}: {icpt:5.1f} us a step + {slope:6.3f} us a sequence "
               f"({slope / floor_per_seq:.2f}x the floor's), fit over B = 32..128")
 
 

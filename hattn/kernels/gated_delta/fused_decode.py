@@ -10,8 +10,8 @@ The step is bound by the recurrent state's read + write. Two launch forms (`Laun
   conv state and writes q, k (L2-normalised) and v in fp32 to a [B, C] workspace; then `state_step_kernel` streams
   the states, one [Dk, BV] tile a program, with nothing left to compute before its state tile arrives but three
   short vector loads. On the H100 at B=32 in a graph: 55.9 against 58.7 us for the fused form (qwen3-next
-  shape), 30.2 against 31.4 us (1B shape); docs/benchmarks.md. The workspace is allocated per call: inside a CUDA graph capture that is the graph's pool,
-  at the same address on every replay.
+  shape), 30.2 against 31.4 us (1B shape); docs/benchmarks.md. The workspace is allocated per call: inside a CUDA
+  graph capture that is the graph's pool, at the same address on every replay.
 - fused (the default between graphs, where a second launch costs more host time than it saves): one launch of
   `fused_decode_kernel`, a program per (sequence, key head) computing all [Dk, BV] tiles of the key head's
   Hv // Hk value heads (loading tile i+1 while tile i is computed). A conv-state row must be shifted only after
@@ -97,12 +97,9 @@ def fused_decode_kernel(
             b_h = tl.zeros([DK, BV], dtype=tl.float32)
         b_v = _conv_step(x_row, w, stride_w, bias, cs_row, 2 * HK * DK + i_hv * DV + o_v, keep,
                          W, BW, HAS_BIAS, HAS_STATE)
-        b_h *= tl.exp(tl.load(g + i_b64 * stride_g + i_hv).to(tl.float32))
-        b_v = (b_v - tl.sum(b_h * b_k[:, None], 0)) * tl.load(beta + i_b64 * stride_beta + i_hv).to(tl.float32)
-        b_h += b_k[:, None] * b_v[None, :]
+        b_h, b_o = _delta_step(b_h, b_q, b_k, b_v, g + i_b64 * stride_g + i_hv, beta + i_b64 * stride_beta + i_hv)
         if HAS_STATE:
             tl.store(_tile(rs_row, t, o_k, o_b, NV, DK, DV, BV), b_h)
-        b_o = tl.sum(b_h * b_q[:, None], 0)
         tl.store(o + i_b64 * stride_ob + i_hv * stride_oh + o_v, b_o.to(o.dtype.element_ty))
 
 
@@ -145,11 +142,19 @@ def state_step_kernel(qkv, g, stride_g, beta, stride_beta, o, stride_ob, stride_
     b_q = tl.load(row + (i_hv // REP) * DK + o_k)
     b_k = tl.load(row + (HK + i_hv // REP) * DK + o_k)
     b_v = tl.load(row + 2 * HK * DK + i_hv * DV + o_v)
-    b_h *= tl.exp(tl.load(g + i_b64 * stride_g + i_hv).to(tl.float32))
-    b_v = (b_v - tl.sum(b_h * b_k[:, None], 0)) * tl.load(beta + i_b64 * stride_beta + i_hv).to(tl.float32)
-    b_h += b_k[:, None] * b_v[None, :]
+    b_h, b_o = _delta_step(b_h, b_q, b_k, b_v, g + i_b64 * stride_g + i_hv, beta + i_b64 * stride_beta + i_hv)
     tl.store(p_h, b_h)
-    tl.store(o + i_b64 * stride_ob + i_hv * stride_oh + o_v, tl.sum(b_h * b_q[:, None], 0).to(o.dtype.element_ty))
+    tl.store(o + i_b64 * stride_ob + i_hv * stride_oh + o_v, b_o.to(o.dtype.element_ty))
+
+
+@triton.jit
+def _delta_step(b_h, b_q, b_k, b_v, p_g, p_beta):
+    """Gated delta rule on a [DK, BV] fp32 state tile: h = exp(g) h; v' = beta (v - h^T k); h += k v'^T.
+    Returns (new tile, its output h^T q)."""
+    b_h *= tl.exp(tl.load(p_g).to(tl.float32))
+    b_v = (b_v - tl.sum(b_h * b_k[:, None], 0)) * tl.load(p_beta).to(tl.float32)
+    b_h += b_k[:, None] * b_v[None, :]
+    return b_h, tl.sum(b_h * b_q[:, None], 0)
 
 
 @triton.jit
@@ -183,9 +188,9 @@ def default_config(b: int, hk: int, hv: int, dk: int, dv: int, eager: bool = Fal
     """From `python3 -m hattn.kernels.bench --sweep` on an H100 at Dk=Dv=128: [Dk, BV] fp32 tiles of 8K elements
     on 4 warps. Inside a CUDA graph the staged form (qwen3-next shape, B=32: 55 to 56 us, 1.20-1.22x its
     bandwidth floor, against 61 us, 1.33x, for the form it replaced: the fused kernel split over two programs a key
-    head plus a q/k conv-shift launch). `eager` (a step outside a CUDA graph, where a launch costs tens of microseconds of
-    host time, more than the staged form saves) takes the fused form's single launch, with 4K tiles below
-    B*Hk = 512 and 8K from there (1.13-1.18x vs 1.21-1.28x at B=64..256)."""
+    head plus a q/k conv-shift launch). `eager` (a step outside a CUDA graph, where a launch costs tens of
+    microseconds of host time, more than the staged form saves) takes the fused form's single launch, with 4K tiles
+    below B*Hk = 512 and 8K from there (1.13-1.18x vs 1.21-1.28x at B=64..256)."""
     if not eager:
         return Launch(min(dv, max(16, 8192 // dk)), 4, True)
     return Launch(min(dv, max(16, (8192 if b * hk >= 512 else 4096) // dk)), 4)
