@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hattn.kernels.launch import (FLOATS, check_contiguous, check_device, check_last_contiguous, check_pow2,
-                                  check_shape)
+from hattn.kernels.launch import (FLOATS, CheckedOnce, check_contiguous, check_device, check_last_contiguous,
+                                  check_pow2, check_shape)
 
 
 @triton.jit
@@ -220,8 +220,8 @@ def fused_gdn_decode(
     config: a `Launch` (or its fields as a tuple) overriding `default_config`. Without a cache the staged form
     runs fused (it has no states to stream).
     """
-    _check(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, num_k_heads, head_k_dim,
-           context_lens)
+    _check_once(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, num_k_heads,
+                head_k_dim, context_lens)
     b, hv, dv = out.shape
     if b == 0:
         return
@@ -294,3 +294,6 @@ def _check(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_stat
     if mixed_qkv.dtype not in FLOATS or out.dtype not in FLOATS:
         raise ValueError(f"{what}: mixed_qkv/out must be fp16, bf16 or fp32 (got {mixed_qkv.dtype}, {out.dtype})")
     check_last_contiguous(what, mixed_qkv=mixed_qkv, conv_weight=conv_weight, g=g, beta=beta, out=out)
+
+
+_check_once = CheckedOnce(_check)
