@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
-MODES = ("eager", "inductor", "pcg", "bcg", "full")
+
+
+def _modes() -> list[str]:
+    from hattn.registry import modes
+
+    return list(modes())
 
 
 def subcommand(name: str):
@@ -41,8 +46,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights (and of sampling)")
-    p.add_argument("--capture-sizes", type=_ints, default=[1, 2, 4, 8, 16, 32, 64],
-                   help="token counts graphs are captured for (graph modes)")
+    p.add_argument("--capture-sizes", type=_ints, default=None,
+                   help="token counts graphs are captured for (graph modes; default: hattn's 16 sizes up to 2048)")
     p.add_argument("--inner-compiler", default="inductor", choices=["inductor", "eager"],
                    help="what compiles the pieces between split ops in pcg/bcg/full")
 
@@ -55,14 +60,14 @@ def _device_dtype(args):
     return device, getattr(torch, name)
 
 
-def compile_mode(lm, mode: str, capture_sizes: list[int], inner_compiler: str = "inductor"):
+def compile_mode(lm, mode: str, capture_sizes: list[int] | None, inner_compiler: str = "inductor"):
     """`torch.compile(lm)` with the hattn backend in `mode`; returns (model, backend) (backend.stats counts)."""
     import torch
 
     from hattn.compiler.backend import backend
 
-    options = {"inner_compiler": inner_compiler} if mode not in ("eager", "inductor") else {}
-    be = backend(mode=mode, capture_sizes=list(capture_sizes), progress=False, **options)
+    sizes = {"capture_sizes": list(capture_sizes)} if capture_sizes else {}
+    be = backend(mode=mode, inner_compiler=inner_compiler, progress=False, **sizes)
     return torch.compile(lm, backend=be), be
 
 
@@ -150,7 +155,7 @@ def run_demo(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     cache = lm.make_cache(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
     tie = 1e-4 if dtype == torch.float32 else 0.1
-    results = [run_mode(lm, m, prompts, cache, ref, params, args, tie) for m in args.modes]
+    results = [run_mode(lm, m, prompts, cache, ref, params, args, tie) for m in args.modes or _modes()]
     title = (f"hattn demo: preset {args.preset} on {device} ({str(dtype).removeprefix('torch.')}), "
              f"{len(prompts)} prompts of {[len(p) for p in prompts]} tokens, {args.max_new_tokens} new tokens each; "
              f"HF eager generate (one prompt at a time): {hf_s:.2f}s")
@@ -165,7 +170,8 @@ def run_demo(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a tiny model in every mode: tokens checked against HF eager, times")
     p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES), help="comma-separated modes")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=None,
+                   help="comma-separated modes (default: every mode)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     _device_args(p)
     p.set_defaults(func=run_demo)
@@ -230,7 +236,8 @@ def _add_generate(sub) -> None:
     src.add_argument("--preset", help="a preset name (tiny, qwen3.5-1b, tiny-<family>)")
     src.add_argument("--config", help="a config.json (or its directory): random weights")
     src.add_argument("--model", help="a saved model directory (save_pretrained output)")
-    p.add_argument("--mode", default="eager", choices=MODES + ("none",), help="'none': the eager module, uncompiled")
+    p.add_argument("--mode", default="eager", choices=_modes() + ["none"],
+                   help="'none': the eager module, uncompiled")
     p.add_argument("--prompt-ids", type=_ints, action="append", help="a prompt as ids 1,2,3; repeat for a batch")
     p.add_argument("--prompt", action="append", help="a text prompt (needs --model with a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=32)

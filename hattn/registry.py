@@ -1,24 +1,26 @@
-"""The split-op registry: the one place that knows what a split op is.
+"""The registry: the one place that knows what a split op is, and what a mode is.
 
 A *split op* is a `torch.library` custom op with a *kind* ("full", "linear", or a user kind such as "mamba").
 The registry answers, and nothing else in hattn answers:
 
-- is this FX node / callable a split op?            -> `split_op_of(target)`
-- must this call run outside a CUDA graph?           -> every split op: yes (`runs_outside_graph`)
+- is this FX node / callable a split op? (every split op runs outside piecewise and breakable graphs)
+                                                     -> `split_op_of(target)`
+- is this call attention or a mixer that is *not* a registered split op (it must never be captured)?
+                                                     -> `unregistered_mixer(target)`
 - which kind serves layer `layer_id`?                -> `check_route(kind, layer_id, layer_kinds)`
+- which modes exist, and how each builds its runtime -> `modes()`, `mode(name)` (runtime modules register them)
 
-Routing is by the op's registered kind and the layer id only, never by a module's class or a flag on it
-(the sglang bugs in shared/seeds/001 and 003).
+Routing is by the op's registered kind and the layer id only, never by a module's class or a flag on it: peers
+that decided "is this layer linear attention?" from a class attribute routed layers to the wrong backend.
 """
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-BUILTIN_KINDS = ("full", "linear")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ _OPS: dict[str, SplitOp] = {}  # qualified name -> SplitOp
 
 class RegistryError(ValueError):
     """A split op was registered or routed in a way that could give wrong results."""
+
+
+class UnregisteredAttentionError(RuntimeError):
+    """A graph holds an attention/mixer call that is not a registered split op."""
 
 
 def _packet_of(op) -> torch._ops.OpOverloadPacket:
@@ -131,22 +137,77 @@ def direct_call(target) -> Callable:
     return direct
 
 
-def is_split_op(target) -> bool:
-    return split_op_of(target) is not None
-
-
-def runs_outside_graph(target) -> bool:
-    """Must this call run eagerly, outside any piecewise/breakable CUDA graph? Every split op must."""
-    return is_split_op(target)
-
-
 def split_ops() -> list[SplitOp]:
     with _LOCK:
         return list(_OPS.values())
 
 
-def kinds() -> set[str]:
-    return {op.kind for op in split_ops()}
+# -- attention and mixers that are not split ops ------------------------------------------------------------------
+# aten-level attention ops (and the torch function Dynamo records for F.scaled_dot_product_attention)
+ATTENTION_ATEN = frozenset({
+    "scaled_dot_product_attention", "_scaled_dot_product_attention_math", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable",
+    "_flash_attention_forward", "_efficient_attention_forward", "_cudnn_attention_forward",
+})
+# names of custom ops / user Triton kernels that are batch-dependent mixers unless registered
+MIXER_NAME = re.compile(r"attn|attention|delta_rule|mamba|selective_scan|ssm|lightning|conv1d_update|varlen")
+_OWN_NAMESPACES = ("aten", "prims", "_c10d_functional", "c10d")
+
+
+def unregistered_mixer(target) -> str | None:
+    """What `target` (an op, an overload or its packet) is, if it is attention or a mixer kernel that is not a
+    registered split op, else None. Captured in a CUDA graph, such a call would replay with the batch metadata of
+    capture time and give wrong answers (the bug class hattn exists to make impossible)."""
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    if not isinstance(target, torch._ops.OpOverloadPacket) or split_op_of(target) is not None:
+        return None
+    ns, name = target._qualified_op_name.split("::", 1)
+    if ns == "aten" and name in ATTENTION_ATEN:
+        return f"aten.{name}"
+    if ns not in _OWN_NAMESPACES and MIXER_NAME.search(name.lower()):
+        return f"custom op {ns}::{name}"
+    return None
+
+
+# -- modes ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Mode:
+    """A graph strategy: how a compiled (split) graph is run. Each runtime module registers its own.
+
+    graphs  captures CUDA graphs (on a CPU, or for inputs not on CUDA, the mode runs graph-free, logged once)
+    build   (config, split_gm, example_inputs, stats) -> the callable that serves the graph
+    """
+
+    name: str
+    description: str
+    graphs: bool
+    build: Callable
+
+
+_MODES: dict[str, Mode] = {}
+
+
+def register_mode(mode: Mode) -> Mode:
+    with _LOCK:
+        _MODES[mode.name] = mode
+    return mode
+
+
+def modes() -> dict[str, Mode]:
+    """Every registered mode by name, in registration order."""
+    import hattn.runtime  # noqa: F401  (each runtime module registers its mode on import)
+
+    with _LOCK:
+        return dict(_MODES)
+
+
+def mode(name: str) -> Mode:
+    known = modes()
+    if name not in known:
+        raise ValueError(f"unknown hattn mode {name!r}; valid modes: {', '.join(known)}")
+    return known[name]
 
 
 def check_route(op_kind: str, layer_id: int, layer_kinds: dict[int, str] | None) -> None:

@@ -2,7 +2,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
+from torch import nn
 
 import hattn
 from hattn.models.presets import PresetUnavailable
@@ -45,6 +47,33 @@ def _(x, out):
 
 hattn.register_split_op(torch.ops.hattn_test.scale, "testmix")
 hattn.register_split_op(torch.ops.hattn_test.add_into, "testmix")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to OpenMP spinning on a busy 2-core CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class SdpaAttention(nn.Module):
+    """A toy full-attention mixer that calls SDPA directly instead of a hattn split op (what the guards reject)."""
+
+    def __init__(self, c, layer_id: int):
+        super().__init__()
+        self.qkv = nn.Linear(c.hidden, 3 * c.hidden, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(0).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
+
+
+@pytest.fixture
+def sdpa_mixer():
+    """The toy mixer class that calls SDPA unregistered (ToyHybridModel(..., mixers={"sdpa": sdpa_mixer}))."""
+    return SdpaAttention
 
 
 @pytest.hookimpl(wrapper=True)

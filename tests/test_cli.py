@@ -5,12 +5,7 @@ import torch
 from hattn import cli
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_prints_a_row_per_mode_and_exits_0(capsys):

@@ -33,9 +33,10 @@ def test_context_rejects_inconsistent_metadata():
 
 
 def test_context_rejects_slots_and_lengths_outside_its_cache():
-    from hattn.models.cache import HybridCache, full_spec
+    from hattn.models.cache import HybridCache
+    from hattn.ops import full
 
-    cache = HybridCache({0: full_spec(2, 8)}, slots=3, max_len=16, dtype=torch.float32)
+    cache = HybridCache({0: full.cache_spec(2, 8)}, slots=3, max_len=16, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"sequence 1 uses cache slot 4 but the cache has slots 0..2"):
         hattn.ForwardContext(seq_lens=[1, 1], context_lens=[0, 0], slots=[0, 4], cache=cache)
     with pytest.raises(ValueError, match=r"sequence 0 uses cache slot -1"):
@@ -72,4 +73,4 @@ def test_two_threads_two_models_no_cross_talk():
     for i in range(2):
         for r in results[i]:
             torch.testing.assert_close(r, expected[i])
-    assert hattn.runtime.context.get_forward_context() is None
+    assert hattn.context.get_forward_context() is None

@@ -7,7 +7,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import hattn
-from hattn.compiler.config import MODES
+from hattn.registry import modes
 from hattn.models.toy import toy_cache, toy_model
 
 
@@ -23,7 +23,7 @@ def cases(draw, linear_heads=((1, 1), (1, 2), (2, 2), (2, 4))):
         conv_kernel=draw(st.sampled_from([2, 4])), intermediate=32,
     )
     seq_lens = draw(st.lists(st.integers(0, 9), min_size=1, max_size=4).filter(lambda s: sum(s) > 0))
-    return shape, seq_lens, draw(st.sampled_from(MODES)), draw(st.integers(0, 1000))
+    return shape, seq_lens, draw(st.sampled_from(list(modes()))), draw(st.integers(0, 1000))
 
 
 @settings(max_examples=25)

@@ -8,15 +8,24 @@ import torch.fx as fx
 import hattn
 import hattn.ops  # noqa: F401
 from hattn import registry
-from hattn.registry import RegistryError, check_route, is_split_op, runs_outside_graph, split_op_of
+from hattn.registry import RegistryError, check_route, split_op_of
 
 
 def test_builtin_ops_are_split_ops_by_packet_and_overload():
-    for packet, kind in [(torch.ops.hattn.full_attention, "full"), (torch.ops.hattn.linear_attention, "linear")]:
+    kinds = {"full_attention": "full", "linear_attention": "linear", "kda_attention": "kda",
+             "lightning_attention": "lightning", "mamba2_mixer": "mamba2"}
+    for name, kind in kinds.items():
+        packet = getattr(torch.ops.hattn, name)
         assert split_op_of(packet).kind == kind
         assert split_op_of(packet.default).kind == kind
-        assert runs_outside_graph(packet.default)
-    assert not is_split_op(torch.ops.aten.mm) and not is_split_op(torch.sin)
+    assert split_op_of(torch.ops.aten.mm) is None and split_op_of(torch.sin) is None
+
+
+def test_every_mode_is_registered_by_its_runtime_module():
+    assert list(registry.modes()) == ["eager", "pcg", "bcg", "full"]
+    assert [m.graphs for m in registry.modes().values()] == [False, True, True, True]
+    with pytest.raises(ValueError, match="unknown hattn mode 'fast'; valid modes: eager, pcg, bcg, full"):
+        registry.mode("fast")
 
 
 def test_split_op_of_fx_nodes():

@@ -11,9 +11,9 @@ import argparse
 import sys
 import time
 
-DEFAULT_TARGETS = ("eager", "full", "pcg", "bcg", "hf-static", "inductor", "hf-eager-fla", "hf-eager",
+DEFAULT_TARGETS = ("eager", "full", "pcg", "bcg", "hf-static", "hf-eager-fla", "hf-eager",
                    "tc-default", "tc-ro")  # run order = priority: what the goals need first, slow compiles last
-HATTN_MODES = ("eager", "inductor", "pcg", "bcg", "full")
+HATTN_MODES = ("eager", "pcg", "bcg", "full")
 DESCRIPTION = """Every hattn mode (eager, inductor, pcg, bcg, full) and the peers a user would pick instead (HF eager
 with and without fla kernels, HF generate with a static cache, torch.compile default and reduce-overhead) on one model,
 in one process: prefill, decode and generate latency, compile and capture time, graph pool and peak memory, ratios

@@ -13,25 +13,18 @@ import torch
 from hattn.bench.harness import Skip
 from hattn.bench.target import Setup, Target
 from hattn.bench.workloads import Point, packed_positions, token_ids
-from hattn.compiler.config import MODES
-
-ABOUT = {
-    "eager": "hattn mode=eager: split graph, pieces as FX code, no graphs",
-    "inductor": "hattn mode=inductor: pieces compiled by inductor, no graphs",
-    "pcg": "hattn mode=pcg: piecewise CUDA graphs, split ops eager between them",
-    "bcg": "hattn mode=bcg: one breakable CUDA graph per size, broken at split ops",
-    "full": "hattn mode=full: whole decode step in one CUDA graph",
-}
+from hattn.registry import modes
 
 
 class HattnMode(Target):
     kind = "hattn"
 
     def __init__(self, setup: Setup, mode: str):
-        if mode not in MODES:
-            raise ValueError(f"unknown hattn mode {mode!r}; valid: {', '.join(MODES)}")
+        if mode not in modes():
+            raise ValueError(f"unknown hattn mode {mode!r}; valid: {', '.join(modes())}")
         super().__init__(setup)
-        self.name, self.mode, self.about = mode, mode, ABOUT[mode]
+        self.name, self.mode = mode, mode
+        self.about = f"hattn mode={mode} ({setup.inner_compiler} pieces): {modes()[mode].description}"
         self.est_s = 25.0 if mode == "eager" else 40.0  # Dynamo traces (two graphs: T=1 and dynamic T), inductor
         self.backend = self.model = None
 
@@ -51,7 +44,7 @@ class HattnMode(Target):
     def prefill(self, point: Point):
         if self.mode == "full":
             raise Skip("full captures decode steps only; its prefill runs graph-free like inductor (see that column)")
-        from hattn.runtime.context import ForwardContext
+        from hattn.context import ForwardContext
 
         n = point.tokens // point.seqs
         lens = [n] * point.seqs
@@ -61,7 +54,7 @@ class HattnMode(Target):
         return self._step(ctx, ids, packed_positions(lens, [0] * point.seqs, self.s.device))
 
     def decode(self, point: Point):
-        from hattn.runtime.context import ForwardContext
+        from hattn.context import ForwardContext
 
         b, c = point.batch, point.context
         ctx = ForwardContext(seq_lens=[1] * b, context_lens=[c] * b, slots=list(range(b)),

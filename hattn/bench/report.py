@@ -14,7 +14,7 @@ import os
 from hattn.bench import goals
 from hattn.bench.workloads import Point
 
-ORDER = ("eager", "inductor", "pcg", "bcg", "full", "hf-eager-fla", "hf-eager", "hf-static", "tc-default", "tc-ro")
+ORDER = ("eager", "pcg", "bcg", "full", "hf-eager-fla", "hf-eager", "hf-static", "tc-default", "tc-ro")
 SCHEMA = 1
 
 

@@ -18,17 +18,12 @@ from torch._guards import TracingContext, detect_fake_mode
 from hattn.compiler.config import Config
 from hattn.passes.guards import check_no_unregistered_attention
 from hattn.passes.split import split_graph
-from hattn.stats import Stats, new_stats
+from hattn.counters import Stats, new_stats
 
 log = logging.getLogger("hattn")
 
 
-def _compiles_pieces(config: Config) -> bool:
-    """Pieces run as FX code in mode eager and with inner_compiler eager: nothing to compile, no fake run."""
-    return config.mode != "eager" and config.inner_compiler != "eager"
-
-
-def _compile_piece(piece: fx.GraphModule, args: list, config: Config) -> Callable:
+def _compile_piece(piece: fx.GraphModule, args: list) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(piece, args)
@@ -65,14 +60,10 @@ def _symbolic_dims(t: torch.Tensor) -> set[int]:
 class _CompilePieces(fx.Interpreter):
     """Runs the split graph on Dynamo's (fake) example inputs, compiling each piece with the inputs it receives."""
 
-    def __init__(self, split_gm: fx.GraphModule, config: Config):
-        super().__init__(split_gm)
-        self.config = config
-
     def call_module(self, target, args, kwargs):
         piece = self.fetch_attr(target)
         out = piece(*args)
-        self.module.register_module(target, _Compiled(_compile_piece(piece, list(args), self.config)))
+        self.module.register_module(target, _Compiled(_compile_piece(piece, list(args))))
         return out
 
 
@@ -94,17 +85,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     stats.graphs_compiled += 1
     stats.pieces += len(info.pieces)
     stats.split_ops += len(info.split_nodes)
-    if _compiles_pieces(config):
+    if config.inner_compiler == "inductor":  # with "eager" the pieces run as traced FX code: no fake run
         fake_mode = detect_fake_mode(example_inputs)
         if fake_mode is None:  # called outside Dynamo (tests): compile with the real inputs
-            _CompilePieces(split_gm, config).run(*example_inputs)
+            _CompilePieces(split_gm).run(*example_inputs)
         else:
             placeholders = [n for n in split_gm.graph.nodes if n.op == "placeholder"]
             fakes = [_traced_fake(x, n, fake_mode) for x, n in zip(example_inputs, placeholders, strict=True)]
             # the python dispatcher, as Dynamo traces: without it some CUDA kernels' C++ decompositions (linear on a
             # 3-d input) call aten.size, whose fake handler guards every symbolic size to its example value
             with fake_mode, enable_python_dispatcher():
-                _CompilePieces(split_gm, config).run(*fakes)
+                _CompilePieces(split_gm).run(*fakes)
     log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)
     from hattn.runtime import build_runtime
 
@@ -145,7 +136,7 @@ def _merge(kwargs: dict) -> dict:
 
 
 def backend(mode: str = "pcg", **options: Any) -> HattnBackend:
-    """A hattn backend configured with `mode` and options (capture_sizes, inner_compiler, debug, progress)."""
+    """A hattn backend configured with `mode` and options (inner_compiler, capture_sizes, progress)."""
     return HattnBackend(Config.from_options(mode, options))
 
 

@@ -1,36 +1,40 @@
-"""The backend's one config dataclass, built from torch.compile's `mode=` and `options=`."""
+"""The backend's one config dataclass, built from torch.compile's `mode=` and `options=`.
+
+Two separate knobs: `mode`, the graph strategy (a mode registered by a runtime module: eager, pcg, bcg, full), and
+`inner_compiler`, what compiles the pieces between split ops (inductor or eager: FX code as traced).
+"""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-MODES = ("eager", "inductor", "pcg", "bcg", "full")
-GRAPH_MODES = ("pcg", "bcg", "full")
+from hattn import registry
+from hattn.runtime.graphs import DEFAULT_CAPTURE_SIZES
+
 INNER_COMPILERS = ("inductor", "eager")
-DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 @dataclass
 class Config:
     """How hattn compiles and runs one model.
 
-    mode            eager | inductor (graph-free) | pcg (piecewise CUDA graphs) | bcg (breakable CUDA graph) |
-                    full (one graph per step; every split op must be capture-safe)
+    mode            the graph strategy: eager (no CUDA graphs) | pcg (piecewise CUDA graphs) | bcg (breakable CUDA
+                    graph) | full (one graph per step; every split op must be capture-safe); see `registry.modes()`
+    inner_compiler  what compiles the pieces between split ops: inductor | eager (the traced FX code)
     capture_sizes   token counts to capture graphs for; inputs are padded up to the next one (graph modes)
-    inner_compiler  what compiles the pieces between split ops: inductor or eager
-    debug           extra checks at replay (static input addresses, outputs not aliased across replays)
     progress        show a progress bar while capturing
     """
 
     mode: str = "pcg"
-    capture_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CAPTURE_SIZES))
     inner_compiler: str = "inductor"
-    debug: bool = False
+    capture_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CAPTURE_SIZES))
     progress: bool = True
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown hattn mode {self.mode!r}; valid modes: {', '.join(MODES)}")
+        if self.mode == "inductor":
+            raise ValueError("'inductor' is a piece compiler, not a mode: use mode='eager' (no CUDA graphs) with "
+                             "inner_compiler='inductor' (the default)")
+        registry.mode(self.mode)  # raises ValueError naming the valid modes
         if self.inner_compiler not in INNER_COMPILERS:
             raise ValueError(
                 f"unknown inner_compiler {self.inner_compiler!r}; valid: {', '.join(INNER_COMPILERS)}"
@@ -42,7 +46,7 @@ class Config:
 
     @property
     def uses_graphs(self) -> bool:
-        return self.mode in GRAPH_MODES
+        return registry.mode(self.mode).graphs
 
     @classmethod
     def from_options(cls, mode: str | None = None, options: dict | None = None, **kwargs) -> "Config":

@@ -1,8 +1,4 @@
-"""Implementations of hattn's split ops: plain-torch references (CPU, tests) and GPU kernels.
-
-`full_attention_forward` and `linear_attention_forward` walk the packed sequences of the forward context and
-serve each with the best implementation for the device.
+"""Kernels of the split ops, one folder per algorithm, each with the plain-torch reference its tests compare
+against (and that CPUs run): attention/ (kind "full"), gated_delta/ and conv1d/ (kind "linear"), kda/, lightning/,
+mamba2/. Kernels read tensors and device metadata only: they never import the forward context, runtimes or models.
 """
-from hattn.kernels.dispatch import full_attention_forward, linear_attention_forward
-
-__all__ = ["full_attention_forward", "linear_attention_forward"]

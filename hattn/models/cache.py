@@ -4,42 +4,15 @@ One slot per running sequence. Full-attention layers keep a KV cache `[slots, ma
 linear-attention layers keep a conv state `[slots, conv_dim, kernel-1]` and an fp32 recurrent state
 `[slots, v_heads, k_dim, v_dim]`; other mixer kinds (KDA, lightning attention, Mamba2) keep the per-slot states
 their family declares. Nothing is allocated after construction, so every address is fixed and graphs can be
-captured over it. Split ops reach the cache through the forward context (`kv(layer_id)`, `linear_state(layer_id)`,
-`state(layer_id)`); a sequence whose context length is 0 starts from zero state, so a freed slot is reused as is.
+captured over it. Split ops reach the cache through the forward context (`state(layer_id)`, the protocol of
+`hattn.context.LayerCache`); a sequence whose context length is 0 starts from zero state, so a freed slot is reused
+as is. What each layer caches is its kind's `LayerSpec` (`hattn.ops.<kind>.cache_spec`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """What one layer caches.
-
-    kind    the layer's split-op kind ("full", "linear", or a family kind such as "kda")
-    kv      full layers: (kv_heads, k_dim, v_dim) of the KV cache
-    states  other kinds: per-slot state shapes and dtypes (None = the cache's dtype), e.g. for "linear":
-            (((conv_dim, kernel - 1), None), ((v_heads, k_dim, v_dim), torch.float32))
-    """
-
-    kind: str
-    kv: tuple[int, int, int] | None = None
-    states: tuple[tuple[tuple[int, ...], torch.dtype | None], ...] = ()
-
-    def __post_init__(self):
-        if (self.kv is not None) == bool(self.states):
-            raise ValueError(f"a {self.kind!r} LayerSpec needs exactly one of kv= (full attention) or states= (mixers)")
-
-
-def full_spec(kv_heads: int, k_dim: int, v_dim: int | None = None) -> LayerSpec:
-    return LayerSpec("full", kv=(kv_heads, k_dim, k_dim if v_dim is None else v_dim))
-
-
-def linear_spec(conv_dim: int, kernel: int, v_heads: int, k_dim: int, v_dim: int, kind: str = "linear") -> LayerSpec:
-    """Conv state [conv_dim, kernel-1] (model dtype) + recurrent state [v_heads, k_dim, v_dim] fp32."""
-    return LayerSpec(kind, states=(((conv_dim, kernel - 1), None), ((v_heads, k_dim, v_dim), torch.float32)))
+from hattn.context import LayerSpec
 
 
 class HybridCache:
@@ -70,24 +43,11 @@ class HybridCache:
         return torch.zeros(shape, dtype=dtype or self.dtype, device=self.device)
 
     # -- what split ops read -------------------------------------------------------------------------------------
-    def kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k_cache [slots, max_len, kv_heads, k_dim], v_cache [slots, max_len, kv_heads, v_dim])."""
-        return self._get(layer_id, "full")
-
-    def linear_state(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conv_state [slots, conv_dim, kernel-1], recurrent_state [slots, v_heads, k_dim, v_dim] fp32)."""
-        return self._get(layer_id, "linear")
-
     def state(self, layer_id: int) -> tuple[torch.Tensor, ...]:
-        """The per-slot state tensors of a mixer layer of any kind, each [slots, ...]."""
-        return self._get(layer_id, None)
-
-    def _get(self, layer_id: int, kind: str | None) -> tuple[torch.Tensor, ...]:
-        spec = self.specs.get(layer_id)
-        if spec is None:
+        """The layer's tensors, each [slots + 1, ...]: (k_cache [.., max_len, kv_heads, k_dim], v_cache
+        [.., max_len, kv_heads, v_dim]) of a full layer; the per-slot states of any other kind, as its spec lists."""
+        if layer_id not in self._tensors:
             raise KeyError(f"the cache has no layer {layer_id}; cached layers: {sorted(self.specs)}")
-        if kind is not None and spec.kind != kind:
-            raise KeyError(f"layer {layer_id} caches a {spec.kind!r} layer, not a {kind!r} layer")
         return self._tensors[layer_id]
 
     # -- slots ---------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hattn.models.cache import HybridCache
-from hattn.runtime.context import ForwardContext, forward_context
+from hattn.context import ForwardContext, forward_context
 
 
 @dataclass

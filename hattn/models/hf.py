@@ -11,7 +11,8 @@
   batch-dependent core is the split op.
 - Layer kinds come from the config (`layer_types` or the family's equivalent), never from a module's class: the
   adapter patches layer i as the kind the config gives it, and every split-op call is cross-checked against the
-  same table (`registry.check_route`), so a mismatch is an error (shared/seeds/001, 003).
+  same table (`registry.check_route`), so a mismatch is an error (peers that decided a layer's kind from its
+  module's class routed layers to the wrong backend).
 
 A family is one file in hattn/models/families/ that calls `register_family(Family(...))`.
 """
@@ -25,9 +26,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hattn.ops  # noqa: F401  (defines torch.ops.hattn.*)
-from hattn.models.cache import HybridCache, LayerSpec, full_spec
+from hattn.context import ForwardContext, LayerSpec, forward_context
+from hattn.models.cache import HybridCache
+from hattn.ops import full
 from hattn.registry import split_op_of
-from hattn.runtime.context import ForwardContext, forward_context
 
 ATTN_IMPLEMENTATION = "hattn"
 
@@ -120,7 +122,7 @@ def kinds_from_layer_types(config, linear_kind: str = "linear", key: str = "laye
 def gqa_full_spec(config) -> LayerSpec:
     """KV cache spec of a plain GQA attention layer."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return full_spec(config.num_key_value_heads, head_dim)
+    return full.cache_spec(config.num_key_value_heads, head_dim)
 
 
 def text_config(config):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import hattn.ops  # noqa: F401  (defines torch.ops.hattn.*)
-from hattn.models.cache import HybridCache, full_spec, linear_spec
+from hattn.models.cache import HybridCache
+from hattn.ops import full, linear
 
 
 @dataclass
@@ -142,6 +143,6 @@ def toy_model(seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu", *
 def toy_cache(c: ToyConfig, slots: int, max_len: int, dtype: torch.dtype = torch.float32, device="cpu") -> HybridCache:
     """A HybridCache with one layer cache per layer of `c`: KV for full layers, conv + recurrent state for linear."""
     conv_dim = 2 * c.k_heads * c.k_dim + c.v_heads * c.v_dim
-    specs = {i: full_spec(c.kv_heads, c.head_dim) if k == "full" else
-             linear_spec(conv_dim, c.conv_kernel, c.v_heads, c.k_dim, c.v_dim) for i, k in enumerate(c.pattern)}
+    specs = {i: full.cache_spec(c.kv_heads, c.head_dim) if k == "full" else
+             linear.cache_spec(conv_dim, c.conv_kernel, c.v_heads, c.k_dim, c.v_dim) for i, k in enumerate(c.pattern)}
     return HybridCache(specs, slots, max_len, dtype, device)

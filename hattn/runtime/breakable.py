@@ -1,9 +1,10 @@
-"""BCG: breakable CUDA graph. One capture of the whole forward per size, broken into segments wherever a split op
+"""Mode "bcg": breakable CUDA graph. One capture of the whole forward per size, broken into segments wherever a split op
 is called: the segment's graph ends, the op runs eagerly (and is recorded with its arguments), a new segment begins.
 Replay = segments and recorded ops in order. All segments of all sizes share one pool.
 
 Breaking is automatic for every registered split op: during warm-up and capture a TorchDispatchMode sees every op
-call and asks the registry (no decorator on a layer class to forget, the bug of shared/seeds/000). The warm-up,
+call and asks the registry (no decorator on a layer class to forget: a peer's forgotten one captured a
+linear-attention layer inside its graph, giving wrong answers). The warm-up,
 which runs before anything is captured, rejects attention or mixer kernels that are not registered split ops
 (SDPA, flash attention, a custom op named like a linear-attention kernel): inside a segment they would be frozen
 with the batch metadata of capture time. Side streams forked inside a segment are joined before it ends.
@@ -21,17 +22,16 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hattn.compiler.config import DEFAULT_CAPTURE_SIZES
-from hattn.passes.guards import _ATTENTION_ATEN, _MIXER_NAME, UnregisteredAttentionError
-from hattn.registry import direct_call, split_op_of
-from hattn.runtime.graphs import CAPTURE_ERROR_MODE, CaptureError, GraphRuntime, copy_if_moved, weak_refs
+from hattn.counters import Stats, new_stats
+from hattn.registry import Mode, UnregisteredAttentionError, direct_call, register_mode, split_op_of, unregistered_mixer
+from hattn.runtime.graph_free import graph_free
+from hattn.runtime.graphs import (CAPTURE_ERROR_MODE, DEFAULT_CAPTURE_SIZES, CaptureError, GraphRuntime, copy_if_moved,
+                                  served_layout, weak_refs)
 from hattn.runtime.tokens import TokenLayout, layout_from_args
-from hattn.stats import Stats, new_stats
 
 log = logging.getLogger("hattn")
 _WATCH: ContextVar["_Capture | None"] = ContextVar("hattn_bcg_capture", default=None)
 _ATTENTION_FUNCTIONS = {"scaled_dot_product_attention", "flex_attention"}
-_OWN_NAMESPACES = ("aten", "prims", "_c10d_functional", "c10d")
 
 
 @dataclass
@@ -112,19 +112,6 @@ class _Capture:
         self.side.setdefault(current.cuda_stream, current)
 
 
-def unregistered_mixer_reason(func) -> str | None:
-    """Why an op call must not be captured inside a segment (attention / mixer not registered), or None."""
-    packet = getattr(func, "overloadpacket", None)
-    if packet is None or split_op_of(func) is not None:
-        return None
-    ns, name = packet._qualified_op_name.split("::", 1)
-    if ns == "aten" and name in _ATTENTION_ATEN:
-        return f"aten.{name}"
-    if ns not in _OWN_NAMESPACES and _MIXER_NAME.search(name.lower()):
-        return f"custom op {ns}::{name}"
-    return None
-
-
 def _unregistered(what: str) -> UnregisteredAttentionError:
     return UnregisteredAttentionError(
         f"{what} would run inside a breakable CUDA graph segment: it is not a registered hattn split op, so its "
@@ -143,7 +130,7 @@ class _BreakAtSplitOps(TorchDispatchMode):
             return func(*args, **kwargs)
         if split_op_of(func) is not None:
             return cap.run_split_op(func, args, kwargs)
-        reason = unregistered_mixer_reason(func)
+        reason = unregistered_mixer(func)
         if reason is not None:
             raise _unregistered(reason)
         cap.note_stream()
@@ -272,3 +259,14 @@ class BreakableGraphRunner:
     def segments(self, size: int) -> int:
         """Number of CUDA graph segments captured for `size` (split-op calls + 1)."""
         return self.runtime.segments(size)
+
+
+def build(config, split_gm, example_inputs, stats):
+    layout = served_layout("bcg", split_gm, example_inputs, stats)
+    if layout is None:
+        return graph_free(split_gm, stats)
+    return BreakableRuntime(split_gm, layout, config.capture_sizes, stats, config.progress)
+
+
+register_mode(Mode("bcg", "breakable CUDA graph: one capture per size, broken at every split-op call", graphs=True,
+                   build=build))

@@ -1,10 +1,10 @@
-"""Full graph: the whole decode step in one CUDA graph per batch size.
+"""Mode "full": the whole decode step in one CUDA graph per batch size.
 
 Every split op in the graph must be registered capture-safe (fixed addresses, no host sync); the batch metadata
-they read (cache slots, context lengths) lives in static device tensors refilled before each replay. Padding rows
-point at the cache's scratch slot. Steps that are not decode steps (prefill), or that carry no cache, run
-graph-free (counted in stats). The graphs read and write the cache they were captured with: a step with another
-cache object releases them and captures again (logged).
+they read (cache slots, context lengths) lives in static device tensors (`StaticMeta`, one largest-size set sliced
+per size) refilled before each replay. Padding rows point at the cache's scratch slot. Steps that are not decode
+steps (prefill), or that carry no cache, run graph-free (counted in stats). The graphs read and write the cache
+they were captured with: a step with another cache object releases them and captures again (logged).
 """
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import logging
 
 import torch
 
-from hattn.registry import SplitOp
-from hattn.runtime.context import ForwardContext, forward_context, get_forward_context
-from hattn.runtime.graphs import CAPTURE_ERROR_MODE, GraphRuntime, copy_if_moved, weak_refs
+from hattn.context import ForwardContext, StaticMeta, forward_context, get_forward_context
+from hattn.counters import Stats
+from hattn.registry import Mode, SplitOp, register_mode, split_op_of
+from hattn.runtime.graph_free import graph_free
+from hattn.runtime.graphs import CapturedGraph, GraphRuntime, capture_graph, served_layout
 from hattn.runtime.tokens import TokenLayout, pick_size
-from hattn.stats import Stats
 
 log = logging.getLogger("hattn")
 
@@ -41,12 +42,11 @@ class FullGraphRuntime(GraphRuntime):
 
     name = "full"
 
-    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, split_ops: list[SplitOp], progress=True):
-        check_capture_safe(split_ops)
+    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress=True):
         super().__init__(fn, layout, sizes, stats, progress)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list, object]] = {}
-        self.meta: dict[int, dict[str, torch.Tensor]] = {}
+        self.graphs: dict[int, CapturedGraph] = {}
         self.all_sizes, self.cache = list(self.sizes), None
+        self.meta: StaticMeta | None = None  # largest-size static metadata, sliced per size
 
     def __call__(self, *args):
         ctx = get_forward_context()
@@ -61,25 +61,26 @@ class FullGraphRuntime(GraphRuntime):
             self.sizes = _sizes_for(self.all_sizes, ctx.cache.slots) if self.layout.has_tokens else self.all_sizes
         return super().__call__(*args)
 
-    def _meta(self, size: int, device) -> dict[str, torch.Tensor]:
-        if size not in self.meta:
-            self.meta[size] = {"slots": torch.zeros(size, dtype=torch.long, device=device),
-                               "context_lens": torch.zeros(size, dtype=torch.long, device=device)}
-        return self.meta[size]
+    def _static(self, size: int, cache) -> StaticMeta:
+        if self.meta is None or self.meta.slots.shape[0] < size:
+            device = getattr(cache, "device", None) or torch.device("cuda")
+            largest = max(size, self.sizes[-1])
+            self.meta = StaticMeta(torch.zeros(largest, dtype=torch.long, device=device),
+                                   torch.zeros(largest, dtype=torch.long, device=device))
+        return StaticMeta(self.meta.slots[:size], self.meta.context_lens[:size])
 
-    def _context(self, user: ForwardContext, size: int) -> ForwardContext:
+    def _context(self, user: ForwardContext, size: int, static: StaticMeta) -> ForwardContext:
         # the real slots live in the device tensors; the host list only names the scratch slot
         return ForwardContext(seq_lens=[1] * size, slots=[user.cache.scratch_slot] * size, cache=user.cache,
-                              layer_kinds=user.layer_kinds, extra=user.extra,
-                              device=self._meta(size, _device_of(user.cache)))
+                              layer_kinds=user.layer_kinds, extra=user.extra, static=static)
 
     def capture_context(self, size):
         user = get_forward_context()
         size = size if size is not None else len(user.seq_lens)  # a static graph: the batch it was traced for
-        meta = self._meta(size, _device_of(user.cache))
-        meta["slots"].fill_(user.cache.scratch_slot)  # warm-up writes only the scratch slot
-        meta["context_lens"].zero_()
-        return forward_context(self._context(user, size))
+        static = self._static(size, user.cache)
+        static.slots.fill_(user.cache.scratch_slot)  # warm-up writes only the scratch slot
+        static.context_lens.zero_()
+        return forward_context(self._context(user, size, static))
 
     def step_context(self, num_tokens, size: int):
         user = get_forward_context()
@@ -87,26 +88,20 @@ class FullGraphRuntime(GraphRuntime):
             num_tokens = size = len(user.seq_lens)
         elif user.num_tokens != num_tokens:
             raise ValueError(f"the forward context holds {user.num_tokens} tokens but the input has {num_tokens}")
-        meta = self._meta(size, _device_of(user.cache))
+        static = self._static(size, user.cache)
         pad = size - num_tokens
-        slots = list(user.slots) + [user.cache.scratch_slot] * pad
-        meta["slots"].copy_(torch.tensor(slots), non_blocking=True)
-        meta["context_lens"].copy_(torch.tensor(list(user.context_lens) + [0] * pad), non_blocking=True)
+        host = torch.tensor([list(user.slots) + [user.cache.scratch_slot] * pad,
+                             list(user.context_lens) + [0] * pad], dtype=torch.long).pin_memory()
+        static.slots.copy_(host[0], non_blocking=True)
+        static.context_lens.copy_(host[1], non_blocking=True)
         return contextlib.nullcontext()
 
     def capture(self, size: int, args: list) -> None:
-        self.fn(*args)  # warm-up
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=CAPTURE_ERROR_MODE):
-            out = self.fn(*args)
-        self.graphs[size] = (graph, list(args), weak_refs(out))
+        self.graphs[size], _ = capture_graph(self.fn, args, size, self.pool)
         self.stats.cuda_graphs += 1
 
     def replay(self, size: int, args: list):
-        graph, static, out = self.graphs[size]
-        copy_if_moved(static, args)
-        graph.replay()
-        return out
+        return self.graphs[size].replay(args)
 
     def release(self) -> None:
         self.graphs.clear()
@@ -119,5 +114,13 @@ def _sizes_for(sizes: list[int], slots: int) -> list[int]:
     return [s for s in sizes if s <= cap]
 
 
-def _device_of(cache) -> torch.device:
-    return getattr(cache, "device", None) or torch.device("cuda")
+def build(config, split_gm, example_inputs, stats):
+    check_capture_safe([op for op in map(split_op_of, split_gm.graph.nodes) if op is not None])  # CPU runs too
+    layout = served_layout("full", split_gm, example_inputs, stats)
+    if layout is None:
+        return graph_free(split_gm, stats)
+    return FullGraphRuntime(split_gm, layout, config.capture_sizes, stats, config.progress)
+
+
+register_mode(Mode("full", "one CUDA graph per decode step; every split op must be capture-safe", graphs=True,
+                   build=build))

@@ -1,13 +1,13 @@
-"""Graph-free runtime: the split graph's pieces and split ops run as they are (modes eager/inductor, and every
-mode on CPU)."""
+"""Mode "eager": no CUDA graphs; the split graph's pieces (compiled by the inner compiler) and split ops run as they
+are. Every graph mode runs this way on CPU."""
 from __future__ import annotations
 
 from typing import Callable
 
 import torch.fx as fx
 
-from hattn.registry import direct_call, split_op_of
-from hattn.stats import Stats
+from hattn.counters import Stats
+from hattn.registry import Mode, direct_call, register_mode, split_op_of
 
 
 def graph_free(split_gm: fx.GraphModule, stats: Stats) -> Callable:
@@ -32,3 +32,7 @@ def direct_split_ops(split_gm: fx.GraphModule) -> fx.GraphModule:
     if changed:
         split_gm.recompile()
     return split_gm
+
+
+register_mode(Mode("eager", "no CUDA graphs: pieces (compiled by the inner compiler) and split ops run as they are",
+                   graphs=False, build=lambda config, split_gm, example_inputs, stats: graph_free(split_gm, stats)))

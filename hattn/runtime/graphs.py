@@ -1,6 +1,6 @@
-"""What every CUDA-graph runtime shares: size selection, static inputs, the per-step forward context, capture of
-all sizes (largest first, one pool, warm-up, gc off after the first graph, progress bar, stats), graph-free
-fallback above the largest size.
+"""What every CUDA-graph runtime shares: the captured-graph type, size selection, static inputs, the per-step
+forward context, capture of all sizes (largest first, one pool, warm-up, gc off after the first graph, progress
+bar, stats), graph-free fallback above the largest size, and deciding whether a graph can be served with graphs.
 
 A runtime subclasses `GraphRuntime` and implements `capture(size, args)` and `replay(size, args)`; `args` are
 static (the same tensors at every call of a size), so what a graph reads never moves.
@@ -12,16 +12,19 @@ import gc
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from unittest import mock
 
 import torch
 from torch.utils._pytree import tree_map
 
-from hattn.runtime.context import ForwardContext, forward_context, get_forward_context
-from hattn.runtime.tokens import StaticInputs, TokenLayout, pick_size, unpad_outputs
-from hattn.stats import Stats
+from hattn.context import ForwardContext, forward_context, get_forward_context
+from hattn.counters import Stats
+from hattn.runtime.tokens import StaticInputs, TokenLayout, layout_from_examples, pick_size, unpad_outputs
 
 log = logging.getLogger("hattn")
+# token counts graphs are captured for, by default (16 sizes); a call is padded up to the next one
+DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048)
 # Captures are serialized process-wide: capture's gc/empty_cache patch is global, and two stream captures at once in
 # one process are fragile. Each capture also uses the "thread_local" error mode, so another thread's eager work
 # (a cudaMalloc, a sync) does not invalidate it. Replays and graph-free runs take no lock.
@@ -127,6 +130,35 @@ def copy_if_moved(static: list, args) -> None:
             s.copy_(a)
 
 
+# -- one captured graph -------------------------------------------------------------------------------------------
+@dataclass
+class CapturedGraph:
+    """A CUDA graph of one callable at one size: the static inputs it reads and (weak references to) what it
+    returns, at fixed addresses. Replay copies an input passed at another address into the captured one first."""
+
+    size: int
+    graph: torch.cuda.CUDAGraph
+    inputs: list
+    output: object
+
+    def replay(self, args=None):
+        if args is not None:
+            copy_if_moved(self.inputs, args)
+        self.graph.replay()
+        return self.output
+
+
+def capture_graph(fn, args: list, size: int, pool, warmup: bool = True) -> tuple[CapturedGraph, object]:
+    """Capture fn(*args) into the pool (after one warm-up call outside the graph: lazy init, autotuning).
+    Returns the captured graph (holding weak references to the outputs) and the outputs themselves."""
+    if warmup:
+        fn(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+        out = fn(*args)
+    return CapturedGraph(size, graph, list(args), weak_refs(out)), out
+
+
 # -- the runtime --------------------------------------------------------------------------------------------------
 class GraphRuntime:
     """Serves a callable with graphs captured per capture size; runs graph-free above the largest size.
@@ -139,7 +171,7 @@ class GraphRuntime:
     def __init__(self, fn, layout: TokenLayout, sizes: list[int], stats: Stats, progress: bool = True):
         self.fn, self.layout, self.stats, self.progress = fn, layout, stats, progress
         self.sizes = sorted(set(sizes)) if layout.has_tokens else [0]
-        self.inputs = StaticInputs(layout)
+        self.inputs = StaticInputs(layout, self.sizes[-1])
         self.pool = None
         self.captured: set[int] = set()
         self.failed: str | None = None  # why graphs were given up (capture ran out of memory): run graph-free
@@ -226,3 +258,49 @@ class GraphRuntime:
         if _cuda():
             with CAPTURE_LOCK:  # empty_cache frees device memory, which CUDA forbids while any stream captures
                 torch.cuda.empty_cache()
+
+
+# -- which graphs get graphs ---------------------------------------------------------------------------------------
+_LOGGED: set[str] = set()
+
+
+def log_once(message: str, *args) -> None:
+    line = message % args
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        log.warning(line)
+
+
+def _example(node):
+    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else node
+
+
+def _is_forward_arg(node) -> bool:
+    """A placeholder that is one of the forward's own arguments (Dynamo's LocalSource), not module state."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return type(source).__name__ == "LocalSource"
+
+
+def graph_layout(split_gm) -> TokenLayout:
+    """Token layout of a (split) Dynamo graph, from its placeholders' and outputs' example values."""
+    nodes = list(split_gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    out = nodes[-1].args[0]
+    outputs = [_example(o) for o in (out if isinstance(out, (tuple, list)) else [out])]
+    forward_args = {i for i, n in enumerate(placeholders) if _is_forward_arg(n)}
+    return layout_from_examples([_example(n) for n in placeholders], outputs, forward_args)
+
+
+def served_layout(mode: str, split_gm, example_inputs, stats: Stats) -> TokenLayout | None:
+    """The token layout graphs of `mode` serve `split_gm` with, or None when it runs graph-free (logged once): its
+    inputs are not on a CUDA device, or graphs cannot pad it (several dynamic sizes, sizes derived from the token
+    count; counted in stats.graph_free_graphs)."""
+    if not any(getattr(x, "is_cuda", False) for x in example_inputs):
+        log_once("hattn: mode=%s runs graph-free on CPU (the inputs are not on a CUDA device)", mode)
+        return None
+    layout = graph_layout(split_gm)
+    if layout.reason is not None:
+        log_once("hattn: mode=%s runs a graph graph-free: %s", mode, layout.reason)
+        stats.graph_free_graphs += 1
+        return None
+    return layout

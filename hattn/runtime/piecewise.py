@@ -1,5 +1,5 @@
-"""PCG: piecewise CUDA graphs. Each compiled piece gets one CUDA graph per capture size; split ops run eagerly
-between the graphs; all graphs of all pieces and sizes share one memory pool.
+"""Mode "pcg": piecewise CUDA graphs. Each compiled piece gets one CUDA graph per capture size; split ops run
+eagerly between the graphs; all graphs of all pieces and sizes share one memory pool.
 
 A piece's graph reads its inputs at the addresses seen at capture: outputs of the previous piece's graph (pool
 memory, fixed), parameters (fixed) and the padded static inputs (fixed). An input at a new address (e.g. what a
@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from hattn.runtime.graphs import (CAPTURE_ERROR_MODE, GraphRuntime, copy_if_moved, storage_ptr, weak_ref,
-                                  weak_refs)
+from hattn.counters import Stats
+from hattn.registry import Mode, register_mode
+from hattn.runtime.graph_free import direct_split_ops, graph_free
+from hattn.runtime.graphs import CapturedGraph, GraphRuntime, capture_graph, served_layout, storage_ptr, weak_ref
 from hattn.runtime.tokens import TokenLayout
-from hattn.stats import Stats
 
 
 class _PieceGraphs(torch.nn.Module):
@@ -22,7 +23,7 @@ class _PieceGraphs(torch.nn.Module):
     def __init__(self, fn, runtime: "PiecewiseRuntime"):
         super().__init__()
         self.fn, self.runtime = fn, runtime
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list, object]] = {}
+        self.graphs: dict[int, CapturedGraph] = {}
 
     def forward(self, *args):
         phase, size = self.runtime.phase, self.runtime.size
@@ -30,22 +31,16 @@ class _PieceGraphs(torch.nn.Module):
             return self.fn(*args)
         if phase == "capture":
             return self._capture(size, args)
-        graph, static_args, static_out = self.graphs[size]
-        copy_if_moved(static_args, args)
-        graph.replay()
-        return static_out
+        return self.graphs[size].replay(args)
 
     def _capture(self, size: int, args):
-        self.fn(*args)  # warm-up (lazy init, autotuning) outside the graph
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.runtime.pool, capture_error_mode=CAPTURE_ERROR_MODE):
-            out = self.fn(*args)
+        graph, out = capture_graph(self.fn, list(args), size, self.runtime.pool)
         # what earlier graphs of this size produced is pool memory: keep weak references, so the next size's
         # capture can reuse it; anything else (inputs, eager split-op results) stays owned here
         pooled = self.runtime.pooled
-        static_args = [weak_ref(a) if storage_ptr(a) in pooled else a for a in args]
+        graph.inputs = [weak_ref(a) if storage_ptr(a) in pooled else a for a in args]
         pooled.update(storage_ptr(o) for o in (out if isinstance(out, (tuple, list)) else [out]))
-        self.graphs[size] = (graph, static_args, weak_refs(out))
+        self.graphs[size] = graph
         self.runtime.stats.cuda_graphs += 1
         return out
 
@@ -55,13 +50,13 @@ class PiecewiseRuntime(GraphRuntime):
 
     name = "pcg"
 
-    def __init__(self, split_gm: fx.GraphModule, pieces: list[str], layout: TokenLayout, sizes, stats: Stats,
-                 progress: bool = True):
+    def __init__(self, split_gm: fx.GraphModule, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         super().__init__(self._run_eager, layout, sizes, stats, progress)
-        self.split_gm, self.phase, self.size = split_gm, "eager", 0
+        self.split_gm, self.phase, self.size = direct_split_ops(split_gm), "eager", 0
         self.pooled: set[int] = set()  # storages allocated by the graphs of the size being captured
-        self.pieces = [_PieceGraphs(split_gm.get_submodule(name), self) for name in pieces]
-        for name, piece in zip(pieces, self.pieces):
+        names = [n.target for n in split_gm.graph.nodes if n.op == "call_module"]
+        self.pieces = [_PieceGraphs(split_gm.get_submodule(name), self) for name in names]
+        for name, piece in zip(names, self.pieces):
             split_gm.register_module(name, piece)
 
     def _run(self, phase: str, size: int, args):
@@ -87,3 +82,14 @@ class PiecewiseRuntime(GraphRuntime):
         for piece in self.pieces:
             piece.graphs.clear()
         super().release()
+
+
+def build(config, split_gm, example_inputs, stats):
+    layout = served_layout("pcg", split_gm, example_inputs, stats)
+    if layout is None:
+        return graph_free(split_gm, stats)
+    return PiecewiseRuntime(split_gm, layout, config.capture_sizes, stats, config.progress)
+
+
+register_mode(Mode("pcg", "piecewise CUDA graphs: one graph per piece per capture size, split ops eager between them",
+                   graphs=True, build=build))

@@ -13,6 +13,7 @@ changes, its new content is copied into the tensor captured in its place.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -112,43 +113,69 @@ def pick_size(sizes: list[int], num_tokens: int) -> int | None:
 
 
 class StaticInputs:
-    """Per-size static buffers of the token-dependent and owned inputs; module state passes through unchanged."""
+    """Static buffers of the token-dependent and owned inputs, one set for every capture size; module state passes
+    through unchanged.
 
-    def __init__(self, layout: TokenLayout):
-        self.layout = layout
-        self.buffers: dict[int, list] = {}
+    A token-dependent input gets one flat storage sized for the largest capture size; the input of size S is the
+    contiguous prefix of that storage viewed with S tokens (as nano-vllm slices one set of largest-size buffers), so
+    every size reads fixed addresses and the buffers cost one size's memory, not the sum over sizes.
+    """
+
+    def __init__(self, layout: TokenLayout, largest: int):
+        self.layout, self.largest = layout, largest
+        self.storage: list | None = None
+        self.views: dict[tuple[int, int], torch.Tensor] = {}  # (input, size) -> its view of the storage
 
     def fill(self, size: int, args, num_tokens: int | None) -> list:
-        """args with token-dependent tensors copied into the size's zero-padded static buffers (num_tokens rows)
+        """args with token-dependent tensors copied into the size's zero-padded static views (num_tokens rows)
         and owned tensors copied into their static buffers (only when the caller passed another tensor)."""
-        bufs = self.buffers.get(size)
-        if bufs is None:
-            bufs = self.buffers[size] = [_new_buffer(a, i, self.layout, size) for i, a in enumerate(args)]
+        if self.storage is None:
+            self.storage = [_new_storage(a, i, self.layout, self.largest) for i, a in enumerate(args)]
         out = list(args)
         for i, dims in enumerate(self.layout.in_dims):
             if dims:
-                _copy_padded(bufs[i], args[i], dims, num_tokens)
-                out[i] = bufs[i]
+                view = self.views.get((i, size))
+                if view is None or view.dtype != args[i].dtype or view.device != args[i].device:
+                    view = self.views[(i, size)] = _sized_view(self.storage[i], args[i], dims, size)
+                _copy_padded(view, args[i], dims, num_tokens)
+                out[i] = view
         for i in self.layout.owned:
-            if args[i].data_ptr() != bufs[i].data_ptr():
-                _check_same(bufs[i], args[i])
-                bufs[i].copy_(args[i])
-            out[i] = bufs[i]
+            buf = self.storage[i]
+            if args[i].data_ptr() != buf.data_ptr():
+                _check_same(buf, args[i])
+                buf.copy_(args[i])
+            out[i] = buf
         for i in self.layout.in_ints:
             out[i] = size
         return out
 
 
-def _new_buffer(arg, i: int, layout: TokenLayout, size: int):
-    dims = layout.in_dims[i] if i < len(layout.in_dims) else ()
-    if i in layout.owned:
-        return torch.zeros_like(arg, memory_format=torch.contiguous_format)
-    if not dims:
-        return None
+def _sized_shape(arg: torch.Tensor, dims: tuple[int, ...], size: int) -> list[int]:
     shape = list(arg.shape)
     for d in dims:
         shape[d] = size
-    return torch.zeros(shape, dtype=arg.dtype, device=arg.device)
+    return shape
+
+
+def _new_storage(arg, i: int, layout: TokenLayout, largest: int):
+    if i in layout.owned:
+        return torch.zeros_like(arg, memory_format=torch.contiguous_format)
+    dims = layout.in_dims[i] if i < len(layout.in_dims) else ()
+    if not dims:
+        return None
+    return torch.zeros(math.prod(_sized_shape(arg, dims, largest)), dtype=arg.dtype, device=arg.device)
+
+
+def _sized_view(storage: torch.Tensor, arg: torch.Tensor, dims: tuple[int, ...], size: int) -> torch.Tensor:
+    """The contiguous prefix of `storage` viewed as `arg` with `size` tokens (the same address at every call)."""
+    if arg.dtype != storage.dtype or arg.device != storage.device:
+        raise TypeError(
+            f"a graph input changed from {storage.dtype} on {storage.device} to {arg.dtype} on {arg.device}; graphs "
+            f"were captured for {storage.dtype} on {storage.device}: pass inputs of that dtype and device (or "
+            f"recompile)"
+        )
+    shape = _sized_shape(arg, dims, size)
+    return storage[:math.prod(shape)].view(shape)
 
 
 def _check_same(buf: torch.Tensor, arg: torch.Tensor) -> None:
@@ -160,14 +187,10 @@ def _check_same(buf: torch.Tensor, arg: torch.Tensor) -> None:
 
 
 def _copy_padded(buf: torch.Tensor, arg: torch.Tensor, dims: tuple[int, ...], n: int) -> None:
-    if arg.dtype != buf.dtype or arg.device != buf.device:
-        raise TypeError(
-            f"a graph input changed from {buf.dtype} on {buf.device} to {arg.dtype} on {arg.device}; graphs were "
-            f"captured for {buf.dtype} on {buf.device}: pass inputs of that dtype and device (or recompile)"
-        )
     view = buf
     for d in dims:
-        view.narrow(d, n, buf.shape[d] - n).zero_()
+        if n < buf.shape[d]:
+            view.narrow(d, n, buf.shape[d] - n).zero_()
         view, arg = view.narrow(d, 0, n), arg.narrow(d, 0, n)
     view.copy_(arg)
 

@@ -144,7 +144,7 @@ def test_profile_times_split_ops_inclusively():
     class SplitOps(Fake):
         def step(self, point):
             import hattn.ops  # noqa: F401  (defines torch.ops.hattn.*)
-            from hattn.runtime.context import ForwardContext, forward_context
+            from hattn.context import ForwardContext, forward_context
 
             q, out = torch.randn(8, 2, 4), torch.empty(8, 2, 4)
 

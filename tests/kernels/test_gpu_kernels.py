@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from hattn.kernels.conv1d.reference import causal_conv1d_packed
-from hattn.kernels.decode import linear_attention_decode
-from hattn.kernels.dispatch import linear_attention_forward
+from hattn.kernels.gated_delta.decode import linear_attention_decode
 from hattn.kernels.gated_delta.chunk import fla_chunk
 from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed, linear_attention_decode_reference
 from hattn.kernels.launch import warn_reference
-from hattn.runtime.context import ForwardContext
+from hattn.context import ForwardContext, forward_context
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 needs_fla = pytest.mark.skipif(fla_chunk() is None, reason="flash-linear-attention not installed")
@@ -31,7 +30,7 @@ class _Cache:
         self.conv = torch.randn(slots, conv_dim, kernel - 1, device="cuda", generator=gen).to(dtype)
         self.rec = torch.randn(slots, hv, dk, dv, device="cuda", generator=gen) * 0.1
 
-    def linear_state(self, layer_id):
+    def state(self, layer_id):
         return self.conv, self.rec
 
 
@@ -71,7 +70,7 @@ def _prefill(hk, hv, d, dtype, lens, past, slots, seed):
     untouched = [s for s in range(8) if s not in [sl for sl, n in zip(slots, lens) if n]]
     before = cache.rec[untouched].clone()
     out = torch.full((sum(lens) + 3, hv, d), float("nan"), device="cuda", dtype=dtype)
-    linear_attention_forward(mixed, w, None, g, beta, out, 0, hk, d, ctx)
+    linear_op(mixed, w, None, g, beta, out, 0, hk, d, ctx)
     assert not out.isnan().any() and (out[-3:] == 0).all()
     assert torch.equal(cache.rec[untouched], before)
     torch.testing.assert_close(cache.conv.float(), conv, rtol=0, atol=0)  # conv states are copied inputs: exact
@@ -115,7 +114,7 @@ def _dispatch_decode(d: int, with_cache: bool):
     linear_attention_decode_reference(mixed[:b].float(), w.float(), None, g[:b], beta[:b].float(), want, *states,
                                       hk, d, torch.tensor(past, device="cuda") if cache else None)
     out = torch.full((b + 2, hv, d), float("nan"), device="cuda", dtype=torch.bfloat16)
-    linear_attention_forward(mixed, w, None, g, beta, out, 0, hk, d, ctx)
+    linear_op(mixed, w, None, g, beta, out, 0, hk, d, ctx)
     assert (out[b:] == 0).all()
     assert _rel(out[:b], want) < 1e-2
     if cache:  # the torch path rounds the conv output to bf16 before the delta rule: a looser bound
@@ -183,3 +182,11 @@ def test_fla_facts_our_wrappers_rely_on():
     params = list(inspect.signature(chunk_gated_delta_rule_fwd).parameters)
     assert params[:8] == ["q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state"]
     assert {"chunk_size", "cu_seqlens", "chunk_indices"} <= set(params)
+
+
+def linear_op(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx):
+    """hattn::linear_attention's implementation under the forward context `ctx`."""
+    from hattn.ops.linear import _linear_attention
+
+    with forward_context(ctx):
+        _linear_attention(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from hattn.kernels.dispatch import _packed_batch
 from hattn.kernels.packing import PackedBatch
-from hattn.runtime.context import ForwardContext
+from hattn.context import ForwardContext
+from hattn.ops.linear import packed_batch
 
 
 def test_batch_leaves_out_empty_sequences_and_maps_every_row_to_its_sequence():
@@ -25,9 +25,9 @@ def test_batch_without_cache_has_no_slots():
 
 def test_one_batch_per_step_shared_by_the_layers():
     ctx = ForwardContext(seq_lens=[2, 3], context_lens=[0, 1], slots=[1, 0])
-    first = _packed_batch(ctx, torch.device("cpu"))
-    assert _packed_batch(ctx, torch.device("cpu")) is first
-    assert _packed_batch(ForwardContext(seq_lens=[2, 3]), torch.device("cpu")) is not first
+    first = packed_batch(ctx, torch.device("cpu"))
+    assert packed_batch(ctx, torch.device("cpu")) is first
+    assert packed_batch(ForwardContext(seq_lens=[2, 3]), torch.device("cpu")) is not first
     calls = []
     assert first.memo("x", lambda: calls.append(1) or 7) == 7 and first.memo("x", lambda: calls.append(1)) == 7
     assert calls == [1]

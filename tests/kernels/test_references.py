@@ -11,11 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hattn.kernels.conv1d.reference import causal_conv1d_packed, causal_conv1d_step
-from hattn.kernels.dispatch import linear_attention_forward
 from hattn.kernels.gated_delta.reference import (chunk_gated_delta_rule, chunk_gated_delta_rule_packed,
                                                  gated_delta_rule_step, linear_attention_decode_reference,
                                                  recurrent_gated_delta_rule)
-from hattn.runtime.context import ForwardContext
+from hattn.context import ForwardContext, forward_context
 
 hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
 hf_chunk = hf.torch_chunk_gated_delta_rule.__wrapped__
@@ -173,7 +172,7 @@ class _Cache:
     def __init__(self, conv, rec):
         self.conv, self.rec = conv, rec
 
-    def linear_state(self, layer_id):
+    def state(self, layer_id):
         return self.conv, self.rec
 
 
@@ -185,12 +184,20 @@ def test_dispatch_prefill_then_decode_equals_one_long_prefill():
     mixed, w = torch.randn(t, c, generator=gen), torch.randn(c, width, generator=gen)
     g, beta = -torch.rand(t, hv, generator=gen), torch.rand(t, hv, generator=gen)
     whole = torch.empty(t, hv, dv)
-    linear_attention_forward(mixed, w, None, g, beta, whole, 0, hk, dk, ForwardContext(seq_lens=[t]))
+    linear_op(mixed, w, None, g, beta, whole, 0, hk, dk, ForwardContext(seq_lens=[t]))
     cache = _Cache(torch.randn(3, c, width - 1), torch.randn(3, hv, dk, dv))  # garbage: context 0 must ignore it
     step = torch.empty(t, hv, dv)
-    linear_attention_forward(mixed[:6], w, None, g[:6], beta[:6], step[:6], 0, hk, dk,
+    linear_op(mixed[:6], w, None, g[:6], beta[:6], step[:6], 0, hk, dk,
                              ForwardContext(seq_lens=[6], context_lens=[0], slots=[2], cache=cache))
     for i in range(6, t):
-        linear_attention_forward(mixed[i:i + 1], w, None, g[i:i + 1], beta[i:i + 1], step[i:i + 1], 0, hk, dk,
+        linear_op(mixed[i:i + 1], w, None, g[i:i + 1], beta[i:i + 1], step[i:i + 1], 0, hk, dk,
                                  ForwardContext(seq_lens=[1], context_lens=[i], slots=[2], cache=cache))
     torch.testing.assert_close(step, whole, **TOL)
+
+
+def linear_op(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx):
+    """hattn::linear_attention's implementation under the forward context `ctx`."""
+    from hattn.ops.linear import _linear_attention
+
+    with forward_context(ctx):
+        _linear_attention(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim)

@@ -33,12 +33,8 @@ _CASES: dict[str, Case] = {}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to OpenMP spinning on a busy 2-core CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def case(preset: str) -> Case:

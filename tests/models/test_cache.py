@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from hattn.models.cache import HybridCache, LayerSpec, full_spec, linear_spec
+from hattn.context import LayerSpec
+from hattn.models.cache import HybridCache
+from hattn.ops import full, lightning, linear
 
-SPECS = {0: linear_spec(conv_dim=48, kernel=4, v_heads=4, k_dim=8, v_dim=16), 1: full_spec(2, 16, 8),
-         3: LayerSpec("lightning", states=(((4, 8, 8), torch.float32),))}
+SPECS = {0: linear.cache_spec(conv_dim=48, kernel=4, v_heads=4, k_dim=8, v_dim=16), 1: full.cache_spec(2, 16, 8),
+         3: lightning.cache_spec(4, 8)}
 
 
 def cache(slots=3, max_len=10, dtype=torch.bfloat16):
@@ -15,9 +17,9 @@ def cache(slots=3, max_len=10, dtype=torch.bfloat16):
 def test_shapes_and_dtypes_per_kind():
     c = cache()
     rows = c.slots + 1  # + the scratch slot graph runtimes point padding at
-    k, v = c.kv(1)
+    k, v = c.state(1)
     assert k.shape == (rows, 10, 2, 16) and v.shape == (rows, 10, 2, 8) and k.dtype == torch.bfloat16
-    conv, rec = c.linear_state(0)
+    conv, rec = c.state(0)
     assert conv.shape == (rows, 48, 3) and conv.dtype == torch.bfloat16
     assert rec.shape == (rows, 4, 8, 16) and rec.dtype == torch.float32  # recurrent states stay fp32
     (s,) = c.state(3)
@@ -26,14 +28,9 @@ def test_shapes_and_dtypes_per_kind():
     assert "slots=3" in repr(c)
 
 
-def test_wrong_layer_or_kind_is_an_error():
-    c = cache()
-    with pytest.raises(KeyError, match="no layer 2"):
-        c.kv(2)
-    with pytest.raises(KeyError, match="not a 'full' layer"):
-        c.kv(0)
-    with pytest.raises(KeyError, match="not a 'linear' layer"):
-        c.linear_state(3)
+def test_a_layer_the_cache_does_not_hold_is_an_error():
+    with pytest.raises(KeyError, match=r"no layer 2; cached layers: \[0, 1, 3\]"):
+        cache().state(2)
 
 
 def test_alloc_free_reuse():

@@ -4,7 +4,7 @@ import torch
 from hattn.models.generate import SamplingParams, generate, run_step
 from hattn.passes.split import split_graph
 from hattn.runtime import graph_layout
-from hattn.runtime.context import ForwardContext, forward_context
+from hattn.context import ForwardContext, forward_context
 
 NEW_TOKENS = 32  # as conftest's reference
 

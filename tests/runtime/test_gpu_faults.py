@@ -15,7 +15,7 @@ from torch import nn
 import hattn
 from hattn.models.toy import ToyConfig, ToyHybridModel, toy_model
 from hattn.runtime import BreakableGraphRunner
-from hattn.runtime.context import get_forward_context
+from hattn.context import get_forward_context
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOL = dict(rtol=2e-4, atol=2e-4)

@@ -15,12 +15,12 @@ from torch import nn
 import hattn
 from hattn.models.toy import ToyConfig, ToyHybridModel, toy_model
 from hattn.runtime import BreakableGraphRunner
-from hattn.runtime.breakable import unregistered_mixer_reason
-from hattn.runtime.context import get_forward_context
+from hattn.registry import UnregisteredAttentionError, unregistered_mixer
+from hattn.context import get_forward_context
 from hattn.runtime.full import NotCaptureSafeError, check_capture_safe
 from hattn.runtime.graphs import GraphRuntime
 from hattn.runtime.tokens import layout_from_args
-from hattn.stats import Stats
+from hattn.counters import Stats
 
 
 class FakeGraphs(GraphRuntime):
@@ -115,7 +115,7 @@ class ScaleMixer(nn.Module):
 def test_full_mode_rejects_a_split_op_that_is_not_capture_safe_even_on_cpu():
     torch.manual_seed(0)
     model = ToyHybridModel(ToyConfig(pattern=["testmix", "full"]), {"testmix": ScaleMixer}).eval()
-    with pytest.raises(Exception, match="hattn_test::scale is not registered capture-safe"):
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="hattn_test::scale is not registered capture-safe"):
         torch.compile(model, backend=hattn.backend(mode="full", inner_compiler="eager"))(torch.arange(5))
     torch._dynamo.reset()  # the same model runs in pcg (split ops eager)
     torch.testing.assert_close(
@@ -139,16 +139,15 @@ def _unregistered_kernel(x: torch.Tensor) -> torch.Tensor:
 
 def test_unregistered_mixer_reason_for_ops_seen_in_a_segment():
     aten = torch.ops.aten
-    assert unregistered_mixer_reason(aten._scaled_dot_product_flash_attention.default) is not None
-    assert unregistered_mixer_reason(torch.ops.hattn_test.fused_linear_attention_fwd.default) == (
+    assert unregistered_mixer(aten._scaled_dot_product_flash_attention.default) is not None
+    assert unregistered_mixer(torch.ops.hattn_test.fused_linear_attention_fwd.default) == (
         "custom op hattn_test::fused_linear_attention_fwd")
-    assert unregistered_mixer_reason(torch.ops.hattn.linear_attention.default) is None  # registered
-    assert unregistered_mixer_reason(aten.mm.default) is None
+    assert unregistered_mixer(torch.ops.hattn.linear_attention.default) is None  # registered
+    assert unregistered_mixer(aten.mm.default) is None
 
 
 def test_bcg_warmup_sees_every_split_op_call_and_rejects_unregistered_ones():
     from hattn.runtime.breakable import _Capture, watched
-    from hattn.passes.guards import UnregisteredAttentionError
 
     model = toy_model(pattern=["linear", "full", "linear"])
     ids = torch.arange(5)
@@ -171,7 +170,6 @@ class _Sdpa(nn.Module):
 
 def test_bcg_warmup_rejects_sdpa_but_not_inside_a_split_op():
     from hattn.runtime.breakable import _Capture, watched
-    from hattn.passes.guards import UnregisteredAttentionError
 
     with pytest.raises(UnregisteredAttentionError, match="scaled_dot_product_attention"):
         watched(_Capture(), _Sdpa(), (torch.randn(4, 8),))

@@ -25,7 +25,7 @@ def test_static_inputs_zero_pad_and_keep_address():
     ids = torch.arange(1, 6)
     layout = layout_from_args([ids])
     assert layout.in_dims == [(0,)]
-    inputs = StaticInputs(layout)
+    inputs = StaticInputs(layout, largest=8)
     first = inputs.fill(8, [ids], 5)
     assert first[0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0]
     second = inputs.fill(8, [torch.arange(10, 13)], 3)
@@ -33,10 +33,24 @@ def test_static_inputs_zero_pad_and_keep_address():
     assert second[0].tolist() == [10, 11, 12, 0, 0, 0, 0, 0]  # stale rows zeroed, never left over
 
 
+def test_every_size_views_one_largest_size_buffer():
+    """One storage per input sized for the largest capture size; each size reads a contiguous prefix of it."""
+    pos = torch.arange(12).view(3, 4)  # mrope-like positions [3, T]: the token dim is 1
+    layout = TokenLayout(in_dims=[(1,)])
+    inputs = StaticInputs(layout, largest=16)
+    (big,) = inputs.fill(16, [pos], 4)
+    (small,) = inputs.fill(4, [pos], 4)
+    assert big.shape == (3, 16) and small.shape == (3, 4) and small.is_contiguous()
+    assert small.data_ptr() == big.data_ptr() and small.untyped_storage().nbytes() == 3 * 16 * 8
+    assert torch.equal(small, pos)
+    (again,) = inputs.fill(4, [pos + 1], 3)
+    assert again is small and again.tolist() == [[1, 2, 3, 0], [5, 6, 7, 0], [9, 10, 11, 0]]
+
+
 def test_owned_inputs_are_copies_and_module_state_passes_through():
     ids, temp, weight = torch.arange(1, 6), torch.tensor(0.5), nn.Parameter(torch.randn(3))
     layout = TokenLayout(in_dims=[(0,), (), ()], owned=[1])  # ids token-dependent, temp a forward arg
-    inputs = StaticInputs(layout)
+    inputs = StaticInputs(layout, largest=8)
     first = inputs.fill(8, [ids, temp, weight], 5)
     assert first[1] is not temp and first[1].item() == 0.5 and first[2] is weight
     second = inputs.fill(8, [ids, torch.tensor(2.0), weight], 5)
@@ -94,7 +108,7 @@ def test_layout_of_graph_with_two_symbols_has_a_reason():
 
 def test_inputs_of_another_dtype_or_device_are_errors_naming_both():
     layout = layout_from_args([torch.zeros(4, 3), torch.zeros(5)])  # arg 1 is owned (not token-dependent)
-    inputs = StaticInputs(layout)
+    inputs = StaticInputs(layout, largest=8)
     inputs.fill(8, [torch.zeros(4, 3), torch.zeros(5)], 4)
     with pytest.raises(TypeError, match=r"changed from torch.float32 on cpu to torch.float64 on cpu"):
         inputs.fill(8, [torch.zeros(4, 3, dtype=torch.float64), torch.zeros(5)], 4)
@@ -106,7 +120,7 @@ def test_inputs_of_another_dtype_or_device_are_errors_naming_both():
 
 def test_non_contiguous_inputs_are_copied_into_the_static_buffers():
     layout = layout_from_args([torch.zeros(4, 3)])
-    inputs = StaticInputs(layout)
+    inputs = StaticInputs(layout, largest=8)
     x = torch.randn(3, 6).t()[:5]  # [5, 3], non-contiguous
     (static,) = inputs.fill(8, [x], 5)
     assert static.is_contiguous() and static.shape == (8, 3)

@@ -6,15 +6,9 @@ the torch reference below runs (it gathers every slot's whole `max_len`, masked)
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 
-
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+from hattn.kernels.launch import use_triton
 
 
 def full_attention_decode(q, k, v, out, k_cache, v_cache, slots, context_lens, scale: float) -> None:
@@ -24,7 +18,7 @@ def full_attention_decode(q, k, v, out, k_cache, v_cache, slots, context_lens, s
     """
     k_cache[slots, context_lens] = k
     v_cache[slots, context_lens] = v
-    if q.is_cuda and _has_triton():
+    if use_triton(q):
         from hattn.kernels.attention.decode_triton import decode_attention
 
         return decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale)

@@ -1,10 +1,16 @@
-"""Helpers shared by gated-delta-net families (Qwen3.5, Qwen3-Next, OLMo hybrid): the split-op call and cache spec."""
+"""Gated-delta-net families (Qwen3.5, Qwen3-Next, OLMo hybrid): GQA attention in `self_attn`, a GatedDeltaNet in
+`linear_attn`, kinds from `config.layer_types`. A family file gives its module's forward; `gdn_family` does the rest.
+"""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from hattn.models.cache import LayerSpec, linear_spec
+from hattn.context import LayerSpec
+from hattn.models.hf import Family, gqa_full_spec, kinds_from_layer_types, register_family
+from hattn.ops import linear
 
 
 def check_silu(config, key: str = "hidden_act") -> None:
@@ -17,7 +23,7 @@ def gdn_spec(config) -> LayerSpec:
     """Conv state over q, k, v channels + fp32 recurrent state [Hv, Dk, Dv]."""
     hk, dk = config.linear_num_key_heads, config.linear_key_head_dim
     hv, dv = config.linear_num_value_heads, config.linear_value_head_dim
-    return linear_spec(2 * hk * dk + hv * dv, config.linear_conv_kernel_dim, hv, dk, dv)
+    return linear.cache_spec(2 * hk * dk + hv * dv, config.linear_conv_kernel_dim, hv, dk, dv)
 
 
 def gdn_gate(module, a: torch.Tensor) -> torch.Tensor:
@@ -36,3 +42,25 @@ def gdn_core(module, mixed_qkv: torch.Tensor, g: torch.Tensor, beta: torch.Tenso
         module.layer_idx, module.num_k_heads, module.head_k_dim,
     )
     return out
+
+
+def gdn_output(module, core: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The gated RMSNorm and output projection after the core: core [T, Hv, Dv], z [T, Hv*Dv] -> [1, T, hidden]."""
+    y = module.norm(core.reshape(-1, module.head_v_dim), z.reshape(-1, module.head_v_dim))
+    return module.out_proj(y.reshape(1, core.shape[0], -1))
+
+
+def cache_specs(config) -> dict[int, LayerSpec]:
+    kinds = kinds_from_layer_types(config)
+    return {i: gqa_full_spec(config) if k == "full" else gdn_spec(config) for i, k in kinds.items()}
+
+
+def mixer(layer, kind):
+    return getattr(layer, "self_attn" if kind == "full" else "linear_attn", None)
+
+
+def gdn_family(name: str, model_types: tuple[str, ...], forward: Callable) -> Family:
+    """Register a gated-delta-net family whose GatedDeltaNet modules run `forward`."""
+    return register_family(Family(name=name, model_types=model_types, layer_kinds=kinds_from_layer_types,
+                                  cache_specs=cache_specs, forwards={"linear": forward}, mixer=mixer,
+                                  check=check_silu))

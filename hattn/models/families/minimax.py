@@ -1,61 +1,14 @@
 """MiniMax (transformers.models.minimax): GQA attention + lightning attention (linear attention with a fixed
 per-head exponential decay), MoE MLPs.
 
-Lightning attention is not a gated delta net, so this file defines the split op `hattn::lightning_attention`
-(kind "lightning"): S <- exp(-slope) * S + k^T v, o = q S, the state [H, D, D] fp32 in each sequence's cache slot.
+Lightning attention is kind "lightning" (`hattn.ops.lightning`): S <- exp(-slope) * S + k^T v, o = q S.
 """
 from __future__ import annotations
 
 import torch
 
-from hattn import registry
-from hattn.models.cache import LayerSpec
 from hattn.models.hf import Family, gqa_full_spec, kinds_from_layer_types, register_family
-from hattn.models.splitops import num_tokens, sequence_states
-
-
-def recurrent_lightning(q, k, v, slope: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """Token-by-token lightning attention of one sequence; updates `state` in place.
-
-    q, k, v: [T, H, D]; slope: [H]; state: [H, D, D] fp32. Returns [T, H, D] in v's dtype.
-    """
-    decay = torch.exp(-slope.float())[:, None, None]
-    q, k, v = q.float(), k.float(), v.float()
-    s = state.float()
-    out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
-    for t in range(v.shape[0]):
-        s = decay * s + k[t][:, :, None] * v[t][:, None, :]
-        out[t] = (q[t][:, :, None] * s).sum(dim=-2)
-    state.copy_(s)
-    return out.to(v.dtype)
-
-
-def _lightning_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slope: torch.Tensor, out: torch.Tensor, layer_id: int
-) -> None:
-    """Lightning attention of packed sequences. q, k, v, out: [T, H, D]; slope: [H].
-
-    Cache state of the layer: (kv_state [slots, H, D, D] fp32,).
-    """
-    h, d = q.shape[1:]
-
-    def fresh():
-        return (q.new_zeros(h, d, d, dtype=torch.float32),)
-
-    for rows, (state,) in sequence_states("lightning", layer_id, q.shape[0], fresh):
-        out[rows] = recurrent_lightning(q[rows], k[rows], v[rows], slope, state)
-    out[num_tokens(q.shape[0]):] = 0
-
-
-lightning_attention = torch.library.custom_op("hattn::lightning_attention", mutates_args=("out",))(_lightning_attention)
-
-
-@lightning_attention.register_fake
-def _(q, k, v, slope, out, layer_id) -> None:
-    return None
-
-
-registry.register_split_op(torch.ops.hattn.lightning_attention, "lightning", direct=_lightning_attention)
+from hattn.ops import lightning
 
 
 def lightning_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
@@ -71,9 +24,9 @@ def lightning_forward(self, hidden_states: torch.Tensor, position_embeddings=Non
     return self.out_proj(y), None
 
 
-def lightning_spec(config) -> LayerSpec:
+def lightning_spec(config):
     d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return LayerSpec("lightning", states=(((config.num_attention_heads, d, d), torch.float32),))
+    return lightning.cache_spec(config.num_attention_heads, d)
 
 
 def layer_kinds(config) -> dict[int, str]:

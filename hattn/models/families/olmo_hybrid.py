@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hattn.models.families._gdn import check_silu, gdn_core, gdn_gate, gdn_spec
-from hattn.models.hf import Family, gqa_full_spec, kinds_from_layer_types, register_family
+from hattn.models.families._gdn import gdn_core, gdn_family, gdn_gate
 
 
 def gdn_forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
@@ -24,21 +23,4 @@ def gdn_forward(self, hidden_states: torch.Tensor, cache_params=None, attention_
     return self.o_proj(y.reshape(1, t, -1))
 
 
-def cache_specs(config):
-    kinds = kinds_from_layer_types(config)
-    return {i: gqa_full_spec(config) if k == "full" else gdn_spec(config) for i, k in kinds.items()}
-
-
-def mixer(layer, kind):
-    return getattr(layer, "self_attn" if kind == "full" else "linear_attn", None)
-
-
-register_family(Family(
-    name="olmo_hybrid",
-    model_types=("olmo_hybrid",),
-    layer_kinds=kinds_from_layer_types,
-    cache_specs=cache_specs,
-    forwards={"linear": gdn_forward},
-    mixer=mixer,
-    check=check_silu,
-))
+gdn_family("olmo_hybrid", ("olmo_hybrid",), gdn_forward)

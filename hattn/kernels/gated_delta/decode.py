@@ -1,16 +1,11 @@
-"""Capture-safe decode steps (one token per sequence) for `mode="full"`: no host sync, no data-dependent shapes.
+"""The gated-delta-net decode step (one token per sequence), capture-safe: Triton on CUDA, the torch reference
+elsewhere or for head dims its tiles cannot take (not a power of two >= 16).
 
-Batch metadata comes as device tensors (slots, context lengths) that the full-graph runtime refills before each
-replay; caches and states are read and written in place at their slots. Padding rows point at the cache's
-scratch slot. On CUDA the linear-attention step is the fused Triton step
-(`hattn.kernels.gated_delta.fused_decode`); elsewhere, or for head dims its tiles cannot take (not a power of two
->= 16), its torch reference runs.
+Batch metadata comes as device tensors (slots, context lengths), so the step can be captured in a CUDA graph and
+replayed for every later step; states are read and written in place at their slots.
 """
 from __future__ import annotations
 
-import torch
-
-from hattn.kernels.attention.decode import full_attention_decode  # noqa: F401  (re-exported)
 from hattn.kernels.gated_delta.reference import linear_attention_decode_reference
 from hattn.kernels.launch import pow2_dims, use_triton, warn_reference
 
@@ -35,8 +30,7 @@ def linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, con
     a small batch's device time: the fused single launch rather than the staged two (`fused_decode.default_config`).
     """
     if use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[-1]):
-        # needs triton: CUDA installs only
-        from hattn.kernels.gated_delta.fused_decode import default_config, fused_gdn_decode
+        from hattn.kernels.gated_delta.fused_decode import default_config, fused_gdn_decode  # triton: CUDA installs
 
         config = default_config(out.shape[0], num_k_heads, out.shape[1], head_k_dim, out.shape[2], eager)
         return fused_gdn_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots,

@@ -1,0 +1,64 @@
+"""Kind "full": causal GQA attention of packed sequences over their KV cache, `hattn::full_attention`.
+
+Decode steps (one token per sequence, a cache) are one batched, capture-safe kernel call reading the step's slots
+and context lengths from device tensors; anything else walks the sequences (torch SDPA on CUDA, the torch
+reference on CPU). Kernels: `hattn/kernels/attention/`.
+"""
+from __future__ import annotations
+
+import torch
+
+from hattn import registry
+from hattn.context import LayerSpec, op_context, zero_padding
+from hattn.kernels.attention.decode import full_attention_decode
+from hattn.kernels.attention.prefill import sdpa_attention
+from hattn.kernels.attention.reference import causal_attention
+
+
+def cache_spec(kv_heads: int, k_dim: int, v_dim: int | None = None) -> LayerSpec:
+    """A KV cache [max_len, kv_heads, k_dim] + [max_len, kv_heads, v_dim] per slot."""
+    return LayerSpec("full", kv=(kv_heads, k_dim, k_dim if v_dim is None else v_dim))
+
+
+def _full_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, layer_id: int, scale: float
+) -> None:
+    """q: [T, Hq, Dk]; k: [T, Hkv, Dk], v: [T, Hkv, Dv] (new tokens, written into the cache); out: [T, Hq, Dv]."""
+    ctx = op_context("full", layer_id, q.shape[0])
+    if ctx.captured:  # the whole step is one CUDA graph: device metadata only, padding rows at the scratch slot
+        k_cache, v_cache = ctx.cache.state(layer_id)
+        slots, lens = ctx.device_meta(q.device)
+        return full_attention_decode(q, k, v, out, k_cache, v_cache, slots, lens, scale)
+    n = ctx.num_tokens
+    if ctx.cache is not None and ctx.is_decode and q.is_cuda:  # one batched step instead of a loop over sequences
+        k_cache, v_cache = ctx.cache.state(layer_id)
+        slots, lens = ctx.device_meta(q.device)
+        full_attention_decode(q[:n], k[:n], v[:n], out[:n], k_cache, v_cache, slots, lens, scale)
+    else:
+        _per_sequence(q, k, v, out, layer_id, scale, ctx)
+    zero_padding(out, n)
+
+
+def _per_sequence(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
+    cache = ctx.cache.state(layer_id) if ctx.cache is not None else None
+    attend = sdpa_attention if q.is_cuda else causal_attention
+    for start, n, past, slot in ctx.sequences():
+        rows = slice(start, start + n)
+        ks, vs = k[rows], v[rows]
+        if cache is not None:
+            k_cache, v_cache = cache
+            k_cache[slot, past:past + n] = ks
+            v_cache[slot, past:past + n] = vs
+            ks, vs = k_cache[slot, :past + n], v_cache[slot, :past + n]
+        out[rows] = attend(q[rows], ks, vs, scale, past if cache is not None else 0)
+
+
+full_attention = torch.library.custom_op("hattn::full_attention", mutates_args=("out",))(_full_attention)
+
+
+@full_attention.register_fake
+def _(q, k, v, out, layer_id, scale) -> None:
+    return None
+
+
+registry.register_split_op(full_attention, "full", capture_safe=True, direct=_full_attention)
