@@ -1,71 +1,206 @@
-"""Capture-safe decode attention over the static KV cache, in Triton: one new query token per sequence.
+"""Capture-safe split-K (flash-decoding) attention over the static KV cache, in Triton: one new query token per
+sequence.
 
 Batch metadata comes as device tensors (`slots`, `context_lens`), so a CUDA graph captured once serves every step:
-no host sync, no data-dependent shapes, and each program reads only the `context_lens[b] + 1` cached positions of
-its sequence (the torch reference gathers the whole `max_len`).
+no host sync, and the grid (B, Hkv, NUM_SPLITS) depends on shapes only. Split i of a sequence covers cache positions
+[i*CHUNK, (i+1)*CHUNK); splits past `context_lens[b]` do nothing, and the reduce launch reads only the splits that
+hold positions, so each sequence costs the `context_lens[b] + 1` positions it attends over. One program serves the
+REP = Hq // Hkv query heads of its KV head, so K/V are read once per KV head. The torch reference is
+`decode.decode_attention_reference`.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
+from hattn.kernels.launch import CheckedOnce
+
+LOG2E = 1.4426950408889634
+TILE_BYTES = 32 * 1024  # one K + V block in the cache dtype: at D=256 bf16 a 32-position block, 3 stages in smem
+
 
 @triton.jit
-def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr,
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr,
     sq_b, sq_h, sq_d, sk_s, sk_l, sk_h, sk_d, sv_s, sv_l, sv_h, sv_d, so_b, so_h, so_d,
-    scale, REP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_L: tl.constexpr,
+    qk_scale, max_len, chunk, REP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_L: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    b, h = tl.program_id(0), tl.program_id(1)
-    kvh = h // REP
-    slot = tl.load(slots_ptr + b).to(tl.int64)
-    length = tl.load(lens_ptr + b).to(tl.int32) + 1  # the new token sits at position context_lens[b]
+    """Attention of the REP query heads of KV head `kvh` over one split of positions; with one split it writes
+    out [B, Hq, Dv], else the split's normalised output into o_ptr [B, Hq, NUM_SPLITS, Dv] fp32 and its base-2
+    log-sum-exp into lse_ptr [B, Hq, NUM_SPLITS]."""
+    b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = _length(lens_ptr, b, max_len)
+    start = split * chunk
+    if start < length:
+        slot = tl.load(slots_ptr + b).to(tl.int64)
+        rows, dk, dv = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+        heads = kvh * REP + rows
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :] * sq_d,
+                    mask=(rows[:, None] < REP) & (dk[None, :] < DK), other=0.0).to(k_ptr.dtype.element_ty)
+        acc, m_i, l_i = _attend(q, k_ptr + slot * sk_s + kvh * sk_h, v_ptr + slot * sv_s + kvh * sv_h, sk_l, sk_d,
+                                sv_l, sv_d, start, tl.minimum(start + chunk, length), qk_scale, DK, DV, BLOCK_R,
+                                BLOCK_DK, BLOCK_DV, BLOCK_L, PRECISION)
+        out = acc / l_i[:, None]
+        keep = (rows[:, None] < REP) & (dv[None, :] < DV)
+        if NUM_SPLITS == 1:
+            tl.store(o_ptr + b * so_b + heads[:, None] * so_h + dv[None, :] * so_d,
+                     out.to(o_ptr.dtype.element_ty), mask=keep)
+        else:
+            row = (b * REP * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [B, Hq, NUM_SPLITS] index
+            tl.store(o_ptr + row[:, None] * DV + dv[None, :], out, mask=keep)
+            tl.store(lse_ptr + row, m_i + tl.log2(l_i), mask=rows < REP)
+
+
+@triton.jit
+def _length(lens_ptr, b, max_len):
+    """Positions sequence b attends over: 0..context_lens[b] (the new token's), clamped to the cache."""
+    return tl.minimum(tl.load(lens_ptr + b).to(tl.int32) + 1, max_len)
+
+
+@triton.jit
+def _attend(q, p_k, p_v, sk_l, sk_d, sv_l, sv_d, lo, hi, qk_scale, DK: tl.constexpr, DV: tl.constexpr,
+            BLOCK_R: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_L: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Online softmax of q [BLOCK_R, BLOCK_DK] over positions lo..hi-1 (lo < hi): unnormalised acc
+    [BLOCK_R, BLOCK_DV], running max m (base 2) and sum l [BLOCK_R], all fp32. PRECISION: "ieee" keeps fp32
+    caches off TF32 (half caches take the tensor cores either way)."""
     dk, dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + dk * sq_d, mask=dk < DK, other=0.0).to(tl.float32) * scale
-    p_k = k_ptr + slot * sk_s + kvh * sk_h
-    p_v = v_ptr + slot * sv_s + kvh * sv_h
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.zeros([], tl.float32)
-    acc = tl.zeros([BLOCK_DV], tl.float32)
-    for start in range(0, length, BLOCK_L):
-        pos = start + tl.arange(0, BLOCK_L)
-        valid = pos < length
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for first in range(lo, hi, BLOCK_L):
+        pos = first + tl.arange(0, BLOCK_L)
+        valid = pos < hi
         b_k = tl.load(p_k + pos[:, None] * sk_l + dk[None, :] * sk_d, mask=valid[:, None] & (dk[None, :] < DK),
-                      other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(b_k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
-        alpha = tl.exp(m_i - m_new)
+                      other=0.0)
+        s = tl.dot(q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_R, BLOCK_L], base-2 logits
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block holds a valid position
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
         b_v = tl.load(p_v + pos[:, None] * sv_l + dv[None, :] * sv_d, mask=valid[:, None] & (dv[None, :] < DV),
-                      other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * b_v, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
+                      other=0.0)
+        acc = tl.dot(p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    tl.store(o_ptr + b * so_b + h * so_h + dv * so_d, (acc / l_i).to(o_ptr.dtype.element_ty), mask=dv < DV)
+    return acc, m_i, l_i
 
 
-def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float) -> None:
+@triton.jit
+def _reduce_kernel(part_ptr, lse_ptr, lens_ptr, o_ptr, so_b, so_h, so_d, max_len, chunk, DV: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """out[b, h] = sum_i w_i o_i / sum_i w_i with w_i = 2^(lse_i - max lse) over the splits holding positions."""
+    b, h = tl.program_id(0), tl.program_id(1)
+    used = tl.cdiv(_length(lens_ptr, b, max_len), chunk)  # >= 1: split 0 always holds position 0
+    row = (b * tl.num_programs(1) + h) * NUM_SPLITS
+    splits = tl.arange(0, BLOCK_S)
+    lse_max = tl.full([], float("-inf"), tl.float32)
+    for first in range(0, used, BLOCK_S):
+        lse = tl.load(lse_ptr + row + first + splits, mask=first + splits < used, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, tl.max(lse, axis=0))
+    dv = tl.arange(0, BLOCK_DV)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    total = tl.zeros([], tl.float32)
+    for first in range(0, used, BLOCK_S):
+        keep = first + splits < used
+        w = tl.exp2(tl.load(lse_ptr + row + first + splits, mask=keep, other=float("-inf")) - lse_max)
+        part = tl.load(part_ptr + (row + first + splits)[:, None] * DV + dv[None, :],
+                       mask=keep[:, None] & (dv[None, :] < DV), other=0.0)
+        acc += tl.sum(w[:, None] * part, axis=0)
+        total += tl.sum(w, axis=0)
+    tl.store(o_ptr + b * so_b + h * so_h + dv * so_d, (acc / total).to(o_ptr.dtype.element_ty), mask=dv < DV)
+
+
+def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float, *,
+                     num_splits: int | None = None) -> None:
     """out[b] = softmax(q[b] k^T * scale) v over positions 0..context_lens[b] of cache slot slots[b].
 
     q: [B, Hq, Dk]; k_cache: [S, L, Hkv, Dk]; v_cache: [S, L, Hkv, Dv]; slots, context_lens: [B] int (device);
-    out: [B, Hq, Dv]. Hq must be a multiple of Hkv. The new tokens' k/v must already be in the cache.
+    out: [B, Hq, Dv]. Hq must be a multiple of Hkv. The new tokens' k/v must already be in the cache. q is rounded
+    to the cache dtype (the scores are tensor-core dots of q and K in that dtype, fp32 accumulation).
+    num_splits: positions are split into this many ranges (clamped to 1..ceil(L / block)); None: `default_splits`.
     """
+    _check_once(q, k_cache, v_cache, slots, context_lens, out)
     b, hq, dk = q.shape
-    hkv, dv = k_cache.shape[2], v_cache.shape[3]
-    if hq % hkv or k_cache.shape[3] != dk or out.shape != (b, hq, dv) or slots.shape != (b,):
-        raise ValueError(
-            f"decode_attention: q {list(q.shape)}, k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)}, "
-            f"out {list(out.shape)}, slots {list(slots.shape)} do not fit q [B, Hq, Dk], caches [S, L, Hkv, D], "
-            f"out [B, Hq, Dv], slots [B] with Hq a multiple of Hkv"
-        )
+    max_len, hkv, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     if b == 0:
         return
-    _decode_attention_kernel[(b, hq)](
-        q, k_cache, v_cache, slots, context_lens, out,
-        *q.stride(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3), *out.stride(),
-        scale, REP=hq // hkv, DK=dk, DV=dv, BLOCK_DK=triton.next_power_of_2(dk), BLOCK_DV=triton.next_power_of_2(dv),
-        BLOCK_L=64,
-    )
+    block_l = _block_l(dk, dv, k_cache.element_size())
+    chunk, splits = _split_plan(max_len, block_l, num_splits or default_splits(b, hkv, max_len, block_l, q.device))
+    rep = hq // hkv
+    dims = dict(DV=dv, BLOCK_DV=triton.next_power_of_2(max(dv, 16)))
+    part, lse = out, None
+    if splits > 1:  # the graph pool's, when captured
+        part = torch.empty(b, hq, splits, dv, device=q.device, dtype=torch.float32)
+        lse = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
+    _split_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, slots, context_lens, part, lse, *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *out.stride(), scale * LOG2E, max_len, chunk, REP=rep, DK=dk,
+        BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_DK=triton.next_power_of_2(max(dk, 16)),
+        BLOCK_L=block_l, NUM_SPLITS=splits, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", **dims)
+    if splits > 1:
+        _reduce_kernel[(b, hq)](part, lse, context_lens, out, *out.stride(), max_len, chunk, NUM_SPLITS=splits,
+                                BLOCK_S=min(16, triton.next_power_of_2(splits)), **dims)
+
+
+def default_splits(b: int, hkv: int, max_len: int, block_l: int, device: torch.device) -> int:
+    """Splits a sequence's positions so that B * Hkv * splits fills the device twice over (two programs an SM),
+    at least one block of positions a split. From shapes only, so a captured graph's grid fits every replay."""
+    return max(1, min(math.ceil(2 * _sm_count(device) / (b * hkv)), math.ceil(max_len / block_l)))
+
+
+def decode_attention_bytes(q, k_cache, v_cache, context_lens, out) -> int:
+    """The bytes a decode attention call must move: the K and V rows it attends over (context_lens[b] + 1
+    positions of each sequence, all KV heads), q and out. context_lens: [B] tensor or list (read on the host)."""
+    positions = int(torch.as_tensor(context_lens).sum()) + len(context_lens)
+    hkv, dk, dv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
+    kv_row = hkv * (dk * k_cache.element_size() + dv * v_cache.element_size())
+    return positions * kv_row + q.numel() * q.element_size() + out.numel() * out.element_size()
+
+
+def _block_l(dk: int, dv: int, elem: int) -> int:
+    """Positions a block: K and V blocks together within TILE_BYTES, 16 to 64 (tl.dot needs >= 16)."""
+    width = (triton.next_power_of_2(max(dk, 16)) + triton.next_power_of_2(max(dv, 16))) * elem
+    return max(16, min(64, triton.next_power_of_2(TILE_BYTES // width + 1) // 2))
+
+
+def _split_plan(max_len: int, block_l: int, splits: int) -> tuple[int, int]:
+    """(chunk, splits): whole blocks a split, no split starting past max_len."""
+    blocks = math.ceil(max_len / block_l)
+    chunk = math.ceil(blocks / max(1, min(splits, blocks))) * block_l
+    return chunk, math.ceil(max_len / chunk)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter on CPU: plan as for an H200
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(q, k_cache, v_cache, slots, context_lens, out) -> None:
+    if not _shapes_fit(q, k_cache, v_cache, slots, context_lens, out):
+        raise ValueError(
+            f"decode_attention: q {list(q.shape)}, k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)}, "
+            f"out {list(out.shape)}, slots {list(slots.shape)}, context_lens {list(context_lens.shape)} do not fit "
+            f"q [B, Hq, Dk], k_cache [S, L, Hkv, Dk], v_cache [S, L, Hkv, Dv], out [B, Hq, Dv], slots and "
+            f"context_lens [B] with Hq a multiple of Hkv"
+        )
+
+
+def _shapes_fit(q, k_cache, v_cache, slots, context_lens, out) -> bool:
+    if (q.dim(), k_cache.dim(), v_cache.dim()) != (3, 4, 4):
+        return False
+    b, hq, dk = q.shape
+    s, max_len, hkv, _ = k_cache.shape
+    return (hkv > 0 and hq % hkv == 0 and k_cache.shape[3] == dk and v_cache.shape[:3] == (s, max_len, hkv)
+            and out.shape == (b, hq, v_cache.shape[3]) and slots.shape == context_lens.shape == (b,))
+
+
+_check_once = CheckedOnce(_check)

@@ -1,0 +1,140 @@
+"""GPU: the split-K decode attention kernel == `decode_attention_reference` (hypothesis over shapes, lengths, slots
+and split counts), and replayed from a CUDA graph with new lengths, slots and queries. Also runs on CPU under
+TRITON_INTERPRET=1 (the graph test excepted).
+
+Tolerances: 1e-4 fp32, 2e-2 bf16, 5e-3 fp16 (outputs of size ~1 rounded to the input dtype, scores and p @ V on
+tensor cores in that dtype). Outputs are NaN-filled before each call, so an element the kernel never writes fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hattn.kernels.attention.decode import decode_attention_reference
+from hattn.kernels.launch import interpreting
+
+try:
+    from hattn.kernels.attention import decode_triton as dt
+except ImportError:  # no triton: a CPU install
+    dt = None
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(dt is None, reason="needs triton"),
+    pytest.mark.skipif(DEV != "cuda" and not interpreting(), reason="needs CUDA (or TRITON_INTERPRET=1 on CPU)"),
+]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _case(b, hkv, rep, dk, dv, max_len, dtype, seed, strided=False):
+    """Random q and caches of b + 2 slots (the last one the scratch slot); q strided on request."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(DEV)  # noqa: E731
+    q = r(b, 2 * hkv * rep, dk)[:, ::2] if strided else r(b, hkv * rep, dk)
+    return q, r(b + 2, max_len, hkv, dk), r(b + 2, max_len, hkv, dv)
+
+
+def _batch(b, max_len, slots_total, seed):
+    """slots: distinct live slots in random order, some rows on the scratch slot (padding rows, as the runtime
+    pads a batch); context_lens in 0..max_len-1, the first two rows at the extremes."""
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(slots_total - 1, generator=gen)[:b]
+    slots[torch.rand(b, generator=gen) < 0.25] = slots_total - 1
+    lens = torch.randint(0, max_len, (b,), generator=gen)
+    lens[: min(b, 2)] = torch.tensor([0, max_len - 1])[: min(b, 2)]
+    return slots.to(DEV), lens.to(DEV)
+
+
+def _out(b, hq, dv, dtype, strided):
+    """torch.empty (NaN-filled under nan_empty), as a [B, Hq, Dv] view with Hq outermost in memory if strided."""
+    if strided:
+        return torch.empty(hq, b, dv, device=DEV, dtype=dtype).transpose(0, 1)
+    return torch.empty(b, hq, dv, device=DEV, dtype=dtype)
+
+
+def _check(q, k_cache, v_cache, slots, lens, out, num_splits=None):
+    scale = q.shape[-1] ** -0.5
+    want = torch.empty(out.shape, device=DEV)
+    decode_attention_reference(q, k_cache, v_cache, slots, lens, want, scale)
+    dt.decode_attention(q, k_cache, v_cache, slots, lens, out, scale, num_splits=num_splits)
+    torch.testing.assert_close(out.float().cpu(), want.cpu(), rtol=TOL[q.dtype], atol=TOL[q.dtype])
+
+
+@given(b=st.integers(1, 4), hkv=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2, 3, 4, 8]),
+       dims=st.sampled_from([(16, 16), (64, 64), (80, 80), (96, 64), (24, 40), (128, 128)]),
+       max_len=st.integers(1, 70), dtype=st.sampled_from(DTYPES), num_splits=st.sampled_from([None, 1, 2, 3, 64]),
+       strided=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
+def test_decode_attention_matches_reference(b, hkv, rep, dims, max_len, dtype, num_splits, strided, seed,
+                                            nan_empty):
+    q, k_cache, v_cache = _case(b, hkv, rep, *dims, max_len, dtype, seed, strided)
+    slots, lens = _batch(b, max_len, b + 2, seed)
+    _check(q, k_cache, v_cache, slots, lens, _out(b, hkv * rep, dims[1], dtype, strided), num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 5])
+def test_decode_attention_at_the_qwen35_1b_shape(num_splits, nan_empty):
+    """Hq=8, Hkv=2, D=256 in bf16 (32-position blocks), lengths across block and split edges."""
+    q, k_cache, v_cache = _case(4, 2, 4, 256, 256, 100, torch.bfloat16, 3)
+    slots, lens = torch.tensor([2, 0, 5, 1], device=DEV), torch.tensor([0, 31, 32, 99], device=DEV)
+    _check(q, k_cache, v_cache, slots, lens, _out(4, 8, 256, torch.bfloat16, False), num_splits)
+
+
+def test_split_plan_fills_the_device_with_whole_blocks():
+    """Every split holds positions; at least one program an SM (the target is two, less what whole blocks a split
+    round away), unless the cache has fewer blocks than that."""
+    device = torch.device(DEV)
+    for b, hkv, max_len in [(1, 2, 1040), (1, 2, 8200), (4, 1, 33), (64, 8, 8200), (64, 2, 1), (3, 4, 4097)]:
+        block_l = dt._block_l(256, 256, 2)
+        chunk, splits = dt._split_plan(max_len, block_l, dt.default_splits(b, hkv, max_len, block_l, device))
+        assert chunk % block_l == 0 and (splits - 1) * chunk < max_len <= splits * chunk
+        assert b * hkv * splits >= dt._sm_count(device) or chunk == block_l
+
+
+def test_decode_attention_bytes_counts_the_attended_rows():
+    q, k_cache, v_cache = _case(3, 2, 4, 80, 48, 10, torch.bfloat16, 0)
+    out = torch.zeros(3, 8, 48, dtype=torch.float32)
+    got = dt.decode_attention_bytes(q, k_cache, v_cache, torch.tensor([0, 4, 9]), out)
+    assert got == (1 + 5 + 10) * 2 * (80 + 48) * 2 + 3 * 8 * 80 * 2 + 3 * 8 * 48 * 4
+
+
+@pytest.mark.parametrize("bad", ["rep", "dk", "v_cache", "out", "slots", "lens", "q_dims"])
+def test_decode_attention_rejects_bad_shapes_naming_them(bad):
+    q, k_cache, v_cache = _case(2, 2, 2, 16, 16, 8, torch.float32, 0)
+    slots, lens, out = torch.tensor([0, 1], device=DEV), torch.tensor([3, 4], device=DEV), torch.zeros(2, 4, 16)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, slots=slots, context_lens=lens, out=out.to(DEV))
+    args.update({"rep": dict(q=q[:, :3]), "dk": dict(q=q[..., :8]), "v_cache": dict(v_cache=v_cache[:, :4]),
+                 "out": dict(out=args["out"][:, :, :8]), "slots": dict(slots=slots[:1]),
+                 "lens": dict(context_lens=lens[None]), "q_dims": dict(q=q[None])}[bad])
+    for _ in range(2):  # checks run once per metadata: a failure must raise every time
+        with pytest.raises(ValueError, match=r"q \[.*\], k_cache \[.*\], v_cache \[.*\], out \[.*\], slots \["):
+            dt.decode_attention(scale=0.25, **args)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_decode_attention_captured_in_graph_replays_new_lengths_slots_and_queries(num_splits):
+    b, hkv, rep, d, max_len = 4, 2, 4, 128, 300
+    q, k_cache, v_cache = _case(b, hkv, rep, d, d, max_len, torch.bfloat16, 0)
+    slots, lens = _batch(b, max_len, b + 2, 0)
+    out = torch.full((b, hkv * rep, d), float("nan"), device=DEV, dtype=torch.bfloat16)
+    run = lambda: dt.decode_attention(q, k_cache, v_cache, slots, lens, out, d**-0.5,  # noqa: E731
+                                      num_splits=num_splits)
+    run()  # warm-up: compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for seed in (1, 2, 3):
+        new_q, _, _ = _case(b, hkv, rep, d, d, 1, torch.bfloat16, seed)
+        new_slots, new_lens = _batch(b, max_len, b + 2, seed)
+        q.copy_(new_q), slots.copy_(new_slots), lens.copy_(new_lens)
+        want = torch.empty(out.shape, device=DEV)
+        decode_attention_reference(q, k_cache, v_cache, slots, lens, want, d**-0.5)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.testing.assert_close(out.float(), want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
