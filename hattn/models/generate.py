@@ -1,20 +1,34 @@
-"""Batched generation over a HybridCache: packed prefill of unequal prompts, then a packed decode loop.
+"""Batched generation over a HybridCache: one packed prefill of unequal prompts, then a packed decode loop that never
+waits for the GPU.
 
-Every step is one call `model(input_ids [T], positions [T]) -> logits [T, vocab]` inside a forward context that
+Every step is one call `model(input_ids [T], positions [T], logits_rows) -> logits` inside a forward context that
 says how the T tokens split into sequences and which cache slot each sequence owns. The model may be an eager
 HybridLM or `torch.compile(lm, backend=hattn.backend(mode=...))`: the token dimension of the inputs is marked
 dynamic so one graph serves every token count of 2 or more. A one-token step (batch-1 decode) gets a second graph:
 Dynamo specializes size 1 (unbacked sizes would avoid it, but inductor rejects them on torch 2.13).
+
+The decode loop keeps its state on the device: the next token ids, positions and the history of sampled tokens are
+device tensors, sampling (greedy, or temperature + top-p through a seeded device generator) runs on the device, and
+the host never reads a token until the end. The batch stays fixed (a finished sequence keeps decoding into its own
+slot; its extra tokens are dropped), so the host knows every step's metadata without asking the GPU; with stop
+tokens it polls, without blocking, whether every sequence has finished. In `mode="full"` the loop drives the
+captured decode graph directly after the first step (`hattn.runtime.full.direct_step`): it writes the next inputs
+into the graph's static buffers on the device and replays, with no Dynamo guards or runtime Python per step.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
-from hattn.models.cache import HybridCache
 from hattn.context import ForwardContext, forward_context
+from hattn.models.cache import HybridCache
+from hattn.runtime.full import DirectStep, direct_step
+from hattn.runtime.graphs import last_served
+
+LOOKAHEAD = 8  # with stop tokens: steps the host may run ahead of the GPU before it waits for a finished-check
 
 
 @dataclass
@@ -52,7 +66,9 @@ class Generation:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [B] from logits [B, vocab]: argmax when temperature is 0, else temperature + top-p sampling."""
+    """Next tokens [B] (on the logits' device, no host sync) from logits [B, vocab]: argmax when temperature is 0,
+    else temperature + top-p sampling by the exponential race (argmax of p / E, E ~ Exp(1): token i wins with
+    probability p_i)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
@@ -60,7 +76,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(dim=-1) - sorted_p > params.top_p  # keep the smallest prefix reaching top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
 def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
@@ -69,11 +86,22 @@ def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
             torch._dynamo.mark_dynamic(t, 0)
 
 
-def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One forward of packed tokens under `ctx`. input_ids, positions: [T] -> logits [T, vocab]."""
+def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: torch.Tensor,
+             logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward of packed tokens under `ctx`. input_ids, positions: [T] -> logits [T, vocab], or [R, vocab] for
+    the rows `logits_rows` [R] names."""
     _mark_tokens_dynamic(input_ids, positions)
     with forward_context(ctx), torch.inference_mode():
-        return model(input_ids, positions)
+        if logits_rows is None:
+            return model(input_ids, positions)
+        return model(input_ids, positions, logits_rows)
+
+
+def last_rows(lens: list[int], rows: int, device) -> torch.Tensor:
+    """[rows] indices of each sequence's last token in a packing of `lens`, padded with the last one (a fixed size
+    per cache, so every prefill of that cache shares one graph)."""
+    ends = torch.tensor(lens).cumsum(0) - 1
+    return torch.cat([ends, ends[-1:].expand(rows - len(lens))]).to(device)
 
 
 def prefill(model, prompts, cache: HybridCache, slots, layer_kinds, device) -> torch.Tensor:
@@ -83,18 +111,7 @@ def prefill(model, prompts, cache: HybridCache, slots, layer_kinds, device) -> t
     pos = torch.cat([torch.arange(n) for n in lens]).to(device)
     ctx = ForwardContext(seq_lens=lens, context_lens=[0] * len(lens), slots=list(slots), cache=cache,
                          layer_kinds=layer_kinds)
-    logits = run_step(model, ctx, ids, pos)
-    last = torch.tensor(lens, device=device).cumsum(0) - 1
-    return logits[last]
-
-
-def decode(model, tokens, context_lens, cache: HybridCache, slots, layer_kinds, device) -> torch.Tensor:
-    """One token for each sequence, packed. tokens, context_lens, slots: one entry per sequence -> [B, vocab]."""
-    ids = torch.tensor(tokens, dtype=torch.long, device=device)
-    pos = torch.tensor(context_lens, dtype=torch.long, device=device)
-    ctx = ForwardContext(seq_lens=[1] * len(tokens), context_lens=list(context_lens), slots=list(slots),
-                         cache=cache, layer_kinds=layer_kinds)
-    return run_step(model, ctx, ids, pos)
+    return run_step(model, ctx, ids, pos, last_rows(lens, cache.slots, device))[:len(prompts)]
 
 
 def _check_fits(prompts, params: SamplingParams, cache: HybridCache) -> None:
@@ -126,7 +143,7 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
              device=None) -> Generation:
     """Generate for every prompt: one packed prefill, then packed decode steps until all sequences stop.
 
-    model: callable (input_ids [T], positions [T]) -> logits [T, vocab] (a HybridLM, maybe compiled).
+    model: callable (input_ids [T], positions [T], logits_rows [R]) -> logits (a HybridLM, maybe compiled).
     cache: slots are taken for the prompts and given back at the end; None builds one that just fits.
     layer_kinds: the model's layer table for routing checks (default: `model.layer_kinds`).
     """
@@ -142,31 +159,96 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
         generator = torch.Generator(device=device).manual_seed(params.seed)
     slots = cache.alloc(len(prompts))
     try:
-        return _generate(model, prompts, cache, slots, params, layer_kinds, device, generator)
+        return _Loop(model, prompts, cache, slots, params, layer_kinds, device, generator).run()
     finally:
         cache.free(slots)
 
 
-def _generate(model, prompts, cache, slots, params, layer_kinds, device, generator) -> Generation:
-    t0 = _sync(device)
-    nxt = sample(prefill(model, prompts, cache, slots, layer_kinds, device), params, generator).tolist()
-    t1 = _sync(device)
-    out = [[t] for t in nxt]
-    lens = [len(p) for p in prompts]
-    active = [i for i, t in enumerate(nxt) if not _done(out[i], params)]
-    steps = tokens = 0
-    while active:
-        logits = decode(model, [out[i][-1] for i in active], [lens[i] for i in active],
-                        cache, [slots[i] for i in active], layer_kinds, device)
-        nxt = sample(logits, params, generator).tolist()
-        steps, tokens = steps + 1, tokens + len(active)
-        for i, t in zip(active, nxt):
-            lens[i] += 1
-            out[i].append(t)
-        active = [i for i in active if not _done(out[i], params)]
-    t2 = _sync(device)
-    return Generation(out, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps, decode_tokens=tokens)
+class _Loop:
+    """One generate call's prefill and decode loop (see the module docstring)."""
 
+    def __init__(self, model, prompts, cache, slots, params, layer_kinds, device, generator):
+        self.model, self.prompts, self.cache, self.slots = model, prompts, cache, list(slots)
+        self.params, self.layer_kinds, self.device, self.generator = params, layer_kinds, device, generator
+        n = len(prompts)
+        self.lens = [len(p) for p in prompts]  # context length of each sequence before the next step (host copy)
+        self.tokens = torch.empty(params.max_new_tokens, n, dtype=torch.long, device=device)  # sampled, per step
+        self.stops = torch.tensor(params.stop_tokens, dtype=torch.long, device=device)
+        self.done = torch.zeros(n, dtype=torch.bool, device=device)
+        self.pending: deque = deque()  # (pinned "all done" flag, its event) of steps not yet checked
 
-def _done(tokens: list[int], params: SamplingParams) -> bool:
-    return len(tokens) >= params.max_new_tokens or tokens[-1] in params.stop_tokens
+    def run(self) -> Generation:
+        t0 = _sync(self.device)
+        logits = prefill(self.model, self.prompts, self.cache, self.slots, self.layer_kinds, self.device)
+        self._emit(0, sample(logits, self.params, self.generator))
+        t1 = _sync(self.device)
+        steps = self._decode()
+        t2 = _sync(self.device)
+        tokens = [self._finished(row) for row in self.tokens[:steps + 1].t().tolist()]
+        return Generation(tokens, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps,
+                          decode_tokens=sum(len(t) - 1 for t in tokens))
+
+    def _decode(self) -> int:
+        """Decode steps 1 .. max_new_tokens - 1 (fewer once every sequence has stopped); returns how many ran."""
+        n = len(self.prompts)
+        ids = self.tokens[0].clone()
+        positions = torch.tensor(self.lens, dtype=torch.long, device=self.device)
+        direct: DirectStep | None = None
+        for step in range(1, self.params.max_new_tokens):
+            if self._all_done():
+                return step - 1
+            if direct is None:
+                logits = self._call(ids, positions)
+                direct = direct_step(last_served(), ids, positions)
+            else:
+                direct.replay()
+                logits = direct.logits[:n]
+            nxt = self._emit(step, sample(logits, self.params, self.generator))
+            self.lens = [c + 1 for c in self.lens]
+            if direct is None:
+                ids.copy_(nxt)
+                positions += 1
+            else:
+                direct.ids[:n].copy_(nxt)
+                direct.positions[:n] += 1
+                direct.context_lens[:n] += 1
+        return self.params.max_new_tokens - 1
+
+    def _call(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        ctx = ForwardContext(seq_lens=[1] * len(ids), context_lens=self.lens, slots=self.slots, cache=self.cache,
+                             layer_kinds=self.layer_kinds)
+        return run_step(self.model, ctx, ids, positions)
+
+    def _emit(self, step: int, nxt: torch.Tensor) -> torch.Tensor:
+        """Record step's tokens [n] (device) and, with stop tokens, queue an asynchronous finished-check."""
+        self.tokens[step] = nxt
+        if self.params.stop_tokens:
+            self.done |= torch.isin(nxt, self.stops)
+            flag = torch.empty((), dtype=torch.bool, pin_memory=torch.device(self.device).type == "cuda")
+            flag.copy_(self.done.all(), non_blocking=True)
+            event = torch.cuda.Event() if flag.is_pinned() else None
+            if event is not None:
+                event.record()
+            self.pending.append((flag, event))
+        return nxt
+
+    def _all_done(self) -> bool:
+        """Whether a finished-check that already completed says every sequence has stopped; waits only when the
+        host runs more than LOOKAHEAD steps ahead of the GPU."""
+        done = False
+        while self.pending:
+            flag, event = self.pending[0]
+            if event is not None and not event.query():
+                if len(self.pending) <= LOOKAHEAD:
+                    break
+                event.synchronize()
+            done = done or bool(flag)
+            self.pending.popleft()
+        return done
+
+    def _finished(self, row: list[int]) -> list[int]:
+        """A sequence's tokens up to and including its first stop token."""
+        for i, t in enumerate(row):
+            if t in self.params.stop_tokens:
+                return row[:i + 1]
+        return row

@@ -177,10 +177,13 @@ def _set_attention(model: nn.Module) -> None:
 
 
 class HybridLM(nn.Module):
-    """An adapted HF causal LM: `forward(input_ids [T], positions [T]) -> logits [T, vocab]`.
+    """An adapted HF causal LM: `forward(input_ids [T], positions [T], logits_rows [R] = None) -> logits`.
 
     Sequences are packed along T; the forward context (seq_lens, context_lens, slots, cache, layer_kinds) says
     where each starts and which cache slot it uses. Without a context the input is one sequence with no cache.
+    Logits are [T, vocab], or [R, vocab] for the rows `logits_rows` names (the LM head runs on those rows only:
+    each sequence's last token in a prefill). Keep R fixed (e.g. the cache's slot count, padded with any valid row):
+    a new R is a new graph for Dynamo.
     """
 
     def __init__(self, hf_model: nn.Module, family: Family, layer_kinds: dict[int, str]):
@@ -194,13 +197,16 @@ class HybridLM(nn.Module):
     def config(self):
         return text_config(self.hf.config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
         # also ties the two sizes under Dynamo: families without rotary embeddings never relate positions to the
         # tokens, and two dynamic sizes would leave graph modes graph-free
         if positions.shape != input_ids.shape:
             raise ValueError(f"positions has shape {tuple(positions.shape)} but input_ids {tuple(input_ids.shape)}: "
                              f"pass one position per token")
-        out = self.hf(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False)
+        keep = 0 if logits_rows is None else logits_rows  # transformers: 0 keeps every row, a 1-D tensor those rows
+        out = self.hf(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+                      logits_to_keep=keep)
         return out.logits[0]
 
     def cache_specs(self) -> dict[int, LayerSpec]:

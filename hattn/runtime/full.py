@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -17,7 +18,7 @@ from hattn.context import ForwardContext, StaticMeta, forward_context, get_forwa
 from hattn.counters import Stats
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
-from hattn.runtime.graphs import CapturedGraph, GraphRuntime, capture_graph, served_layout
+from hattn.runtime.graphs import CapturedGraph, GraphRuntime, Served, capture_graph, served_layout
 from hattn.runtime.tokens import TokenLayout, pick_size
 
 log = logging.getLogger("hattn")
@@ -124,3 +125,36 @@ def build(config, split_gm, example_inputs, stats):
 
 register_mode(Mode("full", "one CUDA graph per decode step; every split op must be capture-safe", graphs=True,
                    build=build))
+
+
+@dataclass
+class DirectStep:
+    """A captured decode graph driven by its caller, without Dynamo or the runtime's Python: write the next step's
+    token ids and positions into `ids` / `positions` and advance `context_lens` (all static device tensors of the
+    graph's `rows`, padding rows past the caller's left as they are), then `replay()`; `logits` [rows, vocab] is the
+    graph's static output, valid until the next replay of any graph of this runtime."""
+
+    graph: CapturedGraph
+    ids: torch.Tensor
+    positions: torch.Tensor
+    context_lens: torch.Tensor
+    logits: torch.Tensor
+    stats: Stats
+
+    def replay(self) -> None:
+        self.graph.graph.replay()
+        self.stats.replays += 1
+
+
+def direct_step(served: Served | None, ids: torch.Tensor, positions: torch.Tensor) -> DirectStep | None:
+    """The DirectStep of the full-mode graph that just served `model(ids, positions)`, or None when that call was
+    not a full-mode replay whose inputs and output can be driven directly (then keep calling the model)."""
+    if served is None or not isinstance(served.runtime, FullGraphRuntime):
+        return None
+    runtime = served.runtime
+    graph = runtime.graphs.get(served.size)
+    static_ids, static_pos = served.static_of(ids), served.static_of(positions)
+    if graph is None or static_ids is None or static_pos is None or not isinstance(served.out, torch.Tensor):
+        return None
+    meta = runtime._static(static_ids.shape[0], runtime.cache)
+    return DirectStep(graph, static_ids, static_pos, meta.context_lens, served.out, runtime.stats)

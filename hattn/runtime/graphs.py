@@ -12,6 +12,7 @@ import gc
 import logging
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from unittest import mock
 
@@ -160,6 +161,30 @@ def capture_graph(fn, args: list, size: int, pool, warmup: bool = True) -> tuple
 
 
 # -- the runtime --------------------------------------------------------------------------------------------------
+@dataclass
+class Served:
+    """The last replay a runtime served in this thread: the caller's args, the static args the graph read (same
+    order) and its static outputs. A caller that owns the step loop (`hattn.models.generate`) uses it to write the
+    next step's inputs straight into the static buffers and replay without Dynamo or the runtime's Python."""
+
+    runtime: "GraphRuntime"
+    size: int
+    args: tuple
+    static: list
+    out: object
+
+    def static_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The static buffer the graph read in place of `tensor` (a caller's input), or None."""
+        return next((s for a, s in zip(self.args, self.static) if a is tensor), None)
+
+
+_SERVED: ContextVar[Served | None] = ContextVar("hattn_last_served", default=None)
+
+
+def last_served() -> Served | None:
+    """What the last graph replay in this thread (task) served, or None."""
+    return _SERVED.get()
+
 class GraphRuntime:
     """Serves a callable with graphs captured per capture size; runs graph-free above the largest size.
 
@@ -204,6 +229,7 @@ class GraphRuntime:
         static = self.inputs.fill(size, args, n)
         with self.step_context(n, size):
             out = self.replay(size, static)
+        _SERVED.set(Served(self, size, args, static, out))
         self.stats.replays += 1
         self.stats.padded_tokens += size - n if n is not None else 0
         return unpad_outputs(out, self.layout, size, n if n is not None else size)

@@ -1,9 +1,12 @@
 """Generation: packed prefill + decode, stop tokens, sampling, cache sizing errors, slot reuse."""
+import importlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hattn.context import ForwardContext, forward_context
 from hattn.models.generate import SamplingParams, generate, sample
 
 GREEDY = SamplingParams(max_new_tokens=32)
@@ -81,3 +84,90 @@ def test_bad_sampling_params():
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_logits_rows_give_the_lm_head_on_those_rows_only(make_case):
+    c = make_case("tiny")
+    ids, pos = torch.tensor([5, 9, 2, 7, 7, 1]), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.inference_mode():
+        every = c.lm(ids, pos)
+        rows = torch.tensor([2, 5, 5])
+        picked = c.lm(ids, pos, rows)
+    assert every.shape == (6, c.lm.config.vocab_size) and picked.shape == (3, c.lm.config.vocab_size)
+    torch.testing.assert_close(picked, every[rows])
+
+
+def test_prefill_asks_for_the_last_row_of_each_prompt_padded_to_the_slot_count(make_case):
+    c = make_case("tiny")
+    seen = []
+
+    def spy(ids, positions, logits_rows=None):
+        seen.append(None if logits_rows is None else logits_rows.tolist())
+        return c.lm(ids, positions, logits_rows)
+
+    spy.layer_kinds = c.lm.layer_kinds
+    cache = c.lm.make_cache(slots=5, max_len=64)
+    got = generate(spy, c.prompts, cache, SamplingParams(max_new_tokens=3)).tokens
+    assert got == [t[:3] for t in c.ref.tokens]
+    lens = [len(p) for p in c.prompts]  # 5, 17, 9 -> last rows 4, 21, 30, padded to 5 rows
+    assert seen == [[4, 21, 30, 30, 30], None, None]  # prefill, then two decode steps (every row)
+
+
+def _reference_loop(lm, prompts, params):
+    """The loop generate replaced: one sequence at a time, host-side argmax, a host sync every step."""
+    out = []
+    for p in prompts:
+        cache = lm.make_cache(1, len(p) + params.max_new_tokens)
+        with torch.inference_mode():
+            toks, ids, past = [], torch.tensor(p), 0
+            while len(toks) < params.max_new_tokens and not (toks and toks[-1] in params.stop_tokens):
+                ctx = ForwardContext(seq_lens=[len(ids)], context_lens=[past], slots=[0], cache=cache)
+                with forward_context(ctx):
+                    logits = lm(ids, torch.arange(past, past + len(ids)))
+                past += len(ids)
+                toks.append(int(logits[-1].argmax()))
+                ids = torch.tensor(toks[-1:])
+        out.append(toks)
+    return out
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=3), st.integers(0, 2**16))
+def test_device_loop_equals_the_per_sequence_host_loop_with_stop_tokens(make_case, lens, seed):
+    c = make_case("tiny")
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, c.lm.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+    free_run = generate(c.lm, prompts, params=SamplingParams(max_new_tokens=12)).tokens
+    stops = tuple({row[int(torch.randint(0, 12, (1,), generator=g))] for row in free_run})  # each stops somewhere
+    params = SamplingParams(max_new_tokens=12, stop_tokens=stops)
+    got = generate(c.lm, prompts, params=params)
+    assert got.tokens == _reference_loop(c.lm, prompts, params)
+    assert got.decode_tokens == sum(len(t) - 1 for t in got.tokens)
+
+
+def test_the_decode_loop_reads_nothing_back_but_its_finished_flags(make_case, monkeypatch):
+    """Per step the host reads no token (no .tolist/.item/bool of a device tensor): only, with stop tokens, the 0-d
+    "all finished" flags it copied out asynchronously. On a GPU each such read would wait for the step."""
+    gen_mod = importlib.import_module("hattn.models.generate")  # the package exports a function of that name
+    c = make_case("tiny")
+    reads = []
+    real_decode = gen_mod._Loop._decode
+
+    def watched_decode(self):
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("tolist", "item", "__bool__", "cpu", "numpy"):
+                mp.setattr(torch.Tensor, name, _recording(getattr(torch.Tensor, name), name, reads))
+            return real_decode(self)
+
+    monkeypatch.setattr(gen_mod._Loop, "_decode", watched_decode)
+    generate(c.lm, c.prompts, params=SamplingParams(max_new_tokens=6))
+    assert reads == []
+    generate(c.lm, c.prompts, params=SamplingParams(max_new_tokens=6, stop_tokens=(c.ref.tokens[0][2],)))
+    assert reads and all(r == ("__bool__", (), torch.bool) for r in reads)
+
+
+def _recording(real, name, reads):
+    def call(self, *args, **kwargs):
+        reads.append((name, tuple(self.shape), self.dtype))
+        return real(self, *args, **kwargs)
+    return call

@@ -91,3 +91,25 @@ def test_qwen3_5_1b_preset_generates_in_pcg():
     ok, note = check_tokens(ref, first, TIE)
     assert ok, note
     assert stats.cuda_graphs > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_full_mode_decode_loop_replays_its_graph_without_calling_the_model(batch):
+    """After the first decode step, generate writes the next inputs into the full-mode graph's static buffers on the
+    device and replays it: the compiled model (Dynamo guards, runtime Python) is called for the prefill and the first
+    decode step only, and the tokens are HF's."""
+    lm, prompts, ref = _case("tiny")
+    be = backend(mode="full", capture_sizes=SIZES, inner_compiler="eager", progress=False)
+    model = torch.compile(lm, backend=be)
+    calls = []
+
+    def counted(*args):
+        calls.append(len(args[0]))
+        return model(*args)
+
+    counted.layer_kinds = lm.layer_kinds
+    res = generate(counted, prompts[:batch], lm.make_cache(slots=batch, max_len=64), SamplingParams(max_new_tokens=NEW))
+    ok, note = check_tokens(type(ref)(ref.tokens[:batch], ref.margins[:batch]), res.tokens, TIE)
+    assert ok, note
+    assert calls == [sum(len(p) for p in prompts[:batch]), batch]  # the prefill, then the first decode step only
+    assert be.stats.replays == NEW - 1  # every decode step replayed the captured graph
