@@ -56,14 +56,22 @@ class LayerCache(Protocol):
 
 
 # -- the context ---------------------------------------------------------------------------------------------------
+class CaptureUnsupported(RuntimeError):
+    """Raised by a split op asked to run inside a captured step it cannot serve there (e.g. a packed prefill without
+    the kernels that make it capture-safe); the full-graph runtime then serves such steps graph-free (logged)."""
+
+
 @dataclass
 class StaticMeta:
     """A step's metadata in static device tensors, for split ops captured inside one CUDA graph (`mode="full"`):
-    they read these, never the host lists, whose values are those of capture time. [B] int64 each, padding rows
-    pointing at the cache's scratch slot."""
+    they read these, never the host lists, whose values are those of capture time. Padding points at the cache's
+    scratch slot. A decode step: `slots`, `context_lens` [B] int64 per sequence (= per row). A packed step (prefill,
+    extend, mixed): `packed`, a `hattn.kernels.packing.PackedStep` with the padded layout, whose per-sequence
+    `slots` and `context_lens` are these two fields."""
 
     slots: torch.Tensor
     context_lens: torch.Tensor
+    packed: Any = None
 
 
 @dataclass
@@ -220,7 +228,11 @@ def sequence_states(
         yield slice(start, start + n), states
 
 
-def zero_padding(out: torch.Tensor, num_tokens: int) -> None:
-    """Rows past the step's tokens are zeros (never stale values)."""
-    if out.shape[0] > num_tokens:  # an empty slice assignment still costs a dispatch
+def zero_padding(out: torch.Tensor, num_tokens: int | torch.Tensor) -> None:
+    """Rows past the step's tokens are zeros (never stale values). `num_tokens` may be a device scalar (a captured
+    step's real token count: the rows are masked on the device, no host sync)."""
+    if isinstance(num_tokens, torch.Tensor):
+        padding = torch.arange(out.shape[0], device=out.device) >= num_tokens
+        out.masked_fill_(padding.view(-1, *[1] * (out.dim() - 1)), 0)
+    elif out.shape[0] > num_tokens:  # an empty slice assignment still costs a dispatch
         out[num_tokens:] = 0

@@ -1,6 +1,13 @@
 """A packed prefill batch: sequences laid end to end along the token dimension, with the device metadata the
 prefill kernels read (offsets, the sequence of every row, cache slots). Built once per step and shared by every
 layer, so a step pays one host-to-device copy of its metadata, not one per layer.
+
+Two forms. `PackedBatch.build` is exact (eager steps: its sizes follow the step). `Bucket` lays a step out in fixed
+sizes for a CUDA graph captured once and replayed for every packing that fits: `tokens` rows and `seqs` sequences,
+where the real sequences come first, one padding sequence covers the rows past the real tokens (so every row is
+computed from finite inputs and written), and zero-length sequences fill the rest; every padding sequence uses the
+cache's scratch slot and starts from zero state, so it does no harm. fla's chunk indices come padded the same way:
+the real chunks in order, then entries of the zero-length last sequence, which do no work.
 """
 from __future__ import annotations
 
@@ -10,13 +17,17 @@ from typing import Any, Callable
 
 import torch
 
+CHUNK = 64  # fla's chunk size for the gated delta rule
+
 
 @dataclass
 class PackedBatch:
-    """lens: tokens of each packed sequence (>= 1: empty sequences are left out, their slots untouched);
-    slots / has_state: each one's cache slot and whether it continues that slot's states (False: a new sequence,
-    states start from zeros), host lists, or None without a cache. Device tensors (int64): `cu` [N+1] start rows
-    then the total, `token_seq` [T] the sequence of each row, `slots_d` / `has_state_d` [N]."""
+    """lens: tokens of each packed sequence (>= 1 in an exact batch: empty sequences are left out, their slots
+    untouched); slots / has_state: each one's cache slot and whether it continues that slot's states (False: a new
+    sequence, states start from zeros), host lists, or None without a cache. Device tensors (int64): `cu` [N+1] start
+    rows then the total, `token_seq` [T] the sequence of each row, `slots_d` / `has_state_d` [N].
+    `padded`: a Bucket's layout, whose host lists describe capture time only: kernels must read the device tensors
+    and must not branch on the host lists (they are what the graph was captured with, not this step's)."""
 
     lens: list[int]
     slots: list[int] | None
@@ -26,6 +37,7 @@ class PackedBatch:
     token_seq: torch.Tensor
     slots_d: torch.Tensor | None
     has_state_d: torch.Tensor | None
+    padded: bool = False
     _memo: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -42,10 +54,7 @@ class PackedBatch:
             kept_slots = [slots[i] for i in keep]
             has = [bool(context_lens and context_lens[i] > 0) for i in keep]
             rows += [torch.tensor(kept_slots, dtype=torch.long), torch.tensor(has, dtype=torch.long)]
-        host = torch.cat(rows)
-        if torch.device(device).type == "cuda":
-            host = host.pin_memory()
-        flat = host.to(device, non_blocking=True)  # one copy: cu, token_seq[, slots, has_state]
+        flat = _to_device(torch.cat(rows), device)  # one copy: cu, token_seq[, slots, has_state]
         parts = flat.split([n + 1, t] + ([n, n] if slots is not None else []))
         return cls(lens, kept_slots, has, cu_cpu, parts[0], parts[1], *(parts[2:] if slots is not None else
                                                                          (None, None)))
@@ -59,3 +68,101 @@ class PackedBatch:
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """The fixed sizes of a captured packed step: `tokens` rows, `seqs` sequences (the real ones, the padding-rows
+    one, at least one of length zero), `chunks` = fla chunk-index entries (an upper bound on the real chunks)."""
+
+    tokens: int
+    seqs: int
+
+    @classmethod
+    def for_tokens(cls, tokens: int, max_real_seqs: int) -> Bucket:
+        return cls(tokens, min(tokens, max_real_seqs) + 2)
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.tokens // CHUNK) + self.seqs
+
+    @property
+    def parts(self) -> dict[str, int]:
+        """The int64 fields of the layout, in order, and their lengths."""
+        s, t = self.seqs, self.tokens
+        return {"cu": s + 1, "token_seq": t, "slots": s, "has_state": s, "context_lens": s,
+                "chunk_indices": 2 * self.chunks, "token_slot": t, "token_pos": t, "real_tokens": 1}
+
+    @property
+    def numel(self) -> int:
+        return sum(self.parts.values())
+
+    def host(self, seq_lens: list[int], context_lens: list[int], slots: list[int], scratch: int) -> torch.Tensor:
+        """This step's metadata as one int64 host tensor in the bucket's layout (see the module docstring)."""
+        keep = [i for i, n in enumerate(seq_lens) if n]
+        real = sum(seq_lens)
+        if real > self.tokens or len(keep) > self.seqs - 2:
+            raise ValueError(f"a step of {real} tokens in {len(keep)} sequences does not fit the bucket of "
+                             f"{self.tokens} tokens and {self.seqs - 2} sequences")
+        pad = self.seqs - len(keep) - 1
+        lens = torch.tensor([seq_lens[i] for i in keep] + [self.tokens - real] + [0] * pad, dtype=torch.long)
+        ctx = torch.tensor([context_lens[i] for i in keep] + [0] * (pad + 1), dtype=torch.long)
+        slot = torch.tensor([slots[i] for i in keep] + [scratch] * (pad + 1), dtype=torch.long)
+        token_seq = torch.repeat_interleave(torch.arange(self.seqs), lens)
+        token_pos = torch.arange(self.tokens) - (lens.cumsum(0) - lens)[token_seq] + ctx[token_seq]
+        token_pos[real:] = 0  # padding rows write position 0 of the scratch slot
+        fields = {
+            "cu": torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]),
+            "token_seq": token_seq,
+            "slots": slot,
+            "has_state": (ctx > 0).long(),
+            "context_lens": ctx,
+            "chunk_indices": _chunk_indices(lens, self.chunks, self.seqs - 1),
+            "token_slot": slot[token_seq],
+            "token_pos": token_pos,
+            "real_tokens": torch.tensor([real]),
+        }
+        return torch.cat([fields[name] for name in self.parts])
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The layout's fields as views of a device tensor holding it (a prefix of `flat`)."""
+        return dict(zip(self.parts, flat[:self.numel].split(list(self.parts.values()))))
+
+    def batch(self, flat: torch.Tensor) -> PackedBatch:
+        """A padded PackedBatch over the device layout in `flat` (fla's chunk indices included)."""
+        v = self.views(flat)
+        cu_cpu = torch.tensor([0, self.tokens])  # host: only the total is read (checks); the rest is on the device
+        batch = PackedBatch([self.tokens] + [0] * (self.seqs - 1), None, None, cu_cpu, v["cu"], v["token_seq"],
+                            v["slots"], v["has_state"], padded=True)
+        batch._memo["fla_chunk_indices"] = v["chunk_indices"].view(self.chunks, 2)
+        return batch
+
+
+def _chunk_indices(lens: torch.Tensor, total: int, filler_seq: int) -> torch.Tensor:
+    """fla's (sequence, chunk) pairs of every sequence's chunks in order, then (filler_seq, 0) up to `total`."""
+    counts = (lens + CHUNK - 1) // CHUNK
+    seq = torch.repeat_interleave(torch.arange(len(lens)), counts)
+    chunk = torch.arange(len(seq)) - (counts.cumsum(0) - counts)[seq]
+    pairs = torch.stack([seq, chunk], 1)
+    filler = torch.tensor([[filler_seq, 0]]).expand(total - len(seq), 2)
+    return torch.cat([pairs, filler]).flatten()
+
+
+def _to_device(host: torch.Tensor, device) -> torch.Tensor:
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+@dataclass
+class PackedStep:
+    """A padded packed step on the device: its bucket, the layout's fields (views of one static buffer) and the
+    PackedBatch over them that the linear-attention kernels read."""
+
+    bucket: Bucket
+    fields: dict[str, torch.Tensor]
+    batch: PackedBatch
+
+    @classmethod
+    def over(cls, bucket: Bucket, flat: torch.Tensor) -> PackedStep:
+        return cls(bucket, bucket.views(flat), bucket.batch(flat))

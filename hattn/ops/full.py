@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import LayerSpec, op_context, zero_padding
+from hattn.context import CaptureUnsupported, LayerSpec, op_context, zero_padding
 from hattn.kernels.attention.decode import full_attention_decode
 from hattn.kernels.attention.prefill import sdpa_attention
 from hattn.kernels.attention.reference import causal_attention
@@ -26,6 +26,8 @@ def _full_attention(
     """q: [T, Hq, Dk]; k: [T, Hkv, Dk], v: [T, Hkv, Dv] (new tokens, written into the cache); out: [T, Hq, Dv]."""
     ctx = op_context("full", layer_id, q.shape[0])
     if ctx.captured:  # the whole step is one CUDA graph: device metadata only, padding rows at the scratch slot
+        if ctx.static.packed is not None:
+            raise CaptureUnsupported("packed full-attention steps have no capture-safe kernel yet")
         k_cache, v_cache = ctx.cache.state(layer_id)
         slots, lens = ctx.device_meta(q.device)
         return full_attention_decode(q, k, v, out, k_cache, v_cache, slots, lens, scale)

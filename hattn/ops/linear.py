@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import ForwardContext, LayerSpec, op_context, sequence_states, zero_padding
+from hattn.context import CaptureUnsupported, ForwardContext, LayerSpec, op_context, sequence_states, zero_padding
 from hattn.kernels.conv1d.reference import causal_conv1d
+from hattn.kernels.gated_delta.chunk import fla_chunk
 from hattn.kernels.gated_delta.decode import gated_delta_triton, linear_attention_decode
 from hattn.kernels.gated_delta.reference import recurrent_gated_delta_rule
 from hattn.kernels.launch import use_triton
@@ -38,10 +39,8 @@ def _linear_attention(
     """mixed_qkv: [T, 2*Hk*Dk + Hv*Dv] (before the conv); conv_weight: [C, W]; g (log decay), beta: [T, Hv];
     out: [T, Hv, Dv]. q/k are L2-normalised inside, as Qwen3.5/Qwen3-Next do."""
     ctx = op_context("linear", layer_id, mixed_qkv.shape[0])
-    if ctx.captured:  # the whole step is one CUDA graph: device metadata only, padding rows at the scratch slot
-        slots, lens = ctx.device_meta(mixed_qkv.device)
-        return linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out,
-                                       *ctx.cache.state(layer_id), slots, num_k_heads, head_k_dim, lens)
+    if ctx.captured:  # the whole step is one CUDA graph: device metadata only, padding at the scratch slot
+        return _captured(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx)
     n = ctx.num_tokens
     args = (mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], layer_id, num_k_heads, head_k_dim, ctx)
     if use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[2]):
@@ -49,6 +48,22 @@ def _linear_attention(
     else:
         _per_sequence(*args)
     zero_padding(out, n)
+
+
+def _captured(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx) -> None:
+    states, packed = ctx.cache.state(layer_id), ctx.static.packed
+    if packed is None:  # a decode step: one row per sequence
+        slots, lens = ctx.device_meta(mixed_qkv.device)
+        return linear_attention_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, *states, slots,
+                                       num_k_heads, head_k_dim, lens)
+    if not (use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[2]) and fla_chunk() is not None):
+        raise CaptureUnsupported("a packed gated-delta step in a CUDA graph needs Triton, flash-linear-attention "
+                                 "and head dims that are powers of two >= 16")
+    from hattn.kernels.gated_delta.packed import linear_attention_packed  # needs triton: CUDA installs only
+
+    linear_attention_packed(mixed_qkv, conv_weight, conv_bias, g, beta, out, states, packed.batch, num_k_heads,
+                            head_k_dim)
+    zero_padding(out, packed.fields["real_tokens"])
 
 
 def _cuda(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx) -> None:

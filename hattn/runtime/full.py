@@ -1,10 +1,14 @@
-"""Mode "full": the whole decode step in one CUDA graph per batch size.
+"""Mode "full": every step with a cache in one CUDA graph, whatever it holds.
 
-Every split op in the graph must be registered capture-safe (fixed addresses, no host sync); the batch metadata
-they read (cache slots, context lengths) lives in static device tensors (`StaticMeta`, one largest-size set sliced
-per size) refilled before each replay. Padding rows point at the cache's scratch slot. Steps that are not decode
-steps (prefill), or that carry no cache, run graph-free (counted in stats). The graphs read and write the cache
-they were captured with: a step with another cache object releases them and captures again (logged).
+Two families of graphs share one pool. Decode steps (every sequence one new token) replay a decode graph per batch
+size (capped at the cache's slots), its split ops reading slots and context lengths from static device tensors.
+Packed steps (prefill, extend, and mixed prefill + decode) replay a graph per token bucket (the capture sizes),
+captured on first use of the bucket, whose split ops read the step's padded layout (`hattn.kernels.packing.Bucket`:
+at most `slots` real sequences, padding rows and sequences at the cache's scratch slot) from one static buffer
+refilled before each replay. Every split op of the graph must be registered capture-safe; one that cannot serve a
+packed step inside a graph raises `CaptureUnsupported` in the warm-up before capture, and packed steps then run
+graph-free (logged once). Steps without a cache run graph-free (counted). The graphs read and write the cache they
+were captured with: a step with another cache object releases them and captures again (logged).
 """
 from __future__ import annotations
 
@@ -14,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hattn.context import ForwardContext, StaticMeta, forward_context, get_forward_context
+from hattn.context import CaptureUnsupported, ForwardContext, StaticMeta, forward_context, get_forward_context
 from hattn.counters import Stats
+from hattn.kernels.packing import Bucket, PackedStep
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
-from hattn.runtime.graphs import CapturedGraph, GraphRuntime, Served, capture_graph, served_layout
+from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, Served, capture_graph, log_once, new_pool,
+                                  served_layout)
 from hattn.runtime.tokens import TokenLayout, pick_size
 
 log = logging.getLogger("hattn")
@@ -38,49 +44,40 @@ def check_capture_safe(ops: list[SplitOp]) -> None:
         )
 
 
-class FullGraphRuntime(GraphRuntime):
-    """Serves decode steps (every sequence one new token, a cache set) with one CUDA graph per batch size."""
+def _pinned(rows: list[list[int]] | torch.Tensor) -> torch.Tensor:
+    host = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
+    return host.pin_memory()
 
-    name = "full"
 
-    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress=True):
+class _Graphs(GraphRuntime):
+    """One family of full-step graphs over one cache: capture, replay, and the forward context split ops see."""
+
+    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool, cache, pool):
         super().__init__(fn, layout, sizes, stats, progress)
+        self.cache, self.pool = cache, pool
         self.graphs: dict[int, CapturedGraph] = {}
-        self.all_sizes, self.cache = list(self.sizes), None
-        self.meta: StaticMeta | None = None  # largest-size static metadata, sliced per size
 
-    def __call__(self, *args):
-        ctx = get_forward_context()
-        if ctx is None or ctx.cache is None or not ctx.is_decode:
-            self.stats.eager_runs += 1  # prefill, or no cache: nothing a decode graph can serve
-            return self.fn(*args)
-        if self.cache is not None and ctx.cache is not self.cache:
-            log.info("hattn: mode='full' got another cache object; its graphs are captured again for it")
-            self.release()
-        if not self.captured:
-            self.cache = ctx.cache
-            self.sizes = _sizes_for(self.all_sizes, ctx.cache.slots) if self.layout.has_tokens else self.all_sizes
-        return super().__call__(*args)
+    def static(self, size: int) -> StaticMeta:
+        raise NotImplementedError
 
-    def _static(self, size: int, cache) -> StaticMeta:
-        if self.meta is None or self.meta.slots.shape[0] < size:
-            device = getattr(cache, "device", None) or torch.device("cuda")
-            largest = max(size, self.sizes[-1])
-            self.meta = StaticMeta(torch.zeros(largest, dtype=torch.long, device=device),
-                                   torch.zeros(largest, dtype=torch.long, device=device))
-        return StaticMeta(self.meta.slots[:size], self.meta.context_lens[:size])
+    def fill_capture(self, static: StaticMeta, size: int) -> None:
+        """Metadata of the warm-up and capture: one dummy sequence of `size` rows at the scratch slot."""
+        raise NotImplementedError
 
-    def _context(self, user: ForwardContext, size: int, static: StaticMeta) -> ForwardContext:
-        # the real slots live in the device tensors; the host list only names the scratch slot
-        return ForwardContext(seq_lens=[1] * size, slots=[user.cache.scratch_slot] * size, cache=user.cache,
-                              layer_kinds=user.layer_kinds, extra=user.extra, static=static)
+    def fill_step(self, static: StaticMeta, user: ForwardContext, size: int) -> None:
+        raise NotImplementedError
+
+    def _context(self, user: ForwardContext | None, size: int, static: StaticMeta) -> ForwardContext:
+        # the real metadata lives in the device tensors; the host lists only count the rows
+        return ForwardContext(seq_lens=[1] * size, slots=[self.cache.scratch_slot] * size, cache=self.cache,
+                              layer_kinds=getattr(user, "layer_kinds", None),
+                              extra=dict(getattr(user, "extra", {}) or {}), static=static)
 
     def capture_context(self, size):
         user = get_forward_context()
         size = size if size is not None else len(user.seq_lens)  # a static graph: the batch it was traced for
-        static = self._static(size, user.cache)
-        static.slots.fill_(user.cache.scratch_slot)  # warm-up writes only the scratch slot
-        static.context_lens.zero_()
+        static = self.static(size)
+        self.fill_capture(static, size)
         return forward_context(self._context(user, size, static))
 
     def step_context(self, num_tokens, size: int):
@@ -89,12 +86,7 @@ class FullGraphRuntime(GraphRuntime):
             num_tokens = size = len(user.seq_lens)
         elif user.num_tokens != num_tokens:
             raise ValueError(f"the forward context holds {user.num_tokens} tokens but the input has {num_tokens}")
-        static = self._static(size, user.cache)
-        pad = size - num_tokens
-        host = torch.tensor([list(user.slots) + [user.cache.scratch_slot] * pad,
-                             list(user.context_lens) + [0] * pad], dtype=torch.long).pin_memory()
-        static.slots.copy_(host[0], non_blocking=True)
-        static.context_lens.copy_(host[1], non_blocking=True)
+        self.fill_step(self.static(size), user, size)
         return contextlib.nullcontext()
 
     def capture(self, size: int, args: list) -> None:
@@ -107,6 +99,109 @@ class FullGraphRuntime(GraphRuntime):
     def release(self) -> None:
         self.graphs.clear()
         super().release()
+
+
+class _DecodeGraphs(_Graphs):
+    """Decode steps: one row per sequence; `slots` and `context_lens` [B] (one largest-size set, sliced per size)."""
+
+    name = "full decode"
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.meta = StaticMeta(*torch.zeros(2, self.sizes[-1] or 1, dtype=torch.long, device=self.cache.device))
+
+    def static(self, size: int) -> StaticMeta:
+        return StaticMeta(self.meta.slots[:size], self.meta.context_lens[:size])
+
+    def fill_capture(self, static: StaticMeta, size: int) -> None:
+        static.slots.fill_(self.cache.scratch_slot)  # warm-up writes only the scratch slot
+        static.context_lens.zero_()
+
+    def fill_step(self, static: StaticMeta, user: ForwardContext, size: int) -> None:
+        pad = size - len(user.seq_lens)
+        host = _pinned([list(user.slots) + [self.cache.scratch_slot] * pad, list(user.context_lens) + [0] * pad])
+        static.slots.copy_(host[0], non_blocking=True)
+        static.context_lens.copy_(host[1], non_blocking=True)
+
+
+class _PackedGraphs(_Graphs):
+    """Packed steps: a token bucket's padded layout (`Bucket`) in one static buffer sized for the largest bucket."""
+
+    name = "full packed"
+    lazy = True  # a bucket is captured on first use: prefill buckets are many and each costs kernel autotuning
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        largest = self.bucket(self.sizes[-1]).numel
+        self.flat = torch.zeros(largest, dtype=torch.long, device=self.cache.device)
+
+    def bucket(self, size: int) -> Bucket:
+        return Bucket.for_tokens(size, self.cache.slots)
+
+    def static(self, size: int) -> StaticMeta:
+        step = PackedStep.over(self.bucket(size), self.flat)
+        return StaticMeta(step.fields["slots"], step.fields["context_lens"], packed=step)
+
+    def _fill(self, static: StaticMeta, seq_lens, context_lens, slots) -> None:
+        host = static.packed.bucket.host(seq_lens, context_lens, slots, self.cache.scratch_slot)
+        self.flat[:host.numel()].copy_(_pinned(host), non_blocking=True)
+
+    def fill_capture(self, static: StaticMeta, size: int) -> None:
+        self._fill(static, [size], [0], [self.cache.scratch_slot])
+
+    def fill_step(self, static: StaticMeta, user: ForwardContext, size: int) -> None:
+        self._fill(static, user.seq_lens, user.context_lens, user.slots)
+
+    def _capture_one(self, size: int, args) -> None:
+        try:
+            super()._capture_one(size, args)
+        except CaptureUnsupported as e:
+            self.release()
+            self.failed = f"packed steps cannot be captured: {e}"
+            log_once("hattn: mode='full' serves prefill and mixed steps graph-free: %s", e)
+
+
+class FullGraphRuntime:
+    """Serves every step that carries a cache from CUDA graphs: decode graphs for decode steps, packed graphs for
+    the rest (see the module docstring)."""
+
+    name = "full"
+
+    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
+        self.fn, self.layout, self.sizes, self.stats, self.progress = fn, layout, list(sizes), stats, progress
+        self.cache = self.decode = self.packed = None
+
+    def __call__(self, *args):
+        ctx = get_forward_context()
+        if ctx is None or ctx.cache is None:
+            self.stats.eager_runs += 1  # no cache: nothing a full-step graph can serve
+            return self.fn(*args)
+        if self.cache is not None and ctx.cache is not self.cache:
+            log.info("hattn: mode='full' got another cache object; its graphs are captured again for it")
+            self.release()
+        if self.cache is None:
+            self._build(ctx.cache)
+        if ctx.is_decode:
+            return self.decode(*args)
+        if self.packed is None:  # a graph without a token dimension serves one decode batch only
+            self.stats.eager_runs += 1
+            return self.fn(*args)
+        return self.packed(*args)
+
+    def _build(self, cache) -> None:
+        pool, decode_sizes = new_pool(), self.sizes
+        if self.layout.has_tokens:
+            decode_sizes = _sizes_for(self.sizes, cache.slots)
+        common = (self.fn, self.layout), (self.stats, self.progress, cache, pool)
+        self.decode = _DecodeGraphs(*common[0], decode_sizes, *common[1])
+        self.packed = _PackedGraphs(*common[0], self.sizes, *common[1]) if self.layout.has_tokens else None
+        self.cache = cache
+
+    def release(self) -> None:
+        for graphs in (self.decode, self.packed):
+            if graphs is not None:
+                graphs.release()
+        self.cache = self.decode = self.packed = None
 
 
 def _sizes_for(sizes: list[int], slots: int) -> list[int]:
@@ -123,8 +218,8 @@ def build(config, split_gm, example_inputs, stats):
     return FullGraphRuntime(split_gm, layout, config.capture_sizes, stats, config.progress)
 
 
-register_mode(Mode("full", "one CUDA graph per decode step; every split op must be capture-safe", graphs=True,
-                   build=build))
+register_mode(Mode("full", "one CUDA graph per step (decode graphs per batch, packed graphs per token bucket); "
+                           "every split op must be capture-safe", graphs=True, build=build))
 
 
 @dataclass
@@ -147,14 +242,15 @@ class DirectStep:
 
 
 def direct_step(served: Served | None, ids: torch.Tensor, positions: torch.Tensor) -> DirectStep | None:
-    """The DirectStep of the full-mode graph that just served `model(ids, positions)`, or None when that call was
-    not a full-mode replay whose inputs and output can be driven directly (then keep calling the model)."""
-    if served is None or not isinstance(served.runtime, FullGraphRuntime):
+    """The DirectStep of the full-mode decode graph that just served `model(ids, positions)`, or None when that
+    call was not a decode-graph replay whose inputs and output can be driven directly (then keep calling the
+    model)."""
+    if served is None or not isinstance(served.runtime, _DecodeGraphs):
         return None
-    runtime = served.runtime
-    graph = runtime.graphs.get(served.size)
+    graphs = served.runtime
+    graph = graphs.graphs.get(served.size)
     static_ids, static_pos = served.static_of(ids), served.static_of(positions)
     if graph is None or static_ids is None or static_pos is None or not isinstance(served.out, torch.Tensor):
         return None
-    meta = runtime._static(static_ids.shape[0], runtime.cache)
-    return DirectStep(graph, static_ids, static_pos, meta.context_lens, served.out, runtime.stats)
+    meta = graphs.static(static_ids.shape[0])
+    return DirectStep(graph, static_ids, static_pos, meta.context_lens, served.out, graphs.stats)

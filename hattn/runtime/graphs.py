@@ -42,7 +42,7 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _new_pool():
+def new_pool():
     return torch.cuda.graph_pool_handle() if _cuda() else None
 
 
@@ -192,6 +192,7 @@ class GraphRuntime:
     """
 
     name = "graph"
+    lazy = False  # capture only the size a call needs (else every size at the first call, largest first)
 
     def __init__(self, fn, layout: TokenLayout, sizes: list[int], stats: Stats, progress: bool = True):
         self.fn, self.layout, self.stats, self.progress = fn, layout, stats, progress
@@ -221,7 +222,7 @@ class GraphRuntime:
         size = pick_size(self.sizes, n) if n is not None else 0
         graphs = size is not None and self.layout.reason is None
         if graphs and self.failed is None and size not in self.captured:
-            self.capture_all(args)  # may give graphs up (self.failed: out of memory)
+            self.capture_all(args, only=size if self.lazy else None)  # may give graphs up (self.failed)
         if not graphs or self.failed is not None:
             self.stats.eager_runs += 1  # above the largest capture size (or no graphs): graph-free, counted
             with _step_context(n):
@@ -234,12 +235,13 @@ class GraphRuntime:
         self.stats.padded_tokens += size - n if n is not None else 0
         return unpad_outputs(out, self.layout, size, n if n is not None else size)
 
-    def capture_all(self, args) -> None:
-        """Capture every size not captured yet, largest first so smaller sizes reuse the pool's memory."""
+    def capture_all(self, args, only: int | None = None) -> None:
+        """Capture every size not captured yet (or just `only`), largest first so smaller sizes reuse the pool's
+        memory."""
         from tqdm.auto import tqdm
 
-        self.pool = self.pool or _new_pool()
-        todo = sorted((s for s in self.sizes if s not in self.captured), reverse=True)
+        self.pool = self.pool or new_pool()
+        todo = sorted((s for s in self.sizes if s not in self.captured and only in (None, s)), reverse=True)
         start, reserved = time.perf_counter(), _reserved()
         bar = tqdm(todo, desc=f"hattn {self.name} capture", unit="size", disable=not self.progress or len(todo) < 2)
         try:

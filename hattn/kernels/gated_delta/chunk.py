@@ -10,17 +10,21 @@ states back. Its public function wraps `chunk_gated_delta_rule_fwd` in an autogr
 copies every non-contiguous input and whose `use_qk_l2norm_in_kernel` runs two extra normalisation kernels. We
 call `chunk_gated_delta_rule_fwd` (the forward alone) with q, k already normalised and q, k, v contiguous, written
 so by our conv (`packed_conv_qkv`), and with the chunk indices built once per step (`PackedBatch.memo`).
-Prefill runs eagerly (outside graphs).
+
+Inside a CUDA graph (a padded `PackedBatch`, `mode="full"`): the chunk indices come padded with the batch (fla's
+own `prepare_chunk_indices` has a data-dependent size), and fla's identity-keyed tensor cache is switched off for
+the call: it would hand the capture the chunk offsets computed at warm-up from the same static `cu`, so replays
+would read the warm-up's offsets instead of recomputing them from this step's.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 
 import torch
 
-from hattn.kernels.packing import PackedBatch
-
-CHUNK = 64  # fla's default chunk size for the gated delta rule
+from hattn.kernels.packing import CHUNK, PackedBatch
 
 
 @functools.cache
@@ -49,12 +53,12 @@ def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state
 
     stateful = rec_state is not None  # the conv before it checked that the batch then has slots
     h0 = None
-    if stateful and any(batch.has_state):
+    if stateful and (batch.padded or any(batch.has_state)):
         h0 = rec_state.index_select(0, batch.slots_d)
-        if not all(batch.has_state):  # new sequences start from zeros
+        if batch.padded or not all(batch.has_state):  # new sequences start from zeros
             h0.mul_(batch.has_state_d[:, None, None, None])
     chunk_indices = batch.memo("fla_chunk_indices", lambda: _chunk_indices(batch))
-    with torch.cuda.device(q.device):
+    with torch.cuda.device(q.device), _no_fla_tensor_cache(batch.padded):
         _, o, _, final, _, _ = chunk_gated_delta_rule_fwd(
             q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(), q.shape[-1] ** -0.5,
             h0, stateful, chunk_size=CHUNK, cu_seqlens=batch.cu, chunk_indices=chunk_indices,
@@ -62,3 +66,17 @@ def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state
     if stateful:
         rec_state.index_copy_(0, batch.slots_d, final)
     return o[0]
+
+
+@contextlib.contextmanager
+def _no_fla_tensor_cache(off: bool):
+    """fla's identity-keyed cache of metadata derived from cu_seqlens, switched off inside the block when `off`."""
+    utils = sys.modules.get("fla.utils")
+    before = getattr(utils, "FLA_DISABLE_TENSOR_CACHE", None)
+    if off and utils is not None:
+        utils.FLA_DISABLE_TENSOR_CACHE = True
+    try:
+        yield
+    finally:
+        if off and utils is not None:
+            utils.FLA_DISABLE_TENSOR_CACHE = before
