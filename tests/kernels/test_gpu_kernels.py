@@ -190,3 +190,47 @@ def linear_op(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_h
 
     with forward_context(ctx):
         _linear_attention(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim)
+
+
+@needs_fla
+def test_padded_bucket_prefill_in_a_cuda_graph_equals_the_exact_packing(nan_empty):
+    """mode=full's packed steps: fla's chunked rule + our conv over a bucket's padded layout (a padding-rows sequence,
+    zero-length ones and no-op chunk entries at the scratch slot), captured once and replayed for two packings whose
+    metadata is refilled into the same static buffer, equal the exact eager packing; padding rows are zeros and only
+    the step's slots change."""
+    from hattn.kernels.gated_delta.packed import linear_attention_packed
+    from hattn.kernels.packing import Bucket, PackedBatch, PackedStep
+
+    hk, hv, d, tokens, scratch = 16, 16, 128, 256, 7
+    bucket = Bucket.for_tokens(tokens, max_real_seqs=4)
+    flat = torch.zeros(bucket.numel, dtype=torch.long, device="cuda")
+    step = PackedStep.over(bucket, flat)
+    mixed, w, g, beta = (t.contiguous() for t in _inputs(tokens, hk, hv, d, d, 4, torch.bfloat16, 5))
+    cache = _Cache(8, mixed.shape[1], 4, hv, d, d, torch.bfloat16, 5)
+    out = torch.zeros(tokens, hv, d, device="cuda", dtype=torch.bfloat16)
+    packings = [([100, 1, 63], [0, 7, 12], [2, 0, 5]), ([64, 129, 1, 30], [3, 0, 0, 9], [1, 4, 6, 3])]
+
+    def run():
+        linear_attention_packed(mixed, w, None, g, beta, out, (cache.conv, cache.rec), step.batch, hk, d)
+
+    flat.copy_(bucket.host([tokens], [0], [scratch], scratch).cuda())
+    run()  # warm-up: autotuning, lazy init
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for lens, past, slots in packings:
+        n = sum(lens)
+        conv0, rec0 = cache.conv.clone(), cache.rec.clone()
+        want = torch.empty(n, hv, d, device="cuda", dtype=torch.bfloat16)
+        linear_attention_packed(mixed[:n], w, None, g[:n], beta[:n], want, (cache.conv, cache.rec),
+                                PackedBatch.build(lens, "cuda", slots, past), hk, d)
+        want_conv, want_rec = cache.conv.clone(), cache.rec.clone()
+        cache.conv.copy_(conv0), cache.rec.copy_(rec0)
+        flat.copy_(bucket.host(lens, past, slots, scratch).cuda())
+        graph.replay()
+        real = out[:n].float()
+        assert _rel(real, want) < 1e-3
+        others = [s for s in range(7) if s not in slots]
+        torch.testing.assert_close(cache.rec[others], rec0[others], rtol=0, atol=0)
+        assert _rel(cache.rec[slots], want_rec[slots]) < 1e-3
+        torch.testing.assert_close(cache.conv[slots], want_conv[slots], rtol=0, atol=0)

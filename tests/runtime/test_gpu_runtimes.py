@@ -338,3 +338,55 @@ def test_triton_decode_attention_equals_reference(dtype, hq, hkv, d):
     decode_attention_reference(q, k_cache, v_cache, slots, lens, want, d**-0.5)
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, want, **tol)
+
+
+# -- full graph: packed steps (prefill, extend, mixed) -------------------------------------------------------------
+_PACKED = {}
+LINEAR_ONLY = dict(pattern=["linear", "linear"], k_heads=2, v_heads=4, k_dim=64, v_dim=64)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.data())
+def test_full_graph_packed_steps_equal_eager_for_random_packings(data):
+    """A model whose split ops can all serve packed steps inside a graph (linear attention through fla): random
+    prefill / extend / mixed packings (lengths straddling fla's 64-token chunk, empty sequences, decode rows), slots
+    and cache contents, inside a bucket and above the largest; full mode == eager, and only the step's slots and the
+    scratch slot change."""
+    if not _PACKED:
+        model = toy_model(device="cuda", **LINEAR_ONLY)
+        be = hattn.backend(mode="full", capture_sizes=[16, 64, 128], inner_compiler="eager", progress=False)
+        _PACKED.update(model=model, fn=torch.compile(model, backend=be, dynamic=True), be=be,
+                       caches=(_toy_cache(model.config, max_len=256), _toy_cache(model.config, max_len=256)))
+    model, fn, be = _PACKED["model"], _PACKED["fn"], _PACKED["be"]
+    n = data.draw(st.integers(1, 4), label="sequences")
+    lens = data.draw(st.lists(st.integers(0, 70), min_size=n, max_size=n).filter(lambda s: any(x != 1 for x in s)
+                                                                                  and sum(s) > 0), label="lens")
+    past = data.draw(st.lists(st.integers(0, 60), min_size=n, max_size=n), label="context_lens")
+    slots = data.draw(st.permutations(range(8)), label="slots")[:n]
+    seed = data.draw(st.integers(0, 1000), label="seed")
+    ids = _ids(sum(lens), seed)
+    results, replays = [], be.stats.replays
+    with torch.no_grad():
+        for run, cache in zip((model, fn), _PACKED["caches"]):
+            _randomize(cache, seed)
+            with hattn.forward_context(hattn.ForwardContext(lens, past, list(slots), cache)):
+                results.append(run(ids.clone()))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-3)
+    assert be.stats.replays == replays + (sum(lens) <= 128)  # above the largest bucket: graph-free
+    untouched = [s for s in range(8) if s not in [sl for sl, m in zip(slots, lens) if m]]
+    eager_cache, graph_cache = _PACKED["caches"]
+    for i in range(2):
+        for a, b in zip(eager_cache.state(i), graph_cache.state(i)):
+            torch.testing.assert_close(b[untouched], a[untouched], rtol=0, atol=0)
+            torch.testing.assert_close(b[:8], a[:8], rtol=1e-3, atol=1e-3)
+
+
+def test_full_graph_packed_steps_with_full_attention_run_graph_free_until_it_is_capture_safe(caplog):
+    model = toy_model(pattern=PATTERN, device="cuda")
+    be = hattn.backend(mode="full", capture_sizes=[16, 32], inner_compiler="eager", progress=False)
+    fn = torch.compile(model, backend=be, dynamic=True)
+    cache = _toy_cache(model.config)
+    ids = _ids(9, 0)
+    with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([4, 5], [0, 0], [0, 1], cache)):
+        torch.testing.assert_close(fn(ids), model(ids), **TOL)
+    assert be.stats.eager_runs == 1 and be.stats.replays == 0
