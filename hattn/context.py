@@ -124,11 +124,11 @@ class ForwardContext:
 
     @property
     def num_tokens(self) -> int:
-        return sum(self.seq_lens)
+        return self.memo("num_tokens", lambda: sum(self.seq_lens))  # asked by every split op of the step
 
     @property
     def is_decode(self) -> bool:
-        return all(s == 1 for s in self.seq_lens)
+        return self.memo("is_decode", lambda: all(s == 1 for s in self.seq_lens))
 
     @property
     def captured(self) -> bool:

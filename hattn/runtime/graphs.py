@@ -122,6 +122,8 @@ def storage_ptr(x) -> int | None:
 def copy_if_moved(static: list, args) -> None:
     """Copy each tensor arg into the tensor captured in its place, unless it is that tensor already."""
     for s, a in zip(static, args):
+        if a is s:  # parameters and the previous graph's outputs: the common case, no data_ptr calls
+            continue
         if isinstance(a, torch.Tensor) and a.data_ptr() != s.data_ptr():
             if a.shape != s.shape or a.dtype != s.dtype or a.device != s.device:
                 raise TypeError(
