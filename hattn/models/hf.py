@@ -204,7 +204,9 @@ class HybridLM(nn.Module):
         if positions.shape != input_ids.shape:
             raise ValueError(f"positions has shape {tuple(positions.shape)} but input_ids {tuple(input_ids.shape)}: "
                              f"pass one position per token")
-        keep = 0 if logits_rows is None else logits_rows  # transformers: 0 keeps every row, a 1-D tensor those rows
+        # transformers: 0 keeps every row, a 1-D tensor those rows. Clamped: a graph runtime captures smaller token
+        # counts with the caller's rows, which may point past them there (a real call's rows are all < T)
+        keep = 0 if logits_rows is None else logits_rows.clamp(max=input_ids.shape[0] - 1)
         out = self.hf(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
                       logits_to_keep=keep)
         return out.logits[0]
