@@ -3,12 +3,14 @@
 # time box so a slow part cannot starve the rest. The last lines printed are a summary: part, exit code, seconds.
 #
 #   bash scripts/gpu_check.sh                       # tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench
+#   (rt-bench, k-bench and bench are suites of the one bench, `python3 -m hattn.bench --suite runtime|kernels|model`)
 #   bash scripts/gpu_check.sh tests demo            # a subset
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
 #
 # Wheels (carry=[".whl"]): fla-core, einops, hypothesis, sortedcontainers, pytest and its deps, rich and its deps,
 # and transformers 5.23 (the device's 5.17 lacks bailing_hybrid). Files under $OUT (the device tool returns 8 at
-# most): gpu_tests.log demo.log runtime_bench.log kernels_bench.log bench.log bench/{bench.json,bench.txt,bench.png}.
+# most): gpu_tests.log demo.log runtime_bench.log kernels_bench.log bench.log bench/{bench.json,bench.txt,bench.png};
+# rt-bench and k-bench write their reports under $OUT/runtime and $OUT/kernels (listed, not all returned).
 set -uo pipefail
 OUT=${OUT:-/tmp/hattn-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -27,14 +29,14 @@ declare -A CMD=(
   [faults-tests]="${PYTEST[*]} tests/runtime/test_gpu_faults.py tests/test_fuzz_modes.py"
   [models-tests]="${PYTEST[*]} tests/models"
   [demo]="python3 -m hattn.cli demo"
-  [rt-bench]="python3 -m hattn.runtime.bench"
-  [k-bench]="python3 -m hattn.kernels.bench"
+  [rt-bench]="python3 -m hattn.bench --suite runtime --preset qwen3.5-1b --out $OUT/runtime --no-progress --budget 140"
+  [k-bench]="python3 -m hattn.bench --suite kernels --out $OUT/kernels --no-progress --budget 140"
   [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress"
 )
 declare -A LOG=([tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench)
 declare -A BOX=([tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
-                [k-bench]=150 [bench]=480)
+                [k-bench]=150 [bench]=560)
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench)
 summary=()
 for part in "${parts[@]}"; do

@@ -1,54 +1,75 @@
-"""`hattn bench`: argument parsing and the run (model, bandwidth floor, targets, report).
+"""`hattn bench`: argument parsing and the run (suite, floors, targets, report).
 
-    hattn bench --preset qwen3.5-1b                      # every mode and peer, every workload, < 8 min on an H100
+    hattn bench --preset qwen3.5-1b                      # the model suite: every mode and peer, < 9 min on an H200
+    hattn bench --suite kernels                          # each kernel alone: ours, fla, torch, copy
+    hattn bench --suite runtime                          # the modes only, eager pieces: what the runtimes cost
     hattn bench --preset tiny --quick --out /tmp/b       # smoke run (CPU too)
-    hattn bench --modes pcg,full,hf-static --workloads decode,e2e
     python3 -m hattn.bench ...                           # the same without the hattn command
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-DEFAULT_TARGETS = ("eager", "full", "pcg", "bcg", "hf-static", "hf-eager-fla", "hf-eager",
-                   "tc-default", "tc-ro")  # run order = priority: what the goals need first, slow compiles last
-HATTN_MODES = ("eager", "pcg", "bcg", "full")
-DESCRIPTION = """Every hattn mode (eager, inductor, pcg, bcg, full) and the peers a user would pick instead (HF eager
-with and without fla kernels, HF generate with a static cache, torch.compile default and reduce-overhead) on one model,
-in one process: prefill, decode and generate latency, compile and capture time, graph pool and peak memory, ratios
-against eager and against the decode bandwidth floor, and issue 7's goals. Writes bench.json, bench.png, bench.txt.
-
-    hattn bench --preset qwen3.5-1b                      # everything, < 8 min on an H100 (budget 420 s)
-    hattn bench --preset tiny --quick --out /tmp/b       # smoke run (CPU too)
-    hattn bench --modes pcg,full,hf-static --workloads decode,e2e
-
-Reading the report: docs/benchmarks.md."""
-GROUPS = {"all": DEFAULT_TARGETS, "hattn": HATTN_MODES,
-          "peers": ("hf-static", "hf-eager-fla", "hf-eager", "tc-default", "tc-ro")}
+HATTN_FIRST = ("eager", "full", "pcg", "bcg")  # run order = priority: what the goals need first, slow compiles last
+PEERS = ("tc-ro", "hf-static", "hf-eager-fla", "tc-default", "hf-eager")
 SIZES16 = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048]
 QUICK_SIZES = [1, 2, 4, 8, 16, 32, 64]
+SUITES = {  # defaults of each suite, before the command line's
+    "model": {"modes": "all", "workloads": "decode,prefill,e2e"},
+    "runtime": {"modes": "hattn", "workloads": "decode,prefill", "inner_compiler": "eager"},
+    "kernels": {"modes": "all", "workloads": "gdn-decode,gdn-prefill,attn-decode"},
+}
+BUDGET_S = {"model": 480.0, "runtime": 240.0, "kernels": 240.0}  # GPU; --quick: 120 s
+DESCRIPTION = """Suites: model (default: every hattn mode and the peers a user would pick instead: HF eager with
+and without fla kernels, HF generate with a static cache, torch.compile default and reduce-overhead, on one model,
+in one process: decode, prefill and generate latency, time to first token, startup, capture, graph pool and peak
+memory, ratios against eager and against each row's floor, the goals of issues 17 and 18 on a GPU); runtime (the
+hattn modes with eager pieces: what each runtime costs); kernels (each kernel alone at the model shapes, against
+fla, the torch reference and a copy of its bytes). Writes bench.json, bench.png, bench.txt; ends within --budget,
+and on SIGTERM or Ctrl-C writes them from what was measured (partial: true).
+
+    hattn bench --preset qwen3.5-1b                      # the model suite, < 9 min on an H200 (budget 480 s)
+    hattn bench --suite kernels --workloads attn-decode  # one kernel workload
+    hattn bench --preset tiny --quick --out /tmp/b       # smoke run (CPU too)
+
+Reading the report: docs/benchmarks.md."""
 
 
-def _names(text: str) -> list[str]:
+def _targets_of(suite: str, modes_text: str) -> list[str]:
+    if suite == "kernels":
+        from hattn.bench.kernels import impl_names, WORKLOADS
+
+        known = impl_names(list(WORKLOADS))
+        groups = {"all": known}
+    else:
+        from hattn.registry import modes
+
+        hattn_modes = [*HATTN_FIRST, *(m for m in modes() if m not in HATTN_FIRST)]
+        known = [*hattn_modes, *PEERS]
+        groups = {"all": known, "hattn": hattn_modes, "peers": PEERS}
     out: list[str] = []
-    for name in (t.strip() for t in text.split(",") if t.strip()):
-        for n in GROUPS.get(name, (name,)):
-            if n not in DEFAULT_TARGETS:
-                raise argparse.ArgumentTypeError(
-                    f"unknown target {n!r}; targets: {', '.join(DEFAULT_TARGETS)} (groups: {', '.join(GROUPS)})")
+    for name in (t.strip() for t in modes_text.split(",") if t.strip()):
+        for n in groups.get(name, (name,)):
+            if n not in known:
+                raise ValueError(f"unknown target {n!r} for --suite {suite}; targets: {', '.join(known)} "
+                                 f"(groups: {', '.join(groups)})")
             if n not in out:
                 out.append(n)
     return out
 
 
-def _workloads(text: str) -> list[str]:
+def _workloads_of(suite: str, text: str) -> list[str]:
+    from hattn.bench.kernels import WORKLOADS as KERNELS
     from hattn.bench.workloads import WORKLOADS
 
+    valid = list(KERNELS) if suite == "kernels" else list(WORKLOADS)
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in WORKLOADS]
+    bad = [n for n in names if n not in valid]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown workloads {bad or text!r}; valid: {', '.join(WORKLOADS)}")
+        raise ValueError(f"unknown workloads {bad or text!r} for --suite {suite}; valid: {', '.join(valid)}")
     return names
 
 
@@ -60,30 +81,32 @@ def _ints(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suite", choices=list(SUITES), default="model", help="what to measure (default: model)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help="model preset (default: qwen3.5-1b on a GPU, tiny on a CPU)")
     src.add_argument("--config", help="a config.json (or its directory): random weights")
-    p.add_argument("--modes", type=_names, default=list(DEFAULT_TARGETS),
-                   help=f"comma-separated targets, run in this order (default: {','.join(DEFAULT_TARGETS)}; "
-                        f"groups: {', '.join(GROUPS)})")
-    p.add_argument("--workloads", type=_workloads, default=["decode", "prefill", "e2e"],
-                   help="comma-separated: decode, prefill, e2e (default: all)")
+    p.add_argument("--modes", help="comma-separated targets, run in this order (default: all; model groups: hattn, "
+                                   "peers; kernels: ours, fla, torch, copy)")
+    p.add_argument("--workloads", help="comma-separated (model: decode, prefill, e2e; kernels: gdn-decode, "
+                                       "gdn-prefill, attn-decode); default: all of the suite")
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions: a smoke run")
     p.add_argument("--out", default="out/bench", help="directory for bench.json, bench.png, bench.txt")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 420; quick 120)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole run, report included (default: model 480, others 240; quick 120)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per point (default 10; quick 3)")
     p.add_argument("--max-s", type=float, default=None, help="seconds of timed calls per point (default 1)")
     p.add_argument("--slow-s", type=float, default=None,
                    help="skip larger sizes of a series projected past this many seconds per call (default 3)")
     p.add_argument("--tokens", type=_ints, help="prefill token counts (default 16,64,256,1024,4096,8192)")
-    p.add_argument("--seqs", type=int, help="sequences of the multi-sequence prefill (default 4)")
+    p.add_argument("--seqs", type=int, help="sequences of the packed prefill (default 4)")
     p.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,4,16,64)")
     p.add_argument("--context", type=int, help="decode context length (default 1024)")
-    p.add_argument("--prompt", type=int, help="prompt tokens of the generate workload (default 128)")
-    p.add_argument("--new-tokens", type=int, help="tokens the generate workload makes (default 128)")
+    p.add_argument("--prompt", type=int, help="prompt tokens of the generate rows (default 128)")
+    p.add_argument("--new-tokens", type=int, help="tokens the generate rows make (default 128)")
+    p.add_argument("--gen-batches", type=_ints, help="batches of the generate rows (default 1,16)")
     p.add_argument("--capture-sizes", type=_ints, help="graph capture sizes (default: 16 sizes 1..2048)")
-    p.add_argument("--inner-compiler", default="inductor", choices=["inductor", "eager"],
-                   help="what compiles hattn's pieces (eager: fast CPU smoke runs)")
+    p.add_argument("--inner-compiler", default=None, choices=["inductor", "eager"],
+                   help="what compiles hattn's pieces (default inductor; runtime suite: eager)")
     p.add_argument("--peer-backend", default="inductor", choices=["inductor", "eager", "aot_eager"],
                    help="torch.compile backend of the tc-* peers (non-inductor: smoke runs; mode is then ignored)")
     p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
@@ -97,21 +120,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Add `bench` to the `hattn` subcommand parsers (hattn.cli)."""
-    p = sub.add_parser("bench", help="every hattn mode and the peers side by side: table, JSON, PNG",
+    p = sub.add_parser("bench", help="hattn modes, peers and kernels side by side: table, JSON, PNG",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run_cli)
     return p
 
 
-def _plan(args):
-    import dataclasses
-
-    from hattn.bench.workloads import Plan
-
-    keys = ("tokens", "seqs", "batches", "context", "prompt", "new_tokens")
-    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    return dataclasses.replace(Plan.quick() if args.quick else Plan(), **overrides)
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the suite's defaults and check targets and workloads (ValueError names the valid ones)."""
+    defaults = SUITES[args.suite]
+    args.inner_compiler = args.inner_compiler or defaults.get("inner_compiler", "inductor")
+    args.modes = _targets_of(args.suite, args.modes or defaults["modes"])
+    args.workloads = _workloads_of(args.suite, args.workloads or defaults["workloads"])
+    return args
 
 
 def _options(args, cuda: bool):
@@ -120,7 +142,18 @@ def _options(args, cuda: bool):
     q = args.quick
     return Options(reps=args.reps or (3 if q else 10), max_s=args.max_s or (0.2 if q else 1.0),
                    slow_s=args.slow_s or (1.0 if q else 3.0), progress=not args.no_progress,
-                   profile=args.profile if args.profile is not None else (cuda and not q))
+                   profile=args.profile if args.profile is not None else (cuda and not q),
+                   min_measure_s=30.0 if cuda else 3.0)
+
+
+def _plan(args):
+    import dataclasses
+
+    from hattn.bench.workloads import Plan
+
+    keys = ("tokens", "seqs", "batches", "context", "prompt", "new_tokens", "gen_batches")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return dataclasses.replace(Plan.quick() if args.quick else Plan(), **overrides)
 
 
 def _model(args, device, dtype):
@@ -135,94 +168,123 @@ def _model(args, device, dtype):
     return random_model(preset_config(preset), dtype, device, args.seed), preset
 
 
-def _targets(names: list[str], setup):
-    from hattn.bench.modes import HattnMode
-    from hattn.bench.peers import make_peer
-
-    return [(lambda n=n: HattnMode(setup, n) if n in HATTN_MODES else make_peer(n, setup)) for n in names]
-
-
-def _setup(args, device, opts):
-    """(Setup with the HF model and its adapted copy, model name) for the run."""
+def _model_suite(args, device, opts, meta: dict):
+    """(points, target factories) of the model and runtime suites; fills the model's part of `meta`."""
     import torch
 
+    from hattn.bench.floor import decode_weight_bytes, with_floor
+    from hattn.bench.modes import HattnMode
+    from hattn.bench.peers import make_peer
     from hattn.bench.target import Setup
 
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     hf, model_name = _model(args, device, dtype)
-    sizes = args.capture_sizes or (QUICK_SIZES if args.quick else SIZES16)
-    setup = Setup.build(hf, plan=_plan(args), capture_sizes=sizes, inner_compiler=args.inner_compiler,
-                        peer_backend=args.peer_backend, progress=opts.progress, seed=args.seed)
-    if any(n in HATTN_MODES for n in args.modes):  # allocated before any target: not in a target's peak
+    plan = _plan(args)
+    setup = Setup.build(hf, plan=plan, capture_sizes=args.capture_sizes or (QUICK_SIZES if args.quick else SIZES16),
+                        inner_compiler=args.inner_compiler, peer_backend=args.peer_backend, progress=opts.progress,
+                        seed=args.seed)
+    if any(n not in PEERS for n in args.modes):  # allocated before any target: not in a target's peak
         setup.cache("prefill"), setup.cache("decode")
-    return setup, model_name
+    params = list(setup.lm.parameters())
+    meta.update(model=model_name, dtype=str(dtype).removeprefix("torch."), params=sum(p.numel() for p in params),
+                weight_bytes=sum(p.numel() * p.element_size() for p in params),
+                decode_weight_bytes=decode_weight_bytes(setup.lm.hf), plan=plan.as_dict(),
+                capture_sizes=list(setup.capture_sizes), inner_compiler=args.inner_compiler,
+                peer_backend=args.peer_backend)
+    meta["all_weights_floor_ms"] = meta["weight_bytes"] / meta["copy_bandwidth"] * 1e3  # issue 17's old floor
+    meta["all_weights_floor_note"] = ("the old decode floor: every parameter byte (the embedding table a step never "
+                                      "reads too) / copy bandwidth, no KV or state traffic; rows use their own floor")
+    derived = plan.derived() if "e2e" in args.workloads else []
+    points = with_floor(plan.points(args.workloads) + derived, setup.lm)
+    peers = set(PEERS)
+    return points, [(lambda n=n: make_peer(n, setup) if n in peers else HattnMode(setup, n)) for n in args.modes]
 
 
-def _meta(args, setup, model_name: str, opts, budget) -> dict:
-    """Everything but the figures: device, versions, model, weight bytes, bandwidth floor, plan, options."""
-    from hattn.bench.harness import copy_bandwidth, environment
-    from hattn.bench.workloads import e2e_ids, per_token_id
+def _kernel_suite(args, device, opts, meta: dict):
+    """(points, target factories) of the kernels suite."""
+    from types import SimpleNamespace
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in setup.lm.parameters())
-    bandwidth = copy_bandwidth(setup.device)
-    return {"model": model_name, "dtype": str(next(setup.lm.parameters()).dtype).removeprefix("torch."),
-            "env": environment(setup.device), "args": {k: v for k, v in vars(args).items() if k != "func"},
-            "params": sum(p.numel() for p in setup.lm.parameters()), "weight_bytes": weight_bytes,
-            "copy_bandwidth": bandwidth, "floor_ms": weight_bytes / bandwidth * 1e3, "plan": setup.plan.as_dict(),
-            "capture_sizes": list(setup.capture_sizes), "targets": args.modes, "workloads": args.workloads,
-            "options": vars(opts).copy(), "budget_s": budget.total_s, "setup_s": budget.elapsed(),
-            "per_token_id": per_token_id(setup.plan), "e2e_ids": list(e2e_ids(setup.plan)),
-            "inner_compiler": args.inner_compiler, "peer_backend": args.peer_backend}
+    from hattn.bench.kernels import WORKLOADS, KernelImpl
+
+    setup = SimpleNamespace(device=device, seed=args.seed)
+    points = [p for w in args.workloads for p in WORKLOADS[w].points(args.quick, device)]
+    return points, [(lambda n=n: KernelImpl(setup, n)) for n in args.modes]
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Run the bench described by parsed arguments; write the report; return the result dict."""
+def run(args: argparse.Namespace, start: float | None = None) -> dict:
+    """Run the bench described by parsed arguments; write the report; return the result dict.
+
+    The budget counts from `start` (time.perf_counter seconds; default now). The report is written whatever
+    happens: when the budget's hard deadline passes or on SIGTERM/SIGINT, from what was measured (`partial: true`
+    and the reasons); bench.json is also rewritten after each target."""
     import torch
 
-    from hattn.bench import report
-    from hattn.bench.harness import Budget, Clock
+    from hattn.bench.harness import Budget, Clock, Deadlines, Stop, copy_bandwidth, environment, matmul_peak
     from hattn.bench.runner import run_all
 
-    budget = Budget(args.budget or (120.0 if args.quick else 420.0))
+    _resolve(args)
+    budget = Budget(args.budget or (120.0 if args.quick else BUDGET_S[args.suite]), start or time.perf_counter())
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opts = _options(args, device.type == "cuda")
-    setup, model_name = _setup(args, device, opts)
-    meta = _meta(args, setup, model_name, opts, budget)
-    points = setup.plan.points(args.workloads)
-    entries = run_all(_targets(args.modes, setup), args.modes, points, Clock(device), opts, budget,
-                      on_entry=lambda done: _partial(args.out, meta, done))
+    meta = {"suite": args.suite, "env": environment(device), "targets": args.modes, "workloads": args.workloads,
+            "args": {k: v for k, v in vars(args).items() if k != "func"}, "options": vars(opts).copy(),
+            "budget_s": budget.total_s, "base": "ours" if args.suite == "kernels" else "eager"}
+    points, entries, partial = [], {}, []
+    with Deadlines(budget) as deadlines:
+        try:
+            meta.update(copy_bandwidth=copy_bandwidth(device), matmul_flops=matmul_peak(device))
+            suite = _kernel_suite if args.suite == "kernels" else _model_suite
+            points, targets = suite(args, device, opts, meta)
+            meta["setup_s"] = budget.elapsed()
+            measured = [p for p in points if p.kind != "per_token"]
+            entries, partial = run_all(targets, args.modes, measured, Clock(device), opts, budget, deadlines,
+                                       on_entry=lambda done: _write_json(meta, points, done, args.out, budget))
+        except Stop as stop:  # during setup: a report of what there is
+            partial = [f"{stop} during setup"]
     meta["total_s"] = budget.elapsed()
-    result = report.build(meta, points, entries)
-    report.write(result, args.out)
+    return write_report(meta, points, entries, partial, args.out)
+
+
+def _write_json(meta: dict, points, entries: dict, out: str, budget) -> None:
+    """bench.json after each target: what a run killed later (SIGKILL) still leaves behind."""
+    from hattn.bench.data import build, write_json
+
+    os.makedirs(out, exist_ok=True)
+    done = f"run in progress: {len(entries)} of {len(meta['targets'])} targets done"
+    write_json(build({**meta, "total_s": budget.elapsed()}, points, dict(entries), [done]),
+               os.path.join(out, "bench.json"))
+
+
+def write_report(meta: dict, points, entries: dict, partial: list[str], out: str) -> dict:
+    """bench.json, bench.png, bench.txt under `out` (the tables printed too); returns the result."""
+    from hattn.bench.data import build, write_json
+    from hattn.bench.plot import write_png
+    from hattn.bench.tables import print_report
+
+    os.makedirs(out, exist_ok=True)
+    result = build(meta, points, entries, partial)
+    write_png(result, os.path.join(out, "bench.png"))
+    write_json(result, os.path.join(out, "bench.json"))
+    print_report(result, os.path.join(out, "bench.txt"))
     return result
 
 
-def _partial(out: str, meta: dict, entries: dict) -> None:
-    """bench.partial.json after each target: what a run that is killed later still leaves behind."""
-    import os
-
-    from hattn.bench.report import write_json
-
-    os.makedirs(out, exist_ok=True)
-    write_json({"partial": True, "meta": {**meta, "total_s": None}, "entries": entries},
-               os.path.join(out, "bench.partial.json"))
-
-
-def run_cli(args: argparse.Namespace) -> int:
+def run_cli(args: argparse.Namespace, start: float | None = None) -> int:
     """0 when at least one target measured something, 1 when none did."""
-    result = run(args)
+    result = run(args, start)
     return 0 if any(e["status"] == "ok" for e in result["entries"].values()) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python3 -m hattn.bench [args]` (the same arguments as `hattn bench`)."""
+def main(argv: list[str] | None = None, start: float | None = None) -> int:
+    """`python3 -m hattn.bench [args]` (the same arguments as `hattn bench`). The budget counts from `start`
+    (time.perf_counter seconds; `python3 -m hattn.bench` passes the process's start), else from now."""
+    start = start or time.perf_counter()
     p = argparse.ArgumentParser(prog="hattn bench", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
-    start = time.perf_counter()
     try:
-        rc = run_cli(args)
+        rc = run_cli(args, start)
     except (ValueError, FileNotFoundError) as e:  # bad input: what and how to fix, no traceback
         print(f"hattn bench: error: {e}", file=sys.stderr)
         return 2

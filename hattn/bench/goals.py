@@ -1,17 +1,24 @@
-"""The goals of issue 7 (1B-class Qwen3.5, bf16, H100), each evaluated on a bench result: figure and met/missed.
+"""The goals of issues 17 and 18 (H200, qwen3.5-1b, bf16, one run), each evaluated on a bench result: its figure
+and met / missed / unknown. A goal whose figure is missing is "unknown", with the reason the figure is missing.
 
-A goal whose figure is missing is "unknown", with the reason the figure is missing (a skipped or failed point).
+Floors are the rows' own (hattn.bench.floor): decode bytes / copy bandwidth, prefill FLOPs / bf16 matmul peak.
 """
 from __future__ import annotations
 
 from hattn.bench.workloads import Point
 
-DECODE_FLOOR_X = 1.3      # full at decode batch 1 <= 1.3x the bandwidth floor
-GRAPH_VS_FULL_X = 1.25    # pcg and bcg <= 1.25x full
-PEER_SPEEDUP_X = 3.0      # full, pcg, bcg >= 3x faster than HF static cache + torch.compile (+fla)
+GOAL_BATCHES = (1, 16)
 PREFILL_MAX_TOKENS = 2048
-CAPTURE_S, CAPTURE_SIZES = 10.0, 16
-POOL_FRACTION = 0.05
+FLOOR_X = {1: 2.0, 16: 2.5, 64: 3.0}       # full decode <= x its floor, by batch
+GENERATE_X = 1.05                          # generate ms per new token <= x full's decode step
+GRAPH_VS_FULL_X = 1.25                     # pcg, bcg decode <= x full
+TC_RO_SPEEDUP, HF_STATIC_SPEEDUP = 3.0, 4.0
+POOL_FRACTION = {"pcg": 0.10, "bcg": 0.10, "full": 0.05}
+POOL_SIZES = (16, 2048)                    # the pool goals are for 16 capture sizes up to 2048 tokens
+PREFILL_MS = {16: 1.0, 256: 2.0, 1024: 5.0}
+PREFILL_FLOOR_X = (8192, 1.3)
+PACKED_X = (4, 1024, 1.15)                 # 4 packed prompts of 1024 <= 1.15x one prompt of 4096
+TTFT_MS = 2.0
 
 
 def ms_of(result: dict, entry: str, pid: str) -> tuple[float | None, str | None]:
@@ -21,7 +28,7 @@ def ms_of(result: dict, entry: str, pid: str) -> tuple[float | None, str | None]
         return None, f"{entry} was not run (add it to --modes)"
     r = e["results"].get(pid)
     if r is None:
-        return None, f"{entry} has no {pid} (add the workload)"
+        return None, f"{entry} has no {pid} (add the workload or size)"
     if "ms" in r:
         return r["ms"], None
     return None, f"{entry} {pid}: {r.get('error') or r.get('skipped')}"
@@ -32,109 +39,98 @@ def _goal(goal: str, figure: str, ok: bool | None, detail: str = "") -> dict:
     return {"goal": goal, "figure": figure, "status": status, "detail": detail}
 
 
-def _decode_b1(result: dict) -> str:
-    return Point("decode", batch=1, context=result["meta"]["plan"]["context"]).id
+def _ratio(result: dict, goal: str, a: tuple[str, str], b: tuple[str, str], limit: float) -> dict:
+    """a's ms / b's ms <= limit; a, b: (target, point id)."""
+    (x, why_a), (y, why_b) = ms_of(result, *a), ms_of(result, *b)
+    if x is None or y is None:
+        return _goal(goal, "-", None, why_a or why_b)
+    return _goal(goal, f"{a[0]} {x:.3f} ms / {b[0]} {y:.3f} ms = {x / y:.2f}x", x / y <= limit)
 
 
-def goal_floor(result: dict) -> dict:
-    goal = f"decode B=1: full <= {DECODE_FLOOR_X}x the bandwidth floor"
-    floor = result["meta"].get("floor_ms")
-    ms, why = ms_of(result, "full", _decode_b1(result))
+def _faster(result: dict, goal: str, fast: tuple[str, str], slow: tuple[str, str], factor: float) -> dict:
+    """fast is at least `factor` times faster than slow."""
+    (x, why_a), (y, why_b) = ms_of(result, *fast), ms_of(result, *slow)
+    if x is None or y is None:
+        return _goal(goal, "-", None, why_a or why_b)
+    return _goal(goal, f"{slow[0]} {y:.3f} ms / {fast[0]} {x:.3f} ms = {y / x:.2f}x", y / x >= factor)
+
+
+def _floor(result: dict, goal: str, target: str, pid: str, limit: float) -> dict:
+    ms, why = ms_of(result, target, pid)
+    row = next((r for r in result["points"] if r["id"] == pid), {})
+    floor = row.get("floor_ms")
     if ms is None or not floor:
-        return _goal(goal, "-", None, why or "no floor (copy bandwidth not measured)")
-    return _goal(goal, f"full {ms:.3f} ms = {ms / floor:.2f}x floor ({floor:.3f} ms)", ms / floor <= DECODE_FLOOR_X)
+        return _goal(goal, "-", None, why or f"{pid} has no floor (bandwidth or matmul peak not measured)")
+    return _goal(goal, f"{target} {ms:.3f} ms = {ms / floor:.2f}x its {row['floor_bound']} floor ({floor:.3f} ms)",
+                 ms / floor <= limit)
 
 
-def goal_vs_full(result: dict, mode: str) -> dict:
-    goal = f"decode B=1: {mode} <= {GRAPH_VS_FULL_X}x full"
-    pid = _decode_b1(result)
-    (ms, why), (full, why_full) = ms_of(result, mode, pid), ms_of(result, "full", pid)
-    if ms is None or full is None:
-        return _goal(goal, "-", None, why or why_full)
-    return _goal(goal, f"{mode} {ms:.3f} ms = {ms / full:.2f}x full ({full:.3f} ms)", ms / full <= GRAPH_VS_FULL_X)
-
-
-def goal_vs_peer(result: dict) -> dict:
-    goal = f"decode B=1: full, pcg, bcg each >= {PEER_SPEEDUP_X:g}x faster than HF static cache + torch.compile (+fla)"
-    peer, why = ms_of(result, "hf-static", result["meta"]["per_token_id"])
-    if peer is None:
+def _under(result: dict, goal: str, target: str, pid: str, limit_ms: float) -> dict:
+    ms, why = ms_of(result, target, pid)
+    if ms is None:
         return _goal(goal, "-", None, why)
-    parts, oks, missing = [], [], []
-    for mode in ("full", "pcg", "bcg"):  # per generated token on both sides; a decode step if that is missing
-        ms, why = ms_of(result, mode, result["meta"]["per_token_id"])
-        what = ""
-        if ms is None:
-            (ms, why), what = ms_of(result, mode, _decode_b1(result)), " (decode step)"
-        if ms is None:
-            missing.append(why)
-            continue
-        parts.append(f"{mode} {peer / ms:.1f}x{what}")
-        oks.append(peer / ms >= PEER_SPEEDUP_X)
-    kernels = result["entries"]["hf-static"].get("kernels") or {}
-    fla = "with fla" if any(v != "torch" for v in kernels.values()) else "without fla (not found)"
-    figure = f"hf-static {peer:.3f} ms/token ({fla}); " + ", ".join(parts)
-    ok = None if missing and all(oks) else all(oks) and not missing
-    return _goal(goal, figure, ok, "; ".join(missing))
+    return _goal(goal, f"{target} {ms:.3f} ms", ms <= limit_ms)
 
 
-def goal_prefill(result: dict, mode: str) -> dict:
-    goal = f"prefill/extend <= {PREFILL_MAX_TOKENS} tokens: {mode} faster than eager and inductor at every size"
+def goal_prefill_faster(result: dict, mode: str, bases=("eager", "tc-ro")) -> dict:
+    goal = f"prefill <= {PREFILL_MAX_TOKENS} tokens: {mode} faster than {' and '.join(bases)} at every size"
     pids = [p["id"] for p in result["points"] if p["kind"] == "prefill" and p["tokens"] <= PREFILL_MAX_TOKENS]
     worst: dict[str, tuple[float, str]] = {}
     missing = []
-    for pid in pids:
-        ms, why = ms_of(result, mode, pid)
-        if ms is None:
-            missing.append(why)
-            continue
-        for base in ("eager", "inductor"):
-            b, why_b = ms_of(result, base, pid)
-            if b is None:
-                missing.append(why_b)
-            elif base not in worst or b / ms < worst[base][0]:
-                worst[base] = (b / ms, pid)
+    for pid, base in ((pid, base) for pid in pids for base in bases):
+        (ms, why), (b, why_b) = ms_of(result, mode, pid), ms_of(result, base, pid)
+        if ms is None or b is None:
+            missing.append(why or why_b)
+        elif base not in worst or b / ms < worst[base][0]:
+            worst[base] = (b / ms, pid)
     if not worst:
         return _goal(goal, "-", None, "; ".join(missing[:3]) or "no prefill points")
     figure = "; ".join(f"slowest vs {b}: {x:.2f}x at {pid}" for b, (x, pid) in worst.items())
     beaten = all(x > 1.0 for x, _ in worst.values())
-    ok = beaten and len(worst) == 2 and not missing
-    return _goal(goal, figure, None if beaten and not ok else ok, "; ".join(missing[:3]))
-
-
-def goal_capture(result: dict, mode: str) -> dict:
-    goal = f"{mode}: capture of {CAPTURE_SIZES} sizes < {CAPTURE_S:g} s"
-    e = result["entries"].get(mode)
-    if e is None or e.get("capture_s") is None or not e.get("capture_sizes_done"):
-        return _goal(goal, "-", None, f"{mode}: nothing captured ({(e or {}).get('reason') or 'not run'})")
-    sizes = e["capture_sizes_done"]
-    figure = f"{e['capture_s']:.2f} s for {sizes} sizes ({e['cuda_graphs']} graphs)"
-    return _goal(goal, figure, _partial(e["capture_s"] < CAPTURE_S, sizes),
-                 "" if sizes == CAPTURE_SIZES else f"{sizes} sizes captured (Dynamo graphs: {e.get('dynamo_graphs')})")
-
-
-def _partial(ok: bool, sizes: int):
-    """Fewer sizes than the goal's give a lower bound: it can show a miss, never a pass (unknown instead)."""
-    return ok if ok is False or sizes >= CAPTURE_SIZES else None
+    return _goal(goal, figure, False if not beaten else (None if missing else True), "; ".join(missing[:3]))
 
 
 def goal_pool(result: dict, mode: str) -> dict:
-    goal = f"{mode}: graph pool memory < {POOL_FRACTION:.0%} of weight memory"
+    limit, (n, top) = POOL_FRACTION[mode], POOL_SIZES
+    goal = f"{mode}: graph pool < {limit:.0%} of the weights ({n} capture sizes up to {top} tokens)"
     e, weights = result["entries"].get(mode), result["meta"]["weight_bytes"]
     if e is None or not e.get("cuda_graphs"):
         return _goal(goal, "-", None, f"{mode}: no graphs ({(e or {}).get('reason') or 'not run'})")
     frac = e["pool_bytes"] / weights
-    # full captures the decode sizes that fit the cache's slots only, by design; pcg and bcg should have all 16
-    sizes = CAPTURE_SIZES if mode == "full" else e.get("capture_sizes_done") or 0
+    sizes = result["meta"]["capture_sizes"]
+    same = len(sizes) == n and max(sizes) == top
+    detail = "" if same else f"this run captured sizes {sizes}: a pool of the goal's sizes may be larger"
     return _goal(goal, f"{e['pool_bytes'] / 2**20:.0f} MiB = {frac:.1%} of {weights / 2**30:.2f} GiB",
-                 _partial(frac < POOL_FRACTION, sizes),
-                 "" if sizes >= CAPTURE_SIZES else f"only {sizes} sizes captured: the pool of {CAPTURE_SIZES} may be larger")
+                 frac < limit if same or frac >= limit else None, detail)
 
 
 def evaluate(result: dict) -> list[dict]:
-    """Every goal of the issue on this result, in the issue's order."""
-    return [
-        goal_floor(result), goal_vs_full(result, "pcg"), goal_vs_full(result, "bcg"), goal_vs_peer(result),
-        goal_prefill(result, "pcg"), goal_prefill(result, "bcg"),
-        goal_capture(result, "pcg"), goal_capture(result, "bcg"),
-        goal_pool(result, "pcg"), goal_pool(result, "bcg"), goal_pool(result, "full"),
-    ]
+    """Every goal of issues 17 and 18 on this result, in the issues' order."""
+    plan = result["meta"]["plan"]
+    decode = {b: Point("decode", batch=b, context=plan["context"]).id for b in (*GOAL_BATCHES, 64)}
+    per_token = {b: Point("per_token", batch=b, prompt=plan["prompt"], new_tokens=plan["new_tokens"]).id
+                 for b in GOAL_BATCHES}
+    ttft = Point("e2e", batch=1, prompt=plan["prompt"], new_tokens=1).id
+    out = [_floor(result, f"full decode B={b} <= {x}x its floor", "full", decode[b], x) for b, x in FLOOR_X.items()]
+    out += [_ratio(result, f"generate B={b}: full ms per new token <= {GENERATE_X}x full's decode step",
+                   ("full", per_token[b]), ("full", decode[b]), GENERATE_X) for b in GOAL_BATCHES]
+    out += [_ratio(result, f"decode B={b}: {m} <= {GRAPH_VS_FULL_X}x full", (m, decode[b]), ("full", decode[b]),
+                   GRAPH_VS_FULL_X) for m in ("pcg", "bcg") for b in GOAL_BATCHES]
+    out += [_faster(result, f"decode B={b}: full >= {TC_RO_SPEEDUP:g}x faster than tc-ro", ("full", decode[b]),
+                    ("tc-ro", decode[b]), TC_RO_SPEEDUP) for b in GOAL_BATCHES]
+    out.append(_faster(result, f"generate B=1: full >= {HF_STATIC_SPEEDUP:g}x faster than hf-static per new token",
+                       ("full", per_token[1]), ("hf-static", per_token[1]), HF_STATIC_SPEEDUP))
+    out += [goal_pool(result, m) for m in POOL_FRACTION]
+    out += [_under(result, f"full prefill of {t} tokens <= {ms:g} ms", "full", Point("prefill", tokens=t, seqs=1).id,
+                   ms) for t, ms in PREFILL_MS.items()]
+    tokens, x = PREFILL_FLOOR_X
+    out.append(_floor(result, f"full prefill of {tokens} tokens <= {x}x its compute floor", "full",
+                      Point("prefill", tokens=tokens, seqs=1).id, x))
+    seqs, each, x = PACKED_X
+    out.append(_ratio(result, f"full prefill of {seqs} packed prompts of {each} <= {x}x one prompt of {seqs * each}",
+                      ("full", Point("prefill", tokens=seqs * each, seqs=seqs).id),
+                      ("full", Point("prefill", tokens=seqs * each, seqs=1).id), x))
+    out.append(_under(result, f"full time to first token (prompt {plan['prompt']}, B=1) <= {TTFT_MS:g} ms", "full",
+                      ttft, TTFT_MS))
+    out += [goal_prefill_faster(result, m) for m in ("pcg", "bcg")]
+    return out

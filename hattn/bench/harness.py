@@ -1,19 +1,26 @@
 """Timing primitives of `hattn bench`: a clock (CUDA events on a GPU, perf_counter on a CPU), warm-up + median of N
-under a per-measurement time box, the device's copy bandwidth, the run's time budget, and the environment record.
+under a per-measurement time box, the device's copy bandwidth and bf16 matmul peak, the run's budget with hard
+deadlines, and the environment record.
 
     clock = Clock("cuda")
     t = measure(step, clock, reps=10, max_s=1.0)     # Timing(ms=median, times_ms=[...], first_ms=first call)
     bw = copy_bandwidth("cuda")                      # bytes/s, read + write counted
+    with Deadlines(Budget(480)) as d:                # Stop raised at the budget's end, on SIGTERM and SIGINT
+        with d.box(time.perf_counter() + 60): ...    # ... and at the end of one target's time box
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
+import os
 import platform
+import signal
 import statistics
 import subprocess
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -21,6 +28,17 @@ import torch
 
 class Skip(Exception):
     """A measurement that is not run, with the reason recorded in the report (never silently dropped)."""
+
+
+class Stop(BaseException):
+    """Time is up or a signal asked the run to end: the report is written from what was measured.
+
+    whole: the run ends (budget spent, SIGTERM, SIGINT); else only the current target's time box is spent.
+    A BaseException, so that no `except Exception` on the way (ours or a library's) swallows it."""
+
+    def __init__(self, reason: str, whole: bool = True):
+        super().__init__(reason)
+        self.whole = whole
 
 
 class Clock:
@@ -61,8 +79,10 @@ class Timing:
     first_ms: float
     reps: int
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def per_call(self, calls: int) -> dict:
+        """The figures of one of `calls` calls timed together (first_ms: all of the first)."""
+        return {"ms": self.ms / calls, "times_ms": [t / calls for t in self.times_ms], "first_ms": self.first_ms,
+                "reps": self.reps, "calls": calls}
 
 
 def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warmup: int = 2) -> Timing:
@@ -89,15 +109,25 @@ def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
     """
     dev = torch.device(device)
     nbytes = nbytes or (2**30 if dev.type == "cuda" else 2**26)
-    timing = _time_copy(dev, nbytes, reps)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), Clock(dev), reps=reps, max_s=2.0)
+    del src, dst
     free_memory(dev)
     return 2 * nbytes / (max(timing.ms, 1e-6) / 1e3)
 
 
-def _time_copy(dev: torch.device, nbytes: int, reps: int) -> Timing:
-    src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
-    dst = torch.empty_like(src)
-    return measure(lambda: dst.copy_(src), Clock(dev), reps=reps, max_s=2.0)
+def matmul_peak(device, n: int = 8192, reps: int = 10) -> float | None:
+    """FLOP/s of an n x n x n bf16 matmul on a GPU (the prefill compute floor's peak); None on a CPU."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b, out = torch.randn_like(a), torch.empty_like(a)
+    timing = measure(lambda: torch.mm(a, b, out=out), Clock(dev), reps=reps, max_s=2.0)
+    del a, b, out
+    free_memory(dev)
+    return 2 * n**3 / (timing.ms / 1e3)
 
 
 def free_memory(device) -> None:
@@ -108,16 +138,95 @@ def free_memory(device) -> None:
 
 @dataclass
 class Budget:
-    """The run's time budget: seconds from `start`."""
+    """The run's time budget: seconds from `start`. Its hard deadline leaves `reserve_s` for writing the report."""
 
     total_s: float
     start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def reserve_s(self) -> float:
+        return min(10.0, 0.05 * self.total_s)
+
+    @property
+    def hard_deadline(self) -> float:
+        return self.start + self.total_s - self.reserve_s
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def remaining(self) -> float:
-        return self.total_s - self.elapsed()
+        """Seconds left before the hard deadline."""
+        return self.hard_deadline - time.perf_counter()
+
+
+def process_start() -> float:
+    """When this process started, in time.perf_counter seconds (Linux; elsewhere: now), so that a budget covers
+    the imports too."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter()
+    return time.perf_counter() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class Deadlines:
+    """Hard deadlines: raises `Stop` in the main thread at the budget's hard deadline (whole run), at the end of the
+    current target's box (that target only), and on SIGTERM or SIGINT (whole run). Elsewhere than the main thread
+    it does nothing and the deadlines stay soft (checked between points). After the first whole-run Stop the
+    previous handlers are back, so a second Ctrl-C interrupts the report too."""
+
+    SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}
+
+    def __init__(self, budget: Budget):
+        self.budget, self.box_end, self.saved = budget, None, None
+        self.armed = threading.current_thread() is threading.main_thread()
+
+    def __enter__(self) -> "Deadlines":
+        if self.armed:
+            self.saved = {s: signal.signal(s, self._on_signal) for s in (signal.SIGALRM, *self.SIGNALS)}
+            self._arm()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self.armed and self.saved is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for s, handler in self.saved.items():
+                signal.signal(s, handler)
+            self.saved = None
+
+    def _arm(self) -> None:
+        if self.saved is not None:
+            end = min(self.budget.hard_deadline, self.box_end or float("inf"))
+            signal.setitimer(signal.ITIMER_REAL, max(end - time.perf_counter(), 1e-3))
+
+    def _on_signal(self, signum, frame) -> None:
+        now = time.perf_counter()
+        if signum in self.SIGNALS or now >= self.budget.hard_deadline - 1e-3:
+            self._restore()
+            why = self.SIGNALS.get(signum) or f"the budget ({self.budget.total_s:.0f} s) was spent"
+            raise Stop(f"stopped: {why}")
+        if self.box_end is not None and now >= self.box_end - 1e-3:
+            self.box_end = None
+            self._arm()
+            raise Stop("its time box was spent", whole=False)
+        self._arm()  # woken early: wait on
+
+    @contextlib.contextmanager
+    def box(self, end: float):
+        """Inside the block, Stop(whole=False) is raised at `end` (time.perf_counter seconds)."""
+        self.box_end = end
+        self._arm()
+        try:
+            yield
+        finally:
+            self.box_end = None
+            self._arm()
 
 
 class Memory:
@@ -156,7 +265,7 @@ def _git_commit() -> str | None:
 def environment(device) -> dict:
     """Device and library versions recorded with every run."""
     dev = torch.device(device)
-    env = {
+    return {
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "capability": ".".join(map(str, torch.cuda.get_device_capability(dev))) if dev.type == "cuda" else None,
@@ -169,4 +278,3 @@ def environment(device) -> dict:
         "hattn_commit": _git_commit(),
         "cpu_threads": torch.get_num_threads(),
     }
-    return env

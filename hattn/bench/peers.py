@@ -13,7 +13,8 @@ families) with `use_kernel_func_from_hub_with_fallback`: at import of the modeli
 the torch code stays reachable as `fn.__wrapped__`. "Without fla" replaces those module globals by their
 `__wrapped__` torch code for the duration of the target (`torch_kernels`); `hub_kernels` reports which
 implementation each one resolved to. Peers never write the KV cache during prefill (`use_cache=False`), which can
-only favour them.
+only favour them. Peers that compile run the goals' rows only, and the slow torch path only where it is cheap, so
+the default run keeps its budget.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from hattn.bench.goals import GOAL_BATCHES, PREFILL_MAX_TOKENS
 from hattn.bench.harness import Skip
 from hattn.bench.target import Setup, Target
 from hattn.bench.workloads import Point, token_ids
@@ -84,8 +86,17 @@ def _batched(point: Point, setup: Setup) -> torch.Tensor:
     return ids.view(point.seqs, point.tokens // point.seqs)
 
 
+def _goal_rows_only(name: str, point: Point) -> None:
+    """Compiling peers run the goals' rows only: each new shape costs them a recompile (tens of seconds)."""
+    if point.kind == "decode" and point.batch not in GOAL_BATCHES:
+        raise Skip(f"{name} runs decode at the goals' batches {GOAL_BATCHES} only (a new batch recompiles)")
+    if point.kind == "prefill" and point.tokens > PREFILL_MAX_TOKENS:
+        raise Skip(f"{name} runs prefill up to the goals' {PREFILL_MAX_TOKENS} tokens only")
+
+
 class _HFPeer(Target):
     kind = "peer"
+    est_s = (5.0, 2.0)
 
     def prefill(self, point: Point):
         ids = _batched(point, self.s)
@@ -106,6 +117,9 @@ class _HFPeer(Target):
         n = point.new_tokens
         return lambda: _infer_generate(self.s.hf, ids, n, **kwargs)
 
+    def info(self) -> dict:
+        return {"kernels": hub_kernels(modeling_module(self.s.hf))}
+
 
 def _infer(model, **kwargs):
     with torch.inference_mode():
@@ -119,7 +133,8 @@ def _infer_generate(hf, ids: torch.Tensor, n: int, **kwargs):
 
 
 class HFEager(_HFPeer):
-    """HF eager forward; decode steps over transformers' default DynamicCache (it grows by one token per call)."""
+    """HF eager forward; decode steps over transformers' default DynamicCache (it grows by one token per call).
+    The torch path (fla=False) runs where it is cheap only: decode B <= 4, prefill <= 1024 tokens."""
 
     def __init__(self, setup: Setup, fla: bool):
         super().__init__(setup)
@@ -140,24 +155,28 @@ class HFEager(_HFPeer):
             if switched:
                 self.notes.append(f"switched to torch code: {', '.join(switched)}")
 
+    def step(self, point: Point):
+        if not self.fla and (point.batch > 4 or point.tokens > 1024):
+            raise Skip("hf-eager's torch path is slow: it runs decode B <= 4 and prefill <= 1024 tokens only")
+        return super().step(point)
+
     def decode(self, point: Point):
         cache, last = self._filled_cache(point, static=False)
         return lambda: _infer(self.s.hf, input_ids=last, past_key_values=cache, use_cache=True)
 
     def e2e(self, point: Point):
-        return self._generate(point)
-
-    def info(self) -> dict:
-        return {"kernels": hub_kernels(modeling_module(self.s.hf))}
+        raise Skip(f"{self.name} generates a token per eager decode step (see the decode rows): not run, to keep "
+                   f"the run's budget")
 
     def close(self) -> None:
         self._switch.close()
 
 
 class HFStatic(_HFPeer):
-    """`generate(cache_implementation="static")`: transformers compiles the decode step (CompileConfig default)."""
+    """`generate(cache_implementation="static")`: transformers compiles the decode step (CompileConfig default).
+    Run at batch 1 only (the goal's row): another batch recompiles."""
 
-    name, about, est_s = "hf-static", "HF generate, static cache, compiled by transformers (+fla if found)", 60.0
+    name, about, est_s = "hf-static", "HF generate, static cache, compiled by transformers (+fla if found)", (75.0, 5.0)
 
     def prepare(self) -> None:
         torch._dynamo.reset()
@@ -170,10 +189,9 @@ class HFStatic(_HFPeer):
     decode = prefill
 
     def e2e(self, point: Point):
+        if point.batch != 1:
+            raise Skip("hf-static generates at batch 1 only (the goal's row): another batch recompiles")
         return self._generate(point, cache_implementation="static")
-
-    def info(self) -> dict:
-        return {"kernels": hub_kernels(modeling_module(self.s.hf))}
 
     def close(self) -> None:
         torch._dynamo.reset()
@@ -182,14 +200,13 @@ class HFStatic(_HFPeer):
 class TorchCompile(_HFPeer):
     """torch.compile of the HF model: prefill without cache, decode steps over a filled StaticCache."""
 
-    est_s = 60.0
-
     def __init__(self, setup: Setup, mode: str):
         super().__init__(setup)
         self.mode = mode
         self.name = "tc-default" if mode == "default" else "tc-ro"
         self.about = f"torch.compile(model{'' if mode == 'default' else ', mode=' + repr(mode)}) on the HF model"
         self.warmup = 3 if mode == "reduce-overhead" else 2  # cudagraph trees record on the second call
+        self.est_s = (100.0, 45.0) if mode == "reduce-overhead" else (60.0, 45.0)
         self.model = None
 
     def prepare(self) -> None:
@@ -199,6 +216,10 @@ class TorchCompile(_HFPeer):
         else:
             self.model = torch.compile(self.s.hf, backend=self.s.peer_backend)
             self.notes.append(f"compiled with backend={self.s.peer_backend!r} (mode {self.mode!r} not applied)")
+
+    def step(self, point: Point):
+        _goal_rows_only(self.name, point)
+        return super().step(point)
 
     def prefill(self, point: Point):
         ids = _batched(point, self.s)
@@ -214,22 +235,17 @@ class TorchCompile(_HFPeer):
     def e2e(self, point: Point):
         raise Skip("generate with torch.compile is the hf-static peer (transformers compiles the decode step)")
 
-    def info(self) -> dict:
-        return {"kernels": hub_kernels(modeling_module(self.s.hf))}
-
     def close(self) -> None:
         self.model = None
         torch._dynamo.reset()
 
 
-PEERS = ("hf-eager-fla", "hf-eager", "hf-static", "tc-default", "tc-ro")
+PEERS = ("hf-static", "tc-ro", "tc-default", "hf-eager-fla", "hf-eager")
 
 
 def make_peer(name: str, setup: Setup) -> Target:
-    if name == "hf-eager-fla":
-        return HFEager(setup, fla=True)
-    if name == "hf-eager":
-        return HFEager(setup, fla=False)
+    if name in ("hf-eager-fla", "hf-eager"):
+        return HFEager(setup, fla=name == "hf-eager-fla")
     if name == "hf-static":
         return HFStatic(setup)
     if name in ("tc-default", "tc-ro"):

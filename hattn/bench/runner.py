@@ -2,11 +2,14 @@
 
 Each target gets a time box: its compile estimate plus an even share of what the estimates of the targets still to
 run leave of the budget. Within a target, points are skipped with a reason when the box is spent, when a smaller
-point of the same series projects the next one past the per-call limit, or when the same error repeats. Nothing
-is dropped silently: every point of every target ends up in the entry as a timing, `skipped` or `error`.
+point of the same series projects the next one past the per-call limit, or when the same error repeats. With
+`Deadlines` the box is also hard (one more compile estimate past it), and so is the budget: a `Stop` ends the
+target or the run, and what was measured stays. Nothing is dropped silently: every point of every target ends up
+in the entry as a timing, `skipped` or `error`.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from hattn.bench.harness import Budget, Clock, Memory, Skip, free_memory, measure
+from hattn.bench.harness import Budget, Clock, Deadlines, Memory, Skip, Stop, free_memory, measure
 from hattn.bench.target import Target
 from hattn.bench.workloads import Point
 
@@ -27,7 +30,7 @@ class Options:
     max_s          seconds of timed calls per point (at least one call is timed)
     slow_s         per-call limit a point may be projected to; larger sizes of its series are skipped beyond it
     profile        torch.profiler summary of hattn modes (profile_steps steps per profiled point)
-    min_measure_s  seconds of a target's time box beyond its compile estimate, at least (GPU; a tenth on CPU)
+    min_measure_s  seconds of a target's time box beyond its compile estimate, at least
     """
 
     reps: int = 10
@@ -69,58 +72,72 @@ def _clear_dynamo_counters() -> None:
 
 
 class _Entry:
-    """What one target produced; becomes the JSON entry."""
+    """What one target produced so far; `d` becomes its JSON entry (live: a stopped run reports it as it is)."""
 
     def __init__(self, target: Target, box_s: float):
-        self.t, self.box_s = target, box_s
+        self.t, self.box_s, self.end = target, box_s, time.perf_counter() + box_s
         self.d = {"kind": target.kind, "about": target.about, "status": "ok", "reason": None, "results": {},
-                  "notes": target.notes}
+                  "notes": target.notes, "box_s": box_s}
         self.series_skip: dict[str, str] = {}
-        self.last_error, self.repeats = None, 0
+        self.last_error, self.repeats, self.current, self.start = None, 0, None, time.perf_counter()
+        self.mem = Memory(target.s.device)
+        _clear_dynamo_counters()
 
     @property
     def results(self) -> dict:
         return self.d["results"]
 
-    def skip_all(self, points: list[Point], why: str, status: str = "skipped") -> dict:
-        self.d.update(status=status, reason=why)
+    def skip_rest(self, points: list[Point], why: str, status: str = "skipped") -> None:
+        """Every point without a result gets `why` (as an error when status is "failed")."""
         for p in points:
-            self.results.setdefault(p.id, {"skipped": why} if status == "skipped" else {"error": why})
-        return self.d
+            self.results.setdefault(p.id, {"error": why} if status == "failed" else {"skipped": why})
+
+    def skip_all(self, points: list[Point], why: str, status: str = "skipped") -> None:
+        self.d.update(status=status, reason=why)
+        self.skip_rest(points, why, status)
 
 
-def run_target(target: Target, points: list[Point], clock: Clock, opts: Options, deadline: float) -> dict:
-    """Measure `target` on every point until `deadline` (time.perf_counter seconds)."""
-    t0 = time.perf_counter()
-    e = _Entry(target, deadline - t0)
-    mem = Memory(target.s.device)
-    _clear_dynamo_counters()
+def run_target(target: Target, points: list[Point], clock: Clock, opts: Options, box_s: float,
+               deadlines: Deadlines | None = None, grace_s: float = 0.0) -> dict:
+    """Measure `target` on every point within `box_s` seconds; with `deadlines`, stop it `grace_s` after that."""
+    e = _Entry(target, box_s)
+    _run(e, points, clock, opts, deadlines, grace_s)
+    return _finish(e)
+
+
+def _run(e: _Entry, points: list[Point], clock: Clock, opts: Options, deadlines: Deadlines | None,
+         grace_s: float) -> None:
     try:
-        target.prepare()
+        e.t.prepare()
     except Skip as s:
-        e.skip_all(points, f"skipped: {s}")
-        return _finish(e, mem)
+        return e.skip_all(points, f"skipped: {s}")
     except Exception as ex:  # noqa: BLE001  (a failing target is a row with its reason, never a crash)
         e.d["detail"] = detail(ex)
-        e.skip_all(points, f"failed in setup: {reason(ex)}", status="failed")
-        return _finish(e, mem)
-    e.d["setup_s"] = time.perf_counter() - t0
-    bar = _bar(points, target.name, opts.progress)
-    with _no_silent_eager():
-        for i, p in enumerate(points):
-            bar.set_postfix_str(p.id)
-            e.results[p.id] = _run_point(e, p, points[i + 1:], clock, opts, deadline)
-            bar.update()
-    bar.close()
-    if opts.profile and target.kind == "hattn" and time.perf_counter() < deadline:
-        e.d["profile"] = profile_target(target, points, clock, opts)
-    return _finish(e, mem)
+        return e.skip_all(points, f"failed in setup: {reason(ex)}", status="failed")
+    e.d["setup_s"] = time.perf_counter() - e.start
+    bar = _bar(points, e.t.name, opts.progress)
+    hard = deadlines.box(e.end + grace_s) if deadlines is not None else contextlib.nullcontext()
+    try:
+        with hard, _no_silent_eager():
+            for i, p in enumerate(points):
+                bar.set_postfix_str(p.id)
+                e.current = p.id
+                e.results[p.id] = _run_point(e, p, points[i + 1:], clock, opts)
+                bar.update()
+            if opts.profile and e.t.kind == "hattn" and time.perf_counter() < e.end:
+                e.current = "profile"
+                e.d["profile"] = profile_target(e.t, points, clock, opts)
+    except Stop as stop:
+        if stop.whole:
+            raise
+        e.d["box_spent"] = f"stopped during {e.current}, {grace_s:.0f} s past its time box ({e.box_s:.0f} s)"
+        e.skip_rest(points, f"not run: {e.t.name} was {e.d['box_spent']}")
+    finally:
+        bar.close()
 
 
 def _no_silent_eager():
     """Make Dynamo raise at its recompile limit instead of running the rest uncompiled (where torch has the flag)."""
-    import contextlib
-
     if "fail_on_recompile_limit_hit" in getattr(torch._dynamo.config, "_config", {}):
         return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
     return contextlib.nullcontext()
@@ -132,12 +149,13 @@ def _bar(points, name: str, progress: bool):
     return tqdm(total=len(points), desc=f"bench {name}", unit="pt", leave=False, disable=not progress)
 
 
-def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Options, deadline: float) -> dict:
+def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Options) -> dict:
     if p.series in e.series_skip:
         return {"skipped": e.series_skip[p.series]}
     if e.repeats >= 2:
         return {"skipped": f"not run: the same error repeated ({e.last_error})"}
-    if time.perf_counter() > deadline:
+    if time.perf_counter() > e.end:
+        e.d["box_spent"] = f"out of time before {p.id} (time box {e.box_s:.0f} s)"
         return {"skipped": f"skipped: {e.t.name}'s time box ({e.box_s:.0f} s of the run's --budget) was spent"}
     try:
         fn = e.t.step(p)
@@ -151,8 +169,15 @@ def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Opti
         e.last_error = msg
         return {"error": msg, "detail": detail(ex)}
     e.repeats = 0
-    _project(e, p, later, timing.ms, opts.slow_s)
-    return timing.as_dict()
+    e.d.setdefault("startup", startup(timing.first_ms / 1e3, e.t.counters()))
+    _project(e, p, later, timing.ms / p.calls, opts.slow_s)
+    return timing.per_call(p.calls)
+
+
+def startup(first_s: float, counters: dict[str, float]) -> dict:
+    """The first call's wall time split into what the target's counters account for and the rest ("other":
+    Dynamo, inductor, first kernels, whatever no counter covers yet; negative if counters overlap)."""
+    return {"first_call_s": first_s, **counters, "other_s": first_s - sum(counters.values())}
 
 
 def _project(e: _Entry, p: Point, later: list[Point], ms: float, slow_s: float) -> None:
@@ -160,74 +185,87 @@ def _project(e: _Entry, p: Point, later: list[Point], ms: float, slow_s: float) 
     nxt = next((q for q in later if q.series == p.series), None)
     if nxt is None or p.size == 0 or p.kind == "e2e":  # the generate rows are a pair, both needed
         return
-    projected = ms / 1e3 * nxt.size / p.size
+    projected = ms / 1e3 * nxt.size / p.size * nxt.calls
     if projected > slow_s:
         e.series_skip[p.series] = (f"skipped: {p.label} took {ms:.0f} ms per call, so {nxt.label} and larger "
-                                   f"project to >= {projected:.1f} s per call (limit {slow_s:g} s)")
+                                   f"project to >= {projected:.1f} s per step (limit {slow_s:g} s)")
 
 
-def _finish(e: _Entry, mem: Memory) -> dict:
+def _finish(e: _Entry) -> dict:
     try:
         e.d.update(e.t.info())
     except Exception as ex:  # noqa: BLE001
         e.d["notes"].append(f"info failed: {reason(ex)}")
     e.d.update(_dynamo_counters())
-    e.d.update(mem.peak())
-    e.d.update(warmup_figures(e.results, e.d.get("capture_s", 0.0)))
+    e.d.update(e.mem.peak())
+    e.d["time_s"] = time.perf_counter() - e.start
+    e.d["warmup_overhead_s"] = sum(max(0.0, r["first_ms"] - r["ms"] * r["calls"]) for r in e.results.values()
+                                   if "ms" in r) / 1e3
     if not any("ms" in r for r in e.results.values()):
         e.d["status"] = "failed" if any("error" in r for r in e.results.values()) else "skipped"
         e.d["reason"] = e.d["reason"] or "no point measured (see the points' reasons)"
     return e.d
 
 
-def warmup_figures(results: dict, capture_s: float) -> dict:
-    """first_call_s: the first measured call (compile, capture); warmup_overhead_s: what every first call cost
-    beyond a steady call, summed (recompiles for new shapes included); compile_s: that, less capture."""
-    measured = [r for r in results.values() if "ms" in r]
-    if not measured:
-        return {"first_call_s": None, "warmup_overhead_s": None, "compile_s": None}
-    overhead = sum(max(0.0, r["first_ms"] - r["ms"]) for r in measured) / 1e3
-    return {"first_call_s": measured[0]["first_ms"] / 1e3, "warmup_overhead_s": overhead,
-            "compile_s": max(0.0, overhead - (capture_s or 0.0))}
-
-
 def run_all(targets: list[Callable[[], Target]], names: list[str], points: list[Point], clock: Clock,
-            opts: Options, budget: Budget, on_entry: Callable[[dict], None] | None = None) -> dict[str, dict]:
-    """Run each target in order within the budget. `targets[i]()` builds the target named `names[i]`.
+            opts: Options, budget: Budget, deadlines: Deadlines | None = None,
+            on_entry: Callable[[dict], None] | None = None) -> tuple[dict[str, dict], list[str]]:
+    """Run each target in order within the budget; `targets[i]()` builds the target named `names[i]`.
+    Returns (entries by name, the reasons the run is partial: empty when everything ran).
 
     A target starts only if the budget left covers its compile estimate; its time box is that estimate plus an
-    even share of what the estimates of all targets still to run leave over (at least opts.min_measure_s).
-    `on_entry(entries so far)` is called after each target (the CLI writes a partial JSON there).
+    even share of what the estimates of all targets still to run leave over (at least opts.min_measure_s), and it
+    is stopped one more estimate past its box. A whole-run Stop (budget spent, SIGTERM, SIGINT) ends the run with
+    what was measured. `on_entry(entries so far)` is called after each target (the CLI writes the JSON there).
     """
-    from tqdm.auto import tqdm
-
     entries: dict[str, dict] = {}
-    built: list[tuple[str, Target]] = []
+    partial: list[str] = []
+    current: _Entry | None = None
+    name = None
+    try:
+        built = _build(targets, names, points, entries)
+        for i, (name, target) in enumerate(built):
+            est, left = target.estimate(clock.cuda), budget.remaining()
+            if left < est:
+                why = f"skipped: {left:.0f} s of the {budget.total_s:.0f} s budget left, {name} needs ~{est:.0f} s"
+                entries[name] = _not_run(points, why, "skipped", target)
+                partial.append(f"{name}: not started ({why.removeprefix('skipped: ')})")
+                continue
+            spare = left - sum(t.estimate(clock.cuda) for _, t in built[i:])
+            box = min(left, est + max(opts.min_measure_s, spare / (len(built) - i)))
+            try:
+                current = _Entry(target, box)
+                entries[name] = current.d
+                _run(current, points, clock, opts, deadlines, grace_s=min(est, left - box))
+                _finish(current)
+            except Exception as ex:  # noqa: BLE001  (e.g. a broken CUDA context: the run goes on, reported)
+                entries[name] = _not_run(points, f"failed: {reason(ex)}", "failed", target)
+                entries[name]["detail"] = detail(ex)
+            current = None
+            if entries[name].get("box_spent"):
+                partial.append(f"{name}: its time box was spent ({entries[name]['box_spent']})")
+            _close(target, entries[name])
+            if on_entry is not None:
+                on_entry(entries)
+    except Stop as stop:
+        where = f" during {name} {current.current or 'setup'}" if current is not None else ""
+        partial.append(f"{stop}{where}")
+        if current is not None:
+            current.skip_rest(points, f"not run: the run was {stop}")
+            _finish(current)
+        for name in names:
+            entries.setdefault(name, _not_run(points, f"not run: the run was {stop}", "skipped"))
+    return {n: entries[n] for n in names if n in entries}, partial
+
+
+def _build(targets, names, points, entries) -> list[tuple[str, Target]]:
+    built = []
     for make, name in zip(targets, names):
         try:
             built.append((name, make()))
         except Exception as ex:  # noqa: BLE001
             entries[name] = _not_run(points, f"failed to build: {reason(ex)}", "failed")
-    scale = 1.0 if clock.cuda else 0.1
-    for i, (name, target) in enumerate(tqdm(built, desc="bench", unit="target", disable=not opts.progress)):
-        est, left = target.est_s * scale, budget.remaining()
-        if left < est:
-            entries[name] = _not_run(points, f"skipped: {left:.0f} s of the {budget.total_s:.0f} s budget left, "
-                                             f"{name} needs ~{est:.0f} s to compile", "skipped", target)
-        else:
-            spare = left - sum(t.est_s * scale for _, t in built[i:])
-            box = min(left, est + max(opts.min_measure_s * scale, spare / (len(built) - i)))
-            try:
-                entries[name] = run_target(target, points, clock, opts, time.perf_counter() + box)
-                entries[name]["box_s"] = box
-            except Exception as ex:  # noqa: BLE001  (e.g. a broken CUDA context: the run goes on, reported)
-                entries[name] = _not_run(points, f"failed: {reason(ex)}", "failed", target)
-                entries[name]["detail"] = detail(ex)
-            finally:
-                _close(target, entries.get(name))
-        if on_entry is not None:
-            on_entry(entries)
-    return {n: entries[n] for n in names if n in entries}
+    return built
 
 
 def _not_run(points, why: str, status: str, target: Target | None = None) -> dict:
@@ -236,13 +274,12 @@ def _not_run(points, why: str, status: str, target: Target | None = None) -> dic
             "reason": why, "results": {p.id: {key: why} for p in points}, "notes": []}
 
 
-def _close(target: Target, entry: dict | None) -> None:
+def _close(target: Target, entry: dict) -> None:
     try:
         target.close()
         free_memory(target.s.device)
     except Exception as ex:  # noqa: BLE001
-        if entry is not None:
-            entry["notes"].append(f"close failed: {reason(ex)}")
+        entry["notes"].append(f"close failed: {reason(ex)}")
 
 
 # -- profile -------------------------------------------------------------------------------------------------------

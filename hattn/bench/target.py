@@ -1,7 +1,7 @@
-"""A bench target: one column of the report (a hattn mode or a peer), measured on the shared models and caches.
+"""A bench target: one column of the report (a hattn mode, a peer, or a kernel implementation).
 
-A target turns each workload point into a zero-argument step to time, or raises `Skip(reason)` when the point does
-not apply to it; the runner records every skip and error with its reason.
+A target turns each point into a zero-argument step to time, or raises `Skip(reason)` when the point does not
+apply to it; the runner records every skip and error with its reason.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from hattn.bench.workloads import Plan, Point
 
 @dataclass
 class Setup:
-    """What every target of one run shares.
+    """What every target of one model-suite run shares.
 
     hf     the unmodified transformers model (peers run it)
     lm     a HybridLM adapted from a deep copy of `hf` (same weights; hattn modes run it)
@@ -59,28 +59,35 @@ class Setup:
 
 
 class Target:
-    """Base of hattn modes and peers. Subclasses set the class fields and implement what applies to them.
+    """Base of hattn modes, peers and kernel implementations. Subclasses set the class fields and implement what
+    applies to them.
 
     warmup  calls before timing (the first one, compile included, is timed on its own)
-    est_s   seconds the target needs before its first figure (compile), on a GPU; the runner does not start a
-            target with less budget left
+    est_s   (GPU, CPU) seconds the target needs before its first figure (compile); the runner does not start a
+            target with less budget left, and lets its time box run over by as much before stopping it
     """
 
     name = "target"
     kind = "hattn"
     about = ""
     warmup = 2
-    est_s = 10.0
+    est_s = (10.0, 2.0)
 
-    def __init__(self, setup: Setup):
+    def __init__(self, setup):
         self.s = setup
         self.notes: list[str] = []
+
+    def estimate(self, cuda: bool) -> float:
+        return self.est_s[0 if cuda else 1]
 
     def prepare(self) -> None:
         """Build what the steps need (the compile itself happens on the first call). Raise Skip to skip all."""
 
     def step(self, point: Point) -> Callable[[], object]:
-        return getattr(self, point.kind)(point)
+        return getattr(self, point.kind, self._unknown)(point)
+
+    def _unknown(self, point: Point):
+        raise Skip(f"{self.name} does not run {point.kind} points")
 
     def prefill(self, point: Point) -> Callable[[], object]:
         raise Skip(f"{self.name} does not run prefill")
@@ -91,8 +98,13 @@ class Target:
     def e2e(self, point: Point) -> Callable[[], object]:
         raise Skip(f"{self.name} does not run generation")
 
+    def counters(self) -> dict[str, float]:
+        """Seconds the target's own counters account for so far ({name ending in _seconds: s}); the startup
+        breakdown splits the first call's wall time with them."""
+        return {}
+
     def info(self) -> dict:
-        """Figures beyond latency: compile/capture seconds, graph pool bytes, graph counts, kernels used."""
+        """Figures beyond latency: capture seconds, graph pool bytes, graph counts, kernels used."""
         return {}
 
     def close(self) -> None:

@@ -1,12 +1,13 @@
-"""What `hattn bench` measures: prefill/extend of one and several sequences at growing token counts, decode steps at
-growing batch sizes over a fixed context, and end-to-end generation.
+"""What `hattn bench` measures: one `Point` per row of the report, and the model suite's `Plan` of them.
 
-    plan = Plan()                                # issue defaults; Plan.quick() for a smoke run
-    for p in plan.points(("prefill", "decode", "e2e")): ...
+    plan = Plan()                                  # the issues' sizes; Plan.quick() for a smoke run
+    points = plan.points(("decode", "prefill", "e2e"))
+    derived = plan.derived()                       # per-token rows: computed from the generate rows, not run
 
-Points are ordered as they are run: decode first (the goals' batch-1 figure), then prefill of one sequence, prefill
-of several, then generation (of `new_tokens`, then of 1 token: their difference is the per-token figure). Within
-the prefill and decode series sizes grow, so the runner can skip sizes it projects past the per-call limit.
+Model points run in this order: decode steps (batch grows over a fixed context), prefill of one and of several
+packed sequences (tokens grow), then generation for each batch (`new_tokens`, then 1 token: the time to first
+token; their difference per token is the derived row). Kernel workloads (`hattn.bench.kernels`) make points of
+their own kinds. Within a series only the size grows, so the runner can skip sizes it projects past its limit.
 """
 from __future__ import annotations
 
@@ -15,57 +16,78 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 WORKLOADS = ("decode", "prefill", "e2e")
+LABELS = {
+    "decode": "decode B={batch} ctx={context}",
+    "prefill": "prefill {tokens} tok ({seqs} seqs)",
+    "e2e": "generate {new_tokens} tok (B={batch}, prompt {prompt})",
+    "per_token": "generate: ms per new token (B={batch})",
+}
+TAGS = (("tokens", "T"), ("seqs", "x"), ("batch", "B"), ("context", "C"), ("prompt", "P"), ("new_tokens", "N"))
 
 
 @dataclass(frozen=True)
 class Point:
-    """One measured workload.
+    """One row: a workload at one size.
 
-    kind     "prefill" (`seqs` sequences of tokens/seqs new tokens each, empty context), "decode" (`batch`
-             sequences, one new token each, `context` tokens already cached) or "e2e" (generate `new_tokens` for
-             `batch` prompts of `prompt` tokens, prefill included)
-    series   points of one series differ only in size (the runner's skip rule works per series)
+    kind     "decode" (`batch` sequences, one new token each, `context` tokens cached), "prefill" (`seqs` packed
+             sequences of tokens/seqs new tokens, empty cache), "e2e" (generate `new_tokens` for `batch` prompts of
+             `prompt` tokens), "per_token" (derived from two e2e rows), or a kernel workload's name
+    shape    kernel workloads: which layer shape
+    calls    calls timed together (kernel workloads: layer copies); the figure is per call
+    bytes, flops  what one call must move and compute at least (0: unknown); the row's floor (hattn.bench.floor)
     """
 
     kind: str
+    shape: str = ""
     tokens: int = 0
-    seqs: int = 1
-    batch: int = 1
+    seqs: int = 0
+    batch: int = 0
     context: int = 0
     prompt: int = 0
     new_tokens: int = 0
+    calls: int = field(default=1, compare=False)
+    bytes: int = field(default=0, compare=False)
+    flops: int = field(default=0, compare=False)
+
+    def _parts(self) -> list[tuple[str, str]]:
+        return [(name, f"{tag}{getattr(self, name)}") for name, tag in TAGS if getattr(self, name)]
 
     @property
     def id(self) -> str:
-        if self.kind == "prefill":
-            return f"prefill/T{self.tokens}/x{self.seqs}"
-        if self.kind == "decode":
-            return f"decode/B{self.batch}/C{self.context}"
-        return f"e2e/B{self.batch}/P{self.prompt}/N{self.new_tokens}"
+        return "/".join([self.kind] + ([self.shape] if self.shape else []) + [p for _, p in self._parts()])
 
     @property
-    def series(self) -> str:
-        return {"prefill": f"prefill/x{self.seqs}", "decode": "decode", "e2e": "e2e"}[self.kind]
+    def size_field(self) -> str:
+        return "tokens" if self.tokens else "batch"
 
     @property
     def size(self) -> int:
-        return {"prefill": self.tokens, "decode": self.batch, "e2e": self.new_tokens}[self.kind]
+        return getattr(self, self.size_field)
+
+    @property
+    def series(self) -> str:
+        """The id without the size: points of one series differ only in size."""
+        rest = [p for name, p in self._parts() if name != self.size_field]
+        return "/".join([self.kind] + ([self.shape] if self.shape else []) + rest)
 
     @property
     def label(self) -> str:
-        if self.kind == "prefill":
-            return f"prefill {self.tokens} tok" + (f" ({self.seqs} seqs)" if self.seqs > 1 else "")
-        if self.kind == "decode":
-            return f"decode B={self.batch} ctx={self.context}"
-        return f"generate {self.new_tokens} tok (B={self.batch}, prompt {self.prompt})"
+        if self.kind == "e2e" and self.new_tokens == 1:
+            return f"time to first token (B={self.batch}, prompt {self.prompt})"
+        if self.kind in LABELS:
+            return LABELS[self.kind].format(**asdict(self)).replace(" (1 seqs)", "")
+        sizes = [f"{n}={getattr(self, n)}" for n, _ in TAGS if getattr(self, n)]
+        return " ".join([self.kind] + ([self.shape] if self.shape else []) + sizes)
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "label": self.label, **asdict(self)}
+        return {"id": self.id, "label": self.label, "series": self.series, **asdict(self)}
 
 
 @dataclass
 class Plan:
-    """Sizes of the workloads (defaults: the issue's). seqs: how many sequences the multi-sequence prefill packs."""
+    """Sizes of the model suite (defaults: issues 17 and 18). seqs: sequences of the packed prefill series;
+    gen_batches: batches of the generate rows (each gives a per-token row; B=1's 1-token row is the time to first
+    token)."""
 
     tokens: list[int] = field(default_factory=lambda: [16, 64, 256, 1024, 4096, 8192])
     seqs: int = 4
@@ -73,10 +95,11 @@ class Plan:
     context: int = 1024
     prompt: int = 128
     new_tokens: int = 128
+    gen_batches: list[int] = field(default_factory=lambda: [1, 16])
 
     @classmethod
     def quick(cls) -> "Plan":
-        return cls(tokens=[16, 64], seqs=2, batches=[1, 4], context=64, prompt=16, new_tokens=8)
+        return cls(tokens=[16, 64], seqs=2, batches=[1, 4], context=64, prompt=16, new_tokens=8, gen_batches=[1])
 
     def __post_init__(self):
         if any(t < self.seqs or t % self.seqs for t in self.tokens):
@@ -92,13 +115,17 @@ class Plan:
         if "decode" in workloads:
             out += [Point("decode", batch=b, context=self.context) for b in sorted(self.batches)]
         if "prefill" in workloads:
-            for seqs in (1, self.seqs) if self.seqs > 1 else (1,):
+            for seqs in sorted({1, self.seqs}):
                 out += [Point("prefill", tokens=t, seqs=seqs) for t in sorted(self.tokens)]
         if "e2e" in workloads:
-            # the long generation first: a peer that compiles its decode step (hf-static) does it there, so the
-            # target's first call is the compile, as a user meets it
-            out += [Point("e2e", prompt=self.prompt, new_tokens=n) for n in (self.new_tokens, 1)]
+            # the long generation first: a peer that compiles its decode step (hf-static) does it there
+            out += [Point("e2e", batch=b, prompt=self.prompt, new_tokens=n)
+                    for b in self.gen_batches for n in (self.new_tokens, 1)]
         return out
+
+    def derived(self) -> list[Point]:
+        """Per-token rows: (generate new_tokens - generate 1) / (new_tokens - 1) for each generate batch."""
+        return [Point("per_token", batch=b, prompt=self.prompt, new_tokens=self.new_tokens) for b in self.gen_batches]
 
     @property
     def max_prefill(self) -> int:
@@ -106,26 +133,21 @@ class Plan:
 
     @property
     def max_batch(self) -> int:
-        return max(self.batches, default=1)
+        return max(self.batches + self.gen_batches, default=1)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def per_token_id(plan: Plan) -> str:
-    """Id of the derived e2e row: (time for new_tokens - time for 1) / (new_tokens - 1)."""
-    return f"e2e/B1/P{plan.prompt}/per_token"
-
-
-def e2e_ids(plan: Plan) -> tuple[str, str]:
-    """(id of the 1-token generation, id of the new_tokens generation)."""
-    return (Point("e2e", prompt=plan.prompt, new_tokens=1).id,
-            Point("e2e", prompt=plan.prompt, new_tokens=plan.new_tokens).id)
+def generate_pair(per_token: Point) -> tuple[str, str]:
+    """(id of the 1-token generate row, id of the new_tokens row) a per-token row is derived from."""
+    one = Point("e2e", batch=per_token.batch, prompt=per_token.prompt, new_tokens=1)
+    return one.id, Point("e2e", batch=per_token.batch, prompt=per_token.prompt, new_tokens=per_token.new_tokens).id
 
 
 # -- inputs --------------------------------------------------------------------------------------------------------
 def token_ids(n: int, vocab: int, device, seed: int = 0) -> torch.Tensor:
-    """n random token ids [n] (fixed seed: every entry sees the same tokens)."""
+    """n random token ids [n] (fixed seed: every target sees the same tokens)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n,), generator=g).to(device)
 

@@ -1,10 +1,15 @@
-"""Timing harness and workload plan: median of N under a time box, first call apart, bandwidth, point order."""
+"""Timing harness and workload points: median of N under a time box, first call apart, bandwidth, hard deadlines,
+point ids, series and order."""
+import os
+import signal
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from hattn.bench.harness import Budget, Clock, copy_bandwidth, environment, measure
-from hattn.bench.workloads import Plan, Point, e2e_ids, per_token_id
+from hattn.bench.harness import Budget, Clock, Deadlines, Stop, copy_bandwidth, environment, matmul_peak, measure
+from hattn.bench.workloads import Plan, Point, generate_pair
 
 
 class Calls:
@@ -23,6 +28,8 @@ def test_measure_times_the_first_call_apart_and_takes_the_median():
     assert t.reps == 3 and len(t.times_ms) == 3 and fn.n == 5  # 2 warm-up calls + 3 timed
     assert t.ms == sorted(t.times_ms)[1]
     assert t.ms < 50
+    per = t.per_call(4)
+    assert per["ms"] == t.ms / 4 and per["first_ms"] == t.first_ms and per["calls"] == 4
 
 
 def test_measure_stops_at_the_time_box_but_times_one_call():
@@ -37,15 +44,39 @@ def test_measure_skips_extra_warmup_after_a_slow_first_call():
     assert fn.n == 2  # the first call, then one timed call: no second or third warm-up
 
 
-def test_copy_bandwidth_counts_read_and_write():
-    bw = copy_bandwidth("cpu", nbytes=1 << 20, reps=3)
-    assert 1e7 < bw < 1e13
+def test_copy_bandwidth_counts_read_and_write_and_no_matmul_peak_on_cpu():
+    assert 1e7 < copy_bandwidth("cpu", nbytes=1 << 20, reps=3) < 1e13
+    assert matmul_peak("cpu") is None
 
 
-def test_budget_counts_down():
-    b = Budget(10.0)
-    assert 9.0 < b.remaining() <= 10.0
+def test_budget_keeps_a_reserve_for_the_report():
+    b = Budget(100.0)
+    assert b.reserve_s == 5.0 and Budget(1000.0).reserve_s == 10.0
+    assert 94.0 < b.remaining() <= 95.0
     assert Budget(0.0).remaining() <= 0
+
+
+def test_a_box_deadline_stops_only_the_target():
+    with Deadlines(Budget(60.0)) as d:
+        with pytest.raises(Stop, match="its time box was spent") as stop:
+            with d.box(time.perf_counter() + 0.05):
+                time.sleep(1.0)
+        assert stop.value.whole is False
+        time.sleep(0.1)  # the box is over: no second Stop
+
+
+def test_the_budget_and_sigterm_stop_the_whole_run_once():
+    start = time.perf_counter()
+    with pytest.raises(Stop, match=r"stopped: the budget \(1 s\) was spent") as stop:
+        with Deadlines(Budget(1.0)):
+            time.sleep(2.0)
+    assert stop.value.whole and time.perf_counter() - start < 1.5
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Stop, match="stopped: SIGTERM"):
+        with Deadlines(Budget(60.0)):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_environment_names_versions():
@@ -54,18 +85,37 @@ def test_environment_names_versions():
         assert key in env and env[key] is not None
 
 
-def test_plan_points_order_and_ids():
+def test_plan_points_order_ids_and_labels():
     plan = Plan()
     points = plan.points()
-    kinds = [p.kind for p in points]
-    assert kinds == ["decode"] * 4 + ["prefill"] * 12 + ["e2e"] * 2
-    assert [p.batch for p in points[:4]] == [1, 4, 16, 64]
-    assert points[4].id == "prefill/T16/x1" and points[10].id == "prefill/T16/x4"
-    assert points[0].id == "decode/B1/C1024"
-    assert e2e_ids(plan) == ("e2e/B1/P128/N1", "e2e/B1/P128/N128")
-    assert per_token_id(plan) == "e2e/B1/P128/per_token"
-    assert [p.new_tokens for p in plan.points(["e2e"])] == [128, 1]  # a compiling peer compiles in the first
-    assert {p.series for p in points} == {"decode", "prefill/x1", "prefill/x4", "e2e"}
+    assert [p.kind for p in points] == ["decode"] * 4 + ["prefill"] * 12 + ["e2e"] * 4
+    assert [p.id for p in points[:5]] == ["decode/B1/C1024", "decode/B4/C1024", "decode/B16/C1024",
+                                          "decode/B64/C1024", "prefill/T16/x1"]
+    assert points[10].id == "prefill/T16/x4"
+    assert [p.id for p in points[-4:]] == ["e2e/B1/P128/N128", "e2e/B1/P128/N1", "e2e/B16/P128/N128",
+                                           "e2e/B16/P128/N1"]
+    assert [p.label for p in (points[0], points[4], points[10], points[-4], points[-3])] == [
+        "decode B=1 ctx=1024", "prefill 16 tok", "prefill 16 tok (4 seqs)", "generate 128 tok (B=1, prompt 128)",
+        "time to first token (B=1, prompt 128)"]
+    assert [p.id for p in plan.derived()] == ["per_token/B1/P128/N128", "per_token/B16/P128/N128"]
+    assert generate_pair(plan.derived()[1]) == ("e2e/B16/P128/N1", "e2e/B16/P128/N128")
+    assert {p.series for p in points} == {"decode/C1024", "prefill/x1", "prefill/x4", "e2e/P128/N128",
+                                          "e2e/P128/N1"}
+
+
+def test_kernel_point_ids_and_labels():
+    p = Point("gdn-decode", shape="1B", batch=32)
+    assert (p.id, p.series, p.size, p.label) == ("gdn-decode/1B/B32", "gdn-decode/1B", 32, "gdn-decode 1B batch=32")
+    q = Point("attn-decode", batch=4, context=8192)
+    assert (q.id, q.series, q.label) == ("attn-decode/B4/C8192", "attn-decode/C8192", "attn-decode batch=4 context=8192")
+
+
+@given(st.sampled_from(["decode", "prefill", "gdn-decode"]), st.integers(1, 4096), st.integers(1, 4096))
+def test_points_of_one_series_differ_only_in_size(kind, a, b):
+    def point(size):
+        return Point(kind, tokens=size, seqs=1) if kind == "prefill" else Point(kind, batch=size, context=64)
+    assert point(a).series == point(b).series
+    assert (point(a).id == point(b).id) == (a == b)
 
 
 def test_plan_rejects_bad_sizes():
@@ -75,9 +125,3 @@ def test_plan_rejects_bad_sizes():
         Plan().points(["prefil"])
     with pytest.raises(ValueError, match="new_tokens"):
         Plan(new_tokens=1)
-
-
-def test_point_labels():
-    assert Point("prefill", tokens=64, seqs=4).label == "prefill 64 tok (4 seqs)"
-    assert Point("decode", batch=4, context=1024).label == "decode B=4 ctx=1024"
-    assert Point("e2e", prompt=16, new_tokens=8).size == 8

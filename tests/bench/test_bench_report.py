@@ -1,158 +1,185 @@
-"""Report: per-token rows, ratios, goals met/missed/unknown, tables that show every reason, JSON and PNG files."""
+"""Report: per-token rows, floors and ratios, the goals of issues 17 and 18 met / missed / unknown, tables that show
+every reason, JSON, text and PNG files."""
+import dataclasses
 import json
 
 import pytest
 from rich.console import Console
 
-from hattn.bench import goals, report
-from hattn.bench.workloads import Plan, e2e_ids, per_token_id
+from hattn.bench import data, goals, tables
+from hattn.bench.cli import SIZES16, write_report
+from hattn.bench.workloads import Plan
 
-PLAN = Plan(tokens=[16, 1024, 4096], seqs=4, batches=[1, 4], context=1024, prompt=128, new_tokens=128)
-POINTS = PLAN.points()
-WEIGHTS = 2_000_000_000
-
-
-def meta(floor_ms=0.5):
-    return {"model": "fake", "dtype": "bfloat16", "params": WEIGHTS // 2, "weight_bytes": WEIGHTS,
-            "copy_bandwidth": WEIGHTS / floor_ms * 1e3, "floor_ms": floor_ms, "plan": PLAN.as_dict(),
-            "per_token_id": per_token_id(PLAN), "e2e_ids": list(e2e_ids(PLAN)), "budget_s": 420.0,
-            "total_s": 100.0, "env": {"device_name": "fake", "torch": "t", "triton": "x", "transformers": "y",
-                                      "fla": "z"}}
+PLAN = Plan(tokens=[16, 256, 1024, 4096, 8192], seqs=4, batches=[1, 16, 64], context=1024, prompt=128,
+            new_tokens=128, gen_batches=[1, 16])
+WEIGHTS, BANDWIDTH, PEAK = 2 * 10**9, 2e12, 1e15
 
 
-def entry(ms_by_id, status="ok", **extra):
-    results = {p.id: ({"ms": ms_by_id[p.id], "first_ms": 10.0, "reps": 3, "times_ms": [ms_by_id[p.id]]}
-                      if p.id in ms_by_id else {"skipped": "not measured here"}) for p in POINTS}
-    return {"kind": "hattn", "about": "", "status": status, "reason": None, "results": results, "notes": [],
-            **extra}
+def points():
+    """Decode and per-token rows floor at 0.5 ms (1 GB at 2 TB/s); prefill 8192 at 5 ms (5 TFLOP at 1 PFLOP/s)."""
+    out = []
+    for p in PLAN.points() + PLAN.derived():
+        if p.kind in ("decode", "per_token"):
+            p = dataclasses.replace(p, bytes=10**9)
+        elif p.kind == "prefill":
+            p = dataclasses.replace(p, bytes=10**8, flops=5 * 10**12 if p.tokens == 8192 else 10**9)
+        out.append(p)
+    return out
 
 
-def all_points(decode_b1, prefill, gen1=50.0, gen128=50.0 + 127 * 1.0):
-    ms = {p.id: prefill for p in POINTS if p.kind == "prefill"}
-    ms.update({"decode/B1/C1024": decode_b1, "decode/B4/C1024": decode_b1 * 1.5})
-    one, many = e2e_ids(PLAN)
-    ms.update({one: gen1, many: gen128})
-    return ms
+def meta(device="cuda:0"):
+    return {"suite": "model", "model": "fake", "dtype": "bfloat16", "params": WEIGHTS // 2, "weight_bytes": WEIGHTS,
+            "copy_bandwidth": BANDWIDTH, "matmul_flops": PEAK, "plan": PLAN.as_dict(), "capture_sizes": SIZES16,
+            "base": "eager", "budget_s": 480.0, "total_s": 300.0, "workloads": ["decode", "prefill", "e2e"],
+            "env": {"device": device, "device_name": "fake GPU", "torch": "t", "triton": "x", "transformers": "y",
+                    "fla": "z"}}
 
 
-def graphs(capture_s=3.0, sizes=16, pool=50 * 2**20):
-    return {"capture_s": capture_s, "capture_sizes_done": sizes, "cuda_graphs": 64, "pool_bytes": pool}
+def entry(decode, prefill, ttft=50.0, per_token=2.0, **extra):
+    """decode, prefill: ms by batch / tokens (or one value for all); x4 prefill rows: 1.1x the x1 row."""
+    results = {}
+    for p in PLAN.points():
+        if p.kind == "decode":
+            ms = decode[p.batch] if isinstance(decode, dict) else decode
+        elif p.kind == "prefill":
+            ms = (prefill[p.tokens] if isinstance(prefill, dict) else prefill) * (1.1 if p.seqs > 1 else 1.0)
+        else:
+            ms = ttft + (p.new_tokens - 1) * per_token
+        results[p.id] = {"ms": ms, "first_ms": 10.0, "reps": 3, "times_ms": [ms], "calls": 1}
+    return {"kind": "hattn", "about": "", "status": "ok", "reason": None, "results": results, "notes": [], **extra}
 
 
-def good_result():
-    entries = {
-        "eager": entry(all_points(10.0, 20.0)),
-        "inductor": entry(all_points(5.0, 10.0)),
-        "pcg": entry(all_points(0.6, 4.0), **graphs()),
-        "bcg": entry(all_points(0.62, 4.5), **graphs()),
-        "full": entry(all_points(0.55, 9.0), **graphs(sizes=9, pool=20 * 2**20)),
-        "hf-static": entry({i: v for i, v in all_points(0, 0, 300.0, 300.0 + 127 * 4.0).items()
-                            if i.startswith("e2e")}, kernels={"torch_chunk_gated_delta_rule": "fla.ops.x"}),
+def graphs(pool_mib):
+    return {"capture_s": 3.0, "capture_sizes_done": 16, "cuda_graphs": 64, "pool_bytes": pool_mib * 2**20}
+
+
+def good_entries():
+    full_prefill = {16: 0.8, 256: 1.5, 1024: 4.0, 4096: 10.0, 8192: 6.0}
+    return {
+        "eager": entry(10.0, 20.0),
+        "pcg": entry(1.0, 2.0, **graphs(100)),
+        "bcg": entry(1.1, 2.5, **graphs(150)),
+        "full": entry(0.9, full_prefill, ttft=1.5, per_token=0.92, **graphs(50)),
+        "tc-ro": entry(3.0, 5.0),
+        "hf-static": {**entry(0, 0, ttft=30.0, per_token=4.0), "kind": "peer"},
     }
-    return report.build(meta(), POINTS, entries)
 
 
-def test_per_token_row_is_the_difference_of_the_generate_rows():
+def good_result(device="cuda:0", partial=()):
+    return data.build(meta(device), points(), good_entries(), list(partial))
+
+
+def by_goal(result):
+    return {g["goal"]: g for g in result["goals"]}
+
+
+def test_per_token_rows_are_the_difference_of_the_generate_rows():
     r = good_result()
-    pid = per_token_id(PLAN)
-    assert r["entries"]["hf-static"]["results"][pid]["ms"] == pytest.approx(4.0)
-    assert r["entries"]["pcg"]["results"][pid]["ms"] == pytest.approx(1.0)
-    assert r["points"][-1]["id"] == pid
+    assert r["entries"]["hf-static"]["results"]["per_token/B1/P128/N128"]["ms"] == pytest.approx(4.0)
+    assert r["entries"]["full"]["results"]["per_token/B16/P128/N128"]["ms"] == pytest.approx(0.92)
+    assert [p["id"] for p in r["points"][-2:]] == ["per_token/B1/P128/N128", "per_token/B16/P128/N128"]
 
 
-def test_ratios_vs_eager_and_vs_floor():
+def test_rows_carry_their_floor_and_ratios_use_it():
     r = good_result()
-    vs_eager, vs_floor = r["ratios"]["vs_eager"], r["ratios"]["vs_floor"]
-    assert vs_eager["pcg"]["prefill/T16/x1"] == pytest.approx(20.0 / 4.0)
-    assert vs_eager["eager"]["decode/B1/C1024"] == pytest.approx(1.0)
-    assert vs_floor["full"]["decode/B1/C1024"] == pytest.approx(0.55 / 0.5)
-    assert vs_floor["pcg"][per_token_id(PLAN)] == pytest.approx(1.0 / 0.5)
-    assert "prefill/T16/x1" not in vs_floor["pcg"]
+    row = {p["id"]: p for p in r["points"]}
+    assert (row["decode/B16/C1024"]["floor_ms"], row["decode/B16/C1024"]["floor_bound"]) == (0.5, "memory")
+    assert (row["prefill/T8192/x1"]["floor_ms"], row["prefill/T8192/x1"]["floor_bound"]) == (5.0, "compute")
+    assert row["e2e/B1/P128/N1"]["floor_ms"] is None
+    vs_base, vs_floor = r["ratios"]["vs_base"], r["ratios"]["vs_floor"]
+    assert vs_base["pcg"]["prefill/T16/x1"] == pytest.approx(10.0) and vs_base["eager"]["decode/B1/C1024"] == 1.0
+    assert vs_floor["full"]["decode/B1/C1024"] == pytest.approx(1.8)
+    assert vs_floor["full"]["per_token/B1/P128/N128"] == pytest.approx(1.84)
+    assert "e2e/B1/P128/N1" not in vs_floor["full"]
 
 
-def test_goals_met():
-    by_goal = {g["goal"]: g for g in good_result()["goals"]}
-    assert len(by_goal) == 11
-    assert all(g["status"] == "met" for g in by_goal.values()), [g for g in by_goal.values() if g["status"] != "met"]
-    peer = next(g for g in by_goal.values() if "HF static" in g["goal"])
-    assert "with fla" in peer["figure"] and "full 4.0x" in peer["figure"]  # per token: 4.0 ms vs 1.0 ms
+def test_every_goal_of_issues_17_and_18_met():
+    g = by_goal(good_result())
+    assert len(g) == 23
+    assert [k for k, v in g.items() if v["status"] != "met"] == []
+    assert g["full decode B=1 <= 2.0x its floor"]["figure"] == "full 0.900 ms = 1.80x its memory floor (0.500 ms)"
+    assert g["decode B=16: full >= 3x faster than tc-ro"]["figure"] == "tc-ro 3.000 ms / full 0.900 ms = 3.33x"
+    assert g["full prefill of 8192 tokens <= 1.3x its compute floor"]["figure"].endswith("1.20x its compute floor "
+                                                                                       "(5.000 ms)")
+    assert g["full time to first token (prompt 128, B=1) <= 2 ms"]["figure"] == "full 1.500 ms"
+    assert g["pcg: graph pool < 10% of the weights (16 capture sizes up to 2048 tokens)"]["figure"] == \
+        "100 MiB = 5.2% of 1.86 GiB"
 
 
-def test_peer_goal_falls_back_to_the_decode_step():
+def test_goals_missed_and_unknown_say_why():
     r = good_result()
-    for mode in ("full", "pcg", "bcg"):
-        r["entries"][mode]["results"][per_token_id(PLAN)] = {"skipped": "no generate"}
-    g = goals.goal_vs_peer(r)
-    assert "full 7.3x (decode step)" in g["figure"] and g["status"] == "met"
+    r["entries"]["full"]["results"]["decode/B1/C1024"]["ms"] = 1.1  # 2.2x the floor, and pcg's B=1 is 0.91x
+    r["entries"]["bcg"]["results"]["prefill/T256/x4"]["ms"] = 30.0  # slower than eager there
+    r["entries"]["bcg"]["pool_bytes"] = 300 * 2**20
+    r["entries"]["full"]["results"]["prefill/T16/x1"] = {"skipped": "its time box was spent"}
+    del r["entries"]["tc-ro"]
+    g = by_goal({**r, "goals": goals.evaluate(r)})
+    status = {k: v["status"] for k, v in g.items()}
+    assert status["full decode B=1 <= 2.0x its floor"] == "missed"
+    assert status["decode B=1: pcg <= 1.25x full"] == "met"
+    assert status["bcg: graph pool < 10% of the weights (16 capture sizes up to 2048 tokens)"] == "missed"
+    assert status["full prefill of 16 tokens <= 1 ms"] == "unknown"
+    assert g["full prefill of 16 tokens <= 1 ms"]["detail"] == "full prefill/T16/x1: its time box was spent"
+    assert status["decode B=1: full >= 3x faster than tc-ro"] == "unknown"
+    assert g["decode B=1: full >= 3x faster than tc-ro"]["detail"] == "tc-ro was not run (add it to --modes)"
+    bcg = g["prefill <= 2048 tokens: bcg faster than eager and tc-ro at every size"]
+    assert bcg["status"] == "missed" and bcg["figure"] == "slowest vs eager: 0.73x at prefill/T256/x4"
 
 
-def test_goals_missed_and_unknown():
+def test_pool_goal_with_other_capture_sizes_is_unknown_unless_missed():
     r = good_result()
-    r["entries"]["full"]["results"]["decode/B1/C1024"]["ms"] = 1.0  # 2x the floor
-    r["entries"]["pcg"]["results"]["prefill/T1024/x4"]["ms"] = 30.0  # slower than eager there
-    r["entries"]["pcg"].update(capture_s=12.0, pool_bytes=200 * 2**20)
-    del r["entries"]["bcg"]
-    by_goal = {g["goal"]: g for g in goals.evaluate(r)}
-    status = {k: g["status"] for k, g in by_goal.items()}
-    assert status["decode B=1: full <= 1.3x the bandwidth floor"] == "missed"
-    assert status["prefill/extend <= 2048 tokens: pcg faster than eager and inductor at every size"] == "missed"
-    assert "prefill/T1024/x4" in by_goal[
-        "prefill/extend <= 2048 tokens: pcg faster than eager and inductor at every size"]["figure"]
-    assert status["pcg: capture of 16 sizes < 10 s"] == "missed"
-    assert status["pcg: graph pool memory < 5% of weight memory"] == "missed"
-    assert status["decode B=1: bcg <= 1.25x full"] == "unknown"
-    assert "bcg was not run" in by_goal["decode B=1: bcg <= 1.25x full"]["detail"]
+    r["meta"]["capture_sizes"] = [1, 2, 4]
+    g = by_goal({**r, "goals": goals.evaluate(r)})
+    pcg = g["pcg: graph pool < 10% of the weights (16 capture sizes up to 2048 tokens)"]
+    assert pcg["status"] == "unknown" and "captured sizes [1, 2, 4]" in pcg["detail"]
+    r["entries"]["pcg"]["pool_bytes"] = WEIGHTS
+    assert goals.goal_pool(r, "pcg")["status"] == "missed"
 
 
-def test_capture_and_pool_goals_of_fewer_sizes_are_unknown_unless_missed():
-    r = good_result()
-    r["entries"]["pcg"].update(capture_s=1.4, capture_sizes_done=1, pool_bytes=2 * 2**20)
-    r["entries"]["bcg"].update(capture_s=11.0, capture_sizes_done=3)
-    by_goal = {g["goal"]: g for g in goals.evaluate(r)}
-    assert by_goal["pcg: capture of 16 sizes < 10 s"]["status"] == "unknown"
-    assert by_goal["pcg: graph pool memory < 5% of weight memory"]["status"] == "unknown"
-    assert "only 1 sizes captured" in by_goal["pcg: graph pool memory < 5% of weight memory"]["detail"]
-    assert by_goal["bcg: capture of 16 sizes < 10 s"]["status"] == "missed"  # already over with 3 sizes
-
-
-def test_prefill_goal_ignores_sizes_above_2048():
-    r = good_result()
-    r["entries"]["pcg"]["results"]["prefill/T4096/x1"]["ms"] = 999.0
-    g = goals.goal_prefill(r, "pcg")
-    assert g["status"] == "met"
-
-
-def test_tables_show_every_reason():
-    r = good_result()
-    r["entries"]["tc-ro"] = entry({}, status="failed", reason="failed in setup: RuntimeError: no compiler")
-    for res in r["entries"]["tc-ro"]["results"].values():
-        res.clear()
-        res["error"] = "failed in setup: RuntimeError: no compiler"
-    console = Console(record=True, width=300)
-    for t in report.tables(r):
+def _text(result) -> str:
+    console = Console(record=True, width=300, file=open("/dev/null", "w"))
+    console.print(tables.header(result))
+    for t in tables.tables(result):
         console.print(t)
-    text = console.export_text()
-    assert "FAIL[" in text and "RuntimeError: no compiler" in text
-    assert "skip[" in text and "not measured here" in text
-    assert "goals" in text and "met" in text
-    assert "(5.00x)" in text  # pcg prefill vs eager
+    return console.export_text()
 
 
-def test_write_json_has_every_field(tmp_path):
-    r = good_result()
-    paths = report.write(r, str(tmp_path), console=Console(record=True, width=300, file=open("/dev/null", "w")))
-    data = json.loads(open(paths["json"]).read())
-    assert set(data) >= {"schema", "meta", "points", "entries", "ratios", "goals", "plot"}
-    assert {"floor_ms", "weight_bytes", "copy_bandwidth", "env", "plan"} <= set(data["meta"])
-    assert "FAIL" not in open(paths["txt"]).read() and "goals" in open(paths["txt"]).read()
+def test_tables_show_every_reason_the_startup_and_partial_runs():
+    entries = good_entries()
+    entries["pcg"]["startup"] = {"first_call_s": 40.0, "capture_seconds": 6.0, "other_s": 34.0}
+    entries["tc-ro"] = {**entry(3.0, 5.0), "status": "failed", "reason": "failed in setup: RuntimeError: no compiler"}
+    entries["tc-ro"]["results"] = {pid: {"error": "failed in setup: RuntimeError: no compiler"}
+                                   for pid in entries["tc-ro"]["results"]}
+    entries["eager"]["results"]["prefill/T16/x1"] = {"skipped": "not measured here"}
+    r = data.build(meta(), points(), entries, ["stopped: SIGTERM during tc-ro setup"])
+    text = _text(r)
+    assert "PARTIAL: stopped: SIGTERM during tc-ro setup" in text
+    assert "FAIL[" in text and "RuntimeError: no compiler" in text and "not measured here" in text
+    assert "capture_seconds" in text and "34.00" in text  # the startup table
+    assert "goals (issues 17 and 18" in text and "(10.00x)" in text  # pcg prefill vs eager
+
+
+def test_cpu_runs_print_one_line_instead_of_the_goals():
+    r = good_result("cpu")
+    assert r["goals"] is None and r["goals_note"].startswith("goals: not evaluated, they mean nothing on a CPU")
+    text = _text(r)
+    assert "goals: not evaluated" in text and "goals (issues" not in text
+
+
+def test_write_report_writes_json_and_text(tmp_path):
+    r = write_report(meta(), points(), good_entries(), [], str(tmp_path))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert set(saved) >= {"schema", "partial", "partial_reasons", "meta", "points", "entries", "ratios", "goals",
+                          "plot"}
+    assert saved["partial"] is False and len(saved["goals"]) == 23 and saved["plot"] == r["plot"]
+    assert "goals (issues 17 and 18" in (tmp_path / "bench.txt").read_text()
 
 
 def test_png_written(tmp_path):
     pytest.importorskip("matplotlib")
-    r = good_result()
-    paths = report.write(r, str(tmp_path), console=Console(record=True, file=open("/dev/null", "w")))
-    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert r["plot"] == {"path": paths["png"]}
+    r = write_report(meta(), points(), good_entries(), [], str(tmp_path))
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["plot"] == {"path": str(tmp_path / "bench.png")}
 
 
 def test_missing_matplotlib_is_a_recorded_reason(tmp_path, monkeypatch):
@@ -166,7 +193,6 @@ def test_missing_matplotlib_is_a_recorded_reason(tmp_path, monkeypatch):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_mpl)
-    r = good_result()
-    paths = report.write(r, str(tmp_path), console=Console(record=True, file=open("/dev/null", "w")))
-    assert "png" not in paths and "matplotlib" in r["plot"]["error"]
-    assert json.loads(open(paths["json"]).read())["plot"]["error"] == r["plot"]["error"]
+    r = write_report(meta(), points(), good_entries(), [], str(tmp_path))
+    assert r["plot"] == {"error": "ImportError: No module named 'matplotlib' (pip install matplotlib)"}
+    assert json.loads((tmp_path / "bench.json").read_text())["plot"] == r["plot"]

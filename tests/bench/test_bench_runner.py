@@ -1,10 +1,12 @@
 """The runner records every point of every target: figures, skips, errors, time boxes, projections, budget."""
+import re
 import time
 
+import pytest
 import torch
 
-from hattn.bench.harness import Budget, Clock, Skip
-from hattn.bench.runner import Options, profile_target, run_all, run_target, warmup_figures
+from hattn.bench.harness import Budget, Clock, Deadlines, Skip
+from hattn.bench.runner import Options, profile_target, run_all, run_target, startup
 from hattn.bench.target import Target
 from hattn.bench.workloads import Plan, Point
 
@@ -16,7 +18,7 @@ class FakeSetup:
 class Fake(Target):
     """Steps that sleep `ms[point.id]` ms, raise for ids in `errors`, skip for ids in `skips`."""
 
-    name, kind, warmup, est_s = "fake", "hattn", 1, 0.0
+    name, kind, warmup, est_s = "fake", "hattn", 1, (0.0, 0.0)
 
     def __init__(self, ms=None, errors=(), skips=(), fail_prepare=None):
         super().__init__(FakeSetup())
@@ -42,8 +44,8 @@ OPTS = Options(reps=2, max_s=0.05, slow_s=0.05, progress=False)
 POINTS = Plan(tokens=[16, 64, 256], seqs=2, batches=[1, 4], context=8, prompt=4, new_tokens=4).points()
 
 
-def run(target, points=POINTS, opts=OPTS, deadline_s=60.0):
-    return run_target(target, points, Clock("cpu"), opts, time.perf_counter() + deadline_s)
+def run(target, points=POINTS, opts=OPTS, box_s=60.0):
+    return run_target(target, points, Clock("cpu"), opts, box_s)
 
 
 def test_every_point_gets_a_figure():
@@ -51,7 +53,7 @@ def test_every_point_gets_a_figure():
     assert e["status"] == "ok"
     assert set(e["results"]) == {p.id for p in POINTS}
     assert all("ms" in r and r["reps"] >= 1 for r in e["results"].values())
-    assert e["first_call_s"] is not None and e["peak_bytes"] is None  # no peak memory on a CPU
+    assert e["startup"]["first_call_s"] > 0 and e["peak_bytes"] is None  # no peak memory on a CPU
 
 
 def test_skips_and_errors_carry_their_reasons():
@@ -78,19 +80,21 @@ def test_larger_sizes_are_skipped_when_projected_past_the_limit():
     e = run(Fake(ms={"prefill/T16/x1": 20.0}))  # 64 tokens project to 80 ms > slow_s = 50 ms
     assert "ms" in e["results"]["prefill/T16/x1"]
     for pid in ("prefill/T64/x1", "prefill/T256/x1"):
-        assert "project to >= 0.1 s per call" in e["results"][pid]["skipped"]
+        assert re.fullmatch(r"skipped: prefill 16 tok took 2\d ms per call, so prefill 64 tok and larger project "
+                            r"to >= 0\.\d s per step \(limit 0\.05 s\)", e["results"][pid]["skipped"])
     assert "ms" in e["results"]["prefill/T64/x2"]  # another series
 
 
 def test_generate_rows_are_never_projected_away():
-    points = [Point("e2e", prompt=4, new_tokens=1), Point("e2e", prompt=4, new_tokens=4)]
+    points = [Point("e2e", batch=1, prompt=4, new_tokens=1), Point("e2e", batch=1, prompt=4, new_tokens=4)]
     e = run(Fake(ms={"e2e/B1/P4/N1": 30.0}), points=points)  # 4 tokens would project to 120 ms > slow_s
     assert "ms" in e["results"]["e2e/B1/P4/N4"]
 
 
 def test_a_spent_time_box_skips_the_rest():
-    e = run(Fake(), deadline_s=-1.0)
-    assert all("time box (" in r["skipped"] and "was spent" in r["skipped"] for r in e["results"].values())
+    e = run(Fake(), box_s=-1.0)
+    assert all(r == {"skipped": "skipped: fake's time box (-1 s of the run's --budget) was spent"}
+               for r in e["results"].values())
 
 
 def test_a_failing_prepare_marks_every_point():
@@ -103,28 +107,65 @@ def test_a_failing_prepare_marks_every_point():
 
 def test_run_all_skips_targets_the_budget_cannot_cover():
     class Slow(Fake):
-        est_s = 1e6  # never fits
+        est_s = (1e6, 1e6)  # never fits
 
     def broken():
         raise ValueError("bad target")
 
     seen = []
-    entries = run_all([Fake, Slow, broken], ["a", "b", "c"], POINTS[:2], Clock("cpu"), OPTS, Budget(60.0),
-                      on_entry=lambda done: seen.append(sorted(done)))
+    entries, partial = run_all([Fake, Slow, broken], ["a", "b", "c"], POINTS[:2], Clock("cpu"), OPTS, Budget(60.0),
+                               on_entry=lambda done: seen.append(sorted(done)))
     assert list(entries) == ["a", "b", "c"]
     assert entries["a"]["status"] == "ok" and entries["a"]["box_s"] > 0
-    assert entries["b"]["status"] == "skipped" and "budget left" in entries["b"]["reason"]
-    assert entries["c"]["status"] == "failed" and "bad target" in entries["c"]["reason"]
-    assert all("budget left" in r["skipped"] for r in entries["b"]["results"].values())
-    assert seen and seen[-1] == ["a", "b", "c"]
+    assert entries["b"]["status"] == "skipped" and "needs ~1000000 s" in entries["b"]["reason"]
+    assert entries["c"]["status"] == "failed" and entries["c"]["reason"] == "failed to build: ValueError: bad target"
+    assert all("needs ~1000000 s" in r["skipped"] for r in entries["b"]["results"].values())
+    assert seen == [["a", "c"]] and len(partial) == 1 and partial[0].startswith("b: not started (")
 
 
-def test_warmup_figures():
-    res = {"a": {"ms": 1.0, "first_ms": 2001.0}, "b": {"ms": 2.0, "first_ms": 502.0}, "c": {"skipped": "x"}}
-    w = warmup_figures(res, capture_s=0.5)
-    assert w["first_call_s"] == 2.001
-    assert abs(w["warmup_overhead_s"] - 2.5) < 1e-9 and abs(w["compile_s"] - 2.0) < 1e-9
-    assert warmup_figures({}, 0.0)["first_call_s"] is None
+class Sleeps(Fake):
+    """Each step sleeps 0.3 s; the counters say 0.1 s of the first call was capture."""
+
+    name = "sleeps"
+
+    def step(self, point):
+        return lambda: time.sleep(0.3)
+
+    def counters(self):
+        return {"capture_seconds": 0.1}
+
+
+def test_a_hard_time_box_stops_a_target_and_the_next_one_runs():
+    opts = Options(reps=1, max_s=0.01, slow_s=100.0, progress=False)
+    with Deadlines(Budget(60.0)) as d:
+        box = run_target(Sleeps(), POINTS[:3], Clock("cpu"), opts, box_s=0.1, deadlines=d, grace_s=0.1)
+        after = run_target(Fake(), POINTS[:3], Clock("cpu"), opts, box_s=60.0, deadlines=d)
+    assert box["box_spent"] == "stopped during decode/B1/C8, 0 s past its time box (0 s)"
+    assert box["status"] == "skipped"
+    assert all(r == {"skipped": f"not run: sleeps was {box['box_spent']}"} for r in box["results"].values())
+    assert after["status"] == "ok" and all("ms" in r for r in after["results"].values())
+
+
+def test_a_whole_run_stop_keeps_what_was_measured():
+    budget = Budget(0.9)  # hard deadline 0.855 s: in the second point of the first target (0.6 s a point)
+    with Deadlines(budget) as d:
+        entries, partial = run_all([Sleeps, Fake], ["sleeps", "fake"], POINTS[:3], Clock("cpu"),
+                                   Options(reps=1, max_s=0.01, slow_s=100.0, progress=False, min_measure_s=10.0),
+                                   budget, d)
+    first, second, third = (p.id for p in POINTS[:3])
+    sleeps = entries["sleeps"]
+    assert sleeps["results"][first]["ms"] >= 300 and sleeps["status"] == "ok"
+    assert sleeps["results"][third] == {"skipped": "not run: the run was stopped: the budget (1 s) was spent"}
+    assert sleeps["startup"] == pytest.approx({"first_call_s": sleeps["startup"]["first_call_s"],
+                                               "capture_seconds": 0.1,
+                                               "other_s": sleeps["startup"]["first_call_s"] - 0.1})
+    assert entries["fake"]["results"][first] == {"skipped": "not run: the run was stopped: the budget (1 s) was spent"}
+    assert partial == [f"stopped: the budget (1 s) was spent during sleeps {second}"]
+
+
+def test_startup_splits_the_first_call_by_the_counters():
+    assert startup(5.0, {"capture_seconds": 1.5, "compile_seconds": 2.0}) == {
+        "first_call_s": 5.0, "capture_seconds": 1.5, "compile_seconds": 2.0, "other_s": 1.5}
 
 
 def test_profile_summarises_top_ops():
@@ -182,6 +223,7 @@ def test_run_all_reports_a_target_that_breaks_the_runner(monkeypatch):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(runner, "Memory", broken_memory)
-    entries = run_all([Fake], ["a"], POINTS[:2], Clock("cpu"), OPTS, Budget(60.0))
-    assert entries["a"]["status"] == "failed" and "illegal memory access" in entries["a"]["reason"]
+    entries, _ = run_all([Fake], ["a"], POINTS[:2], Clock("cpu"), OPTS, Budget(60.0))
+    assert entries["a"]["status"] == "failed"
+    assert entries["a"]["reason"] == "failed: RuntimeError: CUDA error: an illegal memory access was encountered"
     assert all("error" in r for r in entries["a"]["results"].values())
