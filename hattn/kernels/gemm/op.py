@@ -1,0 +1,130 @@
+"""`hattn_kernels::linear`: F.linear that serves small-M shapes with cuBLAS or the Triton skinny GEMM, whichever
+is faster for the shape.
+
+The first call of a shape (M, N, K, dtype, device, bias or not) outside CUDA-graph capture times both with CUDA
+events and remembers the faster; during a capture the remembered choice runs, or cuBLAS for a shape never timed
+(hattn's runtimes run a warm-up step before they capture). M > 64, CPU tensors, mixed dtypes and installs without
+Triton always take F.linear. The choice comes from timings, so two processes may choose differently for a shape
+whose times are close (and then differ in rounding): `load_choices` pins a table saved from `choices()`.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hattn.kernels.launch import FLOATS, has_triton
+
+MAX_M = 64  # rows the skinny GEMM serves
+BACKENDS = ("cublas", "triton")
+TIMING_REPS = 5
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    m: int
+    n: int
+    k: int
+    dtype: str
+    device: str
+    bias: bool
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str  # one of BACKENDS
+    cublas_us: float | None = None  # None: pinned by load_choices, not timed here
+    triton_us: float | None = None
+
+
+_CHOICES: dict[Shape, Choice] = {}
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ weight[N, K]^T (+ bias[N]), as F.linear, by cuBLAS or the skinny GEMM."""
+    x2 = _skinny_rows(x, weight, bias)
+    if x2 is None or _backend(x2, weight, bias) == "cublas":
+        return F.linear(x, weight, bias)
+    from hattn.kernels.gemm.skinny import skinny_linear
+
+    return skinny_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+linear = torch.library.custom_op("hattn_kernels::linear", mutates_args=())(_linear)
+
+
+@linear.register_fake
+def _(x, weight, bias=None):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def choices() -> list[dict]:
+    """The remembered choices, one row a shape: m, n, k, dtype, device, bias, backend, cublas_us, triton_us."""
+    return [asdict(s) | asdict(c) for s, c in sorted(_CHOICES.items(), key=lambda kv: kv[0])]
+
+
+def load_choices(rows) -> None:
+    """Pin choices (rows as `choices()` returns them, e.g. read back from JSON), replacing those of their shapes."""
+    dtypes = [str(d).removeprefix("torch.") for d in FLOATS]
+    for row in rows:
+        if row["backend"] not in BACKENDS or row["dtype"] not in dtypes:
+            raise ValueError(f"load_choices: row {row} needs a backend of {BACKENDS} and a dtype of {dtypes}")
+        _CHOICES[Shape(*(row[f] for f in Shape.__dataclass_fields__))] = Choice(
+            row["backend"], row.get("cublas_us"), row.get("triton_us"))
+
+
+def _skinny_rows(x, weight, bias) -> torch.Tensor | None:
+    """x as [M, K] rows when the skinny GEMM could serve the call (else None: F.linear serves it)."""
+    if not (x.is_cuda and has_triton() and x.dtype in FLOATS and weight.dim() == 2 and x.dim() >= 1):
+        return None
+    k = weight.shape[1]
+    if x.shape[-1] != k or k == 0 or weight.dtype != x.dtype or weight.device != x.device or (
+            bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype)):
+        return None
+    m = x.numel() // k
+    return x.reshape(m, k) if 1 <= m <= MAX_M else None
+
+
+def _backend(x2, weight, bias) -> str:
+    shape = Shape(x2.shape[0], weight.shape[0], x2.shape[1], str(x2.dtype).removeprefix("torch."), str(x2.device),
+                  bias is not None)
+    choice = _CHOICES.get(shape)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return "cublas"
+        choice = _CHOICES[shape] = _measure(x2, weight, bias)
+    return choice.backend
+
+
+def _measure(x2, weight, bias) -> Choice:
+    """Time F.linear and the skinny GEMM on these tensors (median of TIMING_REPS each, after a warm-up call)."""
+    from hattn.kernels.gemm.skinny import skinny_linear
+
+    flush = torch.empty(_flush_bytes(x2.device) // 4, dtype=torch.int32, device=x2.device)
+    times = {name: _median_us(fn, flush) for name, fn in (("cublas", lambda: F.linear(x2, weight, bias)),
+                                                          ("triton", lambda: skinny_linear(x2, weight, bias)))}
+    return Choice(min(times, key=times.get), times["cublas"], times["triton"])
+
+
+def _median_us(fn, flush: torch.Tensor) -> float:
+    """Median device time of fn() in us. Before each rep, zeroing `flush` evicts the weight from L2 (a decode step
+    streams it from HBM) and keeps the device busy while the host launches fn, so the host's launch overhead
+    (larger for Triton's launcher than for cuBLAS; a CUDA graph removes it) stays out of the time."""
+    fn()  # warm-up: compiles the Triton kernel, sets up cuBLAS
+    events = []
+    for _ in range(TIMING_REPS):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    events[-1][1].synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+
+
+def _flush_bytes(device: torch.device) -> int:
+    """Four times the L2 cache, at least 256 MiB: zeroing it takes ~55 us on an H200, longer than a launch."""
+    return max(256 << 20, 4 * torch.cuda.get_device_properties(device).L2_cache_size)

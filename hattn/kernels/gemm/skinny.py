@@ -1,0 +1,175 @@
+"""Skinny GEMM in Triton: y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]) for M <= 64, the decode-step projections.
+
+At small M a GEMM streams its weight once and computes little, so the aim is HBM bandwidth: the grid tiles N
+(BLOCK_N columns a program) and, when that leaves SMs idle, splits K (SPLIT_K ranges of whole BLOCK_K blocks).
+Split-K is deterministic: each split writes fp32 partials [SPLIT_K, M, N] and a second launch sums them in split
+order (no atomics), so a shape gives the same bits every run. Rows are padded to 16 for `tl.dot`, or, for M <= 4
+by default, multiplied and summed on the CUDA cores (`Launch.dot`). Capture-safe: no host sync, the grid and the
+config depend on shapes only, and the partials come from `torch.empty` (the graph pool's, when captured).
+The torch reference is `reference.linear_reference`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from hattn.kernels.gemm.op import MAX_M
+from hattn.kernels.launch import FLOATS, CheckedOnce, check_device
+
+SPLIT_K_MAX = 16
+PARTIALS_SHARE = 0.25  # split-K's fp32 partials (written + read) at most this share of the weight's bytes
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How `skinny_linear` launches: BLOCK_N output columns a program, BLOCK_K of K a loop step, K split into
+    `split_k` ranges (fewer when K has fewer blocks: each range holds whole blocks), `warps` and pipeline `stages`,
+    and `dot`: tl.dot on rows padded to >= 16 (True) or a multiply-sum over the rows on the CUDA cores (False)."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 4
+    dot: bool = True
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k", "warps"):
+            v = getattr(self, name)
+            if v < (1 if name == "warps" else 16) or v & (v - 1):
+                raise ValueError(f"Launch: {name}={v} must be a power of two (>= 16 for the blocks)")
+        if self.split_k < 1 or self.stages < 1:
+            raise ValueError(f"Launch: split_k={self.split_k} and stages={self.stages} must be >= 1")
+
+    def __str__(self) -> str:
+        return f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} w{self.warps}"
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Columns [pid_n * BLOCK_N, +BLOCK_N) of x @ w^T over K range `split`. With one split it writes y [M, N]
+    (+ bias, in y's dtype), else its fp32 partial into y_ptr [SPLIT_K, M, N]."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    p_x = x_ptr + rows[:, None] * sx_m + ks[None, :] * sx_k
+    p_w = w_ptr + cols[:, None].to(tl.int64) * sw_n + ks[None, :] * sw_k
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    start = split * k_per_split
+    for k0 in range(start, tl.minimum(start + k_per_split, K), BLOCK_K):
+        b_x = tl.load(p_x + k0 * sx_k, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
+        b_w = tl.load(p_w + k0 * sw_k, mask=(cols[:, None] < N) & (k0 + ks[None, :] < K), other=0.0)
+        if DOT:
+            acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=PRECISION)
+        else:
+            acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+    keep = (rows[:, None] < M) & (cols[None, :] < N)
+    p_y = y_ptr + rows[:, None] * sy_m + cols[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=keep)
+    else:
+        tl.store(p_y + split * sy_s, acc, mask=keep)
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """y (flat [M * N]) = sum of the SPLIT_K partials [SPLIT_K, M * N] in split order (+ bias), in y's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < MN
+    acc = tl.load(part_ptr + offs, mask=keep, other=0.0)
+    for s in tl.static_range(1, SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=keep, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=keep, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=keep)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  config: Launch | None = None) -> torch.Tensor:
+    """y = x @ weight^T (+ bias), fp32 accumulation, in x's dtype.
+
+    x: [M, K] with M <= 64, any strides; weight: [N, K] (contiguous rows stream fastest); bias: [N] or None;
+    returns y: [M, N] contiguous. All one float dtype (fp16, bf16, fp32; fp32 multiplies in full precision, never
+    TF32). config: the launch; None: `default_launch` of the shape.
+    """
+    _check_once(x, weight, bias)
+    (m, k), n = x.shape, weight.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    config = config or default_launch(m, n, k, x.dtype, x.device)
+    bias = None if bias is None else bias.contiguous()
+    k_per_split, splits = split_plan(k, config.block_k, config.split_k)
+    out = y if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
+    block_m = triton.next_power_of_2(m)
+    _skinny_kernel[(triton.cdiv(n, config.block_n), splits)](
+        x, weight, bias, out, m, n, k, k_per_split, *x.stride(), *weight.stride(), m * n, n,
+        BLOCK_M=max(16, block_m) if config.dot else block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT_K=splits, HAS_BIAS=bias is not None, DOT=config.dot,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.warps, num_stages=config.stages,
+    )
+    if splits > 1:
+        block = 1024
+        _reduce_kernel[(triton.cdiv(m * n, block),)](out, bias, y, m * n, n, SPLIT_K=splits,
+                                                     HAS_BIAS=bias is not None, BLOCK=block)
+    return y
+
+
+@functools.cache
+def default_launch(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Launch:
+    """A launch from the shape alone (so a captured graph's grid fits every replay): 256-byte K steps, the
+    multiply-sum for M <= 4 (whose [M, BLOCK_N, BLOCK_K] product stays near 8K elements), and split-K until the
+    grid holds two programs an SM, as long as the partials stay within PARTIALS_SHARE of the weight's bytes."""
+    elem = torch.finfo(dtype).bits // 8
+    block_k = min(256 // elem, max(16, triton.next_power_of_2(k)))
+    dot = m > 4
+    block_n = 64 if dot else max(16, 8192 // (triton.next_power_of_2(m) * block_k))
+    tiles = triton.cdiv(n, block_n)
+    by_bytes = int(PARTIALS_SHARE * k * elem / (2 * 4 * m))  # 2 * splits * M * N * 4 <= share * N * K * elem
+    split_k = max(1, min(math.ceil(2 * sm_count(device) / tiles), triton.cdiv(k, block_k), by_bytes, SPLIT_K_MAX))
+    return Launch(block_n, block_k, split_k, dot=dot)
+
+
+def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(K a split, splits): whole blocks a split, so every split holds at least one element of K."""
+    blocks = max(1, triton.cdiv(k, block_k))
+    k_per_split = triton.cdiv(blocks, min(split_k, blocks)) * block_k
+    return k_per_split, max(1, triton.cdiv(k, k_per_split))
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter on CPU: plan as for an H200
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(x, weight, bias) -> None:
+    check_device("skinny_linear", x=x, weight=weight, bias=bias)
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or (
+            bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"skinny_linear: x {list(x.shape)}, weight {list(weight.shape)}, bias "
+                         f"{None if bias is None else list(bias.shape)} do not fit x [M, K], weight [N, K], bias [N]")
+    if x.shape[0] > MAX_M:
+        raise ValueError(f"skinny_linear: x has M={x.shape[0]} rows, more than the {MAX_M} this kernel serves; "
+                         f"use torch.nn.functional.linear (or hattn.kernels.gemm.linear, which picks it)")
+    dtypes = {t.dtype for t in (x, weight, bias) if t is not None}
+    if len(dtypes) != 1 or x.dtype not in FLOATS:
+        raise ValueError(f"skinny_linear: x, weight, bias have dtypes {sorted(map(str, dtypes))}; they need one "
+                         f"dtype of {[str(d) for d in FLOATS]} (cast the weight or x to match)")
+
+
+_check_once = CheckedOnce(_check)

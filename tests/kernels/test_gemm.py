@@ -1,0 +1,264 @@
+"""The small-M GEMM: the Triton skinny GEMM == `linear_reference` (hypothesis over M, N, K, bias, dtypes, strided x,
+launch configs; GPU, or CPU under TRITON_INTERPRET=1), and the `hattn_kernels::linear` op: F.linear on CPU, for
+M > 64 and under torch.compile (CPU tests), per-shape timing, pinned choices and CUDA-graph capture (CUDA tests).
+
+Tolerances, relative to the largest |output|: 1e-4 fp32 (full-precision multiplies), 1e-2 bf16/fp16 (outputs
+rounded to the input dtype). Outputs are NaN-filled before each call, so an element the kernel never writes fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hattn.kernels.gemm import choices, linear, load_choices, op
+from hattn.kernels.gemm.reference import linear_reference
+from hattn.kernels.launch import interpreting
+from hattn.registry import split_op_of, unregistered_mixer
+
+try:
+    from hattn.kernels.gemm import skinny
+except ImportError:  # no triton: a CPU install
+    skinny = None
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_test(fn):
+    """A test of the Triton kernel: GPU-marked, run on CUDA or on CPU under TRITON_INTERPRET=1."""
+    for mark in (pytest.mark.gpu, pytest.mark.skipif(skinny is None, reason="needs triton"),
+                 pytest.mark.skipif(DEV != "cuda" and not interpreting(),
+                                    reason="needs CUDA (or TRITON_INTERPRET=1 on CPU)")):
+        fn = mark(fn)
+    return fn
+
+
+def cuda_test(fn):
+    """A test of the op's CUDA path (timing, CUDA graphs): GPU-marked, CUDA only."""
+    for mark in (pytest.mark.gpu, pytest.mark.skipif(DEV != "cuda" or skinny is None, reason="needs CUDA, triton")):
+        fn = mark(fn)
+    return fn
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture
+def fresh_choices(monkeypatch):
+    """An empty choice table for the test's duration (the process's table is left as it was)."""
+    monkeypatch.setattr(op, "_CHOICES", {})
+
+
+def _case(m, n, k, dtype, seed, bias=True, layout="contiguous"):
+    """x [m, k] (layout "rows": the first k columns of [m, k + 7]; "columns": every other column of [m, 2k]),
+    weight [n, k], bias [n] or None."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(DEV)  # noqa: E731
+    x = {"contiguous": lambda: r(m, k), "rows": lambda: r(m, k + 7)[:, :k], "columns": lambda: r(m, 2 * k)[:, ::2]}
+    return x[layout](), r(n, k) * k**-0.5, r(n) if bias else None
+
+
+def _assert_matches(y, x, weight, bias):
+    want = linear_reference(x, weight, bias)
+    assert y.dtype == x.dtype and y.shape == want.shape
+    tol = TOL[x.dtype] * want.abs().max().item()
+    torch.testing.assert_close(y.float().cpu(), want.cpu(), rtol=0, atol=tol)
+
+
+def _launches():
+    return st.one_of(st.none(), st.builds(
+        lambda bn, bk, s, dot: skinny.Launch(bn, bk, s, dot=dot), st.sampled_from([16, 32, 64]),
+        st.sampled_from([16, 32, 128]), st.sampled_from([1, 2, 3, 5]), st.booleans()))
+
+
+# -- the Triton kernel (GPU, or the interpreter) ------------------------------------------------------------------
+@triton_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(m=st.integers(1, 64), n=st.one_of(st.sampled_from([1, 16, 1000]), st.integers(1, 130)),
+       k=st.one_of(st.sampled_from([1, 96, 300]), st.integers(1, 140)), bias=st.booleans(),
+       layout=st.sampled_from(["contiguous", "rows", "columns"]), data=st.data(), seed=st.integers(0, 2**16))
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_skinny_linear_matches_reference(dtype, m, n, k, bias, layout, data, seed, nan_empty):
+    config = data.draw(_launches())
+    x, weight, b = _case(m, n, k, dtype, seed, bias, layout)
+    _assert_matches(skinny.skinny_linear(x, weight, b, config=config), x, weight, b)
+
+
+@triton_test
+@pytest.mark.parametrize("m, n, k", [(1, 512, 2048), (8, 512, 1024), (64, 520, 1024)])
+def test_skinny_linear_default_launch_at_model_shapes(m, n, k, nan_empty):
+    """bf16 at the qwen3.5-1b step's shapes (out_proj's K at half its N, k_proj, a fused k/v + 8 rows): FMA and
+    dot launches, split-K across 16 and 8 ranges and none."""
+    x, weight, bias = _case(m, n, k, torch.bfloat16, seed=m)
+    config = skinny.default_launch(m, n, k, torch.bfloat16, x.device)
+    assert (config.dot, config.split_k) == {1: (False, 16), 8: (True, 8), 64: (True, 1)}[m]
+    _assert_matches(skinny.skinny_linear(x, weight, bias), x, weight, bias)
+
+
+@triton_test
+@pytest.mark.parametrize("m, n", [(0, 8), (3, 0)])
+def test_skinny_linear_of_no_rows_or_columns_is_empty(m, n):
+    x, weight, bias = _case(m, n, 16, torch.bfloat16, seed=0)
+    y = skinny.skinny_linear(x, weight, bias)
+    assert (y.shape, y.dtype) == ((m, n), torch.bfloat16)
+
+
+@triton_test
+def test_split_k_is_deterministic(nan_empty):
+    """Split-K sums fp32 partials in split order: the same call gives the same bits (no atomics)."""
+    x, weight, bias = _case(3, 64, 512, torch.bfloat16, seed=1)
+    config = skinny.Launch(32, 32, 16, dot=False)
+    first = skinny.skinny_linear(x, weight, bias, config=config)
+    assert all(torch.equal(skinny.skinny_linear(x, weight, bias, config=config), first) for _ in range(3))
+
+
+@triton_test
+@pytest.mark.parametrize("m, n, k", [(1, 16, 1024), (1, 1024, 1024), (16, 1024, 1024), (64, 6144, 1024),
+                                     (64, 1024, 3584), (4, 248320, 1024), (1, 1, 1)])
+def test_default_launch_fills_the_device_within_the_partials_budget(m, n, k):
+    """Programs (N tiles x splits) cover two an SM unless K's blocks, SPLIT_K_MAX or the partials' bytes stop
+    split-K; every split holds K; the partials cost at most PARTIALS_SHARE of the weight's bytes."""
+    device = torch.device(DEV)
+    c = skinny.default_launch(m, n, k, torch.bfloat16, device)
+    k_per_split, splits = skinny.split_plan(k, c.block_k, c.split_k)
+    assert (splits - 1) * k_per_split < k <= splits * k_per_split and k_per_split % c.block_k == 0
+    filled = -(-n // c.block_n) * splits >= 2 * skinny.sm_count(device)
+    k_bound = splits in (-(-k // c.block_k), skinny.SPLIT_K_MAX)
+    assert filled or k_bound or (splits + 1) * 2 * m * 4 > skinny.PARTIALS_SHARE * k * 2
+    assert splits == 1 or splits * 2 * m * 4 <= skinny.PARTIALS_SHARE * k * 2
+
+
+@triton_test
+@pytest.mark.parametrize("bad, match", [
+    ("k", r"x \[3, 8\], weight \[5, 16\], bias \[5\] do not fit x \[M, K\], weight \[N, K\], bias \[N\]"),
+    ("bias", r"bias \[4\] do not fit"),
+    ("rows", r"x has M=65 rows, more than the 64 this kernel serves; use torch.nn.functional.linear"),
+    ("dtype", r"dtypes \['torch.bfloat16', 'torch.float32'\]; they need one dtype of"),
+])
+def test_skinny_linear_rejects_bad_input_naming_it(bad, match):
+    x, weight, bias = _case(3, 5, 16, torch.float32, seed=0)
+    args = {"k": lambda: (x[:, :8], weight, bias), "bias": lambda: (x, weight, bias[:4]),
+            "rows": lambda: (x[:1].expand(65, 16), weight, bias), "dtype": lambda: (x, weight.bfloat16(), bias)}[bad]()
+    for _ in range(2):  # checks run once per metadata: a failure must raise every time
+        with pytest.raises(ValueError, match=match):
+            skinny.skinny_linear(*args)
+
+
+@pytest.mark.skipif(skinny is None, reason="needs triton")
+@pytest.mark.parametrize("kwargs, match", [(dict(block_n=24, block_k=16), r"block_n=24 must be a power of two"),
+                                           (dict(block_n=16, block_k=8), r"block_k=8 must be a power of two"),
+                                           (dict(block_n=16, block_k=16, split_k=0), r"split_k=0 and stages=4")])
+def test_launch_rejects_bad_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        skinny.Launch(**kwargs)
+
+
+# -- the op on CPU: F.linear, opaque to torch.compile -------------------------------------------------------------
+@pytest.mark.parametrize("lead, n, k, bias", [((3,), 7, 16, True), ((2, 5), 7, 16, False), ((65,), 4, 8, True),
+                                              ((0,), 3, 4, False)])
+def test_linear_op_on_cpu_is_f_linear(lead, n, k, bias, fresh_choices):
+    x, weight, b = torch.randn(*lead, k), torch.randn(n, k), torch.randn(n) if bias else None
+    assert torch.equal(linear(x, weight, b), F.linear(x, weight, b))
+    assert choices() == []  # nothing timed on CPU
+
+
+def test_linear_op_under_torch_compile_has_a_working_fake(fresh_choices):
+    x, weight, bias = torch.randn(2, 3, 16), torch.randn(24, 16), torch.randn(24)
+    compiled = torch.compile(lambda x: torch.relu(linear(x, weight, bias)), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), torch.relu(F.linear(x, weight, bias)))
+    torch.library.opcheck(torch.ops.hattn_kernels.linear.default, (x, weight, bias))
+    with torch._subclasses.FakeTensorMode():
+        fake = linear(torch.empty(5, 16, dtype=torch.bfloat16), torch.empty(24, 16, dtype=torch.bfloat16))
+    assert (fake.shape, fake.dtype) == ((5, 24), torch.bfloat16)
+
+
+def test_linear_op_is_not_taken_for_an_attention_mixer():
+    assert unregistered_mixer(torch.ops.hattn_kernels.linear) is None
+    assert split_op_of(torch.ops.hattn_kernels.linear) is None
+
+
+def test_load_choices_pins_rows_that_choices_lists_in_order(fresh_choices):
+    rows = [dict(m=4, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=False, backend="triton", cublas_us=None,
+                 triton_us=None),
+            dict(m=1, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=True, backend="cublas", cublas_us=5.0,
+                 triton_us=6.5)]
+    load_choices(rows)
+    assert choices() == rows[::-1]
+    for bad in (dict(backend="cutlass"), dict(dtype="torch.bfloat16")):
+        with pytest.raises(ValueError, match=r"needs a backend of \('cublas', 'triton'\) and a dtype of \['float16', "):
+            load_choices([rows[0] | bad])
+    assert choices() == rows[::-1]
+
+
+# -- the op on CUDA: timed choice, capture -------------------------------------------------------------------------
+def _count_skinny_calls(monkeypatch) -> list:
+    """Record each call of skinny_linear (the op imports it at call time, so the patch reaches it)."""
+    calls, real = [], skinny.skinny_linear
+    monkeypatch.setattr(skinny, "skinny_linear", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    return calls
+
+
+@cuda_test
+def test_linear_op_times_a_new_shape_once_and_remembers_the_faster(fresh_choices, monkeypatch):
+    x, weight, bias = _case(3, 1000, 96, torch.float16, seed=0)
+    _assert_matches(linear(x, weight, bias), x, weight, bias)
+    [row] = choices()
+    assert {f: row[f] for f in ("m", "n", "k", "dtype", "device", "bias")} == dict(
+        m=3, n=1000, k=96, dtype="float16", device=str(x.device), bias=True)
+    assert row["cublas_us"] > 0 and row["triton_us"] > 0
+    assert row["backend"] == ("triton" if row["triton_us"] < row["cublas_us"] else "cublas")
+
+    def measured_twice(*args):
+        raise AssertionError("the shape was timed a second time")
+    monkeypatch.setattr(op, "_measure", measured_twice)
+    _assert_matches(linear(x, weight, bias), x, weight, bias)
+
+
+@cuda_test
+def test_linear_op_leaves_more_than_64_rows_and_shapes_first_seen_in_capture_to_cublas(fresh_choices, monkeypatch):
+    calls = _count_skinny_calls(monkeypatch)
+    x, weight, _ = _case(65, 256, 128, torch.bfloat16, seed=0)
+    assert torch.equal(linear(x, weight), F.linear(x, weight))
+    x = x[:2]
+    F.linear(x, weight)  # cuBLAS set up before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x, weight)
+    graph.replay()
+    _assert_matches(y, x, weight, None)
+    assert choices() == [] and calls == []
+
+
+@cuda_test
+@pytest.mark.parametrize("backend", ["cublas", "triton"])
+def test_linear_op_captured_in_graph_runs_the_pinned_backend_and_replays_new_x(backend, fresh_choices, monkeypatch):
+    x, weight, bias = _case(4, 1000, 96, torch.bfloat16, seed=0)
+    x = x.view(2, 2, 96)  # leading dims flatten to M = 4 rows
+    load_choices([dict(m=4, n=1000, k=96, dtype="bfloat16", device=str(x.device), bias=True, backend=backend)])
+    calls = _count_skinny_calls(monkeypatch)
+    linear(x, weight, bias)  # warm-up: compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x, weight, bias)
+    assert len(calls) == {"cublas": 0, "triton": 2}[backend]
+    for seed in (1, 2, 3):
+        x.copy_(_case(4, 1, 96, torch.bfloat16, seed)[0].view(2, 2, 96))
+        y.fill_(float("nan"))
+        graph.replay()
+        _assert_matches(y.view(4, 1000), x.view(4, 96), weight, bias)
+
+
+@cuda_test
+def test_sweep_times_both_backends_for_each_shape_and_m():
+    from hattn.kernels.gemm.bench import format_rows, sweep
+
+    rows = sweep({"t": (96, 1000)}, ms=(1, 64), configs=[skinny.Launch(32, 64, 2)])
+    assert [(r["shape"], r["m"], r["k"], r["n"]) for r in rows] == [("t", 1, 96, 1000), ("t", 64, 96, 1000)]
+    for r in rows:
+        assert r["cublas_us"] > 0 and r["triton_us"] > 0 and r["best_us"] <= r["triton_us"]
+        assert r["triton_gbs"] == pytest.approx(1000 * 96 * 2 / r["triton_us"] / 1e3)
+        assert r["faster"] == ("triton" if r["triton_us"] < r["cublas_us"] else "cublas")
+    assert len(format_rows(rows).splitlines()) == 3
