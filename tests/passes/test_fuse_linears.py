@@ -1,6 +1,7 @@
 """fuse_linears: fused == unfused on random FX graphs, the linear count it leaves, memory neutrality (parameters
 become views of the fused buffer), the second graph's spanning view, what it must not fuse, and the tiny Qwen3.5
-under torch.compile (eager and inductor pieces)."""
+under torch.compile (eager and inductor pieces; every mode on the GPU: python3 -m pytest -m gpu
+tests/passes/test_fuse_linears.py)."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from hattn.compiler.backend import backend, compile_graph
 from hattn.compiler.config import Config
 from hattn.counters import Stats
-from hattn.models.presets import load
+from hattn.models.generate import SamplingParams, generate
+from hattn.models.hf import adapt
+from hattn.models.presets import load, preset_config, random_model
+from hattn.models.reference import check_tokens, hf_greedy
 from hattn.passes.fuse_linears import fuse_linears
 from hattn.registry import UnregisteredAttentionError
 
@@ -392,3 +396,26 @@ def test_load_state_dict_after_compile_reaches_the_fused_weights(one_thread):
     ref.load_state_dict(other)
     _same_logits(compiled, ref, 9)
     assert not torch.allclose(_logits(compiled, 9), first, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["eager", "pcg", "bcg", "full"])
+def test_gpu_fused_graph_modes_match_hf_in_bf16(mode):
+    """CUDA graphs replay the fused GEMMs (get_attr weights at fixed addresses; column-slice outputs read by the
+    Triton kernels through their strides) and give HF eager's greedy tokens; parameter memory is unchanged."""
+    hf = random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 17, 9)]
+    ref = hf_greedy(copy.deepcopy(hf), prompts, 16)
+    lm = adapt(hf)
+    before = _param_storages(lm)
+    be = backend(mode=mode, capture_sizes=[1, 2, 4, 8, 16, 32], progress=False)  # inductor pieces
+    tokens = generate(torch.compile(lm, backend=be), prompts, lm.make_cache(slots=3, max_len=64),
+                      SamplingParams(max_new_tokens=16), layer_kinds=lm.layer_kinds).tokens
+    ok, note = check_tokens(ref, tokens, tie=0.1)  # bf16: HF's top-2 margin below 0.1 may flip
+    assert ok, note
+    assert [s.fused_linears for s in be.graph_stats] == [TINY_GROUPS] * be.stats.graphs_compiled
+    assert sum(_param_storages(lm).values()) == sum(before.values())
+    assert len(_param_storages(lm)) == len(before) - TINY_MERGED
+    assert (be.stats.cuda_graphs > 0) == (mode != "eager")
