@@ -16,6 +16,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import TracingContext, detect_fake_mode
 
 from hattn.compiler.config import Config
+from hattn.passes.fuse_linears import fuse_linears
 from hattn.passes.guards import check_no_unregistered_attention
 from hattn.passes.split import split_graph
 from hattn.counters import Stats, new_stats
@@ -60,6 +61,14 @@ def _symbolic_dims(t: torch.Tensor) -> set[int]:
 class _CompilePieces(fx.Interpreter):
     """Runs the split graph on Dynamo's (fake) example inputs, compiling each piece with the inputs it receives."""
 
+    def __init__(self, module: fx.GraphModule, fake_mode=None):
+        super().__init__(module)
+        self.fake_mode = fake_mode
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)  # a real tensor (e.g. a fused weight): fake under fake mode
+        return self.fake_mode.from_tensor(value) if self.fake_mode is not None else value
+
     def call_module(self, target, args, kwargs):
         piece = self.fetch_attr(target)
         out = piece(*args)
@@ -79,27 +88,42 @@ class _Compiled(torch.nn.Module):
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
-    """Guard, split and compile one Dynamo graph; return the callable the mode's runtime serves it with."""
-    check_no_unregistered_attention(gm)
+    """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with."""
+    check_no_unregistered_attention(gm)  # first: a rejected graph leaves the user's parameters untouched
+    # with "eager" the pieces run as traced FX code: no fake run. The fakes are made before fuse_linears rebinds
+    # parameters: a rebound one's storage offset contradicts the one Dynamo traced it with.
+    piece_inputs = _piece_inputs(gm, example_inputs) if config.inner_compiler == "inductor" else None
+    if config.fuse_linears:
+        stats.fused_linears += fuse_linears(gm, example_inputs)
     split_gm, info = split_graph(gm)
     stats.graphs_compiled += 1
     stats.pieces += len(info.pieces)
     stats.split_ops += len(info.split_nodes)
-    if config.inner_compiler == "inductor":  # with "eager" the pieces run as traced FX code: no fake run
-        fake_mode = detect_fake_mode(example_inputs)
-        if fake_mode is None:  # called outside Dynamo (tests): compile with the real inputs
-            _CompilePieces(split_gm).run(*example_inputs)
-        else:
-            placeholders = [n for n in split_gm.graph.nodes if n.op == "placeholder"]
-            fakes = [_traced_fake(x, n, fake_mode) for x, n in zip(example_inputs, placeholders, strict=True)]
-            # the python dispatcher, as Dynamo traces: without it some CUDA kernels' C++ decompositions (linear on a
-            # 3-d input) call aten.size, whose fake handler guards every symbolic size to its example value
-            with fake_mode, enable_python_dispatcher():
-                _CompilePieces(split_gm).run(*fakes)
+    if piece_inputs is not None:
+        _compile_pieces(split_gm, *piece_inputs)
     log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)
     from hattn.runtime import build_runtime
 
     return build_runtime(config, split_gm, example_inputs, stats)
+
+
+def _piece_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple:
+    """(Dynamo's fake mode, the fakes of the graph inputs), or (None, the real inputs) outside Dynamo (tests)."""
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return None, example_inputs
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return fake_mode, [_traced_fake(x, n, fake_mode) for x, n in zip(example_inputs, placeholders, strict=True)]
+
+
+def _compile_pieces(split_gm: fx.GraphModule, fake_mode, inputs: list) -> None:
+    if fake_mode is None:
+        _CompilePieces(split_gm).run(*inputs)
+        return
+    # the python dispatcher, as Dynamo traces: without it some CUDA kernels' C++ decompositions (linear on a
+    # 3-d input) call aten.size, whose fake handler guards every symbolic size to its example value
+    with fake_mode, enable_python_dispatcher():
+        _CompilePieces(split_gm, fake_mode).run(*inputs)
 
 
 class HattnBackend:

@@ -23,12 +23,15 @@ class Config:
     inner_compiler  what compiles the pieces between split ops: inductor | eager (the traced FX code)
     capture_sizes   token counts to capture graphs for; inputs are padded up to the next one (graph modes)
     progress        show a progress bar while capturing
+    fuse_linears    run linears that share an input as one GEMM on weights concatenated once (the parameters
+                    become views of the fused buffer: no second copy); see hattn.passes.fuse_linears
     """
 
     mode: str = "pcg"
     inner_compiler: str = "inductor"
     capture_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CAPTURE_SIZES))
     progress: bool = True
+    fuse_linears: bool = True
 
     def __post_init__(self):
         if self.mode == "inductor":

@@ -1,0 +1,231 @@
+"""Fuse linears that share an input into one GEMM on weights concatenated once; the parameters become views.
+
+Inductor does not do this for us (checked on torch 2.13 with the tiny Qwen3.5). Its pre-grad `batch_linear_lhs`
+(off by default, and only for groups of 5 or more unless `min_fuse_set_size` is lowered) takes only 2-d inputs, so
+it misses the MLP's gate/up on [1, T, D]; on the whole-graph inductor backend it fused the three GatedDeltaNet
+qkv/a/b groups but emits `torch.cat` of the weights inside the graph: a copy of those weights on every call
+(a `cpp_fused_..._cat_...` kernel writing a [136, 64] buffer before each mm). On hattn's pieces it fails ("Mixing
+fake modes": its metadata is Dynamo's fakes). The post-grad `group_linear` is fbgemm's grouped GEMM (different
+inputs, CUDA fbgemm only). `freezing=True` folds that cat once, but into a second copy of the weights that
+`load_state_dict` no longer reaches. So this pass does it once, at compile time, without a second copy:
+
+    n_groups = fuse_linears(gm, example_inputs)   # a Dynamo graph, before split_graph; mutates gm and the params
+
+Each group of `linear(x, w_i, b_i)` becomes `linear(x, W, B).split([N_i...], dim=-1)[i]`, W (and B) a get_attr
+buffer allocated once; every w_i (b_i) is rebound (`.data`) to its row slice of W, so the model holds one copy and
+in-place updates of the parameters (`load_state_dict`) reach the fused GEMM. The outputs are column slices of the
+fused output (row stride sum(N_i), as vLLM's qkv split). A linear joins a group when:
+  - it is `F.linear` (`torch._C._nn.linear`, what Dynamo records) with weight (and bias) a placeholder whose
+    example input is an `nn.Parameter` (2-d weight, 1-d bias), used by linears only, as their weight (bias): a
+    weight read or mutated by other nodes is left alone;
+  - it is inference: grad mode is off at compile time, or no weight or bias of it requires grad (the fused graph
+    reads W, so gradients would never reach the parameters);
+  - the group shares the input node (so also dtype, device and K), and biases are all absent or all present; a
+    weight appears once per group;
+  - no node between the group's first and last linear may mutate the input (an in-place op, setitem, `out=`, a
+    custom op with mutable arguments, whose tensor arguments share the input's storage; without fake-tensor
+    metadata any such node counts): the fused GEMM runs at the first linear's place.
+W is then one of:
+  - a view spanning the weights when they already are adjacent rows of one storage (a second Dynamo graph of the
+    same model, e.g. the one-token graph): no copy, no rebinding;
+  - a new buffer, when every weight is contiguous and the only user of its whole storage among the graph inputs;
+    otherwise (tied by storage to another input, fused before in another order) the group is not fused (logged).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._pytree import tree_leaves
+
+log = logging.getLogger("hattn")
+
+
+@dataclass
+class _Linear:
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+
+
+def fuse_linears(gm: fx.GraphModule, example_inputs: list) -> int:
+    """Fuse every group of same-input linears of `gm` (see the module docstring); return how many groups."""
+    params = _placeholder_params(gm, example_inputs)
+    fused = sum(_fuse_group(gm, group, params, example_inputs) for group in _groups(gm.graph, params))
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return fused
+
+
+def _placeholder_params(gm: fx.GraphModule, example_inputs: list) -> dict[fx.Node, torch.nn.Parameter]:
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return {n: x for n, x in zip(placeholders, example_inputs, strict=True) if isinstance(x, torch.nn.Parameter)}
+
+
+def _linear_args(node: fx.Node) -> tuple | None:
+    """(input, weight, bias) of a linear call node, or None for any other node."""
+    if node.op != "call_function" or node.target is not F.linear:
+        return None
+    args = [*node.args, None][:3]
+    return tuple(node.kwargs.get(name, arg) for name, arg in zip(("input", "weight", "bias"), args))
+
+
+def _as_linear(node: fx.Node, params: dict) -> _Linear | None:
+    """`node` as a fusible linear, or None (see the module docstring's rules)."""
+    args = _linear_args(node)
+    if args is None:
+        return None
+    x, w, b = args
+    if not _only_read_as(w, 1, 2, params) or (b is not None and not _only_read_as(b, 2, 1, params)):
+        return None
+    if torch.is_grad_enabled() and any(params[p].requires_grad for p in (w, b) if p is not None):
+        return None
+    return _Linear(node, x, w, b)
+
+
+def _only_read_as(p, position: int, dim: int, params: dict) -> bool:
+    """p is a `dim`-d parameter placeholder that every user is a linear reading it as argument `position` only."""
+    if p not in params or params[p].dim() != dim:
+        return False
+    for user in p.users:
+        args = _linear_args(user)
+        if args is None or [i for i, a in enumerate(args) if a is p] != [position]:
+            return False
+    return True
+
+
+def _groups(graph: fx.Graph, params: dict) -> list[list[_Linear]]:
+    """Groups of two or more fusible linears, in graph order; a node that may mutate an input closes its group."""
+    open_groups: dict[tuple, list[_Linear]] = {}
+    closed: list[list[_Linear]] = []
+    for node in graph.nodes:
+        linear = _as_linear(node, params)
+        if linear is not None:
+            key = (linear.x, linear.bias is None)
+            group = open_groups.setdefault(key, [])
+            if all(lin.weight is not linear.weight for lin in group):
+                group.append(linear)
+        elif _may_mutate(node):
+            for key in [k for k in open_groups if _may_alias(node, k[0])]:
+                closed.append(open_groups.pop(key))
+    return [g for g in closed + list(open_groups.values()) if len(g) > 1]
+
+
+def _may_mutate(node: fx.Node) -> bool:
+    """Whether `node` may write into one of its arguments (conservatively: any name ending in "_" counts)."""
+    if node.op == "call_module":
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return any(getattr(target, name)._schema.is_mutable for name in target.overloads())
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return target in _IN_PLACE_OPERATORS or name.endswith("_") or "out" in node.kwargs
+
+
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.imatmul,
+                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.ilshift,
+                       operator.irshift, operator.iand, operator.ior, operator.ixor}
+
+
+def _may_alias(node: fx.Node, x: fx.Node) -> bool:
+    """Whether a tensor argument of `node` may share x's storage (always, when fake-tensor metadata is missing)."""
+    storages = [_storages(n) for n in (x, *node.all_input_nodes)]
+    if any(s is None for s in storages):
+        return True
+    return not storages[0].isdisjoint(set().union(*storages[1:]))
+
+
+def _storages(node: fx.Node) -> set | None:
+    """The storages of the tensors in node's example value (Dynamo's fakes), or None when it has none."""
+    if "example_value" not in node.meta and "val" not in node.meta:
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return {StorageWeakRef(t.untyped_storage()) for t in tree_leaves(value) if isinstance(t, torch.Tensor)}
+
+
+def _fuse_group(gm: fx.GraphModule, group: list[_Linear], params: dict, example_inputs: list) -> bool:
+    """Replace `group` by one linear on fused parameters and a split; False (reason logged) when it cannot."""
+    weights = [params[lin.weight] for lin in group]
+    biases = [params[lin.bias] for lin in group] if group[0].bias is not None else []
+    reason = next(filter(None, (_unfusable(ts, example_inputs) for ts in (weights, biases) if ts)), None)
+    if reason is not None:
+        log.debug("hattn: linears %s not fused: %s", [lin.node.name for lin in group], reason)
+        return False
+    fused_bias = _fused(biases) if biases else None
+    _emit(gm, group, [w.shape[0] for w in weights], _fused(weights), fused_bias)
+    return True
+
+
+def _unfusable(ts: list[torch.Tensor], example_inputs: list) -> str | None:
+    """Why `ts` can be neither spanned nor concatenated, or None when they can."""
+    if _span(ts) is not None:
+        return None
+    users = [StorageWeakRef(x.untyped_storage()) for x in example_inputs if isinstance(x, torch.Tensor)]
+    for t in ts:
+        ref = StorageWeakRef(t.untyped_storage())
+        whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        if not (t.is_contiguous() and whole and users.count(ref) == 1):
+            return (f"a {tuple(t.shape)} parameter is not the sole owner of its whole storage (tied to another "
+                    f"input, non-contiguous, or fused before in another order)")
+    return None
+
+
+def _span(ts: list[torch.Tensor]) -> torch.Tensor | None:
+    """One view over `ts` when they are contiguous and follow each other in one storage, else None."""
+    first = ts[0]
+    ref, offset = StorageWeakRef(first.untyped_storage()), first.storage_offset()
+    for t in ts:
+        if not t.is_contiguous() or StorageWeakRef(t.untyped_storage()) != ref or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    shape = (sum(t.shape[0] for t in ts), *first.shape[1:])
+    return first.as_strided(shape, [math.prod(shape[i + 1:]) for i in range(len(shape))])
+
+
+def _fused(ts: list[torch.Tensor]) -> torch.Tensor:
+    """[sum N_i, ...]: the spanning view of `ts`, or a new buffer holding them with each t rebound to its rows."""
+    span = _span(ts)
+    if span is not None:
+        return span
+    # a normal tensor even under inference_mode: the parameters may be trained afterwards
+    with torch.inference_mode(False), torch.no_grad():
+        fused = torch.cat([t.detach() for t in ts])
+        for t, rows in zip(ts, fused.split([t.shape[0] for t in ts])):
+            t.data = rows
+    return fused
+
+
+def _emit(gm: fx.GraphModule, group: list[_Linear], sizes: list[int], weight: torch.Tensor,
+          bias: torch.Tensor | None) -> None:
+    """linear(x, weight, bias).split(sizes, dim=-1)[i] in place of the group's linears, at the first one's place."""
+    graph = gm.graph
+    with graph.inserting_before(group[0].node):
+        w = graph.get_attr(_register(gm, "weight", weight))
+        b = graph.get_attr(_register(gm, "bias", bias)) if bias is not None else None
+        out = graph.call_function(F.linear, (group[0].x, w, b))
+        parts = graph.call_function(torch.split, (out, sizes), {"dim": -1})
+        outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(group))]
+    for lin, part in zip(group, outs):
+        part.meta.update(lin.node.meta)  # shapes and dtypes as before (a column slice: strides differ)
+        lin.node.replace_all_uses_with(part)
+        graph.erase_node(lin.node)
+
+
+def _register(gm: fx.GraphModule, kind: str, t: torch.Tensor) -> str:
+    i = 0
+    while hasattr(gm, f"_hattn_fused_{kind}_{i}"):
+        i += 1
+    gm.register_buffer(f"_hattn_fused_{kind}_{i}", t, persistent=False)
+    return f"_hattn_fused_{kind}_{i}"
