@@ -16,7 +16,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import TracingContext, detect_fake_mode
 
 from hattn.compiler.config import Config
-from hattn.passes.guards import check_no_unregistered_attention
+from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
 from hattn.passes.split import split_graph
 from hattn.counters import Stats, new_stats
 
@@ -81,6 +81,7 @@ class _Compiled(torch.nn.Module):
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
     """Guard, split and compile one Dynamo graph; return the callable the mode's runtime serves it with."""
     check_no_unregistered_attention(gm)
+    check_split_ops_present(gm, example_inputs, config.mode, config.uses_graphs)
     split_gm, info = split_graph(gm)
     stats.graphs_compiled += 1
     stats.pieces += len(info.pieces)
