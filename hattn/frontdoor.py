@@ -23,8 +23,9 @@ class CompiledLM:
     """A transformers causal LM adapted by hattn and compiled with its backend (what `hattn.compile` returns).
 
     generate(input_ids [B, T], attention_mask=None, ...) -> [B, T + new]: transformers' generate for the common
-    arguments. Called as `model(input_ids [T], positions [T]) -> logits [T, vocab]` it is the compiled packed
-    model (sequences packed along T, under a `hattn.ForwardContext`), so `hattn.generate(model, prompts)` serves it.
+    arguments. Called as `model(input_ids [T], positions [T], logits_rows [R] = None) -> logits` it is the compiled
+    packed HybridLM (sequences packed along T, under a `hattn.ForwardContext`), so `hattn.generate(model, prompts)`
+    serves it.
     """
 
     def __init__(self, lm: HybridLM, hattn_backend: HattnBackend):
@@ -54,6 +55,11 @@ class CompiledLM:
     def dtype(self) -> torch.dtype:
         return next(self.hf.parameters()).dtype
 
+    @property
+    def stats(self):
+        """What the backend compiled and ran (graphs, pieces, split ops, CUDA graphs, replays, ...)."""
+        return self.backend.stats
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  generation_config=None, **kwargs) -> torch.Tensor:
         """transformers' generate for a left- or right-padded batch: input_ids, attention_mask [B, T] ->
@@ -69,8 +75,9 @@ class CompiledLM:
         return repad(input_ids, res.tokens, req.pad_token_id)
 
     # -- the packed model ----------------------------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, logits_rows)
 
     @property
     def layer_kinds(self) -> dict[int, str]:

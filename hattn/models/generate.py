@@ -259,14 +259,29 @@ def check_inputs(model, prompts, params, cache) -> None:
     has not adapted, prompts that are not lists of token ids in the vocabulary, bad params, a cache of another model."""
     _check_model(model, cache)
     _check_prompts(prompts, _vocab_size(model))
+    _check_params(params)
+    _check_cache(cache, model)
+
+
+def _check_params(params) -> None:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a hattn.SamplingParams, got {type(params).__name__}: "
                         f"params=hattn.SamplingParams(max_new_tokens=..., temperature=..., top_p=...)")
     n = params.max_new_tokens
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"params.max_new_tokens must be an int >= 1, got {n!r}: ask for at least one new token")
+
+
+def _check_cache(cache, model) -> None:
+    if cache is None:
+        return
+    if not isinstance(cache, HybridCache):
+        hint = ("; pass sampling settings by keyword: params=hattn.SamplingParams(...)"
+                if isinstance(cache, SamplingParams) else "")
+        raise TypeError(f"cache must be a HybridCache (model.make_cache(slots, max_len)) or None, got "
+                        f"{type(cache).__name__}{hint}")
     specs = getattr(model, "cache_specs", None)
-    if cache is not None and specs is not None and getattr(cache, "specs", None) != specs():
+    if specs is not None and cache.specs != specs():
         raise ValueError("the cache was built for another model (its layers differ from this model's): build it "
                          "with model.make_cache(slots, max_len)")
 
@@ -292,7 +307,9 @@ def _check_model(model, cache) -> None:
 
 
 def _vocab_size(model) -> int | None:
-    return getattr(getattr(model, "config", None), "vocab_size", None)
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal configs
+    return getattr(config, "vocab_size", None)
 
 
 def _check_prompts(prompts, vocab: int | None) -> None:

@@ -62,6 +62,9 @@ def test_a_cache_too_small_or_of_another_model_is_named(make_case):
     other = adapt(random_model(preset_config("tiny-nemotron-h")))
     with pytest.raises(ValueError, match=r"the cache was built for another model .*model.make_cache\(slots, max_len\)"):
         generate(c.lm, c.prompts, other.make_cache(3, 40), TWO)
+    with pytest.raises(TypeError, match=r"cache must be a HybridCache \(model.make_cache\(slots, max_len\)\) or None, "
+                                        r"got SamplingParams; pass sampling settings by keyword: params="):
+        generate(c.lm, c.prompts, TWO)  # params passed where the cache goes
 
 
 def test_good_inputs_pass_the_checks_unchanged(make_case):
