@@ -187,14 +187,15 @@ class AdaptedModelError(RuntimeError):
 
 
 _USE_INSTEAD = ("generate with hattn.compile(model).generate(input_ids, attention_mask=..., max_new_tokens=...), or "
-                "pack prompts yourself: hattn.generate(hattn.adapt(model), prompts, hattn.SamplingParams(...))")
+                "pack prompts yourself: hattn.generate(hattn.adapt(model), prompts, params=hattn.SamplingParams(...))")
 _CACHE_KWARGS = ("cache", "past_key_values")
 
 
 def _refuse_generate(*args, **kwargs):
     raise AdaptedModelError(
         "this model was adapted by hattn: its attention and mixers now read and write hattn's cache, so "
-        f"transformers' own generate (with its own cache) would give wrong tokens after the first. Instead, {_USE_INSTEAD}"
+        "transformers' own generate (with its own cache) would give wrong tokens after the first. Instead, "
+        f"{_USE_INSTEAD}"
     )
 
 
@@ -236,7 +237,7 @@ def guard_hf_calls(hf_model: nn.Module) -> None:
 
     def hook(module, args, kwargs):
         _check_hf_call(names, args, kwargs)
-        if "use_cache" not in names[:len(args)]:
+        if "use_cache" in names[len(args):]:
             kwargs["use_cache"] = False
         return args, kwargs
 

@@ -9,7 +9,6 @@ import torch
 
 import hattn
 from hattn.frontdoor import CompiledLM
-from hattn.models.hf import AdaptedModelError
 from hattn.models.presets import preset_config, random_model
 from hattn.models.reference import check_tokens, hf_greedy
 from hattn.registry import split_ops
@@ -87,7 +86,7 @@ def test_eos_padding_sides_and_inferred_mask_as_transformers(make_case):
     c = make_case("tiny")
     model = hattn.compile(fresh(c), mode="bcg", inner_compiler="eager")
     ids, mask = padded(c.prompts)
-    # eos, no pad token: finished rows are padded with the first eos token; the batch ends when every row has
+    # eos, no pad token: finished rows are padded with the first eos token; the batch ends once every row stopped
     eos = [c.ref.tokens[0][3], c.ref.tokens[2][5]]
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos)
     with torch.inference_mode():
@@ -128,13 +127,12 @@ def test_compiling_again_in_another_mode_reuses_the_adapted_model(make_case):
     c = make_case("tiny")
     hf = fresh(c)
     first = hattn.compile(hf, mode="eager", inner_compiler="eager")
-    again = hattn.compile(hf, mode="bcg", inner_compiler="eager")  # the adapted transformers model
     assert hattn.compile(first, mode="pcg").lm is first.lm and hattn.compile(first.lm).lm is first.lm
+    again = hattn.compile(hf, mode="bcg", inner_compiler="eager")  # the adapted transformers model, adapted again
+    assert again.lm is not first.lm and again.hf is hf and len(hf.model._forward_pre_hooks) == 1  # guarded once
     ids, mask = padded(c.prompts)
-    for model in (first, again):
-        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD),
-                           hf_batch(c))
-    assert again.backend.config.mode == "bcg" and len(hf.model._forward_pre_hooks) == 1  # guarded once
+    out = again.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
+    assert again.backend.config.mode == "bcg" and torch.equal(out, hf_batch(c))
 
 
 def test_sampling_is_seeded_and_top_p_of_one_token_is_greedy(make_case):
@@ -190,22 +188,24 @@ GPU_FAMILIES = ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-kimi-linear
 @pytest.mark.parametrize("mode", ["eager", "pcg", "bcg", "full"])
 @pytest.mark.parametrize("preset", GPU_FAMILIES)
 def test_generate_on_the_gpu_equals_transformers_in_every_mode(preset, mode):
-    """fp32 on CUDA: each row's new tokens equal transformers' generate of its prompt alone (a divergence only at
-    a near-tie of transformers' own logits), after the row as given; graph modes capture CUDA graphs."""
+    """bf16 on CUDA, as tests/models/test_gpu_models.py: each row's new tokens equal transformers' generate of its
+    prompt alone (a divergence only at a near-tie of transformers' own logits), after the row as given; a second
+    call replays the graphs and gives the same tokens; graph modes capture CUDA graphs."""
     torch._dynamo.reset()
-    hf = random_model(preset_config(preset), torch.float32, "cuda", seed=0)
+    hf = random_model(preset_config(preset), torch.bfloat16, "cuda", seed=0)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, hf.config.get_text_config().vocab_size, (n,), generator=g).tolist() for n in (5, 17, 9)]
     ref = hf_greedy(hf, prompts, NEW)
-    model = hattn.compile(hf, mode=mode, capture_sizes=[1, 2, 4, 8, 16, 32, 64], progress=False)
+    model = hattn.compile(hf, mode=mode, inner_compiler="eager", capture_sizes=[1, 2, 4, 8, 16, 32, 64],
+                          progress=False)
     ids, mask = (t.cuda() for t in padded(prompts))
     if mode == "full" and not capture_safe(model.lm):
         with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="not registered capture-safe"):
             model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
         return
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
-    again = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)  # replays
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     assert out.device == ids.device and torch.equal(out[:, :ids.shape[1]], ids) and torch.equal(out, again)
-    ok, note = check_tokens(ref, out[:, ids.shape[1]:].tolist(), tie=1e-3)
+    ok, note = check_tokens(ref, out[:, ids.shape[1]:].tolist(), tie=0.1)
     assert ok, note
-    assert (model.backend.stats.cuda_graphs > 0) == (mode != "eager")
+    assert (model.stats.cuda_graphs > 0) == (mode != "eager")

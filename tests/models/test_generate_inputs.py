@@ -37,7 +37,7 @@ def test_bad_params_are_named(make_case):
     params.max_new_tokens = 0  # SamplingParams checks at construction only
     with pytest.raises(ValueError, match="params.max_new_tokens must be an int >= 1, got 0: ask for at least one"):
         generate(c.lm, c.prompts, params=params)
-    with pytest.raises(TypeError, match=r"params must be a hattn.SamplingParams, got dict: params=hattn.SamplingParams"):
+    with pytest.raises(TypeError, match=r"params must be a hattn.SamplingParams, got dict: params=hattn.Sampling"):
         generate(c.lm, c.prompts, params={"max_new_tokens": 2})
 
 
