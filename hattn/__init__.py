@@ -1,8 +1,10 @@
 """hattn: run hybrid (linear + full attention) LLMs fast under torch.compile.
 
-    lm = hattn.adapt(hf_model)                                      # an unmodified transformers hybrid model
-    model = torch.compile(lm, backend="hattn", mode="pcg")          # or "bcg", "full", "eager" (no CUDA graphs)
-    out = hattn.generate(model, [[1, 2, 3]], params=hattn.SamplingParams(max_new_tokens=16))
+    model = hattn.compile(hf_model)                                 # an unmodified transformers causal LM; mode="bcg"
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)   # [B, T + new], as transformers'
+
+    lm = hattn.adapt(hf_model)                                      # your own loop: packed prompts, a forward context
+    res = hattn.generate(torch.compile(lm, backend="hattn", mode="pcg"), [[1, 2, 3]], params=hattn.SamplingParams())
     model = torch.compile(lm, backend=hattn.backend(mode="pcg", capture_sizes=[1, 2, 4, 8]))
     hattn.stats()                                                   # counters of everything compiled so far
 """
@@ -10,6 +12,7 @@ from hattn.compiler.backend import backend
 from hattn.context import ForwardContext, forward_context
 from hattn.counters import reset_stats
 from hattn.counters import total_stats as stats
+from hattn.frontdoor import CompiledLM, compile
 from hattn.models.generate import SamplingParams, generate
 from hattn.models.hf import adapt
 from hattn.registry import register_split_op, unregister_split_op
@@ -17,6 +20,8 @@ from hattn.registry import register_split_op, unregister_split_op
 __version__ = "0.2.0"
 
 __all__ = [
+    "compile",
+    "CompiledLM",
     "adapt",
     "generate",
     "SamplingParams",

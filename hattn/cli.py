@@ -4,6 +4,7 @@
     hattn generate --preset tiny --mode pcg --prompt-ids 1,2,3 --prompt-ids 7,8
     hattn generate --model path/to/saved_model --mode bcg --prompt "Hello"
     hattn bench ...                                 # hattn/bench: every mode and the peers side by side
+    hattn --version; hattn --help                   # the help lists the modes and presets
 
 Subcommands live in `SUBCOMMANDS` (name -> function adding its parser); a module adds one with `@subcommand`.
 """
@@ -35,10 +36,19 @@ def subcommand(name: str):
 
 # -- shared helpers -------------------------------------------------------------------------------------------------
 def _ints(text: str) -> list[int]:
+    items = text.replace(" ", "").split(",")
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        if "" in items:
+            raise ValueError
+        return [int(t) for t in items]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3, got {text!r}") from None
+
+
+def _presets() -> list[str]:
+    from hattn.models.presets import PRESETS
+
+    return list(PRESETS)
 
 
 def _device_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +66,10 @@ def _device_dtype(args):
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        build = "has no CUDA support (a CPU build)" if torch.version.cuda is None else "sees no CUDA device"
+        raise ValueError(f"--device {device}: this torch {torch.__version__} {build}; use --device cpu, or run on a "
+                         f"machine with a CUDA GPU and a CUDA build of torch")
     name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     return device, getattr(torch, name)
 
@@ -69,6 +83,11 @@ def compile_mode(lm, mode: str, capture_sizes: list[int] | None, inner_compiler:
     sizes = {"capture_sizes": list(capture_sizes)} if capture_sizes else {}
     be = backend(mode=mode, inner_compiler=inner_compiler, progress=False, **sizes)
     return torch.compile(lm, backend=be), be
+
+
+def _progress(line: str) -> None:
+    """A progress line on stderr (the results go to stdout)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -98,6 +117,11 @@ class ModeResult:
     prefill_ms: float = 0.0
     decode_tok_s: float = 0.0
     graphs: int = 0
+
+    def status(self) -> str:
+        if not self.first_s:
+            return f"ERROR {self.note}"
+        return f"{'ok' if self.ok else 'MISMATCH'} (first run, compile and capture included: {self.first_s:.1f} s)"
 
     def row(self) -> list[str]:
         if not self.first_s:
@@ -148,6 +172,7 @@ def run_demo(args) -> int:
     reference_model = copy.deepcopy(hf)
     lm = adapt(hf)
     prompts = demo_prompts(lm.config.vocab_size, seed=args.seed)
+    _progress(f"{args.preset} on {device}: transformers' own generate, the reference ...")
     t0 = time.perf_counter()
     ref = hf_greedy(reference_model, prompts, args.max_new_tokens)
     hf_s = time.perf_counter() - t0
@@ -155,7 +180,12 @@ def run_demo(args) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     cache = lm.make_cache(len(prompts), max(map(len, prompts)) + args.max_new_tokens)
     tie = 1e-4 if dtype == torch.float32 else 0.1
-    results = [run_mode(lm, m, prompts, cache, ref, params, args, tie) for m in args.modes or _modes()]
+    modes = args.modes or _modes()
+    results = []
+    for i, mode in enumerate(modes, 1):
+        _progress(f"[{i}/{len(modes)}] {mode}: compiling, capturing graphs and generating twice ...")
+        results.append(run_mode(lm, mode, prompts, cache, ref, params, args, tie))
+        _progress(f"[{i}/{len(modes)}] {mode}: {results[-1].status()}")
     title = (f"hattn demo: preset {args.preset} on {device} ({str(dtype).removeprefix('torch.')}), "
              f"{len(prompts)} prompts of {[len(p) for p in prompts]} tokens, {args.max_new_tokens} new tokens each; "
              f"HF eager generate (one prompt at a time): {hf_s:.2f}s")
@@ -169,7 +199,8 @@ def run_demo(args) -> int:
 @subcommand("demo")
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a tiny model in every mode: tokens checked against HF eager, times")
-    p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    p.add_argument("--preset", default="tiny", choices=_presets(), metavar="PRESET",
+                   help=f"model preset, one of: {', '.join(_presets())} (default: tiny)")
     p.add_argument("--modes", type=lambda s: s.split(","), default=None,
                    help="comma-separated modes (default: every mode)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -217,15 +248,20 @@ def run_generate(args) -> int:
     model, be = lm, None
     if args.mode != "none":
         model, be = compile_mode(lm, args.mode, args.capture_sizes, args.inner_compiler)
+    first_s = None
     for _ in range(args.warmup):
+        t0 = time.perf_counter()
         generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
+        first_s = time.perf_counter() - t0 if first_s is None else first_s
     res = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
     for i, (p, new) in enumerate(zip(prompts, res.tokens)):
         text = f"  {tokenizer.decode(new)!r}" if tokenizer is not None else ""
         print(f"[{i}] {p} -> {new}{text}")
     graphs = f", {be.stats.cuda_graphs} cuda graphs" if be is not None else ""
-    print(f"mode {args.mode} on {device}: prefill {res.prefill_s * 1e3:.1f} ms, decode {res.decode_steps} steps "
-          f"{res.decode_tok_per_s:.0f} tok/s{graphs}", file=sys.stderr)
+    first = (f"first call (compile + capture + generate) {first_s:.2f} s; timed call: " if first_s is not None else
+             "no warm-up (--warmup 0): these times include compiling and capturing: ")
+    print(f"mode {args.mode} on {device}: {first}prefill {res.prefill_s * 1e3:.1f} ms, decode {res.decode_steps} "
+          f"steps {res.decode_tok_per_s:.0f} tok/s{graphs}", file=sys.stderr)
     return 0
 
 
@@ -233,7 +269,8 @@ def run_generate(args) -> int:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate from token ids with a preset, a config or a saved model")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="a preset name (tiny, qwen3.5-1b, tiny-<family>)")
+    src.add_argument("--preset", choices=_presets(), metavar="PRESET",
+                     help=f"a preset (random weights), one of: {', '.join(_presets())}")
     src.add_argument("--config", help="a config.json (or its directory): random weights")
     src.add_argument("--model", help="a saved model directory (save_pretrained output)")
     p.add_argument("--mode", default="eager", choices=_modes() + ["none"],
@@ -245,7 +282,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop-ids", type=_ints, default=None, help="stop tokens (default: the config's eos)")
-    p.add_argument("--warmup", type=int, default=0, help="untimed runs first (compile, capture)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs first (the first compiles and captures; its time is printed; default: 1)")
     _device_args(p)
     p.set_defaults(func=run_generate)
 
@@ -259,7 +297,16 @@ def _add_bench(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hattn", description="hybrid-attention LLMs under torch.compile")
+    import torch
+
+    from hattn import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="hattn", description="hybrid-attention LLMs under torch.compile",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"modes:   {', '.join(_modes())}\npresets: {', '.join(_presets())}\n"
+               f"python:  model = hattn.compile(transformers_model); model.generate(input_ids, ...)")
+    parser.add_argument("--version", action="version", version=f"hattn {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS.values():
         add(sub)

@@ -1,4 +1,6 @@
 """The `hattn` command: demo's table and exit code, generate's output, errors without tracebacks."""
+import re
+
 import pytest
 import torch
 
@@ -11,11 +13,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_demo_prints_a_row_per_mode_and_exits_0(capsys):
     argv = ["demo", "--modes", "eager,pcg", "--max-new-tokens", "6", "--device", "cpu", "--inner-compiler", "eager"]
     assert cli.main(argv) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "hattn demo: preset tiny on cpu" in out
     for mode in ("eager", "pcg"):
         assert mode in out
     assert "equal to HF eager" in out and "ERROR" not in out
+    # a line per mode before and after its compile, on stderr (among transformers' and hattn's log lines)
+    progress = [line for line in captured.err.splitlines() if re.match(r"\[\d/\d\] |tiny on cpu", line)]
+    assert progress[0] == "tiny on cpu: transformers' own generate, the reference ..."
+    assert progress[1] == "[1/2] eager: compiling, capturing graphs and generating twice ..."
+    assert progress[2].startswith("[1/2] eager: ok (first run, compile and capture included: ")
+    assert progress[3] == "[2/2] pcg: compiling, capturing graphs and generating twice ..."
 
 
 def test_demo_reports_a_failing_mode_in_its_row_and_exits_nonzero(capsys, monkeypatch):
@@ -40,7 +49,14 @@ def test_generate_prints_new_tokens_per_prompt(capsys):
     lines = captured.out.strip().splitlines()
     assert lines[0].startswith("[0] [1, 2, 3] -> [") and lines[1].startswith("[1] [4, 5] -> [")
     assert len(lines[0].split("->")[1].split(",")) == 5
-    assert "prefill" in captured.err and "tok/s" in captured.err
+    assert "mode none on cpu: first call (compile + capture + generate) " in captured.err
+    assert "s; timed call: prefill" in captured.err and "tok/s" in captured.err
+
+
+def test_generate_without_warmup_says_its_times_include_compiling(capsys):
+    assert cli.main(["generate", "--preset", "tiny", "--mode", "none", "--prompt-ids", "1,2", "--max-new-tokens",
+                     "2", "--device", "cpu", "--warmup", "0"]) == 0
+    assert "no warm-up (--warmup 0): these times include compiling and capturing: prefill" in capsys.readouterr().err
 
 
 def test_generate_errors_are_one_line(capsys):
@@ -50,6 +66,42 @@ def test_generate_errors_are_one_line(capsys):
     assert "error: prompt 0 has 3 tokens" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="outside the vocabulary"):
         cli.main(["generate", "--preset", "tiny", "--prompt-ids", "99999", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--preset", "tiny", "--prompt-ids", "1,,3"],
+     "argument --prompt-ids: expected comma-separated integers such as 1,2,3, got '1,,3'"),
+    (["generate", "--preset", "tiny", "--prompt-ids", "1,x"], "expected comma-separated integers such as 1,2,3"),
+    (["generate", "--preset", "tiny-llama", "--prompt-ids", "1"], "argument --preset: invalid choice: 'tiny-llama'"),
+])
+def test_malformed_arguments_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
+@pytest.mark.parametrize("command", [["generate", "--preset", "tiny", "--prompt-ids", "1"], ["demo"]])
+def test_device_cuda_without_cuda_is_a_one_line_error(capsys, command):
+    assert cli.main(command + ["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert f"hattn {command[0]}: error: --device cuda: this torch {torch.__version__} " in err
+    assert "use --device cpu" in err and "Traceback" not in err
+
+
+def test_version_and_help_list_modes_and_presets(capsys):
+    import hattn
+
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out == f"hattn {hattn.__version__} (torch {torch.__version__})\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "modes:   eager, pcg, bcg, full" in out and "tiny-nemotron-h" in out and "hattn.compile" in out
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "one of: tiny, qwen3.5-1b, tiny-qwen3-next" in " ".join(capsys.readouterr().out.split())
 
 
 def test_subcommands_are_a_dict():

@@ -17,7 +17,7 @@ from torch._guards import TracingContext, detect_fake_mode
 
 from hattn.compiler.config import Config
 from hattn.passes.fuse_linears import fuse_linears
-from hattn.passes.guards import check_no_unregistered_attention
+from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
 from hattn.passes.split import split_graph
 from hattn.counters import Stats, new_stats
 
@@ -90,6 +90,7 @@ class _Compiled(torch.nn.Module):
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with."""
     check_no_unregistered_attention(gm)  # first: a rejected graph leaves the user's parameters untouched
+    check_split_ops_present(gm, example_inputs, config.mode, config.uses_graphs)
     # with "eager" the pieces run as traced FX code: no fake run. The fakes are made before fuse_linears rebinds
     # parameters: a rebound one's storage offset contradicts the one Dynamo traced it with.
     piece_inputs = _piece_inputs(gm, example_inputs) if config.inner_compiler == "inductor" else None

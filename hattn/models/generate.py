@@ -115,8 +115,6 @@ def prefill(model, prompts, cache: HybridCache, slots, layer_kinds, device) -> t
 
 
 def _check_fits(prompts, params: SamplingParams, cache: HybridCache) -> None:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one prompt and every prompt needs at least one token")
     i = max(range(len(prompts)), key=lambda j: len(prompts[j]))  # the longest prompt needs the most
     need = len(prompts[i]) + params.max_new_tokens - 1  # the last new token is never fed back
     if need > cache.max_len:
@@ -148,6 +146,7 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
     layer_kinds: the model's layer table for routing checks (default: `model.layer_kinds`).
     """
     params = params or SamplingParams()
+    check_inputs(model, prompts, params, cache)
     if layer_kinds is None:
         layer_kinds = getattr(model, "layer_kinds", None)
     if cache is None:
@@ -252,3 +251,87 @@ class _Loop:
             if t in self.params.stop_tokens:
                 return row[:i + 1]
         return row
+
+
+# -- input checks ------------------------------------------------------------------------------------------------
+def check_inputs(model, prompts, params, cache) -> None:
+    """Raise a TypeError / ValueError naming the argument and the fix for what generate cannot serve: a model hattn
+    has not adapted, prompts that are not lists of token ids in the vocabulary, bad params, a cache of another model."""
+    _check_model(model, cache)
+    _check_prompts(prompts, _vocab_size(model))
+    _check_params(params)
+    _check_cache(cache, model)
+
+
+def _check_params(params) -> None:
+    if not isinstance(params, SamplingParams):
+        raise TypeError(f"params must be a hattn.SamplingParams, got {type(params).__name__}: "
+                        f"params=hattn.SamplingParams(max_new_tokens=..., temperature=..., top_p=...)")
+    n = params.max_new_tokens
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"params.max_new_tokens must be an int >= 1, got {n!r}: ask for at least one new token")
+
+
+def _check_cache(cache, model) -> None:
+    if cache is None:
+        return
+    if not isinstance(cache, HybridCache):
+        hint = ("; pass sampling settings by keyword: params=hattn.SamplingParams(...)"
+                if isinstance(cache, SamplingParams) else "")
+        raise TypeError(f"cache must be a HybridCache (model.make_cache(slots, max_len)) or None, got "
+                        f"{type(cache).__name__}{hint}")
+    specs = getattr(model, "cache_specs", None)
+    if specs is not None and cache.specs != specs():
+        raise ValueError("the cache was built for another model (its layers differ from this model's): build it "
+                         "with model.make_cache(slots, max_len)")
+
+
+def _is_transformers_model(model) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
+def _check_model(model, cache) -> None:
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if _is_transformers_model(inner):
+        raise TypeError(
+            f"generate got a transformers model ({type(inner).__name__}); it needs the model hattn.adapt returns "
+            f"(a HybridLM, maybe torch.compile'd): hattn.generate(hattn.adapt(model), prompts), or for a padded "
+            f"[B, T] batch hattn.compile(model).generate(input_ids, attention_mask=...)"
+        )
+    if not callable(model):
+        raise TypeError(f"model must be a callable (input_ids [T], positions [T]) -> logits [T, vocab] such as "
+                        f"hattn.adapt(hf_model), got {type(model).__name__}")
+    if cache is None and not hasattr(model, "make_cache"):
+        raise TypeError(f"{type(model).__name__} has no make_cache, so generate cannot build a cache: pass "
+                        f"cache=HybridCache(...) or use the model hattn.adapt returns")
+
+
+def _vocab_size(model) -> int | None:
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal configs
+    return getattr(config, "vocab_size", None)
+
+
+def _check_prompts(prompts, vocab: int | None) -> None:
+    if isinstance(prompts, torch.Tensor):
+        raise TypeError("prompts must be a list of token-id lists, got a Tensor: pass input_ids.tolist() for "
+                        "unpadded rows, or hattn.compile(model).generate(input_ids, attention_mask=...) for a "
+                        "padded batch")
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}: pass [[1, 2, 3]]")
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt, e.g. [[1, 2, 3]]")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (list, tuple)):
+            hint = ".tolist()" if isinstance(p, torch.Tensor) else "[[1, 2, 3]], not [1, 2, 3]"
+            raise TypeError(f"prompt {i} is a {type(p).__name__}, not a list of token ids: pass {hint}")
+        if not p:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            raise TypeError(f"prompt {i} holds non-int token ids {p[:8]!r}: token ids are Python ints")
+        low, high = min(p), max(p)
+        if low < 0 or (vocab is not None and high >= vocab):
+            bad = low if low < 0 else high
+            where = f"[0, {vocab})" if vocab is not None else "ids >= 0"
+            raise ValueError(f"prompt {i} has token id {bad}, outside the vocabulary {where}: check the tokenizer "
+                             f"matches the model")

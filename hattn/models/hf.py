@@ -13,11 +13,16 @@
   adapter patches layer i as the kind the config gives it, and every split-op call is cross-checked against the
   same table (`registry.check_route`), so a mismatch is an error (peers that decided a layer's kind from its
   module's class routed layers to the wrong backend).
+- The adapted HF model can no longer be used the transformers way with transformers' cache (its attention writes
+  hattn's cache, not `past_key_values`): its own `generate`, `use_cache=True`, a cache passed in, a batch > 1 and a
+  padding mask raise `AdaptedModelError` naming what to call instead (`guard_hf_calls`). A single `[1, T]` forward
+  still gives transformers' logits.
 
 A family is one file in hattn/models/families/ that calls `register_family(Family(...))`.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -176,6 +181,70 @@ def _set_attention(model: nn.Module) -> None:
         config._attn_implementation = ATTN_IMPLEMENTATION
 
 
+# -- what the adapted HF model refuses ------------------------------------------------------------------------------
+class AdaptedModelError(RuntimeError):
+    """The adapted transformers model was called in a way that would give wrong tokens (see `guard_hf_calls`)."""
+
+
+_USE_INSTEAD = ("generate with hattn.compile(model).generate(input_ids, attention_mask=..., max_new_tokens=...), or "
+                "pack prompts yourself: hattn.generate(hattn.adapt(model), prompts, params=hattn.SamplingParams(...))")
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _refuse_generate(*args, **kwargs):
+    raise AdaptedModelError(
+        "this model was adapted by hattn: its attention and mixers now read and write hattn's cache, so "
+        "transformers' own generate (with its own cache) would give wrong tokens after the first. Instead, "
+        f"{_USE_INSTEAD}"
+    )
+
+
+def _check_hf_call(names: list[str], args: tuple, kwargs: dict) -> None:
+    """Raise AdaptedModelError for a forward of the adapted base model that hattn's split ops cannot serve."""
+    given = {**dict(zip(names, args)), **kwargs}
+    if given.get("use_cache") or any(given.get(k) is not None for k in _CACHE_KWARGS):
+        raise AdaptedModelError(
+            "use_cache=True / a transformers cache: this model was adapted by hattn, whose attention writes hattn's "
+            "cache, not transformers' (a cache fed back would give wrong tokens). Call the model with "
+            f"use_cache=False (one [1, T] forward gives transformers' logits), or {_USE_INSTEAD}"
+        )
+    tokens = given.get("input_ids") if given.get("input_ids") is not None else given.get("inputs_embeds")
+    if tokens is not None and tokens.shape[0] != 1:
+        raise AdaptedModelError(
+            f"a forward of a hattn-adapted model takes one packed sequence [1, T], got a batch of {tokens.shape[0]} "
+            f"(hattn packs sequences along T and a forward context says where each starts). For a padded batch, "
+            f"{_USE_INSTEAD}"
+        )
+    mask = given.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        raise AdaptedModelError(
+            f"attention_mask has padding (zeros): hattn's attention ignores the mask, so padding would be attended "
+            f"to. Drop the padding, or {_USE_INSTEAD}"
+        )
+
+
+def guard_hf_calls(hf_model: nn.Module) -> None:
+    """Make the adapted `hf_model` refuse what would silently give wrong tokens (idempotent).
+
+    Its `generate` raises; a forward of its base model (also reached through the LM head model) with use_cache=True,
+    a transformers cache, a batch > 1 or a padding mask raises; `use_cache` left unset means False.
+    """
+    hf_model.generate = _refuse_generate  # an instance attribute shadows GenerationMixin.generate
+    base = getattr(hf_model, "model", hf_model)
+    if getattr(base, "_hattn_guarded", False):
+        return
+    names = list(inspect.signature(base.forward).parameters)  # here, not in the hook: Dynamo traces the hook
+
+    def hook(module, args, kwargs):
+        _check_hf_call(names, args, kwargs)
+        if "use_cache" in names[len(args):]:
+            kwargs["use_cache"] = False
+        return args, kwargs
+
+    base.register_forward_pre_hook(hook, with_kwargs=True)
+    base._hattn_guarded = True
+
+
 class HybridLM(nn.Module):
     """An adapted HF causal LM: `forward(input_ids [T], positions [T], logits_rows [R] = None) -> logits`.
 
@@ -267,7 +336,8 @@ def probe(lm: HybridLM) -> None:
 def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
     """Make `hf_model` (an unmodified transformers causal LM of a supported family) call hattn's split ops.
 
-    Modifies `hf_model` in place (attention implementation, mixer classes) and returns the HybridLM around it.
+    Modifies `hf_model` in place (attention implementation, mixer classes, `guard_hf_calls`) and returns the HybridLM
+    around it; adapting it again gives a new HybridLM around the same model.
     `check` runs a 2-token probe (see `probe`); it is skipped for models on the meta device.
     """
     config = text_config(hf_model.config)
@@ -276,6 +346,7 @@ def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
     kinds = family.layer_kinds(config)
     _patch_layers(hf_model, family, kinds)
     _set_attention(hf_model)
+    guard_hf_calls(hf_model)
     lm = HybridLM(hf_model.eval(), family, kinds)
     if check and next(hf_model.parameters()).device.type != "meta":
         probe(lm)

@@ -1,14 +1,22 @@
-"""Guard pass: reject attention (or a linear-attention / SSM kernel) that is not a registered split op.
+"""Guard passes: reject attention (or a linear-attention / SSM kernel) that is not a registered split op.
 
 Such a call would be captured inside a CUDA graph with the batch metadata of capture time and give wrong answers
 on replay (a peer's linear-attention layer, silently captured, did exactly that). It is an error before anything is
 captured, naming the node, its source line and the fix. What counts as attention is the registry's call
 (`registry.unregistered_mixer`); this pass adds what only an FX graph shows: Dynamo's SDPA function and
 higher-order ops (flex attention, user Triton kernels named like mixers).
+
+A graph with no split op at all but attention written out in plain ops (transformers' "eager" attention: softmax of
+a product of two activations) or a KV-cache write (an in-place write of activations into a graph input, as
+transformers' StaticCache does) is hattn doing nothing: `check_split_ops_present` refuses it in graph modes and
+warns in mode eager. When the graph comes from a transformers model, every fix named is `hattn.compile` /
+`hattn.adapt`.
 """
 from __future__ import annotations
 
+import operator
 import re
+import warnings
 
 import torch
 import torch.fx as fx
@@ -17,7 +25,16 @@ from hattn.registry import MIXER_NAME, UnregisteredAttentionError, split_op_of, 
 
 _MIXER_HOPS = ("flex_attention", "triton_kernel_wrapper")
 
-__all__ = ["UnregisteredAttentionError", "check_no_unregistered_attention", "unregistered_attention_reason"]
+__all__ = ["UnregisteredAttentionError", "NoSplitOpError", "NoSplitOpWarning", "check_no_unregistered_attention",
+           "check_split_ops_present", "unregistered_attention_reason", "attention_without_split_op"]
+
+
+class NoSplitOpError(UnregisteredAttentionError):
+    """A graph mode got a graph with attention-like compute but no split op."""
+
+
+class NoSplitOpWarning(UserWarning):
+    """Mode eager got a graph with attention-like compute but no split op (it runs, without hattn's attention)."""
 
 
 def unregistered_attention_reason(node: fx.Node) -> str | None:
@@ -55,6 +72,26 @@ def source_line(node: fx.Node) -> str:
     return f"{path}:{line} in {func}: {code.strip()}"
 
 
+def transformers_class(gm: fx.GraphModule) -> str | None:
+    """The name of the outermost transformers module the graph's nodes come from, or None."""
+    for node in gm.graph.nodes:
+        for _, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if getattr(cls, "__module__", "").startswith("transformers."):
+                return cls.__name__
+    return None
+
+
+def fix_for(gm: fx.GraphModule) -> str:
+    cls = transformers_class(gm)
+    if cls is not None:
+        return (f"Fix: this graph comes from a transformers model ({cls}): hattn.compile(model) adapts and compiles "
+                f"it (then model.generate(...)); for your own loop, torch.compile(hattn.adapt(model), "
+                f"backend='hattn')")
+    return ("Fix: for a transformers model, hattn.compile(model) (or torch.compile(hattn.adapt(model), "
+            "backend='hattn')) routes its attention through hattn's split ops; for your own kernel, register its "
+            "custom op: hattn.register_split_op(torch.ops.<ns>.<op>, kind=...)")
+
+
 def check_no_unregistered_attention(gm: fx.GraphModule) -> None:
     """Raise UnregisteredAttentionError for the first attention/mixer node that is not a registered split op."""
     for node in gm.graph.nodes:
@@ -62,8 +99,122 @@ def check_no_unregistered_attention(gm: fx.GraphModule) -> None:
         if reason is not None:
             raise UnregisteredAttentionError(
                 f"node {node.name!r} calls {reason}, which is not a registered hattn split op; captured in a CUDA "
-                f"graph it would replay with stale batch metadata.\n  at {source_line(node)}\n"
-                f"Fix: for a transformers model, hattn.compile(model) (or torch.compile(hattn.adapt(model), "
-                f"backend='hattn')) routes its attention through hattn's split ops; for your own kernel, register "
-                f"its custom op: hattn.register_split_op(torch.ops.<ns>.<op>, kind=...)"
+                f"graph it would replay with stale batch metadata.\n  at {source_line(node)}\n{fix_for(gm)}"
             )
+
+
+# -- attention written out in plain ops, in a graph without split ops -----------------------------------------------
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax"}
+_PRODUCT = {"matmul", "__matmul__", "bmm", "mm", "einsum", "baddbmm"}
+# ops between attention's score product and its softmax (scaling, masking, soft-capping, casts, reshapes)
+_SCORE_OPS = {"mul", "__mul__", "truediv", "div", "__truediv__", "add", "__add__", "iadd", "sub", "where",
+              "masked_fill", "masked_fill_", "tanh", "clamp", "to", "float", "type_as", "_to_copy", "contiguous",
+              "clone", "view", "reshape", "transpose", "permute", "getitem", "__getitem__"}
+_WRITES = {"setitem", "index_copy_", "index_put_", "copy_", "scatter_", "index_add_"}
+_VIEWS = {"getitem", "__getitem__", "view", "select", "narrow", "transpose", "permute", "reshape", "unsqueeze",
+          "squeeze", "expand", "as_strided"}
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op != "call_function":
+        return ""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name.split("::", 1)[1]
+    return getattr(target, "__name__", "")
+
+
+def _written_root(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place write (`x[i] = v`, `x.index_copy_(...)`, `x.mul_(...)`) changes, through views."""
+    name = _op_name(node)
+    in_place = name in _WRITES or (name.endswith("_") and not name.startswith("_"))
+    if not in_place or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    dest = node.args[0]
+    while _op_name(dest) in _VIEWS and dest.args and isinstance(dest.args[0], fx.Node):
+        dest = dest.args[0]
+    return dest
+
+
+def _activations(gm: fx.GraphModule, example_inputs) -> set[fx.Node]:
+    """Nodes computed from graph inputs other than parameters (the batch's data, caches, buffers), including
+    tensors an in-place write filled with such values (a cache created inside the graph, then written)."""
+    params = {n for n, x in zip(gm.graph.find_nodes(op="placeholder"), example_inputs or ())
+              if isinstance(x, torch.nn.Parameter)}
+    act: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node not in params:
+                act.add(node)
+        elif node.op == "get_attr":
+            if not isinstance(operator.attrgetter(node.target)(gm), torch.nn.Parameter):
+                act.add(node)
+        elif any(i in act for i in node.all_input_nodes):
+            act.add(node)
+            root = _written_root(node)
+            if root is not None:
+                act.add(root)
+    return act
+
+
+def _softmax_of_product(node: fx.Node, act: set[fx.Node]) -> str | None:
+    """'softmax of an activation product' when `node` is a softmax whose input is, through scaling, masking and
+    casts only, a matmul of two activations (attention scores); a router's softmax of a linear layer is not."""
+    if _op_name(node) not in _SOFTMAX or not node.all_input_nodes:
+        return None
+    todo, seen = [node.all_input_nodes[0]], set()
+    while todo:
+        n = todo.pop()
+        seen.add(n)
+        name = _op_name(n)
+        if name in _PRODUCT and sum(i in act for i in n.all_input_nodes) >= 2:
+            return f"softmax of an activation product ({n.name}: {name})"
+        if name in _SCORE_OPS:
+            todo += [i for i in n.all_input_nodes if i in act and i not in seen]
+    return None
+
+
+def _cache_write(node: fx.Node, act: set[fx.Node]) -> str | None:
+    """'a KV-cache write' when `node` writes activations in place into (a view of) a graph input."""
+    name = _op_name(node)
+    dest = _written_root(node) if name in _WRITES else None
+    if dest is None or dest.op not in ("placeholder", "get_attr"):
+        return None
+    if any(i in act for i in node.all_input_nodes if i is not node.args[0]):
+        return f"a KV-cache write into graph input {dest.name!r} ({name})"
+    return None
+
+
+def attention_without_split_op(gm: fx.GraphModule, example_inputs=None) -> tuple[fx.Node, str] | None:
+    """(node, what) for the first attention-like node of a graph that has no split op; None otherwise.
+
+    example_inputs: the graph's inputs (Dynamo's), to tell parameters from activations.
+    """
+    if any(split_op_of(n) is not None for n in gm.graph.nodes):
+        return None
+    act = _activations(gm, example_inputs)
+    for node in gm.graph.nodes:
+        what = _softmax_of_product(node, act) or _cache_write(node, act)
+        if what is not None:
+            return node, what
+    return None
+
+
+def check_split_ops_present(gm: fx.GraphModule, example_inputs, mode: str, graphs: bool) -> None:
+    """Refuse (a graph mode: `graphs`) or warn about (mode eager) attention-like compute with no split op."""
+    found = attention_without_split_op(gm, example_inputs)
+    if found is None:
+        return
+    node, what = found
+    head = f"the graph has {what} but no hattn split op (node {node.name!r} at {source_line(node)}): "
+    if graphs:
+        raise NoSplitOpError(
+            f"{head}mode {mode!r} would capture the model's own attention and cache writes into CUDA graphs as they "
+            f"are, with the batch layout of capture time, and hattn would serve none of it.\n{fix_for(gm)}"
+        )
+    warnings.warn(f"{head}mode 'eager' runs it as it is, without hattn's attention or cache.\n{fix_for(gm)}",
+                  NoSplitOpWarning, stacklevel=2)

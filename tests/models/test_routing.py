@@ -7,7 +7,7 @@ import torch
 
 from hattn import registry
 from hattn.models.generate import SamplingParams, generate
-from hattn.models.hf import adapt
+from hattn.models.hf import AdaptedModelError, adapt
 from hattn.models.presets import tiny_bailing_hybrid, random_model
 from hattn.models.reference import hf_greedy
 from hattn.registry import RegistryError
@@ -83,7 +83,7 @@ def test_a_layer_table_disagreeing_with_the_ops_called_is_rejected_at_run_time(m
 
 def test_hf_batch_dimension_is_rejected(make_case):
     c = make_case("tiny")
-    with torch.no_grad(), pytest.raises(ValueError, match="batch size 1"):
+    with torch.no_grad(), pytest.raises(AdaptedModelError, match=r"one packed sequence \[1, T\], got a batch of 2"):
         c.lm.hf(input_ids=torch.zeros(2, 4, dtype=torch.long), use_cache=False)
 
 

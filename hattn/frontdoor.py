@@ -1,0 +1,130 @@
+"""The front door: an unmodified transformers causal LM, adapted and compiled in one line.
+
+    model = hattn.compile(hf_model)                                     # mode="bcg"; any option of hattn.backend
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)   # [B, T + new], as transformers'
+
+`compile` adapts the model (`hattn.adapt`: its attention and mixers call hattn's split ops) and compiles the adapted
+module with the hattn backend. The returned `CompiledLM` takes transformers' common generate arguments
+(`hattn.models.hf_generate`) and is also a packed model for `hattn.generate(model, prompts)` and own loops.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hattn.compiler.backend import HattnBackend, backend
+from hattn.models.cache import HybridCache
+from hattn.models.generate import generate as packed_generate
+from hattn.models.hf import HybridLM, adapt
+from hattn.models.hf_generate import repad, request
+
+
+class CompiledLM:
+    """A transformers causal LM adapted by hattn and compiled with its backend (what `hattn.compile` returns).
+
+    generate(input_ids [B, T], attention_mask=None, ...) -> [B, T + new]: transformers' generate for the common
+    arguments. Called as `model(input_ids [T], positions [T], logits_rows [R] = None) -> logits` it is the compiled
+    packed HybridLM (sequences packed along T, under a `hattn.ForwardContext`), so `hattn.generate(model, prompts)`
+    serves it.
+    """
+
+    def __init__(self, lm: HybridLM, hattn_backend: HattnBackend):
+        self.lm, self.backend = lm, hattn_backend
+        self.model = torch.compile(lm, backend=hattn_backend)
+        self._cache: HybridCache | None = None
+
+    # -- what transformers users touch ---------------------------------------------------------------------------
+    @property
+    def hf(self) -> nn.Module:
+        """The adapted transformers model (its own generate refuses: it would give wrong tokens)."""
+        return self.lm.hf
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def generation_config(self):
+        return self.hf.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def stats(self):
+        """What the backend compiled and ran (graphs, pieces, split ops, CUDA graphs, replays, ...)."""
+        return self.backend.stats
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, **kwargs) -> torch.Tensor:
+        """transformers' generate for a left- or right-padded batch: input_ids, attention_mask [B, T] ->
+        [B, T + new], each row its input then its new tokens then the pad token.
+
+        kwargs: max_new_tokens, max_length, do_sample, temperature, top_p, top_k (0 or None only), eos_token_id,
+        pad_token_id, use_cache (ignored: hattn always caches), seed (hattn's: reproducible sampling). Unset ones
+        come from `generation_config` (default: the model's). Greedy tokens equal transformers' generate.
+        """
+        req = request(input_ids, attention_mask, generation_config or self.generation_config, **kwargs)
+        need = max(len(p) for p in req.prompts) + req.params.max_new_tokens
+        res = packed_generate(self, req.prompts, self._cache_for(len(req.prompts), need), req.params)
+        return repad(input_ids, res.tokens, req.pad_token_id)
+
+    # -- the packed model ----------------------------------------------------------------------------------------
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, logits_rows)
+
+    @property
+    def layer_kinds(self) -> dict[int, str]:
+        return self.lm.layer_kinds
+
+    def cache_specs(self):
+        return self.lm.cache_specs()
+
+    def make_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> HybridCache:
+        return self.lm.make_cache(slots, max_len, dtype, device)
+
+    def _cache_for(self, slots: int, max_len: int) -> HybridCache:
+        """One cache kept across calls (graph modes capture over its addresses), grown when a call needs more."""
+        cache = self._cache
+        if cache is None or cache.slots < slots or cache.max_len < max_len:
+            old = (cache.slots, cache.max_len) if cache is not None else (0, 0)
+            self._cache = None  # free the old one before allocating the new
+            self._cache = self.make_cache(max(slots, old[0]), max(max_len, old[1]))
+        return self._cache
+
+    def __repr__(self) -> str:
+        return (f"CompiledLM({type(self.hf).__name__}, family={self.lm.family}, mode={self.backend.config.mode}, "
+                f"inner_compiler={self.backend.config.inner_compiler}, device={self.device}, dtype={self.dtype})")
+
+
+def compile(model, mode: str = "bcg", **options) -> CompiledLM:  # noqa: A001  (hattn.compile, as torch.compile)
+    """Adapt an unmodified transformers causal LM of a supported family and compile it with the hattn backend.
+
+    model: a transformers causal LM (AutoModelForCausalLM; any device and dtype), the HybridLM `hattn.adapt`
+    returned, or a CompiledLM (compiled again with the new mode and options). The model is adapted in place.
+    mode, options: as `hattn.backend` (mode eager | pcg | bcg | full; inner_compiler, capture_sizes, progress).
+    """
+    hattn_backend = backend(mode, **options)  # bad options fail before the model is touched
+    return CompiledLM(_adapted(model), hattn_backend)
+
+
+def _adapted(model) -> HybridLM:
+    if isinstance(model, CompiledLM):
+        return model.lm
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    if isinstance(model, HybridLM):
+        return model
+    if not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        raise TypeError(f"hattn.compile takes a transformers causal LM (AutoModelForCausalLM.from_pretrained(...)), "
+                        f"got {type(model).__name__}; for your own nn.Module use torch.compile(module, "
+                        f"backend='hattn')")
+    if model.get_output_embeddings() is None:
+        raise TypeError(f"hattn.compile needs a causal LM with its LM head, got {type(model).__name__}: load it with "
+                        f"AutoModelForCausalLM, not AutoModel")
+    return adapt(model)

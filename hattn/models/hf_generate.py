@@ -1,0 +1,158 @@
+"""transformers-style generation arguments over hattn's packed generate: a padded [B, T] batch in, HF's layout out.
+
+    req = request(input_ids, attention_mask, hf_model.generation_config, max_new_tokens=32, eos_token_id=2)
+    res = generate(model, req.prompts, params=req.params)              # hattn.models.generate: packed prompts
+    out = repad(input_ids, res.tokens, req.pad_token_id)               # [B, T + new], as transformers returns
+
+Arguments resolve as in transformers: a keyword given wins (even None), then the generation config (the model's, or
+the one passed), then transformers' defaults (20 new tokens, greedy). `repad` lays tokens out as transformers does:
+row i is input_ids[i] (padding included) followed by its new tokens, then the pad token up to the longest row (a row
+ends early only at an eos token, which it keeps); the pad token defaults to the first eos token.
+
+Left- and right-padded batches are both read through the mask, and each row's new tokens are the continuation of
+its prompt alone. For a right-padded batch transformers instead continues after the padding (and warns that its
+tokens are wrong); hattn's equal transformers' for the same batch left-padded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hattn.models.generate import SamplingParams
+
+DEFAULT_MAX_NEW_TOKENS = 20  # transformers' model-agnostic default (max_length=20 on top of the prompt)
+ACCEPTED = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_p", "top_k", "eos_token_id",
+            "pad_token_id", "use_cache", "seed")
+# settings that change which tokens come out and that hattn does not implement, with the value that means "off"
+UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+               "min_new_tokens": 0, "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+               "min_p": None, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None}
+
+
+@dataclass
+class Request:
+    """Packed prompts (the unpadded rows, in row order), how to sample, and what pads the output."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    pad_token_id: int | None
+
+
+def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config,
+            **kwargs) -> Request:
+    """Resolve transformers' generate arguments for `input_ids` [B, T] (see the module docstring)."""
+    unknown = sorted(set(kwargs) - set(ACCEPTED) - set(UNSUPPORTED))
+    if unknown:
+        raise TypeError(f"generate() got unsupported argument(s) {unknown}; hattn's generate takes input_ids, "
+                        f"attention_mask, generation_config and {', '.join(ACCEPTED)}")
+    check_input_ids(input_ids)
+    setting = _settings(generation_config, kwargs)
+    _check_unsupported(setting)
+    eos = _token_ids(setting("eos_token_id"), "eos_token_id")
+    pad = setting("pad_token_id")
+    pad = eos[0] if pad is None and eos else pad
+    if attention_mask is None:
+        attention_mask = infer_mask(input_ids, pad, eos)
+    prompts = unpad(input_ids, attention_mask)
+    params = SamplingParams(max_new_tokens=_max_new_tokens(setting, input_ids.shape[1]), stop_tokens=eos,
+                            seed=setting("seed"), **_sampling(setting))
+    return Request(prompts, params, pad)
+
+
+def _settings(generation_config, kwargs: dict):
+    """setting(name, default): the keyword if given (even None), else the generation config's; None -> default."""
+    def setting(name: str, default=None):
+        value = kwargs[name] if name in kwargs else getattr(generation_config, name, None)
+        return default if value is None else value
+    return setting
+
+
+def _check_unsupported(setting) -> None:
+    for name, off in UNSUPPORTED.items():
+        value = setting(name)
+        if value is not None and value != off:
+            raise ValueError(f"{name}={value!r} (from the arguments or the model's generation_config) is not "
+                             f"supported by hattn's generate and would change the tokens: pass {name}={off!r}, or use "
+                             f"transformers' generate on a model hattn has not adapted")
+
+
+def _token_ids(value, name: str) -> tuple[int, ...]:
+    """None, an int, a list or a tensor of token ids -> a tuple of ints."""
+    if value is None:
+        return ()
+    ids = value.flatten().tolist() if isinstance(value, torch.Tensor) else value
+    ids = [ids] if isinstance(ids, int) else list(ids)
+    if not all(isinstance(t, int) and t >= 0 for t in ids):
+        raise ValueError(f"{name} must be a token id or a list of them, got {value!r}")
+    return tuple(ids)
+
+
+def _max_new_tokens(setting, width: int) -> int:
+    n = setting("max_new_tokens")
+    if n is None and setting("max_length") is not None:
+        n = setting("max_length") - width
+        if n < 1:
+            raise ValueError(f"max_length={setting('max_length')} leaves no room for new tokens after the "
+                             f"{width}-token input: pass max_new_tokens=... instead")
+    n = DEFAULT_MAX_NEW_TOKENS if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}: ask for at least one new token")
+    return n
+
+
+def _sampling(setting) -> dict:
+    """temperature / top_p of SamplingParams: greedy (temperature 0) unless do_sample."""
+    if not setting("do_sample", False):
+        return {"temperature": 0.0}
+    temperature, top_p, top_k = setting("temperature", 1.0), setting("top_p", 1.0), setting("top_k")
+    if not temperature > 0:
+        raise ValueError(f"do_sample=True needs temperature > 0, got {temperature!r}: for greedy tokens pass "
+                         f"do_sample=False")
+    if top_k not in (None, 0):
+        raise ValueError(f"top_k={top_k!r} (from the arguments or the model's generation_config) is not supported "
+                         f"by hattn's sampler: pass top_k=0 to sample from the whole distribution, or use top_p")
+    return {"temperature": float(temperature), "top_p": float(top_p)}
+
+
+def check_input_ids(input_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a [B, T] tensor of token ids (as a tokenizer returns with "
+                        f"return_tensors='pt'), got {type(input_ids).__name__}; for lists of ids use "
+                        f"hattn.generate(model, prompts)")
+    if input_ids.dim() != 2 or input_ids.numel() == 0 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be a non-empty [B, T] integer tensor, got shape {tuple(input_ids.shape)} "
+                         f"{input_ids.dtype}; a single prompt is input_ids[None]")
+
+
+def infer_mask(input_ids: torch.Tensor, pad: int | None, eos: tuple[int, ...]) -> torch.Tensor:
+    """transformers' mask when none is given: `input_ids != pad` if the pad token occurs and is not an eos token."""
+    if pad is None or pad in eos or not bool((input_ids == pad).any()):
+        return torch.ones_like(input_ids)
+    return (input_ids != pad).long()
+
+
+def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """The tokens of each row [B, T] whose mask is 1: one contiguous run per row (left or right padding)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {shape}")
+    prompts = []
+    for i, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+        kept = [j for j, m in enumerate(mask) if m]
+        if not kept:
+            raise ValueError(f"attention_mask row {i} is all zeros: every row needs at least one token")
+        if any(m not in (0, 1) for m in mask) or len(kept) != kept[-1] - kept[0] + 1:
+            raise ValueError(f"attention_mask row {i} is {mask}: each row must be 1s for its tokens and 0s for "
+                             f"padding on the left or the right (one contiguous run of 1s)")
+        prompts.append(ids[kept[0]:kept[-1] + 1])
+    return prompts
+
+
+def repad(input_ids: torch.Tensor, new_tokens: list[list[int]], pad_token_id: int | None) -> torch.Tensor:
+    """[B, T + longest]: input_ids [B, T], then each row's new tokens, then the pad token (transformers' layout)."""
+    width = max(len(t) for t in new_tokens)
+    fill = 0 if pad_token_id is None else pad_token_id  # None only without eos: every row is then full width
+    rows = [t + [fill] * (width - len(t)) for t in new_tokens]
+    return torch.cat([input_ids, torch.tensor(rows, dtype=input_ids.dtype).to(input_ids.device)], dim=1)

@@ -1,0 +1,211 @@
+"""hattn.compile(model).generate on an unmodified transformers model: transformers' tokens and layout for a padded
+batch, for every family and every mode (all pairs on the GPU); eos and padding sides; compiling again; what
+hattn.compile refuses. GPU: python3 -m pytest -m gpu tests/models/test_frontdoor.py"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import hattn
+from hattn.frontdoor import CompiledLM
+from hattn.models.presets import preset_config, random_model
+from hattn.models.reference import check_tokens, hf_greedy
+from hattn.registry import split_ops
+from hattn.runtime.full import NotCaptureSafeError
+
+NEW = 16
+PAD = 0
+_HF_BATCH: dict[str, torch.Tensor] = {}
+# transformers 5.24's MiniMax continues a left-padded row differently from the same prompt alone (its cached
+# lightning-attention decode; its no-cache forward of the padded row agrees with the prompt alone): for it the
+# reference is transformers' generate of each prompt alone, laid out as transformers lays out a batch
+HF_BATCH_DIVERGES = {"tiny-minimax"}
+
+
+def padded(prompts, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask [B, longest] of `prompts`, padded with PAD on `side`."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, cols], mask[i, cols] = torch.tensor(p), 1
+    return ids, mask
+
+
+def hf_batch(c) -> torch.Tensor:
+    """transformers' own generate of the left-padded batch (the unmodified copy), computed once per family."""
+    if c.preset not in _HF_BATCH:
+        ids, mask = padded(c.prompts)
+        if c.preset in HF_BATCH_DIVERGES:
+            _HF_BATCH[c.preset] = torch.cat([ids, torch.tensor([t[:NEW] for t in c.ref.tokens])], dim=1)
+        else:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _HF_BATCH[c.preset] = c.hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                                    pad_token_id=PAD)
+    return _HF_BATCH[c.preset]
+
+
+def fresh(c) -> torch.nn.Module:
+    """An unmodified copy of the family's transformers model."""
+    return copy.deepcopy(c.hf)
+
+
+def capture_safe(lm) -> bool:
+    return set(lm.layer_kinds.values()) <= {op.kind for op in split_ops() if op.capture_safe}
+
+
+# Every family once and every mode at least twice (the tests below add eager, pcg and bcg on tiny): on a CPU pcg,
+# bcg and full run graph-free, so all 28 pairs (56 Dynamo traces of a few seconds) would test nothing more here;
+# they run on the GPU (below), where every mode captures its graphs.
+CPU_CASES = [("tiny", "full"), ("tiny-qwen3-next", "bcg"), ("tiny-olmo-hybrid", "pcg"), ("tiny-kimi-linear", "eager"),
+             ("tiny-bailing-hybrid", "bcg"), ("tiny-minimax", "pcg"), ("tiny-nemotron-h", "bcg"),
+             ("tiny-nemotron-h", "full")]
+
+
+@pytest.mark.parametrize("preset, mode", CPU_CASES)
+def test_generate_equals_transformers_generate_for_a_padded_batch(make_case, preset, mode):
+    c = make_case(preset)
+    model = hattn.compile(fresh(c), mode=mode, inner_compiler="eager", progress=False)
+    ids, mask = padded(c.prompts)
+    if mode == "full" and not capture_safe(c.lm):
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="not registered capture-safe") as err:
+            model.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
+        assert isinstance(err.value.inner_exception, NotCaptureSafeError)
+        return
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
+    assert out.dtype == ids.dtype and torch.equal(out, hf_batch(c))
+    # two graphs, no graph break: the prefill's (logits of each prompt's last row) and the decode steps'
+    assert model.backend.stats.graphs_compiled == 2
+    assert model.backend.stats.split_ops == 2 * len(c.lm.layer_kinds)
+
+
+def test_eos_padding_sides_and_inferred_mask_as_transformers(make_case):
+    c = make_case("tiny")
+    model = hattn.compile(fresh(c), mode="bcg", inner_compiler="eager")
+    ids, mask = padded(c.prompts)
+    # eos, no pad token: finished rows are padded with the first eos token; the batch ends once every row stopped
+    eos = [c.ref.tokens[0][3], c.ref.tokens[2][5]]
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos)
+    with torch.inference_mode():
+        want = c.hf.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=eos)
+    assert torch.equal(out, want)
+    assert out[0, ids.shape[1] + 3].item() == eos[0] and (out[0, ids.shape[1] + 4:] == eos[0]).all()
+    # right padding: transformers continues after the padding (and warns its tokens are wrong); hattn's new tokens
+    # are those of the same batch left-padded, after the row as given
+    right, right_mask = padded(c.prompts, "right")
+    out = model.generate(right, attention_mask=right_mask, max_new_tokens=NEW)
+    assert torch.equal(out[:, :right.shape[1]], right)
+    assert torch.equal(out[:, right.shape[1]:], hf_batch(c)[:, ids.shape[1]:])
+    # no mask: inferred from the generation config's pad token, as transformers does
+    model.generation_config.pad_token_id = PAD
+    assert torch.equal(model.generate(ids, max_new_tokens=NEW), hf_batch(c))
+
+
+def test_compiled_model_has_transformers_attributes_serves_the_packed_api_and_keeps_its_cache(make_case):
+    c = make_case("tiny")
+    hf = fresh(c)
+    model = hattn.compile(hf, mode="pcg", inner_compiler="eager")
+    assert isinstance(model, CompiledLM) and model.hf is hf and model.config is hf.config
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
+    assert model.generation_config is hf.generation_config
+    res = hattn.generate(model, c.prompts, params=hattn.SamplingParams(max_new_tokens=NEW))
+    assert res.tokens == [t[:NEW] for t in c.ref.tokens]
+    ids, mask = padded(c.prompts)
+    model.generate(ids, attention_mask=mask, max_new_tokens=4)
+    cache = model._cache
+    assert (cache.slots, cache.max_len) == (3, 17 + 4)
+    model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4)
+    assert model._cache is cache  # kept across calls (graph modes capture over its addresses)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
+    assert (model._cache.slots, model._cache.max_len) == (3, 17 + NEW) and torch.equal(out, hf_batch(c))
+
+
+def test_compiling_again_in_another_mode_reuses_the_adapted_model(make_case):
+    c = make_case("tiny")
+    hf = fresh(c)
+    first = hattn.compile(hf, mode="eager", inner_compiler="eager")
+    assert hattn.compile(first, mode="pcg").lm is first.lm and hattn.compile(first.lm).lm is first.lm
+    again = hattn.compile(hf, mode="bcg", inner_compiler="eager")  # the adapted transformers model, adapted again
+    assert again.lm is not first.lm and again.hf is hf and len(hf.model._forward_pre_hooks) == 1  # guarded once
+    ids, mask = padded(c.prompts)
+    out = again.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
+    assert again.backend.config.mode == "bcg" and torch.equal(out, hf_batch(c))
+
+
+def test_sampling_is_seeded_and_top_p_of_one_token_is_greedy(make_case):
+    c = make_case("tiny")
+    model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager")
+    ids, mask = padded(c.prompts)
+    sample = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=1.0, top_p=0.9, seed=3)
+    a = model.generate(ids, **sample)
+    assert torch.equal(a, model.generate(ids, **sample))
+    assert not torch.equal(a, model.generate(ids, **{**sample, "seed": 4}))
+    nucleus_of_one = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_p=1e-6)
+    assert torch.equal(nucleus_of_one, hf_batch(c)[:, :ids.shape[1] + 8])
+
+
+class NotTransformers(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+@pytest.mark.parametrize("model, error, match", [
+    (NotTransformers(), TypeError, r"takes a transformers causal LM .*got NotTransformers; for your own nn.Module "
+                                   r"use torch.compile\(module, backend='hattn'\)"),
+    ("Qwen/Qwen3.5-0.8B", TypeError, r"takes a transformers causal LM \(AutoModelForCausalLM.from_pretrained"),
+])
+def test_compile_refuses_what_is_not_a_transformers_causal_lm(model, error, match):
+    with pytest.raises(error, match=match):
+        hattn.compile(model)
+
+
+def test_compile_refuses_a_base_model_without_lm_head(make_case):
+    base = fresh(make_case("tiny")).model
+    with pytest.raises(TypeError, match="needs a causal LM with its LM head, got Qwen3_5TextModel: load it with "
+                                        "AutoModelForCausalLM"):
+        hattn.compile(base)
+
+
+def test_compile_checks_options_before_touching_the_model(make_case):
+    hf = fresh(make_case("tiny"))
+    with pytest.raises(ValueError, match="unknown hattn mode 'fast'; valid modes: eager, pcg, bcg, full"):
+        hattn.compile(hf, mode="fast")
+    with pytest.raises(ValueError, match=r"unknown hattn option\(s\) \['capture_size'\]"):
+        hattn.compile(hf, capture_size=[1])
+    assert hf.config._attn_implementation != "hattn" and "generate" not in vars(hf)  # not adapted
+
+
+# -- on the GPU: every family in every mode, CUDA graphs captured ----------------------------------------------------
+GPU_FAMILIES = ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-kimi-linear", "tiny-bailing-hybrid",
+                "tiny-minimax", "tiny-nemotron-h"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["eager", "pcg", "bcg", "full"])
+@pytest.mark.parametrize("preset", GPU_FAMILIES)
+def test_generate_on_the_gpu_equals_transformers_in_every_mode(preset, mode):
+    """bf16 on CUDA, as tests/models/test_gpu_models.py: each row's new tokens equal transformers' generate of its
+    prompt alone (a divergence only at a near-tie of transformers' own logits), after the row as given; a second
+    call replays the graphs and gives the same tokens; graph modes capture CUDA graphs."""
+    torch._dynamo.reset()
+    hf = random_model(preset_config(preset), torch.bfloat16, "cuda", seed=0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, hf.config.get_text_config().vocab_size, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    ref = hf_greedy(hf, prompts, NEW)
+    model = hattn.compile(hf, mode=mode, inner_compiler="eager", capture_sizes=[1, 2, 4, 8, 16, 32, 64],
+                          progress=False)
+    ids, mask = (t.cuda() for t in padded(prompts))
+    if mode == "full" and not capture_safe(model.lm):
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="not registered capture-safe"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+        return
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=NEW)
+    assert out.device == ids.device and torch.equal(out[:, :ids.shape[1]], ids) and torch.equal(out, again)
+    ok, note = check_tokens(ref, out[:, ids.shape[1]:].tolist(), tie=0.1)
+    assert ok, note
+    assert (model.stats.cuda_graphs > 0) == (mode != "eager")

@@ -1,0 +1,117 @@
+"""transformers' generate arguments -> packed prompts and SamplingParams, and the output layout (no model needed)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import GenerationConfig
+
+from hattn.models.hf_generate import infer_mask, repad, request, unpad
+
+GC = GenerationConfig()
+
+
+def _batch(prompts, side, pad=0):
+    width = max(map(len, prompts))
+    ids, mask = torch.full((len(prompts), width), pad), torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, cols], mask[i, cols] = torch.tensor(p), 1
+    return ids, mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 99), min_size=1, max_size=9), min_size=1, max_size=5),
+       st.sampled_from(["left", "right"]))
+def test_unpad_gives_back_the_prompts_of_either_padding_side(prompts, side):
+    ids, mask = _batch(prompts, side)
+    assert unpad(ids, mask) == prompts
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 99), min_size=0, max_size=6), min_size=1, max_size=4), st.integers(0, 9))
+def test_repad_is_the_input_then_new_tokens_then_pad(new_tokens, width):
+    if not any(new_tokens):
+        new_tokens[0].append(7)
+    ids = torch.arange(len(new_tokens) * width).reshape(len(new_tokens), width)
+    out = repad(ids, new_tokens, pad_token_id=0)
+    longest = max(map(len, new_tokens))
+    assert out.shape == (len(new_tokens), width + longest) and torch.equal(out[:, :width], ids)
+    for row, tokens in zip(out[:, width:].tolist(), new_tokens):
+        assert row == tokens + [0] * (longest - len(tokens))
+
+
+def test_arguments_resolve_as_transformers():
+    ids, mask = _batch([[5, 6, 7], [8]], "left")
+    req = request(ids, mask, GC)
+    assert req.prompts == [[5, 6, 7], [8]] and req.pad_token_id is None
+    assert (req.params.max_new_tokens, req.params.temperature, req.params.stop_tokens) == (20, 0.0, ())
+    model_config = GenerationConfig(max_new_tokens=7, eos_token_id=[3, 4], do_sample=True, temperature=0.5)
+    req = request(ids, mask, model_config)
+    assert req.params.max_new_tokens == 7 and req.params.stop_tokens == (3, 4) and req.pad_token_id == 3
+    assert (req.params.temperature, req.params.top_p) == (0.5, 1.0)
+    req = request(ids, mask, model_config, do_sample=False, eos_token_id=None, max_length=10, pad_token_id=9)
+    assert (req.params.temperature, req.params.stop_tokens, req.pad_token_id) == (0.0, (), 9)
+    assert req.params.max_new_tokens == 7  # the config's max_new_tokens wins over a max_length keyword, as in HF
+    req = request(ids, mask, GC, max_length=10, eos_token_id=torch.tensor(2), top_p=0.5, seed=1)
+    assert (req.params.max_new_tokens, req.params.stop_tokens, req.params.seed) == (7, (2,), 1)
+
+
+def test_mask_is_inferred_from_the_pad_token_unless_it_is_an_eos_token():
+    ids = torch.tensor([[0, 0, 5], [4, 5, 6]])
+    assert infer_mask(ids, 0, ()).tolist() == [[0, 0, 1], [1, 1, 1]]
+    assert infer_mask(ids, 0, (0,)).tolist() == [[1, 1, 1]] * 2
+    assert infer_mask(ids, None, ()).tolist() == [[1, 1, 1]] * 2
+    assert request(ids, None, GC, pad_token_id=0).prompts == [[5], [4, 5, 6]]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"num_beams": 4}, ValueError, r"num_beams=4 \(from the arguments or the model's generation_config\) is not "
+                                   r"supported by hattn's generate and would change the tokens: pass num_beams=1"),
+    ({"repetition_penalty": 1.3}, ValueError, "repetition_penalty=1.3 .* pass repetition_penalty=1.0"),
+    ({"streamer": object()}, TypeError, r"unsupported argument\(s\) \['streamer'\]; hattn's generate takes "
+                                        r"input_ids, attention_mask, generation_config and max_new_tokens"),
+    ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1, got 0: ask for at least one new"),
+    ({"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be an int >= 1, got 2.5"),
+    ({"max_length": 3}, ValueError, r"max_length=3 leaves no room for new tokens after the 3-token input: pass "
+                                    r"max_new_tokens"),
+    ({"do_sample": True, "temperature": 0.0}, ValueError, "do_sample=True needs temperature > 0, got 0.0"),
+    ({"do_sample": True, "top_k": 50}, ValueError, r"top_k=50 .* is not supported by hattn's sampler: pass top_k=0"),
+    ({"eos_token_id": [2, -1]}, ValueError, r"eos_token_id must be a token id or a list of them, got \[2, -1\]"),
+])
+def test_unsupported_or_bad_arguments_are_named(kwargs, error, match):
+    ids, mask = _batch([[5, 6, 7], [8]], "left")
+    with pytest.raises(error, match=match):
+        request(ids, mask, GC, **kwargs)
+
+
+def test_neutral_values_of_unsupported_settings_and_greedy_top_k_are_accepted():
+    ids, mask = _batch([[5, 6, 7]], "left")
+    req = request(ids, mask, GenerationConfig(top_k=50), num_beams=1, repetition_penalty=1.0, use_cache=False)
+    assert req.params.temperature == 0.0  # greedy: top_k does not matter
+
+
+def test_a_model_generation_config_setting_that_changes_tokens_is_refused():
+    ids, mask = _batch([[5, 6, 7]], "left")
+    with pytest.raises(ValueError, match="no_repeat_ngram_size=3 .* pass no_repeat_ngram_size=0"):
+        request(ids, mask, GenerationConfig(no_repeat_ngram_size=3))
+
+
+@pytest.mark.parametrize("input_ids, mask, error, match", [
+    ([[1, 2, 3]], None, TypeError, r"input_ids must be a \[B, T\] tensor of token ids .* got list; for lists of "
+                                   r"ids use hattn.generate\(model, prompts\)"),
+    (torch.tensor([1, 2, 3]), None, ValueError, r"non-empty \[B, T\] integer tensor, got shape \(3,\) torch.int64; "
+                                                r"a single prompt is input_ids\[None\]"),
+    (torch.zeros(1, 0, dtype=torch.long), None, ValueError, r"got shape \(1, 0\)"),
+    (torch.ones(1, 3), None, ValueError, r"integer tensor, got shape \(1, 3\) torch.float32"),
+    (torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1]]), ValueError,
+     r"attention_mask must be a tensor of input_ids' shape \(1, 3\), got \(1, 2\)"),
+    (torch.tensor([[1, 2, 3]]), torch.tensor([[1, 0, 1]]), ValueError,
+     r"attention_mask row 0 is \[1, 0, 1\]: each row must be 1s for its tokens and 0s for padding on the left or "
+     r"the right"),
+    (torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[1, 1, 1], [0, 0, 0]]), ValueError,
+     "attention_mask row 1 is all zeros: every row needs at least one token"),
+    (torch.tensor([[1, 2]]), torch.tensor([[2, 1]]), ValueError, r"attention_mask row 0 is \[2, 1\]"),
+])
+def test_bad_input_ids_or_mask_are_named(input_ids, mask, error, match):
+    with pytest.raises(error, match=match):
+        request(input_ids, mask, GC)
