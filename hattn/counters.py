@@ -11,6 +11,7 @@ class Stats:
     graphs_compiled: int = 0     # Dynamo graphs handed to the backend (> 1 means Dynamo graph breaks)
     pieces: int = 0              # pieces between split ops (compiled by the inner compiler)
     split_ops: int = 0           # split-op nodes in the graphs
+    collectives: int = 0         # collectives (all-reduce, all-gather; tensor parallel) in the pieces: graphs hold them
     cuda_graphs: int = 0         # CUDA graphs captured (all pieces/segments, all sizes)
     capture_sizes_done: int = 0  # sizes captured
     capture_seconds: float = 0.0

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -93,6 +94,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (hattn modes only): one process per GPU, started with torchrun; every "
+                        "rank runs every point the same number of times (no time boxes), rank 0 reports")
+    p.add_argument("--tbo", action="store_true", help="hattn modes run each step as two micro-batches (two-batch "
+                                                      "overlap: one's all-reduces overlap the other's compute)")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -118,9 +124,12 @@ def _options(args, cuda: bool):
     from hattn.bench.runner import Options
 
     q = args.quick
-    return Options(reps=args.reps or (3 if q else 10), max_s=args.max_s or (0.2 if q else 1.0),
+    opts = Options(reps=args.reps or (3 if q else 10), max_s=args.max_s or (0.2 if q else 1.0),
                    slow_s=args.slow_s or (1.0 if q else 3.0), progress=not args.no_progress,
                    profile=args.profile if args.profile is not None else (cuda and not q))
+    if args.tp > 1:  # ranks run collectives together: no decision may depend on one rank's clock
+        opts.max_s = opts.slow_s = math.inf
+    return opts
 
 
 def _model(args, device, dtype):
@@ -142,7 +151,7 @@ def _targets(names: list[str], setup):
     return [(lambda n=n: HattnMode(setup, n) if n in HATTN_MODES else make_peer(n, setup)) for n in names]
 
 
-def _setup(args, device, opts):
+def _setup(args, device, opts, tp):
     """(Setup with the HF model and its adapted copy, model name) for the run."""
     import torch
 
@@ -151,8 +160,8 @@ def _setup(args, device, opts):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     hf, model_name = _model(args, device, dtype)
     sizes = args.capture_sizes or (QUICK_SIZES if args.quick else SIZES16)
-    setup = Setup.build(hf, plan=_plan(args), capture_sizes=sizes, inner_compiler=args.inner_compiler,
-                        peer_backend=args.peer_backend, progress=opts.progress, seed=args.seed)
+    setup = Setup.build(hf, tp=tp, plan=_plan(args), capture_sizes=sizes, inner_compiler=args.inner_compiler,
+                        peer_backend=args.peer_backend, progress=opts.progress, seed=args.seed, tbo=args.tbo)
     if any(n in HATTN_MODES for n in args.modes):  # allocated before any target: not in a target's peak
         setup.cache("prefill"), setup.cache("decode")
     return setup, model_name
@@ -182,19 +191,37 @@ def run(args: argparse.Namespace) -> dict:
     from hattn.bench import report
     from hattn.bench.harness import Budget, Clock
     from hattn.bench.runner import run_all
+    from hattn.parallel import launch
 
-    budget = Budget(args.budget or (120.0 if args.quick else 420.0))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tp, where = launch.init(args.tp, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    budget = Budget(math.inf if tp.size > 1 else args.budget or (120.0 if args.quick else 420.0))
+    device = torch.device(where)
     opts = _options(args, device.type == "cuda")
-    setup, model_name = _setup(args, device, opts)
+    setup, model_name = _setup(args, device, opts, tp)
+    if tp.size > 1 or args.tbo:
+        model_name += f" (tp={tp.size}{', two-batch overlap' if args.tbo else ''})"
     meta = _meta(args, setup, model_name, opts, budget)
     points = setup.plan.points(args.workloads)
-    entries = run_all(_targets(args.modes, setup), args.modes, points, Clock(device), opts, budget,
-                      on_entry=lambda done: _partial(args.out, meta, done))
+    partial = (lambda done: _partial(args.out, meta, done)) if tp.rank == 0 else None
+    entries = run_all(_targets(args.modes, setup), args.modes, points, Clock(device), opts, budget, on_entry=partial)
     meta["total_s"] = budget.elapsed()
     result = report.build(meta, points, entries)
-    report.write(result, args.out)
+    if tp.rank == 0:  # every rank measured the same points; rank 0 reports
+        report.write(result, args.out)
+    launch.finish()
     return result
+
+
+def _check_tp(args) -> None:
+    """--tp and --tbo apply to hattn modes: the default targets narrow to them, named peers are an error."""
+    if args.tp == 1 and not args.tbo:
+        return
+    if args.modes == list(DEFAULT_TARGETS):
+        args.modes = [n for n in args.modes if n in HATTN_MODES]
+    peers = [n for n in args.modes if n not in HATTN_MODES]
+    if peers:
+        raise ValueError(f"--tp and --tbo apply to hattn modes only; {peers} run one unsharded model: drop them "
+                         f"(--modes hattn)")
 
 
 def _partial(out: str, meta: dict, entries: dict) -> None:
@@ -210,6 +237,11 @@ def _partial(out: str, meta: dict, entries: dict) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     """0 when at least one target measured something, 1 when none did."""
+    from hattn.parallel import launch
+
+    _check_tp(args)
+    if args.tp > 1 and not launch.under_torchrun():
+        return launch.relaunch(args.tp, args.argv)
     result = run(args)
     return 0 if any(e["status"] == "ok" for e in result["entries"].values()) else 1
 
@@ -220,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
+    args.argv = ["bench", *(sys.argv[1:] if argv is None else argv)]  # --tp relaunches `hattn bench` under torchrun
     start = time.perf_counter()
     try:
         rc = run_cli(args)

@@ -13,6 +13,7 @@ import torch
 from hattn.bench.harness import Skip
 from hattn.bench.target import Setup, Target
 from hattn.bench.workloads import Point, packed_positions, token_ids
+from hattn.counters import Stats
 from hattn.registry import modes
 
 
@@ -26,15 +27,28 @@ class HattnMode(Target):
         self.name, self.mode = mode, mode
         self.about = f"hattn mode={mode} ({setup.inner_compiler} pieces): {modes()[mode].description}"
         self.est_s = 25.0 if mode == "eager" else 40.0  # Dynamo traces (two graphs: T=1 and dynamic T), inductor
-        self.backend = self.model = None
+        if setup.tbo:
+            self.about += "; two-batch overlap (two micro-batches per step, each compiled on its own)"
+            self.est_s *= 2
+        self.backends, self.model = [], None
 
     def prepare(self) -> None:
+        torch._dynamo.reset()
+        self.backends = []
+        if self.s.tbo:
+            from hattn.parallel.overlap import TwoBatchOverlap
+
+            self.model = TwoBatchOverlap.for_model(self.s.lm, compile=self._compile)
+        else:
+            self.model = self._compile(self.s.lm)
+
+    def _compile(self, lm):
         import hattn
 
-        torch._dynamo.reset()
-        self.backend = hattn.backend(mode=self.mode, capture_sizes=list(self.s.capture_sizes),
-                                     inner_compiler=self.s.inner_compiler, progress=self.s.progress)
-        self.model = torch.compile(self.s.lm, backend=self.backend)
+        be = hattn.backend(mode=self.mode, capture_sizes=list(self.s.capture_sizes),
+                           inner_compiler=self.s.inner_compiler, progress=self.s.progress)
+        self.backends.append(be)
+        return torch.compile(lm, backend=be)
 
     def _step(self, ctx, ids: torch.Tensor, pos: torch.Tensor) -> Callable[[], object]:
         from hattn.models.generate import run_step
@@ -71,9 +85,11 @@ class HattnMode(Target):
         return lambda: generate(self.model, prompts, cache, params, layer_kinds=kinds)
 
     def info(self) -> dict:
-        if self.backend is None:
+        if not self.backends:
             return {}
-        st = self.backend.stats
+        st = Stats()
+        for be in self.backends:
+            st.add(be.stats)
         return {"capture_s": st.capture_seconds, "pool_bytes": st.pool_bytes, "cuda_graphs": st.cuda_graphs,
                 "capture_sizes_done": st.capture_sizes_done, "stats": st.as_dict()}
 

@@ -78,6 +78,14 @@ class _Compiled(torch.nn.Module):
         return self.fn(*args)
 
 
+def count_collectives(gm: fx.GraphModule) -> int:
+    """Collective ops in the graph (tensor parallel's all-reduces and all-gathers; not their waits): they sit in
+    pieces, so graph modes capture them."""
+    names = (n.target._qualified_op_name for n in gm.graph.nodes
+             if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverloadPacket))
+    return sum(1 for name in names if name.startswith("_c10d_functional::") and not name.endswith("::wait_tensor"))
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
     """Guard, split and compile one Dynamo graph; return the callable the mode's runtime serves it with."""
     check_no_unregistered_attention(gm)
@@ -85,6 +93,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     stats.graphs_compiled += 1
     stats.pieces += len(info.pieces)
     stats.split_ops += len(info.split_nodes)
+    stats.collectives += count_collectives(gm)
     if config.inner_compiler == "inductor":  # with "eager" the pieces run as traced FX code: no fake run
         fake_mode = detect_fake_mode(example_inputs)
         if fake_mode is None:  # called outside Dynamo (tests): compile with the real inputs
