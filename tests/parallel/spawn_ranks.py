@@ -39,7 +39,8 @@ def run_ranks(fn, *args, nprocs: int = 2, backend: str = "gloo", timeout_s: floa
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_rank_main, args=(r, nprocs, backend, store, fn, args, results)) for r in range(nprocs)]
+        procs = [ctx.Process(target=_rank_main, args=(r, nprocs, backend, store, fn, args, results))
+                 for r in range(nprocs)]
         for p in procs:
             p.start()
         try:

@@ -120,7 +120,8 @@ def test_mrope_positions_are_sliced_on_their_token_dim():
         model.seen.clear()
         got = TwoBatchOverlap(model)(ids, positions)  # default token dims: ids 0, positions -1
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert model.seen == [(ids[:12].tolist(), positions[:, :12].tolist()), (ids[12:].tolist(), positions[:, 12:].tolist())]
+    assert model.seen == [(ids[:12].tolist(), positions[:, :12].tolist()),
+                          (ids[12:].tolist(), positions[:, 12:].tolist())]
 
 
 def test_mrope_positions_sliced_on_dim_0_are_an_error():

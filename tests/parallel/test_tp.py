@@ -76,7 +76,8 @@ def test_linear_attention_is_split_by_heads(tiny_pair):
     gdn = full.hf.model.layers[0].linear_attn
     qkv = [gdn.key_dim, gdn.key_dim, gdn.value_dim]  # 32 | 32 | 64
     local = [s.hf.model.layers[0].linear_attn for s in shares]
-    assert [(m.num_k_heads, m.num_v_heads, m.key_dim, m.value_dim, m.conv_dim) for m in local] == [(1, 2, 16, 32, 64)] * 2
+    heads = [(m.num_k_heads, m.num_v_heads, m.key_dim, m.value_dim, m.conv_dim) for m in local]
+    assert heads == [(1, 2, 16, 32, 64)] * 2
     assert torch.equal(_rebuilt(local, lambda m: m.in_proj_qkv.weight, 0, qkv), gdn.in_proj_qkv.weight)
     assert torch.equal(_rebuilt(local, lambda m: m.conv1d.weight, 0, qkv), gdn.conv1d.weight)
     for name in ("A_log", "dt_bias"):
