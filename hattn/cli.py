@@ -234,33 +234,58 @@ def _prompts(args, lm) -> tuple[list[list[int]], object]:
     return prompts, tokenizer
 
 
+def _step_model(lm, args):
+    """What generate calls per step: `lm` as is (--mode none) or compiled in --mode, two micro-batches with --tbo;
+    and the backends (their stats count graphs)."""
+    backends = []
+
+    def compiled(module):
+        if args.mode == "none":
+            return module
+        model, be = compile_mode(module, args.mode, args.capture_sizes, args.inner_compiler)
+        backends.append(be)
+        return model
+
+    if args.tbo:
+        from hattn.parallel.overlap import TwoBatchOverlap
+
+        return TwoBatchOverlap.for_model(lm, compile=compiled), backends
+    return compiled(lm), backends
+
+
 def run_generate(args) -> int:
     from hattn.models.generate import SamplingParams, generate
+    from hattn.parallel import launch, shard
 
+    if args.tp > 1 and not launch.under_torchrun():
+        return launch.relaunch(args.tp, args.argv)
     device, dtype = _device_dtype(args)
-    lm = _load(args, device, dtype)
+    tp, device = launch.init(args.tp, device)
+    lm = shard(_load(args, device, dtype), tp)
     prompts, tokenizer = _prompts(args, lm)
     eos = lm.config.eos_token_id
     stops = args.stop_ids if args.stop_ids is not None else ([eos] if isinstance(eos, int) else list(eos or []))
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(stops), args.seed)
     max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     cache = lm.make_cache(len(prompts), max_len)
-    model, be = lm, None
-    if args.mode != "none":
-        model, be = compile_mode(lm, args.mode, args.capture_sizes, args.inner_compiler)
+    model, backends = _step_model(lm, args)
     first_s = None
     for _ in range(args.warmup):
         t0 = time.perf_counter()
         generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
         first_s = time.perf_counter() - t0 if first_s is None else first_s
     res = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
+    launch.finish()
+    if tp.rank != 0:  # every rank generated the same tokens
+        return 0
     for i, (p, new) in enumerate(zip(prompts, res.tokens)):
         text = f"  {tokenizer.decode(new)!r}" if tokenizer is not None else ""
         print(f"[{i}] {p} -> {new}{text}")
-    graphs = f", {be.stats.cuda_graphs} cuda graphs" if be is not None else ""
+    graphs = f", {sum(be.stats.cuda_graphs for be in backends)} cuda graphs" if backends else ""
+    where = f"{device} and {tp.size - 1} more rank(s)" if tp.size > 1 else device
     first = (f"first call (compile + capture + generate) {first_s:.2f} s; timed call: " if first_s is not None else
              "no warm-up (--warmup 0): these times include compiling and capturing: ")
-    print(f"mode {args.mode} on {device}: {first}prefill {res.prefill_s * 1e3:.1f} ms, decode {res.decode_steps} "
+    print(f"mode {args.mode} on {where}: {first}prefill {res.prefill_s * 1e3:.1f} ms, decode {res.decode_steps} "
           f"steps {res.decode_tok_per_s:.0f} tok/s{graphs}", file=sys.stderr)
     return 0
 
@@ -284,6 +309,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop-ids", type=_ints, default=None, help="stop tokens (default: the config's eos)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs first (the first compiles and captures; its time is printed; default: 1)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks: one process per GPU (gloo processes on CPU), started with torchrun")
+    p.add_argument("--tbo", action="store_true",
+                   help="two-batch overlap: each step as two micro-batches (one's all-reduces overlap the other's "
+                        "compute on GPUs)")
     _device_args(p)
     p.set_defaults(func=run_generate)
 
@@ -311,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     for add in SUBCOMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --tp relaunches the command under torchrun
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix it, no traceback

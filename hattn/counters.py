@@ -12,6 +12,7 @@ class Stats:
     pieces: int = 0              # pieces between split ops (compiled by the inner compiler)
     split_ops: int = 0           # split-op nodes in the graphs
     fused_linears: int = 0       # groups of same-input linears run as one GEMM (passes/fuse_linears.py)
+    collectives: int = 0         # collectives (all-reduce, all-gather; tensor parallel) in the pieces: graphs hold them
     cuda_graphs: int = 0         # CUDA graphs captured (all pieces/segments, all sizes)
     capture_sizes_done: int = 0  # sizes captured
     capture_seconds: float = 0.0

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -116,6 +117,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks (hattn modes only): one process per GPU, started with torchrun; every "
+                        "rank runs every point the same number of times (no time boxes), rank 0 reports")
+    p.add_argument("--tbo", action="store_true", help="hattn modes run each step as two micro-batches (two-batch "
+                                                      "overlap: one's all-reduces overlap the other's compute)")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -128,7 +134,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the suite's defaults and check targets and workloads (ValueError names the valid ones)."""
+    """Fill the suite's defaults and check targets and workloads (ValueError names the valid ones); once."""
+    if getattr(args, "resolved", False):
+        return args
+    args.resolved = True
     defaults = SUITES[args.suite]
     args.inner_compiler = args.inner_compiler or defaults.get("inner_compiler", "inductor")
     args.modes = _targets_of(args.suite, args.modes or defaults["modes"])
@@ -140,10 +149,13 @@ def _options(args, cuda: bool):
     from hattn.bench.runner import Options
 
     q = args.quick
-    return Options(reps=args.reps or (3 if q else 10), max_s=args.max_s or (0.2 if q else 1.0),
+    opts = Options(reps=args.reps or (3 if q else 10), max_s=args.max_s or (0.2 if q else 1.0),
                    slow_s=args.slow_s or (1.0 if q else 3.0), progress=not args.no_progress,
                    profile=args.profile if args.profile is not None else (cuda and not q),
                    min_measure_s=30.0 if cuda else 3.0)
+    if args.tp > 1:  # ranks run collectives together: no decision may depend on one rank's clock
+        opts.max_s = opts.slow_s = math.inf
+    return opts
 
 
 def _plan(args):
@@ -168,7 +180,7 @@ def _model(args, device, dtype):
     return random_model(preset_config(preset), dtype, device, args.seed), preset
 
 
-def _model_suite(args, device, opts, meta: dict):
+def _model_suite(args, device, opts, meta: dict, tp):
     """(points, target factories) of the model and runtime suites; fills the model's part of `meta`."""
     import torch
 
@@ -180,9 +192,12 @@ def _model_suite(args, device, opts, meta: dict):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     hf, model_name = _model(args, device, dtype)
     plan = _plan(args)
-    setup = Setup.build(hf, plan=plan, capture_sizes=args.capture_sizes or (QUICK_SIZES if args.quick else SIZES16),
+    setup = Setup.build(hf, tp=tp, plan=plan, capture_sizes=args.capture_sizes or (QUICK_SIZES if args.quick else
+                                                                                    SIZES16),
                         inner_compiler=args.inner_compiler, peer_backend=args.peer_backend, progress=opts.progress,
-                        seed=args.seed)
+                        seed=args.seed, tbo=args.tbo)
+    if tp.size > 1 or args.tbo:
+        model_name += f" (tp={tp.size}{', two-batch overlap' if args.tbo else ''})"
     if any(n not in PEERS for n in args.modes):  # allocated before any target: not in a target's peak
         setup.cache("prefill"), setup.cache("decode")
     params = list(setup.lm.parameters())
@@ -200,7 +215,7 @@ def _model_suite(args, device, opts, meta: dict):
     return points, [(lambda n=n: make_peer(n, setup) if n in peers else HattnMode(setup, n)) for n in args.modes]
 
 
-def _kernel_suite(args, device, opts, meta: dict):
+def _kernel_suite(args, device, opts, meta: dict, tp=None):
     """(points, target factories) of the kernels suite."""
     from types import SimpleNamespace
 
@@ -221,10 +236,14 @@ def run(args: argparse.Namespace, start: float | None = None) -> dict:
 
     from hattn.bench.harness import Budget, Clock, Deadlines, Stop, copy_bandwidth, environment, matmul_peak
     from hattn.bench.runner import run_all
+    from hattn.parallel import launch
 
     _resolve(args)
-    budget = Budget(args.budget or (120.0 if args.quick else BUDGET_S[args.suite]), start or time.perf_counter())
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tp, where = launch.init(args.tp, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # ranks run collectives together: no rank may stop on its own clock (a day, not forever: the timer needs a number)
+    total = 86400.0 if tp.size > 1 else args.budget or (120.0 if args.quick else BUDGET_S[args.suite])
+    budget = Budget(total, start or time.perf_counter())
+    device = torch.device(where)
     opts = _options(args, device.type == "cuda")
     meta = {"suite": args.suite, "env": environment(device), "targets": args.modes, "workloads": args.workloads,
             "args": {k: v for k, v in vars(args).items() if k != "func"}, "options": vars(opts).copy(),
@@ -234,14 +253,20 @@ def run(args: argparse.Namespace, start: float | None = None) -> dict:
         try:
             meta.update(copy_bandwidth=copy_bandwidth(device), matmul_flops=matmul_peak(device))
             suite = _kernel_suite if args.suite == "kernels" else _model_suite
-            points, targets = suite(args, device, opts, meta)
+            points, targets = suite(args, device, opts, meta, tp)
             meta["setup_s"] = budget.elapsed()
             measured = [p for p in points if p.kind != "per_token"]
+            on_entry = (lambda done: _write_json(meta, points, done, args.out, budget)) if tp.rank == 0 else None
             entries, partial = run_all(targets, args.modes, measured, Clock(device), opts, budget, deadlines,
-                                       on_entry=lambda done: _write_json(meta, points, done, args.out, budget))
+                                       on_entry=on_entry)
         except Stop as stop:  # during setup: a report of what there is
             partial = [f"{stop} during setup"]
     meta["total_s"] = budget.elapsed()
+    launch.finish()
+    if tp.rank != 0:  # every rank measured the same points; rank 0 reports
+        from hattn.bench.data import build
+
+        return build(meta, points, entries, partial)
     return write_report(meta, points, entries, partial, args.out)
 
 
@@ -269,8 +294,27 @@ def write_report(meta: dict, points, entries: dict, partial: list[str], out: str
     return result
 
 
+def _check_tp(args) -> None:
+    """--tp and --tbo apply to hattn modes: the default targets narrow to them, named peers are an error."""
+    if args.tp == 1 and not args.tbo:
+        return
+    named = args.modes is not None
+    _resolve(args)
+    if not named:
+        args.modes = [n for n in args.modes if n not in PEERS]
+    peers = [n for n in args.modes if n in PEERS]
+    if peers:
+        raise ValueError(f"--tp and --tbo apply to hattn modes only; {peers} run one unsharded model: drop them "
+                         f"(--modes hattn)")
+
+
 def run_cli(args: argparse.Namespace, start: float | None = None) -> int:
     """0 when at least one target measured something, 1 when none did."""
+    from hattn.parallel import launch
+
+    _check_tp(args)
+    if args.tp > 1 and not launch.under_torchrun():
+        return launch.relaunch(args.tp, args.argv)
     result = run(args, start)
     return 0 if any(e["status"] == "ok" for e in result["entries"].values()) else 1
 
@@ -283,6 +327,7 @@ def main(argv: list[str] | None = None, start: float | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     args = p.parse_args(argv)
+    args.argv = ["bench", *(sys.argv[1:] if argv is None else argv)]  # --tp relaunches `hattn bench` under torchrun
     try:
         rc = run_cli(args, start)
     except (ValueError, FileNotFoundError) as e:  # bad input: what and how to fix, no traceback

@@ -14,6 +14,7 @@ import torch
 
 from hattn.bench.target import Setup, Target
 from hattn.bench.workloads import Point, packed_positions, token_ids
+from hattn.counters import Stats
 from hattn.registry import modes
 
 
@@ -35,29 +36,47 @@ class HattnMode(Target):
         self.name, self.mode = mode, mode
         self.about = f"hattn mode={mode} ({setup.inner_compiler} pieces): {modes()[mode].description}"
         self.est_s = estimate_s(mode, setup.inner_compiler)
-        self.backend = self.model = None
+        if setup.tbo:
+            self.about += "; two-batch overlap (two micro-batches per step, each compiled on its own)"
+            self.est_s *= 2
+        self.backends, self.model = [], None
 
     def prepare(self) -> None:
+        torch._dynamo.reset()
+        self.backends = []
+        if self.s.tbo:
+            from hattn.parallel.overlap import TwoBatchOverlap
+
+            self.model = TwoBatchOverlap.for_model(self.s.lm, compile=self._compile)
+        else:
+            self.model = self._compile(self.s.lm)
+
+    def _compile(self, lm):
         import hattn
 
-        torch._dynamo.reset()
-        self.backend = hattn.backend(mode=self.mode, capture_sizes=list(self.s.capture_sizes),
-                                     inner_compiler=self.s.inner_compiler, progress=self.s.progress)
-        self.model = torch.compile(self.s.lm, backend=self.backend)
+        be = hattn.backend(mode=self.mode, capture_sizes=list(self.s.capture_sizes),
+                           inner_compiler=self.s.inner_compiler, progress=self.s.progress)
+        self.backends.append(be)
+        return torch.compile(lm, backend=be)
 
-    def _step(self, ctx, ids: torch.Tensor, pos: torch.Tensor) -> Callable[[], object]:
+    def _step(self, ctx, ids: torch.Tensor, pos: torch.Tensor, rows=None) -> Callable[[], object]:
         from hattn.models.generate import run_step
 
-        return lambda: run_step(self.model, ctx, ids, pos)
+        return lambda: run_step(self.model, ctx, ids, pos, rows)
 
     def prefill(self, point: Point):
         from hattn.context import ForwardContext
 
+        from hattn.models.generate import last_rows
+
         lens = [point.tokens // point.seqs] * point.seqs
+        cache = self.s.cache("prefill")
         ctx = ForwardContext(seq_lens=lens, context_lens=[0] * point.seqs, slots=list(range(point.seqs)),
-                             cache=self.s.cache("prefill"), layer_kinds=self.s.lm.layer_kinds)
+                             cache=cache, layer_kinds=self.s.lm.layer_kinds)
         ids = token_ids(point.tokens, self.s.vocab, self.s.device, self.s.seed)
-        return self._step(ctx, ids, packed_positions(lens, [0] * point.seqs, self.s.device))
+        # logits of each sequence's last row only, as generate's prefill computes them
+        return self._step(ctx, ids, packed_positions(lens, [0] * point.seqs, self.s.device),
+                          last_rows(lens, cache.slots, self.s.device))
 
     def decode(self, point: Point):
         from hattn.context import ForwardContext
@@ -76,15 +95,19 @@ class HattnMode(Target):
         cache, kinds = self.s.cache("decode"), self.s.lm.layer_kinds
         return lambda: generate(self.model, prompts, cache, params, layer_kinds=kinds)
 
+    def _stats(self) -> Stats:
+        st = Stats()
+        for be in self.backends:
+            st.add(be.stats)
+        return st
+
     def counters(self) -> dict[str, float]:
-        if self.backend is None:
-            return {}
-        return {k: v for k, v in self.backend.stats.as_dict().items() if k.endswith("_seconds")}
+        return {k: v for k, v in self._stats().as_dict().items() if k.endswith("_seconds")} if self.backends else {}
 
     def info(self) -> dict:
-        if self.backend is None:
+        if not self.backends:
             return {}
-        st = self.backend.stats
+        st = self._stats()
         return {"capture_s": st.capture_seconds, "pool_bytes": st.pool_bytes, "cuda_graphs": st.cuda_graphs,
                 "capture_sizes_done": st.capture_sizes_done, "stats": st.as_dict()}
 

@@ -20,13 +20,15 @@ from hattn.bench.workloads import Plan, Point
 class Setup:
     """What every target of one model-suite run shares.
 
-    hf     the unmodified transformers model (peers run it)
-    lm     a HybridLM adapted from a deep copy of `hf` (same weights; hattn modes run it)
+    hf     the unmodified transformers model (peers run it; None under tensor parallelism: no peers then)
+    lm     a HybridLM adapted from a deep copy of `hf` (same weights; hattn modes run it); under tensor
+           parallelism adapted from `hf` itself and sharded
+    tbo    hattn modes run each step as two micro-batches (hattn.parallel.overlap)
     caches hattn's HybridCaches, built on first use: "prefill" (plan.seqs slots of plan's largest prefill) and
            "decode" (plan's largest batch, room for the decode context and for generation)
     """
 
-    hf: nn.Module
+    hf: nn.Module | None
     lm: nn.Module
     device: torch.device
     plan: Plan
@@ -35,14 +37,19 @@ class Setup:
     peer_backend: str = "inductor"
     progress: bool = True
     seed: int = 0
+    tbo: bool = False
     caches: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, hf: nn.Module, **kwargs) -> "Setup":
+    def build(cls, hf: nn.Module, tp=None, **kwargs) -> "Setup":
+        """`tp` (a TPGroup of more than one rank): hattn modes run `hf` sharded, adapted in place (no copy)."""
         from hattn.models.hf import adapt
+        from hattn.parallel import shard
 
-        lm = adapt(copy.deepcopy(hf))
-        return cls(hf=hf, lm=lm, device=next(hf.parameters()).device, **kwargs)
+        device = next(hf.parameters()).device
+        if tp is not None and tp.size > 1:
+            return cls(hf=None, lm=shard(adapt(hf), tp), device=device, **kwargs)
+        return cls(hf=hf, lm=adapt(copy.deepcopy(hf)), device=device, **kwargs)
 
     @property
     def vocab(self) -> int:

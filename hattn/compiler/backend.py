@@ -87,6 +87,14 @@ class _Compiled(torch.nn.Module):
         return self.fn(*args)
 
 
+def count_collectives(gm: fx.GraphModule) -> int:
+    """Collective ops in the graph (tensor parallel's all-reduces and all-gathers; not their waits): they sit in
+    pieces, so graph modes capture them."""
+    names = (n.target._qualified_op_name for n in gm.graph.nodes
+             if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverloadPacket))
+    return sum(1 for name in names if name.startswith("_c10d_functional::") and not name.endswith("::wait_tensor"))
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with."""
     check_no_unregistered_attention(gm)  # first: a rejected graph leaves the user's parameters untouched
@@ -100,6 +108,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     stats.graphs_compiled += 1
     stats.pieces += len(info.pieces)
     stats.split_ops += len(info.split_nodes)
+    stats.collectives += count_collectives(gm)
     if piece_inputs is not None:
         _compile_pieces(split_gm, *piece_inputs)
     log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)

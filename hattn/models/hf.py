@@ -283,6 +283,13 @@ class HybridLM(nn.Module):
     def cache_specs(self) -> dict[int, LayerSpec]:
         return dict(self._specs)
 
+    def set_cache_specs(self, specs: dict[int, LayerSpec]) -> None:
+        """Replace what `make_cache` allocates per layer (tensor parallelism: each rank caches its local heads)."""
+        new, old = ({i: s.kind for i, s in d.items()} for d in (specs, self._specs))
+        if new != old:
+            raise ValueError(f"new cache specs must keep every layer and its kind: got {new}, the model has {old}")
+        self._specs = dict(specs)
+
     def make_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> HybridCache:
         """A HybridCache for `slots` sequences of up to `max_len` tokens, on the model's device and dtype."""
         p = next(self.hf.parameters())

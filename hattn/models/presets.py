@@ -45,6 +45,17 @@ def qwen3_5_1b():
                              layer_types=_pattern(24), tie_word_embeddings=False)
 
 
+def qwen3_5_27b():
+    """The 27B dense Qwen3.5 shape (~26.9B parameters): weights and a 64 x 8k-token cache want two GPUs (issue 20's
+    tensor-parallel goals)."""
+    from transformers import Qwen3_5TextConfig
+
+    return Qwen3_5TextConfig(vocab_size=248320, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64,
+                             num_attention_heads=24, num_key_value_heads=4, head_dim=256, linear_num_key_heads=16,
+                             linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128,
+                             layer_types=_pattern(64), tie_word_embeddings=False)
+
+
 def tiny_qwen3_next():
     from transformers import Qwen3NextConfig
 
@@ -100,6 +111,7 @@ def tiny_nemotron_h():
 PRESETS: dict[str, Callable] = {
     "tiny": tiny,
     "qwen3.5-1b": qwen3_5_1b,
+    "qwen3.5-27b": qwen3_5_27b,
     "tiny-qwen3-next": tiny_qwen3_next,
     "tiny-olmo-hybrid": tiny_olmo_hybrid,
     "tiny-kimi-linear": tiny_kimi_linear,

@@ -26,7 +26,17 @@ def test_presets_are_deterministic_per_seed():
 def test_unknown_preset_lists_presets():
     with pytest.raises(ValueError, match="unknown preset 'nope'; presets: tiny, qwen3.5-1b"):
         preset_config("nope")
-    assert all(name == "qwen3.5-1b" or name.startswith("tiny") for name in PRESETS)
+    assert all(name in ("qwen3.5-1b", "qwen3.5-27b") or name.startswith("tiny") for name in PRESETS)
+
+
+def test_qwen3_5_27b_shape():
+    c = preset_config("qwen3.5-27b")
+    assert (c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.head_dim) == (5120, 64, 17408, 256)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.linear_num_key_heads, c.linear_num_value_heads) == \
+        (24, 4, 16, 48)
+    assert c.layer_types.count("full_attention") == 16
+    model = random_model(c, device="meta")
+    assert 26.5e9 < sum(p.numel() for p in model.parameters()) < 27.5e9
 
 
 def test_saved_model_and_config_load(tmp_path, make_case):

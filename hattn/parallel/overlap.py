@@ -1,0 +1,160 @@
+"""Two-batch overlap: one step's packed batch run as two micro-batches, so that on GPUs one micro-batch's
+all-reduces overlap the other's compute.
+
+    model = TwoBatchOverlap.for_model(lm, compile=lambda m: torch.compile(m, backend=hattn.backend(mode="pcg")))
+    generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)      # a drop-in step function
+
+The step's sequences are split at the sequence boundary that best balances their tokens (never inside a sequence).
+Each micro-batch runs under its own `ForwardContext` (its sequences' lengths, context lengths and cache slots; the
+same cache), and the outputs are concatenated in order. The wrapper never names a split op or a kind: every split
+op, of every kind the registry holds or will hold, reads its batch metadata from the forward context, so each
+micro-batch's ops see that micro-batch and nothing else. (A peer's wrapper that delegated backend methods one by
+one forgot `forward` of its linear-attention backend, and sliced mrope positions on the wrong dimension.)
+
+Per-token inputs are sliced on their token dimension, given per argument (`token_dims`): input ids [T] on dim 0,
+positions [T] or mrope positions [3, T] on their last dim; an argument whose token dimension does not hold the
+step's token count is an error, never a silent mis-slice.
+
+On CUDA, with two model instances, micro-batch A runs on one stream and B on another; B's instance is a replica
+(same weights) whose collectives use a sibling process group, i.e. its own NCCL communicator, so the two
+micro-batches' all-reduces neither serialize nor wait behind each other while the other's kernels run. Each instance
+has its own compiled graphs and static buffers (the two streams never share one). With one instance, or on CPU,
+the micro-batches run one after the other (same results).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from hattn.context import ForwardContext, forward_context, get_forward_context
+from hattn.parallel.tp import replica
+
+INPUT_IDS_DIM = 0  # input ids [T]
+POSITIONS_DIM = -1  # positions [T] or mrope positions [3, T]: the tokens are the last dimension
+TOKEN_DIMS = (INPUT_IDS_DIM, POSITIONS_DIM)  # a HybridLM step: (input_ids, positions)
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Consecutive sequences of a step: their forward context and their rows of the packed token dimension."""
+
+    ctx: ForwardContext
+    rows: slice
+
+
+def split_point(seq_lens: Sequence[int]) -> int:
+    """How many sequences go to the first micro-batch: the boundary (1 .. n-1) whose token counts differ least,
+    the first such; 1 for a single sequence."""
+    total = sum(seq_lens)
+    gaps = [abs(2 * prefix - total) for prefix in itertools.accumulate(seq_lens[:-1])]
+    return 1 + gaps.index(min(gaps)) if gaps else 1
+
+
+def split_context(ctx: ForwardContext) -> list[MicroBatch]:
+    """The step's two micro-batches (one if it cannot be split: one sequence, or all tokens on one side)."""
+    if ctx.static is not None:
+        raise ValueError("two-batch overlap splits a caller's step; this context is a captured graph's (static)")
+    tensors = sorted(k for k, v in ctx.extra.items() if isinstance(v, torch.Tensor))
+    if tensors:
+        raise ValueError(f"two-batch overlap cannot tell which dimension of ctx.extra{tensors} holds tokens; pass "
+                         f"per-token tensors as model arguments (with their token_dims), not in extra")
+    k = split_point(ctx.seq_lens)
+    first = sum(ctx.seq_lens[:k])
+    if first in (0, ctx.num_tokens):
+        return [MicroBatch(ctx, slice(0, ctx.num_tokens))]
+    return [_micro_batch(ctx, slice(0, k), 0), _micro_batch(ctx, slice(k, len(ctx.seq_lens)), first)]
+
+
+def _micro_batch(ctx: ForwardContext, seqs: slice, start: int) -> MicroBatch:
+    lens = ctx.seq_lens[seqs]
+    sub = ForwardContext(seq_lens=lens, context_lens=ctx.context_lens[seqs], slots=ctx.slots[seqs], cache=ctx.cache,
+                         layer_kinds=ctx.layer_kinds, extra=dict(ctx.extra))
+    return MicroBatch(sub, slice(start, start + sum(lens)))
+
+
+def token_rows(x: torch.Tensor, dim: int, rows: slice, num_tokens: int, what: str) -> torch.Tensor:
+    """`x`'s rows of one micro-batch along its token dimension `dim` (a view)."""
+    if x.dim() == 0 or x.shape[dim] != num_tokens:
+        raise ValueError(f"{what} has shape {tuple(x.shape)}: its token dim {dim} should hold the step's "
+                         f"{num_tokens} tokens; give its token dimension in token_dims (mrope positions [3, T]: -1)")
+    return x.narrow(dim, rows.start, rows.stop - rows.start)
+
+
+class TwoBatchOverlap:
+    """`model(*args)` of a packed step, run as two micro-batches (`first` runs A, `second` runs B).
+
+    args: per-token tensors, `token_dims[i]` the token dimension of args[i]; the outputs are concatenated along
+    `out_dim` (logits [T, vocab]: 0). Call it under the step's forward context, like the model.
+    """
+
+    def __init__(self, first: Callable, second: Callable | None = None, token_dims: Sequence[int] = TOKEN_DIMS,
+                 out_dim: int = 0):
+        self.models = (first, first if second is None else second)
+        self.token_dims, self.out_dim = tuple(token_dims), out_dim
+        self._streams: dict[torch.device, tuple] = {}
+
+    @classmethod
+    def for_model(cls, lm, compile: Callable | None = None, **kwargs) -> "TwoBatchOverlap":
+        """Micro-batch A on `lm`, B on a replica whose collectives use a sibling group (a sharded `lm`; unsharded,
+        B runs `lm` too); `compile` (e.g. torch.compile with a new hattn backend) is applied to each, so each has
+        its own graphs. Every rank must call it in the same order (the sibling group is collective)."""
+        tp, second = getattr(lm, "tp", None), lm
+        if tp is not None:
+            sibling = tp.sibling()
+            sibling.warm_up(next(lm.parameters()).device)  # its communicator exists before any graph capture
+            second = replica(lm, sibling)
+        if compile is None:
+            return cls(lm, second, **kwargs)
+        return cls(compile(lm), compile(second), **kwargs)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        if ctx is None:
+            raise ValueError("two-batch overlap splits the step its forward context describes; call it inside "
+                             "hattn.forward_context(ForwardContext(seq_lens=...))")
+        if len(args) != len(self.token_dims):
+            raise ValueError(f"got {len(args)} arguments but token_dims gives {len(self.token_dims)} token dimensions")
+        parts = split_context(ctx)
+        if len(parts) == 1:
+            return self.models[0](*args)
+        inputs = [[token_rows(a, d, p.rows, ctx.num_tokens, f"argument {i}")
+                   for i, (a, d) in enumerate(zip(args, self.token_dims))] for p in parts]
+        streams = self._streams_for(args[0].device)
+        if streams is None:
+            outs = [self._micro(m, p.ctx, x) for m, p, x in zip(self.models, parts, inputs)]
+        else:
+            outs = self._on_streams(streams, parts, inputs)
+        return torch.cat(outs, self.out_dim)
+
+    def _micro(self, model: Callable, ctx: ForwardContext, args: list[torch.Tensor]) -> torch.Tensor:
+        for a, d in zip(args, self.token_dims):
+            if a.shape[d] > 1:  # one graph for every micro-batch size (Dynamo specializes 1)
+                torch._dynamo.mark_dynamic(a, d % a.dim())
+        with forward_context(ctx):
+            return model(*args)
+
+    def _streams_for(self, device: torch.device):
+        """Two side streams on a CUDA device when the micro-batches have their own instances, else None."""
+        if device.type != "cuda" or self.models[0] is self.models[1]:
+            return None
+        if device not in self._streams:
+            self._streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+        return self._streams[device]
+
+    def _on_streams(self, streams, parts: list[MicroBatch], inputs) -> list[torch.Tensor]:
+        """A on one stream, B on the other, both after the caller's stream; the caller's stream waits for both."""
+        main = torch.cuda.current_stream()
+        outs = []
+        for model, part, args, stream in zip(self.models, parts, inputs, streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(self._micro(model, part.ctx, args))
+            for a in args:  # made on the caller's stream, read on this one: not freed before it is done
+                a.record_stream(stream)
+        for stream, out in zip(streams, outs):
+            main.wait_stream(stream)
+            out.record_stream(main)
+        return outs

@@ -1,0 +1,209 @@
+"""How each family's layers are sharded: a `Plan` per family, built from the primitives of `layers.py`.
+
+transformers' own `tp_plan`s do not cover these models: they gather the linear-attention projections (every rank
+computes every head), replicate OLMo's attention and have no entries for MLA, KDA, lightning or Mamba2. So each
+mixer kind gets a function that shards it *by heads*: its input projections column-parallel (fused q|k|v cut per
+part), conv1d channels, decay parameters and norms per local head, the module's head counts set to the local ones
+(so the split op sees local shapes), the output projection row-parallel. MLPs are column- then row-parallel; an
+MoE block's experts and shared experts are sharded on their intermediate dimension and the block output is
+all-reduced once (the router stays whole: every rank routes the same tokens to the same experts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from hattn.parallel.group import TPGroup
+from hattn.parallel.layers import colwise, reduce_output, rowwise, shard_norm, shard_param
+
+
+@dataclass(frozen=True)
+class Plan:
+    """heads   config fields counting heads or groups: each must divide by tp; the local config divides them
+    mixers  split-op kind -> shard(mixer module, tp)
+    mlp     decoder layer -> its MLP or MoE block, or None"""
+
+    heads: tuple[str, ...]
+    mixers: dict[str, Callable[[nn.Module, TPGroup], None]]
+    mlp: Callable[[nn.Module], nn.Module | None] = field(default=lambda layer: getattr(layer, "mlp", None))
+
+
+def _local(module: nn.Module, tp: TPGroup, *names: str) -> None:
+    """Divide the module's head counts / widths `names` by tp (the forward then sees local shapes)."""
+    for name in names:
+        setattr(module, name, getattr(module, name) // tp.size)
+
+
+def _shard_conv(conv: nn.Conv1d, tp: TPGroup, parts: list[int]) -> None:
+    """A depthwise conv1d over channels made of `parts` (q | k | v, x | B | C): this rank's channels of each."""
+    shard_param(conv, "weight", tp, 0, parts)
+    if conv.bias is not None:
+        shard_param(conv, "bias", tp, 0, parts)
+    conv.in_channels = conv.out_channels = conv.groups = conv.weight.shape[0]
+
+
+# -- full attention ------------------------------------------------------------------------------------------------
+def gqa_attention(m: nn.Module, tp: TPGroup) -> None:
+    """q/k/v by heads (Qwen's gated q_proj holds [q, gate] per head: still whole heads), o_proj row-parallel.
+    q/k norms over one head stay whole; norms over all heads (OLMo) become ShardedRMSNorm."""
+    for name in ("q_proj", "k_proj", "v_proj"):
+        colwise(getattr(m, name), tp)
+    rowwise(m.o_proj, tp)
+    for name in ("q_norm", "k_norm"):
+        norm = getattr(m, name, None)
+        if norm is not None and norm.weight.numel() != m.head_dim:
+            shard_norm(norm, tp, weight_in_fp32=True)
+
+
+def mla_attention(m: nn.Module, tp: TPGroup) -> None:
+    """MLA (Kimi-Linear, bailing): the latent projections stay whole, q and the kv up-projection by heads."""
+    colwise(m.q_proj if m.q_lora_rank is None else m.q_b_proj, tp)
+    colwise(m.kv_b_proj, tp)
+    if hasattr(m, "g_proj"):  # bailing's one output gate per head
+        colwise(m.g_proj, tp)
+    rowwise(m.o_proj, tp)
+    _local(m, tp, "num_heads")
+
+
+# -- gated delta net (kind "linear") -------------------------------------------------------------------------------
+def _gdn_core(m: nn.Module, tp: TPGroup, out_proj: nn.Linear) -> None:
+    """What every GatedDeltaNet shards alike: conv over q|k|v, per-head decay, output projection, head counts."""
+    _shard_conv(m.conv1d, tp, [m.key_dim, m.key_dim, m.value_dim])
+    shard_param(m, "A_log", tp)
+    shard_param(m, "dt_bias", tp)
+    rowwise(out_proj, tp)
+    _local(m, tp, "num_k_heads", "num_v_heads", "key_dim", "value_dim", "conv_dim")
+
+
+def qwen3_5_gdn(m: nn.Module, tp: TPGroup) -> None:
+    """in_proj_qkv is [q | k | v]: cut per part; z, b, a by value heads."""
+    colwise(m.in_proj_qkv, tp, [m.key_dim, m.key_dim, m.value_dim])
+    for proj in (m.in_proj_z, m.in_proj_b, m.in_proj_a):
+        colwise(proj, tp)
+    _gdn_core(m, tp, m.out_proj)
+
+
+def qwen3_next_gdn(m: nn.Module, tp: TPGroup) -> None:
+    """in_proj_qkvz and in_proj_ba are grouped by key head ([q, k, v.., z..] per key head): contiguous blocks of
+    key heads, with their value heads."""
+    colwise(m.in_proj_qkvz, tp)
+    colwise(m.in_proj_ba, tp)
+    _gdn_core(m, tp, m.out_proj)
+
+
+def olmo_gdn(m: nn.Module, tp: TPGroup) -> None:
+    for name in ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj"):
+        colwise(getattr(m, name), tp)
+    _gdn_core(m, tp, m.o_proj)
+
+
+# -- other mixers ----------------------------------------------------------------------------------------------------
+def kda(m: nn.Module, tp: TPGroup) -> None:
+    """Kimi delta attention: q/k/v, beta, the output gate's up-projection and the forget gate's by heads; the
+    low-rank down-projections (f_a_proj, g_a_proj) stay whole."""
+    for name in ("q_proj", "k_proj", "v_proj", "b_proj", "g_proj", "g_b_proj"):
+        if hasattr(m, name):
+            colwise(getattr(m, name), tp)
+    _shard_conv(m.conv1d, tp, [m.qkv_dim] * 3)
+    gate = m.forget_gate
+    colwise(gate.f_proj if hasattr(gate, "f_proj") else gate.f_b_proj, tp)
+    shard_param(gate, "dt_bias", tp)
+    shard_param(gate, "A_log", tp, dim=2 if gate.A_log.dim() == 4 else 0)  # Kimi keeps A_log as [1, 1, H, 1]
+    rowwise(m.o_proj, tp)
+    _local(m, tp, "num_heads", "qkv_dim", "conv_dim")
+    _local(gate, tp, "num_heads", "qkv_dim")
+
+
+def lightning(m: nn.Module, tp: TPGroup) -> None:
+    """MiniMax lightning attention: qkv_proj holds [q, k, v] per head; its norm spans every head."""
+    colwise(m.qkv_proj, tp)
+    colwise(m.output_gate, tp)
+    shard_norm(m.norm, tp, weight_in_fp32=False)
+    rowwise(m.out_proj, tp)
+    for name, dim in (("slope_rate", 0), ("query_decay", 0), ("key_decay", 0), ("diagonal_decay", 1)):
+        shard_param(m, name, tp, dim)
+    _local(m, tp, "num_attention_heads")
+
+
+def mamba2(m: nn.Module, tp: TPGroup) -> None:
+    """Nemotron-H's Mamba2: in_proj is [gate | x | B | C | dt] (x, gate, dt by heads, B and C by groups); whole
+    groups stay on one rank, so the gated group norm is local."""
+    inner, bc = m.intermediate_size, m.n_groups * m.ssm_state_size
+    colwise(m.in_proj, tp, [inner, inner, bc, bc, m.num_heads])
+    _shard_conv(m.conv1d, tp, [inner, bc, bc])
+    for name in ("A_log", "D", "dt_bias"):
+        shard_param(m, name, tp)
+    shard_param(m.norm, "weight", tp)
+    rowwise(m.out_proj, tp)
+    _local(m, tp, "num_heads", "intermediate_size", "n_groups", "conv_dim")
+
+
+# -- MLP and MoE -----------------------------------------------------------------------------------------------------
+def dense_mlp(mlp: nn.Module, tp: TPGroup, reduce: bool = True) -> None:
+    """gate/up column-parallel, down row-parallel (reduced here, or by the caller: a shared expert)."""
+    for name in ("gate_proj", "up_proj"):
+        if hasattr(mlp, name):
+            colwise(getattr(mlp, name), tp)
+    rowwise(mlp.down_proj, tp, reduce=reduce)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = mlp.up_proj.out_features
+
+
+EXPERT_PARAMS = {"gate_up_proj", "up_proj", "down_proj"}
+
+
+def moe(block: nn.Module, tp: TPGroup) -> None:
+    """Experts' and shared experts' intermediate dimension sharded, their partial sums reduced once at the block's
+    output (the shared expert's sigmoid gate and the latent projection back are linear in them)."""
+    experts = block.experts
+    unknown = sorted(n for n, _ in experts.named_parameters() if n not in EXPERT_PARAMS)
+    if unknown:
+        raise ValueError(f"{type(experts).__name__} has parameters {unknown} the MoE plan does not shard "
+                         f"(it knows {sorted(EXPERT_PARAMS)}): this MoE layout is not yet tensor-parallel")
+    if hasattr(experts, "gate_up_proj"):  # [E, gate | up, hidden]
+        shard_param(experts, "gate_up_proj", tp, 1, [experts.intermediate_dim] * 2)
+    else:  # Nemotron-H's experts have no gate: [E, intermediate, hidden]
+        shard_param(experts, "up_proj", tp, 1)
+    shard_param(experts, "down_proj", tp, 2)
+    _local(experts, tp, "intermediate_dim")
+    for name in ("shared_expert", "shared_experts"):
+        if hasattr(block, name):
+            dense_mlp(getattr(block, name), tp, reduce=False)
+    latent_out = getattr(block, "fc2_latent_proj", None)
+    if isinstance(latent_out, nn.Linear) and latent_out.bias is not None and tp.rank != 0:
+        latent_out.bias.data.zero_()  # applied to a partial sum: its bias must count once
+    reduce_output(block, tp)
+
+
+def mlp_block(mlp: nn.Module, tp: TPGroup) -> None:
+    if hasattr(mlp, "experts"):
+        moe(mlp, tp)
+    else:
+        dense_mlp(mlp, tp)
+
+
+# -- the families ----------------------------------------------------------------------------------------------------
+_GDN_HEADS = ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads")
+_KDA = Plan(heads=("num_attention_heads", "linear_num_heads"), mixers={"full": mla_attention, "kda": kda})
+
+PLANS: dict[str, Plan] = {
+    "qwen3_5": Plan(_GDN_HEADS, {"full": gqa_attention, "linear": qwen3_5_gdn}),
+    "qwen3_next": Plan(_GDN_HEADS, {"full": gqa_attention, "linear": qwen3_next_gdn}),
+    "olmo_hybrid": Plan(_GDN_HEADS, {"full": gqa_attention, "linear": olmo_gdn}),
+    "kimi_linear": _KDA,
+    "bailing_hybrid": _KDA,
+    "minimax": Plan(("num_attention_heads", "num_key_value_heads"), {"full": gqa_attention, "lightning": lightning}),
+    "nemotron_h": Plan(("num_attention_heads", "num_key_value_heads", "mamba_num_heads", "n_groups"),
+                       {"full": gqa_attention, "mamba2": mamba2},
+                       mlp=lambda layer: layer.mixer if layer.block_type in ("mlp", "moe") else None),
+}
+
+
+def plan_of(family: str) -> Plan:
+    if family not in PLANS:
+        raise ValueError(f"family {family!r} is not yet sharded for tensor parallelism (sharded: "
+                         f"{', '.join(sorted(PLANS))}); run it with --tp 1, or add its Plan in "
+                         f"hattn/parallel/plans.py")
+    return PLANS[family]

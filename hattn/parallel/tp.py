@@ -1,0 +1,105 @@
+"""Tensor parallelism: shard an adapted model (`hattn.models.hf.HybridLM`) over a process group, in place.
+
+    tp = TPGroup.of()                  # after torch.distributed.init_process_group (torchrun: hattn.parallel.launch)
+    lm = shard(adapt(hf_model), tp)    # every rank starts from the same full weights; keeps its share
+    cache = lm.make_cache(...)         # local heads only
+    generate(torch.compile(lm, backend=hattn.backend(mode="pcg")), prompts, cache)   # the same on every rank
+
+Full attention and every mixer kind are sharded by heads, MLPs and MoE blocks column- then row-parallel, the LM
+head by vocabulary (`plans.py`); each row-parallel output is all-reduced once, the logits all-gathered, so every
+rank holds the same full logits and samples the same tokens. Split ops run per rank on its local heads: the
+module's head counts are the local ones and the cache is built from a *local config* (the family's config with
+its head counts divided by tp), through the family's own `cache_specs`.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+import torch.distributed as dist
+
+from hattn.models.hf import HybridLM, _decoder_layers, family_of
+from hattn.parallel.group import TPGroup
+from hattn.parallel.layers import vocab_parallel_head
+from hattn.parallel.plans import Plan, mlp_block, plan_of
+
+
+def local_config(config, heads: tuple[str, ...], size: int):
+    """A copy of `config` whose head counts `heads` are divided by `size` (head_dim pinned first: families derive
+    it from hidden_size // num_attention_heads when the config has none)."""
+    bad = [f"{name}={getattr(config, name)}" for name in heads if getattr(config, name) % size]
+    if bad:
+        raise ValueError(f"{config.model_type}: {', '.join(bad)} do not divide over tp={size} ranks (tensor "
+                         f"parallelism shards whole heads); use a --tp that divides them")
+    local = copy.deepcopy(config)
+    local.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for name in heads:
+        setattr(local, name, getattr(config, name) // size)
+    return local
+
+
+def check_same_weights(lm: HybridLM, tp: TPGroup) -> None:
+    """Every rank must shard the same full weights (same seed or checkpoint): a float64 fingerprint of each
+    parameter (sum, sum of magnitudes) is gathered and compared."""
+    params = list(lm.parameters())
+    mine = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in params]).flatten()
+    every = [torch.empty_like(mine) for _ in range(tp.size)]
+    dist.all_gather(every, mine, group=tp.group)
+    for rank, theirs in enumerate(every):
+        if not torch.allclose(theirs, mine, rtol=1e-9, atol=0.0):
+            i = int((theirs - mine).abs().argmax()) // 2
+            name = next(itertools.islice((n for n, _ in lm.named_parameters()), i, None))
+            raise ValueError(f"rank {rank} holds other weights than rank {tp.rank} (first difference: {name}); "
+                             f"build the model from the same seed or checkpoint on every rank")
+
+
+def _shard_layers(lm: HybridLM, plan: Plan, tp: TPGroup) -> None:
+    family = family_of(lm.config)
+    unsharded = sorted(set(lm.layer_kinds.values()) - set(plan.mixers))
+    if unsharded:
+        raise ValueError(f"{lm.family}: layers of kind {unsharded} are not yet sharded for tensor parallelism; "
+                         f"run with --tp 1")
+    for i, layer in enumerate(_decoder_layers(lm.hf)):
+        kind = lm.layer_kinds.get(i)
+        if kind is not None:
+            plan.mixers[kind](family.mixer(layer, kind), tp)
+        mlp = plan.mlp(layer)
+        if mlp is not None:
+            mlp_block(mlp, tp)
+
+
+def shard(lm: HybridLM, tp: TPGroup, check_weights: bool = True) -> HybridLM:
+    """Shard `lm` in place over `tp` and return it (unchanged for a group of one).
+
+    Raises ValueError before changing anything for a family without a plan, head counts or a vocabulary that do
+    not divide by tp.size, or (check_weights) ranks whose full weights differ; while sharding, for an intermediate
+    size that does not divide.
+    """
+    if getattr(lm, "tp", None) is not None:
+        raise ValueError("this model is already sharded; shard a freshly adapted model")
+    if tp.size == 1:
+        return lm
+    plan = plan_of(lm.family)
+    local = local_config(lm.config, plan.heads, tp.size)
+    if lm.config.vocab_size % tp.size:
+        raise ValueError(f"vocab_size={lm.config.vocab_size} does not divide over tp={tp.size} ranks (the LM head is "
+                         f"sharded by vocabulary); use a --tp that divides it")
+    if check_weights:
+        check_same_weights(lm, tp)
+    _shard_layers(lm, plan, tp)
+    vocab_parallel_head(lm.hf.lm_head, tp)
+    lm.set_cache_specs(family_of(lm.config).cache_specs(local))
+    lm.tp = tp
+    return lm
+
+
+def replica(lm: HybridLM, tp: TPGroup) -> HybridLM:
+    """A second HybridLM over the same parameters and buffers (no copy) whose collectives run over `tp` (e.g.
+    `lm.tp.sibling()`): two-batch overlap runs one micro-batch on each, so their all-reduces use two
+    communicators, and each gets its own compiled graphs and static buffers."""
+    if getattr(lm, "tp", None) is None:
+        raise ValueError("replica() takes a sharded model (hattn.parallel.shard)")
+    memo = {id(t): t for t in itertools.chain(lm.parameters(), lm.buffers())}
+    memo[id(lm.tp)] = tp
+    return copy.deepcopy(lm, memo)
