@@ -60,14 +60,15 @@ def _device_dtype(args):
     return device, getattr(torch, name)
 
 
-def compile_mode(lm, mode: str, capture_sizes: list[int] | None, inner_compiler: str = "inductor"):
+def compile_mode(lm, mode: str, capture_sizes: list[int] | None, inner_compiler: str = "inductor",
+                 cache_dir: str | None = None):
     """`torch.compile(lm)` with the hattn backend in `mode`; returns (model, backend) (backend.stats counts)."""
     import torch
 
     from hattn.compiler.backend import backend
 
     sizes = {"capture_sizes": list(capture_sizes)} if capture_sizes else {}
-    be = backend(mode=mode, inner_compiler=inner_compiler, progress=False, **sizes)
+    be = backend(mode=mode, inner_compiler=inner_compiler, progress=False, cache_dir=cache_dir, **sizes)
     return torch.compile(lm, backend=be), be
 
 
@@ -204,8 +205,11 @@ def _prompts(args, lm) -> tuple[list[list[int]], object]:
 
 
 def run_generate(args) -> int:
+    from hattn.counters import describe_startup, process_seconds, total_stats
     from hattn.models.generate import SamplingParams, generate
 
+    if args.timing and args.warmup:
+        raise SystemExit("--timing measures the first generate (compile, capture, prefill): drop --warmup")
     device, dtype = _device_dtype(args)
     lm = _load(args, device, dtype)
     prompts, tokenizer = _prompts(args, lm)
@@ -216,7 +220,8 @@ def run_generate(args) -> int:
     cache = lm.make_cache(len(prompts), max_len)
     model, be = lm, None
     if args.mode != "none":
-        model, be = compile_mode(lm, args.mode, args.capture_sizes, args.inner_compiler)
+        model, be = compile_mode(lm, args.mode, args.capture_sizes, args.inner_compiler, args.cache_dir)
+    before_s = process_seconds()
     for _ in range(args.warmup):
         generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
     res = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
@@ -226,6 +231,9 @@ def run_generate(args) -> int:
     graphs = f", {be.stats.cuda_graphs} cuda graphs" if be is not None else ""
     print(f"mode {args.mode} on {device}: prefill {res.prefill_s * 1e3:.1f} ms, decode {res.decode_steps} steps "
           f"{res.decode_tok_per_s:.0f} tok/s{graphs}", file=sys.stderr)
+    if args.timing:
+        print(f"process start to first token {before_s + res.prefill_s:.2f} s: {before_s:.2f} s before generate "
+              f"(imports, model), {res.prefill_s:.2f} s first step\n{describe_startup(total_stats())}", file=sys.stderr)
     return 0
 
 
@@ -246,6 +254,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop-ids", type=_ints, default=None, help="stop tokens (default: the config's eos)")
     p.add_argument("--warmup", type=int, default=0, help="untimed runs first (compile, capture)")
+    p.add_argument("--cache-dir", default=None, help="warm start: torch's compiled artifacts kept here (inductor)")
+    p.add_argument("--timing", action="store_true", help="print where the start went: process start to first token")
     _device_args(p)
     p.set_defaults(func=run_generate)
 

@@ -13,12 +13,15 @@ from hattn import registry
 from hattn.runtime import graph_free, piecewise, breakable, full  # noqa: F401, I001  (registration order = listing order)
 from hattn.runtime.breakable import BreakableGraphRunner
 from hattn.runtime.graph_free import direct_split_ops
-from hattn.runtime.graphs import DEFAULT_CAPTURE_SIZES, graph_layout
+from hattn.runtime.graphs import DEFAULT_CAPTURE_SIZES, GraphRuntime, graph_layout
 
 
 def build_runtime(config, split_gm: fx.GraphModule, example_inputs, stats):
-    """The callable that runs `split_gm` in `config.mode`."""
-    return registry.mode(config.mode).build(config, split_gm, example_inputs, stats)
+    """The callable that runs `split_gm` in `config.mode` (a graph runtime captures as config.lazy_capture says)."""
+    runtime = registry.mode(config.mode).build(config, split_gm, example_inputs, stats)
+    if isinstance(runtime, GraphRuntime):
+        runtime.lazy_capture = config.lazy_capture
+    return runtime
 
 
 __all__ = ["build_runtime", "direct_split_ops", "graph_layout", "BreakableGraphRunner", "DEFAULT_CAPTURE_SIZES"]
