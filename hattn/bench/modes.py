@@ -33,7 +33,8 @@ class HattnMode(Target):
 
         torch._dynamo.reset()
         self.backend = hattn.backend(mode=self.mode, capture_sizes=list(self.s.capture_sizes),
-                                     inner_compiler=self.s.inner_compiler, progress=self.s.progress)
+                                     inner_compiler=self.s.inner_compiler, progress=self.s.progress,
+                                     lazy_capture=False)  # every size at the first call: the capture goals
         self.model = torch.compile(self.s.lm, backend=self.backend)
 
     def _step(self, ctx, ids: torch.Tensor, pos: torch.Tensor) -> Callable[[], object]:

@@ -100,12 +100,13 @@ def _input(x, index: int, storages: dict, strict: bool) -> str:
         return f"SymInt {x.node.expr}"
     if not isinstance(x, torch.Tensor):
         return _describe(x, strict)
-    if strict and type(x) not in _PLAIN_TENSORS:
-        raise _Opaque(f"tensor subclass {type(x).__name__}")
-    storage = StorageWeakRef(x.untyped_storage())
-    shares = storages.setdefault(storage, index)
-    return (f"{type(x).__name__} {x.dtype} {x.device} {x.layout} shape={_sizes(x.shape)} "
-            f"stride={_sizes(x.stride())} offset={x.storage_offset()} grad={x.requires_grad} storage_of={shares}")
+    described = (f"{type(x).__name__} {x.dtype} {x.device} {x.layout} shape={_sizes(x.shape)} "
+                 f"stride={_sizes(x.stride())} offset={x.storage_offset()} grad={x.requires_grad}")
+    if type(x) not in _PLAIN_TENSORS:  # a subclass (DTensor, ...): what it wraps is not described
+        if strict:
+            raise _Opaque(f"tensor subclass {type(x).__name__}")
+        return described
+    return f"{described} storage_of={storages.setdefault(StorageWeakRef(x.untyped_storage()), index)}"
 
 
 def _sizes(sizes) -> str:

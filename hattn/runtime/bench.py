@@ -74,7 +74,7 @@ def run(tokens: list[int], layers: int, inner: str = "eager") -> dict:
 
 def _run_mode(model, mode: str, tokens: list[int], inner: str) -> dict:
     torch._dynamo.reset()
-    be = hattn.backend(mode=mode, capture_sizes=SIZES16, inner_compiler=inner, progress=False)
+    be = hattn.backend(mode=mode, capture_sizes=SIZES16, inner_compiler=inner, progress=False, lazy_capture=False)
     fn = model if mode == "eager" else torch.compile(model, backend=be, dynamic=True)
     row, first = {}, 0.0
     cache = _cache(model, 64)

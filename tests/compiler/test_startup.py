@@ -91,9 +91,15 @@ def test_signature_strict_is_none_for_what_structure_cannot_vouch_for():
     graph.output((graph.call_function(lambda t: t * 2, (y,)),))
     with_lambda = fx.GraphModule(torch.nn.Module(), graph)
     x = torch.randn(4)
+    sub = x.as_subclass(_Subclass)
     assert signature(with_attr, [x]) is None and signature(with_lambda, [x]) is None
-    assert isinstance(signature(with_attr, [x], strict=False), str)
-    assert isinstance(signature(with_lambda, [x], strict=False), str)
+    assert signature(_chain(["relu"]), [sub]) is None and signature(_chain(["relu"]), [x]) is not None
+    for gm, inputs in ((with_attr, [x]), (with_lambda, [x]), (_chain(["relu"]), [sub])):
+        assert isinstance(signature(gm, inputs, strict=False), str)
+
+
+class _Subclass(torch.Tensor):
+    pass
 
 
 # -- identical pieces compiled once, startup breakdown, progress -----------------------------------------------------
