@@ -48,8 +48,8 @@ class Stats:
 
     def startup(self) -> dict[str, float]:
         """The startup breakdown: the `_seconds` totals in the order they happen (per-piece times left out)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name.endswith("_seconds") and f.type == "float"}
+        return {f.name: v for f in dataclasses.fields(self)
+                if f.name.endswith("_seconds") and isinstance(v := getattr(self, f.name), float)}
 
 
 def describe_startup(s: Stats) -> str:

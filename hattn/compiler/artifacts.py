@@ -1,4 +1,4 @@
-"""Warm start: torch's compiled artifacts kept in `cache_dir/<key>` across processes (and machines alike).
+"""Warm start: torch's compiled artifacts kept in `cache_dir/<key>` across processes and machines of one kind.
 
 After a graph is compiled and after its first run, what torch's caches recorded in this process (inductor's FX
 graph cache, the AOTAutograd cache, inductor's autotuning results: `torch.compiler.save_cache_artifacts`) is written
@@ -64,16 +64,18 @@ class ArtifactEntry:
         """Write what torch's caches recorded in this process so far, unless the entry already holds as much."""
         start = time.perf_counter()
         saved = torch.compiler.save_cache_artifacts()
-        if saved is None or _count(saved[1]) <= self.artifacts:
-            return False
-        data, info = saved
+        more = saved is not None and _count(saved[1]) > self.artifacts
+        if more:
+            self._write(*saved)
+        stats.cache_save_seconds += time.perf_counter() - start
+        return more
+
+    def _write(self, data: bytes, info) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         _write(self.path / KEY_FILE, json.dumps(self.fields, indent=1, sort_keys=True).encode())
         _write(self.path / ARTIFACTS, data)
         self.artifacts = _count(info)
-        stats.cache_save_seconds += time.perf_counter() - start
         log.info("hattn: saved %d compiled artifacts to %s", self.artifacts, self.path)
-        return True
 
     def keep(self, runtime: Callable, stats: Stats) -> Callable:
         """Save now (the graph's compiled pieces) and after the runtime's first call (inductor autotunes then)."""

@@ -14,6 +14,7 @@ from hattn.models.toy import toy_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 PATTERN = ["linear", "linear", "full", "linear"]
+SAME = {"rtol": 1e-5, "atol": 1e-5}  # the same kernels at other addresses (padding bugs are far larger)
 
 
 def _ids(n, seed=0):
@@ -34,7 +35,7 @@ def test_lazy_capture_replays_equal_capture_all_with_fewer_captures_and_no_large
             outs[lazy] = [fn(_ids(n, n)) for n in counts]
         stats[lazy] = be.stats
     for got, want in zip(outs[True], outs[False], strict=True):
-        assert torch.equal(got, want)
+        torch.testing.assert_close(got, want, **SAME)
     lazy, every = stats[True], stats[False]
     assert (lazy.capture_sizes_done, every.capture_sizes_done) == (3, 5)  # lazily 64 (sizes the pool), 8, 4
     assert lazy.replays == every.replays == len(counts)
@@ -58,7 +59,7 @@ def test_warm_start_on_a_new_machine_from_cache_dir_alone(tmp_path):
             warm_out, warm = _run(model, str(tmp_path))
     assert (cold.cache_misses, warm.cache_hits) == (1, 1)
     assert cold.pieces_compiled == warm.pieces_compiled == warm.pieces_from_cache > 0
-    assert torch.equal(warm_out, cold_out)
+    torch.testing.assert_close(warm_out, cold_out, **SAME)
     assert warm.compile_seconds < cold.compile_seconds
     for s in (cold, warm):
         assert min(s.dynamo_seconds, s.split_seconds, s.fake_run_seconds, s.compile_seconds, s.capture_seconds,
