@@ -74,14 +74,15 @@ def _device_dtype(args):
     return device, getattr(torch, name)
 
 
-def compile_mode(lm, mode: str, capture_sizes: list[int] | None, inner_compiler: str = "inductor"):
+def compile_mode(lm, mode: str, capture_sizes: list[int] | None, inner_compiler: str = "inductor",
+                 cache_dir: str | None = None):
     """`torch.compile(lm)` with the hattn backend in `mode`; returns (model, backend) (backend.stats counts)."""
     import torch
 
     from hattn.compiler.backend import backend
 
     sizes = {"capture_sizes": list(capture_sizes)} if capture_sizes else {}
-    be = backend(mode=mode, inner_compiler=inner_compiler, progress=False, **sizes)
+    be = backend(mode=mode, inner_compiler=inner_compiler, progress=False, cache_dir=cache_dir, **sizes)
     return torch.compile(lm, backend=be), be
 
 
@@ -242,7 +243,7 @@ def _step_model(lm, args):
     def compiled(module):
         if args.mode == "none":
             return module
-        model, be = compile_mode(module, args.mode, args.capture_sizes, args.inner_compiler)
+        model, be = compile_mode(module, args.mode, args.capture_sizes, args.inner_compiler, args.cache_dir)
         backends.append(be)
         return model
 
@@ -254,11 +255,14 @@ def _step_model(lm, args):
 
 
 def run_generate(args) -> int:
+    from hattn.counters import describe_startup, process_seconds, total_stats
     from hattn.models.generate import SamplingParams, generate
     from hattn.parallel import launch, shard
 
     if args.tp > 1 and not launch.under_torchrun():
         return launch.relaunch(args.tp, args.argv)
+    if args.timing and args.warmup:
+        raise SystemExit("--timing measures the first generate (compile, capture, prefill): drop --warmup")
     device, dtype = _device_dtype(args)
     tp, device = launch.init(args.tp, device)
     lm = shard(_load(args, device, dtype), tp)
@@ -269,7 +273,7 @@ def run_generate(args) -> int:
     max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     cache = lm.make_cache(len(prompts), max_len)
     model, backends = _step_model(lm, args)
-    first_s = None
+    first_s, before_s = None, process_seconds()
     for _ in range(args.warmup):
         t0 = time.perf_counter()
         generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
@@ -287,6 +291,9 @@ def run_generate(args) -> int:
              "no warm-up (--warmup 0): these times include compiling and capturing: ")
     print(f"mode {args.mode} on {where}: {first}prefill {res.prefill_s * 1e3:.1f} ms, decode {res.decode_steps} "
           f"steps {res.decode_tok_per_s:.0f} tok/s{graphs}", file=sys.stderr)
+    if args.timing:
+        print(f"process start to first token {before_s + res.prefill_s:.2f} s: {before_s:.2f} s before generate "
+              f"(imports, model), {res.prefill_s:.2f} s first step\n{describe_startup(total_stats())}", file=sys.stderr)
     return 0
 
 
@@ -314,6 +321,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--tbo", action="store_true",
                    help="two-batch overlap: each step as two micro-batches (one's all-reduces overlap the other's "
                         "compute on GPUs)")
+    p.add_argument("--cache-dir", default=None, help="warm start: torch's compiled artifacts kept here (inductor)")
+    p.add_argument("--timing", action="store_true", help="print where the start went: process start to first token")
     _device_args(p)
     p.set_defaults(func=run_generate)
 

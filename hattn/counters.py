@@ -1,26 +1,44 @@
-"""Counters of what hattn did (pieces compiled, graphs captured, eager fallbacks, ...), read by tests and users."""
+"""Counters of what hattn did (pieces compiled, graphs captured, eager fallbacks, ...) and where the start went
+(fields ending in `_seconds`), read by tests and users (`hattn.stats()`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+
+_IMPORTED = time.perf_counter()
 
 
 @dataclass
 class Stats:
     graphs_compiled: int = 0     # Dynamo graphs handed to the backend (> 1 means Dynamo graph breaks)
-    pieces: int = 0              # pieces between split ops (compiled by the inner compiler)
+    pieces: int = 0              # pieces between split ops
+    pieces_compiled: int = 0     # pieces the inner compiler compiled; the others reuse an identical piece's code
+    pieces_from_cache: int = 0   # compiled pieces that torch's AOTAutograd cache served (a warm start)
     split_ops: int = 0           # split-op nodes in the graphs
     fused_linears: int = 0       # groups of same-input linears run as one GEMM (passes/fuse_linears.py)
     collectives: int = 0         # collectives (all-reduce, all-gather; tensor parallel) in the pieces: graphs hold them
+    cache_hits: int = 0          # graphs whose cache_dir entry was loaded before compiling
+    cache_misses: int = 0        # graphs with a cache_dir but no entry for their key
     cuda_graphs: int = 0         # CUDA graphs captured (all pieces/segments, all sizes)
     capture_sizes_done: int = 0  # sizes captured
-    capture_seconds: float = 0.0
     pool_bytes: int = 0          # memory reserved by the shared graph pool, measured around capture
     replays: int = 0             # forward calls served by graph replay
     eager_runs: int = 0          # forward calls run without graphs (above the largest capture size, CPU, ...)
     padded_tokens: int = 0       # padding rows added to reach a capture size
     graph_free_graphs: int = 0   # graphs a graph mode serves graph-free (several dynamic sizes, ...; reason logged)
+    # the startup breakdown, in the order it happens
+    dynamo_seconds: float = 0.0         # Dynamo: from the start of the frame's compile to the backend call
+    cache_load_seconds: float = 0.0     # reading cache_dir's artifacts into torch's caches
+    split_seconds: float = 0.0          # hattn's guard and split passes
+    fake_run_seconds: float = 0.0       # running the split graph on fake inputs, compiles excluded
+    compile_seconds: float = 0.0        # the inner compiler (inductor), all pieces
+    piece_compile_seconds: list[float] = field(default_factory=list)  # each compiled piece, in order
+    cache_save_seconds: float = 0.0     # writing the artifacts to cache_dir
+    capture_seconds: float = 0.0        # CUDA graph capture, warm-up runs included
+    first_replay_seconds: float = 0.0   # each runtime's first replay after its capture (synchronized)
 
     def add(self, other: "Stats") -> "Stats":
         for f in dataclasses.fields(self):
@@ -29,6 +47,31 @@ class Stats:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def startup(self) -> dict[str, float]:
+        """The startup breakdown: the `_seconds` totals in the order they happen (per-piece times left out)."""
+        return {f.name: v for f in dataclasses.fields(self)
+                if f.name.endswith("_seconds") and isinstance(v := getattr(self, f.name), float)}
+
+
+def describe_startup(s: Stats) -> str:
+    """Two lines: where the start went, and what was compiled, reused, cached and captured."""
+    times = ", ".join(f"{name.removesuffix('_seconds').replace('_', ' ')} {v:.2f}" for name, v in s.startup().items())
+    slowest = f" (slowest {max(s.piece_compile_seconds):.2f} s)" if s.piece_compile_seconds else ""
+    return (f"startup s: {times}\n"
+            f"graphs {s.graphs_compiled}, pieces {s.pieces}: {s.pieces_compiled} compiled{slowest}, "
+            f"{s.pieces_from_cache} from torch's cache; cache_dir hits {s.cache_hits}, misses {s.cache_misses}; "
+            f"{s.capture_sizes_done} sizes captured ({s.cuda_graphs} cuda graphs)")
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux /proc; elsewhere since hattn was imported)."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+            return float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return time.perf_counter() - _IMPORTED
 
 
 _LOCK = threading.Lock()

@@ -55,7 +55,8 @@ class HattnMode(Target):
         import hattn
 
         be = hattn.backend(mode=self.mode, capture_sizes=list(self.s.capture_sizes),
-                           inner_compiler=self.s.inner_compiler, progress=self.s.progress)
+                           inner_compiler=self.s.inner_compiler, progress=self.s.progress,
+                           lazy_capture=False)  # every size at the first call: the capture goals
         self.backends.append(be)
         return torch.compile(lm, backend=be)
 
@@ -109,7 +110,7 @@ class HattnMode(Target):
             return {}
         st = self._stats()
         return {"capture_s": st.capture_seconds, "pool_bytes": st.pool_bytes, "cuda_graphs": st.cuda_graphs,
-                "capture_sizes_done": st.capture_sizes_done, "stats": st.as_dict()}
+                "capture_sizes_done": st.capture_sizes_done, "startup": st.startup(), "stats": st.as_dict()}
 
     def close(self) -> None:
         self.model = None

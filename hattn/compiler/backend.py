@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Callable
 
 import torch
@@ -15,7 +16,9 @@ import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import TracingContext, detect_fake_mode
 
+from hattn.compiler.artifacts import load_entry
 from hattn.compiler.config import Config
+from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import fuse_linears
 from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
 from hattn.passes.split import split_graph
@@ -59,10 +62,20 @@ def _symbolic_dims(t: torch.Tensor) -> set[int]:
 
 
 class _CompilePieces(fx.Interpreter):
-    """Runs the split graph on Dynamo's (fake) example inputs, compiling each piece with the inputs it receives."""
+    """Runs the split graph on Dynamo's (fake) example inputs, compiling each piece with the inputs it receives.
 
-    def __init__(self, module: fx.GraphModule, fake_mode=None):
-        super().__init__(module)
+    A piece with the signature of an earlier one (the same code on inputs of the same shapes: most of the layers'
+    pieces, which differ only in their parameters) reuses that piece's compiled callable instead of compiling.
+    """
+
+    def __init__(self, split_gm: fx.GraphModule, stats: Stats, progress: bool, fake_mode=None):
+        from tqdm.auto import tqdm
+
+        super().__init__(split_gm)
+        self.stats, self.compiles, self.seconds = stats, 0, 0.0  # this graph's compiles and their seconds
+        self.compiled: dict[str, Callable] = {}  # signature -> compiled callable
+        pieces = len(split_gm.graph.find_nodes(op="call_module"))
+        self.bar = tqdm(total=pieces, desc="hattn compile", unit="piece", disable=not progress)
         self.fake_mode = fake_mode
 
     def get_attr(self, target, args, kwargs):
@@ -72,8 +85,35 @@ class _CompilePieces(fx.Interpreter):
     def call_module(self, target, args, kwargs):
         piece = self.fetch_attr(target)
         out = piece(*args)
-        self.module.register_module(target, _Compiled(_compile_piece(piece, list(args))))
+        self.module.register_module(target, _Compiled(self._compiled(piece, list(args))))
+        self.bar.update()
         return out
+
+    def _compiled(self, piece: fx.GraphModule, args: list) -> Callable:
+        from torch._inductor import config as inductor_config
+
+        key = signature(piece, args)
+        # no signature: nothing structural vouches for the piece; freezing: parameters' values become code
+        if key is None or inductor_config.freezing:
+            return self._compile(piece, args)
+        if key not in self.compiled:
+            self.compiled[key] = self._compile(piece, args)
+        return self.compiled[key]
+
+    def _compile(self, piece: fx.GraphModule, args: list) -> Callable:
+        from torch._dynamo.utils import counters
+
+        s, hits = self.stats, counters["aot_autograd"]["autograd_cache_hit"]
+        start = time.perf_counter()
+        fn = _compile_piece(piece, args)
+        seconds = time.perf_counter() - start
+        self.compiles, self.seconds = self.compiles + 1, self.seconds + seconds
+        s.pieces_compiled += 1
+        s.pieces_from_cache += counters["aot_autograd"]["autograd_cache_hit"] - hits
+        s.compile_seconds += seconds
+        s.piece_compile_seconds.append(seconds)
+        self.bar.set_postfix(compiled=self.compiles)
+        return fn
 
 
 class _Compiled(torch.nn.Module):
@@ -95,8 +135,20 @@ def count_collectives(gm: fx.GraphModule) -> int:
     return sum(1 for name in names if name.startswith("_c10d_functional::") and not name.endswith("::wait_tensor"))
 
 
+def _dynamo_seconds() -> float:
+    """Seconds since Dynamo began compiling the frame whose graph the backend got (0 when called outside Dynamo)."""
+    from torch._dynamo.utils import get_metrics_context
+
+    metrics = get_metrics_context()
+    start_ns = getattr(metrics, "_start_time_ns", 0)  # private: a torch that renames it gives 0, never an error
+    return (time.time_ns() - start_ns) / 1e9 if metrics.in_progress() and start_ns else 0.0
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with."""
+    stats.dynamo_seconds += _dynamo_seconds()
+    entry = load_entry(gm, example_inputs, config, stats) if config.cache_dir is not None else None
+    start = time.perf_counter()
     check_no_unregistered_attention(gm)  # first: a rejected graph leaves the user's parameters untouched
     check_split_ops_present(gm, example_inputs, config.mode, config.uses_graphs)
     # with "eager" the pieces run as traced FX code: no fake run. The fakes are made before fuse_linears rebinds
@@ -105,16 +157,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     if config.fuse_linears:
         stats.fused_linears += fuse_linears(gm, example_inputs)
     split_gm, info = split_graph(gm)
+    stats.split_seconds += time.perf_counter() - start
     stats.graphs_compiled += 1
     stats.pieces += len(info.pieces)
     stats.split_ops += len(info.split_nodes)
     stats.collectives += count_collectives(gm)
     if piece_inputs is not None:
-        _compile_pieces(split_gm, *piece_inputs)
+        _compile_pieces(split_gm, *piece_inputs, config, stats)
     log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)
     from hattn.runtime import build_runtime
 
-    return build_runtime(config, split_gm, example_inputs, stats)
+    runtime = build_runtime(config, split_gm, example_inputs, stats)
+    return runtime if entry is None else entry.keep(runtime, stats)
 
 
 def _piece_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple:
@@ -126,14 +180,21 @@ def _piece_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple:
     return fake_mode, [_traced_fake(x, n, fake_mode) for x, n in zip(example_inputs, placeholders, strict=True)]
 
 
-def _compile_pieces(split_gm: fx.GraphModule, fake_mode, inputs: list) -> None:
-    if fake_mode is None:
-        _CompilePieces(split_gm).run(*inputs)
-        return
-    # the python dispatcher, as Dynamo traces: without it some CUDA kernels' C++ decompositions (linear on a
-    # 3-d input) call aten.size, whose fake handler guards every symbolic size to its example value
-    with fake_mode, enable_python_dispatcher():
-        _CompilePieces(split_gm, fake_mode).run(*inputs)
+def _compile_pieces(split_gm: fx.GraphModule, fake_mode, inputs: list, config: Config, stats: Stats) -> None:
+    """Compile the split graph's pieces in place (each piece submodule becomes its compiled callable)."""
+    run = _CompilePieces(split_gm, stats, config.progress, fake_mode)
+    start = time.perf_counter()
+    try:
+        if fake_mode is None:
+            run.run(*inputs)
+        else:
+            # the python dispatcher, as Dynamo traces: without it some CUDA kernels' C++ decompositions (linear on
+            # a 3-d input) call aten.size, whose fake handler guards every symbolic size to its example value
+            with fake_mode, enable_python_dispatcher():
+                run.run(*inputs)
+    finally:
+        run.bar.close()
+    stats.fake_run_seconds += time.perf_counter() - start - run.seconds
 
 
 class HattnBackend:
@@ -170,7 +231,8 @@ def _merge(kwargs: dict) -> dict:
 
 
 def backend(mode: str = "pcg", **options: Any) -> HattnBackend:
-    """A hattn backend configured with `mode` and options (inner_compiler, capture_sizes, progress)."""
+    """A hattn backend configured with `mode` and options (inner_compiler, capture_sizes, lazy_capture, progress,
+    cache_dir: see Config)."""
     return HattnBackend(Config.from_options(mode, options))
 
 

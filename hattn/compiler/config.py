@@ -6,6 +6,7 @@ Two separate knobs: `mode`, the graph strategy (a mode registered by a runtime m
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from hattn import registry
@@ -22,7 +23,17 @@ class Config:
                     graph) | full (one graph per step; every split op must be capture-safe); see `registry.modes()`
     inner_compiler  what compiles the pieces between split ops: inductor | eager (the traced FX code)
     capture_sizes   token counts to capture graphs for; inputs are padded up to the next one (graph modes)
-    progress        show a progress bar while capturing
+    lazy_capture    capture a size's graphs at its first use, after the largest size's (which sizes the one pool
+                    the others reuse): a run that uses 2 of 16 sizes captures 3. False: every size at the first
+                    call (no capture later; what a benchmark of capture time wants). Replays are the same.
+    progress        show progress bars while compiling pieces (n of m) and capturing sizes (n of m)
+    cache_dir       a directory for a warm start (None: off): after a graph compiles, and after its first run (to
+                    keep inductor's autotuning results), torch's compiled artifacts are saved to cache_dir/<key>;
+                    the next process loads them before compiling the same graph. The key covers the Dynamo graph
+                    with its inputs' shapes and dtypes (so the model config and dtype), mode, inner compiler,
+                    capture sizes, hattn, torch and triton versions and the device; a stale entry is never read.
+                    Ship the directory with the model to warm-start another machine of the same kind. Needs
+                    inner_compiler='inductor' (eager pieces compile nothing to keep).
     fuse_linears    run linears that share an input as one GEMM on weights concatenated once (the parameters
                     become views of the fused buffer: no second copy); see hattn.passes.fuse_linears
     """
@@ -30,8 +41,10 @@ class Config:
     mode: str = "pcg"
     inner_compiler: str = "inductor"
     capture_sizes: list[int] = field(default_factory=lambda: list(DEFAULT_CAPTURE_SIZES))
+    lazy_capture: bool = True
     progress: bool = True
     fuse_linears: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self):
         if self.mode == "inductor":
@@ -46,6 +59,19 @@ class Config:
         if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
             raise ValueError(f"capture_sizes must be a non-empty list of positive ints, got {self.capture_sizes!r}")
         self.capture_sizes = sorted(set(sizes))
+        if not isinstance(self.lazy_capture, bool):
+            raise ValueError(f"lazy_capture must be True or False, got {self.lazy_capture!r}")
+        self._check_cache_dir()
+
+    def _check_cache_dir(self) -> None:
+        if self.cache_dir is None:
+            return
+        self.cache_dir = os.fspath(self.cache_dir)
+        if self.inner_compiler != "inductor":
+            raise ValueError(f"cache_dir keeps what inductor compiled, but inner_compiler={self.inner_compiler!r} "
+                             f"compiles nothing; use inner_compiler='inductor' or drop cache_dir")
+        if os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+            raise ValueError(f"cache_dir {self.cache_dir!r} is a file; pass a directory (it is created if missing)")
 
     @property
     def uses_graphs(self) -> bool:

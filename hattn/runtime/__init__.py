@@ -17,8 +17,11 @@ from hattn.runtime.graphs import DEFAULT_CAPTURE_SIZES, graph_layout
 
 
 def build_runtime(config, split_gm: fx.GraphModule, example_inputs, stats):
-    """The callable that runs `split_gm` in `config.mode`."""
-    return registry.mode(config.mode).build(config, split_gm, example_inputs, stats)
+    """The callable that runs `split_gm` in `config.mode` (a graph runtime captures as config.lazy_capture says)."""
+    runtime = registry.mode(config.mode).build(config, split_gm, example_inputs, stats)
+    if hasattr(runtime, "lazy_capture"):
+        runtime.lazy_capture = config.lazy_capture
+    return runtime
 
 
 __all__ = ["build_runtime", "direct_split_ops", "graph_layout", "BreakableGraphRunner", "DEFAULT_CAPTURE_SIZES"]

@@ -235,14 +235,16 @@ class BreakableGraphRunner:
     other tensor args are copied into owned static buffers. Outputs (any pytree) are sliced back along
     `token_dim` and cloned, so the caller owns them. Above the largest size, or on CPU, the callable runs
     graph-free (counted in `stats.eager_runs`). Split ops read the caller's forward context; without one they see
-    one sequence of the real token count.
+    one sequence of the real token count. lazy_capture: as the backend's option (a size at its first use).
     """
 
-    def __init__(self, fn, capture_sizes=DEFAULT_CAPTURE_SIZES, token_dim: int = 0, progress: bool = True):
+    def __init__(self, fn, capture_sizes=DEFAULT_CAPTURE_SIZES, token_dim: int = 0, progress: bool = True,
+                 lazy_capture: bool = True):
         sizes = sorted(set(capture_sizes))
         if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
             raise ValueError(f"capture_sizes must be positive ints, got {capture_sizes!r}")
         self.fn, self.sizes, self.token_dim, self.progress = fn, sizes, token_dim, progress
+        self.lazy_capture = lazy_capture
         self.stats = new_stats()
         self.runtime: BreakableRuntime | None = None
 
@@ -254,6 +256,7 @@ class BreakableGraphRunner:
         if self.runtime is None:
             self.runtime = BreakableRuntime(self.fn, layout_from_args(args, self.token_dim), self.sizes, self.stats,
                                             self.progress)
+            self.runtime.lazy_capture = self.lazy_capture
         return self.runtime(*args)
 
     def segments(self, size: int) -> int:

@@ -128,10 +128,10 @@ class _PackedGraphs(_Graphs):
     """Packed steps: a token bucket's padded layout (`Bucket`) in one static buffer sized for the largest bucket."""
 
     name = "full packed"
-    lazy = True  # a bucket is captured on first use: prefill buckets are many and each costs kernel autotuning
 
     def __init__(self, *args):
         super().__init__(*args)
+        self.lazy_capture = True  # always: prefill buckets are many, and each costs kernel autotuning
         largest = self.bucket(self.sizes[-1]).numel
         self.flat = torch.zeros(largest, dtype=torch.long, device=self.cache.device)
 
@@ -170,6 +170,7 @@ class FullGraphRuntime:
     def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         self.fn, self.layout, self.sizes, self.stats, self.progress = fn, layout, list(sizes), stats, progress
         self.cache = self.decode = self.packed = None
+        self.lazy_capture = True  # decode sizes at their first use (see GraphRuntime); packed buckets always
 
     def __call__(self, *args):
         ctx = get_forward_context()
@@ -194,6 +195,7 @@ class FullGraphRuntime:
             decode_sizes = _sizes_for(self.sizes, cache.slots)
         common = (self.fn, self.layout), (self.stats, self.progress, cache, pool)
         self.decode = _DecodeGraphs(*common[0], decode_sizes, *common[1])
+        self.decode.lazy_capture = self.lazy_capture
         self.packed = _PackedGraphs(*common[0], self.sizes, *common[1]) if self.layout.has_tokens else None
         self.cache = cache
 

@@ -64,11 +64,13 @@ def pool_bytes(pool) -> int:
 
 
 @contextlib.contextmanager
-def no_gc_in_capture():
-    """torch.cuda.graph runs gc.collect + empty_cache per capture; do it once, then skip (peers do the same)."""
-    gc.collect()
-    if _cuda():
-        torch.cuda.empty_cache()
+def no_gc_in_capture(collect: bool = True):
+    """torch.cuda.graph runs gc.collect + empty_cache per capture; do it once (`collect`), then skip (peers do the
+    same). A lazy capture after the first skips it too: a step mid-run should not pay a full collection."""
+    if collect:
+        gc.collect()
+        if _cuda():
+            torch.cuda.empty_cache()
     with mock.patch("gc.collect", lambda *a, **k: 0), mock.patch("torch.cuda.empty_cache", lambda: None):
         yield
 
@@ -194,7 +196,6 @@ class GraphRuntime:
     """
 
     name = "graph"
-    lazy = False  # capture only the size a call needs (else every size at the first call, largest first)
 
     def __init__(self, fn, layout: TokenLayout, sizes: list[int], stats: Stats, progress: bool = True):
         self.fn, self.layout, self.stats, self.progress = fn, layout, stats, progress
@@ -202,6 +203,8 @@ class GraphRuntime:
         self.inputs = StaticInputs(layout, self.sizes[-1])
         self.pool = None
         self.captured: set[int] = set()
+        self.lazy_capture = True  # capture a size at its first use (after the largest); False: all at the first call
+        self.replayed = False  # the first replay is timed (stats.first_replay_seconds)
         self.failed: str | None = None  # why graphs were given up (capture ran out of memory): run graph-free
 
     # subclasses -------------------------------------------------------------------------------------------------
@@ -224,30 +227,36 @@ class GraphRuntime:
         size = pick_size(self.sizes, n) if n is not None else 0
         graphs = size is not None and self.layout.reason is None
         if graphs and self.failed is None and size not in self.captured:
-            self.capture_all(args, only=size if self.lazy else None)  # may give graphs up (self.failed)
+            self.capture_all(args, size)  # may give graphs up (self.failed: out of memory)
         if not graphs or self.failed is not None:
             self.stats.eager_runs += 1  # above the largest capture size (or no graphs): graph-free, counted
             with _step_context(n):
                 return self.fn(*args)
         static = self.inputs.fill(size, args, n)
+        start = time.perf_counter()
         with self.step_context(n, size):
             out = self.replay(size, static)
         _SERVED.set(Served(self, size, args, static, out))
+        if not self.replayed:
+            _sync()
+            self.stats.first_replay_seconds += time.perf_counter() - start
+            self.replayed = True
         self.stats.replays += 1
         self.stats.padded_tokens += size - n if n is not None else 0
         return unpad_outputs(out, self.layout, size, n if n is not None else size)
 
-    def capture_all(self, args, only: int | None = None) -> None:
-        """Capture every size not captured yet (or just `only`), largest first so smaller sizes reuse the pool's
-        memory."""
+    def capture_all(self, args, size: int) -> None:
+        """Capture `size` (lazy_capture) or every size, and the largest size if not yet: largest first, so the
+        others reuse the pool's memory. Lazily, a size no call uses is never captured."""
         from tqdm.auto import tqdm
 
         self.pool = self.pool or new_pool()
-        todo = sorted((s for s in self.sizes if s not in self.captured and only in (None, s)), reverse=True)
+        wanted = {self.sizes[-1], size} if self.lazy_capture else self.sizes
+        todo = sorted((s for s in wanted if s not in self.captured), reverse=True)
         start, reserved = time.perf_counter(), _reserved()
         bar = tqdm(todo, desc=f"hattn {self.name} capture", unit="size", disable=not self.progress or len(todo) < 2)
         try:
-            with CAPTURE_LOCK, no_gc_in_capture():
+            with CAPTURE_LOCK, no_gc_in_capture(collect=not self.captured):
                 for size in bar:
                     bar.set_postfix(tokens=size)
                     self._capture_one(size, args)

@@ -218,10 +218,11 @@ def test_one_pool_for_sixteen_sizes(mode):
         torch._dynamo.reset()
         model = toy_model(pattern=PATTERN, device="cuda", hidden=256, intermediate=1024)
         if mode == "pcg":
-            be = hattn.backend(mode="pcg", capture_sizes=sz, inner_compiler="eager", progress=False)
+            be = hattn.backend(mode="pcg", capture_sizes=sz, inner_compiler="eager", progress=False,
+                               lazy_capture=False)
             fn = torch.compile(model, backend=be, dynamic=True)
         else:
-            fn = BreakableGraphRunner(model, capture_sizes=sz, progress=False)
+            fn = BreakableGraphRunner(model, capture_sizes=sz, progress=False, lazy_capture=False)
         with torch.no_grad():
             fn(_ids(5, 0))
         stats = be.stats if mode == "pcg" else fn.stats
@@ -304,7 +305,8 @@ def test_full_graph_decode_equals_eager_for_random_batches(data):
 
 def test_full_graph_captures_again_for_another_cache():
     model = toy_model(pattern=PATTERN, device="cuda")
-    be = hattn.backend(mode="full", capture_sizes=[1, 2, 4], inner_compiler="eager", progress=False)
+    be = hattn.backend(mode="full", capture_sizes=[1, 2, 4], inner_compiler="eager", progress=False,
+                       lazy_capture=False)
     fn = torch.compile(model, backend=be, dynamic=True)
     tok = _ids(3, 0)
     with torch.no_grad():

@@ -1,0 +1,183 @@
+"""Warm start: torch's compiled artifacts kept in `cache_dir/<key>` across processes and machines of one kind.
+
+After a graph is compiled and after its first run, what torch's caches recorded in this process (inductor's FX
+graph cache, the AOTAutograd cache, inductor's autotuning results: `torch.compiler.save_cache_artifacts`) is written
+to `cache_dir/<key>/artifacts.bin`; the next process loads that entry (`load_cache_artifacts`) before compiling the
+same graph, so its pieces come out of torch's caches instead of being compiled again.
+
+The key covers what changes the compiled code: the Dynamo graph's structure and its inputs' shapes, strides and
+dtypes (so the model config and the dtype: every config field the code depends on is in the graph's shapes or
+constants), the mode, inner compiler and capture sizes, hattn's version and source, torch's and triton's versions,
+and the device (CUDA capability). An entry of another key is never read; `key.json` beside it says what the key
+covered. torch checks its own cache keys again when the pieces compile, so an artifact that does not fit is unused.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from hattn.compiler.signature import signature
+from hattn.counters import Stats
+
+log = logging.getLogger("hattn")
+ARTIFACTS = "artifacts.bin"
+KEY_FILE = "key.json"
+
+
+@dataclass
+class ArtifactEntry:
+    """One graph's entry in a cache directory: `path` = cache_dir/<key>; `fields` = what the key hashes."""
+
+    path: Path
+    fields: dict
+    artifacts: int = 0  # artifacts in the entry as loaded or last saved (a save with no more is skipped)
+
+    def load(self, stats: Stats) -> bool:
+        """Hot-load the entry into torch's caches; counts a hit or a miss. An unreadable entry is a miss (logged)."""
+        start = time.perf_counter()
+        file = self.path / ARTIFACTS
+        info = torch.compiler.load_cache_artifacts(file.read_bytes()) if file.is_file() else None
+        if info is None and file.is_file():
+            log.warning("hattn: the compiled artifacts in %s could not be read (torch logged why); compiling", file)
+        if info is None:
+            stats.cache_misses += 1
+        else:
+            stats.cache_hits += 1
+            self.artifacts = _count(info)
+        stats.cache_load_seconds += time.perf_counter() - start
+        return info is not None
+
+    def save(self, stats: Stats) -> bool:
+        """Write what torch's caches recorded in this process so far, unless the entry already holds as much."""
+        start = time.perf_counter()
+        saved = torch.compiler.save_cache_artifacts()
+        more = saved is not None and _count(saved[1]) > self.artifacts
+        if more:
+            self._write(*saved)
+        stats.cache_save_seconds += time.perf_counter() - start
+        return more
+
+    def _write(self, data: bytes, info) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write(self.path / KEY_FILE, json.dumps(self.fields, indent=1, sort_keys=True).encode())
+        _write(self.path / ARTIFACTS, data)
+        self.artifacts = _count(info)
+        log.info("hattn: saved %d compiled artifacts to %s", self.artifacts, self.path)
+
+    def keep(self, runtime: Callable, stats: Stats) -> Callable:
+        """Save now (the graph's compiled pieces) and after the runtime's first call (inductor autotunes then)."""
+        self.save(stats)
+        return _SaveAfterFirstCall(runtime, self, stats)
+
+
+class _SaveAfterFirstCall:
+    """A runtime whose first call saves its graph's entry again."""
+
+    def __init__(self, runtime: Callable, entry: ArtifactEntry, stats: Stats):
+        self.runtime, self.entry, self.stats = runtime, entry, stats
+
+    def __call__(self, *args):
+        out = self.runtime(*args)
+        if self.entry is not None:
+            entry, self.entry = self.entry, None
+            entry.save(self.stats)
+        return out
+
+
+def load_entry(gm: fx.GraphModule, example_inputs: list, config, stats: Stats) -> ArtifactEntry:
+    """The graph's entry in config.cache_dir, loaded into torch's caches if it exists (a hit or a miss counted)."""
+    off = torch_caches_off()
+    if off:
+        log.warning("hattn: cache_dir=%s cannot warm-start: torch's caches are off (%s); turn them back on",
+                    config.cache_dir, ", ".join(off))
+    entry = entry_for(config.cache_dir, gm, example_inputs, config)
+    entry.load(stats)
+    return entry
+
+
+def entry_for(cache_dir: str, gm: fx.GraphModule, example_inputs: list, config) -> ArtifactEntry:
+    """The entry of Dynamo graph `gm` compiled with `config` (see the module docstring for what its key covers)."""
+    fields = key_fields(gm, example_inputs, config)
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+    return ArtifactEntry(Path(cache_dir) / key, fields)
+
+
+def key_fields(gm: fx.GraphModule, example_inputs: list, config) -> dict:
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    examples = [n.meta.get("example_value", x) for n, x in zip(placeholders, example_inputs, strict=True)]
+    return {
+        "graph": signature(gm, examples, strict=False),
+        "mode": config.mode,
+        "inner_compiler": config.inner_compiler,
+        "capture_sizes": list(config.capture_sizes),
+        "hattn": hattn_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+        "device": device_name(example_inputs),
+    }
+
+
+@functools.cache
+def hattn_version() -> str:
+    """hattn's version and a digest of its source files (an editable install changes without a version bump)."""
+    import hattn
+
+    root = Path(hattn.__file__).parent
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    return f"{hattn.__version__}+{digest.hexdigest()[:16]}"
+
+
+def device_name(example_inputs: list) -> str:
+    """The device the graph runs on: a CUDA device's name and capability; a CPU's architecture."""
+    device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda {torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    return f"{device.type} {platform.machine()} {sys.platform}"
+
+
+def torch_caches_off() -> list[str]:
+    """torch settings that make a cache_dir useless (each cache torch would skip), as the names a user sets."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    off = ["torch._inductor.config.force_disable_caches"] if inductor_config.force_disable_caches else []
+    if not inductor_config.fx_graph_cache:
+        off.append("torch._inductor.config.fx_graph_cache")
+    if not functorch_config.enable_autograd_cache:
+        off.append("torch._functorch.config.enable_autograd_cache")
+    return off
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _count(info) -> int:
+    return sum(len(keys) for keys in info.artifacts.values())
+
+
+def _write(file: Path, data: bytes) -> None:
+    """Write atomically: a process loading the entry meanwhile reads the old file or the new one, never half."""
+    tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, file)

@@ -1,0 +1,412 @@
+"""Startup work, without inductor: structural signatures (identical pieces compiled once), the warm-start cache's
+key and entry (torch's artifact save/load replaced by a fake), lazy capture, the startup breakdown and progress.
+Inductor end to end: test_warm_start.py; on a GPU: test_startup_gpu.py."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hattn
+import hattn.compiler.artifacts as artifacts
+import hattn.compiler.backend as backend_module
+from hattn.compiler.backend import backend, compile_graph
+from hattn.compiler.config import Config
+from hattn.compiler.signature import signature
+from hattn.counters import Stats, describe_startup
+from hattn.models.toy import toy_model
+from hattn.runtime import build_runtime
+from hattn.runtime.graphs import GraphRuntime
+from hattn.runtime.tokens import layout_from_args, pick_size
+
+LINEAR3 = ["linear", "linear", "linear"]  # 4 pieces: first, two identical between linear layers, last
+
+
+def _ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# -- structural signatures ----------------------------------------------------------------------------------------
+UNARY = {"relu": torch.relu, "neg": torch.neg, "sigmoid": torch.sigmoid, "exp": torch.exp}
+
+
+def _chain(ops: list[str], names: str = "x", scale: float = 2.0) -> fx.GraphModule:
+    """x -> ops... -> * scale, -> (out,), with placeholder and node names derived from `names`."""
+    graph = fx.Graph()
+    x = graph.placeholder(names)
+    for i, op in enumerate(ops):
+        x = graph.call_function(UNARY[op], (x,))
+        x.name = f"{names}_{op}_{i}"
+    graph.output((graph.call_function(torch.mul, (x, scale)),))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from(sorted(UNARY)), max_size=5), st.lists(st.sampled_from(sorted(UNARY)), max_size=5))
+def test_signature_ignores_names_and_tells_code_apart(ops_a, ops_b):
+    x = torch.randn(3, 4)
+    same_code = signature(_chain(ops_a, "layer_0_weight"), [x]) == signature(_chain(ops_b, "layer_7_w"), [x])
+    assert same_code == (ops_a == ops_b)
+
+
+def test_signature_tells_apart_constants_and_input_metadata():
+    x = torch.randn(3, 4)
+    base = signature(_chain(["relu"]), [x])
+    assert signature(_chain(["relu"]), [torch.randn(3, 4)]) == base  # values are not code
+    variants = [
+        signature(_chain(["relu"], scale=3.0), [x]),               # a constant
+        signature(_chain(["relu"]), [torch.randn(3, 5)]),          # a shape
+        signature(_chain(["relu"]), [x.double()]),                 # a dtype
+        signature(_chain(["relu"]), [torch.randn(4, 3).t()]),      # strides
+        signature(_chain(["relu"]), [torch.randn(13)[1:].view(3, 4)]),  # a storage offset
+        signature(_chain(["relu"]), [torch.randn(3, 4, requires_grad=True)]),  # requires_grad
+    ]
+    assert len({base, *variants}) == 1 + len(variants)
+
+
+def test_signature_sees_which_inputs_share_storage():
+    graph = fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    graph.output((graph.call_function(torch.add, (a, b)),))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    x = torch.randn(4)
+    assert signature(gm, [x, x]) != signature(gm, [x, torch.randn(4)])
+
+
+def test_signature_strict_is_none_for_what_structure_cannot_vouch_for():
+    holder = torch.nn.Module()
+    holder.w = torch.nn.Parameter(torch.randn(4))
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output((graph.call_function(torch.add, (x, graph.get_attr("w"))),))
+    with_attr = fx.GraphModule(holder, graph)
+    graph = fx.Graph()
+    y = graph.placeholder("y")
+    graph.output((graph.call_function(lambda t: t * 2, (y,)),))
+    with_lambda = fx.GraphModule(torch.nn.Module(), graph)
+    x = torch.randn(4)
+    sub = x.as_subclass(_Subclass)
+    assert signature(with_attr, [x]) is None and signature(with_lambda, [x]) is None
+    assert signature(_chain(["relu"]), [sub]) is None and signature(_chain(["relu"]), [x]) is not None
+    for gm, inputs in ((with_attr, [x]), (with_lambda, [x]), (_chain(["relu"]), [sub])):
+        assert isinstance(signature(gm, inputs, strict=False), str)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+# -- identical pieces compiled once, startup breakdown, progress -----------------------------------------------------
+@pytest.fixture
+def traced_pieces(monkeypatch):
+    """Pieces "compiled" as their traced code (no inductor): the backend's dedup and counters run as with it."""
+    compiled = []
+
+    def compile_piece(piece, args):
+        compiled.append(piece)
+        return piece
+
+    monkeypatch.setattr(backend_module, "_compile_piece", compile_piece)
+    return compiled
+
+
+def test_identical_pieces_share_one_compile_and_progress_counts_them(traced_pieces, capsys, one_thread):
+    model = toy_model(pattern=LINEAR3)
+    be = backend(mode="eager", progress=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(model, backend=be)(_ids(9)), model(_ids(9)), rtol=1e-5, atol=1e-5)
+    s = be.stats
+    assert (s.pieces, s.pieces_compiled, len(traced_pieces), len(s.piece_compile_seconds)) == (4, 3, 3, 3)
+    assert s.dynamo_seconds > 0 and s.split_seconds > 0 and s.fake_run_seconds > 0 and s.compile_seconds > 0
+    err = capsys.readouterr().err
+    assert "hattn compile: 100%" in err and "4/4" in err and "compiled=3" in err
+
+
+def test_progress_false_is_quiet(traced_pieces, capsys, one_thread):
+    model = toy_model(pattern=["linear"])
+    with torch.inference_mode():
+        torch.compile(model, backend=backend(mode="eager", progress=False))(_ids(5))
+    assert "hattn compile" not in capsys.readouterr().err
+
+
+def test_compile_graph_outside_dynamo_counts_no_dynamo_time():
+    gm = fx.symbolic_trace(lambda x: torch.relu(x) * 2)
+    stats = Stats()
+    fn = compile_graph(gm, [torch.randn(3)], Config(mode="eager", inner_compiler="eager"), stats)
+    x = torch.randn(3)
+    torch.testing.assert_close(fn(x), torch.relu(x) * 2)
+    assert stats.dynamo_seconds == 0.0 and stats.split_seconds > 0 and stats.pieces == 1
+
+
+def test_startup_breakdown_in_order_and_described():
+    s = Stats(graphs_compiled=2, pieces=9, pieces_compiled=3, pieces_from_cache=1, cache_hits=1, cache_misses=1,
+              cuda_graphs=14, capture_sizes_done=2, dynamo_seconds=1.0, split_seconds=0.25, fake_run_seconds=0.5,
+              compile_seconds=6.0, piece_compile_seconds=[1.0, 4.0], capture_seconds=2.0,
+              first_replay_seconds=0.125)
+    s.add(Stats(piece_compile_seconds=[1.0], compile_seconds=1.0))
+    assert s.piece_compile_seconds == [1.0, 4.0, 1.0]
+    assert list(s.startup()) == ["dynamo_seconds", "cache_load_seconds", "split_seconds", "fake_run_seconds",
+                                 "compile_seconds", "cache_save_seconds", "capture_seconds", "first_replay_seconds"]
+    assert describe_startup(s) == (
+        "startup s: dynamo 1.00, cache load 0.00, split 0.25, fake run 0.50, compile 7.00, cache save 0.00, "
+        "capture 2.00, first replay 0.12\n"
+        "graphs 2, pieces 9: 3 compiled (slowest 4.00 s), 1 from torch's cache; cache_dir hits 1, misses 1; "
+        "2 sizes captured (14 cuda graphs)")
+
+
+# -- warm start: the cache key and entry ----------------------------------------------------------------------------
+class FakeTorchCache:
+    """torch.compiler.save/load_cache_artifacts over a list of artifact names: save returns all recorded so far."""
+
+    def __init__(self):
+        self.recorded: list[str] = []
+        self.loaded: list[bytes] = []
+
+    def save(self):
+        if not self.recorded:
+            return None
+        return ",".join(self.recorded).encode(), SimpleNamespace(artifacts={"inductor": list(self.recorded)})
+
+    def load(self, data: bytes):
+        self.loaded.append(data)
+        return SimpleNamespace(artifacts={"inductor": data.decode().split(",")})
+
+    def compile_piece(self, piece, args):
+        """Records one artifact per compile, and "autotune" at the first run (as inductor autotunes on a GPU)."""
+        self.recorded.append(f"piece{len(self.recorded)}")
+
+        def run(*a):
+            if "autotune" not in self.recorded:
+                self.recorded.append("autotune")
+            return piece(*a)
+
+        return run
+
+
+@pytest.fixture
+def fake_cache(monkeypatch):
+    cache = FakeTorchCache()
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", cache.save)
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", cache.load)
+    monkeypatch.setattr(backend_module, "_compile_piece", cache.compile_piece)
+    return cache
+
+
+def _run(cache_dir, seed=0, **overrides) -> Stats:
+    torch._dynamo.reset()  # what a new process starts with
+    model = toy_model(seed=seed, pattern=overrides.pop("pattern", LINEAR3), **overrides)
+    be = backend(mode="eager", progress=False, cache_dir=str(cache_dir))
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(model, backend=be)(_ids(9)), model(_ids(9)), rtol=1e-5, atol=1e-5)
+    return be.stats
+
+
+def test_warm_start_same_config_hits_changed_config_misses(fake_cache, tmp_path, one_thread):
+    cold = _run(tmp_path)
+    assert (cold.cache_hits, cold.cache_misses, cold.pieces_compiled) == (0, 1, 3)
+    [entry] = list(tmp_path.iterdir())
+    # saved after the compile, and again after the first run with what it added (autotuning on a GPU)
+    assert (entry / "artifacts.bin").read_bytes() == b"piece0,piece1,piece2,autotune"
+    key = json.loads((entry / "key.json").read_text())
+    assert (key["mode"], key["inner_compiler"], key["torch"]) == ("eager", "inductor", torch.__version__)
+
+    fake_cache.recorded.clear()  # a new process: nothing recorded yet
+    warm = _run(tmp_path, seed=1)  # same config, other weights
+    assert (warm.cache_hits, warm.cache_misses) == (1, 0)
+    assert fake_cache.loaded == [b"piece0,piece1,piece2,autotune"]
+    assert (entry / "artifacts.bin").read_bytes() == b"piece0,piece1,piece2,autotune"  # nothing more: not rewritten
+
+    changed = _run(tmp_path, hidden=48)
+    assert (changed.cache_hits, changed.cache_misses) == (0, 1)
+    assert fake_cache.loaded == [b"piece0,piece1,piece2,autotune"]  # the other key's entry was not read
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_unreadable_entry_is_a_logged_miss_and_torch_caches_off_are_named(tmp_path, caplog):
+    from torch._inductor import config as inductor_config
+
+    gm, inputs = _dynamo_graph(toy_model(pattern=["linear"]))
+    config = Config(mode="eager", cache_dir=str(tmp_path))
+    entry = artifacts.entry_for(config.cache_dir, gm, inputs, config)
+    entry.path.mkdir()
+    (entry.path / "artifacts.bin").write_bytes(b"not torch's artifacts")
+    stats = Stats()
+    with caplog.at_level("WARNING", logger="hattn"), inductor_config.patch(fx_graph_cache=False):
+        assert artifacts.load_entry(gm, inputs, config, stats).path == entry.path
+    assert (stats.cache_hits, stats.cache_misses) == (0, 1)
+    assert "could not be read" in caplog.text and "artifacts.bin" in caplog.text
+    assert "cannot warm-start: torch's caches are off (torch._inductor.config.fx_graph_cache)" in caplog.text
+
+
+def _dynamo_graph(model) -> tuple[fx.GraphModule, list]:
+    seen = []
+
+    def grab(gm, inputs):
+        seen.append((gm, inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(model, backend=grab)(_ids(9))
+    return seen[0]
+
+
+def test_cache_key_changes_with_everything_that_changes_the_code(tmp_path, monkeypatch):
+    pattern = ["linear", "full"]
+    gm, inputs = _dynamo_graph(toy_model(pattern=pattern))
+    config = Config(mode="pcg")
+
+    def key(gm=gm, inputs=inputs, config=config) -> str:
+        return artifacts.entry_for(str(tmp_path), gm, inputs, config).path.name
+
+    base = key()
+    assert key(*_dynamo_graph(toy_model(seed=3, pattern=pattern))) == base  # another instance, other weights
+    variants = {
+        "config": key(*_dynamo_graph(toy_model(pattern=pattern, hidden=48))),
+        "dtype": key(*_dynamo_graph(toy_model(pattern=pattern, dtype=torch.float64))),
+        "mode": key(config=Config(mode="bcg")),
+        "capture_sizes": key(config=Config(mode="pcg", capture_sizes=[1, 2, 4])),
+        "inner_compiler": key(config=Config(mode="pcg", inner_compiler="eager")),
+    }
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    variants["torch"] = key()
+    monkeypatch.undo()
+    monkeypatch.setattr(artifacts, "hattn_version", lambda: "0.0.1+other")
+    variants["hattn"] = key()
+    monkeypatch.setattr(artifacts, "device_name", lambda inputs: "cuda NVIDIA H200 sm_90")
+    variants["device"] = key()
+    assert len({base, *variants.values()}) == 1 + len(variants), variants
+
+
+def test_hattn_version_covers_its_source():
+    version = artifacts.hattn_version()
+    assert version.startswith(f"{hattn.__version__}+") and len(version.split("+")[1]) == 16
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"cache_dir": "x", "inner_compiler": "eager"}, "cache_dir keeps what inductor compiled, but "
+                                                     "inner_compiler='eager' compiles nothing"),
+    ({"lazy_capture": "yes"}, "lazy_capture must be True or False, got 'yes'"),
+])
+def test_bad_startup_options_are_value_errors(options, match):
+    with pytest.raises(ValueError, match=match):
+        Config.from_options("pcg", options)
+
+
+def test_cache_dir_that_is_a_file_is_a_value_error(tmp_path):
+    file = tmp_path / "f"
+    file.write_text("")
+    with pytest.raises(ValueError, match=r"cache_dir '.*f' is a file; pass a directory"):
+        Config(mode="pcg", cache_dir=file)
+
+
+def test_torch_caches_turned_off_are_named():
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    assert artifacts.torch_caches_off() == []
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        assert artifacts.torch_caches_off() == ["torch._inductor.config.fx_graph_cache",
+                                                "torch._functorch.config.enable_autograd_cache"]
+    assert artifacts.torch_caches_off() == []
+
+
+# -- lazy capture -----------------------------------------------------------------------------------------------------
+class RecordingGraphs(GraphRuntime):
+    """A graph runtime whose capture records the size and whose replay calls fn on the static inputs."""
+
+    def __init__(self, fn, sizes, lazy_capture=True):
+        super().__init__(fn, layout_from_args([torch.zeros(1)]), sizes, Stats(), progress=False)
+        self.lazy_capture, self.order = lazy_capture, []
+
+    def capture(self, size, args):
+        self.order.append(size)
+
+    def replay(self, size, args):
+        return self.fn(*args)
+
+
+def _rowwise(x):
+    return x * 3 - 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=6, unique=True), st.lists(st.integers(1, 80), max_size=8))
+def test_lazy_capture_captures_the_largest_first_then_each_size_at_first_use(sizes, counts):
+    rt = RecordingGraphs(_rowwise, sizes)
+    with mock.patch("gc.collect", lambda *a: 0):  # the first capture's full collection: 0.3 s in a test process
+        for n in counts:
+            x = torch.randn(n, 2)
+            torch.testing.assert_close(rt(x), _rowwise(x))
+    used = [pick_size(sorted(sizes), n) for n in counts if n <= max(sizes)]
+    expected = []
+    for size in used:  # per call: the largest if not yet captured, then the call's size
+        expected += [s for s in sorted({max(sizes), size}, reverse=True) if s not in expected]
+    assert rt.order == expected
+    assert rt.stats.capture_sizes_done == len(expected) and rt.stats.replays == len(used)
+
+
+def test_capture_all_sizes_at_the_first_call_when_not_lazy():
+    rt = RecordingGraphs(_rowwise, [2, 4, 8, 16], lazy_capture=False)
+    rt(torch.randn(3, 2))
+    rt(torch.randn(1, 2))
+    assert rt.order == [16, 8, 4, 2] and rt.stats.replays == 2
+
+
+def test_first_replay_is_timed_once():
+    calls = []
+
+    def slow_once(x):
+        calls.append(1)
+        if len(calls) == 1:
+            import time
+
+            time.sleep(0.05)
+        return x
+
+    rt = RecordingGraphs(slow_once, [4])
+    rt(torch.randn(3, 2))
+    rt(torch.randn(3, 2))
+    assert 0.05 <= rt.stats.first_replay_seconds < 0.5 and rt.stats.replays == 2
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_build_runtime_passes_lazy_capture_to_graph_runtimes(monkeypatch, lazy):
+    import hattn.runtime.piecewise as piecewise
+    from hattn.passes.split import split_graph
+
+    gm = fx.symbolic_trace(lambda x: torch.relu(x) * 2)
+    split_gm, _ = split_graph(gm)
+    x = torch.randn(4, 2)
+    monkeypatch.setattr(piecewise, "served_layout", lambda mode, split_gm, inputs, stats: layout_from_args([x]))
+    runtime = build_runtime(Config(mode="pcg", lazy_capture=lazy), split_gm, [x], Stats())
+    assert isinstance(runtime, piecewise.PiecewiseRuntime) and runtime.lazy_capture is lazy
+
+
+# -- hattn generate --timing / --cache-dir ---------------------------------------------------------------------------
+def test_generate_timing_prints_the_startup_breakdown(capsys, one_thread):
+    from hattn import cli
+
+    hattn.reset_stats()  # uncompiled (--mode none): the breakdown of nothing compiled, fast
+    rc = cli.main(["generate", "--preset", "tiny", "--mode", "none", "--device", "cpu", "--prompt-ids", "1,2,3",
+                   "--max-new-tokens", "2", "--timing"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "process start to first token" in err and "s before generate (imports, model)" in err
+    assert "startup s: dynamo 0.00, cache load 0.00" in err and "graphs 0, pieces 0: 0 compiled" in err
+
+
+def test_generate_timing_refuses_warmup_and_cache_dir_needs_inductor(capsys, tmp_path):
+    from hattn import cli
+
+    with pytest.raises(SystemExit, match="--timing measures the first generate"):
+        cli.main(["generate", "--preset", "tiny", "--prompt-ids", "1,2", "--timing", "--warmup", "1"])
+    rc = cli.main(["generate", "--preset", "tiny", "--mode", "pcg", "--inner-compiler", "eager", "--device", "cpu",
+                   "--prompt-ids", "1,2", "--cache-dir", str(tmp_path)])
+    assert rc == 2 and "cache_dir keeps what inductor compiled" in capsys.readouterr().err

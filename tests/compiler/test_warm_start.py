@@ -1,0 +1,59 @@
+"""Inductor end to end on CPU: the toy model's identical pieces are compiled once (same output as compiling each),
+and a "new process" warm-starts from cache_dir: torch's FX graph and AOTAutograd caches emptied (the compiled C++
+kernels kept, as on one machine), every piece then comes out of the entry loaded from cache_dir.
+
+One cold compile of 3 pieces (inductor's C++ compiles): the slowest CPU test of the startup work, kept to one."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from torch._inductor.runtime.cache_dir_utils import cache_dir
+from torch._inductor.utils import clear_caches, fresh_cache
+from torch.compiler._cache import CacheArtifactManager
+
+import hattn.compiler.backend as backend_module
+from hattn.compiler.backend import backend
+from hattn.models.toy import toy_model
+
+LINEAR3 = ["linear", "linear", "linear"]  # 4 pieces: first, two identical between linear layers, last
+IDS = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(0))
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _compile(model, **options):
+    be = backend(mode="eager", progress=False, **options)
+    with torch.inference_mode():
+        return torch.compile(model, backend=be)(IDS), be.stats
+
+
+def _new_process_on_this_machine() -> None:
+    """What the next process finds: no FX graph or AOTAutograd entries, nothing compiled in memory."""
+    for sub in ("fxgraph", "aotautograd"):
+        shutil.rmtree(os.path.join(cache_dir(), sub), ignore_errors=True)
+    clear_caches()
+    torch._dynamo.reset()
+
+
+def test_identical_pieces_compile_once_and_a_new_process_loads_them_from_cache_dir(tmp_path, monkeypatch,
+                                                                                    one_thread):
+    model = toy_model(pattern=LINEAR3)
+    with CacheArtifactManager.with_fresh_cache(), fresh_cache():
+        out, cold = _compile(model, cache_dir=str(tmp_path))
+        assert (cold.pieces, cold.pieces_compiled, cold.pieces_from_cache) == (4, 3, 0)
+        assert (cold.cache_hits, cold.cache_misses) == (0, 1)
+        torch.testing.assert_close(out, model(IDS), **TOL)
+
+        torch._dynamo.reset()
+        with monkeypatch.context() as patch:  # every piece compiled on its own: one compile more, the same output
+            patch.setattr(backend_module, "signature", lambda piece, args: None)
+            alone, each = _compile(model)
+        assert each.pieces_compiled == 4 and torch.equal(alone, out)
+
+        _new_process_on_this_machine()
+        other = toy_model(seed=1, pattern=LINEAR3)  # same config, other weights
+        warm_out, warm = _compile(other, cache_dir=str(tmp_path))
+        assert (warm.cache_hits, warm.cache_misses) == (1, 0)
+        assert (warm.pieces_compiled, warm.pieces_from_cache) == (3, 3)  # every compile served by the loaded entry
+        torch.testing.assert_close(warm_out, other(IDS), **TOL)
