@@ -18,6 +18,7 @@ class Stats:
     pieces_compiled: int = 0     # pieces the inner compiler compiled; the others reuse an identical piece's code
     pieces_from_cache: int = 0   # compiled pieces that torch's AOTAutograd cache served (a warm start)
     split_ops: int = 0           # split-op nodes in the graphs
+    small_m_linears: int = 0     # linears routed to hattn_kernels::linear (cuBLAS or the skinny GEMM per shape)
     fused_linears: int = 0       # groups of same-input linears run as one GEMM (passes/fuse_linears.py)
     collectives: int = 0         # collectives (all-reduce, all-gather; tensor parallel) in the pieces: graphs hold them
     cache_hits: int = 0          # graphs whose cache_dir entry was loaded before compiling

@@ -103,7 +103,8 @@ class HattnMode(Target):
         return st
 
     def counters(self) -> dict[str, float]:
-        return {k: v for k, v in self._stats().as_dict().items() if k.endswith("_seconds")} if self.backends else {}
+        counts = self._stats().as_dict().items() if self.backends else ()
+        return {k: v for k, v in counts if k.endswith("_seconds") and isinstance(v, float)}  # not the per-piece list
 
     def info(self) -> dict:
         if not self.backends:

@@ -21,6 +21,7 @@ from hattn.compiler.config import Config
 from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import fuse_linears
 from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
+from hattn.passes.small_m_linears import route_small_m_linears
 from hattn.passes.split import split_graph
 from hattn.counters import Stats, new_stats
 
@@ -156,6 +157,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     piece_inputs = _piece_inputs(gm, example_inputs) if config.inner_compiler == "inductor" else None
     if config.fuse_linears:
         stats.fused_linears += fuse_linears(gm, example_inputs)
+    if config.small_m_gemm:
+        stats.small_m_linears += route_small_m_linears(gm, example_inputs)
     split_gm, info = split_graph(gm)
     stats.split_seconds += time.perf_counter() - start
     stats.graphs_compiled += 1

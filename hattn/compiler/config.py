@@ -34,6 +34,8 @@ class Config:
                     capture sizes, hattn, torch and triton versions and the device; a stale entry is never read.
                     Ship the directory with the model to warm-start another machine of the same kind. Needs
                     inner_compiler='inductor' (eager pieces compile nothing to keep).
+    small_m_gemm    on CUDA, linears of M <= 64 rows (decode) run whichever of cuBLAS and hattn's Triton skinny GEMM
+                    is faster for the shape (hattn.passes.small_m_linears)
     fuse_linears    run linears that share an input as one GEMM on weights concatenated once (the parameters
                     become views of the fused buffer: no second copy); see hattn.passes.fuse_linears
     """
@@ -44,6 +46,7 @@ class Config:
     lazy_capture: bool = True
     progress: bool = True
     fuse_linears: bool = True
+    small_m_gemm: bool = True
     cache_dir: str | None = None
 
     def __post_init__(self):

@@ -5,7 +5,8 @@ layer, so a step pays one host-to-device copy of its metadata, not one per layer
 Two forms. `PackedBatch.build` is exact (eager steps: its sizes follow the step). `Bucket` lays a step out in fixed
 sizes for a CUDA graph captured once and replayed for every packing that fits: `tokens` rows and `seqs` sequences,
 where the real sequences come first, one padding sequence covers the rows past the real tokens (so every row is
-computed from finite inputs and written), and zero-length sequences fill the rest; every padding sequence uses the
+computed from finite inputs and written; attention, whose kernel zeroes padding rows itself, sees it with length 0
+in `attn_lens`), and zero-length sequences fill the rest; every padding sequence uses the
 cache's scratch slot and starts from zero state, so it does no harm. fla's chunk indices come padded the same way:
 the real chunks in order, then entries of the zero-length last sequence, which do no work.
 """
@@ -90,7 +91,7 @@ class Bucket:
     def parts(self) -> dict[str, int]:
         """The int64 fields of the layout, in order, and their lengths."""
         s, t = self.seqs, self.tokens
-        return {"cu": s + 1, "token_seq": t, "slots": s, "has_state": s, "context_lens": s,
+        return {"cu": s + 1, "token_seq": t, "slots": s, "has_state": s, "context_lens": s, "attn_lens": s,
                 "chunk_indices": 2 * self.chunks, "token_slot": t, "token_pos": t, "real_tokens": 1}
 
     @property
@@ -117,6 +118,7 @@ class Bucket:
             "slots": slot,
             "has_state": (ctx > 0).long(),
             "context_lens": ctx,
+            "attn_lens": torch.cat([lens[:len(keep)], torch.zeros(pad + 1, dtype=torch.long)]),  # no padding rows
             "chunk_indices": _chunk_indices(lens, self.chunks, self.seqs - 1),
             "token_slot": slot[token_seq],
             "token_pos": token_pos,

@@ -13,6 +13,7 @@ from hattn.context import CaptureUnsupported, LayerSpec, op_context, zero_paddin
 from hattn.kernels.attention.decode import full_attention_decode
 from hattn.kernels.attention.prefill import sdpa_attention
 from hattn.kernels.attention.reference import causal_attention
+from hattn.kernels.launch import use_triton
 
 
 def cache_spec(kv_heads: int, k_dim: int, v_dim: int | None = None) -> LayerSpec:
@@ -27,7 +28,7 @@ def _full_attention(
     ctx = op_context("full", layer_id, q.shape[0])
     if ctx.captured:  # the whole step is one CUDA graph: device metadata only, padding rows at the scratch slot
         if ctx.static.packed is not None:
-            raise CaptureUnsupported("packed full-attention steps have no capture-safe kernel yet")
+            return _captured_packed(q, k, v, out, layer_id, scale, ctx)
         k_cache, v_cache = ctx.cache.state(layer_id)
         slots, lens = ctx.device_meta(q.device)
         return full_attention_decode(q, k, v, out, k_cache, v_cache, slots, lens, scale)
@@ -39,6 +40,21 @@ def _full_attention(
     else:
         _per_sequence(q, k, v, out, layer_id, scale, ctx)
     zero_padding(out, n)
+
+
+def _captured_packed(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
+    """A packed step (prefill, extend, mixed) inside a CUDA graph: the bucket's padded layout, on the device."""
+    if not use_triton(q):
+        raise CaptureUnsupported("packed full-attention steps in a CUDA graph need Triton")
+    from hattn.kernels.attention.prefill_triton import device_block_table, prefill_attention, write_kv
+
+    f = ctx.static.packed.fields
+    k_cache, v_cache = ctx.cache.state(layer_id)
+    write_kv(k, v, k_cache, v_cache, f["token_slot"], f["token_pos"])
+    t, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
+    blocks = ctx.memo(("attention_blocks", hq, hkv), lambda: device_block_table(f["attn_lens"], t, hq, hkv))
+    prefill_attention(q, k_cache, v_cache, f["cu"][:-1], f["attn_lens"], f["context_lens"], f["slots"], blocks, out,
+                      scale)
 
 
 def _per_sequence(q, k, v, out, layer_id: int, scale: float, ctx) -> None:

@@ -211,3 +211,15 @@ def test_write_kv_and_prefill_attention_captured_in_graph_replay_two_packings():
         _assert_written_only(v_cache, v_want, v, step)
         torch.testing.assert_close(out.float(), want, rtol=TOL[dtype], atol=TOL[dtype])
         assert torch.equal(out[step.real_tokens:], torch.zeros_like(out[step.real_tokens:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 90), min_size=1, max_size=5), st.integers(0, 70),
+       st.sampled_from([(8, 2), (4, 4), (6, 2), (16, 2)]))
+def test_device_block_table_is_the_host_table(lens, extra, heads):
+    """mode=full rebuilds the block table on the device at every replay from the step's sequence lengths."""
+    tokens = sum(lens) + extra
+    if tokens == 0:
+        return
+    want = pt.block_table(lens, tokens, *heads)
+    assert torch.equal(pt.device_block_table(torch.tensor(lens, device=DEV), tokens, *heads).cpu(), want)

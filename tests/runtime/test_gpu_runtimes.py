@@ -3,6 +3,8 @@ side streams, the seed-000 regression, the Triton decode attention. Run on the d
 python3 -m pytest -m gpu tests/runtime."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,18 +346,19 @@ def test_triton_decode_attention_equals_reference(dtype, hq, hkv, d):
 
 # -- full graph: packed steps (prefill, extend, mixed) -------------------------------------------------------------
 _PACKED = {}
-LINEAR_ONLY = dict(pattern=["linear", "linear"], k_heads=2, v_heads=4, k_dim=64, v_dim=64)
+HYBRID = dict(pattern=["linear", "full", "linear"], k_heads=2, v_heads=4, k_dim=64, v_dim=64, head_dim=64)
 
 
 @settings(max_examples=10, deadline=None)
 @given(st.data())
 def test_full_graph_packed_steps_equal_eager_for_random_packings(data):
-    """A model whose split ops can all serve packed steps inside a graph (linear attention through fla): random
-    prefill / extend / mixed packings (lengths straddling fla's 64-token chunk, empty sequences, decode rows), slots
+    """A hybrid model in mode=full: packed steps captured per token bucket (linear attention through our conv and
+    fla's chunked rule, full attention through the varlen prefill kernel, both over the bucket's padded layout):
+    random prefill / extend / mixed packings (lengths straddling fla's 64-token chunk, empty sequences, decode rows), slots
     and cache contents, inside a bucket and above the largest; full mode == eager, and only the step's slots and the
     scratch slot change."""
     if not _PACKED:
-        model = toy_model(device="cuda", **LINEAR_ONLY)
+        model = toy_model(device="cuda", **HYBRID)
         be = hattn.backend(mode="full", capture_sizes=[16, 64, 128], inner_compiler="eager", progress=False)
         _PACKED.update(model=model, fn=torch.compile(model, backend=be, dynamic=True), be=be,
                        caches=(_toy_cache(model.config, max_len=256), _toy_cache(model.config, max_len=256)))
@@ -377,18 +380,26 @@ def test_full_graph_packed_steps_equal_eager_for_random_packings(data):
     assert be.stats.replays == replays + (sum(lens) <= 128)  # above the largest bucket: graph-free
     untouched = [s for s in range(8) if s not in [sl for sl, m in zip(slots, lens) if m]]
     eager_cache, graph_cache = _PACKED["caches"]
-    for i in range(2):
+    for i in range(len(HYBRID["pattern"])):
         for a, b in zip(eager_cache.state(i), graph_cache.state(i)):
             torch.testing.assert_close(b[untouched], a[untouched], rtol=0, atol=0)
             torch.testing.assert_close(b[:8], a[:8], rtol=1e-3, atol=1e-3)
 
 
-def test_full_graph_packed_steps_with_full_attention_run_graph_free_until_it_is_capture_safe(caplog):
-    model = toy_model(pattern=PATTERN, device="cuda")
+def test_full_graph_packed_steps_run_graph_free_when_an_op_cannot_serve_them_in_a_graph(monkeypatch, caplog):
+    """Without fla the linear-attention op cannot run a packed step inside a graph: it says so in the warm-up
+    (CaptureUnsupported), nothing is captured for packed steps, they run graph-free (logged) and stay correct."""
+    monkeypatch.setattr("hattn.ops.linear.fla_chunk", lambda: None)
+    model = toy_model(device="cuda", **HYBRID)
     be = hattn.backend(mode="full", capture_sizes=[16, 32], inner_compiler="eager", progress=False)
     fn = torch.compile(model, backend=be, dynamic=True)
-    cache = _toy_cache(model.config)
+    caches = (_toy_cache(model.config), _toy_cache(model.config))
     ids = _ids(9, 0)
-    with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([4, 5], [0, 0], [0, 1], cache)):
-        torch.testing.assert_close(fn(ids), model(ids), **TOL)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="hattn"):
+        results = []
+        for run, cache in zip((model, fn), caches):
+            with hattn.forward_context(hattn.ForwardContext([4, 5], [0, 0], [0, 1], cache)):
+                results.append(run(ids))
+    torch.testing.assert_close(results[1], results[0], **TOL)
     assert be.stats.eager_runs == 1 and be.stats.replays == 0
+    assert "serves prefill and mixed steps graph-free" in caplog.text and "flash-linear-attention" in caplog.text

@@ -71,6 +71,22 @@ def block_table(seq_lens: list[int], num_tokens: int, hq: int, hkv: int) -> torc
     return torch.tensor([seqs, starts], dtype=torch.int32)
 
 
+def device_block_table(seq_lens: torch.Tensor, num_tokens: int, hq: int, hkv: int) -> torch.Tensor:
+    """`block_table` computed on the device from a step's device `seq_lens` [N] (fixed-size ops only: capture-safe,
+    so a captured step rebuilds it at every replay). [2, max_blocks(num_tokens, N, hq, hkv)] int32."""
+    size, step = max_blocks(num_tokens, seq_lens.shape[0], hq, hkv), block_tokens(hq, hkv)
+    counts = (seq_lens + step - 1) // step
+    ends = counts.cumsum(0)
+    b = torch.arange(size, device=seq_lens.device)
+    seq = torch.searchsorted(ends, b, right=True)  # == N past the real blocks
+    real = seq < seq_lens.shape[0]
+    seq_c = seq.clamp(max=seq_lens.shape[0] - 1)
+    start = (b - (ends - counts)[seq_c]) * step
+    total = seq_lens.sum()
+    padding = (total + (b - ends[-1]) * step).clamp(max=num_tokens)
+    return torch.stack([torch.where(real, seq_c, PADDING_BLOCK), torch.where(real, start, padding)]).int()
+
+
 def token_targets(seq_lens: list[int], context_lens: list[int], slots: list[int], num_tokens: int,
                   scratch_slot: int) -> torch.Tensor:
     """(slot, position) in the cache of each of the bucket's rows, for `write_kv`: [2, num_tokens] int64 (CPU).
