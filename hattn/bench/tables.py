@@ -89,7 +89,7 @@ def floor_table(result: dict, names: list[str]) -> Table:
 
 def startup_table(entries: dict, names: list[str]) -> Table:
     """The first call's seconds: each counter of hattn's backend (`*_seconds`), and what no counter covers."""
-    starts = {n: entries[n]["startup"] for n in names if entries[n].get("startup")}
+    starts = {n: entries[n]["startup"] for n in names if "first_call_s" in entries[n].get("startup", {})}
     counters = [k for s in starts.values() for k in s if k not in ("first_call_s", "other_s")]
     counters = list(dict.fromkeys(counters))
     t = _table("startup: the first call, s", ["target", "first call"] + counters

@@ -61,7 +61,7 @@ class _Graphs(GraphRuntime):
         raise NotImplementedError
 
     def fill_capture(self, static: StaticMeta, size: int) -> None:
-        """Metadata of the warm-up and capture: one dummy sequence of `size` rows at the scratch slot."""
+        """Metadata of the warm-up and capture: dummy rows that touch only the scratch slot."""
         raise NotImplementedError
 
     def fill_step(self, static: StaticMeta, user: ForwardContext, size: int) -> None:
@@ -147,7 +147,9 @@ class _PackedGraphs(_Graphs):
         self.flat[:host.numel()].copy_(_pinned(host), non_blocking=True)
 
     def fill_capture(self, static: StaticMeta, size: int) -> None:
-        self._fill(static, [size], [0], [self.cache.scratch_slot])
+        # no real sequence: every row is the padding sequence's (scratch slot, cache position 0), so a bucket larger
+        # than the cache's max_len never writes past it
+        self._fill(static, [], [], [])
 
     def fill_step(self, static: StaticMeta, user: ForwardContext, size: int) -> None:
         self._fill(static, user.seq_lens, user.context_lens, user.slots)
