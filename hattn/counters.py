@@ -81,7 +81,11 @@ _ALL: list[Stats] = []
 
 def new_stats() -> Stats:
     """A fresh Stats for one compiled graph, also counted in the process-wide totals."""
-    s = Stats()
+    return register(Stats())
+
+
+def register(s: Stats) -> Stats:
+    """Count `s` in the process-wide totals (a graph whose compile succeeded)."""
     with _LOCK:
         _ALL.append(s)
     return s

@@ -23,7 +23,7 @@ from hattn.passes.fuse_linears import fuse_linears
 from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
 from hattn.passes.small_m_linears import route_small_m_linears
 from hattn.passes.split import split_graph
-from hattn.counters import Stats, new_stats
+from hattn.counters import Stats, register
 
 log = logging.getLogger("hattn")
 
@@ -214,9 +214,15 @@ class HattnBackend:
         config = self.config
         if kwargs:
             config = Config.from_options(None, {**dataclasses.asdict(self.config), **_merge(kwargs)})
-        stats = new_stats()
-        self.graph_stats.append(stats)
-        return compile_graph(gm, example_inputs, config, stats)
+        return self._counted(compile_graph, gm, example_inputs, config)
+
+    def _counted(self, compile_fn, *args) -> Callable:
+        """compile_fn(*args, stats), its Stats counted only once it succeeds: Dynamo may abandon an attempt and
+        trace again (e.g. TensorifyScalarRestartAnalysis when inductor specializes a float), which is one graph."""
+        stats = Stats()
+        fn = compile_fn(*args, stats)
+        self.graph_stats.append(register(stats))
+        return fn
 
     @property
     def stats(self) -> Stats:
@@ -242,4 +248,7 @@ def backend(mode: str = "pcg", **options: Any) -> HattnBackend:
 def hattn_backend(gm: fx.GraphModule, example_inputs: list, mode: str | None = None, options: dict | None = None):
     """The function registered as torch.compile backend "hattn" (entry point group torch_dynamo_backends)."""
     config = Config.from_options(mode, options)
-    return compile_graph(gm, example_inputs, config, new_stats())
+    stats = Stats()
+    fn = compile_graph(gm, example_inputs, config, stats)
+    register(stats)
+    return fn
