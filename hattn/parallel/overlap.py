@@ -13,7 +13,10 @@ one forgot `forward` of its linear-attention backend, and sliced mrope positions
 
 Per-token inputs are sliced on their token dimension, given per argument (`token_dims`): input ids [T] on dim 0,
 positions [T] or mrope positions [3, T] on their last dim; an argument whose token dimension does not hold the
-step's token count is an error, never a silent mis-slice.
+step's token count is an error, never a silent mis-slice. One more argument may follow them: `logits_rows` [R], rows
+of the step's tokens whose logits alone are wanted (a prefill's last tokens). Each micro-batch gets all R rows as
+its own rows (clamped into its range, so R and the graphs stay fixed), and each row's logits are taken from the
+micro-batch that holds it, on the device.
 
 On CUDA, with two model instances, micro-batch A runs on one stream and B on another; B's instance is a replica
 (same weights) whose collectives use a sibling process group, i.e. its own NCCL communicator, so the two
@@ -83,11 +86,28 @@ def token_rows(x: torch.Tensor, dim: int, rows: slice, num_tokens: int, what: st
     return x.narrow(dim, rows.start, rows.stop - rows.start)
 
 
+def _local_rows(rows: torch.Tensor | None, part: slice) -> list[torch.Tensor]:
+    """The step's logits rows as rows of one micro-batch's tokens, clamped into them ([] without logits rows); an
+    inference tensor only if the caller's is (Dynamo guards on it: the model's other calls get the caller's kind)."""
+    if rows is None:
+        return []
+    with torch.inference_mode(rows.is_inference()):
+        return [(rows - part.start).clamp(0, part.stop - part.start - 1)]
+
+
+def _pick_rows(outs: list[torch.Tensor], in_first: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each logits row from the micro-batch that holds it: the first where `in_first` [R], else the second."""
+    shape = [1] * outs[0].dim()
+    shape[dim] = -1
+    return torch.where(in_first.view(shape), outs[0], outs[1])
+
+
 class TwoBatchOverlap:
     """`model(*args)` of a packed step, run as two micro-batches (`first` runs A, `second` runs B).
 
-    args: per-token tensors, `token_dims[i]` the token dimension of args[i]; the outputs are concatenated along
-    `out_dim` (logits [T, vocab]: 0). Call it under the step's forward context, like the model.
+    args: per-token tensors, `token_dims[i]` the token dimension of args[i], then optionally `logits_rows` [R]; the
+    outputs are concatenated along `out_dim` (logits [T, vocab]: 0), or with logits_rows hold those R rows along it.
+    Call it under the step's forward context, like the model.
     """
 
     def __init__(self, first: Callable, second: Callable | None = None, token_dims: Sequence[int] = TOKEN_DIMS,
@@ -115,19 +135,24 @@ class TwoBatchOverlap:
         if ctx is None:
             raise ValueError("two-batch overlap splits the step its forward context describes; call it inside "
                              "hattn.forward_context(ForwardContext(seq_lens=...))")
-        if len(args) != len(self.token_dims):
-            raise ValueError(f"got {len(args)} arguments but token_dims gives {len(self.token_dims)} token dimensions")
+        n = len(self.token_dims)
+        if len(args) not in (n, n + 1):
+            raise ValueError(f"got {len(args)} arguments but token_dims gives {n} token dimensions "
+                             f"(and one optional logits_rows)")
         parts = split_context(ctx)
         if len(parts) == 1:
             return self.models[0](*args)
+        rows = args[n] if len(args) > n else None
         inputs = [[token_rows(a, d, p.rows, ctx.num_tokens, f"argument {i}")
-                   for i, (a, d) in enumerate(zip(args, self.token_dims))] for p in parts]
+                   for i, (a, d) in enumerate(zip(args, self.token_dims))] + _local_rows(rows, p.rows) for p in parts]
         streams = self._streams_for(args[0].device)
         if streams is None:
             outs = [self._micro(m, p.ctx, x) for m, p, x in zip(self.models, parts, inputs)]
         else:
             outs = self._on_streams(streams, parts, inputs)
-        return torch.cat(outs, self.out_dim)
+        if rows is None:
+            return torch.cat(outs, self.out_dim)
+        return _pick_rows(outs, rows < parts[1].rows.start, self.out_dim)
 
     def _micro(self, model: Callable, ctx: ForwardContext, args: list[torch.Tensor]) -> torch.Tensor:
         for a, d in zip(args, self.token_dims):

@@ -199,3 +199,14 @@ def test_a_captured_context_is_an_error():
 def test_no_forward_context_is_an_error():
     with pytest.raises(ValueError, match="call it inside hattn.forward_context"):
         TwoBatchOverlap(lambda x: x, token_dims=(0,))(torch.ones(3))
+
+
+def test_logits_rows_are_taken_from_the_micro_batch_that_holds_each():
+    lm = load("tiny")
+    ids = torch.arange(sum(LENS)) % lm.config.vocab_size
+    pos = torch.cat([torch.arange(n) for n in LENS])
+    rows = torch.tensor([4, 11, 14, 20, 20, 0])  # each sequence's last token (A: 4, 11; B: 14, 20), padded, a first
+    with forward_context(ForwardContext(LENS)), torch.no_grad():
+        want = lm(ids, pos)[rows]
+        got = TwoBatchOverlap(lm)(ids, pos, rows)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
