@@ -254,6 +254,16 @@ def _step_model(lm, args):
     return compiled(lm), backends
 
 
+def _warmup(args) -> int:
+    """Untimed generate calls before the timed one: --warmup, by default 1, or 0 with --timing (which measures the
+    first call)."""
+    if args.warmup is None:
+        return 0 if args.timing else 1
+    if args.timing and args.warmup:
+        raise SystemExit("--timing measures the first generate (compile, capture, prefill): drop --warmup")
+    return args.warmup
+
+
 def run_generate(args) -> int:
     from hattn.counters import describe_startup, process_seconds, total_stats
     from hattn.models.generate import SamplingParams, generate
@@ -261,8 +271,7 @@ def run_generate(args) -> int:
 
     if args.tp > 1 and not launch.under_torchrun():
         return launch.relaunch(args.tp, args.argv)
-    if args.timing and args.warmup:
-        raise SystemExit("--timing measures the first generate (compile, capture, prefill): drop --warmup")
+    warmup = _warmup(args)
     device, dtype = _device_dtype(args)
     tp, device = launch.init(args.tp, device)
     lm = shard(_load(args, device, dtype), tp)
@@ -274,7 +283,7 @@ def run_generate(args) -> int:
     cache = lm.make_cache(len(prompts), max_len)
     model, backends = _step_model(lm, args)
     first_s, before_s = None, process_seconds()
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         t0 = time.perf_counter()
         generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
         first_s = time.perf_counter() - t0 if first_s is None else first_s
@@ -314,8 +323,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--stop-ids", type=_ints, default=None, help="stop tokens (default: the config's eos)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed runs first (the first compiles and captures; its time is printed; default: 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed runs first (the first compiles and captures; its time is printed; default: 1, "
+                        "0 with --timing)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: one process per GPU (gloo processes on CPU), started with torchrun")
     p.add_argument("--tbo", action="store_true",
