@@ -111,7 +111,7 @@ class HattnMode(Target):
             return {}
         st = self._stats()
         return {"capture_s": st.capture_seconds, "pool_bytes": st.pool_bytes, "cuda_graphs": st.cuda_graphs,
-                "capture_sizes_done": st.capture_sizes_done, "startup": st.startup(), "stats": st.as_dict()}
+                "capture_sizes_done": st.capture_sizes_done, "stats": st.as_dict()}
 
     def close(self) -> None:
         self.model = None
