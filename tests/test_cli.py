@@ -101,7 +101,7 @@ def test_version_and_help_list_modes_and_presets(capsys):
     assert "modes:   eager, pcg, bcg, full" in out and "tiny-nemotron-h" in out and "hattn.compile" in out
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
-    assert "one of: tiny, qwen3.5-1b, tiny-qwen3-next" in " ".join(capsys.readouterr().out.split())
+    assert "one of: tiny, qwen3.5-1b, qwen3.5-27b, tiny-qwen3-next" in " ".join(capsys.readouterr().out.split())
 
 
 def test_subcommands_are_a_dict():
