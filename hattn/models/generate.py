@@ -94,6 +94,10 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
     with forward_context(ctx), torch.inference_mode():
         if logits_rows is None:
             return model(input_ids, positions)
+        # another row count (another cache's slots) is another static graph: left to Dynamo's automatic dynamic
+        # shapes it would become a second dynamic size, which graph modes cannot pad (they ran such a graph
+        # graph-free: seen on the H200 with two caches of 4 and 64 slots)
+        torch._dynamo.mark_static(logits_rows, 0)
         return model(input_ids, positions, logits_rows)
 
 

@@ -171,3 +171,24 @@ def _recording(real, name, reads):
         reads.append((name, tuple(self.shape), self.dtype))
         return real(self, *args, **kwargs)
     return call
+
+
+def test_prefills_with_caches_of_other_slot_counts_keep_one_dynamic_size(make_case):
+    """Two caches (4 and 6 slots) give prefills of 4 and 6 logits rows: each its own static graph, never a graph
+    with a second dynamic size (which graph modes would have to run graph-free)."""
+    from hattn.compiler.backend import backend
+    from hattn.runtime.graphs import graph_layout
+
+    c = make_case("tiny")
+    layouts = []
+    real = backend(mode="eager", inner_compiler="eager", progress=False)
+
+    def spy(gm, example_inputs, **kwargs):
+        layouts.append(graph_layout(gm))
+        return real(gm, example_inputs, **kwargs)
+
+    model = torch.compile(c.lm, backend=spy)
+    for slots in (4, 6):
+        got = generate(model, c.prompts, c.lm.make_cache(slots=slots, max_len=64), SamplingParams(max_new_tokens=2))
+        assert got.tokens == [t[:2] for t in c.ref.tokens]
+    assert len(layouts) == 3 and all(layout.reason is None for layout in layouts)  # prefill x2 (static rows), decode
