@@ -21,7 +21,7 @@ QUICK_SIZES = [1, 2, 4, 8, 16, 32, 64]
 SUITES = {  # defaults of each suite, before the command line's
     "model": {"modes": "all", "workloads": "decode,prefill,e2e"},
     "runtime": {"modes": "hattn", "workloads": "decode,prefill", "inner_compiler": "eager"},
-    "kernels": {"modes": "all", "workloads": "gdn-decode,gdn-prefill,attn-decode"},
+    "kernels": {"modes": "all", "workloads": "gdn-decode,gdn-prefill,attn-decode,gemm"},
 }
 BUDGET_S = {"model": 480.0, "runtime": 240.0, "kernels": 240.0}  # GPU; --quick: 120 s
 DESCRIPTION = """Suites: model (default: every hattn mode and the peers a user would pick instead: HF eager with
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", help="comma-separated targets, run in this order (default: all; model groups: hattn, "
                                    "peers; kernels: ours, fla, torch, copy)")
     p.add_argument("--workloads", help="comma-separated (model: decode, prefill, e2e; kernels: gdn-decode, "
-                                       "gdn-prefill, attn-decode); default: all of the suite")
+                                       "gdn-prefill, attn-decode, gemm); default: all of the suite")
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions: a smoke run")
     p.add_argument("--out", default="out/bench", help="directory for bench.json, bench.png, bench.txt")
     p.add_argument("--budget", type=float, default=None,

@@ -316,8 +316,48 @@ def _attn_decode_torch(point: Point, device) -> list:
     return _attn_decode(decode_attention_reference)(point, device)
 
 
+# -- small-M GEMMs: the decode step's linears ------------------------------------------------------------------------
+# (K, N) of the qwen3.5-1b decode step's linears (hidden 1024); "-fused": as the same-input fusion makes them
+GEMM_SHAPES = {"gdn-qkv": (1024, 6144), "gdn-z": (1024, 2048), "gdn-ab": (1024, 16),
+               "gdn-fused": (1024, 6144 + 2048 + 16 + 16), "out-proj": (2048, 1024), "attn-q": (1024, 4096),
+               "attn-kv": (1024, 512), "attn-fused": (1024, 4096 + 512 + 512), "mlp-up": (1024, 3584),
+               "mlp-fused": (1024, 7168), "mlp-down": (3584, 1024), "lm-head": (1024, 248320)}
+
+
+def gemm_points(quick: bool, device: torch.device) -> list[Point]:
+    """y[M, N] = x[M, K] w[N, K]^T at decode's M (`batch`): the weight, x and y read or written once."""
+    shapes, ms = (["mlp-down"], [1, 4]) if quick else (list(GEMM_SHAPES), [1, 16, 64])
+    out = []
+    for shape in shapes:
+        k, n = GEMM_SHAPES[shape]
+        for m in ms:
+            nbytes = (n * k + m * (k + n)) * DTYPE.itemsize
+            out.append(Point("gemm", shape=shape, batch=m, bytes=nbytes, calls=copies(nbytes, device)))
+    return out
+
+
+def _gemm(fn) -> Callable[[Point, torch.device], list]:
+    """An implementation calling fn(x, weight) on each weight copy."""
+    def build(point: Point, device) -> list:
+        k, n = GEMM_SHAPES[point.shape]
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(point.batch, k, device=device, generator=gen).to(DTYPE)
+        weights = [(torch.randn(n, k, device=device, generator=gen) * k ** -0.5).to(DTYPE) for _ in range(point.calls)]
+        return [lambda w=w: fn(x, w) for w in weights]
+    return build
+
+
+def _gemm_ours(point: Point, device) -> list:
+    """The Triton skinny GEMM at its default launch (hattn_kernels::linear picks it or cuBLAS per shape)."""
+    _need_triton(device)
+    from hattn.kernels.gemm.skinny import skinny_linear
+
+    return _gemm(skinny_linear)(point, device)
+
+
 register(KernelWorkload("gdn-decode", gdn_decode_points, {"ours": _gdn_decode_ours, "fla": _gdn_decode_fla,
                                                           "torch": _gdn_decode_torch, "copy": _gdn_decode_copy}))
 register(KernelWorkload("gdn-prefill", gdn_prefill_points, {"ours": _gdn_prefill_ours, "fla": _gdn_prefill_fla,
                                                             "torch": _gdn_prefill_torch}, graph=False))
 register(KernelWorkload("attn-decode", attn_decode_points, {"ours": _attn_decode_ours, "torch": _attn_decode_torch}))
+register(KernelWorkload("gemm", gemm_points, {"ours": _gemm_ours, "torch": _gemm(torch.nn.functional.linear)}))

@@ -70,6 +70,19 @@ def test_quick_kernels_run_on_cpu(tmp_path):
     assert r["ratios"]["vs_floor"]["copy"]["gdn-decode/1B/B4"] > 0
 
 
+def test_gemm_workload_times_cublas_at_decode_rows_and_counts_the_weight_bytes(tmp_path):
+    out = str(tmp_path / "gemm")
+    assert main(["--suite", "kernels", "--quick", "--no-progress", "--device", "cpu", "--out", out, "--modes",
+                 "ours,torch", "--workloads", "gemm", "--budget", "300", "--slow-s", "1000"]) == 0
+    r = _load(out)
+    weight, row = 1024 * 3584 * 2, (3584 + 1024) * 2  # bf16: the weight once, each of M rows' x and y
+    assert [(p["id"], p["bytes"]) for p in r["points"]] == [("gemm/mlp-down/B1", weight + row),
+                                                             ("gemm/mlp-down/B4", weight + 4 * row)]
+    ours, torch_ = (r["entries"][n]["results"] for n in ("ours", "torch"))
+    assert all(v == {"skipped": "our Triton kernels need a CUDA device with triton installed"} for v in ours.values())
+    assert all(v["ms"] > 0 and v["calls"] == 1 for v in torch_.values())
+
+
 def test_torch_compile_peer_runs_the_goal_rows_only():
     from hattn.models.presets import preset_config, random_model
 
@@ -94,7 +107,7 @@ def test_bad_arguments_name_the_valid_ones(capsys):
     assert main(["--modes", "pcg,fast"]) == 2
     assert "unknown target 'fast' for --suite model" in capsys.readouterr().err
     assert main(["--suite", "kernels", "--workloads", "gemv"]) == 2
-    assert ("unknown workloads ['gemv'] for --suite kernels; valid: gdn-decode, gdn-prefill, attn-decode"
+    assert ("unknown workloads ['gemv'] for --suite kernels; valid: gdn-decode, gdn-prefill, attn-decode, gemm"
             in capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["--suite", "train"])
