@@ -21,6 +21,7 @@ from hattn.bench.harness import Skip
 from hattn.bench.target import Target
 from hattn.bench.workloads import Point
 from hattn.context import LayerSpec
+from hattn.ops import full, linear
 
 COPIES_BYTES, MAX_COPIES = 256 << 20, 64
 DTYPE, WIDTH = torch.bfloat16, 4
@@ -116,8 +117,7 @@ def _need_fla() -> None:
 # -- gated delta net: decode step and packed prefill ----------------------------------------------------------------
 def _gdn_spec(shape: str) -> tuple[tuple[int, int, int], LayerSpec]:
     hk, hv, d = GDN_SHAPES[shape]
-    conv = 2 * hk * d + hv * d
-    return (hk, hv, d), LayerSpec("linear", states=(((conv, WIDTH - 1), None), ((hv, d, d), torch.float32)))
+    return (hk, hv, d), linear.cache_spec(2 * hk * d + hv * d, WIDTH, hv, d, d)
 
 
 def _gdn_layer(rows: int, shape: str, slots: int, device, seed: int) -> dict:
@@ -276,7 +276,7 @@ def attn_decode_points(quick: bool, device: torch.device) -> list[Point]:
     """B sequences at `context` cached tokens: the K/V rows attended (floor.state_bytes), q and out."""
     hq, hkv, d = ATTN_SHAPE
     contexts, batches = ([64], [1, 4]) if quick else ([1024, 8192], [1, 4, 16, 64])
-    spec = {0: LayerSpec("full", kv=(hkv, d, d))}
+    spec = {0: full.cache_spec(hkv, d)}
     out = []
     for c in contexts:
         for b in batches:

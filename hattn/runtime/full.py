@@ -241,7 +241,7 @@ class DirectStep:
     stats: Stats
 
     def replay(self) -> None:
-        self.graph.graph.replay()
+        self.graph.replay()  # its inputs are written in place: nothing to copy
         self.stats.replays += 1
 
 

@@ -153,11 +153,10 @@ class CapturedGraph:
         return self.output
 
 
-def capture_graph(fn, args: list, size: int, pool, warmup: bool = True) -> tuple[CapturedGraph, object]:
+def capture_graph(fn, args: list, size: int, pool) -> tuple[CapturedGraph, object]:
     """Capture fn(*args) into the pool (after one warm-up call outside the graph: lazy init, autotuning).
     Returns the captured graph (holding weak references to the outputs) and the outputs themselves."""
-    if warmup:
-        fn(*args)
+    fn(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
         out = fn(*args)
@@ -188,6 +187,7 @@ _SERVED: ContextVar[Served | None] = ContextVar("hattn_last_served", default=Non
 def last_served() -> Served | None:
     """What the last graph replay in this thread (task) served, or None."""
     return _SERVED.get()
+
 
 class GraphRuntime:
     """Serves a callable with graphs captured per capture size; runs graph-free above the largest size.
