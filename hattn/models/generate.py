@@ -207,8 +207,8 @@ class _Loop:
                 direct.replay()
                 logits = direct.logits[:n]
             nxt = self._emit(step, sample(logits, self.params, self.generator))
-            self.lens = [c + 1 for c in self.lens]
-            if direct is None:
+            if direct is None:  # the next step calls the model: its host-side context lengths advance too
+                self.lens = [c + 1 for c in self.lens]
                 ids.copy_(nxt)
                 positions += 1
             else:
