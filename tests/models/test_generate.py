@@ -109,7 +109,7 @@ def test_prefill_asks_for_the_last_row_of_each_prompt_padded_to_the_slot_count(m
     cache = c.lm.make_cache(slots=5, max_len=64)
     got = generate(spy, c.prompts, cache, SamplingParams(max_new_tokens=3)).tokens
     assert got == [t[:3] for t in c.ref.tokens]
-    lens = [len(p) for p in c.prompts]  # 5, 17, 9 -> last rows 4, 21, 30, padded to 5 rows
+    assert [len(p) for p in c.prompts] == [5, 17, 9]  # last rows 4, 21, 30, padded to the cache's 5 slots
     assert seen == [[4, 21, 30, 30, 30], None, None]  # prefill, then two decode steps (every row)
 
 
