@@ -142,6 +142,12 @@ class ForwardContext:
             self._memo[key] = build()
         return self._memo[key]
 
+    def forget(self) -> None:
+        """Drop the memoized values. A CUDA graph's capture calls this after its warm-up run: the device values that
+        run derived (a block table, say) live outside the graph's pool and are freed with the context, so the
+        captured kernels must compute their own instead of reading the warm-up's (freed memory at replay)."""
+        self._memo.clear()
+
     def device_meta(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, context_lens) as int64 [B] tensors on `device`: the static ones of a captured step, else one
         host-to-device copy per step, shared by every layer."""

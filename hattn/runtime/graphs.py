@@ -157,6 +157,9 @@ def capture_graph(fn, args: list, size: int, pool) -> tuple[CapturedGraph, objec
     """Capture fn(*args) into the pool (after one warm-up call outside the graph: lazy init, autotuning).
     Returns the captured graph (holding weak references to the outputs) and the outputs themselves."""
     fn(*args)
+    ctx = get_forward_context()
+    if ctx is not None:
+        ctx.forget()  # what split ops derived in the warm-up is computed again inside the graph
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
         out = fn(*args)

@@ -3,6 +3,7 @@ fake "graph" that replays by calling the function on the static inputs), graph-f
 and the errors (full mode with a split op that is not capture-safe, unregistered mixers under BCG)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -222,3 +223,29 @@ def test_interrupt_in_capture_restores_the_state_and_a_later_call_captures():
     assert rt.captured == {8}
     torch.testing.assert_close(rt(x), _rowwise(x))  # the next call captures what is missing, then replays
     assert rt.captured == {4, 8} and rt.order == [8, 4] and rt.stats.replays == 1
+
+
+def test_capture_recomputes_what_split_ops_derived_in_the_warm_up(monkeypatch):
+    """capture_graph's warm-up and capture run in one forward context; a device value a split op memoized in the
+    warm-up (full attention's block table) lives outside the graph's pool and is freed with the context, so the
+    capture must build its own (on the H200 the graph read the freed warm-up table: wrong tokens, illegal
+    addresses). With torch.cuda's graph calls faked, the capture run sees an empty memo."""
+    from hattn.runtime import graphs
+
+    class NoGraph:
+        def replay(self):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", NoGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    built = []
+
+    def step(x):
+        ctx = get_forward_context()
+        table = ctx.memo("block_table", lambda: built.append(len(built)) or x + len(built))
+        return x * 0 + table
+
+    with hattn.forward_context(hattn.ForwardContext([2])):
+        _, out = graphs.capture_graph(step, [torch.zeros(2)], 2, pool=None)
+    assert built == [0, 1]  # once in the warm-up, once more in the capture
+    assert out.tolist() == [2.0, 2.0]
