@@ -218,6 +218,17 @@ def test_linear_op_times_a_new_shape_once_and_remembers_the_faster(fresh_choices
 
 
 @cuda_test
+def test_linear_op_takes_cublas_untimed_when_the_timing_buffer_does_not_fit(fresh_choices, monkeypatch):
+    """Timing needs an L2-flush buffer; out of memory for it, the call still runs (cuBLAS, remembered untimed)
+    instead of raising (the GPU fault tests cap the allocator and run graph-free small-M steps)."""
+    monkeypatch.setattr(op, "_flush_bytes", lambda device: 1 << 50)
+    x, weight, bias = _case(3, 1000, 96, torch.bfloat16, seed=0)
+    assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
+    [row] = choices()
+    assert (row["backend"], row["cublas_us"], row["triton_us"]) == ("cublas", None, None)
+
+
+@cuda_test
 def test_linear_op_leaves_more_than_64_rows_and_shapes_first_seen_in_capture_to_cublas(fresh_choices, monkeypatch):
     calls = _count_skinny_calls(monkeypatch)
     x, weight, _ = _case(65, 256, 128, torch.bfloat16, seed=0)
