@@ -27,9 +27,12 @@ def test_lazy_capture_replays_equal_capture_all_with_fewer_captures_and_no_large
     outs, stats = {}, {}
     for lazy in (True, False):
         torch._dynamo.reset()
+        # cuBLAS allocates its workspace (32 MiB on Hopper) per stream at the first GEMM, and the capture stream is
+        # shared: without clearing, the run that captures first holds it in its pool and the other does not (the
+        # H200 saw 34 MiB lazily vs 2 MiB). Cleared, each run's pool holds its own; small_m_gemm off, so every
+        # linear is cuBLAS (the Triton-or-cuBLAS choice is timed, per process)
+        torch._C._cuda_clearCublasWorkspaces()
         model = toy_model(pattern=PATTERN, device="cuda")
-        # small_m_gemm off: cuBLAS-or-Triton is chosen by timing per process, and a capture whose first cuBLAS
-        # call on the capture stream allocates cuBLAS's 32 MiB workspace in the pool would decide this comparison
         be = hattn.backend(mode=mode, capture_sizes=sizes, inner_compiler="eager", progress=False,
                            lazy_capture=lazy, small_m_gemm=False)
         fn = torch.compile(model, backend=be, dynamic=True)
