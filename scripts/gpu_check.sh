@@ -5,9 +5,12 @@
 #   bash scripts/gpu_check.sh                       # tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench
 #   (rt-bench, k-bench and bench are suites of the one bench, `python3 -m hattn.bench --suite runtime|kernels|model`)
 #   bash scripts/gpu_check.sh tests demo            # a subset
+#   bash scripts/gpu_check.sh all-tests bench       # every GPU test in 10 xdist workers (~5.5 min on the H200; -v
+#                                                   # lines name each result even when the box cuts the summary)
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
 #
-# Wheels (carry=[".whl"]): fla-core, einops, hypothesis, sortedcontainers, pytest and its deps, rich and its deps,
+# Wheels (carry=[".whl"]; scripts/device_wheels.sh fetches them): fla-core, einops, hypothesis (cp312: the device's Python is 3.12), sortedcontainers, pytest
+# and its deps, pytest-xdist and execnet, rich and its deps,
 # and transformers 5.23 (the device's 5.17 lacks bailing_hybrid). Files under $OUT (the device tool returns 8 at
 # most): gpu_tests.log demo.log runtime_bench.log kernels_bench.log bench.log bench/{bench.json,bench.txt,bench.png};
 # rt-bench and k-bench write their reports under $OUT/runtime and $OUT/kernels (listed, not all returned).
@@ -23,6 +26,7 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 
 PYTEST=(python3 -m pytest -m gpu -v -p no:warnings -p no:cacheprovider -rfE --durations=8)
 declare -A CMD=(
+  [all-tests]="${PYTEST[*]} -n 10 --dist load tests"
   [tests]="${PYTEST[*]} tests --ignore=tests/kernels --ignore=tests/runtime --ignore=tests/models --ignore=tests/test_fuzz_modes.py"
   [kernels-tests]="${PYTEST[*]} tests/kernels"
   [runtime-tests]="${PYTEST[*]} tests/runtime --ignore=tests/runtime/test_gpu_faults.py"
@@ -33,9 +37,9 @@ declare -A CMD=(
   [k-bench]="python3 -m hattn.bench --suite kernels --out $OUT/kernels --no-progress --budget 140"
   [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress"
 )
-declare -A LOG=([tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
+declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench)
-declare -A BOX=([tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
+declare -A BOX=([all-tests]=420 [tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
                 [k-bench]=150 [bench]=560)
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench)
 summary=()
