@@ -26,7 +26,7 @@ import torch
 from hattn.context import ForwardContext, forward_context
 from hattn.models.cache import HybridCache
 from hattn.runtime.full import DirectStep, direct_step
-from hattn.runtime.graphs import last_served
+from hattn.runtime.graphs import serving_log
 
 LOOKAHEAD = 8  # with stop tokens: steps the host may run ahead of the GPU before it waits for a finished-check
 
@@ -201,8 +201,9 @@ class _Loop:
             if self._all_done():
                 return step - 1
             if direct is None:
-                logits = self._call(ids, positions)
-                direct = direct_step(last_served(), ids, positions)
+                with serving_log() as served:
+                    logits = self._call(ids, positions)
+                direct = direct_step(served, ids, positions)
             else:
                 direct.replay()
                 logits = direct.logits[:n]

@@ -24,7 +24,7 @@ from hattn.kernels.packing import Bucket, PackedStep
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, Served, capture_graph, log_once, new_pool,
-                                  served_layout)
+                                  note_served, served_layout)
 from hattn.runtime.tokens import TokenLayout, pick_size
 
 log = logging.getLogger("hattn")
@@ -178,6 +178,7 @@ class FullGraphRuntime:
         ctx = get_forward_context()
         if ctx is None or ctx.cache is None:
             self.stats.eager_runs += 1  # no cache: nothing a full-step graph can serve
+            note_served(None)
             return self.fn(*args)
         if self.cache is not None and ctx.cache is not self.cache:
             log.info("hattn: mode='full' got another cache object; its graphs are captured again for it")
@@ -188,6 +189,7 @@ class FullGraphRuntime:
             return self.decode(*args)
         if self.packed is None:  # a graph without a token dimension serves one decode batch only
             self.stats.eager_runs += 1
+            note_served(None)
             return self.fn(*args)
         return self.packed(*args)
 
@@ -245,12 +247,13 @@ class DirectStep:
         self.stats.replays += 1
 
 
-def direct_step(served: Served | None, ids: torch.Tensor, positions: torch.Tensor) -> DirectStep | None:
-    """The DirectStep of the full-mode decode graph that just served `model(ids, positions)`, or None when that
-    call was not a decode-graph replay whose inputs and output can be driven directly (then keep calling the
-    model)."""
-    if served is None or not isinstance(served.runtime, _DecodeGraphs):
+def direct_step(served: list, ids: torch.Tensor, positions: torch.Tensor) -> DirectStep | None:
+    """The DirectStep of the full-mode decode graph that just served `model(ids, positions)` (`served`: what
+    `graphs.serving_log` collected around that call), or None when the call was not exactly one decode-graph replay
+    whose inputs and output can be driven directly (then keep calling the model)."""
+    if len(served) != 1 or served[0] is None or not isinstance(served[0].runtime, _DecodeGraphs):
         return None
+    served = served[0]
     graphs = served.runtime
     graph = graphs.graphs.get(served.size)
     static_ids, static_pos = served.static_of(ids), served.static_of(positions)

@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from hattn.counters import Stats
 from hattn.registry import Mode, direct_call, register_mode, split_op_of
+from hattn.runtime.graphs import note_served
 
 
 def graph_free(split_gm: fx.GraphModule, stats: Stats) -> Callable:
@@ -15,6 +16,7 @@ def graph_free(split_gm: fx.GraphModule, stats: Stats) -> Callable:
 
     def run(*args):
         stats.eager_runs += 1
+        note_served(None)
         return split_gm(*args)
 
     return run

@@ -169,8 +169,8 @@ def capture_graph(fn, args: list, size: int, pool) -> tuple[CapturedGraph, objec
 # -- the runtime --------------------------------------------------------------------------------------------------
 @dataclass
 class Served:
-    """The last replay a runtime served in this thread: the caller's args, the static args the graph read (same
-    order) and its static outputs. A caller that owns the step loop (`hattn.models.generate`) uses it to write the
+    """One replay a runtime served (collected by `serving_log`): the caller's args, the static args the graph read
+    (same order) and its static outputs. A caller that owns the step loop (`hattn.models.generate`) uses it to write the
     next step's inputs straight into the static buffers and replay without Dynamo or the runtime's Python."""
 
     runtime: "GraphRuntime"
@@ -184,12 +184,26 @@ class Served:
         return next((s for a, s in zip(self.args, self.static) if a is tensor), None)
 
 
-_SERVED: ContextVar[Served | None] = ContextVar("hattn_last_served", default=None)
+_SERVED: ContextVar[list | None] = ContextVar("hattn_served", default=None)
 
 
-def last_served() -> Served | None:
-    """What the last graph replay in this thread (task) served, or None."""
-    return _SERVED.get()
+@contextlib.contextmanager
+def serving_log():
+    """Collects what hattn's runtimes serve inside the block (this thread or task): a `Served` per graph replay,
+    None per graph-free run. A caller that drives a graph directly afterwards needs exactly one replay in its call:
+    with two graphs (a graph break), replaying one would skip the other."""
+    log: list = []
+    token = _SERVED.set(log)
+    try:
+        yield log
+    finally:
+        _SERVED.reset(token)
+
+
+def note_served(entry: Served | None) -> None:
+    log = _SERVED.get()
+    if log is not None:
+        log.append(entry)
 
 
 class GraphRuntime:
@@ -233,13 +247,14 @@ class GraphRuntime:
             self.capture_all(args, size)  # may give graphs up (self.failed: out of memory)
         if not graphs or self.failed is not None:
             self.stats.eager_runs += 1  # above the largest capture size (or no graphs): graph-free, counted
+            note_served(None)
             with _step_context(n):
                 return self.fn(*args)
         static = self.inputs.fill(size, args, n)
         start = time.perf_counter()
         with self.step_context(n, size):
             out = self.replay(size, static)
-        _SERVED.set(Served(self, size, args, static, out))
+        note_served(Served(self, size, args, static, out))
         if not self.replayed:
             _sync()
             self.stats.first_replay_seconds += time.perf_counter() - start

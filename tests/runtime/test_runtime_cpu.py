@@ -249,3 +249,26 @@ def test_capture_recomputes_what_split_ops_derived_in_the_warm_up(monkeypatch):
         _, out = graphs.capture_graph(step, [torch.zeros(2)], 2, pool=None)
     assert built == [0, 1]  # once in the warm-up, once more in the capture
     assert out.tolist() == [2.0, 2.0]
+
+
+def test_serving_log_names_each_replay_and_graph_free_run_so_direct_replay_needs_exactly_one():
+    """generate drives the decode graph directly only when its model call was exactly one decode-graph replay: with
+    a second graph in the call (a graph break), replaying one graph would skip the other's work."""
+    from hattn.runtime.full import direct_step
+    from hattn.runtime.graphs import serving_log
+
+    rt = FakeGraphs(_rowwise, [4])
+    x = torch.randn(3)
+    with serving_log() as one:
+        rt(x)
+    with serving_log() as two:
+        rt(x)
+        rt(torch.randn(2))
+    with serving_log() as free:
+        rt(torch.randn(9))  # above the largest size: graph-free
+    assert [type(s).__name__ for s in one] == ["Served"] and one[0].runtime is rt and one[0].size == 4
+    assert len(two) == 2 and free == [None]
+    rt(x)  # outside a log: nothing collected, nothing fails
+    for served in (two, free, []):
+        assert direct_step(served, x, x) is None
+    assert direct_step(one, x, x) is None  # one replay, but not of a full-mode decode graph
