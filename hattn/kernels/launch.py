@@ -28,6 +28,14 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and has_triton()
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`, for grid planning; on CPU (Triton's interpreter) an H200's 132."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 class CheckedOnce:
     """Runs a launcher's checks once per argument metadata instead of on every call.
 

@@ -23,7 +23,7 @@ from hattn.counters import Stats
 from hattn.kernels.packing import Bucket, PackedStep
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
-from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, Served, capture_graph, log_once, new_pool,
+from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, capture_graph, log_once, new_pool,
                                   note_served, served_layout)
 from hattn.runtime.tokens import TokenLayout, pick_size
 

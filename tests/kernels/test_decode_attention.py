@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hattn.kernels.attention.decode import decode_attention_reference
-from hattn.kernels.launch import interpreting
+from hattn.kernels.attention.tiles import kv_block
+from hattn.kernels.launch import interpreting, sm_count
 
 try:
     from hattn.kernels.attention import decode_triton as dt
@@ -90,10 +91,10 @@ def test_split_plan_fills_the_device_with_whole_blocks():
     round away), unless the cache has fewer blocks than that."""
     device = torch.device(DEV)
     for b, hkv, max_len in [(1, 2, 1040), (1, 2, 8200), (4, 1, 33), (64, 8, 8200), (64, 2, 1), (3, 4, 4097)]:
-        block_l = dt._block_l(256, 256, 2)
+        block_l = kv_block(256, 256, 2)
         chunk, splits = dt._split_plan(max_len, block_l, dt.default_splits(b, hkv, max_len, block_l, device))
         assert chunk % block_l == 0 and (splits - 1) * chunk < max_len <= splits * chunk
-        assert b * hkv * splits >= dt._sm_count(device) or chunk == block_l
+        assert b * hkv * splits >= sm_count(device) or chunk == block_l
 
 
 def test_decode_attention_bytes_counts_the_attended_rows():

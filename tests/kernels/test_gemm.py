@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from hattn.kernels.gemm import choices, linear, load_choices, op
 from hattn.kernels.gemm.reference import linear_reference
-from hattn.kernels.launch import interpreting
+from hattn.kernels.launch import interpreting, sm_count
 from hattn.registry import split_op_of, unregistered_mixer
 
 try:
@@ -125,7 +125,7 @@ def test_default_launch_fills_the_device_within_the_partials_budget(m, n, k):
     c = skinny.default_launch(m, n, k, torch.bfloat16, device)
     k_per_split, splits = skinny.split_plan(k, c.block_k, c.split_k)
     assert (splits - 1) * k_per_split < k <= splits * k_per_split and k_per_split % c.block_k == 0
-    filled = -(-n // c.block_n) * splits >= 2 * skinny.sm_count(device)
+    filled = -(-n // c.block_n) * splits >= 2 * sm_count(device)
     k_bound = splits in (-(-k // c.block_k), skinny.SPLIT_K_MAX)
     assert filled or k_bound or (splits + 1) * 2 * m * 4 > skinny.PARTIALS_SHARE * k * 2
     assert splits == 1 or splits * 2 * m * 4 <= skinny.PARTIALS_SHARE * k * 2

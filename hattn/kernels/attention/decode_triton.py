@@ -10,17 +10,14 @@ REP = Hq // Hkv query heads of its KV head, so K/V are read once per KV head. Th
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from hattn.kernels.launch import CheckedOnce
-
-LOG2E = 1.4426950408889634
-TILE_BYTES = 32 * 1024  # one K + V block in the cache dtype: at D=256 bf16 a 32-position block, 3 stages in smem
+from hattn.kernels.attention.tiles import LOG2E, kv_block
+from hattn.kernels.launch import CheckedOnce, sm_count
 
 
 @triton.jit
@@ -131,7 +128,7 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
     max_len, hkv, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     if b == 0:
         return
-    block_l = _block_l(dk, dv, k_cache.element_size())
+    block_l = kv_block(dk, dv, k_cache.element_size())
     chunk, splits = _split_plan(max_len, block_l, num_splits or default_splits(b, hkv, max_len, block_l, q.device))
     rep = hq // hkv
     dims = dict(DV=dv, BLOCK_DV=triton.next_power_of_2(max(dv, 16)))
@@ -152,7 +149,7 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
 def default_splits(b: int, hkv: int, max_len: int, block_l: int, device: torch.device) -> int:
     """Splits a sequence's positions so that B * Hkv * splits fills the device twice over (two programs an SM),
     at least one block of positions a split. From shapes only, so a captured graph's grid fits every replay."""
-    return max(1, min(math.ceil(2 * _sm_count(device) / (b * hkv)), math.ceil(max_len / block_l)))
+    return max(1, min(math.ceil(2 * sm_count(device) / (b * hkv)), math.ceil(max_len / block_l)))
 
 
 def decode_attention_bytes(q, k_cache, v_cache, context_lens, out) -> int:
@@ -164,24 +161,11 @@ def decode_attention_bytes(q, k_cache, v_cache, context_lens, out) -> int:
     return positions * kv_row + q.numel() * q.element_size() + out.numel() * out.element_size()
 
 
-def _block_l(dk: int, dv: int, elem: int) -> int:
-    """Positions a block: K and V blocks together within TILE_BYTES, 16 to 64 (tl.dot needs >= 16)."""
-    width = (triton.next_power_of_2(max(dk, 16)) + triton.next_power_of_2(max(dv, 16))) * elem
-    return max(16, min(64, triton.next_power_of_2(TILE_BYTES // width + 1) // 2))
-
-
 def _split_plan(max_len: int, block_l: int, splits: int) -> tuple[int, int]:
     """(chunk, splits): whole blocks a split, no split starting past max_len."""
     blocks = math.ceil(max_len / block_l)
     chunk = math.ceil(blocks / max(1, min(splits, blocks))) * block_l
     return chunk, math.ceil(max_len / chunk)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter on CPU: plan as for an H200
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check(q, k_cache, v_cache, slots, context_lens, out) -> None:

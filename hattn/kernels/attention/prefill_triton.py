@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hattn.kernels.attention.decode_triton import LOG2E, _block_l
+from hattn.kernels.attention.tiles import LOG2E, kv_block
 from hattn.kernels.launch import CheckedOnce, check_device
 
 BLOCK_M = 64  # query rows (token, head) a program; tokens a block = BLOCK_M // REP
@@ -207,7 +207,7 @@ def prefill_attention(q, k_cache, v_cache, starts, seq_lens, context_lens, slots
     _prefill_kernel[(blocks.shape[1], hkv)](
         q, k_cache, v_cache, out, starts, seq_lens, context_lens, slots, blocks[0], blocks[1], *q.stride(),
         *k_cache.stride(), *v_cache.stride(), *out.stride(), t, scale * LOG2E, REP=hq // hkv,
-        BLOCK_T=block_tokens(hq, hkv), DK=dk, DV=dv, BLOCK_M=BLOCK_M, BLOCK_N=_block_l(dk, dv, k_cache.element_size()),
+        BLOCK_T=block_tokens(hq, hkv), DK=dk, DV=dv, BLOCK_M=BLOCK_M, BLOCK_N=kv_block(dk, dv, k_cache.element_size()),
         BLOCK_DK=block_dk, BLOCK_DV=block_dv, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=8 if max(block_dk, block_dv) >= 256 else 4,
     )

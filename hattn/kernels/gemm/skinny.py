@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from hattn.kernels.gemm.op import MAX_M
-from hattn.kernels.launch import FLOATS, CheckedOnce, check_device
+from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, sm_count
 
 SPLIT_K_MAX = 16
 PARTIALS_SHARE = 0.25  # split-K's fp32 partials (written + read) at most this share of the weight's bytes
@@ -148,13 +148,6 @@ def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
     blocks = max(1, triton.cdiv(k, block_k))
     k_per_split = triton.cdiv(blocks, min(split_k, blocks)) * block_k
     return k_per_split, max(1, triton.cdiv(k, k_per_split))
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter on CPU: plan as for an H200
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check(x, weight, bias) -> None:
