@@ -25,7 +25,8 @@ class Stats:
     cache_misses: int = 0        # graphs with a cache_dir but no entry for their key
     cuda_graphs: int = 0         # CUDA graphs captured (all pieces/segments, all sizes)
     capture_sizes_done: int = 0  # sizes captured
-    pool_bytes: int = 0          # memory reserved by the shared graph pool, measured around capture
+    pool_bytes: int = 0          # memory held by the graph pools (each runtime's pool once), measured after capture
+    pool_bytes_by_pool: dict[str, int] = field(default_factory=dict)  # the same per pool id (str)
     replays: int = 0             # forward calls served by graph replay
     eager_runs: int = 0          # forward calls run without graphs (above the largest capture size, CPU, ...)
     padded_tokens: int = 0       # padding rows added to reach a capture size
@@ -43,8 +44,14 @@ class Stats:
 
     def add(self, other: "Stats") -> "Stats":
         for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            setattr(self, f.name, {**mine, **theirs} if isinstance(mine, dict) else mine + theirs)
         return self
+
+    def set_pool_bytes(self, pool_id: str, nbytes: int) -> None:
+        """Record what pool `pool_id` holds now (replacing its earlier figure); pool_bytes is the sum over pools."""
+        self.pool_bytes_by_pool[pool_id] = nbytes
+        self.pool_bytes = sum(self.pool_bytes_by_pool.values())
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

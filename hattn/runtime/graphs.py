@@ -288,8 +288,12 @@ class GraphRuntime:
             raise
         _sync()
         self.stats.capture_seconds += time.perf_counter() - start
-        # the pool's segments; if the allocator's snapshot does not name pools, what capture added to the reserve
-        self.stats.pool_bytes = pool_bytes(self.pool) or self.stats.pool_bytes + max(0, _reserved() - reserved)
+        # the pool's segments; if the allocator's snapshot does not name pools, what capture added to the reserve.
+        # Per pool: two Dynamo graphs (prefill and decode) have two runtimes, and both pools are held at once
+        key = str(self.pool)
+        measured = pool_bytes(self.pool) or (self.stats.pool_bytes_by_pool.get(key, 0)
+                                             + max(0, _reserved() - reserved))
+        self.stats.set_pool_bytes(key, measured)
 
     def _capture_one(self, size: int, args) -> None:
         has_tokens = self.layout.has_tokens

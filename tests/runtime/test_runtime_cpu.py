@@ -272,3 +272,24 @@ def test_serving_log_names_each_replay_and_graph_free_run_so_direct_replay_needs
     for served in (two, free, []):
         assert direct_step(served, x, x) is None
     assert direct_step(one, x, x) is None  # one replay, but not of a full-mode decode graph
+
+
+def test_pool_bytes_count_each_runtimes_pool_once(monkeypatch):
+    """Two runtimes sharing a Stats (a model's prefill and decode graphs) hold two pools at once: pool_bytes is
+    their sum, and a later capture into a pool replaces that pool's figure instead of adding to it."""
+    from hattn.runtime import graphs
+
+    pools = iter([("pool", 1), ("pool", 2)])
+    held = {("pool", 1): 100, ("pool", 2): 30}
+    monkeypatch.setattr(graphs, "new_pool", lambda: next(pools))
+    monkeypatch.setattr(graphs, "pool_bytes", lambda pool: held[pool])
+    a, b = FakeGraphs(_rowwise, [4, 8, 16]), FakeGraphs(_rowwise, [4, 8, 16])
+    b.stats = a.stats
+    a(torch.randn(3))
+    b(torch.randn(3))
+    assert a.stats.pool_bytes == 130
+    held[("pool", 1)] = 120  # a lazily captured size grew the first pool
+    a(torch.randn(7))
+    assert a.stats.pool_bytes == 150 and len(a.stats.pool_bytes_by_pool) == 2
+    total = Stats().add(a.stats)
+    assert total.pool_bytes == 150 and total.pool_bytes_by_pool == a.stats.pool_bytes_by_pool
