@@ -213,9 +213,7 @@ class _Loop:
                 ids.copy_(nxt)
                 positions += 1
             else:
-                direct.ids[:n].copy_(nxt)
-                direct.positions[:n] += 1
-                direct.context_lens[:n] += 1
+                direct.advance(nxt)
         return self.params.max_new_tokens - 1
 
     def _call(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

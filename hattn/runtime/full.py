@@ -246,6 +246,15 @@ class DirectStep:
         self.graph.replay()  # its inputs are written in place: nothing to copy
         self.stats.replays += 1
 
+    def advance(self, tokens: torch.Tensor) -> None:
+        """The next step's inputs of the first len(tokens) rows: `tokens` [n] fed back, positions and context lengths
+        one further. The buffers were made in the first step's inference mode (inference tensors), hence here too."""
+        n = tokens.shape[0]
+        with torch.inference_mode():
+            self.ids[:n].copy_(tokens)
+            self.positions[:n] += 1
+            self.context_lens[:n] += 1
+
 
 def direct_step(served: list, ids: torch.Tensor, positions: torch.Tensor) -> DirectStep | None:
     """The DirectStep of the full-mode decode graph that just served `model(ids, positions)` (`served`: what
@@ -257,7 +266,10 @@ def direct_step(served: list, ids: torch.Tensor, positions: torch.Tensor) -> Dir
     graphs = served.runtime
     graph = graphs.graphs.get(served.size)
     static_ids, static_pos = served.static_of(ids), served.static_of(positions)
-    if graph is None or static_ids is None or static_pos is None or not isinstance(served.out, torch.Tensor):
+    out = served.out
+    if isinstance(out, (tuple, list)) and len(out) == 1:  # a Dynamo graph returns a tuple of its outputs
+        out = out[0]
+    if graph is None or static_ids is None or static_pos is None or not isinstance(out, torch.Tensor):
         return None
     meta = graphs.static(static_ids.shape[0])
-    return DirectStep(graph, static_ids, static_pos, meta.context_lens, served.out, graphs.stats)
+    return DirectStep(graph, static_ids, static_pos, meta.context_lens, out, graphs.stats)

@@ -293,3 +293,59 @@ def test_pool_bytes_count_each_runtimes_pool_once(monkeypatch):
     assert a.stats.pool_bytes == 150 and len(a.stats.pool_bytes_by_pool) == 2
     total = Stats().add(a.stats)
     assert total.pool_bytes == 150 and total.pool_bytes_by_pool == a.stats.pool_bytes_by_pool
+
+
+def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_decode_step(monkeypatch):
+    """hattn.generate over the real FullGraphRuntime with a stand-in capture (replay = run the step on the static
+    inputs, copied into the captured outputs), its step returning a 1-tuple as every Dynamo graph does: the model is
+    called for the prefill and the first decode step only, the rest are direct replays (static ids, positions and
+    context lengths advanced in place, under inference mode as the buffers were made), and the tokens are those of
+    the model called every step."""
+    from hattn.models.cache import HybridCache
+    from hattn.models.generate import SamplingParams, generate
+    from hattn.runtime import full, graphs
+
+    class StandInGraph:
+        def __init__(self, fn, args, out):
+            self.fn, self.args, self.out = fn, args, out
+
+        def replay(self):  # a CUDA graph writes its (inference-mode) outputs whatever the host's mode
+            with torch.inference_mode():
+                for static, new in zip(self.out, self.fn(*self.args)):
+                    static.copy_(new)
+
+    def capture(fn, args, size, pool):
+        fn(*args)
+        get_forward_context().forget()
+        out = fn(*args)
+        return graphs.CapturedGraph(size, StandInGraph(fn, list(args), out), list(args), out), out
+
+    monkeypatch.setattr(full, "capture_graph", capture)
+    monkeypatch.setattr(full, "_pinned", lambda rows: torch.tensor(rows, dtype=torch.long))
+    vocab = 11
+
+    def logits(ids, positions):  # the next token is (id + position + 1) mod vocab
+        return torch.nn.functional.one_hot((ids + positions + 1) % vocab, vocab).float()
+
+    def step(ids, positions):
+        return (logits(ids, positions),)
+
+    def run(direct: bool):
+        ids = torch.zeros(3, dtype=torch.long)
+        runtime = full.FullGraphRuntime(step, layout_from_args([ids, ids]), [1, 2, 4, 8], Stats(), progress=False)
+        calls = []
+
+        def model(ids, positions, rows=None):
+            if rows is not None:  # the prefill: graph-free here
+                return logits(ids, positions)[rows]
+            calls.append(len(ids))
+            return runtime(ids, positions)[0] if direct else logits(ids, positions)
+
+        cache = HybridCache({}, slots=4, max_len=64, dtype=torch.float32)
+        res = generate(model, [[1, 2, 3], [4, 5]], cache, SamplingParams(max_new_tokens=6))
+        return res.tokens, calls, runtime.stats
+
+    want, every_step, _ = run(direct=False)
+    got, calls, stats = run(direct=True)
+    assert got == want and len(every_step) == 5
+    assert calls == [2] and stats.replays == 5  # one model call, then four direct replays
