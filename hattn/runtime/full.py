@@ -56,6 +56,7 @@ class _Graphs(GraphRuntime):
         super().__init__(fn, layout, sizes, stats, progress)
         self.cache, self.pool = cache, pool
         self.graphs: dict[int, CapturedGraph] = {}
+        self.extra: dict[int, dict] = {}  # the ForwardContext.extra each size was captured with
 
     def static(self, size: int) -> StaticMeta:
         raise NotImplementedError
@@ -78,6 +79,7 @@ class _Graphs(GraphRuntime):
         size = size if size is not None else len(user.seq_lens)  # a static graph: the batch it was traced for
         static = self.static(size)
         self.fill_capture(static, size)
+        self.extra[size] = dict(getattr(user, "extra", {}) or {})
         return forward_context(self._context(user, size, static))
 
     def step_context(self, num_tokens, size: int):
@@ -86,6 +88,7 @@ class _Graphs(GraphRuntime):
             num_tokens = size = len(user.seq_lens)
         elif user.num_tokens != num_tokens:
             raise ValueError(f"the forward context holds {user.num_tokens} tokens but the input has {num_tokens}")
+        _check_extra(self.extra.get(size, {}), user.extra or {})
         self.fill_step(self.static(size), user, size)
         return contextlib.nullcontext()
 
@@ -98,7 +101,22 @@ class _Graphs(GraphRuntime):
 
     def release(self) -> None:
         self.graphs.clear()
+        self.extra.clear()
         super().release()
+
+
+def _check_extra(captured: dict, now: dict) -> None:
+    """Split ops inside a full-step graph read ForwardContext.extra as it was at capture: a step may pass the same
+    objects again (a static device tensor it updates in place, an equal host value), never others."""
+    for key in captured.keys() | now.keys():
+        a, b = captured.get(key), now.get(key)
+        same = a is b or (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
+        if not same:
+            raise ValueError(
+                f"ForwardContext.extra[{key!r}] is not what mode='full' captured its graph with: split ops inside "
+                f"the graph would read the captured value. Fix: keep one device tensor per key and update it in "
+                f"place each step, or use mode='pcg' / 'bcg' (split ops run eagerly and read each step's extra)"
+            )
 
 
 class _DecodeGraphs(_Graphs):

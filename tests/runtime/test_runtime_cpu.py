@@ -295,14 +295,10 @@ def test_pool_bytes_count_each_runtimes_pool_once(monkeypatch):
     assert total.pool_bytes == 150 and total.pool_bytes_by_pool == a.stats.pool_bytes_by_pool
 
 
-def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_decode_step(monkeypatch):
-    """hattn.generate over the real FullGraphRuntime with a stand-in capture (replay = run the step on the static
-    inputs, copied into the captured outputs), its step returning a 1-tuple as every Dynamo graph does: the model is
-    called for the prefill and the first decode step only, the rest are direct replays (static ids, positions and
-    context lengths advanced in place, under inference mode as the buffers were made), and the tokens are those of
-    the model called every step."""
-    from hattn.models.cache import HybridCache
-    from hattn.models.generate import SamplingParams, generate
+@pytest.fixture
+def stand_in_capture(monkeypatch):
+    """mode=full's runtime on CPU: capture_graph replaced by a stand-in whose replay runs the step on the static
+    inputs and copies the result into the captured outputs; host metadata copied without pinned memory."""
     from hattn.runtime import full, graphs
 
     class StandInGraph:
@@ -322,6 +318,17 @@ def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_deco
 
     monkeypatch.setattr(full, "capture_graph", capture)
     monkeypatch.setattr(full, "_pinned", lambda rows: torch.tensor(rows, dtype=torch.long))
+
+
+def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_decode_step(stand_in_capture):
+    """hattn.generate over the real FullGraphRuntime with a stand-in capture, its step returning a 1-tuple as every
+    Dynamo graph does: the model is called for the prefill and the first decode step only, the rest are direct
+    replays (static ids, positions and context lengths advanced in place, under inference mode as the buffers were
+    made), and the tokens are those of the model called every step."""
+    from hattn.models.cache import HybridCache
+    from hattn.models.generate import SamplingParams, generate
+    from hattn.runtime import full
+
     vocab = 11
 
     def logits(ids, positions):  # the next token is (id + position + 1) mod vocab
@@ -349,3 +356,30 @@ def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_deco
     got, calls, stats = run(direct=True)
     assert got == want and len(every_step) == 5
     assert calls == [2] and stats.replays == 5  # one model call, then four direct replays
+
+
+def test_full_mode_refuses_a_step_whose_extra_differs_from_the_capture(stand_in_capture):
+    """Split ops inside a full-step graph read ForwardContext.extra as captured: the same objects again are fine (a
+    static tensor updated in place), another tensor or host value is an error naming the key, not a stale read."""
+    from hattn.models.cache import HybridCache
+    from hattn.runtime import full
+
+    scale = torch.ones(1)
+
+    def step(ids):
+        return (ids * get_forward_context().extra["scale"],)
+
+    ids = torch.zeros(2)
+    runtime = full.FullGraphRuntime(step, layout_from_args([ids]), [2, 4], Stats(), progress=False)
+    cache = HybridCache({}, slots=4, max_len=8, dtype=torch.float32)
+
+    def call(extra, x):
+        with hattn.forward_context(hattn.ForwardContext([1, 1], [0, 0], [0, 1], cache, extra=extra)):
+            return runtime(x)[0]
+
+    assert call({"scale": scale}, torch.ones(2)).tolist() == [1.0, 1.0]
+    scale.fill_(3.0)  # updated in place: the graph reads it
+    assert call({"scale": scale}, torch.ones(2)).tolist() == [3.0, 3.0]
+    for extra in ({"scale": torch.ones(1)}, {}, {"scale": scale, "step": 1}):
+        with pytest.raises(ValueError, match="extra.* is not what mode='full' captured"):
+            call(extra, torch.ones(2))
