@@ -129,6 +129,11 @@ class _DecodeGraphs(_Graphs):
         self.meta = StaticMeta(*torch.zeros(2, self.sizes[-1] or 1, dtype=torch.long, device=self.cache.device))
 
     def static(self, size: int) -> StaticMeta:
+        if size > self.meta.slots.shape[0]:  # a static graph (no token dimension): sized by its one batch, once
+            if self.graphs:
+                raise RuntimeError(f"full decode: a batch of {size} rows for graphs captured for at most "
+                                   f"{self.meta.slots.shape[0]}")
+            self.meta = StaticMeta(*torch.zeros(2, size, dtype=torch.long, device=self.cache.device))
         return StaticMeta(self.meta.slots[:size], self.meta.context_lens[:size])
 
     def fill_capture(self, static: StaticMeta, size: int) -> None:

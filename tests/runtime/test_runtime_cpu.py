@@ -302,19 +302,24 @@ def stand_in_capture(monkeypatch):
     from hattn.runtime import full, graphs
 
     class StandInGraph:
-        def __init__(self, fn, args, out):
-            self.fn, self.args, self.out = fn, args, out
+        """Replays as a CUDA graph would: the step's work on the static inputs, seeing the forward context it was
+        captured in (split ops read its static metadata, not the caller's), written into the captured outputs in
+        place (inference tensors, whatever the host's mode)."""
 
-        def replay(self):  # a CUDA graph writes its (inference-mode) outputs whatever the host's mode
-            with torch.inference_mode():
+        def __init__(self, fn, args, out, ctx):
+            self.fn, self.args, self.out, self.ctx = fn, args, out, ctx
+
+        def replay(self):
+            with torch.inference_mode(), hattn.forward_context(self.ctx):
                 for static, new in zip(self.out, self.fn(*self.args)):
                     static.copy_(new)
 
     def capture(fn, args, size, pool):
         fn(*args)
-        get_forward_context().forget()
+        ctx = get_forward_context()
+        ctx.forget()
         out = fn(*args)
-        return graphs.CapturedGraph(size, StandInGraph(fn, list(args), out), list(args), out), out
+        return graphs.CapturedGraph(size, StandInGraph(fn, list(args), out, ctx), list(args), out), out
 
     monkeypatch.setattr(full, "capture_graph", capture)
     monkeypatch.setattr(full, "_pinned", lambda rows: torch.tensor(rows, dtype=torch.long))
@@ -383,3 +388,23 @@ def test_full_mode_refuses_a_step_whose_extra_differs_from_the_capture(stand_in_
     for extra in ({"scale": torch.ones(1)}, {}, {"scale": scale, "step": 1}):
         with pytest.raises(ValueError, match="extra.* is not what mode='full' captured"):
             call(extra, torch.ones(2))
+
+
+def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_capture):
+    """A Dynamo graph without a token dimension (compiled without dynamic shapes) is one decode batch: its static
+    metadata is sized by that batch (it was sized 1 and a batch of 4 failed in the capture's copy)."""
+    from hattn.models.cache import HybridCache
+    from hattn.runtime import full
+    from hattn.runtime.tokens import TokenLayout
+
+    def step(ids):
+        meta = get_forward_context().static
+        return (ids + meta.context_lens,)
+
+    runtime = full.FullGraphRuntime(step, TokenLayout([()], owned=[0]), [1, 2, 4], Stats(), progress=False)
+    cache = HybridCache({}, slots=4, max_len=16, dtype=torch.long)
+    for lens in ([3, 5, 7, 9], [4, 6, 8, 10]):
+        with hattn.forward_context(hattn.ForwardContext([1] * 4, lens, [0, 1, 2, 3], cache)):
+            out = runtime(torch.zeros(4, dtype=torch.long))[0]
+        assert out.tolist() == lens
+    assert runtime.stats.replays == 2
