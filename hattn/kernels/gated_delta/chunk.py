@@ -56,7 +56,7 @@ def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state
     if stateful and (batch.padded or any(batch.has_state)):
         h0 = rec_state.index_select(0, batch.slots_d)
         if batch.padded or not all(batch.has_state):  # new sequences start from zeros
-            h0.mul_(batch.has_state_d[:, None, None, None])
+            h0.masked_fill_(batch.has_state_d[:, None, None, None] == 0, 0.0)  # not mul: 0 * NaN left in a slot
     chunk_indices = batch.memo("fla_chunk_indices", lambda: _chunk_indices(batch))
     with torch.cuda.device(q.device), _no_fla_tensor_cache(batch.padded):
         _, o, _, final, _, _ = chunk_gated_delta_rule_fwd(
