@@ -265,6 +265,12 @@ def run(args: argparse.Namespace, start: float | None = None) -> dict:
                                        on_entry=on_entry)
         except Stop as stop:  # during setup: a report of what there is
             partial = [f"{stop} during setup"]
+        except (ValueError, FileNotFoundError):
+            raise  # bad input: `main` names it and the fix
+        except Exception as e:  # noqa: BLE001  (out of memory building the model, a broken CUDA context): reported
+            from hattn.bench.runner import reason
+
+            partial = [f"setup failed: {reason(e)}"]
     meta["total_s"] = budget.elapsed()
     launch.finish()
     if tp.rank != 0:  # every rank measured the same points; rank 0 reports

@@ -69,13 +69,14 @@ def build(meta: dict, points: list[Point], entries: dict, partial: list[str] = (
     table = rows(points, meta)
     result = {"schema": SCHEMA, "partial": bool(partial), "partial_reasons": list(partial), "meta": meta,
               "points": table, "entries": entries, "ratios": ratios(entries, table, meta["base"])}
-    if meta["suite"] != "kernels" and meta["env"]["device"].startswith("cuda"):
+    if meta["suite"] != "kernels" and meta["env"]["device"].startswith("cuda") and "plan" in meta:
         result["goals"] = goals.evaluate(result)
     else:
         result["goals"] = None
         result["goals_note"] = ("goals: none for the kernels suite" if meta["suite"] == "kernels" else
                                 "goals: not evaluated, they mean nothing on a CPU (they are for a GPU run: H200, "
-                                "qwen3.5-1b, bf16)")
+                                "qwen3.5-1b, bf16)" if not meta["env"]["device"].startswith("cuda") else
+                                "goals: not evaluated, the run ended before its setup did (no plan, no rows)")
     return result
 
 

@@ -189,3 +189,24 @@ def test_model_suite_default_targets_are_what_the_goals_compare():
     assert args.modes == ["eager", "full", "pcg", "bcg", "tc-ro", "hf-static"]
     assert cli.BUDGET_S["model"] <= 540
     assert set(cli._targets_of("model", "all")) >= set(args.modes) | {"hf-eager", "tc-default", "hf-eager-fla"}
+
+
+def test_a_setup_failure_still_writes_a_report_without_goals(tmp_path, monkeypatch):
+    """An error while the model suite sets up (out of memory building the model, say) ends the run with a report
+    that says so (partial, no target measured, exit 1); goals of a GPU result without a plan (a stop during setup)
+    are 'not evaluated', not a KeyError that loses the report."""
+    from hattn.bench import cli
+    from hattn.bench.data import build
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(cli, "_model_suite", broken)
+    out = str(tmp_path / "b")
+    assert main(["--preset", "tiny", "--quick", "--no-progress", "--device", "cpu", "--out", out]) == 1
+    result = json.load(open(os.path.join(out, "bench.json")))
+    assert result["partial"] and "setup failed" in result["partial_reasons"][0] and "out of memory" in \
+        result["partial_reasons"][0]
+    meta = {"suite": "model", "env": {"device": "cuda:0"}, "base": "eager"}
+    result = build(meta, [], {}, ["stopped during setup"])
+    assert result["goals"] is None and "setup" in result["goals_note"]
