@@ -38,7 +38,7 @@ class HattnMode(Target):
         self.est_s = estimate_s(mode, setup.inner_compiler)
         if setup.tbo:
             self.about += "; two-batch overlap (two micro-batches per step, each compiled on its own)"
-            self.est_s *= 2
+            self.est_s = tuple(2 * x for x in self.est_s)  # (GPU, CPU) seconds, each doubled
         self.backends, self.model = [], None
 
     def prepare(self) -> None:

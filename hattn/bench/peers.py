@@ -99,8 +99,8 @@ class _HFPeer(Target):
     est_s = (5.0, 2.0)
 
     def prefill(self, point: Point):
-        ids = _batched(point, self.s)
-        return lambda: _infer(self.s.hf, input_ids=ids, use_cache=False)
+        ids = _batched(point, self.s)  # logits of each prompt's last token only, as hattn computes
+        return lambda: _infer(self.s.hf, input_ids=ids, use_cache=False, logits_to_keep=1)
 
     def _filled_cache(self, point: Point, static: bool):
         """A transformers cache holding `context` tokens of `batch` sequences (eager prefill, last logits only)."""
@@ -225,7 +225,7 @@ class TorchCompile(_HFPeer):
         ids = _batched(point, self.s)
         if ids.shape[1] > 1:
             torch._dynamo.maybe_mark_dynamic(ids, 1)  # one graph for every token count, as hattn gets
-        return lambda: _infer(self.model, input_ids=ids, use_cache=False)
+        return lambda: _infer(self.model, input_ids=ids, use_cache=False, logits_to_keep=1)  # as hattn: last rows
 
     def decode(self, point: Point):
         cache, last = self._filled_cache(point, static=True)

@@ -210,3 +210,15 @@ def test_a_setup_failure_still_writes_a_report_without_goals(tmp_path, monkeypat
     meta = {"suite": "model", "env": {"device": "cuda:0"}, "base": "eager"}
     result = build(meta, [], {}, ["stopped during setup"])
     assert result["goals"] is None and "setup" in result["goals_note"]
+
+
+def test_two_batch_overlap_doubles_a_modes_compile_estimate():
+    """With --tbo each micro-batch compiles on its own: the estimate the budget checks is twice the plain one (it
+    was a tuple repeated, so estimate() still read the plain GPU figure)."""
+    from types import SimpleNamespace
+
+    from hattn.bench.modes import HattnMode
+
+    plain, tbo = (HattnMode(SimpleNamespace(inner_compiler="inductor", tbo=t), "full") for t in (False, True))
+    for cuda in (True, False):
+        assert tbo.estimate(cuda) == 2 * plain.estimate(cuda)
