@@ -102,9 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-s", type=float, default=None, help="seconds of timed calls per point (default 1)")
     p.add_argument("--slow-s", type=float, default=None,
                    help="skip larger sizes of a series projected past this many seconds per call (default 3)")
-    p.add_argument("--tokens", type=_ints, help="prefill token counts (default 16,64,256,1024,4096,8192)")
+    p.add_argument("--tokens", type=_ints, help="prefill token counts of one prompt (default 16,256,1024,4096,8192)")
+    p.add_argument("--packed-tokens", dest="packed", type=_ints,
+                   help="token counts of the packed prefill rows, --seqs prompts each (default seqs x 1024)")
     p.add_argument("--seqs", type=int, help="sequences of the packed prefill (default 4)")
-    p.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,4,16,64)")
+    p.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,16,64)")
     p.add_argument("--context", type=int, help="decode context length (default 1024)")
     p.add_argument("--prompt", type=int, help="prompt tokens of the generate rows (default 128)")
     p.add_argument("--new-tokens", type=int, help="tokens the generate rows make (default 128)")
@@ -167,8 +169,10 @@ def _plan(args):
 
     from hattn.bench.workloads import Plan
 
-    keys = ("tokens", "seqs", "batches", "context", "prompt", "new_tokens", "gen_batches")
+    keys = ("tokens", "seqs", "batches", "context", "prompt", "new_tokens", "gen_batches", "packed")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if "packed" not in overrides and ("tokens" in overrides or "seqs" in overrides):
+        overrides["packed"] = None  # derived again from the new tokens / seqs
     return dataclasses.replace(Plan.quick() if args.quick else Plan(), **overrides)
 
 

@@ -86,21 +86,27 @@ def test_environment_names_versions():
 
 
 def test_plan_points_order_ids_and_labels():
+    """The default plan is the goals' rows: decode at B=1, 16, 64; one prompt at 16..8192 tokens; 4 packed prompts
+    of 1024 (4096 tokens); generate at B=1 and 16 (so a default run reaches every goal in its 10 minutes)."""
     plan = Plan()
     points = plan.points()
-    assert [p.kind for p in points] == ["decode"] * 4 + ["prefill"] * 12 + ["e2e"] * 4
-    assert [p.id for p in points[:5]] == ["decode/B1/C1024", "decode/B4/C1024", "decode/B16/C1024",
-                                          "decode/B64/C1024", "prefill/T16/x1"]
-    assert points[10].id == "prefill/T16/x4"
+    assert [p.kind for p in points] == ["decode"] * 3 + ["prefill"] * 6 + ["e2e"] * 4
+    assert [p.id for p in points[:4]] == ["decode/B1/C1024", "decode/B16/C1024", "decode/B64/C1024",
+                                          "prefill/T16/x1"]
+    assert [p.id for p in points[3:9]] == ["prefill/T16/x1", "prefill/T256/x1", "prefill/T1024/x1",
+                                           "prefill/T4096/x1", "prefill/T8192/x1", "prefill/T4096/x4"]
     assert [p.id for p in points[-4:]] == ["e2e/B1/P128/N128", "e2e/B1/P128/N1", "e2e/B16/P128/N128",
                                            "e2e/B16/P128/N1"]
-    assert [p.label for p in (points[0], points[4], points[10], points[-4], points[-3])] == [
-        "decode B=1 ctx=1024", "prefill 16 tok", "prefill 16 tok (4 seqs)", "generate 128 tok (B=1, prompt 128)",
+    assert [p.label for p in (points[0], points[3], points[8], points[-4], points[-3])] == [
+        "decode B=1 ctx=1024", "prefill 16 tok", "prefill 4096 tok (4 seqs)", "generate 128 tok (B=1, prompt 128)",
         "time to first token (B=1, prompt 128)"]
     assert [p.id for p in plan.derived()] == ["per_token/B1/P128/N128", "per_token/B16/P128/N128"]
     assert generate_pair(plan.derived()[1]) == ("e2e/B16/P128/N1", "e2e/B16/P128/N128")
     assert {p.series for p in points} == {"decode/C1024", "prefill/x1", "prefill/x4", "e2e/P128/N128",
                                           "e2e/P128/N1"}
+    assert Plan(tokens=[16, 64], seqs=2).packed == [64] and Plan(seqs=2, packed=[32, 2048]).max_prefill == 8192
+    with pytest.raises(ValueError, match="multiple of seqs=4"):
+        Plan(packed=[1022])
 
 
 def test_kernel_point_ids_and_labels():

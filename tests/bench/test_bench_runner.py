@@ -41,7 +41,8 @@ class Fake(Target):
 
 
 OPTS = Options(reps=2, max_s=0.05, slow_s=0.05, progress=False)
-POINTS = Plan(tokens=[16, 64, 256], seqs=2, batches=[1, 4], context=8, prompt=4, new_tokens=4).points()
+POINTS = Plan(tokens=[16, 64, 256], seqs=2, batches=[1, 4], context=8, prompt=4, new_tokens=4,
+              packed=[64, 256]).points()
 
 
 def run(target, points=POINTS, opts=OPTS, box_s=60.0):
