@@ -136,6 +136,16 @@ def test_pool_goal_with_other_capture_sizes_is_unknown_unless_missed():
     assert goals.goal_pool(r, "pcg")["status"] == "missed"
 
 
+def test_pool_goal_of_a_target_whose_box_was_spent_is_unknown_unless_missed():
+    """Sizes are captured at first use: a target cut by its time box never grew its pool for the rows it skipped."""
+    r = good_result()
+    r["entries"]["pcg"]["box_spent"] = "out of time before e2e/B16/P128/N1 (time box 100 s)"
+    got = goals.goal_pool(r, "pcg")
+    assert got["status"] == "unknown" and "time box was spent" in got["detail"]
+    r["entries"]["pcg"]["pool_bytes"] = WEIGHTS
+    assert goals.goal_pool(r, "pcg")["status"] == "missed"
+
+
 def _text(result) -> str:
     console = Console(record=True, width=300, file=open("/dev/null", "w"))
     console.print(tables.header(result))
