@@ -114,8 +114,11 @@ def evaluate(result: dict) -> list[dict]:
                  for b in GOAL_BATCHES}
     ttft = Point("e2e", batch=1, prompt=plan["prompt"], new_tokens=1).id
     out = [_floor(result, f"full decode B={b} <= {x}x its floor", "full", decode[b], x) for b, x in FLOOR_X.items()]
-    out += [_ratio(result, f"generate B={b}: full ms per new token <= {GENERATE_X}x full's decode step",
-                   ("full", per_token[b]), ("full", decode[b]), GENERATE_X) for b in GOAL_BATCHES]
+    # at the generate steps' mean context (prompt + new_tokens / 2), not the decode rows' longer one
+    gen_ctx = plan["prompt"] + plan["new_tokens"] // 2
+    at_gen = {b: Point("decode", batch=b, context=gen_ctx).id for b in GOAL_BATCHES}
+    out += [_ratio(result, f"generate B={b}: full ms per new token <= {GENERATE_X}x full's decode step at its "
+                           f"context", ("full", per_token[b]), ("full", at_gen[b]), GENERATE_X) for b in GOAL_BATCHES]
     out += [_ratio(result, f"decode B={b}: {m} <= {GRAPH_VS_FULL_X}x full", (m, decode[b]), ("full", decode[b]),
                    GRAPH_VS_FULL_X) for m in ("pcg", "bcg") for b in GOAL_BATCHES]
     out += [_faster(result, f"decode B={b}: full >= {TC_RO_SPEEDUP:g}x faster than tc-ro", ("full", decode[b]),

@@ -86,10 +86,12 @@ def _batched(point: Point, setup: Setup) -> torch.Tensor:
     return ids.view(point.seqs, point.tokens // point.seqs)
 
 
-def _goal_rows_only(name: str, point: Point) -> None:
+def _goal_rows_only(name: str, point: Point, plan) -> None:
     """Compiling peers run the goals' rows only: each new shape costs them a recompile (tens of seconds)."""
     if point.kind == "decode" and point.batch not in GOAL_BATCHES:
         raise Skip(f"{name} runs decode at the goals' batches {GOAL_BATCHES} only (a new batch recompiles)")
+    if point.kind == "decode" and point.context != plan.context:
+        raise Skip(f"{name} runs decode at the goals' context {plan.context} only (another static cache recompiles)")
     if point.kind == "prefill" and point.tokens > PREFILL_MAX_TOKENS:
         raise Skip(f"{name} runs prefill up to the goals' {PREFILL_MAX_TOKENS} tokens only")
 
@@ -218,7 +220,7 @@ class TorchCompile(_HFPeer):
             self.notes.append(f"compiled with backend={self.s.peer_backend!r} (mode {self.mode!r} not applied)")
 
     def step(self, point: Point):
-        _goal_rows_only(self.name, point)
+        _goal_rows_only(self.name, point, self.s.plan)
         return super().step(point)
 
     def prefill(self, point: Point):

@@ -121,6 +121,8 @@ class Plan:
         out: list[Point] = []
         if "decode" in workloads:
             out += [Point("decode", batch=b, context=self.context) for b in sorted(self.batches)]
+            if "e2e" in workloads and self.generate_context != self.context:  # what a generate step costs
+                out += [Point("decode", batch=b, context=self.generate_context) for b in sorted(self.gen_batches)]
         if "prefill" in workloads:
             out += [Point("prefill", tokens=t, seqs=1) for t in sorted(self.tokens)]
             if self.seqs > 1:
@@ -134,6 +136,11 @@ class Plan:
     def derived(self) -> list[Point]:
         """Per-token rows: (generate new_tokens - generate 1) / (new_tokens - 1) for each generate batch."""
         return [Point("per_token", batch=b, prompt=self.prompt, new_tokens=self.new_tokens) for b in self.gen_batches]
+
+    @property
+    def generate_context(self) -> int:
+        """The mean context of a generate row's decode steps: the per-token goal compares with decode there."""
+        return self.prompt + self.new_tokens // 2
 
     @property
     def max_prefill(self) -> int:

@@ -34,13 +34,13 @@ def test_quick_model_run_on_cpu_measures_every_row(tmp_path):
     assert r["partial"] is False and r["partial_reasons"] == []
     assert list(r["entries"]) == CPU_MODES.split(",") and r["goals"] is None
     ids = [p["id"] for p in r["points"]]
-    assert ids == ["decode/B1/C64", "prefill/T16/x1", "prefill/T16/x2", "e2e/B1/P16/N8", "e2e/B1/P16/N1",
-                   "per_token/B1/P16/N8"]
+    assert ids == ["decode/B1/C64", "decode/B1/C20", "prefill/T16/x1", "prefill/T16/x2", "e2e/B1/P16/N8",
+                   "e2e/B1/P16/N1", "per_token/B1/P16/N8"]  # C20: the generate steps' mean context
     skips = {("hf-static", pid): "hf-static is measured end to end (generate); its per-token figure is in the "
-             "per-token row" for pid in ids[:3]}
+             "per-token row" for pid in ids[:4]}
     skips.update({("hf-eager", pid): "hf-eager generates a token per eager decode step (see the decode rows): not "
-                  "run, to keep the run's budget" for pid in ids[3:5]})
-    skips[("hf-eager", ids[5])] = "needs both generate rows: " + skips[("hf-eager", ids[3])]
+                  "run, to keep the run's budget" for pid in ids[4:6]})
+    skips[("hf-eager", ids[6])] = "needs both generate rows: " + skips[("hf-eager", ids[4])]
     for name, e in r["entries"].items():
         assert e["status"] == "ok", (name, e["reason"])
         for pid in ids:
@@ -90,13 +90,16 @@ def test_torch_compile_peer_runs_the_goal_rows_only():
     setup = Setup.build(hf, plan=Plan.quick(), capture_sizes=[1], peer_backend="eager", progress=False)
     target = TorchCompile(setup, "reduce-overhead")
     points = [Point("decode", batch=1, context=64), Point("decode", batch=4, context=64),
-              Point("prefill", tokens=4096, seqs=1), Point("e2e", batch=1, prompt=16, new_tokens=2)]
+              Point("decode", batch=1, context=20), Point("prefill", tokens=4096, seqs=1),
+              Point("e2e", batch=1, prompt=16, new_tokens=2)]
     e = run_target(target, points, Clock("cpu"), Options(reps=2, max_s=0.05, progress=False), 60.0)
     target.close()
     assert e["status"] == "ok", e["reason"]
     assert e["results"]["decode/B1/C64"]["ms"] > 0
     assert e["results"]["decode/B4/C64"] == {"skipped": "tc-ro runs decode at the goals' batches (1, 16) only (a new "
                                                         "batch recompiles)"}
+    assert e["results"]["decode/B1/C20"] == {"skipped": "tc-ro runs decode at the goals' context 64 only (another "
+                                                        "static cache recompiles)"}
     assert e["results"]["prefill/T4096/x1"] == {"skipped": "tc-ro runs prefill up to the goals' 2048 tokens only"}
     assert e["results"]["e2e/B1/P16/N2"] == {"skipped": "generate with torch.compile is the hf-static peer "
                                                         "(transformers compiles the decode step)"}

@@ -42,8 +42,11 @@ def test_state_bytes_kv_reads_and_state_read_write():
 def test_with_floor_fills_decode_per_token_and_prefill_rows(tiny_lm):
     plan = Plan(tokens=[16], seqs=2, batches=[4], context=64, prompt=16, new_tokens=8, gen_batches=[1])
     specs, weights = tiny_lm.cache_specs(), decode_weight_bytes(tiny_lm.hf)
-    points = {p.kind: p for p in with_floor(plan.points() + plan.derived(), tiny_lm)}
-    assert points["decode"].bytes == weights + state_bytes(specs, 4, 64, 4)
+    rows = with_floor(plan.points() + plan.derived(), tiny_lm)
+    points = {p.kind: p for p in rows}
+    decode = {(p.batch, p.context): p for p in rows if p.kind == "decode"}
+    assert decode[4, 64].bytes == weights + state_bytes(specs, 4, 64, 4)
+    assert decode[1, 20].bytes == points["per_token"].bytes  # the generate steps' context: the same step
     assert points["per_token"].bytes == weights + state_bytes(specs, 1, 16 + 4, 4)
     assert points["prefill"].bytes == weights and points["e2e"].bytes == 0
     assert points["prefill"].flops == prefill_flops(tiny_lm.hf, specs, 16, 2, 4)

@@ -90,20 +90,20 @@ def test_plan_points_order_ids_and_labels():
     of 1024 (4096 tokens); generate at B=1 and 16 (so a default run reaches every goal in its 10 minutes)."""
     plan = Plan()
     points = plan.points()
-    assert [p.kind for p in points] == ["decode"] * 3 + ["prefill"] * 6 + ["e2e"] * 4
-    assert [p.id for p in points[:4]] == ["decode/B1/C1024", "decode/B16/C1024", "decode/B64/C1024",
-                                          "prefill/T16/x1"]
-    assert [p.id for p in points[3:9]] == ["prefill/T16/x1", "prefill/T256/x1", "prefill/T1024/x1",
-                                           "prefill/T4096/x1", "prefill/T8192/x1", "prefill/T4096/x4"]
+    assert [p.kind for p in points] == ["decode"] * 5 + ["prefill"] * 6 + ["e2e"] * 4
+    assert [p.id for p in points[:5]] == ["decode/B1/C1024", "decode/B16/C1024", "decode/B64/C1024",
+                                          "decode/B1/C192", "decode/B16/C192"]  # C192: where generate steps run
+    assert [p.id for p in points[5:11]] == ["prefill/T16/x1", "prefill/T256/x1", "prefill/T1024/x1",
+                                            "prefill/T4096/x1", "prefill/T8192/x1", "prefill/T4096/x4"]
     assert [p.id for p in points[-4:]] == ["e2e/B1/P128/N128", "e2e/B1/P128/N1", "e2e/B16/P128/N128",
                                            "e2e/B16/P128/N1"]
-    assert [p.label for p in (points[0], points[3], points[8], points[-4], points[-3])] == [
+    assert [p.label for p in (points[0], points[5], points[10], points[-4], points[-3])] == [
         "decode B=1 ctx=1024", "prefill 16 tok", "prefill 4096 tok (4 seqs)", "generate 128 tok (B=1, prompt 128)",
         "time to first token (B=1, prompt 128)"]
     assert [p.id for p in plan.derived()] == ["per_token/B1/P128/N128", "per_token/B16/P128/N128"]
     assert generate_pair(plan.derived()[1]) == ("e2e/B16/P128/N1", "e2e/B16/P128/N128")
-    assert {p.series for p in points} == {"decode/C1024", "prefill/x1", "prefill/x4", "e2e/P128/N128",
-                                          "e2e/P128/N1"}
+    assert {p.series for p in points} == {"decode/C1024", "decode/C192", "prefill/x1", "prefill/x4",
+                                          "e2e/P128/N128", "e2e/P128/N1"}
     assert Plan(tokens=[16, 64], seqs=2).packed == [64] and Plan(seqs=2, packed=[32, 2048]).max_prefill == 8192
     with pytest.raises(ValueError, match="multiple of seqs=4"):
         Plan(packed=[1022])
