@@ -239,8 +239,14 @@ def run_all(targets: list[Callable[[], Target]], names: list[str], points: list[
                 _run(current, points, clock, opts, deadlines, grace_s=min(est, left - box))
                 _finish(current)
             except Exception as ex:  # noqa: BLE001  (e.g. a broken CUDA context: the run goes on, reported)
-                entries[name] = _not_run(points, f"failed: {reason(ex)}", "failed", target)
-                entries[name]["detail"] = detail(ex)
+                why = f"failed: {reason(ex)}"
+                if current is not None and any("ms" in r for r in current.results.values()):
+                    current.skip_rest(points, f"not run: {name} {why}", "failed")  # its measured rows stay
+                    current.d.update(status="failed", reason=why, detail=detail(ex))
+                    entries[name] = current.d
+                else:
+                    entries[name] = _not_run(points, why, "failed", target)
+                    entries[name]["detail"] = detail(ex)
             current = None
             if entries[name].get("box_spent"):
                 partial.append(f"{name}: its time box was spent ({entries[name]['box_spent']})")

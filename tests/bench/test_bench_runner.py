@@ -228,3 +228,22 @@ def test_run_all_reports_a_target_that_breaks_the_runner(monkeypatch):
     assert entries["a"]["status"] == "failed"
     assert entries["a"]["reason"] == "failed: RuntimeError: CUDA error: an illegal memory access was encountered"
     assert all("error" in r for r in entries["a"]["results"].values())
+
+
+def test_a_target_that_breaks_the_runner_after_measuring_keeps_its_rows(monkeypatch):
+    """An error escaping the runner after some rows were measured (a sticky CUDA error in a handler, say) fails the
+    target but keeps the rows it measured; the others say why they were not run."""
+    import hattn.bench.runner as runner
+
+    real = runner._run
+
+    def breaks_after_the_first_point(e, points, *args, **kwargs):
+        real(e, points[:1], *args, **kwargs)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(runner, "_run", breaks_after_the_first_point)
+    entries, _ = run_all([Fake], ["a"], POINTS[:3], Clock("cpu"), OPTS, Budget(60.0))
+    e = entries["a"]
+    assert e["status"] == "failed" and e["reason"].startswith("failed: RuntimeError: CUDA error")
+    first, *rest = (e["results"][p.id] for p in POINTS[:3])
+    assert first["ms"] > 0 and all(r["error"].startswith("not run: a failed: RuntimeError") for r in rest)
