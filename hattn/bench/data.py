@@ -32,7 +32,10 @@ def add_per_token(entries: dict, per_token: list[Point]) -> None:
             r1, rn = e["results"].get(one), e["results"].get(many)
             if r1 is None or rn is None:
                 continue
-            if "ms" in r1 and "ms" in rn:
+            if "ms" in r1 and "ms" in rn and rn["ms"] <= r1["ms"]:  # never a negative or zero time per token
+                e["results"][p.id] = {"error": f"not measurable: {many} ({rn['ms']:.3f} ms) took no longer than "
+                                               f"{one} ({r1['ms']:.3f} ms); the host was too noisy for this size"}
+            elif "ms" in r1 and "ms" in rn:
                 e["results"][p.id] = {"ms": (rn["ms"] - r1["ms"]) / (p.new_tokens - 1), "derived": f"({many} - {one})"
                                       f" / {p.new_tokens - 1}"}
             else:

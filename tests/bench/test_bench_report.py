@@ -78,6 +78,10 @@ def test_per_token_rows_are_the_difference_of_the_generate_rows():
     assert r["entries"]["hf-static"]["results"]["per_token/B1/P128/N128"]["ms"] == pytest.approx(4.0)
     assert r["entries"]["full"]["results"]["per_token/B16/P128/N128"]["ms"] == pytest.approx(0.92)
     assert [p["id"] for p in r["points"][-2:]] == ["per_token/B1/P128/N128", "per_token/B16/P128/N128"]
+    entries = good_entries()
+    entries["pcg"]["results"]["e2e/B1/P128/N128"]["ms"] = 40.0  # took less than its 1-token row (50 ms): noise
+    got = data.build(meta(), points(), entries)["entries"]["pcg"]["results"]["per_token/B1/P128/N128"]
+    assert "ms" not in got and got["error"].startswith("not measurable: e2e/B1/P128/N128 (40.000 ms) took no longer")
 
 
 def test_rows_carry_their_floor_and_ratios_use_it():
