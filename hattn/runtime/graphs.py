@@ -166,6 +166,39 @@ def capture_graph(fn, args: list, size: int, pool) -> tuple[CapturedGraph, objec
     return CapturedGraph(size, graph, list(args), weak_refs(out)), out
 
 
+# -- module state ---------------------------------------------------------------------------------------------------
+@dataclass
+class ModuleState:
+    """The module-state tensor inputs (parameters, buffers: neither token-sized nor forward arguments) of a graph's
+    capture, with their storage addresses. Another tensor object in a place is copied in at replay
+    (`copy_if_moved`); the same object with new storage (`p.data = new`) is not: the captured graphs read its old,
+    freed storage, so the runtime captures again."""
+
+    indices: list[int]
+    objects: list[torch.Tensor]
+    ptrs: list[int | None]  # per argument position (what torch's C++ check takes), None where not checked
+
+    @classmethod
+    def of(cls, layout: TokenLayout, args) -> "ModuleState":
+        dims = layout.in_dims
+        indices = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not (i < len(dims) and dims[i])
+                   and i not in layout.owned]
+        ptrs: list[int | None] = [None] * len(args)
+        for i in indices:
+            ptrs[i] = args[i].data_ptr()
+        return cls(indices, [args[i] for i in indices], ptrs)
+
+    def swapped(self, args) -> bool:
+        """Whether an input is the captured tensor object with another storage (one C++ call when nothing moved)."""
+        check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds
+        try:
+            if check is not None and check(list(args), self.ptrs, self.indices):
+                return False
+        except TypeError:  # an argument it does not take (a float, None): the Python check below decides
+            pass
+        return any(args[i] is obj and args[i].data_ptr() != self.ptrs[i] for i, obj in zip(self.indices, self.objects))
+
+
 # -- the runtime --------------------------------------------------------------------------------------------------
 @dataclass
 class Served:
@@ -223,6 +256,7 @@ class GraphRuntime:
         self.lazy_capture = True  # capture a size at its first use (after the largest); False: all at the first call
         self.replayed = False  # the first replay is timed (stats.first_replay_seconds)
         self.failed: str | None = None  # why graphs were given up (capture ran out of memory): run graph-free
+        self.state: ModuleState | None = None  # the module-state inputs the graphs were captured with
 
     # subclasses -------------------------------------------------------------------------------------------------
     def capture(self, size: int, args: list) -> None:
@@ -243,6 +277,10 @@ class GraphRuntime:
         n = self.layout.num_tokens(args) if self.layout.has_tokens else None
         size = pick_size(self.sizes, n) if n is not None else 0
         graphs = size is not None and self.layout.reason is None
+        if self.state is not None and self.state.swapped(args):
+            log.warning("hattn: %s: a parameter or buffer the graphs read got new storage (`p.data = ...` after "
+                        "compile?); its graphs are captured again (update weights in place to avoid this)", self.name)
+            self.release()
         if graphs and self.failed is None and size not in self.captured:
             self.capture_all(args, size)  # may give graphs up (self.failed: out of memory)
         if not graphs or self.failed is not None:
@@ -269,6 +307,8 @@ class GraphRuntime:
         from tqdm.auto import tqdm
 
         self.pool = self.pool or new_pool()
+        if not self.captured:
+            self.state = ModuleState.of(self.layout, args)
         wanted = {self.sizes[-1], size} if self.lazy_capture else self.sizes
         todo = sorted((s for s in wanted if s not in self.captured), reverse=True)
         start, reserved = time.perf_counter(), _reserved()
@@ -316,6 +356,7 @@ class GraphRuntime:
         """Drop every captured graph and the pool."""
         self.captured.clear()
         self.pool = None
+        self.state = None
         if _cuda():
             with CAPTURE_LOCK:  # empty_cache frees device memory, which CUDA forbids while any stream captures
                 torch.cuda.empty_cache()

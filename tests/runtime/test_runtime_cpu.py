@@ -408,3 +408,31 @@ def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_c
             out = runtime(torch.zeros(4, dtype=torch.long))[0]
         assert out.tolist() == lens
     assert runtime.stats.replays == 2
+
+
+def test_a_parameter_given_new_storage_after_capture_is_captured_again(caplog):
+    """`p.data = new` keeps the Parameter object but frees the storage the graphs read: the runtime sees it (the
+    same object at another address), logs it and captures again, so replays read the new weights. A different
+    tensor object in the place (a reassigned buffer) is copied in as before, without a new capture."""
+    from hattn.runtime import graphs
+    from hattn.runtime.tokens import TokenLayout
+
+    class Graphs(FakeGraphs):
+        def __init__(self, fn, sizes):
+            super().__init__(fn, sizes)
+            self.layout = TokenLayout([(0,), ()])  # x follows the token count; w is module state
+
+        def replay(self, size, args):  # as CapturedGraph: another object in a captured place is copied in
+            captured = self.static[size]
+            graphs.copy_if_moved(captured, args)
+            return self.fn(*captured)
+
+    weight = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    rt = Graphs(lambda x, w: x * w, [4])
+    with caplog.at_level(logging.WARNING, logger="hattn"):
+        assert rt(torch.ones(3), weight).tolist() == [1.0] * 3
+        weight.data = torch.full((1,), 2.0)  # same object, new storage
+        assert rt(torch.ones(3), weight).tolist() == [2.0] * 3
+    assert rt.order == [4, 4] and "got new storage" in caplog.text
+    assert rt(torch.ones(3), torch.full((1,), 5.0)).tolist() == [5.0] * 3  # another object: copied in
+    assert rt.order == [4, 4]
