@@ -5,10 +5,13 @@
 Decode (issue 17): the bytes one step must move. The weights a step reads: every parameter except the input
 embedding table (a step reads one row of it per token), the LM head included, counted once when it is tied to
 the embedding. Full-attention layers read their KV cache: B x (context + 1) x kv_heads x (k_dim + v_dim) x element
-size. Every other layer kind reads and writes each state tensor of its `LayerSpec` once per sequence. For a
-mixture-of-experts model this counts every expert (an overestimate at small batches).
+size. Every other layer kind reads and writes each state tensor of its `LayerSpec` once per sequence. A
+mixture-of-experts layer's routed experts (a module named `experts`, its parameters stacked over the experts, as
+transformers 5 lays them out; shared experts count whole) count `num_experts_per_tok / num_experts` of their bytes:
+a step reads at least top-k experts a layer, whatever the batch.
 
-Prefill (issue 18): one read of those weights, and the FLOPs of the model's matmuls, 2 x parameters x tokens, with the LM head on each
+Prefill (issue 18): one read of those weights, and the FLOPs of the model's matmuls, 2 x parameters x tokens (routed
+experts at their top-k share: each token runs k of them), with the LM head on each
 sequence's last token only (all a sampler needs), plus causal attention of the full layers, 2 x Hq x (Dk + Dv) x
 n(n+1)/2 a sequence of n tokens. The linear mixers' recurrences (a few MFLOP a token) and elementwise work are
 left out: a floor may only be too low, never too high.
@@ -27,12 +30,27 @@ def _bytes(p) -> int:
     return p.numel() * p.element_size()
 
 
+def routed_share(hf: nn.Module) -> dict[int, float]:
+    """id(parameter) -> the share of it one token reads, for routed experts' stacked parameters (top-k / experts);
+    parameters not listed are read whole. Empty for dense models and configs that do not say k and the count."""
+    config = hf.config.get_text_config()
+    k = getattr(config, "num_experts_per_tok", None)
+    experts = next((getattr(config, name) for name in ("num_experts", "num_local_experts", "n_routed_experts")
+                    if isinstance(getattr(config, name, None), int)), None)
+    if not k or not experts or k >= experts:
+        return {}
+    return {id(p): k / experts for name, module in hf.named_modules() if name.rsplit(".", 1)[-1] == "experts"
+            for p in module.parameters() if p.dim() >= 1 and p.shape[0] == experts}
+
+
 def decode_weight_bytes(hf: nn.Module) -> int:
-    """Bytes of the parameters a decode step reads: all but the input embedding (unless the LM head is it)."""
+    """Bytes of the parameters a decode step reads: all but the input embedding (unless the LM head is it), routed
+    experts at their top-k share."""
     emb = hf.get_input_embeddings().weight
     head = hf.get_output_embeddings()
     tied = head is not None and head.weight is emb
-    return sum(_bytes(p) for p in hf.parameters() if p is not emb or tied)
+    share = routed_share(hf)
+    return int(sum(_bytes(p) * share.get(id(p), 1.0) for p in hf.parameters() if p is not emb or tied))
 
 
 def state_bytes(specs: dict[int, LayerSpec], batch: int, context: int, elem: int) -> int:
@@ -53,7 +71,8 @@ def state_bytes(specs: dict[int, LayerSpec], batch: int, context: int, elem: int
 def prefill_flops(hf: nn.Module, specs: dict[int, LayerSpec], tokens: int, seqs: int, q_heads: int) -> int:
     """Matmul FLOPs of a prefill of `seqs` sequences of tokens/seqs tokens each (empty cache)."""
     emb, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
-    body = sum(p.numel() for p in hf.parameters() if p is not emb and p is not head)
+    share = routed_share(hf)
+    body = int(sum(p.numel() * share.get(id(p), 1.0) for p in hf.parameters() if p is not emb and p is not head))
     n = tokens // seqs
     attention = sum(2 * q_heads * (s.kv[1] + s.kv[2]) * n * (n + 1) // 2 for s in specs.values() if s.kv)
     return 2 * body * tokens + 2 * head.numel() * seqs + seqs * attention

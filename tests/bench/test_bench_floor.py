@@ -80,3 +80,23 @@ def test_attention_decode_bytes_match_the_kernels_own_count():
         assert p.bytes == decode_attention_bytes(q, cache, cache, [p.context] * p.batch, q), p.id
     assert [p.calls for p in attn_decode_points(False, torch.device("cpu"))] == [1] * 8
     assert Point("attn-decode", batch=1, context=1024).series == "attn-decode/C1024"
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-next", "tiny-minimax", "tiny-bailing-hybrid", "tiny-kimi-linear",
+                                    "tiny-nemotron-h"])
+def test_routed_experts_count_their_top_k_share_so_the_floor_stays_a_floor(preset):
+    """A token reads top-k of a layer's routed experts (shared experts whole): the decode bytes and prefill FLOPs
+    count the stacked expert parameters at k / experts (4 experts, top-2 in the tiny presets), never more."""
+    from hattn.bench.floor import routed_share
+    from hattn.models.presets import preset_config, random_model
+
+    hf = random_model(preset_config(preset), torch.float32, "cpu", seed=0)
+    config = hf.config.get_text_config()
+    stacked = [p for name, m in hf.named_modules() if name.endswith(".experts") for p in m.parameters()]
+    assert stacked and set(routed_share(hf).values()) == {config.num_experts_per_tok / 4}
+    assert set(map(id, stacked)) == set(routed_share(hf))
+    emb, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
+    every = sum(p.numel() * p.element_size() for p in hf.parameters() if p is not emb or head is emb)
+    expert_bytes = sum(p.numel() * p.element_size() for p in stacked)
+    assert decode_weight_bytes(hf) == every - expert_bytes // 2
+    assert routed_share(random_model(preset_config("tiny"), torch.float32, "cpu", seed=0)) == {}  # dense
