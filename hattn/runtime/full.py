@@ -24,7 +24,7 @@ from hattn.kernels.packing import Bucket, PackedStep
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, capture_graph, log_once, new_pool,
-                                  note_served, served_layout)
+                                  ran_graph_free, served_layout)
 from hattn.runtime.tokens import TokenLayout, pick_size
 
 log = logging.getLogger("hattn")
@@ -68,19 +68,16 @@ class _Graphs(GraphRuntime):
     def fill_step(self, static: StaticMeta, user: ForwardContext, size: int) -> None:
         raise NotImplementedError
 
-    def _context(self, user: ForwardContext | None, size: int, static: StaticMeta) -> ForwardContext:
-        # the real metadata lives in the device tensors; the host lists only count the rows
-        return ForwardContext(seq_lens=[1] * size, slots=[self.cache.scratch_slot] * size, cache=self.cache,
-                              layer_kinds=getattr(user, "layer_kinds", None),
-                              extra=dict(getattr(user, "extra", {}) or {}), static=static)
-
     def capture_context(self, size):
         user = get_forward_context()
         size = size if size is not None else len(user.seq_lens)  # a static graph: the batch it was traced for
         static = self.static(size)
         self.fill_capture(static, size)
         self.extra[size] = dict(getattr(user, "extra", {}) or {})
-        return forward_context(self._context(user, size, static))
+        # the real metadata lives in the device tensors; the host lists only count the rows
+        return forward_context(ForwardContext(
+            seq_lens=[1] * size, slots=[self.cache.scratch_slot] * size, cache=self.cache,
+            layer_kinds=getattr(user, "layer_kinds", None), extra=dict(self.extra[size]), static=static))
 
     def step_context(self, num_tokens, size: int):
         user = get_forward_context()
@@ -200,8 +197,7 @@ class FullGraphRuntime:
     def __call__(self, *args):
         ctx = get_forward_context()
         if ctx is None or ctx.cache is None:
-            self.stats.eager_runs += 1  # no cache: nothing a full-step graph can serve
-            note_served(None)
+            ran_graph_free(self.stats)  # no cache: nothing a full-step graph can serve
             return self.fn(*args)
         if self.cache is not None and ctx.cache is not self.cache:
             log.info("hattn: mode='full' got another cache object; its graphs are captured again for it")
@@ -211,8 +207,7 @@ class FullGraphRuntime:
         if ctx.is_decode:
             return self.decode(*args)
         if self.packed is None:  # a graph without a token dimension serves one decode batch only
-            self.stats.eager_runs += 1
-            note_served(None)
+            ran_graph_free(self.stats)
             return self.fn(*args)
         return self.packed(*args)
 

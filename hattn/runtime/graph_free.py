@@ -8,15 +8,14 @@ import torch.fx as fx
 
 from hattn.counters import Stats
 from hattn.registry import Mode, direct_call, register_mode, split_op_of
-from hattn.runtime.graphs import note_served
+from hattn.runtime.graphs import ran_graph_free
 
 
 def graph_free(split_gm: fx.GraphModule, stats: Stats) -> Callable:
     direct_split_ops(split_gm)
 
     def run(*args):
-        stats.eager_runs += 1
-        note_served(None)
+        ran_graph_free(stats)
         return split_gm(*args)
 
     return run

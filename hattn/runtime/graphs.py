@@ -239,6 +239,12 @@ def note_served(entry: Served | None) -> None:
         log.append(entry)
 
 
+def ran_graph_free(stats: Stats) -> None:
+    """Count a call a runtime serves without graphs, and note it in the caller's `serving_log`."""
+    stats.eager_runs += 1
+    note_served(None)
+
+
 class GraphRuntime:
     """Serves a callable with graphs captured per capture size; runs graph-free above the largest size.
 
@@ -284,8 +290,7 @@ class GraphRuntime:
         if graphs and self.failed is None and size not in self.captured:
             self.capture_all(args, size)  # may give graphs up (self.failed: out of memory)
         if not graphs or self.failed is not None:
-            self.stats.eager_runs += 1  # above the largest capture size (or no graphs): graph-free, counted
-            note_served(None)
+            ran_graph_free(self.stats)  # above the largest capture size (or no graphs)
             with _step_context(n):
                 return self.fn(*args)
         static = self.inputs.fill(size, args, n)
