@@ -72,14 +72,16 @@ def build(meta: dict, points: list[Point], entries: dict, partial: list[str] = (
     table = rows(points, meta)
     result = {"schema": SCHEMA, "partial": bool(partial), "partial_reasons": list(partial), "meta": meta,
               "points": table, "entries": entries, "ratios": ratios(entries, table, meta["base"])}
-    if meta["suite"] != "kernels" and meta["env"]["device"].startswith("cuda") and "plan" in meta:
-        result["goals"] = goals.evaluate(result)
+    result["goals"] = None
+    if meta["suite"] == "kernels":
+        result["goals_note"] = "goals: none for the kernels suite"
+    elif not meta["env"]["device"].startswith("cuda"):
+        result["goals_note"] = ("goals: not evaluated, they mean nothing on a CPU (they are for a GPU run: H200, "
+                                "qwen3.5-1b, bf16)")
+    elif "plan" not in meta:
+        result["goals_note"] = "goals: not evaluated, the run ended before its setup did (no plan, no rows)"
     else:
-        result["goals"] = None
-        result["goals_note"] = ("goals: none for the kernels suite" if meta["suite"] == "kernels" else
-                                "goals: not evaluated, they mean nothing on a CPU (they are for a GPU run: H200, "
-                                "qwen3.5-1b, bf16)" if not meta["env"]["device"].startswith("cuda") else
-                                "goals: not evaluated, the run ended before its setup did (no plan, no rows)")
+        result["goals"] = goals.evaluate(result)
     return result
 
 

@@ -22,7 +22,7 @@ import dataclasses
 
 from torch import nn
 
-from hattn.bench.workloads import Point
+from hattn.bench.workloads import Point, generate_context
 from hattn.context import LayerSpec
 
 
@@ -91,7 +91,7 @@ def with_floor(points: list[Point], lm) -> list[Point]:
         if p.kind == "decode":
             p = dataclasses.replace(p, bytes=weights + state_bytes(specs, p.batch, p.context, elem))
         elif p.kind == "per_token":
-            ctx = p.prompt + p.new_tokens // 2
+            ctx = generate_context(p.prompt, p.new_tokens)
             p = dataclasses.replace(p, bytes=weights + state_bytes(specs, p.batch, ctx, elem))
         elif p.kind == "prefill":
             flops = prefill_flops(hf, specs, p.tokens, p.seqs, lm.config.num_attention_heads)

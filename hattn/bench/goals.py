@@ -5,7 +5,7 @@ Floors are the rows' own (hattn.bench.floor): decode bytes / copy bandwidth, pre
 """
 from __future__ import annotations
 
-from hattn.bench.workloads import Point
+from hattn.bench.workloads import Point, generate_context
 
 GOAL_BATCHES = (1, 16)
 PREFILL_MAX_TOKENS = 2048
@@ -115,7 +115,7 @@ def evaluate(result: dict) -> list[dict]:
     ttft = Point("e2e", batch=1, prompt=plan["prompt"], new_tokens=1).id
     out = [_floor(result, f"full decode B={b} <= {x}x its floor", "full", decode[b], x) for b, x in FLOOR_X.items()]
     # at the generate steps' mean context (prompt + new_tokens / 2), not the decode rows' longer one
-    gen_ctx = plan["prompt"] + plan["new_tokens"] // 2
+    gen_ctx = generate_context(plan["prompt"], plan["new_tokens"])
     at_gen = {b: Point("decode", batch=b, context=gen_ctx).id for b in GOAL_BATCHES}
     out += [_ratio(result, f"generate B={b}: full ms per new token <= {GENERATE_X}x full's decode step at its "
                            f"context", ("full", per_token[b]), ("full", at_gen[b]), GENERATE_X) for b in GOAL_BATCHES]

@@ -87,6 +87,11 @@ class _Entry:
     def results(self) -> dict:
         return self.d["results"]
 
+    @property
+    def measured(self) -> bool:
+        """Whether some point has a figure."""
+        return any("ms" in r for r in self.results.values())
+
     def skip_rest(self, points: list[Point], why: str, status: str = "skipped") -> None:
         """Every point without a result gets `why` (as an error when status is "failed")."""
         for p in points:
@@ -201,7 +206,7 @@ def _finish(e: _Entry) -> dict:
     e.d["time_s"] = time.perf_counter() - e.start
     e.d["warmup_overhead_s"] = sum(max(0.0, r["first_ms"] - r["ms"] * r["calls"]) for r in e.results.values()
                                    if "ms" in r) / 1e3
-    if not any("ms" in r for r in e.results.values()):
+    if not e.measured:
         e.d["status"] = "failed" if any("error" in r for r in e.results.values()) else "skipped"
         e.d["reason"] = e.d["reason"] or "no point measured (see the points' reasons)"
     return e.d
@@ -240,7 +245,7 @@ def run_all(targets: list[Callable[[], Target]], names: list[str], points: list[
                 _finish(current)
             except Exception as ex:  # noqa: BLE001  (e.g. a broken CUDA context: the run goes on, reported)
                 why = f"failed: {reason(ex)}"
-                if current is not None and any("ms" in r for r in current.results.values()):
+                if current is not None and current.measured:
                     current.skip_rest(points, f"not run: {name} {why}", "failed")  # its measured rows stay
                     current.d.update(status="failed", reason=why, detail=detail(ex))
                     entries[name] = current.d

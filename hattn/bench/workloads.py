@@ -83,6 +83,12 @@ class Point:
         return {"id": self.id, "label": self.label, "series": self.series, **asdict(self)}
 
 
+def generate_context(prompt: int, new_tokens: int) -> int:
+    """The mean context of a generate row's decode steps (its per-token row's floor; the decode row it is compared
+    with)."""
+    return prompt + new_tokens // 2
+
+
 @dataclass
 class Plan:
     """Sizes of the model suite. The defaults are the rows the goals of issues 17 and 18 read, so that a default
@@ -139,8 +145,7 @@ class Plan:
 
     @property
     def generate_context(self) -> int:
-        """The mean context of a generate row's decode steps: the per-token goal compares with decode there."""
-        return self.prompt + self.new_tokens // 2
+        return generate_context(self.prompt, self.new_tokens)
 
     @property
     def max_prefill(self) -> int:
