@@ -136,7 +136,7 @@ def _check_fits(prompts, params: SamplingParams, cache: HybridCache) -> None:
 
 def _sync(device) -> float:
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()  # not device-wide: legal while another thread captures
     return time.perf_counter()
 
 

@@ -47,8 +47,9 @@ def new_pool():
 
 
 def _sync() -> None:
+    # this thread's stream only: a device-wide sync is illegal while another thread captures (and breaks its capture)
     if _cuda():
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().synchronize()
 
 
 def _reserved() -> int:
