@@ -272,9 +272,11 @@ def run_generate(args) -> int:
     if args.tp > 1 and not launch.under_torchrun():
         return launch.relaunch(args.tp, args.argv)
     warmup = _warmup(args)
+    started_s = process_seconds()  # interpreter start, imports of torch and hattn
     device, dtype = _device_dtype(args)
     tp, device = launch.init(args.tp, device)
     lm = shard(_load(args, device, dtype), tp)
+    loaded_s = process_seconds()  # + CUDA init, transformers, the model built on the device, adapted
     prompts, tokenizer = _prompts(args, lm)
     eos = lm.config.eos_token_id
     stops = args.stop_ids if args.stop_ids is not None else ([eos] if isinstance(eos, int) else list(eos or []))
@@ -302,7 +304,9 @@ def run_generate(args) -> int:
           f"steps {res.decode_tok_per_s:.0f} tok/s{graphs}", file=sys.stderr)
     if args.timing:
         print(f"process start to first token {before_s + res.prefill_s:.2f} s: {before_s:.2f} s before generate "
-              f"(imports, model), {res.prefill_s:.2f} s first step\n{describe_startup(total_stats())}", file=sys.stderr)
+              f"(imports {started_s:.2f}, model built and adapted {loaded_s - started_s:.2f}, cache and compile "
+              f"set-up {before_s - loaded_s:.2f}), {res.prefill_s:.2f} s first step\n"
+              f"{describe_startup(total_stats())}", file=sys.stderr)
     return 0
 
 
