@@ -12,6 +12,7 @@ import argparse
 import cProfile
 import pstats
 import time
+from functools import partial
 
 import torch
 
@@ -56,15 +57,19 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     a = ap.parse_args()
+    from hattn.counters import process_seconds
+
+    started = process_seconds()
     lm = load(a.preset, dtype=getattr(torch, a.dtype), device=a.device)
+    print(f"== process start to imports done {started:.1f} s; model built and adapted {process_seconds() - started:.1f} s",
+          flush=True)
     prompt = [list(range(1, a.prompt + 1))]
     cache = lm.make_cache(1, a.prompt + a.new_tokens + 1)
     for mode in a.modes.split(","):
         torch._dynamo.reset()
         model = torch.compile(lm, backend=hattn.backend(mode=mode, progress=False), dynamic=None)
-        first = lambda: generate(model, prompt, cache, SamplingParams(1), layer_kinds=lm.layer_kinds)  # noqa: E731
-        loop = lambda: generate(model, prompt, cache, SamplingParams(a.new_tokens),  # noqa: E731
-                                layer_kinds=lm.layer_kinds)
+        first = partial(generate, model, prompt, cache, SamplingParams(1), layer_kinds=lm.layer_kinds)
+        loop = partial(generate, model, prompt, cache, SamplingParams(a.new_tokens), layer_kinds=lm.layer_kinds)
         t0 = time.perf_counter()
         loop(), first()
         print(f"== {mode}: compile + capture + first calls {time.perf_counter() - t0:.1f} s", flush=True)
