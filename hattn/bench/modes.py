@@ -3,7 +3,7 @@ adapted model, driven like `hattn.models.generate` drives it (packed tokens, a f
 The modes are those of `hattn.registry.modes()`; each is measured on every point, whatever it does there (`full`
 runs prefill graph-free today).
 
-Decode points run over the shared decode cache with every sequence at `context` cached tokens; the cache is not
+Every point runs over the setup's one cache (`Setup.cache`); decode points with every sequence at `context` cached tokens; the cache is not
 filled first (a step reads and writes the same bytes whatever they hold), so no 64 x 1024-token prefill is paid.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ class HattnMode(Target):
         from hattn.models.generate import last_rows
 
         lens = [point.tokens // point.seqs] * point.seqs
-        cache = self.s.cache("prefill")
+        cache = self.s.cache()
         ctx = ForwardContext(seq_lens=lens, context_lens=[0] * point.seqs, slots=list(range(point.seqs)),
                              cache=cache, layer_kinds=self.s.lm.layer_kinds)
         ids = token_ids(point.tokens, self.s.vocab, self.s.device, self.s.seed)
@@ -84,7 +84,7 @@ class HattnMode(Target):
 
         b, c = point.batch, point.context
         ctx = ForwardContext(seq_lens=[1] * b, context_lens=[c] * b, slots=list(range(b)),
-                             cache=self.s.cache("decode"), layer_kinds=self.s.lm.layer_kinds)
+                             cache=self.s.cache(), layer_kinds=self.s.lm.layer_kinds)
         ids = token_ids(b, self.s.vocab, self.s.device, self.s.seed)
         return self._step(ctx, ids, torch.full((b,), c, dtype=torch.long, device=self.s.device))
 
@@ -93,7 +93,7 @@ class HattnMode(Target):
 
         prompts = [token_ids(point.prompt, self.s.vocab, "cpu", self.s.seed).tolist()] * point.batch
         params = SamplingParams(max_new_tokens=point.new_tokens)
-        cache, kinds = self.s.cache("decode"), self.s.lm.layer_kinds
+        cache, kinds = self.s.cache(), self.s.lm.layer_kinds
         return lambda: generate(self.model, prompts, cache, params, layer_kinds=kinds)
 
     def _stats(self) -> Stats:

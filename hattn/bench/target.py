@@ -6,7 +6,7 @@ apply to it; the runner records every skip and error with its reason.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,8 +24,7 @@ class Setup:
     lm     a HybridLM adapted from a deep copy of `hf` (same weights; hattn modes run it); under tensor
            parallelism adapted from `hf` itself and sharded
     tbo    hattn modes run each step as two micro-batches (hattn.parallel.overlap)
-    caches hattn's HybridCaches, built on first use: "prefill" (plan.seqs slots of plan's largest prefill) and
-           "decode" (plan's largest batch, room for the decode context and for generation)
+    shared_cache  the HybridCache every hattn point uses, built on first use (`cache`)
     """
 
     hf: nn.Module | None
@@ -38,7 +37,7 @@ class Setup:
     progress: bool = True
     seed: int = 0
     tbo: bool = False
-    caches: dict = field(default_factory=dict)
+    shared_cache: object = None
 
     @classmethod
     def build(cls, hf: nn.Module, tp=None, **kwargs) -> "Setup":
@@ -55,14 +54,16 @@ class Setup:
     def vocab(self) -> int:
         return self.lm.config.vocab_size
 
-    def cache(self, which: str):
-        if which not in self.caches:
+    def cache(self):
+        """The one HybridCache of every hattn point: slots for the largest batch (and packing), room for the largest
+        prefill, the decode context and generation. One cache, as a server has: full mode's graphs bind to their
+        cache (another cache is a recapture), and prefill's logits rows are one per slot (another slot count is
+        another graph), so prefill, decode and generate rows share one graph family per mode."""
+        if self.shared_cache is None:
             p = self.plan
-            if which == "prefill":
-                self.caches[which] = self.lm.make_cache(max(1, p.seqs), p.max_prefill)
-            else:
-                self.caches[which] = self.lm.make_cache(p.max_batch, max(p.context + 1, p.prompt + p.new_tokens))
-        return self.caches[which]
+            self.shared_cache = self.lm.make_cache(max(1, p.seqs, p.max_batch),
+                                                   max(p.max_prefill, p.context + 1, p.prompt + p.new_tokens))
+        return self.shared_cache
 
 
 class Target:

@@ -109,6 +109,33 @@ def test_torch_compile_peer_runs_the_goal_rows_only():
     assert e["notes"] == ["compiled with backend='eager' (mode 'reduce-overhead' not applied)"]
 
 
+def test_a_modes_prefill_decode_and_generate_rows_share_one_cache_and_its_graphs():
+    """One cache for every hattn row: full mode's graphs bind to their cache and prefill's logits rows are one per
+    slot, so another cache (or slot count) would recapture or recompile (~15 s a mode on the H200)."""
+    from torch._dynamo.utils import counters
+
+    from hattn.bench.modes import HattnMode
+    from hattn.models.presets import preset_config, random_model
+
+    hf = random_model(preset_config("tiny"), torch.float32, "cpu")
+    setup = Setup.build(hf, plan=Plan.quick(), capture_sizes=[1, 2, 4, 8, 16, 32, 64], inner_compiler="eager",
+                        progress=False)
+    target = HattnMode(setup, "pcg")
+    target.prepare()
+    plan, caches = setup.plan, []
+    for point in [Point("decode", batch=1, context=plan.context), Point("decode", batch=4, context=plan.context),
+                  Point("prefill", tokens=16, seqs=2)]:
+        target.step(point)()
+        caches.append(setup.cache())
+    graphs = counters["stats"]["unique_graphs"]
+    for batch in (1, 4):  # generate: a prefill of 1 or 4 packed prompts, then decode steps
+        target.step(Point("e2e", batch=batch, prompt=plan.prompt, new_tokens=4))()
+    target.close()
+    assert all(c is caches[0] for c in caches) and caches[0].slots >= max(plan.seqs, plan.max_batch)
+    assert caches[0].max_len >= max(plan.max_prefill, plan.context + 1, plan.prompt + plan.new_tokens)
+    assert counters["stats"]["unique_graphs"] == graphs  # generate's steps reused the rows' graphs
+
+
 def test_bad_arguments_name_the_valid_ones(capsys):
     assert main(["--modes", "pcg,fast"]) == 2
     assert "unknown target 'fast' for --suite model" in capsys.readouterr().err
