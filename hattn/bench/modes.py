@@ -1,10 +1,10 @@
 """hattn's modes as bench targets: `torch.compile(lm, backend=hattn.backend(mode=m, capture_sizes=...))` on the
 adapted model, driven like `hattn.models.generate` drives it (packed tokens, a forward context, a HybridCache).
-The modes are those of `hattn.registry.modes()`; each is measured on every point, whatever it does there (`full`
-runs prefill graph-free today).
+The modes are those of `hattn.registry.modes()`; each is measured on every point, whatever it does there.
 
-Every point runs over the setup's one cache (`Setup.cache`); decode points with every sequence at `context` cached tokens; the cache is not
-filled first (a step reads and writes the same bytes whatever they hold), so no 64 x 1024-token prefill is paid.
+Every point runs over the setup's one cache (`Setup.cache`); decode points with every sequence at `context` cached
+tokens. The cache is not filled first (a step reads and writes the same bytes whatever they hold), so no
+64 x 1024-token prefill is paid.
 """
 from __future__ import annotations
 
