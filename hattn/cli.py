@@ -273,6 +273,10 @@ def run_generate(args) -> int:
         return launch.relaunch(args.tp, args.argv)
     warmup = _warmup(args)
     started_s = process_seconds()  # interpreter start, imports of torch and hattn
+    if args.cache_dir is not None:  # before the model's first kernels (adapt's probe runs some)
+        from hattn.compiler.artifacts import keep_kernels_in
+
+        keep_kernels_in(args.cache_dir)
     device, dtype = _device_dtype(args)
     tp, device = launch.init(args.tp, device)
     lm = shard(_load(args, device, dtype), tp)

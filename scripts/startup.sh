@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Cold and warm start per mode (issue 21), process start to first token, with hattn's startup breakdown.
-#   cold: torch's caches (inductor, AOTAutograd, Triton, autotuning) and hattn's cache_dir all empty
+#   cold: torch's caches (inductor, AOTAutograd, autotuning) and hattn's cache_dir (with Triton's cache in
+#         cache_dir/triton: fla's kernels and autotuning results) all empty
 #   warm: torch's caches empty again (a new machine), cache_dir kept from the cold run: everything from cache_dir
 #   bash scripts/startup.sh        # modes bcg full pcg, qwen3.5-1b on cuda in bf16; MODES= PRESET= DEVICE= DTYPE=
 # The summary lines at the end: mode, run, process start to first token, process wall seconds.
 set -uo pipefail
+unset TRITON_CACHE_DIR
 OUT=${OUT:-/tmp/hattn-out}; mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 PRESET=${PRESET:-qwen3.5-1b} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bfloat16}
@@ -12,7 +14,7 @@ WORK=$(mktemp -d)
 summary=()
 for mode in ${MODES:-bcg full pcg}; do
   for run in cold warm; do
-    export TORCHINDUCTOR_CACHE_DIR=$WORK/$mode-$run-inductor TRITON_CACHE_DIR=$WORK/$mode-$run-triton
+    export TORCHINDUCTOR_CACHE_DIR=$WORK/$mode-$run-inductor  # TRITON_CACHE_DIR unset: hattn puts it in cache_dir
     start=$(date +%s.%N)
     python3 -m hattn.cli generate --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --prompt-ids 1,2,3,4,5,6,7,8 \
       --max-new-tokens 16 --mode "$mode" --cache-dir "$WORK/$mode-cache" --timing 2>&1 | tee "$OUT/startup-$mode-$run.log"

@@ -25,6 +25,18 @@ def _reset_dynamo():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _triton_cache_dir():
+    """A backend with cache_dir sets TRITON_CACHE_DIR for the process (artifacts.keep_kernels_in): each test gets
+    the environment's value back, so one test's temporary directory never becomes another's kernel cache."""
+    before = os.environ.get("TRITON_CACHE_DIR")
+    yield
+    if before is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = before
+
+
 # Split ops defined for tests: a functional one and an out= one, both of the user kind "testmix".
 
 

@@ -3,7 +3,8 @@
 After a graph is compiled and after its first run, what torch's caches recorded in this process (inductor's FX
 graph cache, the AOTAutograd cache, inductor's autotuning results: `torch.compiler.save_cache_artifacts`) is written
 to `cache_dir/<key>/artifacts.bin`; the next process loads that entry (`load_cache_artifacts`) before compiling the
-same graph, so its pieces come out of torch's caches instead of being compiled again.
+same graph, so its pieces come out of torch's caches instead of being compiled again. Triton's own cache (the
+kernels outside inductor, fla's autotuning results) is kept in `cache_dir/triton` (`keep_kernels_in`).
 
 The key covers what changes the compiled code: the Dynamo graph's structure and its inputs' shapes, strides and
 dtypes (so the model config and the dtype: every config field the code depends on is in the graph's shapes or
@@ -106,6 +107,30 @@ def load_entry(gm: fx.GraphModule, example_inputs: list, config, stats: Stats) -
     entry = entry_for(config.cache_dir, gm, example_inputs, config)
     entry.load(stats)
     return entry
+
+
+def keep_kernels_in(cache_dir: str) -> str:
+    """Point Triton's cache (compiled kernels and autotuning results: fla's, hattn's and inductor's) at
+    `cache_dir/triton`, unless TRITON_CACHE_DIR already names one; returns the directory in use.
+
+    torch's artifacts hold what inductor compiled, not the Triton kernels that run outside it (fla's chunk path, the
+    split ops' kernels), and fla autotunes those at their first call: without this a warm start on a new machine
+    compiles and autotunes them again (tens of seconds). Triton keys its entries by kernel source, signature,
+    Triton version and target, so an entry that does not fit is never used. Sets the process's environment (Triton
+    reads it at each compile)."""
+    chosen = os.environ.get("TRITON_CACHE_DIR")
+    if chosen:
+        return chosen
+    path = os.path.join(os.path.abspath(cache_dir), "triton")
+    os.makedirs(path, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = path
+    log.info("hattn: Triton's kernel cache is %s (cache_dir)", path)
+    return path
+
+
+def entries(cache_dir) -> list[Path]:
+    """The graphs' entries in `cache_dir` (directories holding a key.json), sorted; not Triton's cache beside them."""
+    return sorted(p for p in Path(cache_dir).iterdir() if (p / KEY_FILE).is_file())
 
 
 def entry_for(cache_dir: str, gm: fx.GraphModule, example_inputs: list, config) -> ArtifactEntry:

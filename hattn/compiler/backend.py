@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import TracingContext, detect_fake_mode
 
-from hattn.compiler.artifacts import load_entry
+from hattn.compiler.artifacts import keep_kernels_in, load_entry
 from hattn.compiler.config import Config
 from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import fuse_linears
@@ -148,7 +148,10 @@ def _dynamo_seconds() -> float:
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with."""
     stats.dynamo_seconds += _dynamo_seconds()
-    entry = load_entry(gm, example_inputs, config, stats) if config.cache_dir is not None else None
+    entry = None
+    if config.cache_dir is not None:
+        keep_kernels_in(config.cache_dir)
+        entry = load_entry(gm, example_inputs, config, stats)
     start = time.perf_counter()
     check_no_unregistered_attention(gm)  # first: a rejected graph leaves the user's parameters untouched
     check_split_ops_present(gm, example_inputs, config.mode, config.uses_graphs)

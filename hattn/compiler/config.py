@@ -32,6 +32,8 @@ class Config:
                     the next process loads them before compiling the same graph. The key covers the Dynamo graph
                     with its inputs' shapes and dtypes (so the model config and dtype), mode, inner compiler,
                     capture sizes, hattn, torch and triton versions and the device; a stale entry is never read.
+                    Triton's kernel cache goes to cache_dir/triton too (fla's kernels and autotuning results),
+                    unless TRITON_CACHE_DIR is set (`artifacts.keep_kernels_in`; it sets that variable).
                     Ship the directory with the model to warm-start another machine of the same kind. Needs
                     inner_compiler='inductor' (eager pieces compile nothing to keep).
     small_m_gemm    on CUDA, linears of M <= 64 rows (decode) run whichever of cuBLAS and hattn's Triton skinny GEMM

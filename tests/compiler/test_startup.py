@@ -4,6 +4,7 @@ Inductor end to end: test_warm_start.py; on a GPU: test_startup_gpu.py."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from types import SimpleNamespace
 from unittest import mock
@@ -211,7 +212,7 @@ def _run(cache_dir, seed=0, **overrides) -> Stats:
 def test_warm_start_same_config_hits_changed_config_misses(fake_cache, tmp_path, one_thread):
     cold = _run(tmp_path)
     assert (cold.cache_hits, cold.cache_misses, cold.pieces_compiled) == (0, 1, 3)
-    [entry] = list(tmp_path.iterdir())
+    [entry] = artifacts.entries(tmp_path)
     # saved after the compile, and again after the first run with what it added (autotuning on a GPU)
     assert (entry / "artifacts.bin").read_bytes() == b"piece0,piece1,piece2,autotune"
     key = json.loads((entry / "key.json").read_text())
@@ -226,7 +227,31 @@ def test_warm_start_same_config_hits_changed_config_misses(fake_cache, tmp_path,
     changed = _run(tmp_path, hidden=48)
     assert (changed.cache_hits, changed.cache_misses) == (0, 1)
     assert fake_cache.loaded == [b"piece0,piece1,piece2,autotune"]  # the other key's entry was not read
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(artifacts.entries(tmp_path)) == 2
+
+
+def test_cache_dir_keeps_tritons_kernel_cache_unless_the_user_chose_one(fake_cache, tmp_path, monkeypatch, one_thread):
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    _run(tmp_path)  # compiling with cache_dir: fla's kernels and autotuning results go beside torch's artifacts
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "triton") and (tmp_path / "triton").is_dir()
+    assert len(artifacts.entries(tmp_path)) == 1  # Triton's directory is not an entry
+    mine = str(tmp_path / "mine")
+    monkeypatch.setenv("TRITON_CACHE_DIR", mine)
+    assert artifacts.keep_kernels_in(str(tmp_path / "other")) == mine and os.environ["TRITON_CACHE_DIR"] == mine
+    assert not (tmp_path / "other").exists()
+
+
+def test_generate_cache_dir_sets_tritons_cache_before_the_model_loads(tmp_path, monkeypatch, one_thread):
+    from hattn import cli
+    from hattn.models import presets
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    seen, load = [], presets.load
+    monkeypatch.setattr(presets, "load", lambda *a, **k: (seen.append(os.environ.get("TRITON_CACHE_DIR")),
+                                                          load(*a, **k))[1])
+    assert cli.main(["generate", "--preset", "tiny", "--mode", "none", "--device", "cpu", "--prompt-ids", "1,2",
+                     "--max-new-tokens", "1", "--cache-dir", str(tmp_path)]) == 0
+    assert seen == [str(tmp_path / "triton")]  # adapt's probe may compile kernels: they land there too
 
 
 def test_unreadable_entry_is_a_logged_miss_and_torch_caches_off_are_named(tmp_path, caplog):

@@ -10,6 +10,7 @@ from torch._inductor.utils import fresh_cache
 from torch.compiler._cache import CacheArtifactManager
 
 import hattn
+import hattn.compiler.artifacts as artifacts
 from hattn.models.toy import toy_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -69,6 +70,6 @@ def test_warm_start_on_a_new_machine_from_cache_dir_alone(tmp_path):
     for s in (cold, warm):
         assert min(s.dynamo_seconds, s.split_seconds, s.fake_run_seconds, s.compile_seconds, s.capture_seconds,
                    s.first_replay_seconds) > 0, s.startup()
-    [entry] = list(tmp_path.iterdir())
+    [entry] = artifacts.entries(tmp_path)
     kept = CacheArtifactManager.deserialize((entry / "artifacts.bin").read_bytes())
     assert kept.get("autotune"), {kind: len(a) for kind, a in kept.items()}  # saved after the first run
