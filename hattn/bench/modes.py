@@ -8,6 +8,7 @@ tokens. The cache is not filled first (a step reads and writes the same bytes wh
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -60,10 +61,12 @@ class HattnMode(Target):
         self.backends.append(be)
         return torch.compile(lm, backend=be)
 
-    def _step(self, ctx, ids: torch.Tensor, pos: torch.Tensor, rows=None) -> Callable[[], object]:
+    def _step(self, make_ctx: Callable, ids: torch.Tensor, pos: torch.Tensor, rows=None) -> Callable[[], object]:
+        """A step under a new forward context each call, as generate builds one per step: what split ops derive
+        from it (device copies of the metadata) is paid every step, not memoized once for every repetition."""
         from hattn.models.generate import run_step
 
-        return lambda: run_step(self.model, ctx, ids, pos, rows)
+        return lambda: run_step(self.model, make_ctx(), ids, pos, rows)
 
     def prefill(self, point: Point):
         from hattn.context import ForwardContext
@@ -72,8 +75,8 @@ class HattnMode(Target):
 
         lens = [point.tokens // point.seqs] * point.seqs
         cache = self.s.cache()
-        ctx = ForwardContext(seq_lens=lens, context_lens=[0] * point.seqs, slots=list(range(point.seqs)),
-                             cache=cache, layer_kinds=self.s.lm.layer_kinds)
+        ctx = partial(ForwardContext, seq_lens=lens, context_lens=[0] * point.seqs, slots=list(range(point.seqs)),
+                      cache=cache, layer_kinds=self.s.lm.layer_kinds)
         ids = token_ids(point.tokens, self.s.vocab, self.s.device, self.s.seed)
         # logits of each sequence's last row only, as generate's prefill computes them
         return self._step(ctx, ids, packed_positions(lens, [0] * point.seqs, self.s.device),
@@ -83,8 +86,8 @@ class HattnMode(Target):
         from hattn.context import ForwardContext
 
         b, c = point.batch, point.context
-        ctx = ForwardContext(seq_lens=[1] * b, context_lens=[c] * b, slots=list(range(b)),
-                             cache=self.s.cache(), layer_kinds=self.s.lm.layer_kinds)
+        ctx = partial(ForwardContext, seq_lens=[1] * b, context_lens=[c] * b, slots=list(range(b)),
+                      cache=self.s.cache(), layer_kinds=self.s.lm.layer_kinds)
         ids = token_ids(b, self.s.vocab, self.s.device, self.s.seed)
         return self._step(ctx, ids, torch.full((b,), c, dtype=torch.long, device=self.s.device))
 

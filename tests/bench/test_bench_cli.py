@@ -136,6 +136,26 @@ def test_a_modes_prefill_decode_and_generate_rows_share_one_cache_and_its_graphs
     assert counters["stats"]["unique_graphs"] == graphs  # generate's steps reused the rows' graphs
 
 
+def test_a_modes_rows_build_a_forward_context_per_step_as_generate_does(monkeypatch):
+    import importlib
+
+    from hattn.bench.modes import HattnMode
+    from hattn.models.presets import preset_config, random_model
+
+    hf = random_model(preset_config("tiny"), torch.float32, "cpu")
+    setup = Setup.build(hf, plan=Plan.quick(), capture_sizes=[1, 2, 4], inner_compiler="eager", progress=False)
+    target = HattnMode(setup, "eager")
+    target.prepare()
+    gen = importlib.import_module("hattn.models.generate")  # the package exports a function of the same name
+    seen, run_step = [], gen.run_step
+    monkeypatch.setattr(gen, "run_step", lambda model, ctx, *a: (seen.append(ctx), run_step(model, ctx, *a))[1])
+    for point in (Point("decode", batch=2, context=8), Point("prefill", tokens=8, seqs=2)):
+        step = target.step(point)
+        step(), step()
+    target.close()
+    assert len(seen) == 4 and len({id(c) for c in seen}) == 4  # memoized metadata is never carried to a next step
+
+
 def test_bad_arguments_name_the_valid_ones(capsys):
     assert main(["--modes", "pcg,fast"]) == 2
     assert "unknown target 'fast' for --suite model" in capsys.readouterr().err
