@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hattn.compiler.artifacts import keep_kernels_in
 from hattn.compiler.backend import HattnBackend, backend
 from hattn.models.cache import HybridCache
 from hattn.models.generate import generate as packed_generate
@@ -111,6 +112,8 @@ def compile(model, mode: str = "bcg", **options) -> CompiledLM:  # noqa: A001  (
     mode, options: as `hattn.backend` (mode eager | pcg | bcg | full; inner_compiler, capture_sizes, progress).
     """
     hattn_backend = backend(mode, **options)  # bad options fail before the model is touched
+    if hattn_backend.config.cache_dir is not None:  # before adapt's probe, which may compile kernels
+        keep_kernels_in(hattn_backend.config.cache_dir)
     return CompiledLM(_adapted(model), hattn_backend)
 
 

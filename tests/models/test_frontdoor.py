@@ -2,6 +2,7 @@
 batch, for every family and every mode (all pairs on the GPU); eos and padding sides; compiling again; what
 hattn.compile refuses. GPU: python3 -m pytest -m gpu tests/models/test_frontdoor.py"""
 import copy
+import os
 import warnings
 
 import pytest
@@ -176,6 +177,17 @@ def test_compile_checks_options_before_touching_the_model(make_case):
     with pytest.raises(ValueError, match=r"unknown hattn option\(s\) \['capture_size'\]"):
         hattn.compile(hf, capture_size=[1])
     assert hf.config._attn_implementation != "hattn" and "generate" not in vars(hf)  # not adapted
+
+
+def test_compile_with_cache_dir_keeps_tritons_cache_there_before_adapting(make_case, tmp_path, monkeypatch):
+    import hattn.frontdoor as frontdoor
+
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    seen, adapted = [], frontdoor._adapted
+    monkeypatch.setattr(frontdoor, "_adapted", lambda m: (seen.append(os.environ.get("TRITON_CACHE_DIR")),
+                                                          adapted(m))[1])
+    hattn.compile(fresh(make_case("tiny")), mode="eager", cache_dir=str(tmp_path))
+    assert seen == [str(tmp_path / "triton")]  # adapt's probe may compile kernels: they land there
 
 
 # -- on the GPU: every family in every mode, CUDA graphs captured ----------------------------------------------------
