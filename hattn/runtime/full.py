@@ -23,8 +23,8 @@ from hattn.counters import Stats
 from hattn.kernels.packing import Bucket, PackedStep
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
-from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, capture_graph, log_once, new_pool,
-                                  ran_graph_free, served_layout)
+from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, caller_context, capture_graph, log_once,
+                                  new_pool, ran_graph_free, served_layout)
 from hattn.runtime.tokens import TokenLayout, pick_size
 
 log = logging.getLogger("hattn")
@@ -199,6 +199,12 @@ class FullGraphRuntime:
         if ctx is None or ctx.cache is None:
             ran_graph_free(self.stats)  # no cache: nothing a full-step graph can serve
             return self.fn(*args)
+        if self.layout.has_tokens and self.layout.num_tokens(args) > self.sizes[-1]:
+            # above the largest bucket no graph serves the step, whatever cache it carries: the graphs stay bound
+            # to theirs (a long prompt on its own cache does not cost two captures)
+            ran_graph_free(self.stats)
+            with caller_context(self.layout.num_tokens(args)):
+                return self.fn(*args)
         if self.cache is not None and ctx.cache is not self.cache:
             log.info("hattn: mode='full' got another cache object; its graphs are captured again for it")
             self.release()

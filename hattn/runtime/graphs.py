@@ -77,7 +77,7 @@ def no_gc_in_capture(collect: bool = True):
 
 
 # -- forward contexts ---------------------------------------------------------------------------------------------
-def _step_context(num_tokens: int | None) -> contextlib.AbstractContextManager:
+def caller_context(num_tokens: int | None) -> contextlib.AbstractContextManager:
     """The caller's forward context if it describes num_tokens; a one-sequence context if none is set."""
     ctx = get_forward_context()
     if num_tokens is None:  # a static graph: split ops see the caller's context, or none (as eagerly)
@@ -274,7 +274,7 @@ class GraphRuntime:
 
     def step_context(self, num_tokens: int | None, size: int) -> contextlib.AbstractContextManager:
         """Around a replay; num_tokens is None for a static graph."""
-        return _step_context(num_tokens)
+        return caller_context(num_tokens)
 
     def capture_context(self, size: int | None) -> contextlib.AbstractContextManager:
         return _capture_context(size)
@@ -292,7 +292,7 @@ class GraphRuntime:
             self.capture_all(args, size)  # may give graphs up (self.failed: out of memory)
         if not graphs or self.failed is not None:
             ran_graph_free(self.stats)  # above the largest capture size (or no graphs)
-            with _step_context(n):
+            with caller_context(n):
                 return self.fn(*args)
         static = self.inputs.fill(size, args, n)
         start = time.perf_counter()

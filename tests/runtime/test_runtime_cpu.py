@@ -436,3 +436,27 @@ def test_a_parameter_given_new_storage_after_capture_is_captured_again(caplog):
     assert rt.order == [4, 4] and "got new storage" in caplog.text
     assert rt(torch.ones(3), torch.full((1,), 5.0)).tolist() == [5.0] * 3  # another object: copied in
     assert rt.order == [4, 4]
+
+
+def test_full_mode_serves_a_step_above_its_largest_bucket_graph_free_without_leaving_its_cache(stand_in_capture):
+    """A prompt longer than the largest bucket runs graph-free whatever cache it carries; the graphs stay bound to
+    their cache (they were released and captured twice: once for the long prompt's cache, once to come back)."""
+    from hattn.models.cache import HybridCache
+    from hattn.runtime import full
+
+    def step(ids):
+        return (ids + 1,)
+
+    runtime = full.FullGraphRuntime(step, layout_from_args([torch.zeros(2)]), [2, 4], Stats(), progress=False)
+    cache, long_cache = (HybridCache({}, slots=4, max_len=n, dtype=torch.float32) for n in (8, 64))
+
+    def call(c, lens):
+        with hattn.forward_context(hattn.ForwardContext(lens, [0] * len(lens), list(range(len(lens))), c)):
+            return runtime(torch.zeros(sum(lens)))[0]
+
+    assert call(cache, [3]).tolist() == [1.0] * 3
+    bound, captured = runtime.cache, runtime.stats.capture_sizes_done
+    assert call(long_cache, [40]).tolist() == [1.0] * 40  # 40 tokens > the largest bucket (4)
+    assert runtime.cache is bound and runtime.stats.eager_runs == 1
+    assert call(cache, [3]).tolist() == [1.0] * 3
+    assert runtime.stats.capture_sizes_done == captured and runtime.stats.replays == 2
