@@ -207,7 +207,7 @@ def _model_suite(args, device, opts, meta: dict, tp):
     if tp.size > 1 or args.tbo:
         model_name += f" (tp={tp.size}{', two-batch overlap' if args.tbo else ''})"
     if any(n not in PEERS for n in args.modes):  # allocated before any target: not in a target's peak
-        setup.cache()
+        setup.cache(), setup.cache(plan.max_prefill)
     params = list(setup.lm.parameters())
     meta.update(model=model_name, dtype=str(dtype).removeprefix("torch."), params=sum(p.numel() for p in params),
                 weight_bytes=sum(p.numel() * p.element_size() for p in params),

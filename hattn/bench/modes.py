@@ -2,9 +2,9 @@
 adapted model, driven like `hattn.models.generate` drives it (packed tokens, a forward context, a HybridCache).
 The modes are those of `hattn.registry.modes()`; each is measured on every point, whatever it does there.
 
-Every point runs over the setup's one cache (`Setup.cache`); decode points with every sequence at `context` cached
-tokens. The cache is not filled first (a step reads and writes the same bytes whatever they hold), so no
-64 x 1024-token prefill is paid.
+Every point a graph can serve runs over the setup's one shared cache (`Setup.cache`); decode points with every
+sequence at `context` cached tokens. The cache is not filled first (a step reads and writes the same bytes whatever
+they hold), so no 64 x 1024-token prefill is paid.
 """
 from __future__ import annotations
 
@@ -74,13 +74,14 @@ class HattnMode(Target):
         from hattn.models.generate import last_rows
 
         lens = [point.tokens // point.seqs] * point.seqs
-        cache = self.s.cache()
+        cache = self.s.cache(max(lens))
         ctx = partial(ForwardContext, seq_lens=lens, context_lens=[0] * point.seqs, slots=list(range(point.seqs)),
                       cache=cache, layer_kinds=self.s.lm.layer_kinds)
         ids = token_ids(point.tokens, self.s.vocab, self.s.device, self.s.seed)
-        # logits of each sequence's last row only, as generate's prefill computes them
+        # logits of each sequence's last row only, as generate's prefill computes them, in as many rows as the
+        # shared cache has slots (generate's count: one graph for every prefill row and generate's prefill)
         return self._step(ctx, ids, packed_positions(lens, [0] * point.seqs, self.s.device),
-                          last_rows(lens, cache.slots, self.s.device))
+                          last_rows(lens, self.s.cache().slots, self.s.device))
 
     def decode(self, point: Point):
         from hattn.context import ForwardContext

@@ -24,7 +24,7 @@ class Setup:
     lm     a HybridLM adapted from a deep copy of `hf` (same weights; hattn modes run it); under tensor
            parallelism adapted from `hf` itself and sharded
     tbo    hattn modes run each step as two micro-batches (hattn.parallel.overlap)
-    shared_cache  the HybridCache every hattn point uses, built on first use (`cache`)
+    shared_cache, long_cache  the HybridCaches of hattn's rows, built on first use (`cache`)
     """
 
     hf: nn.Module | None
@@ -38,6 +38,7 @@ class Setup:
     seed: int = 0
     tbo: bool = False
     shared_cache: object = None
+    long_cache: object = None
 
     @classmethod
     def build(cls, hf: nn.Module, tp=None, **kwargs) -> "Setup":
@@ -54,16 +55,24 @@ class Setup:
     def vocab(self) -> int:
         return self.lm.config.vocab_size
 
-    def cache(self):
-        """The one HybridCache of every hattn point: slots for the largest batch (and packing), room for the largest
-        prefill, the decode context and generation. One cache, as a server has: full mode's graphs bind to their
-        cache (another cache is a recapture), and prefill's logits rows are one per slot (another slot count is
-        another graph), so prefill, decode and generate rows share one graph family per mode."""
+    def cache(self, seq_len: int = 0):
+        """The HybridCache of a hattn row whose longest sequence has `seq_len` tokens.
+
+        Every row that graphs can serve shares one cache, as a server keeps one: slots for the largest batch (and
+        packing), room for the decode context, generation and prompts up to the largest capture size. Mode full's
+        graphs bind to their cache (another cache is a recapture), and prefill's logits rows are one per slot of
+        it (another count is another graph). A longer prompt (graph-free in every mode) gets a cache of its own
+        with the packing's slots, so the shared one is not sized slots x the longest prompt (65 x 8192 tokens of
+        KV is 6.5 GB for the 1B preset, 35 GB for the 27B)."""
+        p = self.plan
         if self.shared_cache is None:
-            p = self.plan
-            self.shared_cache = self.lm.make_cache(max(1, p.seqs, p.max_batch),
-                                                   max(p.max_prefill, p.context + 1, p.prompt + p.new_tokens))
-        return self.shared_cache
+            room = max(p.context + 1, p.prompt + p.new_tokens, min(p.max_prefill, max(self.capture_sizes)))
+            self.shared_cache = self.lm.make_cache(max(1, p.seqs, p.max_batch), room)
+        if seq_len <= self.shared_cache.max_len:
+            return self.shared_cache
+        if self.long_cache is None:
+            self.long_cache = self.lm.make_cache(max(1, p.seqs), p.max_prefill)
+        return self.long_cache
 
 
 class Target:

@@ -1,6 +1,7 @@
 """`hattn bench --quick` end to end on the tiny preset (CPU), the kernels suite, arguments, and the GPU runs
 (pytest -m gpu)."""
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -110,19 +111,21 @@ def test_torch_compile_peer_runs_the_goal_rows_only():
 
 
 def test_a_modes_prefill_decode_and_generate_rows_share_one_cache_and_its_graphs():
-    """One cache for every hattn row: full mode's graphs bind to their cache and prefill's logits rows are one per
-    slot, so another cache (or slot count) would recapture or recompile (~15 s a mode on the H200)."""
+    """One cache for every hattn row a graph can serve: full mode's graphs bind to their cache and prefill's logits
+    rows are one per slot, so another cache (or slot count) would recapture or recompile (~15 s a mode on the H200).
+    A prompt past the largest capture size has a cache of its own but the same logits row count."""
     from torch._dynamo.utils import counters
 
     from hattn.bench.modes import HattnMode
     from hattn.models.presets import preset_config, random_model
 
     hf = random_model(preset_config("tiny"), torch.float32, "cpu")
-    setup = Setup.build(hf, plan=Plan.quick(), capture_sizes=[1, 2, 4, 8, 16, 32, 64], inner_compiler="eager",
+    plan = dataclasses.replace(Plan.quick(), tokens=[16, 64, 128])  # 128: past the largest capture size
+    setup = Setup.build(hf, plan=plan, capture_sizes=[1, 2, 4, 8, 16, 32, 64], inner_compiler="eager",
                         progress=False)
     target = HattnMode(setup, "pcg")
     target.prepare()
-    plan, caches = setup.plan, []
+    caches = []
     for point in [Point("decode", batch=1, context=plan.context), Point("decode", batch=4, context=plan.context),
                   Point("prefill", tokens=16, seqs=2)]:
         target.step(point)()
@@ -130,10 +133,13 @@ def test_a_modes_prefill_decode_and_generate_rows_share_one_cache_and_its_graphs
     graphs = counters["stats"]["unique_graphs"]
     for batch in (1, 4):  # generate: a prefill of 1 or 4 packed prompts, then decode steps
         target.step(Point("e2e", batch=batch, prompt=plan.prompt, new_tokens=4))()
+    target.step(Point("prefill", tokens=128, seqs=1))()  # past the largest capture size (64): a cache of its own
+    long = setup.cache(128)
     target.close()
     assert all(c is caches[0] for c in caches) and caches[0].slots >= max(plan.seqs, plan.max_batch)
-    assert caches[0].max_len >= max(plan.max_prefill, plan.context + 1, plan.prompt + plan.new_tokens)
-    assert counters["stats"]["unique_graphs"] == graphs  # generate's steps reused the rows' graphs
+    assert caches[0].max_len >= max(plan.context + 1, plan.prompt + plan.new_tokens, 64)
+    assert long is not caches[0] and long.max_len >= 128 and long.slots == max(1, plan.seqs)
+    assert counters["stats"]["unique_graphs"] == graphs  # generate's steps and the long prompt reused the graphs
 
 
 def test_a_modes_rows_build_a_forward_context_per_step_as_generate_does(monkeypatch):
