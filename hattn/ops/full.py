@@ -36,7 +36,11 @@ def _full_attention(
     if ctx.cache is not None and ctx.is_decode and q.is_cuda:  # one batched step instead of a loop over sequences
         k_cache, v_cache = ctx.cache.state(layer_id)
         slots, lens = ctx.device_meta(q.device)
-        full_attention_decode(q[:n], k[:n], v[:n], out[:n], k_cache, v_cache, slots, lens, scale)
+        if n < q.shape[0]:  # padding rows: the step's rows only
+            q, k, v, out_rows = q[:n], k[:n], v[:n], out[:n]
+        else:
+            out_rows = out
+        full_attention_decode(q, k, v, out_rows, k_cache, v_cache, slots, lens, scale)
     else:
         _per_sequence(q, k, v, out, layer_id, scale, ctx)
     zero_padding(out, n)

@@ -42,7 +42,11 @@ def _linear_attention(
     if ctx.captured:  # the whole step is one CUDA graph: device metadata only, padding at the scratch slot
         return _captured(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx)
     n = ctx.num_tokens
-    args = (mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], layer_id, num_k_heads, head_k_dim, ctx)
+    if n < mixed_qkv.shape[0]:  # padding rows (a capture size's): the step's rows only; else no slicing (~1 us each)
+        mixed_qkv, g, beta, out_rows = mixed_qkv[:n], g[:n], beta[:n], out[:n]
+    else:
+        out_rows = out
+    args = (mixed_qkv, conv_weight, conv_bias, g, beta, out_rows, layer_id, num_k_heads, head_k_dim, ctx)
     if use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[2]):
         _cuda(*args)
     else:
