@@ -36,6 +36,12 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n, as `triton.next_power_of_2` (a Triton constexpr function: ~1-2 us of host time
+    a call, paid in every eager decode launch) computes it."""
+    return 1 << (n - 1).bit_length()
+
+
 class CheckedOnce:
     """Runs a launcher's checks once per argument metadata instead of on every call.
 

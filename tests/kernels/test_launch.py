@@ -52,3 +52,11 @@ def test_checked_once_is_bounded():
     assert len(once.passed) <= 2
     once(x, 1)  # forgotten when the set was cleared: checked again
     assert len(calls) == 4
+
+
+def test_next_pow2_is_the_smallest_power_of_two_not_below_n():
+    from hattn.kernels.launch import next_pow2
+
+    for n in range(1, 5000):
+        p = next_pow2(n)
+        assert p >= n and p & (p - 1) == 0 and (p == 1 or p // 2 < n), n

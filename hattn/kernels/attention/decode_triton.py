@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from hattn.kernels.attention.tiles import LOG2E, kv_block
-from hattn.kernels.launch import CheckedOnce, sm_count
+from hattn.kernels.launch import CheckedOnce, next_pow2, sm_count
 
 
 @triton.jit
@@ -131,7 +131,7 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
     block_l = kv_block(dk, dv, k_cache.element_size())
     chunk, splits = _split_plan(max_len, block_l, num_splits or default_splits(b, hkv, max_len, block_l, q.device))
     rep = hq // hkv
-    dims = dict(DV=dv, BLOCK_DV=triton.next_power_of_2(max(dv, 16)))
+    dims = dict(DV=dv, BLOCK_DV=next_pow2(max(dv, 16)))
     part, lse = out, None
     if splits > 1:  # the graph pool's, when captured
         part = torch.empty(b, hq, splits, dv, device=q.device, dtype=torch.float32)
@@ -139,11 +139,11 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
     _split_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, slots, context_lens, part, lse, *q.stride(), *k_cache.stride(), *v_cache.stride(),
         *out.stride(), scale * LOG2E, max_len, chunk, REP=rep, DK=dk,
-        BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_DK=triton.next_power_of_2(max(dk, 16)),
+        BLOCK_R=max(16, next_pow2(rep)), BLOCK_DK=next_pow2(max(dk, 16)),
         BLOCK_L=block_l, NUM_SPLITS=splits, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", **dims)
     if splits > 1:
         _reduce_kernel[(b, hq)](part, lse, context_lens, out, *out.stride(), max_len, chunk, NUM_SPLITS=splits,
-                                BLOCK_S=min(16, triton.next_power_of_2(splits)), **dims)
+                                BLOCK_S=min(16, next_pow2(splits)), **dims)
 
 
 def default_splits(b: int, hkv: int, max_len: int, block_l: int, device: torch.device) -> int:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from hattn.kernels.launch import (FLOATS, CheckedOnce, check_contiguous, check_device, check_last_contiguous,
-                                  check_pow2, check_shape)
+                                  check_pow2, check_shape, next_pow2)
 
 
 @triton.jit
@@ -244,7 +244,7 @@ def _fused(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_stat
         mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, g, g.stride(0),
         beta, beta.stride(0), out, out.stride(0), out.stride(1), conv_state, rec_state, slots, context_lens,
         dk ** -0.5, HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=launch.bv, NV=nv, TPP=hv // hk * nv,
-        W=width, BW=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, HAS_STATE=rec_state is not None,
+        W=width, BW=next_pow2(width), HAS_BIAS=conv_bias is not None, HAS_STATE=rec_state is not None,
         HAS_CTX=context_lens is not None, num_warps=launch.warps,
     )
 
@@ -258,7 +258,7 @@ def _staged(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_sta
     conv_qkv_kernel[(b, 2 * hk + hv)](
         mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, conv_state, slots,
         context_lens, qkv, dk ** -0.5, HK=hk, C=c, DK=dk, DV=dv, BH=max(dk, dv), W=width,
-        BW=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, HAS_CTX=has_ctx, num_warps=4)
+        BW=next_pow2(width), HAS_BIAS=conv_bias is not None, HAS_CTX=has_ctx, num_warps=4)
     nv = dv // launch.bv
     state_step_kernel[(b, hv * nv)](
         qkv, g, g.stride(0), beta, beta.stride(0), out, out.stride(0), out.stride(1), rec_state, slots, context_lens,
