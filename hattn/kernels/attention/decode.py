@@ -16,8 +16,8 @@ def full_attention_decode(q, k, v, out, k_cache, v_cache, slots, context_lens, s
 
     q: [B, Hq, D]; k, v: [B, Hkv, D]; caches [S, L, Hkv, D]; slots, context_lens: [B] int64 (device); out: [B, Hq, D].
     """
-    k_cache[slots, context_lens] = k
-    v_cache[slots, context_lens] = v
+    k_cache.index_put_((slots, context_lens), k)  # = k_cache[slots, context_lens] = k, without Python's indexing
+    v_cache.index_put_((slots, context_lens), v)
     if use_triton(q):
         from hattn.kernels.attention.decode_triton import decode_attention
 
