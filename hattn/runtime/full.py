@@ -199,11 +199,12 @@ class FullGraphRuntime:
         if ctx is None or ctx.cache is None:
             ran_graph_free(self.stats)  # no cache: nothing a full-step graph can serve
             return self.fn(*args)
-        if self.layout.has_tokens and self.layout.num_tokens(args) > self.sizes[-1]:
+        n = self.layout.num_tokens(args) if self.layout.has_tokens else None
+        if n is not None and n > self.sizes[-1]:
             # above the largest bucket no graph serves the step, whatever cache it carries: the graphs stay bound
             # to theirs (a long prompt on its own cache does not cost two captures)
             ran_graph_free(self.stats)
-            with caller_context(self.layout.num_tokens(args)):
+            with caller_context(n):
                 return self.fn(*args)
         if self.cache is not None and ctx.cache is not self.cache:
             log.info("hattn: mode='full' got another cache object; its graphs are captured again for it")
