@@ -7,6 +7,7 @@
 #   bash scripts/gpu_check.sh tests demo            # a subset
 #   bash scripts/gpu_check.sh startup host-profile  # issue 21's cold/warm start in mode full; pcg's and full's host
 #                                                   # time under cProfile (run each first in a call: a fresh GPU)
+#   bash scripts/gpu_check.sh kernel-profile        # every kernel of full mode's prefill and decode (GPU- vs host-bound)
 #   bash scripts/gpu_check.sh all-tests bench       # every GPU test in 10 xdist workers (~5.5 min on the H200; -v
 #                                                   # lines name each result even when the box cuts the summary)
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
@@ -40,12 +41,13 @@ declare -A CMD=(
   [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress"
   [host-profile]="python3 scripts/host_profile.py --modes pcg,full"
   [startup]="env MODES=full bash scripts/startup.sh"
+  [kernel-profile]="python3 scripts/kernel_profile.py --modes full"
 )
 declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench [host-profile]=host_profile
-                [startup]=startup)
+                [startup]=startup [kernel-profile]=kernel_profile)
 declare -A BOX=([all-tests]=420 [tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
-                [k-bench]=150 [bench]=560 [host-profile]=240 [startup]=300)
+                [k-bench]=150 [bench]=560 [host-profile]=240 [startup]=300 [kernel-profile]=180)
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench)
 summary=()
 for part in "${parts[@]}"; do

@@ -23,6 +23,7 @@ A family is one file in hattn/models/families/ that calls `register_family(Famil
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hattn.ops  # noqa: F401  (defines torch.ops.hattn.*)
 from hattn.context import ForwardContext, LayerSpec, forward_context
+from hattn.counters import Stats, register
 from hattn.models.cache import HybridCache
 from hattn.ops import full
 from hattn.registry import split_op_of
@@ -356,5 +358,7 @@ def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
     guard_hf_calls(hf_model)
     lm = HybridLM(hf_model.eval(), family, kinds)
     if check and next(hf_model.parameters()).device.type != "meta":
+        start = time.perf_counter()
         probe(lm)
+        register(Stats(probe_seconds=time.perf_counter() - start))
     return lm
