@@ -47,6 +47,18 @@ def _top(fn, reps: int, n: int) -> None:
     stats.sort_stats("cumtime").print_stats("hattn/", n)  # hattn's own functions, inclusive
 
 
+def _bound_ab(mode: str, first, loop, new_tokens: int) -> None:
+    """Triton's generic launcher against hattn's bound launches (hattn/kernels/bound.py), alternated in this process."""
+    from hattn.kernels import bound
+
+    for enabled in (False, True, False, True):
+        bound.enabled = enabled
+        first(), loop()  # the first bound calls keep their kernels
+        ttft, gen = _wall(first, 10), _wall(loop, 3)
+        print(f"== {mode}: launches {'bound' if enabled else 'generic'}: first token {ttft:.2f} ms, "
+              f"{(gen - ttft) / (new_tokens - 1):.3f} ms per new token", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="full,pcg")
@@ -76,6 +88,7 @@ def main() -> None:
         ttft, gen = _wall(first, 20), _wall(loop, 5)
         print(f"== {mode}: first token {ttft:.2f} ms (prompt {a.prompt}); generate {a.new_tokens} tokens {gen:.1f} ms"
               f" = {(gen - ttft) / (a.new_tokens - 1):.3f} ms per new token after the first", flush=True)
+        _bound_ab(mode, first, loop, a.new_tokens)
         print(f"== {mode}: cProfile of 20 first-token calls")
         _top(first, 20, a.top)
         print(f"== {mode}: cProfile of 3 generate calls of {a.new_tokens} tokens")

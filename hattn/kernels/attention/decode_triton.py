@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.attention.tiles import LOG2E, kv_block
 from hattn.kernels.launch import CheckedOnce, next_pow2, sm_count
 
@@ -136,14 +137,15 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
     if splits > 1:  # the graph pool's, when captured
         part = torch.empty(b, hq, splits, dv, device=q.device, dtype=torch.float32)
         lse = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
-    _split_kernel[(b, hkv, splits)](
+    bound_launch(
+        _split_kernel, (b, hkv, splits),
         q, k_cache, v_cache, slots, context_lens, part, lse, *q.stride(), *k_cache.stride(), *v_cache.stride(),
         *out.stride(), scale * LOG2E, max_len, chunk, REP=rep, DK=dk,
         BLOCK_R=max(16, next_pow2(rep)), BLOCK_DK=next_pow2(max(dk, 16)),
         BLOCK_L=block_l, NUM_SPLITS=splits, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", **dims)
     if splits > 1:
-        _reduce_kernel[(b, hq)](part, lse, context_lens, out, *out.stride(), max_len, chunk, NUM_SPLITS=splits,
-                                BLOCK_S=min(16, next_pow2(splits)), **dims)
+        bound_launch(_reduce_kernel, (b, hq), part, lse, context_lens, out, *out.stride(), max_len, chunk,
+                     NUM_SPLITS=splits, BLOCK_S=min(16, next_pow2(splits)), **dims)
 
 
 def default_splits(b: int, hkv: int, max_len: int, block_l: int, device: torch.device) -> int:

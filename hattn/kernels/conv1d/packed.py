@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import (FLOATS, check_contiguous, check_device, check_last_contiguous, check_pow2,
                                   check_shape)
 from hattn.kernels.packing import PackedBatch
@@ -167,12 +168,14 @@ def _launch(x, weight, bias, batch, conv_state, activation, y, stride_y, kd, bc,
     width = weight.shape[1]
     stateful = conv_state is not None
     cs, slots, has = (conv_state, batch.slots_d, batch.has_state_d) if stateful else (None, None, None)
-    conv_kernel[(triton.cdiv(c, bc), triton.cdiv(t, bt))](
+    bound_launch(
+        conv_kernel, (triton.cdiv(c, bc), triton.cdiv(t, bt)),
         x, x.stride(0), weight, weight.stride(0), bias, y, stride_y, batch.token_seq, batch.cu, cs, slots, has,
         t, c, W=width, BT=bt, BC=bc, HAS_BIAS=bias is not None, HAS_STATE=stateful, SILU=activation == "silu",
         KD=kd, num_warps=warps,
     )
     if stateful:
-        state_kernel[(len(batch.lens), triton.cdiv(c, 128))](
+        bound_launch(
+            state_kernel, (len(batch.lens), triton.cdiv(c, 128)),
             x, x.stride(0), batch.cu, conv_state, slots, has, c, W=width, BW=triton.next_power_of_2(width), BC=128,
             num_warps=4)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import (FLOATS, CheckedOnce, check_contiguous, check_device, check_last_contiguous,
                                   check_pow2, check_shape, next_pow2)
 
@@ -240,7 +241,8 @@ def _fused(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_stat
     b, hv, dv = out.shape
     c, width = conv_weight.shape
     nv = dv // launch.bv
-    fused_decode_kernel[(b, hk)](
+    bound_launch(
+        fused_decode_kernel, (b, hk),
         mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, g, g.stride(0),
         beta, beta.stride(0), out, out.stride(0), out.stride(1), conv_state, rec_state, slots, context_lens,
         dk ** -0.5, HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=launch.bv, NV=nv, TPP=hv // hk * nv,
@@ -255,12 +257,14 @@ def _staged(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_sta
     c, width = conv_weight.shape
     qkv = torch.empty(b, c, device=out.device, dtype=torch.float32)  # the graph pool's, when captured
     has_ctx = context_lens is not None
-    conv_qkv_kernel[(b, 2 * hk + hv)](
+    bound_launch(
+        conv_qkv_kernel, (b, 2 * hk + hv),
         mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, conv_state, slots,
         context_lens, qkv, dk ** -0.5, HK=hk, C=c, DK=dk, DV=dv, BH=max(dk, dv), W=width,
         BW=next_pow2(width), HAS_BIAS=conv_bias is not None, HAS_CTX=has_ctx, num_warps=4)
     nv = dv // launch.bv
-    state_step_kernel[(b, hv * nv)](
+    bound_launch(
+        state_step_kernel, (b, hv * nv),
         qkv, g, g.stride(0), beta, beta.stride(0), out, out.stride(0), out.stride(1), rec_state, slots, context_lens,
         HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=launch.bv, NV=nv, HAS_CTX=has_ctx, num_warps=launch.warps)
 

@@ -1,0 +1,96 @@
+"""Eager Triton launches without Triton's generic launcher on every call (pcg's and bcg's split ops, each decode step).
+
+`fn[grid](*args)` binds the arguments to the signature, specializes each one (dtype, 16-byte alignment, integer
+value classes) and looks the compiled kernel up, every call: a large share of an eager decode step's host time in the
+modes that run split ops between graphs. `launch(fn, grid, *args, **constexprs)` does that once per specialization
+key, keeps the compiled kernel, and later calls its launcher directly with the same argument list Triton passes.
+
+The key is at least as fine as Triton's own specialization, so a kept kernel is one Triton would have picked: per
+argument, a tensor's dtype and whether its address is 16-byte aligned; an int's range class, whether it is 1 and
+whether it is divisible by 16; a float's or bool's type; None; and the constexprs' values, the launch options and the
+device. Anything else (Triton's interpreter, launch hooks set by a profiler, a Triton without these internals)
+takes the generic path, as does every launch with `HATTN_BOUND_LAUNCH=0` in the environment (or `enabled = False`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from hattn.kernels.launch import interpreting
+
+enabled = os.environ.get("HATTN_BOUND_LAUNCH", "1") != "0"
+_KEPT: dict[tuple, tuple] = {}  # (kernel, key) -> (launcher, function, packed metadata, constexpr values)
+_LIMIT = 4096
+
+
+def _arg_key(a) -> object:
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, int):
+        return int, a == 1, a % 16 == 0, -(2 ** 31) <= a < 2 ** 31
+    if isinstance(a, float):
+        return float
+    return type(a), a  # anything else: by value, or unhashable and so the generic path
+
+
+def launch(fn, grid: tuple, *args, **kwargs) -> None:
+    """`fn[grid](*args, **kwargs)`, through the compiled kernel kept for this specialization after its first call.
+    `kwargs`: the kernel's constexpr parameters and Triton's launch options (num_warps, num_stages)."""
+    if not enabled or interpreting() or _hooked():
+        fn[grid](*args, **kwargs)
+        return
+    device = torch.cuda.current_device()
+    try:
+        key = (fn, device, tuple(map(_arg_key, args)), tuple(kwargs.items()))
+        kept = _KEPT.get(key)
+    except TypeError:  # an unhashable argument
+        fn[grid](*args, **kwargs)
+        return
+    if kept is None:
+        kernel = fn[grid](*args, **kwargs)
+        kept = _keep(fn, kernel, args, kwargs)
+        if kept is not None:
+            if len(_KEPT) >= _LIMIT:
+                _KEPT.clear()
+            _KEPT[key] = kept
+        return
+    run, function, metadata, tail = kept
+    grid = (*grid, 1, 1)
+    run(grid[0], grid[1], grid[2], torch._C._cuda_getCurrentRawStream(device), function, metadata, None, None, None,
+        *args, *tail)
+
+
+def _keep(fn, kernel, args: tuple, kwargs: dict) -> tuple | None:
+    """The kernel's launcher and the values of the parameters after `args` (constexprs, in signature order), or None
+    when this Triton's internals are not the ones this module knows (then every call takes the generic path)."""
+    try:
+        names = fn.arg_names[len(args):]
+        tail = tuple(kwargs[n] if n in kwargs else fn.params[len(args) + i].default for i, n in enumerate(names))
+        if any(p.default is p._param.empty and p.name not in kwargs for p in fn.params[len(args):]):
+            return None
+        return kernel.run, kernel.function, kernel.packed_metadata, tail
+    except (AttributeError, TypeError, KeyError, IndexError):
+        return None
+
+
+@functools.cache
+def _runtime_knobs():
+    from triton import knobs
+
+    return knobs.runtime
+
+
+def _hooked() -> bool:
+    """Whether a launch hook is set (proton and other profilers): their launches need Triton's launch metadata.
+    Triton 3.6 keeps the hooks in chains (`HookChain.calls`), earlier versions as a callable or None."""
+    knobs = _runtime_knobs()
+    return any(h is not None and getattr(h, "calls", True) for h in (knobs.launch_enter_hook, knobs.launch_exit_hook))
+
+
+def forget() -> None:
+    """Drop every kept kernel (tests)."""
+    _KEPT.clear()
