@@ -70,8 +70,8 @@ def _assert_matches(y, x, weight, bias):
 
 def _launches():
     return st.one_of(st.none(), st.builds(
-        lambda bn, bk, s, dot: skinny.Launch(bn, bk, s, dot=dot), st.sampled_from([16, 32, 64]),
-        st.sampled_from([16, 32, 128]), st.sampled_from([1, 2, 3, 5]), st.booleans()))
+        lambda bn, bk, s, dot: skinny.Launch(max(bn, 16) if dot else bn, bk, s, dot=dot),
+        st.sampled_from([4, 16, 32, 64]), st.sampled_from([16, 32, 128]), st.sampled_from([1, 2, 3, 5]), st.booleans()))
 
 
 # -- the Triton kernel (GPU, or the interpreter) ------------------------------------------------------------------
@@ -150,6 +150,7 @@ def test_skinny_linear_rejects_bad_input_naming_it(bad, match):
 @pytest.mark.skipif(skinny is None, reason="needs triton")
 @pytest.mark.parametrize("kwargs, match", [(dict(block_n=24, block_k=16), r"block_n=24 must be a power of two"),
                                            (dict(block_n=16, block_k=8), r"block_k=8 must be a power of two"),
+                                           (dict(block_n=8, block_k=16), r"block_n=8 must be a power of two >= 16"),
                                            (dict(block_n=16, block_k=16, split_k=0), r"split_k=0 and stages=4")])
 def test_launch_rejects_bad_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from hattn.kernels.gemm.op import MAX_M
-from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, sm_count
+from hattn.kernels.bound import launch as bound_launch
+from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, next_pow2, sm_count
 
 SPLIT_K_MAX = 16
 PARTIALS_SHARE = 0.25  # split-K's fp32 partials (written + read) at most this share of the weight's bytes
@@ -39,10 +40,10 @@ class Launch:
     dot: bool = True
 
     def __post_init__(self):
-        for name in ("block_n", "block_k", "warps"):
+        for name, least in (("block_n", 16 if self.dot else 1), ("block_k", 16), ("warps", 1)):
             v = getattr(self, name)
-            if v < (1 if name == "warps" else 16) or v & (v - 1):
-                raise ValueError(f"Launch: {name}={v} must be a power of two (>= 16 for the blocks)")
+            if v < least or v & (v - 1):
+                raise ValueError(f"Launch: {name}={v} must be a power of two >= {least}")
         if self.split_k < 1 or self.stages < 1:
             raise ValueError(f"Launch: split_k={self.split_k} and stages={self.stages} must be >= 1")
 
@@ -54,10 +55,11 @@ class Launch:
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Columns [pid_n * BLOCK_N, +BLOCK_N) of x @ w^T over K range `split`. With one split it writes y [M, N]
-    (+ bias, in y's dtype), else its fp32 partial into y_ptr [SPLIT_K, M, N]."""
+    """Columns [pid_n * BLOCK_N, +BLOCK_N) of x @ w^T over K range `split` (rows padded to BLOCK_M >= 16 for
+    tl.dot). With one split it writes y [M, N] (+ bias, in y's dtype), else its fp32 partial into y_ptr
+    [SPLIT_K, M, N]."""
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,10 +71,7 @@ def _skinny_kernel(
     for k0 in range(start, tl.minimum(start + k_per_split, K), BLOCK_K):
         b_x = tl.load(p_x + k0 * sx_k, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
         b_w = tl.load(p_w + k0 * sw_k, mask=(cols[:, None] < N) & (k0 + ks[None, :] < K), other=0.0)
-        if DOT:
-            acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=PRECISION)
-        else:
-            acc += tl.sum(b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :], axis=2)
+        acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=PRECISION)
     keep = (rows[:, None] < M) & (cols[None, :] < N)
     p_y = y_ptr + rows[:, None] * sy_m + cols[None, :]
     if SPLIT_K == 1:
@@ -81,6 +80,37 @@ def _skinny_kernel(
         tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=keep)
     else:
         tl.store(p_y + split * sy_s, acc, mask=keep)
+
+
+@triton.jit
+def _fma_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """The CUDA-core form of `_skinny_kernel` for M <= 4: products accumulate elementwise in [BLOCK_M, BLOCK_N,
+    BLOCK_K] and are summed over K once after the loop (a sum every K step is a cross-thread reduction each time)."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    p_x = x_ptr + rows[:, None] * sx_m + ks[None, :] * sx_k
+    p_w = w_ptr + cols[:, None].to(tl.int64) * sw_n + ks[None, :] * sw_k
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    start = split * k_per_split
+    for k0 in range(start, tl.minimum(start + k_per_split, K), BLOCK_K):
+        b_x = tl.load(p_x + k0 * sx_k, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
+        b_w = tl.load(p_w + k0 * sw_k, mask=(cols[:, None] < N) & (k0 + ks[None, :] < K), other=0.0)
+        acc += b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :]
+    out = tl.sum(acc, axis=2)
+    keep = (rows[:, None] < M) & (cols[None, :] < N)
+    p_y = y_ptr + rows[:, None] * sy_m + cols[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(p_y, out.to(y_ptr.dtype.element_ty), mask=keep)
+    else:
+        tl.store(p_y + split * sy_s, out, mask=keep)
 
 
 @triton.jit
@@ -114,17 +144,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     bias = None if bias is None else bias.contiguous()
     k_per_split, splits = split_plan(k, config.block_k, config.split_k)
     out = y if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
-    block_m = triton.next_power_of_2(m)
-    _skinny_kernel[(triton.cdiv(n, config.block_n), splits)](
-        x, weight, bias, out, m, n, k, k_per_split, *x.stride(), *weight.stride(), m * n, n,
-        BLOCK_M=max(16, block_m) if config.dot else block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT_K=splits, HAS_BIAS=bias is not None, DOT=config.dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=config.warps, num_stages=config.stages,
-    )
+    block_m, grid = next_pow2(m), (triton.cdiv(n, config.block_n), splits)
+    args = (x, weight, bias, out, m, n, k, k_per_split, *x.stride(), *weight.stride(), m * n, n)
+    blocks = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=splits, HAS_BIAS=bias is not None,
+                  num_warps=config.warps, num_stages=config.stages)
+    if config.dot:
+        bound_launch(_skinny_kernel, grid, *args, BLOCK_M=max(16, block_m),
+                     PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **blocks)
+    else:
+        bound_launch(_fma_kernel, grid, *args, BLOCK_M=block_m, **blocks)
     if splits > 1:
         block = 1024
-        _reduce_kernel[(triton.cdiv(m * n, block),)](out, bias, y, m * n, n, SPLIT_K=splits,
-                                                     HAS_BIAS=bias is not None, BLOCK=block)
+        bound_launch(_reduce_kernel, (triton.cdiv(m * n, block),), out, bias, y, m * n, n, SPLIT_K=splits,
+                     HAS_BIAS=bias is not None, BLOCK=block)
     return y
 
 
