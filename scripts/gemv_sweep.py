@@ -86,8 +86,9 @@ def main() -> None:
             if best is None or us < best[0]:
                 best = (us, cfg)
         floor = nbytes / gbps / 1e3
+        best_us, best_cfg = best or (float("nan"), "")
         line = (f"{name:10s} K={k:5d} N={n:6d} M={m:2d}: floor {floor:7.2f} us | cublas {times['cublas']:7.2f} | "
-                f"default {times['default']:7.2f} | best {best[0] if best else float('nan'):7.2f} {best[1] if best else ''}")
+                f"default {times['default']:7.2f} | best {best_us:7.2f} {best_cfg}")
         print(line, flush=True)
         rows.append(line)
         del ws
