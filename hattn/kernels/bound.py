@@ -6,9 +6,8 @@ modes that run split ops between graphs. `launch(fn, grid, *args, **constexprs)`
 key, keeps the compiled kernel, and later calls its launcher directly with the same argument list Triton passes.
 
 The key is at least as fine as Triton's own specialization, so a kept kernel is one Triton would have picked: per
-argument, a tensor's dtype and whether its address is 16-byte aligned; an int's range class, whether it is 1 and
-whether it is divisible by 16; a float's or bool's type; None; and the constexprs' values, the launch options and the
-device. Anything else (Triton's interpreter, launch hooks set by a profiler, a Triton without these internals)
+argument, a tensor's dtype and its address modulo 16; any other argument's type and value; the constexprs' values,
+the launch options and the device. Anything else (Triton's interpreter, launch hooks set by a profiler, a Triton without these internals)
 takes the generic path, as does every launch with `HATTN_BOUND_LAUNCH=0` in the environment (or `enabled = False`).
 """
 from __future__ import annotations
@@ -25,16 +24,10 @@ _KEPT: dict[tuple, tuple] = {}  # (kernel, key) -> (launcher, function, packed m
 _LIMIT = 4096
 
 
-def _arg_key(a) -> object:
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if isinstance(a, bool) or a is None:
-        return a
-    if isinstance(a, int):
-        return int, a == 1, a % 16 == 0, -(2 ** 31) <= a < 2 ** 31
-    if isinstance(a, float):
-        return float
-    return type(a), a  # anything else: by value, or unhashable and so the generic path
+def _key(args: tuple) -> tuple:
+    """Per argument: a tensor's dtype and address modulo 16; anything else its type and value (ints by value are
+    finer than Triton's classes: a call site's strides and sizes repeat, so this keeps few kernels)."""
+    return tuple([(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else (a.__class__, a) for a in args])
 
 
 def launch(fn, grid: tuple, *args, **kwargs) -> None:
@@ -45,7 +38,7 @@ def launch(fn, grid: tuple, *args, **kwargs) -> None:
         return
     device = torch.cuda.current_device()
     try:
-        key = (fn, device, tuple(map(_arg_key, args)), tuple(kwargs.items()))
+        key = (fn, device, _key(args), tuple(kwargs.items()))
         kept = _KEPT.get(key)
     except TypeError:  # an unhashable argument
         fn[grid](*args, **kwargs)
