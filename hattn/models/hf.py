@@ -22,7 +22,9 @@ A family is one file in hattn/models/families/ that calls `register_family(Famil
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -319,20 +321,17 @@ def probe(lm: HybridLM) -> None:
     """Run 2 tokens and check that every layer of the table calls exactly one split op, of its kind.
 
     check_route catches a layer calling the wrong op; this also catches a layer that calls none (a mixer the
-    adapter did not reach would run the model's own code, silently without our cache).
+    adapter did not reach would run the model's own code, silently without our cache). The run is on fake tensors
+    (shapes only: no kernel compiles or runs, which on a GPU would compile and autotune the split ops' prefill
+    kernels at adapt time); a model whose code a fake run cannot take (data-dependent shapes, an op without a fake
+    kernel) runs the 2 tokens for real instead.
     """
-    p = next(lm.hf.parameters())
-    ids = torch.zeros(2, dtype=torch.long, device=p.device)
-    with torch.no_grad(), _RecordSplitOps() as rec, forward_context(ForwardContext(seq_lens=[2])):
-        try:
-            lm(ids, torch.arange(2, device=p.device))
-        except Exception as e:
-            raise ValueError(
-                f"{lm.family}: a probe forward failed ({type(e).__name__}: {e}); the config's layer types may "
-                f"disagree with the model's modules"
-            ) from e
+    try:
+        calls = _probe_calls(lm, fake=True)
+    except Exception:  # noqa: BLE001  (whatever the fake run could not do, the real run decides)
+        calls = _probe_calls(lm, fake=False)
     called = {}
-    for kind, layer_id in rec.calls:
+    for kind, layer_id in calls:
         called.setdefault(layer_id, []).append(kind)
     layers = sorted(set(called) | set(lm.layer_kinds), key=str)
     wrong = {i: called.get(i) for i in layers if called.get(i) != [lm.layer_kinds.get(i)]}
@@ -340,6 +339,41 @@ def probe(lm: HybridLM) -> None:
         detail = ", ".join(f"layer {i}: config {lm.layer_kinds.get(i)!r}, called {k or 'no split op'}"
                            for i, k in wrong.items())
         raise ValueError(f"{lm.family}: the model's layers disagree with its config's layer kinds ({detail})")
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensors(quiet: bool):
+    """The fake run's failures are expected (the real run follows): keep torch's fake-tensor logger from printing
+    their tracebacks (an fp32 MoE's grouped_mm, for one, has no fake kernel)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
+    """(kind, layer_id) of every split-op call of a 2-token forward, on fake tensors or for real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = next(lm.hf.parameters()).device
+    ids, positions = torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with torch.no_grad(), mode, _quiet_fake_tensors(fake), _RecordSplitOps() as rec, \
+            forward_context(ForwardContext(seq_lens=[2])):
+        try:
+            lm(ids, positions)
+        except Exception as e:
+            if fake:
+                raise
+            raise ValueError(
+                f"{lm.family}: a probe forward failed ({type(e).__name__}: {e}); the config's layer types may "
+                f"disagree with the model's modules"
+            ) from e
+    return rec.calls
 
 
 def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:

@@ -94,3 +94,31 @@ def test_unknown_family_names_the_supported_ones():
                                   num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(ValueError, match="no adapter for model_type 'llama'.*qwen3_5"):
         adapt(hf)
+
+
+def _spy_probe_runs(monkeypatch) -> list[bool]:
+    """Whether each probe run of adapt is fake (True) or real (False)."""
+    from hattn.models import hf as hf_module
+
+    runs, real = [], hf_module._probe_calls
+    monkeypatch.setattr(hf_module, "_probe_calls", lambda lm, fake: runs.append(fake) or real(lm, fake))
+    return runs
+
+
+def test_the_probe_runs_on_fake_tensors_and_still_finds_a_layer_that_calls_no_split_op(monkeypatch):
+    from hattn.models.hf import probe
+    from hattn.models.presets import tiny
+
+    runs = _spy_probe_runs(monkeypatch)
+    lm = adapt(random_model(tiny(), seed=0))
+    assert runs == [True]  # a dense model: the fake run is enough, no kernel ran
+    lm.hf.model.layers[0].linear_attn.forward = lambda hidden_states, **kwargs: hidden_states  # the model's own code
+    with pytest.raises(ValueError, match=r"layer 0: config 'linear', called no split op"):
+        probe(lm)
+    assert runs == [True, True]
+
+
+def test_the_probe_runs_for_real_where_a_fake_run_cannot(monkeypatch):
+    runs = _spy_probe_runs(monkeypatch)
+    adapt(random_model(tiny_bailing_hybrid(), seed=0))  # fp32 MoE: grouped_mm has no fp32 fake kernel
+    assert runs == [True, False]
