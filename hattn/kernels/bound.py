@@ -32,7 +32,8 @@ def _key(args: tuple) -> tuple:
 
 def launch(fn, grid: tuple, *args, **kwargs) -> None:
     """`fn[grid](*args, **kwargs)`, through the compiled kernel kept for this specialization after its first call.
-    `kwargs`: the kernel's constexpr parameters and Triton's launch options (num_warps, num_stages)."""
+    `args`: the runtime parameters, positionally; `kwargs`: constexpr parameters and Triton's launch options
+    (num_warps, num_stages). A runtime parameter passed by keyword makes every call take the generic path."""
     if not enabled or interpreting() or _hooked():
         fn[grid](*args, **kwargs)
         return
@@ -59,12 +60,15 @@ def launch(fn, grid: tuple, *args, **kwargs) -> None:
 
 def _keep(fn, kernel, args: tuple, kwargs: dict) -> tuple | None:
     """The kernel's launcher and the values of the parameters after `args` (constexprs, in signature order), or None
-    when this Triton's internals are not the ones this module knows (then every call takes the generic path)."""
+    (every call of this key takes the generic path) when a runtime parameter came by keyword or when this Triton's
+    internals are not the ones this module knows."""
     try:
-        names = fn.arg_names[len(args):]
-        tail = tuple(kwargs[n] if n in kwargs else fn.params[len(args) + i].default for i, n in enumerate(names))
-        if any(p.default is p._param.empty and p.name not in kwargs for p in fn.params[len(args):]):
+        rest = fn.params[len(args):]
+        if any(not p.is_constexpr and p.name in kwargs for p in rest):
             return None
+        if any(p.default is p._param.empty and p.name not in kwargs for p in rest):
+            return None
+        tail = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in rest)
         return kernel.run, kernel.function, kernel.packed_metadata, tail
     except (AttributeError, TypeError, KeyError, IndexError):
         return None

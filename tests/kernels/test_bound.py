@@ -86,3 +86,18 @@ def test_bound_launch_inside_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, 0.5 * x + y)
+
+
+@pytest.mark.gpu
+@gpu
+def test_runtime_arguments_by_keyword_always_take_the_generic_launcher(monkeypatch):
+    bound.forget()
+    generic = []
+    run = _axpy.run
+    monkeypatch.setattr(_axpy, "run", lambda *a, **k: generic.append(1) or run(*a, **k))
+    x, y = torch.randn(300, device="cuda"), torch.randn(300, device="cuda")
+    for a in (0.5, 0.5, -2.0):
+        out = torch.empty_like(x)
+        bound.launch(_axpy, (2,), x, y, out, a=a, n=300, stride=1, BLOCK=256, SQUARE=False)
+        torch.testing.assert_close(out, a * x + y)
+    assert len(generic) == 3
