@@ -7,8 +7,9 @@ key, keeps the compiled kernel, and later calls its launcher directly with the s
 
 The key is at least as fine as Triton's own specialization, so a kept kernel is one Triton would have picked: per
 argument, a tensor's dtype and its address modulo 16; any other argument's type and value; the constexprs' values,
-the launch options and the device. Anything else (Triton's interpreter, launch hooks set by a profiler, a Triton without these internals)
-takes the generic path, as does every launch with `HATTN_BOUND_LAUNCH=0` in the environment (or `enabled = False`).
+the launch options and the device. Triton's interpreter, launch hooks set by a profiler and a Triton without these
+internals take the generic path, as does every launch with `HATTN_BOUND_LAUNCH=0` in the environment (or
+`bound.enabled = False`).
 """
 from __future__ import annotations
 
