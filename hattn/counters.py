@@ -41,6 +41,7 @@ class Stats:
     piece_compile_seconds: list[float] = field(default_factory=list)  # each compiled piece, in order
     cache_save_seconds: float = 0.0     # writing the artifacts to cache_dir
     capture_seconds: float = 0.0        # CUDA graph capture, warm-up runs included
+    capture_size_seconds: dict[str, float] = field(default_factory=dict)  # "<runtime> <size>" -> its capture
     first_replay_seconds: float = 0.0   # each runtime's first replay after its capture (synchronized)
 
     def add(self, other: "Stats") -> "Stats":
@@ -67,10 +68,12 @@ def describe_startup(s: Stats) -> str:
     """Two lines: where the start went, and what was compiled, reused, cached and captured."""
     times = ", ".join(f"{name.removesuffix('_seconds').replace('_', ' ')} {v:.2f}" for name, v in s.startup().items())
     slowest = f" (slowest {max(s.piece_compile_seconds):.2f} s)" if s.piece_compile_seconds else ""
+    captures = sorted(s.capture_size_seconds.items(), key=lambda kv: -kv[1])[:4]
+    slow_captures = f"; slowest: {', '.join(f'{k} {v:.2f} s' for k, v in captures)}" if captures else ""
     return (f"startup s: {times}\n"
             f"graphs {s.graphs_compiled}, pieces {s.pieces}: {s.pieces_compiled} compiled{slowest}, "
             f"{s.pieces_from_cache} from torch's cache; cache_dir hits {s.cache_hits}, misses {s.cache_misses}; "
-            f"{s.capture_sizes_done} sizes captured ({s.cuda_graphs} cuda graphs)")
+            f"{s.capture_sizes_done} sizes captured ({s.cuda_graphs} cuda graphs){slow_captures}")
 
 
 def process_seconds() -> float:

@@ -342,7 +342,7 @@ class GraphRuntime:
         self.stats.set_pool_bytes(key, measured)
 
     def _capture_one(self, size: int, args) -> None:
-        has_tokens = self.layout.has_tokens
+        has_tokens, start = self.layout.has_tokens, time.perf_counter()
         static = self.inputs.fill(size, args, 0 if has_tokens else None)
         try:
             with self.capture_context(size if has_tokens else None):
@@ -357,6 +357,9 @@ class GraphRuntime:
             return
         self.captured.add(size)
         self.stats.capture_sizes_done += 1
+        seconds = time.perf_counter() - start  # warm-up run included: first-call kernel compiles and autotuning
+        self.stats.capture_size_seconds[f"{self.name} {size}"] = seconds
+        log.info("hattn: %s captured size %s in %.2f s (its warm-up run included)", self.name, size, seconds)
 
     def release(self) -> None:
         """Drop every captured graph and the pool."""

@@ -150,16 +150,16 @@ def test_startup_breakdown_in_order_and_described():
     s = Stats(graphs_compiled=2, pieces=9, pieces_compiled=3, pieces_from_cache=1, cache_hits=1, cache_misses=1,
               cuda_graphs=14, capture_sizes_done=2, dynamo_seconds=1.0, split_seconds=0.25, fake_run_seconds=0.5,
               compile_seconds=6.0, piece_compile_seconds=[1.0, 4.0], capture_seconds=2.0,
-              first_replay_seconds=0.125)
+              capture_size_seconds={"full decode 1": 0.5, "full packed 2048": 1.5}, first_replay_seconds=0.125)
     s.add(Stats(piece_compile_seconds=[1.0], compile_seconds=1.0))
     assert s.piece_compile_seconds == [1.0, 4.0, 1.0]
-    assert list(s.startup()) == ["dynamo_seconds", "cache_load_seconds", "split_seconds", "fake_run_seconds",
+    assert list(s.startup()) == ["probe_seconds", "dynamo_seconds", "cache_load_seconds", "split_seconds", "fake_run_seconds",
                                  "compile_seconds", "cache_save_seconds", "capture_seconds", "first_replay_seconds"]
     assert describe_startup(s) == (
-        "startup s: dynamo 1.00, cache load 0.00, split 0.25, fake run 0.50, compile 7.00, cache save 0.00, "
-        "capture 2.00, first replay 0.12\n"
+        "startup s: probe 0.00, dynamo 1.00, cache load 0.00, split 0.25, fake run 0.50, compile 7.00, "
+        "cache save 0.00, capture 2.00, first replay 0.12\n"
         "graphs 2, pieces 9: 3 compiled (slowest 4.00 s), 1 from torch's cache; cache_dir hits 1, misses 1; "
-        "2 sizes captured (14 cuda graphs)")
+        "2 sizes captured (14 cuda graphs); slowest: full packed 2048 1.50 s, full decode 1 0.50 s")
 
 
 # -- warm start: the cache key and entry ----------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def test_generate_timing_prints_the_startup_breakdown(capsys, one_thread):
         r"first token ([\d.]+) s: .*\(imports ([\d.]+), model built and adapted ([\d.]+), cache and compile "
         r"set-up ([\d.]+)\)", first)[0])
     assert 0 < imports and 0 < model and 0 <= setup and imports + model + setup <= total, first
-    assert "startup s: dynamo 0.00, cache load 0.00" in err and "graphs 0, pieces 0: 0 compiled" in err
+    assert re.search(r"startup s: probe [\d.]+, dynamo 0.00, cache load 0.00", err) and "graphs 0, pieces 0: 0 compiled" in err
 
 
 def test_generate_timing_refuses_warmup_and_cache_dir_needs_inductor(capsys, tmp_path):

@@ -455,6 +455,7 @@ def test_full_mode_serves_a_step_above_its_largest_bucket_graph_free_without_lea
             return runtime(torch.zeros(sum(lens)))[0]
 
     assert call(cache, [3]).tolist() == [1.0] * 3
+    assert set(runtime.stats.capture_size_seconds) == {"full packed 4"}  # lazily: the largest bucket, which holds 3
     bound, captured = runtime.cache, runtime.stats.capture_sizes_done
     assert call(long_cache, [40]).tolist() == [1.0] * 40  # 40 tokens > the largest bucket (4)
     assert runtime.cache is bound and runtime.stats.eager_runs == 1
