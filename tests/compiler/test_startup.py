@@ -154,7 +154,8 @@ def test_startup_breakdown_in_order_and_described():
     s.add(Stats(piece_compile_seconds=[1.0], compile_seconds=1.0))
     assert s.piece_compile_seconds == [1.0, 4.0, 1.0]
     assert list(s.startup()) == ["probe_seconds", "dynamo_seconds", "cache_load_seconds", "split_seconds",
-                                 "fake_run_seconds", "compile_seconds", "cache_save_seconds", "capture_seconds", "first_replay_seconds"]
+                                 "fake_run_seconds", "compile_seconds", "cache_save_seconds", "capture_seconds",
+                                 "first_replay_seconds"]
     assert describe_startup(s) == (
         "startup s: probe 0.00, dynamo 1.00, cache load 0.00, split 0.25, fake run 0.50, compile 7.00, "
         "cache save 0.00, capture 2.00, first replay 0.12\n"
