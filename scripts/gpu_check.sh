@@ -42,7 +42,7 @@ declare -A CMD=(
   [host-profile]="python3 scripts/host_profile.py --modes pcg,full"
   [startup]="env MODES=full bash scripts/startup.sh"
   [kernel-profile]="python3 scripts/kernel_profile.py --modes full"
-  [gemv-sweep]="python3 scripts/gemv_sweep.py --budget 150"
+  [gemv-sweep]="python3 scripts/gemv_sweep.py --budget ${GEMV_BUDGET:-150}"
 )
 declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench [host-profile]=host_profile
