@@ -1,10 +1,11 @@
-"""Small-M GEMMs at the decode step's shapes: cuBLAS against the skinny GEMM's default launch and a sweep of its
-CUDA-core (fma) launches, each call inside a CUDA graph over enough weight copies to stream from HBM.
+"""Kernel launch sweeps at the qwen3.5-1b shapes, each call inside a CUDA graph (what mode full replays).
 
-    python3 scripts/gemv_sweep.py [--ms 1] [--shapes gdn-fused,out-proj,...] [--budget 150]
+    python3 scripts/gemv_sweep.py [--ms 1] [--shapes gdn-fused,out-proj,...] [--budget 150] [--conv-tokens 16,1024]
 
-Prints, per shape and M: us per call of cuBLAS, the default launch, the best swept launch (and its config), and
-the bytes floor at the copy bandwidth measured here; the last lines are the table to paste into default_launch.
+Small-M GEMMs: per shape and M, us per call of cuBLAS, the skinny GEMM's default launch and the best of a sweep of
+its CUDA-core (fma) launches (over enough weight copies to stream from HBM), against the bytes floor at the copy
+bandwidth measured here. Then the packed conv (`packed_conv_qkv`, prefill of one sequence continuing a state) per
+token count: us per call of its default launch and of a sweep of tokens-a-program and warps.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def main() -> None:
     ap.add_argument("--ms", type=int, nargs="+", default=[1])
     ap.add_argument("--shapes", default="gdn-fused,out-proj,attn-fused,mlp-fused,mlp-down,attn-kv,lm-head")
     ap.add_argument("--budget", type=float, default=150.0)
+    ap.add_argument("--conv-tokens", type=lambda v: [int(x) for x in v.split(",") if x], default=[16, 256, 1024])
     a = ap.parse_args()
     end = time.perf_counter() + a.budget
     gbps = _copy_gbps()
@@ -92,8 +94,41 @@ def main() -> None:
         print(line, flush=True)
         rows.append(line)
         del ws
+    for t in a.conv_tokens:
+        rows.append(_conv_sweep(t, gbps))
     print("== summary")
     print("\n".join(rows))
+
+
+def _conv_sweep(t: int, gbps: float) -> str:
+    """packed_conv_qkv at T tokens of one sequence (C = 6144: 16 key heads of 128 twice, 16 value heads of 128)."""
+    from hattn.kernels.conv1d import packed
+    from hattn.kernels.packing import PackedBatch
+
+    hk, dk, c, w = 16, 128, 6144, 4
+    x = torch.randn(t, c, device="cuda", dtype=DTYPE)
+    weight, state = torch.randn(c, w, device="cuda", dtype=DTYPE), torch.zeros(2, c, w - 1, device="cuda", dtype=DTYPE)
+    batch = PackedBatch.build([t], "cuda", slots=[0], context_lens=[5])
+    kd = hk * dk
+    want = packed.packed_conv_qkv(x, weight, None, batch, state.clone(), hk, dk)
+    floor = 2 * x.numel() * x.element_size() / gbps / 1e3
+    times = {"default": _graph_us([lambda: packed.packed_conv_qkv(x, weight, None, batch, state, hk, dk)])}
+    for bt, warps in itertools.product([8, 16, 32, 64], [1, 2, 4, 8]):
+        y = torch.empty(t * c, device="cuda", dtype=DTYPE)
+        s2 = state.clone()
+        call = lambda y=y, s2=s2, bt=bt, warps=warps: packed._launch(  # noqa: E731
+            x, weight, None, batch, s2, "silu", y, 0, kd, dk, bt=bt, warps=warps)
+        call()
+        got = y.split([t * kd, t * kd, t * (c - 2 * kd)])
+        if not all(torch.allclose(g.view_as(r).float(), r.float(), atol=2e-2) for g, r in zip(got, want)):
+            print(f"  conv T={t} bt{bt} w{warps}: WRONG")
+            continue
+        times[f"bt{bt} w{warps}"] = _graph_us([call])
+    best = min((k for k in times if k != "default"), key=times.get)
+    line = (f"conv T={t:5d} C={c}: floor {floor:7.2f} us | default {times['default']:7.2f} | best {times[best]:7.2f} "
+            f"{best}")
+    print(line, flush=True)
+    return line
 
 
 if __name__ == "__main__":
