@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--ab-only", action="store_true", help="the bound-launch A/B only, no cProfile")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     a = ap.parse_args()
@@ -73,8 +74,8 @@ def main() -> None:
 
     started = process_seconds()
     lm = load(a.preset, dtype=getattr(torch, a.dtype), device=a.device)
-    print(f"== process start to imports done {started:.1f} s; model built and adapted {process_seconds() - started:.1f} s",
-          flush=True)
+    print(f"== process start to imports done {started:.1f} s; model built and adapted "
+          f"{process_seconds() - started:.1f} s", flush=True)
     prompt = [list(range(1, a.prompt + 1))]
     cache = lm.make_cache(1, a.prompt + a.new_tokens + 1)
     for mode in a.modes.split(","):
@@ -89,6 +90,8 @@ def main() -> None:
         print(f"== {mode}: first token {ttft:.2f} ms (prompt {a.prompt}); generate {a.new_tokens} tokens {gen:.1f} ms"
               f" = {(gen - ttft) / (a.new_tokens - 1):.3f} ms per new token after the first", flush=True)
         _bound_ab(mode, first, loop, a.new_tokens)
+        if a.ab_only:
+            continue
         print(f"== {mode}: cProfile of 20 first-token calls")
         _top(first, 20, a.top)
         print(f"== {mode}: cProfile of 3 generate calls of {a.new_tokens} tokens")

@@ -88,13 +88,13 @@ def test_skinny_linear_matches_reference(dtype, m, n, k, bias, layout, data, see
 
 
 @triton_test
-@pytest.mark.parametrize("m, n, k", [(1, 512, 2048), (8, 512, 1024), (64, 520, 1024)])
+@pytest.mark.parametrize("m, n, k", [(1, 512, 3584), (8, 512, 1024), (64, 520, 1024)])
 def test_skinny_linear_default_launch_at_model_shapes(m, n, k, nan_empty):
-    """bf16 at the qwen3.5-1b step's shapes (out_proj's K at half its N, k_proj, a fused k/v + 8 rows): FMA and
-    dot launches, split-K across 16 and 8 ranges and none."""
+    """bf16 at the qwen3.5-1b step's shapes (the MLP's down projection at half its N, k_proj, a fused k/v + 8 rows):
+    FMA and dot launches, split-K across 4 and 8 ranges and none."""
     x, weight, bias = _case(m, n, k, torch.bfloat16, seed=m)
     config = skinny.default_launch(m, n, k, torch.bfloat16, x.device)
-    assert (config.dot, config.split_k) == {1: (False, 16), 8: (True, 8), 64: (True, 1)}[m]
+    assert (config.dot, config.split_k) == {1: (False, 4), 8: (True, 8), 64: (True, 1)}[m]
     _assert_matches(skinny.skinny_linear(x, weight, bias), x, weight, bias)
 
 
@@ -116,11 +116,21 @@ def test_split_k_is_deterministic(nan_empty):
 
 
 @triton_test
-@pytest.mark.parametrize("m, n, k", [(1, 16, 1024), (1, 1024, 1024), (16, 1024, 1024), (64, 6144, 1024),
-                                     (64, 1024, 3584), (4, 248320, 1024), (1, 1, 1)])
+@pytest.mark.parametrize("n, k, block_n, block_k, split_k", [  # scripts/gemv_sweep.py's best at M=1 (H200)
+    (8224, 1024, 16, 256, 1), (1024, 2048, 4, 512, 1), (5120, 1024, 8, 512, 1), (7168, 1024, 8, 256, 1),
+    (1024, 3584, 4, 512, 4), (512, 1024, 4, 512, 1), (248320, 1024, 16, 256, 1)])
+def test_default_launch_at_m1_is_the_sweeps_best(n, k, block_n, block_k, split_k):
+    c = skinny.default_launch(1, n, k, torch.bfloat16, torch.device(DEV))
+    assert (c.dot, c.block_n, c.block_k, c.split_k) == (False, block_n, block_k, split_k)
+
+
+@triton_test
+@pytest.mark.parametrize("m, n, k", [(16, 1024, 1024), (64, 6144, 1024), (64, 1024, 3584), (5, 16, 1024),
+                                     (8, 1, 1)])
 def test_default_launch_fills_the_device_within_the_partials_budget(m, n, k):
-    """Programs (N tiles x splits) cover two an SM unless K's blocks, SPLIT_K_MAX or the partials' bytes stop
-    split-K; every split holds K; the partials cost at most PARTIALS_SHARE of the weight's bytes."""
+    """Rows padded for tl.dot (M > 4): programs (N tiles x splits) cover two an SM unless K's blocks, SPLIT_K_MAX
+    or the partials' bytes stop split-K; every split holds K; the partials cost at most PARTIALS_SHARE of the
+    weight's bytes."""
     device = torch.device(DEV)
     c = skinny.default_launch(m, n, k, torch.bfloat16, device)
     k_per_split, splits = skinny.split_plan(k, c.block_k, c.split_k)

@@ -162,17 +162,29 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 @functools.cache
 def default_launch(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> Launch:
-    """A launch from the shape alone (so a captured graph's grid fits every replay): 256-byte K steps, the
-    multiply-sum for M <= 4 (whose [M, BLOCK_N, BLOCK_K] product stays near 8K elements), and split-K until the
-    grid holds two programs an SM, as long as the partials stay within PARTIALS_SHARE of the weight's bytes."""
+    """A launch from the shape alone (so a captured graph's grid fits every replay).
+
+    M <= 4, the multiply-sum on the CUDA cores: what `scripts/gemv_sweep.py` found fastest at M=1 on the H200 at the
+    qwen3.5-1b decode shapes (docs/benchmarks.md, tenth session): few output columns a program (4 up to N=1024, 8
+    up to 8192, then 16) over 1 KB of each weight row a step (512 B for wide N at short K), and split-K (4 ranges)
+    only for K >= 3072, where a program's K loop is longest. M > 4, tl.dot on rows padded to 16: 256-byte K steps,
+    64 columns a program and split-K until the grid holds two programs an SM. Either way the partials stay within
+    PARTIALS_SHARE of the weight's bytes."""
     elem = torch.finfo(dtype).bits // 8
-    block_k = min(256 // elem, max(16, triton.next_power_of_2(k)))
-    dot = m > 4
-    block_n = 64 if dot else max(16, 8192 // (triton.next_power_of_2(m) * block_k))
-    tiles = triton.cdiv(n, block_n)
     by_bytes = int(PARTIALS_SHARE * k * elem / (2 * 4 * m))  # 2 * splits * M * N * 4 <= share * N * K * elem
+    if m <= 4:
+        block_n = 4 if n <= 1024 else 8 if n <= 8192 else 16
+        block_k = min((1024 if n <= 5120 or k >= 2048 else 512) // elem, max(16, triton.next_power_of_2(k)))
+        while triton.next_power_of_2(m) * block_n * block_k > 16384 and block_k > 16:  # the product's registers
+            block_k //= 2
+        tiles = triton.cdiv(n, block_n)
+        wanted = 4 if k >= 3072 and tiles < 4 * sm_count(device) else 1
+        split_k = max(1, min(wanted, triton.cdiv(k, block_k), by_bytes))
+        return Launch(block_n, block_k, split_k, dot=False)
+    block_k = min(256 // elem, max(16, triton.next_power_of_2(k)))
+    tiles = triton.cdiv(n, 64)
     split_k = max(1, min(math.ceil(2 * sm_count(device) / tiles), triton.cdiv(k, block_k), by_bytes, SPLIT_K_MAX))
-    return Launch(block_n, block_k, split_k, dot=dot)
+    return Launch(64, block_k, split_k)
 
 
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
