@@ -11,6 +11,7 @@
 #   bash scripts/gpu_check.sh all-tests bench       # every GPU test in 10 xdist workers (~5.5 min on the H200; -v
 #                                                   # lines name each result even when the box cuts the summary)
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
+#   RECHECK="tests/x.py -k y" bash scripts/gpu_check.sh recheck   # some GPU tests alone; BENCH_BUDGET=300: the bench's
 #
 # Wheels (carry=[".whl"]; scripts/device_wheels.sh fetches them): fla-core, einops, hypothesis (cp312: the device's Python is 3.12), sortedcontainers, pytest
 # and its deps, pytest-xdist and execnet, rich and its deps,
@@ -38,7 +39,8 @@ declare -A CMD=(
   [demo]="python3 -m hattn.cli demo"
   [rt-bench]="python3 -m hattn.bench --suite runtime --preset qwen3.5-1b --out $OUT/runtime --no-progress --budget 140"
   [k-bench]="python3 -m hattn.bench --suite kernels --out $OUT/kernels --no-progress --budget 140"
-  [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress"
+  [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress ${BENCH_BUDGET:+--budget $BENCH_BUDGET}"
+  [recheck]="${PYTEST[*]} ${RECHECK:-tests}"
   [host-profile]="python3 scripts/host_profile.py --modes pcg,full"
   [startup]="env MODES=full bash scripts/startup.sh"
   [kernel-profile]="python3 scripts/kernel_profile.py --modes full"
@@ -47,9 +49,9 @@ declare -A CMD=(
 )
 declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench [host-profile]=host_profile
-                [startup]=startup [kernel-profile]=kernel_profile [gemv-sweep]=gemv_sweep [bound-ab]=bound_ab)
+                [startup]=startup [kernel-profile]=kernel_profile [gemv-sweep]=gemv_sweep [bound-ab]=bound_ab [recheck]=gpu_tests)
 declare -A BOX=([all-tests]=420 [tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
-                [k-bench]=150 [bench]=560 [host-profile]=240 [startup]=300 [kernel-profile]=180 [gemv-sweep]=200 [bound-ab]=150)
+                [k-bench]=150 [bench]=560 [host-profile]=240 [startup]=300 [kernel-profile]=180 [gemv-sweep]=200 [bound-ab]=150 [recheck]=120)
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench)
 summary=()
 for part in "${parts[@]}"; do
