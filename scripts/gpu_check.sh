@@ -11,7 +11,8 @@
 #   bash scripts/gpu_check.sh all-tests bench       # every GPU test in 10 xdist workers (~5.5 min on the H200; -v
 #                                                   # lines name each result even when the box cuts the summary)
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
-#   RECHECK="tests/x.py -k y" bash scripts/gpu_check.sh recheck   # some GPU tests alone; BENCH_BUDGET=300: the bench's
+#   RECHECK="tests/a.py::test_b tests/c.py" bash scripts/gpu_check.sh recheck  # some GPU tests alone (node ids, no spaces)
+#   BENCH_BUDGET=300 bash scripts/gpu_check.sh bench  # the bench with a --budget of its own
 #
 # Wheels (carry=[".whl"]; scripts/device_wheels.sh fetches them): fla-core, einops, hypothesis (cp312: the device's Python is 3.12), sortedcontainers, pytest
 # and its deps, pytest-xdist and execnet, rich and its deps,
