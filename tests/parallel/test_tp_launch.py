@@ -68,7 +68,7 @@ def _bench_args(*argv: str) -> argparse.Namespace:
 def test_bench_with_tp_runs_hattn_modes_only():
     args = _bench_args("--tp", "2")
     _check_tp(args)
-    assert args.modes == ["eager", "full", "pcg", "bcg"]  # the default targets, peers left out
+    assert args.modes == ["full", "pcg", "bcg", "eager"]  # the default targets, peers left out
 
 
 def test_bench_with_tp_refuses_peers(capsys):
