@@ -12,7 +12,7 @@
 #                                                   # lines name each result even when the box cuts the summary)
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
 #   RECHECK="tests/a.py::test_b tests/c.py" bash scripts/gpu_check.sh recheck  # some GPU tests alone (node ids, no spaces)
-#   BENCH_BUDGET=300 bash scripts/gpu_check.sh bench  # the bench with a --budget of its own
+#   BENCH_BUDGET=300 BENCH_ARGS="--modes full,tc-ro" bash scripts/gpu_check.sh bench  # a --budget and more arguments
 #
 # Wheels (carry=[".whl"]; scripts/device_wheels.sh fetches them): fla-core, einops, hypothesis (cp312: the device's Python is 3.12), sortedcontainers, pytest
 # and its deps, pytest-xdist and execnet, rich and its deps,
@@ -40,7 +40,7 @@ declare -A CMD=(
   [demo]="python3 -m hattn.cli demo"
   [rt-bench]="python3 -m hattn.bench --suite runtime --preset qwen3.5-1b --out $OUT/runtime --no-progress --budget 140"
   [k-bench]="python3 -m hattn.bench --suite kernels --out $OUT/kernels --no-progress --budget 140"
-  [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress ${BENCH_BUDGET:+--budget $BENCH_BUDGET}"
+  [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress ${BENCH_BUDGET:+--budget $BENCH_BUDGET} ${BENCH_ARGS:-}"
   [recheck]="${PYTEST[*]} ${RECHECK:-tests}"
   [host-profile]="python3 scripts/host_profile.py --modes pcg,full"
   [startup]="env MODES=full bash scripts/startup.sh"
