@@ -210,7 +210,8 @@ def test_quick_run_on_gpu_captures_graphs(tmp_path):
     kept cheap: eager pieces (no inductor compile), decode and generate only."""
     out = str(tmp_path / "bench")
     rc = main(["--preset", "tiny", "--quick", "--out", out, "--modes", "pcg,full,hf-eager", "--no-progress",
-               "--workloads", "decode,e2e", "--inner-compiler", "eager", "--profile"])
+               "--workloads", "decode,e2e", "--inner-compiler", "eager", "--profile",
+               "--budget", "300"])  # the quick 120 s: pcg's time box ran out under the GPU suite's 10 workers
     assert rc == 0
     r = _load(out)
     assert r["meta"]["copy_bandwidth"] > 1e11 and r["meta"]["matmul_flops"] > 1e13 and len(r["goals"]) == 23
@@ -230,8 +231,14 @@ def test_quick_kernels_run_on_gpu(tmp_path):
     out = str(tmp_path / "kernels")
     assert main(["--suite", "kernels", "--quick", "--no-progress", "--out", out]) == 0
     r = _load(out)
+    measured = set()
     for pid, res in r["entries"]["ours"]["results"].items():
+        if "skipped" in res:  # only the bench's own cut-off: a slow size skips the larger ones (a loaded machine)
+            assert "project to" in res["skipped"], (pid, res)
+            continue
         assert res["ms"] > 0 and r["ratios"]["vs_floor"]["ours"][pid] > 0, (pid, res)
+        measured.add(pid.split("/")[0])
+    assert measured == {"gdn-decode", "gdn-prefill", "attn-decode", "gemm"}
     assert r["entries"]["copy"]["results"]["gdn-decode/1B/B1"]["calls"] == 64
 
 
