@@ -229,12 +229,12 @@ def test_quick_run_on_gpu_captures_graphs(tmp_path):
 def test_quick_kernels_run_on_gpu(tmp_path):
     """Every kernel implementation on the GPU (fla's where installed), decode workloads inside CUDA graphs."""
     out = str(tmp_path / "kernels")
-    assert main(["--suite", "kernels", "--quick", "--no-progress", "--out", out]) == 0
+    assert main(["--suite", "kernels", "--quick", "--no-progress", "--out", out, "--budget", "240"]) == 0
     r = _load(out)
     measured = set()
     for pid, res in r["entries"]["ours"]["results"].items():
-        if "skipped" in res:  # only the bench's own cut-off: a slow size skips the larger ones (a loaded machine)
-            assert "project to" in res["skipped"], (pid, res)
+        if "skipped" in res:  # only the bench's own cut-offs: a slow size skips larger ones, a spent time box the rest
+            assert "project to" in res["skipped"] or "time box" in res["skipped"], (pid, res)
             continue
         assert res["ms"] > 0 and r["ratios"]["vs_floor"]["ours"][pid] > 0, (pid, res)
         measured.add(pid.split("/")[0])
