@@ -16,27 +16,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hattn.bench.kernels import GEMM_SHAPES
+from hattn.bench.kernels import GEMM_SHAPES, _in_graph
 from hattn.kernels.gemm import skinny
 
 DTYPE = torch.bfloat16
 
 
 def _graph_us(calls, reps: int = 20) -> float:
-    """us per call: all calls captured in one CUDA graph, replayed `reps` times."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
+    """us per call: all calls captured in one CUDA graph (the kernels suite's), replayed `reps` times."""
+    step = _in_graph(calls)
+    step()  # runs each call once, captures, replays
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        graph.replay()
+        step()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / (reps * len(calls))
