@@ -52,6 +52,21 @@ class Launch:
 
 
 @triton.jit
+def _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K: tl.constexpr,
+                HAS_BIAS: tl.constexpr):
+    """Both forms' epilogue: with one split, acc [BLOCK_M, BLOCK_N] (+ bias) into y [M, N] in y's dtype; else the
+    fp32 partial of range `split` into y_ptr [SPLIT_K, M, N]."""
+    keep = (rows[:, None] < M) & (cols[None, :] < N)
+    p_y = y_ptr + rows[:, None] * sy_m + cols[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=keep)
+    else:
+        tl.store(p_y + split * sy_s, acc, mask=keep)
+
+
+@triton.jit
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -72,14 +87,7 @@ def _skinny_kernel(
         b_x = tl.load(p_x + k0 * sx_k, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
         b_w = tl.load(p_w + k0 * sw_k, mask=(cols[:, None] < N) & (k0 + ks[None, :] < K), other=0.0)
         acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision=PRECISION)
-    keep = (rows[:, None] < M) & (cols[None, :] < N)
-    p_y = y_ptr + rows[:, None] * sy_m + cols[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(p_y, acc.to(y_ptr.dtype.element_ty), mask=keep)
-    else:
-        tl.store(p_y + split * sy_s, acc, mask=keep)
+    _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -102,15 +110,7 @@ def _fma_kernel(
         b_x = tl.load(p_x + k0 * sx_k, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
         b_w = tl.load(p_w + k0 * sw_k, mask=(cols[:, None] < N) & (k0 + ks[None, :] < K), other=0.0)
         acc += b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :]
-    out = tl.sum(acc, axis=2)
-    keep = (rows[:, None] < M) & (cols[None, :] < N)
-    p_y = y_ptr + rows[:, None] * sy_m + cols[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(p_y, out.to(y_ptr.dtype.element_ty), mask=keep)
-    else:
-        tl.store(p_y + split * sy_s, out, mask=keep)
+    _store_tile(tl.sum(acc, axis=2), b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
