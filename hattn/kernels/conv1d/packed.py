@@ -17,7 +17,7 @@ import triton.language as tl
 
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import (FLOATS, check_contiguous, check_device, check_last_contiguous, check_pow2,
-                                  check_shape)
+                                  check_shape, next_pow2)
 from hattn.kernels.packing import PackedBatch
 
 BT = 32  # tokens a program (the grid's second axis, whose CUDA limit is MAX_GRID_Y blocks)
@@ -177,5 +177,5 @@ def _launch(x, weight, bias, batch, conv_state, activation, y, stride_y, kd, bc,
     if stateful:
         bound_launch(
             state_kernel, (len(batch.lens), triton.cdiv(c, 128)),
-            x, x.stride(0), batch.cu, conv_state, slots, has, c, W=width, BW=triton.next_power_of_2(width), BC=128,
+            x, x.stride(0), batch.cu, conv_state, slots, has, c, W=width, BW=next_pow2(width), BC=128,
             num_warps=4)
