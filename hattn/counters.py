@@ -32,7 +32,7 @@ class Stats:
     padded_tokens: int = 0       # padding rows added to reach a capture size
     graph_free_graphs: int = 0   # graphs a graph mode serves graph-free (several dynamic sizes, ...; reason logged)
     # the startup breakdown, in the order it happens
-    probe_seconds: float = 0.0          # adapt's 2-token probe on the model's device (its first kernels: fla's, cold)
+    probe_seconds: float = 0.0          # adapt's 2-token probe (fake tensors; for real where a fake run fails)
     dynamo_seconds: float = 0.0         # Dynamo: from the start of the frame's compile to the backend call
     cache_load_seconds: float = 0.0     # reading cache_dir's artifacts into torch's caches
     split_seconds: float = 0.0          # hattn's guard and split passes

@@ -38,6 +38,15 @@ if has_triton():
         tl.store(out + i, v, mask=i < n)
 
 
+@pytest.fixture
+def generic_calls(monkeypatch) -> list:
+    """One entry per launch of _axpy that went through Triton's generic launcher (JITFunction.run)."""
+    bound.forget()
+    calls, run = [], _axpy.run
+    monkeypatch.setattr(_axpy, "run", lambda *a, **k: calls.append(1) or run(*a, **k))
+    return calls
+
+
 def _reference(x, y, a, n, stride, square):
     v = a * x[::stride][:n] + y[:n]
     return v * v if square else v
@@ -45,11 +54,7 @@ def _reference(x, y, a, n, stride, square):
 
 @pytest.mark.gpu
 @gpu
-def test_bound_launch_matches_the_generic_launcher_and_keeps_one_kernel_per_specialization(monkeypatch):
-    bound.forget()
-    generic = []
-    run = _axpy.run
-    monkeypatch.setattr(_axpy, "run", lambda *a, **k: generic.append(1) or run(*a, **k))
+def test_bound_launch_matches_the_generic_launcher_and_keeps_one_kernel_per_specialization(generic_calls):
     g = torch.Generator("cuda").manual_seed(0)
     base = torch.randn(4096, device="cuda", generator=g)
     cases = [  # (x, n, stride, a, square): each new key goes through Triton once, then its kernel is kept
@@ -67,7 +72,7 @@ def test_bound_launch_matches_the_generic_launcher_and_keeps_one_kernel_per_spec
         bound.launch(_axpy, (triton.cdiv(n, 256),), x, y, out, a, n, stride, BLOCK=256, SQUARE=square)
         torch.testing.assert_close(out, _reference(x, y, a, n, stride, square))
         seen.add((x.data_ptr() % 16, n, stride, a, square))
-    assert len(generic) == len(seen) == len(cases) - 1  # the same-key case and the second round: kept kernels
+    assert len(generic_calls) == len(seen) == len(cases) - 1  # the same-key case and the second round: kept kernels
 
 
 @pytest.mark.gpu
@@ -90,14 +95,10 @@ def test_bound_launch_inside_a_cuda_graph():
 
 @pytest.mark.gpu
 @gpu
-def test_runtime_arguments_by_keyword_always_take_the_generic_launcher(monkeypatch):
-    bound.forget()
-    generic = []
-    run = _axpy.run
-    monkeypatch.setattr(_axpy, "run", lambda *a, **k: generic.append(1) or run(*a, **k))
+def test_runtime_arguments_by_keyword_always_take_the_generic_launcher(generic_calls):
     x, y = torch.randn(300, device="cuda"), torch.randn(300, device="cuda")
     for a in (0.5, 0.5, -2.0):
         out = torch.empty_like(x)
         bound.launch(_axpy, (2,), x, y, out, a=a, n=300, stride=1, BLOCK=256, SQUARE=False)
         torch.testing.assert_close(out, a * x + y)
-    assert len(generic) == 3
+    assert len(generic_calls) == 3
