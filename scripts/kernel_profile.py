@@ -17,7 +17,6 @@ import torch
 
 import hattn
 from hattn.models.generate import SamplingParams, generate
-from hattn.models.presets import load
 
 
 def _wall_ms(fn, reps: int) -> float:
@@ -51,6 +50,36 @@ def _kernels(fn, reps: int, top: int, per: float = 1.0) -> None:
         print(f"   {us / scale:9.1f} us {n / scale:6.1f} x  {us / n:7.2f} us each  {name[:110]}")
 
 
+def _load_timed(preset: str):
+    """The adapted model, with where its build time goes: CUDA set-up, transformers' from_config, hattn's adapt."""
+    from hattn.models.hf import adapt
+    from hattn.models.presets import preset_config, random_model
+
+    t0 = time.perf_counter()
+    torch.ones(1, device="cuda").sum().item()
+    t1 = time.perf_counter()
+    hf = random_model(preset_config(preset), torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    lm = adapt(hf)
+    t3 = time.perf_counter()
+    print(f"== build: cuda set-up {t1 - t0:.2f} s, from_config {t2 - t1:.2f} s, adapt {t3 - t2:.2f} s", flush=True)
+    return lm
+
+
+def _print_gemm_choices() -> None:
+    """hattn_kernels::linear's choice per shape (cuBLAS or the skinny GEMM) with both timings."""
+    from hattn.kernels.gemm.op import choices
+
+    print("-- GEMM choices (m n k: backend, cublas us, triton us)")
+    def us(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    for c in choices():
+        print(f"   {c['m']:3d} {c['n']:6d} {c['k']:5d}: {c['backend']:6s} {us(c['cublas_us']):>7s} "
+              f"{us(c['triton_us']):>7s}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="full")
@@ -60,7 +89,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
     a = ap.parse_args()
-    lm = load(a.preset, dtype=torch.bfloat16, device="cuda")
+    lm = _load_timed(a.preset)
     lens = [int(x) for x in a.prompts.split(",")]
     cache = lm.make_cache(a.batch, max(lens) + a.new_tokens + 1)
     for mode in a.modes.split(","):
@@ -83,6 +112,7 @@ def main() -> None:
                 print(f"-- {mode} prompt {n}: generate {a.new_tokens} tokens, per new token (prefill included / "
                       f"{a.new_tokens})")
                 _kernels(loop, 2, a.top, per=a.new_tokens)
+    _print_gemm_choices()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Packed linear-attention prefill on CUDA: our Triton conv (split into q, k, v) + one chunked gated-delta-rule call.
+"""Packed linear-attention prefill on CUDA: our Triton conv (split into q, k, v) + the gated delta rule, token by
+token in one launch where every sequence is short (`recurrent.use_recurrent`), else one chunked call.
 
 The conv is ours (`hattn.kernels.conv1d.packed.packed_conv_qkv`: packed sequences, conv states at cache slots, q
 and k L2-normalised on the way out); the chunked delta rule is fla's (`chunk.chunk_gated_delta_rule_slots`) when fla
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from hattn.kernels.conv1d.packed import packed_causal_conv1d, packed_conv_qkv
 from hattn.kernels.gated_delta.chunk import chunk_gated_delta_rule_slots, fla_chunk
+from hattn.kernels.gated_delta.recurrent import packed_recurrent_gated_delta, use_recurrent
 from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed
 from hattn.kernels.packing import PackedBatch
 
@@ -26,6 +28,10 @@ def linear_attention_packed(
         return
     conv_state, rec_state = states if states is not None else (None, None)
     t, hv, dv = out.shape
+    if use_recurrent(batch):
+        q, k, v = packed_conv_qkv(mixed_qkv, conv_weight, conv_bias, batch, conv_state, num_k_heads, head_k_dim)
+        packed_recurrent_gated_delta(q, k, v, g, beta, out, batch, rec_state)
+        return
     if fla_chunk() is not None:
         q, k, v = packed_conv_qkv(mixed_qkv, conv_weight, conv_bias, batch, conv_state, num_k_heads, head_k_dim)
         out.copy_(chunk_gated_delta_rule_slots(q, k, v.view(t, hv, dv), g, beta, batch, rec_state))
