@@ -4,7 +4,7 @@
 
 Per (sequences x tokens each): device us per layer call inside a CUDA graph, and wall us per eager call (host
 launch work included, the way pcg and bcg run it), for each form; both forms run in the same process on the same
-inputs. Sets where `recurrent.MAX_RECURRENT_TOKENS` should sit.
+inputs. Sets where `recurrent.MAX_RECURRENT_TOKENS` (graphs) and `_EAGER` (between graphs) sit.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,4,16,32,64,128")
     ap.add_argument("--seqs", default="1,4")
     a = ap.parse_args()
-    cap = recurrent.MAX_RECURRENT_TOKENS
+    caps = recurrent.MAX_RECURRENT_TOKENS, recurrent.MAX_RECURRENT_TOKENS_EAGER
     print(f"shape {a.shape}, {LAYERS} layers; us per layer call: graph (device) and eager (wall)")
     print(f"{'seqs x tokens':>14s} {'recurrent graph':>16s} {'chunk graph':>12s} {'recurrent eager':>16s} "
           f"{'chunk eager':>12s}")
@@ -75,10 +75,10 @@ def main() -> None:
         for n in (int(t) for t in a.tokens.split(",")):
             row = {}
             for form, limit in (("recurrent", 1 << 30), ("chunk", 0)):
-                recurrent.MAX_RECURRENT_TOKENS = limit
+                recurrent.MAX_RECURRENT_TOKENS = recurrent.MAX_RECURRENT_TOKENS_EAGER = limit
                 calls = _calls(a.shape, seqs, n)
                 row[form] = (_graph_us(calls), _eager_us(calls))
-            recurrent.MAX_RECURRENT_TOKENS = cap
+            recurrent.MAX_RECURRENT_TOKENS, recurrent.MAX_RECURRENT_TOKENS_EAGER = caps
             print(f"{seqs:>6d} x {n:<5d} {row['recurrent'][0]:16.2f} {row['chunk'][0]:12.2f} "
                   f"{row['recurrent'][1]:16.2f} {row['chunk'][1]:12.2f}", flush=True)
 

@@ -229,6 +229,27 @@ def test_linear_op_times_a_new_shape_once_and_remembers_the_faster(fresh_choices
 
 
 @cuda_test
+def test_linear_op_timing_leaves_out_the_hosts_launch_time(fresh_choices, monkeypatch):
+    """The per-shape timing reads device time: a host that takes 300 us to launch the skinny GEMM (a model's warm-up
+    is slow on the host) must not make it look slower. Before the timing held the device while the host queued its
+    reps, the out_proj shape read 56 us for a 4.6 us kernel and cuBLAS's 12 us was kept."""
+    import time
+
+    x, weight, _ = _case(1, 1024, 2048, torch.bfloat16, seed=0)
+    fast = op._measure(x, weight, None).triton_us
+    real = skinny.skinny_linear
+
+    def slow_host(*args, **kwargs):
+        end = time.perf_counter() + 300e-6
+        while time.perf_counter() < end:
+            pass
+        return real(*args, **kwargs)
+    monkeypatch.setattr(skinny, "skinny_linear", slow_host)
+    slow = op._measure(x, weight, None).triton_us
+    assert slow < 2 * fast + 5, (fast, slow)
+
+
+@cuda_test
 def test_linear_op_takes_cublas_untimed_when_the_timing_buffer_does_not_fit(fresh_choices, monkeypatch):
     """Timing needs an L2-flush buffer; out of memory for it, the call still runs (cuBLAS, remembered untimed)
     instead of raising (the GPU fault tests cap the allocator and run graph-free small-M steps)."""

@@ -51,7 +51,7 @@ def _reference(q, k, v, g, beta, lens, rec, slots, past):
     return out, states
 
 
-@given(lens=st.lists(st.sampled_from([0, 1, 2, 5, 17, 63, 64]), min_size=1, max_size=4).filter(any),
+@given(lens=st.lists(st.sampled_from([0, 1, 2, 5, 17, 63, 64, 128]), min_size=1, max_size=4).filter(any),
        heads=st.sampled_from([(1, 1, 16, 16), (2, 4, 32, 16), (1, 3, 64, 32), (2, 2, 32, 64)]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), stateful=st.booleans(),
        block_v=st.sampled_from([0, 16]), seed=st.integers(0, 2**16))
@@ -80,9 +80,10 @@ def test_packed_recurrent_matches_the_chunked_reference(lens, heads, dtype, stat
 
 
 def test_use_recurrent_by_the_longest_sequence_or_the_bucket():
-    cap = recurrent.MAX_RECURRENT_TOKENS
+    cap = recurrent.MAX_RECURRENT_TOKENS_EAGER
     assert recurrent.use_recurrent(PackedBatch.build([cap, 1, cap], "cpu"))
     assert not recurrent.use_recurrent(PackedBatch.build([3, cap + 1], "cpu"))
+    cap = recurrent.MAX_RECURRENT_TOKENS
     flat = torch.zeros(Bucket.for_tokens(cap, 4).numel, dtype=torch.long)
     assert recurrent.use_recurrent(Bucket.for_tokens(cap, 4).batch(flat))  # any packing that fits it is short
     flat = torch.zeros(Bucket.for_tokens(cap + 1, 4).numel, dtype=torch.long)
@@ -111,7 +112,7 @@ def test_recurrent_prefill_in_a_cuda_graph_replays_new_packings_and_spares_other
     """mode=full's short packed steps: captured once over a bucket's padded layout (a padding-rows sequence and
     zero-length ones at the scratch slot), replayed for packings refilled into the same static buffer, equal the
     exact eager call; only the step's slots (and the scratch slot) change."""
-    hk, hv, d, tokens, scratch = 2, 4, 64, 48, 7
+    hk, hv, d, tokens, scratch = 2, 4, 64, recurrent.MAX_RECURRENT_TOKENS, 7
     bucket = Bucket.for_tokens(tokens, max_real_seqs=4)
     flat = torch.zeros(bucket.numel, dtype=torch.long, device="cuda")
     step = PackedStep.over(bucket, flat)

@@ -6,7 +6,10 @@ of GPU time for a 16-token prompt on the H200 and, between graphs, one host laun
 recurrent form is cheaper: a program per (sequence, value head, block of BV value columns) keeps its [Dk, BV] state
 tile in registers, reads it from the sequence's slot (zeros for a new sequence), runs the sequence's tokens in order
 and writes the tile back; one launch, no gather or scatter, nothing read on the host. Its time grows with the
-longest sequence (the tokens are sequential), so `use_recurrent` takes it up to `MAX_RECURRENT_TOKENS` a sequence.
+longest sequence (the tokens are sequential), so `use_recurrent` takes it only for short sequences. H200, 1B shape,
+us a layer call (scripts/recurrent_ab.py, docs/benchmarks.md): in a CUDA graph 18.5 against fla's 38.4 at 16 tokens,
+equal at 64 (50.6 / 51.5), behind at 4 x 64 (77 / 66); between graphs, where fla's host work decides, 110-146 us of
+wall time against 620-720 up to 4 x 128 tokens.
 
 Capture-safe: offsets, slots and new-sequence flags are the batch's device tensors; a zero-length sequence (a
 bucket's padding) does no work and touches no state. Torch reference:
@@ -22,14 +25,17 @@ from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import FLOATS, check_device, check_last_contiguous, check_pow2, check_shape
 from hattn.kernels.packing import PackedBatch
 
-MAX_RECURRENT_TOKENS = 64  # longest sequence the recurrent form serves (fla's chunk path beyond)
+MAX_RECURRENT_TOKENS = 48         # longest sequence served in a CUDA graph (device time decides)
+MAX_RECURRENT_TOKENS_EAGER = 128  # between graphs (fla's ~0.6 ms of host work a layer decides)
 
 
 def use_recurrent(batch: PackedBatch) -> bool:
-    """Whether every sequence of the step is short enough for the recurrent form: an exact batch by its host lens,
-    a padded (captured) one by its bucket's size, which bounds every sequence of every step it replays."""
-    longest = batch.num_tokens if batch.padded else max(batch.lens, default=0)
-    return longest <= MAX_RECURRENT_TOKENS
+    """Whether every sequence of the step is short enough for the recurrent form: a padded batch (a captured
+    bucket) by the bucket's size, which bounds every sequence of every step it replays; an exact batch (run between
+    graphs) by its longest sequence."""
+    if batch.padded:
+        return batch.num_tokens <= MAX_RECURRENT_TOKENS
+    return max(batch.lens, default=0) <= MAX_RECURRENT_TOKENS_EAGER
 
 
 @triton.jit

@@ -20,6 +20,7 @@ from hattn.kernels.launch import FLOATS, has_triton
 MAX_M = 64  # rows the skinny GEMM serves
 BACKENDS = ("cublas", "triton")
 TIMING_REPS = 5
+HOLD_CYCLES = 10_000_000  # ~5 ms of the device's clock: longer than the host takes to queue TIMING_REPS reps
 
 
 @dataclass(frozen=True, order=True)
@@ -115,9 +116,13 @@ def _measure(x2, weight, bias) -> Choice:
 
 def _median_us(fn, flush: torch.Tensor) -> float:
     """Median device time of fn() in us. Before each rep, zeroing `flush` evicts the weight from L2 (a decode step
-    streams it from HBM) and keeps the device busy while the host launches fn, so the host's launch overhead
-    (larger for Triton's launcher than for cuBLAS; a CUDA graph removes it) stays out of the time."""
+    streams it from HBM). The host's launch overhead (larger for Triton's launcher than for cuBLAS; a CUDA graph
+    removes it) must stay out of the time: a sleep kernel holds the device while the host queues every rep, so no
+    rep's start event is reached before its kernel is queued. (Without it, the measure inside a model's warm-up,
+    where the host is slower, read the skinny GEMM at 56 us for a 4.6 us call and kept cuBLAS's 12.)"""
     fn()  # warm-up: compiles the Triton kernel, sets up cuBLAS
+    torch.cuda.synchronize(flush.device)
+    torch.cuda._sleep(HOLD_CYCLES)
     events = []
     for _ in range(TIMING_REPS):
         flush.zero_()
