@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from hattn.kernels.bound import launch as bound_launch
-from hattn.kernels.launch import FLOATS, check_device, check_last_contiguous, check_pow2, check_shape
+from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, check_last_contiguous, check_pow2, check_shape
 from hattn.kernels.packing import PackedBatch
 
 MAX_RECURRENT_TOKENS = 48         # longest sequence served in a CUDA graph (device time decides)
@@ -94,7 +94,7 @@ def packed_recurrent_gated_delta(q, k, v, g, beta, out, batch: PackedBatch, rec_
     """
     t, hv, dv = out.shape
     hk, dk = q.shape[1], q.shape[2]
-    _check(q, k, v, g, beta, out, batch, rec_state)
+    _check_once(q, k, v, g, beta, out, batch.cu, batch.slots_d, batch.num_tokens, rec_state)
     if t == 0 or not batch.lens:
         return
     n = batch.cu.shape[0] - 1
@@ -112,11 +112,11 @@ def _block_v(n: int, hv: int, dv: int) -> int:
     return min(dv, 16 if n * hv < 512 else 32)
 
 
-def _check(q, k, v, g, beta, out, batch, rec_state) -> None:
+def _check(q, k, v, g, beta, out, cu, slots, num_tokens, rec_state) -> None:
     what = "packed_recurrent_gated_delta"
     t, hv, dv = out.shape
     hk, dk = q.shape[1], q.shape[2]
-    check_device(what, q=q, k=k, v=v, g=g, beta=beta, out=out, rec_state=rec_state, cu=batch.cu)
+    check_device(what, q=q, k=k, v=v, g=g, beta=beta, out=out, rec_state=rec_state, cu=cu)
     check_pow2(what, head_k_dim=dk, head_v_dim=dv)
     if hv % hk:
         raise ValueError(f"{what}: value heads ({hv}) must be a multiple of key heads ({hk})")
@@ -130,11 +130,14 @@ def _check(q, k, v, g, beta, out, batch, rec_state) -> None:
         raise ValueError(f"{what}: out must be [T, Hv, Dv] with contiguous heads (strides {out.stride()})")
     if q.dtype not in FLOATS or v.dtype not in FLOATS or out.dtype not in FLOATS:
         raise ValueError(f"{what}: q, v and out must be fp16, bf16 or fp32 (got {q.dtype}, {v.dtype}, {out.dtype})")
-    if batch.num_tokens != t:
-        raise ValueError(f"{what}: the batch packs {batch.num_tokens} tokens but out has {t} rows")
+    if num_tokens != t:
+        raise ValueError(f"{what}: the batch packs {num_tokens} tokens but out has {t} rows")
     if rec_state is not None:
-        if batch.slots_d is None:
+        if slots is None:
             raise ValueError(f"{what}: a rec_state needs a batch with cache slots (PackedBatch.build(..., slots=))")
         check_shape(what, "rec_state", rec_state, (rec_state.shape[0], hv, dk, dv))
         if rec_state.dtype != torch.float32 or not rec_state.is_contiguous():
             raise ValueError(f"{what}: rec_state must be contiguous float32 (got {rec_state.dtype})")
+
+
+_check_once = CheckedOnce(_check)
