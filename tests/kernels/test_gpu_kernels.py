@@ -85,8 +85,24 @@ def test_fla_packed_prefill_matches_reference(hk, hv, d, nan_empty):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+def test_short_packed_prefill_runs_the_recurrent_kernel(dtype, tol, monkeypatch, nan_empty):
+    """Every sequence <= MAX_RECURRENT_TOKENS_EAGER (an exact batch): one recurrent launch, not fla's chunk path."""
+    from hattn.kernels.gated_delta import packed, recurrent
+
+    calls = []
+    monkeypatch.setattr(packed, "chunk_gated_delta_rule_slots", lambda *a: calls.append("chunk"))
+    real = packed.packed_recurrent_gated_delta
+    monkeypatch.setattr(packed, "packed_recurrent_gated_delta", lambda *a: calls.append("recurrent") or real(*a))
+    lens = [recurrent.MAX_RECURRENT_TOKENS_EAGER, 1, 0, 7, 33]
+    out_err, state_err = _prefill(2, 4, 64, dtype, lens, [0, 2, 0, 4, 1], [1, 4, 2, 7, 3], 4)
+    assert out_err < tol and state_err < tol, (out_err, state_err)
+    assert calls == ["recurrent"]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
 def test_prefill_without_fla_runs_the_torch_reference(dtype, tol, monkeypatch, nan_empty):
     monkeypatch.setattr("hattn.kernels.gated_delta.packed.fla_chunk", lambda: None)
+    monkeypatch.setattr("hattn.kernels.gated_delta.recurrent.MAX_RECURRENT_TOKENS_EAGER", 0)  # not the short path
     out_err, state_err = _prefill(2, 4, 64, dtype, [65, 1, 0, 7], [0, 2, 0, 4], [1, 4, 2, 7], 1)
     assert out_err < tol and state_err < tol, (out_err, state_err)
 
@@ -193,7 +209,7 @@ def linear_op(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_h
 
 
 @needs_fla
-def test_padded_bucket_prefill_in_a_cuda_graph_equals_the_exact_packing(nan_empty):
+def test_padded_bucket_prefill_in_a_cuda_graph_equals_the_exact_packing(monkeypatch, nan_empty):
     """mode=full's packed steps: fla's chunked rule + our conv over a bucket's padded layout (a padding-rows sequence,
     zero-length ones and no-op chunk entries at the scratch slot), captured once and replayed for two packings whose
     metadata is refilled into the same static buffer, equal the exact eager packing; padding rows are zeros and only
@@ -201,6 +217,8 @@ def test_padded_bucket_prefill_in_a_cuda_graph_equals_the_exact_packing(nan_empt
     from hattn.kernels.gated_delta.packed import linear_attention_packed
     from hattn.kernels.packing import Bucket, PackedBatch, PackedStep
 
+    # the exact packings' sequences are short enough for the recurrent form between graphs: compare chunk to chunk
+    monkeypatch.setattr("hattn.kernels.gated_delta.recurrent.MAX_RECURRENT_TOKENS_EAGER", 0)
     hk, hv, d, tokens, scratch = 16, 16, 128, 256, 7
     bucket = Bucket.for_tokens(tokens, max_real_seqs=4)
     flat = torch.zeros(bucket.numel, dtype=torch.long, device="cuda")
