@@ -71,7 +71,8 @@ def _captured(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_h
 
 
 def _cuda(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx) -> None:
-    """A decode batch is one fused Triton step; anything else is the packed prefill (Triton conv + fla)."""
+    """A decode batch is one fused Triton step; anything else is the packed prefill (Triton conv + the recurrent
+    kernel where every sequence is short, else fla's chunked rule)."""
     states = ctx.cache.state(layer_id) if ctx.cache is not None else None
     if ctx.is_decode:
         conv_state, rec_state, slots, lens = None, None, None, None  # no cache: zero states, nothing kept

@@ -84,9 +84,10 @@ def test_fla_packed_prefill_matches_reference(hk, hv, d, nan_empty):
     assert out_err < 3e-2 and state_err < 3e-2, (out_err, state_err)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_short_packed_prefill_runs_the_recurrent_kernel(dtype, tol, monkeypatch, nan_empty):
-    """Every sequence <= MAX_RECURRENT_TOKENS_EAGER (an exact batch): one recurrent launch, not fla's chunk path."""
+    """Every sequence <= MAX_RECURRENT_TOKENS_EAGER (an exact batch): one recurrent launch, not fla's chunk path.
+    bf16: q, k, v leave the conv rounded to bf16 as for fla (1.2e-2 over 128 tokens under the interpreter)."""
     from hattn.kernels.gated_delta import packed, recurrent
 
     calls = []
