@@ -122,7 +122,9 @@ def _median_us(fn, flush: torch.Tensor) -> float:
     where the host is slower, read the skinny GEMM at 56 us for a 4.6 us call and kept cuBLAS's 12.)"""
     fn()  # warm-up: compiles the Triton kernel, sets up cuBLAS
     torch.cuda.synchronize(flush.device)
-    torch.cuda._sleep(HOLD_CYCLES)
+    hold = getattr(torch.cuda, "_sleep", None)  # private in torch: without it, the flush alone hides the launch
+    if hold is not None:
+        hold(HOLD_CYCLES)
     events = []
     for _ in range(TIMING_REPS):
         flush.zero_()
