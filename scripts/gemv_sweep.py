@@ -16,30 +16,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hattn.bench.kernels import GEMM_SHAPES, _in_graph
+from hattn.bench.kernels import GEMM_SHAPES, graph_us
 from hattn.kernels.gemm import skinny
 
 DTYPE = torch.bfloat16
 
 
-def _graph_us(calls, reps: int = 20) -> float:
-    """us per call: all calls captured in one CUDA graph (the kernels suite's), replayed `reps` times."""
-    step = _in_graph(calls)
-    step()  # runs each call once, captures, replays
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
-
-
 def _copy_gbps() -> float:
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    us = _graph_us([lambda: b.copy_(a)], reps=10)
+    us = graph_us([lambda: b.copy_(a)], reps=10)
     return 2 * a.numel() / us / 1e3
 
 
@@ -67,8 +53,8 @@ def main() -> None:
         x = torch.randn(m, k, device="cuda", dtype=DTYPE)
         ws = [torch.randn(n, k, device="cuda", dtype=DTYPE) * k ** -0.5 for _ in range(copies)]
         want = F.linear(x, ws[0])
-        times = {"cublas": _graph_us([lambda w=w: F.linear(x, w) for w in ws]),
-                 "default": _graph_us([lambda w=w: skinny.skinny_linear(x, w) for w in ws])}
+        times = {"cublas": graph_us([lambda w=w: F.linear(x, w) for w in ws]),
+                 "default": graph_us([lambda w=w: skinny.skinny_linear(x, w) for w in ws])}
         best = None
         for cfg in _configs(m):
             if time.perf_counter() > end:
@@ -78,7 +64,7 @@ def main() -> None:
             if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item()):
                 print(f"  {name} M={m} {cfg}: WRONG")
                 continue
-            us = _graph_us([lambda w=w, cfg=cfg: skinny.skinny_linear(x, w, config=cfg) for w in ws], reps=10)
+            us = graph_us([lambda w=w, cfg=cfg: skinny.skinny_linear(x, w, config=cfg) for w in ws], reps=10)
             if best is None or us < best[0]:
                 best = (us, cfg)
         floor = nbytes / gbps / 1e3
@@ -106,7 +92,7 @@ def _conv_sweep(t: int, gbps: float) -> str:
     kd = hk * dk
     want = packed.packed_conv_qkv(x, weight, None, batch, torch.zeros_like(state), hk, dk)
     floor = 2 * x.numel() * x.element_size() / gbps / 1e3
-    times = {"default": _graph_us([lambda: packed.packed_conv_qkv(x, weight, None, batch, state, hk, dk)])}
+    times = {"default": graph_us([lambda: packed.packed_conv_qkv(x, weight, None, batch, state, hk, dk)])}
     for bt, warps in itertools.product([8, 16, 32, 64], [1, 2, 4, 8]):
         y = torch.empty(t * c, device="cuda", dtype=DTYPE)
         s2 = torch.zeros_like(state)  # what `want` started from (the default's timing above rewrote `state`)
@@ -117,7 +103,7 @@ def _conv_sweep(t: int, gbps: float) -> str:
         if not all(torch.allclose(g.view_as(r).float(), r.float(), atol=2e-2) for g, r in zip(got, want)):
             print(f"  conv T={t} bt{bt} w{warps}: WRONG")
             continue
-        times[f"bt{bt} w{warps}"] = _graph_us([call])
+        times[f"bt{bt} w{warps}"] = graph_us([call])
     best = min((k for k in times if k != "default"), key=times.get)
     line = (f"conv T={t:5d} C={c}: floor {floor:7.2f} us | default {times['default']:7.2f} | best {times[best]:7.2f} "
             f"{best}")

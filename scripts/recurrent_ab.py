@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from hattn.bench.kernels import GDN_SHAPES, _gdn_layer, _in_graph
+from hattn.bench.kernels import GDN_SHAPES, _gdn_layer, graph_us
 from hattn.kernels.gated_delta import recurrent
 from hattn.kernels.gated_delta.packed import linear_attention_packed
 from hattn.kernels.packing import PackedBatch
@@ -29,18 +29,6 @@ def _calls(shape: str, seqs: int, n: int) -> list:
     return [lambda t=t, o=o: linear_attention_packed(t["mixed_qkv"], t["conv_weight"], None, t["g"], t["beta"], o,
                                                      (t["conv_state"], t["rec_state"]), batch, hk, d)
             for t, o in zip(layers, outs)]
-
-
-def _graph_us(calls, reps: int = 20) -> float:
-    step = _in_graph(calls)  # the first step runs each call once, captures, replays
-    step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / len(calls)
 
 
 def _eager_us(calls, reps: int = 10) -> float:
@@ -71,7 +59,7 @@ def main() -> None:
             for form, limit in (("recurrent", 1 << 30), ("chunk", 0)):
                 recurrent.MAX_RECURRENT_TOKENS = recurrent.MAX_RECURRENT_TOKENS_EAGER = limit
                 calls = _calls(a.shape, seqs, n)
-                row[form] = (_graph_us(calls), _eager_us(calls))
+                row[form] = (graph_us(calls), _eager_us(calls))
             recurrent.MAX_RECURRENT_TOKENS, recurrent.MAX_RECURRENT_TOKENS_EAGER = caps
             print(f"{seqs:>6d} x {n:<5d} {row['recurrent'][0]:16.2f} {row['chunk'][0]:12.2f} "
                   f"{row['recurrent'][1]:16.2f} {row['chunk'][1]:12.2f}", flush=True)

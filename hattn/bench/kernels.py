@@ -100,6 +100,21 @@ def _in_graph(calls: list[Callable[[], object]]) -> Callable[[], None]:
     return step
 
 
+def graph_us(calls: list[Callable[[], object]], reps: int = 20) -> float:
+    """Device us per call: `calls` captured in one CUDA graph (`_in_graph`), replayed `reps` times between events
+    (scripts' sweeps and A/Bs)."""
+    step = _in_graph(calls)
+    step()  # runs each call once, captures, replays
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (reps * len(calls))
+
+
 def _need_triton(device: torch.device) -> None:
     from hattn.kernels.launch import has_triton
 

@@ -28,13 +28,13 @@ def linear_attention_packed(
         return
     conv_state, rec_state = states if states is not None else (None, None)
     t, hv, dv = out.shape
-    if use_recurrent(batch):
+    short = use_recurrent(batch)
+    if short or fla_chunk() is not None:
         q, k, v = packed_conv_qkv(mixed_qkv, conv_weight, conv_bias, batch, conv_state, num_k_heads, head_k_dim)
-        packed_recurrent_gated_delta(q, k, v, g, beta, out, batch, rec_state)
-        return
-    if fla_chunk() is not None:
-        q, k, v = packed_conv_qkv(mixed_qkv, conv_weight, conv_bias, batch, conv_state, num_k_heads, head_k_dim)
-        out.copy_(chunk_gated_delta_rule_slots(q, k, v.view(t, hv, dv), g, beta, batch, rec_state))
+        if short:
+            packed_recurrent_gated_delta(q, k, v, g, beta, out, batch, rec_state)
+        else:
+            out.copy_(chunk_gated_delta_rule_slots(q, k, v.view(t, hv, dv), g, beta, batch, rec_state))
         return
     x = packed_causal_conv1d(mixed_qkv, conv_weight, conv_bias, batch, conv_state)
     key_dim = num_k_heads * head_k_dim
