@@ -10,8 +10,9 @@ The fla switch. transformers 5 decorates its linear-attention kernels (`causal_c
 `torch_chunk_gated_delta_rule`, `torch_recurrent_gated_delta_rule` in modeling_qwen3_5, and the same in other hybrid
 families) with `use_kernel_func_from_hub_with_fallback`: at import of the modeling module it tries
 `import fla` / `import causal_conv1d` and, if that works, the module-level function calls the package's kernel;
-the torch code stays reachable as `fn.__wrapped__`. "Without fla" replaces those module globals by their
-`__wrapped__` torch code for the duration of the target (`torch_kernels`); `hub_kernels` reports which
+the torch code stays reachable inside (`fn.__wrapped__`, or from transformers 5.25 with `kernels` installed, inside
+the module the function became). "Without fla" replaces those module globals by that torch code for the duration
+of the target (`torch_kernels`); `hub_kernels` reports which
 implementation each one resolved to. Peers never write the KV cache during prefill (`use_cache=False`), which can
 only favour them. Peers that compile run the goals' rows only, and the slow torch path only where it is cheap, so
 the default run keeps its budget.
@@ -38,12 +39,20 @@ def _closure(fn) -> dict:
     return {name: cell.cell_contents for name, cell in zip(code.co_freevars, fn.__closure__)}
 
 
+def _inner(fn):
+    """What a hub-kernel decorator wraps: `fn.__wrapped__` (a decorated function), or the function a `kernels`
+    function module calls (transformers >= 5.25 with `kernels` installed makes a module of each such function)."""
+    if isinstance(fn, torch.nn.Module):
+        return _closure(type(fn).forward).get("func")
+    return getattr(fn, "__wrapped__", None)
+
+
 def _kernel_wrapper(fn):
-    """The transformers fallback wrapper inside `fn` (following __wrapped__), or None if `fn` is not one."""
+    """The transformers fallback wrapper inside `fn` (following `_inner`), or None if `fn` is not one."""
     while fn is not None:
         if "is_new_implementation" in _closure(fn):
             return fn
-        fn = getattr(fn, "__wrapped__", None)
+        fn = _inner(fn)
     return None
 
 

@@ -1,6 +1,6 @@
 """CPU: the linear-attention references == transformers' own torch fallbacks (Qwen3.5 GatedDeltaNet), in fp32.
 
-`__wrapped__` reaches HF's plain-torch functions even where a kernel package would be routed to instead.
+`_plain` reaches HF's plain-torch functions even where a kernel package would be routed to instead.
 Hypothesis varies shapes, lengths (T=63, odd, empty sequences) and cu_seqlens packings.
 """
 from __future__ import annotations
@@ -17,10 +17,18 @@ from hattn.kernels.gated_delta.reference import (chunk_gated_delta_rule, chunk_g
 from hattn.context import ForwardContext, forward_context
 
 hf = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
-hf_chunk = hf.torch_chunk_gated_delta_rule.__wrapped__
-hf_recurrent = hf.torch_recurrent_gated_delta_rule.__wrapped__
-hf_conv_fn = hf.causal_conv1d_fn.__wrapped__
-hf_conv_update = hf.causal_conv1d_update.__wrapped__
+
+
+def _plain(fn):
+    """HF's torch fallback: the function under its kernel-hub decorator (`__wrapped__` up to transformers 5.24; from
+    5.25 the decorator makes a module that calls the function when no hub kernel is active, as here)."""
+    return getattr(fn, "__wrapped__", fn)
+
+
+hf_chunk = _plain(hf.torch_chunk_gated_delta_rule)
+hf_recurrent = _plain(hf.torch_recurrent_gated_delta_rule)
+hf_conv_fn = _plain(hf.causal_conv1d_fn)
+hf_conv_update = _plain(hf.causal_conv1d_update)
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
