@@ -14,6 +14,7 @@ from torch import nn
 
 from hattn.compiler.artifacts import keep_kernels_in
 from hattn.compiler.backend import HattnBackend, backend
+from hattn.compiler.dispatch import Dispatch
 from hattn.models.cache import HybridCache
 from hattn.models.generate import generate as packed_generate
 from hattn.models.hf import HybridLM, adapt
@@ -32,6 +33,7 @@ class CompiledLM:
     def __init__(self, lm: HybridLM, hattn_backend: HattnBackend):
         self.lm, self.backend = lm, hattn_backend
         self.model = torch.compile(lm, backend=hattn_backend)
+        self._call = Dispatch(self.model)  # Dynamo once per kind of step, then the compiled graph directly
         self._cache: HybridCache | None = None
 
     # -- what transformers users touch ---------------------------------------------------------------------------
@@ -78,7 +80,9 @@ class CompiledLM:
     # -- the packed model ----------------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, positions, logits_rows)
+        if logits_rows is None:
+            return self._call(input_ids, positions)
+        return self._call(input_ids, positions, logits_rows)
 
     @property
     def layer_kinds(self) -> dict[int, str]:

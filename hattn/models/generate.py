@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hattn.compiler.dispatch import dispatch_for
 from hattn.context import ForwardContext, forward_context
 from hattn.models.cache import HybridCache
 from hattn.runtime.full import DirectStep, direct_step
@@ -91,14 +92,15 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
     """One forward of packed tokens under `ctx`. input_ids, positions: [T] -> logits [T, vocab], or [R, vocab] for
     the rows `logits_rows` [R] names."""
     _mark_tokens_dynamic(input_ids, positions)
+    call = dispatch_for(model)  # a compiled model: Dynamo once per kind of step, then its graph directly
     with forward_context(ctx), torch.inference_mode():
         if logits_rows is None:
-            return model(input_ids, positions)
+            return call(input_ids, positions)
         # another row count (another cache's slots) is another static graph: left to Dynamo's automatic dynamic
         # shapes it would become a second dynamic size, which graph modes cannot pad (they ran such a graph
         # graph-free: seen on the H200 with two caches of 4 and 64 slots)
         torch._dynamo.mark_static(logits_rows, 0)
-        return model(input_ids, positions, logits_rows)
+        return call(input_ids, positions, logits_rows)
 
 
 def last_rows(lens: list[int], rows: int, device) -> torch.Tensor:

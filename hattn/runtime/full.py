@@ -123,15 +123,20 @@ class _DecodeGraphs(_Graphs):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.meta = StaticMeta(*torch.zeros(2, self.sizes[-1] or 1, dtype=torch.long, device=self.cache.device))
+        self.flat = torch.zeros(2 * (self.sizes[-1] or 1), dtype=torch.long, device=self.cache.device)
+
+    def _rows(self, size: int) -> torch.Tensor:
+        """[2, size]: slots and context lengths of a batch of `size`, contiguous (filled by one copy a step)."""
+        return self.flat[:2 * size].view(2, size)
 
     def static(self, size: int) -> StaticMeta:
-        if size > self.meta.slots.shape[0]:  # a static graph (no token dimension): sized by its one batch, once
+        if 2 * size > self.flat.numel():  # a static graph (no token dimension): sized by its one batch, once
             if self.graphs:
                 raise RuntimeError(f"full decode: a batch of {size} rows for graphs captured for at most "
-                                   f"{self.meta.slots.shape[0]}")
-            self.meta = StaticMeta(*torch.zeros(2, size, dtype=torch.long, device=self.cache.device))
-        return StaticMeta(self.meta.slots[:size], self.meta.context_lens[:size])
+                                   f"{self.flat.numel() // 2}")
+            self.flat = torch.zeros(2 * size, dtype=torch.long, device=self.cache.device)
+        rows = self._rows(size)
+        return StaticMeta(rows[0], rows[1])
 
     def fill_capture(self, static: StaticMeta, size: int) -> None:
         static.slots.fill_(self.cache.scratch_slot)  # warm-up writes only the scratch slot
@@ -140,8 +145,7 @@ class _DecodeGraphs(_Graphs):
     def fill_step(self, static: StaticMeta, user: ForwardContext, size: int) -> None:
         pad = size - len(user.seq_lens)
         host = _pinned([list(user.slots) + [self.cache.scratch_slot] * pad, list(user.context_lens) + [0] * pad])
-        static.slots.copy_(host[0], non_blocking=True)
-        static.context_lens.copy_(host[1], non_blocking=True)
+        self._rows(size).copy_(host, non_blocking=True)
 
 
 class _PackedGraphs(_Graphs):

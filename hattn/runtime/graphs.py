@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import operator
 import threading
 import time
 from contextvars import ContextVar
@@ -124,6 +125,8 @@ def storage_ptr(x) -> int | None:
 
 def copy_if_moved(static: list, args) -> None:
     """Copy each tensor arg into the tensor captured in its place, unless it is that tensor already."""
+    if len(static) == len(args) and all(map(operator.is_, static, args)):  # the common case, at C speed
+        return
     for s, a in zip(static, args):
         if a is s:  # parameters and the previous graph's outputs: the common case, no data_ptr calls
             continue

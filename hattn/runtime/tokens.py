@@ -13,6 +13,7 @@ changes, its new content is copied into the tensor captured in its place.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -42,14 +43,19 @@ class TokenLayout:
     def num_tokens(self, args) -> int:
         for i in self.in_ints:
             return int(args[i])
-        for i, dims in enumerate(self.in_dims):
-            if dims:
-                return args[i].shape[dims[0]]
-        raise ValueError("no input follows the token count; graphs need a token dimension to pad")
+        if self.first_token_input is None:
+            raise ValueError("no input follows the token count; graphs need a token dimension to pad")
+        i = self.first_token_input
+        return args[i].shape[self.in_dims[i][0]]
+
+    @functools.cached_property
+    def first_token_input(self) -> int | None:
+        """The first tensor input with a token dim (asked at every step: in_dims also lists every parameter)."""
+        return next((i for i, dims in enumerate(self.in_dims) if dims), None)
 
     @property
     def has_tokens(self) -> bool:
-        return bool(self.in_ints) or any(self.in_dims)
+        return bool(self.in_ints) or self.first_token_input is not None
 
 
 def _sym_exprs(value) -> list:
@@ -125,6 +131,7 @@ class StaticInputs:
         self.layout, self.largest = layout, largest
         self.storage: list | None = None
         self.views: dict[tuple[int, int], torch.Tensor] = {}  # (input, size) -> its view of the storage
+        self.token_inputs = [(i, dims) for i, dims in enumerate(layout.in_dims) if dims]  # not the ~300 parameters
 
     def fill(self, size: int, args, num_tokens: int | None) -> list:
         """args with token-dependent tensors copied into the size's zero-padded static views (num_tokens rows)
@@ -132,13 +139,12 @@ class StaticInputs:
         if self.storage is None:
             self.storage = [_new_storage(a, i, self.layout, self.largest) for i, a in enumerate(args)]
         out = list(args)
-        for i, dims in enumerate(self.layout.in_dims):
-            if dims:
-                view = self.views.get((i, size))
-                if view is None or view.dtype != args[i].dtype or view.device != args[i].device:
-                    view = self.views[(i, size)] = _sized_view(self.storage[i], args[i], dims, size)
-                _copy_padded(view, args[i], dims, num_tokens)
-                out[i] = view
+        for i, dims in self.token_inputs:
+            view = self.views.get((i, size))
+            if view is None or view.dtype != args[i].dtype or view.device != args[i].device:
+                view = self.views[(i, size)] = _sized_view(self.storage[i], args[i], dims, size)
+            _copy_padded(view, args[i], dims, num_tokens)
+            out[i] = view
         for i in self.layout.owned:
             buf = self.storage[i]
             if args[i].data_ptr() != buf.data_ptr():

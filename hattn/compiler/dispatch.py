@@ -1,0 +1,190 @@
+"""Steps of a compiled model without Dynamo's per-call work, once Dynamo has served their kind.
+
+Each call of a torch.compile'd module evaluates Dynamo's guards (on the qwen3.5-1b preset ~400 us of host time: every
+parameter, module attribute and global the forward read) and runs its generated code, which gathers every parameter
+as a graph input (324 of them, ~130 us). A decode loop makes the same kind of call thousands of times, and at batch 1
+the GPU waits for all of it. `Dispatch` calls the model through Dynamo the first time it sees a kind of call (the
+forward arguments' shapes, strides, dtypes, devices and None-ness, the grad / inference / autocast modes), records
+which of hattn's compiled graphs served it and with which arguments (`Traced`), and from then on calls that graph
+itself: the parameters gathered once, the call's tensors and sizes put in their places.
+
+What it relies on is the serving contract of a compiled model (vLLM's dispatcher relies on it too): after the first
+calls, the model's code, module attributes and parameter metadata do not change. New weights are copied in place; a
+parameter given new storage is still caught by the graph runtimes, which capture again. A kind Dynamo served with
+more than one graph (a graph break), with a graph that is not hattn's, or whose result is not the graph's output
+keeps going through Dynamo at every call.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from contextvars import ContextVar
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+enabled = True  # False: every call goes through Dynamo (A/B measurements, debugging)
+MAX_KINDS = 1024  # kinds remembered per model; past it, new kinds go through Dynamo every time
+
+_CALLS: ContextVar[list | None] = ContextVar("hattn_traced_calls", default=None)
+_VIA_DYNAMO = object()  # a kind that goes through Dynamo at every call
+
+
+class Traced:
+    """What hattn's backend hands Dynamo for one graph: the mode's runtime, noting each call (its arguments and
+    result) while a `Dispatch` learns a kind. `sources` are Dynamo's sources of the graph's inputs, in order."""
+
+    def __init__(self, fn: Callable, sources: list):
+        self.fn, self.sources = fn, sources
+
+    def __call__(self, *args):
+        out = self.fn(*args)
+        calls = _CALLS.get()
+        if calls is not None:
+            calls.append((self, args, out))
+        return out
+
+    def __getattr__(self, name: str):  # the runtime's attributes (stats, captured sizes, ...) read through
+        return getattr(self.__dict__["fn"], name)
+
+
+def input_sources(gm: fx.GraphModule) -> list:
+    """Dynamo's source of each graph input (None for a graph not traced by Dynamo)."""
+    return [getattr(n.meta.get("grapharg"), "source", None) for n in gm.graph.find_nodes(op="placeholder")]
+
+
+class _Direct:
+    """One learned kind: the graph's inputs as Dynamo passed them, with the places the call's own tensors and sizes
+    go (`plan`: (input index, forward argument index, size dim or None for the argument itself))."""
+
+    __slots__ = ("fn", "template", "plan", "single")
+
+    def __init__(self, fn: Callable, template: list, plan: list, single: bool):
+        self.fn, self.template, self.plan, self.single = fn, template, plan, single
+
+    def __call__(self, args: tuple):
+        inputs = list(self.template)
+        for i, a, dim in self.plan:
+            inputs[i] = args[a] if dim is None else args[a].shape[dim]
+        out = self.fn(*inputs)
+        return out if self.single else out[0]
+
+
+class Dispatch:
+    """`Dispatch(compiled)(*args)` == `compiled(*args)` (positional forward arguments), without Dynamo after a kind's
+    first call (see the module docstring). `direct_calls` counts the calls that skipped Dynamo."""
+
+    def __init__(self, model: Callable):
+        self.model = model
+        forward = getattr(getattr(model, "_orig_mod", model), "forward", None)
+        self.names = _arg_names(forward)
+        self.kinds: dict = {}
+        self.direct_calls = 0
+
+    def __call__(self, *args):
+        key = _kind(args) if enabled and self.names is not None else None
+        direct = self.kinds.get(key) if key is not None else _VIA_DYNAMO
+        if direct is _VIA_DYNAMO:
+            return self.model(*args)
+        if direct is not None:
+            self.direct_calls += 1
+            return direct(args)
+        calls: list = []
+        token = _CALLS.set(calls)
+        try:
+            out = self.model(*args)
+        finally:
+            _CALLS.reset(token)
+        if len(self.kinds) < MAX_KINDS:
+            self.kinds[key] = _learn(calls, args, out, self.names) or _VIA_DYNAMO
+        return out
+
+
+def _arg_names(forward) -> list[str] | None:
+    """The forward's positional parameter names (after self), or None when it takes *args / **kwargs only."""
+    if forward is None:
+        return None
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in positional] or None
+
+
+def _kind(args: tuple):
+    """What Dynamo's guards on the call's own inputs depend on, as a dict key; None when an argument is neither a
+    tensor, None nor a plain number/bool/str (such a call always goes through Dynamo)."""
+    key = [torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+           torch.is_autocast_enabled("cpu")]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((type(a), a.shape, a.stride(), a.storage_offset(), a.dtype, a.device, a.requires_grad,
+                        a.is_inference()))
+        elif a is None or type(a) in (int, float, bool, str):
+            key.append((type(a), a))
+        else:
+            return None
+    return tuple(key)
+
+
+def _learn(calls: list, args: tuple, out, names: list[str]) -> _Direct | None:
+    """The direct call of a kind from what Dynamo just did, or None when it cannot be replayed directly."""
+    if len(calls) != 1:  # no hattn graph, or several (a graph break): Dynamo's code runs between them
+        return None
+    traced, inputs, result = calls[0]
+    single = not isinstance(result, (tuple, list))
+    if not (out is result if single else len(result) >= 1 and out is result[0]):
+        return None  # the forward returned something built after the graph
+    if len(traced.sources) != len(inputs):
+        return None
+    position = {name: i for i, name in enumerate(names[:len(args)])}
+    plan = []
+    for i, (source, value) in enumerate(zip(traced.sources, inputs)):
+        where = _argument_place(source, position)
+        if where is False:
+            return None  # derived from a forward argument in a way this does not replay
+        if where is not None:
+            a, dim = where
+            seen = args[a] if dim is None else args[a].shape[dim]
+            if seen is not value and seen != value:
+                return None
+            plan.append((i, a, dim))
+        elif not isinstance(value, torch.Tensor) and value is not None and type(value) not in (int, float, bool):
+            return None
+    return _Direct(traced.fn, list(inputs), plan, single)
+
+
+def _argument_place(source, position: dict[str, int]):
+    """(forward argument index, size dim or None) of a graph input taken from a forward argument, None for module
+    state or a global (the same object at every call), False for anything else (not replayed directly)."""
+    from torch._dynamo.source import (GlobalSource, GlobalWeakRefSource, LocalSource, TensorProperty,
+                                      TensorPropertySource)
+
+    if isinstance(source, LocalSource) and source.local_name in position:
+        return position[source.local_name], None
+    if (isinstance(source, TensorPropertySource) and source.prop is TensorProperty.SIZE
+            and isinstance(source.base, LocalSource) and source.base.local_name in position):
+        return position[source.base.local_name], source.idx
+    base = source
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    if isinstance(base, LocalSource) and base.local_name == "self" and "self" not in position:
+        return None  # the module's parameters, buffers and attributes
+    if isinstance(base, (GlobalSource, GlobalWeakRefSource)):
+        return None
+    return False  # anything else may change from call to call
+
+
+_DISPATCH: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def dispatch_for(model: Callable) -> Callable:
+    """The `Dispatch` of a torch.compile'd module (one per module, kept while it lives); any other model itself."""
+    if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return model
+    d = _DISPATCH.get(model)
+    if d is None:
+        d = _DISPATCH[model] = Dispatch(model)
+    return d

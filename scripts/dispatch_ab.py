@@ -1,0 +1,90 @@
+"""Dynamo's per-call work against hattn's dispatch (`hattn.compiler.dispatch`), per mode, in one process.
+
+    python3 scripts/dispatch_ab.py [--modes full,bcg,pcg] [--batches 1,16] [--context 1024] [--preset qwen3.5-1b]
+
+Per mode and batch: a decode step as `hattn bench` times it (`run_step` under a new forward context, a sync, CUDA
+events around the call: host work before the replay counts), ms median of --reps, with dispatch off (every call
+through Dynamo's guards and generated code) and on, alternated twice. Then one step of each under torch.profiler:
+GPU time against the step's wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import hattn
+from hattn.compiler import dispatch
+from hattn.context import ForwardContext
+from hattn.models.generate import run_step
+from hattn.models.presets import load
+
+
+def _step_ms(step, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _gpu_us(step) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 5
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="full,bcg,pcg")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--preset", default="qwen3.5-1b")
+    ap.add_argument("--reps", type=int, default=50)
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    t0 = time.perf_counter()
+    lm = load(a.preset, dtype=torch.bfloat16, device="cuda")
+    cache = lm.make_cache(max(batches), a.context + 8)
+    print(f"== model built in {time.perf_counter() - t0:.1f} s", flush=True)
+    for mode in a.modes.split(","):
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        model = torch.compile(lm, backend=hattn.backend(mode=mode, progress=False, capture_sizes=[1, 2, 4, 8, 16]))
+        for b in batches:
+            ids = torch.randint(0, 1000, (b,), device="cuda")
+            pos = torch.full((b,), a.context, dtype=torch.long, device="cuda")
+
+            def step(b=b, ids=ids, pos=pos):
+                ctx = ForwardContext(seq_lens=[1] * b, context_lens=[a.context] * b, slots=list(range(b)),
+                                     cache=cache, layer_kinds=lm.layer_kinds)
+                return run_step(model, ctx, ids, pos)
+
+            for on in (True, False):
+                dispatch.enabled = on
+                step(), step()
+            print(f"== {mode} B={b}: compile + capture + first calls {time.perf_counter() - t0:.1f} s", flush=True)
+            row = []
+            for on in (False, True, False, True):
+                dispatch.enabled = on
+                step()
+                row.append(f"{'dispatch' if on else 'dynamo  '} {_step_ms(step, a.reps):.3f}")
+            dispatch.enabled = True
+            gpu = _gpu_us(step)
+            print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row) + f" | GPU {gpu / 1e3:.3f} ms/step",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
