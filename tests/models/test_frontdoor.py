@@ -81,6 +81,8 @@ def test_generate_equals_transformers_generate_for_a_padded_batch(make_case, pre
     # two graphs, no graph break: the prefill's (logits of each prompt's last row) and the decode steps'
     assert model.backend.stats.graphs_compiled == 2
     assert model.backend.stats.split_ops == 2 * len(c.lm.layer_kinds)
+    # the prefill and the first decode step went through Dynamo; every later decode step called its graph directly
+    assert model._call.direct_calls == NEW - 2
 
 
 def test_eos_padding_sides_and_inferred_mask_as_transformers(make_case):
