@@ -56,18 +56,20 @@ def input_sources(gm: fx.GraphModule) -> list:
 
 class _Direct:
     """One learned kind: the graph's inputs as Dynamo passed them, with the places the call's own tensors and sizes
-    go (`plan`: (input index, forward argument index, size dim or None for the argument itself))."""
+    go (`plan`: (input index, forward argument index, size dim or None for the argument itself)). It holds its
+    `Traced` weakly: once Dynamo lets go of the graph (`torch._dynamo.reset()`), so does this, and the graph's memory
+    (its CUDA graphs and pool) is freed."""
 
-    __slots__ = ("fn", "template", "plan", "single")
+    __slots__ = ("traced", "template", "plan", "single")
 
-    def __init__(self, fn: Callable, template: list, plan: list, single: bool):
-        self.fn, self.template, self.plan, self.single = fn, template, plan, single
+    def __init__(self, traced: Traced, template: list, plan: list, single: bool):
+        self.traced, self.template, self.plan, self.single = weakref.ref(traced), template, plan, single
 
-    def __call__(self, args: tuple):
+    def __call__(self, traced: Traced, args: tuple):
         inputs = list(self.template)
         for i, a, dim in self.plan:
             inputs[i] = args[a] if dim is None else args[a].shape[dim]
-        out = self.fn(*inputs)
+        out = traced.fn(*inputs)
         return out if self.single else out[0]
 
 
@@ -88,8 +90,11 @@ class Dispatch:
         if direct is _VIA_DYNAMO:
             return self.model(*args)
         if direct is not None:
-            self.direct_calls += 1
-            return direct(args)
+            traced = direct.traced()
+            if traced is not None:
+                self.direct_calls += 1
+                return direct(traced, args)
+            del self.kinds[key]  # Dynamo dropped the graph (torch._dynamo.reset): learn the kind again
         calls: list = []
         token = _CALLS.set(calls)
         try:
@@ -153,7 +158,7 @@ def _learn(calls: list, args: tuple, out, names: list[str]) -> _Direct | None:
             plan.append((i, a, dim))
         elif not isinstance(value, torch.Tensor) and value is not None and type(value) not in (int, float, bool):
             return None
-    return _Direct(traced.fn, list(inputs), plan, single)
+    return _Direct(traced, list(inputs), plan, single)
 
 
 def _argument_place(source, position: dict[str, int]):

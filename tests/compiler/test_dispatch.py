@@ -139,3 +139,22 @@ def test_run_step_dispatches_a_compiled_model_only():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         ids, pos, lens = got[-1:].argmax(-1), torch.tensor([3 + step]), [1]
     assert dispatch_for(compiled).direct_calls == 2
+
+
+def test_after_a_dynamo_reset_the_kind_is_learned_again_and_the_old_graph_freed(toy):
+    import gc
+    import weakref
+
+    torch._dynamo.reset()
+    be = hattn.backend(mode="eager", inner_compiler="eager", progress=False)
+    call = Dispatch(torch.compile(toy, backend=be))
+    call(_ids(5)), call(_ids(5))
+    (direct,) = call.kinds.values()
+    old = weakref.ref(direct.traced())
+    torch._dynamo.reset()
+    gc.collect()
+    assert old() is None  # the dispatcher did not keep the dropped graph alive
+    torch.testing.assert_close(call(_ids(5, 3)), toy(_ids(5, 3)), rtol=1e-5, atol=1e-5)
+    assert len(be.graph_stats) == 2 and call.direct_calls == 1  # compiled again through Dynamo
+    call(_ids(5, 4))
+    assert call.direct_calls == 2
