@@ -112,7 +112,7 @@ def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=dev).fill_(1)
     dst = torch.empty_like(src)
     timing = measure(lambda: dst.copy_(src), Clock(dev), reps=reps, max_s=2.0)
-    del src, dst
+    src = dst = None  # the closure's cells: frees the buffers before free_memory
     free_memory(dev)
     return 2 * nbytes / (max(timing.ms, 1e-6) / 1e3)
 
@@ -125,7 +125,7 @@ def matmul_peak(device, n: int = 8192, reps: int = 10) -> float | None:
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b, out = torch.randn_like(a), torch.empty_like(a)
     timing = measure(lambda: torch.mm(a, b, out=out), Clock(dev), reps=reps, max_s=2.0)
-    del a, b, out
+    a = b = out = None
     free_memory(dev)
     return 2 * n**3 / (timing.ms / 1e3)
 

@@ -110,7 +110,8 @@ def targets_table(result: dict, names: list[str], notes: Notes) -> Table:
         status = e["status"] if e["status"] == "ok" else f"{e['status']}[{notes.ref(n, e.get('reason') or '?')}]"
         t.add_row(n, status, _f(e.get("time_s"), ".0f"), _f(e.get("warmup_overhead_s")), _f(e.get("capture_s")),
                   str(e.get("cuda_graphs", "-")), _f(pool, ".0f", 2**20),
-                  f"{pool / weights:.1%}" if pool is not None and weights else "-", _f(e.get("peak_bytes"), ".0f", 2**20),
+                  f"{pool / weights:.1%}" if pool is not None and weights else "-",
+                  _f(e.get("peak_bytes"), ".0f", 2**20),
                   _f(e.get("peak_over_base_bytes"), ".0f", 2**20), str(e.get("dynamo_graphs", "-")),
                   str(e.get("graph_breaks", "-")), "; ".join(e.get("notes", [])))
     return t

@@ -62,7 +62,8 @@ def test_quick_model_run_on_cpu_measures_every_row(tmp_path):
 def test_quick_kernels_run_on_cpu(tmp_path):
     out = str(tmp_path / "kernels")
     assert main(["--suite", "kernels", "--quick", "--no-progress", "--device", "cpu", "--out", out, "--modes",
-                 "ours,torch,copy", "--workloads", "gdn-decode,attn-decode", "--budget", "300", "--slow-s", "1000"]) == 0
+                 "ours,torch,copy", "--workloads", "gdn-decode,attn-decode", "--budget", "300",
+                 "--slow-s", "1000"]) == 0
     r = _load(out)
     assert list(r["entries"]) == ["ours", "torch", "copy"] and r["meta"]["base"] == "ours"
     assert [p["id"] for p in r["points"]] == ["gdn-decode/1B/B1", "gdn-decode/1B/B4", "attn-decode/B1/C64",

@@ -113,7 +113,8 @@ def test_kernel_point_ids_and_labels():
     p = Point("gdn-decode", shape="1B", batch=32)
     assert (p.id, p.series, p.size, p.label) == ("gdn-decode/1B/B32", "gdn-decode/1B", 32, "gdn-decode 1B batch=32")
     q = Point("attn-decode", batch=4, context=8192)
-    assert (q.id, q.series, q.label) == ("attn-decode/B4/C8192", "attn-decode/C8192", "attn-decode batch=4 context=8192")
+    assert (q.id, q.series, q.label) == ("attn-decode/B4/C8192", "attn-decode/C8192",
+                                         "attn-decode batch=4 context=8192")
 
 
 @given(st.sampled_from(["decode", "prefill", "gdn-decode"]), st.integers(1, 4096), st.integers(1, 4096))

@@ -353,9 +353,9 @@ HYBRID = dict(pattern=["linear", "full", "linear"], k_heads=2, v_heads=4, k_dim=
 def test_full_graph_packed_steps_equal_eager_for_random_packings(data):
     """A hybrid model in mode=full: packed steps captured per token bucket (linear attention through our conv and
     fla's chunked rule, full attention through the varlen prefill kernel, both over the bucket's padded layout):
-    random prefill / extend / mixed packings (lengths straddling fla's 64-token chunk, empty sequences, decode rows), slots
-    and cache contents, inside a bucket and above the largest; full mode == eager, and only the step's slots and the
-    scratch slot change."""
+    random prefill / extend / mixed packings (lengths straddling fla's 64-token chunk, empty sequences, decode
+    rows), slots and cache contents, inside a bucket and above the largest; full mode == eager, and only the step's
+    slots and the scratch slot change."""
     if not _PACKED:
         model = toy_model(device="cuda", **HYBRID)
         be = hattn.backend(mode="full", capture_sizes=[16, 64, 128], inner_compiler="eager", progress=False)

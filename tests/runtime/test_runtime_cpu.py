@@ -117,7 +117,8 @@ class ScaleMixer(nn.Module):
 def test_full_mode_rejects_a_split_op_that_is_not_capture_safe_even_on_cpu():
     torch.manual_seed(0)
     model = ToyHybridModel(ToyConfig(pattern=["testmix", "full"]), {"testmix": ScaleMixer}).eval()
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="hattn_test::scale is not registered capture-safe"):
+    unsafe = "hattn_test::scale is not registered capture-safe"
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match=unsafe):
         torch.compile(model, backend=hattn.backend(mode="full", inner_compiler="eager"))(torch.arange(5))
     torch._dynamo.reset()  # the same model runs in pcg (split ops eager)
     torch.testing.assert_close(
