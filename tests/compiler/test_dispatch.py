@@ -101,7 +101,40 @@ class _AfterGraph(nn.Module):
         return self.a(ids), ids.shape[0] * 2
 
 
-@pytest.mark.parametrize("make", [_Break, _AfterGraph])
+class _Stores(nn.Module):
+    """Stores a tensor on itself: Dynamo's code does the store after the graph, at every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = toy_model(pattern=["full"])
+
+    def forward(self, ids):
+        h = self.a(ids)
+        self.last = h * 2
+        return h.relu()
+
+
+_HOST_CALLS: list = []
+
+
+@torch.compiler.disable
+def _host_work(ids):
+    _HOST_CALLS.append(ids.shape[0])
+
+
+class _DisabledFirst(nn.Module):
+    """Python Dynamo may not trace, before the only graph: the graph belongs to a resumed frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = toy_model(pattern=["linear"])
+
+    def forward(self, ids):
+        _host_work(ids)
+        return self.a(ids)
+
+
+@pytest.mark.parametrize("make", [_Break, _AfterGraph, _Stores, _DisabledFirst])
 def test_calls_dynamo_must_finish_keep_going_through_dynamo(make):
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -111,6 +144,58 @@ def test_calls_dynamo_must_finish_keep_going_through_dynamo(make):
         got, want = call(_ids(5, i)), model(_ids(5, i))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert call.direct_calls == 0 and list(call.kinds.values()) == [dispatch._VIA_DYNAMO]
+    if make is _Stores:
+        torch.testing.assert_close(model.last, 2 * model.a(_ids(5, 2)), rtol=1e-5, atol=1e-5)  # the last call's
+    if make is _DisabledFirst:
+        assert _HOST_CALLS[-3:] == [5, 5, 5]
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = toy_model(pattern=["linear", "full"])
+
+    def forward(self, x, y):
+        return self.a(x) - 2 * self.a(y)
+
+
+def test_one_tensor_passed_twice_is_another_kind():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Pair()
+    call = Dispatch(_compiled(model))
+    x, y = _ids(5, 1), _ids(5, 2)
+    for a, b in [(x, x), (x, y), (y, y), (y, x), (x, x)]:
+        torch.testing.assert_close(call(a, b), model(a, b), rtol=1e-5, atol=1e-5)
+    assert call.direct_calls == 3
+
+
+def test_module_hooks_and_float_arguments_go_through_dynamo(toy):
+    torch._dynamo.reset()
+    seen = []
+    handle = toy.register_forward_hook(lambda m, args, out: seen.append(1))
+    try:
+        call = Dispatch(_compiled(toy))
+        for i in range(3):
+            call(_ids(5, i))
+        assert seen == [1, 1, 1] and call.direct_calls == 0
+    finally:
+        handle.remove()
+    assert dispatch._kind((torch.zeros(2), 0.5)) is None
+
+
+def test_the_dispatcher_lives_and_dies_with_its_compiled_module():
+    import gc
+    import weakref
+
+    torch._dynamo.reset()
+    compiled = _compiled(toy_model(pattern=["full"]))
+    dispatch_for(compiled)(_ids(4))
+    gone = weakref.ref(compiled)
+    del compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert gone() is None
 
 
 def test_disabled_dispatch_calls_the_model(toy, monkeypatch):
