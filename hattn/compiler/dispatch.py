@@ -17,6 +17,7 @@ keeps going through Dynamo at every call.
 from __future__ import annotations
 
 import inspect
+import logging
 import weakref
 from contextvars import ContextVar
 from typing import Callable
@@ -28,6 +29,7 @@ import torch.nn.modules.module as _hooks
 enabled = True  # False: every call goes through Dynamo (A/B measurements, debugging)
 MAX_KINDS = 1024  # kinds remembered per model; past it, new kinds go through Dynamo every time
 
+log = logging.getLogger("hattn")
 _CALLS: ContextVar[list | None] = ContextVar("hattn_traced_calls", default=None)
 _VIA_DYNAMO = object()  # a kind that goes through Dynamo at every call
 
@@ -74,7 +76,9 @@ def whole_frame(gm: fx.GraphModule):
         if gm.compile_subgraph_reason.graph_break or changed or effects.tensor_hooks:
             return None
         return tx.f_code
-    except Exception:  # noqa: BLE001  (private API: any change means "not known to be whole")
+    except Exception as e:  # noqa: BLE001  (private API: any change means "not known to be whole")
+        log.info("hattn: every call of this graph's model goes through Dynamo (its frame could not be checked: %r)",
+                 e)
         return None
 
 
@@ -83,7 +87,8 @@ def _restored(effects, var) -> bool:
     (a value set and reset inside the forward, as transformers' output-capturing context variable is): Dynamo's
     stores after the graph then change nothing, and a direct call may skip them."""
     obj, stores = getattr(var, "value", None), effects.store_attr_mutations.get(var)
-    if obj is None or not stores or var.is_base_vt_modified(effects):
+    base_modified = getattr(var, "is_base_vt_modified", None)  # the object's __dict__ itself (newer torch)
+    if obj is None or not stores or (base_modified is not None and base_modified(effects)):
         return False
     for name, final in stores.items():
         if not final.is_python_constant():
