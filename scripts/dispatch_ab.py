@@ -82,7 +82,9 @@ def main() -> None:
                 row.append(f"{'dispatch' if on else 'dynamo  '} {_step_ms(step, a.reps):.3f}")
             dispatch.enabled = True
             gpu = _gpu_us(step)
-            print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row) + f" | GPU {gpu / 1e3:.3f} ms/step",
+            direct = dispatch.dispatch_for(model).direct_calls
+            print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row) + f" | GPU {gpu / 1e3:.3f} ms/step"
+                  f" | {direct} direct calls so far" + ("" if direct else " (dispatch never engaged: see the log)"),
                   flush=True)
 
 
