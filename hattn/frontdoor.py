@@ -14,7 +14,7 @@ from torch import nn
 
 from hattn.compiler.artifacts import keep_kernels_in
 from hattn.compiler.backend import HattnBackend, backend
-from hattn.compiler.dispatch import Dispatch
+from hattn.compiler.dispatch import dispatch_for
 from hattn.models.cache import HybridCache
 from hattn.models.generate import generate as packed_generate
 from hattn.models.hf import HybridLM, adapt
@@ -33,7 +33,7 @@ class CompiledLM:
     def __init__(self, lm: HybridLM, hattn_backend: HattnBackend):
         self.lm, self.backend = lm, hattn_backend
         self.model = torch.compile(lm, backend=hattn_backend)
-        self._call = Dispatch(self.model)  # Dynamo once per kind of step, then the compiled graph directly
+        self._call = dispatch_for(self.model)  # Dynamo once per kind of step, then the compiled graph directly
         self._cache: HybridCache | None = None
 
     # -- what transformers users touch ---------------------------------------------------------------------------
@@ -80,8 +80,6 @@ class CompiledLM:
     # -- the packed model ----------------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        if logits_rows is None:
-            return self._call(input_ids, positions)
         return self._call(input_ids, positions, logits_rows)
 
     @property

@@ -10,9 +10,10 @@ itself: the parameters gathered once, the call's tensors and sizes put in their 
 
 What it relies on is the serving contract of a compiled model (vLLM's dispatcher relies on it too): after the first
 calls, the model's code, module attributes and parameter metadata do not change. New weights are copied in place; a
-parameter given new storage is still caught by the graph runtimes, which capture again. A kind Dynamo served with
-more than one graph (a graph break), with a graph that is not hattn's, or whose result is not the graph's output
-keeps going through Dynamo at every call.
+parameter given new storage is still caught by the graph runtimes, which capture again. A kind whose call runs
+Python around the graph keeps going through Dynamo at every call: a graph break or a resumed frame's graph, a
+store into an object that existed before the call (unless it ends as it was), module hooks, a non-default Dynamo
+stance, a graph that is not hattn's, or a result that is not the graph's output.
 """
 from __future__ import annotations
 
@@ -64,6 +65,8 @@ def whole_frame(gm: fx.GraphModule):
     (Dynamo's code would run Python between graphs) and no side effect (attribute or global stores Dynamo's code
     replays after the graph). None otherwise, outside Dynamo, or where torch's internals differ (then every call of
     the model goes through Dynamo: slower, never wrong)."""
+    if getattr(gm, "compile_subgraph_reason", None) is None:  # not compiled by Dynamo (a test, a direct call)
+        return None
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
@@ -184,7 +187,7 @@ def _kind(args: tuple):
     plain tensor (no subclass), None nor a plain int/bool/str (such a call always goes through Dynamo)."""
     key = [torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_default_dtype(),
            *(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in ("cuda", "cpu"))]
-    for i, a in enumerate(args):
+    for a in args:
         if type(a) is torch.Tensor:
             same = next(j for j, b in enumerate(args) if b is a)  # one tensor passed twice is another graph
             key.append((same, a.shape, a.stride(), a.storage_offset(), a.dtype, a.device, a.requires_grad,

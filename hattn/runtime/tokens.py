@@ -43,9 +43,9 @@ class TokenLayout:
     def num_tokens(self, args) -> int:
         for i in self.in_ints:
             return int(args[i])
-        if self.first_token_input is None:
-            raise ValueError("no input follows the token count; graphs need a token dimension to pad")
         i = self.first_token_input
+        if i is None:
+            raise ValueError("no input follows the token count; graphs need a token dimension to pad")
         return args[i].shape[self.in_dims[i][0]]
 
     @functools.cached_property
