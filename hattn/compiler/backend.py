@@ -30,9 +30,13 @@ log = logging.getLogger("hattn")
 
 
 def _compile_piece(piece: fx.GraphModule, args: list) -> Callable:
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(piece, args)
+    from hattn.kernels import pdl
+
+    with inductor_config.patch(pdl.inductor_options()):
+        return compile_fx(piece, args)
 
 
 def _traced_fake(x, node: fx.Node, fake_mode):

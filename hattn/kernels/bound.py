@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from hattn.kernels import pdl
 from hattn.kernels.launch import interpreting
 
 enabled = os.environ.get("HATTN_BOUND_LAUNCH", "1") != "0"
@@ -34,7 +35,10 @@ def _key(args: tuple) -> tuple:
 def launch(fn, grid: tuple, *args, **kwargs) -> None:
     """`fn[grid](*args, **kwargs)`, through the compiled kernel kept for this specialization after its first call.
     `args`: the runtime parameters, positionally; `kwargs`: constexpr parameters and Triton's launch options
-    (num_warps, num_stages). A runtime parameter passed by keyword makes every call take the generic path."""
+    (num_warps, num_stages). A runtime parameter passed by keyword makes every call take the generic path.
+    A kernel that declares the `PDL` constexpr launches with programmatic dependent launch where `pdl.active()`."""
+    if pdl.takes_pdl(fn) and pdl.active():
+        kwargs = {**kwargs, "PDL": True, "launch_pdl": True}
     if not enabled or interpreting() or _hooked():
         fn[grid](*args, **kwargs)
         return

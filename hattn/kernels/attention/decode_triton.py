@@ -19,6 +19,7 @@ import triton.language as tl
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.attention.tiles import LOG2E, kv_block
 from hattn.kernels.launch import CheckedOnce, next_pow2, sm_count
+from hattn.kernels.pdl import pdl_enter
 
 
 @triton.jit
@@ -27,11 +28,12 @@ def _split_kernel(
     sq_b, sq_h, sq_d, sk_s, sk_l, sk_h, sk_d, sv_s, sv_l, sv_h, sv_d, so_b, so_h, so_d,
     qk_scale, max_len, chunk, REP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_L: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Attention of the REP query heads of KV head `kvh` over one split of positions; with one split it writes
     out [B, Hq, Dv], else the split's normalised output into o_ptr [B, Hq, NUM_SPLITS, Dv] fp32 and its base-2
     log-sum-exp into lse_ptr [B, Hq, NUM_SPLITS]."""
+    pdl_enter(PDL)
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = _length(lens_ptr, b, max_len)
     start = split * chunk
@@ -92,8 +94,10 @@ def _attend(q, p_k, p_v, sk_l, sk_d, sv_l, sv_d, lo, hi, qk_scale, DK: tl.conste
 
 @triton.jit
 def _reduce_kernel(part_ptr, lse_ptr, lens_ptr, o_ptr, so_b, so_h, so_d, max_len, chunk, DV: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+                   NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """out[b, h] = sum_i w_i o_i / sum_i w_i with w_i = 2^(lse_i - max lse) over the splits holding positions."""
+    pdl_enter(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     used = tl.cdiv(_length(lens_ptr, b, max_len), chunk)  # >= 1: split 0 always holds position 0
     row = (b * tl.num_programs(1) + h) * NUM_SPLITS

@@ -19,6 +19,7 @@ from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import (FLOATS, check_contiguous, check_device, check_last_contiguous, check_pow2,
                                   check_shape, next_pow2)
 from hattn.kernels.packing import PackedBatch
+from hattn.kernels.pdl import pdl_enter
 
 BT = 32  # tokens a program (the grid's second axis, whose CUDA limit is MAX_GRID_Y blocks)
 MAX_GRID_Y = 65535
@@ -27,9 +28,11 @@ MAX_GRID_Y = 65535
 @triton.jit
 def conv_kernel(x, stride_x, w, stride_w, bias, y, stride_y, seq_ids, cu, cs, slots, has_state, T, C,
                 W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, KD: tl.constexpr):
+                HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, KD: tl.constexpr,
+                PDL: tl.constexpr = False):
     """KD == 0: y is [T, C] (row stride stride_y). KD > 0: y is one buffer holding q [T, KD], k [T, KD] and
     v [T, C - 2*KD] back to back, and every BC (== head dim) channels of q and k are L2-normalised."""
+    pdl_enter(PDL)
     c0 = tl.program_id(0) * BC  # channel blocks vary fastest: neighbouring programs read neighbouring bytes
     o_t = tl.program_id(1) * BT + tl.arange(0, BT)
     o_c = c0 + tl.arange(0, BC)
@@ -66,7 +69,8 @@ def conv_kernel(x, stride_x, w, stride_w, bias, y, stride_y, seq_ids, cu, cs, sl
 
 @triton.jit
 def state_kernel(x, stride_x, cu, cs, slots, has_state, C,
-                 W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+                 W: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     i_n = tl.program_id(0)
     o_c = tl.program_id(1) * BC + tl.arange(0, BC)
     o_w = tl.arange(0, BW)

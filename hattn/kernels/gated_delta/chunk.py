@@ -15,26 +15,76 @@ Inside a CUDA graph (a padded `PackedBatch`, `mode="full"`): the chunk indices c
 own `prepare_chunk_indices` has a data-dependent size), and fla's identity-keyed tensor cache is switched off for
 the call: it would hand the capture the chunk offsets computed at warm-up from the same static `cu`, so replays
 would read the warm-up's offsets instead of recomputing them from this step's.
+
+fla autotunes each chunk kernel at its first call: every config compiled and timed, ~42 s on a cold Triton cache at
+the 1B preset's shape on the H200, paid by full mode's first packed capture and pcg/bcg's first long prefill.
+`fla_configs/<GPU>/` holds the configs that autotuning chose there (`scripts/fla_configs.py` writes them, in fla's
+own format); `use_shipped_configs` points fla at them (FLA_CACHE_MODE=strict: a kernel whose exact autotuning key
+-- head counts, head dims, chunk size, dtypes -- is not in the file autotunes as before), ~6 s instead. A user's
+own FLA_CONFIG_DIR or FLA_CACHE_MODE wins.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
+import re
 import sys
+from pathlib import Path
 
 import torch
 
 from hattn.kernels.packing import CHUNK, PackedBatch
 
+SHIPPED_CONFIGS = Path(__file__).parent / "fla_configs"
+log = logging.getLogger("hattn")
+
 
 @functools.cache
 def fla_chunk():
     """fla's chunk_gated_delta_rule, or None where fla is not installed (CPU installs never have it)."""
+    if fla_installed():
+        use_shipped_configs(_gpu_name())
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except ImportError:
         return None
     return chunk_gated_delta_rule
+
+
+def fla_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fla") is not None
+
+
+def _gpu_name() -> str | None:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def config_dir_for(gpu_name: str | None) -> Path | None:
+    """hattn's directory of fla configs for a GPU of this name (named as fla names it), or None."""
+    if not gpu_name:
+        return None
+    path = SHIPPED_CONFIGS / (re.sub(r"[^0-9A-Za-z]+", "_", gpu_name).strip("_") or "unknown_gpu")
+    return path if path.is_dir() else None
+
+
+def use_shipped_configs(gpu_name: str | None) -> Path | None:
+    """Make fla read the autotuning results hattn ships for this GPU (strict key match), unless the user set
+    FLA_CONFIG_DIR or FLA_CACHE_MODE; returns the directory now in use, or None. Sets the process's environment
+    (fla reads FLA_CONFIG_DIR at each lookup and FLA_CACHE_MODE at import) and, where fla is already imported
+    (transformers imports it for its own layers), fla's mode."""
+    path = config_dir_for(gpu_name)
+    if path is None or "FLA_CONFIG_DIR" in os.environ or "FLA_CACHE_MODE" in os.environ:
+        return None
+    os.environ["FLA_CONFIG_DIR"], os.environ["FLA_CACHE_MODE"] = str(path), "strict"
+    cache = sys.modules.get("fla.ops.utils.cache")
+    if cache is not None:
+        cache.FLA_CACHE_MODE = cache.FlaCacheMode.STRICT
+    log.info("hattn: fla reads its kernels' configs from %s (autotuned there once; FLA_CACHE_MODE=strict)", path)
+    return path
 
 
 def _chunk_indices(batch: PackedBatch) -> torch.Tensor:

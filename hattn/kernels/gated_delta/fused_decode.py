@@ -30,6 +30,7 @@ import triton.language as tl
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import (FLOATS, CheckedOnce, check_contiguous, check_device, check_last_contiguous,
                                   check_pow2, check_shape, next_pow2)
+from hattn.kernels.pdl import pdl_enter
 
 
 @triton.jit
@@ -65,8 +66,9 @@ def fused_decode_kernel(
     cs, rs, slots, context_lens, scale,
     HK: tl.constexpr, HV: tl.constexpr, REP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BV: tl.constexpr, NV: tl.constexpr, TPP: tl.constexpr, W: tl.constexpr, BW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_CTX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_CTX: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     # program (i_b, i_hk) computes the TPP = REP*NV state tiles t0 .. t0+TPP-1 of sequence i_b's key head i_hk;
     # tile t = value head t // NV, value columns block t % NV.
     i_b, i_hk = tl.program_id(0), tl.program_id(1)
@@ -107,10 +109,12 @@ def fused_decode_kernel(
 @triton.jit
 def conv_qkv_kernel(x, stride_x, w, stride_w, bias, cs, slots, context_lens, qkv, scale,
                     HK: tl.constexpr, C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BH: tl.constexpr,
-                    W: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CTX: tl.constexpr):
+                    W: tl.constexpr, BW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CTX: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """Staged form, first launch. Program (b, h): head h's channels (q heads, then k heads, then v heads):
     silu(conv) with their conv-state rows shifted (each row by its one program); q, k L2-normalised, q scaled;
     fp32 into qkv[b]."""
+    pdl_enter(PDL)
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     keep, slot = _keep_slot(i_b, slots, context_lens, True, HAS_CTX)
     is_qk = i_h < 2 * HK
@@ -129,9 +133,11 @@ def conv_qkv_kernel(x, stride_x, w, stride_w, bias, cs, slots, context_lens, qkv
 @triton.jit
 def state_step_kernel(qkv, g, stride_g, beta, stride_beta, o, stride_ob, stride_oh, rs, slots, context_lens,
                       HK: tl.constexpr, HV: tl.constexpr, REP: tl.constexpr, C: tl.constexpr, DK: tl.constexpr,
-                      DV: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, HAS_CTX: tl.constexpr):
+                      DV: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, HAS_CTX: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """Staged form, second launch. Program (b, t): state tile t of sequence b (value head t // NV, value columns
     block t % NV), from the q, k, v that `conv_qkv_kernel` wrote to qkv[b]."""
+    pdl_enter(PDL)
     i_b, t = tl.program_id(0), tl.program_id(1)
     i_b64, i_hv = i_b.to(tl.int64), t // NV
     keep, slot = _keep_slot(i_b, slots, context_lens, True, HAS_CTX)

@@ -24,6 +24,7 @@ import triton.language as tl
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, check_last_contiguous, check_pow2, check_shape
 from hattn.kernels.packing import PackedBatch
+from hattn.kernels.pdl import pdl_enter
 
 MAX_RECURRENT_TOKENS = 48         # longest sequence served in a CUDA graph (device time decides)
 MAX_RECURRENT_TOKENS_EAGER = 128  # between graphs (fla's ~0.6 ms of host work a layer decides)
@@ -42,8 +43,9 @@ def use_recurrent(batch: PackedBatch) -> bool:
 def packed_recurrent_kernel(
     q, k, v, stride_v, g, stride_g, beta, stride_beta, o, stride_o, rs, cu, slots, has_state, scale,
     HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-    HAS_STATE: tl.constexpr,
+    HAS_STATE: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     # program (i_n, i_hv, i_bv): sequence i_n, value head i_hv, value columns [i_bv*BV, (i_bv+1)*BV)
     i_n, i_hv, i_bv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)

@@ -21,6 +21,7 @@ import triton.language as tl
 from hattn.kernels.gemm.op import MAX_M
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, next_pow2, sm_count
+from hattn.kernels.pdl import pdl_enter
 
 SPLIT_K_MAX = 16
 PARTIALS_SHARE = 0.25  # split-K's fp32 partials (written + read) at most this share of the weight's bytes
@@ -70,11 +71,12 @@ def _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K:
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Columns [pid_n * BLOCK_N, +BLOCK_N) of x @ w^T over K range `split` (rows padded to BLOCK_M >= 16 for
     tl.dot). With one split it writes y [M, N] (+ bias, in y's dtype), else its fp32 partial into y_ptr
     [SPLIT_K, M, N]."""
+    pdl_enter(PDL)
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,10 +96,11 @@ def _skinny_kernel(
 def _fma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The CUDA-core form of `_skinny_kernel` for M <= 4: products accumulate elementwise in [BLOCK_M, BLOCK_N,
     BLOCK_K] and are summed over K once after the loop (a sum every K step is a cross-thread reduction each time)."""
+    pdl_enter(PDL)
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,8 +118,9 @@ def _fma_kernel(
 
 @triton.jit
 def _reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """y (flat [M * N]) = sum of the SPLIT_K partials [SPLIT_K, M * N] in split order (+ bias), in y's dtype."""
+    pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < MN
     acc = tl.load(part_ptr + offs, mask=keep, other=0.0)

@@ -1,0 +1,122 @@
+"""Programmatic dependent launch in a decode step, A/B in one process (`hattn.kernels.pdl`).
+
+    python3 scripts/pdl_model_ab.py [--modes full,bcg] [--batches 1,16] [--context 1024] [--preset qwen3.5-1b]
+
+Per mode, one compiled model per variant, all alive at once (each called through hattn's dispatch, so none goes
+through Dynamo's cache after its first calls):
+  off              no kernel launches with PDL
+  hattn            hattn's Triton kernels launch with PDL (the default on sm_90+)
+  hattn+inductor   and inductor's kernels too (torch._inductor.config.triton.enable_pdl at compile)
+Then rounds over the variants: ms a decode step as the bench times it (CUDA events around `run_step` after a sync),
+median of --reps; GPU time a step (torch.profiler's kernel sum) once; each variant's logits against off's (the
+same kernels and arithmetic: the same bits expected).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import hattn
+from hattn.context import ForwardContext
+from hattn.kernels import pdl
+from hattn.models.generate import run_step
+from hattn.models.presets import load
+
+VARIANTS = {"off": (False, False), "hattn": (True, False), "hattn+inductor": (True, True)}
+
+
+def _set(variant: str) -> None:
+    ours, inductor = VARIANTS[variant]
+    pdl.enabled = ours
+    torch._inductor.config.triton.enable_pdl = inductor
+
+
+def _step_ms(step, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _gpu_ms(step) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 5 / 1e3
+
+
+def _restore(cache, snapshot) -> None:
+    for i, ts in cache._tensors.items():
+        for t, saved in zip(ts, snapshot[i]):
+            t.copy_(saved)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="full,bcg")
+    ap.add_argument("--variants", default="off,hattn,hattn+inductor")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--preset", default="qwen3.5-1b")
+    ap.add_argument("--reps", type=int, default=50)
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batches.split(",")]
+    lm = load(a.preset, dtype=torch.bfloat16, device="cuda")
+    cache = lm.make_cache(max(batches), a.context + 8)
+    inputs = {b: (torch.randint(0, 1000, (b,), device="cuda"), torch.full((b,), a.context, device="cuda"))
+              for b in batches}
+
+    snapshot = {i: tuple(t.clone() for t in ts) for i, ts in cache._tensors.items()}
+
+    def step(model, b):
+        ctx = ForwardContext(seq_lens=[1] * b, context_lens=[a.context] * b, slots=list(range(b)), cache=cache,
+                             layer_kinds=lm.layer_kinds)
+        return run_step(model, ctx, *inputs[b])
+
+    for mode in a.modes.split(","):
+        variants = [v for v in a.variants.split(",") if mode == "full" or v != "hattn+inductor"]
+        models, logits = {}, {}
+        for v in variants:
+            _set(v)
+            t0 = time.perf_counter()
+            models[v] = torch.compile(lm, backend=hattn.backend(mode=mode, progress=False, capture_sizes=batches))
+            for b in batches:
+                for _ in range(3):
+                    step(models[v], b)
+            print(f"== {mode} {v}: compile + capture + first calls {time.perf_counter() - t0:.1f} s", flush=True)
+        for b in batches:  # each variant's step from the same cache contents
+            for v in variants:
+                _set(v)
+                _restore(cache, snapshot)
+                logits[v, b] = step(models[v], b).float().clone()
+        for b in batches:
+            rows = {v: [] for v in variants}
+            for _ in range(2):
+                for v in variants:
+                    _set(v)
+                    step(models[v], b)
+                    rows[v].append(_step_ms(lambda: step(models[v], b), a.reps))
+            for v in variants:
+                _set(v)
+                gpu = _gpu_ms(lambda: step(models[v], b))
+                diff = (logits[v, b] - logits[variants[0], b]).abs().max().item()
+                print(f"{mode} B={b} ctx={a.context} {v:15s}: ms/step {' / '.join(f'{t:.3f}' for t in rows[v])}"
+                      f" | GPU {gpu:.3f} ms/step | logits max |diff| vs {variants[0]} {diff:.3g}", flush=True)
+        models.clear()
+        torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()

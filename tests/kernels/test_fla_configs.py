@@ -1,0 +1,103 @@
+"""The fla autotuning results hattn ships (hattn/kernels/gated_delta/fla_configs): their format, when fla reads them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+import torch
+
+from hattn.kernels.gated_delta import chunk
+from hattn.kernels.gated_delta.chunk import SHIPPED_CONFIGS, config_dir_for, use_shipped_configs
+
+FILES = sorted(SHIPPED_CONFIGS.glob("*/*.json"))
+
+
+def _key_hash(key) -> str:
+    """fla 0.6.0's AutotuneKey.key_hash: md5 of the key as compact, sorted JSON."""
+    return hashlib.md5(json.dumps(key, separators=(",", ":"), sort_keys=True).encode()).hexdigest()
+
+
+def test_an_h200_directory_is_shipped():
+    assert config_dir_for("NVIDIA H200") == SHIPPED_CONFIGS / "NVIDIA_H200"
+    assert len(FILES) >= 5
+
+
+@pytest.mark.parametrize("file", FILES, ids=lambda f: f"{f.parent.name}/{f.stem}")
+def test_each_file_is_in_fla_format_and_keyed_as_fla_hashes(file):
+    body = json.loads(file.read_text())
+    assert body["kernel_name"] == file.stem  # fla looks a kernel's file up by its function's name
+    assert body["autotune_entries"]
+    for digest, entry in body["autotune_entries"].items():
+        assert digest == _key_hash(entry["autotune_key"])
+        config = entry["config"]
+        assert isinstance(config["kwargs"], dict)
+        assert config["num_warps"] in (1, 2, 4, 8, 16, 32) and config["num_stages"] >= 1 and config["num_ctas"] == 1
+
+
+def test_unknown_or_absent_gpus_have_no_directory():
+    assert config_dir_for(None) is None
+    assert config_dir_for("NVIDIA Z9000") is None
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
+    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    return monkeypatch
+
+
+def test_fla_is_pointed_at_the_gpus_directory_in_strict_mode(clean_env):
+    import os
+
+    assert use_shipped_configs("NVIDIA H200") == SHIPPED_CONFIGS / "NVIDIA_H200"
+    assert os.environ["FLA_CONFIG_DIR"] == str(SHIPPED_CONFIGS / "NVIDIA_H200")
+    assert os.environ["FLA_CACHE_MODE"] == "strict"
+
+
+@pytest.mark.parametrize("var, value", [("FLA_CONFIG_DIR", "/mine"), ("FLA_CACHE_MODE", "disabled")])
+def test_a_users_own_fla_settings_win(clean_env, var, value):
+    import os
+
+    clean_env.setenv(var, value)
+    assert use_shipped_configs("NVIDIA H200") is None
+    assert os.environ[var] == value
+    assert ("FLA_CACHE_MODE" if var == "FLA_CONFIG_DIR" else "FLA_CONFIG_DIR") not in os.environ
+
+
+def test_an_unknown_gpu_leaves_fla_as_it_was(clean_env):
+    import os
+
+    assert use_shipped_configs("NVIDIA Z9000") is None
+    assert "FLA_CONFIG_DIR" not in os.environ and "FLA_CACHE_MODE" not in os.environ
+
+
+def test_an_already_imported_fla_is_switched_to_strict(clean_env):
+    """transformers imports fla for its own layers before hattn's first prefill: fla read FLA_CACHE_MODE then."""
+    import enum
+    import types
+
+    class Mode(enum.Enum):
+        DISABLED = "disabled"
+        STRICT = "strict"
+
+    fake = types.SimpleNamespace(FlaCacheMode=Mode, FLA_CACHE_MODE=Mode.DISABLED)
+    clean_env.setitem(sys.modules, "fla.ops.utils.cache", fake)
+    use_shipped_configs("NVIDIA H200")
+    assert fake.FLA_CACHE_MODE is Mode.STRICT
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fla_reads_the_shipped_config_of_the_1b_shape():
+    """On a GPU with a shipped directory, fla's own lookup returns the shipped config for the 1B preset's key."""
+    pytest.importorskip("fla")
+    if chunk.fla_chunk() is None or config_dir_for(torch.cuda.get_device_name(0)) is None:
+        pytest.skip("no shipped configs for this GPU")
+    from fla.ops.utils.cache import AutotuneKey, load_cached_config
+
+    file = config_dir_for(torch.cuda.get_device_name(0)) / "chunk_fwd_kernel_o.json"
+    entry = next(iter(json.loads(file.read_text())["autotune_entries"].values()))
+    got = load_cached_config("chunk_fwd_kernel_o", AutotuneKey(tuple(entry["autotune_key"])))
+    assert got == entry["config"]
