@@ -97,6 +97,11 @@ class Target:
     def estimate(self, cuda: bool) -> float:
         return self.est_s[0 if cuda else 1]
 
+    def first_call_s(self, point: Point, cuda: bool) -> float:
+        """Seconds the first call of `point` would spend compiling beyond what earlier points compiled (0: none);
+        the runner skips a point whose compile would end past the target's time box."""
+        return 0.0
+
     def prepare(self) -> None:
         """Build what the steps need (the compile itself happens on the first call). Raise Skip to skip all."""
 

@@ -247,3 +247,19 @@ def test_a_target_that_breaks_the_runner_after_measuring_keeps_its_rows(monkeypa
     assert e["status"] == "failed" and e["reason"].startswith("failed: RuntimeError: CUDA error")
     first, *rest = (e["results"][p.id] for p in POINTS[:3])
     assert first["ms"] > 0 and all(r["error"].startswith("not run: a failed: RuntimeError") for r in rest)
+
+
+def test_a_point_whose_compile_would_end_past_the_box_is_skipped_and_the_rest_run():
+    class Compiles(Fake):
+        """Its first prefill point would compile for 1000 s; decode points compile nothing."""
+
+        def first_call_s(self, point, cuda):
+            return 1000.0 if point.kind == "prefill" else 0.0
+
+    e = run(Compiles(), box_s=60.0)
+    prefill = [p.id for p in POINTS if p.kind == "prefill"]
+    assert prefill and all(e["results"][i]["skipped"].startswith("skipped: prefill would compile a new graph "
+                                                                  "(~1000 s) past fake's time box (60 s)")
+                           for i in prefill)
+    assert all("ms" in e["results"][p.id] for p in POINTS if p.kind == "decode")
+    assert "ms" in run(Compiles(), box_s=2000.0)["results"][prefill[0]]
