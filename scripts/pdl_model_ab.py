@@ -6,7 +6,7 @@ Per mode, one compiled model per variant, all alive at once (each called through
 through Dynamo's cache after its first calls):
   off              no kernel launches with PDL
   hattn            hattn's Triton kernels launch with PDL (the default on sm_90+)
-  hattn+inductor   and inductor's kernels too (torch._inductor.config.triton.enable_pdl at compile)
+  hattn+inductor   and inductor's kernels too (hattn's default on sm_90+: `pdl.inductor_enabled`)
 Then rounds over the variants: ms a decode step as the bench times it (CUDA events around `run_step` after a sync),
 median of --reps; GPU time a step (torch.profiler's kernel sum) once; each variant's logits against off's (the
 same kernels and arithmetic: the same bits expected).
@@ -30,8 +30,7 @@ VARIANTS = {"off": (False, False), "hattn": (True, False), "hattn+inductor": (Tr
 
 def _set(variant: str) -> None:
     ours, inductor = VARIANTS[variant]
-    pdl.enabled = ours
-    torch._inductor.config.triton.enable_pdl = inductor
+    pdl.enabled, pdl.inductor_enabled = ours, inductor
 
 
 def _step_ms(step, reps: int) -> float:

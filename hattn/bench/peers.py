@@ -218,16 +218,25 @@ class TorchCompile(_HFPeer):
         self.about = f"torch.compile(model{'' if mode == 'default' else ', mode=' + repr(mode)}) on the HF model"
         self.warmup = 3 if mode == "reduce-overhead" else 2  # cudagraph trees record on the second call
         self.est_s = (100.0, 45.0) if mode == "reduce-overhead" else (60.0, 45.0)
-        self.model, self.compiled_kinds = None, set()
+        self.model, self.graphs = None, set()
+
+    @staticmethod
+    def _graph(point: Point) -> tuple:
+        """What makes torch.compile trace another graph: prefill's sequence count (the token count is dynamic),
+        decode's batch (each batch has its static cache)."""
+        return (point.kind, point.seqs if point.kind == "prefill" else point.batch)
 
     def first_call_s(self, point: Point, cuda: bool) -> float:
-        """Prefill (no cache) and decode (a static cache) are two graphs: the first point of each kind compiles
-        its own (the twelfth and thirteenth sessions' runs: 100 s and more on the H200)."""
-        return 0.0 if point.kind in self.compiled_kinds else self.estimate(cuda)
+        """The compile estimate for a point whose graph no measured point compiled (the thirteenth session's run:
+        tc-ro's first prefill ran 100 s past its box); 0 once one did."""
+        return 0.0 if self._graph(point) in self.graphs else self.estimate(cuda)
+
+    def compiled(self, point: Point) -> None:
+        self.graphs.add(self._graph(point))
 
     def prepare(self) -> None:
         torch._dynamo.reset()
-        self.compiled_kinds = set()
+        self.graphs = set()
         if self.s.peer_backend == "inductor":
             self.model = torch.compile(self.s.hf, mode=None if self.mode == "default" else self.mode)
         else:
@@ -236,9 +245,7 @@ class TorchCompile(_HFPeer):
 
     def step(self, point: Point):
         _goal_rows_only(self.name, point, self.s.plan)
-        fn = super().step(point)
-        self.compiled_kinds.add(point.kind)
-        return fn
+        return super().step(point)
 
     def prefill(self, point: Point):
         ids = _batched(point, self.s)
@@ -255,7 +262,7 @@ class TorchCompile(_HFPeer):
         raise Skip("generate with torch.compile is the hf-static peer (transformers compiles the decode step)")
 
     def close(self) -> None:
-        self.model, self.compiled_kinds = None, set()
+        self.model, self.graphs = None, set()
         torch._dynamo.reset()
 
 

@@ -98,9 +98,12 @@ class Target:
         return self.est_s[0 if cuda else 1]
 
     def first_call_s(self, point: Point, cuda: bool) -> float:
-        """Seconds the first call of `point` would spend compiling beyond what earlier points compiled (0: none);
-        the runner skips a point whose compile would end past the target's time box."""
+        """Seconds the first call of `point`'s step would spend compiling a graph no measured point compiled yet
+        (0: none); the runner skips a point whose compile would end past the target's time box."""
         return 0.0
+
+    def compiled(self, point: Point) -> None:
+        """`point` was measured: whatever its first call compiled is compiled now."""
 
     def prepare(self) -> None:
         """Build what the steps need (the compile itself happens on the first call). Raise Skip to skip all."""

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -35,7 +36,9 @@ def _compile_piece(piece: fx.GraphModule, args: list) -> Callable:
 
     from hattn.kernels import pdl
 
-    with inductor_config.patch(pdl.inductor_options()):
+    tagged = pdl.compiler_options()
+    with inductor_config.patch(pdl.inductor_options()), (
+            torch.compiler.config.patch(tagged) if tagged else contextlib.nullcontext()):
         return compile_fx(piece, args)
 
 

@@ -12,14 +12,18 @@ before that kernel has finished; then it lets its own dependents launch. A kerne
 Off where the device is older than sm_90, under Triton's interpreter, with a Triton that lacks the instructions, or
 with `HATTN_PDL=0` in the environment (`enabled = False` in-process, for A/B runs).
 
-Inductor's kernels in hattn's pieces launch with PDL too (`inductor_options`, applied where hattn compiles a piece):
+Inductor's kernels in hattn's pieces launch with PDL too (`inductor_options`, applied where hattn compiles a piece;
+`inductor_enabled = False` keeps them off alone):
 most of a decode step's kernels are inductor's, and a kernel gains only when the one before it lets it launch early
 (`scripts/pdl_model_ab.py`, H200, full decode B=1: hattn's kernels alone 1.64 -> 1.64 ms a step, with inductor's
 1.28 ms). Inductor (`torch._inductor.config.triton.enable_pdl`) waits only before reading what the kernel just
 before wrote: a kernel that reads nothing of it and triggers nothing (a fill) may then finish before that kernel,
 and the next one reads two kernels back unguarded. hattn holds inductor to the contract above instead: every access
 of a kernel waits first (`_inductor_waits_first`; inductor keeps the first of the waits). Where this torch's
-codegen lacks the hook it patches, inductor's kernels launch as before (logged).
+codegen lacks the hook it patches, inductor's kernels launch as before (logged). Left as inductor writes them: a
+mix-order reduction's workspace store after its loop and cooperative reductions' semaphores (not in decode pieces).
+Cost: inductor's static launcher does not take launch attributes, so a piece run outside a graph launches each
+kernel through Triton's launcher (more host time in graph-free modes).
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ except ImportError:  # no Triton (CPU installs), or a Triton before 3.4
     AVAILABLE = False
 
 enabled = os.environ.get("HATTN_PDL", "1") != "0"
+inductor_enabled = True  # inductor's kernels too, where `enabled` (A/B runs switch this alone)
 log = logging.getLogger("hattn")
+CACHE_TAG = "hattn-pdl-wait-first-v1"  # in torch's cache keys of pieces compiled with the patched codegen
 
 if has_triton():
     import triton
@@ -56,28 +62,56 @@ if has_triton():
 
 
 def active() -> bool:
-    """Whether kernels on the current CUDA device launch with PDL now."""
-    if not (enabled and AVAILABLE) or interpreting():
+    """Whether kernels on the current CUDA device launch with PDL now (NVIDIA sm_90+; not ROCm)."""
+    if not (enabled and AVAILABLE) or interpreting() or not _nvidia_cuda():
         return False
     import torch
 
-    return torch.cuda.is_available() and _hopper_or_newer(torch.cuda.current_device())
+    return _hopper_or_newer(torch.cuda.current_device())
+
+
+@functools.cache
+def _nvidia_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.version.hip is None
 
 
 def inductor_options() -> dict:
-    """Inductor config for a piece compiled now: PDL on inductor's kernels where hattn's launch with it."""
-    return {"triton.enable_pdl": True} if active() and _inductor_waits_first() else {}
+    """Inductor config for a piece compiled now: PDL on inductor's kernels where hattn's launch with it. The tag
+    keeps torch's caches from serving these pieces to a compile without hattn's codegen rule, or the reverse."""
+    if not (inductor_enabled and active() and _inductor_waits_first()):
+        return {}
+    return {"triton.enable_pdl": True}
+
+
+def compiler_options() -> dict:
+    """torch.compiler config to go with `inductor_options` (the cache key's tag), or {}."""
+    import torch
+
+    config = getattr(torch.compiler, "config", None)
+    if not inductor_options() or not hasattr(config, "cache_key_tag"):
+        return {}
+    tag = config.cache_key_tag
+    return {"cache_key_tag": f"{tag}+{CACHE_TAG}" if tag else CACHE_TAG}
 
 
 @functools.cache
 def _inductor_waits_first() -> bool:
     """Make every access of an inductor kernel wait for the kernel before it (once a process); False where this
     torch's Triton codegen is not the one this knows."""
+    import inspect
+
     try:
         from torch._inductor.codegen.triton import TritonKernel
 
-        TritonKernel._handle_pdl_before_access, TritonKernel._enable_pdl_codegen, TritonKernel.GDC_WAIT
-    except (ImportError, AttributeError):
+        TritonKernel._enable_pdl_codegen, TritonKernel.GDC_WAIT
+        # every load and store must reach the hook (stores did only from late 2025 on)
+        hooked = all("_handle_pdl_before_access" in inspect.getsource(getattr(TritonKernel, name))
+                     for name in ("load", "store"))
+    except (ImportError, AttributeError, OSError, TypeError):
+        hooked = False
+    if not hooked:
         log.info("hattn: this torch's inductor has no PDL codegen hattn can hold to wait-first; its kernels "
                  "launch without PDL")
         return False

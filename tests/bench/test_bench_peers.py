@@ -68,18 +68,18 @@ def tiny_hf():
     return random_model(preset_config("tiny"), torch.float32, "cpu")
 
 
-def test_tc_peers_count_a_compile_for_the_first_point_of_each_kind_only():
-    """Prefill and decode are two graphs to torch.compile: their first points each need a compile estimate."""
-    import types
+def test_tc_peers_count_a_compile_for_each_graph_until_a_point_of_it_was_measured():
+    """torch.compile traces a graph per prefill sequence count and per decode batch (its static cache): the first
+    measured point of each pays a compile estimate, later ones none."""
+    from hattn.bench.workloads import Point
 
-    from hattn.bench.workloads import Plan, Point
-
-    setup = types.SimpleNamespace(plan=Plan(tokens=[16, 64], seqs=1, batches=[1], context=8, prompt=4,
-                                            new_tokens=4, packed=[]),
-                                  vocab=100, device=torch.device("cpu"), seed=0, peer_backend="eager", hf=None)
-    peer = make_peer("tc-ro", setup)
+    peer = make_peer("tc-ro", None)
     p16, p64 = Point("prefill", tokens=16, seqs=1), Point("prefill", tokens=64, seqs=1)
+    b1, b16 = Point("decode", batch=1, context=8), Point("decode", batch=16, context=8)
     assert peer.first_call_s(p16, cuda=True) == peer.estimate(True) == 100.0
-    peer.step(p16)  # builds the step (its first call would compile the prefill graph)
-    assert peer.first_call_s(p64, cuda=True) == 0.0
-    assert peer.first_call_s(Point("decode", batch=1, context=8), cuda=False) == peer.estimate(False)
+    peer.compiled(p16)
+    assert peer.first_call_s(p64, cuda=True) == 0.0  # the token count is dynamic
+    assert peer.first_call_s(Point("prefill", tokens=64, seqs=2), cuda=True) == 100.0
+    peer.compiled(b1)
+    assert peer.first_call_s(b1, cuda=False) == 0.0
+    assert peer.first_call_s(b16, cuda=False) == peer.estimate(False)  # another batch: another static cache

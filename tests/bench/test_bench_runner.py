@@ -251,15 +251,29 @@ def test_a_target_that_breaks_the_runner_after_measuring_keeps_its_rows(monkeypa
 
 def test_a_point_whose_compile_would_end_past_the_box_is_skipped_and_the_rest_run():
     class Compiles(Fake):
-        """Its first prefill point would compile for 1000 s; decode points compile nothing."""
+        """Prefill points would compile for 1000 s until one was measured; decode points compile nothing."""
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.measured = []
 
         def first_call_s(self, point, cuda):
-            return 1000.0 if point.kind == "prefill" else 0.0
+            prefill_measured = any(m.startswith("prefill") for m in self.measured)
+            return 1000.0 if point.kind == "prefill" and not prefill_measured else 0.0
 
-    e = run(Compiles(), box_s=60.0)
+        def compiled(self, point):
+            self.measured.append(point.id)
+
+    target = Compiles(skips={"decode/B1/C8"})
+    e = run(target, box_s=60.0)
     prefill = [p.id for p in POINTS if p.kind == "prefill"]
-    assert prefill and all(e["results"][i]["skipped"].startswith("skipped: prefill would compile a new graph "
-                                                                  "(~1000 s) past fake's time box (60 s)")
+    assert prefill and all(e["results"][i]["skipped"] == f"skipped: {i} would compile a new graph (~1000 s) past "
+                           f"fake's time box (60 s), leaving the rest of the budget to the next targets"
                            for i in prefill)
-    assert all("ms" in e["results"][p.id] for p in POINTS if p.kind == "decode")
-    assert "ms" in run(Compiles(), box_s=2000.0)["results"][prefill[0]]
+    assert e["results"]["decode/B1/C8"] == {"skipped": "not for fakes"}  # the step's own reason comes first
+    assert "ms" in e["results"]["decode/B4/C8"] and "box_spent" in e
+    assert "decode/B1/C8" not in target.measured and prefill[0] not in target.measured
+    target = Compiles(errors={prefill[0]})
+    e = run(target, box_s=2000.0)
+    assert "error" in e["results"][prefill[0]] and prefill[0] not in target.measured  # a failed call compiled nothing
+    assert "ms" in e["results"][prefill[1]] and prefill[1] in target.measured

@@ -43,8 +43,11 @@ def test_unknown_or_absent_gpus_have_no_directory():
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    monkeypatch.delenv("FLA_CONFIG_DIR", raising=False)
-    monkeypatch.delenv("FLA_CACHE_MODE", raising=False)
+    """Neither variable set, and whatever the test sets undone after it (setenv first: monkeypatch restores only
+    what it changed, and deleting an unset variable changes nothing)."""
+    for var in ("FLA_CONFIG_DIR", "FLA_CACHE_MODE"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     return monkeypatch
 
 

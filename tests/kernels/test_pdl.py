@@ -142,7 +142,18 @@ def test_inductor_kernels_under_hattns_options_wait_before_their_first_access():
     kernels = re.findall(r"def (triton_\w+)\(.*?\n(.*?)'''", "\n".join(codes), flags=re.S)
     assert kernels
     for name, body in kernels:
-        first = re.search(r"tl\.extra\.cuda\.gdc_wait\(\)|tl\.load\(|tl\.store\(", body)
+        first = re.search(r"tl\.extra\.cuda\.gdc_wait\(\)|tl\.(load|store|atomic_\w+)\(", body)
         assert first is not None and "gdc_wait" in first.group(0), f"{name} touches memory before it waits"
     assert "launch_pdl': True" in "\n".join(codes) or '"launch_pdl": True' in "\n".join(codes)
     assert torch.equal(out, torch.arange(64, device="cuda", dtype=out.dtype))
+
+
+def test_pieces_compiled_with_pdl_carry_hattns_tag_in_torchs_cache_keys(monkeypatch):
+    """torch's caches must not hand a piece compiled under hattn's wait-first codegen to a compile without it."""
+    monkeypatch.setattr(pdl, "inductor_options", lambda: {"triton.enable_pdl": True})
+    with torch.compiler.config.patch(cache_key_tag=""):
+        assert pdl.compiler_options() == {"cache_key_tag": pdl.CACHE_TAG}
+    with torch.compiler.config.patch(cache_key_tag="mine"):
+        assert pdl.compiler_options() == {"cache_key_tag": f"mine+{pdl.CACHE_TAG}"}
+    monkeypatch.setattr(pdl, "inductor_options", lambda: {})
+    assert pdl.compiler_options() == {}
