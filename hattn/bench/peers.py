@@ -221,14 +221,15 @@ class TorchCompile(_HFPeer):
         self.model, self.graphs = None, set()
 
     @staticmethod
-    def _graph(point: Point) -> tuple:
-        """What makes torch.compile trace another graph: prefill's sequence count (the token count is dynamic),
-        decode's batch (each batch has its static cache)."""
-        return (point.kind, point.seqs if point.kind == "prefill" else point.batch)
+    def _graph(point: Point) -> str:
+        """The compile a point's first call pays in full: the first of its kind (prefill without a cache, decode
+        over a static cache). Another decode batch recompiles too, but briefly (the thirteenth session's H200 run:
+        decode B=1 and B=16 together 100 s of first calls), so it is not counted."""
+        return point.kind
 
     def first_call_s(self, point: Point, cuda: bool) -> float:
-        """The compile estimate for a point whose graph no measured point compiled (the thirteenth session's run:
-        tc-ro's first prefill ran 100 s past its box); 0 once one did."""
+        """The compile estimate for the first point of a kind no measured point had (the thirteenth session's run:
+        tc-ro's first prefill ran 100 s past its box); 0 once one was measured."""
         return 0.0 if self._graph(point) in self.graphs else self.estimate(cuda)
 
     def compiled(self, point: Point) -> None:
