@@ -63,11 +63,16 @@ if has_triton():
 
 def active() -> bool:
     """Whether kernels on the current CUDA device launch with PDL now (NVIDIA sm_90+; not ROCm)."""
-    if not (enabled and AVAILABLE) or interpreting() or not _nvidia_cuda():
+    if interpreting() or not (enabled and AVAILABLE and _nvidia_cuda()):
         return False
     import torch
 
     return _hopper_or_newer(torch.cuda.current_device())
+
+
+def active_on(device_index: int) -> bool:
+    """`active()` for a CUDA device already looked up, outside Triton's interpreter."""
+    return enabled and AVAILABLE and _nvidia_cuda() and _hopper_or_newer(device_index)
 
 
 @functools.cache

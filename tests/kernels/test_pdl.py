@@ -44,9 +44,9 @@ def test_inactive_pdl_passes_nothing(generic_only, monkeypatch):
 
 def test_off_without_a_hopper_gpu_or_when_switched_off(monkeypatch):
     if not torch.cuda.is_available():
-        assert not pdl.active() and pdl.inductor_options() == {}
+        assert not pdl.active() and not pdl.active_on(0) and pdl.inductor_options() == {}
     monkeypatch.setattr(pdl, "enabled", False)
-    assert not pdl.active() and pdl.inductor_options() == {}
+    assert not pdl.active() and not pdl.active_on(0) and pdl.inductor_options() == {}
 
 
 @pytest.mark.gpu  # needs Triton, not a GPU: runs where the GPU suite runs (and under TRITON_INTERPRET=1)
