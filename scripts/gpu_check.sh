@@ -9,6 +9,10 @@
 #                                                   # time under cProfile (run each first in a call: a fresh GPU)
 #   bash scripts/gpu_check.sh dispatch-ab           # decode steps through Dynamo vs hattn's dispatch, per mode
 #   bash scripts/gpu_check.sh kernel-profile        # every kernel of full mode's prefill and decode (GPU- vs host-bound)
+#   bash scripts/gpu_check.sh pdl-micro pdl-model   # PDL at kernel boundaries: GEMV chains; the model, variants in one
+#                                                   # process (PDL_ARGS="--modes full --variants off,hattn+inductor")
+#   bash scripts/gpu_check.sh fla-configs           # fla's cold autotuning vs its shipped configs; writes new ones
+#                                                   # to $OUT/fla_configs.json (copy them into gated_delta/fla_configs)
 #   bash scripts/gpu_check.sh all-tests bench       # every GPU test in 10 xdist workers (~5.5 min on the H200; -v
 #                                                   # lines name each result even when the box cuts the summary)
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
