@@ -22,7 +22,8 @@ from hattn.models.generate import run_step
 from hattn.models.presets import load
 
 
-def _step_ms(step, reps: int) -> float:
+def step_ms(step, reps: int) -> float:
+    """ms of a step as `hattn bench` times it: CUDA events around the call after a sync, median of `reps`."""
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -35,7 +36,8 @@ def _step_ms(step, reps: int) -> float:
     return statistics.median(times)
 
 
-def _gpu_us(step) -> float:
+def gpu_us(step) -> float:
+    """GPU us a step: torch.profiler's kernel time over 5 calls, per call."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -79,9 +81,9 @@ def main() -> None:
             for on in (False, True, False, True):
                 dispatch.enabled = on
                 step()
-                row.append(f"{'dispatch' if on else 'dynamo  '} {_step_ms(step, a.reps):.3f}")
+                row.append(f"{'dispatch' if on else 'dynamo  '} {step_ms(step, a.reps):.3f}")
             dispatch.enabled = True
-            gpu = _gpu_us(step)
+            gpu = gpu_us(step)
             direct = dispatch.dispatch_for(model).direct_calls
             print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row) + f" | GPU {gpu / 1e3:.3f} ms/step"
                   f" | {direct} direct calls so far" + ("" if direct else " (dispatch never engaged: see the log)"),

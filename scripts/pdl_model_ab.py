@@ -14,7 +14,6 @@ same kernels and arithmetic: the same bits expected).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -25,35 +24,14 @@ from hattn.kernels import pdl
 from hattn.models.generate import run_step
 from hattn.models.presets import load
 
+from dispatch_ab import gpu_us, step_ms  # scripts/ is on sys.path when run as a script
+
 VARIANTS = {"off": (False, False), "hattn": (True, False), "hattn+inductor": (True, True)}
 
 
 def _set(variant: str) -> None:
     ours, inductor = VARIANTS[variant]
     pdl.enabled, pdl.inductor_enabled = ours, inductor
-
-
-def _step_ms(step, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _gpu_ms(step) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 5 / 1e3
 
 
 def _restore(cache, snapshot) -> None:
@@ -106,10 +84,10 @@ def main() -> None:
                 for v in variants:
                     _set(v)
                     step(models[v], b)
-                    rows[v].append(_step_ms(lambda: step(models[v], b), a.reps))
+                    rows[v].append(step_ms(lambda: step(models[v], b), a.reps))
             for v in variants:
                 _set(v)
-                gpu = _gpu_ms(lambda: step(models[v], b))
+                gpu = gpu_us(lambda: step(models[v], b)) / 1e3
                 diff = (logits[v, b] - logits[variants[0], b]).abs().max().item()
                 print(f"{mode} B={b} ctx={a.context} {v:15s}: ms/step {' / '.join(f'{t:.3f}' for t in rows[v])}"
                       f" | GPU {gpu:.3f} ms/step | logits max |diff| vs {variants[0]} {diff:.3g}", flush=True)
