@@ -59,6 +59,11 @@ class CompiledLM:
         return next(self.hf.parameters()).dtype
 
     @property
+    def hattn_config(self):
+        """The backend's Config (generate reads its capture sizes: prompts longer than the largest go in steps)."""
+        return self.backend.config
+
+    @property
     def stats(self):
         """What the backend compiled and ran (graphs, pieces, split ops, CUDA graphs, replays, ...)."""
         return self.backend.stats

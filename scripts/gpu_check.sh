@@ -8,7 +8,9 @@
 #   bash scripts/gpu_check.sh startup host-profile  # issue 21's cold/warm start in mode full; pcg's and full's host
 #                                                   # time under cProfile (run each first in a call: a fresh GPU)
 #   bash scripts/gpu_check.sh dispatch-ab           # decode steps through Dynamo vs hattn's dispatch, per mode
-#   bash scripts/gpu_check.sh kernel-profile        # every kernel of full mode's prefill and decode (GPU- vs host-bound)
+#   bash scripts/gpu_check.sh kernel-profile        # every kernel of full mode's prefill and decode (GPU- vs host-bound;
+#                                                   # KP_ARGS="--prompts 16,4096 --host 30": cProfile's rows too)
+#   bash scripts/gpu_check.sh conv-ab               # the packed conv kernel's tile sizes against its bytes
 #   bash scripts/gpu_check.sh pdl-micro pdl-model   # PDL at kernel boundaries: GEMV chains; the model, variants in one
 #                                                   # process (PDL_ARGS="--modes full --variants off,hattn+inductor")
 #   bash scripts/gpu_check.sh fla-configs           # fla's cold autotuning vs its shipped configs; writes new ones
@@ -52,21 +54,22 @@ declare -A CMD=(
   [recheck]="${PYTEST[*]} ${RECHECK:-tests}"
   [host-profile]="python3 scripts/host_profile.py --modes pcg,full"
   [startup]="env MODES=full bash scripts/startup.sh"
-  [kernel-profile]="python3 scripts/kernel_profile.py --modes full"
+  [kernel-profile]="python3 scripts/kernel_profile.py --modes full ${KP_ARGS:-}"
   [bound-ab]="python3 scripts/host_profile.py --modes pcg,bcg --ab-only"
   [gemv-sweep]="python3 scripts/gemv_sweep.py --budget ${GEMV_BUDGET:-150}"
   [dispatch-ab]="python3 scripts/dispatch_ab.py"
   [pdl-micro]="python3 scripts/pdl_ab.py"
   [fla-configs]="python3 scripts/fla_configs.py --out /tmp/fla_configs --bundle $OUT/fla_configs.json"
   [pdl-model]="python3 scripts/pdl_model_ab.py ${PDL_ARGS:-}"
+  [conv-ab]="python3 scripts/conv_ab.py"
 )
 declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench [host-profile]=host_profile
                 [startup]=startup [kernel-profile]=kernel_profile [gemv-sweep]=gemv_sweep [bound-ab]=bound_ab [recheck]=gpu_tests [dispatch-ab]=dispatch_ab
-                [pdl-micro]=pdl_ab [pdl-model]=pdl_ab [fla-configs]=fla_configs)
+                [pdl-micro]=pdl_ab [pdl-model]=pdl_ab [fla-configs]=fla_configs [conv-ab]=conv_ab)
 declare -A BOX=([all-tests]=420 [tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
                 [k-bench]=150 [bench]=560 [host-profile]=240 [startup]=300 [kernel-profile]=180 [gemv-sweep]=200 [bound-ab]=150 [recheck]=120 [dispatch-ab]=220
-                [pdl-micro]=120 [pdl-model]=330 [fla-configs]=150)
+                [pdl-micro]=120 [pdl-model]=330 [fla-configs]=150 [conv-ab]=120)
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench)
 summary=()
 for part in "${parts[@]}"; do

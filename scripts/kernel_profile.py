@@ -50,6 +50,48 @@ def _kernels(fn, reps: int, top: int, per: float = 1.0) -> None:
         print(f"   {us / scale:9.1f} us {n / scale:6.1f} x  {us / n:7.2f} us each  {name[:110]}")
 
 
+def _host_profile(fn, reps: int, top: int) -> None:
+    """cProfile over `reps` calls: the functions with the most own time, per call (where the host's time goes)."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # (file, line, name) -> (cc, nc, tt, ct, ...)
+    print(f"   host: {stats.total_tt / reps * 1e3:.2f} ms per call under cProfile; own time, per call:")
+    for (file, line, name), (_, calls, tt, ct, _) in rows:
+        print(f"   {tt / reps * 1e3:8.3f} ms own {ct / reps * 1e3:8.3f} cum {calls / reps:7.1f} x  "
+              f"{file.split('site-packages/')[-1][-60:]}:{line} {name}")
+
+
+def _gc_ms(fn, reps: int) -> str:
+    """Wall ms of fn and the part Python's cyclic garbage collector took (gc.callbacks), per call."""
+    import gc
+
+    spent, started = [0.0, 0, 0], [0.0]
+
+    def timer(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - started[0]
+            spent[1 if info["generation"] < 2 else 2] += 1
+
+    gc.callbacks.append(timer)
+    try:
+        wall = _wall_ms(fn, reps)
+    finally:
+        gc.callbacks.remove(timer)
+    return (f"{wall:.3f} ms, of it gc {spent[0] / reps * 1e3:.3f} ms ({spent[1] / reps:.1f} young and "
+            f"{spent[2] / reps:.2f} full collections a call)")
+
+
 def _load_timed(preset: str):
     """The adapted model, with where its build time goes: CUDA set-up, transformers' from_config, hattn's adapt."""
     from hattn.models.hf import adapt
@@ -88,6 +130,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--host", type=int, default=0, help="cProfile the first token, this many rows (0: off)")
+    ap.add_argument("--gc", action="store_true", help="first token and decode with the collector's share, then "
+                                                      "again after gc.freeze()")
     a = ap.parse_args()
     lm = _load_timed(a.preset)
     lens = [int(x) for x in a.prompts.split(",")]
@@ -108,10 +153,25 @@ def main() -> None:
                   flush=True)
             print(f"-- {mode} prompt {n}: first token (per call)")
             _kernels(first, 5, a.top)
+            if a.host:
+                _host_profile(first, 3, a.host)
             if n == lens[0]:
                 print(f"-- {mode} prompt {n}: generate {a.new_tokens} tokens, per new token (prefill included / "
                       f"{a.new_tokens})")
                 _kernels(loop, 2, a.top, per=a.new_tokens)
+    if a.gc:
+        import gc
+
+        for frozen in (False, True):
+            if frozen:
+                gc.collect()
+                gc.freeze()
+            for n in lens:
+                prompts = [list(range(1 + b, n + 1 + b)) for b in range(a.batch)]
+                call = partial(generate, model, prompts, cache, layer_kinds=lm.layer_kinds)
+                first, loop = partial(call, SamplingParams(1)), partial(call, SamplingParams(a.new_tokens))
+                print(f"== gc {'frozen' if frozen else 'as is'} ({len(gc.get_objects())} tracked objects) prompt {n}: "
+                      f"first token {_gc_ms(first, 10)}; generate {a.new_tokens} {_gc_ms(loop, 3)}", flush=True)
     _print_gemm_choices()
 
 

@@ -8,13 +8,14 @@ they hold), so no 64 x 1024-token prefill is paid.
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Callable
 
 import torch
 
 from hattn.bench.target import Setup, Target
-from hattn.bench.workloads import Point, packed_positions, token_ids
+from hattn.bench.workloads import Point, token_ids
 from hattn.counters import Stats
 from hattn.registry import modes
 
@@ -71,19 +72,20 @@ class HattnMode(Target):
         return lambda: run_step(self.model, make_ctx(), ids, pos, rows)
 
     def prefill(self, point: Point):
-        from hattn.context import ForwardContext
+        """generate's prefill: the prompts packed, in steps of at most the largest capture size in a graph mode
+        (`generate.prefill_steps`), logits of each sequence's last row only, in as many rows as the cache has
+        slots (generate's count: one graph for every prefill row and generate's prefill)."""
+        from hattn.models.generate import prefill_steps, step_inputs
 
-        from hattn.models.generate import last_rows
-
-        lens = [point.tokens // point.seqs] * point.seqs
-        cache = self.s.cache(max(lens))
-        ctx = partial(ForwardContext, seq_lens=lens, context_lens=[0] * point.seqs, slots=list(range(point.seqs)),
-                      cache=cache, layer_kinds=self.s.lm.layer_kinds)
-        ids = token_ids(point.tokens, self.s.vocab, self.s.device, self.s.seed)
-        # logits of each sequence's last row only, as generate's prefill computes them, in as many rows as the
-        # shared cache has slots (generate's count: one graph for every prefill row and generate's prefill)
-        return self._step(ctx, ids, packed_positions(lens, [0] * point.seqs, self.s.device),
-                          last_rows(lens, self.s.cache().slots, self.s.device))
+        n = point.tokens // point.seqs
+        ids = token_ids(point.tokens, self.s.vocab, "cpu", self.s.seed).tolist()
+        prompts = [ids[i * n:(i + 1) * n] for i in range(point.seqs)]
+        cache, slots = self.s.cache(n), list(range(point.seqs))
+        limit = max(self.s.capture_sizes) if modes()[self.mode].graphs else None
+        steps = [step_inputs(prompts, step, slots, cache, self.s.lm.layer_kinds, self.s.device)
+                 for step in prefill_steps([n] * point.seqs, limit)]
+        calls = [self._step(partial(dataclasses.replace, ctx), *rest) for ctx, *rest in steps]  # a new one a call
+        return calls[0] if len(calls) == 1 else lambda: [call() for call in calls][-1]
 
     def decode(self, point: Point):
         from hattn.context import ForwardContext

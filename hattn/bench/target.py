@@ -63,16 +63,31 @@ class Setup:
         graphs bind to their cache (another cache is a recapture), and prefill's logits rows are one per slot of
         it (another count is another graph). A longer prompt (graph-free in every mode) gets a cache of its own
         with the packing's slots, so the shared one is not sized slots x the longest prompt (65 x 8192 tokens of
-        KV is 6.5 GB for the 1B preset, 35 GB for the 27B)."""
+        KV is 6.5 GB for the 1B preset, 35 GB for the 27B)... unless that fits in an eighth of the device's memory:
+        then the shared cache holds the longest prompt too, which hattn's graph modes prefill in steps of their
+        largest capture size over it (mode full's graphs stay bound to the one cache)."""
         p = self.plan
         if self.shared_cache is None:
+            slots = max(1, p.seqs, p.max_batch)
             room = max(p.context + 1, p.prompt + p.new_tokens, min(p.max_prefill, max(self.capture_sizes)))
-            self.shared_cache = self.lm.make_cache(max(1, p.seqs, p.max_batch), room)
+            if p.max_prefill > room and self._cache_bytes(slots, p.max_prefill) <= self._memory() / 8:
+                room = p.max_prefill
+            self.shared_cache = self.lm.make_cache(slots, room)
         if seq_len <= self.shared_cache.max_len:
             return self.shared_cache
         if self.long_cache is None:
             self.long_cache = self.lm.make_cache(max(1, p.seqs), p.max_prefill)
         return self.long_cache
+
+    def _cache_bytes(self, slots: int, max_len: int) -> int:
+        """Bytes of a cache of `slots` x `max_len`, from two one-slot caches (the states, and KV a position)."""
+        one, two = (self.lm.make_cache(1, n).nbytes() // 2 for n in (1, 2))  # a row a slot, and the scratch row
+        return (slots + 1) * (one + (two - one) * (max_len - 1))
+
+    def _memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        return 4 << 30  # a CPU run's models are small: a share of a modest machine
 
 
 class Target:

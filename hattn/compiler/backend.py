@@ -257,6 +257,34 @@ def backend(mode: str = "pcg", **options: Any) -> HattnBackend:
     return HattnBackend(Config.from_options(mode, options))
 
 
+def compiled_config(model) -> Config | None:
+    """The hattn Config a model was compiled with: `torch.compile(m, backend=hattn.backend(...))`,
+    `torch.compile(m, backend="hattn", mode=..., options=...)` or anything with a `hattn_config` (hattn.compile's
+    model); None for any other model (eager, another backend)."""
+    config = getattr(model, "hattn_config", None)
+    if isinstance(config, Config):
+        return config
+    if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return None
+    fn = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    while hasattr(fn, "_torchdynamo_orig_backend"):  # torch's wrappers around the backend it was given
+        fn = fn._torchdynamo_orig_backend
+    inner = getattr(fn, "compiler_fn", fn)  # torch.compile's wrapper of a backend that takes mode / options
+    if isinstance(inner, HattnBackend):
+        return inner.config
+    if inner is hattn_backend:
+        kwargs = getattr(fn, "kwargs", None) or {}
+        return Config.from_options(kwargs.get("mode"), kwargs.get("options"))
+    return None
+
+
+def step_token_limit(model) -> int | None:
+    """The most tokens one step of a hattn-compiled model in a graph mode serves from its graphs (the largest
+    capture size; a longer step runs graph-free); None where no such limit applies."""
+    config = compiled_config(model)
+    return max(config.capture_sizes) if config is not None and config.uses_graphs else None
+
+
 def hattn_backend(gm: fx.GraphModule, example_inputs: list, mode: str | None = None, options: dict | None = None):
     """The function registered as torch.compile backend "hattn" (entry point group torch_dynamo_backends)."""
     config = Config.from_options(mode, options)

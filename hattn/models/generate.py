@@ -1,5 +1,6 @@
-"""Batched generation over a HybridCache: one packed prefill of unequal prompts, then a packed decode loop that never
-waits for the GPU.
+"""Batched generation over a HybridCache: a packed prefill of unequal prompts, then a packed decode loop that never
+waits for the GPU. A model compiled in a graph mode prefills in steps of at most its largest capture size (a longer
+prompt continues from the cache in the next step, as vLLM's chunked prefill), so every step replays a graph.
 
 Every step is one call `model(input_ids [T], positions [T], logits_rows) -> logits` inside a forward context that
 says how the T tokens split into sequences and which cache slot each sequence owns. The model may be an eager
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hattn.compiler.backend import step_token_limit
 from hattn.compiler.dispatch import dispatch_for
 from hattn.context import ForwardContext, forward_context
 from hattn.models.cache import HybridCache
@@ -110,14 +112,49 @@ def last_rows(lens: list[int], rows: int, device) -> torch.Tensor:
     return torch.cat([ends, ends[-1:].expand(rows - len(lens))]).to(device)
 
 
-def prefill(model, prompts, cache: HybridCache, slots, layer_kinds, device) -> torch.Tensor:
-    """All prompts packed in one step. Returns the logits of each prompt's last token [B, vocab]."""
-    lens = [len(p) for p in prompts]
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
-    pos = torch.cat([torch.arange(n) for n in lens]).to(device)
-    ctx = ForwardContext(seq_lens=lens, context_lens=[0] * len(lens), slots=list(slots), cache=cache,
-                         layer_kinds=layer_kinds)
-    return run_step(model, ctx, ids, pos, last_rows(lens, cache.slots, device))[:len(prompts)]
+def prefill_steps(lens: list[int], limit: int | None) -> list[list[tuple[int, int, int]]]:
+    """The prefill of prompts of `lens` tokens in steps of at most `limit` tokens (None: one step), as vLLM's
+    chunked prefill: per step, (prompt, first token, tokens) of each prompt it carries, in prompt order; a prompt
+    split over steps continues from the cache in the next."""
+    if limit is None or sum(lens) <= limit:
+        return [[(i, 0, n) for i, n in enumerate(lens)]]
+    steps, step, room = [], [], limit
+    for i, n in enumerate(lens):
+        done = 0
+        while done < n:
+            take = min(n - done, room)
+            step.append((i, done, take))
+            done, room = done + take, room - take
+            if room == 0:
+                steps.append(step)
+                step, room = [], limit
+    return steps + [step] if step else steps
+
+
+def step_inputs(prompts, step, slots, cache: HybridCache, layer_kinds, device):
+    """(context, input ids, positions, logits rows) of one prefill step of `prefill_steps`."""
+    lens = [n for _, _, n in step]
+    ids = torch.tensor([t for i, s, n in step for t in prompts[i][s:s + n]], dtype=torch.long, device=device)
+    pos = torch.cat([torch.arange(s, s + n) for _, s, n in step]).to(device)
+    ctx = ForwardContext(seq_lens=lens, context_lens=[s for _, s, _ in step], slots=[slots[i] for i, _, _ in step],
+                         cache=cache, layer_kinds=layer_kinds)
+    return ctx, ids, pos, last_rows(lens, cache.slots, device)
+
+
+def prefill(model, prompts, cache: HybridCache, slots, layer_kinds, device, step_tokens: int | None = None):
+    """All prompts packed, in steps of at most `step_tokens` tokens (None: one step; `generate` passes the largest
+    capture size of a model compiled in a graph mode, so that every step replays a graph). Returns the logits of each
+    prompt's last token [B, vocab]."""
+    steps = prefill_steps([len(p) for p in prompts], step_tokens)
+    if len(steps) == 1:
+        return run_step(model, *step_inputs(prompts, steps[0], slots, cache, layer_kinds, device))[:len(prompts)]
+    last: list = [None] * len(prompts)
+    for step in steps:
+        logits = run_step(model, *step_inputs(prompts, step, slots, cache, layer_kinds, device))
+        for row, (i, s, n) in enumerate(step):
+            if s + n == len(prompts[i]):
+                last[i] = logits[row].clone()  # a graph's output buffer: the next step's replay overwrites it
+    return torch.stack(last)
 
 
 def _check_fits(prompts, params: SamplingParams, cache: HybridCache) -> None:
@@ -184,7 +221,8 @@ class _Loop:
 
     def run(self) -> Generation:
         t0 = _sync(self.device)
-        logits = prefill(self.model, self.prompts, self.cache, self.slots, self.layer_kinds, self.device)
+        logits = prefill(self.model, self.prompts, self.cache, self.slots, self.layer_kinds, self.device,
+                         step_token_limit(self.model))
         self._emit(0, sample(logits, self.params, self.generator))
         t1 = _sync(self.device)
         steps = self._decode()
@@ -332,7 +370,7 @@ def _check_prompts(prompts, vocab: int | None) -> None:
             raise TypeError(f"prompt {i} is a {type(p).__name__}, not a list of token ids: pass {hint}")
         if not p:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        if not all(issubclass(k, int) and not issubclass(k, bool) for k in set(map(type, p))):  # C speed a token
             raise TypeError(f"prompt {i} holds non-int token ids {p[:8]!r}: token ids are Python ints")
         low, high = min(p), max(p)
         if low < 0 or (vocab is not None and high >= vocab):

@@ -111,10 +111,11 @@ def test_torch_compile_peer_runs_the_goal_rows_only():
     assert e["notes"] == ["compiled with backend='eager' (mode 'reduce-overhead' not applied)"]
 
 
-def test_a_modes_prefill_decode_and_generate_rows_share_one_cache_and_its_graphs():
+def test_a_modes_prefill_decode_and_generate_rows_share_one_cache_and_its_graphs(monkeypatch):
     """One cache for every hattn row a graph can serve: full mode's graphs bind to their cache and prefill's logits
     rows are one per slot, so another cache (or slot count) would recapture or recompile (~15 s a mode on the H200).
-    A prompt past the largest capture size has a cache of its own but the same logits row count."""
+    A prompt past the largest capture size goes in steps of that size over the same cache when the cache can hold
+    it for every slot within an eighth of the device's memory; else over a cache of its own."""
     from torch._dynamo.utils import counters
 
     from hattn.bench.modes import HattnMode
@@ -134,13 +135,20 @@ def test_a_modes_prefill_decode_and_generate_rows_share_one_cache_and_its_graphs
     graphs = counters["stats"]["unique_graphs"]
     for batch in (1, 4):  # generate: a prefill of 1 or 4 packed prompts, then decode steps
         target.step(Point("e2e", batch=batch, prompt=plan.prompt, new_tokens=4))()
-    target.step(Point("prefill", tokens=128, seqs=1))()  # past the largest capture size (64): a cache of its own
-    long = setup.cache(128)
+    steps = []
+    monkeypatch.setattr(HattnMode, "_step", lambda self, ctx, *args: steps.append(ctx().seq_lens) or (lambda: None))
+    target.step(Point("prefill", tokens=128, seqs=1))()  # past the largest capture size (64): two steps of 64
+    assert steps == [[64], [64]]
     target.close()
     assert all(c is caches[0] for c in caches) and caches[0].slots >= max(plan.seqs, plan.max_batch)
-    assert caches[0].max_len >= max(plan.context + 1, plan.prompt + plan.new_tokens, 64)
-    assert long is not caches[0] and long.max_len >= 128 and long.slots == max(1, plan.seqs)
-    assert counters["stats"]["unique_graphs"] == graphs  # generate's steps and the long prompt reused the graphs
+    assert caches[0].max_len >= max(plan.context + 1, plan.prompt + plan.new_tokens, 128)
+    assert setup.cache(128) is caches[0]
+    assert counters["stats"]["unique_graphs"] == graphs  # generate's steps reused the graphs
+
+    small = Setup.build(hf, plan=plan, capture_sizes=[1, 2, 4, 8, 16, 32, 64], inner_compiler="eager")
+    monkeypatch.setattr(Setup, "_memory", lambda self: 0)  # no room for every slot at 128 tokens
+    shared, long = small.cache(), small.cache(128)
+    assert shared.max_len < 128 and long is not shared and long.max_len >= 128 and long.slots == max(1, plan.seqs)
 
 
 def test_a_modes_rows_build_a_forward_context_per_step_as_generate_does(monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hattn
+from hattn.compiler.backend import step_token_limit
 from hattn.frontdoor import CompiledLM
 from hattn.models.presets import preset_config, random_model
 from hattn.models.reference import check_tokens, hf_greedy
@@ -110,8 +111,9 @@ def test_eos_padding_sides_and_inferred_mask_as_transformers(make_case):
 def test_compiled_model_has_transformers_attributes_serves_the_packed_api_and_keeps_its_cache(make_case):
     c = make_case("tiny")
     hf = fresh(c)
-    model = hattn.compile(hf, mode="pcg", inner_compiler="eager")
+    model = hattn.compile(hf, mode="pcg", inner_compiler="eager", capture_sizes=[8, 16])
     assert isinstance(model, CompiledLM) and model.hf is hf and model.config is hf.config
+    assert step_token_limit(model) == 16  # generate prefills the 31 prompt tokens in steps of 16
     assert model.device == torch.device("cpu") and model.dtype == torch.float32
     assert model.generation_config is hf.generation_config
     res = hattn.generate(model, c.prompts, params=hattn.SamplingParams(max_new_tokens=NEW))

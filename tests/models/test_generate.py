@@ -192,3 +192,59 @@ def test_prefills_with_caches_of_other_slot_counts_keep_one_dynamic_size(make_ca
         got = generate(model, c.prompts, c.lm.make_cache(slots=slots, max_len=64), SamplingParams(max_new_tokens=2))
         assert got.tokens == [t[:2] for t in c.ref.tokens]
     assert len(layouts) == 3 and all(layout.reason is None for layout in layouts)  # prefill x2 (static rows), decode
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=6), st.one_of(st.none(), st.integers(1, 50)))
+def test_prefill_steps_carry_every_prompt_token_once_in_order_within_the_limit(lens, limit):
+    from hattn.models.generate import prefill_steps
+
+    steps = prefill_steps(lens, limit)
+    done = [0] * len(lens)
+    for step in steps:
+        assert step and (limit is None or sum(n for _, _, n in step) <= limit)
+        assert [i for i, _, _ in step] == sorted({i for i, _, _ in step})  # each prompt once a step, in order
+        for i, start, n in step:
+            assert start == done[i] and n >= 1  # continues where the last step left the prompt
+            done[i] += n
+    assert done == lens
+    if limit is not None:  # as few steps as the limit allows: every step but the last is full
+        assert all(sum(n for _, _, n in s) == limit for s in steps[:-1])
+
+
+def test_prompts_longer_than_the_largest_capture_size_prefill_in_steps_with_the_same_tokens(make_case, monkeypatch):
+    """A graph mode's prefill goes in steps of its largest capture size (each continuing from the cache), so that
+    every step is one its graphs serve; tokens stay those of transformers' greedy generate."""
+    from hattn.compiler.backend import backend
+
+    gen_mod = importlib.import_module("hattn.models.generate")
+    c = make_case("tiny")
+    steps = []
+    real = gen_mod.run_step
+
+    def spy(model, ctx, *args):
+        if not ctx.is_decode:
+            steps.append((list(ctx.seq_lens), list(ctx.context_lens)))
+        return real(model, ctx, *args)
+
+    monkeypatch.setattr(gen_mod, "run_step", spy)
+    model = torch.compile(c.lm, backend=backend(mode="full", inner_compiler="eager", capture_sizes=[4, 8],
+                                                progress=False))
+    got = generate(model, c.prompts, c.lm.make_cache(slots=3, max_len=64), SamplingParams(max_new_tokens=6))
+    assert got.tokens == [t[:6] for t in c.ref.tokens]
+    assert [len(p) for p in c.prompts] == [5, 17, 9]  # 31 tokens in steps of 8
+    assert steps == [([5, 3], [0, 0]), ([8], [3]), ([6, 2], [11, 0]), ([7], [2])]
+
+
+def test_step_token_limit_is_the_largest_capture_size_of_a_graph_mode():
+    import hattn
+    from hattn.compiler.backend import step_token_limit
+    from hattn.compiler.config import DEFAULT_CAPTURE_SIZES
+
+    m = torch.nn.Linear(2, 2)
+    assert step_token_limit(torch.compile(m, backend=hattn.backend(mode="full", capture_sizes=[64, 4]))) == 64
+    assert step_token_limit(torch.compile(m, backend="hattn", mode="bcg")) == max(DEFAULT_CAPTURE_SIZES)
+    assert step_token_limit(torch.compile(m, backend="hattn", options={"mode": "pcg", "capture_sizes": [8]})) == 8
+    assert step_token_limit(torch.compile(m, backend="hattn", options={"mode": "eager"})) is None  # no graphs
+    assert step_token_limit(torch.compile(m, backend="eager")) is None
+    assert step_token_limit(m) is None
