@@ -16,6 +16,7 @@ from functools import partial
 import torch
 
 import hattn
+from hattn.compiler.backend import step_token_limit
 from hattn.models.generate import SamplingParams, generate
 
 
@@ -92,6 +93,25 @@ def _gc_ms(fn, reps: int) -> str:
             f"{spent[2] / reps:.2f} full collections a call)")
 
 
+def _one_step_ab(first, n: int, mode: str, batch: int) -> None:
+    """A prompt past the largest capture size: its first token in steps of that size (what generate does) against
+    one graph-free step, alternated twice in this process."""
+    import hattn.models.generate as gen
+
+    real = gen.step_token_limit
+    for rnd in range(2):
+        times = {}
+        for name, limit in (("steps", real), ("one step", lambda model: None)):
+            gen.step_token_limit = limit
+            try:
+                first()
+                times[name] = _wall_ms(first, 5)
+            finally:
+                gen.step_token_limit = real
+        print(f"== {mode} B={batch} prompt {n} round {rnd}: first token in steps {times['steps']:.3f} ms, "
+              f"in one graph-free step {times['one step']:.3f} ms", flush=True)
+
+
 def _load_timed(preset: str):
     """The adapted model, with where its build time goes: CUDA set-up, transformers' from_config, hattn's adapt."""
     from hattn.models.hf import adapt
@@ -131,6 +151,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--host", type=int, default=0, help="cProfile the first token, this many rows (0: off)")
+    ap.add_argument("--one-step", action="store_true", help="prompts past the largest capture size: also in one step")
     ap.add_argument("--gc", action="store_true", help="first token and decode with the collector's share, then "
                                                       "again after gc.freeze()")
     a = ap.parse_args()
@@ -151,6 +172,8 @@ def main() -> None:
             per_token = (gen - ttft) / (a.new_tokens - 1)
             print(f"== {mode} B={a.batch} prompt {n}: first token {ttft:.3f} ms, {per_token:.3f} ms per new token",
                   flush=True)
+            if a.one_step and n * a.batch > (step_token_limit(model) or n * a.batch):
+                _one_step_ab(first, n, mode, a.batch)
             print(f"-- {mode} prompt {n}: first token (per call)")
             _kernels(first, 5, a.top)
             if a.host:
