@@ -37,6 +37,19 @@ def _graph_us(fn, calls: int = 20, reps: int = 5) -> float:
     return best
 
 
+def _error(x, weight, state, batch) -> float:
+    """Largest difference of the default launch's q, k, v from the torch reference (fp32 conv, then q/k norm)."""
+    from hattn.kernels.conv1d.reference import causal_conv1d_packed
+
+    ref_state = state.float().clone()
+    want = causal_conv1d_packed(x.float(), weight.float(), None, batch.cu_cpu.tolist(), ref_state, [3], [True])
+    q, k, v = conv.packed_conv_qkv(x, weight, None, batch, state.clone(), KD // HEAD, HEAD)
+    wq, wk, wv = want.split([KD, KD, C - 2 * KD], -1)
+    norm = [torch.nn.functional.normalize(w.view(-1, KD // HEAD, HEAD), dim=-1, eps=1e-6) for w in (wq, wk)]
+    return max((q.float() - norm[0]).abs().max().item(), (k.float() - norm[1]).abs().max().item(),
+               (v.float() - wv).abs().max().item())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="16,1024,4096,8192")
@@ -67,7 +80,8 @@ def main() -> None:
             same = torch.equal(y, ref)
             gbs = 2 * t * C * 2 / us / 1e3
             cells.append(f"{us:7.1f} {gbs:6.0f}{'' if same else '!'}")
-        print(f"{t:6d} " + " ".join(f"{c:>16s}" for c in cells), flush=True)
+        err = _error(x, weight, state, batch)
+        print(f"{t:6d} " + " ".join(f"{c:>16s}" for c in cells) + f"   max |y - torch| {err:.2e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ it, then torch.profiler's kernels over a few calls, each kernel with its launche
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 from collections import defaultdict
 from functools import partial
@@ -96,7 +97,7 @@ def _gc_ms(fn, reps: int) -> str:
 def _one_step_ab(first, n: int, mode: str, batch: int) -> None:
     """A prompt past the largest capture size: its first token in steps of that size (what generate does) against
     one graph-free step, alternated twice in this process."""
-    import hattn.models.generate as gen
+    gen = importlib.import_module("hattn.models.generate")  # the package exports a function of that name
 
     real = gen.step_token_limit
     for rnd in range(2):
