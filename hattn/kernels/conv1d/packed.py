@@ -177,8 +177,8 @@ def _launch(x, weight, bias, batch, conv_state, activation, y, stride_y, kd, bc,
     t, c = x.shape
     if t == 0:
         return
-    if warps is None:  # H200, 1B shape (scripts/conv_ab.py): 2 warps 1.2-1.3x faster from 4096 tokens, even at 1024
-        warps = 2 if t >= 1024 else 4
+    if warps is None:  # H200, 1B shape (scripts/conv_ab.py): 2 warps 1.3x faster at 4096-8192 tokens, 4 up to 1024
+        warps = 2 if t >= 2048 else 4
     width = weight.shape[1]
     stateful = conv_state is not None
     cs, slots, has = (conv_state, batch.slots_d, batch.has_state_d) if stateful else (None, None, None)
