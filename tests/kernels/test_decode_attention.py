@@ -139,3 +139,83 @@ def test_decode_attention_captured_in_graph_replays_new_lengths_slots_and_querie
         out.fill_(float("nan"))
         graph.replay()
         torch.testing.assert_close(out.float(), want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+
+
+def _new_kv(b, hkv, dk, dv, dtype, seed, strided):
+    """The new tokens' k [B, Hkv, Dk] and v [B, Hkv, Dv], as views of one fused projection output if strided."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    if strided:
+        kv = torch.randn(b, hkv, dk + dv + 3, generator=gen).to(dtype).to(DEV)
+        return kv[..., :dk], kv[..., dk + 3:]
+    return (torch.randn(b, hkv, dk, generator=gen).to(dtype).to(DEV),
+            torch.randn(b, hkv, dv, generator=gen).to(dtype).to(DEV))
+
+
+@given(b=st.integers(1, 4), hkv=st.sampled_from([1, 2]), rep=st.sampled_from([1, 4]),
+       dims=st.sampled_from([(16, 16), (80, 80), (24, 40), (128, 128)]), max_len=st.integers(1, 70),
+       dtype=st.sampled_from(DTYPES), num_splits=st.sampled_from([None, 1, 3, 64]), strided=st.booleans(),
+       padding=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])  # nan_empty: a patch
+def test_decode_attention_writes_the_new_kv_where_index_put_would_and_attends_over_it(
+        b, hkv, rep, dims, max_len, dtype, num_splits, strided, padding, seed, nan_empty):
+    """k_new / v_new: the cache afterwards is the cache after `k_cache[slots, lens] = k_new`, and out is the
+    reference's over it. Padding rows on the scratch slot (the last) may race there: only real rows are compared."""
+    q, k_cache, v_cache = _case(b, hkv, rep, *dims, max_len, dtype, seed)
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(b + 1, generator=gen)[:b]
+    real = torch.ones(b, dtype=torch.bool)
+    if padding:
+        real = torch.rand(b, generator=gen) < 0.6
+        slots[~real] = b + 1
+    lens = torch.randint(0, max_len, (b,), generator=gen)
+    slots, lens = slots.to(DEV), lens.to(DEV)
+    k_new, v_new = _new_kv(b, hkv, *dims, dtype, seed, strided)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k.index_put_((slots, lens), k_new)
+    want_v.index_put_((slots, lens), v_new)
+    want = torch.empty(b, hkv * rep, dims[1], device=DEV)
+    decode_attention_reference(q, want_k, want_v, slots, lens, want, dims[0] ** -0.5)
+    out = _out(b, hkv * rep, dims[1], dtype, False)
+    dt.decode_attention(q, k_cache, v_cache, slots, lens, out, dims[0] ** -0.5, num_splits=num_splits,
+                        k_new=k_new, v_new=v_new)
+    assert torch.equal(k_cache[:b + 1], want_k[:b + 1]) and torch.equal(v_cache[:b + 1], want_v[:b + 1])
+    rows = real.to(DEV)
+    torch.testing.assert_close(out[rows].float().cpu(), want[rows].cpu(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_decode_attention_rejects_new_kv_of_the_wrong_shape_or_dtype():
+    q, k_cache, v_cache = _case(2, 2, 2, 16, 16, 8, torch.float32, 0)
+    slots, lens, out = torch.tensor([0, 1], device=DEV), torch.tensor([3, 4], device=DEV), torch.zeros(2, 4, 16)
+    k_new, v_new = _new_kv(2, 2, 16, 16, torch.float32, 0, False)
+    for bad, match in [(dict(k_new=k_new[:, :1]), r"k_new \[2, 1, 16\]"), (dict(v_new=None), "both given"),
+                       (dict(v_new=v_new.double()), "cache dtype")]:
+        args = dict(k_new=k_new, v_new=v_new) | bad
+        for _ in range(2):  # checks run once per metadata: a failure must raise every time
+            with pytest.raises(ValueError, match=match):
+                dt.decode_attention(q, k_cache, v_cache, slots, lens, out.to(DEV), 0.25, **args)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need CUDA")
+def test_decode_attention_writing_the_new_kv_replays_from_a_graph():
+    b, hkv, rep, d, max_len = 4, 2, 4, 128, 300
+    q, k_cache, v_cache = _case(b, hkv, rep, d, d, max_len, torch.bfloat16, 0)
+    slots, lens = torch.tensor([3, 0, 2, 1], device=DEV), torch.tensor([0, 63, 297, 130], device=DEV)  # 2 replays
+    k_new, v_new = _new_kv(b, hkv, d, d, torch.bfloat16, 0, True)
+    out = torch.full((b, hkv * rep, d), float("nan"), device=DEV, dtype=torch.bfloat16)
+    run = lambda: dt.decode_attention(q, k_cache, v_cache, slots, lens, out, d**-0.5,  # noqa: E731
+                                      k_new=k_new, v_new=v_new)
+    run()  # warm-up: compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for seed in (1, 2):
+        new_k, new_v = _new_kv(b, hkv, d, d, torch.bfloat16, seed, True)
+        k_new.copy_(new_k), v_new.copy_(new_v), lens.add_(1)
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        want_k.index_put_((slots, lens), k_new)
+        want_v.index_put_((slots, lens), v_new)
+        want = torch.empty(out.shape, device=DEV)
+        decode_attention_reference(q, want_k, want_v, slots, lens, want, d**-0.5)
+        graph.replay()
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+        torch.testing.assert_close(out.float(), want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])

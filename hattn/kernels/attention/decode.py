@@ -16,12 +16,12 @@ def full_attention_decode(q, k, v, out, k_cache, v_cache, slots, context_lens, s
 
     q: [B, Hq, D]; k, v: [B, Hkv, D]; caches [S, L, Hkv, D]; slots, context_lens: [B] int64 (device); out: [B, Hq, D].
     """
-    k_cache.index_put_((slots, context_lens), k)  # = k_cache[slots, context_lens] = k, without Python's indexing
-    v_cache.index_put_((slots, context_lens), v)
-    if use_triton(q):
+    if use_triton(q):  # the kernel writes k / v itself: no index_put_ launches (two a layer) before it
         from hattn.kernels.attention.decode_triton import decode_attention
 
-        return decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale)
+        return decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale, k_new=k, v_new=v)
+    k_cache.index_put_((slots, context_lens), k)  # = k_cache[slots, context_lens] = k, without Python's indexing
+    v_cache.index_put_((slots, context_lens), v)
     decode_attention_reference(q, k_cache, v_cache, slots, context_lens, out, scale)
 
 

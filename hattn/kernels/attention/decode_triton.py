@@ -24,15 +24,17 @@ from hattn.kernels.pdl import pdl_enter
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, o_ptr, lse_ptr, kn_ptr, vn_ptr,
     sq_b, sq_h, sq_d, sk_s, sk_l, sk_h, sk_d, sv_s, sv_l, sv_h, sv_d, so_b, so_h, so_d,
+    skn_b, skn_h, skn_d, svn_b, svn_h, svn_d,
     qk_scale, max_len, chunk, REP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_L: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+    PRECISION: tl.constexpr, WRITE: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """Attention of the REP query heads of KV head `kvh` over one split of positions; with one split it writes
     out [B, Hq, Dv], else the split's normalised output into o_ptr [B, Hq, NUM_SPLITS, Dv] fp32 and its base-2
-    log-sum-exp into lse_ptr [B, Hq, NUM_SPLITS]."""
+    log-sum-exp into lse_ptr [B, Hq, NUM_SPLITS]. WRITE: the split holding the new token's position
+    (context_lens[b]) first writes the new k / v [B, Hkv, D] there (one program a KV head writes it)."""
     pdl_enter(PDL)
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = _length(lens_ptr, b, max_len)
@@ -40,6 +42,16 @@ def _split_kernel(
     if start < length:
         slot = tl.load(slots_ptr + b).to(tl.int64)
         rows, dk, dv = tl.arange(0, BLOCK_R), tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+        if WRITE:
+            pos = tl.load(lens_ptr + b)
+            if (pos < max_len) & (pos < start + chunk):  # start <= pos: this split holds the new position
+                kn = tl.load(kn_ptr + b * skn_b + kvh * skn_h + dk * skn_d, mask=dk < DK, other=0.0)
+                vn = tl.load(vn_ptr + b * svn_b + kvh * svn_h + dv * svn_d, mask=dv < DV, other=0.0)
+                tl.store(k_ptr + slot * sk_s + pos * sk_l + kvh * sk_h + dk * sk_d, kn.to(k_ptr.dtype.element_ty),
+                         mask=dk < DK)
+                tl.store(v_ptr + slot * sv_s + pos * sv_l + kvh * sv_h + dv * sv_d, vn.to(v_ptr.dtype.element_ty),
+                         mask=dv < DV)
+                tl.debug_barrier()  # the program's threads read that row below: every store lands first
         heads = kvh * REP + rows
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + dk[None, :] * sq_d,
                     mask=(rows[:, None] < REP) & (dk[None, :] < DK), other=0.0).to(k_ptr.dtype.element_ty)
@@ -120,15 +132,23 @@ def _reduce_kernel(part_ptr, lse_ptr, lens_ptr, o_ptr, so_b, so_h, so_d, max_len
 
 
 def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float, *,
-                     num_splits: int | None = None) -> None:
+                     num_splits: int | None = None, k_new=None, v_new=None) -> None:
     """out[b] = softmax(q[b] k^T * scale) v over positions 0..context_lens[b] of cache slot slots[b].
 
     q: [B, Hq, Dk]; k_cache: [S, L, Hkv, Dk]; v_cache: [S, L, Hkv, Dv]; slots, context_lens: [B] int (device);
-    out: [B, Hq, Dv]. Hq must be a multiple of Hkv. The new tokens' k/v must already be in the cache. q is rounded
-    to the cache dtype (the scores are tensor-core dots of q and K in that dtype, fp32 accumulation).
+    out: [B, Hq, Dv]. Hq must be a multiple of Hkv. The new tokens' k/v are in the cache already, or given as
+    k_new [B, Hkv, Dk] / v_new [B, Hkv, Dv]: the kernel writes them at position context_lens[b] of slot slots[b]
+    (as `k_cache[slots, context_lens] = k_new`, without a launch of its own; rows sharing a slot, as padding rows
+    on the scratch slot, race there). q is rounded to the cache dtype (the scores are tensor-core dots of q and K
+    in that dtype, fp32 accumulation).
     num_splits: positions are split into this many ranges (clamped to 1..ceil(L / block)); None: `default_splits`.
     """
     _check_once(q, k_cache, v_cache, slots, context_lens, out)
+    write = k_new is not None or v_new is not None
+    if write:
+        _check_new_once(q, k_cache, v_cache, k_new, v_new)
+    else:
+        k_new = v_new = q  # unread (WRITE=False)
     b, hq, dk = q.shape
     max_len, hkv, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     if b == 0:
@@ -143,10 +163,10 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
         lse = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
     bound_launch(
         _split_kernel, (b, hkv, splits),
-        q, k_cache, v_cache, slots, context_lens, part, lse, *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        *out.stride(), scale * LOG2E, max_len, chunk, REP=rep, DK=dk,
-        BLOCK_R=max(16, next_pow2(rep)), BLOCK_DK=next_pow2(max(dk, 16)),
-        BLOCK_L=block_l, NUM_SPLITS=splits, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", **dims)
+        q, k_cache, v_cache, slots, context_lens, part, lse, k_new, v_new, *q.stride(), *k_cache.stride(),
+        *v_cache.stride(), *out.stride(), *k_new.stride()[:3], *v_new.stride()[:3], scale * LOG2E, max_len, chunk,
+        REP=rep, DK=dk, BLOCK_R=max(16, next_pow2(rep)), BLOCK_DK=next_pow2(max(dk, 16)), BLOCK_L=block_l,
+        NUM_SPLITS=splits, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write, **dims)
     if splits > 1:
         bound_launch(_reduce_kernel, (b, hq), part, lse, context_lens, out, *out.stride(), max_len, chunk,
                      NUM_SPLITS=splits, BLOCK_S=min(16, next_pow2(splits)), **dims)
@@ -194,3 +214,23 @@ def _shapes_fit(q, k_cache, v_cache, slots, context_lens, out) -> bool:
 
 
 _check_once = CheckedOnce(_check)
+
+
+def _check_new(q, k_cache, v_cache, k_new, v_new) -> None:
+    b, hkv = q.shape[0], k_cache.shape[2]
+    want_k, want_v = (b, hkv, k_cache.shape[3]), (b, hkv, v_cache.shape[3])
+    if k_new is None or v_new is None or tuple(k_new.shape) != want_k or tuple(v_new.shape) != want_v:
+        raise ValueError(
+            f"decode_attention: k_new {None if k_new is None else list(k_new.shape)} and v_new "
+            f"{None if v_new is None else list(v_new.shape)} must be the new tokens' [B, Hkv, Dk] = {list(want_k)} "
+            f"and [B, Hkv, Dv] = {list(want_v)}, both given"
+        )
+    if (k_new.dtype, v_new.dtype) != (k_cache.dtype, v_cache.dtype):
+        raise ValueError(f"decode_attention: k_new / v_new are {k_new.dtype} / {v_new.dtype} but the caches hold "
+                         f"{k_cache.dtype} / {v_cache.dtype}; pass the new tokens in the cache dtype")
+    if k_new.device != q.device or v_new.device != q.device:
+        raise ValueError(f"decode_attention: k_new / v_new on {k_new.device} / {v_new.device}, q on {q.device}: "
+                         f"pass them on q's device")
+
+
+_check_new_once = CheckedOnce(_check_new)
