@@ -115,10 +115,12 @@ def last_rows(lens: list[int], rows: int, device) -> torch.Tensor:
 def prefill_steps(lens: list[int], limit: int | None) -> list[list[tuple[int, int, int]]]:
     """The prefill of prompts of `lens` tokens in steps of at most `limit` tokens (None: one step), as vLLM's
     chunked prefill: per step, (prompt, first token, tokens) of each prompt it carries, in prompt order; a prompt
-    split over steps continues from the cache in the next."""
-    if limit is None or sum(lens) <= limit:
+    split over steps continues from the cache in the next. Every step but the first and the last is full."""
+    total = sum(lens)
+    if limit is None or total <= limit:
         return [[(i, 0, n) for i, n in enumerate(lens)]]
-    steps, step, room = [], [], limit
+    # a last step of one token would be another graph (Dynamo specializes size 1): the first step takes one less
+    steps, step, room = [], [], limit - 1 if total % limit == 1 and limit >= 3 else limit
     for i, n in enumerate(lens):
         done = 0
         while done < n:

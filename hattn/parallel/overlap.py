@@ -116,6 +116,14 @@ class TwoBatchOverlap:
         self.token_dims, self.out_dim = tuple(token_dims), out_dim
         self._streams: dict[torch.device, tuple] = {}
 
+    @property
+    def hattn_config(self):
+        """The hattn Config its micro-batches' models were compiled with (None: not by hattn); `generate` reads
+        the capture sizes from it."""
+        from hattn.compiler.backend import compiled_config
+
+        return compiled_config(self.models[0])
+
     @classmethod
     def for_model(cls, lm, compile: Callable | None = None, **kwargs) -> "TwoBatchOverlap":
         """Micro-batch A on `lm`, B on a replica whose collectives use a sibling group (a sharded `lm`; unsharded,

@@ -135,20 +135,40 @@ def test_a_modes_prefill_decode_and_generate_rows_share_one_cache_and_its_graphs
     graphs = counters["stats"]["unique_graphs"]
     for batch in (1, 4):  # generate: a prefill of 1 or 4 packed prompts, then decode steps
         target.step(Point("e2e", batch=batch, prompt=plan.prompt, new_tokens=4))()
-    steps = []
-    monkeypatch.setattr(HattnMode, "_step", lambda self, ctx, *args: steps.append(ctx().seq_lens) or (lambda: None))
     target.step(Point("prefill", tokens=128, seqs=1))()  # past the largest capture size (64): two steps of 64
-    assert steps == [[64], [64]]
-    target.close()
+    assert counters["stats"]["unique_graphs"] == graphs  # generate's steps and the long prompt's reused the graphs
     assert all(c is caches[0] for c in caches) and caches[0].slots >= max(plan.seqs, plan.max_batch)
     assert caches[0].max_len >= max(plan.context + 1, plan.prompt + plan.new_tokens, 128)
     assert setup.cache(128) is caches[0]
-    assert counters["stats"]["unique_graphs"] == graphs  # generate's steps reused the graphs
+    assert _steps(monkeypatch, target, Point("prefill", tokens=128, seqs=1)) == [([64], caches[0], caches[0].slots)] * 2
+    target.close()
 
-    small = Setup.build(hf, plan=plan, capture_sizes=[1, 2, 4, 8, 16, 32, 64], inner_compiler="eager")
+    torch._dynamo.reset()
+    monkeypatch.undo()
     monkeypatch.setattr(Setup, "_memory", lambda self: 0)  # no room for every slot at 128 tokens
+    small = Setup.build(hf, plan=plan, capture_sizes=[1, 2, 4, 8, 16, 32, 64], inner_compiler="eager",
+                        progress=False)
+    target = HattnMode(small, "pcg")
+    target.prepare()
+    target.step(Point("prefill", tokens=16, seqs=2))()
+    graphs = counters["stats"]["unique_graphs"]
+    target.step(Point("prefill", tokens=128, seqs=1))()  # one graph-free step on a cache of its own, same graph
+    assert counters["stats"]["unique_graphs"] == graphs
     shared, long = small.cache(), small.cache(128)
     assert shared.max_len < 128 and long is not shared and long.max_len >= 128 and long.slots == max(1, plan.seqs)
+    assert _steps(monkeypatch, target, Point("prefill", tokens=128, seqs=1)) == [([128], long, shared.slots)]
+    target.close()
+
+
+def _steps(monkeypatch, target, point):
+    """(seq_lens, cache, logits rows) of each step a point's call runs."""
+    from hattn.bench.modes import HattnMode
+
+    steps = []
+    monkeypatch.setattr(HattnMode, "_step", lambda self, ctx, ids, pos, rows: steps.append(
+        (ctx().seq_lens, ctx().cache, len(rows))) or (lambda: None))
+    target.step(point)
+    return steps
 
 
 def test_a_modes_rows_build_a_forward_context_per_step_as_generate_does(monkeypatch):

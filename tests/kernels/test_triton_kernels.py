@@ -168,6 +168,26 @@ def test_packed_conv_rejects_a_conv_state_without_slots():
     assert torch.equal(conv_state, torch.zeros_like(conv_state))
 
 
+def test_conv_qkv_of_a_long_step_takes_its_other_launch_config_and_still_matches(nan_empty):
+    """2048 tokens and more launch with 2 warps: the long sequence and the short one after it match the reference."""
+    lens, hk, dk, width = [2100, 3], 2, 16, 4
+    gen = torch.Generator().manual_seed(5)
+    t, kd = sum(lens), hk * dk
+    c = 3 * kd
+    x, w = torch.randn(t, c, generator=gen), torch.randn(c, width, generator=gen)
+    conv_state = torch.randn(3, c, width - 1, generator=gen)
+    ref_state = conv_state.clone()
+    y = causal_conv1d_packed(x, w, None, [0, lens[0], t], ref_state, [2, 0], [True, False])
+    conv_state = conv_state.to(DEV)
+    q, k, v = packed.packed_conv_qkv(x.to(DEV), w.to(DEV), None, PackedBatch.build(lens, DEV, [2, 0], [4, 0]),
+                                     conv_state, hk, dk)
+    want_q, want_k, want_v = y.split([kd, kd, kd], -1)
+    _close(q, l2norm(want_q.reshape(t, hk, dk)), OUT_TOL[torch.float32])
+    _close(k, l2norm(want_k.reshape(t, hk, dk)), OUT_TOL[torch.float32])
+    _close(v, want_v, OUT_TOL[torch.float32])
+    _close(conv_state, ref_state, 0)
+
+
 @given(lens=st.lists(st.sampled_from([0, 1, 2, 5, 17, 64, 130]), min_size=1, max_size=4).filter(any),
        heads=st.sampled_from([(1, 1, 16, 16), (2, 4, 32, 16), (2, 2, 64, 128), (1, 3, 128, 32)]),
        dtype=st.sampled_from(DTYPES), bias=st.booleans(), seed=st.integers(0, 2**16))

@@ -225,3 +225,24 @@ def test_generate_on_the_gpu_equals_transformers_in_every_mode(preset, mode):
     ok, note = check_tokens(ref, out[:, ids.shape[1]:].tolist(), tie=0.1)
     assert ok, note
     assert (model.stats.cuda_graphs > 0) == (mode != "eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
+def test_prompts_past_the_largest_capture_size_prefill_in_graph_steps_on_the_gpu(mode):
+    """31 prompt tokens with capture sizes up to 8: four prefill steps, each a graph's (in full, one graph replayed
+    for every step: the logits of a prompt that ends in an early step must survive the later replays), then decode;
+    tokens equal transformers' generate (near-ties of its own logits allowed), and again on a second call."""
+    torch._dynamo.reset()
+    hf = random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, hf.config.get_text_config().vocab_size, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    ref = hf_greedy(hf, prompts, NEW)
+    model = hattn.compile(hf, mode=mode, inner_compiler="eager", capture_sizes=[1, 2, 4, 8], progress=False)
+    assert step_token_limit(model) == 8
+    got = hattn.generate(model, prompts, params=hattn.SamplingParams(max_new_tokens=NEW)).tokens
+    assert got == hattn.generate(model, prompts, params=hattn.SamplingParams(max_new_tokens=NEW)).tokens
+    ok, note = check_tokens(ref, got, tie=0.1)
+    assert ok, note
+    assert model.stats.cuda_graphs > 0

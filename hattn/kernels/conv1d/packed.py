@@ -71,7 +71,8 @@ def conv_kernel(x, stride_x, w, stride_w, bias, y, stride_y, seq_ids, cu, cs, sl
         p_y = y + part * T * KD + o_t.to(tl.int64)[:, None] * KD + (o_c - part * KD)[None, :]
         tl.store(p_y, acc.to(y.dtype.element_ty), mask=m_y)
     else:
-        p_y = y + 2 * T * KD + o_t.to(tl.int64)[:, None] * (C - 2 * KD) + (o_c - 2 * KD)[None, :]
+        t64 = tl.zeros([], tl.int64) + T  # 64-bit: 2 * T * KD passes 2^31 from 2^19 tokens at KD = 2048
+        p_y = y + 2 * KD * t64 + o_t.to(tl.int64)[:, None] * (C - 2 * KD) + (o_c - 2 * KD)[None, :]
         tl.store(p_y, acc.to(y.dtype.element_ty), mask=m_y)
 
 
