@@ -86,6 +86,17 @@ def test_decode_attention_at_the_qwen35_1b_shape(num_splits, nan_empty):
     _check(q, k_cache, v_cache, slots, lens, _out(4, 8, 256, torch.bfloat16, False), num_splits)
 
 
+def test_a_longer_cache_keeps_the_split_size_of_a_plan_length_cache():
+    """Positions a split depend on the batch and min(max_len, PLAN_LEN) only: a 1024-token context is spread over
+    as many programs in an 8192-position cache as in a 2048-position one."""
+    device = torch.device(DEV)
+    block_l = kv_block(256, 256, 2)
+    for b, hkv in [(1, 2), (16, 2), (64, 2), (4, 8)]:
+        chunks = {dt._split_plan(n, block_l, dt.default_splits(b, hkv, n, block_l, device))[0]
+                  for n in (dt.PLAN_LEN, 2 * dt.PLAN_LEN + 7, 8192)}
+        assert len(chunks) == 1, (b, hkv, chunks)
+
+
 def test_split_plan_fills_the_device_with_whole_blocks():
     """Every split holds positions; at least one program an SM (the target is two, less what whole blocks a split
     round away), unless the cache has fewer blocks than that."""

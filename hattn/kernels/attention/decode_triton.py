@@ -172,10 +172,18 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
                      NUM_SPLITS=splits, BLOCK_S=min(16, next_pow2(splits)), **dims)
 
 
+PLAN_LEN = 2048  # the context the split size is planned for (a longer cache only adds splits)
+
+
 def default_splits(b: int, hkv: int, max_len: int, block_l: int, device: torch.device) -> int:
-    """Splits a sequence's positions so that B * Hkv * splits fills the device twice over (two programs an SM),
-    at least one block of positions a split. From shapes only, so a captured graph's grid fits every replay."""
-    return max(1, min(math.ceil(2 * sm_count(device) / (b * hkv)), math.ceil(max_len / block_l)))
+    """Splits a sequence's positions so that B * Hkv * splits fills the device twice over (two programs an SM) at a
+    context of min(max_len, PLAN_LEN) positions, at least one block of positions a split; a longer cache keeps that
+    split size and has more splits (sized by max_len alone, a 1024-token context in an 8192-position cache would
+    have its positions in a quarter as many programs at B=16). From shapes only, so a captured graph's grid fits
+    every replay; splits past a sequence's length exit at once."""
+    plan_blocks = math.ceil(min(max_len, PLAN_LEN) / block_l)
+    per_plan = max(1, min(math.ceil(2 * sm_count(device) / (b * hkv)), plan_blocks))
+    return math.ceil(math.ceil(max_len / block_l) / math.ceil(plan_blocks / per_plan))
 
 
 def decode_attention_bytes(q, k_cache, v_cache, context_lens, out) -> int:
