@@ -215,7 +215,9 @@ def test_prefill_steps_carry_every_prompt_token_once_in_order_within_the_limit(l
             assert sizes[0] >= limit - 1 and (limit < 3 or sizes[-1] >= 2)  # one token: another Dynamo graph
 
 
-def test_prompts_longer_than_the_largest_capture_size_prefill_in_steps_with_the_same_tokens(make_case, monkeypatch):
+@pytest.mark.parametrize("mode", ["full", "pcg", "bcg"])
+def test_prompts_longer_than_the_largest_capture_size_prefill_in_steps_with_the_same_tokens(make_case, monkeypatch,
+                                                                                            mode):
     """A graph mode's prefill goes in steps of its largest capture size (each continuing from the cache), so that
     every step is one its graphs serve; tokens stay those of transformers' greedy generate."""
     from hattn.compiler.backend import backend
@@ -231,7 +233,8 @@ def test_prompts_longer_than_the_largest_capture_size_prefill_in_steps_with_the_
         return real(model, ctx, *args)
 
     monkeypatch.setattr(gen_mod, "run_step", spy)
-    model = torch.compile(c.lm, backend=backend(mode="full", inner_compiler="eager", capture_sizes=[4, 8],
+    torch._dynamo.reset()
+    model = torch.compile(c.lm, backend=backend(mode=mode, inner_compiler="eager", capture_sizes=[4, 8],
                                                 progress=False))
     got = generate(model, c.prompts, c.lm.make_cache(slots=3, max_len=64), SamplingParams(max_new_tokens=6))
     assert got.tokens == [t[:6] for t in c.ref.tokens]
