@@ -40,6 +40,9 @@ class HattnMode(Target):
         self.name, self.mode = mode, mode
         self.about = f"hattn mode={mode} ({setup.inner_compiler} pieces): {modes()[mode].description}"
         self.est_s = estimate_s(mode, setup.inner_compiler)
+        if modes()[mode].graphs:
+            self.about += (f"; prompts past {max(setup.capture_sizes)} tokens prefill in steps of that many, as "
+                           f"generate does")
         if setup.tbo:
             self.about += "; two-batch overlap (two micro-batches per step, each compiled on its own)"
             self.est_s = tuple(2 * x for x in self.est_s)  # (GPU, CPU) seconds, each doubled
