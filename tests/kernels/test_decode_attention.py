@@ -7,6 +7,8 @@ tensor cores in that dtype). Outputs are NaN-filled before each call, so an elem
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -95,6 +97,21 @@ def test_a_longer_cache_keeps_the_split_size_of_a_plan_length_cache():
         chunks = {dt._split_plan(n, block_l, dt.default_splits(b, hkv, n, block_l, device))[0]
                   for n in (dt.PLAN_LEN, 2 * dt.PLAN_LEN + 7, 8192)}
         assert len(chunks) == 1, (b, hkv, chunks)
+
+
+def test_split_plan_is_the_earlier_one_up_to_the_plan_length_and_bounded_past_it():
+    """Up to PLAN_LEN positions the plan is the one sized by max_len alone (what earlier sessions measured); past
+    it, at most 16 programs an SM (or the plan's own count), so the grid and the partial outputs stay bounded."""
+    device = torch.device(DEV)
+    sms = sm_count(device)
+    for b, hkv, block_l in [(1, 2, 32), (3, 1, 16), (16, 2, 32), (64, 8, 64), (256, 2, 32)]:
+        for max_len in (1, 31, 33, 700, 2047, dt.PLAN_LEN):
+            old = max(1, min(math.ceil(2 * sms / (b * hkv)), math.ceil(max_len / block_l)))
+            new = dt.default_splits(b, hkv, max_len, block_l, device)
+            assert dt._split_plan(max_len, block_l, new) == dt._split_plan(max_len, block_l, old)
+        for max_len in (8192, 131072, 2**21):
+            _, splits = dt._split_plan(max_len, block_l, dt.default_splits(b, hkv, max_len, block_l, device))
+            assert splits <= 65535 and b * hkv * splits <= 16 * sms + b * hkv
 
 
 def test_split_plan_fills_the_device_with_whole_blocks():

@@ -178,12 +178,16 @@ PLAN_LEN = 2048  # the context the split size is planned for (a longer cache onl
 def default_splits(b: int, hkv: int, max_len: int, block_l: int, device: torch.device) -> int:
     """Splits a sequence's positions so that B * Hkv * splits fills the device twice over (two programs an SM) at a
     context of min(max_len, PLAN_LEN) positions, at least one block of positions a split; a longer cache keeps that
-    split size and has more splits (sized by max_len alone, a 1024-token context in an 8192-position cache would
-    have its positions in a quarter as many programs at B=16). From shapes only, so a captured graph's grid fits
-    every replay; splits past a sequence's length exit at once."""
+    split size and has more splits, up to 16 programs an SM (sized by max_len alone, a 1024-token context in an
+    8192-position cache would have its positions in a quarter as many programs at B=16). From shapes only, so a
+    captured graph's grid fits every replay; splits past a sequence's length exit at once."""
+    sms, blocks = sm_count(device), math.ceil(max_len / block_l)
     plan_blocks = math.ceil(min(max_len, PLAN_LEN) / block_l)
-    per_plan = max(1, min(math.ceil(2 * sm_count(device) / (b * hkv)), plan_blocks))
-    return math.ceil(math.ceil(max_len / block_l) / math.ceil(plan_blocks / per_plan))
+    per_plan = max(1, min(math.ceil(2 * sms / (b * hkv)), plan_blocks))
+    splits = math.ceil(blocks / math.ceil(plan_blocks / per_plan))
+    # at most 16 programs an SM (or the plan's own count): a very long cache widens its splits again, which bounds
+    # the grid (CUDA's third axis holds 65535), the partial outputs' buffer and the reduce's reads
+    return min(splits, max(per_plan, math.ceil(16 * sms / (b * hkv))))
 
 
 def decode_attention_bytes(q, k_cache, v_cache, context_lens, out) -> int:
