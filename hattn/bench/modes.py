@@ -78,20 +78,19 @@ class HattnMode(Target):
         """generate's prefill: the prompts packed, in steps of at most the largest capture size in a graph mode
         (`generate.prefill_steps`) over the shared cache, logits of each sequence's last row only, in as many rows
         as the shared cache has slots (generate's count: one graph for every prefill row and generate's prefill)."""
-        from hattn.models.generate import last_rows, prefill_steps, step_inputs
+        from hattn.compiler.backend import step_token_limit
+        from hattn.models.generate import prefill_steps, step_inputs
 
         n = point.tokens // point.seqs
         ids = token_ids(point.tokens, self.s.vocab, "cpu", self.s.seed).tolist()
         prompts = [ids[i * n:(i + 1) * n] for i in range(point.seqs)]
-        cache, slots, shared = self.s.cache(n), list(range(point.seqs)), self.s.cache()
-        limit = max(self.s.capture_sizes) if modes()[self.mode].graphs and cache is shared else None
-        steps = [step_inputs(prompts, step, slots, cache, self.s.lm.layer_kinds, self.s.device)
-                 for step in prefill_steps([n] * point.seqs, limit)]
-        if cache is not shared:  # a long prompt on a cache of its own: one graph-free step with the shared cache's
-            # logits row count (another count is another Dynamo graph; graph steps over another cache would make
-            # mode full release the shared cache's graphs and capture again, twice)
-            ctx, ids, pos, _ = steps[0]
-            steps = [(ctx, ids, pos, last_rows([n] * point.seqs, shared.slots, self.s.device))]
+        cache, shared = self.s.cache(n), self.s.cache()
+        # a long prompt on a cache of its own runs as one graph-free step (graph steps over another cache would make
+        # mode full release the shared cache's graphs and capture again, twice), with the shared cache's logits
+        # row count (another count is another Dynamo graph)
+        limit = step_token_limit(self.model) if cache is shared else None
+        steps = [step_inputs(prompts, step, list(range(point.seqs)), cache, self.s.lm.layer_kinds, self.s.device,
+                             rows=shared.slots) for step in prefill_steps([n] * point.seqs, limit)]
         calls = [self._step(partial(dataclasses.replace, ctx), *rest) for ctx, *rest in steps]  # a new one a call
         return calls[0] if len(calls) == 1 else lambda: [call() for call in calls][-1]
 

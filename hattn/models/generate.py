@@ -133,14 +133,15 @@ def prefill_steps(lens: list[int], limit: int | None) -> list[list[tuple[int, in
     return steps + [step] if step else steps
 
 
-def step_inputs(prompts, step, slots, cache: HybridCache, layer_kinds, device):
-    """(context, input ids, positions, logits rows) of one prefill step of `prefill_steps`."""
+def step_inputs(prompts, step, slots, cache: HybridCache, layer_kinds, device, rows: int | None = None):
+    """(context, input ids, positions, logits rows) of one prefill step of `prefill_steps`; `rows` logits rows
+    (default: one per slot of `cache`)."""
     lens = [n for _, _, n in step]
     ids = torch.tensor([t for i, s, n in step for t in prompts[i][s:s + n]], dtype=torch.long, device=device)
     pos = torch.cat([torch.arange(s, s + n) for _, s, n in step]).to(device)
     ctx = ForwardContext(seq_lens=lens, context_lens=[s for _, s, _ in step], slots=[slots[i] for i, _, _ in step],
                          cache=cache, layer_kinds=layer_kinds)
-    return ctx, ids, pos, last_rows(lens, cache.slots, device)
+    return ctx, ids, pos, last_rows(lens, cache.slots if rows is None else rows, device)
 
 
 def prefill(model, prompts, cache: HybridCache, slots, layer_kinds, device, step_tokens: int | None = None):
