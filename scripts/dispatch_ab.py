@@ -47,6 +47,15 @@ def gpu_us(step) -> float:
     return sum(e.self_device_time_total for e in prof.key_averages()) / 5
 
 
+def decode_step(model, lm, cache, context: int, ids: torch.Tensor, pos: torch.Tensor):
+    """One decode step of len(ids) sequences in slots 0.. with `context` tokens cached, under a new forward context
+    (as generate builds one a step)."""
+    b = len(ids)
+    ctx = ForwardContext(seq_lens=[1] * b, context_lens=[context] * b, slots=list(range(b)), cache=cache,
+                         layer_kinds=lm.layer_kinds)
+    return run_step(model, ctx, ids, pos)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="full,bcg,pcg")
@@ -68,10 +77,8 @@ def main() -> None:
             ids = torch.randint(0, 1000, (b,), device="cuda")
             pos = torch.full((b,), a.context, dtype=torch.long, device="cuda")
 
-            def step(b=b, ids=ids, pos=pos):
-                ctx = ForwardContext(seq_lens=[1] * b, context_lens=[a.context] * b, slots=list(range(b)),
-                                     cache=cache, layer_kinds=lm.layer_kinds)
-                return run_step(model, ctx, ids, pos)
+            def step(ids=ids, pos=pos):
+                return decode_step(model, lm, cache, a.context, ids, pos)
 
             for on in (True, False):
                 dispatch.enabled = on

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from pdl_ab import replay_us  # scripts/ is on sys.path when run as a script
+
 
 @triton.jit
 def _bump(x_ptr, PDL: tl.constexpr):
@@ -58,14 +60,8 @@ def _measure(g: torch.cuda.CUDAGraph, reps: int) -> tuple[float, float, float]:
         g.replay()  # queued behind the previous one
         busy.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    end.synchronize()
     med = lambda v: sorted(v)[len(v) // 2] * 1e6  # noqa: E731
-    return med(idle), med(busy), start.elapsed_time(end) * 1e3 / reps
+    return med(idle), med(busy), replay_us(g, reps)
 
 
 def main() -> None:

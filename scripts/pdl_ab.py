@@ -82,14 +82,19 @@ def _us_per_kernel(weights, x, pdl, prefetch, between, reps) -> tuple[float, lis
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
+    kernels = len(weights) * (2 if between else 1)
+    return replay_us(graph, reps) / kernels, [o.clone() for o in outs]
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Device us a replay of `graph`, over `reps` replays back to back (CUDA events around them)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
         graph.replay()
     end.record()
     end.synchronize()
-    kernels = len(weights) * (2 if between else 1)
-    return start.elapsed_time(end) * 1e3 / reps / kernels, [o.clone() for o in outs]
+    return start.elapsed_time(end) * 1e3 / reps
 
 
 def main() -> None:

@@ -19,12 +19,10 @@ import time
 import torch
 
 import hattn
-from hattn.context import ForwardContext
 from hattn.kernels import pdl
-from hattn.models.generate import run_step
 from hattn.models.presets import load
 
-from dispatch_ab import gpu_us, step_ms  # scripts/ is on sys.path when run as a script
+from dispatch_ab import decode_step, gpu_us, step_ms  # scripts/ is on sys.path when run as a script
 
 VARIANTS = {"off": (False, False), "hattn": (True, False), "hattn+inductor": (True, True)}
 
@@ -58,9 +56,7 @@ def main() -> None:
     snapshot = {i: tuple(t.clone() for t in ts) for i, ts in cache._tensors.items()}
 
     def step(model, b):
-        ctx = ForwardContext(seq_lens=[1] * b, context_lens=[a.context] * b, slots=list(range(b)), cache=cache,
-                             layer_kinds=lm.layer_kinds)
-        return run_step(model, ctx, *inputs[b])
+        return decode_step(model, lm, cache, a.context, *inputs[b])
 
     for mode in a.modes.split(","):
         variants = [v for v in a.variants.split(",") if mode == "full" or v != "hattn+inductor"]
