@@ -6,7 +6,10 @@ Per mode, one compiled model per variant, all alive at once (each called through
 through Dynamo's cache after its first calls):
   off              no kernel launches with PDL
   hattn            hattn's Triton kernels launch with PDL (the default on sm_90+)
-  hattn+inductor   and inductor's kernels too (hattn's default on sm_90+: `pdl.inductor_enabled`)
+  hattn+inductor   and inductor's kernels too, each waiting for its predecessor before it lets the next launch
+  early            the same, launching the next kernel before the wait (`pdl.early`)
+  early+preload    and the skinny GEMM's preload form for constant weights at M <= 4 (`gemm.op.preload_enabled`;
+                   hattn's default on sm_90+)
 Then rounds over the variants: ms a decode step as the bench times it (CUDA events around `run_step` after a sync),
 median of --reps; GPU time a step (torch.profiler's kernel sum) once; each variant's logits against off's (the
 same kernels and arithmetic: the same bits expected).
@@ -20,16 +23,18 @@ import torch
 
 import hattn
 from hattn.kernels import pdl
+from hattn.kernels.gemm import op as gemm_op
 from hattn.models.presets import load
 
 from dispatch_ab import decode_step, gpu_us, step_ms  # scripts/ is on sys.path when run as a script
 
-VARIANTS = {"off": (False, False), "hattn": (True, False), "hattn+inductor": (True, True)}
+VARIANTS = {"off": (False, False, False, False), "hattn": (True, False, False, False),
+            "hattn+inductor": (True, True, False, False), "early": (True, True, True, False),
+            "early+preload": (True, True, True, True)}
 
 
 def _set(variant: str) -> None:
-    ours, inductor = VARIANTS[variant]
-    pdl.enabled, pdl.inductor_enabled = ours, inductor
+    pdl.enabled, pdl.inductor_enabled, pdl.early, gemm_op.preload_enabled = VARIANTS[variant]
 
 
 def _restore(cache, snapshot) -> None:
@@ -59,7 +64,7 @@ def main() -> None:
         return decode_step(model, lm, cache, a.context, *inputs[b])
 
     for mode in a.modes.split(","):
-        variants = [v for v in a.variants.split(",") if mode == "full" or v != "hattn+inductor"]
+        variants = [v for v in a.variants.split(",") if mode == "full" or not VARIANTS[v][1]]
         models, logits = {}, {}
         for v in variants:
             _set(v)

@@ -36,15 +36,16 @@ def launch(fn, grid: tuple, *args, **kwargs) -> None:
     """`fn[grid](*args, **kwargs)`, through the compiled kernel kept for this specialization after its first call.
     `args`: the runtime parameters, positionally; `kwargs`: constexpr parameters and Triton's launch options
     (num_warps, num_stages). A runtime parameter passed by keyword makes every call take the generic path.
-    A kernel that declares the `PDL` constexpr launches with programmatic dependent launch where `pdl.active()`."""
+    A kernel that declares the `PDL` constexpr launches with programmatic dependent launch where `pdl.active()`
+    (`PDL=pdl.mode()`)."""
     if not enabled or interpreting() or _hooked():
         if pdl.takes_pdl(fn) and pdl.active():
-            kwargs = {**kwargs, "PDL": True, "launch_pdl": True}
+            kwargs = {**kwargs, "PDL": pdl.mode(), "launch_pdl": True}
         fn[grid](*args, **kwargs)
         return
     device = torch.cuda.current_device()
     if pdl.takes_pdl(fn) and pdl.active_on(device):  # the device looked up once a launch: this path is per step
-        kwargs = {**kwargs, "PDL": True, "launch_pdl": True}
+        kwargs = {**kwargs, "PDL": pdl.mode(), "launch_pdl": True}
     try:
         key = (fn, device, _key(args), tuple(kwargs.items()))
         kept = _KEPT.get(key)

@@ -5,12 +5,20 @@ before it, then for its own launch: on the H200 ~0.5 to 0.7 us a kernel boundary
 (`scripts/pdl_ab.py`). A kernel launched with PDL may begin as soon as its predecessor lets it
 (`gdc_launch_dependents`), and `gdc_wait` holds it until the predecessor has finished and its writes are visible.
 
-The contract, which `pdl_enter` keeps for every kernel that takes a `PDL` constexpr: the first thing every program
-does is wait, so it neither reads what an earlier kernel wrote nor writes what an earlier kernel may still read
-before that kernel has finished; then it lets its own dependents launch. A kernel is launched with PDL only by
-`hattn.kernels.bound.launch`, which passes `PDL=True` and Triton's `launch_pdl` together when `active()`.
+The contract, which `pdl_enter` keeps for every kernel that takes a `PDL` constexpr: a program waits before its
+first access of memory an earlier kernel may write or still read, so it neither reads what an earlier kernel wrote
+nor writes what an earlier kernel may still read before that kernel has finished. It lets its own dependents launch
+*before* it waits (`early`, the default): the next kernel is then resident and waiting when this one ends, and a
+kernel's wait returns only once its predecessor has finished, which waited for its own, so every kernel before it is
+done. The one access allowed before the wait is a read of memory no kernel of the step writes (a GEMV's constant
+weight: `hattn.kernels.gemm.skinny`'s preload form), which so overlaps the kernels before it. `scripts/
+decode_layer_ab.py` (H200, a 1B decode layer's four GEMVs and six small kernels in a graph, us a layer): no PDL 33.2,
+wait first 30.7, launch first 28.6, launch first + weights loaded before the wait 24.2.
+A kernel is launched with PDL only by `hattn.kernels.bound.launch`, which passes `PDL=mode()` (1: wait, then launch
+dependents; 2: launch dependents, then wait) and Triton's `launch_pdl` together when `active()`.
 Off where the device is older than sm_90, under Triton's interpreter, with a Triton that lacks the instructions, or
-with `HATTN_PDL=0` in the environment (`enabled = False` in-process, for A/B runs).
+with `HATTN_PDL=0` in the environment (`enabled = False` in-process, for A/B runs); `HATTN_PDL_EARLY=0` (`early =
+False`) waits first.
 
 Inductor's kernels in hattn's pieces launch with PDL too (`inductor_options`, applied where hattn compiles a piece;
 `inductor_enabled = False` keeps them off alone):
@@ -19,7 +27,9 @@ most of a decode step's kernels are inductor's, and a kernel gains only when the
 1.28 ms). Inductor (`torch._inductor.config.triton.enable_pdl`) waits only before reading what the kernel just
 before wrote: a kernel that reads nothing of it and triggers nothing (a fill) may then finish before that kernel,
 and the next one reads two kernels back unguarded. hattn holds inductor to the contract above instead: every access
-of a kernel waits first (`_inductor_waits_first`; inductor keeps the first of the waits). Where this torch's
+of a kernel waits first (`_inductor_waits_first`; inductor keeps the first of the waits), and with `early` the
+kernel lets its dependents launch just before its first wait (inductor's own rule launches them after its last
+load). Where this torch's
 codegen lacks the hook it patches, inductor's kernels launch as before (logged). Left as inductor writes them: a
 mix-order reduction's workspace store after its loop and cooperative reductions' semaphores (not in decode pieces).
 Cost: inductor's static launcher does not take launch attributes, so a piece run outside a graph launches each
@@ -40,9 +50,11 @@ except ImportError:  # no Triton (CPU installs), or a Triton before 3.4
     AVAILABLE = False
 
 enabled = os.environ.get("HATTN_PDL", "1") != "0"
+early = os.environ.get("HATTN_PDL_EARLY", "1") != "0"  # launch dependents before the wait (A/B runs switch it)
 inductor_enabled = True  # inductor's kernels too, where `enabled` (A/B runs switch this alone)
 log = logging.getLogger("hattn")
 CACHE_TAG = "hattn-pdl-wait-first-v1"  # in torch's cache keys of pieces compiled with the patched codegen
+CACHE_TAG_EARLY = "hattn-pdl-launch-first-v2"  # the same, launching dependents first
 
 if has_triton():
     import triton
@@ -51,13 +63,37 @@ if has_triton():
     if AVAILABLE:
         @triton.jit
         def pdl_enter(PDL: tl.constexpr):
-            """A PDL kernel's first statement: wait for the kernel before it, then let the next one launch."""
-            if PDL:
+            """A PDL kernel's first statement: with PDL=2 let the next kernel launch, then wait for the one before
+            it; with PDL=1 (or True) the other way round."""
+            if PDL == 2:
+                gdc_launch_dependents()
+                gdc_wait()
+            elif PDL:
                 gdc_wait()
                 gdc_launch_dependents()
+
+        @triton.jit
+        def pdl_launch_dependents(PDL: tl.constexpr):
+            """A preloading kernel's first statement (see `hattn.kernels.gemm.skinny`): let the next kernel launch."""
+            if PDL:
+                gdc_launch_dependents()
+
+        @triton.jit
+        def pdl_wait(PDL: tl.constexpr):
+            """A preloading kernel's wait, after its constant reads and before anything else."""
+            if PDL:
+                gdc_wait()
     else:
         @triton.jit
         def pdl_enter(PDL: tl.constexpr):
+            pass
+
+        @triton.jit
+        def pdl_launch_dependents(PDL: tl.constexpr):
+            pass
+
+        @triton.jit
+        def pdl_wait(PDL: tl.constexpr):
             pass
 
 
@@ -68,6 +104,11 @@ def active() -> bool:
     import torch
 
     return _hopper_or_newer(torch.cuda.current_device())
+
+
+def mode() -> int:
+    """The `PDL` constexpr a launch passes: 2 (launch dependents, then wait) when `early`, else 1."""
+    return 2 if early else 1
 
 
 def active_on(device_index: int) -> bool:
@@ -97,8 +138,8 @@ def compiler_options() -> dict:
     config = getattr(torch.compiler, "config", None)
     if not inductor_options() or not hasattr(config, "cache_key_tag"):
         return {}
-    tag = config.cache_key_tag
-    return {"cache_key_tag": f"{tag}+{CACHE_TAG}" if tag else CACHE_TAG}
+    tag, ours = config.cache_key_tag, CACHE_TAG_EARLY if early else CACHE_TAG
+    return {"cache_key_tag": f"{tag}+{ours}" if tag else ours}
 
 
 @functools.cache
@@ -121,14 +162,24 @@ def _inductor_waits_first() -> bool:
                  "launch without PDL")
         return False
 
+    launch_after_load = TritonKernel._handle_pdl_after_load
+
     def wait_first(self, wait_buffer, *dependencies, consider_reads=False):
         if not self._enable_pdl_codegen():
             return
         if self.inside_reduction and self.range_trees[-1].is_loop:  # hoisted before the loop, as inductor does
             wait_buffer = self.body
+        if early and not getattr(self, "_hattn_launched", False):  # once: inductor keeps only its last launch line
+            wait_buffer.writeline(self.GDC_LAUNCH)
+            self._hattn_launched = True
         wait_buffer.writeline(self.GDC_WAIT)
 
+    def launch_late(self, launch_buffer, result_var):  # inductor's rule, where dependents do not launch first
+        if not early:
+            launch_after_load(self, launch_buffer, result_var)
+
     TritonKernel._handle_pdl_before_access = wait_first
+    TritonKernel._handle_pdl_after_load = launch_late
     return True
 
 

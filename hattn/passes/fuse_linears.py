@@ -45,6 +45,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 log = logging.getLogger("hattn")
+FUSED_WEIGHT_PREFIX = "_hattn_fused_weight_"
 
 
 @dataclass
@@ -227,5 +228,7 @@ def _register(gm: fx.GraphModule, kind: str, t: torch.Tensor) -> str:
     i = 0
     while hasattr(gm, f"_hattn_fused_{kind}_{i}"):
         i += 1
-    gm.register_buffer(f"_hattn_fused_{kind}_{i}", t, persistent=False)
-    return f"_hattn_fused_{kind}_{i}"
+    name = f"_hattn_fused_{kind}_{i}"
+    assert kind != "weight" or name.startswith(FUSED_WEIGHT_PREFIX)
+    gm.register_buffer(name, t, persistent=False)
+    return name

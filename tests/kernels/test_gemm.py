@@ -99,6 +99,30 @@ def test_skinny_linear_default_launch_at_model_shapes(m, n, k, nan_empty):
 
 
 @triton_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(m=st.integers(1, 4), n=st.one_of(st.sampled_from([1, 1000]), st.integers(1, 70)),
+       k=st.one_of(st.sampled_from([1, 300, 3584]), st.integers(1, 140)), bias=st.booleans(),
+       layout=st.sampled_from(["contiguous", "columns"]), seed=st.integers(0, 2**16),
+       split_k=st.sampled_from([1, 3, 4]))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_skinny_linear_of_a_constant_weight_preloads_and_matches_reference(dtype, m, n, k, bias, layout, seed,
+                                                                           split_k, nan_empty):
+    """The preload form (the weight slice loaded in one tile before the PDL wait) on odd shapes and split-K."""
+    x, weight, b = _case(m, n, k, dtype, seed, bias, layout)
+    config = skinny.Launch(4, 512 // weight.element_size(), split_k, dot=False)
+    k_per_split, _ = skinny.split_plan(k, config.block_k, config.split_k)
+    assert skinny.preload_block(config, k_per_split) >= k_per_split  # the preload form serves these shapes
+    _assert_matches(skinny.skinny_linear(x, weight, b, config=config, constant_weight=True), x, weight, b)
+
+
+@triton_test
+def test_preload_falls_back_to_the_looping_form_past_its_tile():
+    wide = skinny.Launch(16, 256, 1, dot=False)
+    assert skinny.preload_block(wide, 1024) == 1024 and skinny.preload_block(wide, 2048) == 0
+    assert skinny.preload_block(skinny.Launch(16, 256, 1, dot=True), 256) == 0  # tl.dot's form never preloads
+
+
+@triton_test
 @pytest.mark.parametrize("m, n", [(0, 8), (3, 0)])
 def test_skinny_linear_of_no_rows_or_columns_is_empty(m, n):
     x, weight, bias = _case(m, n, 16, torch.bfloat16, seed=0)
@@ -192,16 +216,19 @@ def test_linear_op_is_not_taken_for_an_attention_mixer():
 
 
 def test_load_choices_pins_rows_that_choices_lists_in_order(fresh_choices):
-    rows = [dict(m=4, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=False, backend="triton", cublas_us=None,
-                 triton_us=None),
-            dict(m=1, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=True, backend="cublas", cublas_us=5.0,
-                 triton_us=6.5)]
+    rows = [dict(m=4, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=False, preload=True, backend="triton",
+                 cublas_us=None, triton_us=None),
+            dict(m=1, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=True, preload=False, backend="cublas",
+                 cublas_us=5.0, triton_us=6.5)]
     load_choices(rows)
     assert choices() == rows[::-1]
     for bad in (dict(backend="cutlass"), dict(dtype="torch.bfloat16")):
         with pytest.raises(ValueError, match=r"needs a backend of \('cublas', 'triton'\) and a dtype of \['float16', "):
             load_choices([rows[0] | bad])
     assert choices() == rows[::-1]
+    older = {f: v for f, v in rows[0].items() if f != "preload"} | {"m": 2}  # a table saved before `preload`
+    load_choices([older])
+    assert older | {"preload": False} in choices()
 
 
 # -- the op on CUDA: timed choice, capture -------------------------------------------------------------------------

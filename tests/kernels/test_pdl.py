@@ -31,7 +31,7 @@ def test_only_kernels_that_take_the_constexpr_launch_with_pdl(generic_only, monk
     takes, plain = _FakeKernel(["x", "PDL"]), _FakeKernel(["x"])
     bound.launch(takes, (1,), 0, BLOCK=4)
     bound.launch(plain, (1,), 0, BLOCK=4)
-    assert takes.calls == [{"BLOCK": 4, "PDL": True, "launch_pdl": True}]
+    assert takes.calls == [{"BLOCK": 4, "PDL": pdl.mode(), "launch_pdl": True}]
     assert plain.calls == [{"BLOCK": 4}]  # a kernel that does not wait must never launch with PDL
 
 
@@ -51,7 +51,8 @@ def test_off_without_a_hopper_gpu_or_when_switched_off(monkeypatch):
 
 @pytest.mark.gpu  # needs Triton, not a GPU: runs where the GPU suite runs (and under TRITON_INTERPRET=1)
 def test_every_pdl_kernel_of_hattn_waits_first():
-    """Each kernel that declares PDL calls pdl_enter(PDL) before anything else (its docstring aside)."""
+    """Each kernel that declares PDL calls pdl_enter(PDL) before anything else (its docstring aside), but for the
+    skinny GEMM's preload form, which launches its dependents, loads its weight (and nothing else) and then waits."""
     import inspect
 
     from hattn.kernels.attention import decode_triton
@@ -62,12 +63,18 @@ def test_every_pdl_kernel_of_hattn_waits_first():
     if not has_triton():
         pytest.skip("needs Triton")
     kernels = [getattr(m, n) for m in (decode_triton, packed, fused_decode, recurrent, skinny) for n in dir(m)]
-    kernels = {k for k in kernels if hasattr(k, "arg_names") and pdl.takes_pdl(k) and k is not pdl.pdl_enter}
+    kernels = {k for k in kernels if hasattr(k, "arg_names") and pdl.takes_pdl(k)
+               and k not in (pdl.pdl_enter, pdl.pdl_launch_dependents, pdl.pdl_wait)}
     assert len(kernels) >= 10
     for k in kernels:
         body = inspect.getsource(k.fn).split("):\n", 1)[1]
         body = re.sub(r'^\s*""".*?"""\n', "", body, count=1, flags=re.S)
         first = next(line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#"))
+        if k is skinny._preload_kernel:
+            before_wait = body.split("pdl_wait(PDL)")[0]
+            assert first == "pdl_launch_dependents(PDL)" and re.findall(r"tl\.\w+\(\w+", before_wait).count(
+                "tl.load(w_ptr") == 1 and not re.search(r"tl\.(store|atomic)|tl\.load\((?!w_ptr)", before_wait)
+            continue
         assert first == "pdl_enter(PDL)", f"{k.fn.__name__} starts with {first!r}"
 
 
@@ -144,16 +151,30 @@ def test_inductor_kernels_under_hattns_options_wait_before_their_first_access():
     for name, body in kernels:
         first = re.search(r"tl\.extra\.cuda\.gdc_wait\(\)|tl\.(load|store|atomic_\w+)\(", body)
         assert first is not None and "gdc_wait" in first.group(0), f"{name} touches memory before it waits"
+        launches = [m.start() for m in re.finditer(r"gdc_launch_dependents\(\)", body)]
+        if pdl.early:  # one launch, before the wait
+            assert len(launches) == 1 and launches[0] < first.start(), f"{name} launches dependents late"
     assert "launch_pdl': True" in "\n".join(codes) or '"launch_pdl": True' in "\n".join(codes)
     assert torch.equal(out, torch.arange(64, device="cuda", dtype=out.dtype))
 
 
-def test_pieces_compiled_with_pdl_carry_hattns_tag_in_torchs_cache_keys(monkeypatch):
-    """torch's caches must not hand a piece compiled under hattn's wait-first codegen to a compile without it."""
+def test_launch_order_follows_early(monkeypatch):
+    monkeypatch.setattr(pdl, "early", True)
+    assert pdl.mode() == 2  # launch dependents, then wait
+    monkeypatch.setattr(pdl, "early", False)
+    assert pdl.mode() == 1
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_pieces_compiled_with_pdl_carry_hattns_tag_in_torchs_cache_keys(monkeypatch, early):
+    """torch's caches must not hand a piece compiled under hattn's codegen rule to a compile without it, or under
+    the other launch order."""
     monkeypatch.setattr(pdl, "inductor_options", lambda: {"triton.enable_pdl": True})
+    monkeypatch.setattr(pdl, "early", early)
+    tag = pdl.CACHE_TAG_EARLY if early else pdl.CACHE_TAG
     with torch.compiler.config.patch(cache_key_tag=""):
-        assert pdl.compiler_options() == {"cache_key_tag": pdl.CACHE_TAG}
+        assert pdl.compiler_options() == {"cache_key_tag": tag}
     with torch.compiler.config.patch(cache_key_tag="mine"):
-        assert pdl.compiler_options() == {"cache_key_tag": f"mine+{pdl.CACHE_TAG}"}
+        assert pdl.compiler_options() == {"cache_key_tag": f"mine+{tag}"}
     monkeypatch.setattr(pdl, "inductor_options", lambda: {})
     assert pdl.compiler_options() == {}

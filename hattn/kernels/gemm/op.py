@@ -6,9 +6,15 @@ events and remembers the faster; during a capture the remembered choice runs, or
 (hattn's runtimes run a warm-up step before they capture). M > 64, CPU tensors, mixed dtypes and installs without
 Triton always take F.linear. The choice comes from timings, so two processes may choose differently for a shape
 whose times are close (and then differ in rounding): `load_choices` pins a table saved from `choices()`.
+
+`constant_weight=True` (set by `hattn.passes.small_m_linears` for a model's parameters) lets the skinny GEMM load
+the weight before its PDL wait, overlapping the kernels before it; a lone timing cannot see that overlap, so where
+PDL is on such shapes are timed after a kernel of LEAD_NS that lets its dependents launch at once (a decode step's
+small kernels take 1-3 us), the same lead before both candidates.
 """
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -21,6 +27,8 @@ MAX_M = 64  # rows the skinny GEMM serves
 BACKENDS = ("cublas", "triton")
 TIMING_REPS = 5
 HOLD_CYCLES = 10_000_000  # ~5 ms of the device's clock: longer than the host takes to queue TIMING_REPS reps
+LEAD_NS = 2000
+preload_enabled = os.environ.get("HATTN_PRELOAD", "1") != "0"  # A/B runs switch it
 
 
 @dataclass(frozen=True, order=True)
@@ -31,6 +39,7 @@ class Shape:
     dtype: str
     device: str
     bias: bool
+    preload: bool = False  # constant weight, timed after a PDL lead
 
 
 @dataclass(frozen=True)
@@ -43,21 +52,26 @@ class Choice:
 _CHOICES: dict[Shape, Choice] = {}
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y[..., N] = x[..., K] @ weight[N, K]^T (+ bias[N]), as F.linear, by cuBLAS or the skinny GEMM."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            constant_weight: bool = False) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ weight[N, K]^T (+ bias[N]), as F.linear, by cuBLAS or the skinny GEMM.
+    constant_weight: no kernel of the step writes `weight` (see the module's docstring)."""
     x2 = _skinny_rows(x, weight, bias)
-    if x2 is None or _backend(x2, weight, bias) == "cublas":
+    if x2 is None:
+        return F.linear(x, weight, bias)
+    preload = constant_weight and x2.shape[0] <= 4 and preload_enabled and _pdl_active()
+    if _backend(x2, weight, bias, preload) == "cublas":
         return F.linear(x, weight, bias)
     from hattn.kernels.gemm.skinny import skinny_linear
 
-    return skinny_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return skinny_linear(x2, weight, bias, constant_weight=preload).view(*x.shape[:-1], weight.shape[0])
 
 
 linear = torch.library.custom_op("hattn_kernels::linear", mutates_args=())(_linear)
 
 
 @linear.register_fake
-def _(x, weight, bias=None):
+def _(x, weight, bias=None, constant_weight=False):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -72,7 +86,7 @@ def load_choices(rows) -> None:
     for row in rows:
         if row["backend"] not in BACKENDS or row["dtype"] not in dtypes:
             raise ValueError(f"load_choices: row {row} needs a backend of {BACKENDS} and a dtype of {dtypes}")
-        _CHOICES[Shape(*(row[f] for f in Shape.__dataclass_fields__))] = Choice(
+        _CHOICES[Shape(*(row.get(f, False) for f in Shape.__dataclass_fields__))] = Choice(
             row["backend"], row.get("cublas_us"), row.get("triton_us"))
 
 
@@ -88,38 +102,56 @@ def _skinny_rows(x, weight, bias) -> torch.Tensor | None:
     return x.reshape(m, k) if 1 <= m <= MAX_M else None
 
 
-def _backend(x2, weight, bias) -> str:
+def _backend(x2, weight, bias, preload: bool = False) -> str:
     shape = Shape(x2.shape[0], weight.shape[0], x2.shape[1], str(x2.dtype).removeprefix("torch."), str(x2.device),
-                  bias is not None)
+                  bias is not None, preload)
     choice = _CHOICES.get(shape)
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
             return "cublas"
-        choice = _CHOICES[shape] = _measure(x2, weight, bias)
+        choice = _CHOICES[shape] = _measure(x2, weight, bias, preload)
     return choice.backend
 
 
-def _measure(x2, weight, bias) -> Choice:
-    """Time F.linear and the skinny GEMM on these tensors (median of TIMING_REPS each, after a warm-up call).
-    Timing is only a choice: where its L2-flush buffer does not fit in the memory left, cuBLAS serves the shape
-    (remembered, untimed) instead of the call failing."""
+def _pdl_active() -> bool:
+    from hattn.kernels import pdl
+
+    return pdl.active()
+
+
+def _measure(x2, weight, bias, preload: bool = False) -> Choice:
+    """Time F.linear and the skinny GEMM on these tensors (median of TIMING_REPS each, after a warm-up call), each
+    after a PDL lead kernel when `preload` (the lead's time is in both). Timing is only a choice: where its L2-flush
+    buffer does not fit in the memory left, cuBLAS serves the shape (remembered, untimed) instead of the call
+    failing."""
     from hattn.kernels.gemm.skinny import skinny_linear
 
     try:
         flush = torch.empty(_flush_bytes(x2.device) // 4, dtype=torch.int32, device=x2.device)
     except torch.OutOfMemoryError:
         return Choice("cublas")
-    times = {name: _median_us(fn, flush) for name, fn in (("cublas", lambda: F.linear(x2, weight, bias)),
-                                                          ("triton", lambda: skinny_linear(x2, weight, bias)))}
+    lead = _lead if preload else None
+    candidates = (("cublas", lambda: F.linear(x2, weight, bias)),
+                  ("triton", lambda: skinny_linear(x2, weight, bias, constant_weight=preload)))
+    times = {name: _median_us(fn, flush, lead) for name, fn in candidates}
     return Choice(min(times, key=times.get), times["cublas"], times["triton"])
 
 
-def _median_us(fn, flush: torch.Tensor) -> float:
+def _lead() -> None:
+    from hattn.kernels.gemm.lead import lead
+
+    lead(LEAD_NS)
+
+
+def _median_us(fn, flush: torch.Tensor, lead=None) -> float:
     """Median device time of fn() in us. Before each rep, zeroing `flush` evicts the weight from L2 (a decode step
     streams it from HBM). The host's launch overhead (larger for Triton's launcher than for cuBLAS; a CUDA graph
     removes it) must stay out of the time: a sleep kernel holds the device while the host queues every rep, so no
     rep's start event is reached before its kernel is queued. (Without it, the measure inside a model's warm-up,
-    where the host is slower, read the skinny GEMM at 56 us for a 4.6 us call and kept cuBLAS's 12.)"""
+    where the host is slower, read the skinny GEMM at 56 us for a 4.6 us call and kept cuBLAS's 12.) `lead`, when
+    given, launches a kernel just before each rep of fn, inside its time."""
+    if lead is not None:
+        lead()
     fn()  # warm-up: compiles the Triton kernel, sets up cuBLAS
     torch.cuda.synchronize(flush.device)
     hold = getattr(torch.cuda, "_sleep", None)  # private in torch: without it, the flush alone hides the launch
@@ -130,6 +162,8 @@ def _median_us(fn, flush: torch.Tensor) -> float:
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        if lead is not None:
+            lead()
         fn()
         end.record()
         events.append((start, end))

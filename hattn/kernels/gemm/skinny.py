@@ -7,6 +7,11 @@ order (no atomics), so a shape gives the same bits every run. Rows are padded to
 by default, multiplied and summed on the CUDA cores (`Launch.dot`). Capture-safe: no host sync, the grid and the
 config depend on shapes only, and the partials come from `torch.empty` (the graph pool's, when captured).
 The torch reference is `reference.linear_reference`.
+
+A weight no kernel of the step writes (a model's parameter: `constant_weight=True`) is read, for M <= 4, by the
+preload form: each program loads its whole weight slice before it waits for the kernel before it (programmatic
+dependent launch, `hattn.kernels.pdl`), so the weight streams from HBM while the kernels before it run; then x and
+the products. It holds the slice in registers: BLOCK_N x (K a split) at most PRELOAD_TILE elements.
 """
 from __future__ import annotations
 
@@ -21,9 +26,10 @@ import triton.language as tl
 from hattn.kernels.gemm.op import MAX_M
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, next_pow2, sm_count
-from hattn.kernels.pdl import pdl_enter
+from hattn.kernels.pdl import pdl_enter, pdl_launch_dependents, pdl_wait
 
 SPLIT_K_MAX = 16
+PRELOAD_TILE = 16384  # weight elements a program of the preload form holds (8 warps past 8192)
 PARTIALS_SHARE = 0.25  # split-K's fp32 partials (written + read) at most this share of the weight's bytes
 
 
@@ -117,6 +123,31 @@ def _fma_kernel(
 
 
 @triton.jit
+def _preload_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The CUDA-core form for a constant weight: the program's weight slice [BLOCK_N, k_per_split] (BLOCK_K >=
+    k_per_split) is loaded before the wait, then each row of x is multiplied and summed against it."""
+    pdl_launch_dependents(PDL)
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = split * k_per_split + tl.arange(0, BLOCK_K)
+    in_k = (tl.arange(0, BLOCK_K) < k_per_split) & (ks < K)
+    b_w = tl.load(w_ptr + cols[:, None].to(tl.int64) * sw_n + ks[None, :] * sw_k,
+                  mask=(cols[:, None] < N) & in_k[None, :], other=0.0)
+    pdl_wait(PDL)  # nothing before this line reads or writes what another kernel of the step writes
+    rows = tl.arange(0, BLOCK_M)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for m in tl.static_range(BLOCK_M):
+        b_x = tl.load(x_ptr + m * sx_m + ks * sx_k, mask=in_k & (m < M), other=0.0)
+        row = tl.sum(b_x.to(tl.float32)[None, :] * b_w.to(tl.float32), axis=1)
+        acc = tl.where(rows[:, None] == m, row[None, :], acc)
+    _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """y (flat [M * N]) = sum of the SPLIT_K partials [SPLIT_K, M * N] in split order (+ bias), in y's dtype."""
@@ -132,12 +163,13 @@ def _reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIA
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  config: Launch | None = None) -> torch.Tensor:
+                  config: Launch | None = None, constant_weight: bool = False) -> torch.Tensor:
     """y = x @ weight^T (+ bias), fp32 accumulation, in x's dtype.
 
     x: [M, K] with M <= 64, any strides; weight: [N, K] (contiguous rows stream fastest); bias: [N] or None;
     returns y: [M, N] contiguous. All one float dtype (fp16, bf16, fp32; fp32 multiplies in full precision, never
-    TF32). config: the launch; None: `default_launch` of the shape.
+    TF32). config: the launch; None: `default_launch` of the shape. constant_weight: no kernel before this one in
+    the step writes `weight` (a parameter), so the CUDA-core form may load it before its PDL wait.
     """
     _check_once(x, weight, bias)
     (m, k), n = x.shape, weight.shape[0]
@@ -152,9 +184,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     args = (x, weight, bias, out, m, n, k, k_per_split, *x.stride(), *weight.stride(), m * n, n)
     blocks = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=splits, HAS_BIAS=bias is not None,
                   num_warps=config.warps, num_stages=config.stages)
+    preload = preload_block(config, k_per_split) if constant_weight else 0
     if config.dot:
         bound_launch(_skinny_kernel, grid, *args, BLOCK_M=max(16, block_m),
                      PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **blocks)
+    elif preload:
+        blocks.update(BLOCK_K=preload, num_warps=8 if config.block_n * preload > PRELOAD_TILE // 2 else 4)
+        bound_launch(_preload_kernel, grid, *args, BLOCK_M=block_m, **blocks)
     else:
         bound_launch(_fma_kernel, grid, *args, BLOCK_M=block_m, **blocks)
     if splits > 1:
@@ -189,6 +225,13 @@ def default_launch(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
     tiles = triton.cdiv(n, 64)
     split_k = max(1, min(math.ceil(2 * sm_count(device) / tiles), triton.cdiv(k, block_k), by_bytes, SPLIT_K_MAX))
     return Launch(64, block_k, split_k)
+
+
+def preload_block(config: Launch, k_per_split: int) -> int:
+    """The preload form's BLOCK_K (a split's K, rounded up to a power of two) where the CUDA-core form's slice fits
+    PRELOAD_TILE, else 0 (the looping form serves)."""
+    block_k = triton.next_power_of_2(k_per_split)
+    return block_k if not config.dot and config.block_n * block_k <= PRELOAD_TILE else 0
 
 
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
