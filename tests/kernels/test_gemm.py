@@ -7,6 +7,8 @@ rounded to the input dtype). Outputs are NaN-filled before each call, so an elem
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,18 +219,18 @@ def test_linear_op_is_not_taken_for_an_attention_mixer():
 
 def test_load_choices_pins_rows_that_choices_lists_in_order(fresh_choices):
     rows = [dict(m=4, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=False, preload=True, backend="triton",
-                 cublas_us=None, triton_us=None),
+                 cublas_us=None, triton_us=None, split_k=1),
             dict(m=1, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=True, preload=False, backend="cublas",
-                 cublas_us=5.0, triton_us=6.5)]
+                 cublas_us=5.0, triton_us=6.5, split_k=None)]
     load_choices(rows)
     assert choices() == rows[::-1]
     for bad in (dict(backend="cutlass"), dict(dtype="torch.bfloat16")):
         with pytest.raises(ValueError, match=r"needs a backend of \('cublas', 'triton'\) and a dtype of \['float16', "):
             load_choices([rows[0] | bad])
     assert choices() == rows[::-1]
-    older = {f: v for f, v in rows[0].items() if f != "preload"} | {"m": 2}  # a table saved before `preload`
+    older = {f: v for f, v in rows[0].items() if f not in ("preload", "split_k")} | {"m": 2}  # saved before them
     load_choices([older])
-    assert older | {"preload": False} in choices()
+    assert older | {"preload": False, "split_k": None} in choices()
 
 
 # -- the op on CUDA: timed choice, capture -------------------------------------------------------------------------
@@ -319,3 +321,30 @@ def test_linear_op_captured_in_graph_runs_the_pinned_backend_and_replays_new_x(b
         y.fill_(float("nan"))
         graph.replay()
         _assert_matches(y.view(4, 1000), x.view(4, 96), weight, bias)
+
+
+@cuda_test
+def test_linear_op_of_a_constant_weight_times_the_preload_form_with_and_without_split_k(fresh_choices):
+    """With PDL on, a parameter's small-M shape is timed after the lead kernel (preload=True in its row); where the
+    default launch splits K, the unsplit preload launch is timed too and the faster kept; captured, it replays."""
+    from hattn.kernels import pdl
+
+    if not pdl.active():
+        pytest.skip("the preload timing needs PDL (sm_90+)")
+    x, weight, _ = _case(1, 1024, 3584, torch.bfloat16, seed=0)  # the MLP's down projection: split-K by default
+    assert skinny.default_launch(1, 1024, 3584, torch.bfloat16, x.device).split_k > 1
+    _assert_matches(linear(x, weight, None, constant_weight=True), x, weight, None)
+    [row] = choices()
+    assert row["preload"] and row["split_k"] in (None, 1) and row["cublas_us"] > 0 and row["triton_us"] > 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x, weight, None, constant_weight=True)
+    x.copy_(_case(1, 1, 3584, torch.bfloat16, seed=5)[0])
+    graph.replay()
+    _assert_matches(y, x, weight, None)
+
+
+@triton_test
+def test_a_chosen_split_keeps_the_rest_of_the_default_launch():
+    default = skinny.default_launch(1, 1024, 3584, torch.bfloat16, torch.device(DEV))
+    assert op._launch(1, 3584, 1024, torch.bfloat16, torch.device(DEV), 1) == dataclasses.replace(default, split_k=1)

@@ -10,13 +10,16 @@ whose times are close (and then differ in rounding): `load_choices` pins a table
 `constant_weight=True` (set by `hattn.passes.small_m_linears` for a model's parameters) lets the skinny GEMM load
 the weight before its PDL wait, overlapping the kernels before it; a lone timing cannot see that overlap, so where
 PDL is on such shapes are timed after a kernel of LEAD_NS that lets its dependents launch at once (a decode step's
-small kernels take 1-3 us), the same lead before both candidates.
+small kernels take 1-3 us), the same lead before both candidates. The preload form holds a program's whole K range
+at once, so split-K (which shortens a program's K loop) may not pay there: for such shapes the skinny GEMM is also
+timed without split-K, and the faster of its launches is kept (`Choice.split_k`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,7 @@ class Choice:
     backend: str  # one of BACKENDS
     cublas_us: float | None = None  # None: pinned by load_choices, not timed here
     triton_us: float | None = None
+    split_k: int | None = None  # the skinny GEMM's split-K where not its default launch's
 
 
 _CHOICES: dict[Shape, Choice] = {}
@@ -60,11 +64,15 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if x2 is None:
         return F.linear(x, weight, bias)
     preload = constant_weight and x2.shape[0] <= 4 and preload_enabled and _pdl_active()
-    if _backend(x2, weight, bias, preload) == "cublas":
+    choice = _choice(x2, weight, bias, preload)
+    if choice.backend == "cublas":
         return F.linear(x, weight, bias)
     from hattn.kernels.gemm.skinny import skinny_linear
 
-    return skinny_linear(x2, weight, bias, constant_weight=preload).view(*x.shape[:-1], weight.shape[0])
+    config = None if choice.split_k is None else _launch(*x2.shape, weight.shape[0], x2.dtype, x2.device,
+                                                         choice.split_k)
+    return skinny_linear(x2, weight, bias, config=config, constant_weight=preload).view(*x.shape[:-1],
+                                                                                        weight.shape[0])
 
 
 linear = torch.library.custom_op("hattn_kernels::linear", mutates_args=())(_linear)
@@ -87,7 +95,7 @@ def load_choices(rows) -> None:
         if row["backend"] not in BACKENDS or row["dtype"] not in dtypes:
             raise ValueError(f"load_choices: row {row} needs a backend of {BACKENDS} and a dtype of {dtypes}")
         _CHOICES[Shape(*(row.get(f, False) for f in Shape.__dataclass_fields__))] = Choice(
-            row["backend"], row.get("cublas_us"), row.get("triton_us"))
+            row["backend"], row.get("cublas_us"), row.get("triton_us"), row.get("split_k"))
 
 
 def _skinny_rows(x, weight, bias) -> torch.Tensor | None:
@@ -102,15 +110,26 @@ def _skinny_rows(x, weight, bias) -> torch.Tensor | None:
     return x.reshape(m, k) if 1 <= m <= MAX_M else None
 
 
-def _backend(x2, weight, bias, preload: bool = False) -> str:
+def _choice(x2, weight, bias, preload: bool = False) -> Choice:
     shape = Shape(x2.shape[0], weight.shape[0], x2.shape[1], str(x2.dtype).removeprefix("torch."), str(x2.device),
                   bias is not None, preload)
     choice = _CHOICES.get(shape)
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
-            return "cublas"
+            return _CUBLAS
         choice = _CHOICES[shape] = _measure(x2, weight, bias, preload)
-    return choice.backend
+    return choice
+
+
+_CUBLAS = Choice("cublas")
+
+
+@functools.cache
+def _launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, split_k: int):
+    """The default launch of the shape with `split_k` ranges."""
+    from hattn.kernels.gemm.skinny import default_launch
+
+    return replace(default_launch(m, n, k, dtype, device), split_k=split_k)
 
 
 def _pdl_active() -> bool:
@@ -124,17 +143,25 @@ def _measure(x2, weight, bias, preload: bool = False) -> Choice:
     after a PDL lead kernel when `preload` (the lead's time is in both). Timing is only a choice: where its L2-flush
     buffer does not fit in the memory left, cuBLAS serves the shape (remembered, untimed) instead of the call
     failing."""
-    from hattn.kernels.gemm.skinny import skinny_linear
+    from hattn.kernels.gemm.skinny import default_launch, skinny_linear
 
     try:
         flush = torch.empty(_flush_bytes(x2.device) // 4, dtype=torch.int32, device=x2.device)
     except torch.OutOfMemoryError:
         return Choice("cublas")
     lead = _lead if preload else None
-    candidates = (("cublas", lambda: F.linear(x2, weight, bias)),
-                  ("triton", lambda: skinny_linear(x2, weight, bias, constant_weight=preload)))
-    times = {name: _median_us(fn, flush, lead) for name, fn in candidates}
-    return Choice(min(times, key=times.get), times["cublas"], times["triton"])
+    (m, k), n = x2.shape, weight.shape[0]
+    splits = [None]
+    if preload and default_launch(m, n, k, x2.dtype, x2.device).split_k > 1:
+        splits.append(1)
+    times = {("cublas", None): _median_us(lambda: F.linear(x2, weight, bias), flush, lead)}
+    for split in splits:
+        config = None if split is None else _launch(m, k, n, x2.dtype, x2.device, split)
+        times["triton", split] = _median_us(
+            lambda: skinny_linear(x2, weight, bias, config=config, constant_weight=preload), flush, lead)
+    backend, split = min(times, key=times.get)
+    triton_us = min(t for (b, _), t in times.items() if b == "triton")
+    return Choice(backend, times["cublas", None], triton_us, split)
 
 
 def _lead() -> None:
