@@ -10,6 +10,7 @@ through Dynamo's cache after its first calls):
   early            the same, launching the next kernel before the wait (`pdl.early`)
   early+preload    and the skinny GEMM's preload form for constant weights at M <= 4 (`gemm.op.preload_enabled`;
                    hattn's default on sm_90+)
+  +gated           and the `gated_mlp` option: the MLP's down projection reads [gate | up] itself at M <= 4
 Then rounds over the variants: ms a decode step as the bench times it (CUDA events around `run_step` after a sync),
 median of --reps; GPU time a step (torch.profiler's kernel sum) once; each variant's logits against off's (the
 same kernels and arithmetic: the same bits expected).
@@ -28,13 +29,13 @@ from hattn.models.presets import load
 
 from dispatch_ab import decode_step, gpu_us, step_ms  # scripts/ is on sys.path when run as a script
 
-VARIANTS = {"off": (False, False, False, False), "hattn": (True, False, False, False),
-            "hattn+inductor": (True, True, False, False), "early": (True, True, True, False),
-            "early+preload": (True, True, True, True)}
+VARIANTS = {"off": (False, False, False, False, False), "hattn": (True, False, False, False, False),
+            "hattn+inductor": (True, True, False, False, False), "early": (True, True, True, False, False),
+            "early+preload": (True, True, True, True, False), "+gated": (True, True, True, True, True)}
 
 
 def _set(variant: str) -> None:
-    pdl.enabled, pdl.inductor_enabled, pdl.early, gemm_op.preload_enabled = VARIANTS[variant]
+    pdl.enabled, pdl.inductor_enabled, pdl.early, gemm_op.preload_enabled, _ = VARIANTS[variant]
 
 
 def _restore(cache, snapshot) -> None:
@@ -69,7 +70,8 @@ def main() -> None:
         for v in variants:
             _set(v)
             t0 = time.perf_counter()
-            models[v] = torch.compile(lm, backend=hattn.backend(mode=mode, progress=False, capture_sizes=batches))
+            models[v] = torch.compile(lm, backend=hattn.backend(mode=mode, progress=False, capture_sizes=batches,
+                                                                gated_mlp=VARIANTS[v][4]))
             for b in batches:
                 for _ in range(3):
                     step(models[v], b)

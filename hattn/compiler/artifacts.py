@@ -148,6 +148,7 @@ def key_fields(gm: fx.GraphModule, example_inputs: list, config) -> dict:
         "mode": config.mode,
         "inner_compiler": config.inner_compiler,
         "capture_sizes": list(config.capture_sizes),
+        "passes": {name: getattr(config, name) for name in ("fuse_linears", "small_m_gemm", "gated_mlp")},
         "hattn": hattn_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),

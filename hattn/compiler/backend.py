@@ -170,7 +170,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     if config.fuse_linears:
         stats.fused_linears += fuse_linears(gm, example_inputs)
     if config.small_m_gemm:
-        stats.small_m_linears += route_small_m_linears(gm, example_inputs)
+        stats.small_m_linears += route_small_m_linears(gm, example_inputs, gated=config.gated_mlp)
     split_gm, info = split_graph(gm)
     stats.split_seconds += time.perf_counter() - start
     stats.graphs_compiled += 1

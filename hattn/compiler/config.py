@@ -40,6 +40,9 @@ class Config:
                     is faster for the shape (hattn.passes.small_m_linears)
     fuse_linears    run linears that share an input as one GEMM on weights concatenated once (the parameters
                     become views of the fused buffer: no second copy); see hattn.passes.fuse_linears
+    gated_mlp       with small_m_gemm and fuse_linears: a gated MLP's down projection reads the fused gate/up
+                    output itself at M <= 4 (no kernel writing silu(gate) * up between them). Off by default until
+                    measured on a GPU (tested for equality; hattn.passes.small_m_linears)
     """
 
     mode: str = "pcg"
@@ -49,6 +52,7 @@ class Config:
     progress: bool = True
     fuse_linears: bool = True
     small_m_gemm: bool = True
+    gated_mlp: bool = False
     cache_dir: str | None = None
 
     def __post_init__(self):

@@ -201,10 +201,10 @@ def fake_cache(monkeypatch):
     return cache
 
 
-def _run(cache_dir, seed=0, **overrides) -> Stats:
+def _run(cache_dir, seed=0, options=None, **overrides) -> Stats:
     torch._dynamo.reset()  # what a new process starts with
     model = toy_model(seed=seed, pattern=overrides.pop("pattern", LINEAR3), **overrides)
-    be = backend(mode="eager", progress=False, cache_dir=str(cache_dir))
+    be = backend(mode="eager", progress=False, cache_dir=str(cache_dir), **(options or {}))
     with torch.inference_mode():
         torch.testing.assert_close(torch.compile(model, backend=be)(_ids(9)), model(_ids(9)), rtol=1e-5, atol=1e-5)
     return be.stats
@@ -229,6 +229,10 @@ def test_warm_start_same_config_hits_changed_config_misses(fake_cache, tmp_path,
     assert (changed.cache_hits, changed.cache_misses) == (0, 1)
     assert fake_cache.loaded == [b"piece0,piece1,piece2,autotune"]  # the other key's entry was not read
     assert len(artifacts.entries(tmp_path)) == 2
+    for option in ("fuse_linears", "gated_mlp"):  # a graph pass switched: other compiled code, another key
+        other = _run(tmp_path, options={option: not getattr(Config(), option)})
+        assert (other.cache_hits, other.cache_misses) == (0, 1), option
+    assert len(artifacts.entries(tmp_path)) == 4
 
 
 def test_cache_dir_keeps_tritons_kernel_cache_unless_the_user_chose_one(fake_cache, tmp_path, monkeypatch, one_thread):

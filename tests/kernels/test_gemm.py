@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hattn.kernels.gemm import choices, linear, load_choices, op
-from hattn.kernels.gemm.reference import linear_reference
+from hattn.kernels.gemm.reference import gated_input_reference, linear_reference
 from hattn.kernels.launch import interpreting, sm_count
 from hattn.registry import split_op_of, unregistered_mixer
 
@@ -115,6 +115,30 @@ def test_skinny_linear_of_a_constant_weight_preloads_and_matches_reference(dtype
     k_per_split, _ = skinny.split_plan(k, config.block_k, config.split_k)
     assert skinny.preload_block(config, k_per_split) >= k_per_split  # the preload form serves these shapes
     _assert_matches(skinny.skinny_linear(x, weight, b, config=config, constant_weight=True), x, weight, b)
+
+
+@triton_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@given(m=st.integers(1, 4), n=st.integers(1, 70), k=st.one_of(st.sampled_from([1, 300]), st.integers(1, 140)),
+       bias=st.booleans(), constant=st.booleans(), split_k=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_gated_skinny_linear_reads_gate_and_up_itself(dtype, m, n, k, bias, constant, split_k, seed, nan_empty):
+    """gated=True: y = (silu(gate) * up) @ w^T from [gate | up] rows (strided: a slice of a wider buffer), in both
+    CUDA-core forms, against the reference of the product rounded to x's dtype."""
+    gate_up, _, _ = _case(m, 2 * k, 2 * k, dtype, seed, layout="rows")  # [m, 2k], row stride 2k + 7
+    _, weight, b = _case(m, n, k, dtype, seed + 1, bias)
+    config = skinny.Launch(4, 32, split_k, dot=False)
+    y = skinny.skinny_linear(gate_up, weight, b, config=config, constant_weight=constant, gated=True)
+    _assert_matches(y, gated_input_reference(gate_up), weight, b)
+
+
+@triton_test
+def test_gated_skinny_linear_rejects_the_dot_form_and_a_wrong_width():
+    gate_up, weight, _ = _case(8, 16, 32, torch.bfloat16, seed=0, bias=False)
+    with pytest.raises(ValueError, match=r"gated=True runs on the CUDA-core forms"):
+        skinny.skinny_linear(gate_up, weight[:, :16], gated=True, config=skinny.Launch(16, 16, 1))
+    with pytest.raises(ValueError, match=r"do not fit x \[M, 2K\]"):
+        skinny.skinny_linear(gate_up[:1], weight, gated=True)
 
 
 @triton_test
@@ -348,3 +372,15 @@ def test_linear_op_of_a_constant_weight_times_the_preload_form_with_and_without_
 def test_a_chosen_split_keeps_the_rest_of_the_default_launch():
     default = skinny.default_launch(1, 1024, 3584, torch.bfloat16, torch.device(DEV))
     assert op._launch(1, 3584, 1024, torch.bfloat16, torch.device(DEV), 1) == dataclasses.replace(default, split_k=1)
+
+
+@cuda_test
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_gated_linear_op_equals_silu_times_up_then_linear(rows, fresh_choices):
+    """hattn_kernels::gated_linear: the skinny GEMM reading [gate | up] at M <= 4, silu * up then `linear` above."""
+    from hattn.kernels.gemm.op import gated_linear
+
+    gate_up, _, _ = _case(rows, 2 * 3584, 16, torch.bfloat16, seed=rows)
+    _, weight, bias = _case(rows, 1024, 3584, torch.bfloat16, seed=rows + 1)
+    y = gated_linear(gate_up.view(rows, 1, -1), weight, bias, constant_weight=True)
+    _assert_matches(y.view(rows, -1), gated_input_reference(gate_up), weight, bias)

@@ -39,8 +39,8 @@ def _capture_safe(lm) -> bool:
     return set(lm.layer_kinds.values()) <= safe
 
 
-def _run(lm, prompts, mode, inner, new_tokens=NEW):
-    be = backend(mode=mode, capture_sizes=SIZES, inner_compiler=inner, progress=False)
+def _run(lm, prompts, mode, inner, new_tokens=NEW, **options):
+    be = backend(mode=mode, capture_sizes=SIZES, inner_compiler=inner, progress=False, **options)
     model = torch.compile(lm, backend=be)
     cache = lm.make_cache(slots=len(prompts), max_len=64)  # 3 decode rows pad to a graph of 4
     params = SamplingParams(max_new_tokens=new_tokens)
@@ -80,6 +80,16 @@ def test_inductor_pieces_bf16_match_hf(mode):
     ok, note = check_tokens(ref, first, TIE)
     assert ok, note
     assert first == second
+
+
+@pytest.mark.parametrize("mode", ["eager", "full"])
+def test_gated_mlp_option_bf16_matches_hf(mode):
+    """gated_mlp: the MLP's down projection reads the fused gate/up output itself at M <= 4 (decode rows)."""
+    lm, prompts, ref = _case("tiny")
+    first, second, stats = _run(lm, prompts, mode, "inductor", gated_mlp=True)
+    ok, note = check_tokens(ref, first, TIE)
+    assert ok, note
+    assert first == second and stats.small_m_linears > 0
 
 
 def test_qwen3_5_1b_preset_generates_in_pcg():

@@ -83,6 +83,39 @@ def _(x, weight, bias=None, constant_weight=False):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
+def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  constant_weight: bool = False) -> torch.Tensor:
+    """A gated MLP's down projection: (silu(gate) * up) @ weight^T (+ bias), gate_up [..., 2K] = [gate | up],
+    weight [N, K]. Where the skinny GEMM serves the rows (M <= 4) it reads gate_up itself; otherwise silu * mul in
+    torch, then `linear`."""
+    k = weight.shape[-1] if weight.dim() == 2 else -1
+    if gate_up.shape[-1] != 2 * k:
+        raise ValueError(f"gated_linear: gate_up [..., {gate_up.shape[-1]}] must hold [gate | up] of the weight's "
+                         f"K={k} each (2K = {2 * k})")
+    gate, up = gate_up.split(k, dim=-1)
+    x2 = _skinny_rows(gate, weight, bias)
+    if x2 is not None and x2.shape[0] <= 4:
+        rows = gate_up.reshape(-1, 2 * k)
+        preload = constant_weight and preload_enabled and _pdl_active()
+        choice = _choice(x2, weight, bias, preload)  # timed as the plain linear of these rows
+        if choice.backend == "triton":
+            from hattn.kernels.gemm.skinny import skinny_linear
+
+            config = None if choice.split_k is None else _launch(*x2.shape, weight.shape[0], x2.dtype, x2.device,
+                                                                 choice.split_k)
+            return skinny_linear(rows, weight, bias, config=config, constant_weight=preload, gated=True).view(
+                *gate_up.shape[:-1], weight.shape[0])
+    return _linear(F.silu(gate) * up, weight, bias, constant_weight)
+
+
+gated_linear = torch.library.custom_op("hattn_kernels::gated_linear", mutates_args=())(_gated_linear)
+
+
+@gated_linear.register_fake
+def _(gate_up, weight, bias=None, constant_weight=False):
+    return gate_up.new_empty(*gate_up.shape[:-1], weight.shape[0])
+
+
 def choices() -> list[dict]:
     """The remembered choices, one row a shape: m, n, k, dtype, device, bias, backend, cublas_us, triton_us."""
     return [asdict(s) | asdict(c) for s, c in sorted(_CHOICES.items(), key=lambda kv: kv[0])]

@@ -12,6 +12,10 @@ A weight no kernel of the step writes (a model's parameter: `constant_weight=Tru
 preload form: each program loads its whole weight slice before it waits for the kernel before it (programmatic
 dependent launch, `hattn.kernels.pdl`), so the weight streams from HBM while the kernels before it run; then x and
 the products. It holds the slice in registers: BLOCK_N x (K a split) at most PRELOAD_TILE elements.
+
+`gated=True` (M <= 4, the CUDA-core forms) reads x as a gated MLP's fused gate/up output [M, 2K] and multiplies
+silu(x[:, :K]) * x[:, K:] (in fp32, rounded to x's dtype as inductor's fused kernel stores it) instead of x: the MLP's
+down projection without the kernel that would write that product first (`hattn_kernels::gated_linear`).
 """
 from __future__ import annotations
 
@@ -74,6 +78,16 @@ def _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K:
 
 
 @triton.jit
+def _load_x(x_ptr, offs, mask, K, sx_k, GATED: tl.constexpr):
+    """x at `offs` (fp32), or with GATED silu(gate) * up of the fused [gate | up] row, rounded to x's dtype."""
+    if GATED:
+        gate = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + offs + K * sx_k, mask=mask, other=0.0).to(tl.float32)
+        return (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _skinny_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -102,7 +116,7 @@ def _skinny_kernel(
 def _fma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False, GATED: tl.constexpr = False,
 ):
     """The CUDA-core form of `_skinny_kernel` for M <= 4: products accumulate elementwise in [BLOCK_M, BLOCK_N,
     BLOCK_K] and are summed over K once after the loop (a sum every K step is a cross-thread reduction each time)."""
@@ -111,14 +125,14 @@ def _fma_kernel(
     rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
-    p_x = x_ptr + rows[:, None] * sx_m + ks[None, :] * sx_k
+    x_offs = rows[:, None] * sx_m + ks[None, :] * sx_k
     p_w = w_ptr + cols[:, None].to(tl.int64) * sw_n + ks[None, :] * sw_k
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     start = split * k_per_split
     for k0 in range(start, tl.minimum(start + k_per_split, K), BLOCK_K):
-        b_x = tl.load(p_x + k0 * sx_k, mask=(rows[:, None] < M) & (k0 + ks[None, :] < K), other=0.0)
+        b_x = _load_x(x_ptr, x_offs + k0 * sx_k, (rows[:, None] < M) & (k0 + ks[None, :] < K), K, sx_k, GATED)
         b_w = tl.load(p_w + k0 * sw_k, mask=(cols[:, None] < N) & (k0 + ks[None, :] < K), other=0.0)
-        acc += b_x.to(tl.float32)[:, None, :] * b_w.to(tl.float32)[None, :, :]
+        acc += b_x[:, None, :] * b_w.to(tl.float32)[None, :, :]
     _store_tile(tl.sum(acc, axis=2), b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K, HAS_BIAS)
 
 
@@ -126,7 +140,7 @@ def _fma_kernel(
 def _preload_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False, GATED: tl.constexpr = False,
 ):
     """The CUDA-core form for a constant weight: the program's weight slice [BLOCK_N, k_per_split] (BLOCK_K >=
     k_per_split) is loaded before the wait, then each row of x is multiplied and summed against it."""
@@ -141,8 +155,8 @@ def _preload_kernel(
     rows = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for m in tl.static_range(BLOCK_M):
-        b_x = tl.load(x_ptr + m * sx_m + ks * sx_k, mask=in_k & (m < M), other=0.0)
-        row = tl.sum(b_x.to(tl.float32)[None, :] * b_w.to(tl.float32), axis=1)
+        b_x = _load_x(x_ptr, m * sx_m + ks * sx_k, in_k & (m < M), K, sx_k, GATED)
+        row = tl.sum(b_x[None, :] * b_w.to(tl.float32), axis=1)
         acc = tl.where(rows[:, None] == m, row[None, :], acc)
     _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K, HAS_BIAS)
 
@@ -163,27 +177,31 @@ def _reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIA
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  config: Launch | None = None, constant_weight: bool = False) -> torch.Tensor:
+                  config: Launch | None = None, constant_weight: bool = False, gated: bool = False) -> torch.Tensor:
     """y = x @ weight^T (+ bias), fp32 accumulation, in x's dtype.
 
     x: [M, K] with M <= 64, any strides; weight: [N, K] (contiguous rows stream fastest); bias: [N] or None;
     returns y: [M, N] contiguous. All one float dtype (fp16, bf16, fp32; fp32 multiplies in full precision, never
     TF32). config: the launch; None: `default_launch` of the shape. constant_weight: no kernel before this one in
-    the step writes `weight` (a parameter), so the CUDA-core form may load it before its PDL wait.
+    the step writes `weight` (a parameter), so the CUDA-core form may load it before its PDL wait. gated: x is
+    [M, 2K], a gated MLP's [gate | up], and y = (silu(gate) * up) @ weight^T (M <= 4: the CUDA-core forms).
     """
-    _check_once(x, weight, bias)
-    (m, k), n = x.shape, weight.shape[0]
+    _check_once(x, weight, bias, gated)
+    (m, k), n = (x.shape[0], weight.shape[1]), weight.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
     config = config or default_launch(m, n, k, x.dtype, x.device)
+    if gated and config.dot:
+        raise ValueError(f"skinny_linear: gated=True runs on the CUDA-core forms (M <= 4), not the launch {config} "
+                         f"(M={m}); compute silu(gate) * up first and call it without gated")
     bias = None if bias is None else bias.contiguous()
     k_per_split, splits = split_plan(k, config.block_k, config.split_k)
     out = y if splits == 1 else torch.empty(splits, m, n, device=x.device, dtype=torch.float32)
     block_m, grid = next_pow2(m), (triton.cdiv(n, config.block_n), splits)
     args = (x, weight, bias, out, m, n, k, k_per_split, *x.stride(), *weight.stride(), m * n, n)
     blocks = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=splits, HAS_BIAS=bias is not None,
-                  num_warps=config.warps, num_stages=config.stages)
+                  num_warps=config.warps, num_stages=config.stages, **({"GATED": True} if gated else {}))
     preload = preload_block(config, k_per_split) if constant_weight else 0
     if config.dot:
         bound_launch(_skinny_kernel, grid, *args, BLOCK_M=max(16, block_m),
@@ -241,12 +259,13 @@ def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
     return k_per_split, max(1, triton.cdiv(k, k_per_split))
 
 
-def _check(x, weight, bias) -> None:
+def _check(x, weight, bias, gated=False) -> None:
     check_device("skinny_linear", x=x, weight=weight, bias=bias)
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or (
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != (2 if gated else 1) * weight.shape[1] or (
             bias is not None and tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"skinny_linear: x {list(x.shape)}, weight {list(weight.shape)}, bias "
-                         f"{None if bias is None else list(bias.shape)} do not fit x [M, K], weight [N, K], bias [N]")
+                         f"{None if bias is None else list(bias.shape)} do not fit x [M, {'2K' if gated else 'K'}], "
+                         f"weight [N, K], bias [N]")
     if x.shape[0] > MAX_M:
         raise ValueError(f"skinny_linear: x has M={x.shape[0]} rows, more than the {MAX_M} this kernel serves; "
                          f"use torch.nn.functional.linear (or hattn.kernels.gemm.linear, which picks it)")
