@@ -134,15 +134,15 @@ def _print_gemm_choices() -> None:
     """hattn_kernels::linear's choice per shape (cuBLAS or the skinny GEMM) with both timings."""
     from hattn.kernels.gemm.op import choices
 
-    print("-- GEMM choices (m n k: backend, cublas us, triton us; preload: timed after a PDL lead, split: the kept "
-          "split-K where not the default)")
+    print("-- GEMM choices (m n k: backend, cublas us, triton us; preload: timed after a PDL lead; the skinny "
+          "GEMM's launch where not its default)")
     def us(v):
         return "-" if v is None else f"{v:.2f}"
 
     for c in choices():
-        split = "" if c["split_k"] is None else f"  split {c['split_k']}"
+        launch = "" if c["launch"] is None else "  " + " ".join(f"{f}={v}" for f, v in c["launch"].items())
         print(f"   {c['m']:3d} {c['n']:6d} {c['k']:5d}: {c['backend']:6s} {us(c['cublas_us']):>7s} "
-              f"{us(c['triton_us']):>7s}{'  preload' if c['preload'] else ''}{split}")
+              f"{us(c['triton_us']):>7s}{'  preload' if c['preload'] else ''}{launch}")
 
 
 def main() -> None:

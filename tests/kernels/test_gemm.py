@@ -118,6 +118,21 @@ def test_skinny_linear_of_a_constant_weight_preloads_and_matches_reference(dtype
 
 
 @triton_test
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(m=st.integers(5, 16), n=st.one_of(st.sampled_from([1, 300]), st.integers(1, 70)),
+       k=st.one_of(st.sampled_from([1, 300, 3584]), st.integers(1, 140)), bias=st.booleans(),
+       narrow=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_skinny_linear_of_a_constant_weight_preloads_in_the_dot_form(dtype, m, n, k, bias, narrow, seed, nan_empty):
+    """5 <= M <= 16: the tl.dot preload form with preload_dot_launch's narrow tiles, or the default launch where its
+    slices fit, against the reference."""
+    x, weight, b = _case(m, n, k, dtype, seed, bias, "columns")
+    config = (skinny.preload_dot_launch(m, n, k, dtype) if narrow else
+              skinny.default_launch(m, n, k, dtype, x.device))
+    _assert_matches(skinny.skinny_linear(x, weight, b, config=config, constant_weight=True), x, weight, b)
+
+
+@triton_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @given(m=st.integers(1, 4), n=st.integers(1, 70), k=st.one_of(st.sampled_from([1, 300]), st.integers(1, 140)),
        bias=st.booleans(), constant=st.booleans(), split_k=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
@@ -129,7 +144,12 @@ def test_gated_skinny_linear_reads_gate_and_up_itself(dtype, m, n, k, bias, cons
     _, weight, b = _case(m, n, k, dtype, seed + 1, bias)
     config = skinny.Launch(4, 32, split_k, dot=False)
     y = skinny.skinny_linear(gate_up, weight, b, config=config, constant_weight=constant, gated=True)
-    _assert_matches(y, gated_input_reference(gate_up), weight, b)
+    x = gated_input_reference(gate_up)
+    want = linear_reference(x, weight, b)
+    # sigmoid's last fp32 bit may round the product to the neighbouring value of x's dtype: one ulp of each term
+    ulp = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
+    tol = TOL[dtype] * want.abs().max().item() + ulp * (x.float().abs() @ weight.float().abs().T).max().item()
+    torch.testing.assert_close(y.float().cpu(), want.cpu(), rtol=0, atol=tol)
 
 
 @triton_test
@@ -145,7 +165,9 @@ def test_gated_skinny_linear_rejects_the_dot_form_and_a_wrong_width():
 def test_preload_falls_back_to_the_looping_form_past_its_tile():
     wide = skinny.Launch(16, 256, 1, dot=False)
     assert skinny.preload_block(wide, 1024) == 1024 and skinny.preload_block(wide, 2048) == 0
-    assert skinny.preload_block(skinny.Launch(16, 256, 1, dot=True), 256) == 0  # tl.dot's form never preloads
+    dot = skinny.Launch(64, 128, 1, dot=True)
+    assert skinny.preload_block(dot, 256, m=8) == 256 and skinny.preload_block(dot, 512, m=8) == 0
+    assert skinny.preload_block(skinny.Launch(16, 128, 1, dot=True), 512, m=64) == 0  # x's 64 rows do not fit
 
 
 @triton_test
@@ -243,18 +265,19 @@ def test_linear_op_is_not_taken_for_an_attention_mixer():
 
 def test_load_choices_pins_rows_that_choices_lists_in_order(fresh_choices):
     rows = [dict(m=4, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=False, preload=True, backend="triton",
-                 cublas_us=None, triton_us=None, split_k=1),
+                 cublas_us=None, triton_us=None,
+                 launch=dict(block_n=4, block_k=256, split_k=1, warps=4, stages=4, dot=False)),
             dict(m=1, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=True, preload=False, backend="cublas",
-                 cublas_us=5.0, triton_us=6.5, split_k=None)]
+                 cublas_us=5.0, triton_us=6.5, launch=None)]
     load_choices(rows)
     assert choices() == rows[::-1]
     for bad in (dict(backend="cutlass"), dict(dtype="torch.bfloat16")):
         with pytest.raises(ValueError, match=r"needs a backend of \('cublas', 'triton'\) and a dtype of \['float16', "):
             load_choices([rows[0] | bad])
     assert choices() == rows[::-1]
-    older = {f: v for f, v in rows[0].items() if f not in ("preload", "split_k")} | {"m": 2}  # saved before them
+    older = {f: v for f, v in rows[0].items() if f not in ("preload", "launch")} | {"m": 2}  # saved before them
     load_choices([older])
-    assert older | {"preload": False, "split_k": None} in choices()
+    assert older | {"preload": False, "launch": None} in choices()
 
 
 # -- the op on CUDA: timed choice, capture -------------------------------------------------------------------------
@@ -359,7 +382,8 @@ def test_linear_op_of_a_constant_weight_times_the_preload_form_with_and_without_
     assert skinny.default_launch(1, 1024, 3584, torch.bfloat16, x.device).split_k > 1
     _assert_matches(linear(x, weight, None, constant_weight=True), x, weight, None)
     [row] = choices()
-    assert row["preload"] and row["split_k"] in (None, 1) and row["cublas_us"] > 0 and row["triton_us"] > 0
+    assert row["preload"] and row["cublas_us"] > 0 and row["triton_us"] > 0
+    assert row["launch"] is None or row["launch"]["split_k"] == 1
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = linear(x, weight, None, constant_weight=True)
@@ -369,9 +393,14 @@ def test_linear_op_of_a_constant_weight_times_the_preload_form_with_and_without_
 
 
 @triton_test
-def test_a_chosen_split_keeps_the_rest_of_the_default_launch():
-    default = skinny.default_launch(1, 1024, 3584, torch.bfloat16, torch.device(DEV))
-    assert op._launch(1, 3584, 1024, torch.bfloat16, torch.device(DEV), 1) == dataclasses.replace(default, split_k=1)
+def test_preload_shapes_are_also_timed_unsplit_or_with_narrow_dot_tiles():
+    dev, bf16 = torch.device(DEV), torch.bfloat16
+    default = skinny.default_launch(1, 1024, 3584, bf16, dev)
+    assert op.preload_launches(1, 1024, 3584, bf16, dev) == [dataclasses.replace(default, split_k=1)]
+    assert op.preload_launches(1, 1024, 1024, bf16, dev) == []  # the default does not split
+    [dot] = op.preload_launches(16, 8224, 3584, bf16, dev)
+    assert (dot.dot, dot.block_n, dot.block_k, dot.split_k) == (True, 16, 1024, 4)
+    assert op.preload_launches(32, 8224, 1024, bf16, dev) == []
 
 
 @cuda_test

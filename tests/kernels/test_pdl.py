@@ -70,7 +70,7 @@ def test_every_pdl_kernel_of_hattn_waits_first():
         body = inspect.getsource(k.fn).split("):\n", 1)[1]
         body = re.sub(r'^\s*""".*?"""\n', "", body, count=1, flags=re.S)
         first = next(line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#"))
-        if k is skinny._preload_kernel:
+        if k in (skinny._preload_kernel, skinny._preload_dot_kernel):
             before_wait = body.split("pdl_wait(PDL)")[0]
             assert first == "pdl_launch_dependents(PDL)" and re.findall(r"tl\.\w+\(\w+", before_wait).count(
                 "tl.load(w_ptr") == 1 and not re.search(r"tl\.(store|atomic)|tl\.load\((?!w_ptr)", before_wait)

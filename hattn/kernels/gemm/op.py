@@ -10,13 +10,13 @@ whose times are close (and then differ in rounding): `load_choices` pins a table
 `constant_weight=True` (set by `hattn.passes.small_m_linears` for a model's parameters) lets the skinny GEMM load
 the weight before its PDL wait, overlapping the kernels before it; a lone timing cannot see that overlap, so where
 PDL is on such shapes are timed after a kernel of LEAD_NS that lets its dependents launch at once (a decode step's
-small kernels take 1-3 us), the same lead before both candidates. The preload form holds a program's whole K range
-at once, so split-K (which shortens a program's K loop) may not pay there: for such shapes the skinny GEMM is also
-timed without split-K, and the faster of its launches is kept (`Choice.split_k`).
+small kernels take 1-3 us), the same lead before both candidates. The preload forms hold a program's whole K range
+at once, so the default launch may not suit them: for such shapes the skinny GEMM is also timed without split-K
+(M <= 4, where the default splits) and with `skinny.preload_dot_launch`'s narrow tiles (5 <= M <= 16), and the
+fastest launch is kept (`Choice.launch`).
 """
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +32,31 @@ TIMING_REPS = 5
 HOLD_CYCLES = 10_000_000  # ~5 ms of the device's clock: longer than the host takes to queue TIMING_REPS reps
 LEAD_NS = 2000
 preload_enabled = os.environ.get("HATTN_PRELOAD", "1") != "0"  # A/B runs switch it
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How `skinny_linear` launches: BLOCK_N output columns a program, BLOCK_K of K a loop step, K split into
+    `split_k` ranges (fewer when K has fewer blocks: each range holds whole blocks), `warps` and pipeline `stages`,
+    and `dot`: tl.dot on rows padded to >= 16 (True) or a multiply-sum over the rows on the CUDA cores (False)."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 4
+    dot: bool = True
+
+    def __post_init__(self):
+        for name, least in (("block_n", 16 if self.dot else 1), ("block_k", 16), ("warps", 1)):
+            v = getattr(self, name)
+            if v < least or v & (v - 1):
+                raise ValueError(f"Launch: {name}={v} must be a power of two >= {least}")
+        if self.split_k < 1 or self.stages < 1:
+            raise ValueError(f"Launch: split_k={self.split_k} and stages={self.stages} must be >= 1")
+
+    def __str__(self) -> str:
+        return f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} w{self.warps}"
 
 
 @dataclass(frozen=True, order=True)
@@ -50,7 +75,7 @@ class Choice:
     backend: str  # one of BACKENDS
     cublas_us: float | None = None  # None: pinned by load_choices, not timed here
     triton_us: float | None = None
-    split_k: int | None = None  # the skinny GEMM's split-K where not its default launch's
+    launch: Launch | None = None  # the skinny GEMM's launch where not its default one
 
 
 _CHOICES: dict[Shape, Choice] = {}
@@ -63,16 +88,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     x2 = _skinny_rows(x, weight, bias)
     if x2 is None:
         return F.linear(x, weight, bias)
-    preload = constant_weight and x2.shape[0] <= 4 and preload_enabled and _pdl_active()
+    preload = constant_weight and preload_enabled and _pdl_active()
     choice = _choice(x2, weight, bias, preload)
     if choice.backend == "cublas":
         return F.linear(x, weight, bias)
     from hattn.kernels.gemm.skinny import skinny_linear
 
-    config = None if choice.split_k is None else _launch(*x2.shape, weight.shape[0], x2.dtype, x2.device,
-                                                         choice.split_k)
-    return skinny_linear(x2, weight, bias, config=config, constant_weight=preload).view(*x.shape[:-1],
-                                                                                        weight.shape[0])
+    return skinny_linear(x2, weight, bias, config=choice.launch, constant_weight=preload).view(*x.shape[:-1],
+                                                                                               weight.shape[0])
 
 
 linear = torch.library.custom_op("hattn_kernels::linear", mutates_args=())(_linear)
@@ -101,10 +124,8 @@ def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         if choice.backend == "triton":
             from hattn.kernels.gemm.skinny import skinny_linear
 
-            config = None if choice.split_k is None else _launch(*x2.shape, weight.shape[0], x2.dtype, x2.device,
-                                                                 choice.split_k)
-            return skinny_linear(rows, weight, bias, config=config, constant_weight=preload, gated=True).view(
-                *gate_up.shape[:-1], weight.shape[0])
+            return skinny_linear(rows, weight, bias, config=choice.launch, constant_weight=preload,
+                                 gated=True).view(*gate_up.shape[:-1], weight.shape[0])
     return _linear(F.silu(gate) * up, weight, bias, constant_weight)
 
 
@@ -117,7 +138,8 @@ def _(gate_up, weight, bias=None, constant_weight=False):
 
 
 def choices() -> list[dict]:
-    """The remembered choices, one row a shape: m, n, k, dtype, device, bias, backend, cublas_us, triton_us."""
+    """The remembered choices, one row a shape: m, n, k, dtype, device, bias, preload, backend, cublas_us,
+    triton_us, launch (the skinny GEMM's launch as a dict, None: its default)."""
     return [asdict(s) | asdict(c) for s, c in sorted(_CHOICES.items(), key=lambda kv: kv[0])]
 
 
@@ -128,7 +150,11 @@ def load_choices(rows) -> None:
         if row["backend"] not in BACKENDS or row["dtype"] not in dtypes:
             raise ValueError(f"load_choices: row {row} needs a backend of {BACKENDS} and a dtype of {dtypes}")
         _CHOICES[Shape(*(row.get(f, False) for f in Shape.__dataclass_fields__))] = Choice(
-            row["backend"], row.get("cublas_us"), row.get("triton_us"), row.get("split_k"))
+            row["backend"], row.get("cublas_us"), row.get("triton_us"), _launch_of(row.get("launch")))
+
+
+def _launch_of(fields: dict | None) -> Launch | None:
+    return None if fields is None else Launch(**fields)
 
 
 def _skinny_rows(x, weight, bias) -> torch.Tensor | None:
@@ -157,12 +183,14 @@ def _choice(x2, weight, bias, preload: bool = False) -> Choice:
 _CUBLAS = Choice("cublas")
 
 
-@functools.cache
-def _launch(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, split_k: int):
-    """The default launch of the shape with `split_k` ranges."""
-    from hattn.kernels.gemm.skinny import default_launch
+def preload_launches(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> list:
+    """Launches besides the default that the preload forms are timed with for this shape (see the docstring)."""
+    from hattn.kernels.gemm.skinny import default_launch, preload_dot_launch
 
-    return replace(default_launch(m, n, k, dtype, device), split_k=split_k)
+    default = default_launch(m, n, k, dtype, device)
+    extra = [replace(default, split_k=1)] if not default.dot and default.split_k > 1 else []
+    dot = preload_dot_launch(m, n, k, dtype)
+    return extra + ([dot] if dot is not None and dot != default else [])
 
 
 def _pdl_active() -> bool:
@@ -176,7 +204,7 @@ def _measure(x2, weight, bias, preload: bool = False) -> Choice:
     after a PDL lead kernel when `preload` (the lead's time is in both). Timing is only a choice: where its L2-flush
     buffer does not fit in the memory left, cuBLAS serves the shape (remembered, untimed) instead of the call
     failing."""
-    from hattn.kernels.gemm.skinny import default_launch, skinny_linear
+    from hattn.kernels.gemm.skinny import skinny_linear
 
     try:
         flush = torch.empty(_flush_bytes(x2.device) // 4, dtype=torch.int32, device=x2.device)
@@ -184,17 +212,14 @@ def _measure(x2, weight, bias, preload: bool = False) -> Choice:
         return Choice("cublas")
     lead = _lead if preload else None
     (m, k), n = x2.shape, weight.shape[0]
-    splits = [None]
-    if preload and default_launch(m, n, k, x2.dtype, x2.device).split_k > 1:
-        splits.append(1)
+    launches = [None, *(preload_launches(m, n, k, x2.dtype, x2.device) if preload else [])]
     times = {("cublas", None): _median_us(lambda: F.linear(x2, weight, bias), flush, lead)}
-    for split in splits:
-        config = None if split is None else _launch(m, k, n, x2.dtype, x2.device, split)
-        times["triton", split] = _median_us(
-            lambda: skinny_linear(x2, weight, bias, config=config, constant_weight=preload), flush, lead)
-    backend, split = min(times, key=times.get)
+    for launch in launches:
+        times["triton", launch] = _median_us(
+            lambda: skinny_linear(x2, weight, bias, config=launch, constant_weight=preload), flush, lead)
+    backend, launch = min(times, key=times.get)
     triton_us = min(t for (b, _), t in times.items() if b == "triton")
-    return Choice(backend, times["cublas", None], triton_us, split)
+    return Choice(backend, times["cublas", None], triton_us, launch)
 
 
 def _lead() -> None:

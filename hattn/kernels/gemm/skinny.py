@@ -8,10 +8,11 @@ by default, multiplied and summed on the CUDA cores (`Launch.dot`). Capture-safe
 config depend on shapes only, and the partials come from `torch.empty` (the graph pool's, when captured).
 The torch reference is `reference.linear_reference`.
 
-A weight no kernel of the step writes (a model's parameter: `constant_weight=True`) is read, for M <= 4, by the
-preload form: each program loads its whole weight slice before it waits for the kernel before it (programmatic
-dependent launch, `hattn.kernels.pdl`), so the weight streams from HBM while the kernels before it run; then x and
-the products. It holds the slice in registers: BLOCK_N x (K a split) at most PRELOAD_TILE elements.
+A weight no kernel of the step writes (a model's parameter: `constant_weight=True`) is read by the preload forms:
+each program loads its whole weight slice before it waits for the kernel before it (programmatic dependent launch,
+`hattn.kernels.pdl`), so the weight streams from HBM while the kernels before it run; then x and the products (on
+the CUDA cores for M <= 4, one tl.dot for M <= 16 with `preload_dot_launch`'s narrow tiles). A program holds its
+slice in registers: BLOCK_N x (K a split), and x's rows padded to 16 x (K a split), at most PRELOAD_TILE elements.
 
 `gated=True` (M <= 4, the CUDA-core forms) reads x as a gated MLP's fused gate/up output [M, 2K] and multiplies
 silu(x[:, :K]) * x[:, K:] (in fp32, rounded to x's dtype as inductor's fused kernel stores it) instead of x: the MLP's
@@ -21,13 +22,12 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from hattn.kernels.gemm.op import MAX_M
+from hattn.kernels.gemm.op import MAX_M, Launch
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, next_pow2, sm_count
 from hattn.kernels.pdl import pdl_enter, pdl_launch_dependents, pdl_wait
@@ -35,31 +35,6 @@ from hattn.kernels.pdl import pdl_enter, pdl_launch_dependents, pdl_wait
 SPLIT_K_MAX = 16
 PRELOAD_TILE = 16384  # weight elements a program of the preload form holds (8 warps past 8192)
 PARTIALS_SHARE = 0.25  # split-K's fp32 partials (written + read) at most this share of the weight's bytes
-
-
-@dataclass(frozen=True)
-class Launch:
-    """How `skinny_linear` launches: BLOCK_N output columns a program, BLOCK_K of K a loop step, K split into
-    `split_k` ranges (fewer when K has fewer blocks: each range holds whole blocks), `warps` and pipeline `stages`,
-    and `dot`: tl.dot on rows padded to >= 16 (True) or a multiply-sum over the rows on the CUDA cores (False)."""
-
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    warps: int = 4
-    stages: int = 4
-    dot: bool = True
-
-    def __post_init__(self):
-        for name, least in (("block_n", 16 if self.dot else 1), ("block_k", 16), ("warps", 1)):
-            v = getattr(self, name)
-            if v < least or v & (v - 1):
-                raise ValueError(f"Launch: {name}={v} must be a power of two >= {least}")
-        if self.split_k < 1 or self.stages < 1:
-            raise ValueError(f"Launch: split_k={self.split_k} and stages={self.stages} must be >= 1")
-
-    def __str__(self) -> str:
-        return f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} w{self.warps}"
 
 
 @triton.jit
@@ -162,6 +137,29 @@ def _preload_kernel(
 
 
 @triton.jit
+def _preload_dot_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """The tl.dot form for a constant weight: the weight slice [BLOCK_N, k_per_split] (BLOCK_K >= k_per_split) is
+    loaded before the wait, then x's rows (padded to BLOCK_M >= 16) and one dot over the split's K."""
+    pdl_launch_dependents(PDL)
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = split * k_per_split + tl.arange(0, BLOCK_K)
+    in_k = (tl.arange(0, BLOCK_K) < k_per_split) & (ks < K)
+    b_w = tl.load(w_ptr + cols[:, None].to(tl.int64) * sw_n + ks[None, :] * sw_k,
+                  mask=(cols[:, None] < N) & in_k[None, :], other=0.0)
+    pdl_wait(PDL)  # nothing before this line reads or writes what another kernel of the step writes
+    rows = tl.arange(0, BLOCK_M)
+    b_x = tl.load(x_ptr + rows[:, None] * sx_m + ks[None, :] * sx_k, mask=(rows[:, None] < M) & in_k[None, :],
+                  other=0.0)
+    acc = tl.dot(b_x, tl.trans(b_w), input_precision=PRECISION)
+    _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
 def _reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """y (flat [M * N]) = sum of the SPLIT_K partials [SPLIT_K, M * N] in split order (+ bias), in y's dtype."""
@@ -202,12 +200,16 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     args = (x, weight, bias, out, m, n, k, k_per_split, *x.stride(), *weight.stride(), m * n, n)
     blocks = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=splits, HAS_BIAS=bias is not None,
                   num_warps=config.warps, num_stages=config.stages, **({"GATED": True} if gated else {}))
-    preload = preload_block(config, k_per_split) if constant_weight else 0
-    if config.dot:
-        bound_launch(_skinny_kernel, grid, *args, BLOCK_M=max(16, block_m),
-                     PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **blocks)
+    preload = preload_block(config, k_per_split, m) if constant_weight else 0
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    if preload:
+        tile = max(config.block_n, max(16, block_m) if config.dot else 0) * preload
+        blocks.update(BLOCK_K=preload, num_warps=max(config.warps, 8 if tile > PRELOAD_TILE // 2 else 4))
+    if config.dot and preload:
+        bound_launch(_preload_dot_kernel, grid, *args, BLOCK_M=max(16, block_m), PRECISION=precision, **blocks)
+    elif config.dot:
+        bound_launch(_skinny_kernel, grid, *args, BLOCK_M=max(16, block_m), PRECISION=precision, **blocks)
     elif preload:
-        blocks.update(BLOCK_K=preload, num_warps=8 if config.block_n * preload > PRELOAD_TILE // 2 else 4)
         bound_launch(_preload_kernel, grid, *args, BLOCK_M=block_m, **blocks)
     else:
         bound_launch(_fma_kernel, grid, *args, BLOCK_M=block_m, **blocks)
@@ -245,11 +247,21 @@ def default_launch(m: int, n: int, k: int, dtype: torch.dtype, device: torch.dev
     return Launch(64, block_k, split_k)
 
 
-def preload_block(config: Launch, k_per_split: int) -> int:
-    """The preload form's BLOCK_K (a split's K, rounded up to a power of two) where the CUDA-core form's slice fits
-    PRELOAD_TILE, else 0 (the looping form serves)."""
-    block_k = triton.next_power_of_2(k_per_split)
-    return block_k if not config.dot and config.block_n * block_k <= PRELOAD_TILE else 0
+def preload_block(config: Launch, k_per_split: int, m: int = 1) -> int:
+    """A preload form's BLOCK_K (a split's K, rounded up to a power of two) where the program's weight slice (and,
+    for tl.dot, x's rows padded to 16) fits PRELOAD_TILE, else 0 (the looping forms serve)."""
+    block_k = max(16, triton.next_power_of_2(k_per_split))
+    rows = max(16, next_pow2(m)) if config.dot else 0
+    return block_k if max(config.block_n, rows) * block_k <= PRELOAD_TILE else 0
+
+
+def preload_dot_launch(m: int, n: int, k: int, dtype: torch.dtype) -> Launch | None:
+    """A tl.dot launch whose programs can preload (5 <= M <= 16): 16 output columns a program and K split into
+    ranges of at most PRELOAD_TILE / 16 elements, or None outside those rows."""
+    if not 4 < m <= 16:
+        return None
+    block_k = min(PRELOAD_TILE // 16, max(16, triton.next_power_of_2(k)))
+    return Launch(16, block_k, triton.cdiv(k, block_k), warps=8)
 
 
 def split_plan(k: int, block_k: int, split_k: int) -> tuple[int, int]:
