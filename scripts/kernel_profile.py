@@ -142,7 +142,7 @@ def _print_gemm_choices() -> None:
     for c in choices():
         launch = "" if c["launch"] is None else "  " + " ".join(f"{f}={v}" for f, v in c["launch"].items())
         print(f"   {c['m']:3d} {c['n']:6d} {c['k']:5d}: {c['backend']:6s} {us(c['cublas_us']):>7s} "
-              f"{us(c['triton_us']):>7s}{'  preload' if c['preload'] else ''}{launch}")
+              f"{us(c['triton_us']):>7s}{'  preload' if c['preload'] and not c['plain'] else ''}{launch}")
 
 
 def main() -> None:

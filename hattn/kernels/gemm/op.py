@@ -12,11 +12,12 @@ the weight before its PDL wait, overlapping the kernels before it; a lone timing
 PDL is on such shapes are timed after a kernel of LEAD_NS that lets its dependents launch at once (a decode step's
 small kernels take 1-3 us), the same lead before both candidates. The preload forms hold a program's whole K range
 at once, so the default launch may not suit them: for such shapes the skinny GEMM is also timed without split-K
-(M <= 4, where the default splits) and with `skinny.preload_dot_launch`'s narrow tiles (5 <= M <= 16), and the
-fastest launch is kept (`Choice.launch`).
+(M <= 4, where the default splits), with `skinny.preload_dot_launch`'s narrow tiles (5 <= M <= 16) and in its
+form without preload, and the fastest is kept (`Choice.launch`, `Choice.plain`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 from dataclasses import asdict, dataclass, replace
@@ -76,9 +77,11 @@ class Choice:
     cublas_us: float | None = None  # None: pinned by load_choices, not timed here
     triton_us: float | None = None
     launch: Launch | None = None  # the skinny GEMM's launch where not its default one
+    plain: bool = False  # the skinny GEMM without its preload form, though the weight is constant
 
 
 _CHOICES: dict[Shape, Choice] = {}
+log = logging.getLogger("hattn")
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -94,8 +97,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         return F.linear(x, weight, bias)
     from hattn.kernels.gemm.skinny import skinny_linear
 
-    return skinny_linear(x2, weight, bias, config=choice.launch, constant_weight=preload).view(*x.shape[:-1],
-                                                                                               weight.shape[0])
+    return skinny_linear(x2, weight, bias, config=choice.launch, constant_weight=preload and not choice.plain).view(
+        *x.shape[:-1], weight.shape[0])
 
 
 linear = torch.library.custom_op("hattn_kernels::linear", mutates_args=())(_linear)
@@ -124,7 +127,7 @@ def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         if choice.backend == "triton":
             from hattn.kernels.gemm.skinny import skinny_linear
 
-            return skinny_linear(rows, weight, bias, config=choice.launch, constant_weight=preload,
+            return skinny_linear(rows, weight, bias, config=choice.launch, constant_weight=preload and not choice.plain,
                                  gated=True).view(*gate_up.shape[:-1], weight.shape[0])
     return _linear(F.silu(gate) * up, weight, bias, constant_weight)
 
@@ -139,7 +142,7 @@ def _(gate_up, weight, bias=None, constant_weight=False):
 
 def choices() -> list[dict]:
     """The remembered choices, one row a shape: m, n, k, dtype, device, bias, preload, backend, cublas_us,
-    triton_us, launch (the skinny GEMM's launch as a dict, None: its default)."""
+    triton_us, launch (the skinny GEMM's launch as a dict, None: its default), plain (preload form not taken)."""
     return [asdict(s) | asdict(c) for s, c in sorted(_CHOICES.items(), key=lambda kv: kv[0])]
 
 
@@ -150,7 +153,8 @@ def load_choices(rows) -> None:
         if row["backend"] not in BACKENDS or row["dtype"] not in dtypes:
             raise ValueError(f"load_choices: row {row} needs a backend of {BACKENDS} and a dtype of {dtypes}")
         _CHOICES[Shape(*(row.get(f, False) for f in Shape.__dataclass_fields__))] = Choice(
-            row["backend"], row.get("cublas_us"), row.get("triton_us"), _launch_of(row.get("launch")))
+            row["backend"], row.get("cublas_us"), row.get("triton_us"), _launch_of(row.get("launch")),
+            row.get("plain", False))
 
 
 def _launch_of(fields: dict | None) -> Launch | None:
@@ -203,7 +207,8 @@ def _measure(x2, weight, bias, preload: bool = False) -> Choice:
     """Time F.linear and the skinny GEMM on these tensors (median of TIMING_REPS each, after a warm-up call), each
     after a PDL lead kernel when `preload` (the lead's time is in both). Timing is only a choice: where its L2-flush
     buffer does not fit in the memory left, cuBLAS serves the shape (remembered, untimed) instead of the call
-    failing."""
+    failing; a skinny launch that Triton cannot build for this device (a compile error, too many registers or too
+    much shared memory) is left out, logged, and cuBLAS serves when none builds."""
     from hattn.kernels.gemm.skinny import skinny_linear
 
     try:
@@ -212,14 +217,34 @@ def _measure(x2, weight, bias, preload: bool = False) -> Choice:
         return Choice("cublas")
     lead = _lead if preload else None
     (m, k), n = x2.shape, weight.shape[0]
-    launches = [None, *(preload_launches(m, n, k, x2.dtype, x2.device) if preload else [])]
-    times = {("cublas", None): _median_us(lambda: F.linear(x2, weight, bias), flush, lead)}
-    for launch in launches:
-        times["triton", launch] = _median_us(
-            lambda: skinny_linear(x2, weight, bias, config=launch, constant_weight=preload), flush, lead)
-    backend, launch = min(times, key=times.get)
-    triton_us = min(t for (b, _), t in times.items() if b == "triton")
-    return Choice(backend, times["cublas", None], triton_us, launch)
+    skinny = [(None, preload)]  # (launch, preload form)
+    if preload:
+        skinny += [(launch, True) for launch in preload_launches(m, n, k, x2.dtype, x2.device)] + [(None, False)]
+    times = {("cublas", None, False): _median_us(lambda: F.linear(x2, weight, bias), flush, lead)}
+    for launch, form in skinny:
+        try:
+            times["triton", launch, form] = _median_us(
+                lambda: skinny_linear(x2, weight, bias, config=launch, constant_weight=form), flush, lead)
+        except _UNBUILDABLE as e:
+            log.warning("hattn: skinny GEMM launch %s (preload %s) for M=%d N=%d K=%d does not build here, left out: "
+                        "%s", launch or "default", form, m, n, k, str(e).splitlines()[0] if str(e) else type(e))
+    backend, launch, form = min(times, key=times.get)
+    triton = [t for key, t in times.items() if key[0] == "triton"]
+    return Choice(backend, times["cublas", None, False], min(triton) if triton else None, launch,
+                  plain=preload and backend == "triton" and not form)
+
+
+def _unbuildable() -> tuple:
+    """Triton's errors for a kernel it cannot compile or fit on the device (() without Triton)."""
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+    except ImportError:
+        return ()
+    return CompilationError, OutOfResources
+
+
+_UNBUILDABLE = _unbuildable()
 
 
 def _lead() -> None:
