@@ -149,9 +149,10 @@ def _inductor_waits_first() -> bool:
     import inspect
 
     try:
-        from torch._inductor.codegen.triton import TritonKernel
+        from torch._inductor.codegen.triton import TritonKernel, TritonKernelOverrides
+        from torch._inductor.virtualized import V
 
-        TritonKernel._enable_pdl_codegen, TritonKernel.GDC_WAIT
+        TritonKernel._enable_pdl_codegen, TritonKernel.GDC_WAIT, TritonKernelOverrides.load_seed
         # every load and store must reach the hook (stores did only from late 2025 on)
         hooked = all("_handle_pdl_before_access" in inspect.getsource(getattr(TritonKernel, name))
                      for name in ("load", "store"))
@@ -178,8 +179,15 @@ def _inductor_waits_first() -> bool:
         if not early:
             launch_after_load(self, launch_buffer, result_var)
 
+    seed_load = TritonKernelOverrides.load_seed
+
+    def load_seed_after_wait(name, offset):  # a random op's seed read bypasses the hook in inductor
+        V.kernel._handle_pdl_before_access(V.kernel.compute, name)
+        return seed_load(name, offset)
+
     TritonKernel._handle_pdl_before_access = wait_first
     TritonKernel._handle_pdl_after_load = launch_late
+    TritonKernelOverrides.load_seed = staticmethod(load_seed_after_wait)
     return True
 
 

@@ -139,7 +139,7 @@ def test_inductor_kernels_under_hattns_options_wait_before_their_first_access():
     def f(x, out):
         out.copy_(torch.arange(out.numel(), device=out.device, dtype=out.dtype).view_as(out))  # loads nothing
         y = torch.nn.functional.rms_norm(x, (x.shape[-1],)) * 2
-        return y.sum(-1), torch.sigmoid(y)
+        return y.sum(-1), torch.sigmoid(y), torch.rand_like(y) + y  # rand: its seed read must wait too
 
     x = torch.randn(4, 4096, device="cuda")
     out = torch.empty(64, device="cuda")
@@ -150,6 +150,7 @@ def test_inductor_kernels_under_hattns_options_wait_before_their_first_access():
     assert kernels
     for name, body in kernels:
         first = re.search(r"tl\.extra\.cuda\.gdc_wait\(\)|tl\.(load|store|atomic_\w+)\(", body)
+        assert "tl.load(" in body or "tl.store(" in body
         assert first is not None and "gdc_wait" in first.group(0), f"{name} touches memory before it waits"
         launches = [m.start() for m in re.finditer(r"gdc_launch_dependents\(\)", body)]
         if pdl.early:  # one launch, before the wait

@@ -120,11 +120,11 @@ def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                          f"K={k} each (2K = {2 * k})")
     gate, up = gate_up.split(k, dim=-1)
     x2 = _skinny_rows(gate, weight, bias)
-    if x2 is not None and x2.shape[0] <= 4:
+    if x2 is not None and x2.shape[0] <= 4:  # the CUDA-core forms (a pinned tl.dot launch falls through)
         rows = gate_up.reshape(-1, 2 * k)
         preload = constant_weight and preload_enabled and _pdl_active()
         choice = _choice(x2, weight, bias, preload)  # timed as the plain linear of these rows
-        if choice.backend == "triton":
+        if choice.backend == "triton" and (choice.launch is None or not choice.launch.dot):
             from hattn.kernels.gemm.skinny import skinny_linear
 
             return skinny_linear(rows, weight, bias, config=choice.launch, constant_weight=preload and not choice.plain,
@@ -241,7 +241,11 @@ def _unbuildable() -> tuple:
         from triton.runtime.errors import OutOfResources
     except ImportError:
         return ()
-    return CompilationError, OutOfResources
+    try:
+        from triton.runtime.errors import PTXASError  # ptxas rejecting the kernel (Triton's autotuner skips these)
+    except ImportError:
+        return CompilationError, OutOfResources
+    return CompilationError, OutOfResources, PTXASError
 
 
 _UNBUILDABLE = _unbuildable()
