@@ -4,7 +4,10 @@ After a graph is compiled and after its first run, what torch's caches recorded 
 graph cache, the AOTAutograd cache, inductor's autotuning results: `torch.compiler.save_cache_artifacts`) is written
 to `cache_dir/<key>/artifacts.bin`; the next process loads that entry (`load_cache_artifacts`) before compiling the
 same graph, so its pieces come out of torch's caches instead of being compiled again. Triton's own cache (the
-kernels outside inductor, fla's autotuning results) is kept in `cache_dir/triton` (`keep_kernels_in`).
+kernels outside inductor, fla's autotuning results) is kept in `cache_dir/triton` (`keep_kernels_in`), and the
+small-M GEMM's per-shape choices (`hattn_kernels::linear`'s cuBLAS-or-Triton timings, made in the warm-up before
+each capture) in `cache_dir/<key>/gemm_choices.json`, pinned again by the next process (`load_choices`): a warm
+start times no GEMM shape the first process timed.
 
 The key covers what changes the compiled code: the Dynamo graph's structure and its inputs' shapes, strides and
 dtypes (so the model config and the dtype: every config field the code depends on is in the graph's shapes or
@@ -36,6 +39,7 @@ from hattn.counters import Stats
 log = logging.getLogger("hattn")
 ARTIFACTS = "artifacts.bin"
 KEY_FILE = "key.json"
+GEMM_CHOICES = "gemm_choices.json"
 
 
 @dataclass
@@ -58,6 +62,7 @@ class ArtifactEntry:
         else:
             stats.cache_hits += 1
             self.artifacts = _count(info)
+            self._load_gemm_choices()
         stats.cache_load_seconds += time.perf_counter() - start
         return info is not None
 
@@ -68,8 +73,27 @@ class ArtifactEntry:
         more = saved is not None and _count(saved[1]) > self.artifacts
         if more:
             self._write(*saved)
+        if (self.path / KEY_FILE).is_file():
+            self._save_gemm_choices()
         stats.cache_save_seconds += time.perf_counter() - start
         return more
+
+    def _save_gemm_choices(self) -> None:
+        from hattn.kernels.gemm.op import choices
+
+        rows, file = choices(), self.path / GEMM_CHOICES
+        if rows and (not file.is_file() or json.loads(file.read_text()) != rows):
+            _write(file, json.dumps(rows, indent=1).encode())
+
+    def _load_gemm_choices(self) -> None:
+        from hattn.kernels.gemm.op import load_choices
+
+        file = self.path / GEMM_CHOICES
+        if file.is_file():
+            try:
+                load_choices(json.loads(file.read_text()))
+            except (ValueError, KeyError, TypeError) as e:  # an entry written by another version: time again
+                log.warning("hattn: the GEMM choices in %s could not be read (%s); timing those shapes", file, e)
 
     def _write(self, data: bytes, info) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -235,6 +235,26 @@ def test_warm_start_same_config_hits_changed_config_misses(fake_cache, tmp_path,
     assert len(artifacts.entries(tmp_path)) == 4
 
 
+def test_warm_start_pins_the_gemm_choices_the_first_process_timed(fake_cache, tmp_path, one_thread, monkeypatch):
+    from hattn.kernels.gemm import op as gemm_op
+
+    row = dict(m=1, n=8, k=16, dtype="bfloat16", device="cuda:0", bias=False, preload=True, backend="triton",
+               cublas_us=5.0, triton_us=4.0, launch=dict(block_n=4, block_k=256, split_k=1, warps=4, stages=4,
+                                                          dot=False), plain=False)
+    monkeypatch.setattr(gemm_op, "_CHOICES", {})
+    gemm_op.load_choices([row])  # what the first process's warm-up timed
+    _run(tmp_path)
+    [entry] = artifacts.entries(tmp_path)
+    assert json.loads((entry / artifacts.GEMM_CHOICES).read_text()) == [row]
+    monkeypatch.setattr(gemm_op, "_CHOICES", {})  # a new process
+    fake_cache.recorded.clear()
+    warm = _run(tmp_path, seed=1)
+    assert warm.cache_hits == 1 and gemm_op.choices() == [row]
+    (entry / artifacts.GEMM_CHOICES).write_text('[{"backend": "cutlass"}]')  # another version's rows: re-timed
+    monkeypatch.setattr(gemm_op, "_CHOICES", {})
+    assert _run(tmp_path, seed=2).cache_hits == 1 and gemm_op.choices() == []
+
+
 def test_cache_dir_keeps_tritons_kernel_cache_unless_the_user_chose_one(fake_cache, tmp_path, monkeypatch, one_thread):
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     _run(tmp_path)  # compiling with cache_dir: fla's kernels and autotuning results go beside torch's artifacts
