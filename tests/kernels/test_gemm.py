@@ -153,6 +153,16 @@ def test_gated_skinny_linear_reads_gate_and_up_itself(dtype, m, n, k, bias, cons
 
 
 @triton_test
+@pytest.mark.parametrize("m, k", [(1, 1), (3, 300), (17, 1030)])
+def test_silu_mul_is_the_reference_product(m, k):
+    gate_up = _case(m, 2 * k, 2 * k, torch.bfloat16, seed=k, layout="rows")[0]
+    want = gated_input_reference(gate_up).float().cpu()
+    # one rounding to bf16 (Triton's interpreter may round toward zero where the GPU rounds to nearest: one ulp)
+    torch.testing.assert_close(skinny.silu_mul(gate_up).float().cpu(), want, rtol=torch.finfo(torch.bfloat16).eps,
+                               atol=1e-30)
+
+
+@triton_test
 def test_gated_skinny_linear_rejects_the_dot_form_and_a_wrong_width():
     gate_up, weight, _ = _case(8, 16, 32, torch.bfloat16, seed=0, bias=False)
     with pytest.raises(ValueError, match=r"gated=True runs on the CUDA-core forms"):

@@ -112,8 +112,8 @@ def _(x, weight, bias=None, constant_weight=False):
 def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   constant_weight: bool = False) -> torch.Tensor:
     """A gated MLP's down projection: (silu(gate) * up) @ weight^T (+ bias), gate_up [..., 2K] = [gate | up],
-    weight [N, K]. Where the skinny GEMM serves the rows (M <= 4) it reads gate_up itself; otherwise silu * mul in
-    torch, then `linear`."""
+    weight [N, K]. Where the skinny GEMM serves the rows (M <= 4) it reads gate_up itself; otherwise silu * up in one
+    launch (`skinny.silu_mul`; on CPU in torch), then `linear`."""
     k = weight.shape[-1] if weight.dim() == 2 else -1
     if gate_up.shape[-1] != 2 * k:
         raise ValueError(f"gated_linear: gate_up [..., {gate_up.shape[-1]}] must hold [gate | up] of the weight's "
@@ -129,7 +129,13 @@ def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
             return skinny_linear(rows, weight, bias, config=choice.launch, constant_weight=preload and not choice.plain,
                                  gated=True).view(*gate_up.shape[:-1], weight.shape[0])
-    return _linear(F.silu(gate) * up, weight, bias, constant_weight)
+    if gate_up.is_cuda and has_triton():  # one launch (PDL where on), rounded once as inductor's fused kernel
+        from hattn.kernels.gemm.skinny import silu_mul
+
+        h = silu_mul(gate_up.reshape(-1, 2 * k)).view(*gate_up.shape[:-1], k)
+    else:
+        h = F.silu(gate) * up
+    return _linear(h, weight, bias, constant_weight)
 
 
 gated_linear = torch.library.custom_op("hattn_kernels::gated_linear", mutates_args=())(_gated_linear)

@@ -174,6 +174,26 @@ def _reduce_kernel(part_ptr, b_ptr, y_ptr, MN, N, SPLIT_K: tl.constexpr, HAS_BIA
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=keep)
 
 
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, K, sx_m, sx_k, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """y[m, :] = silu(x[m, :K]) * x[m, K:2K] (fp32, rounded to y's dtype); program (row, block of K)."""
+    pdl_enter(PDL)
+    row, offs = tl.program_id(0), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    y = _load_x(x_ptr, row.to(tl.int64) * sx_m + offs * sx_k, offs < K, K, sx_k, True)
+    tl.store(y_ptr + row.to(tl.int64) * K + offs, y.to(y_ptr.dtype.element_ty), mask=offs < K)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [M, 2K] rows [gate | up] (any strides) in one launch: [M, K] contiguous, the product in fp32
+    rounded once to the input's dtype (`reference.gated_input_reference`)."""
+    m, k = gate_up.shape[0], gate_up.shape[1] // 2
+    y = torch.empty(m, k, device=gate_up.device, dtype=gate_up.dtype)
+    if m and k:
+        block = min(1024, triton.next_power_of_2(k))
+        bound_launch(_silu_mul_kernel, (m, triton.cdiv(k, block)), gate_up, y, k, *gate_up.stride(), BLOCK=block)
+    return y
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   config: Launch | None = None, constant_weight: bool = False, gated: bool = False) -> torch.Tensor:
     """y = x @ weight^T (+ bias), fp32 accumulation, in x's dtype.
