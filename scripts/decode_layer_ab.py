@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from pdl_ab import replay_us  # scripts/ is on sys.path when run as a script
+
 LINE = 128
 BULK = 16384
 
@@ -167,13 +169,7 @@ def _us_per_layer(weights, x, kind, reps) -> tuple[float, list]:
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / (len(weights) // 4), [o.clone() for o in outs]
+    return replay_us(graph, reps) / (len(weights) // 4), [o.clone() for o in outs]
 
 
 def main() -> None:

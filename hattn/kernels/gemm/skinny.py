@@ -112,6 +112,19 @@ def _fma_kernel(
 
 
 @triton.jit
+def _weight_slice(w_ptr, N, K, k_per_split, sw_n, sw_k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A preload form's one read before its wait: program (column block, split)'s weight slice [BLOCK_N, BLOCK_K]
+    (zeros past N and past the split's K), with its columns, K indexes and K mask."""
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = split * k_per_split + tl.arange(0, BLOCK_K)
+    in_k = (tl.arange(0, BLOCK_K) < k_per_split) & (ks < K)
+    b_w = tl.load(w_ptr + cols[:, None].to(tl.int64) * sw_n + ks[None, :] * sw_k,
+                  mask=(cols[:, None] < N) & in_k[None, :], other=0.0)
+    return cols, ks, in_k, b_w
+
+
+@triton.jit
 def _preload_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, k_per_split, sx_m, sx_k, sw_n, sw_k, sy_s, sy_m,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -120,12 +133,7 @@ def _preload_kernel(
     """The CUDA-core form for a constant weight: the program's weight slice [BLOCK_N, k_per_split] (BLOCK_K >=
     k_per_split) is loaded before the wait, then each row of x is multiplied and summed against it."""
     pdl_launch_dependents(PDL)
-    pid_n, split = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = split * k_per_split + tl.arange(0, BLOCK_K)
-    in_k = (tl.arange(0, BLOCK_K) < k_per_split) & (ks < K)
-    b_w = tl.load(w_ptr + cols[:, None].to(tl.int64) * sw_n + ks[None, :] * sw_k,
-                  mask=(cols[:, None] < N) & in_k[None, :], other=0.0)
+    cols, ks, in_k, b_w = _weight_slice(w_ptr, N, K, k_per_split, sw_n, sw_k, BLOCK_N, BLOCK_K)
     pdl_wait(PDL)  # nothing before this line reads or writes what another kernel of the step writes
     rows = tl.arange(0, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -133,7 +141,7 @@ def _preload_kernel(
         b_x = _load_x(x_ptr, m * sx_m + ks * sx_k, in_k & (m < M), K, sx_k, GATED)
         row = tl.sum(b_x[None, :] * b_w.to(tl.float32), axis=1)
         acc = tl.where(rows[:, None] == m, row[None, :], acc)
-    _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K, HAS_BIAS)
+    _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, tl.program_id(1), sy_s, sy_m, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
@@ -145,18 +153,13 @@ def _preload_dot_kernel(
     """The tl.dot form for a constant weight: the weight slice [BLOCK_N, k_per_split] (BLOCK_K >= k_per_split) is
     loaded before the wait, then x's rows (padded to BLOCK_M >= 16) and one dot over the split's K."""
     pdl_launch_dependents(PDL)
-    pid_n, split = tl.program_id(0), tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = split * k_per_split + tl.arange(0, BLOCK_K)
-    in_k = (tl.arange(0, BLOCK_K) < k_per_split) & (ks < K)
-    b_w = tl.load(w_ptr + cols[:, None].to(tl.int64) * sw_n + ks[None, :] * sw_k,
-                  mask=(cols[:, None] < N) & in_k[None, :], other=0.0)
+    cols, ks, in_k, b_w = _weight_slice(w_ptr, N, K, k_per_split, sw_n, sw_k, BLOCK_N, BLOCK_K)
     pdl_wait(PDL)  # nothing before this line reads or writes what another kernel of the step writes
     rows = tl.arange(0, BLOCK_M)
     b_x = tl.load(x_ptr + rows[:, None] * sx_m + ks[None, :] * sx_k, mask=(rows[:, None] < M) & in_k[None, :],
                   other=0.0)
     acc = tl.dot(b_x, tl.trans(b_w), input_precision=PRECISION)
-    _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, split, sy_s, sy_m, SPLIT_K, HAS_BIAS)
+    _store_tile(acc, b_ptr, y_ptr, rows, cols, M, N, tl.program_id(1), sy_s, sy_m, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit
