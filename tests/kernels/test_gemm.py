@@ -438,3 +438,38 @@ def test_a_skinny_launch_triton_cannot_build_is_left_out_and_cublas_serves(fresh
         assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
     [row] = choices()
     assert row["backend"] == "cublas" and row["triton_us"] is None and "does not build here" in caplog.text
+
+
+@pytest.mark.parametrize("times, want", [
+    ({"cublas": 9.0, "default": 5.0, "unsplit": 4.0, "plain": 6.0}, ("triton", "unsplit", False)),
+    ({"cublas": 9.0, "default": 5.0, "unsplit": 7.0, "plain": 4.5}, ("triton", None, True)),
+    ({"cublas": 3.0, "default": 5.0, "unsplit": 4.0, "plain": 6.0}, ("cublas", None, False)),
+    ({"cublas": 9.0, "default": None, "unsplit": None, "plain": 8.0}, ("triton", None, True)),  # preload unbuildable
+])
+def test_measure_keeps_the_fastest_candidate_and_which_form_it_was(times, want, monkeypatch):
+    """The selection alone (CPU: timings and kernels stand-ins): cuBLAS, the skinny GEMM's default launch in its
+    preload form, an extra launch (unsplit) and the plain form; an unbuildable candidate is left out."""
+    import sys
+    import types
+
+    unsplit = op.Launch(4, 512, 1, dot=False)
+    fake = types.ModuleType("hattn.kernels.gemm.skinny")
+
+    def fake_linear(x, w, b=None, *, config=None, constant_weight=False):
+        name = "unsplit" if config == unsplit else "default" if constant_weight else "plain"
+        if times[name] is None:
+            raise op._UNBUILDABLE[1](1 << 20, 232448, "shared memory")  # OutOfResources
+        return name
+
+    fake.skinny_linear = fake_linear
+    monkeypatch.setitem(sys.modules, "hattn.kernels.gemm.skinny", fake)
+    monkeypatch.setattr(op, "preload_launches", lambda *shape: [unsplit])
+    monkeypatch.setattr(op, "_flush_bytes", lambda device: 16)
+    monkeypatch.setattr(op, "_median_us", lambda fn, flush, lead: times[r if isinstance(r := fn(), str) else "cublas"])
+    if times["default"] is None and not op._UNBUILDABLE:
+        pytest.skip("needs Triton's error classes")
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    c = op._measure(x, w, None, preload=True)
+    assert (c.backend, None if c.launch is None else "unsplit", c.plain) == want
+    assert c.cublas_us == times["cublas"]
+    assert c.triton_us == min(t for name, t in times.items() if name != "cublas" and t is not None)
