@@ -85,7 +85,8 @@ def _split_half(n: fx.Node, index: int) -> fx.Node | None:
             n.args[1] == index and len(n.users) == 1):
         return None
     parts = n.args[0]
-    if not (parts.op == "call_function" and parts.target is torch.split and len(parts.args) == 2):
+    if not (isinstance(parts, fx.Node) and parts.op == "call_function" and parts.target is torch.split
+            and len(parts.args) == 2 and isinstance(parts.args[0], fx.Node)):
         return None
     sizes, dim = parts.args[1], parts.kwargs.get("dim", 0)
     last = parts.args[0].meta.get("example_value")
