@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pdl_ab import replay_us  # scripts/ is on sys.path when run as a script
+from pdl_ab import captured, replay_us  # scripts/ is on sys.path when run as a script
 
 LINE = 128
 BULK = 16384
@@ -159,16 +159,7 @@ def _step(weights: list[torch.Tensor], x: torch.Tensor, kind: str, side: torch.c
 
 def _us_per_layer(weights, x, kind, reps) -> tuple[float, list]:
     side, sink = torch.cuda.Stream(), torch.zeros(64, dtype=torch.int32, device=x.device)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        _step(weights, x, kind, side, sink)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = _step(weights, x, kind, side, sink)
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
+    graph, outs = captured(lambda: _step(weights, x, kind, side, sink))
     return replay_us(graph, reps) / (len(weights) // 4), [o.clone() for o in outs]
 
 

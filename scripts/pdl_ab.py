@@ -72,18 +72,25 @@ def _chain(weights, x, pdl: bool, prefetch: bool, between: bool):
 
 
 def _us_per_kernel(weights, x, pdl, prefetch, between, reps) -> tuple[float, list]:
+    graph, outs = captured(lambda: _chain(weights, x, pdl, prefetch, between))
+    kernels = len(weights) * (2 if between else 1)
+    return replay_us(graph, reps) / kernels, [o.clone() for o in outs]
+
+
+def captured(fn) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn run once on a side stream (its kernels compile), then captured in a CUDA graph and replayed three times:
+    (the graph, fn's outputs from the capture)."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        _chain(weights, x, pdl, prefetch, between)  # compile
+        fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = _chain(weights, x, pdl, prefetch, between)
+        outs = fn()
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
-    kernels = len(weights) * (2 if between else 1)
-    return replay_us(graph, reps) / kernels, [o.clone() for o in outs]
+    return graph, outs
 
 
 def replay_us(graph: torch.cuda.CUDAGraph, reps: int) -> float:

@@ -91,14 +91,13 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     x2 = _skinny_rows(x, weight, bias)
     if x2 is None:
         return F.linear(x, weight, bias)
-    preload = constant_weight and preload_enabled and _pdl_active()
-    choice = _choice(x2, weight, bias, preload)
+    choice, preload = _choice_and_form(x2, weight, bias, constant_weight)
     if choice.backend == "cublas":
         return F.linear(x, weight, bias)
     from hattn.kernels.gemm.skinny import skinny_linear
 
-    return skinny_linear(x2, weight, bias, config=choice.launch, constant_weight=preload and not choice.plain).view(
-        *x.shape[:-1], weight.shape[0])
+    return skinny_linear(x2, weight, bias, config=choice.launch, constant_weight=preload).view(*x.shape[:-1],
+                                                                                               weight.shape[0])
 
 
 linear = torch.library.custom_op("hattn_kernels::linear", mutates_args=())(_linear)
@@ -121,14 +120,12 @@ def _gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     gate, up = gate_up.split(k, dim=-1)
     x2 = _skinny_rows(gate, weight, bias)
     if x2 is not None and x2.shape[0] <= 4:  # the CUDA-core forms (a pinned tl.dot launch falls through)
-        rows = gate_up.reshape(-1, 2 * k)
-        preload = constant_weight and preload_enabled and _pdl_active()
-        choice = _choice(x2, weight, bias, preload)  # timed as the plain linear of these rows
+        choice, preload = _choice_and_form(x2, weight, bias, constant_weight)  # timed as the plain linear
         if choice.backend == "triton" and (choice.launch is None or not choice.launch.dot):
             from hattn.kernels.gemm.skinny import skinny_linear
 
-            return skinny_linear(rows, weight, bias, config=choice.launch, constant_weight=preload and not choice.plain,
-                                 gated=True).view(*gate_up.shape[:-1], weight.shape[0])
+            return skinny_linear(gate_up.reshape(-1, 2 * k), weight, bias, config=choice.launch,
+                                 constant_weight=preload, gated=True).view(*gate_up.shape[:-1], weight.shape[0])
     if gate_up.is_cuda and has_triton():  # one launch (PDL where on), rounded once as inductor's fused kernel
         from hattn.kernels.gemm.skinny import silu_mul
 
@@ -179,6 +176,13 @@ def _skinny_rows(x, weight, bias) -> torch.Tensor | None:
     return x.reshape(m, k) if 1 <= m <= MAX_M else None
 
 
+def _choice_and_form(x2, weight, bias, constant_weight: bool) -> tuple[Choice, bool]:
+    """The shape's choice (timed at its first call) and whether the skinny GEMM runs its preload form."""
+    preload = constant_weight and preload_enabled and _pdl_active()
+    choice = _choice(x2, weight, bias, preload)
+    return choice, preload and not choice.plain
+
+
 def _choice(x2, weight, bias, preload: bool = False) -> Choice:
     shape = Shape(x2.shape[0], weight.shape[0], x2.shape[1], str(x2.dtype).removeprefix("torch."), str(x2.device),
                   bias is not None, preload)
@@ -220,7 +224,7 @@ def _measure(x2, weight, bias, preload: bool = False) -> Choice:
     try:
         flush = torch.empty(_flush_bytes(x2.device) // 4, dtype=torch.int32, device=x2.device)
     except torch.OutOfMemoryError:
-        return Choice("cublas")
+        return _CUBLAS
     lead = _lead if preload else None
     (m, k), n = x2.shape, weight.shape[0]
     skinny = [(None, preload)]  # (launch, preload form)

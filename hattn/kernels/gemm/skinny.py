@@ -226,7 +226,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     preload = preload_block(config, k_per_split, m) if constant_weight else 0
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     if preload:
-        tile = max(config.block_n, max(16, block_m) if config.dot else 0) * preload
+        tile = _preload_rows(config, m) * preload
         blocks.update(BLOCK_K=preload, num_warps=max(config.warps, 8 if tile > PRELOAD_TILE // 2 else 4))
     if config.dot and preload:
         bound_launch(_preload_dot_kernel, grid, *args, BLOCK_M=max(16, block_m), PRECISION=precision, **blocks)
@@ -274,8 +274,13 @@ def preload_block(config: Launch, k_per_split: int, m: int = 1) -> int:
     """A preload form's BLOCK_K (a split's K, rounded up to a power of two) where the program's weight slice (and,
     for tl.dot, x's rows padded to 16) fits PRELOAD_TILE, else 0 (the looping forms serve)."""
     block_k = max(16, triton.next_power_of_2(k_per_split))
-    rows = max(16, next_pow2(m)) if config.dot else 0
-    return block_k if max(config.block_n, rows) * block_k <= PRELOAD_TILE else 0
+    return block_k if _preload_rows(config, m) * block_k <= PRELOAD_TILE else 0
+
+
+def _preload_rows(config: Launch, m: int) -> int:
+    """The larger of a preload program's register tiles' row counts: BLOCK_N weight rows, and for tl.dot x's M
+    rows padded to 16."""
+    return max(config.block_n, max(16, next_pow2(m)) if config.dot else 0)
 
 
 def preload_dot_launch(m: int, n: int, k: int, dtype: torch.dtype) -> Launch | None:
