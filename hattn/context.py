@@ -242,3 +242,30 @@ def zero_padding(out: torch.Tensor, num_tokens: int | torch.Tensor) -> None:
         out.masked_fill_(padding.view(-1, *[1] * (out.dim() - 1)), 0)
     elif out.shape[0] > num_tokens:  # an empty slice assignment still costs a dispatch
         out[num_tokens:] = 0
+
+
+def decode_runner(kind: str, layer_id: int, out: torch.Tensor,
+                  plan: Callable[[int, "ForwardContext", torch.Tensor, torch.Tensor], Callable]) -> Callable:
+    """A split op's `prepare` result for decode steps (see `registry.register_split_op`): serves a decode step with a
+    cache, outside a captured step, for a call site whose arguments stay the same from step to step (`out` [rows,
+    ...] the op's output). Per number of sequences n, `plan(n, ctx, slots, context_lens)` checks and plans the call
+    once and returns `site(slots, context_lens)`, which launches with a step's device metadata; rows past n are
+    zeroed. Anything else returns False, and the runtime calls the op as usual."""
+    plans: dict[int, tuple] = {}
+    rows, device = out.shape[0], out.device
+
+    def run(ctx: ForwardContext | None) -> bool:
+        if ctx is None or ctx.static is not None or ctx.cache is None or not ctx.is_decode:
+            return False
+        n = ctx.num_tokens
+        if not 0 < n <= rows:
+            return False
+        registry.check_route(kind, layer_id, ctx.layer_kinds)
+        slots, lens = ctx.device_meta(device)
+        entry = plans.get(n)
+        if entry is None or entry[0] is not ctx.cache:  # a plan holds the cache's state tensors
+            entry = plans[n] = (ctx.cache, plan(n, ctx, slots, lens))
+        entry[1](slots, lens)
+        zero_padding(out, n)
+        return True
+    return run

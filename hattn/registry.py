@@ -31,6 +31,7 @@ class SplitOp:
     kind: str
     capture_safe: bool = False  # may run inside a single CUDA graph (`mode="full"`)
     direct: Callable | None = None  # the op's implementation, a plain function of the same signature (see direct_call)
+    prepare: Callable | None = None  # (*args, **kwargs) -> runner(ctx) -> bool, or None (see register_split_op)
 
     @property
     def name(self) -> str:
@@ -65,7 +66,8 @@ def _packet_of(op) -> torch._ops.OpOverloadPacket:
     )
 
 
-def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Callable | None = None) -> SplitOp:
+def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Callable | None = None,
+                      prepare: Callable | None = None) -> SplitOp:
     """Register a custom op as a split op of `kind`.
 
     `op` is `torch.ops.ns.name`, one of its overloads, the object `torch.library.custom_op` returned, or the
@@ -73,14 +75,19 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
     `capture_safe=True` declares that the op's kernels keep fixed addresses and never sync with the host, so
     `mode="full"` may capture it inside one graph. `direct` is the op's implementation as a plain Python function
     (the same for every device): graph runtimes then call it between graphs without the dispatcher (see
-    `direct_call`).
+    `direct_call`). `prepare(*args, **kwargs)` serves a runtime that calls the op again and again with the same
+    arguments (bcg's replays of its recorded calls): it returns None (not served), or a runner: `runner(ctx)` does
+    the call for that step's forward context (checks and planning done once, when it first serves a context like
+    it) and returns True, or returns False, and the runtime calls the op. A runner may only be faster, never
+    different: same kernels, same results.
     """
     if not isinstance(kind, str) or not kind.isidentifier():
         raise RegistryError(f"split-op kind must be an identifier string such as 'mamba', got {kind!r}")
-    if direct is not None and not callable(direct):
-        raise RegistryError(f"direct= must be the op's implementation function, got {direct!r}")
+    for name, fn in (("direct", direct), ("prepare", prepare)):
+        if fn is not None and not callable(fn):
+            raise RegistryError(f"{name}= must be a function (see register_split_op), got {fn!r}")
     packet = _packet_of(op)
-    entry = SplitOp(packet, kind, capture_safe, direct)
+    entry = SplitOp(packet, kind, capture_safe, direct, prepare)
     with _LOCK:
         old = _OPS.get(entry.name)
         if old is not None and old.kind != kind:

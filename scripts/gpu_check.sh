@@ -54,7 +54,7 @@ declare -A CMD=(
   [k-bench]="python3 -m hattn.bench --suite kernels --out $OUT/kernels --no-progress --budget 140"
   [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress ${BENCH_BUDGET:+--budget $BENCH_BUDGET} ${BENCH_ARGS:-}"
   [recheck]="${PYTEST[*]} ${RECHECK:-tests}"
-  [host-profile]="python3 scripts/host_profile.py --modes pcg,full"
+  [host-profile]="python3 scripts/host_profile.py ${HP_ARGS:---modes pcg,full}"
   [startup]="env MODES=full bash scripts/startup.sh"
   [kernel-profile]="python3 scripts/kernel_profile.py --modes full ${KP_ARGS:-}"
   [bound-ab]="python3 scripts/host_profile.py --modes pcg,bcg --ab-only"

@@ -47,15 +47,23 @@ def _top(fn, reps: int, n: int) -> None:
     stats.sort_stats("cumtime").print_stats("hattn/", n)  # hattn's own functions, inclusive
 
 
-def _bound_ab(mode: str, first, loop, new_tokens: int) -> None:
-    """Triton's generic launcher against hattn's bound launches (hattn/kernels/bound.py), alternated in this process."""
+def _toggles(name: str):
+    """(module, attribute) that switches one host-time feature on and off in this process."""
     from hattn.kernels import bound
+    from hattn.runtime import graphs
 
+    return {"bound": (bound, "enabled"), "prepared": (graphs, "prepared")}[name]
+
+
+def _ab(name: str, mode: str, first, loop, new_tokens: int) -> None:
+    """A feature off and on, alternated twice in this process: "bound" (hattn/kernels/bound.py's launches against
+    Triton's generic launcher) or "prepared" (bcg's and pcg's split ops replayed through their prepared runners)."""
+    module, attr = _toggles(name)
     for enabled in (False, True, False, True):
-        bound.enabled = enabled
-        first(), loop()  # the first bound calls keep their kernels
+        setattr(module, attr, enabled)
+        first(), loop()  # the first calls keep their kernels / plans
         ttft, gen = _wall(first, 10), _wall(loop, 3)
-        print(f"== {mode}: launches {'bound' if enabled else 'generic'}: first token {ttft:.2f} ms, "
+        print(f"== {mode}: {name} {'on' if enabled else 'off'}: first token {ttft:.2f} ms, "
               f"{(gen - ttft) / (new_tokens - 1):.3f} ms per new token", flush=True)
 
 
@@ -66,7 +74,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--ab-only", action="store_true", help="the bound-launch A/B only, no cProfile")
+    ap.add_argument("--ab", default="bound", help="the features to A/B in this process: bound, prepared")
+    ap.add_argument("--ab-only", action="store_true", help="the A/B only, no cProfile")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     a = ap.parse_args()
@@ -89,7 +98,8 @@ def main() -> None:
         ttft, gen = _wall(first, 20), _wall(loop, 5)
         print(f"== {mode}: first token {ttft:.2f} ms (prompt {a.prompt}); generate {a.new_tokens} tokens {gen:.1f} ms"
               f" = {(gen - ttft) / (a.new_tokens - 1):.3f} ms per new token after the first", flush=True)
-        _bound_ab(mode, first, loop, a.new_tokens)
+        for name in a.ab.split(","):
+            _ab(name, mode, first, loop, a.new_tokens)
         if a.ab_only:
             continue
         print(f"== {mode}: cProfile of 20 first-token calls")

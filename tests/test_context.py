@@ -8,6 +8,7 @@ import torch
 
 import hattn
 from hattn.models.toy import toy_model
+from hattn.registry import RegistryError
 
 
 def _ids(n, seed):
@@ -74,3 +75,51 @@ def test_two_threads_two_models_no_cross_talk():
         for r in results[i]:
             torch.testing.assert_close(r, expected[i])
     assert hattn.context.get_forward_context() is None
+
+
+class _Cache:
+    scratch_slot, max_len = 8, 64
+
+
+def _decode_ctx(n, cache=None, **kw):
+    return hattn.ForwardContext(seq_lens=[1] * n, context_lens=[3] * n, slots=list(range(n)),
+                                cache=cache or _Cache(), **kw)
+
+
+def test_decode_runner_serves_decode_steps_with_one_plan_per_batch_and_cache():
+    """`context.decode_runner` (what a split op's `prepare` returns): a plan per number of sequences and cache, its
+    site called every step with that step's device metadata; rows past the step's sequences zeroed."""
+    from hattn.context import decode_runner
+
+    out, plans, calls = torch.full((4, 2), 7.0), [], []
+
+    def plan(n, ctx, slots, lens):
+        plans.append((n, ctx.cache))
+        return lambda slots, lens: calls.append((slots.tolist(), lens.tolist()))
+    run = decode_runner("linear", 1, out, plan)
+    cache, other = _Cache(), _Cache()
+    kinds = {0: "full", 1: "linear"}
+    assert run(_decode_ctx(3, cache, layer_kinds=kinds)) and run(_decode_ctx(3, cache, layer_kinds=kinds))
+    assert plans == [(3, cache)] and calls == [([0, 1, 2], [3, 3, 3])] * 2
+    assert out[3].eq(0).all() and out[:3].eq(7).all()
+    assert run(_decode_ctx(2, cache)) and run(_decode_ctx(3, other))  # another batch, another cache: new plans
+    assert plans == [(3, cache), (2, cache), (3, other)]
+    with pytest.raises(RegistryError, match="'full' layer"):
+        decode_runner("linear", 0, out, plan)(_decode_ctx(1, cache, layer_kinds=kinds))  # the route is checked
+
+
+@pytest.mark.parametrize("ctx", [
+    None,
+    hattn.ForwardContext(seq_lens=[2, 1], cache=_Cache()),          # not a decode step
+    hattn.ForwardContext(seq_lens=[1, 1]),                          # no cache
+    hattn.ForwardContext(seq_lens=[1] * 5, cache=_Cache()),         # more sequences than the op's rows
+    hattn.ForwardContext(seq_lens=[], cache=_Cache()),              # none
+], ids=["none", "prefill", "no-cache", "too-many", "empty"])
+def test_decode_runner_declines_what_the_op_itself_must_serve(ctx):
+    from hattn.context import StaticMeta, decode_runner
+
+    run = decode_runner("linear", 0, torch.zeros(4, 2), lambda *a: pytest.fail("planned"))
+    assert run(ctx) is False
+    captured = _decode_ctx(1)
+    captured.static = StaticMeta(torch.zeros(1), torch.zeros(1))  # a step inside one CUDA graph
+    assert run(captured) is False

@@ -75,8 +75,9 @@ def test_direct_call_skips_the_dispatcher_only_for_ops_with_a_direct_implementat
     assert registry.direct_call(op).__name__ == "direct_hattn_full_attention"
     assert registry.direct_call(torch.ops.hattn_test.scale) is torch.ops.hattn_test.scale  # no direct=: dispatcher
     assert registry.direct_call(torch.ops.aten.add.Tensor) is torch.ops.aten.add.Tensor  # not a split op
-    with pytest.raises(RegistryError, match="direct= must be the op's implementation function"):
-        registry.register_split_op(torch.ops.hattn_test.scale, "testmix", direct=42)
+    for bad in ("direct", "prepare"):
+        with pytest.raises(RegistryError, match=f"{bad}= must be a function"):
+            registry.register_split_op(torch.ops.hattn_test.scale, "testmix", **{bad: 42})
 
 
 def test_direct_call_keeps_a_profiler_range_named_after_the_op():

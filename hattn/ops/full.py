@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import CaptureUnsupported, LayerSpec, op_context, zero_padding
+from hattn.context import CaptureUnsupported, LayerSpec, decode_runner, op_context, zero_padding
 from hattn.kernels.attention.decode import full_attention_decode
 from hattn.kernels.attention.prefill import sdpa_attention
 from hattn.kernels.attention.reference import causal_attention
@@ -75,6 +75,19 @@ def _per_sequence(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
         out[rows] = attend(q[rows], ks, vs, scale, past if cache is not None else 0)
 
 
+def _prepare(q, k, v, out, layer_id: int, scale: float):
+    """The decode step of a call site run again and again with these arguments (bcg's replays): prepared launches
+    (`decode_triton.prepared_attention`), none of the checks and planning above."""
+    if not use_triton(q):
+        return None
+    from hattn.kernels.attention.decode_triton import prepared_attention  # triton: CUDA installs only
+
+    def plan(n, ctx, slots, lens):
+        k_cache, v_cache = ctx.cache.state(layer_id)
+        return prepared_attention(q[:n], k_cache, v_cache, slots, lens, out[:n], scale, k_new=k[:n], v_new=v[:n])
+    return decode_runner("full", layer_id, out, plan)
+
+
 full_attention = torch.library.custom_op("hattn::full_attention", mutates_args=("out",))(_full_attention)
 
 
@@ -83,4 +96,4 @@ def _(q, k, v, out, layer_id, scale) -> None:
     return None
 
 
-registry.register_split_op(full_attention, "full", capture_safe=True, direct=_full_attention)
+registry.register_split_op(full_attention, "full", capture_safe=True, direct=_full_attention, prepare=_prepare)

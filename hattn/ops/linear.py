@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import CaptureUnsupported, ForwardContext, LayerSpec, op_context, sequence_states, zero_padding
+from hattn.context import (CaptureUnsupported, ForwardContext, LayerSpec, decode_runner, op_context, sequence_states,
+                           zero_padding)
 from hattn.kernels.conv1d.reference import causal_conv1d
 from hattn.kernels.gated_delta.chunk import fla_chunk
 from hattn.kernels.gated_delta.decode import gated_delta_triton, linear_attention_decode
@@ -111,6 +112,20 @@ def _per_sequence(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num
         )
 
 
+def _prepare(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim):
+    """The decode step of a call site run again and again with these arguments (bcg's replays): one prepared launch
+    a step (`fused_decode.prepared_decode`), none of the checks and planning above."""
+    if not (use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[2])):
+        return None
+    from hattn.kernels.gated_delta.fused_decode import prepared_decode  # triton: CUDA installs only
+
+    def plan(n, ctx, slots, lens):
+        conv_state, rec_state = ctx.cache.state(layer_id)
+        return prepared_decode(mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], conv_state, rec_state,
+                               slots, num_k_heads, head_k_dim, lens)
+    return decode_runner("linear", layer_id, out, plan)
+
+
 linear_attention = torch.library.custom_op("hattn::linear_attention", mutates_args=("out",))(_linear_attention)
 
 
@@ -119,4 +134,4 @@ def _(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, he
     return None
 
 
-registry.register_split_op(linear_attention, "linear", capture_safe=True, direct=_linear_attention)
+registry.register_split_op(linear_attention, "linear", capture_safe=True, direct=_linear_attention, prepare=_prepare)

@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hattn.counters import Stats, new_stats
 from hattn.registry import Mode, UnregisteredAttentionError, direct_call, register_mode, split_op_of, unregistered_mixer
+from hattn.runtime import graphs
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CAPTURE_ERROR_MODE, DEFAULT_CAPTURE_SIZES, CaptureError, GraphRuntime, copy_if_moved,
                                   served_layout, weak_refs)
@@ -40,6 +41,9 @@ class _Recorded:
     args: tuple
     kwargs: dict
     out: object  # what the op returned at capture (fixed addresses later segments read)
+    prepare: object = None  # the split op's `prepare` (registry), asked at the first replay
+    runner: object = None  # what it returned: runner(ctx) -> bool
+    name: str = ""  # the split op's, for profiler ranges
 
 
 @dataclass
@@ -83,7 +87,7 @@ class _Capture:
                 pass
             self.graph = None
 
-    def run_split_op(self, func, args, kwargs):
+    def run_split_op(self, func, args, kwargs, op=None):
         self.end_segment()
         self.in_split_op = True
         try:
@@ -92,7 +96,8 @@ class _Capture:
             self.in_split_op = False
         self.split_calls += 1
         if self.stream is not None:
-            self.ops.append(_Recorded(direct_call(func), args, kwargs, out))  # replays skip the dispatcher
+            prepare = op.prepare if op is not None and op.direct is not None else None
+            self.ops.append(_Recorded(direct_call(func), args, kwargs, out, prepare, name=op.name if op else ""))
         self.begin_segment()
         return out
 
@@ -128,8 +133,9 @@ class _BreakAtSplitOps(TorchDispatchMode):
         cap = _WATCH.get()
         if cap is None or cap.in_split_op:
             return func(*args, **kwargs)
-        if split_op_of(func) is not None:
-            return cap.run_split_op(func, args, kwargs)
+        op = split_op_of(func)
+        if op is not None:
+            return cap.run_split_op(func, args, kwargs, op)
         reason = unregistered_mixer(func)
         if reason is not None:
             raise _unregistered(reason)
@@ -203,10 +209,12 @@ class BreakableRuntime(GraphRuntime):
     def replay(self, size: int, args: list):
         cap, static_args, out = self.captures[size]
         copy_if_moved(static_args, args)
+        prepared = 0
         for segment, rec in zip(cap.segments, cap.ops):
             segment.replay()
-            _rerun(rec)
+            prepared += _rerun(rec)
         cap.segments[-1].replay()
+        self.stats.prepared_calls += prepared
         return out
 
     def segments(self, size: int) -> int:
@@ -217,8 +225,14 @@ class BreakableRuntime(GraphRuntime):
         super().release()
 
 
-def _rerun(rec: _Recorded) -> None:
-    """Run a recorded split op again; a returned tensor is copied to where later segments read it."""
+def _rerun(rec: _Recorded) -> bool:
+    """Run a recorded split op again (through the runner its `prepare` gave, where it serves the step: True); a
+    returned tensor is copied to where later segments read it."""
+    if graphs.prepared and rec.out is None:  # an op that returns a value (later segments read it) is not prepared
+        if rec.prepare is not None:  # asked once, at the first replay
+            rec.runner, rec.prepare = rec.prepare(*rec.args, **rec.kwargs), None
+        if rec.runner is not None and graphs.run_prepared(rec.runner, rec.name):
+            return True
     out = rec.op(*rec.args, **rec.kwargs)
     if isinstance(rec.out, torch.Tensor):
         rec.out.copy_(out)
@@ -226,6 +240,7 @@ def _rerun(rec: _Recorded) -> None:
         for static, new in zip(rec.out, out):
             if isinstance(static, torch.Tensor):
                 static.copy_(new)
+    return False
 
 
 class BreakableGraphRunner:

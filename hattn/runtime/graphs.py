@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import operator
 import threading
 import time
@@ -155,6 +156,17 @@ class CapturedGraph:
             copy_if_moved(self.inputs, args)
         self.graph.replay()
         return self.output
+
+
+prepared = os.environ.get("HATTN_PREPARED", "1") != "0"  # bcg and pcg replay split ops through `prepare`'s runners
+
+
+def run_prepared(runner, name: str) -> bool:
+    """runner(the current forward context), under the profiler range `direct_call` gives the op `name`."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.autograd.profiler.record_function(name):
+            return runner(get_forward_context())
+    return runner(get_forward_context())
 
 
 def capture_graph(fn, args: list, size: int, pool) -> tuple[CapturedGraph, object]:

@@ -7,11 +7,14 @@ functional split op returned) is copied into the captured tensor before replay.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
 from hattn.counters import Stats
-from hattn.registry import Mode, register_mode
+from hattn.registry import Mode, register_mode, split_op_of
+from hattn.runtime import graphs
 from hattn.runtime.graph_free import direct_split_ops, graph_free
 from hattn.runtime.graphs import CapturedGraph, GraphRuntime, capture_graph, served_layout, storage_ptr, weak_ref
 from hattn.runtime.tokens import TokenLayout
@@ -52,7 +55,7 @@ class PiecewiseRuntime(GraphRuntime):
 
     def __init__(self, split_gm: fx.GraphModule, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         super().__init__(self._run_eager, layout, sizes, stats, progress)
-        self.split_gm, self.phase, self.size = direct_split_ops(split_gm), "eager", 0
+        self.split_gm, self.phase, self.size = _prepared_split_ops(direct_split_ops(split_gm), self), "eager", 0
         self.pooled: set[int] = set()  # storages allocated by the graphs of the size being captured
         names = [n.target for n in split_gm.graph.nodes if n.op == "call_module"]
         self.pieces = [_PieceGraphs(split_gm.get_submodule(name), self) for name in names]
@@ -82,6 +85,49 @@ class PiecewiseRuntime(GraphRuntime):
         for piece in self.pieces:
             piece.graphs.clear()
         super().release()
+
+
+def _prepared_split_ops(split_gm: fx.GraphModule, runtime: "PiecewiseRuntime") -> fx.GraphModule:
+    """Route each split-op call whose op has a `prepare` (registry) and returns nothing through `_call_site`."""
+    changed = False
+    for node in split_gm.graph.nodes:
+        op = split_op_of(node.meta.get("split_op"))
+        if op is not None and op.prepare is not None and not op.packet.default._schema.returns:
+            node.target, changed = _call_site(node.target, op, runtime), True
+    if changed:
+        split_gm.recompile()
+    return split_gm
+
+
+_REBINDS = 4  # a site whose arguments keep changing at one size stops preparing there
+
+
+def _call_site(fn, op, runtime: "PiecewiseRuntime"):
+    """A split op's call site under pcg. At replay a size's calls pass the same tensors step after step (what the
+    pieces' graphs return, parameters): per size, the op's `prepare` gives a runner once, and the runner serves the
+    steps it accepts (`graphs.prepared` switches it off too). Other phases, and steps the runner declines, call
+    the op."""
+    sites: dict[int, list] = {}  # size -> [args, kwargs, runner, rebinds]
+
+    def call(*args, **kwargs):
+        if runtime.phase == "replay" and graphs.prepared:
+            site = sites.get(runtime.size)
+            if site is None or not _same(site, args, kwargs):
+                rebinds = 0 if site is None else site[3] + 1
+                runner = op.prepare(*args, **kwargs) if rebinds < _REBINDS else None
+                site = sites[runtime.size] = [args, kwargs, runner, rebinds]
+            if site[2] is not None and graphs.run_prepared(site[2], op.name):
+                runtime.stats.prepared_calls += 1
+                return None
+        return fn(*args, **kwargs)
+    call.__name__ = getattr(fn, "__name__", "split_op")
+    return call
+
+
+def _same(site: list, args: tuple, kwargs: dict) -> bool:
+    old, old_kwargs = site[0], site[1]
+    return (len(old) == len(args) and all(map(operator.is_, old, args)) and old_kwargs.keys() == kwargs.keys()
+            and all(old_kwargs[k] is v for k, v in kwargs.items()))
 
 
 def build(config, split_gm, example_inputs, stats):

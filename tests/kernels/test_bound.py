@@ -102,3 +102,32 @@ def test_runtime_arguments_by_keyword_always_take_the_generic_launcher(generic_c
         bound.launch(_axpy, (2,), x, y, out, a=a, n=300, stride=1, BLOCK=256, SQUARE=False)
         torch.testing.assert_close(out, a * x + y)
     assert len(generic_calls) == 3
+
+
+@pytest.mark.gpu
+@gpu
+def test_prepared_site_replaces_its_varying_arguments_and_rekeys_on_their_specialization(generic_calls):
+    """A Prepared site: new tensors at the varying positions each call give what `launch` gives; one that Triton
+    specializes differently (here a 4-byte offset: not 16-byte aligned) goes through Triton again, then is kept."""
+    g = torch.Generator("cuda").manual_seed(0)
+    y, out = torch.randn(1000, device="cuda", generator=g), torch.empty(1000, device="cuda")
+    site = bound.Prepared(_axpy, (4,), (None, y, out, 3.0, 1000, 1), dict(BLOCK=256, SQUARE=False), varying=(0,))
+    base = torch.randn(1001, device="cuda", generator=g)
+    for x in (base[:1000], base.roll(3)[:1000], base[1:], base[1:].neg(), base[:1000].neg()):
+        out.fill_(float("nan"))
+        site(x)
+        torch.testing.assert_close(out, 3.0 * x + y)
+    assert len(generic_calls) == 2  # the aligned and the offset specialization, once each
+
+
+def test_prepared_site_takes_the_generic_path_where_launch_does(monkeypatch):
+    """Bound launches off (or the interpreter, or a profiler's hooks): every call goes through `launch`'s generic
+    branch, with the varying arguments in place (CPU: the launch itself is a stand-in)."""
+    calls = []
+    monkeypatch.setattr(bound, "enabled", False)
+    monkeypatch.setattr(bound, "launch", lambda fn, grid, *args, **kwargs: calls.append((fn, grid, args, kwargs)))
+    site = bound.Prepared("kernel", (2, 3), ("x", 1, "y"), {"BLOCK": 16}, varying=(0, 2))
+    site("a", "b")
+    site("c", "d")
+    assert calls == [("kernel", (2, 3, 1), ("a", 1, "b"), {"BLOCK": 16}),
+                     ("kernel", (2, 3, 1), ("c", 1, "d"), {"BLOCK": 16})]

@@ -247,3 +247,23 @@ def test_decode_attention_writing_the_new_kv_replays_from_a_graph():
         graph.replay()
         assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
         torch.testing.assert_close(out.float(), want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
+
+
+def test_a_prepared_site_gives_decode_attention_bits_step_after_step(nan_empty):
+    """`prepared_attention`: planned once (split outputs' buffers included), then called with each step's slots and
+    context lengths (new tensors), gives what `decode_attention` gives, the new k/v written to the cache, over three
+    steps of a split plan with a reduce launch."""
+    b, hkv, rep, d, max_len = 3, 2, 4, 64, 200
+    q, k_cache, v_cache = _case(b, hkv, rep, d, d, max_len, torch.bfloat16, seed=5)
+    k_new, v_new = (torch.randn(b, hkv, d, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).to(DEV)
+                    for _ in range(2))
+    theirs = (k_cache.clone(), v_cache.clone())
+    out, want = _out(b, hkv * rep, d, torch.bfloat16, False), _out(b, hkv * rep, d, torch.bfloat16, False)
+    site = None
+    for step in range(3):
+        slots, lens = _batch(b, max_len - 1, b + 2, seed=step)
+        dt.decode_attention(q, *theirs, slots, lens, want, 0.125, k_new=k_new, v_new=v_new)
+        if site is None:
+            site = dt.prepared_attention(q, k_cache, v_cache, slots, lens, out, 0.125, k_new=k_new, v_new=v_new)
+        site(slots, lens)
+        assert torch.equal(out, want) and torch.equal(k_cache, theirs[0]) and torch.equal(v_cache, theirs[1]), step

@@ -419,7 +419,7 @@ def test_gated_linear_op_equals_silu_times_up_then_linear(rows, fresh_choices):
     """hattn_kernels::gated_linear: the skinny GEMM reading [gate | up] at M <= 4, silu * up then `linear` above."""
     from hattn.kernels.gemm.op import gated_linear
 
-    gate_up, _, _ = _case(rows, 2 * 3584, 16, torch.bfloat16, seed=rows)
+    gate_up = _case(rows, 16, 2 * 3584, torch.bfloat16, seed=rows)[0]  # x [rows, 2K]
     _, weight, bias = _case(rows, 1024, 3584, torch.bfloat16, seed=rows + 1)
     y = gated_linear(gate_up.view(rows, 1, -1), weight, bias, constant_weight=True)
     _assert_matches(y.view(rows, -1), gated_input_reference(gate_up), weight, bias)

@@ -255,3 +255,27 @@ def test_fused_decode_captured_in_graph_replays_new_inputs_and_spares_other_slot
         others = [s for s in range(total) if s not in new_slots]
         for k in states:
             assert torch.equal(states[k][others], before[k][others])
+
+
+def test_a_prepared_decode_site_gives_the_eager_steps_bits_step_after_step(nan_empty):
+    """`prepared_decode`: planned once, then called with each step's slots and context lengths (new tensors, an
+    odd B: the lengths half of their [2, B] block is 8-byte aligned), gives what `fused_gdn_decode` with the eager
+    config gives, states included, over three steps."""
+    b, hk, rep, dk, dv = 3, 2, 2, 64, 64
+    mine = _decode_case(b, hk, rep, dk, dv, 4, torch.bfloat16, b + 2, seed=3)
+    theirs = {k: v.clone() for k, v in mine.items()}
+    out, want = (torch.empty(b, hk * rep, dv, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    config = fused.default_config(b, hk, hk * rep, dk, dv, eager=True)
+    site = None
+    for step in range(3):
+        meta = torch.tensor([[4, 0, 2], [step, step + 1, 0]], device=DEV)  # slots; context lengths (0: a new one)
+        slots, lens = meta[0], meta[1]
+        fused.fused_gdn_decode(out=want, slots=slots, num_k_heads=hk, head_k_dim=dk, context_lens=lens,
+                               config=config, **theirs)
+        if site is None:
+            site = fused.prepared_decode(out=out, slots=slots, num_k_heads=hk, head_k_dim=dk, context_lens=lens,
+                                         **mine)
+        site(slots, lens)
+        for name in ("conv_state", "rec_state"):
+            assert torch.equal(mine[name], theirs[name]), (step, name)
+        assert torch.equal(out, want), step

@@ -92,6 +92,26 @@ def test_gated_mlp_option_bf16_matches_hf(mode):
     assert first == second and stats.small_m_linears > 0
 
 
+@pytest.mark.parametrize("mode", ["bcg", "pcg"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-next"])
+def test_prepared_split_ops_give_the_tokens_of_their_general_path(preset, mode, monkeypatch):
+    """bcg and pcg replay the linear- and full-attention calls of decode steps through their prepared runners (the
+    same kernels, planned once): the tokens are those of the ops' general path, and the runners really served every
+    layer of every decode step."""
+    from hattn.runtime import graphs
+
+    lm, prompts, ref = _case(preset)
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(graphs, "prepared", on)
+        first, second, stats = _run(lm, prompts, mode, "eager")
+        runs[on] = (first, second, stats.prepared_calls)
+    assert runs[True][:2] == runs[False][:2]
+    assert runs[False][2] == 0 and runs[True][2] >= (NEW - 1) * len(lm.layer_kinds)  # every layer, every step
+    ok, note = check_tokens(ref, runs[True][0], TIE)
+    assert ok, note
+
+
 def test_qwen3_5_1b_preset_generates_in_pcg():
     hf = random_model(preset_config("qwen3.5-1b"), torch.bfloat16, "cuda", seed=0)
     prompts = [[11, 22, 33, 44, 55, 66, 77], [5] * 40, [1, 2, 3]]

@@ -376,7 +376,9 @@ def test_full_graph_packed_steps_equal_eager_for_random_packings(data):
             with hattn.forward_context(hattn.ForwardContext(lens, past, list(slots), cache)):
                 results.append(run(ids.clone()))
     torch.testing.assert_close(results[1], results[0], rtol=1e-3, atol=1e-3)
-    assert be.stats.replays == replays + (sum(lens) <= 128)  # above the largest bucket: graph-free
+    # above the largest bucket: graph-free; so is a 1-token step that is not a decode step (an empty sequence
+    # beside a one-token one): Dynamo specializes T=1, a graph without a token dimension, which serves decode only
+    assert be.stats.replays == replays + (1 < sum(lens) <= 128)
     untouched = [s for s in range(8) if s not in [sl for sl, m in zip(slots, lens) if m]]
     eager_cache, graph_cache = _PACKED["caches"]
     for i in range(len(HYBRID["pattern"])):

@@ -462,3 +462,63 @@ def test_full_mode_serves_a_step_above_its_largest_bucket_graph_free_without_lea
     assert runtime.cache is bound and runtime.stats.eager_runs == 1
     assert call(cache, [3]).tolist() == [1.0] * 3
     assert runtime.stats.capture_sizes_done == captured and runtime.stats.replays == 2
+
+
+def test_bcg_replays_a_recorded_split_op_through_its_prepared_runner(monkeypatch):
+    """A recorded call asks the op's `prepare` once, at its first replay; the runner serves the steps it accepts
+    (True), the op the others. With `breakable.prepared` off, or for an op that returns a value (later segments read
+    it), the op runs every time."""
+    from hattn.runtime import breakable, graphs
+
+    calls = []
+    served = iter([True, False, True])
+
+    def prepare(*args):
+        calls.append(("prepare", args))
+        return lambda ctx: calls.append("runner") or next(served)
+
+    def op(*args):
+        calls.append("op")
+        return None
+    rec = breakable._Recorded(op, (1, 2), {}, None, prepare, name="t::op")
+    assert [breakable._rerun(rec) for _ in range(3)] == [True, False, True]
+    assert calls == [("prepare", (1, 2)), "runner", "runner", "op", "runner"]
+    calls.clear()
+    returns = breakable._Recorded(lambda: torch.ones(2), (), {}, torch.zeros(2), prepare)
+    breakable._rerun(returns)
+    monkeypatch.setattr(graphs, "prepared", False)
+    off = breakable._Recorded(op, (1, 2), {}, None, prepare)
+    breakable._rerun(off), breakable._rerun(off)
+    assert calls == ["op", "op"] and returns.out.eq(1).all()
+
+
+def test_pcg_call_site_prepares_once_per_size_and_gives_up_on_arguments_that_keep_changing(monkeypatch):
+    """pcg's split-op call site: at replay, per capture size, the op's `prepare` is asked once for the tensors the
+    graphs pass (the same objects step after step) and its runner serves the steps; new objects ask again, and a
+    size whose arguments keep changing stops preparing. Warm-up/capture phases, and `graphs.prepared` off, call
+    the op itself."""
+    import types
+
+    from hattn.runtime import graphs, piecewise
+
+    calls = []
+    op = types.SimpleNamespace(name="t::op", prepare=lambda *a: calls.append(("prepare", a[0].shape[0])) or (
+        lambda ctx: calls.append("runner") or True))
+    runtime = types.SimpleNamespace(phase="replay", size=4, stats=Stats())
+    site = piecewise._call_site(lambda *a: calls.append("op"), op, runtime)
+    x4, x8 = torch.zeros(4), torch.zeros(8)
+    site(x4, 1), site(x4, 1)
+    runtime.size = 8
+    site(x8, 1)
+    assert calls == [("prepare", 4), "runner", "runner", ("prepare", 8), "runner"] and runtime.stats.prepared_calls == 3
+    calls.clear()
+    for _ in range(piecewise._REBINDS + 2):
+        site(torch.zeros(8), 1)  # a new tensor every step
+    assert calls.count("runner") == piecewise._REBINDS - 1 and calls.count("op") == 3  # the first binding counted
+    calls.clear()
+    runtime.phase = "capture"
+    site(x4, 1)
+    runtime.phase = "replay"
+    monkeypatch.setattr(graphs, "prepared", False)
+    site(x8, 1)
+    assert calls == ["op", "op"]

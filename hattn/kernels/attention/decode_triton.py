@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hattn.kernels.bound import Prepared
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.attention.tiles import LOG2E, kv_block
 from hattn.kernels.launch import CheckedOnce, next_pow2, sm_count
@@ -143,6 +144,27 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
     in that dtype, fp32 accumulation).
     num_splits: positions are split into this many ranges (clamped to 1..ceil(L / block)); None: `default_splits`.
     """
+    for kernel, grid, args, kwargs in _launches(q, k_cache, v_cache, slots, context_lens, out, scale, num_splits,
+                                                k_new, v_new):
+        bound_launch(kernel, grid, *args, **kwargs)
+
+
+def prepared_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float, *, k_new=None, v_new=None):
+    """`decode_attention` for a call site whose tensors stay the same from step to step but for the step's `slots`
+    and `context_lens` (an eagerly run decode step between graphs): checked and planned once here (the split
+    outputs' buffers too), then `site(slots, context_lens)` launches as `decode_attention` would."""
+    sites = [Prepared(kernel, grid, args, kwargs, varying=meta) for (kernel, grid, args, kwargs), meta in zip(
+        _launches(q, k_cache, v_cache, slots, context_lens, out, scale, None, k_new, v_new), ((3, 4), (2,)))]
+
+    def site(slots, context_lens) -> None:  # the split launch reads both, the reduce launch (if any) the lengths
+        for i, s in enumerate(sites):
+            s(slots, context_lens) if i == 0 else s(context_lens)
+    return site
+
+
+def _launches(q, k_cache, v_cache, slots, context_lens, out, scale, num_splits, k_new, v_new):
+    """(kernel, grid, args, kwargs) of the split launch and, with more than one split, the reduce launch (whose
+    arguments hold the split outputs' buffers: a prepared site keeps them)."""
     _check_once(q, k_cache, v_cache, slots, context_lens, out)
     write = k_new is not None or v_new is not None
     if write:
@@ -152,7 +174,7 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
     b, hq, dk = q.shape
     max_len, hkv, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
     if b == 0:
-        return
+        return []
     block_l = kv_block(dk, dv, k_cache.element_size())
     chunk, splits = _split_plan(max_len, block_l, num_splits or default_splits(b, hkv, max_len, block_l, q.device))
     rep = hq // hkv
@@ -161,15 +183,15 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
     if splits > 1:  # the graph pool's, when captured
         part = torch.empty(b, hq, splits, dv, device=q.device, dtype=torch.float32)
         lse = torch.empty(b, hq, splits, device=q.device, dtype=torch.float32)
-    bound_launch(
-        _split_kernel, (b, hkv, splits),
+    launches = [(_split_kernel, (b, hkv, splits), (
         q, k_cache, v_cache, slots, context_lens, part, lse, k_new, v_new, *q.stride(), *k_cache.stride(),
-        *v_cache.stride(), *out.stride(), *k_new.stride()[:3], *v_new.stride()[:3], scale * LOG2E, max_len, chunk,
-        REP=rep, DK=dk, BLOCK_R=max(16, next_pow2(rep)), BLOCK_DK=next_pow2(max(dk, 16)), BLOCK_L=block_l,
-        NUM_SPLITS=splits, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write, **dims)
+        *v_cache.stride(), *out.stride(), *k_new.stride()[:3], *v_new.stride()[:3], scale * LOG2E, max_len, chunk),
+        dict(REP=rep, DK=dk, BLOCK_R=max(16, next_pow2(rep)), BLOCK_DK=next_pow2(max(dk, 16)), BLOCK_L=block_l,
+             NUM_SPLITS=splits, PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32", WRITE=write, **dims))]
     if splits > 1:
-        bound_launch(_reduce_kernel, (b, hq), part, lse, context_lens, out, *out.stride(), max_len, chunk,
-                     NUM_SPLITS=splits, BLOCK_S=min(16, next_pow2(splits)), **dims)
+        launches.append((_reduce_kernel, (b, hq), (part, lse, context_lens, out, *out.stride(), max_len, chunk),
+                         dict(NUM_SPLITS=splits, BLOCK_S=min(16, next_pow2(splits)), **dims)))
+    return launches
 
 
 PLAN_LEN = 2048  # the context the split size is planned for (a longer cache only adds splits)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hattn.kernels.bound import Prepared
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import (FLOATS, CheckedOnce, check_contiguous, check_device, check_last_contiguous,
                                   check_pow2, check_shape, next_pow2)
@@ -244,17 +245,40 @@ def fused_gdn_decode(
 
 def _fused(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, hk, dk, context_lens,
            launch):
+    grid, args, kwargs = _fused_launch(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots,
+                                       hk, dk, context_lens, launch)
+    bound_launch(fused_decode_kernel, grid, *args, **kwargs)
+
+
+_FUSED_META = (14, 15)  # where slots and context_lens sit in _fused_launch's arguments
+
+
+def _fused_launch(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, hk, dk,
+                  context_lens, launch):
     b, hv, dv = out.shape
     c, width = conv_weight.shape
     nv = dv // launch.bv
-    bound_launch(
-        fused_decode_kernel, (b, hk),
-        mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, g, g.stride(0),
-        beta, beta.stride(0), out, out.stride(0), out.stride(1), conv_state, rec_state, slots, context_lens,
-        dk ** -0.5, HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=launch.bv, NV=nv, TPP=hv // hk * nv,
-        W=width, BW=next_pow2(width), HAS_BIAS=conv_bias is not None, HAS_STATE=rec_state is not None,
-        HAS_CTX=context_lens is not None, num_warps=launch.warps,
-    )
+    args = (mixed_qkv, mixed_qkv.stride(0), conv_weight, conv_weight.stride(0), conv_bias, g, g.stride(0),
+            beta, beta.stride(0), out, out.stride(0), out.stride(1), conv_state, rec_state, slots, context_lens,
+            dk ** -0.5)
+    return (b, hk), args, dict(
+        HK=hk, HV=hv, REP=hv // hk, C=c, DK=dk, DV=dv, BV=launch.bv, NV=nv, TPP=hv // hk * nv, W=width,
+        BW=next_pow2(width), HAS_BIAS=conv_bias is not None, HAS_STATE=rec_state is not None,
+        HAS_CTX=context_lens is not None, num_warps=launch.warps)
+
+
+def prepared_decode(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, num_k_heads: int,
+                    head_k_dim: int, context_lens) -> Prepared:
+    """The fused step of a call site whose tensors stay the same from step to step but for the step's `slots` and
+    `context_lens` (an eagerly run decode step between graphs): checked and planned once here, then
+    `site(slots, context_lens)` is one launch, as `fused_gdn_decode(..., config=default_config(..., eager=True))`."""
+    _check_once(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, num_k_heads,
+                head_k_dim, context_lens)
+    b, hv, dv = out.shape
+    launch = default_config(b, num_k_heads, hv, head_k_dim, dv, eager=True)
+    grid, args, kwargs = _fused_launch(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots,
+                                       num_k_heads, head_k_dim, context_lens, launch)
+    return Prepared(fused_decode_kernel, grid, args, kwargs, varying=_FUSED_META)
 
 
 def _staged(mixed_qkv, conv_weight, conv_bias, g, beta, out, conv_state, rec_state, slots, hk, dk, context_lens,
