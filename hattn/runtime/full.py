@@ -2,13 +2,14 @@
 
 Two families of graphs share one pool. Decode steps (every sequence one new token) replay a decode graph per batch
 size (capped at the cache's slots), its split ops reading slots and context lengths from static device tensors.
-Packed steps (prefill, extend, and mixed prefill + decode) replay a graph per token bucket (the capture sizes),
-captured on first use of the bucket, whose split ops read the step's padded layout (`hattn.kernels.packing.Bucket`:
-at most `slots` real sequences, padding rows and sequences at the cache's scratch slot) from one static buffer
-refilled before each replay. Every split op of the graph must be registered capture-safe; one that cannot serve a
-packed step inside a graph raises `CaptureUnsupported` in the warm-up before capture, and packed steps then run
-graph-free (logged once). Steps without a cache run graph-free (counted). The graphs read and write the cache they
-were captured with: a step with another cache object releases them and captures again (logged).
+Packed steps (prefill, extend, and mixed prefill + decode) replay a graph per token bucket (the capture sizes) and
+sequence bucket (`SEQ_BUCKETS`, up to the cache's slots), captured on first use, whose split ops read the step's
+padded layout (`hattn.kernels.packing.Bucket`: at most that many real sequences, padding rows and sequences at the
+cache's scratch slot) from one static buffer refilled before each replay. Every split op of the graph must be
+registered capture-safe; one that cannot serve a packed step inside a graph raises `CaptureUnsupported` in the
+warm-up before capture, and packed steps then run graph-free (logged once). Steps without a cache run graph-free
+(counted). The graphs read and write the cache they were captured with: a step with another cache object releases
+them and captures again (logged).
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, caller_context, c
 from hattn.runtime.tokens import TokenLayout, pick_size
 
 log = logging.getLogger("hattn")
+# real sequences a packed graph holds, below the cache's slots (which are the last bucket): a bucket pads its
+# sequences up to its count, and each padding sequence's recurrent state is gathered and scattered like a real one's
+# (~1 MB a layer each at the 1B preset), so a one-prompt prefill should not pay for every slot of the cache
+SEQ_BUCKETS = (1, 4, 16)
 
 
 class NotCaptureSafeError(RuntimeError):
@@ -149,18 +154,18 @@ class _DecodeGraphs(_Graphs):
 
 
 class _PackedGraphs(_Graphs):
-    """Packed steps: a token bucket's padded layout (`Bucket`) in one static buffer sized for the largest bucket."""
+    """Packed steps of at most `max_seqs` sequences: a token bucket's padded layout (`Bucket`) in one static buffer
+    sized for the largest bucket."""
 
-    name = "full packed"
-
-    def __init__(self, *args):
+    def __init__(self, *args, max_seqs: int):
         super().__init__(*args)
+        self.max_seqs, self.name = max_seqs, f"full packed {max_seqs}-seq"
         self.lazy_capture = True  # always: prefill buckets are many, and each costs kernel autotuning
         largest = self.bucket(self.sizes[-1]).numel
         self.flat = torch.zeros(largest, dtype=torch.long, device=self.cache.device)
 
     def bucket(self, size: int) -> Bucket:
-        return Bucket.for_tokens(size, self.cache.slots)
+        return Bucket.for_tokens(size, self.max_seqs)
 
     def static(self, size: int) -> StaticMeta:
         step = PackedStep.over(self.bucket(size), self.flat)
@@ -195,7 +200,7 @@ class FullGraphRuntime:
 
     def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         self.fn, self.layout, self.sizes, self.stats, self.progress = fn, layout, list(sizes), stats, progress
-        self.cache = self.decode = self.packed = None
+        self.cache = self.decode = self.packed = self.pool = None
         self.lazy_capture = True  # decode sizes at their first use (see GraphRuntime); packed buckets always
 
     def __call__(self, *args):
@@ -220,7 +225,16 @@ class FullGraphRuntime:
         if self.packed is None:  # a graph without a token dimension serves one decode batch only
             ran_graph_free(self.stats)
             return self.fn(*args)
-        return self.packed(*args)
+        return self._packed_for(sum(1 for n in ctx.seq_lens if n))(*args)
+
+    def _packed_for(self, seqs: int) -> _PackedGraphs:
+        """The packed graphs of the smallest sequence bucket that holds `seqs` (made at its first use)."""
+        slots = self.cache.slots
+        cap = next((b for b in sorted({min(b, slots) for b in (*SEQ_BUCKETS, slots)}) if b >= seqs), slots)
+        if cap not in self.packed:
+            self.packed[cap] = _PackedGraphs(self.fn, self.layout, self.sizes, self.stats, self.progress, self.cache,
+                                             self.pool, max_seqs=cap)
+        return self.packed[cap]
 
     def _build(self, cache) -> None:
         pool, decode_sizes = new_pool(), self.sizes
@@ -229,14 +243,14 @@ class FullGraphRuntime:
         common = (self.fn, self.layout), (self.stats, self.progress, cache, pool)
         self.decode = _DecodeGraphs(*common[0], decode_sizes, *common[1])
         self.decode.lazy_capture = self.lazy_capture
-        self.packed = _PackedGraphs(*common[0], self.sizes, *common[1]) if self.layout.has_tokens else None
-        self.cache = cache
+        self.packed = {} if self.layout.has_tokens else None  # sequence bucket -> its graphs (`_packed_for`)
+        self.cache, self.pool = cache, pool
 
     def release(self) -> None:
-        for graphs in (self.decode, self.packed):
+        for graphs in (self.decode, *(self.packed or {}).values()):
             if graphs is not None:
                 graphs.release()
-        self.cache = self.decode = self.packed = None
+        self.cache = self.decode = self.packed = self.pool = None
 
 
 def _sizes_for(sizes: list[int], slots: int) -> list[int]:

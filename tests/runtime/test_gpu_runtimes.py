@@ -14,7 +14,7 @@ from torch import nn
 import hattn
 from hattn.kernels.attention.decode import decode_attention_reference
 from hattn.models.toy import ToyConfig, ToyHybridModel, toy_cache, toy_model
-from hattn.registry import UnregisteredAttentionError
+from hattn.registry import UnregisteredAttentionError, split_op_of
 from hattn.runtime import BreakableGraphRunner
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -184,6 +184,7 @@ def test_seed000_unregistered_linear_attention_rejected_before_capture():
     model = toy_model(pattern=["linear", "full", "linear"], device="cuda")
     with torch.no_grad():
         want = model(_ids(3, 0))
+        entry = split_op_of(torch.ops.hattn.linear_attention)
         hattn.unregister_split_op(torch.ops.hattn.linear_attention)
         try:
             runner = BreakableGraphRunner(model, capture_sizes=[4], progress=False)
@@ -191,7 +192,8 @@ def test_seed000_unregistered_linear_attention_rejected_before_capture():
                 runner(_ids(3, 0))
             assert runner.stats.cuda_graphs == 0  # rejected in the warm-up: nothing was captured
         finally:
-            hattn.register_split_op(torch.ops.hattn.linear_attention, "linear", capture_safe=True)
+            hattn.register_split_op(torch.ops.hattn.linear_attention, entry.kind, capture_safe=entry.capture_safe,
+                                    direct=entry.direct, prepare=entry.prepare)  # as it was
         runner = BreakableGraphRunner(model, capture_sizes=[4], progress=False)  # registered: correct under BCG
         torch.testing.assert_close(runner(_ids(3, 0)), want, **TOL)
         assert runner.segments(4) == 4

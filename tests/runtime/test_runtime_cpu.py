@@ -16,7 +16,7 @@ from torch import nn
 import hattn
 from hattn.models.toy import ToyConfig, ToyHybridModel, toy_model
 from hattn.runtime import BreakableGraphRunner
-from hattn.registry import UnregisteredAttentionError, unregistered_mixer
+from hattn.registry import UnregisteredAttentionError, split_op_of, unregistered_mixer
 from hattn.context import get_forward_context
 from hattn.runtime.full import NotCaptureSafeError, check_capture_safe
 from hattn.runtime.graphs import GraphRuntime
@@ -157,12 +157,14 @@ def test_bcg_warmup_sees_every_split_op_call_and_rejects_unregistered_ones():
     cap = _Capture()  # no stream: a warm-up, nothing is captured
     torch.testing.assert_close(watched(cap, model, (ids,)), model(ids))
     assert cap.split_calls == 3 and not cap.segments
+    entry = split_op_of(torch.ops.hattn.linear_attention)
     hattn.unregister_split_op(torch.ops.hattn.linear_attention)
     try:
         with pytest.raises(UnregisteredAttentionError, match="custom op hattn::linear_attention.*nothing was captured"):
             watched(_Capture(), model, (ids,))
     finally:
-        hattn.register_split_op(torch.ops.hattn.linear_attention, "linear", capture_safe=True)
+        hattn.register_split_op(torch.ops.hattn.linear_attention, entry.kind, capture_safe=entry.capture_safe,
+                                direct=entry.direct, prepare=entry.prepare)  # as it was
 
 
 class _Sdpa(nn.Module):
@@ -456,7 +458,7 @@ def test_full_mode_serves_a_step_above_its_largest_bucket_graph_free_without_lea
             return runtime(torch.zeros(sum(lens)))[0]
 
     assert call(cache, [3]).tolist() == [1.0] * 3
-    assert set(runtime.stats.capture_size_seconds) == {"full packed 4"}  # lazily: the largest bucket, which holds 3
+    assert set(runtime.stats.capture_size_seconds) == {"full packed 1-seq 4"}  # lazily: the largest bucket (holds 3)
     bound, captured = runtime.cache, runtime.stats.capture_sizes_done
     assert call(long_cache, [40]).tolist() == [1.0] * 40  # 40 tokens > the largest bucket (4)
     assert runtime.cache is bound and runtime.stats.eager_runs == 1
@@ -522,3 +524,34 @@ def test_pcg_call_site_prepares_once_per_size_and_gives_up_on_arguments_that_kee
     monkeypatch.setattr(graphs, "prepared", False)
     site(x8, 1)
     assert calls == ["op", "op"]
+
+
+def test_full_mode_packs_a_step_into_the_smallest_sequence_bucket_that_holds_it(stand_in_capture, monkeypatch):
+    """Packed graphs per sequence bucket (`full.SEQ_BUCKETS`, capped at the cache's slots): one prompt gets a graph
+    laid out for one sequence (its padding sequences' states are not gathered for every slot of the cache), three
+    the 4-sequence one, six the slots' own; each bucket's layout holds that many real sequences."""
+    from hattn.models.cache import HybridCache
+    from hattn.runtime import full
+
+    seen = []
+
+    def step(ids):
+        seen.append(get_forward_context().static.packed.bucket.seqs)
+        return (ids + 1,)
+
+    runtime = full.FullGraphRuntime(step, layout_from_args([torch.zeros(2)]), [8, 16], Stats(), progress=False)
+    cache = HybridCache({}, slots=8, max_len=32, dtype=torch.float32)
+
+    def call(lens):
+        with hattn.forward_context(hattn.ForwardContext(lens, [0] * len(lens), list(range(len(lens))), cache)):
+            return runtime(torch.zeros(sum(lens)))[0]
+
+    for lens in ([5], [2, 0, 3], [1, 1, 2], [1] * 5 + [2]):  # an empty sequence is not counted
+        assert call(lens).tolist() == [1.0] * sum(lens)
+    assert sorted(runtime.packed) == [1, 4, 8] and {b + 2 for b in (1, 4, 8)} <= set(seen)
+    assert {k.rsplit(" ", 1)[0] for k in runtime.stats.capture_size_seconds} == {
+        "full packed 1-seq", "full packed 4-seq", "full packed 8-seq"}
+    monkeypatch.setattr(full, "SEQ_BUCKETS", ())  # the cache's slots only: one bucket for every packing
+    runtime.release()
+    call([5])
+    assert sorted(runtime.packed) == [8]
