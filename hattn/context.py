@@ -244,6 +244,9 @@ def zero_padding(out: torch.Tensor, num_tokens: int | torch.Tensor) -> None:
         out[num_tokens:] = 0
 
 
+_PLANS = 8  # plans a decode runner keeps (each may hold buffers, e.g. split-K attention's partial outputs)
+
+
 def decode_runner(kind: str, layer_id: int, out: torch.Tensor,
                   plan: Callable[[int, "ForwardContext", torch.Tensor, torch.Tensor], Callable]) -> Callable:
     """A split op's `prepare` result for decode steps (see `registry.register_split_op`): serves a decode step with a
@@ -264,6 +267,8 @@ def decode_runner(kind: str, layer_id: int, out: torch.Tensor,
         slots, lens = ctx.device_meta(device)
         entry = plans.get(n)
         if entry is None or entry[0] is not ctx.cache:  # a plan holds the cache's state tensors
+            if len(plans) >= _PLANS:  # batch sizes that keep changing: the oldest plan (and its buffers) goes
+                del plans[next(iter(plans))]
             entry = plans[n] = (ctx.cache, plan(n, ctx, slots, lens))
         entry[1](slots, lens)
         zero_padding(out, n)

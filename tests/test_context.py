@@ -86,9 +86,10 @@ def _decode_ctx(n, cache=None, **kw):
                                 cache=cache or _Cache(), **kw)
 
 
-def test_decode_runner_serves_decode_steps_with_one_plan_per_batch_and_cache():
+def test_decode_runner_serves_decode_steps_with_one_plan_per_batch_and_cache(monkeypatch):
     """`context.decode_runner` (what a split op's `prepare` returns): a plan per number of sequences and cache, its
     site called every step with that step's device metadata; rows past the step's sequences zeroed."""
+    from hattn import context
     from hattn.context import decode_runner
 
     out, plans, calls = torch.full((4, 2), 7.0), [], []
@@ -104,6 +105,15 @@ def test_decode_runner_serves_decode_steps_with_one_plan_per_batch_and_cache():
     assert out[3].eq(0).all() and out[:3].eq(7).all()
     assert run(_decode_ctx(2, cache)) and run(_decode_ctx(3, other))  # another batch, another cache: new plans
     assert plans == [(3, cache), (2, cache), (3, other)]
+    for n in range(1, 4):
+        run(_decode_ctx(n, other))
+    assert len(plans) == 5  # 1 and 2 of `other` are new plans, its 3 was kept
+    monkeypatch.setattr(context, "_PLANS", 2)  # a runner keeps at most this many plans, dropping the oldest
+    plans.clear()
+    bounded = decode_runner("linear", 1, out, plan)
+    for n in (1, 2, 3, 2, 1):
+        bounded(_decode_ctx(n, cache))
+    assert [n for n, _ in plans] == [1, 2, 3, 1]  # 1 was dropped for 3, 2 was kept
     with pytest.raises(RegistryError, match="'full' layer"):
         decode_runner("linear", 0, out, plan)(_decode_ctx(1, cache, layer_kinds=kinds))  # the route is checked
 
