@@ -105,9 +105,8 @@ def test_decode_runner_serves_decode_steps_with_one_plan_per_batch_and_cache(mon
     assert out[3].eq(0).all() and out[:3].eq(7).all()
     assert run(_decode_ctx(2, cache)) and run(_decode_ctx(3, other))  # another batch, another cache: new plans
     assert plans == [(3, cache), (2, cache), (3, other)]
-    for n in range(1, 4):
-        run(_decode_ctx(n, other))
-    assert len(plans) == 5  # 1 and 2 of `other` are new plans, its 3 was kept
+    run(_decode_ctx(2, other)), run(_decode_ctx(2, cache))  # back to `cache`: its plans were dropped for `other`
+    assert plans[3:] == [(2, other), (2, cache)]
     monkeypatch.setattr(context, "_PLANS", 2)  # a runner keeps at most this many plans, dropping the oldest
     plans.clear()
     bounded = decode_runner("linear", 1, out, plan)
@@ -116,6 +115,29 @@ def test_decode_runner_serves_decode_steps_with_one_plan_per_batch_and_cache(mon
     assert [n for n, _ in plans] == [1, 2, 3, 1]  # 1 was dropped for 3, 2 was kept
     with pytest.raises(RegistryError, match="'full' layer"):
         decode_runner("linear", 0, out, plan)(_decode_ctx(1, cache, layer_kinds=kinds))  # the route is checked
+
+
+def test_decode_runner_plans_do_not_keep_their_cache_alive():
+    """A plan holds its cache's state tensors; when the cache goes (a server replacing it by a larger one), the
+    runner drops its plans, so the old cache's memory is freed before the next step."""
+    import gc
+    import weakref
+
+    from hattn.context import decode_runner
+
+    class Cache(_Cache):
+        def __init__(self):
+            self.states = torch.zeros(4)
+    cache = Cache()
+    def plan(n, ctx, slots, lens):
+        states = ctx.cache.states
+        return lambda slots, lens: states.sum()
+    run = decode_runner("linear", 0, torch.zeros(2, 1), plan)
+    assert run(_decode_ctx(1, cache))
+    states = weakref.ref(cache.states)
+    del cache
+    gc.collect()
+    assert states() is None
 
 
 @pytest.mark.parametrize("ctx", [

@@ -73,16 +73,16 @@ def _launch(fn, grid: tuple, args, kwargs: dict, device: int) -> tuple | None:
 
 class Prepared:
     """One launch site called again and again with the same arguments except those at `varying` positions (a
-    step's metadata tensors): `launch`'s specialization key covers the fixed arguments once, and each call checks
-    only the varying ones (dtype and address modulo 16) before calling the kept kernel's launcher.
+    step's metadata tensors, per-call buffers): `launch`'s specialization key covers the fixed arguments once, and
+    each call checks only the varying ones (dtype and address modulo 16) before calling the kept kernel's launcher.
 
         site = Prepared(kernel, grid, args, kwargs, varying=(3, 4))
         site(slots, context_lens)           # == launch(kernel, grid, *args with those two replaced, **kwargs)
 
     The fixed tensors must keep their storage while the site lives (a graph runtime's static buffers, parameters,
-    a cache). Whether PDL is on, and whether a launch hook is set, is read at the first call. Anything `launch`
-    sends to Triton's generic launcher (interpreter, profiler hooks, HATTN_BOUND_LAUNCH=0) goes there on every
-    call."""
+    a cache); the varying ones are not kept after the call. Whether PDL is on is read at the first call; bound
+    launches off (HATTN_BOUND_LAUNCH=0, `enabled`), Triton's interpreter and a profiler's launch hooks send every
+    call through `launch`, as they do there."""
 
     __slots__ = ("fn", "grid", "args", "kwargs", "varying", "device", "kept", "spec")
 
@@ -94,17 +94,20 @@ class Prepared:
         args = self.args
         for i, v in zip(self.varying, values):
             args[i] = v
-        kept = self.kept
-        if kept is not None and _key(values) == self.spec:
-            g = self.grid
-            kept[0](g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(self.device), kept[1], kept[2], None, None,
-                    None, *args, *kept[3])
-            return
-        if not enabled or interpreting() or _hooked():
-            launch(self.fn, self.grid, *args, **self.kwargs)
-            return
-        self.device = torch.cuda.current_device()
-        self.kept, self.spec = _launch(self.fn, self.grid, args, self.kwargs, self.device), _key(values)
+        try:
+            kept = self.kept
+            if kept is not None and enabled and _key(values) == self.spec and not _hooked():
+                g = self.grid
+                kept[0](g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(self.device), kept[1], kept[2], None,
+                        None, None, *args, *kept[3])
+            elif not enabled or interpreting() or _hooked():
+                launch(self.fn, self.grid, *args, **self.kwargs)
+            else:
+                self.device = torch.cuda.current_device()
+                self.kept, self.spec = _launch(self.fn, self.grid, args, self.kwargs, self.device), _key(values)
+        finally:
+            for i in self.varying:
+                args[i] = None
 
 
 def _keep(fn, kernel, args: tuple, kwargs: dict) -> tuple | None:

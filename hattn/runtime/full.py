@@ -159,7 +159,7 @@ class _PackedGraphs(_Graphs):
 
     def __init__(self, *args, max_seqs: int):
         super().__init__(*args)
-        self.max_seqs, self.name = max_seqs, f"full packed {max_seqs}-seq"
+        self.max_seqs, self.name, self.unsupported = max_seqs, f"full packed {max_seqs}-seq", False
         self.lazy_capture = True  # always: prefill buckets are many, and each costs kernel autotuning
         largest = self.bucket(self.sizes[-1]).numel
         self.flat = torch.zeros(largest, dtype=torch.long, device=self.cache.device)
@@ -188,7 +188,7 @@ class _PackedGraphs(_Graphs):
             super()._capture_one(size, args)
         except CaptureUnsupported as e:
             self.release()
-            self.failed = f"packed steps cannot be captured: {e}"
+            self.failed, self.unsupported = f"packed steps cannot be captured: {e}", True
             log_once("hattn: mode='full' serves prefill and mixed steps graph-free: %s", e)
 
 
@@ -228,12 +228,22 @@ class FullGraphRuntime:
         return self._packed_for(sum(1 for n in ctx.seq_lens if n))(*args)
 
     def _packed_for(self, seqs: int) -> _PackedGraphs:
-        """The packed graphs of the smallest sequence bucket that holds `seqs` (made at its first use)."""
+        """The packed graphs of the smallest sequence bucket that holds `seqs`, made at its first use: the first
+        bucket captures the largest token bucket first (it sizes the pool), the others only what they serve. Once
+        one bucket found packed steps cannot be captured, it serves them all (graph-free)."""
+        unsupported = next((g for g in self.packed.values() if g.unsupported), None)
+        if unsupported is not None:
+            return unsupported
         slots = self.cache.slots
         cap = next((b for b in sorted({min(b, slots) for b in (*SEQ_BUCKETS, slots)}) if b >= seqs), slots)
         if cap not in self.packed:
-            self.packed[cap] = _PackedGraphs(self.fn, self.layout, self.sizes, self.stats, self.progress, self.cache,
-                                             self.pool, max_seqs=cap)
+            others = [self.decode, *self.packed.values()]
+            if not any(g.captured for g in others) and any(g.failed for g in others):
+                self.pool = self.decode.pool = new_pool()  # released after a failed capture: not to be reused
+            graphs = _PackedGraphs(self.fn, self.layout, self.sizes, self.stats, self.progress, self.cache,
+                                   self.pool, max_seqs=cap)
+            graphs.largest_first = not any(g.captured for g in self.packed.values())
+            self.packed[cap] = graphs
         return self.packed[cap]
 
     def _build(self, cache) -> None:

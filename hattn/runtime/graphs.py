@@ -276,6 +276,7 @@ class GraphRuntime:
         self.pool = None
         self.captured: set[int] = set()
         self.lazy_capture = True  # capture a size at its first use (after the largest); False: all at the first call
+        self.largest_first = True  # lazily, the largest size first (it sizes the pool); False: the pool is sized
         self.replayed = False  # the first replay is timed (stats.first_replay_seconds)
         self.failed: str | None = None  # why graphs were given up (capture ran out of memory): run graph-free
         self.state: ModuleState | None = None  # the module-state inputs the graphs were captured with
@@ -330,7 +331,7 @@ class GraphRuntime:
         self.pool = self.pool or new_pool()
         if not self.captured:
             self.state = ModuleState.of(self.layout, args)
-        wanted = {self.sizes[-1], size} if self.lazy_capture else self.sizes
+        wanted = ({self.sizes[-1], size} if self.largest_first else {size}) if self.lazy_capture else self.sizes
         todo = sorted((s for s in wanted if s not in self.captured), reverse=True)
         start, reserved = time.perf_counter(), _reserved()
         bar = tqdm(todo, desc=f"hattn {self.name} capture", unit="size", disable=not self.progress or len(todo) < 2)

@@ -55,6 +55,7 @@ class PiecewiseRuntime(GraphRuntime):
 
     def __init__(self, split_gm: fx.GraphModule, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         super().__init__(self._run_eager, layout, sizes, stats, progress)
+        self.call_sites: list[dict] = []  # each prepared call site's runners by size (`_call_site`)
         self.split_gm, self.phase, self.size = _prepared_split_ops(direct_split_ops(split_gm), self), "eager", 0
         self.pooled: set[int] = set()  # storages allocated by the graphs of the size being captured
         names = [n.target for n in split_gm.graph.nodes if n.op == "call_module"]
@@ -84,6 +85,8 @@ class PiecewiseRuntime(GraphRuntime):
     def release(self) -> None:
         for piece in self.pieces:
             piece.graphs.clear()
+        for sites in self.call_sites:  # their runners hold the released graphs' tensors
+            sites.clear()
         super().release()
 
 
@@ -91,15 +94,21 @@ def _prepared_split_ops(split_gm: fx.GraphModule, runtime: "PiecewiseRuntime") -
     """Route each split-op call whose op has a `prepare` (registry) and returns nothing through `_call_site`."""
     changed = False
     for node in split_gm.graph.nodes:
-        op = split_op_of(node.meta.get("split_op"))
-        if op is not None and op.prepare is not None and not op.packet.default._schema.returns:
+        target = node.meta.get("split_op")
+        op = split_op_of(target)
+        if op is not None and op.prepare is not None and _returns_nothing(target):
             node.target, changed = _call_site(node.target, op, runtime), True
     if changed:
         split_gm.recompile()
     return split_gm
 
 
-_REBINDS = 4  # a site whose arguments keep changing at one size stops preparing there
+def _returns_nothing(target) -> bool:
+    overload = target if isinstance(target, torch._ops.OpOverload) else getattr(target, "default", None)
+    return overload is not None and not overload._schema.returns
+
+
+_REBINDS = 4  # a site whose arguments keep changing at one size (between captures) stops preparing there
 
 
 def _call_site(fn, op, runtime: "PiecewiseRuntime"):
@@ -107,7 +116,8 @@ def _call_site(fn, op, runtime: "PiecewiseRuntime"):
     pieces' graphs return, parameters): per size, the op's `prepare` gives a runner once, and the runner serves the
     steps it accepts (`graphs.prepared` switches it off too). Other phases, and steps the runner declines, call
     the op."""
-    sites: dict[int, list] = {}  # size -> [args, kwargs, runner, rebinds]
+    sites: dict[int, list] = {}  # size -> [args, kwargs, runner, rebinds]; cleared with the runtime's graphs
+    runtime.call_sites.append(sites)
 
     def call(*args, **kwargs):
         if runtime.phase == "replay" and graphs.prepared:

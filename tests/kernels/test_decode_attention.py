@@ -249,11 +249,11 @@ def test_decode_attention_writing_the_new_kv_replays_from_a_graph():
         torch.testing.assert_close(out.float(), want, rtol=TOL[torch.bfloat16], atol=TOL[torch.bfloat16])
 
 
-def test_a_prepared_site_gives_decode_attention_bits_step_after_step(nan_empty):
-    """`prepared_attention`: planned once (split outputs' buffers included), then called with each step's slots and
-    context lengths (new tensors), gives what `decode_attention` gives, the new k/v written to the cache, over three
-    steps of a split plan with a reduce launch."""
-    b, hkv, rep, d, max_len = 3, 2, 4, 64, 200
+@pytest.mark.parametrize("max_len", [200, 16])  # a split plan with a reduce launch; one split writing out itself
+def test_a_prepared_site_gives_decode_attention_bits_step_after_step(max_len, nan_empty):
+    """`prepared_attention`: planned once, then called with each step's slots and context lengths (new tensors),
+    gives what `decode_attention` gives, the new k/v written to the cache, over three steps."""
+    b, hkv, rep, d = 3, 2, 4, 64
     q, k_cache, v_cache = _case(b, hkv, rep, d, d, max_len, torch.bfloat16, seed=5)
     k_new, v_new = (torch.randn(b, hkv, d, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16).to(DEV)
                     for _ in range(2))

@@ -506,7 +506,7 @@ def test_pcg_call_site_prepares_once_per_size_and_gives_up_on_arguments_that_kee
     calls = []
     op = types.SimpleNamespace(name="t::op", prepare=lambda *a: calls.append(("prepare", a[0].shape[0])) or (
         lambda ctx: calls.append("runner") or True))
-    runtime = types.SimpleNamespace(phase="replay", size=4, stats=Stats())
+    runtime = types.SimpleNamespace(phase="replay", size=4, stats=Stats(), call_sites=[])
     site = piecewise._call_site(lambda *a: calls.append("op"), op, runtime)
     x4, x8 = torch.zeros(4), torch.zeros(8)
     site(x4, 1), site(x4, 1)
@@ -524,6 +524,10 @@ def test_pcg_call_site_prepares_once_per_size_and_gives_up_on_arguments_that_kee
     monkeypatch.setattr(graphs, "prepared", False)
     site(x8, 1)
     assert calls == ["op", "op"]
+    monkeypatch.setattr(graphs, "prepared", True)
+    runtime.call_sites[0].clear()  # what PiecewiseRuntime.release does: new graphs, a fresh start
+    site(x8, 1)
+    assert calls[-2:] == [("prepare", 8), "runner"]
 
 
 def test_full_mode_packs_a_step_into_the_smallest_sequence_bucket_that_holds_it(stand_in_capture, monkeypatch):
@@ -549,8 +553,10 @@ def test_full_mode_packs_a_step_into_the_smallest_sequence_bucket_that_holds_it(
     for lens in ([5], [2, 0, 3], [1, 1, 2], [1] * 5 + [2]):  # an empty sequence is not counted
         assert call(lens).tolist() == [1.0] * sum(lens)
     assert sorted(runtime.packed) == [1, 4, 8] and {b + 2 for b in (1, 4, 8)} <= set(seen)
-    assert {k.rsplit(" ", 1)[0] for k in runtime.stats.capture_size_seconds} == {
-        "full packed 1-seq", "full packed 4-seq", "full packed 8-seq"}
+    assert set(runtime.stats.capture_size_seconds) == {  # the first bucket sized the pool with the largest, the
+        "full packed 1-seq 16", "full packed 1-seq 8", "full packed 4-seq 8", "full packed 8-seq 8"}  # others not
+    runtime.packed[4].unsupported = True  # one bucket found packed steps cannot be captured: it serves them all
+    assert runtime._packed_for(1) is runtime._packed_for(8) is runtime.packed[4]
     monkeypatch.setattr(full, "SEQ_BUCKETS", ())  # the cache's slots only: one bucket for every packing
     runtime.release()
     call([5])

@@ -151,14 +151,24 @@ def decode_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float
 
 def prepared_attention(q, k_cache, v_cache, slots, context_lens, out, scale: float, *, k_new=None, v_new=None):
     """`decode_attention` for a call site whose tensors stay the same from step to step but for the step's `slots`
-    and `context_lens` (an eagerly run decode step between graphs): checked and planned once here (the split
-    outputs' buffers too), then `site(slots, context_lens)` launches as `decode_attention` would."""
-    sites = [Prepared(kernel, grid, args, kwargs, varying=meta) for (kernel, grid, args, kwargs), meta in zip(
-        _launches(q, k_cache, v_cache, slots, context_lens, out, scale, None, k_new, v_new), ((3, 4), (2,)))]
+    and `context_lens` (an eagerly run decode step between graphs): checked and planned once here, then
+    `site(slots, context_lens)` launches as `decode_attention` would (the split outputs' buffers allocated per call,
+    as there: a site keeps no memory of its own)."""
+    launches = _launches(q, k_cache, v_cache, slots, context_lens, out, scale, None, k_new, v_new)
+    if not launches:
+        return lambda slots, context_lens: None
+    split = Prepared(*launches[0], varying=(3, 4, 5, 6))  # slots, context_lens, part, lse
+    if len(launches) == 1:  # one split: it writes out itself
+        part = launches[0][2][5]
+        return lambda slots, context_lens: split(slots, context_lens, part, None)
+    reduce = Prepared(*launches[1], varying=(0, 1, 2))  # part, lse, context_lens
+    part_shape, lse_shape, device = launches[1][2][0].shape, launches[1][2][1].shape, q.device
 
-    def site(slots, context_lens) -> None:  # the split launch reads both, the reduce launch (if any) the lengths
-        for i, s in enumerate(sites):
-            s(slots, context_lens) if i == 0 else s(context_lens)
+    def site(slots, context_lens) -> None:
+        part = torch.empty(part_shape, device=device, dtype=torch.float32)
+        lse = torch.empty(lse_shape, device=device, dtype=torch.float32)
+        split(slots, context_lens, part, lse)
+        reduce(part, lse, context_lens)
     return site
 
 
