@@ -76,10 +76,10 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
     `mode="full"` may capture it inside one graph. `direct` is the op's implementation as a plain Python function
     (the same for every device): graph runtimes then call it between graphs without the dispatcher (see
     `direct_call`). `prepare(*args, **kwargs)` serves a runtime that calls the op again and again with the same
-    arguments (bcg's replays of its recorded calls): it returns None (not served), or a runner: `runner(ctx)` does
-    the call for that step's forward context (checks and planning done once, when it first serves a context like
-    it) and returns True, or returns False, and the runtime calls the op. A runner may only be faster, never
-    different: same kernels, same results.
+    arguments (bcg's replays of its recorded calls, pcg's call sites): it returns None (not served), or a runner:
+    `runner(ctx)` does the call for that step's forward context (checks and planning done once, when it first
+    serves a context like it) and returns True, or returns False, and the runtime calls the op. A runner may only
+    be faster, never different: same kernels, same results. Only ops that return nothing are prepared.
     """
     if not isinstance(kind, str) or not kind.isidentifier():
         raise RegistryError(f"split-op kind must be an identifier string such as 'mamba', got {kind!r}")
@@ -103,6 +103,13 @@ def unregister_split_op(op) -> None:
     """Forget a split op (tests and users replacing a registration)."""
     with _LOCK:
         _OPS.pop(_packet_of(op)._qualified_op_name, None)
+
+
+def returns_nothing(target) -> bool:
+    """Whether a split op (an overload, or a packet with a default overload) returns nothing: it writes its output
+    in place, so a `prepare` runner may serve it (nothing returned for later graphs to read)."""
+    overload = target if isinstance(target, torch._ops.OpOverload) else getattr(target, "default", None)
+    return overload is not None and not overload._schema.returns
 
 
 def split_op_of(target) -> SplitOp | None:

@@ -76,7 +76,7 @@ def _per_sequence(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
 
 
 def _prepare(q, k, v, out, layer_id: int, scale: float):
-    """The decode step of a call site run again and again with these arguments (bcg's replays): prepared launches
+    """The decode step of a call site run again and again with these arguments (bcg, pcg): prepared launches
     (`decode_triton.prepared_attention`), none of the checks and planning above."""
     if not use_triton(q):
         return None

@@ -113,7 +113,7 @@ def _per_sequence(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num
 
 
 def _prepare(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim):
-    """The decode step of a call site run again and again with these arguments (bcg's replays): one prepared launch
+    """The decode step of a call site run again and again with these arguments (bcg, pcg): one prepared launch
     a step (`fused_decode.prepared_decode`), none of the checks and planning above."""
     if not (use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[2])):
         return None

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from hattn.counters import Stats
-from hattn.registry import Mode, register_mode, split_op_of
+from hattn.registry import Mode, register_mode, returns_nothing, split_op_of
 from hattn.runtime import graphs
 from hattn.runtime.graph_free import direct_split_ops, graph_free
 from hattn.runtime.graphs import CapturedGraph, GraphRuntime, capture_graph, served_layout, storage_ptr, weak_ref
@@ -96,16 +96,11 @@ def _prepared_split_ops(split_gm: fx.GraphModule, runtime: "PiecewiseRuntime") -
     for node in split_gm.graph.nodes:
         target = node.meta.get("split_op")
         op = split_op_of(target)
-        if op is not None and op.prepare is not None and _returns_nothing(target):
+        if op is not None and op.prepare is not None and returns_nothing(target):
             node.target, changed = _call_site(node.target, op, runtime), True
     if changed:
         split_gm.recompile()
     return split_gm
-
-
-def _returns_nothing(target) -> bool:
-    overload = target if isinstance(target, torch._ops.OpOverload) else getattr(target, "default", None)
-    return overload is not None and not overload._schema.returns
 
 
 _REBINDS = 4  # a site whose arguments keep changing at one size (between captures) stops preparing there

@@ -173,8 +173,8 @@ def prepared_attention(q, k_cache, v_cache, slots, context_lens, out, scale: flo
 
 
 def _launches(q, k_cache, v_cache, slots, context_lens, out, scale, num_splits, k_new, v_new):
-    """(kernel, grid, args, kwargs) of the split launch and, with more than one split, the reduce launch (whose
-    arguments hold the split outputs' buffers: a prepared site keeps them)."""
+    """(kernel, grid, args, kwargs) of the split launch and, with more than one split, the reduce launch (both hold
+    the split outputs' buffers, allocated here; a prepared site allocates its own per call)."""
     _check_once(q, k_cache, v_cache, slots, context_lens, out)
     write = k_new is not None or v_new is not None
     if write:
