@@ -20,6 +20,15 @@ from typing import Any, Callable
 import torch
 
 CHUNK = 64  # fla's chunk size for the gated delta rule
+# real sequences a packed graph holds, below the cache's slots (which are the last bucket): a bucket pads its
+# sequences up to its count, and each padding sequence's recurrent state is gathered and scattered like a real one's
+# (~1 MB a layer each at the 1B preset), so a one-prompt prefill should not pay for every slot of the cache
+SEQ_BUCKETS = (1, 4, 16)
+
+
+def seq_bucket(seqs: int, slots: int, buckets: tuple[int, ...] = SEQ_BUCKETS) -> int:
+    """The smallest sequence bucket (`buckets`, capped at the cache's `slots`, then `slots`) that holds `seqs`."""
+    return next((b for b in sorted({min(b, slots) for b in (*buckets, slots)}) if b >= seqs), slots)
 
 
 @dataclass

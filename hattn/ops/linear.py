@@ -18,6 +18,7 @@ from hattn.kernels.gated_delta.decode import gated_delta_triton, linear_attentio
 from hattn.kernels.gated_delta.reference import recurrent_gated_delta_rule
 from hattn.kernels.launch import use_triton
 from hattn.kernels.packing import PackedBatch
+from hattn.ops.packed_runner import PackedRunner, Runners
 
 
 def cache_spec(conv_dim: int, kernel: int, v_heads: int, k_dim: int, v_dim: int, kind: str = "linear") -> LayerSpec:
@@ -67,7 +68,7 @@ def _captured(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_h
     from hattn.kernels.gated_delta.packed import linear_attention_packed  # needs triton: CUDA installs only
 
     linear_attention_packed(mixed_qkv, conv_weight, conv_bias, g, beta, out, states, packed.batch, num_k_heads,
-                            head_k_dim)
+                            head_k_dim, real_tokens=packed.fields["real_tokens"])
     zero_padding(out, packed.fields["real_tokens"])
 
 
@@ -113,17 +114,29 @@ def _per_sequence(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num
 
 
 def _prepare(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim):
-    """The decode step of a call site run again and again with these arguments (bcg, pcg): one prepared launch
-    a step (`fused_decode.prepared_decode`), none of the checks and planning above."""
+    """A call site run again and again with these arguments (bcg, pcg): its decode steps are one prepared launch
+    (`fused_decode.prepared_decode`), its packed steps a CUDA graph of the kernels above (`PackedRunner`)."""
     if not (use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[2])):
         return None
     from hattn.kernels.gated_delta.fused_decode import prepared_decode  # triton: CUDA installs only
+    from hattn.kernels.gated_delta.packed import PackedForm, exact_form, linear_attention_packed
 
     def plan(n, ctx, slots, lens):
         conv_state, rec_state = ctx.cache.state(layer_id)
         return prepared_decode(mixed_qkv[:n], conv_weight, conv_bias, g[:n], beta[:n], out[:n], conv_state, rec_state,
                                slots, num_k_heads, head_k_dim, lens)
-    return decode_runner("linear", layer_id, out, plan)
+
+    def form(ctx) -> PackedForm | None:
+        """The kernels `_cuda` runs for this step (`exact_form` of its batch): a graph runs the same, same blocks."""
+        form = exact_form([n for n in ctx.seq_lens if n], *out.shape[1:])
+        return form if form.recurrent or fla_chunk() is not None else None
+
+    def packed(cache, step, form: PackedForm) -> None:
+        real = step.fields["real_tokens"]  # the recurrent form skips the padding rows (however long), zeroed here
+        linear_attention_packed(mixed_qkv, conv_weight, conv_bias, g, beta, out, cache.state(layer_id), step.batch,
+                                num_k_heads, head_k_dim, form, real)
+        zero_padding(out, real)
+    return Runners(decode_runner("linear", layer_id, out, plan), PackedRunner("linear", layer_id, out, form, packed))
 
 
 linear_attention = torch.library.custom_op("hattn::linear_attention", mutates_args=("out",))(_linear_attention)

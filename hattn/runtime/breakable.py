@@ -212,7 +212,7 @@ class BreakableRuntime(GraphRuntime):
         prepared = 0
         for segment, rec in zip(cap.segments, cap.ops):
             segment.replay()
-            prepared += _rerun(rec)
+            prepared += _rerun(rec, self.stats)
         cap.segments[-1].replay()
         self.stats.prepared_calls += prepared
         return out
@@ -225,12 +225,12 @@ class BreakableRuntime(GraphRuntime):
         super().release()
 
 
-def _rerun(rec: _Recorded) -> bool:
+def _rerun(rec: _Recorded, stats: Stats) -> bool:
     """Run a recorded split op again (through the runner its `prepare` gave, where it serves the step: True); a
     returned tensor is copied to where later segments read it."""
     if graphs.prepared and rec.out is None:  # an op that returns a value (later segments read it) is not prepared
         if rec.prepare is not None:  # asked once, at the first replay
-            rec.runner, rec.prepare = rec.prepare(*rec.args, **rec.kwargs), None
+            rec.runner, rec.prepare = graphs.prepared_runner(rec.prepare, rec.args, rec.kwargs, stats), None
         if rec.runner is not None and graphs.run_prepared(rec.runner, rec.name):
             return True
     out = rec.op(*rec.args, **rec.kwargs)

@@ -21,6 +21,7 @@ import torch
 
 from hattn.context import CaptureUnsupported, ForwardContext, StaticMeta, forward_context, get_forward_context
 from hattn.counters import Stats
+from hattn.kernels import packing
 from hattn.kernels.packing import Bucket, PackedStep
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
@@ -29,10 +30,7 @@ from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, caller_context, c
 from hattn.runtime.tokens import TokenLayout, pick_size
 
 log = logging.getLogger("hattn")
-# real sequences a packed graph holds, below the cache's slots (which are the last bucket): a bucket pads its
-# sequences up to its count, and each padding sequence's recurrent state is gathered and scattered like a real one's
-# (~1 MB a layer each at the 1B preset), so a one-prompt prefill should not pay for every slot of the cache
-SEQ_BUCKETS = (1, 4, 16)
+SEQ_BUCKETS = packing.SEQ_BUCKETS  # real sequences a packed graph holds below the cache's slots (packing.py says why)
 
 
 class NotCaptureSafeError(RuntimeError):
@@ -234,8 +232,7 @@ class FullGraphRuntime:
         unsupported = next((g for g in self.packed.values() if g.unsupported), None)
         if unsupported is not None:
             return unsupported
-        slots = self.cache.slots
-        cap = next((b for b in sorted({min(b, slots) for b in (*SEQ_BUCKETS, slots)}) if b >= seqs), slots)
+        cap = packing.seq_bucket(seqs, self.cache.slots, SEQ_BUCKETS)
         if cap not in self.packed:
             others = [self.decode, *self.packed.values()]
             if not any(g.captured for g in others) and any(g.failed for g in others):

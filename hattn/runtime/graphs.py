@@ -161,6 +161,15 @@ class CapturedGraph:
 prepared = os.environ.get("HATTN_PREPARED", "1") != "0"  # bcg and pcg replay split ops through `prepare`'s runners
 
 
+def prepared_runner(prepare, args, kwargs, stats: Stats):
+    """A split op's runner for one call site (`prepare(*args, **kwargs)`, see `registry.register_split_op`), or
+    None; a runner with `bind` is told the runtime's stats (what it captures is counted there)."""
+    runner = prepare(*args, **kwargs)
+    if runner is not None and hasattr(runner, "bind"):
+        runner.bind(stats)
+    return runner
+
+
 def run_prepared(runner, name: str) -> bool:
     """runner(the current forward context), under the profiler range `direct_call` gives the op `name`."""
     if torch.autograd.profiler._is_profiler_enabled:

@@ -119,7 +119,7 @@ def _call_site(fn, op, runtime: "PiecewiseRuntime"):
             site = sites.get(runtime.size)
             if site is None or not _same(site, args, kwargs):
                 rebinds = 0 if site is None else site[3] + 1
-                runner = op.prepare(*args, **kwargs) if rebinds < _REBINDS else None
+                runner = graphs.prepared_runner(op.prepare, args, kwargs, runtime.stats) if rebinds < _REBINDS else None
                 site = sites[runtime.size] = [args, kwargs, runner, rebinds]
             if site[2] is not None and graphs.run_prepared(site[2], op.name):
                 runtime.stats.prepared_calls += 1

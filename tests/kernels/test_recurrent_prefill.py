@@ -142,3 +142,26 @@ def test_recurrent_prefill_in_a_cuda_graph_replays_new_packings_and_spares_other
         graph.replay()
         torch.testing.assert_close(out[:n], want, rtol=0, atol=0)
         torch.testing.assert_close(rec[:scratch], want_rec[:scratch], rtol=0, atol=0)
+
+
+def test_real_tokens_leaves_a_buckets_padding_rows_and_the_scratch_slot_alone():
+    """With `real_tokens` (a padded batch's real row count, on the device) the bucket's padding sequence is neither
+    computed nor written, however long: the real rows and states are the exact call's bits (the same value block),
+    the padding rows keep what they held and the scratch slot's state is untouched."""
+    hk, hv, d, scratch, tokens = 1, 2, 16, 5, 40
+    lens, past, slots = [3, 9], [0, 2], [1, 3]
+    n = sum(lens)
+    bucket = Bucket.for_tokens(tokens, max_real_seqs=4)
+    step = PackedStep.over(bucket, bucket.host(lens, past, slots, scratch).to(DEV))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, g, beta = (x.to(DEV) for x in _inputs(tokens, hk, hv, d, d, torch.float32, gen))
+    rec = (torch.randn(scratch + 1, hv, d, d, generator=gen) * 0.1).to(DEV)
+    want_rec = rec.clone()
+    want = torch.empty(n, hv, d, device=DEV)
+    recurrent.packed_recurrent_gated_delta(q[:n], k[:n], v[:n], g[:n], beta[:n], want,
+                                           PackedBatch.build(lens, DEV, slots, past), want_rec, block_v=16)
+    out = torch.full((tokens, hv, d), 7.0, device=DEV)
+    recurrent.packed_recurrent_gated_delta(q, k, v, g, beta, out, step.batch, rec, block_v=16,
+                                           real_tokens=step.fields["real_tokens"])
+    assert torch.equal(out[:n], want) and torch.equal(rec, want_rec)
+    assert bool((out[n:] == 7.0).all())

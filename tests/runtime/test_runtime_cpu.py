@@ -483,14 +483,14 @@ def test_bcg_replays_a_recorded_split_op_through_its_prepared_runner(monkeypatch
         calls.append("op")
         return None
     rec = breakable._Recorded(op, (1, 2), {}, None, prepare, name="t::op")
-    assert [breakable._rerun(rec) for _ in range(3)] == [True, False, True]
+    assert [breakable._rerun(rec, Stats()) for _ in range(3)] == [True, False, True]
     assert calls == [("prepare", (1, 2)), "runner", "runner", "op", "runner"]
     calls.clear()
     returns = breakable._Recorded(lambda: torch.ones(2), (), {}, torch.zeros(2), prepare)
-    breakable._rerun(returns)
+    breakable._rerun(returns, Stats())
     monkeypatch.setattr(graphs, "prepared", False)
     off = breakable._Recorded(op, (1, 2), {}, None, prepare)
-    breakable._rerun(off), breakable._rerun(off)
+    breakable._rerun(off, Stats()), breakable._rerun(off, Stats())
     assert calls == ["op", "op"] and returns.out.eq(1).all()
 
 

@@ -129,10 +129,11 @@ def packed_conv_qkv(
     conv_state: torch.Tensor | None,
     num_k_heads: int,
     head_k_dim: int,
+    warps: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A gated-delta layer's conv + silu, split: (q [T, Hk, Dk], k [T, Hk, Dk], v [T, C - 2*Hk*Dk]), each
     contiguous, q and k L2-normalised over each head (eps 1e-6, as transformers and fla). Conv states as in
-    `packed_causal_conv1d`."""
+    `packed_causal_conv1d`; warps: the conv kernel's (0: `conv_warps` of the rows)."""
     _check(x, weight, bias, batch, conv_state, "silu")
     check_pow2("packed_conv_qkv", head_k_dim=head_k_dim)
     t, c = x.shape
@@ -141,7 +142,7 @@ def packed_conv_qkv(
         raise ValueError(f"packed_conv_qkv: x has {c} channels, not more than q + k ({2 * kd} for "
                          f"{num_k_heads} heads of {head_k_dim}); pass the layer's num_k_heads and head_k_dim")
     y = torch.empty(t * c, device=x.device, dtype=x.dtype)
-    _launch(x, weight, bias, batch, conv_state, "silu", y, 0, kd, head_k_dim)  # stride_y: unused with KD > 0
+    _launch(x, weight, bias, batch, conv_state, "silu", y, 0, kd, head_k_dim, warps=warps)  # stride_y: unused (KD)
     q, k, v = y.split([t * kd, t * kd, t * (c - 2 * kd)])
     return q.view(t, num_k_heads, head_k_dim), k.view(t, num_k_heads, head_k_dim), v.view(t, c - 2 * kd)
 
@@ -174,12 +175,17 @@ def _check(x, weight, bias, batch, conv_state, activation) -> None:
     check_last_contiguous(what, x=x, weight=weight)
 
 
+def conv_warps(tokens: int) -> int:
+    """The conv's warps for a step of `tokens` rows. H200, 1B shape (scripts/conv_ab.py): 2 warps 1.3x faster at
+    4096-8192 tokens, 4 up to 1024."""
+    return 2 if tokens >= 2048 else 4
+
+
 def _launch(x, weight, bias, batch, conv_state, activation, y, stride_y, kd, bc, bt=BT, warps=None) -> None:
     t, c = x.shape
     if t == 0:
         return
-    if warps is None:  # H200, 1B shape (scripts/conv_ab.py): 2 warps 1.3x faster at 4096-8192 tokens, 4 up to 1024
-        warps = 2 if t >= 2048 else 4
+    warps = warps or conv_warps(t)
     width = weight.shape[1]
     stateful = conv_state is not None
     cs, slots, has = (conv_state, batch.slots_d, batch.has_state_d) if stateful else (None, None, None)

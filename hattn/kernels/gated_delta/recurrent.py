@@ -41,15 +41,17 @@ def use_recurrent(batch: PackedBatch) -> bool:
 
 @triton.jit
 def packed_recurrent_kernel(
-    q, k, v, stride_v, g, stride_g, beta, stride_beta, o, stride_o, rs, cu, slots, has_state, scale,
+    q, k, v, stride_v, g, stride_g, beta, stride_beta, o, stride_o, rs, cu, slots, has_state, real_tokens, scale,
     HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-    HAS_STATE: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_STATE: tl.constexpr, REAL_ONLY: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl_enter(PDL)
     # program (i_n, i_hv, i_bv): sequence i_n, value head i_hv, value columns [i_bv*BV, (i_bv+1)*BV)
     i_n, i_hv, i_bv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
     eos = tl.load(cu + i_n + 1).to(tl.int64)
+    if REAL_ONLY:  # rows from real_tokens on are a bucket's padding: no work, nothing written
+        eos = tl.minimum(eos, tl.load(real_tokens).to(tl.int64))
     if eos > bos:
         i_hk = i_hv // (HV // HK)
         o_k = tl.arange(0, DK)
@@ -86,13 +88,15 @@ def packed_recurrent_kernel(
 
 
 def packed_recurrent_gated_delta(q, k, v, g, beta, out, batch: PackedBatch, rec_state: torch.Tensor | None,
-                                 block_v: int = 0) -> None:
+                                 block_v: int = 0, real_tokens: torch.Tensor | None = None) -> None:
     """The gated delta rule over the sequences of `batch`, token by token; writes `out` and the final states.
 
     q, k: [T, Hk, Dk] contiguous, L2-normalised (q is scaled by Dk**-0.5 here); v: [T, Hv*Dv] (rows may be strided);
     g (log decay), beta: [T, Hv]; out: [T, Hv, Dv]; rec_state: [S, Hv, Dk, Dv] fp32 with the batch's slots (read
     where a sequence continues its slot, zeros otherwise; every non-empty sequence's final state written back), or
-    None (zeros, nothing kept). block_v: value columns a program (0: by the batch's size).
+    None (zeros, nothing kept). block_v: value columns a program (0: by the batch's size). real_tokens: a device
+    int64 [1] (a padded batch's real row count): rows from it on are neither computed nor written (the caller zeroes
+    them), so a bucket's padding sequence costs nothing however long it is.
     """
     t, hv, dv = out.shape
     hk, dk = q.shape[1], q.shape[2]
@@ -100,17 +104,18 @@ def packed_recurrent_gated_delta(q, k, v, g, beta, out, batch: PackedBatch, rec_
     if t == 0 or not batch.lens:
         return
     n = batch.cu.shape[0] - 1
-    bv = block_v or _block_v(n, hv, dv)
+    bv = block_v or recurrent_block_v(n, hv, dv)
     stateful = rec_state is not None
     bound_launch(
         packed_recurrent_kernel, (n, hv, dv // bv),
         q, k, v, v.stride(0), g, g.stride(0), beta, beta.stride(0), out, out.stride(0), rec_state, batch.cu,
-        batch.slots_d if stateful else None, batch.has_state_d if stateful else None, dk ** -0.5,
-        HK=hk, HV=hv, DK=dk, DV=dv, BV=bv, HAS_STATE=stateful, num_warps=4)
+        batch.slots_d if stateful else None, batch.has_state_d if stateful else None, real_tokens, dk ** -0.5,
+        HK=hk, HV=hv, DK=dk, DV=dv, BV=bv, HAS_STATE=stateful, REAL_ONLY=real_tokens is not None, num_warps=4)
 
 
-def _block_v(n: int, hv: int, dv: int) -> int:
-    """Smaller value blocks when few sequences would leave SMs idle (each program is a sequential chain)."""
+def recurrent_block_v(n: int, hv: int, dv: int) -> int:
+    """Value columns a program for n sequences: smaller blocks when few sequences would leave SMs idle (each program
+    is a sequential chain)."""
     return min(dv, 16 if n * hv < 512 else 32)
 
 

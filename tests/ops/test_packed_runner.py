@@ -1,0 +1,134 @@
+"""The packed-step runner's bookkeeping, on CPU with the capture stubbed (tests/runtime/test_gpu_packed_steps.py runs
+the real graphs): which steps it serves, one capture per (bucket, kernels), replays after, a layout filled once a
+step and again for a context used after another's, graphs dropped with their cache, captures bound to stats."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from hattn.context import ForwardContext, StaticMeta
+from hattn.counters import Stats
+from hattn.models.cache import HybridCache
+from hattn.ops import packed_runner
+from hattn.ops.linear import cache_spec
+from hattn.runtime.graphs import prepared_runner
+
+
+class _Graph:
+    def __init__(self, log):
+        self.log = log
+
+    def replay(self):
+        self.log.append("replay")
+
+
+def _runner(monkeypatch, rows=32, variant=lambda ctx: "v"):
+    log = []
+
+    def run(cache, step, form):
+        log.append(("run", form, step.bucket, int(step.fields["real_tokens"][0])))
+
+    def capture(self, shared, key, fn):
+        fn()  # what a capture records
+        log.append(("capture", key[1]))
+        return _Graph(log)
+    monkeypatch.setattr(packed_runner.PackedRunner, "_capture", capture)
+    return packed_runner.PackedRunner("linear", 0, torch.zeros(rows, 2), variant, run), log
+
+
+def _cache(slots=4):
+    return HybridCache({0: cache_spec(8, 4, 1, 4, 4)}, slots=slots, max_len=64, dtype=torch.float32)
+
+
+def _ctx(cache, seq_lens, **kw):
+    n = len(seq_lens)
+    return ForwardContext(seq_lens, [0] * n, list(range(n)), cache=cache, **kw)
+
+
+def test_a_bucket_is_run_and_captured_once_then_replayed(monkeypatch):
+    runner, log = _runner(monkeypatch)
+    cache = _cache()
+    assert runner(_ctx(cache, [5, 3]))
+    bucket = log[0][2]
+    assert bucket.tokens == 32 and bucket.seqs == 4 + 2  # two sequences: the bucket of 4 (the cache's slots)
+    assert log == [("run", "v", bucket, 8), ("run", "v", bucket, 8), ("capture", "v")]
+    log.clear()
+    assert runner(_ctx(cache, [7, 9])) and runner(_ctx(cache, [1, 2, 3]))  # other packings of the bucket
+    assert log == ["replay", "replay"]
+    log.clear()
+    assert runner(_ctx(cache, [20]))  # one sequence: the bucket of 1
+    assert [e[0] for e in log] == ["run", "run", "capture"] and log[0][2].seqs == 1 + 2
+
+
+def test_the_layout_is_filled_once_a_step_and_again_for_a_context_used_after_another(monkeypatch):
+    runner, log = _runner(monkeypatch)
+    other, _ = _runner(monkeypatch)  # a second layer's site
+    cache = _cache()
+    a, b = _ctx(cache, [5, 3]), _ctx(cache, [2, 2])
+    fills = []
+    host = packed_runner.Bucket.host
+    monkeypatch.setattr(packed_runner.Bucket, "host", lambda self, *args: fills.append(args[0]) or host(self, *args))
+    runner(a), other(a), runner(b), other(b), runner(a)
+    assert fills == [[5, 3], [2, 2], [5, 3]]
+    assert runner.shared is other.shared  # the sites of one cache share its layouts
+    layouts = runner.shared.layouts
+    flat = next(iter(layouts.values()))[0]
+    assert int(flat[-1]) == 8  # real_tokens of a, the last to fill it
+
+
+def test_steps_it_does_not_serve_go_to_the_op(monkeypatch):
+    runner, log = _runner(monkeypatch, variant=lambda ctx: None if max(ctx.seq_lens) > 10 else "v")
+    cache = _cache()
+    static = StaticMeta(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    assert not runner(None)
+    assert not runner(_ctx(None, [5]))  # no cache
+    assert not runner(_ctx(cache, [1, 1]))  # decode: the decode runner's
+    assert not runner(_ctx(cache, [20, 20]))  # more tokens than the site's rows
+    assert not runner(_ctx(cache, [11]))  # no graph runs this step's kernels
+    assert not runner(_ctx(cache, [5], static=static))  # inside a full-mode graph: the op's own path
+    assert log == []
+
+
+def test_a_failed_capture_sends_later_steps_to_the_op(monkeypatch):
+    runner, log = _runner(monkeypatch)
+    monkeypatch.setattr(packed_runner.PackedRunner, "_capture", lambda *a: None)
+    cache = _cache()
+    assert runner(_ctx(cache, [5]))  # its eager run was the step
+    assert not runner(_ctx(cache, [6]))
+
+
+def test_graphs_are_for_one_cache(monkeypatch):
+    runner, log = _runner(monkeypatch)
+    first, second = _cache(), _cache()
+    runner(_ctx(first, [5]))
+    runner(_ctx(second, [5]))
+    assert [e[0] for e in log if e != "replay"].count("capture") == 2
+    del first
+    import gc
+    gc.collect()
+    runner(_ctx(second, [6]))
+    assert log[-1] == "replay" and len(runner.graphs) == 1
+
+
+def test_a_cache_gets_new_shared_state_once_every_runner_over_it_died(monkeypatch):
+    """A pool whose graphs all died is not captured into again: the next model's runners over the same cache get a
+    new one."""
+    cache = _cache()
+    runner, _ = _runner(monkeypatch)
+    runner(_ctx(cache, [5]))
+    first = weakref.ref(runner.shared)
+    del runner
+    assert first() is None
+    again, _ = _runner(monkeypatch)
+    again(_ctx(cache, [5]))
+    assert again.shared is not None
+
+
+def test_runners_try_in_order_and_are_bound_to_the_runtimes_stats(monkeypatch):
+    runner, _ = _runner(monkeypatch)
+    calls = []
+    both = packed_runner.Runners(lambda ctx: calls.append("decode") or ctx == "d", runner)
+    stats = Stats()
+    assert prepared_runner(lambda *a, **k: both, (), {}, stats) is both and runner.stats is stats
+    assert both("d") and calls == ["decode"]

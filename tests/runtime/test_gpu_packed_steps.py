@@ -1,0 +1,98 @@
+"""pcg and bcg serve the packed steps (prefill, extend, mixed) of hattn's linear attention from each call site's
+own CUDA graphs (`hattn.ops.packed_runner`): the logits and every cache state are the bits of the op's path between
+graphs, a bucket's graph is captured once and replayed for other packings, and the graphs are counted. Run on the
+device: python3 -m pytest -m gpu tests/runtime/test_gpu_packed_steps.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hattn
+from hattn.context import ForwardContext, forward_context
+from hattn.models.hf import adapt
+from hattn.models.presets import preset_config, random_model
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+# (seq_lens, context_lens, slots) of each step, on one cache of 4 slots: short prompts (the recurrent form), a long
+# one (fla's chunked form), an extend, a mixed step (decode rows among prompt rows), another packing of an earlier
+# bucket (a replay), decode steps, a long prompt with a continuing sequence
+STEPS = [
+    ([5], [0], [0]),
+    ([150], [0], [1]),
+    ([20, 9], [5, 150], [0, 1]),
+    ([1, 70, 1], [25, 0, 159], [0, 2, 1]),
+    ([9, 20], [160, 0], [1, 3]),
+    ([1, 1, 1, 1], [26, 169, 70, 20], [0, 1, 2, 3]),
+    ([130, 2], [27, 21], [0, 3]),
+]
+REPLAY = 4  # STEPS[4] packs like STEPS[2]: same token bucket, sequence bucket and kernels
+
+
+def _run(lm, mode, prepared, monkeypatch):
+    from hattn.runtime import graphs
+
+    monkeypatch.setattr(graphs, "prepared", prepared)
+    be = hattn.backend(mode=mode, capture_sizes=SIZES, inner_compiler="eager", progress=False, lazy_capture=False)
+    model = torch.compile(lm, backend=be, dynamic=True)
+    cache = lm.make_cache(slots=4, max_len=512)
+    gen = torch.Generator().manual_seed(0)
+    logits, graphs_after = [], []
+    for seq_lens, context_lens, slots in STEPS:
+        ids = torch.randint(0, lm.config.vocab_size, (sum(seq_lens),), generator=gen).cuda()
+        pos = torch.cat([torch.arange(c, c + n) for n, c in zip(seq_lens, context_lens)]).cuda()
+        ctx = ForwardContext(seq_lens, context_lens, slots, cache=cache, layer_kinds=lm.layer_kinds)
+        with forward_context(ctx):
+            logits.append(model(ids, pos).float().cpu())
+        graphs_after.append(be.stats.cuda_graphs)
+    states = {i: [s[:cache.slots].cpu() for s in cache.state(i)] for i in lm.layer_kinds}
+    return logits, states, graphs_after, be.stats
+
+
+@pytest.mark.parametrize("mode", ["pcg", "bcg"])
+def test_packed_steps_from_call_site_graphs_give_the_bits_of_the_op(mode, monkeypatch):
+    lm = adapt(random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0))
+    linear = sum(1 for kind in lm.layer_kinds.values() if kind == "linear")
+    assert linear > 0
+    off = _run(lm, mode, False, monkeypatch)
+    on = _run(lm, mode, True, monkeypatch)
+    for i, (a, b) in enumerate(zip(off[0], on[0])):
+        assert torch.equal(a, b), f"step {i} {STEPS[i]}: logits differ"
+    for layer in off[1]:
+        for a, b in zip(off[1][layer], on[1][layer]):
+            assert torch.equal(a, b), f"layer {layer}: cache states differ"
+    graphs_off, graphs_on, stats = off[2], on[2], on[3]
+    captured = [b - a for a, b in zip([0, *graphs_on], graphs_on)]
+    runtime_captured = [b - a for a, b in zip([0, *graphs_off], graphs_off)]
+    packed = [i for i, (lens, _, _) in enumerate(STEPS) if any(n != 1 for n in lens)]
+    for i in packed:  # a new (bucket, kernels): a graph per linear layer, besides what the runtime captured
+        want = 0 if i == REPLAY else linear
+        assert captured[i] - runtime_captured[i] == want, f"step {i}: {captured[i]} graphs"
+    assert stats.prepared_calls >= linear * len(STEPS)  # every linear layer of every step, decode included
+    assert any(key.startswith("packed steps") for key in stats.pool_bytes_by_pool)
+
+
+def test_a_cache_serves_one_model_after_another(caplog, monkeypatch):
+    """Models compiled one after another over one cache (the bench's targets): each captures its call sites' graphs
+    (no capture fails, whenever the previous model's graphs die), and gives the op's logits."""
+    from hattn.runtime import graphs
+
+    lm = adapt(random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0))
+    cache = lm.make_cache(slots=4, max_len=512)
+    ids = torch.randint(0, lm.config.vocab_size, (150,), generator=torch.Generator().manual_seed(1)).cuda()
+    pos = torch.arange(150, device="cuda")
+    ctx = ForwardContext([150], [0], [0], cache=cache, layer_kinds=lm.layer_kinds)
+    for mode in ("pcg", "bcg", "pcg"):
+        logits = {}
+        for prepared in (False, True):
+            monkeypatch.setattr(graphs, "prepared", prepared)
+            be = hattn.backend(mode=mode, capture_sizes=[256], inner_compiler="eager", progress=False)
+            model = torch.compile(lm, backend=be, dynamic=True)
+            with forward_context(ctx):
+                model(ids, pos)  # captures the runtime's graphs; then a replay: the call sites' graphs
+                logits[prepared] = model(ids, pos).float().cpu()
+            model = None
+            torch._dynamo.reset()
+        assert torch.equal(logits[True], logits[False]), mode
+        assert be.stats.prepared_calls > 0
+    assert "capturing them failed" not in caplog.text
