@@ -227,11 +227,13 @@ class TorchCompile(_HFPeer):
         self.name = "tc-default" if mode == "default" else "tc-ro"
         self.about = f"torch.compile(model{'' if mode == 'default' else ', mode=' + repr(mode)}) on the HF model"
         self.warmup = 3 if mode == "reduce-overhead" else 2  # cudagraph trees record on the second call
-        # compiles, H200 runs of the thirteenth and eighteenth sessions: a decode batch 30-32 s, the prefill graph
-        # ~100 s (the second decode batch took 62-67 s while Dynamo recompiled it dynamic). The estimate is all of
-        # the goals' rows (two decode batches, prefill), so that its time box holds them
-        self.graph_s = {"decode": (35.0, 20.0), "prefill": (100.0, 25.0)}
-        self.est_s = (2 * 35.0 + 100.0, 65.0)
+        # compiles on the H200: a decode batch 28-35 s (eighteenth session; the second took 62-67 s while Dynamo
+        # recompiled it dynamic); the prefill graph ~100 s in the thirteenth session, over 250 s in the eighteenth
+        # (fla's kernels autotuned cold inside it), which spent the default run's budget. The estimate covers the
+        # decode rows the goals need; the prefill rows run where the time box still holds their graph (a run given
+        # more --budget, or fewer --modes)
+        self.graph_s = {"decode": (35.0, 20.0), "prefill": (250.0, 25.0)}
+        self.est_s = (2 * 35.0, 45.0)
         self.model, self.graphs, self._static = None, set(), None
 
     @staticmethod
