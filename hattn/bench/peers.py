@@ -238,9 +238,9 @@ class TorchCompile(_HFPeer):
 
     @staticmethod
     def _graph(point: Point) -> str:
-        """The Dynamo graph a point's first call compiles: one per decode batch (static shapes, see `prepare`), one
-        for every prefill size (its token dimension is marked dynamic)."""
-        return f"decode B={point.batch}" if point.kind == "decode" else point.kind
+        """The Dynamo graph a point's first call compiles: one per decode batch and one per prefill batch of prompts
+        (static shapes, see `prepare`), the prefill's token dimension marked dynamic (one graph for every size)."""
+        return f"decode B={point.batch}" if point.kind == "decode" else f"{point.kind} S={point.seqs}"
 
     def first_call_s(self, point: Point, cuda: bool) -> float:
         """The compile estimate of a point whose graph no measured point compiled yet (the thirteenth session's run:

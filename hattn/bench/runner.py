@@ -270,6 +270,7 @@ def run_all(targets: list[Callable[[], Target]], names: list[str], points: list[
         if current is not None:
             current.skip_rest(points, f"not run: the run was {stop}")
             _finish(current)
+            _close(current.t, current.d)  # what the target set up (a config patch, its graphs) ends with it
         for name in names:
             entries.setdefault(name, _not_run(points, f"not run: the run was {stop}", "skipped"))
     return {n: entries[n] for n in names if n in entries}, partial

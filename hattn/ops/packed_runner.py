@@ -8,17 +8,17 @@ same step after step (pcg's static graph outputs, bcg's recorded calls), so its 
 the kernels that `mode="full"` captures inside its step graph:
 
 - per sequence bucket (`packing.seq_bucket`), the bucket's padded layout (`Bucket`: the site's rows, padding
-  sequences at the cache's scratch slot) lives in a static buffer per cache, filled by the step's first layer (one
-  host-to-device copy a step) and read by every layer's graph;
+  sequences at the cache's scratch slot) lives in a static buffer per cache and stream, filled by the step's first
+  layer (one host-to-device copy a step) and read by every layer's graph;
 - per (bucket, variant) a site has one graph. `variant(ctx)` names the form the op's kernels take for this step
   (e.g. recurrent or chunked), the form it takes between graphs, so a graph runs the same kernels as the op would
   (None: not served, the op runs);
 - a bucket's first step runs the site's kernels eagerly on the layout (Triton compiles, fla autotunes: this is the
   step's result) and then captures them; later steps replay.
 
-The graphs of every site over one cache share a memory pool: a site's intermediates die inside its graph (nothing
-escapes but what it writes into its output and the cache) and graphs replay one at a time on one stream. Graphs
-read and write one cache's tensors: another cache drops them, and so does the cache's end.
+The graphs of every site over one cache and stream share a memory pool: a site's intermediates die inside its graph
+(nothing escapes but what it writes into its output and the cache) and graphs replay one at a time on one stream.
+Graphs read and write one cache's tensors: another cache drops them, and so does the cache's end.
 """
 from __future__ import annotations
 
@@ -60,9 +60,22 @@ class _Shared:
     the others find it filled (a context used again after another step filled the layout fills it again)."""
 
     def __init__(self):
-        self.pool = self.stream = None  # made at the first capture
+        self.pool = self.stream = None  # made at the first capture (`pool_for_capture`)
+        self.live: weakref.WeakSet = weakref.WeakSet()  # the graphs captured into the pool that are still alive
         self.layouts: dict[Bucket, list] = {}  # bucket -> [flat buffer, PackedStep over it, weakref to its context]
         self.measured: set = set()  # (bucket, variant) whose capture's pool size was recorded
+
+    def pool_for_capture(self, device) -> None:
+        """A pool is captured into only while a graph captured into it lives: torch 2.11 asserts when a pool whose
+        graphs all died is captured into again (its bookkeeping keeps the dead pool's entry), so then a new one."""
+        if self.pool is None or not self.live:
+            self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+            self.measured.clear()
+
+    def drop_pool(self) -> None:
+        """After a failed capture, which may leave its pool recording: the next capture takes a new one."""
+        self.pool = self.stream = None
+        self.live = weakref.WeakSet()
 
     def layout(self, bucket: Bucket, ctx: ForwardContext, device) -> PackedStep:
         entry = self.layouts.get(bucket)
@@ -76,19 +89,24 @@ class _Shared:
         return entry[1]
 
 
-# cache -> what its runners share, while one of them lives: a pool whose graphs all died is not captured into again
-# (torch 2.11 asserts in its host allocator's pool bookkeeping: a model's runners die with the model, the cache may
-# serve the next model)
-_SHARED: "weakref.WeakKeyDictionary[object, weakref.ref]" = weakref.WeakKeyDictionary()
+# cache -> {stream: what the runners over it that run on that stream share}, while one of them lives. Per stream:
+# two model instances over one cache running at once on two streams (two-batch overlap) must not share a layout
+# buffer (one's fill would overwrite what the other's queued graphs read) or a pool (their scratch would alias).
+_SHARED: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
-def _shared_for(cache) -> _Shared:
-    ref = _SHARED.get(cache)
+def _shared_for(cache, stream: int) -> _Shared:
+    by_stream = _SHARED.setdefault(cache, {})
+    ref = by_stream.get(stream)
     shared = ref() if ref is not None else None
     if shared is None:
         shared = _Shared()
-        _SHARED[cache] = weakref.ref(shared)
+        by_stream[stream] = weakref.ref(shared)
     return shared
+
+
+def _stream_key(device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if torch.device(device).type == "cuda" else 0
 
 
 class PackedRunner:
@@ -102,7 +120,7 @@ class PackedRunner:
         self.kind, self.layer_id, self.rows, self.device = kind, layer_id, out.shape[0], out.device
         self.variant, self.run = variant, run
         self.graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}
-        self.cache_ref = self.shared = None
+        self.cache_ref = self.shared = self.stream = None
         self.stats = None  # the runtime's Stats (`bind`): captures and the pool are counted there
 
     def bind(self, stats) -> None:
@@ -117,14 +135,14 @@ class PackedRunner:
         if variant is None:
             return False
         registry.check_route(self.kind, self.layer_id, ctx.layer_kinds)
-        cache = ctx.cache
-        if self.cache_ref is None or self.cache_ref() is not cache:
+        cache, stream = ctx.cache, _stream_key(self.device)
+        if self.cache_ref is None or self.cache_ref() is not cache or self.stream != stream:
             self.graphs.clear()
             self.cache_ref = weakref.ref(cache, lambda _, graphs=self.graphs: graphs.clear())  # frees their memory
-            self.shared = _shared_for(cache)
+            self.shared, self.stream = _shared_for(cache, stream), stream
         shared = self.shared
         seqs = sum(1 for n in ctx.seq_lens if n)
-        bucket = Bucket.for_tokens(self.rows, seq_bucket(seqs, cache.slots))
+        bucket = Bucket.for_tokens(self.rows, seq_bucket(seqs, cache.scratch_slot))  # scratch_slot == slots
         step = shared.layout(bucket, ctx, self.device)
         key = (bucket, variant)
         graph = self.graphs.get(key, _MISSING)
@@ -141,13 +159,13 @@ class PackedRunner:
         from hattn.runtime.graphs import CAPTURE_ERROR_MODE, CAPTURE_LOCK, log_once, pool_bytes
 
         start, graph = time.perf_counter(), torch.cuda.CUDAGraph()
-        if shared.pool is None:
-            shared.pool, shared.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
-        shared.stream.wait_stream(torch.cuda.current_stream())
+        shared.pool_for_capture(self.device)
+        stream, pool = shared.stream, shared.pool
+        stream.wait_stream(torch.cuda.current_stream())
         try:
             # no cycle collection inside: it could destroy another model's graphs of the pool mid-capture
-            with CAPTURE_LOCK, _no_gc(), torch.cuda.stream(shared.stream):
-                graph.capture_begin(pool=shared.pool, capture_error_mode=CAPTURE_ERROR_MODE)
+            with CAPTURE_LOCK, _no_gc(), torch.cuda.stream(stream):
+                graph.capture_begin(pool=pool, capture_error_mode=CAPTURE_ERROR_MODE)
                 try:
                     run()
                 except BaseException:
@@ -156,18 +174,19 @@ class PackedRunner:
                     raise
                 graph.capture_end()
         except Exception as e:  # noqa: BLE001  (the step already ran eagerly: later steps call the op)
-            shared.pool = shared.stream = None  # a failed capture may leave its pool recording: a new one
+            shared.drop_pool()
             log_once("hattn: %s layer %d runs its packed steps eagerly between graphs: capturing them failed (%s)",
                      self.kind, self.layer_id, e)
             return None
         finally:
-            torch.cuda.current_stream().wait_stream(shared.stream)
+            torch.cuda.current_stream().wait_stream(stream)
+        shared.live.add(graph)
         if self.stats is not None:
             self.stats.cuda_graphs += 1
             self.stats.capture_seconds += time.perf_counter() - start
             if key not in shared.measured:  # every site of a key allocates alike: the pool grows at its first
                 shared.measured.add(key)
-                self.stats.set_pool_bytes(f"packed steps {shared.pool}", pool_bytes(shared.pool))
+                self.stats.set_pool_bytes(f"packed steps {pool}", pool_bytes(pool))
         return graph
 
 

@@ -81,5 +81,6 @@ def test_tc_peers_count_a_compile_for_each_graph_until_a_point_of_it_was_measure
     assert peer.estimate(True) == 2 * 35.0
     peer.compiled(p16)
     assert peer.first_call_s(p64, cuda=True) == 0.0
+    assert peer.first_call_s(Point("prefill", tokens=64, seqs=2), cuda=True) == 250.0  # another batch of prompts
     peer.compiled(b1)
     assert peer.first_call_s(b16, cuda=True) == 35.0 and peer.first_call_s(b1, cuda=True) == 0.0

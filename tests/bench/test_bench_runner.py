@@ -148,9 +148,15 @@ def test_a_hard_time_box_stops_a_target_and_the_next_one_runs():
 
 
 def test_a_whole_run_stop_keeps_what_was_measured():
+    """... and closes the target it stopped (what it set up, a config patch say, does not outlive it)."""
     budget = Budget(0.9)  # hard deadline 0.855 s: in the second point of the first target (0.6 s a point)
+    closed = []
+
+    class Closing(Sleeps):
+        def close(self):
+            closed.append(self.name)
     with Deadlines(budget) as d:
-        entries, partial = run_all([Sleeps, Fake], ["sleeps", "fake"], POINTS[:3], Clock("cpu"),
+        entries, partial = run_all([Closing, Fake], ["sleeps", "fake"], POINTS[:3], Clock("cpu"),
                                    Options(reps=1, max_s=0.01, slow_s=100.0, progress=False, min_measure_s=10.0),
                                    budget, d)
     first, second, third = (p.id for p in POINTS[:3])
@@ -162,6 +168,7 @@ def test_a_whole_run_stop_keeps_what_was_measured():
                                                "other_s": sleeps["startup"]["first_call_s"] - 0.1})
     assert entries["fake"]["results"][first] == {"skipped": "not run: the run was stopped: the budget (1 s) was spent"}
     assert partial == [f"stopped: the budget (1 s) was spent during sleeps {second}"]
+    assert closed == ["sleeps"]
 
 
 def test_startup_splits_the_first_call_by_the_counters():

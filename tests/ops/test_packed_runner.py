@@ -3,6 +3,8 @@ the real graphs): which steps it serves, one capture per (bucket, kernels), repl
 step and again for a context used after another's, graphs dropped with their cache, captures bound to stats."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import weakref
 
 import torch
@@ -98,17 +100,81 @@ def test_a_failed_capture_sends_later_steps_to_the_op(monkeypatch):
     assert not runner(_ctx(cache, [6]))
 
 
-def test_graphs_are_for_one_cache(monkeypatch):
+def test_graphs_are_for_one_cache_and_die_with_it(monkeypatch):
     runner, log = _runner(monkeypatch)
     first, second = _cache(), _cache()
     runner(_ctx(first, [5]))
-    runner(_ctx(second, [5]))
+    runner(_ctx(second, [5]))  # another cache: its own graphs
     assert [e[0] for e in log if e != "replay"].count("capture") == 2
-    del first
-    import gc
-    gc.collect()
     runner(_ctx(second, [6]))
     assert log[-1] == "replay" and len(runner.graphs) == 1
+    del second  # the cache the graphs read and write: they go with it (their memory too)
+    gc.collect()
+    assert runner.graphs == {}
+
+
+class _FakeCuda:
+    """torch.cuda's graph API, faked on CPU: pools are numbered, graphs record capture_begin's pool."""
+
+    def __init__(self, monkeypatch):
+        self.pools = 0
+        fake = self
+
+        class Graph:
+            def capture_begin(self, pool=None, capture_error_mode=None):
+                self.pool = pool
+
+            def capture_end(self):
+                pass
+
+            def replay(self):
+                pass
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                assert isinstance(other, Stream)
+
+        def pool_handle():
+            fake.pools += 1
+            return (0, fake.pools)
+        for name, value in (("CUDAGraph", Graph), ("Stream", Stream), ("graph_pool_handle", pool_handle),
+                            ("current_stream", lambda device=None: Stream()),
+                            ("stream", lambda s: contextlib.nullcontext())):
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+def test_a_capture_that_fails_leaves_the_step_done_and_later_steps_to_the_op(monkeypatch):
+    """The failure is logged, not raised (the step already ran eagerly); the pool it may have left recording is
+    dropped, so the next capture takes a new one."""
+    fake = _FakeCuda(monkeypatch)
+    calls = []
+
+    def run(cache, step, form):
+        calls.append(form)
+        if len(calls) == 2:  # the capture's run
+            raise RuntimeError("operation not permitted when stream is capturing")
+    runner = packed_runner.PackedRunner("linear", 0, torch.zeros(32, 2), lambda ctx: "v", run)
+    cache = _cache()
+    assert runner(_ctx(cache, [5]))
+    assert runner.shared.pool is None and fake.pools == 1
+    assert not runner(_ctx(cache, [6]))  # this bucket's steps: the op's
+    assert runner(_ctx(cache, [5, 5])) and fake.pools == 2  # another bucket: a new pool
+
+
+def test_a_pool_whose_graphs_all_died_is_not_captured_into_again(monkeypatch):
+    fake = _FakeCuda(monkeypatch)
+    runner = packed_runner.PackedRunner("linear", 0, torch.zeros(32, 2), lambda ctx: "v", lambda *a: None)
+    cache = _cache()
+    runner(_ctx(cache, [5]))
+    runner(_ctx(cache, [5, 5]))
+    assert fake.pools == 1 and {g.pool for g in runner.graphs.values()} == {(0, 1)}
+    runner.graphs.clear()  # e.g. pcg's call site rebinding: the runner's graphs die, the shared state lives on
+    gc.collect()
+    runner(_ctx(cache, [5]))
+    assert fake.pools == 2 and {g.pool for g in runner.graphs.values()} == {(0, 2)}
 
 
 def test_a_cache_gets_new_shared_state_once_every_runner_over_it_died(monkeypatch):
@@ -132,3 +198,18 @@ def test_runners_try_in_order_and_are_bound_to_the_runtimes_stats(monkeypatch):
     stats = Stats()
     assert prepared_runner(lambda *a, **k: both, (), {}, stats) is both and runner.stats is stats
     assert both("d") and calls == ["decode"]
+
+
+def test_runners_on_two_streams_share_neither_layouts_nor_pool(monkeypatch):
+    """Two-batch overlap runs two model instances over one cache at once, on two streams: each stream's runners have
+    their own shared state (a layout buffer one fills while the other's graphs read it would give wrong rows)."""
+    a, _ = _runner(monkeypatch)
+    b, _ = _runner(monkeypatch)
+    cache = _cache()
+    monkeypatch.setattr(packed_runner, "_stream_key", lambda device: 1)
+    a(_ctx(cache, [5]))
+    monkeypatch.setattr(packed_runner, "_stream_key", lambda device: 2)
+    b(_ctx(cache, [5]))
+    assert a.shared is not b.shared
+    a(_ctx(cache, [5]))  # a runner moved to another stream captures again there
+    assert a.shared is b.shared and len(a.graphs) == 1
