@@ -147,6 +147,13 @@ class Bucket:
             flat.extend(fields[name])
         return torch.frombuffer(flat, dtype=torch.long)  # shares flat's memory, which it keeps alive
 
+    def fill(self, flat: torch.Tensor, seq_lens: list[int], context_lens: list[int], slots: list[int],
+             scratch: int) -> None:
+        """Write this step's layout (`host`) into the device buffer `flat` the bucket's graphs read: one copy, from
+        pinned memory on CUDA (the host does not wait for it)."""
+        host = self.host(seq_lens, context_lens, slots, scratch)
+        flat[:host.numel()].copy_(host.pin_memory() if flat.is_cuda else host, non_blocking=True)
+
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The layout's fields as views of a device tensor holding it (a prefix of `flat`)."""
         return dict(zip(self.parts, flat[:self.numel].split(list(self.parts.values()))))

@@ -83,8 +83,7 @@ class _Shared:
             flat = torch.zeros(bucket.numel, dtype=torch.long, device=device)
             entry = self.layouts[bucket] = [flat, PackedStep.over(bucket, flat), None]
         if entry[2] is None or entry[2]() is not ctx:
-            host = bucket.host(ctx.seq_lens, ctx.context_lens, ctx.slots, ctx.cache.scratch_slot)
-            entry[0].copy_(host.pin_memory() if entry[0].is_cuda else host, non_blocking=True)
+            bucket.fill(entry[0], ctx.seq_lens, ctx.context_lens, ctx.slots, ctx.cache.scratch_slot)
             entry[2] = weakref.ref(ctx)
         return entry[1]
 

@@ -47,9 +47,8 @@ def check_capture_safe(ops: list[SplitOp]) -> None:
         )
 
 
-def _pinned(rows: list[list[int]] | torch.Tensor) -> torch.Tensor:
-    host = rows if isinstance(rows, torch.Tensor) else torch.tensor(rows, dtype=torch.long)
-    return host.pin_memory()
+def _pinned(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long).pin_memory()
 
 
 class _Graphs(GraphRuntime):
@@ -170,8 +169,7 @@ class _PackedGraphs(_Graphs):
         return StaticMeta(step.fields["slots"], step.fields["context_lens"], packed=step)
 
     def _fill(self, static: StaticMeta, seq_lens, context_lens, slots) -> None:
-        host = static.packed.bucket.host(seq_lens, context_lens, slots, self.cache.scratch_slot)
-        self.flat[:host.numel()].copy_(_pinned(host), non_blocking=True)
+        static.packed.bucket.fill(self.flat, seq_lens, context_lens, slots, self.cache.scratch_slot)
 
     def fill_capture(self, static: StaticMeta, size: int) -> None:
         # no real sequence: every row is the padding sequence's (scratch slot, cache position 0), so a bucket larger

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 from hattn.kernels.conv1d.packed import conv_warps, packed_causal_conv1d, packed_conv_qkv
 from hattn.kernels.gated_delta.chunk import chunk_gated_delta_rule_slots, fla_chunk
-from hattn.kernels.gated_delta.recurrent import (MAX_RECURRENT_TOKENS_EAGER, packed_recurrent_gated_delta,
-                                                 recurrent_block_v, use_recurrent)
+from hattn.kernels.gated_delta.recurrent import (packed_recurrent_gated_delta, recurrent_block_v, short_sequences,
+                                                 use_recurrent)
 from hattn.kernels.gated_delta.reference import chunk_gated_delta_rule_packed
 from hattn.kernels.packing import PackedBatch
 
@@ -30,8 +30,7 @@ class PackedForm(NamedTuple):
 
 def exact_form(lens: list[int], v_heads: int, v_dim: int) -> PackedForm:
     """The form of an exact batch of sequences of `lens` tokens (each >= 1)."""
-    return PackedForm(max(lens, default=0) <= MAX_RECURRENT_TOKENS_EAGER, recurrent_block_v(len(lens), v_heads, v_dim),
-                      conv_warps(sum(lens)))
+    return PackedForm(short_sequences(lens), recurrent_block_v(len(lens), v_heads, v_dim), conv_warps(sum(lens)))
 
 
 def form_of(batch: PackedBatch, v_heads: int, v_dim: int) -> PackedForm:

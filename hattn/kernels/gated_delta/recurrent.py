@@ -36,7 +36,12 @@ def use_recurrent(batch: PackedBatch) -> bool:
     graphs) by its longest sequence."""
     if batch.padded:
         return batch.num_tokens <= MAX_RECURRENT_TOKENS
-    return max(batch.lens, default=0) <= MAX_RECURRENT_TOKENS_EAGER
+    return short_sequences(batch.lens)
+
+
+def short_sequences(lens: list[int]) -> bool:
+    """Whether an exact batch's sequences (run between graphs) take the recurrent form: by the longest."""
+    return max(lens, default=0) <= MAX_RECURRENT_TOKENS_EAGER
 
 
 @triton.jit
