@@ -1,0 +1,112 @@
+"""What the graph pools hold: per pool, its size, the peak of live blocks while its graphs were captured, and the
+largest blocks live at that peak with the code that allocated them (torch's memory history, Python frames).
+
+    python3 scripts/pool_profile.py [--modes pcg,bcg,full] [--sizes 1,...,2048] [--slots 64] [--top 12]
+
+Per mode: the model compiled as `hattn bench` compiles it (every capture size at the first call), one prefill step of
+the largest size (logits of its last row, in --slots rows, as generate and the bench ask) and one decode step of one
+sequence at context 1024 over one cache of --slots slots; then the pools' figures (`stats.pool_bytes_by_pool`).
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+
+import torch
+
+import hattn
+from hattn.context import ForwardContext
+from hattn.models.generate import last_rows, run_step
+from hattn.models.presets import load
+from hattn.runtime.graphs import DEFAULT_CAPTURE_SIZES
+
+_SKIP = ("torch/", "contextlib", "threading", "runpy", "<frozen")
+
+
+def _where(frames, n: int = 4) -> str:
+    kept = [f for f in frames if not any(s in f["filename"] for s in _SKIP) or "torchinductor" in f["filename"]]
+    return " <- ".join(f"{f['filename'].split('/')[-1]}:{f['line']}:{f['name']}" for f in kept[:n])
+
+
+def _pools(snap) -> dict:
+    """pool id -> [(start, end)] address ranges of its segments."""
+    ranges = collections.defaultdict(list)
+    for seg in snap["segments"]:
+        pool = tuple(seg.get("segment_pool_id", (0, 0)))
+        if pool != (0, 0):
+            ranges[pool].append((seg["address"], seg["address"] + seg["total_size"]))
+    return ranges
+
+
+def report(snap, top: int) -> None:
+    events = [e for trace in snap["device_traces"] for e in trace]
+    for pool, ranges in _pools(snap).items():
+        ranges.sort()
+        starts = [a for a, _ in ranges]
+
+        def inside(addr):
+            i = bisect.bisect_right(starts, addr) - 1
+            return i >= 0 and addr < ranges[i][1]
+        mine = [e for e in events if e["action"] in ("alloc", "free_completed") and inside(e["addr"])]
+        live, total, peak, at = {}, 0, 0, 0
+        for i, e in enumerate(mine):
+            if e["action"] == "alloc":
+                live[e["addr"]] = e
+                total += e["size"]
+            elif e["addr"] in live:
+                total -= live.pop(e["addr"])["size"]
+            if total > peak:
+                peak, at = total, i
+        live = {}
+        for e in mine[:at + 1]:
+            if e["action"] == "alloc":
+                live[e["addr"]] = e
+            else:
+                live.pop(e["addr"], None)
+        size = sum(b - a for a, b in ranges)
+        print(f"pool {pool}: segments {size / 2**20:.1f} MiB, peak live {peak / 2**20:.1f} MiB "
+              f"({len(live)} blocks at the peak, {len(mine)} events)")
+        by_site = collections.Counter()
+        for e in live.values():
+            by_site[_where(e.get("frames", []))] += e["size"]
+        for site, nbytes in by_site.most_common(top):
+            print(f"  {nbytes / 2**20:9.1f} MiB  {site}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="pcg,bcg,full")
+    ap.add_argument("--sizes", default=",".join(map(str, DEFAULT_CAPTURE_SIZES)))
+    ap.add_argument("--preset", default="qwen3.5-1b")
+    ap.add_argument("--slots", type=int, default=64)
+    ap.add_argument("--top", type=int, default=12)
+    a = ap.parse_args()
+    sizes = [int(s) for s in a.sizes.split(",")]
+    lm = load(a.preset, dtype=torch.bfloat16, device="cuda")
+    cache = lm.make_cache(a.slots, max(sizes) + 1100)
+    t = max(sizes)
+    for mode in a.modes.split(","):
+        torch._dynamo.reset()
+        be = hattn.backend(mode=mode, capture_sizes=sizes, progress=False, lazy_capture=False)
+        model = torch.compile(lm, backend=be)
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+        ids = torch.randint(0, 1000, (t,), device="cuda")
+        ctx = ForwardContext(seq_lens=[t], context_lens=[0], slots=[0], cache=cache, layer_kinds=lm.layer_kinds)
+        run_step(model, ctx, ids, torch.arange(t, device="cuda"), last_rows([t], a.slots, "cuda"))
+        ctx = ForwardContext(seq_lens=[1], context_lens=[1024], slots=[0], cache=cache, layer_kinds=lm.layer_kinds)
+        run_step(model, ctx, ids[:1], torch.full((1,), 1024, device="cuda"))
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        st = be.stats
+        print(f"== {mode}: pools {({k: round(v / 2**20, 1) for k, v in st.pool_bytes_by_pool.items()})} MiB, "
+              f"graphs {st.cuda_graphs}, capture sizes {sorted(st.capture_size_seconds)}", flush=True)
+        report(snap, a.top)
+        model = be = snap = None
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
