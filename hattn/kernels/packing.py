@@ -65,7 +65,7 @@ class PackedBatch:
             kept_slots = [slots[i] for i in keep]
             has = [bool(context_lens and context_lens[i] > 0) for i in keep]
             rows += [torch.tensor(kept_slots, dtype=torch.long), torch.tensor(has, dtype=torch.long)]
-        flat = _to_device(torch.cat(rows), device)  # one copy: cu, token_seq[, slots, has_state]
+        flat = to_device(torch.cat(rows), device)  # one copy: cu, token_seq[, slots, has_state]
         parts = flat.split([n + 1, t] + ([n, n] if slots is not None else []))
         return cls(lens, kept_slots, has, cu_cpu, parts[0], parts[1], *(parts[2:] if slots is not None else
                                                                          (None, None)))
@@ -169,7 +169,8 @@ class Bucket:
 
 
 
-def _to_device(host: torch.Tensor, device) -> torch.Tensor:
+def to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`: from pinned memory on CUDA, so the host does not wait for the copy."""
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)

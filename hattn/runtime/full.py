@@ -26,8 +26,8 @@ from hattn.kernels.packing import Bucket, PackedStep
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, caller_context, capture_graph, log_once,
-                                  new_pool, ran_graph_free, served_layout)
-from hattn.runtime.tokens import TokenLayout, pick_size
+                                  new_pool, ran_graph_free, served_layout, sizes_for)
+from hattn.runtime.tokens import TokenLayout
 
 log = logging.getLogger("hattn")
 SEQ_BUCKETS = packing.SEQ_BUCKETS  # real sequences a packed graph holds below the cache's slots (packing.py says why)
@@ -53,6 +53,8 @@ def _pinned(rows: list[list[int]]) -> torch.Tensor:
 
 class _Graphs(GraphRuntime):
     """One family of full-step graphs over one cache: capture, replay, and the forward context split ops see."""
+
+    rows_by_slots = False  # decode graphs' sizes are capped at the slots already (`_build`); packed ones prefill
 
     def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool, cache, pool):
         super().__init__(fn, layout, sizes, stats, progress)
@@ -244,7 +246,7 @@ class FullGraphRuntime:
     def _build(self, cache) -> None:
         pool, decode_sizes = new_pool(), self.sizes
         if self.layout.has_tokens:
-            decode_sizes = _sizes_for(self.sizes, cache.slots)
+            decode_sizes = sizes_for(self.sizes, cache.slots)  # a decode batch never exceeds the slots
         common = (self.fn, self.layout), (self.stats, self.progress, cache, pool)
         self.decode = _DecodeGraphs(*common[0], decode_sizes, *common[1])
         self.decode.lazy_capture = self.lazy_capture
@@ -256,12 +258,6 @@ class FullGraphRuntime:
             if graphs is not None:
                 graphs.release()
         self.cache = self.decode = self.packed = self.pool = None
-
-
-def _sizes_for(sizes: list[int], slots: int) -> list[int]:
-    """A decode batch never exceeds the cache's slots: the sizes up to the first one that holds `slots`."""
-    cap = pick_size(sizes, slots) or sizes[-1]
-    return [s for s in sizes if s <= cap]
 
 
 def build(config, split_gm, example_inputs, stats):

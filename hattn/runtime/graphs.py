@@ -277,10 +277,12 @@ class GraphRuntime:
     """
 
     name = "graph"
+    rows_by_slots = True  # upfront sizes of a graph with a row per token bounded by the cache's slots (upfront_sizes)
 
     def __init__(self, fn, layout: TokenLayout, sizes: list[int], stats: Stats, progress: bool = True):
         self.fn, self.layout, self.stats, self.progress = fn, layout, stats, progress
         self.sizes = sorted(set(sizes)) if layout.has_tokens else [0]
+        self.rows_per_token = bool(layout.out_dims) and any(layout.out_dims)  # an output has a row per token
         self.inputs = StaticInputs(layout, self.sizes[-1])
         self.pool = None
         self.captured: set[int] = set()
@@ -332,15 +334,30 @@ class GraphRuntime:
         self.stats.padded_tokens += size - n if n is not None else 0
         return unpad_outputs(out, self.layout, size, n if n is not None else size)
 
+    def upfront_sizes(self) -> list[int]:
+        """The sizes captured before they are used (all at the first call, or the largest lazily).
+
+        A graph that returns a row per token (the adapted LM called without logits_rows: generate's decode steps)
+        keeps its largest size's rows in its pool: [2048, vocab] logits are 1 GB at a 248k vocabulary. Under a
+        cache its steps sample at most one row per slot, so the sizes up to the one that holds the cache's slots
+        (as mode full's decode graphs); a larger size is captured at its first use."""
+        slots = getattr(getattr(get_forward_context(), "cache", None), "slots", None)
+        if self.rows_by_slots and self.rows_per_token and isinstance(slots, int) and slots > 0:
+            return sizes_for(self.sizes, slots)
+        return self.sizes
+
     def capture_all(self, args, size: int) -> None:
-        """Capture `size` (lazy_capture) or every size, and the largest size if not yet: largest first, so the
-        others reuse the pool's memory. Lazily, a size no call uses is never captured."""
+        """Capture `size` (lazy_capture) or every upfront size, and the largest upfront size if not yet: largest
+        first, so the others reuse the pool's memory. Lazily, a size no call uses is never captured."""
         from tqdm.auto import tqdm
 
         self.pool = self.pool or new_pool()
         if not self.captured:
             self.state = ModuleState.of(self.layout, args)
-        wanted = ({self.sizes[-1], size} if self.largest_first else {size}) if self.lazy_capture else self.sizes
+        upfront = self.upfront_sizes()
+        wanted = {upfront[-1], size} if self.largest_first else {size}
+        if not self.lazy_capture:
+            wanted.update(upfront)
         todo = sorted((s for s in wanted if s not in self.captured), reverse=True)
         start, reserved = time.perf_counter(), _reserved()
         bar = tqdm(todo, desc=f"hattn {self.name} capture", unit="size", disable=not self.progress or len(todo) < 2)
@@ -394,6 +411,12 @@ class GraphRuntime:
         if _cuda():
             with CAPTURE_LOCK:  # empty_cache frees device memory, which CUDA forbids while any stream captures
                 torch.cuda.empty_cache()
+
+
+def sizes_for(sizes: list[int], slots: int) -> list[int]:
+    """The sizes a step of at most `slots` rows needs: those up to the first one that holds `slots`."""
+    cap = pick_size(sizes, slots) or sizes[-1]
+    return [s for s in sizes if s <= cap]
 
 
 # -- which graphs get graphs ---------------------------------------------------------------------------------------

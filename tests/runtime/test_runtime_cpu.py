@@ -561,3 +561,65 @@ def test_full_mode_packs_a_step_into_the_smallest_sequence_bucket_that_holds_it(
     runtime.release()
     call([5])
     assert sorted(runtime.packed) == [8]
+
+
+class _Slots:
+    """A cache stand-in: what a graph runtime asks of a cache is its slot count."""
+
+    def __init__(self, slots):
+        self.slots = slots
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_graph_with_a_row_per_token_captures_upfront_only_what_its_cache_can_sample(lazy):
+    """The adapted LM without logits_rows returns logits for every row (generate's decode graph): its upfront sizes
+    stop at the one that holds the cache's slots ([2048, vocab] logits would stay in the pool); a longer call still
+    gets a graph, captured at its first use. A graph without a row per token, or a call without a cache, captures
+    every size upfront."""
+    from hattn.runtime.tokens import TokenLayout
+
+    sizes = [1, 2, 4, 8, 16, 64, 128]
+
+    def runtime(out_dims):
+        rt = FakeGraphs(_rowwise, sizes)
+        rt.layout = TokenLayout([(0,)], out_dims=out_dims)
+        rt.rows_per_token = any(out_dims)
+        rt.lazy_capture = lazy
+        return rt
+
+    rows = runtime([(0,)])
+    x = torch.randn(3)
+    with hattn.forward_context(hattn.ForwardContext([1] * 3, [3] * 3, [0, 1, 2], _Slots(6))):
+        torch.testing.assert_close(rows(x), _rowwise(x))
+    assert rows.order == ([8, 4] if lazy else [8, 4, 2, 1])  # 8 holds 6 slots; never 128 upfront
+    y = torch.randn(100)
+    with hattn.forward_context(hattn.ForwardContext([100], [0], [0], _Slots(6))):
+        torch.testing.assert_close(rows(y), _rowwise(y))
+    assert rows.order[-1] == 128 and rows.stats.eager_runs == 0  # captured at its first use, then replayed
+    for out_dims, cache in (([()], _Slots(6)), ([(0,)], None)):
+        other = runtime(out_dims)
+        with hattn.forward_context(hattn.ForwardContext([1] * 3, [3] * 3, [0, 1, 2], cache)):
+            other(x)
+        assert other.order == ([128, 4] if lazy else sorted(sizes, reverse=True))
+
+
+def test_bcg_records_a_split_ops_arguments_without_keeping_them_alive(monkeypatch):
+    """The segments' tensors a recorded split op reads are pool memory: the record must not keep them allocated to
+    the capture's end (every linear layer's inputs of a 2048-token forward: ~0.9 GiB of bcg's pool), so later
+    segments may reuse them; what the eager op returned stays owned."""
+    import gc
+    import weakref
+
+    from hattn.runtime.breakable import _Capture
+
+    cap = _Capture(stream=object())
+    monkeypatch.setattr(_Capture, "begin_segment", lambda self: None)
+    monkeypatch.setattr(_Capture, "end_segment", lambda self: None)
+    x, y = torch.arange(6.0), torch.ones(2)
+    out = cap.run_split_op(lambda a, b=None: a * 2, (x,), {"b": y})
+    rec = cap.ops[0]
+    assert rec.out is out and torch.equal(rec.args[0], x) and rec.args[0] is not x and torch.equal(rec.kwargs["b"], y)
+    alive = weakref.ref(x)
+    del x
+    gc.collect()
+    assert alive() is None
