@@ -4,8 +4,8 @@ largest blocks live at that peak with the code that allocated them (torch's memo
     python3 scripts/pool_profile.py [--modes pcg,bcg,full] [--sizes 1,...,2048] [--slots 64] [--top 12]
 
 Per mode: the model compiled as `hattn bench` compiles it (every capture size at the first call), one prefill step of
-the largest size (logits of its last row, in --slots rows, as generate and the bench ask) and one decode step of one
-sequence at context 1024 over one cache of --slots slots; then the pools' figures (`stats.pool_bytes_by_pool`).
+the largest size (logits of its last row, in --slots rows, as generate and the bench ask) and one decode step of two
+sequences at context 1024 over one cache of --slots slots; then the pools' figures (`stats.pool_bytes_by_pool`).
 """
 from __future__ import annotations
 
@@ -94,8 +94,10 @@ def main() -> None:
         ids = torch.randint(0, 1000, (t,), device="cuda")
         ctx = ForwardContext(seq_lens=[t], context_lens=[0], slots=[0], cache=cache, layer_kinds=lm.layer_kinds)
         run_step(model, ctx, ids, torch.arange(t, device="cuda"), last_rows([t], a.slots, "cuda"))
-        ctx = ForwardContext(seq_lens=[1], context_lens=[1024], slots=[0], cache=cache, layer_kinds=lm.layer_kinds)
-        run_step(model, ctx, ids[:1], torch.full((1,), 1024, device="cuda"))
+        # two rows: Dynamo specializes a one-row call into a static graph, not the decode graph of every batch
+        ctx = ForwardContext(seq_lens=[1, 1], context_lens=[1024, 1024], slots=[0, 1], cache=cache,
+                             layer_kinds=lm.layer_kinds)
+        run_step(model, ctx, ids[:2], torch.full((2,), 1024, device="cuda"))
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)

@@ -26,6 +26,8 @@ class Config:
     lazy_capture    capture a size's graphs at its first use, after the largest size's (which sizes the one pool
                     the others reuse): a run that uses 2 of 16 sizes captures 3. False: every size at the first
                     call (no capture later; what a benchmark of capture time wants). Replays are the same.
+                    A graph with a row per token under a cache (decode: logits of every row) captures upfront only
+                    the sizes up to its cache's slots; a larger size at its first use, either way.
     progress        show progress bars while compiling pieces (n of m) and capturing sizes (n of m)
     cache_dir       a directory for a warm start (None: off): after a graph compiles, and after its first run (to
                     keep inductor's autotuning results), torch's compiled artifacts are saved to cache_dir/<key>;

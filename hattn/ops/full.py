@@ -43,7 +43,7 @@ def _full_attention(
         else:
             out_rows = out
         full_attention_decode(q, k, v, out_rows, k_cache, v_cache, slots, lens, scale)
-    elif ctx.cache is not None and use_triton(q) and _sequences(ctx) > 1:
+    elif ctx.cache is not None and use_triton(q) and _sequences(ctx) > 1 and _one_launch_fits(q, k):
         _packed(q, k, v, out, layer_id, scale, ctx)
     else:
         _per_sequence(q, k, v, out, layer_id, scale, ctx)
@@ -51,7 +51,16 @@ def _full_attention(
 
 
 def _sequences(ctx) -> int:
-    return ctx.memo("sequences", lambda: sum(1 for n in ctx.seq_lens if n))
+    return ctx.memo(("full", "sequences"), lambda: sum(1 for n in ctx.seq_lens if n))
+
+
+def _one_launch_fits(q, k) -> bool:
+    """The varlen kernel's GQA bound (Hq a multiple of Hkv, at most BLOCK_M query heads per KV head); SDPA serves the
+    rest."""
+    from hattn.kernels.attention.prefill_triton import BLOCK_M
+
+    hq, hkv = q.shape[1], k.shape[1]
+    return hkv > 0 and hq % hkv == 0 and hq // hkv <= BLOCK_M
 
 
 def _packed(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
@@ -60,8 +69,8 @@ def _packed(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
     from hattn.kernels.attention.prefill_triton import prefill_attention, write_kv
 
     n = ctx.num_tokens
-    meta = ctx.memo(("packed_attention", q.shape[1], k.shape[1]), lambda: _packed_meta(ctx, q.shape[1], k.shape[1],
-                                                                                      q.device))
+    meta = ctx.memo(("full", "packed_attention", q.shape[1], k.shape[1], q.device),
+                    lambda: _packed_meta(ctx, q.shape[1], k.shape[1], q.device))
     k_cache, v_cache = ctx.cache.state(layer_id)
     write_kv(k[:n], v[:n], k_cache, v_cache, meta["token_slot"], meta["token_pos"])
     prefill_attention(q[:n], k_cache, v_cache, meta["starts"], meta["seq_lens"], meta["context_lens"], meta["slots"],

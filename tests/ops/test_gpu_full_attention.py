@@ -36,9 +36,25 @@ def test_several_sequences_in_one_launch_equal_the_per_sequence_walk(dtype, tol,
         with forward_context(ForwardContext(lens, past, slots, cache=cache)):
             full._full_attention(q, k, v, out, 0, d ** -0.5)
         results[one_launch] = out, cache.state(0), len(walked)
-    (packed, packed_cache, walks), (walked_out, walked_cache, _) = results[True], results[False]
-    assert walks == 0  # the first run took the one launch
+    (packed, packed_cache, walks), (walked_out, walked_cache, all_walks) = results[True], results[False]
+    assert walks == 0 and all_walks == 1  # the first run took the one launch, the second the walk
     torch.testing.assert_close(packed, walked_out, atol=tol, rtol=tol)
     assert torch.all(packed[sum(lens):] == 0)
     for a, b in zip(packed_cache, walked_cache):
         assert torch.equal(a, b)
+
+
+def test_a_gqa_ratio_past_the_kernels_bound_walks_the_sequences(monkeypatch):
+    """Hq / Hkv above the varlen kernel's BLOCK_M query heads per KV head (an MQA model of 71 heads, say): SDPA."""
+    from hattn.kernels.attention.prefill_triton import BLOCK_M
+
+    hq, hkv, d = 2 * BLOCK_M, 1, 32
+    lens, past, slots = [3, 4], [0, 2], [0, 1]
+    q, k, v = (torch.randn(sum(lens), h, d, device="cuda") for h in (hq, hkv, hkv))
+    cache = HybridCache({0: full.cache_spec(hkv, d)}, 2, 16, torch.float32, "cuda")
+    walk, walked = full._per_sequence, []
+    monkeypatch.setattr(full, "_per_sequence", lambda *a: walked.append(1) or walk(*a))
+    out = torch.empty(sum(lens), hq, d, device="cuda")
+    with forward_context(ForwardContext(lens, past, slots, cache=cache)):
+        full._full_attention(q, k, v, out, 0, d ** -0.5)
+    assert walked == [1] and out.isfinite().all()

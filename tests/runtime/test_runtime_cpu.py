@@ -587,6 +587,9 @@ def test_a_graph_with_a_row_per_token_captures_upfront_only_what_its_cache_can_s
         rt.lazy_capture = lazy
         return rt
 
+    derived = [GraphRuntime(_rowwise, TokenLayout([(0,)], out_dims=dims), sizes, Stats()).rows_per_token
+               for dims in ([(0,)], [(), (0,)], [()], None)]
+    assert derived == [True, True, False, False]  # from the graph's outputs: a token dim in any of them
     rows = runtime([(0,)])
     x = torch.randn(3)
     with hattn.forward_context(hattn.ForwardContext([1] * 3, [3] * 3, [0, 1, 2], _Slots(6))):
