@@ -4,6 +4,11 @@ eagerly between the graphs; all graphs of all pieces and sizes share one memory 
 A piece's graph reads its inputs at the addresses seen at capture: outputs of the previous piece's graph (pool
 memory, fixed), parameters (fixed) and the padded static inputs (fixed). An input at a new address (e.g. what a
 functional split op returned) is copied into the captured tensor before replay.
+
+A size's first replay runs the split graph's Python code and records what it did: each piece's graph replay and
+each split-op call site with its arguments (`_Plan`). Its later replays with the same inputs run that list, not the
+split graph (its nn.Module calls, argument copies and checks: host time a decode step waits for), when every split
+op of the graph returns nothing: then the same inputs mean the same calls.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from hattn.counters import Stats
 from hattn.registry import Mode, register_mode, returns_nothing, split_op_of
 from hattn.runtime import graphs
 from hattn.runtime.graph_free import direct_split_ops, graph_free
-from hattn.runtime.graphs import CapturedGraph, GraphRuntime, capture_graph, served_layout, storage_ptr, weak_ref
+from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, capture_graph, copy_if_moved, served_layout,
+                                  storage_ptr, weak_ref)
 from hattn.runtime.tokens import TokenLayout
 
 
@@ -34,7 +40,11 @@ class _PieceGraphs(torch.nn.Module):
             return self.fn(*args)
         if phase == "capture":
             return self._capture(size, args)
-        return self.graphs[size].replay(args)
+        graph = self.graphs[size]
+        out = graph.replay(args)
+        if self.runtime.recording is not None:
+            self.runtime.recording.record_piece(graph, args)
+        return out
 
     def _capture(self, size: int, args):
         graph, out = capture_graph(self.fn, list(args), size, self.runtime.pool)
@@ -56,7 +66,11 @@ class PiecewiseRuntime(GraphRuntime):
     def __init__(self, split_gm: fx.GraphModule, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         super().__init__(self._run_eager, layout, sizes, stats, progress)
         self.call_sites: list[dict] = []  # each prepared call site's runners by size (`_call_site`)
+        self.recording: _Plan | None = None  # a size's first replay, while it runs
+        self.plans: dict[int, _Plan] = {}
+        self.unplanned: set[int] = set()  # sizes whose first replay could not be a plan
         self.split_gm, self.phase, self.size = _prepared_split_ops(direct_split_ops(split_gm), self), "eager", 0
+        self.plannable = _plannable(self.split_gm)
         self.pooled: set[int] = set()  # storages allocated by the graphs of the size being captured
         names = [n.target for n in split_gm.graph.nodes if n.op == "call_module"]
         self.pieces = [_PieceGraphs(split_gm.get_submodule(name), self) for name in names]
@@ -80,14 +94,101 @@ class PiecewiseRuntime(GraphRuntime):
         self.pooled = set()
 
     def replay(self, size: int, args: list):
-        return self._run("replay", size, args)
+        plan = self.plans.get(size)
+        if plan is not None:
+            out = plan.run(self, args)
+            return out if out is not DECLINED else self._run("replay", size, args)
+        if not self.plannable or size in self.unplanned:
+            return self._run("replay", size, args)
+        self.recording = _Plan(size, args)
+        try:
+            out = self._run("replay", size, args)
+            if self.recording.valid:
+                self.plans[size] = self.recording.finish(out)
+            else:
+                self.unplanned.add(size)
+        finally:
+            self.recording = None
+        return out
 
     def release(self) -> None:
+        self.plans.clear()
+        self.unplanned.clear()
         for piece in self.pieces:
             piece.graphs.clear()
         for sites in self.call_sites:  # their runners hold the released graphs' tensors
             sites.clear()
         super().release()
+
+
+DECLINED = object()
+
+
+class _Plan:
+    """What a size's replay did, in order: (function, args, kwargs) of each piece's graph replay and split-op call
+    site, recorded while the split graph ran (`record_piece`, `record_site`). The pieces' graphs return the same
+    static tensors every replay and the call sites return nothing, so for the same inputs the same calls follow. An
+    input the pieces read is copied into their captured tensors where it moved (as a piece's replay does); other
+    inputs than the recorded ones reaching a call site or the output make the plan decline (`run`: DECLINED)."""
+
+    def __init__(self, size: int, args: list):
+        self.size, self.args, self.steps, self.out = size, list(args), [], None
+        self.index = {id(a): i for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
+        self.feeds: dict[int, list] = {}  # input -> the captured tensors of pieces that read it
+        self.copies: list[tuple[int, torch.Tensor]] = []  # feeds at another address at recording: copied every run
+        self.fixed: set[int] = set()  # inputs a call site or the output reads: the recorded objects only
+        self.valid = True
+
+    def record_piece(self, graph: CapturedGraph, args) -> None:
+        for a, s in zip(args, graph.inputs):
+            i = self.index.get(id(a))
+            if i is not None:
+                self.feeds.setdefault(i, []).append(s)
+                if a is not s and a.data_ptr() != s.data_ptr():
+                    self.copies.append((i, s))
+            elif isinstance(a, torch.Tensor) and a is not s and a.data_ptr() != s.data_ptr():
+                self.valid = False  # made between the graphs at another address each time: no plan
+        self.steps.append((graph.graph.replay, (), {}))
+
+    def record_site(self, call, args, kwargs) -> None:
+        self.fixed.update(i for v in (*args, *kwargs.values()) if (i := self.index.get(id(v))) is not None)
+        self.steps.append((call, args, kwargs))
+
+    def finish(self, out) -> "_Plan":
+        self.out = out
+        leaves = out if isinstance(out, (tuple, list)) else [out]
+        self.fixed.update(i for v in leaves if (i := self.index.get(id(v))) is not None)
+        return self
+
+    def run(self, runtime: "PiecewiseRuntime", args):
+        """The replay's output, or DECLINED (then run the split graph)."""
+        if len(args) != len(self.args):
+            return DECLINED
+        if not all(map(operator.is_, self.args, args)):
+            changed = [i for i, (a, b) in enumerate(zip(self.args, args)) if a is not b]
+            if any(i in self.fixed or not isinstance(args[i], torch.Tensor) for i in changed):
+                return DECLINED
+            for i in changed:
+                copy_if_moved(self.feeds.get(i, []), [args[i]] * len(self.feeds.get(i, [])))
+        for i, s in self.copies:
+            copy_if_moved([s], [args[i]])
+        runtime.phase, runtime.size = "replay", self.size  # what the call sites read
+        try:
+            for fn, step_args, kwargs in self.steps:
+                fn(*step_args, **kwargs)
+        finally:
+            runtime.phase = "eager"
+        return self.out
+
+
+def _plannable(split_gm: fx.GraphModule) -> bool:
+    """Whether a replay can be recorded as a plan: between the pieces only split-op call sites (which return nothing)
+    and tuple indexing; any other call would make new tensors every replay."""
+    for node in split_gm.graph.nodes:
+        if node.op == "call_method" or (node.op == "call_function" and node.target is not operator.getitem
+                                        and not getattr(node.target, "hattn_call_site", False)):
+            return False
+    return True
 
 
 def _prepared_split_ops(split_gm: fx.GraphModule, runtime: "PiecewiseRuntime") -> fx.GraphModule:
@@ -115,6 +216,8 @@ def _call_site(fn, op, runtime: "PiecewiseRuntime"):
     runtime.call_sites.append(sites)
 
     def call(*args, **kwargs):
+        if runtime.recording is not None:
+            runtime.recording.record_site(call, args, kwargs)
         if runtime.phase == "replay" and graphs.prepared:
             site = sites.get(runtime.size)
             if site is None or not _same(site, args, kwargs):
@@ -126,6 +229,7 @@ def _call_site(fn, op, runtime: "PiecewiseRuntime"):
                 return None
         return fn(*args, **kwargs)
     call.__name__ = getattr(fn, "__name__", "split_op")
+    call.hattn_call_site = True  # `_plannable`
     return call
 
 

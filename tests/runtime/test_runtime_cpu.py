@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hattn
-from hattn.models.toy import ToyConfig, ToyHybridModel, toy_model
+from hattn.models.toy import ToyConfig, ToyHybridModel, toy_cache, toy_model
 from hattn.runtime import BreakableGraphRunner
 from hattn.registry import UnregisteredAttentionError, split_op_of, unregistered_mixer
 from hattn.context import get_forward_context
@@ -506,7 +506,7 @@ def test_pcg_call_site_prepares_once_per_size_and_gives_up_on_arguments_that_kee
     calls = []
     op = types.SimpleNamespace(name="t::op", prepare=lambda *a: calls.append(("prepare", a[0].shape[0])) or (
         lambda ctx: calls.append("runner") or True))
-    runtime = types.SimpleNamespace(phase="replay", size=4, stats=Stats(), call_sites=[])
+    runtime = types.SimpleNamespace(phase="replay", size=4, stats=Stats(), call_sites=[], recording=None)
     site = piecewise._call_site(lambda *a: calls.append("op"), op, runtime)
     x4, x8 = torch.zeros(4), torch.zeros(8)
     site(x4, 1), site(x4, 1)
@@ -626,3 +626,95 @@ def test_bcg_records_a_split_ops_arguments_without_keeping_them_alive(monkeypatc
     del x
     gc.collect()
     assert alive() is None
+
+
+class _StandInGraph:
+    """A CUDA graph stand-in on CPU: replay runs the piece on the captured inputs into the captured outputs (held
+    here: CPU memory has no pool that keeps what the runtime's weak references point at)."""
+
+    def __init__(self, fn, args, out):
+        self.fn, self.args, self.out = fn, args, out
+
+    def replay(self):
+        new = self.fn(*self.args)
+        for static, value in zip(*(x if isinstance(x, (tuple, list)) else [x] for x in (self.out, new))):
+            static.copy_(value)
+
+
+def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
+    """pcg's replays after a size's first run the recorded list of graph replays and call sites, not the split
+    graph's Python: logits and cache states equal eager's step after step; other inputs than the plan's would take
+    the split graph."""
+    from hattn.runtime import piecewise
+    from hattn.runtime.graphs import CapturedGraph, graph_layout, weak_refs
+
+    def capture(fn, args, size, pool):
+        fn(*args)
+        out = fn(*args)
+        return CapturedGraph(size, _StandInGraph(fn, list(args), out), list(args), weak_refs(out)), out
+
+    monkeypatch.setattr(piecewise, "capture_graph", capture)
+    monkeypatch.setattr(piecewise, "served_layout", lambda mode, split_gm, examples, stats: graph_layout(split_gm))
+    runs = []
+    split_graph_runs = piecewise.PiecewiseRuntime._run
+    monkeypatch.setattr(piecewise.PiecewiseRuntime, "_run", lambda self, phase, size, args: runs.append(
+        (phase, self)) or split_graph_runs(self, phase, size, args))
+    pattern = ["linear", "full", "linear"]
+    model = toy_model(pattern=pattern)
+    be = hattn.backend(mode="pcg", capture_sizes=[4, 8], inner_compiler="eager", progress=False)
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    caches = [toy_cache(model.config, 4, 32), toy_cache(model.config, 4, 32)]
+    prompts, slots = [[3, 5, 7], [11, 2], [9, 4, 6, 1]], [0, 1, 2]
+    with torch.no_grad():
+        for cache in caches:
+            with hattn.forward_context(hattn.ForwardContext([len(p) for p in prompts], slots=slots, cache=cache)):
+                model(torch.tensor(sum(prompts, [])))  # prefill eagerly in both
+        lens, tok = [len(p) for p in prompts], torch.tensor([1, 2, 3])
+        for _ in range(4):
+            outs = []
+            for run, cache in zip((model, compiled), caches):
+                with hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, cache)):
+                    outs.append(run(tok))
+            torch.testing.assert_close(outs[1], outs[0])
+            tok, lens = outs[0].argmax(-1), [n + 1 for n in lens]
+    for i in range(len(pattern)):
+        for a, b in zip(caches[0].state(i), caches[1].state(i)):
+            torch.testing.assert_close(b[:4], a[:4])
+    assert be.stats.replays == 4
+    replays = [rt for phase, rt in runs if phase == "replay"]
+    assert len(replays) == 1  # the first replay ran the split graph and recorded; the other three ran its plan
+    runtime = replays[0]
+    (size, plan), = runtime.plans.items()
+    sites = sum(1 for fn, _, _ in plan.steps if getattr(fn, "hattn_call_site", False))
+    assert size == 4 and sites == len(pattern) and len(plan.steps) - sites == len(runtime.pieces)
+    # another tensor in an input the pieces read is copied into their captured inputs, as a piece's replay does
+    ids = next(i for i in plan.feeds if i not in plan.fixed and plan.args[i].dtype == torch.long)
+    other = list(plan.args)
+    other[ids] = torch.full_like(other[ids], 7)
+    with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, caches[1])):
+        assert plan.run(runtime, other) is plan.out
+    assert all(torch.equal(fed, other[ids]) for fed in plan.feeds[ids])
+    assert plan.run(runtime, other[:-1]) is piecewise.DECLINED  # not the graph's inputs
+    for i in plan.fixed:  # a call site or the output reads it: only the recorded object
+        other = list(plan.args)
+        other[i] = other[i].clone()
+        assert plan.run(runtime, other) is piecewise.DECLINED
+
+
+def test_a_split_graph_with_other_calls_between_pieces_is_not_planned():
+    """A call between the pieces other than a call site or tuple indexing would make new tensors every replay."""
+    import operator
+
+    from hattn.runtime.piecewise import _plannable
+
+    def graph_with(target):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        g.output(g.call_function(target, (x, 0)))
+        return torch.fx.GraphModule(torch.nn.Module(), g)
+
+    def site(*args):
+        return None
+    site.hattn_call_site = True
+    assert _plannable(graph_with(operator.getitem)) and _plannable(graph_with(site))
+    assert not _plannable(graph_with(torch.add))
