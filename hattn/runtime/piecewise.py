@@ -97,7 +97,10 @@ class PiecewiseRuntime(GraphRuntime):
         plan = self.plans.get(size)
         if plan is not None:
             out = plan.run(self, args)
-            return out if out is not DECLINED else self._run("replay", size, args)
+            if out is not DECLINED:
+                return out
+            del self.plans[size]  # other inputs than the plan's: the next replay records again
+            return self._run("replay", size, args)
         if not self.plannable or size in self.unplanned:
             return self._run("replay", size, args)
         self.recording = _Plan(size, args)
@@ -137,7 +140,7 @@ class _Plan:
         self.feeds: dict[int, list] = {}  # input -> the captured tensors of pieces that read it
         self.copies: list[tuple[int, torch.Tensor]] = []  # feeds at another address at recording: copied every run
         self.fixed: set[int] = set()  # inputs a call site or the output reads: the recorded objects only
-        self.valid = True
+        self.valid = len(self.index) == sum(isinstance(a, torch.Tensor) for a in args)  # no input passed twice
 
     def record_piece(self, graph: CapturedGraph, args) -> None:
         for a, s in zip(args, graph.inputs):
@@ -183,10 +186,12 @@ class _Plan:
 
 def _plannable(split_gm: fx.GraphModule) -> bool:
     """Whether a replay can be recorded as a plan: between the pieces only split-op call sites (which return nothing)
-    and tuple indexing; any other call would make new tensors every replay."""
+    and unpacking of a piece's outputs; any other call (indexing an input, say) makes a new tensor every replay."""
     for node in split_gm.graph.nodes:
-        if node.op == "call_method" or (node.op == "call_function" and node.target is not operator.getitem
-                                        and not getattr(node.target, "hattn_call_site", False)):
+        if node.op == "call_method":
+            return False
+        if node.op == "call_function" and not getattr(node.target, "hattn_call_site", False) and not (
+                node.target is operator.getitem and getattr(node.args[0], "op", None) == "call_module"):
             return False
     return True
 

@@ -694,7 +694,15 @@ def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
     with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, caches[1])):
         assert plan.run(runtime, other) is plan.out
     assert all(torch.equal(fed, other[ids]) for fed in plan.feeds[ids])
+    seen = []  # what the call sites see of the runtime while a plan runs
+    plan.steps = [(fn, a, k) if not getattr(fn, "hattn_call_site", False) else (
+        lambda *a, _fn=fn, **k: seen.append((runtime.phase, runtime.size)) or _fn(*a, **k), a, k)
+        for fn, a, k in plan.steps]
+    with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, caches[1])):
+        plan.run(runtime, plan.args)
+    assert seen == [("replay", 4)] * len(pattern) and runtime.phase == "eager"
     assert plan.run(runtime, other[:-1]) is piecewise.DECLINED  # not the graph's inputs
+    assert plan.fixed  # parameters the call sites take as they are
     for i in plan.fixed:  # a call site or the output reads it: only the recorded object
         other = list(plan.args)
         other[i] = other[i].clone()
@@ -707,14 +715,18 @@ def test_a_split_graph_with_other_calls_between_pieces_is_not_planned():
 
     from hattn.runtime.piecewise import _plannable
 
-    def graph_with(target):
+    root = torch.nn.Module()
+    root.piece = torch.nn.Identity()
+
+    def graph_with(target, of_piece=True):
         g = torch.fx.Graph()
         x = g.placeholder("x")
-        g.output(g.call_function(target, (x, 0)))
-        return torch.fx.GraphModule(torch.nn.Module(), g)
+        g.output(g.call_function(target, (g.call_module("piece", (x,)) if of_piece else x, 0)))
+        return torch.fx.GraphModule(root, g)
 
     def site(*args):
         return None
     site.hattn_call_site = True
     assert _plannable(graph_with(operator.getitem)) and _plannable(graph_with(site))
     assert not _plannable(graph_with(torch.add))
+    assert not _plannable(graph_with(operator.getitem, of_piece=False))  # a new view of an input every replay
