@@ -13,6 +13,7 @@ op of the graph returns nothing: then the same inputs mean the same calls.
 from __future__ import annotations
 
 import operator
+import os
 
 import torch
 import torch.fx as fx
@@ -94,14 +95,14 @@ class PiecewiseRuntime(GraphRuntime):
         self.pooled = set()
 
     def replay(self, size: int, args: list):
-        plan = self.plans.get(size)
+        plan = self.plans.get(size) if plans else None
         if plan is not None:
             out = plan.run(self, args)
             if out is not DECLINED:
                 return out
             del self.plans[size]  # other inputs than the plan's: the next replay records again
             return self._run("replay", size, args)
-        if not self.plannable or size in self.unplanned:
+        if not plans or not self.plannable or size in self.unplanned:
             return self._run("replay", size, args)
         self.recording = _Plan(size, args)
         try:
@@ -125,6 +126,7 @@ class PiecewiseRuntime(GraphRuntime):
 
 
 DECLINED = object()
+plans = os.environ.get("HATTN_PCG_PLANS", "1") != "0"  # off: every replay runs the split graph (an A/B switch)
 
 
 class _Plan:

@@ -702,6 +702,11 @@ def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
         plan.run(runtime, plan.args)
     assert seen == [("replay", 4)] * len(pattern) and runtime.phase == "eager"
     assert plan.run(runtime, other[:-1]) is piecewise.DECLINED  # not the graph's inputs
+    monkeypatch.setattr(piecewise, "plans", False)  # the A/B switch: the split graph every replay
+    runs.clear()
+    with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, caches[1])):
+        compiled(tok)
+    assert [phase for phase, _ in runs] == ["replay"]
     assert plan.fixed  # parameters the call sites take as they are
     for i in plan.fixed:  # a call site or the output reads it: only the recorded object
         other = list(plan.args)
