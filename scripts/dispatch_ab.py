@@ -1,11 +1,13 @@
 """Dynamo's per-call work against hattn's dispatch (`hattn.compiler.dispatch`), per mode, in one process.
 
     python3 scripts/dispatch_ab.py [--modes full,bcg,pcg] [--batches 1,16] [--context 1024] [--preset qwen3.5-1b]
+                                   [--switch dispatch|plans|prepared]
 
 Per mode and batch: a decode step as `hattn bench` times it (`run_step` under a new forward context, a sync, CUDA
-events around the call: host work before the replay counts), ms median of --reps, with dispatch off (every call
-through Dynamo's guards and generated code) and on, alternated twice. Then one step of each under torch.profiler:
-GPU time against the step's wall time.
+events around the call: host work before the replay counts), ms median of --reps, with the switch off and on,
+alternated twice: hattn's dispatch (off: every call through Dynamo's guards and generated code), pcg's replay plans
+(`piecewise.plans`, off: the split graph's Python every replay) or the split ops' prepared runners. Then one step
+of each under torch.profiler: GPU time against the step's wall time.
 """
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ from hattn.compiler import dispatch
 from hattn.context import ForwardContext
 from hattn.models.generate import run_step
 from hattn.models.presets import load
+from hattn.runtime import graphs, piecewise
+
+
+SWITCHES = {"dispatch": (dispatch, "enabled"), "plans": (piecewise, "plans"), "prepared": (graphs, "prepared")}
 
 
 def step_ms(step, reps: int) -> float:
@@ -63,7 +69,10 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--preset", default="qwen3.5-1b")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--switch", default="dispatch", choices=sorted(SWITCHES),
+                    help="what is off and on: hattn's dispatch, pcg's replay plans, or the split ops' prepared runners")
     a = ap.parse_args()
+    module, attr = SWITCHES[a.switch]
     batches = [int(b) for b in a.batches.split(",")]
     t0 = time.perf_counter()
     lm = load(a.preset, dtype=torch.bfloat16, device="cuda")
@@ -81,15 +90,15 @@ def main() -> None:
                 return decode_step(model, lm, cache, a.context, ids, pos)
 
             for on in (True, False):
-                dispatch.enabled = on
+                setattr(module, attr, on)
                 step(), step()
             print(f"== {mode} B={b}: compile + capture + first calls {time.perf_counter() - t0:.1f} s", flush=True)
             row = []
             for on in (False, True, False, True):
-                dispatch.enabled = on
+                setattr(module, attr, on)
                 step()
-                row.append(f"{'dispatch' if on else 'dynamo  '} {step_ms(step, a.reps):.3f}")
-            dispatch.enabled = True
+                row.append(f"{a.switch} {'on ' if on else 'off'} {step_ms(step, a.reps):.3f}")
+            setattr(module, attr, True)
             gpu = gpu_us(step)
             direct = dispatch.dispatch_for(model).direct_calls
             print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row) + f" | GPU {gpu / 1e3:.3f} ms/step"

@@ -8,6 +8,7 @@
 #   bash scripts/gpu_check.sh startup host-profile  # issue 21's cold/warm start in mode full; pcg's and full's host
 #                                                   # time under cProfile (run each first in a call: a fresh GPU)
 #   bash scripts/gpu_check.sh dispatch-ab           # decode steps through Dynamo vs hattn's dispatch, per mode
+#                                                   # (DA_ARGS="--modes pcg,bcg --switch plans": pcg's plans off/on)
 #   bash scripts/gpu_check.sh kernel-profile        # every kernel of full mode's prefill and decode (GPU- vs host-bound;
 #                                                   # KP_ARGS="--prompts 16,4096 --host 30": cProfile's rows too)
 #   bash scripts/gpu_check.sh conv-ab               # the packed conv kernel's tile sizes against its bytes
@@ -62,7 +63,7 @@ declare -A CMD=(
   [kernel-profile]="python3 scripts/kernel_profile.py --modes full ${KP_ARGS:-}"
   [bound-ab]="python3 scripts/host_profile.py --modes pcg,bcg --ab-only"
   [gemv-sweep]="python3 scripts/gemv_sweep.py --budget ${GEMV_BUDGET:-150}"
-  [dispatch-ab]="python3 scripts/dispatch_ab.py"
+  [dispatch-ab]="python3 scripts/dispatch_ab.py ${DA_ARGS:-}"
   [pdl-micro]="python3 scripts/pdl_ab.py"
   [fla-configs]="python3 scripts/fla_configs.py --out /tmp/fla_configs --bundle $OUT/fla_configs.json"
   [pdl-model]="python3 scripts/pdl_model_ab.py ${PDL_ARGS:-}"
