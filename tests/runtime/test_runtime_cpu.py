@@ -563,6 +563,23 @@ def test_full_mode_packs_a_step_into_the_smallest_sequence_bucket_that_holds_it(
     assert sorted(runtime.packed) == [8]
 
 
+def test_full_modes_packed_graphs_of_a_graph_with_a_row_per_token_still_capture_the_largest_bucket_first(
+        stand_in_capture):
+    """Full mode's packed graphs serve prefill, so their upfront sizes are not bounded by the cache's slots (its
+    decode graphs are capped at the slots already): the first bucket still sizes the pool with the largest size."""
+    from hattn.models.cache import HybridCache
+    from hattn.runtime import full
+    from hattn.runtime.tokens import TokenLayout
+
+    runtime = full.FullGraphRuntime(lambda ids: (ids + 1,), TokenLayout([(0,)], out_dims=[(0,)]), [4, 8, 16], Stats(),
+                                    progress=False)
+    cache = HybridCache({}, slots=2, max_len=32, dtype=torch.float32)
+    with hattn.forward_context(hattn.ForwardContext([5], [0], [0], cache)):
+        assert runtime(torch.zeros(5))[0].tolist() == [1.0] * 5
+    assert runtime.packed[1].rows_per_token and not runtime.packed[1].rows_by_slots
+    assert set(runtime.stats.capture_size_seconds) == {"full packed 1-seq 16", "full packed 1-seq 8"}
+
+
 class _Slots:
     """A cache stand-in: what a graph runtime asks of a cache is its slot count."""
 
