@@ -128,6 +128,11 @@ class ForwardContext:
         return self.memo("num_tokens", lambda: sum(self.seq_lens))  # asked by every split op of the step
 
     @property
+    def num_sequences(self) -> int:
+        """Sequences with new tokens in this step (empty ones are skipped everywhere)."""
+        return self.memo("num_sequences", lambda: sum(1 for n in self.seq_lens if n))
+
+    @property
     def is_decode(self) -> bool:
         return self.memo("is_decode", lambda: all(s == 1 for s in self.seq_lens))
 

@@ -43,15 +43,11 @@ def _full_attention(
         else:
             out_rows = out
         full_attention_decode(q, k, v, out_rows, k_cache, v_cache, slots, lens, scale)
-    elif ctx.cache is not None and use_triton(q) and _sequences(ctx) > 1 and _one_launch_fits(q, k):
+    elif ctx.cache is not None and use_triton(q) and ctx.num_sequences > 1 and _one_launch_fits(q, k):
         _packed(q, k, v, out, layer_id, scale, ctx)
     else:
         _per_sequence(q, k, v, out, layer_id, scale, ctx)
     zero_padding(out, n)
-
-
-def _sequences(ctx) -> int:
-    return ctx.memo(("full", "sequences"), lambda: sum(1 for n in ctx.seq_lens if n))
 
 
 def _one_launch_fits(q, k) -> bool:

@@ -127,9 +127,12 @@ def _prepare(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_he
                                slots, num_k_heads, head_k_dim, lens)
 
     def form(ctx) -> PackedForm | None:
-        """The kernels `_cuda` runs for this step (`exact_form` of its batch): a graph runs the same, same blocks."""
-        form = exact_form([n for n in ctx.seq_lens if n], *out.shape[1:])
-        return form if form.recurrent or fla_chunk() is not None else None
+        """The kernels `_cuda` runs for this step (`exact_form` of its batch): a graph runs the same, same blocks.
+        One per step and shape, shared by the step's layers."""
+        def of_batch():
+            form = exact_form([n for n in ctx.seq_lens if n], *out.shape[1:])
+            return form if form.recurrent or fla_chunk() is not None else None
+        return ctx.memo(("linear", "packed_form", *out.shape[1:]), of_batch)
 
     def packed(cache, step, form: PackedForm) -> None:
         real = step.fields["real_tokens"]  # the recurrent form skips the padding rows (however long), zeroed here

@@ -140,8 +140,8 @@ class PackedRunner:
             self.cache_ref = weakref.ref(cache, lambda _, graphs=self.graphs: graphs.clear())  # frees their memory
             self.shared, self.stream = _shared_for(cache, stream), stream
         shared = self.shared
-        seqs = sum(1 for n in ctx.seq_lens if n)
-        bucket = Bucket.for_tokens(self.rows, seq_bucket(seqs, cache.scratch_slot))  # scratch_slot == slots
+        # the cache's scratch_slot is its slot count (the LayerCache protocol has no `slots`)
+        bucket = Bucket.for_tokens(self.rows, seq_bucket(ctx.num_sequences, cache.scratch_slot))
         step = shared.layout(bucket, ctx, self.device)
         key = (bucket, variant)
         graph = self.graphs.get(key, _MISSING)

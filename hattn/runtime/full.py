@@ -223,7 +223,7 @@ class FullGraphRuntime:
         if self.packed is None:  # a graph without a token dimension serves one decode batch only
             ran_graph_free(self.stats)
             return self.fn(*args)
-        return self._packed_for(sum(1 for n in ctx.seq_lens if n))(*args)
+        return self._packed_for(ctx.num_sequences)(*args)
 
     def _packed_for(self, seqs: int) -> _PackedGraphs:
         """The packed graphs of the smallest sequence bucket that holds `seqs`, made at its first use: the first

@@ -169,14 +169,17 @@ class _Plan:
         """The replay's output, or DECLINED (then run the split graph)."""
         if len(args) != len(self.args):
             return DECLINED
+        changed = ()
         if not all(map(operator.is_, self.args, args)):
             changed = [i for i, (a, b) in enumerate(zip(self.args, args)) if a is not b]
             if any(i in self.fixed or not isinstance(args[i], torch.Tensor) for i in changed):
                 return DECLINED
-            for i in changed:
-                copy_if_moved(self.feeds.get(i, []), [args[i]] * len(self.feeds.get(i, [])))
+            for i in changed:  # every piece that reads it (the `copies` among them)
+                feeds = self.feeds.get(i, [])
+                copy_if_moved(feeds, [args[i]] * len(feeds))
         for i, s in self.copies:
-            copy_if_moved([s], [args[i]])
+            if i not in changed:
+                copy_if_moved([s], [args[i]])
         runtime.phase, runtime.size = "replay", self.size  # what the call sites read
         try:
             for fn, step_args, kwargs in self.steps:
