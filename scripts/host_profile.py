@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--ab", default="bound", help="the features to A/B in this process: bound, prepared")
+    ap.add_argument("--ab", default="bound", help="the features to A/B in this process: bound, prepared, none")
     ap.add_argument("--ab-only", action="store_true", help="the A/B only, no cProfile")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
@@ -98,7 +98,7 @@ def main() -> None:
         ttft, gen = _wall(first, 20), _wall(loop, 5)
         print(f"== {mode}: first token {ttft:.2f} ms (prompt {a.prompt}); generate {a.new_tokens} tokens {gen:.1f} ms"
               f" = {(gen - ttft) / (a.new_tokens - 1):.3f} ms per new token after the first", flush=True)
-        for name in a.ab.split(","):
+        for name in (n for n in a.ab.split(",") if n not in ("", "none")):
             _ab(name, mode, first, loop, a.new_tokens)
         if a.ab_only:
             continue
