@@ -12,7 +12,6 @@ Without a context (a bare model called directly), split ops treat the whole inpu
 from __future__ import annotations
 
 import contextlib
-import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
@@ -248,42 +247,3 @@ def zero_padding(out: torch.Tensor, num_tokens: int | torch.Tensor) -> None:
         out.masked_fill_(padding.view(-1, *[1] * (out.dim() - 1)), 0)
     elif out.shape[0] > num_tokens:  # an empty slice assignment still costs a dispatch
         out[num_tokens:] = 0
-
-
-_PLANS = 8  # plans a decode runner keeps, one per batch size (the oldest goes first)
-
-
-def decode_runner(kind: str, layer_id: int, out: torch.Tensor,
-                  plan: Callable[[int, "ForwardContext", torch.Tensor, torch.Tensor], Callable]) -> Callable:
-    """A split op's `prepare` result for decode steps (see `registry.register_split_op`): serves a decode step with a
-    cache, outside a captured step, for a call site whose arguments stay the same from step to step (`out` [rows,
-    ...] the op's output). Per number of sequences n, `plan(n, ctx, slots, context_lens)` checks and plans the call
-    once and returns `site(slots, context_lens)`, which launches with a step's device metadata; rows past n are
-    zeroed. Anything else returns False, and the runtime calls the op as usual. Plans are for one cache: another
-    cache drops them, and so does the cache's end (a plan holds its state tensors; the runner only a weak
-    reference to the cache, so replacing a cache frees the old one's memory)."""
-    plans: dict[int, Callable] = {}
-    rows, device = out.shape[0], out.device
-    planned_for = [None]  # a weak reference to the cache of the plans
-
-    def run(ctx: ForwardContext | None) -> bool:
-        if ctx is None or ctx.static is not None or ctx.cache is None or not ctx.is_decode:
-            return False
-        n = ctx.num_tokens
-        if not 0 < n <= rows:
-            return False
-        registry.check_route(kind, layer_id, ctx.layer_kinds)
-        slots, lens = ctx.device_meta(device)
-        ref = planned_for[0]
-        if ref is None or ref() is not ctx.cache:
-            plans.clear()
-            planned_for[0] = weakref.ref(ctx.cache, lambda _: plans.clear())
-        site = plans.get(n)
-        if site is None:
-            if len(plans) >= _PLANS:  # batch sizes that keep changing: the oldest plan (and its buffers) goes
-                del plans[next(iter(plans))]
-            site = plans[n] = plan(n, ctx, slots, lens)
-        site(slots, lens)
-        zero_padding(out, n)
-        return True
-    return run

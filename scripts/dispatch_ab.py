@@ -1,12 +1,13 @@
 """Dynamo's per-call work against hattn's dispatch (`hattn.compiler.dispatch`), per mode, in one process.
 
     python3 scripts/dispatch_ab.py [--modes full,bcg,pcg] [--batches 1,16] [--context 1024] [--preset qwen3.5-1b]
-                                   [--switch dispatch|plans|prepared]
+                                   [--switch dispatch|plans|prepared|site-graphs]
 
 Per mode and batch: a decode step as `hattn bench` times it (`run_step` under a new forward context, a sync, CUDA
 events around the call: host work before the replay counts), ms median of --reps, with the switch off and on,
 alternated twice: hattn's dispatch (off: every call through Dynamo's guards and generated code), pcg's replay plans
-(`piecewise.plans`, off: the split graph's Python every replay) or the split ops' prepared runners. Then one step
+(`piecewise.plans`, off: the split graph's Python every replay), the split ops' prepared runners or their decode
+graphs (`packed_runner.site_graphs`, off: the sites' launches every step). Then one step
 of each under torch.profiler: GPU time against the step's wall time.
 """
 from __future__ import annotations
@@ -22,10 +23,12 @@ from hattn.compiler import dispatch
 from hattn.context import ForwardContext
 from hattn.models.generate import run_step
 from hattn.models.presets import load
+from hattn.ops import packed_runner
 from hattn.runtime import graphs, piecewise
 
 
-SWITCHES = {"dispatch": (dispatch, "enabled"), "plans": (piecewise, "plans"), "prepared": (graphs, "prepared")}
+SWITCHES = {"dispatch": (dispatch, "enabled"), "plans": (piecewise, "plans"), "prepared": (graphs, "prepared"),
+            "site-graphs": (packed_runner, "site_graphs")}
 
 
 def step_ms(step, reps: int) -> float:
@@ -70,7 +73,7 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3.5-1b")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--switch", default="dispatch", choices=sorted(SWITCHES),
-                    help="what is off and on: hattn's dispatch, pcg's replay plans, or the split ops' prepared runners")
+                    help="what is off and on: hattn's dispatch, pcg's replay plans, the split ops' prepared runners or their decode graphs")
     a = ap.parse_args()
     module, attr = SWITCHES[a.switch]
     batches = [int(b) for b in a.batches.split(",")]

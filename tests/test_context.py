@@ -87,17 +87,17 @@ def _decode_ctx(n, cache=None, **kw):
 
 
 def test_decode_runner_serves_decode_steps_with_one_plan_per_batch_and_cache(monkeypatch):
-    """`context.decode_runner` (what a split op's `prepare` returns): a plan per number of sequences and cache, its
-    site called every step with that step's device metadata; rows past the step's sequences zeroed."""
-    from hattn import context
-    from hattn.context import decode_runner
+    """`DecodeRunner` (what a split op's `prepare` returns for decode): a plan per number of sequences and cache, its
+    site called every step with that step's metadata (on CPU: no graph); rows past the step's sequences zeroed."""
+    from hattn.ops import packed_runner
+    from hattn.ops.packed_runner import DecodeRunner
 
     out, plans, calls = torch.full((4, 2), 7.0), [], []
 
     def plan(n, ctx, slots, lens):
         plans.append((n, ctx.cache))
         return lambda slots, lens: calls.append((slots.tolist(), lens.tolist()))
-    run = decode_runner("linear", 1, out, plan)
+    run = DecodeRunner("linear", 1, out, plan)
     cache, other = _Cache(), _Cache()
     kinds = {0: "full", 1: "linear"}
     assert run(_decode_ctx(3, cache, layer_kinds=kinds)) and run(_decode_ctx(3, cache, layer_kinds=kinds))
@@ -107,14 +107,14 @@ def test_decode_runner_serves_decode_steps_with_one_plan_per_batch_and_cache(mon
     assert plans == [(3, cache), (2, cache), (3, other)]
     run(_decode_ctx(2, other)), run(_decode_ctx(2, cache))  # back to `cache`: its plans were dropped for `other`
     assert plans[3:] == [(2, other), (2, cache)]
-    monkeypatch.setattr(context, "_PLANS", 2)  # a runner keeps at most this many plans, dropping the oldest
+    monkeypatch.setattr(packed_runner, "_PLANS", 2)  # a runner keeps at most this many plans, dropping the oldest
     plans.clear()
-    bounded = decode_runner("linear", 1, out, plan)
+    bounded = DecodeRunner("linear", 1, out, plan)
     for n in (1, 2, 3, 2, 1):
         bounded(_decode_ctx(n, cache))
     assert [n for n, _ in plans] == [1, 2, 3, 1]  # 1 was dropped for 3, 2 was kept
     with pytest.raises(RegistryError, match="'full' layer"):
-        decode_runner("linear", 0, out, plan)(_decode_ctx(1, cache, layer_kinds=kinds))  # the route is checked
+        DecodeRunner("linear", 0, out, plan)(_decode_ctx(1, cache, layer_kinds=kinds))  # the route is checked
 
 
 def test_decode_runner_plans_do_not_keep_their_cache_alive():
@@ -123,7 +123,7 @@ def test_decode_runner_plans_do_not_keep_their_cache_alive():
     import gc
     import weakref
 
-    from hattn.context import decode_runner
+    from hattn.ops.packed_runner import DecodeRunner
 
     class Cache(_Cache):
         def __init__(self):
@@ -132,7 +132,7 @@ def test_decode_runner_plans_do_not_keep_their_cache_alive():
     def plan(n, ctx, slots, lens):
         states = ctx.cache.states
         return lambda slots, lens: states.sum()
-    run = decode_runner("linear", 0, torch.zeros(2, 1), plan)
+    run = DecodeRunner("linear", 0, torch.zeros(2, 1), plan)
     assert run(_decode_ctx(1, cache))
     states = weakref.ref(cache.states)
     del cache
@@ -148,9 +148,10 @@ def test_decode_runner_plans_do_not_keep_their_cache_alive():
     hattn.ForwardContext(seq_lens=[], cache=_Cache()),              # none
 ], ids=["none", "prefill", "no-cache", "too-many", "empty"])
 def test_decode_runner_declines_what_the_op_itself_must_serve(ctx):
-    from hattn.context import StaticMeta, decode_runner
+    from hattn.context import StaticMeta
+    from hattn.ops.packed_runner import DecodeRunner
 
-    run = decode_runner("linear", 0, torch.zeros(4, 2), lambda *a: pytest.fail("planned"))
+    run = DecodeRunner("linear", 0, torch.zeros(4, 2), lambda *a: pytest.fail("planned"))
     assert run(ctx) is False
     captured = _decode_ctx(1)
     captured.static = StaticMeta(torch.zeros(1), torch.zeros(1))  # a step inside one CUDA graph

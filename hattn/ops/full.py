@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import CaptureUnsupported, LayerSpec, decode_runner, op_context, zero_padding
+from hattn.context import CaptureUnsupported, LayerSpec, op_context, zero_padding
 from hattn.kernels.attention.decode import full_attention_decode
 from hattn.kernels.attention.prefill import sdpa_attention
 from hattn.kernels.attention.reference import causal_attention
 from hattn.kernels.packing import to_device
 from hattn.kernels.launch import use_triton
+from hattn.ops.packed_runner import DecodeRunner
 
 
 def cache_spec(kv_heads: int, k_dim: int, v_dim: int | None = None) -> LayerSpec:
@@ -120,8 +121,8 @@ def _per_sequence(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
 
 
 def _prepare(q, k, v, out, layer_id: int, scale: float):
-    """The decode step of a call site run again and again with these arguments (bcg, pcg): prepared launches
-    (`decode_triton.prepared_attention`), none of the checks and planning above."""
+    """The decode step of a call site run again and again with these arguments (bcg, pcg): a CUDA graph of prepared
+    launches (`decode_triton.prepared_attention`, `DecodeRunner`), none of the checks and planning above."""
     if not use_triton(q):
         return None
     from hattn.kernels.attention.decode_triton import prepared_attention  # triton: CUDA installs only
@@ -129,7 +130,7 @@ def _prepare(q, k, v, out, layer_id: int, scale: float):
     def plan(n, ctx, slots, lens):
         k_cache, v_cache = ctx.cache.state(layer_id)
         return prepared_attention(q[:n], k_cache, v_cache, slots, lens, out[:n], scale, k_new=k[:n], v_new=v[:n])
-    return decode_runner("full", layer_id, out, plan)
+    return DecodeRunner("full", layer_id, out, plan)
 
 
 full_attention = torch.library.custom_op("hattn::full_attention", mutates_args=("out",))(_full_attention)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import (CaptureUnsupported, ForwardContext, LayerSpec, decode_runner, op_context, sequence_states,
+from hattn.context import (CaptureUnsupported, ForwardContext, LayerSpec, op_context, sequence_states,
                            zero_padding)
 from hattn.kernels.conv1d.reference import causal_conv1d
 from hattn.kernels.gated_delta.chunk import fla_chunk
@@ -18,7 +18,7 @@ from hattn.kernels.gated_delta.decode import gated_delta_triton, linear_attentio
 from hattn.kernels.gated_delta.reference import recurrent_gated_delta_rule
 from hattn.kernels.launch import use_triton
 from hattn.kernels.packing import PackedBatch
-from hattn.ops.packed_runner import PackedRunner, Runners
+from hattn.ops.packed_runner import DecodeRunner, PackedRunner, Runners
 
 
 def cache_spec(conv_dim: int, kernel: int, v_heads: int, k_dim: int, v_dim: int, kind: str = "linear") -> LayerSpec:
@@ -114,8 +114,9 @@ def _per_sequence(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num
 
 
 def _prepare(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim):
-    """A call site run again and again with these arguments (bcg, pcg): its decode steps are one prepared launch
-    (`fused_decode.prepared_decode`), its packed steps a CUDA graph of the kernels above (`PackedRunner`)."""
+    """A call site run again and again with these arguments (bcg, pcg): its decode steps a CUDA graph of one prepared
+    launch (`fused_decode.prepared_decode`, `DecodeRunner`), its packed steps one of the kernels above
+    (`PackedRunner`)."""
     if not (use_triton(mixed_qkv) and gated_delta_triton(head_k_dim, out.shape[2])):
         return None
     from hattn.kernels.gated_delta.fused_decode import prepared_decode  # triton: CUDA installs only
@@ -139,7 +140,7 @@ def _prepare(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_he
         linear_attention_packed(mixed_qkv, conv_weight, conv_bias, g, beta, out, cache.state(layer_id), step.batch,
                                 num_k_heads, head_k_dim, form, real)
         zero_padding(out, real)
-    return Runners(decode_runner("linear", layer_id, out, plan), PackedRunner("linear", layer_id, out, form, packed))
+    return Runners(DecodeRunner("linear", layer_id, out, plan), PackedRunner("linear", layer_id, out, form, packed))
 
 
 linear_attention = torch.library.custom_op("hattn::linear_attention", mutates_args=("out",))(_linear_attention)

@@ -1,5 +1,11 @@
-"""Packed steps (prefill, extend, mixed) of a prepared split-op call site, replayed from the site's own CUDA graphs
-(pcg, bcg: a `prepare` runner, see `registry.register_split_op`).
+"""Decode and packed steps (prefill, extend, mixed) of a prepared split-op call site, replayed from the site's own CUDA
+graphs (pcg, bcg: `prepare` runners, see `registry.register_split_op`).
+
+Decode (`DecodeRunner`): a site's decode step is one or two planned launches (`plan`), but calling them cost ~30 us of
+host time a layer on the H200 (the runner's checks, the step's metadata, Triton's launch path), about as much as the
+GPU work it launched at batch 1: pcg and bcg decode waited for the host. Per number of sequences a site now captures
+its launches once, over a static copy of the step's slots and context lengths that the step's first layer fills (one
+host-to-device copy a step), and replays that graph (~9 us).
 
 Between a runtime's graphs a packed gated-delta step pays its host work at every layer: fla's chunked path is about
 ten launches through Triton's generic launcher plus host index work, ~0.8 ms of CPU a layer on the H200 against
@@ -16,8 +22,9 @@ the kernels that `mode="full"` captures inside its step graph:
 - a bucket's first step runs the site's kernels eagerly on the layout (Triton compiles, fla autotunes: this is the
   step's result) and then captures them; later steps replay.
 
-The graphs of every site over one cache and stream share a memory pool: a site's intermediates die inside its graph
-(nothing escapes but what it writes into its output and the cache) and graphs replay one at a time on one stream.
+The graphs (decode and packed) of every site over one cache and stream share a memory pool: a site's intermediates
+die inside its graph (nothing escapes but what it writes into its output and the cache) and graphs replay one at a
+time on one stream.
 Graphs read and write one cache's tensors: another cache drops them, and so does the cache's end.
 """
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import time
 import weakref
 from typing import Callable
@@ -32,7 +40,7 @@ from typing import Callable
 import torch
 
 from hattn import registry
-from hattn.context import ForwardContext
+from hattn.context import ForwardContext, zero_padding
 from hattn.kernels.packing import Bucket, PackedStep, seq_bucket
 
 log = logging.getLogger("hattn")
@@ -62,7 +70,8 @@ class _Shared:
     def __init__(self):
         self.pool = self.stream = None  # made at the first capture (`pool_for_capture`)
         self.live: weakref.WeakSet = weakref.WeakSet()  # the graphs captured into the pool that are still alive
-        self.layouts: dict[Bucket, list] = {}  # bucket -> [flat buffer, PackedStep over it, weakref to its context]
+        # bucket -> [flat buffer, PackedStep over it, weakref to its context]; n -> [decode metadata, None, weakref]
+        self.layouts: dict[Bucket | int, list] = {}
         self.measured: set = set()  # (bucket, variant) whose capture's pool size was recorded
 
     def pool_for_capture(self, device) -> None:
@@ -76,6 +85,18 @@ class _Shared:
         """After a failed capture, which may leave its pool recording: the next capture takes a new one."""
         self.pool = self.stream = None
         self.live = weakref.WeakSet()
+
+    def decode_meta(self, n: int, ctx: ForwardContext, device) -> torch.Tensor:
+        """[2, n] int64 (slots, context lengths) of the decode step `ctx` of n sequences, at a fixed address per n:
+        the step's first layer copies them in (from pinned memory: the host does not wait), the others find them."""
+        entry = self.layouts.get(n)
+        if entry is None:
+            entry = self.layouts[n] = [torch.zeros(2, n, dtype=torch.long, device=device), None, None]
+        if entry[2] is None or entry[2]() is not ctx:
+            host = torch.tensor([ctx.slots, ctx.context_lens], dtype=torch.long)
+            entry[0].copy_(host.pin_memory() if entry[0].is_cuda else host, non_blocking=True)
+            entry[2] = weakref.ref(ctx)
+        return entry[0]
 
     def layout(self, bucket: Bucket, ctx: ForwardContext, device) -> PackedStep:
         entry = self.layouts.get(bucket)
@@ -108,53 +129,30 @@ def _stream_key(device) -> int:
     return torch.cuda.current_stream(device).cuda_stream if torch.device(device).type == "cuda" else 0
 
 
-class PackedRunner:
-    """A call site's packed steps from its graphs (the module docstring). `out` [rows, ...] is the op's output;
-    `variant(ctx)` the form of the op's kernels for this step, or None (not served); `run(cache, step, variant)`
-    runs the op's kernels over the padded layout `step` (reading its device fields only: a graph replays them),
-    writing `out` (padding rows zeroed) and the cache. Steps it does not serve (decode, no cache, a captured step,
-    more tokens than rows, a variant of None, a capture that failed) return False: the runtime calls the op."""
+class _SiteRunner:
+    """What a call site's runners share: the site's graphs over one cache and stream (dropped for another, and at the
+    cache's end), the cache's `_Shared`, the runtime's Stats (`bind`: captures and the pool are counted there)."""
 
-    def __init__(self, kind: str, layer_id: int, out: torch.Tensor, variant: Callable, run: Callable):
+    what = ""  # the steps it serves, for the log
+
+    def __init__(self, kind: str, layer_id: int, out: torch.Tensor):
         self.kind, self.layer_id, self.rows, self.device = kind, layer_id, out.shape[0], out.device
-        self.variant, self.run = variant, run
-        self.graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}
+        self.graphs: dict = {}
         self.cache_ref = self.shared = self.stream = None
-        self.stats = None  # the runtime's Stats (`bind`): captures and the pool are counted there
+        self.stats = None
 
     def bind(self, stats) -> None:
         self.stats = stats
 
-    def __call__(self, ctx: ForwardContext | None) -> bool:
-        if ctx is None or ctx.static is not None or ctx.cache is None or ctx.is_decode:
-            return False
-        if not 0 < ctx.num_tokens <= self.rows:
-            return False
-        variant = self.variant(ctx)
-        if variant is None:
-            return False
-        registry.check_route(self.kind, self.layer_id, ctx.layer_kinds)
-        cache, stream = ctx.cache, _stream_key(self.device)
+    def _shared(self, cache) -> _Shared:
+        stream = _stream_key(self.device)
         if self.cache_ref is None or self.cache_ref() is not cache or self.stream != stream:
             self.graphs.clear()
             self.cache_ref = weakref.ref(cache, lambda _, graphs=self.graphs: graphs.clear())  # frees their memory
             self.shared, self.stream = _shared_for(cache, stream), stream
-        shared = self.shared
-        # the cache's scratch_slot is its slot count (the LayerCache protocol has no `slots`)
-        bucket = Bucket.for_tokens(self.rows, seq_bucket(ctx.num_sequences, cache.scratch_slot))
-        step = shared.layout(bucket, ctx, self.device)
-        key = (bucket, variant)
-        graph = self.graphs.get(key, _MISSING)
-        if graph is _MISSING:
-            self.run(cache, step, variant)  # this step's result; compiles and autotunes before the capture
-            self.graphs[key] = self._capture(shared, key, lambda: self.run(cache, step, variant))
-            return True
-        if graph is None:
-            return False
-        graph.replay()
-        return True
+        return self.shared
 
-    def _capture(self, shared: _Shared, key: tuple, run: Callable) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, shared: _Shared, key, run: Callable) -> torch.cuda.CUDAGraph | None:
         from hattn.runtime.graphs import CAPTURE_ERROR_MODE, CAPTURE_LOCK, log_once, pool_bytes
 
         start, graph = time.perf_counter(), torch.cuda.CUDAGraph()
@@ -172,10 +170,10 @@ class PackedRunner:
                         graph.capture_end()
                     raise
                 graph.capture_end()
-        except Exception as e:  # noqa: BLE001  (the step already ran eagerly: later steps call the op)
+        except Exception as e:  # noqa: BLE001  (the step already ran eagerly: later steps run it so)
             shared.drop_pool()
-            log_once("hattn: %s layer %d runs its packed steps eagerly between graphs: capturing them failed (%s)",
-                     self.kind, self.layer_id, e)
+            log_once("hattn: %s layer %d runs its %s steps eagerly between graphs: capturing them failed (%s)",
+                     self.kind, self.layer_id, self.what, e)
             return None
         finally:
             torch.cuda.current_stream().wait_stream(stream)
@@ -187,6 +185,95 @@ class PackedRunner:
                 shared.measured.add(key)
                 self.stats.set_pool_bytes(f"packed steps {pool}", pool_bytes(pool))
         return graph
+
+
+_PLANS = 8  # decode graphs a site keeps, one per number of sequences (the oldest goes first)
+site_graphs = os.environ.get("HATTN_SITE_GRAPHS", "1") != "0"  # off: decode sites launch every step (an A/B switch)
+
+
+class DecodeRunner(_SiteRunner):
+    """A call site's decode steps (the module docstring): per number of sequences n, `plan(n, ctx, slots,
+    context_lens)` checks and plans the site's launches once and returns `site(slots, context_lens)`, which the
+    runner calls on the static metadata and captures (CUDA, `site_graphs`); later steps of n sequences replay it.
+    Rows past n are zeroed. Other steps return False (the runtime calls the op). A site's plans are for one cache:
+    another cache drops them, and so does the cache's end (a plan holds its state tensors, the runner only a weak
+    reference to the cache, so replacing a cache frees the old one's memory)."""
+
+    what = "decode"
+
+    def __init__(self, kind: str, layer_id: int, out: torch.Tensor, plan: Callable):
+        super().__init__(kind, layer_id, out)
+        self.out, self.plan = out, plan
+
+    def __call__(self, ctx: ForwardContext | None) -> bool:
+        if ctx is None or ctx.static is not None or ctx.cache is None or not ctx.is_decode:
+            return False
+        n = ctx.num_tokens
+        if not 0 < n <= self.rows:
+            return False
+        registry.check_route(self.kind, self.layer_id, ctx.layer_kinds)
+        shared = self._shared(ctx.cache)
+        meta = shared.decode_meta(n, ctx, self.device)
+        entry = self.graphs.get(n)
+        if entry is None:
+            if len(self.graphs) >= _PLANS:  # batch sizes that keep changing: the oldest (and its graph) goes
+                del self.graphs[next(iter(self.graphs))]
+            site, out = self.plan(n, ctx, meta[0], meta[1]), self.out
+
+            def run():
+                site(meta[0], meta[1])
+                zero_padding(out, n)
+            run()  # this step's result; compiles before the capture
+            graph = None
+            if site_graphs and meta.is_cuda:
+                graph = self._capture(shared, ("decode", n), run)
+            self.graphs[n] = (graph, run)
+            return True
+        graph, run = entry
+        if graph is not None and site_graphs:
+            graph.replay()
+        else:
+            run()
+        return True
+
+
+class PackedRunner(_SiteRunner):
+    """A call site's packed steps from its graphs (the module docstring). `out` [rows, ...] is the op's output;
+    `variant(ctx)` the form of the op's kernels for this step, or None (not served); `run(cache, step, variant)`
+    runs the op's kernels over the padded layout `step` (reading its device fields only: a graph replays them),
+    writing `out` (padding rows zeroed) and the cache. Steps it does not serve (decode, no cache, a captured step,
+    more tokens than rows, a variant of None, a capture that failed) return False: the runtime calls the op."""
+
+    what = "packed"
+
+    def __init__(self, kind: str, layer_id: int, out: torch.Tensor, variant: Callable, run: Callable):
+        super().__init__(kind, layer_id, out)
+        self.variant, self.run = variant, run
+
+    def __call__(self, ctx: ForwardContext | None) -> bool:
+        if ctx is None or ctx.static is not None or ctx.cache is None or ctx.is_decode:
+            return False
+        if not 0 < ctx.num_tokens <= self.rows:
+            return False
+        variant = self.variant(ctx)
+        if variant is None:
+            return False
+        registry.check_route(self.kind, self.layer_id, ctx.layer_kinds)
+        cache = ctx.cache
+        shared = self._shared(cache)
+        # the cache's scratch_slot is its slot count (the LayerCache protocol has no `slots`)
+        bucket = Bucket.for_tokens(self.rows, seq_bucket(ctx.num_sequences, cache.scratch_slot))
+        step = shared.layout(bucket, ctx, self.device)
+        key = (bucket, variant)
+        graph = self.graphs.get(key, _MISSING)
+        if graph is _MISSING:
+            self.run(cache, step, variant)  # this step's result; compiles and autotunes before the capture
+            self.graphs[key] = self._capture(shared, key, lambda: self.run(cache, step, variant))
+            return True
+        if graph is None:
+            return False
+        graph.replay()
+        return True
 
 
 @contextlib.contextmanager

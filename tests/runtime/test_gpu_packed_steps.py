@@ -1,6 +1,7 @@
-"""pcg and bcg serve the packed steps (prefill, extend, mixed) of hattn's linear attention from each call site's
-own CUDA graphs (`hattn.ops.packed_runner`): the logits and every cache state are the bits of the op's path between
-graphs, a bucket's graph is captured once and replayed for other packings, and the graphs are counted. Run on the
+"""pcg and bcg serve the packed steps (prefill, extend, mixed) of hattn's linear attention and the decode steps of
+its split ops from each call site's own CUDA graphs (`hattn.ops.packed_runner`): the logits and every cache state
+are the bits of the op's path between graphs (of the site's launches, for decode), a bucket's graph is captured once
+and replayed for other packings, and the graphs are counted. Run on the
 device: python3 -m pytest -m gpu tests/runtime/test_gpu_packed_steps.py."""
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ STEPS = [
 REPLAY = 4  # STEPS[4] packs like STEPS[2]: same token bucket, sequence bucket and kernels
 
 
-def _run(lm, mode, prepared, monkeypatch):
+def _run(lm, mode, prepared, monkeypatch, steps=STEPS):
     from hattn.runtime import graphs
 
     monkeypatch.setattr(graphs, "prepared", prepared)
@@ -38,7 +39,7 @@ def _run(lm, mode, prepared, monkeypatch):
     cache = lm.make_cache(slots=4, max_len=512)
     gen = torch.Generator().manual_seed(0)
     logits, graphs_after = [], []
-    for seq_lens, context_lens, slots in STEPS:
+    for seq_lens, context_lens, slots in steps:
         ids = torch.randint(0, lm.config.vocab_size, (sum(seq_lens),), generator=gen).cuda()
         pos = torch.cat([torch.arange(c, c + n) for n, c in zip(seq_lens, context_lens)]).cuda()
         ctx = ForwardContext(seq_lens, context_lens, slots, cache=cache, layer_kinds=lm.layer_kinds)
@@ -70,6 +71,41 @@ def test_packed_steps_from_call_site_graphs_give_the_bits_of_the_op(mode, monkey
         assert captured[i] - runtime_captured[i] == want, f"step {i}: {captured[i]} graphs"
     assert stats.prepared_calls >= linear * len(STEPS)  # every linear layer of every step, decode included
     assert any(key.startswith("packed steps") for key in stats.pool_bytes_by_pool)
+
+
+# a prefill of four prompts, then decode steps of 2, 3 and 2 sequences: each site's graph of 2 sequences is captured
+# at its first step and replayed with other slots and context lengths
+DECODE = [
+    ([7, 3, 12, 5], [0, 0, 0, 0], [0, 1, 2, 3]),
+    ([1, 1], [7, 3], [0, 1]),
+    ([1, 1], [8, 4], [0, 1]),
+    ([1, 1, 1], [9, 12, 5], [0, 2, 3]),
+    ([1, 1], [13, 6], [2, 3]),
+    ([1, 1], [10, 5], [0, 1]),
+]
+
+
+@pytest.mark.parametrize("mode", ["pcg", "bcg"])
+def test_decode_steps_from_site_graphs_give_the_bits_of_their_launches(mode, monkeypatch):
+    """A site's decode graph (`DecodeRunner`) replays its launches over the step's slots and context lengths: the
+    logits and cache states are those of the launches every step (`site_graphs` off), one graph per site and
+    number of sequences."""
+    from hattn.ops import packed_runner
+
+    lm = adapt(random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0))
+    sites = len(lm.layer_kinds)  # linear and full attention both have decode runners
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(packed_runner, "site_graphs", on)
+        runs[on] = _run(lm, mode, True, monkeypatch, steps=DECODE)
+        torch._dynamo.reset()
+    for i, (a, b) in enumerate(zip(runs[False][0], runs[True][0])):
+        assert torch.equal(a, b), f"step {i} {DECODE[i]}: logits differ"
+    for layer in runs[False][1]:
+        for a, b in zip(runs[False][1][layer], runs[True][1][layer]):
+            assert torch.equal(a, b), f"layer {layer}: cache states differ"
+    extra = runs[True][2][-1] - runs[False][2][-1]
+    assert extra == sites * 2, f"{extra} decode graphs for {sites} sites and 2 batch sizes"
 
 
 def test_a_cache_serves_one_model_after_another(caplog, monkeypatch):
