@@ -18,6 +18,7 @@ into the graph's static buffers on the device and replays, with no Dynamo guards
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -137,11 +138,29 @@ def step_inputs(prompts, step, slots, cache: HybridCache, layer_kinds, device, r
     """(context, input ids, positions, logits rows) of one prefill step of `prefill_steps`; `rows` logits rows
     (default: one per slot of `cache`)."""
     lens = [n for _, _, n in step]
-    ids = torch.tensor([t for i, s, n in step for t in prompts[i][s:s + n]], dtype=torch.long, device=device)
-    pos = torch.cat([torch.arange(s, s + n) for _, s, n in step]).to(device)
+    rows = cache.slots if rows is None else rows
+    if rows < len(lens):
+        raise ValueError(f"a prefill step of {len(lens)} prompts needs at least as many logits rows, got {rows}")
+    ends = [end - 1 for end in itertools.accumulate(lens)]
+    ids, pos, last = _on_device(device, [t for i, s, n in step for t in prompts[i][s:s + n]],
+                                [p for _, s, n in step for p in range(s, s + n)],
+                                ends + ends[-1:] * (rows - len(ends)))
     ctx = ForwardContext(seq_lens=lens, context_lens=[s for _, s, _ in step], slots=[slots[i] for i, _, _ in step],
                          cache=cache, layer_kinds=layer_kinds)
-    return ctx, ids, pos, last_rows(lens, cache.slots if rows is None else rows, device)
+    return ctx, ids, pos, last
+
+
+def _on_device(device, *lists: list[int]) -> list[torch.Tensor]:
+    """Each list as an int64 tensor of its own on `device` (at offset 0: a view of a shared buffer would be another
+    kind of call for the dispatch at every length), copied from one pinned host buffer on CUDA: a prefill step's
+    inputs without the host waiting for three copies (~0.15 ms of its first token on the H200)."""
+    if torch.device(device).type != "cuda":
+        return [torch.tensor(values, dtype=torch.long, device=device) for values in lists]
+    host = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long).pin_memory()
+    out = [torch.empty(len(values), dtype=torch.long, device=device) for values in lists]
+    for dst, src in zip(out, host.split([len(values) for values in lists])):
+        dst.copy_(src, non_blocking=True)
+    return out
 
 
 def prefill(model, prompts, cache: HybridCache, slots, layer_kinds, device, step_tokens: int | None = None):
