@@ -86,17 +86,18 @@ class _Shared:
         self.pool = self.stream = None
         self.live = weakref.WeakSet()
 
-    def decode_meta(self, n: int, ctx: ForwardContext, device) -> torch.Tensor:
-        """[2, n] int64 (slots, context lengths) of the decode step `ctx` of n sequences, at a fixed address per n:
-        the step's first layer copies them in (from pinned memory: the host does not wait), the others find them."""
+    def decode_meta(self, n: int, ctx: ForwardContext, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, context lengths) [n] int64 of the decode step `ctx` of n sequences, at fixed addresses per n: the
+        step's first layer copies them in (from pinned memory: the host does not wait), the others find them."""
         entry = self.layouts.get(n)
         if entry is None:
-            entry = self.layouts[n] = [torch.zeros(2, n, dtype=torch.long, device=device), None, None]
+            flat = torch.zeros(2, n, dtype=torch.long, device=device)
+            entry = self.layouts[n] = [flat, (flat[0], flat[1]), None]
         if entry[2] is None or entry[2]() is not ctx:
             host = torch.tensor([ctx.slots, ctx.context_lens], dtype=torch.long)
             entry[0].copy_(host.pin_memory() if entry[0].is_cuda else host, non_blocking=True)
             entry[2] = weakref.ref(ctx)
-        return entry[0]
+        return entry[1]
 
     def layout(self, bucket: Bucket, ctx: ForwardContext, device) -> PackedStep:
         entry = self.layouts.get(bucket)
@@ -125,8 +126,11 @@ def _shared_for(cache, stream: int) -> _Shared:
     return shared
 
 
-def _stream_key(device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if torch.device(device).type == "cuda" else 0
+def _stream_key(device: torch.device) -> int:
+    """The current stream's handle (as `Stream.cuda_stream`, without making a Stream object: asked every call)."""
+    if device.type != "cuda":
+        return 0
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 class _SiteRunner:
@@ -213,27 +217,26 @@ class DecodeRunner(_SiteRunner):
             return False
         registry.check_route(self.kind, self.layer_id, ctx.layer_kinds)
         shared = self._shared(ctx.cache)
-        meta = shared.decode_meta(n, ctx, self.device)
+        graphed = site_graphs and self.device.type == "cuda"
+        slots, lens = shared.decode_meta(n, ctx, self.device) if graphed else ctx.device_meta(self.device)
         entry = self.graphs.get(n)
         if entry is None:
             if len(self.graphs) >= _PLANS:  # batch sizes that keep changing: the oldest (and its graph) goes
                 del self.graphs[next(iter(self.graphs))]
-            site, out = self.plan(n, ctx, meta[0], meta[1]), self.out
+            site, out = self.plan(n, ctx, slots, lens), self.out
 
             def run():
-                site(meta[0], meta[1])
+                site(slots, lens)
                 zero_padding(out, n)
             run()  # this step's result; compiles before the capture
-            graph = None
-            if site_graphs and meta.is_cuda:
-                graph = self._capture(shared, ("decode", n), run)
-            self.graphs[n] = (graph, run)
+            self.graphs[n] = (site, self._capture(shared, ("decode", n), run) if graphed else None)
             return True
-        graph, run = entry
-        if graph is not None and site_graphs:
+        site, graph = entry
+        if graph is not None and graphed:  # it reads the static metadata `decode_meta` just filled
             graph.replay()
         else:
-            run()
+            site(slots, lens)
+            zero_padding(self.out, n)
         return True
 
 
