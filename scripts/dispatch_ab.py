@@ -73,7 +73,8 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3.5-1b")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--switch", default="dispatch", choices=sorted(SWITCHES),
-                    help="what is off and on: hattn's dispatch, pcg's replay plans, the split ops' prepared runners or their decode graphs")
+                    help="what is off and on: hattn's dispatch, pcg's replay plans, the split ops' prepared runners "
+                         "or their decode graphs")
     a = ap.parse_args()
     module, attr = SWITCHES[a.switch]
     batches = [int(b) for b in a.batches.split(",")]

@@ -201,13 +201,15 @@ class DecodeRunner(_SiteRunner):
     runner calls on the static metadata and captures (CUDA, `site_graphs`); later steps of n sequences replay it.
     Rows past n are zeroed. Other steps return False (the runtime calls the op). A site's plans are for one cache:
     another cache drops them, and so does the cache's end (a plan holds its state tensors, the runner only a weak
-    reference to the cache, so replacing a cache frees the old one's memory)."""
+    reference to the cache, so replacing a cache frees the old one's memory). The static metadata is per cache and
+    stream: one stream serves one thread's steps (as the forward context is per thread)."""
 
     what = "decode"
 
     def __init__(self, kind: str, layer_id: int, out: torch.Tensor, plan: Callable):
         super().__init__(kind, layer_id, out)
         self.out, self.plan = out, plan
+        self.capturable = out.is_cuda
 
     def __call__(self, ctx: ForwardContext | None) -> bool:
         if ctx is None or ctx.static is not None or ctx.cache is None or not ctx.is_decode:
@@ -217,27 +219,32 @@ class DecodeRunner(_SiteRunner):
             return False
         registry.check_route(self.kind, self.layer_id, ctx.layer_kinds)
         shared = self._shared(ctx.cache)
-        graphed = site_graphs and self.device.type == "cuda"
+        graphed = site_graphs and self.capturable
         slots, lens = shared.decode_meta(n, ctx, self.device) if graphed else ctx.device_meta(self.device)
-        entry = self.graphs.get(n)
+        entry = self.graphs.pop(n, None)  # put back last: the least recently used n goes first
         if entry is None:
             if len(self.graphs) >= _PLANS:  # batch sizes that keep changing: the oldest (and its graph) goes
                 del self.graphs[next(iter(self.graphs))]
-            site, out = self.plan(n, ctx, slots, lens), self.out
+            entry = [self.plan(n, ctx, slots, lens), None]  # [site, its graph / _FAILED / None: not captured yet]
+        self.graphs[n] = entry
+        site, graph = entry
+        if graph is None and graphed:
+            out = self.out
 
             def run():
                 site(slots, lens)
                 zero_padding(out, n)
             run()  # this step's result; compiles before the capture
-            self.graphs[n] = (site, self._capture(shared, ("decode", n), run) if graphed else None)
-            return True
-        site, graph = entry
-        if graph is not None and graphed:  # it reads the static metadata `decode_meta` just filled
+            entry[1] = self._capture(shared, ("decode", n), run) or _FAILED
+        elif graphed and graph is not _FAILED:  # it reads the static metadata `decode_meta` just filled
             graph.replay()
         else:
             site(slots, lens)
             zero_padding(self.out, n)
         return True
+
+
+_FAILED = object()  # a decode graph whose capture failed: that n launches every step
 
 
 class PackedRunner(_SiteRunner):

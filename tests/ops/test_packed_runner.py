@@ -213,3 +213,82 @@ def test_runners_on_two_streams_share_neither_layouts_nor_pool(monkeypatch):
     assert a.shared is not b.shared
     a(_ctx(cache, [5]))  # a runner moved to another stream captures again there
     assert a.shared is b.shared and len(a.graphs) == 1
+
+
+def _decode_runner(monkeypatch, rows=4, capture_fails=False):
+    """A DecodeRunner as on CUDA (it captures), with the capture stubbed: a 'graph' whose replay calls the site on
+    the static metadata it was captured over, as a CUDA graph would read it."""
+    log, planned = [], []
+
+    def plan(n, ctx, slots, lens):
+        planned.append((n, slots, lens))
+        return lambda slots, lens: log.append(("site", slots.tolist(), lens.tolist()))
+
+    class Replayed:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            log.append("replay")
+            self.fn()
+
+    def capture(self, shared, key, fn):
+        log.append(("capture", key))
+        return None if capture_fails else Replayed(fn)
+    monkeypatch.setattr(packed_runner.DecodeRunner, "_capture", capture)
+    runner = packed_runner.DecodeRunner("linear", 0, torch.full((rows, 2), 7.0), plan)
+    runner.capturable = True
+    return runner, log, planned
+
+
+def _decode(cache, slots, lens):
+    return ForwardContext([1] * len(slots), lens, slots, cache=cache)
+
+
+def test_decode_steps_are_captured_once_per_batch_and_replayed_over_each_steps_metadata(monkeypatch):
+    runner, log, planned = _decode_runner(monkeypatch)
+    cache = _cache()
+    first = _decode(cache, [0, 1], [3, 5])
+    assert runner(first)
+    (n, slots, lens), = planned
+    assert n == 2 and log == [("site", [0, 1], [3, 5]), ("capture", ("decode", 2))]  # this step's result, then capture
+    assert runner.out[2:].eq(0).all() and runner.out[:2].eq(7).all()  # padding rows zeroed
+    log.clear()
+    assert runner(_decode(cache, [2, 3], [4, 6])) and runner(first)  # another step, then a context used again
+    assert log == ["replay", ("site", [2, 3], [4, 6]), "replay", ("site", [0, 1], [3, 5])]
+    assert slots.tolist() == [0, 1] and lens.tolist() == [3, 5]  # the static metadata the graph reads, refilled
+    assert len(planned) == 1
+    log.clear()
+    assert runner(_decode(cache, [1, 2, 3], [9, 9, 9])) and len(planned) == 2  # another batch: its own plan and graph
+    assert log == [("site", [1, 2, 3], [9, 9, 9]), ("capture", ("decode", 3))]
+
+
+def test_decode_site_graphs_switched_off_launch_over_the_steps_device_metadata(monkeypatch):
+    runner, log, planned = _decode_runner(monkeypatch)
+    cache = _cache()
+    monkeypatch.setattr(packed_runner, "site_graphs", False)
+    ctx = _decode(cache, [0, 1], [3, 5])
+    assert runner(ctx) and runner(_decode(cache, [1, 0], [4, 6]))
+    assert log == [("site", [0, 1], [3, 5]), ("site", [1, 0], [4, 6])]  # no capture, no replay
+    assert planned[0][1] is ctx.device_meta(runner.device)[0]  # planned over the step's own metadata
+    monkeypatch.setattr(packed_runner, "site_graphs", True)  # switched on: the planned batch is captured now
+    log.clear()
+    assert runner(_decode(cache, [0, 1], [5, 7])) and runner(_decode(cache, [0, 1], [6, 8]))
+    assert log == [("site", [0, 1], [5, 7]), ("capture", ("decode", 2)), "replay", ("site", [0, 1], [6, 8])]
+    assert len(planned) == 1
+
+
+def test_a_failed_decode_capture_launches_every_step_and_is_not_tried_again(monkeypatch):
+    runner, log, _ = _decode_runner(monkeypatch, capture_fails=True)
+    cache = _cache()
+    assert runner(_decode(cache, [0], [3])) and runner(_decode(cache, [0], [4])) and runner(_decode(cache, [0], [5]))
+    assert log == [("site", [0], [3]), ("capture", ("decode", 1)), ("site", [0], [4]), ("site", [0], [5])]
+
+
+def test_decode_plans_beyond_the_bound_drop_the_least_recently_used(monkeypatch):
+    monkeypatch.setattr(packed_runner, "_PLANS", 2)
+    runner, _, planned = _decode_runner(monkeypatch)
+    cache = _cache()
+    for n in (1, 2, 1, 3, 1, 2):
+        runner(_decode(cache, list(range(n)), [3] * n))
+    assert [p[0] for p in planned] == [1, 2, 3, 2]  # 3 evicted 2 (1 was used since), then 2 evicted 3
