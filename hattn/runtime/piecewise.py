@@ -202,12 +202,13 @@ def _plannable(split_gm: fx.GraphModule) -> bool:
 
 
 def _prepared_split_ops(split_gm: fx.GraphModule, runtime: "PiecewiseRuntime") -> fx.GraphModule:
-    """Route each split-op call whose op has a `prepare` (registry) and returns nothing through `_call_site`."""
+    """Route each split-op call whose op returns nothing through `_call_site` (a plan can record it; an op with a
+    `prepare` (registry) is served by its runners)."""
     changed = False
     for node in split_gm.graph.nodes:
         target = node.meta.get("split_op")
         op = split_op_of(target)
-        if op is not None and op.prepare is not None and returns_nothing(target):
+        if op is not None and returns_nothing(target):
             node.target, changed = _call_site(node.target, op, runtime), True
     if changed:
         split_gm.recompile()
@@ -219,16 +220,16 @@ _REBINDS = 4  # a site whose arguments keep changing at one size (between captur
 
 def _call_site(fn, op, runtime: "PiecewiseRuntime"):
     """A split op's call site under pcg. At replay a size's calls pass the same tensors step after step (what the
-    pieces' graphs return, parameters): per size, the op's `prepare` gives a runner once, and the runner serves the
-    steps it accepts (`graphs.prepared` switches it off too). Other phases, and steps the runner declines, call
-    the op."""
+    pieces' graphs return, parameters): per size, the op's `prepare` (if it has one) gives a runner once, and the
+    runner serves the steps it accepts (`graphs.prepared` switches it off too). Other phases, steps the runner
+    declines and ops without `prepare` call the op."""
     sites: dict[int, list] = {}  # size -> [args, kwargs, runner, rebinds]; cleared with the runtime's graphs
     runtime.call_sites.append(sites)
 
     def call(*args, **kwargs):
         if runtime.recording is not None:
             runtime.recording.record_site(call, args, kwargs)
-        if runtime.phase == "replay" and graphs.prepared:
+        if runtime.phase == "replay" and graphs.prepared and op.prepare is not None:
             site = sites.get(runtime.size)
             if site is None or not _same(site, args, kwargs):
                 rebinds = 0 if site is None else site[3] + 1

@@ -655,7 +655,8 @@ class _StandInGraph:
     def replay(self):
         new = self.fn(*self.args)
         for static, value in zip(*(x if isinstance(x, (tuple, list)) else [x] for x in (self.out, new))):
-            static.copy_(value)
+            if isinstance(static, torch.Tensor):  # sizes a piece returns are the capture size's, as in a graph
+                static.copy_(value)
 
 
 def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
@@ -729,6 +730,52 @@ def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
         other = list(plan.args)
         other[i] = other[i].clone()
         assert plan.run(runtime, other) is piecewise.DECLINED
+
+
+@pytest.mark.parametrize("preset", ["tiny-kimi-linear", "tiny-minimax", "tiny-nemotron-h"])
+def test_pcg_plans_serve_split_ops_without_prepare(preset, monkeypatch):
+    """KDA, lightning and Mamba2 attention have no `prepare`: their calls between the pieces are call sites all the
+    same (they return nothing), so pcg's replays after a size's first run the plan, which calls the op itself; the
+    logits equal eager's step after step."""
+    from hattn.models.presets import load
+    from hattn.runtime import piecewise
+    from hattn.runtime.graphs import CapturedGraph, graph_layout, weak_refs
+
+    def capture(fn, args, size, pool):
+        fn(*args)
+        out = fn(*args)
+        return CapturedGraph(size, _StandInGraph(fn, list(args), out), list(args), weak_refs(out)), out
+
+    monkeypatch.setattr(piecewise, "capture_graph", capture)
+    monkeypatch.setattr(piecewise, "served_layout", lambda mode, split_gm, examples, stats: graph_layout(split_gm))
+    runtimes, replay = set(), piecewise.PiecewiseRuntime.replay
+    monkeypatch.setattr(piecewise.PiecewiseRuntime, "replay",
+                        lambda self, size, args: runtimes.add(self) or replay(self, size, args))
+    lm = load(preset)
+    kinds = set(lm.layer_kinds.values())
+    assert kinds - {"full", "linear"}, kinds  # a family whose mixer has no prepare
+    be = hattn.backend(mode="pcg", capture_sizes=[2, 4], inner_compiler="eager", progress=False)
+    compiled = torch.compile(lm, backend=be, dynamic=True)
+    caches = [lm.make_cache(2, 32), lm.make_cache(2, 32)]
+    prompts, slots = [[3, 5, 7], [11, 2]], [0, 1]
+    with torch.no_grad():
+        for cache in caches:
+            ctx = hattn.ForwardContext([len(p) for p in prompts], slots=slots, cache=cache, layer_kinds=lm.layer_kinds)
+            with hattn.forward_context(ctx):
+                lm(torch.tensor(sum(prompts, [])), torch.tensor([0, 1, 2, 0, 1]))  # prefill eagerly in both
+        lens, tok = [3, 2], torch.tensor([1, 2])
+        for _ in range(4):
+            outs = []
+            for run, cache in zip((lm, compiled), caches):
+                ctx = hattn.ForwardContext([1, 1], lens, slots, cache, layer_kinds=lm.layer_kinds)
+                with hattn.forward_context(ctx):
+                    outs.append(run(tok, torch.tensor(lens)))
+            torch.testing.assert_close(outs[1], outs[0])
+            tok, lens = outs[0].argmax(-1), [n + 1 for n in lens]
+    (runtime,) = runtimes
+    (plan,) = runtime.plans.values()  # recorded at the first replay, run by the other three
+    sites = sum(1 for fn, _, _ in plan.steps if getattr(fn, "hattn_call_site", False))
+    assert sites == len(lm.layer_kinds)
 
 
 def test_a_split_graph_with_other_calls_between_pieces_is_not_planned():
