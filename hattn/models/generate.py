@@ -373,7 +373,8 @@ def _check_model(model, cache) -> None:
 
 def _vocab_size(model) -> int | None:
     config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # multimodal configs
+    if getattr(type(config), "sub_configs", None) and hasattr(config, "get_text_config"):
+        config = config.get_text_config()  # a multimodal config (~12 us: not asked of a text config)
     return getattr(config, "vocab_size", None)
 
 

@@ -264,11 +264,15 @@ class HybridLM(nn.Module):
         self.hf = hf_model
         self.family = family.name
         self.layer_kinds = dict(layer_kinds)
-        self._specs = family.cache_specs(text_config(hf_model.config))
+        self._text_config = (hf_model.config, text_config(hf_model.config))
+        self._specs = family.cache_specs(self._text_config[1])
 
     @property
     def config(self):
-        return text_config(self.hf.config)
+        """The text config (transformers' get_text_config takes ~12 us: found once, again if hf.config is replaced;
+        its attributes are read live, so a resized vocabulary shows)."""
+        hf_config, text = self._text_config
+        return text if self.hf.config is hf_config else text_config(self.hf.config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
