@@ -237,7 +237,7 @@ class _Loop:
         n = len(prompts)
         self.lens = [len(p) for p in prompts]  # context length of each sequence before the next step (host copy)
         self.tokens = torch.empty(params.max_new_tokens, n, dtype=torch.long, device=device)  # sampled, per step
-        self.stops = torch.tensor(params.stop_tokens, dtype=torch.long, device=device)
+        self.stops = torch.tensor(params.stop_tokens, dtype=torch.long, device=device) if params.stop_tokens else None
         self.done = torch.zeros(n, dtype=torch.bool, device=device)
         self.pending: deque = deque()  # (pinned "all done" flag, its event) of steps not yet checked
 
