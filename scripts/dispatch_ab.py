@@ -8,7 +8,8 @@ events around the call: host work before the replay counts), ms median of --reps
 alternated twice: hattn's dispatch (off: every call through Dynamo's guards and generated code), pcg's replay plans
 (`piecewise.plans`, off: the split graph's Python every replay), the split ops' prepared runners or their decode
 graphs (`packed_runner.site_graphs`, off: the sites' launches every step). Then one step
-of each under torch.profiler: GPU time against the step's wall time.
+of each under torch.profiler: the GPU's busy time (the union of its kernels' intervals) against the step's wall
+time.
 """
 from __future__ import annotations
 
@@ -45,15 +46,29 @@ def step_ms(step, reps: int) -> float:
     return statistics.median(times)
 
 
-def gpu_us(step) -> float:
-    """GPU us a step: torch.profiler's kernel time over 5 calls, per call."""
+def gpu_us(step) -> tuple[float, float]:
+    """(busy, summed) GPU us a step over 5 calls under torch.profiler: `busy` the union of the kernels' and copies'
+    intervals (what the GPU was doing; against the step's wall time it tells GPU- from host-bound), `summed` their
+    durations added up (more than busy where kernels overlap: a PDL kernel launched early counts its wait)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / 5
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return busy_us(spans) / 5, sum(end - start for start, end in spans) / 5
+
+
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def decode_step(model, lm, cache, context: int, ids: torch.Tensor, pos: torch.Tensor):
@@ -103,9 +118,10 @@ def main() -> None:
                 step()
                 row.append(f"{a.switch} {'on ' if on else 'off'} {step_ms(step, a.reps):.3f}")
             setattr(module, attr, True)
-            gpu = gpu_us(step)
+            busy, summed = gpu_us(step)
             direct = dispatch.dispatch_for(model).direct_calls
-            print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row) + f" | GPU {gpu / 1e3:.3f} ms/step"
+            print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row)
+                  + f" | GPU busy {busy / 1e3:.3f} ms/step (kernels summed {summed / 1e3:.3f})"
                   f" | {direct} direct calls so far" + ("" if direct else " (dispatch never engaged: see the log)"),
                   flush=True)
 
