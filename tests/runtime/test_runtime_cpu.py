@@ -659,10 +659,8 @@ class _StandInGraph:
                 static.copy_(value)
 
 
-def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
-    """pcg's replays after a size's first run the recorded list of graph replays and call sites, not the split
-    graph's Python: logits and cache states equal eager's step after step; other inputs than the plan's would take
-    the split graph."""
+def _stand_in_pcg(monkeypatch) -> None:
+    """pcg on CPU: its pieces' graphs are `_StandInGraph`s, and its layout is the split graph's (as on CUDA)."""
     from hattn.runtime import piecewise
     from hattn.runtime.graphs import CapturedGraph, graph_layout, weak_refs
 
@@ -673,6 +671,15 @@ def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
 
     monkeypatch.setattr(piecewise, "capture_graph", capture)
     monkeypatch.setattr(piecewise, "served_layout", lambda mode, split_gm, examples, stats: graph_layout(split_gm))
+
+
+def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
+    """pcg's replays after a size's first run the recorded list of graph replays and call sites, not the split
+    graph's Python: logits and cache states equal eager's step after step; other inputs than the plan's would take
+    the split graph."""
+    from hattn.runtime import piecewise
+
+    _stand_in_pcg(monkeypatch)
     runs = []
     split_graph_runs = piecewise.PiecewiseRuntime._run
     monkeypatch.setattr(piecewise.PiecewiseRuntime, "_run", lambda self, phase, size, args: runs.append(
@@ -739,15 +746,8 @@ def test_pcg_plans_serve_split_ops_without_prepare(preset, monkeypatch):
     logits equal eager's step after step."""
     from hattn.models.presets import load
     from hattn.runtime import piecewise
-    from hattn.runtime.graphs import CapturedGraph, graph_layout, weak_refs
 
-    def capture(fn, args, size, pool):
-        fn(*args)
-        out = fn(*args)
-        return CapturedGraph(size, _StandInGraph(fn, list(args), out), list(args), weak_refs(out)), out
-
-    monkeypatch.setattr(piecewise, "capture_graph", capture)
-    monkeypatch.setattr(piecewise, "served_layout", lambda mode, split_gm, examples, stats: graph_layout(split_gm))
+    _stand_in_pcg(monkeypatch)
     runtimes, replay = set(), piecewise.PiecewiseRuntime.replay
     monkeypatch.setattr(piecewise.PiecewiseRuntime, "replay",
                         lambda self, size, args: runtimes.add(self) or replay(self, size, args))
