@@ -113,6 +113,18 @@ def test_prefill_asks_for_the_last_row_of_each_prompt_padded_to_the_slot_count(m
     assert seen == [[4, 21, 30, 30, 30], None, None]  # prefill, then two decode steps (every row)
 
 
+def test_a_prefill_step_with_fewer_logits_rows_than_prompts_is_refused(make_case):
+    from hattn.models.generate import step_inputs
+
+    c = make_case("tiny")
+    cache = c.lm.make_cache(slots=3, max_len=64)
+    step = [(i, 0, len(p)) for i, p in enumerate(c.prompts)]
+    ctx, ids, pos, rows = step_inputs(c.prompts, step, [0, 1, 2], cache, c.lm.layer_kinds, "cpu")
+    assert rows.tolist() == [4, 21, 30] and ids.dtype == pos.dtype == rows.dtype == torch.long
+    with pytest.raises(ValueError, match="3 prompts needs at least as many logits rows, got 2"):
+        step_inputs(c.prompts, step, [0, 1, 2], cache, c.lm.layer_kinds, "cpu", rows=2)
+
+
 def _reference_loop(lm, prompts, params):
     """The loop generate replaced: one sequence at a time, host-side argmax, a host sync every step."""
     out = []
