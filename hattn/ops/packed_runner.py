@@ -3,8 +3,8 @@ graphs (pcg, bcg: `prepare` runners, see `registry.register_split_op`).
 
 Decode (`DecodeRunner`): a site's decode step is one or two planned launches (`plan`), but calling them cost ~30 us of
 host time a layer on the H200 (the runner's checks, the step's metadata, Triton's launch path), about as much as the
-GPU work it launched at batch 1: pcg and bcg decode waited for the host. Per number of sequences a site now captures
-its launches once, over a static copy of the step's slots and context lengths that the step's first layer fills (one
+GPU work it launched at batch 1: pcg's decode waited for the host. Per number of sequences a site now captures its
+launches once, over a static copy of the step's slots and context lengths that the step's first layer fills (one
 host-to-device copy a step), and replays that graph (~9 us).
 
 Between a runtime's graphs a packed gated-delta step pays its host work at every layer: fla's chunked path is about
@@ -70,7 +70,7 @@ class _Shared:
     def __init__(self):
         self.pool = self.stream = None  # made at the first capture (`pool_for_capture`)
         self.live: weakref.WeakSet = weakref.WeakSet()  # the graphs captured into the pool that are still alive
-        # bucket -> [flat buffer, PackedStep over it, weakref to its context]; n -> [decode metadata, None, weakref]
+        # bucket -> [flat buffer, PackedStep over it, weakref to its context]; n -> [decode [2, n], its rows, weakref]
         self.layouts: dict[Bucket | int, list] = {}
         self.measured: set = set()  # (bucket, variant) whose capture's pool size was recorded
 
