@@ -68,6 +68,7 @@ class PiecewiseRuntime(GraphRuntime):
         super().__init__(self._run_eager, layout, sizes, stats, progress)
         self.call_sites: list[dict] = []  # each prepared call site's runners by size (`_call_site`)
         self.recording: _Plan | None = None  # a size's first replay, while it runs
+        self.planned = False  # a plan runs: its call sites pass the arguments they were recorded with
         self.plans: dict[int, _Plan] = {}
         self.unplanned: set[int] = set()  # sizes whose first replay could not be a plan
         self.split_gm, self.phase, self.size = _prepared_split_ops(direct_split_ops(split_gm), self), "eager", 0
@@ -103,6 +104,8 @@ class PiecewiseRuntime(GraphRuntime):
             del self.plans[size]  # other inputs than the plan's: the next replay records again
             return self._run("replay", size, args)
         if not plans or not self.plannable or size in self.unplanned:
+            # a plan runs only after its own recording: its call sites then hold the runners of its arguments
+            self.plans.pop(size, None)
             return self._run("replay", size, args)
         self.recording = _Plan(size, args)
         try:
@@ -180,12 +183,12 @@ class _Plan:
         for i, s in self.copies:
             if i not in changed:
                 copy_if_moved([s], [args[i]])
-        runtime.phase, runtime.size = "replay", self.size  # what the call sites read
+        runtime.phase, runtime.size, runtime.planned = "replay", self.size, True  # what the call sites read
         try:
             for fn, step_args, kwargs in self.steps:
                 fn(*step_args, **kwargs)
         finally:
-            runtime.phase = "eager"
+            runtime.phase, runtime.planned = "eager", False
         return self.out
 
 
@@ -231,7 +234,7 @@ def _call_site(fn, op, runtime: "PiecewiseRuntime"):
             runtime.recording.record_site(call, args, kwargs)
         if runtime.phase == "replay" and graphs.prepared and op.prepare is not None:
             site = sites.get(runtime.size)
-            if site is None or not _same(site, args, kwargs):
+            if site is None or not (runtime.planned or _same(site, args, kwargs)):
                 rebinds = 0 if site is None else site[3] + 1
                 runner = graphs.prepared_runner(op.prepare, args, kwargs, runtime.stats) if rebinds < _REBINDS else None
                 site = sites[runtime.size] = [args, kwargs, runner, rebinds]

@@ -727,11 +727,18 @@ def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
         plan.run(runtime, plan.args)
     assert seen == [("replay", 4)] * len(pattern) and runtime.phase == "eager"
     assert plan.run(runtime, other[:-1]) is piecewise.DECLINED  # not the graph's inputs
+    checks = []  # a plan's call sites take their recorded arguments: no comparison with the site's
+    same = piecewise._same
+    monkeypatch.setattr(piecewise, "_same", lambda *a: checks.append(1) or same(*a))
+    with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, caches[1])):
+        plan.run(runtime, plan.args)
+    assert checks == [] and not runtime.planned
     monkeypatch.setattr(piecewise, "plans", False)  # the A/B switch: the split graph every replay
     runs.clear()
     with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, caches[1])):
         compiled(tok)
     assert [phase for phase, _ in runs] == ["replay"]
+    assert runtime.plans == {} and len(checks) == len(pattern)  # the split graph's sites compared; the plan dropped
     assert plan.fixed  # parameters the call sites take as they are
     for i in plan.fixed:  # a call site or the output reads it: only the recorded object
         other = list(plan.args)
