@@ -241,6 +241,8 @@ def _call_site(fn, op, runtime: "PiecewiseRuntime"):
             if site[2] is not None and graphs.run_prepared(site[2], op.name):
                 runtime.stats.prepared_calls += 1
                 return None
+        elif runtime.recording is not None:  # recorded without binding (runners off): the plan's runs bind anew
+            sites.pop(runtime.size, None)
         return fn(*args, **kwargs)
     call.__name__ = getattr(fn, "__name__", "split_op")
     call.hattn_call_site = True  # `_plannable`

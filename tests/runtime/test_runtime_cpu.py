@@ -529,6 +529,18 @@ def test_pcg_call_site_prepares_once_per_size_and_gives_up_on_arguments_that_kee
     runtime.call_sites[0].clear()  # what PiecewiseRuntime.release does: new graphs, a fresh start
     site(x8, 1)
     assert calls[-2:] == [("prepare", 8), "runner"]
+    # a plan recorded with runners off, then run with them on, skips comparing its arguments (they are its own): the
+    # site must not keep a runner bound to other tensors from before the recording
+    other = torch.zeros(8)
+    monkeypatch.setattr(graphs, "prepared", False)
+    runtime.recording = types.SimpleNamespace(record_site=lambda *a: None)
+    site(other, 1)
+    runtime.recording = None
+    monkeypatch.setattr(graphs, "prepared", True)
+    runtime.planned = True
+    calls.clear()
+    site(other, 1)
+    assert calls == [("prepare", 8), "runner"]  # prepared for the plan's tensor, not x8's runner
 
 
 def test_full_mode_packs_a_step_into_the_smallest_sequence_bucket_that_holds_it(stand_in_capture, monkeypatch):
