@@ -152,7 +152,7 @@ class Bucket:
         """Write this step's layout (`host`) into the device buffer `flat` the bucket's graphs read: one copy, from
         pinned memory on CUDA (the host does not wait for it)."""
         host = self.host(seq_lens, context_lens, slots, scratch)
-        flat[:host.numel()].copy_(host.pin_memory() if flat.is_cuda else host, non_blocking=True)
+        copy_to(flat[:host.numel()], host)
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The layout's fields as views of a device tensor holding it (a prefix of `flat`)."""
@@ -174,6 +174,12 @@ def to_device(host: torch.Tensor, device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
+
+
+def copy_to(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """Copy a host tensor into the device tensor `dst` (a graph's static buffer), from pinned memory on CUDA: the host
+    does not wait for the copy."""
+    dst.copy_(host.pin_memory() if dst.is_cuda else host, non_blocking=True)
 
 
 @dataclass

@@ -30,6 +30,7 @@ Graphs read and write one cache's tensors: another cache drops them, and so does
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -41,7 +42,7 @@ import torch
 
 from hattn import registry
 from hattn.context import ForwardContext, zero_padding
-from hattn.kernels.packing import Bucket, PackedStep, seq_bucket
+from hattn.kernels.packing import Bucket, PackedStep, copy_to, seq_bucket
 
 log = logging.getLogger("hattn")
 _MISSING = object()
@@ -94,8 +95,7 @@ class _Shared:
             flat = torch.zeros(2, n, dtype=torch.long, device=device)
             entry = self.layouts[n] = [flat, (flat[0], flat[1]), None]
         if entry[2] is None or entry[2]() is not ctx:
-            host = torch.tensor([ctx.slots, ctx.context_lens], dtype=torch.long)
-            entry[0].copy_(host.pin_memory() if entry[0].is_cuda else host, non_blocking=True)
+            copy_to(entry[0], torch.tensor([ctx.slots, ctx.context_lens], dtype=torch.long))
             entry[2] = weakref.ref(ctx)
         return entry[1]
 
@@ -147,6 +147,12 @@ class _SiteRunner:
 
     def bind(self, stats) -> None:
         self.stats = stats
+
+    def _serves(self, ctx: ForwardContext | None, decode: bool) -> bool:
+        """A step between graphs (not inside a captured one) over a cache, of the kind this runner serves (decode or
+        packed), whose tokens fit the site's rows; the runtime calls the op for the rest."""
+        return (ctx is not None and ctx.static is None and ctx.cache is not None and ctx.is_decode == decode
+                and 0 < ctx.num_tokens <= self.rows)
 
     def _shared(self, cache) -> _Shared:
         stream = _stream_key(self.device)
@@ -212,11 +218,9 @@ class DecodeRunner(_SiteRunner):
         self.capturable = out.is_cuda
 
     def __call__(self, ctx: ForwardContext | None) -> bool:
-        if ctx is None or ctx.static is not None or ctx.cache is None or not ctx.is_decode:
+        if not self._serves(ctx, decode=True):
             return False
         n = ctx.num_tokens
-        if not 0 < n <= self.rows:
-            return False
         registry.check_route(self.kind, self.layer_id, ctx.layer_kinds)
         shared = self._shared(ctx.cache)
         graphed = site_graphs and self.capturable
@@ -228,20 +232,18 @@ class DecodeRunner(_SiteRunner):
             entry = [self.plan(n, ctx, slots, lens), None]  # [site, its graph / _FAILED / None: not captured yet]
         self.graphs[n] = entry
         site, graph = entry
-        if graph is None and graphed:
-            out = self.out
-
-            def run():
-                site(slots, lens)
-                zero_padding(out, n)
-            run()  # this step's result; compiles before the capture
-            entry[1] = self._capture(shared, ("decode", n), run) or _FAILED
-        elif graphed and graph is not _FAILED:  # it reads the static metadata `decode_meta` just filled
+        if graphed and graph is not None and graph is not _FAILED:  # it reads what `decode_meta` just filled
             graph.replay()
-        else:
-            site(slots, lens)
-            zero_padding(self.out, n)
+            return True
+        launch = functools.partial(self._launch, site, slots, lens, n)
+        launch()
+        if graphed and graph is None:  # that was this step's result (and compiled the kernels): now the capture
+            entry[1] = self._capture(shared, ("decode", n), launch) or _FAILED
         return True
+
+    def _launch(self, site: Callable, slots: torch.Tensor, lens: torch.Tensor, n: int) -> None:
+        site(slots, lens)
+        zero_padding(self.out, n)
 
 
 _FAILED = object()  # a decode graph whose capture failed: that n launches every step
@@ -261,9 +263,7 @@ class PackedRunner(_SiteRunner):
         self.variant, self.run = variant, run
 
     def __call__(self, ctx: ForwardContext | None) -> bool:
-        if ctx is None or ctx.static is not None or ctx.cache is None or ctx.is_decode:
-            return False
-        if not 0 < ctx.num_tokens <= self.rows:
+        if not self._serves(ctx, decode=False):
             return False
         variant = self.variant(ctx)
         if variant is None:

@@ -22,7 +22,7 @@ import torch
 from hattn.context import CaptureUnsupported, ForwardContext, StaticMeta, forward_context, get_forward_context
 from hattn.counters import Stats
 from hattn.kernels import packing
-from hattn.kernels.packing import Bucket, PackedStep
+from hattn.kernels.packing import Bucket, PackedStep, copy_to
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, caller_context, capture_graph, log_once,
@@ -45,10 +45,6 @@ def check_capture_safe(ops: list[SplitOp]) -> None:
             f"capture-safe (its kernels may allocate, sync with the host or read per-step host values). Fix: use "
             f"mode='pcg' or 'bcg', or register it with register_split_op(op, kind, capture_safe=True) once it is."
         )
-
-
-def _pinned(rows: list[list[int]]) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long).pin_memory()
 
 
 class _Graphs(GraphRuntime):
@@ -148,8 +144,8 @@ class _DecodeGraphs(_Graphs):
 
     def fill_step(self, static: StaticMeta, user: ForwardContext, size: int) -> None:
         pad = size - len(user.seq_lens)
-        host = _pinned([list(user.slots) + [self.cache.scratch_slot] * pad, list(user.context_lens) + [0] * pad])
-        self._rows(size).copy_(host, non_blocking=True)
+        copy_to(self._rows(size), torch.tensor([list(user.slots) + [self.cache.scratch_slot] * pad,
+                                                list(user.context_lens) + [0] * pad], dtype=torch.long))
 
 
 class _PackedGraphs(_Graphs):

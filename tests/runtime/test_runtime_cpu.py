@@ -324,8 +324,7 @@ def stand_in_capture(monkeypatch):
         out = fn(*args)
         return graphs.CapturedGraph(size, StandInGraph(fn, list(args), out, ctx), list(args), out), out
 
-    monkeypatch.setattr(full, "capture_graph", capture)
-    monkeypatch.setattr(full, "_pinned", lambda rows: torch.tensor(rows, dtype=torch.long))
+    monkeypatch.setattr(full, "capture_graph", capture)  # a CPU buffer is filled without pinned memory
 
 
 def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_decode_step(stand_in_capture):
