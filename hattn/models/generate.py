@@ -29,6 +29,7 @@ from hattn.compiler.backend import step_token_limit
 from hattn.compiler.dispatch import dispatch_for
 from hattn.context import ForwardContext, forward_context
 from hattn.models.cache import HybridCache
+from hattn.models.hf import HybridLM, text_config
 from hattn.runtime.full import DirectStep, direct_step
 from hattn.runtime.graphs import serving_log
 
@@ -109,8 +110,14 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
 def last_rows(lens: list[int], rows: int, device) -> torch.Tensor:
     """[rows] indices of each sequence's last token in a packing of `lens`, padded with the last one (a fixed size
     per cache, so every prefill of that cache shares one graph)."""
-    ends = torch.tensor(lens).cumsum(0) - 1
-    return torch.cat([ends, ends[-1:].expand(rows - len(lens))]).to(device)
+    return torch.tensor(_last_rows(lens, rows), dtype=torch.long).to(device)
+
+
+def _last_rows(lens: list[int], rows: int) -> list[int]:
+    if rows < len(lens):
+        raise ValueError(f"a prefill step of {len(lens)} prompts needs at least as many logits rows, got {rows}")
+    ends = [end - 1 for end in itertools.accumulate(lens)]
+    return ends + ends[-1:] * (rows - len(ends))
 
 
 def prefill_steps(lens: list[int], limit: int | None) -> list[list[tuple[int, int, int]]]:
@@ -138,13 +145,9 @@ def step_inputs(prompts, step, slots, cache: HybridCache, layer_kinds, device, r
     """(context, input ids, positions, logits rows) of one prefill step of `prefill_steps`; `rows` logits rows
     (default: one per slot of `cache`)."""
     lens = [n for _, _, n in step]
-    rows = cache.slots if rows is None else rows
-    if rows < len(lens):
-        raise ValueError(f"a prefill step of {len(lens)} prompts needs at least as many logits rows, got {rows}")
-    ends = [end - 1 for end in itertools.accumulate(lens)]
     ids, pos, last = _on_device(device, [t for i, s, n in step for t in prompts[i][s:s + n]],
                                 [p for _, s, n in step for p in range(s, s + n)],
-                                ends + ends[-1:] * (rows - len(ends)))
+                                _last_rows(lens, cache.slots if rows is None else rows))
     ctx = ForwardContext(seq_lens=lens, context_lens=[s for _, s, _ in step], slots=[slots[i] for i, _, _ in step],
                          cache=cache, layer_kinds=layer_kinds)
     return ctx, ids, pos, last
@@ -373,8 +376,8 @@ def _check_model(model, cache) -> None:
 
 def _vocab_size(model) -> int | None:
     config = getattr(model, "config", None)
-    if getattr(type(config), "sub_configs", None) and hasattr(config, "get_text_config"):
-        config = config.get_text_config()  # a multimodal config (~12 us: not asked of a text config)
+    if not isinstance(getattr(model, "_orig_mod", model), HybridLM):  # whose config is its text config already
+        config = text_config(config)  # transformers' get_text_config: ~12 us a call
     return getattr(config, "vocab_size", None)
 
 
