@@ -1,13 +1,15 @@
 """Dynamo's per-call work against hattn's dispatch (`hattn.compiler.dispatch`), per mode, in one process.
 
     python3 scripts/dispatch_ab.py [--modes full,bcg,pcg] [--batches 1,16] [--context 1024] [--preset qwen3.5-1b]
-                                   [--switch dispatch|plans|prepared|site-graphs]
+                                   [--switch dispatch|plans|prepared|site-graphs|stitch|stitch-launch]
 
 Per mode and batch: a decode step as `hattn bench` times it (`run_step` under a new forward context, a sync, CUDA
 events around the call: host work before the replay counts), ms median of --reps, with the switch off and on,
 alternated twice: hattn's dispatch (off: every call through Dynamo's guards and generated code), pcg's replay plans
 (`piecewise.plans`, off: the split graph's Python every replay), the split ops' prepared runners or their decode
-graphs (`packed_runner.site_graphs`, off: the sites' launches every step). Then one step
+graphs (`packed_runner.site_graphs`, off: the sites' launches every step), pcg's and bcg's stitched decode steps
+(`stitch.enabled`, off: their graphs replayed one by one, the sites' Python between them) or their one launch
+(`stitch.one_launch`, off: a stitched step replays its graphs one by one, without the sites' Python). Then one step
 of each under torch.profiler: the GPU's busy time (the union of its kernels' intervals) against the step's wall
 time.
 """
@@ -25,11 +27,12 @@ from hattn.context import ForwardContext
 from hattn.models.generate import run_step
 from hattn.models.presets import load
 from hattn.ops import packed_runner
-from hattn.runtime import graphs, piecewise
+from hattn.runtime import graphs, piecewise, stitch
 
 
 SWITCHES = {"dispatch": (dispatch, "enabled"), "plans": (piecewise, "plans"), "prepared": (graphs, "prepared"),
-            "site-graphs": (packed_runner, "site_graphs")}
+            "site-graphs": (packed_runner, "site_graphs"), "stitch": (stitch, "enabled"),
+            "stitch-launch": (stitch, "one_launch")}
 
 
 def step_ms(step, reps: int) -> float:
@@ -89,7 +92,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--switch", default="dispatch", choices=sorted(SWITCHES),
                     help="what is off and on: hattn's dispatch, pcg's replay plans, the split ops' prepared runners "
-                         "or their decode graphs")
+                         "or their decode graphs, stitched decode steps")
     a = ap.parse_args()
     module, attr = SWITCHES[a.switch]
     batches = [int(b) for b in a.batches.split(",")]
@@ -100,7 +103,8 @@ def main() -> None:
     for mode in a.modes.split(","):
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        model = torch.compile(lm, backend=hattn.backend(mode=mode, progress=False, capture_sizes=[1, 2, 4, 8, 16]))
+        be = hattn.backend(mode=mode, progress=False, capture_sizes=[1, 2, 4, 8, 16])
+        model = torch.compile(lm, backend=be)
         for b in batches:
             ids = torch.randint(0, 1000, (b,), device="cuda")
             pos = torch.full((b,), a.context, dtype=torch.long, device="cuda")
@@ -122,7 +126,8 @@ def main() -> None:
             direct = dispatch.dispatch_for(model).direct_calls
             print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row)
                   + f" | GPU busy {busy / 1e3:.3f} ms/step (kernels summed {summed / 1e3:.3f})"
-                  f" | {direct} direct calls so far" + ("" if direct else " (dispatch never engaged: see the log)"),
+                  f" | {direct} direct calls, {be.stats.stitched_steps} stitched steps so far"
+                  + ("" if direct else " (dispatch never engaged: see the log)"),
                   flush=True)
 
 

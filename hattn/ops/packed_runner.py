@@ -43,6 +43,7 @@ import torch
 from hattn import registry
 from hattn.context import ForwardContext, zero_padding
 from hattn.kernels.packing import Bucket, PackedStep, copy_to, seq_bucket
+from hattn.runtime import stitch
 
 log = logging.getLogger("hattn")
 _MISSING = object()
@@ -165,7 +166,7 @@ class _SiteRunner:
     def _capture(self, shared: _Shared, key, run: Callable) -> torch.cuda.CUDAGraph | None:
         from hattn.runtime.graphs import CAPTURE_ERROR_MODE, CAPTURE_LOCK, log_once, pool_bytes
 
-        start, graph = time.perf_counter(), torch.cuda.CUDAGraph()
+        start, graph = time.perf_counter(), stitch.new_graph()
         shared.pool_for_capture(self.device)
         stream, pool = shared.stream, shared.pool
         stream.wait_stream(torch.cuda.current_stream())
@@ -180,6 +181,7 @@ class _SiteRunner:
                         graph.capture_end()
                     raise
                 graph.capture_end()
+            stitch.instantiate(graph)
         except Exception as e:  # noqa: BLE001  (the step already ran eagerly: later steps run it so)
             shared.drop_pool()
             log_once("hattn: %s layer %d runs its %s steps eagerly between graphs: capturing them failed (%s)",
@@ -234,6 +236,8 @@ class DecodeRunner(_SiteRunner):
         site, graph = entry
         if graphed and graph is not None and graph is not _FAILED:  # it reads what `decode_meta` just filled
             graph.replay()
+            if stitch.collecting():
+                stitch.note(graph, _DecodeGuard(shared, n, self.device, self.stream, ctx))
             return True
         launch = functools.partial(self._launch, site, slots, lens, n)
         launch()
@@ -247,6 +251,34 @@ class DecodeRunner(_SiteRunner):
 
 
 _FAILED = object()  # a decode graph whose capture failed: that n launches every step
+
+
+class _DecodeGuard:
+    """When a decode site's graph of n sequences serves a step (`stitch.Guard`): a step of n sequences between graphs
+    over the same cache, stream and routes (what `DecodeRunner.__call__` asks), once the step's metadata is in the
+    static buffers the graph reads (`prepare`: one fill a step for every site over the cache and stream)."""
+
+    __slots__ = ("shared", "n", "device", "stream", "cache", "kinds")
+
+    def __init__(self, shared: _Shared, n: int, device, stream: int, ctx: ForwardContext):
+        self.shared, self.n, self.device, self.stream = shared, n, device, stream
+        self.cache, self.kinds = weakref.ref(ctx.cache), ctx.layer_kinds
+
+    def _key(self) -> tuple:
+        return id(self.shared), self.n, self.stream, id(self.kinds)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _DecodeGuard) and other._key() == self._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def matches(self, ctx: ForwardContext) -> bool:
+        return (site_graphs and ctx.static is None and ctx.cache is self.cache() and ctx.num_tokens == self.n
+                and ctx.is_decode and ctx.layer_kinds is self.kinds and _stream_key(self.device) == self.stream)
+
+    def prepare(self, ctx: ForwardContext) -> None:
+        self.shared.decode_meta(self.n, ctx, self.device)
 
 
 class PackedRunner(_SiteRunner):

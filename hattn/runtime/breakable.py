@@ -14,6 +14,7 @@ with the batch metadata of capture time. Side streams forked inside a segment ar
 """
 from __future__ import annotations
 
+import functools
 import logging
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hattn.context import get_forward_context
 from hattn.counters import Stats, new_stats
 from hattn.registry import Mode, UnregisteredAttentionError, direct_call, register_mode, split_op_of, unregistered_mixer
-from hattn.runtime import graphs
+from hattn.runtime import graphs, stitch
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CAPTURE_ERROR_MODE, DEFAULT_CAPTURE_SIZES, CaptureError, GraphRuntime, copy_if_moved,
                                   served_layout, weak_refs)
@@ -62,7 +64,7 @@ class _Capture:
     def begin_segment(self) -> None:
         if self.stream is None:
             return
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph = stitch.new_graph()
         with torch.cuda.stream(self.stream):
             self.graph.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_ERROR_MODE)
         for s in self.side.values():  # streams the model forked before keep running inside the new segment
@@ -75,6 +77,7 @@ class _Capture:
             for s in self.side.values():  # join forked side streams: a capture must end with all work joined
                 self.stream.wait_stream(s)
             self.graph.capture_end()
+        stitch.instantiate(self.graph)
         self.segments.append(self.graph)
         self.graph = None
 
@@ -187,9 +190,11 @@ class BreakableRuntime(GraphRuntime):
     def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         super().__init__(fn, layout, sizes, stats, progress)
         self.captures: dict[int, tuple[_Capture, list, object]] = {}
+        self.stitched: dict[int, stitch.StepStitcher] = {}  # per size: its decode steps as one launch
 
     def capture(self, size: int, args: list) -> None:
         watched(_Capture(), self.fn, args)  # warm-up; rejects unregistered attention before any capture
+        self.stitched.pop(size, None)
         cap = _Capture(self.pool, _capture_stream())
         cap.stream.wait_stream(torch.cuda.current_stream())
         try:
@@ -211,6 +216,14 @@ class BreakableRuntime(GraphRuntime):
     def replay(self, size: int, args: list):
         cap, static_args, out = self.captures[size]
         copy_if_moved(static_args, args)
+        stitched, ctx = self.stitched.get(size), get_forward_context()
+        if stitched is None:
+            stitched = self.stitched[size] = stitch.StepStitcher(self.stats)
+        if stitched.serve(ctx):
+            return out
+        if stitched.wants(ctx):
+            stitched.collect(ctx, self._entries(cap))
+            return out
         prepared = 0
         for segment, rec in zip(cap.segments, cap.ops):
             segment.replay()
@@ -219,11 +232,21 @@ class BreakableRuntime(GraphRuntime):
         self.stats.prepared_calls += prepared
         return out
 
+    def _entries(self, cap: _Capture) -> list:
+        """The replay as `stitch.StepStitcher.collect` takes it: segments, and the recorded split ops between them."""
+        def rerun(rec):
+            self.stats.prepared_calls += _rerun(rec, self.stats)
+        entries: list = []
+        for segment, rec in zip(cap.segments, cap.ops):
+            entries += [(segment, None), (None, functools.partial(rerun, rec))]
+        return entries + [(cap.segments[-1], None)]
+
     def segments(self, size: int) -> int:
         return len(self.captures[size][0].segments)
 
     def release(self) -> None:
         self.captures.clear()
+        self.stitched.clear()
         super().release()
 
 

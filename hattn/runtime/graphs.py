@@ -178,16 +178,21 @@ def run_prepared(runner, name: str) -> bool:
     return runner(get_forward_context())
 
 
-def capture_graph(fn, args: list, size: int, pool) -> tuple[CapturedGraph, object]:
+def capture_graph(fn, args: list, size: int, pool, keep: bool = False) -> tuple[CapturedGraph, object]:
     """Capture fn(*args) into the pool (after one warm-up call outside the graph: lazy init, autotuning).
-    Returns the captured graph (holding weak references to the outputs) and the outputs themselves."""
+    Returns the captured graph (holding weak references to the outputs) and the outputs themselves. `keep`: a graph
+    a stitched step can embed (`stitch.new_graph`)."""
+    from hattn.runtime import stitch
+
     fn(*args)
     ctx = get_forward_context()
     if ctx is not None:
         ctx.forget()  # what split ops derived in the warm-up is computed again inside the graph
-    graph = torch.cuda.CUDAGraph()
+    graph = stitch.new_graph() if keep else torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
         out = fn(*args)
+    if keep:
+        stitch.instantiate(graph)
     return CapturedGraph(size, graph, list(args), weak_refs(out)), out
 
 

@@ -12,15 +12,17 @@ op of the graph returns nothing: then the same inputs mean the same calls.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import os
 
 import torch
 import torch.fx as fx
 
+from hattn.context import get_forward_context
 from hattn.counters import Stats
 from hattn.registry import Mode, register_mode, returns_nothing, split_op_of
-from hattn.runtime import graphs
+from hattn.runtime import graphs, stitch
 from hattn.runtime.graph_free import direct_split_ops, graph_free
 from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, capture_graph, copy_if_moved, served_layout,
                                   storage_ptr, weak_ref)
@@ -48,7 +50,7 @@ class _PieceGraphs(torch.nn.Module):
         return out
 
     def _capture(self, size: int, args):
-        graph, out = capture_graph(self.fn, list(args), size, self.runtime.pool)
+        graph, out = capture_graph(self.fn, list(args), size, self.runtime.pool, keep=True)
         # what earlier graphs of this size produced is pool memory: keep weak references, so the next size's
         # capture can reuse it; anything else (inputs, eager split-op results) stays owned here
         pooled = self.runtime.pooled
@@ -107,7 +109,7 @@ class PiecewiseRuntime(GraphRuntime):
             # a plan runs only after its own recording: its call sites then hold the runners of its arguments
             self.plans.pop(size, None)
             return self._run("replay", size, args)
-        self.recording = _Plan(size, args)
+        self.recording = _Plan(size, args, self.stats)
         try:
             out = self._run("replay", size, args)
             if self.recording.valid:
@@ -137,10 +139,13 @@ class _Plan:
     site, recorded while the split graph ran (`record_piece`, `record_site`). The pieces' graphs return the same
     static tensors every replay and the call sites return nothing, so for the same inputs the same calls follow. An
     input the pieces read is copied into their captured tensors where it moved (as a piece's replay does); other
-    inputs than the recorded ones reaching a call site or the output make the plan decline (`run`: DECLINED)."""
+    inputs than the recorded ones reaching a call site or the output make the plan decline (`run`: DECLINED).
+    A decode step whose replay was graph replays only runs as one stitched launch (`stitch.StepStitcher`)."""
 
-    def __init__(self, size: int, args: list):
+    def __init__(self, size: int, args: list, stats: Stats):
         self.size, self.args, self.steps, self.out = size, list(args), [], None
+        self.stitched = stitch.StepStitcher(stats)
+        self.entries: list = []  # the steps as the stitcher takes them: (piece graph, None) or (None, site call)
         self.index = {id(a): i for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
         self.feeds: dict[int, list] = {}  # input -> the captured tensors of pieces that read it
         self.copies: list[tuple[int, torch.Tensor]] = []  # feeds at another address at recording: copied every run
@@ -157,10 +162,12 @@ class _Plan:
             elif isinstance(a, torch.Tensor) and a is not s and a.data_ptr() != s.data_ptr():
                 self.valid = False  # made between the graphs at another address each time: no plan
         self.steps.append((graph.graph.replay, (), {}))
+        self.entries.append((graph.graph, None))
 
     def record_site(self, call, args, kwargs) -> None:
         self.fixed.update(i for v in (*args, *kwargs.values()) if (i := self.index.get(id(v))) is not None)
         self.steps.append((call, args, kwargs))
+        self.entries.append((None, functools.partial(call, *args, **kwargs)))
 
     def finish(self, out) -> "_Plan":
         self.out = out
@@ -185,8 +192,14 @@ class _Plan:
                 copy_if_moved([s], [args[i]])
         runtime.phase, runtime.size, runtime.planned = "replay", self.size, True  # what the call sites read
         try:
-            for fn, step_args, kwargs in self.steps:
-                fn(*step_args, **kwargs)
+            ctx = get_forward_context()
+            if self.stitched.serve(ctx):
+                pass
+            elif self.stitched.wants(ctx):
+                self.stitched.collect(ctx, self.entries)
+            else:
+                for fn, step_args, kwargs in self.steps:
+                    fn(*step_args, **kwargs)
         finally:
             runtime.phase, runtime.planned = "eager", False
         return self.out

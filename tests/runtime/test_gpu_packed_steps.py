@@ -52,6 +52,15 @@ def _run(lm, mode, prepared, monkeypatch, steps=STEPS):
     return logits, states, graphs_after, be.stats
 
 
+def _assert_same_bits(a, b, steps) -> None:
+    """Two `_run`s gave the same logits every step and the same cache states, bit for bit."""
+    for i, (x, y) in enumerate(zip(a[0], b[0])):
+        assert torch.equal(x, y), f"step {i} {steps[i]}: logits differ"
+    for layer in a[1]:
+        for x, y in zip(a[1][layer], b[1][layer]):
+            assert torch.equal(x, y), f"layer {layer}: cache states differ"
+
+
 @pytest.mark.parametrize("mode", ["pcg", "bcg"])
 def test_packed_steps_from_call_site_graphs_give_the_bits_of_the_op(mode, monkeypatch):
     lm = adapt(random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0))
@@ -59,11 +68,7 @@ def test_packed_steps_from_call_site_graphs_give_the_bits_of_the_op(mode, monkey
     assert linear > 0
     off = _run(lm, mode, False, monkeypatch)
     on = _run(lm, mode, True, monkeypatch)
-    for i, (a, b) in enumerate(zip(off[0], on[0])):
-        assert torch.equal(a, b), f"step {i} {STEPS[i]}: logits differ"
-    for layer in off[1]:
-        for a, b in zip(off[1][layer], on[1][layer]):
-            assert torch.equal(a, b), f"layer {layer}: cache states differ"
+    _assert_same_bits(off, on, STEPS)
     graphs_off, graphs_on, stats = off[2], on[2], on[3]
     captured = [b - a for a, b in zip([0, *graphs_on], graphs_on)]
     runtime_captured = [b - a for a, b in zip([0, *graphs_off], graphs_off)]
@@ -101,11 +106,7 @@ def test_decode_steps_from_site_graphs_give_the_bits_of_their_launches(mode, mon
         monkeypatch.setattr(packed_runner, "site_graphs", on)
         runs[on] = _run(lm, mode, True, monkeypatch, steps=DECODE)
         torch._dynamo.reset()
-    for i, (a, b) in enumerate(zip(runs[False][0], runs[True][0])):
-        assert torch.equal(a, b), f"step {i} {DECODE[i]}: logits differ"
-    for layer in runs[False][1]:
-        for a, b in zip(runs[False][1][layer], runs[True][1][layer]):
-            assert torch.equal(a, b), f"layer {layer}: cache states differ"
+    _assert_same_bits(runs[False], runs[True], DECODE)
     extra = runs[True][2][-1] - runs[False][2][-1]
     assert extra == sites * 2, f"{extra} decode graphs for {sites} sites and 2 batch sizes"
 
@@ -134,3 +135,37 @@ def test_a_cache_serves_one_model_after_another(caplog, monkeypatch):
         assert torch.equal(logits[True], logits[False]), mode
         assert be.stats.prepared_calls > 0
     assert "capturing them failed" not in caplog.text
+
+
+# decode steps of 2 and 3 sequences, interleaved: per batch size the first step captures the sites' graphs, the
+# second collects its replay, the later ones are stitched steps (2 + 1 here)
+STITCH = [
+    ([7, 3, 12, 5], [0, 0, 0, 0], [0, 1, 2, 3]),
+    ([1, 1], [7, 3], [0, 1]),
+    ([1, 1], [8, 4], [0, 1]),
+    ([1, 1, 1], [9, 12, 5], [0, 2, 3]),
+    ([1, 1], [13, 6], [2, 3]),
+    ([1, 1, 1], [10, 5, 14], [0, 1, 2]),
+    ([1, 1], [9, 5], [0, 1]),
+    ([1, 1, 1], [15, 7, 11], [2, 3, 0]),
+]
+
+
+@pytest.mark.parametrize("mode", ["pcg", "bcg"])
+def test_stitched_decode_steps_give_the_bits_of_their_replays(mode, monkeypatch, caplog):
+    """A decode step stitched into one launch (`hattn.runtime.stitch`) computes what the replay of its graphs one by
+    one computes: logits and cache states bit for bit; one CUDA launch, not the replay-each fallback."""
+    from hattn.runtime import stitch
+
+    launches = []
+    one_launch = stitch._one_launch
+    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: launches.append(one_launch(graphs)) or launches[-1])
+    lm = adapt(random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0))
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(stitch, "enabled", on)
+        runs[on] = _run(lm, mode, True, monkeypatch, steps=STITCH)
+        torch._dynamo.reset()
+    _assert_same_bits(runs[False], runs[True], STITCH)
+    assert runs[False][3].stitched_steps == 0 and runs[True][3].stitched_steps == 3
+    assert len(launches) == 2 and all(launches), caplog.text  # one stitched step per batch size, each one launch

@@ -4,6 +4,8 @@ and the errors (full mode with a split op that is not capture-safe, unregistered
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import logging
 
 import pytest
@@ -317,7 +319,7 @@ def stand_in_capture(monkeypatch):
                 for static, new in zip(self.out, self.fn(*self.args)):
                     static.copy_(new)
 
-    def capture(fn, args, size, pool):
+    def capture(fn, args, size, pool, keep=False):
         fn(*args)
         ctx = get_forward_context()
         ctx.forget()
@@ -676,7 +678,7 @@ def _stand_in_pcg(monkeypatch) -> None:
     from hattn.runtime import piecewise
     from hattn.runtime.graphs import CapturedGraph, graph_layout, weak_refs
 
-    def capture(fn, args, size, pool):
+    def capture(fn, args, size, pool, keep=False):
         fn(*args)
         out = fn(*args)
         return CapturedGraph(size, _StandInGraph(fn, list(args), out), list(args), weak_refs(out)), out
@@ -818,3 +820,78 @@ def test_a_split_graph_with_other_calls_between_pieces_is_not_planned():
     assert _plannable(graph_with(operator.getitem)) and _plannable(graph_with(site))
     assert not _plannable(graph_with(torch.add))
     assert not _plannable(graph_with(operator.getitem, of_piece=False))  # a new view of an input every replay
+
+
+def _decode_runner_prepare(direct, kind, monkeypatch):
+    """`prepare` of a split op on CPU: a DecodeRunner whose site calls the op itself and whose 'graph' replays that
+    (the capture stubbed), so a pcg decode step's sites are graph replays as on CUDA."""
+    from hattn.ops import packed_runner
+
+    class Replayed:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def replay(self):
+            self.fn()
+
+    monkeypatch.setattr(packed_runner.DecodeRunner, "_capture", lambda self, shared, key, fn: Replayed(fn))
+    names = list(inspect.signature(direct).parameters)
+
+    def prepare(*args, **kwargs):
+        bound = dict(zip(names, args), **kwargs)
+        runner = packed_runner.DecodeRunner(kind, bound["layer_id"], bound["out"],
+                                            lambda n, ctx, slots, lens: lambda s, c: direct(*args, **kwargs))
+        runner.capturable = True
+        return runner
+    return prepare
+
+
+def test_pcg_decode_steps_run_stitched_with_the_logits_of_eager(monkeypatch):
+    """pcg with stand-in graphs and decode runners: a size's first replay records its plan (the sites capture), the
+    second collects, the later ones are stitched steps (no site Python), each equal to eager; a step over another
+    cache replays as before."""
+    from hattn import registry
+    from hattn.ops import full, linear, packed_runner
+
+    _stand_in_pcg(monkeypatch)
+    for op, direct, kind in ((torch.ops.hattn.linear_attention, linear._linear_attention, "linear"),
+                             (torch.ops.hattn.full_attention, full._full_attention, "full")):
+        registered = registry.split_op_of(op)
+        monkeypatch.setitem(registry._OPS, op._qualified_op_name, dataclasses.replace(
+            registered, prepare=_decode_runner_prepare(direct, kind, monkeypatch)))
+    calls = []
+    runner_call = packed_runner.DecodeRunner.__call__
+    monkeypatch.setattr(packed_runner.DecodeRunner, "__call__", lambda self, ctx: calls.append(1) or runner_call(
+        self, ctx))
+    pattern = ["linear", "full", "linear"]
+    model = toy_model(pattern=pattern)
+    be = hattn.backend(mode="pcg", capture_sizes=[4, 8], inner_compiler="eager", progress=False)
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    caches = [toy_cache(model.config, 4, 32) for _ in range(4)]
+    prompts, slots = [[3, 5, 7], [11, 2], [9, 4, 6, 1]], [0, 1, 2]
+    with torch.no_grad():
+        for cache in caches:
+            with hattn.forward_context(hattn.ForwardContext([len(p) for p in prompts], slots=slots, cache=cache)):
+                model(torch.tensor(sum(prompts, [])))  # prefill eagerly in all
+        lens, tok = [len(p) for p in prompts], torch.tensor([1, 2, 3])
+        first = (list(lens), tok)
+        site_calls = []
+        for step in range(5):
+            outs = []
+            for run, cache in ((model, caches[0]), (compiled, caches[1])):
+                with hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, cache)):
+                    outs.append(run(tok))
+            torch.testing.assert_close(outs[1], outs[0])
+            site_calls.append(len(calls))
+            tok, lens = outs[0].argmax(-1), [n + 1 for n in lens]
+        assert be.stats.stitched_steps == 3  # steps 3..5: step 1 recorded the plan, step 2 collected
+        assert site_calls[2:] == [site_calls[1]] * 3  # a stitched step calls no site
+        outs = []
+        for run, cache in ((model, caches[2]), (compiled, caches[3])):  # another cache: the sites' own path
+            with hattn.forward_context(hattn.ForwardContext([1, 1, 1], first[0], slots, cache)):
+                outs.append(run(first[1]))
+        torch.testing.assert_close(outs[1], outs[0])
+        assert be.stats.stitched_steps == 3 and len(calls) == site_calls[-1] + len(pattern)
+    for i in range(len(pattern)):
+        for a, b in zip(caches[0].state(i), caches[1].state(i)):
+            torch.testing.assert_close(b[:4], a[:4])
