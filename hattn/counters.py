@@ -29,7 +29,7 @@ class Stats:
     pool_bytes_by_pool: dict[str, int] = field(default_factory=dict)  # the same per pool id (str)
     replays: int = 0             # forward calls served by graph replay
     prepared_calls: int = 0      # split-op calls served by the runner their `prepare` gave (bcg, pcg replays)
-    stitched_steps: int = 0      # pcg/bcg replays served by one stitched launch of their graphs (runtime/stitch.py)
+    stitched_steps: int = 0      # pcg/bcg decode replays served as one stitched step of graphs (runtime/stitch.py)
     eager_runs: int = 0          # forward calls run without graphs (above the largest capture size, CPU, ...)
     padded_tokens: int = 0       # padding rows added to reach a capture size
     graph_free_graphs: int = 0   # graphs a graph mode serves graph-free (several dynamic sizes, ...; reason logged)

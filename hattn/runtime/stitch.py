@@ -109,30 +109,33 @@ class Stitched:
 
 
 class StepStitcher:
-    """A runtime size's stitched steps, by (number of sequences, cache). `serve(ctx)` runs a stitched step that fits
-    the step (True) or returns False: then the runtime replays as usual, through `collect(ctx, steps)` while
+    """A runtime size's stitched steps, by (number of sequences, cache, stream). `serve(ctx)` runs a stitched step that
+    fits the step (True) or returns False: then the runtime replays as usual, through `collect(ctx, steps)` while
     `wants(ctx)`. `steps` is the replay in order: (graph, None) for a graph the runtime replays itself, (None, call)
-    for a split-op call site, which must note the one graph it replays (`note`) for the step to be stitched."""
+    for a split-op call site, which must note the one graph it replays (`note`) for the step to be stitched. A cache's
+    end drops its keys (their graphs hold its memory, and a new cache may take its id)."""
 
     def __init__(self, stats):
         self.stats = stats
         self.steps: dict[tuple, Stitched] = {}
-        self.misses: dict[tuple, int] = {}  # replays of a key that could not be stitched (a site captured, say)
+        self.misses: dict[tuple, int] = {}  # collections of a key that found no stitchable replay (a site captured)
+        self.caches: dict[int, weakref.ref] = {}  # id(cache) -> a reference whose callback drops the cache's keys
 
     @staticmethod
     def _key(ctx) -> tuple:
-        return ctx.num_tokens, id(ctx.cache)
+        return ctx.num_tokens, id(ctx.cache), _stream()
 
     def serve(self, ctx) -> bool:
-        if not self.steps or ctx is None or not enabled:
+        from hattn.runtime import graphs
+
+        if not self.steps or ctx is None or not (enabled and graphs.prepared):
             return False
         key = self._key(ctx)
         step = self.steps.get(key)
         if step is None:
             return False
-        if not step.matches(ctx):  # a new cache at a dead one's address, a switch turned off: replay as usual
+        if not step.matches(ctx):  # a switch turned off, other routes: replay as usual, and collect again
             del self.steps[key]
-            self._missed(key)
             return False
         self.steps[key] = self.steps.pop(key)  # the least recently used goes first
         step.run(ctx)
@@ -166,20 +169,48 @@ class StepStitcher:
             guards.setdefault(guard, guard)
         key = self._key(ctx)
         if not ok or not sites or _rng_offset() != offset or not all(g.matches(ctx) for g in guards):
-            self._missed(key)
+            self.misses[key] = self.misses.get(key, 0) + 1
+            self._watch(ctx.cache)
             return
         if len(self.steps) >= _STEPS:
             del self.steps[next(iter(self.steps))]
         self.steps[key] = Stitched(graphs, list(guards), sites)
+        self.misses.pop(key, None)
+        self._watch(ctx.cache)
 
-    def _missed(self, key: tuple) -> None:
-        if len(self.misses) > 4 * _STEPS:  # keys of caches long gone
-            self.misses.clear()
-        self.misses[key] = self.misses.get(key, 0) + 1
+    def _watch(self, cache) -> None:
+        """Drop the cache's keys (stitched steps, misses) when it dies."""
+        ident = id(cache)
+        if ident in self.caches:
+            return
+        me = weakref.ref(self)
+
+        def drop(_, ident=ident):
+            stitcher = me()
+            if stitcher is not None:
+                stitcher._forget(ident)
+        try:
+            self.caches[ident] = weakref.ref(cache, drop)
+        except TypeError:  # a cache that takes no weak references: its keys stay until evicted
+            pass
+
+    def _forget(self, ident: int) -> None:
+        self.caches.pop(ident, None)
+        for table in (self.steps, self.misses):
+            for key in [k for k in table if k[1] == ident]:
+                del table[key]
 
     def clear(self) -> None:
         self.steps.clear()
         self.misses.clear()
+        self.caches.clear()
+
+
+def _stream() -> int:
+    """The current CUDA stream's handle (0 without CUDA): a stitched step replays on the stream it was collected on."""
+    if not torch.cuda.is_available():
+        return 0
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
 
 
 def _rng_offset():

@@ -292,3 +292,40 @@ def test_decode_plans_beyond_the_bound_drop_the_least_recently_used(monkeypatch)
     for n in (1, 2, 1, 3, 1, 2):
         runner(_decode(cache, list(range(n)), [3] * n))
     assert [p[0] for p in planned] == [1, 2, 3, 2]  # 3 evicted 2 (1 was used since), then 2 evicted 3
+
+
+def test_a_decode_site_notes_its_replayed_graph_with_a_guard_of_what_it_depends_on(monkeypatch):
+    """A stitched step runs a site's graph where its guard matches: a decode step of the same number of sequences
+    over the same cache, stream and routes, with site graphs on; sites over one cache and stream give one guard,
+    whose `prepare` fills the static metadata the graphs read. A step that captured notes nothing."""
+    from hattn.runtime import stitch
+
+    kinds = {0: "linear"}
+    a, log, planned = _decode_runner(monkeypatch)
+    b, _, _ = _decode_runner(monkeypatch)
+    cache, other = _cache(), _cache()
+
+    def step(runner, ctx):
+        with stitch._notes() as notes:
+            assert runner(ctx)
+        return notes
+    ctx = ForwardContext([1, 1], [3, 5], [0, 1], cache=cache, layer_kinds=kinds)
+    assert step(a, ctx) == [] and step(b, ctx) == []  # captured: not a replay of one graph
+    (graph, guard), = step(a, ForwardContext([1, 1], [4, 6], [0, 1], cache=cache, layer_kinds=kinds))
+    (_, same), = step(b, ForwardContext([1, 1], [4, 6], [0, 1], cache=cache, layer_kinds=kinds))
+    assert graph is a.graphs[2][1] and guard == same and hash(guard) == hash(same)
+    later = ForwardContext([1, 1], [9, 7], [1, 0], cache=cache, layer_kinds=kinds)
+    assert guard.matches(later)
+    guard.prepare(later)
+    slots, lens = planned[0][1], planned[0][2]
+    assert slots.tolist() == [1, 0] and lens.tolist() == [9, 7]  # what the graph reads at its replay
+    assert not guard.matches(ForwardContext([1, 1], [9, 7], [1, 0], cache=other, layer_kinds=kinds))
+    assert not guard.matches(ForwardContext([1, 1, 1], [9, 7, 2], [1, 0, 2], cache=cache, layer_kinds=kinds))
+    assert not guard.matches(ForwardContext([1, 1], [9, 7], [1, 0], cache=cache, layer_kinds=dict(kinds)))
+    assert not guard.matches(ForwardContext([2], [9], [1], cache=cache, layer_kinds=kinds))  # not decode
+    monkeypatch.setattr(packed_runner, "_stream_key", lambda device: 7)
+    assert not guard.matches(later)  # another stream
+    monkeypatch.setattr(packed_runner, "_stream_key", lambda device: 0)
+    monkeypatch.setattr(packed_runner, "site_graphs", False)
+    assert not guard.matches(later)
+    assert stitch._NOTES.get() is None and log

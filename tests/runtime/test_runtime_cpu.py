@@ -823,8 +823,9 @@ def test_a_split_graph_with_other_calls_between_pieces_is_not_planned():
 
 
 def _decode_runner_prepare(direct, kind, monkeypatch):
-    """`prepare` of a split op on CPU: a DecodeRunner whose site calls the op itself and whose 'graph' replays that
-    (the capture stubbed), so a pcg decode step's sites are graph replays as on CUDA."""
+    """`prepare` of a split op on CPU: a DecodeRunner whose site calls the op itself over the step its static slots
+    and context lengths describe (what a captured site reads), and whose 'graph' replays that (the capture stubbed),
+    so a pcg decode step's sites are graph replays as on CUDA."""
     from hattn.ops import packed_runner
 
     class Replayed:
@@ -839,8 +840,15 @@ def _decode_runner_prepare(direct, kind, monkeypatch):
 
     def prepare(*args, **kwargs):
         bound = dict(zip(names, args), **kwargs)
-        runner = packed_runner.DecodeRunner(kind, bound["layer_id"], bound["out"],
-                                            lambda n, ctx, slots, lens: lambda s, c: direct(*args, **kwargs))
+
+        def plan(n, ctx, slots, lens):
+            cache, kinds = ctx.cache, ctx.layer_kinds
+
+            def site(s, c):
+                with hattn.forward_context(hattn.ForwardContext([1] * n, c.tolist(), s.tolist(), cache, kinds)):
+                    direct(*args, **kwargs)
+            return site
+        runner = packed_runner.DecodeRunner(kind, bound["layer_id"], bound["out"], plan)
         runner.capturable = True
         return runner
     return prepare
@@ -852,6 +860,7 @@ def test_pcg_decode_steps_run_stitched_with_the_logits_of_eager(monkeypatch):
     cache replays as before."""
     from hattn import registry
     from hattn.ops import full, linear, packed_runner
+    from hattn.runtime import graphs
 
     _stand_in_pcg(monkeypatch)
     for op, direct, kind in ((torch.ops.hattn.linear_attention, linear._linear_attention, "linear"),
@@ -886,6 +895,15 @@ def test_pcg_decode_steps_run_stitched_with_the_logits_of_eager(monkeypatch):
             tok, lens = outs[0].argmax(-1), [n + 1 for n in lens]
         assert be.stats.stitched_steps == 3  # steps 3..5: step 1 recorded the plan, step 2 collected
         assert site_calls[2:] == [site_calls[1]] * 3  # a stitched step calls no site
+        monkeypatch.setattr(graphs, "prepared", False)  # the sites call their ops: no stitched step either
+        outs = []
+        for run, cache in ((model, caches[0]), (compiled, caches[1])):
+            with hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, cache)):
+                outs.append(run(tok))
+        torch.testing.assert_close(outs[1], outs[0])
+        assert be.stats.stitched_steps == 3
+        monkeypatch.setattr(graphs, "prepared", True)
+        tok, lens = outs[0].argmax(-1), [n + 1 for n in lens]
         outs = []
         for run, cache in ((model, caches[2]), (compiled, caches[3])):  # another cache: the sites' own path
             with hattn.forward_context(hattn.ForwardContext([1, 1, 1], first[0], slots, cache)):

@@ -4,6 +4,8 @@ replayed as before otherwise (tests/runtime/test_runtime_cpu.py: pcg's plans ser
 tests/runtime/test_gpu_packed_steps.py runs the real graphs and the one-launch form)."""
 from __future__ import annotations
 
+import weakref
+
 import hattn
 from hattn.counters import Stats
 from hattn.runtime import stitch
@@ -17,20 +19,25 @@ class _Graph:
         self.log.append(self.name)
 
 
+class _Cache:
+    pass
+
+
 class _Guard:
-    """Matches steps of its cache; equal guards are one (a step's sites over one cache and stream)."""
+    """Matches steps of its cache (held weakly, as a decode site's guard holds it); equal guards are one (a step's
+    sites over one cache and stream)."""
 
     def __init__(self, cache, log):
-        self.cache, self.log = cache, log
+        self.cache, self.log, self.key = weakref.ref(cache), log, id(cache)
 
     def __eq__(self, other):
-        return isinstance(other, _Guard) and other.cache is self.cache
+        return isinstance(other, _Guard) and other.key == self.key
 
     def __hash__(self):
-        return id(self.cache)
+        return self.key
 
     def matches(self, ctx):
-        return ctx.cache is self.cache
+        return ctx.cache is self.cache()
 
     def prepare(self, ctx):
         self.log.append(("prepare", ctx.context_lens))
@@ -58,7 +65,7 @@ def _steps(log, guard, sites=2, noted=None):
 
 def test_a_replay_of_graphs_only_is_served_as_one_step_while_its_guards_match(monkeypatch):
     monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)  # the replay-each form (no CUDA here)
-    log, cache, stats = [], object(), Stats()
+    log, cache, stats = [], _Cache(), Stats()
     stitcher = stitch.StepStitcher(stats)
     steps = _steps(log, _Guard(cache, log))
     ctx = _ctx(cache)
@@ -70,24 +77,56 @@ def test_a_replay_of_graphs_only_is_served_as_one_step_while_its_guards_match(mo
     assert log == [("prepare", [6, 7]), "p0", "s0", "p1", "s1", "p2"]  # one prepare; no site Python
     assert stats.stitched_steps == 1 and stats.prepared_calls == 2
     log.clear()
-    other = object()
+    other = _Cache()
     assert not stitcher.serve(_ctx(other)) and not stitcher.serve(_ctx(cache, n=3)) and log == []  # other keys
 
 
 def test_a_step_whose_guards_fail_is_replayed_as_before_and_collected_again(monkeypatch):
     monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
-    log, cache = [], object()
+    log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
     guard = _Guard(cache, log)
     stitcher.collect(_ctx(cache), _steps(log, guard))
-    guard.cache = object()  # what a dead cache's address reused by a new one looks like to the key
+    guard.cache = weakref.ref(_Cache)  # the routes of another model, say: the guard no longer matches
     assert not stitcher.serve(_ctx(cache)) and stitcher.steps == {}
-    assert stitcher.misses == {(2, id(cache)): 1} and stitcher.wants(_ctx(cache))
+    assert stitcher.misses == {} and stitcher.wants(_ctx(cache))  # not a miss: the next replay collects again
+
+
+def test_a_stitched_step_is_not_served_with_prepared_runners_switched_off(monkeypatch):
+    from hattn.runtime import graphs
+
+    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+    log, cache = [], _Cache()
+    stitcher = stitch.StepStitcher(Stats())
+    stitcher.collect(_ctx(cache), _steps(log, _Guard(cache, log)))
+    monkeypatch.setattr(graphs, "prepared", False)  # the sites would call their ops: so must the step
+    assert not stitcher.serve(_ctx(cache)) and not stitcher.wants(_ctx(cache))
+    monkeypatch.setattr(graphs, "prepared", True)
+    assert stitcher.serve(_ctx(cache))
+
+
+def test_a_caches_end_drops_its_stitched_steps_and_misses(monkeypatch):
+    """The stitched steps hold the graphs that read and write a cache: they go with it, and so do its misses (a new
+    cache may get the dead one's id)."""
+    import gc
+
+    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+    log, cache, other = [], _Cache(), _Cache()
+    stitcher = stitch.StepStitcher(Stats())
+    stitcher.collect(_ctx(cache), _steps(log, _Guard(cache, log)))
+    stitcher.collect(_ctx(cache, n=3), _steps(log, _Guard(cache, log), noted={0}))  # a miss
+    stitcher.collect(_ctx(other), _steps(log, _Guard(other, log)))
+    assert len(stitcher.steps) == 2 and len(stitcher.misses) == 1
+    gone = id(cache)
+    del cache
+    gc.collect()
+    assert [k[1] for k in stitcher.steps] == [id(other)] and stitcher.misses == {}
+    assert gone not in stitcher.caches and stitcher.serve(_ctx(other))
 
 
 def test_a_replay_with_a_site_that_did_not_replay_one_graph_is_not_stitched_and_is_given_up_after_some(monkeypatch):
     monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
-    log, cache = [], object()
+    log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
     ctx = _ctx(cache)
     for _ in range(stitch._MISSES):
@@ -104,13 +143,13 @@ def test_a_replay_with_a_site_that_did_not_replay_one_graph_is_not_stitched_and_
 def test_stitched_steps_keep_the_most_recently_used_batch_sizes(monkeypatch):
     monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
     monkeypatch.setattr(stitch, "_STEPS", 2)
-    log, cache = [], object()
+    log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
     for n in (1, 2):
         stitcher.collect(_ctx(cache, n), _steps(log, _Guard(cache, log)))
     assert stitcher.serve(_ctx(cache, 1))  # 1 used since: 2 is the oldest
     stitcher.collect(_ctx(cache, 3), _steps(log, _Guard(cache, log)))
-    assert sorted(n for n, _ in stitcher.steps) == [1, 3]
+    assert sorted(key[0] for key in stitcher.steps) == [1, 3]
 
 
 def test_one_launch_needs_cuda_python_and_kept_graphs_else_the_graphs_replay_one_by_one(monkeypatch, caplog):
