@@ -127,11 +127,7 @@ def _shared_for(cache, stream: int) -> _Shared:
     return shared
 
 
-def _stream_key(device: torch.device) -> int:
-    """The current stream's handle (as `Stream.cuda_stream`, without making a Stream object: asked every call)."""
-    if device.type != "cuda":
-        return 0
-    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
+_stream_key = stitch.stream_handle  # the current stream of a runner's device: its graphs and layouts are per stream
 
 
 class _SiteRunner:

@@ -190,6 +190,7 @@ class BreakableRuntime(GraphRuntime):
     def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
         super().__init__(fn, layout, sizes, stats, progress)
         self.captures: dict[int, tuple[_Capture, list, object]] = {}
+        self.steps: dict[int, list] = {}  # per size: its replay, segments and recorded split ops (`stitch.replay`)
         self.stitched: dict[int, stitch.StepStitcher] = {}  # per size: its decode steps as one launch
 
     def capture(self, size: int, args: list) -> None:
@@ -211,6 +212,7 @@ class BreakableRuntime(GraphRuntime):
         # other sizes reuse it; what the eager ops returned (rec.out) and the inputs stay owned
         cap.side.clear()
         self.captures[size] = (cap, list(args), weak_refs(out))
+        self.steps[size] = self._steps(cap)
         self.stats.cuda_graphs += len(cap.segments)
 
     def replay(self, size: int, args: list):
@@ -222,30 +224,26 @@ class BreakableRuntime(GraphRuntime):
         if stitched.serve(ctx):
             return out
         if stitched.wants(ctx):
-            stitched.collect(ctx, self._entries(cap))
-            return out
-        prepared = 0
-        for segment, rec in zip(cap.segments, cap.ops):
-            segment.replay()
-            prepared += _rerun(rec, self.stats)
-        cap.segments[-1].replay()
-        self.stats.prepared_calls += prepared
+            stitched.collect(ctx, self.steps[size])
+        else:
+            stitch.replay(self.steps[size])
         return out
 
-    def _entries(self, cap: _Capture) -> list:
-        """The replay as `stitch.StepStitcher.collect` takes it: segments, and the recorded split ops between them."""
+    def _steps(self, cap: _Capture) -> list:
+        """A size's replay (`stitch.replay`): its segments, and the recorded split ops between them."""
         def rerun(rec):
             self.stats.prepared_calls += _rerun(rec, self.stats)
-        entries: list = []
+        steps: list = []
         for segment, rec in zip(cap.segments, cap.ops):
-            entries += [(segment, None), (None, functools.partial(rerun, rec))]
-        return entries + [(cap.segments[-1], None)]
+            steps += [(segment, None), (None, functools.partial(rerun, rec))]
+        return steps + [(cap.segments[-1], None)]
 
     def segments(self, size: int) -> int:
         return len(self.captures[size][0].segments)
 
     def release(self) -> None:
         self.captures.clear()
+        self.steps.clear()
         self.stitched.clear()
         super().release()
 

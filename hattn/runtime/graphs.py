@@ -251,16 +251,21 @@ _SERVED: ContextVar[list | None] = ContextVar("hattn_served", default=None)
 
 
 @contextlib.contextmanager
-def serving_log():
+def collecting(var: ContextVar):
+    """A new list in `var` for the block (this thread or task), yielded: what the code inside appends to it."""
+    items: list = []
+    token = var.set(items)
+    try:
+        yield items
+    finally:
+        var.reset(token)
+
+
+def serving_log() -> contextlib.AbstractContextManager:
     """Collects what hattn's runtimes serve inside the block (this thread or task): a `Served` per graph replay,
     None per graph-free run. A caller that drives a graph directly afterwards needs exactly one replay in its call:
     with two graphs (a graph break), replaying one would skip the other."""
-    log: list = []
-    token = _SERVED.set(log)
-    try:
-        yield log
-    finally:
-        _SERVED.reset(token)
+    return collecting(_SERVED)
 
 
 def note_served(entry: Served | None) -> None:

@@ -135,17 +135,17 @@ plans = os.environ.get("HATTN_PCG_PLANS", "1") != "0"  # off: every replay runs 
 
 
 class _Plan:
-    """What a size's replay did, in order: (function, args, kwargs) of each piece's graph replay and split-op call
-    site, recorded while the split graph ran (`record_piece`, `record_site`). The pieces' graphs return the same
-    static tensors every replay and the call sites return nothing, so for the same inputs the same calls follow. An
-    input the pieces read is copied into their captured tensors where it moved (as a piece's replay does); other
-    inputs than the recorded ones reaching a call site or the output make the plan decline (`run`: DECLINED).
-    A decode step whose replay was graph replays only runs as one stitched launch (`stitch.StepStitcher`)."""
+    """What a size's replay did, in order (`stitch.replay`'s steps): (graph, None) per piece's graph replay and
+    (None, call) per split-op call site, recorded while the split graph ran (`record_piece`, `record_site`). The
+    pieces' graphs return the same static tensors every replay and the call sites return nothing, so for the same
+    inputs the same calls follow. An input the pieces read is copied into their captured tensors where it moved (as
+    a piece's replay does); other inputs than the recorded ones reaching a call site or the output make the plan
+    decline (`run`: DECLINED). A decode step whose replay was graph replays only runs as one stitched launch
+    (`stitch.StepStitcher`)."""
 
     def __init__(self, size: int, args: list, stats: Stats):
         self.size, self.args, self.steps, self.out = size, list(args), [], None
         self.stitched = stitch.StepStitcher(stats)
-        self.entries: list = []  # the steps as the stitcher takes them: (piece graph, None) or (None, site call)
         self.index = {id(a): i for i, a in enumerate(args) if isinstance(a, torch.Tensor)}
         self.feeds: dict[int, list] = {}  # input -> the captured tensors of pieces that read it
         self.copies: list[tuple[int, torch.Tensor]] = []  # feeds at another address at recording: copied every run
@@ -161,13 +161,11 @@ class _Plan:
                     self.copies.append((i, s))
             elif isinstance(a, torch.Tensor) and a is not s and a.data_ptr() != s.data_ptr():
                 self.valid = False  # made between the graphs at another address each time: no plan
-        self.steps.append((graph.graph.replay, (), {}))
-        self.entries.append((graph.graph, None))
+        self.steps.append((graph.graph, None))
 
     def record_site(self, call, args, kwargs) -> None:
         self.fixed.update(i for v in (*args, *kwargs.values()) if (i := self.index.get(id(v))) is not None)
-        self.steps.append((call, args, kwargs))
-        self.entries.append((None, functools.partial(call, *args, **kwargs)))
+        self.steps.append((None, functools.partial(call, *args, **kwargs)))
 
     def finish(self, out) -> "_Plan":
         self.out = out
@@ -196,10 +194,9 @@ class _Plan:
             if self.stitched.serve(ctx):
                 pass
             elif self.stitched.wants(ctx):
-                self.stitched.collect(ctx, self.entries)
+                self.stitched.collect(ctx, self.steps)
             else:
-                for fn, step_args, kwargs in self.steps:
-                    fn(*step_args, **kwargs)
+                stitch.replay(self.steps)
         finally:
             runtime.phase, runtime.planned = "eager", False
         return self.out

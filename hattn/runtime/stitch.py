@@ -19,7 +19,6 @@ not stitched. `HATTN_STITCH=0` switches stitching off, `HATTN_STITCH_ONE_LAUNCH=
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import weakref
@@ -27,6 +26,8 @@ from contextvars import ContextVar
 from typing import Callable, Protocol
 
 import torch
+
+from hattn.runtime import graphs as _graphs
 
 log = logging.getLogger("hattn")
 enabled = os.environ.get("HATTN_STITCH", "1") != "0"
@@ -78,14 +79,17 @@ def collecting() -> bool:
     return _NOTES.get() is not None
 
 
-@contextlib.contextmanager
 def _notes():
-    notes: list = []
-    token = _NOTES.set(notes)
-    try:
-        yield notes
-    finally:
-        _NOTES.reset(token)
+    return _graphs.collecting(_NOTES)
+
+
+def replay(steps: list[tuple[object, Callable | None]]) -> None:
+    """Run a replay's steps in order: (graph, None) replays the graph, (None, call) calls a split-op call site."""
+    for graph, call in steps:
+        if call is None:
+            graph.replay()
+        else:
+            call()
 
 
 class Stitched:
@@ -111,8 +115,8 @@ class Stitched:
 class StepStitcher:
     """A runtime size's stitched steps, by (number of sequences, cache, stream). `serve(ctx)` runs a stitched step that
     fits the step (True) or returns False: then the runtime replays as usual, through `collect(ctx, steps)` while
-    `wants(ctx)`. `steps` is the replay in order: (graph, None) for a graph the runtime replays itself, (None, call)
-    for a split-op call site, which must note the one graph it replays (`note`) for the step to be stitched. A cache's
+    `wants(ctx)`. `steps` is the replay in order (as `replay` runs it); each split-op call site must note the one graph
+    it replays (`note`) for the step to be stitched. A cache's
     end drops its keys (their graphs hold its memory, and a new cache may take its id)."""
 
     def __init__(self, stats):
@@ -123,12 +127,10 @@ class StepStitcher:
 
     @staticmethod
     def _key(ctx) -> tuple:
-        return ctx.num_tokens, id(ctx.cache), _stream()
+        return ctx.num_tokens, id(ctx.cache), stream_handle()
 
     def serve(self, ctx) -> bool:
-        from hattn.runtime import graphs
-
-        if not self.steps or ctx is None or not (enabled and graphs.prepared):
+        if not self.steps or ctx is None or not (enabled and _graphs.prepared):
             return False
         key = self._key(ctx)
         step = self.steps.get(key)
@@ -144,9 +146,7 @@ class StepStitcher:
         return True
 
     def wants(self, ctx) -> bool:
-        from hattn.runtime import graphs
-
-        return (enabled and graphs.prepared and ctx is not None and ctx.cache is not None and ctx.is_decode
+        return (enabled and _graphs.prepared and ctx is not None and ctx.cache is not None and ctx.is_decode
                 and self.misses.get(self._key(ctx), 0) < _MISSES)
 
     def collect(self, ctx, steps: list[tuple[object, Callable | None]]) -> None:
@@ -206,11 +206,18 @@ class StepStitcher:
         self.caches.clear()
 
 
-def _stream() -> int:
-    """The current CUDA stream's handle (0 without CUDA): a stitched step replays on the stream it was collected on."""
-    if not torch.cuda.is_available():
+def stream_handle(device: torch.device | None = None) -> int:
+    """The current CUDA stream's handle on `device` (None: the current device; 0 off CUDA), as `Stream.cuda_stream`
+    without making a Stream object: asked every step (a stitched step replays on the stream it was collected on)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return 0
+        index = torch.cuda.current_device()
+    elif device.type != "cuda":
         return 0
-    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._C._cuda_getCurrentRawStream(index)
 
 
 def _rng_offset():

@@ -495,6 +495,32 @@ def test_bcg_replays_a_recorded_split_op_through_its_prepared_runner(monkeypatch
     assert calls == ["op", "op"] and returns.out.eq(1).all()
 
 
+def test_bcg_replays_its_segments_and_recorded_split_ops_in_order():
+    """A size's replay: segment, recorded op, segment, ..., last segment; the ops its runners served are counted."""
+    from hattn.runtime import breakable
+
+    log = []
+
+    class Segment:
+        def __init__(self, name):
+            self.name = name
+
+        def replay(self):
+            log.append(self.name)
+
+    def prepare(*args):
+        return lambda ctx: log.append(("runner", args[0])) or True
+    cap = breakable._Capture(segments=[Segment("s0"), Segment("s1"), Segment("s2")],
+                             ops=[breakable._Recorded(None, (i,), {}, None, prepare) for i in (0, 1)])
+    runtime = object.__new__(breakable.BreakableRuntime)
+    runtime.stats, runtime.stitched, runtime.steps = Stats(), {}, {}
+    runtime.captures = {4: (cap, [], "out")}
+    runtime.steps[4] = runtime._steps(cap)
+    for _ in range(2):
+        assert runtime.replay(4, []) == "out"  # no forward context: nothing to stitch
+    assert log == ["s0", ("runner", 0), "s1", ("runner", 1), "s2"] * 2 and runtime.stats.prepared_calls == 4
+
+
 def test_pcg_call_site_prepares_once_per_size_and_gives_up_on_arguments_that_keep_changing(monkeypatch):
     """pcg's split-op call site: at replay, per capture size, the op's `prepare` is asked once for the tensors the
     graphs pass (the same objects step after step) and its runner serves the steps; new objects ask again, and a
@@ -724,7 +750,7 @@ def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
     assert len(replays) == 1  # the first replay ran the split graph and recorded; the other three ran its plan
     runtime = replays[0]
     (size, plan), = runtime.plans.items()
-    sites = sum(1 for fn, _, _ in plan.steps if getattr(fn, "hattn_call_site", False))
+    sites = sum(1 for _, call in plan.steps if call is not None and getattr(call.func, "hattn_call_site", False))
     assert size == 4 and sites == len(pattern) and len(plan.steps) - sites == len(runtime.pieces)
     # another tensor in an input the pieces read is copied into their captured inputs, as a piece's replay does
     ids = next(i for i in plan.feeds if i not in plan.fixed and plan.args[i].dtype == torch.long)
@@ -734,9 +760,9 @@ def test_pcg_replays_a_recorded_plan_after_a_sizes_first_replay(monkeypatch):
         assert plan.run(runtime, other) is plan.out
     assert all(torch.equal(fed, other[ids]) for fed in plan.feeds[ids])
     seen = []  # what the call sites see of the runtime while a plan runs
-    plan.steps = [(fn, a, k) if not getattr(fn, "hattn_call_site", False) else (
-        lambda *a, _fn=fn, **k: seen.append((runtime.phase, runtime.size)) or _fn(*a, **k), a, k)
-        for fn, a, k in plan.steps]
+    plan.steps = [(graph, call) if call is None else (
+        None, lambda _call=call: seen.append((runtime.phase, runtime.size)) or _call())
+        for graph, call in plan.steps]
     with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([1, 1, 1], lens, slots, caches[1])):
         plan.run(runtime, plan.args)
     assert seen == [("replay", 4)] * len(pattern) and runtime.phase == "eager"
@@ -795,7 +821,7 @@ def test_pcg_plans_serve_split_ops_without_prepare(preset, monkeypatch):
             tok, lens = outs[0].argmax(-1), [n + 1 for n in lens]
     (runtime,) = runtimes
     (plan,) = runtime.plans.values()  # recorded at the first replay, run by the other three
-    sites = sum(1 for fn, _, _ in plan.steps if getattr(fn, "hattn_call_site", False))
+    sites = sum(1 for _, call in plan.steps if call is not None and getattr(call.func, "hattn_call_site", False))
     assert sites == len(lm.layer_kinds)
 
 
