@@ -103,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds for the whole run, report included (default: model 540, others 240; quick 120)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per point (default 10; quick 3)")
     p.add_argument("--max-s", type=float, default=None, help="seconds of timed calls per point (default 1)")
+    p.add_argument("--warmup-s", type=float, default=None,
+                   help="seconds of warm-up calls per point after the first, at least (default on a GPU 0.2, "
+                        "quick 0.05; on a CPU 0)")
     p.add_argument("--slow-s", type=float, default=None,
                    help="skip larger sizes of a series projected past this many seconds per call (default 3)")
     p.add_argument("--tokens", type=_ints, help="prefill token counts of one prompt (default 16,256,1024,4096,8192)")
@@ -161,9 +164,11 @@ def _options(args, cuda: bool):
     opts = Options(reps=args.reps or (3 if q else 10), max_s=args.max_s or (0.2 if q else 1.0),
                    slow_s=args.slow_s or (1.0 if q else 3.0), progress=not args.no_progress,
                    profile=args.profile if args.profile is not None else (cuda and not q),
-                   min_measure_s=30.0 if cuda else 3.0)
+                   min_measure_s=30.0 if cuda else 3.0,
+                   warmup_s=args.warmup_s if args.warmup_s is not None else ((0.05 if q else 0.2) if cuda else 0.0))
     if args.tp > 1:  # ranks run collectives together: no decision may depend on one rank's clock
         opts.max_s = opts.slow_s = math.inf
+        opts.warmup_s = 0.0
     return opts
 
 

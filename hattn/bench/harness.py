@@ -85,16 +85,24 @@ class Timing:
                 "reps": self.reps, "calls": calls}
 
 
-def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warmup: int = 2) -> Timing:
-    """Warm up (`warmup` calls, the first one timed on the wall clock), then time up to `reps` calls.
+def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warmup: int = 2,
+            warmup_s: float = 0.0) -> Timing:
+    """Warm up, then time up to `reps` calls.
 
-    Timing stops once `max_s` seconds of timed calls have passed (at least one call is always timed); extra
-    warm-up calls are skipped when the first call alone took longer than `max_s`.
+    Warm-up: the first call timed on the wall clock, then more calls until `warmup` calls in all and at least
+    `warmup_s` seconds of them have run (a GPU idle through a long compile runs its first steps at low clocks, and
+    the steps after a capture build what later steps replay, e.g. a stitched decode step: ten 1 ms steps timed
+    straight after the first call measured that, not the step). Extra warm-up calls are skipped when the first
+    call alone took longer than `max_s`, and warm-up stops after `max_s` seconds. Timing stops once `max_s`
+    seconds of timed calls have passed (at least one call is always timed).
     """
     first = clock.wall_ms(fn)
     if first < max_s * 1e3:
-        for _ in range(warmup - 1):
+        start, calls = time.perf_counter(), 1
+        while calls < warmup or (time.perf_counter() - start < min(warmup_s, max_s)):
             fn()
+            calls += 1
+        clock.sync()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < reps and (not times or time.perf_counter() - start < max_s):

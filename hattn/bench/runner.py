@@ -31,6 +31,7 @@ class Options:
     slow_s         per-call limit a point may be projected to; larger sizes of its series are skipped beyond it
     profile        torch.profiler summary of hattn modes (profile_steps steps per profiled point)
     min_measure_s  seconds of a target's time box beyond its compile estimate, at least
+    warmup_s       seconds of warm-up calls per point, at least (after the first call; see `harness.measure`)
     """
 
     reps: int = 10
@@ -40,6 +41,7 @@ class Options:
     progress: bool = True
     profile_steps: int = 5
     min_measure_s: float = 30.0
+    warmup_s: float = 0.0
 
 
 def reason(e: BaseException) -> str:
@@ -169,7 +171,7 @@ def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Opti
             e.d["box_spent"] = f"skipped {p.id}: its new graph (~{compile_s:.0f} s) would compile past the box"
             return {"skipped": f"skipped: {p.id} would compile a new graph (~{compile_s:.0f} s) past {e.t.name}'s "
                                f"time box ({e.box_s:.0f} s), leaving the rest of the budget to the next targets"}
-        timing = measure(fn, clock, opts.reps, opts.max_s, e.t.warmup)
+        timing = measure(fn, clock, opts.reps, opts.max_s, e.t.warmup, opts.warmup_s)
         e.t.compiled(p)
     except Skip as s:
         return {"skipped": str(s)}

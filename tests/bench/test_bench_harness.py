@@ -44,6 +44,19 @@ def test_measure_skips_extra_warmup_after_a_slow_first_call():
     assert fn.n == 2  # the first call, then one timed call: no second or third warm-up
 
 
+def test_measure_warms_up_for_at_least_warmup_s():
+    fn = Calls([0.0, 0.01])
+    t = measure(fn, Clock("cpu"), reps=2, max_s=10.0, warmup=2, warmup_s=0.1)
+    assert fn.n - t.reps >= 1 + 10  # the first call, then >= 0.1 s of 10 ms calls before the timed ones
+    assert t.reps == 2
+
+
+def test_measure_warmup_s_is_capped_by_max_s():
+    fn = Calls([0.0, 0.01])
+    measure(fn, Clock("cpu"), reps=1, max_s=0.05, warmup=1, warmup_s=60.0)
+    assert fn.n <= 1 + 7 + 1  # ~0.05 s of warm-up, not 60
+
+
 def test_copy_bandwidth_counts_read_and_write_and_no_matmul_peak_on_cpu():
     assert 1e7 < copy_bandwidth("cpu", nbytes=1 << 20, reps=3) < 1e13
     assert matmul_peak("cpu") is None
