@@ -30,7 +30,8 @@ STEPS = [
 REPLAY = 4  # STEPS[4] packs like STEPS[2]: same token bucket, sequence bucket and kernels
 
 
-def _run(lm, mode, prepared, monkeypatch, steps=STEPS):
+def _run(lm, mode, prepared, monkeypatch, steps=STEPS, kinds=None):
+    """The steps over one new cache; `kinds` {step index: layer table}: that step's forward context carries it."""
     from hattn.runtime import graphs
 
     monkeypatch.setattr(graphs, "prepared", prepared)
@@ -42,8 +43,9 @@ def _run(lm, mode, prepared, monkeypatch, steps=STEPS):
     inputs = [(torch.randint(0, lm.config.vocab_size, (sum(seq_lens),), generator=gen).cuda(),
                torch.cat([torch.arange(c, c + n) for n, c in zip(seq_lens, context_lens)]).cuda())
               for seq_lens, context_lens, _ in steps]  # made first: the steps run without the host waiting
-    for (seq_lens, context_lens, slots), (ids, pos) in zip(steps, inputs):
-        ctx = ForwardContext(seq_lens, context_lens, slots, cache=cache, layer_kinds=lm.layer_kinds)
+    for i, ((seq_lens, context_lens, slots), (ids, pos)) in enumerate(zip(steps, inputs)):
+        layer_kinds = (kinds or {}).get(i, lm.layer_kinds)
+        ctx = ForwardContext(seq_lens, context_lens, slots, cache=cache, layer_kinds=layer_kinds)
         with forward_context(ctx):
             logits.append(model(ids, pos).float())
         graphs_after.append(be.stats.cuda_graphs)
@@ -169,3 +171,22 @@ def test_stitched_decode_steps_give_the_bits_of_their_replays(mode, monkeypatch,
     _assert_same_bits(runs[False], runs[True], STITCH)
     assert runs[False][3].stitched_steps == 0 and runs[True][3].stitched_steps == 3
     assert stitch.one_launch and len(launches) == 2 and all(launches), caplog.text  # per batch size: one launch
+
+
+@pytest.mark.parametrize("mode", ["pcg", "bcg"])
+def test_a_step_that_a_stitched_guard_rejects_replays_as_before(mode, monkeypatch):
+    """A decode step whose forward context carries another layer table object (the sites' guards compare it by
+    identity) is not served by the stitched step of its batch size: that step is dropped, the step replays site by
+    site (and is collected again), and every step still gives the bits of the unstitched run."""
+    from hattn.runtime import stitch
+
+    lm = adapt(random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0))
+    other = {6: dict(lm.layer_kinds)}  # STITCH[6]: 2 sequences, a stitched step with the model's own table
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(stitch, "enabled", on)
+        runs[on] = _run(lm, mode, True, monkeypatch, steps=STITCH, kinds=other)
+        torch._dynamo.reset()
+    _assert_same_bits(runs[False], runs[True], STITCH)
+    # 2 sequences: step 4 stitched, step 6 rejected (collected again with its table); 3 sequences: step 7
+    assert runs[True][3].stitched_steps == 2
