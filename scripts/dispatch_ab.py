@@ -2,6 +2,7 @@
 
     python3 scripts/dispatch_ab.py [--modes full,bcg,pcg] [--batches 1,16] [--context 1024] [--preset qwen3.5-1b]
                                    [--switch dispatch|plans|prepared|site-graphs|stitch|stitch-launch]
+                                   [--capture-sizes 1,2,4,8,16] [--slots N] [--max-len N]
 
 Per mode and batch: a decode step as `hattn bench` times it (`run_step` under a new forward context, a sync, CUDA
 events around the call: host work before the replay counts), ms median of --reps, with the switch off and on,
@@ -11,7 +12,9 @@ graphs (`packed_runner.site_graphs`, off: the sites' launches every step), pcg's
 (`stitch.enabled`, off: their graphs replayed one by one, the sites' Python between them) or their one launch
 (`stitch.one_launch`, off: a stitched step replays its graphs one by one, without the sites' Python). Then one step
 of each under torch.profiler: the GPU's busy time (the union of its kernels' intervals) against the step's wall
-time.
+time, and the host's time in the call (after a sync: what the host does before and while it launches, the GPU
+idle until the first launch). `--capture-sizes 1,2,4,8,16,24,32,48,64,96,128,256,512,1024,1536,2048 --slots 64
+--max-len 8192` is `hattn bench`'s setup (its capture sizes and shared cache).
 """
 from __future__ import annotations
 
@@ -46,6 +49,18 @@ def step_ms(step, reps: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def host_ms(step, reps: int) -> float:
+    """ms the host spends in a step's call after a sync (its launches are asynchronous), median of `reps`."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
     return statistics.median(times)
 
 
@@ -93,17 +108,21 @@ def main() -> None:
     ap.add_argument("--switch", default="dispatch", choices=sorted(SWITCHES),
                     help="what is off and on: hattn's dispatch, pcg's replay plans, the split ops' prepared runners "
                          "or their decode graphs, stitched decode steps")
+    ap.add_argument("--capture-sizes", default="1,2,4,8,16")
+    ap.add_argument("--slots", type=int, default=None, help="the cache's slots (default: the largest batch)")
+    ap.add_argument("--max-len", type=int, default=None, help="the cache's positions (default: context + 8)")
     a = ap.parse_args()
     module, attr = SWITCHES[a.switch]
     batches = [int(b) for b in a.batches.split(",")]
+    sizes = [int(s) for s in a.capture_sizes.split(",")]
     t0 = time.perf_counter()
     lm = load(a.preset, dtype=torch.bfloat16, device="cuda")
-    cache = lm.make_cache(max(batches), a.context + 8)
+    cache = lm.make_cache(a.slots or max(batches), a.max_len or a.context + 8)
     print(f"== model built in {time.perf_counter() - t0:.1f} s", flush=True)
     for mode in a.modes.split(","):
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        be = hattn.backend(mode=mode, progress=False, capture_sizes=[1, 2, 4, 8, 16])
+        be = hattn.backend(mode=mode, progress=False, capture_sizes=sizes)
         model = torch.compile(lm, backend=be)
         for b in batches:
             ids = torch.randint(0, 1000, (b,), device="cuda")
@@ -123,9 +142,11 @@ def main() -> None:
                 row.append(f"{a.switch} {'on ' if on else 'off'} {step_ms(step, a.reps):.3f}")
             setattr(module, attr, True)
             busy, summed = gpu_us(step)
+            host = host_ms(step, a.reps)
             direct = dispatch.dispatch_for(model).direct_calls
             print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row)
                   + f" | GPU busy {busy / 1e3:.3f} ms/step (kernels summed {summed / 1e3:.3f})"
+                  f" | host in the call {host:.3f} ms"
                   f" | {direct} direct calls, {be.stats.stitched_steps} stitched steps so far"
                   + ("" if direct else " (dispatch never engaged: see the log)"),
                   flush=True)
