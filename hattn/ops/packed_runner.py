@@ -270,8 +270,10 @@ class _DecodeGuard:
         return hash(self._key())
 
     def matches(self, ctx: ForwardContext) -> bool:
+        kinds = ctx.layer_kinds  # routes: the same table, or an equal one (a loop that copies it every step)
         return (site_graphs and ctx.static is None and ctx.cache is self.cache() and ctx.num_tokens == self.n
-                and ctx.is_decode and ctx.layer_kinds is self.kinds and _stream_key(self.device) == self.stream)
+                and ctx.is_decode and (kinds is self.kinds or kinds == self.kinds)
+                and _stream_key(self.device) == self.stream)
 
     def prepare(self, ctx: ForwardContext) -> None:
         self.shared.decode_meta(self.n, ctx, self.device)

@@ -11,8 +11,9 @@ steps of the same kind launch that instead: one launch, after the per-step work 
 Which graph a site replays depends on the step (its number of sequences, cache, stream, the routes): each site
 notes, with the graph it replayed, a `Guard` that tells whether a step would make it replay that graph again
 (`note`). A stitched step runs only where every guard matches; any other step runs the replay as before (and a
-later one may stitch again). Without CUDA child graphs (no cuda-python, a torch without `keep_graph`, a graph CUDA
-cannot embed) the stitched step replays the graphs one after another: the sites' Python is skipped all the same.
+later one may stitch again, up to `_REJECTS` times a key: each costs a parent graph's instantiation). Without
+CUDA child graphs (no cuda-python, a torch without `keep_graph`, a graph CUDA cannot embed) the stitched step
+replays the graphs one after another: the sites' Python is skipped all the same.
 
 A replay that used the random generator (its offsets advance at every torch replay, not inside a parent graph) is
 not stitched. `HATTN_STITCH=0` switches stitching off, `HATTN_STITCH_ONE_LAUNCH=0` the one launch (A/B switches).
@@ -36,6 +37,7 @@ _KEPT = {"ok": None}  # whether this torch keeps a captured graph's cudaGraph_t 
 _NOTES: ContextVar[list | None] = ContextVar("hattn_stitch_notes", default=None)
 _STEPS = 8  # stitched steps a runtime size keeps, one per number of sequences (the oldest goes first)
 _MISSES = 4  # collections of one size that found no stitchable replay before it stops trying
+_REJECTS = 16  # stitched steps of one key dropped by a step their guards rejected, before it stops collecting
 
 
 class Guard(Protocol):
@@ -123,6 +125,9 @@ class StepStitcher:
         self.stats = stats
         self.steps: dict[tuple, Stitched] = {}
         self.misses: dict[tuple, int] = {}  # collections of a key that found no stitchable replay (a site captured)
+        # stitched steps of a key dropped because a step's guards rejected them: a key whose steps keep changing
+        # what their sites replay would otherwise build (instantiate) a parent graph at every step
+        self.rejects: dict[tuple, int] = {}
         self.caches: dict[int, weakref.ref] = {}  # id(cache) -> a reference whose callback drops the cache's keys
 
     @staticmethod
@@ -138,6 +143,7 @@ class StepStitcher:
             return False
         if not step.matches(ctx):  # a switch turned off, other routes: replay as usual, and collect again
             del self.steps[key]
+            self.rejects[key] = self.rejects.get(key, 0) + 1
             return False
         self.steps[key] = self.steps.pop(key)  # the least recently used goes first
         step.run(ctx)
@@ -146,8 +152,10 @@ class StepStitcher:
         return True
 
     def wants(self, ctx) -> bool:
-        return (enabled and _graphs.prepared and ctx is not None and ctx.cache is not None and ctx.is_decode
-                and self.misses.get(self._key(ctx), 0) < _MISSES)
+        if not (enabled and _graphs.prepared and ctx is not None and ctx.cache is not None and ctx.is_decode):
+            return False
+        key = self._key(ctx)
+        return self.misses.get(key, 0) < _MISSES and self.rejects.get(key, 0) < _REJECTS
 
     def collect(self, ctx, steps: list[tuple[object, Callable | None]]) -> None:
         """Run the replay `steps` (the step's result) and keep it as a stitched step if it was graph replays only."""
@@ -196,14 +204,13 @@ class StepStitcher:
 
     def _forget(self, ident: int) -> None:
         self.caches.pop(ident, None)
-        for table in (self.steps, self.misses):
+        for table in (self.steps, self.misses, self.rejects):
             for key in [k for k in table if k[1] == ident]:
                 del table[key]
 
     def clear(self) -> None:
-        self.steps.clear()
-        self.misses.clear()
-        self.caches.clear()
+        for table in (self.steps, self.misses, self.rejects, self.caches):
+            table.clear()
 
 
 def stream_handle(device: torch.device | None = None) -> int:

@@ -321,7 +321,8 @@ def test_a_decode_site_notes_its_replayed_graph_with_a_guard_of_what_it_depends_
     assert slots.tolist() == [1, 0] and lens.tolist() == [9, 7]  # what the graph reads at its replay
     assert not guard.matches(ForwardContext([1, 1], [9, 7], [1, 0], cache=other, layer_kinds=kinds))
     assert not guard.matches(ForwardContext([1, 1, 1], [9, 7, 2], [1, 0, 2], cache=cache, layer_kinds=kinds))
-    assert not guard.matches(ForwardContext([1, 1], [9, 7], [1, 0], cache=cache, layer_kinds=dict(kinds)))
+    assert guard.matches(ForwardContext([1, 1], [9, 7], [1, 0], cache=cache, layer_kinds=dict(kinds)))  # a copy
+    assert not guard.matches(ForwardContext([1, 1], [9, 7], [1, 0], cache=cache, layer_kinds={0: "full"}))
     assert not guard.matches(ForwardContext([2], [9], [1], cache=cache, layer_kinds=kinds))  # not decode
     monkeypatch.setattr(packed_runner, "_stream_key", lambda device: 7)
     assert not guard.matches(later)  # another stream

@@ -30,8 +30,10 @@ STEPS = [
 REPLAY = 4  # STEPS[4] packs like STEPS[2]: same token bucket, sequence bucket and kernels
 
 
-def _run(lm, mode, prepared, monkeypatch, steps=STEPS, kinds=None):
-    """The steps over one new cache; `kinds` {step index: layer table}: that step's forward context carries it."""
+def _run(lm, mode, prepared, monkeypatch, steps=STEPS, launch_at=()):
+    """The steps over one new cache; the steps of index in `launch_at` with the decode sites' graphs off (their
+    launches, as `site_graphs=False`)."""
+    from hattn.ops import packed_runner
     from hattn.runtime import graphs
 
     monkeypatch.setattr(graphs, "prepared", prepared)
@@ -43,12 +45,14 @@ def _run(lm, mode, prepared, monkeypatch, steps=STEPS, kinds=None):
     inputs = [(torch.randint(0, lm.config.vocab_size, (sum(seq_lens),), generator=gen).cuda(),
                torch.cat([torch.arange(c, c + n) for n, c in zip(seq_lens, context_lens)]).cuda())
               for seq_lens, context_lens, _ in steps]  # made first: the steps run without the host waiting
+    site_graphs = packed_runner.site_graphs
     for i, ((seq_lens, context_lens, slots), (ids, pos)) in enumerate(zip(steps, inputs)):
-        layer_kinds = (kinds or {}).get(i, lm.layer_kinds)
-        ctx = ForwardContext(seq_lens, context_lens, slots, cache=cache, layer_kinds=layer_kinds)
+        ctx = ForwardContext(seq_lens, context_lens, slots, cache=cache, layer_kinds=lm.layer_kinds)
+        monkeypatch.setattr(packed_runner, "site_graphs", site_graphs and i not in launch_at)
         with forward_context(ctx):
             logits.append(model(ids, pos).float())
         graphs_after.append(be.stats.cuda_graphs)
+    monkeypatch.setattr(packed_runner, "site_graphs", site_graphs)
     logits = [x.cpu() for x in logits]
     states = {i: [s[:cache.slots].cpu() for s in cache.state(i)] for i in lm.layer_kinds}
     return logits, states, graphs_after, be.stats
@@ -175,18 +179,17 @@ def test_stitched_decode_steps_give_the_bits_of_their_replays(mode, monkeypatch,
 
 @pytest.mark.parametrize("mode", ["pcg", "bcg"])
 def test_a_step_that_a_stitched_guard_rejects_replays_as_before(mode, monkeypatch):
-    """A decode step whose forward context carries another layer table object (the sites' guards compare it by
-    identity) is not served by the stitched step of its batch size: that step is dropped, the step replays site by
-    site (and is collected again), and every step still gives the bits of the unstitched run."""
+    """A decode step that the sites' guards reject (here: their graphs switched off for that step, so they launch) is
+    not served by the stitched step of its batch size: that step is dropped, the step runs site by site, and every
+    step gives the bits of the unstitched run; the next step of that size is collected again."""
     from hattn.runtime import stitch
 
     lm = adapt(random_model(preset_config("tiny"), torch.bfloat16, "cuda", seed=0))
-    other = {6: dict(lm.layer_kinds)}  # STITCH[6]: 2 sequences, a stitched step with the model's own table
     runs = {}
     for on in (False, True):
         monkeypatch.setattr(stitch, "enabled", on)
-        runs[on] = _run(lm, mode, True, monkeypatch, steps=STITCH, kinds=other)
+        runs[on] = _run(lm, mode, True, monkeypatch, steps=STITCH, launch_at={6})  # STITCH[6]: 2 sequences
         torch._dynamo.reset()
     _assert_same_bits(runs[False], runs[True], STITCH)
-    # 2 sequences: step 4 stitched, step 6 rejected (collected again with its table); 3 sequences: step 7
+    # 2 sequences: step 4 stitched, step 6 rejected (its sites launched: nothing to collect); 3 sequences: step 7
     assert runs[True][3].stitched_steps == 2

@@ -92,6 +92,23 @@ def test_a_step_whose_guards_fail_is_replayed_as_before_and_collected_again(monk
     assert stitcher.misses == {} and stitcher.wants(_ctx(cache))  # not a miss: the next replay collects again
 
 
+def test_a_key_whose_stitched_steps_keep_being_rejected_stops_collecting(monkeypatch):
+    """Each rejected step would be collected and its parent graph instantiated again: after _REJECTS the key replays
+    as before for good (other keys still stitch)."""
+    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+    log, cache = [], _Cache()
+    stitcher = stitch.StepStitcher(Stats())
+    ctx = _ctx(cache)
+    for _ in range(stitch._REJECTS):
+        assert stitcher.wants(ctx)
+        guard = _Guard(cache, log)
+        stitcher.collect(ctx, _steps(log, guard))
+        guard.cache = weakref.ref(_Cache)  # the next step's guards reject it
+        assert not stitcher.serve(ctx)
+    assert not stitcher.wants(ctx) and stitcher.misses == {}
+    assert stitcher.wants(_ctx(cache, n=3))
+
+
 def test_a_stitched_step_is_not_served_with_prepared_runners_switched_off(monkeypatch):
     from hattn.runtime import graphs
 
