@@ -59,30 +59,44 @@ class Clock:
         return (time.perf_counter() - t0) * 1e3
 
     def time_ms(self, fn: Callable) -> float:
+        return self.time_host_ms(fn)[0]
+
+    def time_host_ms(self, fn: Callable) -> tuple[float, float | None]:
+        """(ms of the call, ms the host spent in it): on a GPU the call's time by CUDA events after a sync, and the
+        host's wall time from the call to its return (launches are asynchronous: near the call's time, the step is
+        host-bound or waited for the GPU; far below it, the GPU works on after the host is done); on a CPU
+        (wall ms, None)."""
         if not self.cuda:
-            return self.wall_ms(fn)
+            return self.wall_ms(fn), None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host = (time.perf_counter() - t0) * 1e3
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end), host
 
 
 @dataclass
 class Timing:
-    """ms: median of the timed calls; first_ms: the first call (compile, capture, autotune); reps: timed calls."""
+    """ms: median of the timed calls; first_ms: the first call (compile, capture, autotune); reps: timed calls;
+    host_ms: median of the host's time in each timed call (`Clock.time_host_ms`; None on a CPU)."""
 
     ms: float
     times_ms: list[float]
     first_ms: float
     reps: int
+    host_ms: float | None = None
 
     def per_call(self, calls: int) -> dict:
         """The figures of one of `calls` calls timed together (first_ms: all of the first)."""
-        return {"ms": self.ms / calls, "times_ms": [t / calls for t in self.times_ms], "first_ms": self.first_ms,
-                "reps": self.reps, "calls": calls}
+        out = {"ms": self.ms / calls, "times_ms": [t / calls for t in self.times_ms], "first_ms": self.first_ms,
+               "reps": self.reps, "calls": calls}
+        if self.host_ms is not None:
+            out["host_ms"] = self.host_ms / calls
+        return out
 
 
 def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warmup: int = 2,
@@ -103,11 +117,14 @@ def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warm
             fn()
             calls += 1
         clock.sync()
-    times: list[float] = []
+    times, hosts = [], []
     start = time.perf_counter()
     while len(times) < reps and (not times or time.perf_counter() - start < max_s):
-        times.append(clock.time_ms(fn))
-    return Timing(statistics.median(times), times, first, len(times))
+        ms, host = clock.time_host_ms(fn)
+        times.append(ms)
+        hosts.append(host)
+    host_ms = statistics.median(hosts) if None not in hosts else None
+    return Timing(statistics.median(times), times, first, len(times), host_ms)
 
 
 def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:

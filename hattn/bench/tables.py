@@ -52,8 +52,11 @@ def tables(result: dict) -> list:
     """rich renderables (and strings) in print order."""
     entries, notes = result["entries"], Notes()
     names = ordered(entries)
-    out = [latency_table(result, names, notes), floor_table(result, names), startup_table(entries, names),
-           targets_table(result, names, notes)]
+    out = [latency_table(result, names, notes), floor_table(result, names)]
+    host = host_table(result, names)
+    if host.row_count:
+        out.append(host)
+    out += [startup_table(entries, names), targets_table(result, names, notes)]
     out.append(goals_table(result["goals"]) if result["goals"] is not None else result["goals_note"])
     for name in names:  # entry-level failures too
         if entries[name]["status"] != "ok" and entries[name].get("reason"):
@@ -84,6 +87,18 @@ def floor_table(result: dict, names: list[str]) -> Table:
         if p["floor_ms"] and any(v is not None for v in row):
             t.add_row(p["label"], f"{p['floor_ms']:.4g}", p["floor_bound"], *[_f(v, ".2f") + "x" if v else ""
                                                                                for v in row])
+    return t
+
+
+def host_table(result: dict, names: list[str]) -> Table:
+    """Per point and target, the host's ms in the call against the call's ms (GPU runs): a host time near the
+    latency is a host-bound step (or one that waited for the GPU), one far below it a GPU-bound step."""
+    t = _table("host time in the call / latency, ms (median; after a sync, so the GPU waits for the host's first "
+               "launch)", ["workload"] + names)
+    for p in result["points"]:
+        cells = [result["entries"][n]["results"].get(p["id"]) or {} for n in names]
+        if any("host_ms" in r for r in cells):
+            t.add_row(p["label"], *[f"{r['host_ms']:.3g} / {r['ms']:.3g}" if "host_ms" in r else "" for r in cells])
     return t
 
 

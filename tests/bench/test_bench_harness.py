@@ -57,6 +57,26 @@ def test_measure_warmup_s_is_capped_by_max_s():
     assert fn.n <= 1 + 7 + 1  # ~0.05 s of warm-up, not 60
 
 
+class _GpuClock(Clock):
+    """A GPU clock's figures without a GPU: each call 2 ms, of which the host spent 0.5, 0.4, 0.9 ms in turn."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.hosts = iter([0.5, 0.4, 0.9] * 10)
+
+    def time_host_ms(self, fn):
+        fn()
+        return 2.0, next(self.hosts)
+
+
+def test_measure_keeps_the_median_host_time_and_per_call_divides_it():
+    t = measure(lambda: None, _GpuClock(), reps=3, max_s=10.0, warmup=1)
+    assert t.ms == 2.0 and t.host_ms == 0.5
+    assert t.per_call(2)["host_ms"] == 0.25
+    cpu = measure(lambda: None, Clock("cpu"), reps=2, max_s=10.0, warmup=1)
+    assert cpu.host_ms is None and "host_ms" not in cpu.per_call(1)  # a CPU's wall time is the call's time
+
+
 def test_copy_bandwidth_counts_read_and_write_and_no_matmul_peak_on_cpu():
     assert 1e7 < copy_bandwidth("cpu", nbytes=1 << 20, reps=3) < 1e13
     assert matmul_peak("cpu") is None

@@ -173,6 +173,14 @@ def test_tables_show_every_reason_the_startup_and_partial_runs():
     assert "goals (issues 17 and 18" in text and "(10.00x)" in text  # pcg prefill vs eager
 
 
+def test_the_host_table_sets_each_calls_host_time_beside_its_latency():
+    entries = good_entries()
+    assert "host time in the call" not in _text(data.build(meta(), points(), entries, []))  # no host figures: none
+    entries["pcg"]["results"]["decode/B1/C1024"]["host_ms"] = 0.75
+    text = _text(data.build(meta(), points(), entries, []))
+    assert "host time in the call" in text and "0.75 / 1" in text
+
+
 def test_cpu_runs_print_one_line_instead_of_the_goals():
     r = good_result("cpu")
     assert r["goals"] is None and r["goals_note"].startswith("goals: not evaluated, they mean nothing on a CPU")
