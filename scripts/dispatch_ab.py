@@ -113,6 +113,10 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=None, help="the cache's positions (default: context + 8)")
     a = ap.parse_args()
     module, attr = SWITCHES[a.switch]
+
+    def switch(on: bool) -> None:
+        setattr(module, attr, on)
+        stitch.forget_failures()  # a switch's off side makes collections miss: the on side may stitch again
     batches = [int(b) for b in a.batches.split(",")]
     sizes = [int(s) for s in a.capture_sizes.split(",")]
     t0 = time.perf_counter()
@@ -132,15 +136,15 @@ def main() -> None:
                 return decode_step(model, lm, cache, a.context, ids, pos)
 
             for on in (True, False):
-                setattr(module, attr, on)
+                switch(on)
                 step(), step()
             print(f"== {mode} B={b}: compile + capture + first calls {time.perf_counter() - t0:.1f} s", flush=True)
             row = []
             for on in (False, True, False, True):
-                setattr(module, attr, on)
+                switch(on)
                 step()
                 row.append(f"{a.switch} {'on ' if on else 'off'} {step_ms(step, a.reps):.3f}")
-            setattr(module, attr, True)
+            switch(True)
             busy, summed = gpu_us(step)
             host = host_ms(step, a.reps)
             direct = dispatch.dispatch_for(model).direct_calls

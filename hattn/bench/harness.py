@@ -103,20 +103,20 @@ def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warm
             warmup_s: float = 0.0) -> Timing:
     """Warm up, then time up to `reps` calls.
 
-    Warm-up: the first call timed on the wall clock, then more calls until `warmup` calls in all and at least
-    `warmup_s` seconds of them have run (a GPU idle through a long compile runs its first steps at low clocks, and
-    the steps after a capture build what later steps replay, e.g. a stitched decode step: ten 1 ms steps timed
-    straight after the first call measured that, not the step). Extra warm-up calls are skipped when the first
-    call alone took longer than `max_s`, and warm-up stops after `max_s` seconds. Timing stops once `max_s`
-    seconds of timed calls have passed (at least one call is always timed).
+    Warm-up: the first call timed on the wall clock, then more calls, each synced, until `warmup` calls in all and
+    at least `warmup_s` seconds of them (within `max_s`) have run. A GPU idle through a long compile runs its first
+    steps at low clocks, and the steps after a capture build what later steps replay (e.g. a stitched decode step):
+    ten 1 ms steps timed straight after the first call measured that, not the step. The first call includes the
+    compile, so it does not say whether the step is slow: a warm-up call of `max_s` or more does, and ends the
+    warm-up. Timing stops once `max_s` seconds of timed calls have passed (at least one call is always timed).
     """
     first = clock.wall_ms(fn)
-    if first < max_s * 1e3:
-        start, calls = time.perf_counter(), 1
-        while calls < warmup or (time.perf_counter() - start < min(warmup_s, max_s)):
-            fn()
-            calls += 1
-        clock.sync()
+    calls, spent = 1, 0.0
+    while calls < warmup or spent < min(warmup_s, max_s) * 1e3:
+        ms = clock.wall_ms(fn)
+        calls, spent = calls + 1, spent + ms
+        if ms >= max_s * 1e3:
+            break  # a slow step: no more warm-up than this one call
     times, hosts = [], []
     start = time.perf_counter()
     while len(times) < reps and (not times or time.perf_counter() - start < max_s):

@@ -38,6 +38,8 @@ _NOTES: ContextVar[list | None] = ContextVar("hattn_stitch_notes", default=None)
 _STEPS = 8  # stitched steps a runtime size keeps, one per number of sequences (the oldest goes first)
 _MISSES = 4  # collections of one size that found no stitchable replay before it stops trying
 _REJECTS = 16  # stitched steps of one key dropped by a step their guards rejected, before it stops collecting
+_FORGIVE = 64  # steps a stitched step serves in a row before its key's rejections are forgotten
+_EPOCH = [0]  # bumped by `forget_failures`: every stitcher forgets its keys' misses and rejections
 
 
 class Guard(Protocol):
@@ -77,6 +79,13 @@ def note(graph, guard: Guard) -> None:
         notes.append((graph, guard))
 
 
+def forget_failures() -> None:
+    """Every stitcher forgets its keys' misses and rejections (they stop a key from collecting): call it after
+    switching a feature the sites depend on (`packed_runner.site_graphs`, `graphs.prepared`), whose off state makes
+    every collection a miss."""
+    _EPOCH[0] += 1
+
+
 def collecting() -> bool:
     return _NOTES.get() is not None
 
@@ -100,6 +109,7 @@ class Stitched:
     def __init__(self, graphs: list, guards: list, sites: int):
         self.graphs, self.guards, self.sites = graphs, guards, sites  # the graphs stay alive: their pools hold memory
         self.launcher = _one_launch(graphs)
+        self.served = 0
 
     def matches(self, ctx) -> bool:
         return all(g.matches(ctx) for g in self.guards)
@@ -128,6 +138,7 @@ class StepStitcher:
         # stitched steps of a key dropped because a step's guards rejected them: a key whose steps keep changing
         # what their sites replay would otherwise build (instantiate) a parent graph at every step
         self.rejects: dict[tuple, int] = {}
+        self.epoch = _EPOCH[0]
         self.caches: dict[int, weakref.ref] = {}  # id(cache) -> a reference whose callback drops the cache's keys
 
     @staticmethod
@@ -135,8 +146,8 @@ class StepStitcher:
         return ctx.num_tokens, id(ctx.cache), stream_handle()
 
     def serve(self, ctx) -> bool:
-        if not self.steps or ctx is None or not (enabled and _graphs.prepared):
-            return False
+        if not self.steps or ctx is None or not (enabled and _graphs.prepared) or not ctx.is_decode:
+            return False  # a prefill step of as many tokens is another kind of step, not a rejection
         key = self._key(ctx)
         step = self.steps.get(key)
         if step is None:
@@ -147,6 +158,9 @@ class StepStitcher:
             return False
         self.steps[key] = self.steps.pop(key)  # the least recently used goes first
         step.run(ctx)
+        step.served += 1
+        if step.served == _FORGIVE:  # occasional rejections (a switch flipped now and then) do not add up
+            self.rejects.pop(key, None)
         self.stats.stitched_steps += 1
         self.stats.prepared_calls += step.sites
         return True
@@ -154,6 +168,10 @@ class StepStitcher:
     def wants(self, ctx) -> bool:
         if not (enabled and _graphs.prepared and ctx is not None and ctx.cache is not None and ctx.is_decode):
             return False
+        if self.epoch != _EPOCH[0]:
+            self.misses.clear()
+            self.rejects.clear()
+            self.epoch = _EPOCH[0]
         key = self._key(ctx)
         return self.misses.get(key, 0) < _MISSES and self.rejects.get(key, 0) < _REJECTS
 

@@ -38,10 +38,16 @@ def test_measure_stops_at_the_time_box_but_times_one_call():
     assert 1 <= t.reps <= 3
 
 
-def test_measure_skips_extra_warmup_after_a_slow_first_call():
-    fn = Calls([0.06, 0.0])
+def test_measure_stops_warming_up_after_a_slow_warmup_call():
+    fn = Calls([0.06, 0.06, 0.0])
     measure(fn, Clock("cpu"), reps=1, max_s=0.05, warmup=3)
-    assert fn.n == 2  # the first call, then one timed call: no second or third warm-up
+    assert fn.n == 3  # the first call, one warm-up call as slow as max_s, one timed call: no third warm-up
+
+
+def test_a_slow_first_call_does_not_skip_the_warmup():
+    fn = Calls([0.06, 0.0])  # the first call compiled: the step itself is fast
+    t = measure(fn, Clock("cpu"), reps=1, max_s=0.05, warmup=3)
+    assert fn.n == 4 and t.first_ms >= 60  # the first call, two warm-up calls, one timed
 
 
 def test_measure_warms_up_for_at_least_warmup_s():

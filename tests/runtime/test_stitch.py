@@ -109,6 +109,38 @@ def test_a_key_whose_stitched_steps_keep_being_rejected_stops_collecting(monkeyp
     assert stitcher.wants(_ctx(cache, n=3))
 
 
+def test_a_prefill_step_of_as_many_tokens_leaves_the_stitched_decode_step_alone(monkeypatch):
+    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+    log, cache = [], _Cache()
+    stitcher = stitch.StepStitcher(Stats())
+    stitcher.collect(_ctx(cache), _steps(log, _Guard(cache, log)))
+    prefill = hattn.ForwardContext([2], [0], [0], cache=cache)  # 2 tokens, like the 2-sequence decode step
+    for _ in range(stitch._REJECTS + 1):
+        assert not stitcher.serve(prefill)
+    assert stitcher.rejects == {} and stitcher.serve(_ctx(cache))
+
+
+def test_rejections_are_forgotten_after_a_run_of_served_steps_and_failures_on_request(monkeypatch):
+    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+    monkeypatch.setattr(stitch, "_FORGIVE", 3)
+    log, cache = [], _Cache()
+    stitcher = stitch.StepStitcher(Stats())
+    ctx, guard = _ctx(cache), _Guard(cache, log)
+    stitcher.collect(ctx, _steps(log, guard))
+    guard.cache = weakref.ref(_Cache)
+    assert not stitcher.serve(ctx) and stitcher.rejects == {stitcher._key(ctx): 1}
+    guard.cache = weakref.ref(cache)
+    stitcher.collect(ctx, _steps(log, guard))
+    for _ in range(3):
+        assert stitcher.serve(ctx)
+    assert stitcher.rejects == {}
+    for _ in range(stitch._MISSES):  # a switch's off side: its sites launch, every collection misses
+        stitcher.collect(_ctx(cache, n=3), _steps(log, guard, noted={0}))
+    assert not stitcher.wants(_ctx(cache, n=3))
+    stitch.forget_failures()  # the switch is back on
+    assert stitcher.wants(_ctx(cache, n=3)) and stitcher.misses == {}
+
+
 def test_a_stitched_step_is_not_served_with_prepared_runners_switched_off(monkeypatch):
     from hattn.runtime import graphs
 
