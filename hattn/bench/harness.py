@@ -108,15 +108,16 @@ def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warm
     steps at low clocks, and the steps after a capture build what later steps replay (e.g. a stitched decode step):
     ten 1 ms steps timed straight after the first call measured that, not the step. The first call includes the
     compile, so it does not say whether the step is slow: a warm-up call of `max_s` or more does, and ends the
-    warm-up. Timing stops once `max_s` seconds of timed calls have passed (at least one call is always timed).
+    warm-up once `warmup` calls have run. Timing stops once `max_s` seconds of timed calls have passed (at least
+    one call is always timed).
     """
     first = clock.wall_ms(fn)
     calls, spent = 1, 0.0
     while calls < warmup or spent < min(warmup_s, max_s) * 1e3:
         ms = clock.wall_ms(fn)
         calls, spent = calls + 1, spent + ms
-        if ms >= max_s * 1e3:
-            break  # a slow step: no more warm-up than this one call
+        if ms >= max_s * 1e3 and calls >= warmup:
+            break  # a slow step: no warm-up past the target's count (that call may have been slow with build work)
     times, hosts = [], []
     start = time.perf_counter()
     while len(times) < reps and (not times or time.perf_counter() - start < max_s):
