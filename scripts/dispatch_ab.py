@@ -25,6 +25,7 @@ import time
 import torch
 
 import hattn
+from hattn.bench.harness import Clock
 from hattn.compiler import dispatch
 from hattn.context import ForwardContext
 from hattn.models.generate import run_step
@@ -38,30 +39,12 @@ SWITCHES = {"dispatch": (dispatch, "enabled"), "plans": (piecewise, "plans"), "p
             "stitch-launch": (stitch, "one_launch")}
 
 
-def step_ms(step, reps: int) -> float:
-    """ms of a step as `hattn bench` times it: CUDA events around the call after a sync, median of `reps`."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def host_ms(step, reps: int) -> float:
-    """ms the host spends in a step's call after a sync (its launches are asynchronous), median of `reps`."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - t0) * 1e3)
-    torch.cuda.synchronize()
-    return statistics.median(times)
+def step_ms(step, reps: int) -> tuple[float, float]:
+    """(ms, host ms) of a step as `hattn bench` times it (`Clock.time_host_ms`: CUDA events around the call after a
+    sync, and the host's time in the call), medians of `reps`."""
+    clock = Clock("cuda")
+    times, hosts = zip(*(clock.time_host_ms(step) for _ in range(reps)))
+    return statistics.median(times), statistics.median(hosts)
 
 
 def gpu_us(step) -> tuple[float, float]:
@@ -143,10 +126,10 @@ def main() -> None:
             for on in (False, True, False, True):
                 switch(on)
                 step()
-                row.append(f"{a.switch} {'on ' if on else 'off'} {step_ms(step, a.reps):.3f}")
+                row.append(f"{a.switch} {'on ' if on else 'off'} {step_ms(step, a.reps)[0]:.3f}")
             switch(True)
             busy, summed = gpu_us(step)
-            host = host_ms(step, a.reps)
+            host = step_ms(step, a.reps)[1]
             direct = dispatch.dispatch_for(model).direct_calls
             print(f"{mode} B={b} ctx={a.context}: ms/step " + " | ".join(row)
                   + f" | GPU busy {busy / 1e3:.3f} ms/step (kernels summed {summed / 1e3:.3f})"

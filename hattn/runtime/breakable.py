@@ -218,15 +218,10 @@ class BreakableRuntime(GraphRuntime):
     def replay(self, size: int, args: list):
         cap, static_args, out = self.captures[size]
         copy_if_moved(static_args, args)
-        stitched, ctx = self.stitched.get(size), get_forward_context()
+        stitched = self.stitched.get(size)
         if stitched is None:
             stitched = self.stitched[size] = stitch.StepStitcher(self.stats)
-        if stitched.serve(ctx):
-            return out
-        if stitched.wants(ctx):
-            stitched.collect(ctx, self.steps[size])
-        else:
-            stitch.replay(self.steps[size])
+        stitched.run(get_forward_context(), self.steps[size])
         return out
 
     def _steps(self, cap: _Capture) -> list:

@@ -190,13 +190,7 @@ class _Plan:
                 copy_if_moved([s], [args[i]])
         runtime.phase, runtime.size, runtime.planned = "replay", self.size, True  # what the call sites read
         try:
-            ctx = get_forward_context()
-            if self.stitched.serve(ctx):
-                pass
-            elif self.stitched.wants(ctx):
-                self.stitched.collect(ctx, self.steps)
-            else:
-                stitch.replay(self.steps)
+            self.stitched.run(get_forward_context(), self.steps)
         finally:
             runtime.phase, runtime.planned = "eager", False
         return self.out

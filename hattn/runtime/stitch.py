@@ -125,10 +125,10 @@ class Stitched:
 
 
 class StepStitcher:
-    """A runtime size's stitched steps, by (number of sequences, cache, stream). `serve(ctx)` runs a stitched step that
-    fits the step (True) or returns False: then the runtime replays as usual, through `collect(ctx, steps)` while
-    `wants(ctx)`. `steps` is the replay in order (as `replay` runs it); each split-op call site must note the one graph
-    it replays (`note`) for the step to be stitched. A cache's
+    """A runtime size's stitched steps, by (number of sequences, cache, stream). A runtime replays through
+    `run(ctx, steps)`: `serve(ctx)` runs a stitched step that fits the step (True) or returns False: then the replay
+    runs as usual, through `collect(ctx, steps)` while `wants(ctx)`. `steps` is the replay in order (as `replay` runs
+    it); each split-op call site must note the one graph it replays (`note`) for the step to be stitched. A cache's
     end drops its keys (their graphs hold its memory, and a new cache may take its id)."""
 
     def __init__(self, stats):
@@ -164,6 +164,16 @@ class StepStitcher:
         self.stats.stitched_steps += 1
         self.stats.prepared_calls += step.sites
         return True
+
+    def run(self, ctx, steps: list[tuple[object, Callable | None]]) -> None:
+        """Run a replay of `steps` for the step `ctx`: as a stitched step where one fits, else the steps themselves
+        (collected, to be stitched, while `wants(ctx)`)."""
+        if self.serve(ctx):
+            return
+        if self.wants(ctx):
+            self.collect(ctx, steps)
+        else:
+            replay(steps)
 
     def wants(self, ctx) -> bool:
         if not (enabled and _graphs.prepared and ctx is not None and ctx.cache is not None and ctx.is_decode):
