@@ -28,7 +28,7 @@ import hattn
 from hattn.bench.harness import Clock
 from hattn.compiler import dispatch
 from hattn.context import ForwardContext
-from hattn.models.generate import run_step
+from hattn.models.generate import decode_rows, run_step
 from hattn.models.presets import load
 from hattn.ops import packed_runner
 from hattn.runtime import graphs, piecewise, stitch
@@ -74,11 +74,11 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
 
 def decode_step(model, lm, cache, context: int, ids: torch.Tensor, pos: torch.Tensor):
     """One decode step of len(ids) sequences in slots 0.. with `context` tokens cached, under a new forward context
-    (as generate builds one a step)."""
+    (as generate builds one a step), with generate's logits rows."""
     b = len(ids)
     ctx = ForwardContext(seq_lens=[1] * b, context_lens=[context] * b, slots=list(range(b)), cache=cache,
                          layer_kinds=lm.layer_kinds)
-    return run_step(model, ctx, ids, pos)
+    return run_step(model, ctx, ids, pos, decode_rows(b, cache.slots, ids.device))
 
 
 def main() -> None:

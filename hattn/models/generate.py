@@ -5,7 +5,11 @@ prompt continues from the cache in the next step, as vLLM's chunked prefill), so
 Every step is one call `model(input_ids [T], positions [T], logits_rows) -> logits` inside a forward context that
 says how the T tokens split into sequences and which cache slot each sequence owns. The model may be an eager
 HybridLM or `torch.compile(lm, backend=hattn.backend(mode=...))`: the token dimension of the inputs is marked
-dynamic so one graph serves every token count of 2 or more. A one-token step (batch-1 decode) gets a second graph:
+dynamic so one graph serves every token count of 2 or more. A prefill step names the rows whose logits it samples
+in `logits_rows` (each sequence's last token), one tensor of the cache's slot count. A decode step of as many
+sequences as the cache has slots (generate's own cache; 2 or more) names its rows the same way, at no cost, and
+replays the prefill's graph: one Dynamo graph, compiled and captured once. A decode step of fewer sequences returns
+every row instead (naming them would run the LM head on every slot), a second graph; so does a one-token step:
 Dynamo specializes size 1 (unbacked sizes would avoid it, but inductor rejects them on torch 2.13).
 
 The decode loop keeps its state on the device: the next token ids, positions and the history of sampled tokens are
@@ -105,6 +109,13 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
         # graph-free: seen on the H200 with two caches of 4 and 64 slots)
         torch._dynamo.mark_static(logits_rows, 0)
         return call(input_ids, positions, logits_rows)
+
+
+def decode_rows(n: int, slots: int, device) -> torch.Tensor | None:
+    """`logits_rows` of a decode step of n sequences over a cache of `slots`: every token when n fills the slots
+    (the prefill steps' row count: their graph), else None (every row returned: fewer than the slots would pay the
+    LM head on the rest, one token is a graph of its own anyway)."""
+    return torch.arange(n, device=device) if 1 < n == slots else None
 
 
 def last_rows(lens: list[int], rows: int, device) -> torch.Tensor:
@@ -242,6 +253,7 @@ class _Loop:
         self.tokens = torch.empty(params.max_new_tokens, n, dtype=torch.long, device=device)  # sampled, per step
         self.stops = torch.tensor(params.stop_tokens, dtype=torch.long, device=device) if params.stop_tokens else None
         self.done = torch.zeros(n, dtype=torch.bool, device=device)
+        self.rows = decode_rows(n, cache.slots, device)  # the decode steps' logits rows, made once
         self.pending: deque = deque()  # (pinned "all done" flag, its event) of steps not yet checked
 
     def run(self) -> Generation:
@@ -267,7 +279,7 @@ class _Loop:
                 return step - 1
             if direct is None:
                 with serving_log() as served:
-                    logits = self._call(ids, positions)
+                    logits = self._call(ids, positions)[:n]
                 direct = direct_step(served, ids, positions)
             else:
                 direct.replay()
@@ -284,7 +296,7 @@ class _Loop:
     def _call(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         ctx = ForwardContext(seq_lens=[1] * len(ids), context_lens=self.lens, slots=self.slots, cache=self.cache,
                              layer_kinds=self.layer_kinds)
-        return run_step(self.model, ctx, ids, positions)
+        return run_step(self.model, ctx, ids, positions, self.rows)
 
     def _emit(self, step: int, nxt: torch.Tensor) -> torch.Tensor:
         """Record step's tokens [n] (device) and, with stop tokens, queue an asynchronous finished-check."""

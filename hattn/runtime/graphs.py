@@ -347,7 +347,7 @@ class GraphRuntime:
     def upfront_sizes(self) -> list[int]:
         """The sizes captured before they are used (all at the first call, or the largest lazily).
 
-        A graph that returns a row per token (the adapted LM called without logits_rows: generate's decode steps)
+        A graph that returns a row per token (the adapted LM called without logits_rows: a caller's own decode loop)
         keeps its largest size's rows in its pool: [2048, vocab] logits are 1 GB at a 248k vocabulary. Under a
         cache its steps sample at most one row per slot, so the sizes up to the one that holds the cache's slots
         (as mode full's decode graphs); a larger size is captured at its first use."""
@@ -387,7 +387,7 @@ class GraphRuntime:
         _sync()
         self.stats.capture_seconds += time.perf_counter() - start
         # the pool's segments; if the allocator's snapshot does not name pools, what capture added to the reserve.
-        # Per pool: two Dynamo graphs (prefill and decode) have two runtimes, and both pools are held at once
+        # Per pool: two Dynamo graphs (batch-1 decode and the rest, say) have two runtimes, both pools held at once
         key = str(self.pool)
         measured = pool_bytes(self.pool) or (self.stats.pool_bytes_by_pool.get(key, 0)
                                              + max(0, _reserved() - reserved))

@@ -110,7 +110,26 @@ def test_prefill_asks_for_the_last_row_of_each_prompt_padded_to_the_slot_count(m
     got = generate(spy, c.prompts, cache, SamplingParams(max_new_tokens=3)).tokens
     assert got == [t[:3] for t in c.ref.tokens]
     assert [len(p) for p in c.prompts] == [5, 17, 9]  # last rows 4, 21, 30, padded to the cache's 5 slots
-    assert seen == [[4, 21, 30, 30, 30], None, None]  # prefill, then two decode steps (every row)
+    assert seen == [[4, 21, 30, 30, 30], None, None]  # prefill, then two decode steps (every row: 3 of 5 slots)
+    seen.clear()
+    cache = c.lm.make_cache(slots=3, max_len=64)
+    assert generate(spy, c.prompts, cache, SamplingParams(max_new_tokens=3)).tokens == [t[:3] for t in c.ref.tokens]
+    assert seen == [[4, 21, 30], [0, 1, 2], [0, 1, 2]]  # the batch fills the slots: its rows are the prefill's count
+
+
+@pytest.mark.parametrize("prompts, slots, graphs", [(3, 3, 1), (2, 2, 1), (3, 5, 2), (1, 1, 2)])
+def test_decode_steps_that_fill_the_cache_replay_the_prefills_graph(make_case, prompts, slots, graphs):
+    """A decode batch of 2+ sequences that fills the cache's slots names its rows as the prefill does: one Dynamo
+    graph for the whole generate. Fewer sequences than slots return every row (a second graph, no LM head on empty
+    slots); one sequence is one token, which Dynamo specializes (a second graph)."""
+    from hattn.compiler.backend import backend
+
+    c = make_case("tiny")
+    be = backend(mode="eager", inner_compiler="eager", progress=False)
+    got = generate(torch.compile(c.lm, backend=be), c.prompts[:prompts], c.lm.make_cache(slots=slots, max_len=64),
+                   SamplingParams(max_new_tokens=4))
+    assert got.tokens == [t[:4] for t in c.ref.tokens[:prompts]]
+    assert be.stats.graphs_compiled == graphs
 
 
 def test_a_prefill_step_with_fewer_logits_rows_than_prompts_is_refused(make_case):

@@ -22,7 +22,7 @@ from hattn.registry import UnregisteredAttentionError, split_op_of, unregistered
 from hattn.context import get_forward_context
 from hattn.runtime.full import NotCaptureSafeError, check_capture_safe
 from hattn.runtime.graphs import GraphRuntime
-from hattn.runtime.tokens import layout_from_args
+from hattn.runtime.tokens import TokenLayout, layout_from_args
 from hattn.counters import Stats
 
 
@@ -343,21 +343,21 @@ def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_deco
     def logits(ids, positions):  # the next token is (id + position + 1) mod vocab
         return torch.nn.functional.one_hot((ids + positions + 1) % vocab, vocab).float()
 
-    def step(ids, positions):
-        return (logits(ids, positions),)
+    def step(ids, positions, rows):  # every step of 2+ tokens names its logits rows, one per cache slot
+        return (logits(ids, positions)[rows],)
 
     def run(direct: bool):
-        ids = torch.zeros(3, dtype=torch.long)
-        runtime = full.FullGraphRuntime(step, layout_from_args([ids, ids]), [1, 2, 4, 8], Stats(), progress=False)
+        layout = TokenLayout([(0,), (0,), ()], out_dims=[()], owned=[2])
+        runtime = full.FullGraphRuntime(step, layout, [1, 2, 4, 8], Stats(), progress=False)
         calls = []
 
-        def model(ids, positions, rows=None):
-            if rows is not None:  # the prefill: graph-free here
+        def model(ids, positions, rows):
+            if not get_forward_context().is_decode:  # the prefill: graph-free here
                 return logits(ids, positions)[rows]
             calls.append(len(ids))
-            return runtime(ids, positions)[0] if direct else logits(ids, positions)
+            return runtime(ids, positions, rows)[0] if direct else logits(ids, positions)[rows]
 
-        cache = HybridCache({}, slots=4, max_len=64, dtype=torch.float32)
+        cache = HybridCache({}, slots=2, max_len=64, dtype=torch.float32)  # filled: decode names its 2 rows
         res = generate(model, [[1, 2, 3], [4, 5]], cache, SamplingParams(max_new_tokens=6))
         return res.tokens, calls, runtime.stats
 
@@ -399,7 +399,6 @@ def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_c
     metadata is sized by that batch (it was sized 1 and a batch of 4 failed in the capture's copy)."""
     from hattn.models.cache import HybridCache
     from hattn.runtime import full
-    from hattn.runtime.tokens import TokenLayout
 
     def step(ids):
         meta = get_forward_context().static
@@ -419,7 +418,6 @@ def test_a_parameter_given_new_storage_after_capture_is_captured_again(caplog):
     same object at another address), logs it and captures again, so replays read the new weights. A different
     tensor object in the place (a reassigned buffer) is copied in as before, without a new capture."""
     from hattn.runtime import graphs
-    from hattn.runtime.tokens import TokenLayout
 
     class Graphs(FakeGraphs):
         def __init__(self, fn, sizes):
@@ -609,7 +607,6 @@ def test_full_modes_packed_graphs_of_a_graph_with_a_row_per_token_still_capture_
     decode graphs are capped at the slots already): the first bucket still sizes the pool with the largest size."""
     from hattn.models.cache import HybridCache
     from hattn.runtime import full
-    from hattn.runtime.tokens import TokenLayout
 
     runtime = full.FullGraphRuntime(lambda ids: (ids + 1,), TokenLayout([(0,)], out_dims=[(0,)]), [4, 8, 16], Stats(),
                                     progress=False)
@@ -629,11 +626,10 @@ class _Slots:
 
 @pytest.mark.parametrize("lazy", [False, True])
 def test_a_graph_with_a_row_per_token_captures_upfront_only_what_its_cache_can_sample(lazy):
-    """The adapted LM without logits_rows returns logits for every row (generate's decode graph): its upfront sizes
+    """The adapted LM without logits_rows returns logits for every row (a caller's decode loop): its upfront sizes
     stop at the one that holds the cache's slots ([2048, vocab] logits would stay in the pool); a longer call still
     gets a graph, captured at its first use. A graph without a row per token, or a call without a cache, captures
     every size upfront."""
-    from hattn.runtime.tokens import TokenLayout
 
     sizes = [1, 2, 4, 8, 16, 64, 128]
 
