@@ -82,6 +82,9 @@ class ForwardContext:
     context_lens[i] tokens of sequence i already in the cache before this step
     slots[i]        cache slot of sequence i
     static          set by a runtime that captures the whole step (mode full): the device metadata to read
+    padding         rows the caller put after the sequences' tokens, of no sequence: the input has
+                    num_tokens + padding rows (generate pads a one-token step to two, so that it replays the graph
+                    of every other token count: Dynamo specializes size 1); graph runtimes serve num_tokens
     Rows past `num_tokens` are padding (graph runtimes pad up to a capture size): split ops write zeros there.
     """
 
@@ -92,6 +95,7 @@ class ForwardContext:
     layer_kinds: dict[int, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # per-step values that user split ops may read
     static: StaticMeta | None = None
+    padding: int = 0
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -105,8 +109,8 @@ class ForwardContext:
                 f"seq_lens, context_lens and slots must have one entry per sequence; got "
                 f"{n}, {len(self.context_lens)}, {len(self.slots)}"
             )
-        if any(s < 0 for s in self.seq_lens) or any(c < 0 for c in self.context_lens):
-            raise ValueError("sequence and context lengths must be >= 0")
+        if any(s < 0 for s in self.seq_lens) or any(c < 0 for c in self.context_lens) or self.padding < 0:
+            raise ValueError("sequence lengths, context lengths and padding must be >= 0")
         if self.cache is not None:
             self._check_fits(self.cache)
 
@@ -125,6 +129,16 @@ class ForwardContext:
     @property
     def num_tokens(self) -> int:
         return self.memo("num_tokens", lambda: sum(self.seq_lens))  # asked by every split op of the step
+
+    def real_tokens(self, rows: int) -> int:
+        """The step's token count, checked against the `rows` its input has (num_tokens + padding)."""
+        if rows != self.num_tokens + self.padding:
+            raise ValueError(
+                f"the forward context holds {self.num_tokens} tokens (seq_lens={self.seq_lens}) and {self.padding} "
+                f"padding rows but the input has {rows} rows; set a context whose seq_lens and padding sum to the "
+                f"input's token count"
+            )
+        return self.num_tokens
 
     @property
     def num_sequences(self) -> int:

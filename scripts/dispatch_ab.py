@@ -1,7 +1,7 @@
 """Dynamo's per-call work against hattn's dispatch (`hattn.compiler.dispatch`), per mode, in one process.
 
     python3 scripts/dispatch_ab.py [--modes full,bcg,pcg] [--batches 1,16] [--context 1024] [--preset qwen3.5-1b]
-                                   [--switch dispatch|plans|prepared|site-graphs|stitch|stitch-launch]
+                                   [--switch dispatch|plans|prepared|site-graphs|stitch|stitch-launch|pad-one]
                                    [--capture-sizes 1,2,4,8,16] [--slots N] [--max-len N]
 
 Per mode and batch: a decode step as `hattn bench` times it (`run_step` under a new forward context, a sync, CUDA
@@ -10,7 +10,9 @@ alternated twice: hattn's dispatch (off: every call through Dynamo's guards and 
 (`piecewise.plans`, off: the split graph's Python every replay), the split ops' prepared runners or their decode
 graphs (`packed_runner.site_graphs`, off: the sites' launches every step), pcg's and bcg's stitched decode steps
 (`stitch.enabled`, off: their graphs replayed one by one, the sites' Python between them) or their one launch
-(`stitch.one_launch`, off: a stitched step replays its graphs one by one, without the sites' Python). Then one step
+(`stitch.one_launch`, off: a stitched step replays its graphs one by one, without the sites' Python), or a one-token
+step's padding row (`generate.pad_one_token`, off: batch 1 is a Dynamo graph of its own, traced at its first call,
+on: it replays the dynamic graph at size 1). Then one step
 of each under torch.profiler: the GPU's busy time (the union of its kernels' intervals) against the step's wall
 time, and the host's time in the call (after a sync: what the host does before and while it launches, the GPU
 idle until the first launch). `--capture-sizes 1,2,4,8,16,24,32,48,64,96,128,256,512,1024,1536,2048 --slots 64
@@ -19,6 +21,7 @@ idle until the first launch). `--capture-sizes 1,2,4,8,16,24,32,48,64,96,128,256
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 
@@ -28,15 +31,16 @@ import hattn
 from hattn.bench.harness import Clock
 from hattn.compiler import dispatch
 from hattn.context import ForwardContext
-from hattn.models.generate import decode_rows, run_step
 from hattn.models.presets import load
 from hattn.ops import packed_runner
 from hattn.runtime import graphs, piecewise, stitch
 
+generate = importlib.import_module("hattn.models.generate")  # the module (the package exports a function)
+
 
 SWITCHES = {"dispatch": (dispatch, "enabled"), "plans": (piecewise, "plans"), "prepared": (graphs, "prepared"),
             "site-graphs": (packed_runner, "site_graphs"), "stitch": (stitch, "enabled"),
-            "stitch-launch": (stitch, "one_launch")}
+            "stitch-launch": (stitch, "one_launch"), "pad-one": (generate, "pad_one_token")}
 
 
 def step_ms(step, reps: int) -> tuple[float, float]:
@@ -72,13 +76,13 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def decode_step(model, lm, cache, context: int, ids: torch.Tensor, pos: torch.Tensor):
-    """One decode step of len(ids) sequences in slots 0.. with `context` tokens cached, under a new forward context
-    (as generate builds one a step), with generate's logits rows."""
-    b = len(ids)
+def decode_step(model, lm, cache, context: int, b: int, ids: torch.Tensor, pos: torch.Tensor):
+    """One decode step of b sequences in slots 0.. with `context` tokens cached, under a new forward context (as
+    generate builds one a step), with generate's padding and logits rows (ids, pos: b + 1 rows)."""
+    pad = generate.decode_padding(b)
     ctx = ForwardContext(seq_lens=[1] * b, context_lens=[context] * b, slots=list(range(b)), cache=cache,
-                         layer_kinds=lm.layer_kinds)
-    return run_step(model, ctx, ids, pos, decode_rows(b, cache.slots, ids.device))
+                         layer_kinds=lm.layer_kinds, padding=pad)
+    return generate.run_step(model, ctx, ids[:b + pad], pos[:b + pad], generate.decode_rows(b, cache.slots, ids.device))
 
 
 def main() -> None:
@@ -112,11 +116,11 @@ def main() -> None:
         be = hattn.backend(mode=mode, progress=False, capture_sizes=sizes)
         model = torch.compile(lm, backend=be)
         for b in batches:
-            ids = torch.randint(0, 1000, (b,), device="cuda")
-            pos = torch.full((b,), a.context, dtype=torch.long, device="cuda")
+            ids = torch.randint(0, 1000, (b + 1,), device="cuda")
+            pos = torch.full((b + 1,), a.context, dtype=torch.long, device="cuda")
 
-            def step(ids=ids, pos=pos):
-                return decode_step(model, lm, cache, a.context, ids, pos)
+            def step(b=b, ids=ids, pos=pos):
+                return decode_step(model, lm, cache, a.context, b, ids, pos)
 
             for on in (True, False):
                 switch(on)

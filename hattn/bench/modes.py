@@ -95,15 +95,16 @@ class HattnMode(Target):
         return calls[0] if len(calls) == 1 else lambda: [call() for call in calls][-1]
 
     def decode(self, point: Point):
-        """generate's decode step, its logits rows as generate names them (`decode_rows`)."""
+        """generate's decode step: its padding and logits rows as generate's (`decode_padding`, `decode_rows`)."""
         from hattn.context import ForwardContext
-        from hattn.models.generate import decode_rows
+        from hattn.models.generate import decode_padding, decode_rows
 
         b, c, cache = point.batch, point.context, self.s.cache()
+        pad = decode_padding(b)
         ctx = partial(ForwardContext, seq_lens=[1] * b, context_lens=[c] * b, slots=list(range(b)),
-                      cache=cache, layer_kinds=self.s.lm.layer_kinds)
-        ids = token_ids(b, self.s.vocab, self.s.device, self.s.seed)
-        return self._step(ctx, ids, torch.full((b,), c, dtype=torch.long, device=self.s.device),
+                      cache=cache, layer_kinds=self.s.lm.layer_kinds, padding=pad)
+        ids = token_ids(b + pad, self.s.vocab, self.s.device, self.s.seed)
+        return self._step(ctx, ids, torch.full((b + pad,), c, dtype=torch.long, device=self.s.device),
                           decode_rows(b, cache.slots, self.s.device))
 
     def e2e(self, point: Point):

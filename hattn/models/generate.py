@@ -5,12 +5,14 @@ prompt continues from the cache in the next step, as vLLM's chunked prefill), so
 Every step is one call `model(input_ids [T], positions [T], logits_rows) -> logits` inside a forward context that
 says how the T tokens split into sequences and which cache slot each sequence owns. The model may be an eager
 HybridLM or `torch.compile(lm, backend=hattn.backend(mode=...))`: the token dimension of the inputs is marked
-dynamic so one graph serves every token count of 2 or more. A prefill step names the rows whose logits it samples
-in `logits_rows` (each sequence's last token), one tensor of the cache's slot count. A decode step of as many
-sequences as the cache has slots (generate's own cache; 2 or more) names its rows the same way, at no cost, and
-replays the prefill's graph: one Dynamo graph, compiled and captured once. A decode step of fewer sequences returns
-every row instead (naming them would run the LM head on every slot), a second graph; so does a one-token step:
-Dynamo specializes size 1 (unbacked sizes would avoid it, but inductor rejects them on torch 2.13).
+dynamic so one graph serves every token count of 2 or more. Dynamo specializes size 1 (unbacked sizes would avoid it,
+but inductor rejects them on torch 2.13), so a one-token decode step is padded to two rows, the second of no
+sequence (`ForwardContext.padding`; graph runtimes replay their one-token graphs, split ops write zeros there).
+A prefill step names the rows whose logits it samples in `logits_rows` (each sequence's last token), one tensor of
+the cache's slot count. A decode step of as many sequences as the cache has slots (generate's own cache) names its
+rows the same way, at no cost, and replays the prefill's graph: one Dynamo graph, compiled and captured once. A
+decode step of fewer sequences returns every row instead (naming them would run the LM head on every slot): a
+second graph.
 
 The decode loop keeps its state on the device: the next token ids, positions and the history of sampled tokens are
 device tensors, sampling (greedy, or temperature + top-p through a seeded device generator) runs on the device, and
@@ -111,11 +113,20 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
         return call(input_ids, positions, logits_rows)
 
 
+pad_one_token = True  # False: a one-token decode step is a Dynamo graph of its own (A/B measurements)
+
+
+def decode_padding(n: int) -> int:
+    """Padding rows of a decode step of n sequences (`ForwardContext.padding`): one for a single token, which Dynamo
+    would give a graph of its own (it specializes size 1), else none."""
+    return 1 if n == 1 and pad_one_token else 0
+
+
 def decode_rows(n: int, slots: int, device) -> torch.Tensor | None:
     """`logits_rows` of a decode step of n sequences over a cache of `slots`: every token when n fills the slots
     (the prefill steps' row count: their graph), else None (every row returned: fewer than the slots would pay the
-    LM head on the rest, one token is a graph of its own anyway)."""
-    return torch.arange(n, device=device) if 1 < n == slots else None
+    LM head on the rest)."""
+    return torch.arange(n, device=device) if n == slots else None
 
 
 def last_rows(lens: list[int], rows: int, device) -> torch.Tensor:
@@ -270,9 +281,10 @@ class _Loop:
 
     def _decode(self) -> int:
         """Decode steps 1 .. max_new_tokens - 1 (fewer once every sequence has stopped); returns how many ran."""
-        n = len(self.prompts)
-        ids = self.tokens[0].clone()
-        positions = torch.tensor(self.lens, dtype=torch.long, device=self.device)
+        n, pad = len(self.prompts), decode_padding(len(self.prompts))
+        ids = torch.zeros(n + pad, dtype=torch.long, device=self.device)  # the padding row: token 0 at position 0
+        ids[:n] = self.tokens[0]
+        positions = torch.tensor(self.lens + [0] * pad, dtype=torch.long, device=self.device)
         direct: DirectStep | None = None
         for step in range(1, self.params.max_new_tokens):
             if self._all_done():
@@ -287,15 +299,16 @@ class _Loop:
             nxt = self._emit(step, sample(logits, self.params, self.generator))
             if direct is None:  # the next step calls the model: its host-side context lengths advance too
                 self.lens = [c + 1 for c in self.lens]
-                ids.copy_(nxt)
-                positions += 1
+                ids[:n].copy_(nxt)
+                positions[:n] += 1
             else:
                 direct.advance(nxt)
         return self.params.max_new_tokens - 1
 
     def _call(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        ctx = ForwardContext(seq_lens=[1] * len(ids), context_lens=self.lens, slots=self.slots, cache=self.cache,
-                             layer_kinds=self.layer_kinds)
+        n = len(self.slots)
+        ctx = ForwardContext(seq_lens=[1] * n, context_lens=self.lens, slots=self.slots, cache=self.cache,
+                             layer_kinds=self.layer_kinds, padding=len(ids) - n)
         return run_step(self.model, ctx, ids, positions, self.rows)
 
     def _emit(self, step: int, nxt: torch.Tensor) -> torch.Tensor:

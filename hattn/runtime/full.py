@@ -26,7 +26,7 @@ from hattn.kernels.packing import Bucket, PackedStep, copy_to
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, caller_context, capture_graph, log_once,
-                                  new_pool, ran_graph_free, served_layout, sizes_for)
+                                  new_pool, ran_graph_free, served_layout, sizes_for, step_tokens)
 from hattn.runtime.tokens import TokenLayout
 
 log = logging.getLogger("hattn")
@@ -206,7 +206,7 @@ class FullGraphRuntime:
         if ctx is None or ctx.cache is None:
             ran_graph_free(self.stats)  # no cache: nothing a full-step graph can serve
             return self.fn(*args)
-        n = self.layout.num_tokens(args) if self.layout.has_tokens else None
+        n = step_tokens(self.layout, args)
         if n is not None and n > self.sizes[-1]:
             # above the largest bucket no graph serves the step, whatever cache it carries: the graphs stay bound
             # to theirs (a long prompt on its own cache does not cost two captures)

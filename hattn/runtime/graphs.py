@@ -79,6 +79,15 @@ def no_gc_in_capture(collect: bool = True):
 
 
 # -- forward contexts ---------------------------------------------------------------------------------------------
+def step_tokens(layout: TokenLayout, args) -> int | None:
+    """The step's token count (None for a static graph): the input's rows, less the padding rows its caller put
+    after them (`ForwardContext.padding`)."""
+    if not layout.has_tokens:
+        return None
+    rows, ctx = layout.num_tokens(args), get_forward_context()
+    return ctx.real_tokens(rows) if ctx is not None and ctx.padding else rows
+
+
 def caller_context(num_tokens: int | None) -> contextlib.AbstractContextManager:
     """The caller's forward context if it describes num_tokens; a one-sequence context if none is set."""
     ctx = get_forward_context()
@@ -318,7 +327,7 @@ class GraphRuntime:
 
     # shared -----------------------------------------------------------------------------------------------------
     def __call__(self, *args):
-        n = self.layout.num_tokens(args) if self.layout.has_tokens else None
+        n = step_tokens(self.layout, args)
         size = pick_size(self.sizes, n) if n is not None else 0
         graphs = size is not None and self.layout.reason is None
         if self.state is not None and self.state.swapped(args):

@@ -117,13 +117,18 @@ def test_prefill_asks_for_the_last_row_of_each_prompt_padded_to_the_slot_count(m
     assert seen == [[4, 21, 30], [0, 1, 2], [0, 1, 2]]  # the batch fills the slots: its rows are the prefill's count
 
 
-@pytest.mark.parametrize("prompts, slots, graphs", [(3, 3, 1), (2, 2, 1), (3, 5, 2), (1, 1, 2)])
-def test_decode_steps_that_fill_the_cache_replay_the_prefills_graph(make_case, prompts, slots, graphs):
-    """A decode batch of 2+ sequences that fills the cache's slots names its rows as the prefill does: one Dynamo
-    graph for the whole generate. Fewer sequences than slots return every row (a second graph, no LM head on empty
-    slots); one sequence is one token, which Dynamo specializes (a second graph)."""
+@pytest.mark.parametrize("prompts, slots, pad, graphs", [(3, 3, True, 1), (2, 2, True, 1), (1, 1, True, 1),
+                                                         (3, 5, True, 2), (1, 5, True, 2), (1, 1, False, 2)])
+def test_decode_steps_that_fill_the_cache_replay_the_prefills_graph(make_case, monkeypatch, prompts, slots, pad,
+                                                                    graphs):
+    """A decode batch that fills the cache's slots names its rows as the prefill does: one Dynamo graph for the whole
+    generate, batch 1 included (its one token padded to two rows: Dynamo specializes size 1). Fewer sequences than
+    slots return every row (a second graph, no LM head on empty slots); without the padding row one token is a
+    second graph."""
     from hattn.compiler.backend import backend
 
+    gen_mod = importlib.import_module("hattn.models.generate")
+    monkeypatch.setattr(gen_mod, "pad_one_token", pad)
     c = make_case("tiny")
     be = backend(mode="eager", inner_compiler="eager", progress=False)
     got = generate(torch.compile(c.lm, backend=be), c.prompts[:prompts], c.lm.make_cache(slots=slots, max_len=64),

@@ -30,6 +30,16 @@ def test_eager_mode_equals_hf(make_case, preset):
     assert stats.split_ops == mixers and stats.pieces == mixers + 1
 
 
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_one_prompt_decodes_in_steps_padded_to_two_rows_as_hf(make_case, preset):
+    """A one-sequence decode step runs as two rows, the second of no sequence (`ForwardContext.padding`): every
+    family's split ops leave the real row as it was (the adapted model, uncompiled)."""
+    c = make_case(preset)
+    for i, prompt in enumerate(c.prompts[:2]):
+        got = generate(c.lm, [prompt], params=SamplingParams(max_new_tokens=8)).tokens
+        assert got == [c.ref.tokens[i][:8]]
+
+
 def test_eager_mode_with_inductor_pieces_equals_hf(make_case):
     c = make_case("tiny")
     res, stats = _run(c, "eager", "inductor")

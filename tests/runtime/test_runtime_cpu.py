@@ -48,6 +48,21 @@ def _rowwise(x):  # a per-row function: padding rows cannot leak into real rows
     return x * 2 + 1
 
 
+def test_a_callers_padding_rows_are_not_served_as_tokens():
+    """`ForwardContext.padding`: the input's last rows are of no sequence. The runtime serves the step's tokens (the
+    size that holds them, their rows back) and refuses a context whose tokens and padding miss the input's rows."""
+    rt = FakeGraphs(_rowwise, [1, 2, 4])
+    x = torch.randn(2, 3)
+    with hattn.forward_context(hattn.ForwardContext([1], padding=1)):
+        torch.testing.assert_close(rt(x), _rowwise(x[:1]))
+    assert rt.seen[-1] == ("replay", [1]) and rt.stats.padded_tokens == 0  # size 1: one token, no padding replayed
+    for ctx in (hattn.ForwardContext([1], padding=2), hattn.ForwardContext([1, 1], padding=1)):
+        with hattn.forward_context(ctx), pytest.raises(ValueError, match="padding rows but the input has 2 rows"):
+            rt(x)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        hattn.ForwardContext([1], padding=-1)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(1, 64), min_size=1, max_size=6, unique=True), st.lists(st.integers(1, 80), max_size=6))
 def test_fake_graphs_equal_eager_for_any_sizes(sizes, counts):
@@ -346,7 +361,7 @@ def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_deco
     def step(ids, positions, rows):  # every step of 2+ tokens names its logits rows, one per cache slot
         return (logits(ids, positions)[rows],)
 
-    def run(direct: bool):
+    def run(prompts, direct: bool):
         layout = TokenLayout([(0,), (0,), ()], out_dims=[()], owned=[2])
         runtime = full.FullGraphRuntime(step, layout, [1, 2, 4, 8], Stats(), progress=False)
         calls = []
@@ -357,14 +372,15 @@ def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_deco
             calls.append(len(ids))
             return runtime(ids, positions, rows)[0] if direct else logits(ids, positions)[rows]
 
-        cache = HybridCache({}, slots=2, max_len=64, dtype=torch.float32)  # filled: decode names its 2 rows
-        res = generate(model, [[1, 2, 3], [4, 5]], cache, SamplingParams(max_new_tokens=6))
+        cache = HybridCache({}, slots=len(prompts), max_len=64, dtype=torch.float32)  # filled: decode names its rows
+        res = generate(model, prompts, cache, SamplingParams(max_new_tokens=6))
         return res.tokens, calls, runtime.stats
 
-    want, every_step, _ = run(direct=False)
-    got, calls, stats = run(direct=True)
-    assert got == want and len(every_step) == 5
-    assert calls == [2] and stats.replays == 5  # one model call, then four direct replays
+    for prompts in ([[1, 2, 3], [4, 5]], [[1, 2, 3]]):  # one prompt: its steps padded to two rows
+        want, every_step, _ = run(prompts, direct=False)
+        got, calls, stats = run(prompts, direct=True)
+        assert got == want and len(every_step) == 5
+        assert calls == [2] and stats.replays == 5  # one model call, then four direct replays
 
 
 def test_full_mode_refuses_a_step_whose_extra_differs_from_the_capture(stand_in_capture):
