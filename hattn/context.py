@@ -84,7 +84,8 @@ class ForwardContext:
     static          set by a runtime that captures the whole step (mode full): the device metadata to read
     padding         rows the caller put after the sequences' tokens, of no sequence: the input has
                     num_tokens + padding rows (generate pads a one-token step to two, so that it replays the graph
-                    of every other token count: Dynamo specializes size 1); graph runtimes serve num_tokens
+                    of every other token count: Dynamo specializes size 1). Graph runtimes serve num_tokens rows
+                    and return that many; a graph-free or eager run returns every row: read the first num_tokens
     Rows past `num_tokens` are padding (graph runtimes pad up to a capture size): split ops write zeros there.
     """
 

@@ -76,13 +76,14 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def decode_step(model, lm, cache, context: int, b: int, ids: torch.Tensor, pos: torch.Tensor):
+def decode_step(model, lm, cache, context: int, b: int, inputs: dict, rows):
     """One decode step of b sequences in slots 0.. with `context` tokens cached, under a new forward context (as
-    generate builds one a step), with generate's padding and logits rows (ids, pos: b + 1 rows)."""
+    generate builds one a step), with generate's padding and logits rows (inputs: padding -> (ids, pos), made
+    once, as generate's buffers are)."""
     pad = generate.decode_padding(b)
     ctx = ForwardContext(seq_lens=[1] * b, context_lens=[context] * b, slots=list(range(b)), cache=cache,
                          layer_kinds=lm.layer_kinds, padding=pad)
-    return generate.run_step(model, ctx, ids[:b + pad], pos[:b + pad], generate.decode_rows(b, cache.slots, ids.device))
+    return generate.run_step(model, ctx, *inputs[pad], rows)
 
 
 def main() -> None:
@@ -116,11 +117,12 @@ def main() -> None:
         be = hattn.backend(mode=mode, progress=False, capture_sizes=sizes)
         model = torch.compile(lm, backend=be)
         for b in batches:
-            ids = torch.randint(0, 1000, (b + 1,), device="cuda")
-            pos = torch.full((b + 1,), a.context, dtype=torch.long, device="cuda")
+            inputs = {pad: (torch.randint(0, 1000, (b + pad,), device="cuda"),
+                            torch.full((b + pad,), a.context, dtype=torch.long, device="cuda")) for pad in (0, 1)}
+            rows = generate.decode_rows(b, cache.slots, "cuda")
 
-            def step(b=b, ids=ids, pos=pos):
-                return decode_step(model, lm, cache, a.context, b, ids, pos)
+            def step(b=b, inputs=inputs, rows=rows):
+                return decode_step(model, lm, cache, a.context, b, inputs, rows)
 
             for on in (True, False):
                 switch(on)

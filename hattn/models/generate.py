@@ -10,9 +10,10 @@ but inductor rejects them on torch 2.13), so a one-token decode step is padded t
 sequence (`ForwardContext.padding`; graph runtimes replay their one-token graphs, split ops write zeros there).
 A prefill step names the rows whose logits it samples in `logits_rows` (each sequence's last token), one tensor of
 the cache's slot count. A decode step of as many sequences as the cache has slots (generate's own cache) names its
-rows the same way, at no cost, and replays the prefill's graph: one Dynamo graph, compiled and captured once. A
-decode step of fewer sequences returns every row instead (naming them would run the LM head on every slot): a
-second graph.
+rows the same way (one copy of R indices a step) and replays the prefill's graph: one Dynamo graph, compiled and
+captured once. A decode step of fewer sequences returns every row instead (naming them would run the LM head on
+every slot): a second graph. A one-token prompt (or prefill step) is still a graph of its own, and so is whatever
+follows a graph break in a model that has one (its input is the graph runtime's unpadded rows).
 
 The decode loop keeps its state on the device: the next token ids, positions and the history of sampled tokens are
 device tensors, sampling (greedy, or temperature + top-p through a seeded device generator) runs on the device, and
@@ -100,7 +101,8 @@ def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
 def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: torch.Tensor,
              logits_rows: torch.Tensor | None = None) -> torch.Tensor:
     """One forward of packed tokens under `ctx`. input_ids, positions: [T] -> logits [T, vocab], or [R, vocab] for
-    the rows `logits_rows` [R] names."""
+    the rows `logits_rows` [R] names. With `ctx.padding` rows after the tokens, a graph runtime returns
+    T - padding rows and a graph-free run T: read the first ctx.num_tokens."""
     _mark_tokens_dynamic(input_ids, positions)
     call = dispatch_for(model)  # a compiled model: Dynamo once per kind of step, then its graph directly
     with forward_context(ctx), torch.inference_mode():

@@ -207,6 +207,13 @@ class FullGraphRuntime:
             ran_graph_free(self.stats)  # no cache: nothing a full-step graph can serve
             return self.fn(*args)
         n = step_tokens(self.layout, args)
+        if n is None and ctx.padding:
+            # a graph without a token dimension sizes its static metadata by the step's sequences: with a caller's
+            # padding rows its kernels would read past it (slots of rows it does not have)
+            log_once("hattn: mode='full' runs a graph without a dynamic token dimension graph-free under a forward "
+                     "context with padding rows (mark the token dimension dynamic, as hattn.generate does)")
+            ran_graph_free(self.stats)
+            return self.fn(*args)
         if n is not None and n > self.sizes[-1]:
             # above the largest bucket no graph serves the step, whatever cache it carries: the graphs stay bound
             # to theirs (a long prompt on its own cache does not cost two captures)

@@ -81,7 +81,8 @@ def no_gc_in_capture(collect: bool = True):
 # -- forward contexts ---------------------------------------------------------------------------------------------
 def step_tokens(layout: TokenLayout, args) -> int | None:
     """The step's token count (None for a static graph): the input's rows, less the padding rows its caller put
-    after them (`ForwardContext.padding`)."""
+    after them (`ForwardContext.padding`). A runtime serves and returns that many rows: the padding rows' outputs
+    are dropped (a graph-free run keeps them: callers read the first num_tokens rows)."""
     if not layout.has_tokens:
         return None
     rows, ctx = layout.num_tokens(args), get_forward_context()
@@ -98,7 +99,8 @@ def caller_context(num_tokens: int | None) -> contextlib.AbstractContextManager:
     if ctx.num_tokens != num_tokens:
         raise ValueError(
             f"the forward context holds {ctx.num_tokens} tokens (seq_lens={ctx.seq_lens}) but the input has "
-            f"{num_tokens}; set a context whose seq_lens sum to the input's token count"
+            f"{num_tokens}; set a context whose seq_lens sum to the input's token count (rows after them that "
+            f"belong to no sequence: ForwardContext(padding=...))"
         )
     return contextlib.nullcontext()
 
@@ -396,7 +398,8 @@ class GraphRuntime:
         _sync()
         self.stats.capture_seconds += time.perf_counter() - start
         # the pool's segments; if the allocator's snapshot does not name pools, what capture added to the reserve.
-        # Per pool: two Dynamo graphs (batch-1 decode and the rest, say) have two runtimes, both pools held at once
+        # Per pool: two Dynamo graphs (a cache's prefill and its decode steps of fewer sequences than slots, say)
+        # have two runtimes, and both pools are held at once
         key = str(self.pool)
         measured = pool_bytes(self.pool) or (self.stats.pool_bytes_by_pool.get(key, 0)
                                              + max(0, _reserved() - reserved))

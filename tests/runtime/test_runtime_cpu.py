@@ -416,9 +416,10 @@ def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_c
     from hattn.models.cache import HybridCache
     from hattn.runtime import full
 
-    def step(ids):
-        meta = get_forward_context().static
-        return (ids + meta.context_lens,)
+    def step(ids):  # inside a graph: the static metadata; graph-free: the host's, padding rows at 0
+        ctx = get_forward_context()
+        lens = ctx.static.context_lens if ctx.static is not None else torch.tensor(ctx.context_lens + [0] * ctx.padding)
+        return (ids + lens,)
 
     runtime = full.FullGraphRuntime(step, TokenLayout([()], owned=[0]), [1, 2, 4], Stats(), progress=False)
     cache = HybridCache({}, slots=4, max_len=16, dtype=torch.long)
@@ -427,6 +428,11 @@ def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_c
             out = runtime(torch.zeros(4, dtype=torch.long))[0]
         assert out.tolist() == lens
     assert runtime.stats.replays == 2
+    # with a caller's padding row its metadata would miss that row (its kernels would read a slot past it): it runs
+    # graph-free, never captured
+    with hattn.forward_context(hattn.ForwardContext([1] * 3, [3, 5, 7], [0, 1, 2], cache, padding=1)):
+        assert runtime(torch.zeros(4, dtype=torch.long))[0].tolist() == [3, 5, 7, 0]
+    assert runtime.stats.replays == 2 and runtime.stats.eager_runs == 1
 
 
 def test_a_parameter_given_new_storage_after_capture_is_captured_again(caplog):
