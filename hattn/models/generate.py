@@ -12,8 +12,9 @@ A prefill step names the rows whose logits it samples in `logits_rows` (each seq
 the cache's slot count. A decode step of as many sequences as the cache has slots (generate's own cache) names its
 rows the same way (one copy of R indices a step) and replays the prefill's graph: one Dynamo graph, compiled and
 captured once. A decode step of fewer sequences returns every row instead (naming them would run the LM head on
-every slot): a second graph. A one-token prompt (or prefill step) is still a graph of its own, and so is whatever
-follows a graph break in a model that has one (its input is the graph runtime's unpadded rows).
+every slot): a second graph. A one-token prompt is padded the same way. Still a one-token graph of their own: what
+follows a graph break in a model that has one (its input is the graph runtime's unpadded rows), and two-batch
+overlap's micro-batches of one token.
 
 The decode loop keeps its state on the device: the next token ids, positions and the history of sampled tokens are
 device tensors, sampling (greedy, or temperature + top-p through a seeded device generator) runs on the device, and
@@ -169,11 +170,12 @@ def step_inputs(prompts, step, slots, cache: HybridCache, layer_kinds, device, r
     """(context, input ids, positions, logits rows) of one prefill step of `prefill_steps`; `rows` logits rows
     (default: one per slot of `cache`)."""
     lens = [n for _, _, n in step]
-    ids, pos, last = _on_device(device, [t for i, s, n in step for t in prompts[i][s:s + n]],
-                                [p for _, s, n in step for p in range(s, s + n)],
+    pad = decode_padding(sum(lens))  # a one-token step (a one-token prompt) is padded as a decode step is
+    ids, pos, last = _on_device(device, [t for i, s, n in step for t in prompts[i][s:s + n]] + [0] * pad,
+                                [p for _, s, n in step for p in range(s, s + n)] + [0] * pad,
                                 _last_rows(lens, cache.slots if rows is None else rows))
     ctx = ForwardContext(seq_lens=lens, context_lens=[s for _, s, _ in step], slots=[slots[i] for i, _, _ in step],
-                         cache=cache, layer_kinds=layer_kinds)
+                         cache=cache, layer_kinds=layer_kinds, padding=pad)
     return ctx, ids, pos, last
 
 

@@ -117,6 +117,21 @@ def test_prefill_asks_for_the_last_row_of_each_prompt_padded_to_the_slot_count(m
     assert seen == [[4, 21, 30], [0, 1, 2], [0, 1, 2]]  # the batch fills the slots: its rows are the prefill's count
 
 
+def test_a_one_token_prompt_is_padded_to_two_rows_as_a_decode_step_is(make_case):
+    c = make_case("tiny")
+    rows = []
+
+    def spy(ids, positions, logits_rows=None):
+        rows.append(len(ids))
+        return c.lm(ids, positions, logits_rows)
+
+    spy.layer_kinds = c.lm.layer_kinds
+    params = SamplingParams(max_new_tokens=4)
+    got = generate(spy, [[7]], c.lm.make_cache(slots=1, max_len=8), params).tokens
+    assert got == _reference_loop(c.lm, [[7]], params)
+    assert rows == [2, 2, 2, 2]  # the prefill and three decode steps: one token and a padding row each
+
+
 @pytest.mark.parametrize("prompts, slots, pad, graphs", [(3, 3, True, 1), (2, 2, True, 1), (1, 1, True, 1),
                                                          (3, 5, True, 2), (1, 5, True, 2), (1, 1, False, 2)])
 def test_decode_steps_that_fill_the_cache_replay_the_prefills_graph(make_case, monkeypatch, prompts, slots, pad,
