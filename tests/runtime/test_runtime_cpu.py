@@ -957,3 +957,28 @@ def test_pcg_decode_steps_run_stitched_with_the_logits_of_eager(monkeypatch):
     for i in range(len(pattern)):
         for a, b in zip(caches[0].state(i), caches[1].state(i)):
             torch.testing.assert_close(b[:4], a[:4])
+
+
+@pytest.mark.parametrize("slots, prompts", [(1, 1), (3, 1), (3, 3)])
+@pytest.mark.parametrize("sizes", [[1, 2, 4, 8, 16, 32], [2, 4, 8, 16, 32]])
+def test_full_mode_generate_of_the_tiny_model_equals_eager(stand_in_capture, monkeypatch, slots, prompts, sizes):
+    """The real full-mode runtime under the tiny model on CPU (stand-in capture): prefill and decode steps, batch 1
+    padded to two rows, decode rows named when the batch fills the cache, generate's direct replays; twice over one
+    cache. The tokens are eager's, and a cache filled by its batch serves everything from one Dynamo graph."""
+    from hattn.compiler.dispatch import dispatch_for
+    from hattn.models.generate import SamplingParams, generate
+    from hattn.models.presets import load
+    from hattn.runtime import full, graphs
+
+    monkeypatch.setattr(full, "served_layout", lambda mode, gm, example_inputs, stats: graphs.graph_layout(gm))
+    torch._dynamo.reset()
+    lm = load("tiny")
+    all_prompts = [[5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [9, 8, 7]]
+    want = [generate(lm, [p], lm.make_cache(1, 64), SamplingParams(max_new_tokens=8)).tokens[0]
+            for p in all_prompts[:prompts]]
+    be = hattn.backend(mode="full", inner_compiler="eager", progress=False, capture_sizes=sizes)
+    model, cache = torch.compile(lm, backend=be), lm.make_cache(slots, 64)
+    for _ in range(2):
+        assert generate(model, all_prompts[:prompts], cache, SamplingParams(max_new_tokens=8)).tokens == want
+    assert be.stats.graphs_compiled == (1 if slots == prompts else 2) and be.stats.replays > 0
+    assert dispatch_for(model).direct_calls > 0
