@@ -358,10 +358,11 @@ class GraphRuntime:
     def upfront_sizes(self) -> list[int]:
         """The sizes captured before they are used (all at the first call, or the largest lazily).
 
-        A graph that returns a row per token (the adapted LM called without logits_rows: a caller's own decode loop)
-        keeps its largest size's rows in its pool: [2048, vocab] logits are 1 GB at a 248k vocabulary. Under a
-        cache its steps sample at most one row per slot, so the sizes up to the one that holds the cache's slots
-        (as mode full's decode graphs); a larger size is captured at its first use."""
+        A graph that returns a row per token (the adapted LM called without logits_rows: generate's decode steps
+        of fewer sequences than the cache's slots) keeps its largest size's rows in its pool: [2048, vocab] logits
+        are 1 GB at a 248k vocabulary. Under a cache its steps sample at most one row per slot, so the sizes up to
+        the one that holds the cache's slots (as mode full's decode graphs); a larger size is captured at its first
+        use."""
         slots = getattr(getattr(get_forward_context(), "cache", None), "slots", None)
         if self.rows_by_slots and self.rows_per_token and isinstance(slots, int) and slots > 0:
             return sizes_for(self.sizes, slots)

@@ -648,10 +648,10 @@ class _Slots:
 
 @pytest.mark.parametrize("lazy", [False, True])
 def test_a_graph_with_a_row_per_token_captures_upfront_only_what_its_cache_can_sample(lazy):
-    """The adapted LM without logits_rows returns logits for every row (a caller's decode loop): its upfront sizes
-    stop at the one that holds the cache's slots ([2048, vocab] logits would stay in the pool); a longer call still
-    gets a graph, captured at its first use. A graph without a row per token, or a call without a cache, captures
-    every size upfront."""
+    """The adapted LM without logits_rows returns logits for every row (generate's decode steps of fewer sequences
+    than slots): its upfront sizes stop at the one that holds the cache's slots ([2048, vocab] logits would stay in
+    the pool); a longer call still gets a graph, captured at its first use. A graph without a row per token, or a
+    call without a cache, captures every size upfront."""
 
     sizes = [1, 2, 4, 8, 16, 64, 128]
 
