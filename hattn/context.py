@@ -136,8 +136,8 @@ class ForwardContext:
         if rows != self.num_tokens + self.padding:
             raise ValueError(
                 f"the forward context holds {self.num_tokens} tokens (seq_lens={self.seq_lens}) and {self.padding} "
-                f"padding rows but the input has {rows} rows; set a context whose seq_lens and padding sum to the "
-                f"input's token count"
+                f"padding rows but the input has {rows} rows; set a context whose seq_lens sum to the input's token "
+                f"count (rows after them that belong to no sequence: ForwardContext(padding=...))"
             )
         return self.num_tokens
 

@@ -81,10 +81,8 @@ class _Graphs(GraphRuntime):
 
     def step_context(self, num_tokens, size: int):
         user = get_forward_context()
-        if num_tokens is None:  # a static graph: one batch size, no padding
-            num_tokens = size = len(user.seq_lens)
-        elif user.num_tokens != num_tokens:
-            raise ValueError(f"the forward context holds {user.num_tokens} tokens but the input has {num_tokens}")
+        if num_tokens is None:  # a static graph: one batch size, no padding (else `step_tokens` checked the count)
+            size = len(user.seq_lens)
         _check_extra(self.extra.get(size, {}), user.extra or {})
         self.fill_step(self.static(size), user, size)
         return contextlib.nullcontext()

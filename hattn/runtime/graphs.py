@@ -81,28 +81,20 @@ def no_gc_in_capture(collect: bool = True):
 # -- forward contexts ---------------------------------------------------------------------------------------------
 def step_tokens(layout: TokenLayout, args) -> int | None:
     """The step's token count (None for a static graph): the input's rows, less the padding rows its caller put
-    after them (`ForwardContext.padding`). A runtime serves and returns that many rows: the padding rows' outputs
-    are dropped (a graph-free run keeps them: callers read the first num_tokens rows)."""
+    after them (`ForwardContext.padding`), checked against the caller's context (`real_tokens`: an error names
+    both counts). A runtime serves and returns that many rows: the padding rows' outputs are dropped (a graph-free
+    run keeps them: callers read the first num_tokens rows)."""
     if not layout.has_tokens:
         return None
     rows, ctx = layout.num_tokens(args), get_forward_context()
-    return ctx.real_tokens(rows) if ctx is not None and ctx.padding else rows
+    return ctx.real_tokens(rows) if ctx is not None else rows
 
 
 def caller_context(num_tokens: int | None) -> contextlib.AbstractContextManager:
-    """The caller's forward context if it describes num_tokens; a one-sequence context if none is set."""
-    ctx = get_forward_context()
-    if num_tokens is None:  # a static graph: split ops see the caller's context, or none (as eagerly)
+    """The caller's forward context (its token count is `step_tokens`'); a one-sequence context if none is set."""
+    if num_tokens is None or get_forward_context() is not None:  # a static graph: the caller's context, or none
         return contextlib.nullcontext()
-    if ctx is None:
-        return forward_context(ForwardContext(seq_lens=[num_tokens]))
-    if ctx.num_tokens != num_tokens:
-        raise ValueError(
-            f"the forward context holds {ctx.num_tokens} tokens (seq_lens={ctx.seq_lens}) but the input has "
-            f"{num_tokens}; set a context whose seq_lens sum to the input's token count (rows after them that "
-            f"belong to no sequence: ForwardContext(padding=...))"
-        )
-    return contextlib.nullcontext()
+    return forward_context(ForwardContext(seq_lens=[num_tokens]))
 
 
 def _capture_context(size: int | None) -> contextlib.AbstractContextManager:

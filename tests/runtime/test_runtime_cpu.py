@@ -56,7 +56,8 @@ def test_a_callers_padding_rows_are_not_served_as_tokens():
     with hattn.forward_context(hattn.ForwardContext([1], padding=1)):
         torch.testing.assert_close(rt(x), _rowwise(x[:1]))
     assert rt.seen[-1] == ("replay", [1]) and rt.stats.padded_tokens == 0  # size 1: one token, no padding replayed
-    for ctx in (hattn.ForwardContext([1], padding=2), hattn.ForwardContext([1, 1], padding=1)):
+    for ctx in (hattn.ForwardContext([1], padding=2), hattn.ForwardContext([1, 1], padding=1),
+                hattn.ForwardContext([1])):
         with hattn.forward_context(ctx), pytest.raises(ValueError, match="padding rows but the input has 2 rows"):
             rt(x)
     with pytest.raises(ValueError, match="padding must be >= 0"):
