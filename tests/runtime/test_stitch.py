@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import weakref
 
+import pytest
+
 import hattn
 from hattn.counters import Stats
 from hattn.runtime import stitch
@@ -63,8 +65,13 @@ def _steps(log, guard, sites=2, noted=None):
     return steps
 
 
-def test_a_replay_of_graphs_only_is_served_as_one_step_while_its_guards_match(monkeypatch):
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)  # the replay-each form (no CUDA here)
+@pytest.fixture
+def replay_each(monkeypatch):
+    """Stitched steps in their replay-each form: no CUDA here for the one launch."""
+    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+
+
+def test_a_replay_of_graphs_only_is_served_as_one_step_while_its_guards_match(replay_each):
     log, cache, stats = [], _Cache(), Stats()
     stitcher = stitch.StepStitcher(stats)
     steps = _steps(log, _Guard(cache, log))
@@ -81,8 +88,7 @@ def test_a_replay_of_graphs_only_is_served_as_one_step_while_its_guards_match(mo
     assert not stitcher.serve(_ctx(other)) and not stitcher.serve(_ctx(cache, n=3)) and log == []  # other keys
 
 
-def test_a_step_whose_guards_fail_is_replayed_as_before_and_collected_again(monkeypatch):
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+def test_a_step_whose_guards_fail_is_replayed_as_before_and_collected_again(replay_each):
     log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
     guard = _Guard(cache, log)
@@ -92,10 +98,9 @@ def test_a_step_whose_guards_fail_is_replayed_as_before_and_collected_again(monk
     assert stitcher.misses == {} and stitcher.wants(_ctx(cache))  # not a miss: the next replay collects again
 
 
-def test_a_key_whose_stitched_steps_keep_being_rejected_stops_collecting(monkeypatch):
+def test_a_key_whose_stitched_steps_keep_being_rejected_stops_collecting(replay_each):
     """Each rejected step would be collected and its parent graph instantiated again: after _REJECTS the key replays
     as before for good (other keys still stitch)."""
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
     log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
     ctx = _ctx(cache)
@@ -109,8 +114,7 @@ def test_a_key_whose_stitched_steps_keep_being_rejected_stops_collecting(monkeyp
     assert stitcher.wants(_ctx(cache, n=3))
 
 
-def test_a_prefill_step_of_as_many_tokens_leaves_the_stitched_decode_step_alone(monkeypatch):
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+def test_a_prefill_step_of_as_many_tokens_leaves_the_stitched_decode_step_alone(replay_each):
     log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
     stitcher.collect(_ctx(cache), _steps(log, _Guard(cache, log)))
@@ -120,8 +124,7 @@ def test_a_prefill_step_of_as_many_tokens_leaves_the_stitched_decode_step_alone(
     assert stitcher.rejects == {} and stitcher.serve(_ctx(cache))
 
 
-def test_rejections_are_forgotten_after_a_run_of_served_steps_and_failures_on_request(monkeypatch):
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+def test_rejections_are_forgotten_after_a_run_of_served_steps_and_failures_on_request(replay_each, monkeypatch):
     monkeypatch.setattr(stitch, "_FORGIVE", 3)
     log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
@@ -141,10 +144,9 @@ def test_rejections_are_forgotten_after_a_run_of_served_steps_and_failures_on_re
     assert stitcher.wants(_ctx(cache, n=3)) and stitcher.misses == {}
 
 
-def test_a_stitched_step_is_not_served_with_prepared_runners_switched_off(monkeypatch):
+def test_a_stitched_step_is_not_served_with_prepared_runners_switched_off(replay_each, monkeypatch):
     from hattn.runtime import graphs
 
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
     log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
     stitcher.collect(_ctx(cache), _steps(log, _Guard(cache, log)))
@@ -154,12 +156,11 @@ def test_a_stitched_step_is_not_served_with_prepared_runners_switched_off(monkey
     assert stitcher.serve(_ctx(cache))
 
 
-def test_a_caches_end_drops_its_stitched_steps_and_misses(monkeypatch):
+def test_a_caches_end_drops_its_stitched_steps_and_misses(replay_each):
     """The stitched steps hold the graphs that read and write a cache: they go with it, and so do its misses (a new
     cache may get the dead one's id)."""
     import gc
 
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
     log, cache, other = [], _Cache(), _Cache()
     stitcher = stitch.StepStitcher(Stats())
     stitcher.collect(_ctx(cache), _steps(log, _Guard(cache, log)))
@@ -173,8 +174,8 @@ def test_a_caches_end_drops_its_stitched_steps_and_misses(monkeypatch):
     assert gone not in stitcher.caches and stitcher.serve(_ctx(other))
 
 
-def test_a_replay_with_a_site_that_did_not_replay_one_graph_is_not_stitched_and_is_given_up_after_some(monkeypatch):
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+def test_a_replay_with_a_site_that_did_not_replay_one_graph_is_not_stitched_and_is_given_up_after_some(
+        replay_each, monkeypatch):
     log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
     ctx = _ctx(cache)
@@ -189,8 +190,7 @@ def test_a_replay_with_a_site_that_did_not_replay_one_graph_is_not_stitched_and_
     assert not stitch.StepStitcher(Stats()).wants(ctx)  # the A/B switch
 
 
-def test_stitched_steps_keep_the_most_recently_used_batch_sizes(monkeypatch):
-    monkeypatch.setattr(stitch, "_one_launch", lambda graphs: None)
+def test_stitched_steps_keep_the_most_recently_used_batch_sizes(replay_each, monkeypatch):
     monkeypatch.setattr(stitch, "_STEPS", 2)
     log, cache = [], _Cache()
     stitcher = stitch.StepStitcher(Stats())
