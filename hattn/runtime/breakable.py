@@ -195,7 +195,6 @@ class BreakableRuntime(GraphRuntime):
 
     def capture(self, size: int, args: list) -> None:
         watched(_Capture(), self.fn, args)  # warm-up; rejects unregistered attention before any capture
-        self.stitched.pop(size, None)
         cap = _Capture(self.pool, _capture_stream())
         cap.stream.wait_stream(torch.cuda.current_stream())
         try:
@@ -213,15 +212,13 @@ class BreakableRuntime(GraphRuntime):
         cap.side.clear()
         self.captures[size] = (cap, list(args), weak_refs(out))
         self.steps[size] = self._steps(cap)
+        self.stitched[size] = stitch.StepStitcher(self.stats)  # a new capture: nothing stitched from the old one
         self.stats.cuda_graphs += len(cap.segments)
 
     def replay(self, size: int, args: list):
         cap, static_args, out = self.captures[size]
         copy_if_moved(static_args, args)
-        stitched = self.stitched.get(size)
-        if stitched is None:
-            stitched = self.stitched[size] = stitch.StepStitcher(self.stats)
-        stitched.run(get_forward_context(), self.steps[size])
+        self.stitched[size].run(get_forward_context(), self.steps[size])
         return out
 
     def _steps(self, cap: _Capture) -> list:

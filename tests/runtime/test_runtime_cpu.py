@@ -534,9 +534,9 @@ def test_bcg_replays_its_segments_and_recorded_split_ops_in_order():
     cap = breakable._Capture(segments=[Segment("s0"), Segment("s1"), Segment("s2")],
                              ops=[breakable._Recorded(None, (i,), {}, None, prepare) for i in (0, 1)])
     runtime = object.__new__(breakable.BreakableRuntime)
-    runtime.stats, runtime.stitched, runtime.steps = Stats(), {}, {}
-    runtime.captures = {4: (cap, [], "out")}
-    runtime.steps[4] = runtime._steps(cap)
+    runtime.stats = Stats()
+    runtime.captures = {4: (cap, [], "out")}  # what capture(4) keeps
+    runtime.steps, runtime.stitched = {4: runtime._steps(cap)}, {4: breakable.stitch.StepStitcher(runtime.stats)}
     for _ in range(2):
         assert runtime.replay(4, []) == "out"  # no forward context: nothing to stitch
     assert log == ["s0", ("runner", 0), "s1", ("runner", 1), "s2"] * 2 and runtime.stats.prepared_calls == 4
