@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import hattn.ops  # noqa: F401  (defines torch.ops.hattn.*)
 from hattn.context import ForwardContext, LayerSpec, forward_context
 from hattn.counters import Stats, register
+from hattn.models.activations import share_activations
 from hattn.models.cache import HybridCache
 from hattn.ops import full
 from hattn.registry import split_op_of
@@ -383,7 +384,8 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
 def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
     """Make `hf_model` (an unmodified transformers causal LM of a supported family) call hattn's split ops.
 
-    Modifies `hf_model` in place (attention implementation, mixer classes, `guard_hf_calls`) and returns the HybridLM
+    Modifies `hf_model` in place (attention implementation, mixer classes, `share_activations`, `guard_hf_calls`)
+    and returns the HybridLM
     around it; adapting it again gives a new HybridLM around the same model.
     `check` runs a 2-token probe (see `probe`); it is skipped for models on the meta device.
     """
@@ -392,6 +394,7 @@ def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
     family.check(config)
     kinds = family.layer_kinds(config)
     _patch_layers(hf_model, family, kinds)
+    share_activations(hf_model, _patched_class)
     _set_attention(hf_model)
     guard_hf_calls(hf_model)
     lm = HybridLM(hf_model.eval(), family, kinds)
