@@ -13,8 +13,9 @@ from hattn.context import ForwardContext, forward_context
 from hattn.counters import reset_stats
 from hattn.counters import total_stats as stats
 from hattn.frontdoor import CompiledLM, compile
-from hattn.models.generate import SamplingParams, generate
+from hattn.models.generate import generate
 from hattn.models.hf import adapt
+from hattn.models.sampling import SamplingParams
 from hattn.registry import register_split_op, unregister_split_op
 
 __version__ = "0.2.0"

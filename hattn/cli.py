@@ -163,7 +163,7 @@ def demo_prompts(vocab: int, lengths=(5, 17, 9), seed: int = 0) -> list[list[int
 def run_demo(args) -> int:
     import torch
 
-    from hattn.models.generate import SamplingParams
+    from hattn.models.sampling import SamplingParams
     from hattn.models.hf import adapt
     from hattn.models.presets import preset_config, random_model
     from hattn.models.reference import hf_greedy
@@ -266,7 +266,8 @@ def _warmup(args) -> int:
 
 def run_generate(args) -> int:
     from hattn.counters import describe_startup, process_seconds, total_stats
-    from hattn.models.generate import SamplingParams, generate
+    from hattn.models.generate import generate
+    from hattn.models.sampling import SamplingParams
     from hattn.parallel import launch, shard
 
     if args.tp > 1 and not launch.under_torchrun():
@@ -284,7 +285,8 @@ def run_generate(args) -> int:
     prompts, tokenizer = _prompts(args, lm)
     eos = lm.config.eos_token_id
     stops = args.stop_ids if args.stop_ids is not None else ([eos] if isinstance(eos, int) else list(eos or []))
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(stops), args.seed)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(stops), args.seed,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     cache = lm.make_cache(len(prompts), max_len)
     model, backends = _step_model(lm, args)
@@ -329,7 +331,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-len", type=int, default=None, help="cache length per sequence (default: just enough)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="transformers' repetition penalty (1: off; > 1 discourages tokens already seen)")
     p.add_argument("--stop-ids", type=_ints, default=None, help="stop tokens (default: the config's eos)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed runs first (the first compiles and captures; its time is printed; default: 1, "

@@ -73,9 +73,10 @@ class CompiledLM:
         """transformers' generate for a left- or right-padded batch: input_ids, attention_mask [B, T] ->
         [B, T + new], each row its input then its new tokens then the pad token.
 
-        kwargs: max_new_tokens, max_length, do_sample, temperature, top_p, top_k (0 or None only), eos_token_id,
-        pad_token_id, use_cache (ignored: hattn always caches), seed (hattn's: reproducible sampling). Unset ones
-        come from `generation_config` (default: the model's). Greedy tokens equal transformers' generate.
+        kwargs: max_new_tokens, max_length, min_new_tokens, min_length, do_sample, temperature, top_k, top_p, min_p,
+        repetition_penalty, eos_token_id, pad_token_id, use_cache (ignored: hattn always caches), seed (hattn's:
+        reproducible sampling). Unset ones come from `generation_config` (default: the model's), then transformers'
+        defaults. Greedy tokens equal transformers' generate; sampling draws from its processors' distribution.
         """
         req = request(input_ids, attention_mask, generation_config or self.generation_config, **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens

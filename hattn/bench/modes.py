@@ -108,7 +108,8 @@ class HattnMode(Target):
                           decode_rows(b, cache.slots, self.s.device))
 
     def e2e(self, point: Point):
-        from hattn.models.generate import SamplingParams, generate
+        from hattn.models.generate import generate
+        from hattn.models.sampling import SamplingParams
 
         prompts = [token_ids(point.prompt, self.s.vocab, "cpu", self.s.seed).tolist()] * point.batch
         params = SamplingParams(max_new_tokens=point.new_tokens)

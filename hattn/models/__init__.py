@@ -5,7 +5,8 @@
     out = generate(lm, [[1, 2, 3], [4, 5]], params=SamplingParams(max_new_tokens=16))
 """
 from hattn.models.cache import HybridCache, LayerSpec
-from hattn.models.generate import Generation, SamplingParams, generate
+from hattn.models.generate import Generation, generate
+from hattn.models.sampling import SamplingParams
 from hattn.models.hf import Family, HybridLM, adapt, register_family
 from hattn.models.presets import PRESETS, load
 

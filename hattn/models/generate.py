@@ -17,12 +17,12 @@ follows a graph break in a model that has one (its input is the graph runtime's 
 overlap's micro-batches of one token.
 
 The decode loop keeps its state on the device: the next token ids, positions and the history of sampled tokens are
-device tensors, sampling (greedy, or temperature + top-p through a seeded device generator) runs on the device, and
-the host never reads a token until the end. The batch stays fixed (a finished sequence keeps decoding into its own
-slot; its extra tokens are dropped), so the host knows every step's metadata without asking the GPU; with stop
-tokens it polls, without blocking, whether every sequence has finished. In `mode="full"` the loop drives the
-captured decode graph directly after the first step (`hattn.runtime.full.direct_step`): it writes the next inputs
-into the graph's static buffers on the device and replays, with no Dynamo guards or runtime Python per step.
+device tensors, sampling (`hattn.models.sampling`: transformers' logits processors, a seeded device generator) runs
+on the device, and the host never reads a token until the end. The batch stays fixed (a finished sequence keeps
+decoding into its own slot; its extra tokens are dropped), so the host knows every step's metadata without asking the
+GPU; with stop tokens it polls, without blocking, whether every sequence has finished. In `mode="full"` the loop
+drives the captured decode graph directly after the first step (`hattn.runtime.full.direct_step`): it writes the next
+inputs into the graph's static buffers on the device and replays, with no Dynamo guards or runtime Python per step.
 """
 from __future__ import annotations
 
@@ -38,29 +38,11 @@ from hattn.compiler.dispatch import dispatch_for
 from hattn.context import ForwardContext, forward_context
 from hattn.models.cache import HybridCache
 from hattn.models.hf import HybridLM, text_config
+from hattn.models.sampling import Sampler, SamplingParams
 from hattn.runtime.full import DirectStep, direct_step
 from hattn.runtime.graphs import serving_log
 
 LOOKAHEAD = 8  # with stop tokens: steps the host may run ahead of the GPU before it waits for a finished-check
-
-
-@dataclass
-class SamplingParams:
-    """max_new_tokens per sequence; temperature 0 = greedy; top_p nucleus sampling; seed for a reproducible
-    sampling generator; a sequence stops after emitting any of stop_tokens (the stop token is kept)."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop_tokens: tuple[int, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        self.stop_tokens = tuple(self.stop_tokens)
 
 
 @dataclass
@@ -76,21 +58,6 @@ class Generation:
     @property
     def decode_tok_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [B] (on the logits' device, no host sync) from logits [B, vocab]: argmax when temperature is 0,
-    else temperature + top-p sampling by the exponential race (argmax of p / E, E ~ Exp(1): token i wins with
-    probability p_i)."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p > params.top_p  # keep the smallest prefix reaching top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
-    race = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / race).argmax(dim=-1)
 
 
 def _mark_tokens_dynamic(*tensors: torch.Tensor) -> None:
@@ -262,7 +229,8 @@ class _Loop:
 
     def __init__(self, model, prompts, cache, slots, params, layer_kinds, device, generator):
         self.model, self.prompts, self.cache, self.slots = model, prompts, cache, list(slots)
-        self.params, self.layer_kinds, self.device, self.generator = params, layer_kinds, device, generator
+        self.params, self.layer_kinds, self.device = params, layer_kinds, device
+        self.sampler = Sampler(params, prompts, generator)
         n = len(prompts)
         self.lens = [len(p) for p in prompts]  # context length of each sequence before the next step (host copy)
         self.tokens = torch.empty(params.max_new_tokens, n, dtype=torch.long, device=device)  # sampled, per step
@@ -275,7 +243,7 @@ class _Loop:
         t0 = _sync(self.device)
         logits = prefill(self.model, self.prompts, self.cache, self.slots, self.layer_kinds, self.device,
                          step_token_limit(self.model))
-        self._emit(0, sample(logits, self.params, self.generator))
+        self._emit(0, self.sampler(logits))
         t1 = _sync(self.device)
         steps = self._decode()
         t2 = _sync(self.device)
@@ -300,7 +268,7 @@ class _Loop:
             else:
                 direct.replay()
                 logits = direct.logits[:n]
-            nxt = self._emit(step, sample(logits, self.params, self.generator))
+            nxt = self._emit(step, self.sampler(logits))
             if direct is None:  # the next step calls the model: its host-side context lengths advance too
                 self.lens = [c + 1 for c in self.lens]
                 ids[:n].copy_(nxt)

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 
 import torch
 
-from hattn.models.generate import SamplingParams
+from hattn.models.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' model-agnostic default (max_length=20 on top of the prompt)
-ACCEPTED = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_p", "top_k", "eos_token_id",
-            "pad_token_id", "use_cache", "seed")
+ACCEPTED = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
+            "top_p", "min_p", "repetition_penalty", "eos_token_id", "pad_token_id", "use_cache", "seed")
+DEFAULT_TOP_K = 50  # transformers samples from the 50 most likely tokens unless top_k is set (0: all of them)
 # settings that change which tokens come out and that hattn does not implement, with the value that means "off"
-UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-               "min_new_tokens": 0, "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-               "min_p": None, "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-               "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None}
+UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0,
+               "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "bad_words_ids": None, "suppress_tokens": None,
+               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+               "sequence_bias": None}
 
 
 @dataclass
@@ -56,8 +57,12 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
     if attention_mask is None:
         attention_mask = infer_mask(input_ids, pad, eos)
     prompts = unpad(input_ids, attention_mask)
-    params = SamplingParams(max_new_tokens=_max_new_tokens(setting, input_ids.shape[1]), stop_tokens=eos,
-                            seed=setting("seed"), **_sampling(setting))
+    width = input_ids.shape[1]
+    # transformers' min_length counts the padded input: both mask the eos tokens until the row has this many new
+    min_new = max(setting("min_new_tokens", 0), setting("min_length", 0) - width, 0)
+    params = SamplingParams(max_new_tokens=_max_new_tokens(setting, width), stop_tokens=eos, seed=setting("seed"),
+                            repetition_penalty=float(setting("repetition_penalty", 1.0)), min_new_tokens=min_new,
+                            **_sampling(setting))
     return Request(prompts, params, pad)
 
 
@@ -103,17 +108,16 @@ def _max_new_tokens(setting, width: int) -> int:
 
 
 def _sampling(setting) -> dict:
-    """temperature / top_p of SamplingParams: greedy (temperature 0) unless do_sample."""
+    """temperature / top_k / top_p / min_p of SamplingParams: greedy (temperature 0) unless do_sample; unset ones
+    are transformers' defaults (top_k 50)."""
     if not setting("do_sample", False):
         return {"temperature": 0.0}
-    temperature, top_p, top_k = setting("temperature", 1.0), setting("top_p", 1.0), setting("top_k")
+    temperature = setting("temperature", 1.0)
     if not temperature > 0:
         raise ValueError(f"do_sample=True needs temperature > 0, got {temperature!r}: for greedy tokens pass "
                          f"do_sample=False")
-    if top_k not in (None, 0):
-        raise ValueError(f"top_k={top_k!r} (from the arguments or the model's generation_config) is not supported "
-                         f"by hattn's sampler: pass top_k=0 to sample from the whole distribution, or use top_p")
-    return {"temperature": float(temperature), "top_p": float(top_p)}
+    return {"temperature": float(temperature), "top_k": setting("top_k", DEFAULT_TOP_K),
+            "top_p": float(setting("top_p", 1.0)), "min_p": float(setting("min_p", 0.0))}
 
 
 def check_input_ids(input_ids) -> None:

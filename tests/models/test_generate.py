@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hattn.context import ForwardContext, forward_context
-from hattn.models.generate import SamplingParams, generate, sample
+from hattn.models.generate import generate
+from hattn.models.sampling import SamplingParams, sample
 
 GREEDY = SamplingParams(max_new_tokens=32)
 

@@ -67,7 +67,8 @@ def test_mask_is_inferred_from_the_pad_token_unless_it_is_an_eos_token():
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"num_beams": 4}, ValueError, r"num_beams=4 \(from the arguments or the model's generation_config\) is not "
                                    r"supported by hattn's generate and would change the tokens: pass num_beams=1"),
-    ({"repetition_penalty": 1.3}, ValueError, "repetition_penalty=1.3 .* pass repetition_penalty=1.0"),
+    ({"num_return_sequences": 2}, ValueError, "num_return_sequences=2 .* pass num_return_sequences=1"),
+    ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
     ({"streamer": object()}, TypeError, r"unsupported argument\(s\) \['streamer'\]; hattn's generate takes "
                                         r"input_ids, attention_mask, generation_config and max_new_tokens"),
     ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1, got 0: ask for at least one new"),
@@ -75,7 +76,7 @@ def test_mask_is_inferred_from_the_pad_token_unless_it_is_an_eos_token():
     ({"max_length": 3}, ValueError, r"max_length=3 leaves no room for new tokens after the 3-token input: pass "
                                     r"max_new_tokens"),
     ({"do_sample": True, "temperature": 0.0}, ValueError, "do_sample=True needs temperature > 0, got 0.0"),
-    ({"do_sample": True, "top_k": 50}, ValueError, r"top_k=50 .* is not supported by hattn's sampler: pass top_k=0"),
+    ({"do_sample": True, "top_k": -1}, ValueError, r"top_k must be an int >= 0 \(0: off\), got -1"),
     ({"eos_token_id": [2, -1]}, ValueError, r"eos_token_id must be a token id or a list of them, got \[2, -1\]"),
 ])
 def test_unsupported_or_bad_arguments_are_named(kwargs, error, match):
@@ -86,8 +87,21 @@ def test_unsupported_or_bad_arguments_are_named(kwargs, error, match):
 
 def test_neutral_values_of_unsupported_settings_and_greedy_top_k_are_accepted():
     ids, mask = _batch([[5, 6, 7]], "left")
-    req = request(ids, mask, GenerationConfig(top_k=50), num_beams=1, repetition_penalty=1.0, use_cache=False)
+    req = request(ids, mask, GenerationConfig(top_k=50), num_beams=1, no_repeat_ngram_size=0, use_cache=False)
     assert req.params.temperature == 0.0  # greedy: top_k does not matter
+
+
+def test_sampling_settings_resolve_as_transformers():
+    ids, mask = _batch([[5, 6, 7], [8]], "left")
+    p = request(ids, mask, GC, do_sample=True).params
+    assert (p.top_k, p.top_p, p.min_p, p.repetition_penalty, p.min_new_tokens) == (50, 1.0, 0.0, 1.0, 0)
+    qwen = GenerationConfig(do_sample=True, temperature=0.6, top_k=20, top_p=0.95, repetition_penalty=1.05)
+    p = request(ids, mask, qwen).params  # a Qwen checkpoint's generation_config.json
+    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty) == (0.6, 20, 0.95, 1.05)
+    p = request(ids, mask, qwen, top_k=0, min_p=0.1, do_sample=False, min_new_tokens=2).params
+    assert (p.temperature, p.repetition_penalty, p.min_new_tokens) == (0.0, 1.05, 2)  # greedy keeps the penalty
+    assert request(ids, mask, qwen, top_k=0, min_p=0.1).params.top_k == 0
+    assert request(ids, mask, GC, min_length=5).params.min_new_tokens == 2  # min_length counts the padded input
 
 
 def test_a_model_generation_config_setting_that_changes_tokens_is_refused():

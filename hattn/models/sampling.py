@@ -1,0 +1,125 @@
+"""The next token of every sequence, chosen on the device as transformers' generate chooses it.
+
+transformers' order, each step on the [B, vocab] logits in float32:
+
+    repetition_penalty -> min_new_tokens (stop tokens masked) -> greedy: argmax
+                                                           or sampling: temperature -> top_k -> top_p -> min_p -> draw
+
+Each filter computes what transformers' logits processor of that name computes (`tests/models/test_sampling.py`
+compares them), so a setting means here what it means there. The draw is the exponential race (argmax of p / E,
+E ~ Exp(1): token i wins with probability p_i) through a seeded device generator; it has no host sync, and its
+tokens are transformers' distribution, not its draws. Greedy without penalties is one argmax on the logits as given.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """max_new_tokens per sequence; temperature 0 = greedy; top_k / top_p / min_p filter the distribution sampled
+    from (0 / 1 / 0: off); repetition_penalty > 1 makes tokens of the prompt and the output so far less likely
+    (transformers' rule; 1: off); a sequence stops after emitting any of stop_tokens (the stop token is kept), but
+    not before min_new_tokens new tokens; seed for a reproducible sampling generator."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0: off), got {self.min_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}")
+        if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
+        self.stop_tokens = tuple(self.stop_tokens)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: a seen token's score divided by `penalty` if positive, else multiplied."""
+    return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def warp(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The scores sampling draws from: temperature, then top_k, top_p and min_p set filtered tokens to -inf."""
+    scores = scores / params.temperature
+    if params.top_k:
+        k = min(params.top_k, scores.shape[-1])
+        scores = scores.masked_fill(scores < scores.topk(k, dim=-1).values[..., -1:], -torch.inf)
+    if params.top_p < 1:
+        ascending, order = scores.sort(dim=-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - params.top_p
+        drop[..., -1] = False  # the most likely token stays
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
+    if params.min_p > 0:
+        probs = scores.softmax(dim=-1)
+        scores = scores.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), -torch.inf)
+    return scores
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [B] (on the logits' device, no host sync) from logits or processed scores [B, vocab]: argmax when
+    temperature is 0, else a draw from `warp`'s distribution."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = warp(logits.float(), params).softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+class Sampler:
+    """One generate call's choice of next tokens: `sampler(logits)` for step 0, 1, ... (the first new token is step
+    0). It holds what the stateful settings need on the device: the tokens each sequence has seen (its prompt, then
+    each token chosen: repetition_penalty), and counts steps on the host (min_new_tokens)."""
+
+    def __init__(self, params: SamplingParams, prompts: list[list[int]], generator: torch.Generator | None = None):
+        self.params, self.prompts, self.generator = params, prompts, generator
+        self.seen: torch.Tensor | None = None  # [B, vocab] bool, made at the first step (the vocab is the logits')
+        self.stops: torch.Tensor | None = None
+        self.step = 0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        penalized = p.repetition_penalty != 1
+        masked = self.step < p.min_new_tokens and bool(p.stop_tokens)
+        if penalized or masked:
+            logits = logits.float()
+        if penalized:
+            logits = penalize(logits, self._seen(logits), p.repetition_penalty)
+        if masked:
+            if self.stops is None:
+                self.stops = torch.tensor(p.stop_tokens, dtype=torch.long, device=logits.device)
+            logits = logits.index_fill(-1, self.stops, -torch.inf)
+        nxt = sample(logits, p, self.generator)
+        if penalized:
+            self.seen.scatter_(1, nxt[:, None], True)
+        self.step += 1
+        return nxt
+
+    def _seen(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.seen is None:
+            n, vocab = logits.shape
+            rows = torch.repeat_interleave(torch.arange(n), torch.tensor([len(t) for t in self.prompts]))
+            cols = torch.tensor([t for prompt in self.prompts for t in prompt], dtype=torch.long)
+            self.seen = torch.zeros(n, vocab, dtype=torch.bool, device=logits.device)
+            self.seen[rows.to(logits.device), cols.to(logits.device)] = True
+        return self.seen

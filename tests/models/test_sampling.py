@@ -1,0 +1,120 @@
+"""hattn's next-token choice against transformers' logits processors: the same filtered scores for random logits
+and settings, and generate's tokens equal to transformers' generate with the stateful settings (repetition penalty,
+min_new_tokens) on every family."""
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+                                                    MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+import hattn
+from hattn.models.sampling import Sampler, SamplingParams, penalize, sample, warp
+from hattn.models.hf_generate import repad
+from tests.models.test_frontdoor import HF_BATCH_DIVERGES, PAD, fresh, padded
+
+
+def _hf_processors(p: SamplingParams, prompt_len: int) -> LogitsProcessorList:
+    """transformers' processors for `p` (as GenerationMixin._get_logits_processor orders them)."""
+    procs = []
+    if p.repetition_penalty != 1:
+        procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.min_new_tokens and p.stop_tokens:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, p.min_new_tokens, torch.tensor(p.stop_tokens)))
+    if p.temperature:
+        procs.append(TemperatureLogitsWarper(p.temperature))
+        if p.top_k:
+            procs.append(TopKLogitsWarper(p.top_k))
+        if p.top_p < 1:
+            procs.append(TopPLogitsWarper(p.top_p))
+        if p.min_p:
+            procs.append(MinPLogitsWarper(p.min_p))
+    return LogitsProcessorList(procs)
+
+
+@st.composite
+def cases(draw):
+    batch, vocab = draw(st.integers(1, 4)), draw(st.integers(2, 300))
+    params = SamplingParams(
+        temperature=draw(st.sampled_from([0.0, 0.3, 1.0, 1.7])),
+        top_k=draw(st.sampled_from([0, 1, 5, 50, 400])),
+        top_p=draw(st.sampled_from([1.0, 0.95, 0.5, 1e-3])),
+        min_p=draw(st.sampled_from([0.0, 0.05, 0.5])),
+        repetition_penalty=draw(st.sampled_from([1.0, 1.3, 0.7])),
+        min_new_tokens=draw(st.integers(0, 3)),
+        stop_tokens=tuple(draw(st.lists(st.integers(0, vocab - 1), max_size=2))),
+    )
+    history = draw(st.integers(1, 12))  # tokens so far per row: the prompt (same length in every row) + new ones
+    return params, batch, vocab, history, draw(st.integers(0, history - 1)), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases())
+def test_filtered_scores_are_transformers(case):
+    params, batch, vocab, history, new, seed = case
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g) * 4
+    logits[:, :vocab // 3] = logits[:, :1]  # ties, as a bf16 model's logits have
+    ids = torch.randint(0, vocab, (batch, history), generator=g)
+    want = _hf_processors(params, history - new)(ids, logits.clone())
+    got = logits
+    if params.repetition_penalty != 1:
+        seen = torch.zeros(batch, vocab, dtype=torch.bool).scatter_(1, ids, True)
+        got = penalize(got, seen, params.repetition_penalty)
+    if new < params.min_new_tokens and params.stop_tokens:
+        got = got.index_fill(-1, torch.tensor(params.stop_tokens), -torch.inf)
+    if params.temperature:
+        got = warp(got, params)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_draws_follow_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    params = SamplingParams(temperature=0.8, top_k=4, top_p=0.9)
+    probs = warp(logits, params).softmax(-1)[0]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits.expand(4000, -1), params, g) for _ in range(5)]).flatten()
+    freq = torch.bincount(draws, minlength=6).double() / draws.numel()
+    assert freq[probs == 0].sum() == 0  # filtered tokens are never drawn
+    torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)
+
+
+def test_the_sampler_remembers_the_tokens_it_chose_and_counts_new_tokens():
+    params = SamplingParams(repetition_penalty=2.0, min_new_tokens=2, stop_tokens=(0,))
+    sampler = Sampler(params, [[3], [3]])
+    logits = torch.tensor([[9.0, 1.0, 2.0, 8.0], [9.0, 4.0, 3.5, 1.0]])
+    assert sampler(logits).tolist() == [3, 1]  # 0 masked (a stop token before 2 new tokens); 3 seen: 8 -> 4
+    assert sampler(logits).tolist() == [3, 2]  # row 1 chose 1 (4 -> 2 now): 2 wins
+    assert sampler(logits).tolist() == [0, 0]  # 2 new tokens: the stop token may come
+    assert sampler.seen.tolist() == [[True, False, False, True], [True, True, True, True]]
+
+
+@pytest.mark.parametrize("args", [dict(top_k=-1), dict(top_k=2.5), dict(min_p=1.5), dict(repetition_penalty=0.0),
+                                  dict(min_new_tokens=-1)], ids=lambda a: next(iter(a)))
+def test_settings_out_of_range_name_themselves(args):
+    with pytest.raises(ValueError, match=next(iter(args))):
+        SamplingParams(**args)
+
+
+def test_generate_with_penalty_and_min_new_tokens_equals_transformers(family_case):
+    c = family_case
+    ids, mask = padded(c.prompts)
+    stop = c.ref.tokens[0][1]  # the second greedy token of row 0: min_new_tokens keeps it out of the first two
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=stop,
+                  repetition_penalty=1.8, min_new_tokens=3)
+    model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager")
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if c.preset in HF_BATCH_DIVERGES:  # transformers' padded batch differs from its prompts alone: those
+            alone = [c.hf.generate(torch.tensor([p]), **{**kwargs, "attention_mask": None})[0, len(p):].tolist()
+                     for p in c.prompts]
+            want = repad(ids, [row[:row.index(stop) + 1] if stop in row else row for row in alone], PAD)
+        else:
+            want = c.hf.generate(ids, **kwargs)
+    got = model.generate(ids, **kwargs)
+    assert torch.equal(got, want)
+    unpenalized = model.generate(ids, **{**kwargs, "repetition_penalty": 1.0, "min_new_tokens": 0})
+    assert not torch.equal(got, unpenalized)  # the settings changed the tokens: the comparison above tested them
