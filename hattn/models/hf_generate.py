@@ -23,10 +23,11 @@ from hattn.models.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' model-agnostic default (max_length=20 on top of the prompt)
 ACCEPTED = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
-            "top_p", "min_p", "repetition_penalty", "eos_token_id", "pad_token_id", "use_cache", "seed")
+            "top_p", "min_p", "repetition_penalty", "num_return_sequences", "eos_token_id", "pad_token_id", "use_cache",
+            "seed")
 DEFAULT_TOP_K = 50  # transformers samples from the 50 most likely tokens unless top_k is set (0: all of them)
 # settings that change which tokens come out and that hattn does not implement, with the value that means "off"
-UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0,
+UNSUPPORTED = {"num_beams": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0,
                "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "bad_words_ids": None, "suppress_tokens": None,
                "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                "sequence_bias": None}
@@ -34,11 +35,13 @@ UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "no_repeat_ngram_size"
 
 @dataclass
 class Request:
-    """Packed prompts (the unpadded rows, in row order), how to sample, and what pads the output."""
+    """Packed prompts (the unpadded rows, in row order), how to sample, what pads the output, and the input rows of
+    the output (input_ids with each row repeated num_return_sequences times, as the prompts are)."""
 
     prompts: list[list[int]]
     params: SamplingParams
     pad_token_id: int | None
+    rows: torch.Tensor
 
 
 def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config,
@@ -56,14 +59,15 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
     pad = eos[0] if pad is None and eos else pad
     if attention_mask is None:
         attention_mask = infer_mask(input_ids, pad, eos)
-    prompts = unpad(input_ids, attention_mask)
+    repeats = _num_return_sequences(setting)
+    prompts = [p for p in unpad(input_ids, attention_mask) for _ in range(repeats)]  # transformers' row order
     width = input_ids.shape[1]
     # transformers' min_length counts the padded input: both mask the eos tokens until the row has this many new
     min_new = max(setting("min_new_tokens", 0), setting("min_length", 0) - width, 0)
     params = SamplingParams(max_new_tokens=_max_new_tokens(setting, width), stop_tokens=eos, seed=setting("seed"),
                             repetition_penalty=float(setting("repetition_penalty", 1.0)), min_new_tokens=min_new,
                             **_sampling(setting))
-    return Request(prompts, params, pad)
+    return Request(prompts, params, pad, input_ids.repeat_interleave(repeats, dim=0) if repeats > 1 else input_ids)
 
 
 def _settings(generation_config, kwargs: dict):
@@ -92,6 +96,17 @@ def _token_ids(value, name: str) -> tuple[int, ...]:
     if not all(isinstance(t, int) and t >= 0 for t in ids):
         raise ValueError(f"{name} must be a token id or a list of them, got {value!r}")
     return tuple(ids)
+
+
+def _num_return_sequences(setting) -> int:
+    n = setting("num_return_sequences", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"num_return_sequences must be an int >= 1, got {n!r}")
+    if n > 1 and not setting("do_sample", False):
+        raise ValueError(f"num_return_sequences={n} with greedy decoding would return {n} equal rows per input: "
+                         f"pass do_sample=True (beam search, the other way transformers returns several, is not "
+                         f"implemented)")
+    return n
 
 
 def _max_new_tokens(setting, width: int) -> int:

@@ -67,7 +67,8 @@ def test_mask_is_inferred_from_the_pad_token_unless_it_is_an_eos_token():
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"num_beams": 4}, ValueError, r"num_beams=4 \(from the arguments or the model's generation_config\) is not "
                                    r"supported by hattn's generate and would change the tokens: pass num_beams=1"),
-    ({"num_return_sequences": 2}, ValueError, "num_return_sequences=2 .* pass num_return_sequences=1"),
+    ({"num_return_sequences": 2}, ValueError, "num_return_sequences=2 with greedy decoding .* pass do_sample=True"),
+    ({"num_return_sequences": 0, "do_sample": True}, ValueError, "num_return_sequences must be an int >= 1, got 0"),
     ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
     ({"streamer": object()}, TypeError, r"unsupported argument\(s\) \['streamer'\]; hattn's generate takes "
                                         r"input_ids, attention_mask, generation_config and max_new_tokens"),
@@ -102,6 +103,8 @@ def test_sampling_settings_resolve_as_transformers():
     assert (p.temperature, p.repetition_penalty, p.min_new_tokens) == (0.0, 1.05, 2)  # greedy keeps the penalty
     assert request(ids, mask, qwen, top_k=0, min_p=0.1).params.top_k == 0
     assert request(ids, mask, GC, min_length=5).params.min_new_tokens == 2  # min_length counts the padded input
+    req = request(ids, mask, GC, do_sample=True, num_return_sequences=2)
+    assert req.prompts == [[5, 6, 7], [5, 6, 7], [8], [8]] and torch.equal(req.rows, ids[[0, 0, 1, 1]])
 
 
 def test_a_model_generation_config_setting_that_changes_tokens_is_refused():

@@ -118,3 +118,16 @@ def test_generate_with_penalty_and_min_new_tokens_equals_transformers(family_cas
     assert torch.equal(got, want)
     unpenalized = model.generate(ids, **{**kwargs, "repetition_penalty": 1.0, "min_new_tokens": 0})
     assert not torch.equal(got, unpenalized)  # the settings changed the tokens: the comparison above tested them
+
+
+def test_num_return_sequences_samples_each_input_that_many_times(make_case):
+    c = make_case("tiny")
+    ids, mask = padded(c.prompts)
+    model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager")
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=True, temperature=1.5, top_k=0, seed=5,
+                  pad_token_id=PAD, num_return_sequences=3)
+    out = model.generate(ids, **kwargs)
+    assert out.shape == (3 * len(c.prompts), ids.shape[1] + 6)
+    assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(3, dim=0))  # transformers' row order
+    assert len({tuple(row) for row in out[:3, ids.shape[1]:].tolist()}) > 1  # the copies draw on their own
+    assert torch.equal(out, model.generate(ids, **kwargs))
