@@ -12,9 +12,9 @@ A prefill step names the rows whose logits it samples in `logits_rows` (each seq
 the cache's slot count. A decode step of as many sequences as the cache has slots (generate's own cache) names its
 rows the same way (one copy of R indices a step) and replays the prefill's graph: one Dynamo graph, compiled and
 captured once. A decode step of fewer sequences returns every row instead (naming them would run the LM head on
-every slot): a second graph. A one-token prompt is padded the same way. Still a one-token graph of their own: what
-follows a graph break in a model that has one (its input is the graph runtime's unpadded rows), and two-batch
-overlap's micro-batches of one token.
+every slot): a second graph. A one-token prompt is padded the same way, and so are two-batch overlap's one-token
+micro-batches. Still a one-token graph of its own: what follows a graph break in a model that has one (its input is
+the graph runtime's unpadded rows).
 
 The decode loop keeps its state on the device: the next token ids, positions and the history of sampled tokens are
 device tensors, sampling (`hattn.models.sampling`: transformers' logits processors, a seeded device generator) runs

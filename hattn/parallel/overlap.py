@@ -13,10 +13,12 @@ one forgot `forward` of its linear-attention backend, and sliced mrope positions
 
 Per-token inputs are sliced on their token dimension, given per argument (`token_dims`): input ids [T] on dim 0,
 positions [T] or mrope positions [3, T] on their last dim; an argument whose token dimension does not hold the
-step's token count is an error, never a silent mis-slice. One more argument may follow them: `logits_rows` [R], rows
-of the step's tokens whose logits alone are wanted (a prefill's last tokens). Each micro-batch gets all R rows as
-its own rows (clamped into its range, so R and the graphs stay fixed), and each row's logits are taken from the
-micro-batch that holds it, on the device.
+step's token count is an error, never a silent mis-slice (a caller's padding rows, `ForwardContext.padding`, are
+dropped; a one-token micro-batch is padded to two rows as generate pads a one-token step, so that it replays the
+graph of every other size). One more argument may follow them: `logits_rows` [R], rows of the step's tokens whose
+logits alone are wanted (a prefill's last tokens). Each micro-batch gets all R rows as its own rows (clamped into its
+range, so R and the graphs stay fixed), and each row's logits are taken from the micro-batch that holds it, on the
+device.
 
 On CUDA, with two model instances, micro-batch A runs on one stream and B on another; B's instance is a replica
 (same weights) whose collectives use a sibling process group, i.e. its own NCCL communicator, so the two
@@ -26,6 +28,7 @@ the micro-batches run one after the other (same results).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -84,6 +87,15 @@ def token_rows(x: torch.Tensor, dim: int, rows: slice, num_tokens: int, what: st
         raise ValueError(f"{what} has shape {tuple(x.shape)}: its token dim {dim} should hold the step's "
                          f"{num_tokens} tokens; give its token dimension in token_dims (mrope positions [3, T]: -1)")
     return x.narrow(dim, rows.start, rows.stop - rows.start)
+
+
+def _padded(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
+    """`x` with `pad` zero rows after its tokens on dimension `dim` (token 0 at position 0: padding rows); an
+    inference tensor only if `x` is one (Dynamo guards on it, as on `_local_rows`)."""
+    shape = list(x.shape)
+    shape[dim] = pad
+    with torch.inference_mode(x.is_inference()):
+        return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
 def _local_rows(rows: torch.Tensor | None, part: slice) -> list[torch.Tensor]:
@@ -151,6 +163,9 @@ class TwoBatchOverlap:
         if len(parts) == 1:
             return self.models[0](*args)
         rows = args[n] if len(args) > n else None
+        if ctx.padding:  # the caller's padding rows are of no sequence: the micro-batches pad their own
+            args = [token_rows(a, d, slice(0, ctx.num_tokens), ctx.num_tokens + ctx.padding, f"argument {i}")
+                    for i, (a, d) in enumerate(zip(args[:n], self.token_dims))] + list(args[n:])
         inputs = [[token_rows(a, d, p.rows, ctx.num_tokens, f"argument {i}")
                    for i, (a, d) in enumerate(zip(args, self.token_dims))] + _local_rows(rows, p.rows) for p in parts]
         streams = self._streams_for(args[0].device)
@@ -163,11 +178,19 @@ class TwoBatchOverlap:
         return _pick_rows(outs, rows < parts[1].rows.start, self.out_dim)
 
     def _micro(self, model: Callable, ctx: ForwardContext, args: list[torch.Tensor]) -> torch.Tensor:
+        from hattn.models.generate import decode_padding
+
+        n, pad = len(self.token_dims), decode_padding(ctx.num_tokens)
+        if pad:  # a one-token micro-batch runs as two rows, as generate's one-token steps: the graph of every size
+            args = [_padded(a, d, pad) for a, d in zip(args[:n], self.token_dims)] + list(args[n:])
+            ctx = dataclasses.replace(ctx, padding=pad)
         for a, d in zip(args, self.token_dims):
             if a.shape[d] > 1:  # one graph for every micro-batch size (Dynamo specializes 1)
                 torch._dynamo.mark_dynamic(a, d % a.dim())
         with forward_context(ctx):
-            return model(*args)
+            out = model(*args)
+        # every row returned (no logits rows): a graph-free run returns the padding rows too
+        return out.narrow(self.out_dim, 0, ctx.num_tokens) if pad and len(args) == n else out
 
     def _streams_for(self, device: torch.device):
         """Two side streams on a CUDA device when the micro-batches have their own instances, else None."""

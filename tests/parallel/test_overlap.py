@@ -210,3 +210,33 @@ def test_logits_rows_are_taken_from_the_micro_batch_that_holds_each():
         want = lm(ids, pos)[rows]
         got = TwoBatchOverlap(lm)(ids, pos, rows)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_micro_batches_run_padded_to_two_rows():
+    lm = load("tiny")
+    ids, pos = torch.tensor([7, 9]), torch.tensor([3, 5])
+    first, second = Recorder(lm), Recorder(lm)
+    with forward_context(ForwardContext([1, 1], [3, 5])), torch.no_grad():
+        want = lm(ids, pos)
+        got = TwoBatchOverlap(first, second)(ids, pos)
+    with forward_context(ForwardContext([1, 1], [3, 5], padding=1)), torch.no_grad():
+        padded = TwoBatchOverlap(first, second)(torch.tensor([7, 9, 0]), torch.tensor([3, 5, 0]))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, want, atol=1e-5, rtol=1e-5)  # the caller's row dropped, the micro-batches'
+    assert first.calls[0] == ([1], [3], [0], [[7, 0], [3, 0]]) and second.calls[0] == ([1], [5], [1], [[9, 0], [5, 0]])
+
+
+def test_a_decode_step_of_one_token_micro_batches_replays_the_prefills_graph():
+    lm = load("tiny")
+    graphs = []
+    compiled = torch.compile(lm, backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    cache = lm.make_cache(slots=2, max_len=16)
+    kinds, tbo = lm.layer_kinds, TwoBatchOverlap(compiled)
+    steps = [(ForwardContext([3, 4], [0, 0], [0, 1], cache, kinds), torch.tensor([1, 2, 3, 4, 5, 6, 7]),
+              torch.tensor([0, 1, 2, 0, 1, 2, 3])),
+             (ForwardContext([1, 1], [3, 4], [0, 1], cache, kinds), torch.tensor([8, 9]), torch.tensor([3, 4]))]
+    for ctx, ids, pos in steps:
+        with forward_context(ctx), torch.inference_mode():
+            out = tbo(ids, pos)
+        assert out.shape[0] == ctx.num_tokens
+    assert len(graphs) == 1  # the one-token micro-batches ran the prefill's dynamic graph at two rows
