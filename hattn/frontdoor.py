@@ -18,7 +18,7 @@ from hattn.compiler.dispatch import dispatch_for
 from hattn.models.cache import HybridCache
 from hattn.models.generate import generate as packed_generate
 from hattn.models.hf import HybridLM, adapt
-from hattn.models.hf_generate import repad, request
+from hattn.models.hf_generate import repad, request, stream_to
 
 
 class CompiledLM:
@@ -75,13 +75,17 @@ class CompiledLM:
 
         kwargs: max_new_tokens, max_length, min_new_tokens, min_length, do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, num_return_sequences (rows [B * n, ...], each input's n in a row), eos_token_id,
-        pad_token_id, use_cache (ignored: hattn always caches), seed (hattn's: reproducible sampling). Unset ones
-        come from `generation_config` (default: the model's), then transformers' defaults. Greedy tokens equal
-        transformers' generate; sampling draws from its processors' distribution.
+        pad_token_id, streamer (transformers' streamers: each step's tokens, then end()), use_cache (ignored: hattn
+        always caches), seed (hattn's: reproducible sampling). Unset ones come from `generation_config` (default:
+        the model's), then transformers' defaults. Greedy tokens equal transformers' generate; sampling draws from
+        its processors' distribution.
         """
         req = request(input_ids, attention_mask, generation_config or self.generation_config, **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens
-        res = packed_generate(self, req.prompts, self._cache_for(len(req.prompts), need), req.params)
+        res = packed_generate(self, req.prompts, self._cache_for(len(req.prompts), need), req.params,
+                              on_tokens=stream_to(req))
+        if req.streamer is not None:
+            req.streamer.end()
         return repad(req.rows, res.tokens, req.pad_token_id)
 
     # -- the packed model ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -199,12 +200,14 @@ def _sync(device) -> float:
 
 def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
              params: SamplingParams | None = None, layer_kinds: dict[int, str] | None = None,
-             device=None) -> Generation:
+             device=None, on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Generation:
     """Generate for every prompt: one packed prefill, then packed decode steps until all sequences stop.
 
     model: callable (input_ids [T], positions [T], logits_rows [R]) -> logits (a HybridLM, maybe compiled).
     cache: slots are taken for the prompts and given back at the end; None builds one that just fits.
     layer_kinds: the model's layer table for routing checks (default: `model.layer_kinds`).
+    on_tokens(tokens, stopped): called after every step with its tokens [B] and which sequences had stopped before
+    it [B] (bool), both on the host (streaming: the loop then waits for the GPU at every step).
     """
     params = params or SamplingParams()
     check_inputs(model, prompts, params, cache)
@@ -219,7 +222,7 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
         generator = torch.Generator(device=device).manual_seed(params.seed)
     slots = cache.alloc(len(prompts))
     try:
-        return _Loop(model, prompts, cache, slots, params, layer_kinds, device, generator).run()
+        return _Loop(model, prompts, cache, slots, params, layer_kinds, device, generator, on_tokens).run()
     finally:
         cache.free(slots)
 
@@ -227,9 +230,9 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
 class _Loop:
     """One generate call's prefill and decode loop (see the module docstring)."""
 
-    def __init__(self, model, prompts, cache, slots, params, layer_kinds, device, generator):
+    def __init__(self, model, prompts, cache, slots, params, layer_kinds, device, generator, on_tokens=None):
         self.model, self.prompts, self.cache, self.slots = model, prompts, cache, list(slots)
-        self.params, self.layer_kinds, self.device = params, layer_kinds, device
+        self.params, self.layer_kinds, self.device, self.on_tokens = params, layer_kinds, device, on_tokens
         self.sampler = Sampler(params, prompts, generator)
         n = len(prompts)
         self.lens = [len(p) for p in prompts]  # context length of each sequence before the next step (host copy)
@@ -286,6 +289,8 @@ class _Loop:
     def _emit(self, step: int, nxt: torch.Tensor) -> torch.Tensor:
         """Record step's tokens [n] (device) and, with stop tokens, queue an asynchronous finished-check."""
         self.tokens[step] = nxt
+        if self.on_tokens is not None:
+            self.on_tokens(nxt.cpu(), self.done.cpu())
         if self.params.stop_tokens:
             self.done |= torch.isin(nxt, self.stops)
             flag = torch.empty((), dtype=torch.bool, pin_memory=torch.device(self.device).type == "cuda")

@@ -16,6 +16,7 @@ tokens are wrong); hattn's equal transformers' for the same batch left-padded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,7 +25,7 @@ from hattn.models.sampling import SamplingParams
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' model-agnostic default (max_length=20 on top of the prompt)
 ACCEPTED = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
             "top_p", "min_p", "repetition_penalty", "num_return_sequences", "eos_token_id", "pad_token_id", "use_cache",
-            "seed")
+            "seed", "streamer")
 DEFAULT_TOP_K = 50  # transformers samples from the 50 most likely tokens unless top_k is set (0: all of them)
 # settings that change which tokens come out and that hattn does not implement, with the value that means "off"
 UNSUPPORTED = {"num_beams": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0,
@@ -42,6 +43,7 @@ class Request:
     params: SamplingParams
     pad_token_id: int | None
     rows: torch.Tensor
+    streamer: object = None  # transformers' streamer protocol: put(tokens on the host), end()
 
 
 def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config,
@@ -67,7 +69,25 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
     params = SamplingParams(max_new_tokens=_max_new_tokens(setting, width), stop_tokens=eos, seed=setting("seed"),
                             repetition_penalty=float(setting("repetition_penalty", 1.0)), min_new_tokens=min_new,
                             **_sampling(setting))
-    return Request(prompts, params, pad, input_ids.repeat_interleave(repeats, dim=0) if repeats > 1 else input_ids)
+    streamer = kwargs.get("streamer")
+    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise TypeError(f"streamer must have put(tokens) and end(), as transformers' TextStreamer, got "
+                        f"{type(streamer).__name__}")
+    rows = input_ids.repeat_interleave(repeats, dim=0) if repeats > 1 else input_ids
+    return Request(prompts, params, pad, rows, streamer)
+
+
+def stream_to(req: Request) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """generate's `on_tokens` for the request's streamer, after putting the input rows to it as transformers does:
+    each step's tokens, the pad token in rows that had stopped (None without a streamer)."""
+    if req.streamer is None:
+        return None
+    req.streamer.put(req.rows.cpu())
+    pad = 0 if req.pad_token_id is None else req.pad_token_id  # None only without eos: no row stops
+
+    def on_tokens(tokens: torch.Tensor, stopped: torch.Tensor) -> None:
+        req.streamer.put(tokens.masked_fill(stopped, pad))
+    return on_tokens
 
 
 def _settings(generation_config, kwargs: dict):

@@ -247,3 +247,35 @@ def test_prompts_past_the_largest_capture_size_prefill_in_graph_steps_on_the_gpu
     ok, note = check_tokens(ref, got, tie=0.1)
     assert ok, note
     assert model.stats.cuda_graphs > 0
+
+
+class RecordingStreamer:
+    """transformers' streamer protocol, recording what it was given."""
+
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ends += 1
+
+
+def test_a_streamer_gets_what_transformers_streams(make_case):
+    c = make_case("tiny")
+    ids, mask = padded(c.prompts)
+    stop = c.ref.tokens[0][3]  # row 0 stops at its fourth token: its later steps stream the pad token
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=stop)
+    want, got = RecordingStreamer(), RecordingStreamer()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = c.hf.generate(ids, streamer=want, **kwargs)
+    model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager")
+    assert torch.equal(model.generate(ids, streamer=got, **kwargs), out)
+    assert (got.ends, want.ends) == (1, 1) and len(got.puts) == len(want.puts)
+    assert all(torch.equal(a, b) for a, b in zip(got.puts, want.puts))
+    first = c.ref.tokens[0].index(stop)  # puts: the input rows, then one [B] tensor per step
+    assert want.puts[1 + first][0] == stop and want.puts[2 + first][0] == PAD  # a stopped row streams padding
+    with pytest.raises(TypeError, match="streamer must have put"):
+        model.generate(ids, streamer=object(), **kwargs)

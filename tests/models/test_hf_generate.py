@@ -70,8 +70,9 @@ def test_mask_is_inferred_from_the_pad_token_unless_it_is_an_eos_token():
     ({"num_return_sequences": 2}, ValueError, "num_return_sequences=2 with greedy decoding .* pass do_sample=True"),
     ({"num_return_sequences": 0, "do_sample": True}, ValueError, "num_return_sequences must be an int >= 1, got 0"),
     ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
-    ({"streamer": object()}, TypeError, r"unsupported argument\(s\) \['streamer'\]; hattn's generate takes "
-                                        r"input_ids, attention_mask, generation_config and max_new_tokens"),
+    ({"assistant_model": object()}, TypeError,
+     r"unsupported argument\(s\) \['assistant_model'\]; hattn's generate takes input_ids, attention_mask, "
+     r"generation_config and max_new_tokens"),
     ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1, got 0: ask for at least one new"),
     ({"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be an int >= 1, got 2.5"),
     ({"max_length": 3}, ValueError, r"max_length=3 leaves no room for new tokens after the 3-token input: pass "
