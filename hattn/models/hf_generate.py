@@ -10,8 +10,9 @@ row i is input_ids[i] (padding included) followed by its new tokens, then the pa
 ends early only at an eos token, which it keeps); the pad token defaults to the first eos token.
 
 Left- and right-padded batches are both read through the mask, and each row's new tokens are the continuation of
-its prompt alone. For a right-padded batch transformers instead continues after the padding (and warns that its
-tokens are wrong); hattn's equal transformers' for the same batch left-padded.
+its prompt alone (so `no_repeat_ngram_size` looks at the prompt and its output, where transformers also counts the
+n-grams of a row's left padding). For a right-padded batch transformers instead continues after the padding (and
+warns that its tokens are wrong); hattn's equal transformers' for the same batch left-padded.
 """
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ from hattn.models.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' model-agnostic default (max_length=20 on top of the prompt)
 ACCEPTED = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
-            "top_p", "min_p", "repetition_penalty", "num_return_sequences", "eos_token_id", "pad_token_id", "use_cache",
-            "seed", "streamer")
+            "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences", "eos_token_id",
+            "pad_token_id", "use_cache", "seed", "streamer")
 DEFAULT_TOP_K = 50  # transformers samples from the 50 most likely tokens unless top_k is set (0: all of them)
 # settings that change which tokens come out and that hattn does not implement, with the value that means "off"
-UNSUPPORTED = {"num_beams": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0,
+UNSUPPORTED = {"num_beams": 1, "typical_p": 1.0,
                "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "bad_words_ids": None, "suppress_tokens": None,
                "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                "sequence_bias": None}
@@ -68,7 +69,7 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
     min_new = max(setting("min_new_tokens", 0), setting("min_length", 0) - width, 0)
     params = SamplingParams(max_new_tokens=_max_new_tokens(setting, width), stop_tokens=eos, seed=setting("seed"),
                             repetition_penalty=float(setting("repetition_penalty", 1.0)), min_new_tokens=min_new,
-                            **_sampling(setting))
+                            no_repeat_ngram_size=setting("no_repeat_ngram_size", 0), **_sampling(setting))
     streamer = kwargs.get("streamer")
     if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
         raise TypeError(f"streamer must have put(tokens) and end(), as transformers' TextStreamer, got "

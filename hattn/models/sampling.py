@@ -2,8 +2,8 @@
 
 transformers' order, each step on the [B, vocab] logits in float32:
 
-    repetition_penalty -> min_new_tokens (stop tokens masked) -> greedy: argmax
-                                                           or sampling: temperature -> top_k -> top_p -> min_p -> draw
+    repetition_penalty -> no_repeat_ngram_size -> min_new_tokens (stop tokens masked) -> greedy: argmax
+                                         or sampling: temperature -> top_k -> top_p -> min_p -> draw
 
 Each filter computes what transformers' logits processor of that name computes (`tests/models/test_sampling.py`
 compares them), so a setting means here what it means there. The draw is the exponential race (argmax of p / E,
@@ -21,8 +21,9 @@ import torch
 class SamplingParams:
     """max_new_tokens per sequence; temperature 0 = greedy; top_k / top_p / min_p filter the distribution sampled
     from (0 / 1 / 0: off); repetition_penalty > 1 makes tokens of the prompt and the output so far less likely
-    (transformers' rule; 1: off); a sequence stops after emitting any of stop_tokens (the stop token is kept), but
-    not before min_new_tokens new tokens; seed for a reproducible sampling generator."""
+    (transformers' rule; 1: off); no_repeat_ngram_size n > 0 bans a token that would repeat an n-gram of the prompt
+    and output so far; a sequence stops after emitting any of stop_tokens (the stop token is kept), but not before
+    min_new_tokens new tokens; seed for a reproducible sampling generator."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -33,6 +34,7 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     min_new_tokens: int = 0
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -47,6 +49,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
+        if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {self.no_repeat_ngram_size!r}")
         self.stop_tokens = tuple(self.stop_tokens)
 
 
@@ -57,6 +61,23 @@ def _is_int(x) -> bool:
 def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """transformers' repetition penalty: a seen token's score divided by `penalty` if positive, else multiplied."""
     return torch.where(seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' no-repeat n-gram rule: row i's tokens so far are history[i, :lengths[i]]; a token that would end
+    an n-gram already there (its first n - 1 tokens equal the last n - 1 tokens) gets -inf."""
+    rows, width = history.shape
+    if width < n:
+        return scores
+    grams = history.unfold(1, n, 1)  # [B, width - n + 1, n]: the n-gram starting at each position
+    last = lengths[:, None] - (n - 1) + torch.arange(n - 1, device=history.device)  # positions of the last n - 1
+    tail = history.gather(1, last.clamp(min=0))
+    starts = torch.arange(grams.shape[1], device=history.device)
+    repeated = (grams[..., :-1] == tail[:, None, :]).all(-1) & (starts[None, :] <= lengths[:, None] - n)
+    vocab = scores.shape[-1]
+    banned = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=scores.device)  # column vocab: nothing banned
+    banned.scatter_(1, torch.where(repeated, grams[..., -1], vocab), True)
+    return scores.masked_fill(banned[:, :vocab], -torch.inf)
 
 
 def warp(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -94,17 +115,22 @@ class Sampler:
     def __init__(self, params: SamplingParams, prompts: list[list[int]], generator: torch.Generator | None = None):
         self.params, self.prompts, self.generator = params, prompts, generator
         self.seen: torch.Tensor | None = None  # [B, vocab] bool, made at the first step (the vocab is the logits')
+        self.history: torch.Tensor | None = None  # [B, longest prompt + max_new_tokens]: no_repeat_ngram_size
+        self.lengths: torch.Tensor | None = None  # [B] tokens in each history row
         self.stops: torch.Tensor | None = None
         self.step = 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
-        penalized = p.repetition_penalty != 1
+        penalized, ngrams = p.repetition_penalty != 1, p.no_repeat_ngram_size
         masked = self.step < p.min_new_tokens and bool(p.stop_tokens)
-        if penalized or masked:
+        if penalized or ngrams or masked:
             logits = logits.float()
         if penalized:
             logits = penalize(logits, self._seen(logits), p.repetition_penalty)
+        if ngrams:
+            self._start_history(logits.device)
+            logits = ban_repeated_ngrams(logits, self.history, self.lengths, ngrams)
         if masked:
             if self.stops is None:
                 self.stops = torch.tensor(p.stop_tokens, dtype=torch.long, device=logits.device)
@@ -112,8 +138,18 @@ class Sampler:
         nxt = sample(logits, p, self.generator)
         if penalized:
             self.seen.scatter_(1, nxt[:, None], True)
+        if ngrams:
+            self.history.scatter_(1, self.lengths[:, None], nxt[:, None])
+            self.lengths += 1
         self.step += 1
         return nxt
+
+    def _start_history(self, device) -> None:
+        if self.history is None:
+            width = max(map(len, self.prompts)) + self.params.max_new_tokens
+            rows = [prompt + [0] * (width - len(prompt)) for prompt in self.prompts]
+            self.history = torch.tensor(rows, dtype=torch.long).to(device)
+            self.lengths = torch.tensor([len(prompt) for prompt in self.prompts], dtype=torch.long).to(device)
 
     def _seen(self, logits: torch.Tensor) -> torch.Tensor:
         if self.seen is None:

@@ -89,7 +89,7 @@ def test_unsupported_or_bad_arguments_are_named(kwargs, error, match):
 
 def test_neutral_values_of_unsupported_settings_and_greedy_top_k_are_accepted():
     ids, mask = _batch([[5, 6, 7]], "left")
-    req = request(ids, mask, GenerationConfig(top_k=50), num_beams=1, no_repeat_ngram_size=0, use_cache=False)
+    req = request(ids, mask, GenerationConfig(top_k=50), num_beams=1, typical_p=1.0, use_cache=False)
     assert req.params.temperature == 0.0  # greedy: top_k does not matter
 
 
@@ -110,8 +110,8 @@ def test_sampling_settings_resolve_as_transformers():
 
 def test_a_model_generation_config_setting_that_changes_tokens_is_refused():
     ids, mask = _batch([[5, 6, 7]], "left")
-    with pytest.raises(ValueError, match="no_repeat_ngram_size=3 .* pass no_repeat_ngram_size=0"):
-        request(ids, mask, GenerationConfig(no_repeat_ngram_size=3))
+    with pytest.raises(ValueError, match="typical_p=0.5 .* pass typical_p=1.0"):
+        request(ids, mask, GenerationConfig(typical_p=0.5))
 
 
 @pytest.mark.parametrize("input_ids, mask, error, match", [

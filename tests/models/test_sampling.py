@@ -8,11 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
-                                                    MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+                                                    MinPLogitsWarper, NoRepeatNGramLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 import hattn
-from hattn.models.sampling import Sampler, SamplingParams, penalize, sample, warp
+from hattn.models.sampling import Sampler, SamplingParams, ban_repeated_ngrams, penalize, sample, warp
 from hattn.models.hf_generate import repad
 from tests.models.test_frontdoor import HF_BATCH_DIVERGES, PAD, fresh, padded
 
@@ -22,6 +23,8 @@ def _hf_processors(p: SamplingParams, prompt_len: int) -> LogitsProcessorList:
     procs = []
     if p.repetition_penalty != 1:
         procs.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+    if p.no_repeat_ngram_size:
+        procs.append(NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size))
     if p.min_new_tokens and p.stop_tokens:
         procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, p.min_new_tokens, torch.tensor(p.stop_tokens)))
     if p.temperature:
@@ -44,6 +47,7 @@ def cases(draw):
         top_p=draw(st.sampled_from([1.0, 0.95, 0.5, 1e-3])),
         min_p=draw(st.sampled_from([0.0, 0.05, 0.5])),
         repetition_penalty=draw(st.sampled_from([1.0, 1.3, 0.7])),
+        no_repeat_ngram_size=draw(st.sampled_from([0, 0, 1, 2, 3])),
         min_new_tokens=draw(st.integers(0, 3)),
         stop_tokens=tuple(draw(st.lists(st.integers(0, vocab - 1), max_size=2))),
     )
@@ -58,12 +62,15 @@ def test_filtered_scores_are_transformers(case):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, vocab, generator=g) * 4
     logits[:, :vocab // 3] = logits[:, :1]  # ties, as a bf16 model's logits have
-    ids = torch.randint(0, vocab, (batch, history), generator=g)
+    ids = torch.randint(0, min(vocab, 4), (batch, history), generator=g)  # few distinct tokens: n-grams repeat
     want = _hf_processors(params, history - new)(ids, logits.clone())
     got = logits
     if params.repetition_penalty != 1:
         seen = torch.zeros(batch, vocab, dtype=torch.bool).scatter_(1, ids, True)
         got = penalize(got, seen, params.repetition_penalty)
+    if params.no_repeat_ngram_size:  # the history in a wider buffer, as the sampler keeps it
+        buffer = torch.cat([ids, torch.randint(0, vocab, (batch, 5), generator=g)], dim=1)
+        got = ban_repeated_ngrams(got, buffer, torch.full((batch,), history), params.no_repeat_ngram_size)
     if new < params.min_new_tokens and params.stop_tokens:
         got = got.index_fill(-1, torch.tensor(params.stop_tokens), -torch.inf)
     if params.temperature:
@@ -93,7 +100,8 @@ def test_the_sampler_remembers_the_tokens_it_chose_and_counts_new_tokens():
 
 
 @pytest.mark.parametrize("args", [dict(top_k=-1), dict(top_k=2.5), dict(min_p=1.5), dict(repetition_penalty=0.0),
-                                  dict(min_new_tokens=-1)], ids=lambda a: next(iter(a)))
+                                  dict(min_new_tokens=-1), dict(no_repeat_ngram_size=-2)],
+                         ids=lambda a: next(iter(a)))
 def test_settings_out_of_range_name_themselves(args):
     with pytest.raises(ValueError, match=next(iter(args))):
         SamplingParams(**args)
@@ -118,6 +126,24 @@ def test_generate_with_penalty_and_min_new_tokens_equals_transformers(family_cas
     assert torch.equal(got, want)
     unpenalized = model.generate(ids, **{**kwargs, "repetition_penalty": 1.0, "min_new_tokens": 0})
     assert not torch.equal(got, unpenalized)  # the settings changed the tokens: the comparison above tested them
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_no_repeat_ngram_size_equals_transformers_over_prompts_of_unequal_lengths(make_case, n):
+    c = make_case("tiny")
+    prompts, new = [[5, 6, 5, 6, 5], [7, 8, 7], [9]], 24
+    got = hattn.generate(c.lm, prompts, params=SamplingParams(max_new_tokens=new, no_repeat_ngram_size=n)).tokens
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = [c.hf.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, no_repeat_ngram_size=n,
+                              eos_token_id=None, pad_token_id=PAD)[0, len(p):].tolist() for p in prompts]
+    assert got == want
+    for prompt, tokens in zip(prompts, got):
+        row = prompt + tokens
+        for k in range(len(prompt), len(row)):  # no new token completes an n-gram seen before it
+            assert tuple(row[k - n + 1:k + 1]) not in set(zip(*(row[i:k] for i in range(n))))
+    if n == 1:  # the control: greedy repeats a token within 24 (the setting changed the tokens compared above)
+        assert got != hattn.generate(c.lm, prompts, params=SamplingParams(max_new_tokens=new)).tokens
 
 
 def test_num_return_sequences_samples_each_input_that_many_times(make_case):
