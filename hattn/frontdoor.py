@@ -18,7 +18,7 @@ from hattn.compiler.dispatch import dispatch_for
 from hattn.models.cache import HybridCache
 from hattn.models.generate import generate as packed_generate
 from hattn.models.hf import HybridLM, adapt
-from hattn.models.hf_generate import repad, request, stream_to
+from hattn.models.hf_generate import merged_config, repad, request, stream_to
 
 
 class CompiledLM:
@@ -80,7 +80,7 @@ class CompiledLM:
         `generation_config` (default: the model's), then transformers' defaults. Greedy tokens equal transformers'
         generate; sampling draws from its processors' distribution.
         """
-        req = request(input_ids, attention_mask, generation_config or self.generation_config, **kwargs)
+        req = request(input_ids, attention_mask, merged_config(generation_config, self.generation_config), **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens
         res = packed_generate(self, req.prompts, self._cache_for(len(req.prompts), need), req.params,
                               on_tokens=stream_to(req))

@@ -3,21 +3,25 @@
 transformers' `ACT2FN[name]` constructs a new module at every lookup, and some forwards look it up at every call: the
 gated RMSNorms of Qwen3.5, Qwen3-Next, OLMo hybrid, Kimi-Linear and Ling (`ACT2FN[self.activation](gate)`). Eager,
 that is a module construction per layer and step; under Dynamo the construction is traced (nn.Module.__init__ and
-its dicts), on the qwen3.5-1b preset 40% of the bytecode Dynamo steps through (19.9k of 49.4k instructions, ~3 s
-of a 7.4 s trace on the development CPU).
+its dicts), on the qwen3.5-1b preset 40% of the bytecode Dynamo steps through (19.9k of 49.4k instructions, ~0.5 s
+of a 6.7 s trace on the development CPU).
 
-`share_activations(model)` gives each module whose class's forward reads `ACT2FN` a class whose forward is the same
-code reading `SharedActivations` instead: one module per name for activations without parameters or buffers (made
-at the first eager lookup: the adapter's probe makes them), every other one made at each lookup as before.
+`share_activations(model)` gives each module whose class's forward reads the global `ACT2FN` a class whose forward is
+the same code reading the global `_hattn_ACT2FN` instead, a `SharedActivations` put beside ACT2FN in the modeling
+module: one module per name for activations without parameters or buffers, every other one made at each lookup as
+before. The names the patched modules hold (`module.activation`) are made at once, so the table Dynamo guards on does
+not change after a compile (a name first looked up later, e.g. by another model of the family, recompiles once).
 """
 from __future__ import annotations
 
-import sys
+import dis
 import types
 from typing import Callable
 
 import torch
 import torch.nn as nn
+
+SHARED = "_hattn_ACT2FN"  # the global the rebound forwards read
 
 
 class SharedActivations:
@@ -39,37 +43,29 @@ class SharedActivations:
         return act
 
 
-_REBOUND: dict[Callable, Callable] = {}  # HF forward -> the same code reading SharedActivations
-_SCOPES: dict[str, types.ModuleType] = {}  # modeling module name -> a module of its globals with ACT2FN shared
+_REBOUND: dict[Callable, Callable] = {}  # HF forward -> the same code reading SHARED
 
 
 def shared_forward(forward: Callable) -> Callable | None:
-    """`forward` with `ACT2FN` read from a `SharedActivations`, or None when it does not read transformers' ACT2FN."""
+    """`forward` reading `SHARED` where it read transformers' ACT2FN, or None when it does not read it as a global."""
     from transformers.activations import ACT2FN
 
     code = getattr(forward, "__code__", None)
     if code is None or "ACT2FN" not in code.co_names or forward.__globals__.get("ACT2FN") is not ACT2FN:
         return None
+    if any(i.argval == "ACT2FN" and i.opname != "LOAD_GLOBAL" for i in dis.get_instructions(code)):
+        return None  # the name is also an attribute or a store: renaming it would change more than the lookup
     if forward not in _REBOUND:
-        scope = _scope(forward.__globals__, ACT2FN).__dict__
-        rebound = types.FunctionType(code, scope, forward.__name__, forward.__defaults__, forward.__closure__)
+        scope = forward.__globals__
+        if not isinstance(scope.get(SHARED), SharedActivations):
+            scope[SHARED] = SharedActivations(ACT2FN)
+        names = tuple(SHARED if name == "ACT2FN" else name for name in code.co_names)
+        rebound = types.FunctionType(code.replace(co_names=names), scope, forward.__name__, forward.__defaults__,
+                                     forward.__closure__)
         rebound.__kwdefaults__, rebound.__qualname__ = forward.__kwdefaults__, forward.__qualname__
         rebound.__dict__.update(forward.__dict__)
         _REBOUND[forward] = rebound
     return _REBOUND[forward]
-
-
-def _scope(module_globals: dict, table) -> types.ModuleType:
-    """A module holding a copy of a modeling module's globals, ACT2FN shared. It is a real module, in sys.modules
-    under its own name: Dynamo finds a function's globals again by their `__name__`, so the copy must not keep the
-    modeling module's (its guards would read the modeling module's ACT2FN)."""
-    name = f"{__name__}.of.{module_globals['__name__']}"
-    if name not in _SCOPES:
-        scope = types.ModuleType(name)
-        scope.__dict__.update({k: v for k, v in module_globals.items() if k not in ("__name__", "__spec__")})
-        scope.ACT2FN = SharedActivations(table)
-        _SCOPES[name] = sys.modules[name] = scope
-    return _SCOPES[name]
 
 
 def share_activations(model: nn.Module, patched_class: Callable[[type, Callable], type]) -> int:
@@ -80,7 +76,10 @@ def share_activations(model: nn.Module, patched_class: Callable[[type, Callable]
         if hasattr(cls, "_hattn_base"):  # already hattn's class (a mixer with hattn's forward, or shared before)
             continue
         forward = shared_forward(cls.forward)
-        if forward is not None:
-            module.__class__ = patched_class(cls, forward)
-            count += 1
+        if forward is None:
+            continue
+        module.__class__ = patched_class(cls, forward)
+        if isinstance(getattr(module, "activation", None), str):
+            forward.__globals__[SHARED][module.activation]  # made now, before any compile guards on the table
+        count += 1
     return count

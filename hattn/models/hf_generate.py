@@ -4,10 +4,11 @@
     res = generate(model, req.prompts, params=req.params)              # hattn.models.generate: packed prompts
     out = repad(input_ids, res.tokens, req.pad_token_id)               # [B, T + new], as transformers returns
 
-Arguments resolve as in transformers: a keyword given wins (even None), then the generation config (the model's, or
-the one passed), then transformers' defaults (20 new tokens, greedy). `repad` lays tokens out as transformers does:
-row i is input_ids[i] (padding included) followed by its new tokens, then the pad token up to the longest row (a row
-ends early only at an eos token, which it keeps); the pad token defaults to the first eos token.
+Arguments resolve as in transformers: a keyword given wins (even None: top_k=None is no top-k), then the generation
+config passed, then the model's (`merged_config`), then transformers' defaults (20 new tokens, greedy, top_k 50).
+`repad` lays tokens out as transformers does: row i is input_ids[i] (padding included) followed by its new tokens,
+then the pad token up to the longest row (a row ends early only at an eos token, which it keeps); the pad token
+defaults to the first eos token.
 
 Left- and right-padded batches are both read through the mask, and each row's new tokens are the continuation of
 its prompt alone (so `no_repeat_ngram_size` looks at the prompt and its output, where transformers also counts the
@@ -16,6 +17,7 @@ warns that its tokens are wrong); hattn's equal transformers' for the same batch
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,8 +67,9 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
     repeats = _num_return_sequences(setting)
     prompts = [p for p in unpad(input_ids, attention_mask) for _ in range(repeats)]  # transformers' row order
     width = input_ids.shape[1]
-    # transformers' min_length counts the padded input: both mask the eos tokens until the row has this many new
-    min_new = max(setting("min_new_tokens", 0), setting("min_length", 0) - width, 0)
+    # min_new_tokens, when set, overrides min_length, which counts the padded input (transformers' rule)
+    min_new = setting("min_new_tokens")
+    min_new = max(setting("min_length", 0) - width, 0) if min_new is None else min_new
     params = SamplingParams(max_new_tokens=_max_new_tokens(setting, width), stop_tokens=eos, seed=setting("seed"),
                             repetition_penalty=float(setting("repetition_penalty", 1.0)), min_new_tokens=min_new,
                             no_repeat_ngram_size=setting("no_repeat_ngram_size", 0), **_sampling(setting))
@@ -92,11 +95,25 @@ def stream_to(req: Request) -> Callable[[torch.Tensor, torch.Tensor], None] | No
 
 
 def _settings(generation_config, kwargs: dict):
-    """setting(name, default): the keyword if given (even None), else the generation config's; None -> default."""
+    """setting(name, default): the keyword if given (even None), else the generation config's; None -> default.
+    `setting.unset_by_keyword(name)`: a keyword of None (transformers then leaves that processor out)."""
     def setting(name: str, default=None):
         value = kwargs[name] if name in kwargs else getattr(generation_config, name, None)
         return default if value is None else value
+    setting.unset_by_keyword = lambda name: name in kwargs and kwargs[name] is None
     return setting
+
+
+def merged_config(passed, model_config):
+    """The generation config transformers generates with when `passed` is given to a model whose own is
+    `model_config`: passed's settings, the model's where passed leaves one unset (None)."""
+    if passed is None or model_config is None:
+        return passed if passed is not None else model_config
+    merged = copy.deepcopy(passed)
+    for name, value in model_config.to_dict().items():
+        if value is not None and getattr(merged, name, None) is None:
+            setattr(merged, name, value)
+    return merged
 
 
 def _check_unsupported(setting) -> None:
@@ -152,7 +169,8 @@ def _sampling(setting) -> dict:
     if not temperature > 0:
         raise ValueError(f"do_sample=True needs temperature > 0, got {temperature!r}: for greedy tokens pass "
                          f"do_sample=False")
-    return {"temperature": float(temperature), "top_k": setting("top_k", DEFAULT_TOP_K),
+    top_k = 0 if setting.unset_by_keyword("top_k") else setting("top_k", DEFAULT_TOP_K)
+    return {"temperature": float(temperature), "top_k": top_k,
             "top_p": float(setting("top_p", 1.0)), "min_p": float(setting("min_p", 0.0))}
 
 

@@ -1,6 +1,6 @@
 """The next token of every sequence, chosen on the device as transformers' generate chooses it.
 
-transformers' order, each step on the [B, vocab] logits in float32:
+transformers' order, each step on the [B, vocab] logits (in float32 wherever a filter changes them):
 
     repetition_penalty -> no_repeat_ngram_size -> min_new_tokens (stop tokens masked) -> greedy: argmax
                                          or sampling: temperature -> top_k -> top_p -> min_p -> draw
@@ -39,8 +39,9 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.temperature < 0 or not 0 <= self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 <= top_p <= 1 (0: the most likely token), got "
+                             f"{self.temperature}, {self.top_p}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if not 0 <= self.min_p <= 1:
@@ -132,8 +133,9 @@ class Sampler:
             self._start_history(logits.device)
             logits = ban_repeated_ngrams(logits, self.history, self.lengths, ngrams)
         if masked:
-            if self.stops is None:
-                self.stops = torch.tensor(p.stop_tokens, dtype=torch.long, device=logits.device)
+            if self.stops is None:  # stop ids past the logits' vocabulary cannot come anyway (transformers' rule)
+                ids = [t for t in p.stop_tokens if t < logits.shape[-1]]
+                self.stops = _to(torch.tensor(ids, dtype=torch.long), logits.device)
             logits = logits.index_fill(-1, self.stops, -torch.inf)
         nxt = sample(logits, p, self.generator)
         if penalized:
@@ -144,18 +146,25 @@ class Sampler:
         self.step += 1
         return nxt
 
+    def _seen(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.seen is None:
+            n, vocab = logits.shape
+            # ids past the logits' vocabulary are not penalized (they cannot be sampled: transformers drops them)
+            pairs = [(row, t) for row, prompt in enumerate(self.prompts) for t in prompt if t < vocab]
+            where = _to(torch.tensor(pairs, dtype=torch.long).reshape(-1, 2), logits.device)
+            self.seen = torch.zeros(n, vocab, dtype=torch.bool, device=logits.device)
+            self.seen[where[:, 0], where[:, 1]] = True
+        return self.seen
+
     def _start_history(self, device) -> None:
         if self.history is None:
             width = max(map(len, self.prompts)) + self.params.max_new_tokens
             rows = [prompt + [0] * (width - len(prompt)) for prompt in self.prompts]
-            self.history = torch.tensor(rows, dtype=torch.long).to(device)
-            self.lengths = torch.tensor([len(prompt) for prompt in self.prompts], dtype=torch.long).to(device)
+            self.history = _to(torch.tensor(rows, dtype=torch.long), device)
+            self.lengths = _to(torch.tensor([len(prompt) for prompt in self.prompts], dtype=torch.long), device)
 
-    def _seen(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.seen is None:
-            n, vocab = logits.shape
-            rows = torch.repeat_interleave(torch.arange(n), torch.tensor([len(t) for t in self.prompts]))
-            cols = torch.tensor([t for prompt in self.prompts for t in prompt], dtype=torch.long)
-            self.seen = torch.zeros(n, vocab, dtype=torch.bool, device=logits.device)
-            self.seen[rows.to(logits.device), cols.to(logits.device)] = True
-        return self.seen
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device (pinned, asynchronous copy to a GPU)."""
+    device = torch.device(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

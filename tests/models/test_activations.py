@@ -8,7 +8,7 @@ from transformers.activations import ACT2FN
 
 import hattn
 import hattn.models.hf as hf
-from hattn.models.activations import SharedActivations
+from hattn.models.activations import SHARED, SharedActivations
 from hattn.models.presets import preset_config, random_model
 
 
@@ -19,16 +19,35 @@ def test_stateless_activations_are_made_once_and_the_others_at_every_lookup():
     assert shared["prelu"] is not shared["prelu"]  # parameters: a new module at every lookup, as transformers does
 
 
-def _reads_act2fn(module) -> bool:
+def _reads(module, name: str) -> bool:
     code = getattr(type(module).forward, "__code__", None)
-    return code is not None and "ACT2FN" in code.co_names
+    return code is not None and name in code.co_names
 
 
 def test_no_forward_of_an_adapted_model_builds_activations_at_every_call(family_case):
-    readers = [type(m) for m in family_case.lm.hf.modules() if _reads_act2fn(m)]
-    assert all(isinstance(cls.forward.__globals__["ACT2FN"], SharedActivations) for cls in readers), readers
+    assert not any(_reads(m, "ACT2FN") for m in family_case.lm.hf.modules())
+    shared = [m for m in family_case.lm.hf.modules() if _reads(m, SHARED)]
     # the unmodified model's modules that look ACT2FN up in their forward are those the adapter shared
-    assert len(readers) == sum(_reads_act2fn(m) for m in family_case.hf.modules()), family_case.preset
+    assert len(shared) == sum(_reads(m, "ACT2FN") for m in family_case.hf.modules()), family_case.preset
+    for m in shared:
+        assert isinstance(type(m).forward.__globals__[SHARED], SharedActivations)
+        assert type(m).forward.__globals__["ACT2FN"] is ACT2FN  # transformers' own name is left as it was
+
+
+def test_an_eager_run_between_compiled_steps_does_not_recompile(one_thread):
+    lm = hf.adapt(random_model(preset_config("tiny"), seed=0), check=False)  # no probe: nothing looked up yet
+    graphs = []
+    compiled = torch.compile(lm, backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    cache = lm.make_cache(slots=1, max_len=16)
+    torch._dynamo.reset()
+    try:
+        for model in (compiled, lm, compiled):
+            ctx = hattn.ForwardContext(seq_lens=[4], slots=[0], cache=cache, layer_kinds=lm.layer_kinds)
+            with hattn.forward_context(ctx), torch.inference_mode():
+                model(torch.arange(4), torch.arange(4))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
 
 
 def _traced_frames(lm) -> collections.Counter:

@@ -84,7 +84,7 @@ def test_bad_sampling_params():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=0.0)
+        SamplingParams(top_p=1.5)
 
 
 def test_logits_rows_give_the_lm_head_on_those_rows_only(make_case):

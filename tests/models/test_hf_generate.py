@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GenerationConfig
 
-from hattn.models.hf_generate import infer_mask, repad, request, unpad
+from hattn.models.hf_generate import infer_mask, merged_config, repad, request, unpad
 
 GC = GenerationConfig()
 
@@ -56,6 +56,14 @@ def test_arguments_resolve_as_transformers():
     assert (req.params.max_new_tokens, req.params.stop_tokens, req.params.seed) == (7, (2,), 1)
 
 
+def test_a_passed_generation_config_is_filled_from_the_models():
+    ids, mask = _batch([[5, 6, 7]], "left")
+    model = GenerationConfig(do_sample=True, top_k=20, repetition_penalty=1.05, eos_token_id=2, max_new_tokens=9)
+    p = request(ids, mask, merged_config(GenerationConfig(temperature=0.7, top_k=5), model)).params
+    assert (p.temperature, p.top_k, p.repetition_penalty, p.stop_tokens, p.max_new_tokens) == (0.7, 5, 1.05, (2,), 9)
+    assert merged_config(None, model) is model and merged_config(GC, None) is GC
+
+
 def test_mask_is_inferred_from_the_pad_token_unless_it_is_an_eos_token():
     ids = torch.tensor([[0, 0, 5], [4, 5, 6]])
     assert infer_mask(ids, 0, ()).tolist() == [[0, 0, 1], [1, 1, 1]]
@@ -104,6 +112,8 @@ def test_sampling_settings_resolve_as_transformers():
     assert (p.temperature, p.repetition_penalty, p.min_new_tokens) == (0.0, 1.05, 2)  # greedy keeps the penalty
     assert request(ids, mask, qwen, top_k=0, min_p=0.1).params.top_k == 0
     assert request(ids, mask, GC, min_length=5).params.min_new_tokens == 2  # min_length counts the padded input
+    assert request(ids, mask, GC, min_length=9, min_new_tokens=1).params.min_new_tokens == 1  # it wins when set
+    assert request(ids, mask, qwen, top_k=None).params.top_k == 0  # a keyword None: transformers adds no top-k
     req = request(ids, mask, GC, do_sample=True, num_return_sequences=2)
     assert req.prompts == [[5, 6, 7], [5, 6, 7], [8], [8]] and torch.equal(req.rows, ids[[0, 0, 1, 1]])
 
