@@ -18,7 +18,7 @@ from hattn.compiler.dispatch import dispatch_for
 from hattn.models.cache import HybridCache
 from hattn.models.generate import generate as packed_generate
 from hattn.models.hf import HybridLM, adapt
-from hattn.models.hf_generate import merged_config, repad, request, stream_to
+from hattn.models.hf_generate import merged_config, output, repad, request, stream_to
 
 
 class CompiledLM:
@@ -69,13 +69,14 @@ class CompiledLM:
         return self.backend.stats
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 generation_config=None, **kwargs) -> torch.Tensor:
+                 generation_config=None, **kwargs):
         """transformers' generate for a left- or right-padded batch: input_ids, attention_mask [B, T] ->
         [B, T + new], each row its input then its new tokens then the pad token.
 
         kwargs: max_new_tokens, max_length, min_new_tokens, min_length, do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, no_repeat_ngram_size, num_return_sequences (rows [B * n, ...], each input's n in a row),
-        eos_token_id, pad_token_id, streamer (transformers' streamers: each step's tokens, then end()), use_cache
+        eos_token_id, pad_token_id, streamer (transformers' streamers: each step's tokens, then end()),
+        return_dict_in_generate with output_scores / output_logits (transformers' output object), use_cache
         (ignored: hattn always caches), seed (hattn's: reproducible sampling). Unset ones come from
         `generation_config` (default: the model's), then transformers' defaults. Greedy tokens equal transformers'
         generate; sampling draws from its processors' distribution.
@@ -83,10 +84,10 @@ class CompiledLM:
         req = request(input_ids, attention_mask, merged_config(generation_config, self.generation_config), **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens
         res = packed_generate(self, req.prompts, self._cache_for(len(req.prompts), need), req.params,
-                              on_tokens=stream_to(req))
+                              on_tokens=stream_to(req), keep=req.keep)
         if req.streamer is not None:
             req.streamer.end()
-        return repad(req.rows, res.tokens, req.pad_token_id)
+        return output(req, repad(req.rows, res.tokens, req.pad_token_id), res)
 
     # -- the packed model ----------------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -55,6 +55,8 @@ class Generation:
     decode_s: float = 0.0
     decode_steps: int = 0
     decode_tokens: int = 0
+    scores: list[torch.Tensor] | None = None  # generate(keep=("scores",)): each step's [B, vocab], float32
+    logits: list[torch.Tensor] | None = None  # generate(keep=("logits",))
 
     @property
     def decode_tok_per_s(self) -> float:
@@ -200,7 +202,8 @@ def _sync(device) -> float:
 
 def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
              params: SamplingParams | None = None, layer_kinds: dict[int, str] | None = None,
-             device=None, on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Generation:
+             device=None, on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+             keep: tuple[str, ...] = ()) -> Generation:
     """Generate for every prompt: one packed prefill, then packed decode steps until all sequences stop.
 
     model: callable (input_ids [T], positions [T], logits_rows [R]) -> logits (a HybridLM, maybe compiled).
@@ -208,9 +211,13 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
     layer_kinds: the model's layer table for routing checks (default: `model.layer_kinds`).
     on_tokens(tokens, stopped): called after every step with its tokens [B] and which sequences had stopped before
     it [B] (bool), both on the host (streaming: the loop then waits for the GPU at every step).
+    keep: "scores" and / or "logits": every step's processed scores / raw logits [B, vocab] (float32, on the device)
+    in the result (transformers' output_scores / output_logits).
     """
     params = params or SamplingParams()
     check_inputs(model, prompts, params, cache)
+    if set(keep) - {"scores", "logits"}:
+        raise ValueError(f"keep takes 'scores' and 'logits', got {tuple(keep)!r}")
     if layer_kinds is None:
         layer_kinds = getattr(model, "layer_kinds", None)
     if cache is None:
@@ -222,7 +229,7 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
         generator = torch.Generator(device=device).manual_seed(params.seed)
     slots = cache.alloc(len(prompts))
     try:
-        return _Loop(model, prompts, cache, slots, params, layer_kinds, device, generator, on_tokens).run()
+        return _Loop(model, prompts, cache, slots, params, layer_kinds, device, generator, on_tokens, keep).run()
     finally:
         cache.free(slots)
 
@@ -230,10 +237,12 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
 class _Loop:
     """One generate call's prefill and decode loop (see the module docstring)."""
 
-    def __init__(self, model, prompts, cache, slots, params, layer_kinds, device, generator, on_tokens=None):
+    def __init__(self, model, prompts, cache, slots, params, layer_kinds, device, generator, on_tokens=None,
+                 keep=()):
         self.model, self.prompts, self.cache, self.slots = model, prompts, cache, list(slots)
         self.params, self.layer_kinds, self.device, self.on_tokens = params, layer_kinds, device, on_tokens
-        self.sampler = Sampler(params, prompts, generator)
+        self.sampler = Sampler(params, prompts, generator, keep="scores" in keep)
+        self.kept: dict[str, list[torch.Tensor]] = {what: [] for what in keep}
         n = len(prompts)
         self.lens = [len(p) for p in prompts]  # context length of each sequence before the next step (host copy)
         self.tokens = torch.empty(params.max_new_tokens, n, dtype=torch.long, device=device)  # sampled, per step
@@ -246,13 +255,14 @@ class _Loop:
         t0 = _sync(self.device)
         logits = prefill(self.model, self.prompts, self.cache, self.slots, self.layer_kinds, self.device,
                          step_token_limit(self.model))
-        self._emit(0, self.sampler(logits))
+        self._emit(0, self._choose(logits))
         t1 = _sync(self.device)
         steps = self._decode()
         t2 = _sync(self.device)
         tokens = [self._finished(row) for row in self.tokens[:steps + 1].t().tolist()]
         return Generation(tokens, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps,
-                          decode_tokens=sum(len(t) - 1 for t in tokens))
+                          decode_tokens=sum(len(t) - 1 for t in tokens), scores=self.kept.get("scores"),
+                          logits=self.kept.get("logits"))
 
     def _decode(self) -> int:
         """Decode steps 1 .. max_new_tokens - 1 (fewer once every sequence has stopped); returns how many ran."""
@@ -271,7 +281,7 @@ class _Loop:
             else:
                 direct.replay()
                 logits = direct.logits[:n]
-            nxt = self._emit(step, self.sampler(logits))
+            nxt = self._emit(step, self._choose(logits))
             if direct is None:  # the next step calls the model: its host-side context lengths advance too
                 self.lens = [c + 1 for c in self.lens]
                 ids[:n].copy_(nxt)
@@ -279,6 +289,14 @@ class _Loop:
             else:
                 direct.advance(nxt)
         return self.params.max_new_tokens - 1
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        if "logits" in self.kept:
+            self.kept["logits"].append(logits.to(torch.float32, copy=True))  # a graph's buffer is rewritten
+        nxt = self.sampler(logits)
+        if "scores" in self.kept:
+            self.kept["scores"].append(self.sampler.scores)
+        return nxt
 
     def _call(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         n = len(self.slots)

@@ -28,13 +28,14 @@ from hattn.models.sampling import SamplingParams
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' model-agnostic default (max_length=20 on top of the prompt)
 ACCEPTED = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
             "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences", "eos_token_id",
-            "pad_token_id", "use_cache", "seed", "streamer")
+            "pad_token_id", "use_cache", "seed", "streamer", "return_dict_in_generate", "output_scores",
+            "output_logits")
 DEFAULT_TOP_K = 50  # transformers samples from the 50 most likely tokens unless top_k is set (0: all of them)
 # settings that change which tokens come out and that hattn does not implement, with the value that means "off"
 UNSUPPORTED = {"num_beams": 1, "typical_p": 1.0,
                "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "bad_words_ids": None, "suppress_tokens": None,
                "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-               "sequence_bias": None}
+               "sequence_bias": None, "output_attentions": False, "output_hidden_states": False}
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Request:
     pad_token_id: int | None
     rows: torch.Tensor
     streamer: object = None  # transformers' streamer protocol: put(tokens on the host), end()
+    keep: tuple[str, ...] = ()  # "scores", "logits": what generate keeps of every step
+    return_dict: bool = False  # return_dict_in_generate: a GenerateDecoderOnlyOutput, not the tensor
 
 
 def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config,
@@ -78,7 +81,22 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
         raise TypeError(f"streamer must have put(tokens) and end(), as transformers' TextStreamer, got "
                         f"{type(streamer).__name__}")
     rows = input_ids.repeat_interleave(repeats, dim=0) if repeats > 1 else input_ids
-    return Request(prompts, params, pad, rows, streamer)
+    return_dict = bool(setting("return_dict_in_generate", False))
+    keep = tuple(what for what in ("scores", "logits") if return_dict and setting(f"output_{what}", False))
+    return Request(prompts, params, pad, rows, streamer, keep, return_dict)
+
+
+def output(req: Request, sequences: torch.Tensor, res) -> torch.Tensor:
+    """What transformers' generate returns: the sequences, or with return_dict_in_generate its output object, whose
+    scores / logits hold a [B, vocab] tensor per new-token column of `sequences` (a row that stopped keeps being
+    scored, on its own tokens, where transformers feeds it the pad token: read a row's scores up to its stop)."""
+    if not req.return_dict:
+        return sequences
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    steps = sequences.shape[1] - req.rows.shape[1]
+    kept = {what: tuple(getattr(res, what)[:steps]) if what in req.keep else None for what in ("scores", "logits")}
+    return GenerateDecoderOnlyOutput(sequences=sequences, **kept)
 
 
 def stream_to(req: Request) -> Callable[[torch.Tensor, torch.Tensor], None] | None:

@@ -103,7 +103,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     temperature is 0, else a draw from `warp`'s distribution."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    probs = warp(logits.float(), params).softmax(dim=-1)
+    return draw(warp(logits.float(), params), generator)
+
+
+def draw(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A token per row [B] drawn from softmax(scores) [B, vocab] by the exponential race."""
+    probs = scores.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / race).argmax(dim=-1)
 
@@ -111,10 +116,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 class Sampler:
     """One generate call's choice of next tokens: `sampler(logits)` for step 0, 1, ... (the first new token is step
     0). It holds what the stateful settings need on the device: the tokens each sequence has seen (its prompt, then
-    each token chosen: repetition_penalty), and counts steps on the host (min_new_tokens)."""
+    each token chosen: repetition_penalty), and counts steps on the host (min_new_tokens). With `keep`, `scores` is
+    the step's processed scores [B, vocab] in float32 (what the token was chosen from: transformers' output_scores)."""
 
-    def __init__(self, params: SamplingParams, prompts: list[list[int]], generator: torch.Generator | None = None):
-        self.params, self.prompts, self.generator = params, prompts, generator
+    def __init__(self, params: SamplingParams, prompts: list[list[int]], generator: torch.Generator | None = None,
+                 keep: bool = False):
+        self.params, self.prompts, self.generator, self.keep = params, prompts, generator, keep
+        self.scores: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None  # [B, vocab] bool, made at the first step (the vocab is the logits')
         self.history: torch.Tensor | None = None  # [B, longest prompt + max_new_tokens]: no_repeat_ngram_size
         self.lengths: torch.Tensor | None = None  # [B] tokens in each history row
@@ -122,10 +130,10 @@ class Sampler:
         self.step = 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        p = self.params
+        p, given = self.params, logits
         penalized, ngrams = p.repetition_penalty != 1, p.no_repeat_ngram_size
         masked = self.step < p.min_new_tokens and bool(p.stop_tokens)
-        if penalized or ngrams or masked:
+        if penalized or ngrams or masked or self.keep:
             logits = logits.float()
         if penalized:
             logits = penalize(logits, self._seen(logits), p.repetition_penalty)
@@ -137,7 +145,13 @@ class Sampler:
                 ids = [t for t in p.stop_tokens if t < logits.shape[-1]]
                 self.stops = _to(torch.tensor(ids, dtype=torch.long), logits.device)
             logits = logits.index_fill(-1, self.stops, -torch.inf)
-        nxt = sample(logits, p, self.generator)
+        if p.temperature == 0:
+            nxt = logits.argmax(dim=-1)
+        else:
+            logits = warp(logits.float(), p)
+            nxt = draw(logits, self.generator)
+        if self.keep:  # a copy: the logits given may be a graph's output buffer, rewritten at its next replay
+            self.scores = logits.clone() if logits is given else logits
         if penalized:
             self.seen.scatter_(1, nxt[:, None], True)
         if ngrams:

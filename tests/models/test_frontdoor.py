@@ -279,3 +279,29 @@ def test_a_streamer_gets_what_transformers_streams(make_case):
     assert want.puts[1 + first][0] == stop and want.puts[2 + first][0] == PAD  # a stopped row streams padding
     with pytest.raises(TypeError, match="streamer must have put"):
         model.generate(ids, streamer=object(), **kwargs)
+
+
+def test_scores_and_logits_of_return_dict_in_generate_are_transformers(make_case):
+    c = make_case("tiny")
+    ids, mask = padded(c.prompts)
+    stop = c.ref.tokens[0][3]
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=PAD, eos_token_id=stop, repetition_penalty=1.4,
+                  return_dict_in_generate=True, output_scores=True, output_logits=True)
+    model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager")
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = c.hf.generate(ids, do_sample=False, **kwargs)
+        sampled = c.hf.generate(ids, do_sample=True, top_k=7, **{**kwargs, "max_new_tokens": 1})
+    got = model.generate(ids, do_sample=False, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    assert len(got.scores) == len(want.scores) == len(got.logits) == want.sequences.shape[1] - ids.shape[1]
+    new = want.sequences[:, ids.shape[1]:].tolist()
+    for step in range(len(want.scores)):
+        live = [i for i, row in enumerate(new) if stop not in row[:step]]  # rows still generating at this step
+        torch.testing.assert_close(got.logits[step][live], want.logits[step][live], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.scores[step][live], want.scores[step][live], atol=1e-4, rtol=1e-4)
+    assert not torch.equal(got.scores[1], got.logits[1])  # the penalty is in the scores, not in the logits
+    first = model.generate(ids, do_sample=True, top_k=7, **{**kwargs, "max_new_tokens": 1}).scores[0]
+    assert torch.equal(first.isinf(), sampled.scores[0].isinf()) and (first.isfinite().sum(-1) == 7).all()
+    torch.testing.assert_close(first[first.isfinite()], sampled.scores[0][first.isfinite()], atol=1e-4, rtol=1e-4)
+    assert isinstance(model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD), torch.Tensor)

@@ -80,6 +80,11 @@ def test_cache_too_small_names_the_sizes(make_case):
     assert cache.num_free == 3
 
 
+def test_keep_names_what_it_takes(make_case):
+    with pytest.raises(ValueError, match="keep takes 'scores' and 'logits', got \\('hidden',\\)"):
+        generate(make_case("tiny").lm, [[1, 2]], keep=("hidden",))
+
+
 def test_bad_sampling_params():
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)

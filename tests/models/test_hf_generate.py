@@ -78,6 +78,7 @@ def test_mask_is_inferred_from_the_pad_token_unless_it_is_an_eos_token():
     ({"num_return_sequences": 2}, ValueError, "num_return_sequences=2 with greedy decoding .* pass do_sample=True"),
     ({"num_return_sequences": 0, "do_sample": True}, ValueError, "num_return_sequences must be an int >= 1, got 0"),
     ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
+    ({"output_attentions": True}, ValueError, "output_attentions=True .* pass output_attentions=False"),
     ({"assistant_model": object()}, TypeError,
      r"unsupported argument\(s\) \['assistant_model'\]; hattn's generate takes input_ids, attention_mask, "
      r"generation_config and max_new_tokens"),
