@@ -205,11 +205,12 @@ class FullGraphRuntime:
             ran_graph_free(self.stats)  # no cache: nothing a full-step graph can serve
             return self.fn(*args)
         n = step_tokens(self.layout, args)
-        if n is None and ctx.padding:
-            # a graph without a token dimension sizes its static metadata by the step's sequences: with a caller's
-            # padding rows its kernels would read past it (slots of rows it does not have)
-            log_once("hattn: mode='full' runs a graph without a dynamic token dimension graph-free under a forward "
-                     "context with padding rows (mark the token dimension dynamic, as hattn.generate does)")
+        if n is None and not self._static_rows_match(ctx, args):
+            # a graph without a token dimension sizes its static metadata by the step's sequences: unless they are
+            # the input's rows (its first forward argument's), its kernels would read slots of rows it does not have
+            log_once("hattn: mode='full' runs a graph without a dynamic token dimension graph-free: the forward "
+                     "context's tokens (with padding rows) are not its input's rows, one per sequence (mark the "
+                     "token dimension dynamic, as hattn.generate does)")
             ran_graph_free(self.stats)
             return self.fn(*args)
         if n is not None and n > self.sizes[-1]:
@@ -229,6 +230,13 @@ class FullGraphRuntime:
             ran_graph_free(self.stats)
             return self.fn(*args)
         return self._packed_for(ctx.num_sequences)(*args)
+
+    def _static_rows_match(self, ctx, args) -> bool:
+        """Whether a static graph's step has no padding and one token per row of its first forward argument (the
+        token ids, as a HybridLM takes them). When that argument is not the tokens, the step runs graph-free: its
+        split ops then check the context themselves."""
+        first = next((args[i] for i in self.layout.owned if args[i].dim() > 0), None)
+        return ctx.padding == 0 and first is not None and first.shape[0] == ctx.num_tokens
 
     def _packed_for(self, seqs: int) -> _PackedGraphs:
         """The packed graphs of the smallest sequence bucket that holds `seqs`, made at its first use: the first

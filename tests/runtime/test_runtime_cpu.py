@@ -417,10 +417,12 @@ def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_c
     from hattn.models.cache import HybridCache
     from hattn.runtime import full
 
-    def step(ids):  # inside a graph: the static metadata; graph-free: the host's, padding rows at 0
+    def step(ids):  # inside a graph: the static metadata; graph-free: the host's, checked as split ops check it
         ctx = get_forward_context()
-        lens = ctx.static.context_lens if ctx.static is not None else torch.tensor(ctx.context_lens + [0] * ctx.padding)
-        return (ids + lens,)
+        if ctx.static is not None:
+            return (ids + ctx.static.context_lens,)
+        ctx.real_tokens(ids.shape[0])
+        return (ids + torch.tensor(ctx.context_lens + [0] * ctx.padding),)
 
     runtime = full.FullGraphRuntime(step, TokenLayout([()], owned=[0]), [1, 2, 4], Stats(), progress=False)
     cache = HybridCache({}, slots=4, max_len=16, dtype=torch.long)
@@ -434,6 +436,16 @@ def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_c
     with hattn.forward_context(hattn.ForwardContext([1] * 3, [3, 5, 7], [0, 1, 2], cache, padding=1)):
         assert runtime(torch.zeros(4, dtype=torch.long))[0].tolist() == [3, 5, 7, 0]
     assert runtime.stats.replays == 2 and runtime.stats.eager_runs == 1
+    # two sequences on its four rows, no padding declared: replayed, its kernels would read the two sequences'
+    # slots and context lengths as four rows' (slots 10 and 11 past the cache). Graph-free, the split ops check
+    # the context against the rows
+    with hattn.forward_context(hattn.ForwardContext([1] * 2, [10, 11], [0, 1], cache)), \
+            pytest.raises(ValueError, match="holds 2 tokens .* but the input has 4 rows"):
+        runtime(torch.zeros(4, dtype=torch.long))
+    assert runtime.stats.replays == 2 and runtime.stats.eager_runs == 2
+    with hattn.forward_context(hattn.ForwardContext([1] * 4, [3, 5, 7, 9], [0, 1, 2, 3], cache)):
+        assert runtime(torch.zeros(4, dtype=torch.long))[0].tolist() == [3, 5, 7, 9]
+    assert runtime.stats.replays == 3
 
 
 def test_a_parameter_given_new_storage_after_capture_is_captured_again(caplog):
