@@ -147,3 +147,20 @@ def test_full_mode_decode_loop_replays_its_graph_without_calling_the_model(batch
     assert be.stats.replays == NEW
     assert be.stats.graphs_compiled == 1  # the cache's slots filled: prefill and decode are one Dynamo graph
     assert be.stats.small_m_linears > 0 and be.stats.fused_linears > 0  # decode's GEMMs: fused, skinny-or-cuBLAS
+
+
+@pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
+@pytest.mark.parametrize("preset, inner", [("tiny", "eager"), ("tiny", "inductor"), ("tiny-qwen3-next", "eager")])
+def test_one_prompt_replays_the_dynamic_graph_at_one_row_as_hf(preset, inner, mode):
+    """Batch 1: the prefill and every decode step (one token, padded to two rows) are one Dynamo graph, served by
+    graphs at capture size 1 (pcg / bcg: stitched after the first steps), and the tokens are HF's."""
+    lm, prompts, ref = _case(preset)
+    be = backend(mode=mode, capture_sizes=SIZES, inner_compiler=inner, progress=False)
+    model = torch.compile(lm, backend=be)
+    res = generate(model, prompts[:1], lm.make_cache(slots=1, max_len=64), SamplingParams(max_new_tokens=NEW))
+    ok, note = check_tokens(type(ref)(ref.tokens[:1], ref.margins[:1]), res.tokens, TIE)
+    assert ok, note
+    stats = be.stats
+    assert stats.graphs_compiled == 1 and stats.cuda_graphs > 0 and stats.eager_runs == 0
+    if mode != "full":
+        assert stats.stitched_steps > 0
