@@ -166,3 +166,16 @@ def test_num_return_sequences_samples_each_input_that_many_times(make_case):
     assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(3, dim=0))  # transformers' row order
     assert len({tuple(row) for row in out[:3, ids.shape[1]:].tolist()}) > 1  # the copies draw on their own
     assert torch.equal(out, model.generate(ids, **kwargs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_sampler_chooses_on_cuda_what_it_chooses_on_the_cpu():
+    params = SamplingParams(max_new_tokens=8, repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=2,
+                            stop_tokens=(3, 999))  # 999: past the vocabulary
+    prompts = [[1, 2, 1, 60], [4]]  # 60: past the vocabulary
+    steps = torch.randn(8, 2, 50, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    cpu, gpu = Sampler(params, prompts), Sampler(params, prompts)
+    for logits in steps:
+        assert torch.equal(cpu(logits), gpu(logits.cuda()).cpu())
+    assert torch.equal(cpu.history, gpu.history.cpu()) and torch.equal(cpu.seen, gpu.seen.cpu())
