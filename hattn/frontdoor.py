@@ -83,10 +83,13 @@ class CompiledLM:
         """
         req = request(input_ids, attention_mask, merged_config(generation_config, self.generation_config), **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens
-        res = packed_generate(self, req.prompts, self._cache_for(len(req.prompts), need), req.params,
-                              on_tokens=stream_to(req), keep=req.keep)
-        if req.streamer is not None:
-            req.streamer.end()
+        on_tokens = stream_to(req)
+        try:
+            res = packed_generate(self, req.prompts, self._cache_for(len(req.prompts), need), req.params,
+                                  on_tokens=on_tokens, keep=req.keep)
+        finally:  # a streamer's consumer (TextIteratorStreamer) waits for end(), also after an error
+            if req.streamer is not None:
+                req.streamer.end()
         return output(req, repad(req.rows, res.tokens, req.pad_token_id), res)
 
     # -- the packed model ----------------------------------------------------------------------------------------

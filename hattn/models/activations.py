@@ -42,6 +42,21 @@ class SharedActivations:
             self.made[name] = act
         return act
 
+    def __getattr__(self, name: str):  # the rest of ACT2FN's dict interface (get, keys, ...) reads the table
+        table = self.__dict__.get("table")
+        if table is None:
+            raise AttributeError(name)
+        return getattr(table, name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.table
+
+    def __iter__(self):
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
 
 _REBOUND: dict[Callable, Callable] = {}  # HF forward -> the same code reading SHARED
 

@@ -260,6 +260,8 @@ class _Loop:
         steps = self._decode()
         t2 = _sync(self.device)
         tokens = [self._finished(row) for row in self.tokens[:steps + 1].t().tolist()]
+        width = max(map(len, tokens))  # steps past the last stop (the host ran ahead) are not kept
+        self.kept = {what: kept[:width] for what, kept in self.kept.items()}
         return Generation(tokens, prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps,
                           decode_tokens=sum(len(t) - 1 for t in tokens), scores=self.kept.get("scores"),
                           logits=self.kept.get("logits"))
@@ -321,12 +323,13 @@ class _Loop:
 
     def _all_done(self) -> bool:
         """Whether a finished-check that already completed says every sequence has stopped; waits only when the
-        host runs more than LOOKAHEAD steps ahead of the GPU."""
+        host runs more than LOOKAHEAD steps ahead of the GPU, or when it streams (it waits at every step anyway,
+        and a step after every sequence stopped would be streamed)."""
         done = False
         while self.pending:
             flag, event = self.pending[0]
             if event is not None and not event.query():
-                if len(self.pending) <= LOOKAHEAD:
+                if len(self.pending) <= LOOKAHEAD and self.on_tokens is None:
                     break
                 event.synchronize()
             done = done or bool(flag)

@@ -77,7 +77,8 @@ def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, lengths: to
     repeated = (grams[..., :-1] == tail[:, None, :]).all(-1) & (starts[None, :] <= lengths[:, None] - n)
     vocab = scores.shape[-1]
     banned = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=scores.device)  # column vocab: nothing banned
-    banned.scatter_(1, torch.where(repeated, grams[..., -1], vocab), True)
+    # ids past the logits' vocabulary cannot be sampled: nothing to ban (they land in the extra column)
+    banned.scatter_(1, torch.where(repeated & (grams[..., -1] < vocab), grams[..., -1], vocab), True)
     return scores.masked_fill(banned[:, :vocab], -torch.inf)
 
 
@@ -181,4 +182,4 @@ class Sampler:
 def _to(t: torch.Tensor, device) -> torch.Tensor:
     """A host tensor on `device` without waiting for the device (pinned, asynchronous copy to a GPU)."""
     device = torch.device(device)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

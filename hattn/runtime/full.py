@@ -194,8 +194,10 @@ class FullGraphRuntime:
 
     name = "full"
 
-    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool = True):
+    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool = True,
+                 static_rows: int | None = None):
         self.fn, self.layout, self.sizes, self.stats, self.progress = fn, layout, list(sizes), stats, progress
+        self.static_rows = static_rows  # a graph without a token dimension: the rows its split ops were traced with
         self.cache = self.decode = self.packed = self.pool = None
         self.lazy_capture = True  # decode sizes at their first use (see GraphRuntime); packed buckets always
 
@@ -205,12 +207,12 @@ class FullGraphRuntime:
             ran_graph_free(self.stats)  # no cache: nothing a full-step graph can serve
             return self.fn(*args)
         n = step_tokens(self.layout, args)
-        if n is None and not self._static_rows_match(ctx, args):
+        if n is None and (ctx.padding or ctx.num_tokens != self.static_rows):
             # a graph without a token dimension sizes its static metadata by the step's sequences: unless they are
-            # the input's rows (its first forward argument's), its kernels would read slots of rows it does not have
+            # the rows its split ops were traced with, its kernels would read slots of rows it does not have
             log_once("hattn: mode='full' runs a graph without a dynamic token dimension graph-free: the forward "
-                     "context's tokens (with padding rows) are not its input's rows, one per sequence (mark the "
-                     "token dimension dynamic, as hattn.generate does)")
+                     "context's tokens are not the rows its split ops were traced with, or it has padding rows "
+                     "(mark the token dimension dynamic, as hattn.generate does)")
             ran_graph_free(self.stats)
             return self.fn(*args)
         if n is not None and n > self.sizes[-1]:
@@ -230,13 +232,6 @@ class FullGraphRuntime:
             ran_graph_free(self.stats)
             return self.fn(*args)
         return self._packed_for(ctx.num_sequences)(*args)
-
-    def _static_rows_match(self, ctx, args) -> bool:
-        """Whether a static graph's step has no padding and one token per row of its first forward argument (the
-        token ids, as a HybridLM takes them). When that argument is not the tokens, the step runs graph-free: its
-        split ops then check the context themselves."""
-        first = next((args[i] for i in self.layout.owned if args[i].dim() > 0), None)
-        return ctx.padding == 0 and first is not None and first.shape[0] == ctx.num_tokens
 
     def _packed_for(self, seqs: int) -> _PackedGraphs:
         """The packed graphs of the smallest sequence bucket that holds `seqs`, made at its first use: the first
@@ -278,7 +273,21 @@ def build(config, split_gm, example_inputs, stats):
     layout = served_layout("full", split_gm, example_inputs, stats)
     if layout is None:
         return graph_free(split_gm, stats)
-    return FullGraphRuntime(split_gm, layout, config.capture_sizes, stats, config.progress)
+    static_rows = None if layout.has_tokens else traced_rows(split_gm)
+    return FullGraphRuntime(split_gm, layout, config.capture_sizes, stats, config.progress, static_rows)
+
+
+def traced_rows(split_gm) -> int | None:
+    """The rows (tokens) the split ops of a graph without a token dimension were traced with: their first tensor
+    argument's leading size (None if the graph shows none; its steps then run graph-free)."""
+    for node in split_gm.graph.nodes:
+        if split_op_of(node) is None:
+            continue
+        for arg in node.args:
+            value = arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, torch.fx.Node) else None
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], int):
+                return value.shape[0]
+    return None
 
 
 register_mode(Mode("full", "one CUDA graph per step (decode graphs per batch, packed graphs per token bucket); "

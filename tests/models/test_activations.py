@@ -17,6 +17,7 @@ def test_stateless_activations_are_made_once_and_the_others_at_every_lookup():
     assert shared["silu"] is shared["silu"]
     assert type(shared["silu"]) is type(ACT2FN["silu"])
     assert shared["prelu"] is not shared["prelu"]  # parameters: a new module at every lookup, as transformers does
+    assert "silu" in shared and len(shared) == len(ACT2FN) and shared.get("nope") is None  # ACT2FN's dict interface
 
 
 def _reads(module, name: str) -> bool:

@@ -80,6 +80,16 @@ def test_cache_too_small_names_the_sizes(make_case):
     assert cache.num_free == 3
 
 
+def test_kept_scores_and_logits_are_one_per_token_column(make_case):
+    c = make_case("tiny")
+    stop = c.ref.tokens[0][2]
+    res = generate(c.lm, c.prompts, params=SamplingParams(max_new_tokens=12, stop_tokens=(stop,)),
+                   keep=("scores", "logits"))
+    width = max(map(len, res.tokens))
+    assert len(res.scores) == len(res.logits) == width  # not the steps the loop may run past every stop
+    assert all(s.dtype == torch.float32 and s.shape == (3, c.lm.config.vocab_size) for s in res.scores)
+
+
 def test_keep_names_what_it_takes(make_case):
     with pytest.raises(ValueError, match="keep takes 'scores' and 'logits', got \\('hidden',\\)"):
         generate(make_case("tiny").lm, [[1, 2]], keep=("hidden",))

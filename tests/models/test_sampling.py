@@ -101,8 +101,9 @@ def test_the_sampler_remembers_the_tokens_it_chose_and_counts_new_tokens():
 
 def test_stop_ids_past_the_vocabulary_are_not_masked_and_top_p_0_keeps_the_top_token():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
-    sampler = Sampler(SamplingParams(min_new_tokens=1, stop_tokens=(1, 7), repetition_penalty=1.5), [[0, 9]])
-    assert sampler(logits).tolist() == [2]  # 1 masked, 7 ignored; 9 (past the vocabulary) is not penalized
+    params = SamplingParams(min_new_tokens=1, stop_tokens=(1, 7), repetition_penalty=1.5, no_repeat_ngram_size=1)
+    sampler = Sampler(params, [[0, 9, 9]])
+    assert sampler(logits).tolist() == [2]  # 1 masked, 7 ignored; 9 (past the vocabulary) neither penalized nor banned
     many = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
     top = SamplingParams(temperature=1.0, top_p=0.0)  # transformers keeps the most likely token alone
     assert torch.equal(sample(many, top, torch.Generator().manual_seed(1)), many.argmax(-1))

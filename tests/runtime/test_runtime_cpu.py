@@ -424,7 +424,8 @@ def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_c
         ctx.real_tokens(ids.shape[0])
         return (ids + torch.tensor(ctx.context_lens + [0] * ctx.padding),)
 
-    runtime = full.FullGraphRuntime(step, TokenLayout([()], owned=[0]), [1, 2, 4], Stats(), progress=False)
+    runtime = full.FullGraphRuntime(step, TokenLayout([()], owned=[0]), [1, 2, 4], Stats(), progress=False,
+                                    static_rows=4)
     cache = HybridCache({}, slots=4, max_len=16, dtype=torch.long)
     for lens in ([3, 5, 7, 9], [4, 6, 8, 10]):
         with hattn.forward_context(hattn.ForwardContext([1] * 4, lens, [0, 1, 2, 3], cache)):
@@ -446,6 +447,20 @@ def test_full_mode_static_graph_serves_a_decode_batch_of_several_rows(stand_in_c
     with hattn.forward_context(hattn.ForwardContext([1] * 4, [3, 5, 7, 9], [0, 1, 2, 3], cache)):
         assert runtime(torch.zeros(4, dtype=torch.long))[0].tolist() == [3, 5, 7, 9]
     assert runtime.stats.replays == 3
+
+
+def test_a_static_graphs_rows_are_those_its_split_ops_were_traced_with():
+    from hattn.models.presets import load
+    from hattn.passes.split import split_graph
+    from hattn.runtime import full
+
+    lm, graphs = load("tiny"), []
+    compiled = torch.compile(lm, backend=lambda gm, _: graphs.append(gm) or gm.forward, dynamic=False)
+    with hattn.forward_context(hattn.ForwardContext([3])), torch.inference_mode():
+        compiled(torch.arange(3), torch.arange(3))
+    split_gm, _ = split_graph(graphs[0])
+    assert full.traced_rows(split_gm) == 3
+    assert full.traced_rows(torch.fx.symbolic_trace(lambda x: x + 1)) is None  # no split op: graph-free
 
 
 def test_a_parameter_given_new_storage_after_capture_is_captured_again(caplog):
