@@ -76,10 +76,11 @@ class CompiledLM:
         kwargs: max_new_tokens, max_length, min_new_tokens, min_length, do_sample, temperature, top_k, top_p, min_p,
         repetition_penalty, no_repeat_ngram_size, num_return_sequences (rows [B * n, ...], each input's n in a row),
         eos_token_id, pad_token_id, streamer (transformers' streamers: each step's tokens, then end()),
-        return_dict_in_generate with output_scores / output_logits (transformers' output object), use_cache
-        (ignored: hattn always caches), seed (hattn's: reproducible sampling). Unset ones come from
-        `generation_config` (default: the model's), then transformers' defaults. Greedy tokens equal transformers'
-        generate; sampling draws from its processors' distribution.
+        return_dict_in_generate with output_scores / output_logits (transformers' output object), seed (hattn's:
+        reproducible sampling); use_cache, cache_implementation, cache_config, compile_config and disable_compile
+        are ignored (hattn's own cache). Unset ones come from `generation_config` (default: the model's), then
+        transformers' defaults. Greedy tokens equal transformers' generate; sampling draws from its processors'
+        distribution.
         """
         req = request(input_ids, attention_mask, merged_config(generation_config, self.generation_config), **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens

@@ -28,14 +28,18 @@ from hattn.models.sampling import SamplingParams
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' model-agnostic default (max_length=20 on top of the prompt)
 ACCEPTED = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
             "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences", "eos_token_id",
-            "pad_token_id", "use_cache", "seed", "streamer", "return_dict_in_generate", "output_scores",
-            "output_logits")
+            "pad_token_id", "seed", "streamer", "return_dict_in_generate", "output_scores", "output_logits")
 DEFAULT_TOP_K = 50  # transformers samples from the 50 most likely tokens unless top_k is set (0: all of them)
 # settings that change which tokens come out and that hattn does not implement, with the value that means "off"
-UNSUPPORTED = {"num_beams": 1, "typical_p": 1.0,
-               "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "bad_words_ids": None, "suppress_tokens": None,
-               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-               "sequence_bias": None, "output_attentions": False, "output_hidden_states": False}
+UNSUPPORTED = {"num_beams": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None,
+               "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
+               "output_attentions": False, "output_hidden_states": False, "penalty_alpha": None, "dola_layers": None,
+               "guidance_scale": None, "stop_strings": None, "watermarking_config": None, "token_healing": None,
+               "exponential_decay_length_penalty": None, "force_words_ids": None, "constraints": None,
+               "num_beam_groups": 1, "diversity_penalty": 0.0, "prompt_lookup_num_tokens": None}
+# settings that change how transformers computes, not which tokens come out: accepted and left to hattn's own cache
+IGNORED = ("use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile")
 
 
 @dataclass
@@ -55,10 +59,10 @@ class Request:
 def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config,
             **kwargs) -> Request:
     """Resolve transformers' generate arguments for `input_ids` [B, T] (see the module docstring)."""
-    unknown = sorted(set(kwargs) - set(ACCEPTED) - set(UNSUPPORTED))
+    unknown = sorted(set(kwargs) - set(ACCEPTED) - set(UNSUPPORTED) - set(IGNORED))
     if unknown:
         raise TypeError(f"generate() got unsupported argument(s) {unknown}; hattn's generate takes input_ids, "
-                        f"attention_mask, generation_config and {', '.join(ACCEPTED)}")
+                        f"attention_mask, generation_config and {', '.join(ACCEPTED + IGNORED)}")
     check_input_ids(input_ids)
     setting = _settings(generation_config, kwargs)
     _check_unsupported(setting)

@@ -121,6 +121,10 @@ def test_sampling_settings_resolve_as_transformers():
 
 def test_a_model_generation_config_setting_that_changes_tokens_is_refused():
     ids, mask = _batch([[5, 6, 7]], "left")
+    for name, value in (("guidance_scale", 1.5), ("stop_strings", ["\n"]), ("penalty_alpha", 0.6)):
+        with pytest.raises(ValueError, match=f"{name}=.* is not supported"):
+            request(ids, mask, GenerationConfig(**{name: value}))
+    assert request(ids, mask, GC, cache_implementation="static", use_cache=True).params.max_new_tokens == 20
     with pytest.raises(ValueError, match="typical_p=0.5 .* pass typical_p=1.0"):
         request(ids, mask, GenerationConfig(typical_p=0.5))
 
