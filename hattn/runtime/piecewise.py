@@ -51,6 +51,11 @@ class _PieceGraphs(torch.nn.Module):
 
     def _capture(self, size: int, args):
         graph, out = capture_graph(self.fn, list(args), size, self.runtime.pool, keep=True)
+        # a capture runs no kernel: its outputs hold what the pool held (memory of other sizes' graphs). The next
+        # pieces' warm-ups and the split ops between them read them as an eager run would, and one may index by
+        # them (the LM head's logits rows, clamped inside the first piece): replayed once, they hold this step's
+        # values (on the H200 the decode step's capture indexed by the pool's garbage: a device-side assert)
+        graph.graph.replay()
         # what earlier graphs of this size produced is pool memory: keep weak references, so the next size's
         # capture can reuse it; anything else (inputs, eager split-op results) stays owned here
         pooled = self.runtime.pooled

@@ -1010,3 +1010,55 @@ def test_full_mode_generate_of_the_tiny_model_equals_eager(stand_in_capture, mon
         assert generate(model, all_prompts[:prompts], cache, SamplingParams(max_new_tokens=8)).tokens == want
     assert be.stats.graphs_compiled == (1 if slots == prompts else 2) and be.stats.replays > 0
     assert dispatch_for(model).direct_calls > 0
+
+
+def test_pcg_replays_each_captured_piece_before_the_next_piece_reads_it(monkeypatch):
+    """A CUDA graph's capture runs none of its kernels: the outputs it returns hold whatever the pool held. pcg's
+    next piece is warmed up (run eagerly) on them before its own capture, and the LM head's piece indexes by the
+    first piece's logits rows: on the H200 the decode step's capture, into a pool that other sizes had written,
+    indexed by garbage (a device-side assert). Here on CPU a stand-in capture poisons its outputs the same way
+    (those that are not its inputs); pcg's generate of the tiny model must still give eager's tokens."""
+    import importlib
+
+    from hattn.compiler.backend import backend
+    from hattn.models.presets import load
+    from hattn.runtime import graphs, piecewise, stitch
+
+    generate = importlib.import_module("hattn.models.generate")
+
+    class StandInGraph:
+        def __init__(self, fn, args, out):
+            self.fn, self.inputs, self.out, self.graph = fn, list(args), out, self
+
+        def replay(self, args=None):  # the kernels again, on the inputs, into the captured outputs
+            for static, new in zip(self.out, self.fn(*(args if args is not None else self.inputs))):
+                if isinstance(static, torch.Tensor) and static is not new:
+                    static.copy_(new)
+            return self.out
+
+    def capture(fn, args, size, pool, keep=False):
+        fn(*args)  # the warm-up runs
+        out = fn(*args)  # the capture does not: its outputs are pool memory holding anything
+        ins = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for o in out:
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ins:
+                o.fill_(float("nan") if o.dtype.is_floating_point else 10**9 if o.dtype != torch.bool else True)
+        return StandInGraph(fn, args, out), out
+
+    monkeypatch.setattr(piecewise, "capture_graph", capture)
+    monkeypatch.setattr(piecewise, "served_layout", lambda mode, gm, inputs, stats: graphs.graph_layout(gm))
+    monkeypatch.setattr(graphs, "new_pool", lambda: None)
+    monkeypatch.setattr(stitch, "enabled", False)  # a stitched step launches real CUDA graphs
+    monkeypatch.setattr(piecewise, "plans", False)  # a plan records the graphs' CUDA handles
+    lm = load("tiny")
+    prompts = [[5, 6, 7, 8, 9], [1, 2, 3], [4] * 9]  # 3 slots: the decode steps name their rows (one graph)
+    params = generate.SamplingParams(max_new_tokens=6)
+    be = backend(mode="pcg", capture_sizes=[1, 2, 4, 8, 16, 32], inner_compiler="eager", progress=False)
+    torch._dynamo.reset()
+    try:
+        got = generate.generate(torch.compile(lm, backend=be), prompts, lm.make_cache(3, 32), params,
+                                layer_kinds=lm.layer_kinds).tokens
+    finally:
+        torch._dynamo.reset()
+    assert got == generate.generate(lm, prompts, lm.make_cache(3, 32), params).tokens
+    assert be.stats.cuda_graphs > 0 and be.stats.replays > 0 and be.stats.eager_runs == 0
