@@ -6,15 +6,16 @@ Every step is one call `model(input_ids [T], positions [T], logits_rows) -> logi
 says how the T tokens split into sequences and which cache slot each sequence owns. The model may be an eager
 HybridLM or `torch.compile(lm, backend=hattn.backend(mode=...))`: the token dimension of the inputs is marked
 dynamic so one graph serves every token count of 2 or more. Dynamo specializes size 1 (unbacked sizes would avoid it,
-but inductor rejects them on torch 2.13), so a one-token decode step is padded to two rows, the second of no
-sequence (`ForwardContext.padding`; graph runtimes replay their one-token graphs, split ops write zeros there).
+but inductor rejects them on torch 2.13), so a one-token step is a second graph; with `pad_one_token` it is padded
+to two rows instead, the second of no sequence (`ForwardContext.padding`; split ops write zeros there): one graph,
+but a slower step (off by default).
 A prefill step names the rows whose logits it samples in `logits_rows` (each sequence's last token), one tensor of
 the cache's slot count. A decode step of as many sequences as the cache has slots (generate's own cache) names its
 rows the same way (one copy of R indices a step) and replays the prefill's graph: one Dynamo graph, compiled and
 captured once. A decode step of fewer sequences returns every row instead (naming them would run the LM head on
-every slot): a second graph. A one-token prompt is padded the same way, and so are two-batch overlap's one-token
-micro-batches. Still a one-token graph of its own: what follows a graph break in a model that has one (its input is
-the graph runtime's unpadded rows).
+every slot): a second graph. A one-token prompt is padded the same way. Two-batch overlap pads its one-token
+micro-batches always (two of them are a decode step of two sequences). Still a one-token graph of its own: what
+follows a graph break in a model that has one (its input is the graph runtime's unpadded rows).
 
 The decode loop keeps its state on the device: the next token ids, positions and the history of sampled tokens are
 device tensors, sampling (`hattn.models.sampling`: transformers' logits processors, a seeded device generator) runs
@@ -86,7 +87,11 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
         return call(input_ids, positions, logits_rows)
 
 
-pad_one_token = True  # False: a one-token decode step is a Dynamo graph of its own (A/B measurements)
+# True: a one-token step runs as two rows, the second of no sequence, so batch 1 replays the dynamic graph (no Dynamo
+# graph of its own: Dynamo specializes size 1). Off by default: the padded step was slower on the H200 in every mode
+# (session 25, scripts/dispatch_ab.py --switch pad-one, B=1 ctx 1024: full 0.94 vs 0.98 ms, bcg 1.50 vs 1.58, pcg
+# 1.28 vs 1.38), for one more Dynamo graph at start-up.
+pad_one_token = False
 
 
 def decode_padding(n: int) -> int:

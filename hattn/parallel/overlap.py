@@ -14,9 +14,9 @@ one forgot `forward` of its linear-attention backend, and sliced mrope positions
 Per-token inputs are sliced on their token dimension, given per argument (`token_dims`): input ids [T] on dim 0,
 positions [T] or mrope positions [3, T] on their last dim; an argument whose token dimension does not hold the
 step's token count is an error, never a silent mis-slice (a caller's padding rows, `ForwardContext.padding`, are
-dropped; a one-token micro-batch is padded to two rows as generate pads a one-token step, so that it replays the
-graph of every other size). One more argument may follow them: `logits_rows` [R], rows of the step's tokens whose
-logits alone are wanted (a prefill's last tokens). Each micro-batch gets all R rows as its own rows (clamped into its
+dropped; a one-token micro-batch is padded to two rows, so that it replays the graph of every other size). One
+more argument may follow them: `logits_rows` [R], rows of the step's tokens whose logits alone are wanted (a
+prefill's last tokens). Each micro-batch gets all R rows as its own rows (clamped into its
 range, so R and the graphs stay fixed), and each row's logits are taken from the micro-batch that holds it, on the
 device.
 
@@ -178,10 +178,10 @@ class TwoBatchOverlap:
         return _pick_rows(outs, rows < parts[1].rows.start, self.out_dim)
 
     def _micro(self, model: Callable, ctx: ForwardContext, args: list[torch.Tensor]) -> torch.Tensor:
-        from hattn.models.generate import decode_padding
-
-        n, pad = len(self.token_dims), decode_padding(ctx.num_tokens)
-        if pad:  # a one-token micro-batch runs as two rows, as generate's one-token steps: the graph of every size
+        # a one-token micro-batch runs as two rows: Dynamo would give size 1 a graph of its own, and two micro-batches
+        # of one token are the decode step of two sequences
+        n, pad = len(self.token_dims), int(ctx.num_tokens == 1)
+        if pad:
             args = [_padded(a, d, pad) for a, d in zip(args[:n], self.token_dims)] + list(args[n:])
             ctx = dataclasses.replace(ctx, padding=pad)
         for a, d in zip(args, self.token_dims):

@@ -133,7 +133,10 @@ def test_prefill_asks_for_the_last_row_of_each_prompt_padded_to_the_slot_count(m
     assert seen == [[4, 21, 30], [0, 1, 2], [0, 1, 2]]  # the batch fills the slots: its rows are the prefill's count
 
 
-def test_a_one_token_prompt_is_padded_to_two_rows_as_a_decode_step_is(make_case):
+@pytest.mark.parametrize("pad", [True, False])
+def test_a_one_token_prompt_is_padded_to_two_rows_as_a_decode_step_is(make_case, monkeypatch, pad):
+    """With `pad_one_token` every one-token step runs as two rows; without it (the default) as one."""
+    monkeypatch.setattr(importlib.import_module("hattn.models.generate"), "pad_one_token", pad)
     c = make_case("tiny")
     rows = []
 
@@ -145,7 +148,7 @@ def test_a_one_token_prompt_is_padded_to_two_rows_as_a_decode_step_is(make_case)
     params = SamplingParams(max_new_tokens=4)
     got = generate(spy, [[7]], c.lm.make_cache(slots=1, max_len=8), params).tokens
     assert got == _reference_loop(c.lm, [[7]], params)
-    assert rows == [2, 2, 2, 2]  # the prefill and three decode steps: one token and a padding row each
+    assert rows == [2 if pad else 1] * 4  # the prefill and three decode steps: one token (and a padding row) each
 
 
 @pytest.mark.parametrize("prompts, slots, pad, graphs", [(3, 3, True, 1), (2, 2, True, 1), (1, 1, True, 1),

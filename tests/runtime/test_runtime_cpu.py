@@ -377,11 +377,11 @@ def test_generate_replays_a_full_mode_decode_graph_directly_after_its_first_deco
         res = generate(model, prompts, cache, SamplingParams(max_new_tokens=6))
         return res.tokens, calls, runtime.stats
 
-    for prompts in ([[1, 2, 3], [4, 5]], [[1, 2, 3]]):  # one prompt: its steps padded to two rows
+    for prompts in ([[1, 2, 3], [4, 5]], [[1, 2, 3]]):  # one prompt: one-token steps (a static graph of one row)
         want, every_step, _ = run(prompts, direct=False)
         got, calls, stats = run(prompts, direct=True)
         assert got == want and len(every_step) == 5
-        assert calls == [2] and stats.replays == 5  # one model call, then four direct replays
+        assert calls == [len(prompts)] and stats.replays == 5  # one model call, then four direct replays
 
 
 def test_full_mode_refuses_a_step_whose_extra_differs_from_the_capture(stand_in_capture):
@@ -987,18 +987,22 @@ def test_pcg_decode_steps_run_stitched_with_the_logits_of_eager(monkeypatch):
             torch.testing.assert_close(b[:4], a[:4])
 
 
-@pytest.mark.parametrize("slots, prompts", [(1, 1), (3, 1), (3, 3)])
+@pytest.mark.parametrize("slots, prompts, pad", [(1, 1, False), (1, 1, True), (3, 1, False), (3, 3, False)])
 @pytest.mark.parametrize("sizes", [[1, 2, 4, 8, 16, 32], [2, 4, 8, 16, 32]])
-def test_full_mode_generate_of_the_tiny_model_equals_eager(stand_in_capture, monkeypatch, slots, prompts, sizes):
+def test_full_mode_generate_of_the_tiny_model_equals_eager(stand_in_capture, monkeypatch, slots, prompts, pad, sizes):
     """The real full-mode runtime under the tiny model on CPU (stand-in capture): prefill and decode steps, batch 1
-    padded to two rows, decode rows named when the batch fills the cache, generate's direct replays; twice over one
-    cache. The tokens are eager's, and a cache filled by its batch serves everything from one Dynamo graph."""
+    as one-token steps or padded to two rows (`pad_one_token`), decode rows named when the batch fills the cache,
+    generate's direct replays; twice over one cache. The tokens are eager's, and a cache filled by its batch serves
+    everything from one Dynamo graph (batch 1 unpadded: two, the one-token steps' graph)."""
+    import importlib
+
     from hattn.compiler.dispatch import dispatch_for
     from hattn.models.generate import SamplingParams, generate
     from hattn.models.presets import load
     from hattn.runtime import full, graphs
 
     monkeypatch.setattr(full, "served_layout", lambda mode, gm, example_inputs, stats: graphs.graph_layout(gm))
+    monkeypatch.setattr(importlib.import_module("hattn.models.generate"), "pad_one_token", pad)
     torch._dynamo.reset()
     lm = load("tiny")
     all_prompts = [[5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [9, 8, 7]]
@@ -1008,7 +1012,8 @@ def test_full_mode_generate_of_the_tiny_model_equals_eager(stand_in_capture, mon
     model, cache = torch.compile(lm, backend=be), lm.make_cache(slots, 64)
     for _ in range(2):
         assert generate(model, all_prompts[:prompts], cache, SamplingParams(max_new_tokens=8)).tokens == want
-    assert be.stats.graphs_compiled == (1 if slots == prompts else 2) and be.stats.replays > 0
+    assert be.stats.graphs_compiled == (1 if slots == prompts and (pad or prompts > 1) else 2)
+    assert be.stats.replays > 0
     assert dispatch_for(model).direct_calls > 0
 
 
