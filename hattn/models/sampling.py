@@ -6,7 +6,10 @@ transformers' order, each step on the [B, vocab] logits (in float32 wherever a f
                                          or sampling: temperature -> top_k -> top_p -> min_p -> draw
 
 Each filter computes what transformers' logits processor of that name computes (`tests/models/test_sampling.py`
-compares them), so a setting means here what it means there. The draw is the exponential race (argmax of p / E,
+compares them), so a setting means here what it means there. One difference, by design: after top_k, top_p ranks
+only top_k's survivors (`top_k_top_p`) instead of sorting the vocabulary, and where it must drop some of several
+equal scores it drops the lowest ids (a stable sort's order; transformers' sort is unstable, so which of them go is
+the sort's choice there): as many tokens go, at the same probabilities. The draw is the exponential race (argmax of p / E,
 E ~ Exp(1): token i wins with probability p_i) through a seeded device generator; it has no host sync, and its
 tokens are transformers' distribution, not its draws. Greedy without penalties is one argmax on the logits as given.
 """
@@ -82,13 +85,19 @@ def ban_repeated_ngrams(scores: torch.Tensor, history: torch.Tensor, lengths: to
     return scores.masked_fill(banned[:, :vocab], -torch.inf)
 
 
+top_p_after_top_k = True  # False: top_p sorts the whole vocabulary after top_k too (A/B measurements)
+
+
 def warp(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The scores sampling draws from: temperature, then top_k, top_p and min_p set filtered tokens to -inf."""
     scores = scores / params.temperature
     if params.top_k:
-        k = min(params.top_k, scores.shape[-1])
-        scores = scores.masked_fill(scores < scores.topk(k, dim=-1).values[..., -1:], -torch.inf)
-    if params.top_p < 1:
+        top = scores.topk(min(params.top_k, scores.shape[-1]), dim=-1)
+        if params.top_p < 1 and top_p_after_top_k:
+            scores = top_k_top_p(scores, top, params.top_p)
+        else:
+            scores = scores.masked_fill(scores < top.values[..., -1:], -torch.inf)
+    if params.top_p < 1 and not (params.top_k and top_p_after_top_k):
         ascending, order = scores.sort(dim=-1)
         drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - params.top_p
         drop[..., -1] = False  # the most likely token stays
@@ -97,6 +106,34 @@ def warp(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = scores.softmax(dim=-1)
         scores = scores.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), -torch.inf)
     return scores
+
+
+def top_k_top_p(scores: torch.Tensor, top, p: float) -> torch.Tensor:
+    """transformers' top_k then top_p without sorting the vocabulary: the tokens top_p ranks are top_k's survivors,
+    `top` (scores.topk(k): the k largest) and the tokens tied with the k-th (any number, most of them maybe outside
+    `top`). top_p drops, in ascending (score, token id) order (the full sort's), every token whose cumulative
+    probability is at most 1 - p but the last. The tied tokens come first, each of probability q: the first m by id
+    go, m = floor((1 - p) / q); then the higher tokens, all inside `top`, sorted there. Equal to the sort up to float
+    rounding (the sums' order differs) where a cumulative probability is within rounding of 1 - p."""
+    kth = top.values[..., -1:]
+    tied = scores == kth
+    keep = scores >= kth
+    lse = scores.masked_fill(~keep, -torch.inf).logsumexp(dim=-1, keepdim=True)
+    q = (kth - lse).exp()  # a tied token's probability (0 when the k-th score is -inf)
+    ties = tied.sum(dim=-1, keepdim=True)
+    above = top.values > kth
+    # the higher tokens in ascending (score, id) order: sorted by id, then stably by score
+    ids, by_id = top.indices.sort(dim=-1)
+    values, order = top.values.gather(-1, by_id).sort(dim=-1, stable=True)
+    ids, above = ids.gather(-1, order), above.gather(-1, by_id).gather(-1, order)
+    cumulative = ties * q + ((values - lse).exp() * above).cumsum(dim=-1)
+    drop_above = above & (cumulative <= 1 - p)
+    drop_above[..., -1] = False  # the most likely token stays
+    none_above = ~above[..., -1:]  # every survivor is tied: the last of them by id stays
+    m = torch.minimum(torch.floor((1 - p) / q), (ties - none_above.long()).float())
+    drop_tied = tied & (tied.cumsum(dim=-1) <= m)
+    drop = ~keep | drop_tied | torch.zeros_like(keep).scatter(-1, ids, drop_above)
+    return scores.masked_fill(drop, -torch.inf)
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """hattn's next-token choice against transformers' logits processors: the same filtered scores for random logits
 and settings, and generate's tokens equal to transformers' generate with the stateful settings (repetition penalty,
 min_new_tokens) on every family."""
+import contextlib
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, MinNewT
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 import hattn
+from hattn.models import sampling
 from hattn.models.sampling import Sampler, SamplingParams, ban_repeated_ngrams, penalize, sample, warp
 from hattn.models.hf_generate import repad
 from tests.models.test_frontdoor import HF_BATCH_DIVERGES, PAD, fresh, padded
@@ -55,9 +57,26 @@ def cases(draw):
     return params, batch, vocab, history, draw(st.integers(0, history - 1)), draw(st.integers(0, 2**16))
 
 
+@contextlib.contextmanager
+def _switch(name: str, value):
+    old = getattr(sampling, name)
+    setattr(sampling, name, value)
+    try:
+        yield
+    finally:
+        setattr(sampling, name, old)
+
+
 @settings(max_examples=200, deadline=None)
 @given(cases())
 def test_filtered_scores_are_transformers(case):
+    """Bit for bit, with top_p sorting the vocabulary after top_k as transformers does (the default's top_p over
+    top_k's survivors differs where transformers' unstable sort is arbitrary: the next test)."""
+    with _switch("top_p_after_top_k", False):
+        _filtered_scores_are_transformers(case)
+
+
+def _filtered_scores_are_transformers(case):
     params, batch, vocab, history, new, seed = case
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(batch, vocab, generator=g) * 4
@@ -76,6 +95,42 @@ def test_filtered_scores_are_transformers(case):
     if params.temperature:
         got = warp(got, params)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _top_k_top_p_by_stable_sort(scores: torch.Tensor, k: int, p: float):
+    """transformers' TopK then TopP warpers with a stable sort (ties in id order), and where each token's cumulative
+    probability (float64) lies within 1e-5 of 1 - p (a float32 sum may fall on either side there)."""
+    scores = TopKLogitsWarper(k)(None, scores.clone())
+    ascending, order = scores.sort(dim=-1, stable=True)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
+    drop[..., -1] = False
+    near = (ascending.double().softmax(dim=-1).cumsum(dim=-1) - (1 - p)).abs() < 1e-5
+    return scores.masked_fill(drop.scatter(-1, order, drop), -torch.inf), near.scatter(-1, order, near)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=st.integers(1, 3), vocab=st.integers(2, 400), tied=st.integers(0, 200), dropped=st.integers(0, 100),
+       rounded=st.booleans(), k=st.sampled_from([1, 2, 5, 50, 500]),
+       p=st.sampled_from([0.999, 0.95, 0.75, 0.5, 1e-3, 0.0]), seed=st.integers(0, 2**16))
+def test_top_p_over_top_ks_survivors_is_the_stable_sorts(batch, vocab, tied, dropped, rounded, k, p, seed):
+    """The default top_k + top_p (no sort of the vocabulary: the survivors are the top k and the tokens tied with the
+    k-th, any number of them) keeps what transformers' warpers keep with a stable sort, but where a cumulative
+    probability is within rounding of 1 - p; and as many tokens as transformers' own (unstable) sort keeps: among
+    equal scores only which ones go may differ."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g) * 4
+    logits = logits.round() if rounded else logits  # many ties, at the k-th score too
+    logits[:, :min(tied, vocab)] = logits[:, :1]
+    logits[:, torch.randint(0, vocab, (dropped,), generator=g)] = -torch.inf  # banned tokens: their ties too
+    params = SamplingParams(temperature=1.0, top_k=k, top_p=p)
+    got = warp(logits, params)
+    want, near = _top_k_top_p_by_stable_sort(logits, k, p)
+    assert torch.equal(got.isfinite() | near, want.isfinite() | near)
+    assert torch.equal(got[got.isfinite()], logits[got.isfinite()])  # kept tokens keep their scores
+    assert torch.equal(got.amax(dim=-1), logits.amax(dim=-1))  # the most likely token stays, whatever p
+    transformers_kept = _hf_processors(params, 0)(None, logits.clone()).isfinite().sum(dim=-1)
+    exact = ~near.any(dim=-1)
+    assert torch.equal(got.isfinite().sum(dim=-1)[exact], transformers_kept[exact])
 
 
 def test_draws_follow_the_filtered_distribution():
