@@ -9,9 +9,11 @@ Each filter computes what transformers' logits processor of that name computes (
 compares them), so a setting means here what it means there. One difference, by design: after top_k, top_p ranks
 only top_k's survivors (`top_k_top_p`) instead of sorting the vocabulary, and where it must drop some of several
 equal scores it drops the lowest ids (a stable sort's order; transformers' sort is unstable, so which of them go is
-the sort's choice there): as many tokens go, at the same probabilities. The draw is the exponential race (argmax of p / E,
-E ~ Exp(1): token i wins with probability p_i) through a seeded device generator; it has no host sync, and its
-tokens are transformers' distribution, not its draws. Greedy without penalties is one argmax on the logits as given.
+the sort's choice there): as many tokens go, at the same probabilities.
+
+The draw is the exponential race (argmax of p / E, E ~ Exp(1): token i wins with probability p_i) through a seeded
+device generator; it has no host sync, and its tokens are transformers' distribution, not its draws. Greedy without
+penalties is one argmax on the logits as given.
 """
 from __future__ import annotations
 
@@ -139,9 +141,15 @@ def top_k_top_p(scores: torch.Tensor, top, p: float) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens [B] (on the logits' device, no host sync) from logits or processed scores [B, vocab]: argmax when
     temperature is 0, else a draw from `warp`'s distribution."""
+    return choose(logits, params, generator)[0]
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
+    """(next tokens [B], the scores they were chosen from): `sample`'s choice and, when sampling, `warp`'s scores."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    return draw(warp(logits.float(), params), generator)
+        return logits.argmax(dim=-1), logits
+    scores = warp(logits.float(), params)
+    return draw(scores, generator), scores
 
 
 def draw(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -183,11 +191,7 @@ class Sampler:
                 ids = [t for t in p.stop_tokens if t < logits.shape[-1]]
                 self.stops = _to(torch.tensor(ids, dtype=torch.long), logits.device)
             logits = logits.index_fill(-1, self.stops, -torch.inf)
-        if p.temperature == 0:
-            nxt = logits.argmax(dim=-1)
-        else:
-            logits = warp(logits.float(), p)
-            nxt = draw(logits, self.generator)
+        nxt, logits = choose(logits, p, self.generator)
         if self.keep:  # a copy: the logits given may be a graph's output buffer, rewritten at its next replay
             self.scores = logits.clone() if logits is given else logits
         if penalized:
