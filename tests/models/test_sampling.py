@@ -235,3 +235,17 @@ def test_the_sampler_chooses_on_cuda_what_it_chooses_on_the_cpu():
     for logits in steps:
         assert torch.equal(cpu(logits), gpu(logits.cuda()).cpu())
     assert torch.equal(cpu.history, gpu.history.cpu()) and torch.equal(cpu.seen, gpu.seen.cpu())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 16])
+def test_top_p_over_top_ks_survivors_on_cuda_keeps_what_the_stable_sort_keeps(batch):
+    """The default top_k + top_p on CUDA (its topk and small stable sorts) at the preset's vocabulary, bf16 logits
+    (ties at the k-th score are common there): the stable sort's survivors, but within rounding of 1 - p."""
+    logits = (torch.randn(batch, 248320, generator=torch.Generator().manual_seed(1)) * 3).to(torch.bfloat16).float()
+    for k, p in [(50, 0.95), (20, 0.8), (1000, 0.5)]:
+        params = SamplingParams(temperature=0.7, top_k=k, top_p=p)
+        got = warp(logits.cuda(), params).cpu()
+        want, near = _top_k_top_p_by_stable_sort(logits / 0.7, k, p)
+        assert torch.equal(got.isfinite() | near, want.isfinite() | near)
