@@ -19,7 +19,7 @@ from torch._guards import TracingContext, detect_fake_mode
 
 from hattn.compiler.artifacts import keep_kernels_in, load_entry
 from hattn.compiler.config import Config
-from hattn.compiler.dispatch import Traced, input_sources, whole_frame
+from hattn.compiler.dispatch import Traced, dynamic_dims, input_sources, whole_frame
 from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import fuse_linears
 from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
@@ -157,6 +157,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with."""
     stats.dynamo_seconds += _dynamo_seconds()
     sources, code = input_sources(gm), whole_frame(gm)  # before the passes touch the graph
+    dynamic = dynamic_dims(gm)
     entry = None
     if config.cache_dir is not None:
         keep_kernels_in(config.cache_dir)
@@ -183,7 +184,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     from hattn.runtime import build_runtime
 
     runtime = build_runtime(config, split_gm, example_inputs, stats)
-    return Traced(runtime if entry is None else entry.keep(runtime, stats), sources, code)
+    return Traced(runtime if entry is None else entry.keep(runtime, stats), sources, code, dynamic)
 
 
 def _piece_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple:

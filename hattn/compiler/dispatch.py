@@ -14,6 +14,11 @@ parameter given new storage is still caught by the graph runtimes, which capture
 Python around the graph keeps going through Dynamo at every call: a graph break or a resumed frame's graph, a
 store into an object that existed before the call (unless it ends as it was), module hooks, a non-default Dynamo
 stance, a graph that is not hattn's, or a result that is not the graph's output.
+
+One more kind skips Dynamo from its first call: a one-token call of a kind learned with a symbolic token count.
+Dynamo would trace it as a graph of its own (it specializes sizes 0 and 1); the graph traced for every size serves
+it, as vLLM's dispatcher serves batch 1 with its dynamic graph (a model whose Python branches on "one token" is
+traced down its many-token branch either way: hattn's graph runtimes replay their size-1 graphs from that graph).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch.fx as fx
 import torch.nn.modules.module as _hooks
 
 enabled = True  # False: every call goes through Dynamo (A/B measurements, debugging)
+one_token_via_dynamic = True  # False: a one-token call is a kind of its own, traced by Dynamo (its size-1 graph)
 MAX_KINDS = 1024  # kinds remembered per model; past it, new kinds go through Dynamo every time
 
 log = logging.getLogger("hattn")
@@ -41,8 +47,9 @@ class Traced:
     the code object of the frame Dynamo traced, if the graph is all of it (no graph break, no side effect for
     Dynamo's code to replay after the graph), else None."""
 
-    def __init__(self, fn: Callable, sources: list, code=None):
+    def __init__(self, fn: Callable, sources: list, code=None, dynamic: list | None = None):
         self.fn, self.sources, self.code = fn, sources, code
+        self.dynamic = dynamic or [()] * len(sources)  # per graph input: the dims traced as symbolic sizes
 
     def __call__(self, *args):
         out = self.fn(*args)
@@ -58,6 +65,13 @@ class Traced:
 def input_sources(gm: fx.GraphModule) -> list:
     """Dynamo's source of each graph input (None for a graph not traced by Dynamo)."""
     return [getattr(n.meta.get("grapharg"), "source", None) for n in gm.graph.find_nodes(op="placeholder")]
+
+
+def dynamic_dims(gm: fx.GraphModule) -> list[tuple[int, ...]]:
+    """Per graph input, the dims Dynamo traced as symbolic sizes (none for a non-tensor or outside Dynamo)."""
+    values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+    return [tuple(d for d, size in enumerate(x.shape) if isinstance(size, torch.SymInt))
+            if isinstance(x, torch.Tensor) else () for x in values]
 
 
 def whole_frame(gm: fx.GraphModule):
@@ -109,10 +123,12 @@ class _Direct:
     `Traced` weakly: once Dynamo lets go of the graph (`torch._dynamo.reset()`), so does this, and the graph's memory
     (its CUDA graphs and pool) is freed."""
 
-    __slots__ = ("traced", "template", "plan", "single")
+    __slots__ = ("traced", "template", "plan", "single", "free", "pattern")
 
-    def __init__(self, traced: Traced, template: list, plan: list, single: bool):
+    def __init__(self, traced: Traced, template: list, plan: list, single: bool, free: dict, pattern: tuple):
         self.traced, self.template, self.plan, self.single = weakref.ref(traced), template, plan, single
+        self.free = free  # forward argument index -> its dims traced as symbolic sizes
+        self.pattern = pattern  # `_pattern` of the learning call with those dims: what a one-token call must match
 
     def __call__(self, traced: Traced, args: tuple):
         inputs = list(self.template)
@@ -141,12 +157,15 @@ class Dispatch:
         direct = self.kinds.get(key) if key is not None else _VIA_DYNAMO
         if direct is _VIA_DYNAMO:
             return self.model(*args)
+        if direct is None and key is not None and one_token_via_dynamic:
+            direct = self._dynamic_kind_for_one_token(key, args)
         if direct is not None:
             traced = direct.traced()
             if traced is not None:
                 self.direct_calls += 1
                 return direct(traced, args)
             self.kinds.pop(key, None)  # Dynamo dropped the graph (torch._dynamo.reset): learn the kind again
+            direct = None
         calls: list = []
         token = _CALLS.set(calls)
         try:
@@ -156,6 +175,21 @@ class Dispatch:
         if len(self.kinds) < MAX_KINDS:
             self.kinds[key] = _learn(calls, args, out, self) or _VIA_DYNAMO
         return out
+
+    def _dynamic_kind_for_one_token(self, key: tuple, args: tuple) -> _Direct | None:
+        """A learned kind whose graph has a symbolic size at every dim where this call differs from it, each of
+        them 1 in this call: Dynamo would trace size 1 as a graph of its own (it specializes sizes 0 and 1), but the
+        graph traced for every size serves it (the graph runtimes replay their size-1 graphs, as a step padded to two
+        rows did). Remembered as this call's kind."""
+        for known_key, direct in list(self.kinds.items()):
+            if (not isinstance(direct, _Direct) or not direct.free or known_key[:_MODES] != key[:_MODES]
+                    or direct.traced() is None):
+                continue
+            if _pattern(args, direct.free, ones=True) == direct.pattern:
+                if len(self.kinds) < MAX_KINDS:
+                    self.kinds[key] = direct
+                return direct
+        return None
 
     def _plain(self) -> bool:
         """Nothing around the compiled frame that a direct call would skip: module hooks (run by `__call__` outside
@@ -182,6 +216,9 @@ def _arg_names(forward) -> list[str] | None:
     return [p.name for p in params if p.kind in positional] or None
 
 
+_MODES = 5  # the key's leading entries: grad and inference modes, default dtype, autocast per device type
+
+
 def _kind(args: tuple):
     """What Dynamo's guards on the call's own inputs depend on, as a dict key; None when an argument is neither a
     plain tensor (no subclass), None nor a plain int/bool/str (such a call always goes through Dynamo)."""
@@ -199,6 +236,24 @@ def _kind(args: tuple):
     return tuple(key)
 
 
+def _pattern(args: tuple, free: dict, ones: bool = False) -> tuple | None:
+    """The call's arguments as a kind, its symbolic-size dims (`free`) left out, strides as contiguity (they follow
+    the sizes); with `ones`, None unless every such dim is 1 and at least one is (a one-token call)."""
+    out, saw_one = [], False
+    for a, x in enumerate(args):
+        if type(x) is not torch.Tensor:
+            out.append((type(x), x))
+            continue
+        dims = free.get(a, ())
+        if ones and any(x.shape[d] != 1 for d in dims):
+            return None
+        saw_one |= bool(dims)
+        shape = tuple(None if d in dims else size for d, size in enumerate(x.shape))
+        out.append((shape, x.is_contiguous(), x.storage_offset(), x.dtype, x.device, x.requires_grad,
+                    torch._C._dispatch_keys(x).raw_repr()))
+    return tuple(out) if saw_one or not ones else None
+
+
 def _learn(calls: list, args: tuple, out, dispatch: Dispatch) -> _Direct | None:
     """The direct call of a kind from what Dynamo just did, or None when it cannot be replayed directly."""
     if len(calls) != 1:  # no hattn graph, or several (a graph break): Dynamo's code runs between them
@@ -212,7 +267,7 @@ def _learn(calls: list, args: tuple, out, dispatch: Dispatch) -> _Direct | None:
     if len(traced.sources) != len(inputs):
         return None
     position = {name: i for i, name in enumerate(dispatch.names[:len(args)])}
-    plan, template = [], list(inputs)
+    plan, template, free = [], list(inputs), {}
     for i, (source, value) in enumerate(zip(traced.sources, inputs)):
         where = _argument_place(source, position, dispatch.self_name)
         if where is False:
@@ -224,9 +279,11 @@ def _learn(calls: list, args: tuple, out, dispatch: Dispatch) -> _Direct | None:
                 return None  # the graph input is not the argument (or its size) as it was passed
             plan.append((i, a, dim))
             template[i] = None  # not kept alive by the kind
+            if dim is None and traced.dynamic[i] and all(args[a].shape[d] > 1 for d in traced.dynamic[i]):
+                free[a] = traced.dynamic[i]
         elif not isinstance(value, torch.Tensor) and value is not None and type(value) not in (int, float, bool):
             return None
-    return _Direct(traced, template, plan, single)
+    return _Direct(traced, template, plan, single, free, _pattern(args, free))
 
 
 def _argument_place(source, position: dict[str, int], self_name: str):

@@ -6,14 +6,16 @@ Every step is one call `model(input_ids [T], positions [T], logits_rows) -> logi
 says how the T tokens split into sequences and which cache slot each sequence owns. The model may be an eager
 HybridLM or `torch.compile(lm, backend=hattn.backend(mode=...))`: the token dimension of the inputs is marked
 dynamic so one graph serves every token count of 2 or more. Dynamo specializes size 1 (unbacked sizes would avoid it,
-but inductor rejects them on torch 2.13), so a one-token step is a second graph; with `pad_one_token` it is padded
-to two rows instead, the second of no sequence (`ForwardContext.padding`; split ops write zeros there): one graph,
-but a slower step (off by default).
+but inductor rejects them on torch 2.13), so a one-token step would be a second graph: the dispatcher
+(`hattn.compiler.dispatch`) gives it to the graph traced for every size instead, whose runtime replays its size-1
+graphs. (`pad_one_token` pads such a step to two rows instead, the second of no sequence, `ForwardContext.padding`:
+slower on the H200.)
 A prefill step names the rows whose logits it samples in `logits_rows` (each sequence's last token), one tensor of
 the cache's slot count. A decode step of as many sequences as the cache has slots (generate's own cache) names its
 rows the same way (one copy of R indices a step) and replays the prefill's graph: one Dynamo graph, compiled and
 captured once. A decode step of fewer sequences returns every row instead (naming them would run the LM head on
-every slot): a second graph. A one-token prompt is padded the same way. Two-batch overlap pads its one-token
+every slot): a second graph. A one-token prompt is a one-token step too (traced at size 1 if it is the model's
+first call: a graph of its own once longer steps come, as in Dynamo's own use). Two-batch overlap pads its one-token
 micro-batches always (two of them are a decode step of two sequences). Still a one-token graph of its own: what
 follows a graph break in a model that has one (its input is the graph runtime's unpadded rows).
 
@@ -87,16 +89,16 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
         return call(input_ids, positions, logits_rows)
 
 
-# True: a one-token step runs as two rows, the second of no sequence, so batch 1 replays the dynamic graph (no Dynamo
-# graph of its own: Dynamo specializes size 1). Off by default: the padded step was slower on the H200 in every mode
-# (session 25, scripts/dispatch_ab.py --switch pad-one, B=1 ctx 1024: full 0.94 vs 0.98 ms, bcg 1.50 vs 1.58, pcg
-# 1.28 vs 1.38), for one more Dynamo graph at start-up.
+# True: a one-token step runs as two rows, the second of no sequence, so that Dynamo's call (which specializes size 1)
+# replays the dynamic graph. Off by default: the dispatcher serves a one-token step with that graph unpadded, and the
+# padded step was slower on the H200 in every mode (session 25, scripts/dispatch_ab.py --switch pad-one, B=1 ctx 1024,
+# then a one-token graph of its own: full 0.94 vs 0.98 ms, bcg 1.50 vs 1.58, pcg 1.28 vs 1.38).
 pad_one_token = False
 
 
 def decode_padding(n: int) -> int:
-    """Padding rows of a decode step of n sequences (`ForwardContext.padding`): one for a single token, which Dynamo
-    would give a graph of its own (it specializes size 1), else none."""
+    """Padding rows of a decode step of n sequences (`ForwardContext.padding`): with `pad_one_token`, one for a single
+    token, else none."""
     return 1 if n == 1 and pad_one_token else 0
 
 

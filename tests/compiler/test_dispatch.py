@@ -30,8 +30,8 @@ def toy():
 
 
 @settings(max_examples=12, deadline=None)
-@given(lens=st.lists(st.integers(1, 12), min_size=1, max_size=8))
-def test_direct_calls_equal_the_eager_model(toy, lens):
+@given(lens=st.lists(st.integers(2, 12), min_size=1, max_size=8))
+def test_direct_calls_equal_the_eager_model(toy, lens):  # one token: the tests after the next
     torch._dynamo.reset()
     call = Dispatch(_compiled(toy))
     for i, n in enumerate(lens):
@@ -217,13 +217,62 @@ def test_run_step_dispatches_a_compiled_model_only():
     assert dispatch_for(compiled) is dispatch_for(compiled)
     caches = lm.make_cache(1, 32), lm.make_cache(1, 32)  # the compiled model's, eager's
     ids, pos, lens = torch.tensor([5, 6, 7]), torch.arange(3), [3]
-    for step in range(4):  # a prefill, then decode steps: the second decode step on is a known kind
+    for step in range(4):  # a prefill, then decode steps: one token, served by the prefill's dynamic graph
         ctx = [ForwardContext(seq_lens=lens, context_lens=[0 if step == 0 else 2 + step], slots=[0], cache=c,
                               layer_kinds=lm.layer_kinds) for c in caches]
         got, want = run_step(compiled, ctx[0], ids, pos), run_step(lm, ctx[1], ids, pos)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         ids, pos, lens = got[-1:].argmax(-1), torch.tensor([3 + step]), [1]
-    assert dispatch_for(compiled).direct_calls == 2
+    assert dispatch_for(compiled).direct_calls == 3
+
+
+def _one_graph_backend():
+    return hattn.backend(mode="eager", inner_compiler="eager", progress=False)
+
+
+def test_a_one_token_call_replays_the_dynamic_graph_without_dynamo(toy, monkeypatch):
+    """Dynamo traces size 1 as a graph of its own; the graph it traced with a symbolic token count serves it (as
+    vLLM's dispatcher does), so a decode loop at batch 1 is one graph. Off: a second graph, the same results."""
+    for on, graphs in ((True, 1), (False, 2)):
+        monkeypatch.setattr(dispatch, "one_token_via_dynamic", on)
+        torch._dynamo.reset()
+        be = _one_graph_backend()
+        call = Dispatch(torch.compile(toy, backend=be))
+        ids = _ids(4)
+        torch._dynamo.mark_dynamic(ids, 0)
+        torch.testing.assert_close(call(ids), toy(ids), rtol=1e-5, atol=1e-5)
+        for seed in range(3):
+            torch.testing.assert_close(call(_ids(1, seed)), toy(_ids(1, seed)), rtol=1e-5, atol=1e-5)
+        assert be.stats.graphs_compiled == graphs
+        assert call.direct_calls == (3 if on else 2)
+
+
+def test_a_one_token_call_of_a_graph_traced_for_one_size_goes_through_dynamo(toy):
+    """A graph traced with a fixed token count (no symbolic size) serves that count only: a one-token call is
+    traced (and anything else that differs: another dtype, another rank)."""
+    torch._dynamo.reset()
+    be = _one_graph_backend()
+    call = Dispatch(torch.compile(toy, backend=be))
+    call(_ids(4))  # not marked dynamic: Dynamo traces 4 tokens as such
+    torch.testing.assert_close(call(_ids(1)), toy(_ids(1)), rtol=1e-5, atol=1e-5)
+    assert be.stats.graphs_compiled == 2 and call.direct_calls == 0
+
+
+def test_a_one_token_call_must_match_the_dynamic_kind_but_for_its_size(toy, monkeypatch):
+    """Only the symbolic dims may differ, and only to 1: a one-token call of another dtype is not the dynamic kind's
+    (Dynamo traces it), nor is a call whose size is neither 1 nor one seen (Dynamo checks its guards)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(toy, backend=_one_graph_backend())
+    call = Dispatch(compiled)
+    ids = _ids(4)
+    torch._dynamo.mark_dynamic(ids, 0)
+    call(ids)
+    entered = []
+    monkeypatch.setattr(type(compiled), "__call__", lambda self, *a: entered.append((a[0].dtype, len(a[0]))))
+    call(_ids(1).int())
+    call(_ids(6))
+    call(_ids(1))
+    assert entered == [(torch.int32, 1), (torch.int64, 6)] and call.direct_calls == 1
 
 
 def test_after_a_dynamo_reset_the_kind_is_learned_again_and_the_old_graph_freed(toy):

@@ -152,13 +152,13 @@ def test_a_one_token_prompt_is_padded_to_two_rows_as_a_decode_step_is(make_case,
 
 
 @pytest.mark.parametrize("prompts, slots, pad, graphs", [(3, 3, True, 1), (2, 2, True, 1), (1, 1, True, 1),
-                                                         (3, 5, True, 2), (1, 5, True, 2), (1, 1, False, 2)])
+                                                         (3, 5, True, 2), (1, 5, True, 2), (1, 1, False, 1),
+                                                         (1, 5, False, 2)])
 def test_decode_steps_that_fill_the_cache_replay_the_prefills_graph(make_case, monkeypatch, prompts, slots, pad,
                                                                     graphs):
     """A decode batch that fills the cache's slots names its rows as the prefill does: one Dynamo graph for the whole
-    generate, batch 1 included (its one token padded to two rows: Dynamo specializes size 1). Fewer sequences than
-    slots return every row (a second graph, no LM head on empty slots); without the padding row one token is a
-    second graph."""
+    generate, batch 1 included (its one token served by the graph traced for every size, padded to two rows or not).
+    Fewer sequences than slots return every row (a second graph, no LM head on empty slots)."""
     from hattn.compiler.backend import backend
 
     gen_mod = importlib.import_module("hattn.models.generate")
