@@ -4,8 +4,8 @@
 
 `hattn.models.sampling.Sampler` (as generate calls it once a step) on bf16 logits [B, vocab], ms median of --reps
 calls (CUDA events after a sync on a GPU: the host's work counts, as in a decode step that waits for its tokens), for
-greedy, transformers' default sampling (top_k 50), top_k + top_p (top_p over top_k's survivors, the default, and
-a full sort of the vocabulary, `sampling.top_p_after_top_k` off), top_p alone (a full sort),
+greedy, transformers' default sampling (top_k 50), top_k + top_p (a full sort of the vocabulary, and top_p over
+top_k's survivors, `sampling.TOP_P_AFTER_TOP_K_MIN_ROWS`), top_p alone (a full sort),
 and a repetition penalty + no_repeat_ngram_size on greedy. Set against a decode step's time (the bench's decode
 rows) this says whether sampling needs a fused kernel (vLLM and SGLang sample with FlashInfer's sort-free top-k /
 top-p kernels).
@@ -24,8 +24,8 @@ from hattn.models.sampling import Sampler, SamplingParams
 SETTINGS = {
     "greedy": {},
     "top_k 50": dict(temperature=1.0, top_k=50),
-    "top_k 50, top_p 0.95 (sort)": dict(temperature=0.7, top_k=50, top_p=0.95, top_p_after_top_k=False),
-    "top_k 50, top_p 0.95": dict(temperature=0.7, top_k=50, top_p=0.95),
+    "top_k 50, top_p 0.95 (sort)": dict(temperature=0.7, top_k=50, top_p=0.95, min_rows=10**9),
+    "top_k 50, top_p 0.95 (survivors)": dict(temperature=0.7, top_k=50, top_p=0.95, min_rows=0),
     "top_p 0.95": dict(temperature=0.7, top_p=0.95),
     "greedy, penalty 1.1, 3-grams": dict(repetition_penalty=1.1, no_repeat_ngram_size=3),
 }
@@ -33,7 +33,7 @@ SETTINGS = {
 
 def time_setting(setting: dict, batch: int, vocab: int, device, reps: int, clock: Clock) -> float:
     setting = dict(setting)
-    sampling.top_p_after_top_k = setting.pop("top_p_after_top_k", True)
+    sampling.TOP_P_AFTER_TOP_K_MIN_ROWS = setting.pop("min_rows", 32)
     params = SamplingParams(max_new_tokens=reps + 2, seed=0, **setting)
     prompts = [list(range(i, i + 16)) for i in range(batch)]
     generator = torch.Generator(device=device).manual_seed(0) if params.temperature else None

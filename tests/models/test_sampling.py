@@ -70,9 +70,9 @@ def _switch(name: str, value):
 @settings(max_examples=200, deadline=None)
 @given(cases())
 def test_filtered_scores_are_transformers(case):
-    """Bit for bit, with top_p sorting the vocabulary after top_k as transformers does (the default's top_p over
-    top_k's survivors differs where transformers' unstable sort is arbitrary: the next test)."""
-    with _switch("top_p_after_top_k", False):
+    """Bit for bit, with top_p sorting the vocabulary after top_k as transformers does (top_p over top_k's survivors,
+    the default from 32 rows, differs where transformers' unstable sort is arbitrary: the next test)."""
+    with _switch("TOP_P_AFTER_TOP_K_MIN_ROWS", 10**9):
         _filtered_scores_are_transformers(case)
 
 
@@ -123,7 +123,8 @@ def test_top_p_over_top_ks_survivors_is_the_stable_sorts(batch, vocab, tied, dro
     logits[:, :min(tied, vocab)] = logits[:, :1]
     logits[:, torch.randint(0, vocab, (dropped,), generator=g)] = -torch.inf  # banned tokens: their ties too
     params = SamplingParams(temperature=1.0, top_k=k, top_p=p)
-    got = warp(logits, params)
+    with _switch("TOP_P_AFTER_TOP_K_MIN_ROWS", 0):
+        got = warp(logits, params)
     want, near = _top_k_top_p_by_stable_sort(logits, k, p)
     assert torch.equal(got.isfinite() | near, want.isfinite() | near)
     assert torch.equal(got[got.isfinite()], logits[got.isfinite()])  # kept tokens keep their scores
@@ -131,6 +132,21 @@ def test_top_p_over_top_ks_survivors_is_the_stable_sorts(batch, vocab, tied, dro
     transformers_kept = _hf_processors(params, 0)(None, logits.clone()).isfinite().sum(dim=-1)
     exact = ~near.any(dim=-1)
     assert torch.equal(got.isfinite().sum(dim=-1)[exact], transformers_kept[exact])
+
+
+def test_top_p_after_top_k_sorts_below_the_row_threshold_and_ranks_survivors_from_it(monkeypatch):
+    """The default picks by rows: fewer than TOP_P_AFTER_TOP_K_MIN_ROWS sort as transformers (bit for bit), from
+    there top_k's survivors are ranked (spied)."""
+    calls = []
+    real = sampling.top_k_top_p
+    monkeypatch.setattr(sampling, "top_k_top_p", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    params = SamplingParams(temperature=0.9, top_k=20, top_p=0.8)
+    for rows in (1, sampling.TOP_P_AFTER_TOP_K_MIN_ROWS - 1, sampling.TOP_P_AFTER_TOP_K_MIN_ROWS):
+        logits = torch.randn(rows, 500, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16).float()
+        got = warp(logits, params)
+        if rows < sampling.TOP_P_AFTER_TOP_K_MIN_ROWS:
+            torch.testing.assert_close(got, _hf_processors(params, 0)(None, logits.clone()), rtol=0, atol=0)
+    assert calls == [sampling.TOP_P_AFTER_TOP_K_MIN_ROWS]
 
 
 def test_draws_follow_the_filtered_distribution():
@@ -240,9 +256,10 @@ def test_the_sampler_chooses_on_cuda_what_it_chooses_on_the_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch", [1, 16])
-def test_top_p_over_top_ks_survivors_on_cuda_keeps_what_the_stable_sort_keeps(batch):
+def test_top_p_over_top_ks_survivors_on_cuda_keeps_what_the_stable_sort_keeps(batch, monkeypatch):
     """The default top_k + top_p on CUDA (its topk and small stable sorts) at the preset's vocabulary, bf16 logits
     (ties at the k-th score are common there): the stable sort's survivors, but within rounding of 1 - p."""
+    monkeypatch.setattr(sampling, "TOP_P_AFTER_TOP_K_MIN_ROWS", 0)
     logits = (torch.randn(batch, 248320, generator=torch.Generator().manual_seed(1)) * 3).to(torch.bfloat16).float()
     for k, p in [(50, 0.95), (20, 0.8), (1000, 0.5)]:
         params = SamplingParams(temperature=0.7, top_k=k, top_p=p)
