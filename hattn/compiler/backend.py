@@ -19,7 +19,7 @@ from torch._guards import TracingContext, detect_fake_mode
 
 from hattn.compiler.artifacts import keep_kernels_in, load_entry
 from hattn.compiler.config import Config
-from hattn.compiler.dispatch import Traced, dynamic_dims, input_sources, whole_frame
+from hattn.compiler.dispatch import Traced, input_sources, one_token_dims, symbolic_sizes, whole_frame
 from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import fuse_linears
 from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
@@ -156,8 +156,7 @@ def _dynamo_seconds() -> float:
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with."""
     stats.dynamo_seconds += _dynamo_seconds()
-    sources, code = input_sources(gm), whole_frame(gm)  # before the passes touch the graph
-    dynamic = dynamic_dims(gm)
+    sources, code, sizes = input_sources(gm), whole_frame(gm), symbolic_sizes(gm)  # before the passes touch the graph
     entry = None
     if config.cache_dir is not None:
         keep_kernels_in(config.cache_dir)
@@ -184,6 +183,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     from hattn.runtime import build_runtime
 
     runtime = build_runtime(config, split_gm, example_inputs, stats)
+    dynamic = one_token_dims(sizes, getattr(detect_fake_mode(example_inputs), "shape_env", None))  # after compiles
     return Traced(runtime if entry is None else entry.keep(runtime, stats), sources, code, dynamic)
 
 

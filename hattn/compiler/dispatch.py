@@ -17,8 +17,11 @@ stance, a graph that is not hattn's, or a result that is not the graph's output.
 
 One more kind skips Dynamo from its first call: a one-token call of a kind learned with a symbolic token count.
 Dynamo would trace it as a graph of its own (it specializes sizes 0 and 1); the graph traced for every size serves
-it, as vLLM's dispatcher serves batch 1 with its dynamic graph (a model whose Python branches on "one token" is
-traced down its many-token branch either way: hattn's graph runtimes replay their size-1 graphs from that graph).
+it, as vLLM's dispatcher serves batch 1 with its dynamic graph, when no shape guard of that graph rules size 1 out
+(`one_token_dims`: a model that branches on the token count guards it, and then Dynamo traces size 1 as before).
+Not detected: a branch Dynamo decides from the symbol's range (sizes >= 2) alone, `if T == 1` / `if T != 1`, which
+leaves no guard; such a model runs its many-token branch at one token (as a step padded to two rows, and hattn's
+size-1 graph captures of that graph, always did). `one_token_via_dynamic = False` turns this off.
 """
 from __future__ import annotations
 
@@ -67,11 +70,32 @@ def input_sources(gm: fx.GraphModule) -> list:
     return [getattr(n.meta.get("grapharg"), "source", None) for n in gm.graph.find_nodes(op="placeholder")]
 
 
-def dynamic_dims(gm: fx.GraphModule) -> list[tuple[int, ...]]:
-    """Per graph input, the dims Dynamo traced as symbolic sizes (none for a non-tensor or outside Dynamo)."""
+def symbolic_sizes(gm: fx.GraphModule) -> list[tuple]:
+    """Per graph input, its (dim, SymInt) pairs as Dynamo traced them (read before passes change the inputs)."""
     values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
-    return [tuple(d for d, size in enumerate(x.shape) if isinstance(size, torch.SymInt))
+    return [tuple((d, size) for d, size in enumerate(x.shape) if isinstance(size, torch.SymInt))
             if isinstance(x, torch.Tensor) else () for x in values]
+
+
+def one_token_dims(sizes: list[tuple], shape_env) -> list[tuple[int, ...]]:
+    """Per graph input (`symbolic_sizes`), the dims whose size may be 1 in this graph: a plain symbol that no guard
+    pins (not replaced by a value or another expression) and every shape guard on it holds at 1 (Dynamo's own lower
+    bound of 2 is a range, not a guard). A model that branches on the size (`if T > 2`) guards it: not such a dim.
+    Call after everything that may add guards (inductor's compile of the pieces); none without a shape env."""
+    import sympy
+
+    if shape_env is None:
+        return [()] * len(sizes)
+    replaced = dict(shape_env.replacements)  # symbols Dynamo unified (s80 -> s72: two inputs of one size)
+    guards = [shape_env.replace(g.expr) for g in shape_env.guards]
+
+    def holds_at_one(size) -> bool:
+        sym = size.node.expr
+        if not isinstance(sym, sympy.Symbol) or sym in replaced:
+            return False
+        return all(g.xreplace({sym: sympy.Integer(1)}) is sympy.true for g in guards if sym in g.free_symbols)
+
+    return [tuple(d for d, size in dims if holds_at_one(size)) for dims in sizes]
 
 
 def whole_frame(gm: fx.GraphModule):
@@ -237,19 +261,23 @@ def _kind(args: tuple):
 
 
 def _pattern(args: tuple, free: dict, ones: bool = False) -> tuple | None:
-    """The call's arguments as a kind, its symbolic-size dims (`free`) left out, strides as contiguity (they follow
-    the sizes); with `ones`, None unless every such dim is 1 and at least one is (a one-token call)."""
+    """The call's arguments as a kind, its symbolic-size dims (`free`) left out (a tensor with such dims: its strides
+    as contiguity, which they follow); with `ones`, None unless every such dim is 1 and at least one is (a one-token
+    call)."""
     out, saw_one = [], False
     for a, x in enumerate(args):
         if type(x) is not torch.Tensor:
             out.append((type(x), x))
             continue
         dims = free.get(a, ())
-        if ones and any(x.shape[d] != 1 for d in dims):
+        if ones and (x.dim() <= max(dims, default=-1) or any(x.shape[d] != 1 for d in dims)):
             return None
         saw_one |= bool(dims)
         shape = tuple(None if d in dims else size for d, size in enumerate(x.shape))
-        out.append((shape, x.is_contiguous(), x.storage_offset(), x.dtype, x.device, x.requires_grad,
+        # a contiguous tensor's strides follow its sizes; any other layout must be the learned one exactly
+        layout = "contiguous" if dims and x.is_contiguous() else x.stride()
+        same = next(j for j, b in enumerate(args) if b is x)  # one tensor passed twice is another graph
+        out.append((same, shape, layout, x.storage_offset(), x.dtype, x.device, x.requires_grad,
                     torch._C._dispatch_keys(x).raw_repr()))
     return tuple(out) if saw_one or not ones else None
 

@@ -273,6 +273,62 @@ def test_a_one_token_call_must_match_the_dynamic_kind_but_for_its_size(toy, monk
     call(_ids(6))
     call(_ids(1))
     assert entered == [(torch.int32, 1), (torch.int64, 6)] and call.direct_calls == 1
+    assert dispatch._pattern((ids, ids), {0: (0,), 1: (0,)}) != dispatch._pattern((ids, ids.clone()),
+                                                                                   {0: (0,), 1: (0,)})
+
+
+class _Branches(nn.Module):
+    """The toy model, then a branch on the token count (`rule`): Dynamo guards the size it took."""
+
+    def __init__(self, inner, rule):
+        super().__init__()
+        self.inner, self.rule = inner, rule
+
+    def forward(self, ids):
+        h = self.inner(ids)
+        return h * 2 if self.rule(ids.shape[0]) else h * 3
+
+
+@pytest.mark.parametrize("rule, served", [(lambda n: n > 2, False), (lambda n: n == 5, False),
+                                          (lambda n: n % 2 == 0, True)])
+def test_a_graph_whose_guards_rule_out_one_token_does_not_serve_it(toy, rule, served):
+    """A graph traced down a branch that size 1 would not take (its guard fails at 1, or pins the size) must not
+    serve a one-token call: Dynamo traces it. One whose guard holds at 1 (5 tokens: odd, as 1 is) serves it. The
+    result is the model's either way. (A branch Dynamo decides from its range of sizes >= 2 alone, `n != 1`, leaves
+    no guard: not detected, see the module docstring.)"""
+    torch._dynamo.reset()
+    model = _Branches(toy, rule)
+    call = Dispatch(torch.compile(model, backend=_one_graph_backend()))
+    call(_ids(4))
+    call(_ids(5))  # a second size: Dynamo's automatic dynamic traces a symbolic token count
+    torch.testing.assert_close(call(_ids(1)), model(_ids(1)), rtol=1e-5, atol=1e-5)
+    assert call.direct_calls == int(served)
+
+
+class _WithExtra(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, extra):
+        return self.inner(ids) + (extra * torch.arange(extra.shape[-1], dtype=extra.dtype)).sum()
+
+
+def test_a_one_token_call_with_another_rank_or_layout_goes_through_dynamo(toy):
+    """Arguments that differ from the learned kind elsewhere than its symbolic dims are Dynamo's: another rank (no
+    error from indexing its dims) or another non-contiguous layout of a fixed-size argument."""
+    model = _WithExtra(toy)
+    for learned, other in [(torch.ones(2, 4), torch.ones(1)),
+                           (torch.randn(4, 128)[:, :64], torch.randn(64, 4).t())]:
+        torch._dynamo.reset()
+        call = Dispatch(torch.compile(model, backend=_one_graph_backend()))
+        ids = _ids(4)
+        torch._dynamo.mark_dynamic(ids, 0)
+        if learned.dim() == 2 and learned.is_contiguous():
+            torch._dynamo.mark_dynamic(learned, 1)
+        call(ids, learned)
+        torch.testing.assert_close(call(_ids(1), other), model(_ids(1), other), rtol=1e-4, atol=1e-4)
+        assert call.direct_calls == 0
 
 
 def test_after_a_dynamo_reset_the_kind_is_learned_again_and_the_old_graph_freed(toy):
