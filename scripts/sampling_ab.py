@@ -21,6 +21,7 @@ from hattn.bench.harness import Clock
 from hattn.models import sampling
 from hattn.models.sampling import Sampler, SamplingParams
 
+MIN_ROWS = sampling.TOP_P_AFTER_TOP_K_MIN_ROWS  # the default, for the settings that do not choose
 SETTINGS = {
     "greedy": {},
     "top_k 50": dict(temperature=1.0, top_k=50),
@@ -33,7 +34,7 @@ SETTINGS = {
 
 def time_setting(setting: dict, batch: int, vocab: int, device, reps: int, clock: Clock) -> float:
     setting = dict(setting)
-    sampling.TOP_P_AFTER_TOP_K_MIN_ROWS = setting.pop("min_rows", 32)
+    sampling.TOP_P_AFTER_TOP_K_MIN_ROWS = setting.pop("min_rows", MIN_ROWS)
     params = SamplingParams(max_new_tokens=reps + 2, seed=0, **setting)
     prompts = [list(range(i, i + 16)) for i in range(batch)]
     generator = torch.Generator(device=device).manual_seed(0) if params.temperature else None

@@ -84,7 +84,7 @@ def one_token_dims(sizes: list[tuple], shape_env) -> list[tuple[int, ...]]:
     Call after everything that may add guards (inductor's compile of the pieces); none without a shape env."""
     import sympy
 
-    if shape_env is None:
+    if shape_env is None or not any(sizes):  # no symbolic size: no guard to read
         return [()] * len(sizes)
     replaced = dict(shape_env.replacements)  # symbols Dynamo unified (s80 -> s72: two inputs of one size)
     guards = [shape_env.replace(g.expr) for g in shape_env.guards]
@@ -189,7 +189,6 @@ class Dispatch:
                 self.direct_calls += 1
                 return direct(traced, args)
             self.kinds.pop(key, None)  # Dynamo dropped the graph (torch._dynamo.reset): learn the kind again
-            direct = None
         calls: list = []
         token = _CALLS.set(calls)
         try:
@@ -250,9 +249,7 @@ def _kind(args: tuple):
            *(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in ("cuda", "cpu"))]
     for a in args:
         if type(a) is torch.Tensor:
-            same = next(j for j, b in enumerate(args) if b is a)  # one tensor passed twice is another graph
-            key.append((same, a.shape, a.stride(), a.storage_offset(), a.dtype, a.device, a.requires_grad,
-                        torch._C._dispatch_keys(a).raw_repr()))
+            key.append(_tensor_entry(a, args))
         elif a is None or type(a) in (int, bool, str):
             key.append((type(a), a))
         else:  # floats too: Dynamo may pass one as a 0-d tensor
@@ -273,13 +270,21 @@ def _pattern(args: tuple, free: dict, ones: bool = False) -> tuple | None:
         if ones and (x.dim() <= max(dims, default=-1) or any(x.shape[d] != 1 for d in dims)):
             return None
         saw_one |= bool(dims)
-        shape = tuple(None if d in dims else size for d, size in enumerate(x.shape))
-        # a contiguous tensor's strides follow its sizes; any other layout must be the learned one exactly
-        layout = "contiguous" if dims and x.is_contiguous() else x.stride()
-        same = next(j for j, b in enumerate(args) if b is x)  # one tensor passed twice is another graph
-        out.append((same, shape, layout, x.storage_offset(), x.dtype, x.device, x.requires_grad,
-                    torch._C._dispatch_keys(x).raw_repr()))
+        out.append(_tensor_entry(x, args, dims))
     return tuple(out) if saw_one or not ones else None
+
+
+def _tensor_entry(x: torch.Tensor, args: tuple, dims: tuple = ()) -> tuple:
+    """A tensor argument in a kind: which argument it first is (one tensor passed twice is another graph), shape,
+    strides, offset, dtype, device, grad and dispatch keys; its `dims` left out of the shape, and then its strides
+    as contiguity where they follow its sizes (any other layout must be the learned one exactly)."""
+    same = next(j for j, b in enumerate(args) if b is x)
+    shape, layout = x.shape, x.stride()
+    if dims:
+        shape = tuple(None if d in dims else size for d, size in enumerate(x.shape))
+        layout = "contiguous" if x.is_contiguous() else layout
+    return (same, shape, layout, x.storage_offset(), x.dtype, x.device, x.requires_grad,
+            torch._C._dispatch_keys(x).raw_repr())
 
 
 def _learn(calls: list, args: tuple, out, dispatch: Dispatch) -> _Direct | None:
