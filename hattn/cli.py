@@ -344,7 +344,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--tbo", action="store_true",
                    help="two-batch overlap: each step as two micro-batches (one's all-reduces overlap the other's "
                         "compute on GPUs)")
-    p.add_argument("--cache-dir", default=None, help="warm start: torch's compiled artifacts kept here (inductor)")
+    p.add_argument("--cache-dir", default=None,
+                   help="warm start: torch's compiled artifacts and Dynamo's graphs kept here")
     p.add_argument("--timing", action="store_true", help="print where the start went: process start to first token")
     _device_args(p)
     p.set_defaults(func=run_generate)

@@ -23,6 +23,7 @@ class Stats:
     collectives: int = 0         # collectives (all-reduce, all-gather; tensor parallel) in the pieces: graphs hold them
     cache_hits: int = 0          # graphs whose cache_dir entry was loaded before compiling
     cache_misses: int = 0        # graphs with a cache_dir but no entry for their key
+    graphs_from_snapshots: int = 0  # graphs compiled from a cache_dir's snapshot, without Dynamo (snapshot.py)
     cuda_graphs: int = 0         # CUDA graphs captured (all pieces/segments, all sizes)
     capture_sizes_done: int = 0  # sizes captured
     pool_bytes: int = 0          # memory held by the graph pools (each runtime's pool once), measured after capture
@@ -36,12 +37,14 @@ class Stats:
     # the startup breakdown, in the order it happens
     probe_seconds: float = 0.0          # adapt's 2-token probe (fake tensors; for real where a fake run fails)
     dynamo_seconds: float = 0.0         # Dynamo: from the start of the frame's compile to the backend call
+    snapshot_load_seconds: float = 0.0  # reading a warm-start snapshot of a Dynamo graph instead of tracing
     cache_load_seconds: float = 0.0     # reading cache_dir's artifacts into torch's caches
     split_seconds: float = 0.0          # hattn's guard and split passes
     fake_run_seconds: float = 0.0       # running the split graph on fake inputs, compiles excluded
     compile_seconds: float = 0.0        # the inner compiler (inductor), all pieces
     piece_compile_seconds: list[float] = field(default_factory=list)  # each compiled piece, in order
     cache_save_seconds: float = 0.0     # writing the artifacts to cache_dir
+    snapshot_save_seconds: float = 0.0  # pickling a Dynamo graph for its warm-start snapshot, and writing it
     capture_seconds: float = 0.0        # CUDA graph capture, warm-up runs included
     capture_size_seconds: dict[str, float] = field(default_factory=dict)  # "<runtime> <size>" -> its capture
     first_replay_seconds: float = 0.0   # each runtime's first replay after its capture (synchronized)
@@ -74,7 +77,8 @@ def describe_startup(s: Stats) -> str:
     slow_captures = f"; slowest: {', '.join(f'{k} {v:.2f} s' for k, v in captures)}" if captures else ""
     return (f"startup s: {times}\n"
             f"graphs {s.graphs_compiled}, pieces {s.pieces}: {s.pieces_compiled} compiled{slowest}, "
-            f"{s.pieces_from_cache} from torch's cache; cache_dir hits {s.cache_hits}, misses {s.cache_misses}; "
+            f"{s.pieces_from_cache} from torch's cache; cache_dir hits {s.cache_hits}, misses {s.cache_misses}, "
+            f"graphs from snapshots (no Dynamo) {s.graphs_from_snapshots}; "
             f"{s.capture_sizes_done} sizes captured ({s.cuda_graphs} cuda graphs){slow_captures}")
 
 

@@ -3,6 +3,8 @@
 #   cold: torch's caches (inductor, AOTAutograd, autotuning) and hattn's cache_dir (with Triton's cache in
 #         cache_dir/triton: fla's kernels and autotuning results) all empty
 #   warm: torch's caches empty again (a new machine), cache_dir kept from the cold run: everything from cache_dir
+#   traced: as warm, but without cache_dir's Dynamo snapshots (cache_dir/dynamo set aside): Dynamo traces the model,
+#           as every warm start did before the snapshots (the A/B of hattn.compiler.snapshot)
 #   bash scripts/startup.sh        # modes bcg full pcg, qwen3.5-1b on cuda in bf16; MODES= PRESET= DEVICE= DTYPE=
 # The summary lines at the end: mode, run, process start to first token, process wall seconds.
 set -uo pipefail
@@ -13,14 +15,18 @@ PRESET=${PRESET:-qwen3.5-1b} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bfloat16}
 WORK=$(mktemp -d)
 summary=()
 for mode in ${MODES:-bcg full pcg}; do
-  for run in cold warm; do
+  for run in ${RUNS:-cold warm traced}; do
     export TORCHINDUCTOR_CACHE_DIR=$WORK/$mode-$run-inductor  # TRITON_CACHE_DIR unset: hattn puts it in cache_dir
+    [ "$run" = traced ] && mv "$WORK/$mode-cache/dynamo" "$WORK/$mode-cache/dynamo.off" 2>/dev/null
     start=$(date +%s.%N)
     python3 -m hattn.cli generate --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --prompt-ids 1,2,3,4,5,6,7,8 \
       --max-new-tokens 16 --mode "$mode" --cache-dir "$WORK/$mode-cache" --timing 2>&1 | tee "$OUT/startup-$mode-$run.log"
     wall=$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $start }")
     first=$(grep -o 'process start to first token [0-9.]*' "$OUT/startup-$mode-$run.log" | grep -o '[0-9.]*$')
     summary+=("$mode $run first-token ${first:-?} s wall ${wall} s")
+    if [ "$run" = traced ] && [ -d "$WORK/$mode-cache/dynamo.off" ]; then
+      rm -rf "$WORK/$mode-cache/dynamo" && mv "$WORK/$mode-cache/dynamo.off" "$WORK/$mode-cache/dynamo"
+    fi
   done
 done
 printf '%s\n' "${summary[@]}" | tee "$OUT/startup-summary.txt"

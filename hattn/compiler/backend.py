@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import TracingContext, detect_fake_mode
 
+from hattn.compiler import snapshot
 from hattn.compiler.artifacts import keep_kernels_in, load_entry
 from hattn.compiler.config import Config
 from hattn.compiler.dispatch import Traced, input_sources, one_token_dims, symbolic_sizes, whole_frame
@@ -153,20 +154,32 @@ def _dynamo_seconds() -> float:
     return (time.time_ns() - start_ns) / 1e9 if metrics.in_progress() and start_ns else 0.0
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats) -> Callable:
-    """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with."""
+def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats,
+                  fake_mode=None, load_seconds: float = 0.0) -> Traced:
+    """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with.
+    `fake_mode`: the fake mode of `gm`'s example values when its inputs are real and Dynamo is not tracing (a
+    warm-start snapshot, read in `load_seconds`: the pieces compile from those values, with the traced symbols)."""
     stats.dynamo_seconds += _dynamo_seconds()
+    if fake_mode is not None:
+        stats.graphs_from_snapshots += 1
+        stats.snapshot_load_seconds += load_seconds
     sources, code, sizes = input_sources(gm), whole_frame(gm), symbolic_sizes(gm)  # before the passes touch the graph
-    entry = None
+    entry = graph = None
     if config.cache_dir is not None:
         keep_kernels_in(config.cache_dir)
-        entry = load_entry(gm, example_inputs, config, stats)
+        if config.inner_compiler == "inductor":  # "eager" compiles nothing to keep: only the snapshot below
+            entry = load_entry(gm, example_inputs, config, stats)
+        if fake_mode is None and code is not None:  # a whole frame: what a dispatcher may learn and snapshot
+            start = time.perf_counter()
+            graph = snapshot.keep_graph(gm, example_inputs)
+            stats.snapshot_save_seconds += time.perf_counter() - start
+        snapshot.renew_names(gm)
     start = time.perf_counter()
     check_no_unregistered_attention(gm)  # first: a rejected graph leaves the user's parameters untouched
     check_split_ops_present(gm, example_inputs, config.mode, config.uses_graphs)
     # with "eager" the pieces run as traced FX code: no fake run. The fakes are made before fuse_linears rebinds
     # parameters: a rebound one's storage offset contradicts the one Dynamo traced it with.
-    piece_inputs = _piece_inputs(gm, example_inputs) if config.inner_compiler == "inductor" else None
+    piece_inputs = _piece_inputs(gm, example_inputs, fake_mode) if config.inner_compiler == "inductor" else None
     if config.fuse_linears:
         stats.fused_linears += fuse_linears(gm, example_inputs)
     if config.small_m_gemm:
@@ -183,16 +196,20 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     from hattn.runtime import build_runtime
 
     runtime = build_runtime(config, split_gm, example_inputs, stats)
-    dynamic = one_token_dims(sizes, getattr(detect_fake_mode(example_inputs), "shape_env", None))  # after compiles
-    return Traced(runtime if entry is None else entry.keep(runtime, stats), sources, code, dynamic)
+    shape_env = getattr(fake_mode or detect_fake_mode(example_inputs), "shape_env", None)
+    dynamic = one_token_dims(sizes, shape_env)  # after compiles
+    return Traced(runtime if entry is None else entry.keep(runtime, stats), sources, code, dynamic, graph)
 
 
-def _piece_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple:
-    """(Dynamo's fake mode, the fakes of the graph inputs), or (None, the real inputs) outside Dynamo (tests)."""
+def _piece_inputs(gm: fx.GraphModule, example_inputs: list, fake_mode=None) -> tuple:
+    """(Dynamo's fake mode, the fakes of the graph inputs), or (None, the real inputs) outside Dynamo (tests). With
+    `fake_mode` (a snapshot's graph), the placeholders' own example values, which carry the traced symbols."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    if fake_mode is not None:
+        return fake_mode, [n.meta["example_value"] for n in placeholders]
     fake_mode = detect_fake_mode(example_inputs)
     if fake_mode is None:
         return None, example_inputs
-    placeholders = gm.graph.find_nodes(op="placeholder")
     return fake_mode, [_traced_fake(x, n, fake_mode) for x, n in zip(example_inputs, placeholders, strict=True)]
 
 
@@ -229,11 +246,11 @@ class HattnBackend:
             config = Config.from_options(None, {**dataclasses.asdict(self.config), **_merge(kwargs)})
         return self._counted(compile_graph, gm, example_inputs, config)
 
-    def _counted(self, compile_fn, *args) -> Callable:
+    def _counted(self, compile_fn, *args, **kwargs) -> Callable:
         """compile_fn(*args, stats), its Stats counted only once it succeeds: Dynamo may abandon an attempt and
         trace again (e.g. TensorifyScalarRestartAnalysis when inductor specializes a float), which is one graph."""
         stats = Stats()
-        fn = compile_fn(*args, stats)
+        fn = compile_fn(*args, stats, **kwargs)
         self.graph_stats.append(register(stats))
         return fn
 
@@ -265,18 +282,43 @@ def compiled_config(model) -> Config | None:
     config = getattr(model, "hattn_config", None)
     if isinstance(config, Config):
         return config
-    if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    backend_fn, kwargs = _backend_of(model)
+    if isinstance(backend_fn, HattnBackend):
+        return backend_fn.config
+    if backend_fn is hattn_backend:
+        return Config.from_options(kwargs.get("mode"), kwargs.get("options"))
+    return None
+
+
+def compile_for(model) -> Callable[..., Traced] | None:
+    """`compile(gm, example_inputs, fake_mode, load_seconds)`, compiling a Dynamo graph as the backend of
+    torch.compile'd `model` would, its stats counted where that backend's are; None for a model hattn did not
+    compile."""
+    config = compiled_config(model)
+    if config is None or not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         return None
+    backend_fn, _ = _backend_of(model)
+
+    def compile_(gm, example_inputs, fake_mode, load_seconds=0.0):
+        if isinstance(backend_fn, HattnBackend):
+            return backend_fn._counted(compile_graph, gm, example_inputs, config, fake_mode=fake_mode,
+                                       load_seconds=load_seconds)
+        stats = Stats()
+        fn = compile_graph(gm, example_inputs, config, stats, fake_mode=fake_mode, load_seconds=load_seconds)
+        register(stats)
+        return fn
+
+    return compile_
+
+
+def _backend_of(model) -> tuple[Any, dict]:
+    """(the backend torch.compile was given, its mode/options kwargs) of an OptimizedModule; (None, {}) else."""
+    if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return None, {}
     fn = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
     while hasattr(fn, "_torchdynamo_orig_backend"):  # torch's wrappers around the backend it was given
         fn = fn._torchdynamo_orig_backend
-    inner = getattr(fn, "compiler_fn", fn)  # torch.compile's wrapper of a backend that takes mode / options
-    if isinstance(inner, HattnBackend):
-        return inner.config
-    if inner is hattn_backend:
-        kwargs = getattr(fn, "kwargs", None) or {}
-        return Config.from_options(kwargs.get("mode"), kwargs.get("options"))
-    return None
+    return getattr(fn, "compiler_fn", fn), getattr(fn, "kwargs", None) or {}  # torch's wrapper of mode / options
 
 
 def step_token_limit(model) -> int | None:

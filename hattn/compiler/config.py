@@ -36,8 +36,10 @@ class Config:
                     capture sizes, hattn, torch and triton versions and the device; a stale entry is never read.
                     Triton's kernel cache goes to cache_dir/triton too (fla's kernels and autotuning results),
                     unless TRITON_CACHE_DIR is set (`artifacts.keep_kernels_in`; it sets that variable).
-                    Ship the directory with the model to warm-start another machine of the same kind. Needs
-                    inner_compiler='inductor' (eager pieces compile nothing to keep).
+                    Models called through hattn's dispatcher (hattn.compile, hattn.generate, run_step) also keep
+                    each Dynamo graph in cache_dir/dynamo: the next process compiles it without tracing
+                    (hattn.compiler.snapshot; with inner_compiler='eager', this is all cache_dir keeps).
+                    Ship the directory with the model to warm-start another machine of the same kind.
     small_m_gemm    on CUDA, linears of M <= 64 rows (decode) run whichever of cuBLAS and hattn's Triton skinny GEMM
                     is faster for the shape (hattn.passes.small_m_linears)
     fuse_linears    run linears that share an input as one GEMM on weights concatenated once (the parameters
@@ -78,9 +80,6 @@ class Config:
         if self.cache_dir is None:
             return
         self.cache_dir = os.fspath(self.cache_dir)
-        if self.inner_compiler != "inductor":
-            raise ValueError(f"cache_dir keeps what inductor compiled, but inner_compiler={self.inner_compiler!r} "
-                             f"compiles nothing; use inner_compiler='inductor' or drop cache_dir")
         if os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
             raise ValueError(f"cache_dir {self.cache_dir!r} is a file; pass a directory (it is created if missing)")
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 import weakref
 from contextvars import ContextVar
 from typing import Callable
@@ -34,6 +35,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn.modules.module as _hooks
+
+from hattn.compiler import snapshot
+from hattn.counters import Stats, register
 
 enabled = True  # False: every call goes through Dynamo (A/B measurements, debugging)
 one_token_via_dynamic = True  # False: a one-token call is a kind of its own, traced by Dynamo (its size-1 graph)
@@ -50,9 +54,10 @@ class Traced:
     the code object of the frame Dynamo traced, if the graph is all of it (no graph break, no side effect for
     Dynamo's code to replay after the graph), else None."""
 
-    def __init__(self, fn: Callable, sources: list, code=None, dynamic: list | None = None):
+    def __init__(self, fn: Callable, sources: list, code=None, dynamic: list | None = None, graph=None):
         self.fn, self.sources, self.code = fn, sources, code
         self.dynamic = dynamic or [()] * len(sources)  # per graph input: the dims traced as symbolic sizes
+        self.graph = graph  # snapshot.Graph: the pickled Dynamo graph a cache_dir's warm start reads, or None
 
     def __call__(self, *args):
         out = self.fn(*args)
@@ -175,6 +180,9 @@ class Dispatch:
         self.self_name, self.names = (names[0], names[1:]) if names and len(names) > 1 else (None, None)
         self.kinds: dict = {}
         self.direct_calls = 0
+        self.warm: list | None = None  # cache_dir's snapshots: [snapshot, its _Direct (None: not compiled yet;
+        self.warm_traced: list = []     # False: it cannot serve)], read at the first call; their graphs
+        self.model_key: str | None = None
 
     def __call__(self, *args):
         key = _kind(args) if enabled and self.names is not None and self._plain() else None
@@ -183,6 +191,8 @@ class Dispatch:
             return self.model(*args)
         if direct is None and key is not None and one_token_via_dynamic:
             direct = self._dynamic_kind_for_one_token(key, args)
+        if direct is None and key is not None:
+            direct = self._snapshot_kind(key, args)
         if direct is not None:
             traced = direct.traced()
             if traced is not None:
@@ -196,8 +206,79 @@ class Dispatch:
         finally:
             _CALLS.reset(token)
         if len(self.kinds) < MAX_KINDS:
-            self.kinds[key] = _learn(calls, args, out, self) or _VIA_DYNAMO
+            learned = self.kinds[key] = _learn(calls, args, out, self) or _VIA_DYNAMO
+            if learned is not _VIA_DYNAMO and calls[0][0].graph is not None:
+                self._save_snapshot(key, calls[0], args, learned)
         return out
+
+    # -- warm start without Dynamo (snapshot.py) --------------------------------------------------------------------
+    def _cache_dir(self) -> str | None:
+        from hattn.compiler.backend import compiled_config
+
+        config = compiled_config(self.model)
+        if not snapshot.enabled or config is None or config.cache_dir is None or self.module is None:
+            return None
+        if self.model_key is None:  # at the first call, before anything compiled changed the model
+            self.model_key = snapshot.model_key(self.module, config)
+        return config.cache_dir
+
+    def _snapshot_kind(self, key: tuple, args: tuple) -> _Direct | None:
+        """The direct call of a saved snapshot that serves this call (compiled at the first such call), if any."""
+        if self.warm is None:
+            cache_dir = self._cache_dir()
+            self.warm = [[snap, None] for snap in snapshot.load(cache_dir, self.model_key)] if cache_dir else []
+        for entry in self.warm:
+            snap, direct = entry
+            if direct is False or snap.modes != key[:_MODES] or snap.sizes(args) is None:
+                continue
+            if direct is None:
+                direct = entry[1] = self._compile_snapshot(snap, args)
+            if direct:
+                if len(self.kinds) < MAX_KINDS:
+                    self.kinds[key] = direct
+                return direct
+        return None
+
+    def _compile_snapshot(self, snap, args: tuple) -> _Direct | bool:
+        """Compile a snapshot's graph as the backend compiles Dynamo's, for this model; False when it cannot serve
+        (a parameter not as saved, an error compiling it, a guard the compile added that the call fails)."""
+        from hattn.compiler.backend import compile_for
+
+        start = time.perf_counter()
+        compile_, built = compile_for(self.model), snapshot.graph_inputs(snap, self.module)
+        if compile_ is None or built is None:
+            return False
+        template, plan = built
+        inputs = list(template)
+        for i, a, dim in plan:
+            inputs[i] = args[a] if dim is None else args[a].shape[dim]
+        try:
+            gm, fake_mode = snapshot.unpickle_graph(snap.graph)
+            for node, desc in zip(gm.graph.find_nodes(op="placeholder"), snap.inputs, strict=True):
+                node.meta["hattn_forward_arg"] = desc[0] == "arg"
+            with snapshot.as_dynamo_compiles():
+                traced = compile_(gm, inputs, fake_mode, time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001  (another torch's internals, a graph the passes refuse now: trace)
+            log.warning("hattn: a warm-start snapshot could not be compiled (%r); Dynamo traces this call", e)
+            return False
+        if not snapshot.guards_hold(fake_mode.shape_env, snap, args):
+            log.info("hattn: a warm-start snapshot's graph gained a guard this call fails; Dynamo traces it")
+            return False
+        self.warm_traced.append(traced)  # nothing else holds it (Dynamo never saw it)
+        return _Direct(traced, template, plan, snap.single, {}, ())
+
+    def _save_snapshot(self, key: tuple, call: tuple, args: tuple, direct: _Direct) -> None:
+        traced, inputs, _ = call
+        graph, traced.graph = traced.graph, None  # one snapshot per graph: its other kinds match it
+        cache_dir = self._cache_dir()
+        if cache_dir is None:
+            return
+        start = time.perf_counter()
+        snap = snapshot.make_snapshot(graph, inputs, direct.plan, args, key[:_MODES], direct.single, self.module,
+                                      traced.dynamic)
+        if snap is not None:
+            snapshot.save(cache_dir, self.model_key, snap)
+        register(Stats(snapshot_save_seconds=time.perf_counter() - start))
 
     def _dynamic_kind_for_one_token(self, key: tuple, args: tuple) -> _Direct | None:
         """A learned kind whose graph has a symbolic size at every dim where this call differs from it, each of

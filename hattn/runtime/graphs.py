@@ -450,7 +450,10 @@ def _example(node):
 
 
 def _is_forward_arg(node) -> bool:
-    """A placeholder that is one of the forward's own arguments (Dynamo's LocalSource), not module state."""
+    """A placeholder that is one of the forward's own arguments (Dynamo's LocalSource), not module state; a
+    snapshot's graph (no Dynamo sources) says so in meta["hattn_forward_arg"]."""
+    if "hattn_forward_arg" in node.meta:
+        return node.meta["hattn_forward_arg"]
     source = getattr(node.meta.get("grapharg"), "source", None)
     return type(source).__name__ == "LocalSource"
 

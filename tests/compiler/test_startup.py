@@ -153,14 +153,15 @@ def test_startup_breakdown_in_order_and_described():
               capture_size_seconds={"full decode 1": 0.5, "full packed 2048": 1.5}, first_replay_seconds=0.125)
     s.add(Stats(piece_compile_seconds=[1.0], compile_seconds=1.0))
     assert s.piece_compile_seconds == [1.0, 4.0, 1.0]
-    assert list(s.startup()) == ["probe_seconds", "dynamo_seconds", "cache_load_seconds", "split_seconds",
-                                 "fake_run_seconds", "compile_seconds", "cache_save_seconds", "capture_seconds",
-                                 "first_replay_seconds"]
+    assert list(s.startup()) == ["probe_seconds", "dynamo_seconds", "snapshot_load_seconds", "cache_load_seconds",
+                                 "split_seconds", "fake_run_seconds", "compile_seconds", "cache_save_seconds",
+                                 "snapshot_save_seconds", "capture_seconds", "first_replay_seconds"]
     assert describe_startup(s) == (
-        "startup s: probe 0.00, dynamo 1.00, cache load 0.00, split 0.25, fake run 0.50, compile 7.00, "
-        "cache save 0.00, capture 2.00, first replay 0.12\n"
-        "graphs 2, pieces 9: 3 compiled (slowest 4.00 s), 1 from torch's cache; cache_dir hits 1, misses 1; "
-        "2 sizes captured (14 cuda graphs); slowest: full packed 2048 1.50 s, full decode 1 0.50 s")
+        "startup s: probe 0.00, dynamo 1.00, snapshot load 0.00, cache load 0.00, split 0.25, fake run 0.50, "
+        "compile 7.00, cache save 0.00, snapshot save 0.00, capture 2.00, first replay 0.12\n"
+        "graphs 2, pieces 9: 3 compiled (slowest 4.00 s), 1 from torch's cache; cache_dir hits 1, misses 1, "
+        "graphs from snapshots (no Dynamo) 0; 2 sizes captured (14 cuda graphs); slowest: full packed 2048 1.50 s, "
+        "full decode 1 0.50 s")
 
 
 # -- warm start: the cache key and entry ----------------------------------------------------------------------------
@@ -341,8 +342,6 @@ def test_hattn_version_covers_its_source():
 
 
 @pytest.mark.parametrize("options, match", [
-    ({"cache_dir": "x", "inner_compiler": "eager"}, "cache_dir keeps what inductor compiled, but "
-                                                     "inner_compiler='eager' compiles nothing"),
     ({"lazy_capture": "yes"}, "lazy_capture must be True or False, got 'yes'"),
 ])
 def test_bad_startup_options_are_value_errors(options, match):
@@ -454,15 +453,12 @@ def test_generate_timing_prints_the_startup_breakdown(capsys, one_thread):
         r"first token ([\d.]+) s: .*\(imports ([\d.]+), model built and adapted ([\d.]+), cache and compile "
         r"set-up ([\d.]+)\)", first)[0])
     assert 0 < imports and 0 < model and 0 <= setup and imports + model + setup <= total, first
-    assert re.search(r"startup s: probe [\d.]+, dynamo 0.00, cache load 0.00", err)
+    assert re.search(r"startup s: probe [\d.]+, dynamo 0.00, snapshot load 0.00, cache load 0.00", err)
     assert "graphs 0, pieces 0: 0 compiled" in err
 
 
-def test_generate_timing_refuses_warmup_and_cache_dir_needs_inductor(capsys, tmp_path):
+def test_generate_timing_refuses_warmup():
     from hattn import cli
 
     with pytest.raises(SystemExit, match="--timing measures the first generate"):
         cli.main(["generate", "--preset", "tiny", "--prompt-ids", "1,2", "--timing", "--warmup", "1"])
-    rc = cli.main(["generate", "--preset", "tiny", "--mode", "pcg", "--inner-compiler", "eager", "--device", "cpu",
-                   "--prompt-ids", "1,2", "--cache-dir", str(tmp_path)])
-    assert rc == 2 and "cache_dir keeps what inductor compiled" in capsys.readouterr().err

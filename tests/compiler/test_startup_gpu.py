@@ -73,3 +73,36 @@ def test_warm_start_on_a_new_machine_from_cache_dir_alone(tmp_path):
     [entry] = artifacts.entries(tmp_path)
     kept = CacheArtifactManager.deserialize((entry / "artifacts.bin").read_bytes())
     assert kept.get("autotune"), {kind: len(a) for kind, a in kept.items()}  # saved after the first run
+
+
+@pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
+def test_a_new_process_warm_starts_from_the_snapshot_without_dynamo(tmp_path, mode):
+    """The dispatcher's warm start (hattn.compiler.snapshot) on the GPU: the second "process" (Dynamo reset, torch's
+    caches empty, the model built again) traces nothing, compiles the snapshot's graph with every piece from
+    cache_dir, captures, and replays the first's outputs at sizes it saw and sizes it did not."""
+    from torch._dynamo.utils import counters
+
+    from hattn.compiler.dispatch import Dispatch
+
+    def run(sizes):
+        torch._dynamo.reset()
+        model = toy_model(pattern=PATTERN, device="cuda")
+        be = hattn.backend(mode=mode, capture_sizes=[1, 4, 8, 16], progress=False, cache_dir=str(tmp_path))
+        call, frames = Dispatch(torch.compile(model, backend=be, dynamic=True)), counters["frames"]["total"]
+        with torch.inference_mode():
+            outs = [call(_ids(n, n)).clone() for n in sizes]
+        return outs, be.stats, counters["frames"]["total"] - frames
+
+    with CacheArtifactManager.with_fresh_cache():
+        with fresh_cache():
+            cold_outs, cold, cold_traces = run([6, 3])
+        with fresh_cache():
+            warm_outs, warm, warm_traces = run([6, 3, 11, 1])
+    assert (cold_traces, cold.graphs_from_snapshots, warm_traces, warm.graphs_from_snapshots) == (1, 0, 0, 1)
+    assert warm.pieces_compiled == warm.pieces_from_cache > 0 and warm.dynamo_seconds == 0
+    for got, want in zip(warm_outs, cold_outs):
+        torch.testing.assert_close(got, want, **SAME)
+    model = toy_model(pattern=PATTERN, device="cuda")
+    with torch.inference_mode():
+        for n, got in zip([11, 1], warm_outs[2:]):
+            torch.testing.assert_close(got, model(_ids(n, n)), rtol=2e-3, atol=2e-3)
