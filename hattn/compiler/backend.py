@@ -20,7 +20,7 @@ from torch._guards import TracingContext, detect_fake_mode
 from hattn.compiler import snapshot
 from hattn.compiler.artifacts import keep_kernels_in, load_entry
 from hattn.compiler.config import Config
-from hattn.compiler.dispatch import Traced, input_sources, one_token_dims, symbolic_sizes, whole_frame
+from hattn.compiler.dispatch import Traced, input_sources, learning, one_token_dims, symbolic_sizes, whole_frame
 from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import fuse_linears
 from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
@@ -169,7 +169,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
         keep_kernels_in(config.cache_dir)
         if config.inner_compiler == "inductor":  # "eager" compiles nothing to keep: only the snapshot below
             entry = load_entry(gm, example_inputs, config, stats)
-        if fake_mode is None and code is not None:  # a whole frame: what a dispatcher may learn and snapshot
+        if fake_mode is None and code is not None and learning():  # a kind a dispatcher may learn and snapshot
             start = time.perf_counter()
             graph = snapshot.keep_graph(gm, example_inputs)
             stats.snapshot_save_seconds += time.perf_counter() - start
@@ -241,10 +241,13 @@ class HattnBackend:
         self.graph_stats: list[Stats] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
-        config = self.config
-        if kwargs:
-            config = Config.from_options(None, {**dataclasses.asdict(self.config), **_merge(kwargs)})
-        return self._counted(compile_graph, gm, example_inputs, config)
+        return self._counted(compile_graph, gm, example_inputs, self.config_for(kwargs))
+
+    def config_for(self, kwargs: dict) -> Config:
+        """The config a compile uses: this backend's, with the mode / options torch.compile passed merged in."""
+        if not kwargs:
+            return self.config
+        return Config.from_options(None, {**dataclasses.asdict(self.config), **_merge(kwargs)})
 
     def _counted(self, compile_fn, *args, **kwargs) -> Callable:
         """compile_fn(*args, stats), its Stats counted only once it succeeds: Dynamo may abandon an attempt and
@@ -284,7 +287,7 @@ def compiled_config(model) -> Config | None:
         return config
     backend_fn, kwargs = _backend_of(model)
     if isinstance(backend_fn, HattnBackend):
-        return backend_fn.config
+        return backend_fn.config_for(kwargs)
     if backend_fn is hattn_backend:
         return Config.from_options(kwargs.get("mode"), kwargs.get("options"))
     return None

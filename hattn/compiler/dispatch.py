@@ -70,6 +70,11 @@ class Traced:
         return getattr(self.__dict__["fn"], name)
 
 
+def learning() -> bool:
+    """Whether a `Dispatch` is learning the kind of the call Dynamo is compiling a graph for (it may snapshot it)."""
+    return _CALLS.get() is not None
+
+
 def input_sources(gm: fx.GraphModule) -> list:
     """Dynamo's source of each graph input (None for a graph not traced by Dynamo)."""
     return [getattr(n.meta.get("grapharg"), "source", None) for n in gm.graph.find_nodes(op="placeholder")]
@@ -160,11 +165,16 @@ class _Direct:
         self.pattern = pattern  # `_pattern` of the learning call with those dims: what a one-token call must match
 
     def __call__(self, traced: Traced, args: tuple):
-        inputs = list(self.template)
-        for i, a, dim in self.plan:
-            inputs[i] = args[a] if dim is None else args[a].shape[dim]
-        out = traced.fn(*inputs)
+        out = traced.fn(*_fill(self.template, self.plan, args))
         return out if self.single else out[0]
+
+
+def _fill(template: list, plan: list, args: tuple) -> list:
+    """A direct call's graph inputs: the template with the call's tensors and sizes in their places."""
+    inputs = list(template)
+    for i, a, dim in plan:
+        inputs[i] = args[a] if dim is None else args[a].shape[dim]
+    return inputs
 
 
 class Dispatch:
@@ -180,8 +190,10 @@ class Dispatch:
         self.self_name, self.names = (names[0], names[1:]) if names and len(names) > 1 else (None, None)
         self.kinds: dict = {}
         self.direct_calls = 0
-        self.warm: list | None = None  # cache_dir's snapshots: [snapshot, its _Direct (None: not compiled yet;
-        self.warm_traced: list = []     # False: it cannot serve)], read at the first call; their graphs
+        # cache_dir's snapshots, read at the first call: [snapshot, its _Direct, None before it is compiled, False
+        # when it cannot serve]; the graphs compiled from them; the model key ("" when the model has none)
+        self.warm: list | None = None
+        self.warm_traced: list = []
         self.model_key: str | None = None
 
     def __call__(self, *args):
@@ -205,22 +217,27 @@ class Dispatch:
             out = self.model(*args)
         finally:
             _CALLS.reset(token)
+        learned = _learn(calls, args, out, self)
+        if learned is not None and calls[0][0].graph is not None:
+            self._save_snapshot(key, calls[0], args, learned)
+        for traced, _, _ in calls:
+            traced.graph = None  # a snapshot's record is kept for the first kind of its graph only
         if len(self.kinds) < MAX_KINDS:
-            learned = self.kinds[key] = _learn(calls, args, out, self) or _VIA_DYNAMO
-            if learned is not _VIA_DYNAMO and calls[0][0].graph is not None:
-                self._save_snapshot(key, calls[0], args, learned)
+            self.kinds[key] = learned or _VIA_DYNAMO
         return out
 
     # -- warm start without Dynamo (snapshot.py) --------------------------------------------------------------------
     def _cache_dir(self) -> str | None:
+        """The model's cache_dir when it keeps snapshots; the model key computed at the first call, before anything
+        compiled changed the model."""
         from hattn.compiler.backend import compiled_config
 
         config = compiled_config(self.model)
         if not snapshot.enabled or config is None or config.cache_dir is None or self.module is None:
             return None
-        if self.model_key is None:  # at the first call, before anything compiled changed the model
-            self.model_key = snapshot.model_key(self.module, config)
-        return config.cache_dir
+        if self.model_key is None:
+            self.model_key = snapshot.model_key(self.module) or ""
+        return config.cache_dir if self.model_key else None
 
     def _snapshot_kind(self, key: tuple, args: tuple) -> _Direct | None:
         """The direct call of a saved snapshot that serves this call (compiled at the first such call), if any."""
@@ -229,55 +246,68 @@ class Dispatch:
             self.warm = [[snap, None] for snap in snapshot.load(cache_dir, self.model_key)] if cache_dir else []
         for entry in self.warm:
             snap, direct = entry
-            if direct is False or snap.modes != key[:_MODES] or snap.sizes(args) is None:
+            if direct is False or snap.modes != key[:_MODES] or snap.sizes(args, one_token_via_dynamic) is None:
                 continue
             if direct is None:
-                direct = entry[1] = self._compile_snapshot(snap, args)
+                direct = entry[1] = self._compile_snapshot(entry, args)
+                snap = entry[0]  # with the guards of the graph as compiled here
+                if direct and snap.sizes(args, one_token_via_dynamic) is None:
+                    log.info("hattn: a warm-start snapshot's graph gained a guard this call fails; Dynamo traces it")
+                    continue
             if direct:
                 if len(self.kinds) < MAX_KINDS:
                     self.kinds[key] = direct
                 return direct
         return None
 
-    def _compile_snapshot(self, snap, args: tuple) -> _Direct | bool:
+    def _compile_snapshot(self, entry: list, args: tuple) -> _Direct | bool:
         """Compile a snapshot's graph as the backend compiles Dynamo's, for this model; False when it cannot serve
-        (a parameter not as saved, an error compiling it, a guard the compile added that the call fails)."""
+        (a global or parameter not as saved, an error compiling it, a size its compile pinned). The entry's
+        snapshot becomes the compiled one (its graph's guards as of this compile)."""
         from hattn.compiler.backend import compile_for
 
-        start = time.perf_counter()
+        snap, start = entry[0], time.perf_counter()
+        forward = type(self.module).forward
+        if not snapshot.globals_match(snap, forward.__globals__):
+            return False
         compile_, built = compile_for(self.model), snapshot.graph_inputs(snap, self.module)
         if compile_ is None or built is None:
             return False
         template, plan = built
-        inputs = list(template)
-        for i, a, dim in plan:
-            inputs[i] = args[a] if dim is None else args[a].shape[dim]
         try:
             gm, fake_mode = snapshot.unpickle_graph(snap.graph)
             for node, desc in zip(gm.graph.find_nodes(op="placeholder"), snap.inputs, strict=True):
                 node.meta["hattn_forward_arg"] = desc[0] == "arg"
             with snapshot.as_dynamo_compiles():
-                traced = compile_(gm, inputs, fake_mode, time.perf_counter() - start)
+                traced = compile_(gm, _fill(template, plan, args), fake_mode, time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001  (another torch's internals, a graph the passes refuse now: trace)
             log.warning("hattn: a warm-start snapshot could not be compiled (%r); Dynamo traces this call", e)
             return False
-        if not snapshot.guards_hold(fake_mode.shape_env, snap, args):
-            log.info("hattn: a warm-start snapshot's graph gained a guard this call fails; Dynamo traces it")
+        compiled = snap.compiled(fake_mode.shape_env)
+        if compiled is None:
+            log.info("hattn: a warm-start snapshot's graph pinned a size when compiled here; Dynamo traces instead")
             return False
-        self.warm_traced.append(traced)  # nothing else holds it (Dynamo never saw it)
-        return _Direct(traced, template, plan, snap.single, {}, ())
+        entry[0] = compiled
+        # Dynamo never saw this graph: the dispatcher holds it (torch._dynamo.reset() does not drop it)
+        self.warm_traced.append(traced)
+        return _Direct(traced, template, plan, snap.single, free={}, pattern=())
 
     def _save_snapshot(self, key: tuple, call: tuple, args: tuple, direct: _Direct) -> None:
+        """Write the snapshot of a kind just learned; a failure (a read-only or full disk) is logged, never raised:
+        the call's result stands."""
         traced, inputs, _ = call
         graph, traced.graph = traced.graph, None  # one snapshot per graph: its other kinds match it
         cache_dir = self._cache_dir()
         if cache_dir is None:
             return
         start = time.perf_counter()
-        snap = snapshot.make_snapshot(graph, inputs, direct.plan, args, key[:_MODES], direct.single, self.module,
-                                      traced.dynamic)
-        if snap is not None:
-            snapshot.save(cache_dir, self.model_key, snap)
+        try:
+            snap = snapshot.make_snapshot(graph, inputs, direct.plan, args, key[:_MODES], direct.single,
+                                          self.module, traced.dynamic)
+            if snap is not None:
+                snapshot.save(cache_dir, self.model_key, snap)
+        except Exception as e:  # noqa: BLE001
+            log.warning("hattn: a warm-start snapshot could not be saved in %s (%r)", cache_dir, e)
         register(Stats(snapshot_save_seconds=time.perf_counter() - start))
 
     def _dynamic_kind_for_one_token(self, key: tuple, args: tuple) -> _Direct | None:
@@ -297,12 +327,14 @@ class Dispatch:
 
     def _plain(self) -> bool:
         """Nothing around the compiled frame that a direct call would skip: module hooks (run by `__call__` outside
-        the frame) and a Dynamo stance other than the default (e.g. `force_eager`)."""
+        the frame), a torch-function mode, and a Dynamo stance other than the default (e.g. `force_eager`)."""
         m = self.module
         if m is None or m._forward_hooks or m._forward_pre_hooks or self.model._forward_hooks \
                 or self.model._forward_pre_hooks:
             return False
         if _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks:
+            return False
+        if torch._C._len_torch_function_stack():  # a TorchFunctionMode Dynamo would trace into the graph
             return False
         stance = getattr(torch._dynamo.eval_frame, "_stance", None)
         return stance is None or (stance.stance == "default" and not stance.skip_guard_eval_unsafe)

@@ -1,39 +1,44 @@
 """Warm start without Dynamo: a learned kind's Dynamo graph kept in cache_dir and served by the next process.
 
 torch's caches (artifacts.py) spare a warm start inductor's compiles, but Dynamo still traces the model in every
-process (7 s of a 46 s warm start for the qwen3.5-1b preset on a 2-core CPU). So when `Dispatch` learns a kind of call
-of a model compiled with a `cache_dir`, it also writes `cache_dir/dynamo/<model key>/<kind>.pkl`: Dynamo's graph
-as the backend got it (torch's GraphPickler: nodes, fake-tensor metadata, the shape environment) and how to rebuild
-the graph's inputs (the call's arguments and sizes; parameters and buffers by name; constants). A later process's
-`Dispatch`, at a call no kind of it serves, looks there before calling Dynamo: a snapshot that matches the call is
-compiled by hattn's backend as if Dynamo had handed it over, and serves this call and every later one it matches.
+process (6-7 s of a 39 s warm start for the qwen3.5-1b preset on a 2-core CPU). So when `Dispatch` learns a kind of
+call of a model compiled with a `cache_dir`, it also writes `cache_dir/dynamo/<model key>/<kind>-<code>.pkl`: Dynamo's
+graph as the backend got it (torch's GraphPickler: nodes, fake-tensor metadata, the shape environment) and how to
+rebuild the graph's inputs (the call's arguments and sizes; parameters and buffers by name; constants). A later
+process's `Dispatch`, at a call no kind of it serves, looks there before calling Dynamo: a snapshot that matches the
+call is compiled by hattn's backend as if Dynamo had handed it over, and serves this call and every later one it
+matches.
 
 Dynamo's guards never run for such a call, so what vouches for a snapshot is:
-  - the model key: hattn's, torch's, transformers', triton's and Python's versions, the compile options, Dynamo's
-    config, torch's global flags, and every module of the model: its class (and the digest of the file defining each
-    class of its MRO), its plain attributes (values; objects described three levels deep; a config as its dict),
-    its parameters' and buffers' names, shapes, dtypes and devices;
-  - the code: every file Dynamo traced a function of while building the graph, hashed when saved and again when
-    loaded (a changed file: the snapshot is not used);
+  - the model key: hattn's, torch's, transformers', triton's and Python's versions, Dynamo's config, torch's global
+    flags, the device and rank, and every module of the model: its class (and the digest of the file defining each
+    class of its MRO), its plain attributes and hooks (values; functions by code, defaults and closure; objects
+    described three levels deep, a config with every field), its parameters' and buffers' names, shapes, dtypes and
+    devices, and which of them are one tensor (tied weights);
+  - the code: every file Dynamo traced a function of, hashed when saved and again when loaded;
+  - the globals: each value reachable from the forward's module globals that Dynamo guarded while tracing (a
+    module flag, a registry's keys, a function's defaults), described when saved and again when loaded;
   - the call: grad/inference/autocast modes and default dtype, each argument's dtype, device, layout and static
     sizes as the dispatcher's kinds compare them (`_pattern`), the sizes Dynamo traced as symbols bound to the call's
-    sizes, every shape guard of the graph (those inductor added when the pieces compiled included) true at those
-    sizes, and a size of 1 only where the graph's one-token dims allow it (`dispatch.one_token_dims`);
-  - the state: each parameter and buffer the graph reads, with the shape, strides, offset, dtype and device it had.
-Not covered, as for the dispatcher's direct calls: a forward that reads a global of a file Dynamo traced no function
-of. A snapshot that does not match is skipped (Dynamo traces as before); one that cannot be read or compiled is logged
-and skipped. `enabled = False` turns this off.
+    sizes, every shape guard of the graph (those inductor adds when this process compiles it included) true at those
+    sizes, and size 1 only as the dispatcher serves it in-process (`one_token_via_dynamic`, every symbolic dim 1, each
+    allowed by `dispatch.one_token_dims`);
+  - the state: each parameter and buffer the graph reads, with the shape, strides, dtype and device it had.
+A model whose attributes cannot be described (an object without attributes whose repr names an address) gets no
+snapshot. A snapshot that does not match is skipped (Dynamo traces as before); one that cannot be read, compiled or
+written is logged and skipped. `enabled = False` turns this off. A cache_dir holds pickles: load only one you trust.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import enum
 import functools
 import hashlib
+import importlib
 import json
 import logging
-import marshal
 import os
 import pickle
 import platform
@@ -47,46 +52,56 @@ import torch.fx as fx
 
 log = logging.getLogger("hattn")
 enabled = True  # False: no snapshot is written or read (every process traces with Dynamo)
-SNAPSHOTS = "dynamo"  # cache_dir/dynamo/<model key>/<kind>.pkl
-FORMAT = 1
+SNAPSHOTS = "dynamo"  # cache_dir/dynamo/<model key>/<kind>-<code>.pkl
+FORMAT = 2
 _DESCRIBE_DEPTH = 3
+_LOWEST = 2  # Dynamo's lowest size for a symbol (it specializes 0 and 1)
+
+
+class Opaque(ValueError):
+    """A value the model key cannot describe the same way in another process."""
 
 
 # -- what the backend keeps of a Dynamo graph ----------------------------------------------------------------------
 @dataclass
 class Graph:
     """What a compiled Dynamo graph offers a snapshot: its pickled form (before hattn's passes), the files Dynamo
-    traced, the shape environment (read again when the kind is learned: compiling the pieces adds guards), each
-    input's symbolic sizes ((dim, SymInt) pairs for a tensor, the SymInt itself for a size) and example value."""
+    traced, the guarded globals' descriptions, the shape environment (read again when the kind is learned:
+    compiling the pieces adds guards), each input's symbolic sizes ((dim, SymInt) pairs for a tensor, the SymInt for a
+    size) and its example value."""
 
     data: bytes
     files: dict[str, str]
+    globals: list
     shape_env: object
     symbols: list
-    values: list  # each input's example value (fake) as traced
+    values: list
 
 
 def keep_graph(gm: fx.GraphModule, example_inputs: list) -> Graph | None:
-    """The backend's record of Dynamo graph `gm` for a snapshot, or None (not traced by Dynamo, or not picklable)."""
+    """The backend's record of Dynamo graph `gm` for a snapshot, or None: not traced by Dynamo, not picklable, or a
+    guarded global it cannot describe."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
     from torch._guards import TracingContext, detect_fake_mode
 
-    tracing = TracingContext.try_get()
-    fake_mode = detect_fake_mode(example_inputs)
+    tracing, fake_mode = TracingContext.try_get(), detect_fake_mode(example_inputs)
     codes = getattr(tracing, "traced_code", None)
     if not enabled or not codes or fake_mode is None or fake_mode.shape_env is None:
         return None
     start = time.perf_counter()
     try:
+        frame_globals = InstructionTranslator.current_tx().f_globals
+        guarded = global_values(tracing.guards_context.dynamo_guards, frame_globals)
         data = pickle_graph(gm)
         files = {f: file_digest(f) for f in sorted({c.co_filename for c in codes})}
     except Exception as e:  # noqa: BLE001  (torch's pickler covers most graphs, not all: then no snapshot)
-        log.info("hattn: this graph gets no warm-start snapshot (it could not be pickled: %r)", e)
+        log.info("hattn: this graph gets no warm-start snapshot (%r)", e)
         return None
     values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
     symbols = [tuple((d, s) for d, s in enumerate(v.shape) if isinstance(s, torch.SymInt))
                if isinstance(v, torch.Tensor) else v if isinstance(v, torch.SymInt) else () for v in values]
     log.debug("hattn: graph pickled for its snapshot in %.2f s (%d bytes)", time.perf_counter() - start, len(data))
-    return Graph(data, files, fake_mode.shape_env, symbols, values)
+    return Graph(data, files, guarded, fake_mode.shape_env, symbols, values)
 
 
 _META_KEPT = ("example_value", "val", "stack_trace")
@@ -183,42 +198,47 @@ class Snapshot:
 
     graph: bytes = field(repr=False)
     files: dict[str, str]            # file -> digest, of every file Dynamo traced a function of
+    globals: list                    # (source expression, guard kind, description) of each guarded global
     inputs: list[tuple]              # per graph input: ("arg", a) | ("size", a, dim) | ("tensor", name, meta)
     #                                  | ("value", v): a forward argument, its size, a parameter or buffer, a constant
     single: bool                     # the forward returns the graph's only output (not output[0])
     modes: tuple                     # the dispatcher kind's leading entries (grad, inference, dtype, autocast)
     pattern: tuple                   # `_pattern` of the call with its symbolic dims left out
     dims: dict[int, tuple]           # forward argument -> its dims traced as symbols
-    symbols: list[tuple]             # (argument, dim, sympy symbol)
+    symbols: list[tuple]             # (argument, dim or None for an int argument, sympy symbol)
     guards: list                     # the graph's shape guards (sympy), replacements applied
     ranges: dict                     # symbol -> (lowest, highest or None)
     one_token: set = field(default_factory=set)  # (argument, dim) that may be 1
-    torch_version: str = torch.__version__
     format: int = FORMAT
 
-    def sizes(self, args: tuple) -> dict | None:
-        """The call's value of each symbol, when this snapshot serves the call (kind, sizes, guards); else None."""
+    def sizes(self, args: tuple, one_token: bool = True) -> dict | None:
+        """The call's value of each symbol when this snapshot serves the call (kind, sizes, guards), else None.
+        Size 1 as the dispatcher serves it in-process: `one_token` on, every symbolic size 1, each allowed."""
         from hattn.compiler.dispatch import _pattern
 
         if _pattern(args, self.dims) != self.pattern:
             return None
         values: dict = {}
         for a, d, sym in self.symbols:
-            size = args[a].shape[d]
+            size = args[a] if d is None else args[a].shape[d]
             if values.setdefault(sym, size) != size:
                 return None  # two sizes Dynamo traced as one symbol differ
-        for (a, d, sym) in self.symbols:
-            size, (low, high) = values[sym], self.ranges.get(sym, (2, None))
-            if size < 1 or (high is not None and size > high) or (size < low and (a, d) not in self.one_token):
+        ones = [(a, d) for a, d, sym in self.symbols if values[sym] < self.ranges[sym][0]]
+        if ones and not (one_token and all(v == 1 for v in values.values())
+                         and all(place in self.one_token for place in ones)):
+            return None
+        for sym, size in values.items():
+            high = self.ranges[sym][1]
+            if size < 1 or (high is not None and size > high):
                 return None
         return values if _hold(self.guards, values) else None
 
-
-def guards_hold(shape_env, snap: Snapshot, args: tuple) -> bool:
-    """Whether every shape guard of `shape_env` (a snapshot's graph after this process compiled it: the guards the
-    compile added included) holds at the call's sizes."""
-    values = snap.sizes(args)
-    return values is not None and _hold([shape_env.replace(g.expr) for g in shape_env.guards], values)
+    def compiled(self, shape_env) -> Snapshot | None:
+        """This snapshot with the guards of its graph as this process compiled it (inductor may add some), or None
+        when the compile replaced a symbol the call binds (a size it pinned)."""
+        if any(sym in shape_env.replacements for _, _, sym in self.symbols):
+            return None
+        return dataclasses.replace(self, guards=[shape_env.replace(g.expr) for g in shape_env.guards])
 
 
 def _hold(guards: list, values: dict) -> bool:
@@ -233,6 +253,8 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
     """The snapshot of a kind `Dispatch` just learned (its graph input values `inputs`, its `plan`), or None where one
     would not be exact: an input that is neither a forward argument, its size, a named parameter or buffer nor a
     plain constant; a symbolic size that is an expression or belongs to module state; a runtime assert."""
+    import sympy
+
     from hattn.compiler.dispatch import _pattern
 
     env = graph.shape_env
@@ -245,18 +267,15 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
         sym_info = graph.symbols[i]
         if i in placed:
             a, dim = placed[i]
-            if dim is None:
-                described.append(("arg", a))
-                pairs = sym_info if isinstance(value, torch.Tensor) else ()
-                dims[a] = tuple(d for d, _ in pairs)
-                for d, size in pairs:
+            described.append(("arg", a) if dim is None else ("size", a, dim))
+            if isinstance(sym_info, torch.SymInt):  # an int argument, or an argument's size
+                symbols.append((a, dim, env.replace(sym_info.node.expr)))
+            elif sym_info:  # a tensor argument's symbolic dims
+                dims[a] = tuple(d for d, _ in sym_info)
+                for d, size in sym_info:
                     symbols.append((a, d, env.replace(size.node.expr)))
                     if d in one_token[i]:
                         tokens.add((a, d))
-            else:
-                described.append(("size", a, dim))
-                if isinstance(sym_info, torch.SymInt):
-                    symbols.append((a, dim, env.replace(sym_info.node.expr)))
         elif isinstance(value, torch.Tensor):
             name = names.get(id(value))
             if name is None or sym_info:
@@ -267,8 +286,6 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
             described.append(("value", value))
         else:
             return None
-    import sympy
-
     if any(not isinstance(s, sympy.Symbol) for _, _, s in symbols):
         return None
     guards = [env.replace(g.expr) for g in env.guards]
@@ -278,9 +295,9 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
     ranges = {}
     for s in bound:
         vr = env.var_to_range.get(s)
-        ranges[s] = (2, None) if vr is None else (_int_or_none(vr.lower) or 2, _int_or_none(vr.upper))
-    return Snapshot(graph.data, graph.files, described, single, modes, _pattern(args, dims), dims, symbols, guards,
-                    ranges, tokens)
+        ranges[s] = (_LOWEST, None) if vr is None else (_int_or_none(vr.lower) or _LOWEST, _int_or_none(vr.upper))
+    return Snapshot(graph.data, graph.files, graph.globals, described, single, modes, _pattern(args, dims), dims,
+                    symbols, guards, ranges, tokens)
 
 
 def _int_or_none(bound) -> int | None:
@@ -294,14 +311,19 @@ def _int_or_none(bound) -> int | None:
 def tensor_meta(t: torch.Tensor, kind: type | None = None) -> tuple:
     """What a parameter or buffer input must be for a snapshot's graph (`kind`: its class, for a fake of it): what
     Dynamo's tensor guards check. Not its storage offset: a graph traced after fuse_linears rebound the weights to
-    rows of one buffer is served as well by weights not fused yet, which its own fuse_linears pass then rebinds."""
+    rows of one buffer is served as well by weights not fused yet, which its own fuse_linears pass then rebinds (the
+    pieces compile from the traced fakes, offsets included: what the first process compiled, and cached)."""
     return (tuple(int(n) for n in t.shape), tuple(int(n) for n in t.stride()), str(t.dtype), str(t.device),
             t.requires_grad, (kind or type(t)).__name__)
 
 
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
 def _tensor_names(module: torch.nn.Module) -> dict[int, str]:
     names = {}
-    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+    for name, t in _named_tensors(module):
         names.setdefault(id(t), name)
     return names
 
@@ -309,15 +331,11 @@ def _tensor_names(module: torch.nn.Module) -> dict[int, str]:
 def graph_inputs(snap: Snapshot, module: torch.nn.Module) -> tuple[list, list] | None:
     """(template, plan) of the dispatcher's direct call, from the snapshot's inputs and this process's module; None
     when a parameter or buffer is missing or not as the snapshot saw it."""
-    tensors = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(module.named_buffers(remove_duplicate=False))
+    tensors = dict(_named_tensors(module))
     template, plan = [], []
     for i, desc in enumerate(snap.inputs):
-        if desc[0] == "arg":
-            plan.append((i, desc[1], None))
-            template.append(None)
-        elif desc[0] == "size":
-            plan.append((i, desc[1], desc[2]))
+        if desc[0] in ("arg", "size"):
+            plan.append((i, desc[1], desc[2] if desc[0] == "size" else None))
             template.append(None)
         elif desc[0] == "tensor":
             t = tensors.get(desc[1])
@@ -331,23 +349,90 @@ def graph_inputs(snap: Snapshot, module: torch.nn.Module) -> tuple[list, list] |
     return template, plan
 
 
+# -- the globals Dynamo guarded ------------------------------------------------------------------------------------
+class _FrameGlobals(dict):
+    """`G` of Dynamo's source expressions: the forward's module globals, and what Dynamo installs there while it
+    traces (`__import_<module>` for a module, `__builtins_dict___<n>` for the builtins)."""
+
+    def __missing__(self, name: str):
+        if name.startswith("__import_"):
+            return importlib.import_module(name[len("__import_"):].replace("_dot_", "."))
+        if name.startswith("__builtins_dict__"):
+            return builtins.__dict__
+        raise KeyError(name)
+
+
+def global_values(guards, frame_globals: dict) -> list:
+    """(source expression, guard kind, description) of each guard Dynamo put on a value reached from the frame's
+    globals. Raises (no snapshot) when one cannot be evaluated or described."""
+    from torch._dynamo.source import GlobalSource, GlobalWeakRefSource
+
+    out = set()
+    for guard in guards:
+        root, kind = guard.originating_source, guard.create_fn_name()
+        while getattr(root, "base", None) is not None:
+            root = root.base
+        if not isinstance(root, (GlobalSource, GlobalWeakRefSource)) or kind == "DUPLICATE_INPUT":
+            continue
+        name = guard.originating_source.name
+        expr = name() if callable(name) else name
+        out.add((expr, kind, json.dumps(_guarded(kind, _evaluate(expr, frame_globals)), default=str)))
+    return sorted(out)
+
+
+def globals_match(snap: Snapshot, frame_globals: dict) -> bool:
+    """Whether every global the snapshot's graph was traced with is as it was (logged when not)."""
+    for expr, kind, described in snap.globals:
+        try:
+            now = json.dumps(_guarded(kind, _evaluate(expr, frame_globals)), default=str)
+        except Exception as e:  # noqa: BLE001  (gone, or not describable now: not as it was)
+            now = repr(e)
+        if now != described:
+            log.info("hattn: a warm-start snapshot is not used: %s (%s) is %s, it was %s", expr, kind, now, described)
+            return False
+    return True
+
+
+def _evaluate(expr: str, frame_globals: dict):
+    return eval(expr, {"G": _FrameGlobals(frame_globals), "L": {}, "__builtins__": builtins})  # noqa: S307
+
+
+def _guarded(kind: str, value):
+    """What a guard of `kind` checks of `value`, as plain data."""
+    if kind in ("SEQUENCE_LENGTH", "EMPTY_NN_MODULE_HOOKS_DICT"):
+        return len(value)
+    if kind in ("DICT_KEYS_MATCH", "DICT_NOT_CONTAINS", "DICT_CONTAINS"):
+        return sorted(repr(k) for k in value.keys())
+    if kind in ("NOT_PRESENT_IN_GENERIC_DICT", "HASATTR") and hasattr(value, "__dict__"):
+        return [_qualname(type(value)), sorted(vars(value))]
+    if kind == "TYPE_MATCH":
+        return _qualname(type(value))
+    return _describe(value, 1, {})
+
+
 # -- the model key -------------------------------------------------------------------------------------------------
-def model_key(module: torch.nn.Module, config) -> str:
-    """The digest of what the model's Dynamo graphs depend on besides the call (see the module docstring)."""
+def model_key(module: torch.nn.Module) -> str | None:
+    """The digest of what the model's Dynamo graphs depend on besides the call (see the module docstring); None when
+    something in it cannot be described the same way in another process (logged)."""
     from hattn.compiler.artifacts import _version, hattn_version
 
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("cache_dir", "progress")}
     memo: dict = {}
-    fields = {
-        "format": FORMAT,
-        "versions": [hattn_version(), torch.__version__, _version("transformers"), _version("triton"),
-                     platform.python_version()],
-        "options": options,
-        "dynamo": _describe(torch._dynamo.config.get_config_copy(), 1, memo),  # not get_hash: it pickles sets
-        "globals": _global_state(),
-        "where": _placement(module),
-        "modules": [(name, _module_fields(m, memo)) for name, m in module.named_modules(remove_duplicate=False)],
-    }
+    config = torch._dynamo.config
+    ignored = set(getattr(config, "_compile_ignored_keys", ()))  # paths, verbosity: as torch's own config hash
+    try:
+        fields = {
+            "format": FORMAT,
+            "versions": [hattn_version(), torch.__version__, _version("transformers"), _version("triton"),
+                         platform.python_version()],
+            "dynamo": _describe({k: v for k, v in config.get_config_copy().items() if k not in ignored}, 2, memo),
+            "globals": _global_state(),
+            "where": _placement(module),
+            "modules": [(name, _module_fields(m, memo)) for name, m in module.named_modules(remove_duplicate=False)],
+            "tied": _tied(module),
+        }
+    except Opaque as e:
+        log.info("hattn: this model gets no warm-start snapshots: %s", e)
+        return None
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -369,21 +454,27 @@ def _global_state() -> list:
             torch.backends.cudnn.enabled]
 
 
-_MODULE_INTERNALS = frozenset(torch.nn.Module().__dict__) - {"training"}
+def _tied(module: torch.nn.Module) -> list:
+    """Each parameter or buffer name that is another name's tensor (tied weights: one graph input), with that name."""
+    first: dict[int, str] = {}
+    return [(name, first[id(t)]) for name, t in _named_tensors(module) if first.setdefault(id(t), name) != name]
+
+
+_STATE = frozenset(("_parameters", "_buffers", "_modules"))  # described apart; every other attribute, hooks included
 
 
 def _module_fields(m: torch.nn.Module, memo: dict) -> list:
-    cls = type(m)
     tensors = [(kind, name, None if t is None else [list(t.shape), str(t.dtype), str(t.device), t.requires_grad,
                                                      type(t).__name__])
                for kind, d in (("p", m._parameters), ("b", m._buffers)) for name, t in d.items()]
-    attrs = {k: _describe(v, _DESCRIBE_DEPTH, memo) for k, v in m.__dict__.items() if k not in _MODULE_INTERNALS}
-    return [_class_fields(cls), sorted(m._modules), tensors, attrs]
+    attrs = {k: _describe(list(v.values()) if "hooks" in k and isinstance(v, dict) else v, _DESCRIBE_DEPTH, memo)
+             for k, v in m.__dict__.items() if k not in _STATE}  # a hook dict's keys are process-wide counters
+    return [_class_fields(type(m)), sorted(m._modules), tensors, attrs]
 
 
 @functools.cache
 def _class_fields(cls: type) -> list:
-    return [(f"{c.__module__}.{c.__qualname__}", _class_file_digest(c)) for c in cls.__mro__ if c is not object]
+    return [(_qualname(c), _class_file_digest(c)) for c in cls.__mro__ if c is not object]
 
 
 def _class_file_digest(cls: type) -> str | None:
@@ -396,51 +487,89 @@ def _class_file_digest(cls: type) -> str | None:
     return file_digest(file) if file else None
 
 
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
 def _describe(v, depth: int, memo: dict):
-    """A value as plain data for the key: scalars and strings as they are, containers item by item, tensors by
-    metadata, functions by their code, other objects (a config) by class and attributes, `depth` levels deep."""
+    """A value as plain data for the key: scalars and strings as they are; containers item by item; tensors by
+    metadata; modules, classes and builtins by name; functions by code, defaults and closure; other objects (a
+    config) by class and attributes, `depth` levels deep. Raises Opaque for what only has an address to show."""
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
-    if isinstance(v, (torch.dtype, torch.device, torch.Size, enum.Enum, bytes)):
+    if isinstance(v, (torch.dtype, torch.device, torch.Size, enum.Enum, bytes, range, slice, complex)):
         return repr(v)
-    if isinstance(v, (list, tuple)):
-        return [_describe(x, depth, memo) for x in v]
-    if isinstance(v, (set, frozenset)):
-        return sorted((_describe(x, depth, memo) for x in v), key=repr)
-    if isinstance(v, dict):
-        return [[repr(k), _describe(x, depth, memo)] for k, x in v.items()]
     if isinstance(v, torch.Tensor):
         return ["tensor", list(v.shape), str(v.dtype), str(v.device)]
     if isinstance(v, torch.nn.Module):
-        return ["module", f"{type(v).__module__}.{type(v).__qualname__}"]
+        return ["module", _qualname(type(v))]  # its own fields are the key's entry for it
+    if isinstance(v, types.ModuleType):
+        return ["python module", v.__name__]
+    if isinstance(v, type):
+        return ["class", _qualname(v), _class_file_digest(v)]
+    if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        return ["builtin", _qualname(v)]
+    key = (id(v), depth)  # the memo holds `v`: its id is not reused by another object while the key is made
+    if key in memo:
+        return memo[key][1]
+    memo[key] = (v, [_qualname(type(v))])  # what a reference cycle back to `v` reads
+    memo[key] = (v, _describe_new(v, depth, memo))
+    return memo[key][1]
+
+
+def _describe_new(v, depth: int, memo: dict):
+    inner = max(depth - 1, 0)
+    if isinstance(v, (list, tuple)):
+        return [_describe(x, inner, memo) for x in v]
+    if isinstance(v, (set, frozenset)):
+        return sorted((_describe(x, inner, memo) for x in v), key=repr)
+    if isinstance(v, dict):
+        return [[repr(k), _describe(x, inner, memo)] for k, x in v.items()]
+    if isinstance(v, functools.partial):
+        return ["partial", _describe(v.func, depth, memo), _describe(v.args, depth, memo),
+                _describe(v.keywords, depth, memo)]
     if isinstance(v, (types.FunctionType, types.MethodType)):
         fn = getattr(v, "__func__", v)
-        return ["function", f"{fn.__module__}.{fn.__qualname__}", _code_digest(fn.__code__)]
-    if id(v) in memo:
-        return memo[id(v)]
-    name = f"{type(v).__module__}.{type(v).__qualname__}"
-    memo[id(v)] = [name]  # what a reference cycle back to `v` reads
-    if depth > 0 and hasattr(v, "__dict__"):  # a transformers config: every field, private ones included
+        cells = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
+        return ["function", _qualname(fn), _code_digest(fn.__code__), _describe(fn.__defaults__, depth, memo),
+                _describe(fn.__kwdefaults__, depth, memo), _describe(cells, depth, memo),
+                _describe(getattr(v, "__self__", None), inner, memo)]
+    if hasattr(v, "__dict__"):
         # not a stored hash (GenerationConfig's _original_object_hash): Python salts str hashes per process
-        memo[id(v)] = [name, {k: _describe(x, depth - 1, memo) for k, x in vars(v).items()
-                              if not k.endswith("_hash")}]
-    return memo[id(v)]
+        attrs = {k: _describe(x, inner, memo) for k, x in vars(v).items() if not k.endswith("_hash")} if depth else {}
+        return [_qualname(type(v)), attrs]
+    text = repr(v)
+    if " at 0x" in text:
+        raise Opaque(f"a {_qualname(type(v))} shows only its address ({text[:80]})")
+    return [_qualname(type(v)), text]
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def _code_digest(code: types.CodeType) -> str:
-    try:
-        return hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
-    except ValueError:
-        return code.co_qualname
+    """A code object's digest from its bytecode, names and constants (not marshal's bytes: they depend on reference
+    counts)."""
+    digest = hashlib.sha256(code.co_code)
+    for part in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
+        digest.update(repr(part).encode())
+    for const in code.co_consts:
+        digest.update((_code_digest(const) if isinstance(const, types.CodeType) else repr(const)).encode())
+    return digest.hexdigest()[:16]
 
 
 def file_digest(path: str) -> str | None:
     """A file's content digest (cached by path, size and modification time), None when it cannot be read."""
     try:
         st = os.stat(path)
+        return _digest(path, st.st_size, st.st_mtime_ns)
     except OSError:
         return None
-    return _digest(path, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -454,15 +583,20 @@ def directory(cache_dir: str, key: str) -> Path:
 
 
 def save(cache_dir: str, key: str, snap: Snapshot) -> Path | None:
-    """Write the snapshot unless one of its kind is there; returns the file written, or None."""
-    name = hashlib.sha256(repr((snap.modes, snap.pattern)).encode()).hexdigest()[:24]
-    path = directory(cache_dir, key) / f"{name}.pkl"
+    """Write the snapshot unless this kind's is there for the same traced code; returns the file written, or None.
+    (A snapshot of code since changed has another name: it never stands in the way of its successor.)"""
+    kind = hashlib.sha256(repr((snap.modes, snap.pattern)).encode()).hexdigest()[:16]
+    code = hashlib.sha256(repr(sorted(snap.files.items())).encode()).hexdigest()[:8]
+    path = directory(cache_dir, key) / f"{kind}-{code}.pkl"
     if path.is_file():
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(pickle.dumps(snap))
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(pickle.dumps(snap))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     log.info("hattn: saved a warm-start snapshot of a Dynamo graph to %s", path)
     return path
 
@@ -477,7 +611,7 @@ def load(cache_dir: str, key: str) -> list[Snapshot]:
         except Exception as e:  # noqa: BLE001  (a torn or foreign file: trace instead)
             log.warning("hattn: the warm-start snapshot %s could not be read (%r); Dynamo traces instead", path, e)
             continue
-        if not isinstance(snap, Snapshot) or snap.format != FORMAT or snap.torch_version != torch.__version__:
+        if not isinstance(snap, Snapshot) or snap.format != FORMAT:
             continue
         changed = [f for f, digest in snap.files.items() if file_digest(f) != digest]
         if changed:

@@ -184,6 +184,22 @@ def test_module_hooks_and_float_arguments_go_through_dynamo(toy):
     assert dispatch._kind((torch.zeros(2), 0.5)) is None
 
 
+class _Doubling(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * 2 if func is torch.Tensor.__mul__ else out
+
+
+def test_a_call_under_a_torch_function_mode_goes_through_dynamo(toy):
+    """Dynamo traces a torch-function mode into the graph; a direct call of a graph traced without it would skip it."""
+    torch._dynamo.reset()
+    call = Dispatch(_compiled(toy))
+    call(_ids(5))
+    with _Doubling():
+        call(_ids(5, 1))
+    assert call.direct_calls == 0
+
+
 def test_the_dispatcher_lives_and_dies_with_its_compiled_module():
     import gc
     import weakref

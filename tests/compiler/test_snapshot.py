@@ -2,6 +2,7 @@
 snapshot (no Dynamo trace), with Dynamo's results; whatever might make the snapshot wrong sends the call to Dynamo."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from torch import nn
 import hattn
 from hattn.compiler import snapshot
 from hattn.compiler.dispatch import Dispatch
+from hattn.models.presets import PRESETS, PresetUnavailable, load
 from hattn.models.toy import toy_model
 
 PATTERN = ["linear", "full"]
@@ -96,43 +98,82 @@ def test_the_cold_process_times_its_snapshot_and_the_warm_one_says_so_in_the_sta
     assert total_stats().snapshot_load_seconds > 0 and total_stats().dynamo_seconds == 0
 
 
-class _Scaled(nn.Module):
-    """The toy model with a plain attribute its forward reads (Dynamo bakes it into the graph as a constant)."""
+SCALE = 2.0  # a module global the forward reads: Dynamo guards its value
 
-    def __init__(self, inner, scale: float):
+
+class _Hooked(nn.Module):
+    """The toy model, scaled by an attribute, a global and a function attribute."""
+
+    def __init__(self, inner, scale: float, fn=None):
         super().__init__()
-        self.inner, self.scale = inner, scale
+        self.inner, self.scale, self.fn = inner, scale, fn
 
     def forward(self, ids):
-        return self.inner(ids) * self.scale
+        h = self.inner(ids) * self.scale * SCALE
+        return self.fn(h) if self.fn is not None else h
 
 
-@pytest.mark.parametrize("change", ["attribute", "config", "option", "traced file", "parameter layout", "dtype",
-                                    "grad mode"])
-def test_what_would_make_a_snapshot_wrong_sends_the_call_to_dynamo(tmp_path, monkeypatch, change):
-    """A changed module attribute (a constant in the graph), model config, compile option, source file Dynamo traced,
-    a parameter's layout, the call's dtype or grad mode: the snapshot is not used; Dynamo traces, results right."""
-    _cold(tmp_path, model=_Scaled(toy_model(pattern=PATTERN), 2.0))
-    model, options, ids = _Scaled(toy_model(pattern=PATTERN), 2.0), {}, _ids(6)
+CHANGES = ["attribute", "config", "traced file", "parameter layout", "dtype", "grad mode", "submodule hook",
+           "untied", "global", "partial", "closure"]
+
+
+def _changed(change: str, monkeypatch):
+    """(the first process's model, the second's, the call's ids) for one kind of change between them; a change of
+    the second process's surroundings (a global, a source file) is made after the first process ran."""
+    def make(**kw):
+        return _Hooked(toy_model(pattern=PATTERN, **kw), 2.0, fn=functools.partial(torch.mul, other=2.0))
+
+    first, model, ids = make(), make(), _ids(6)
     if change == "attribute":
         model.scale = 3.0
     elif change == "config":
-        model = _Scaled(toy_model(pattern=PATTERN, intermediate=96), 2.0)
-    elif change == "option":
-        options = {"fuse_linears": False}
-    elif change == "traced file":
-        real = snapshot.file_digest
-        monkeypatch.setattr(snapshot, "file_digest", lambda f: "edited" if f.endswith("toy.py") else real(f))
+        model = make(intermediate=96)
     elif change == "parameter layout":  # same shape and dtype (the model key), other strides
         w = model.inner.layers[0].mlp.down.weight
         w.data = w.data.t().contiguous().t()
     elif change == "dtype":
         ids = ids.int()
-    call, be, model = _process(tmp_path, model=model, **options)
+    elif change == "submodule hook":
+        model.inner.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * 0)
+    elif change == "untied":  # the first process's head is the embedding (one graph input), this one's its own
+        first.inner.lm_head.weight = first.inner.embed.weight
+        model.inner.lm_head.weight = nn.Parameter(model.inner.embed.weight.detach().clone())
+    elif change == "partial":
+        model.fn = functools.partial(torch.mul, other=7.0)
+    elif change == "closure":
+        def scaled(factor):
+            return lambda h: h * factor
+        first.fn, model.fn = scaled(2.0), scaled(7.0)
+    return first, model, ids
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_what_would_make_a_snapshot_wrong_sends_the_call_to_dynamo(tmp_path, monkeypatch, change):
+    """Whatever Dynamo would have traced differently (a module attribute, the config, a source file it traced, a
+    parameter's layout, the call's dtype or grad mode, a hook on a submodule, tied weights, a global it guarded, a
+    partial's or closure's values) or that changes the graph's inputs: the snapshot is not used; Dynamo traces, and
+    the results are the model's."""
+    first, model, ids = _changed(change, monkeypatch)
+    _cold(tmp_path, model=first)
+    if change == "global":  # set by the second process (a flag a user sets at start-up)
+        monkeypatch.setattr(sys.modules[__name__], "SCALE", 5.0)
+    elif change == "traced file":
+        real = snapshot.file_digest
+        monkeypatch.setattr(snapshot, "file_digest", lambda f: "edited" if f.endswith("toy.py") else real(f))
+    call, be, model = _process(tmp_path, model=model)
     traces = _traces()
     with torch.inference_mode(change != "grad mode"):
         torch.testing.assert_close(call(ids), model(ids), rtol=1e-5, atol=1e-5)
     assert _traces() == traces + 1 and be.stats.graphs_from_snapshots == 0
+
+
+def test_the_compile_options_do_not_change_the_graph_a_snapshot_holds(tmp_path):
+    """Dynamo's graph is what the model is, before hattn's passes: a snapshot saved in one mode, with fused linears,
+    serves another mode without them (the passes run again on it)."""
+    _cold(tmp_path)
+    call, be, model = _process(tmp_path, fuse_linears=False)
+    _checked(call, model, _ids(6))
+    assert be.stats.graphs_from_snapshots == 1 and be.stats.fused_linears == 0
 
 
 class _Branches(nn.Module):
@@ -178,12 +219,14 @@ def test_snapshots_off_write_and_read_nothing(tmp_path, monkeypatch):
     assert not (tmp_path / snapshot.SNAPSHOTS).exists()
 
 
-def test_the_model_key_is_the_same_in_another_process():
-    """Nothing process-specific (ids, set order, addresses) in the key: a new interpreter computes the same one."""
-    code = ("import torch, hattn; from hattn.compiler import snapshot; from hattn.compiler.config import Config; "
-            "from hattn.models.presets import load; print(snapshot.model_key(load('tiny'), Config()))")
-    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (1, 2)}
+def test_the_model_key_is_the_same_in_another_process(tmp_path):
+    """Nothing process-specific (ids, set order, hash salts, the working directory) in the key: a new interpreter
+    computes the same one."""
+    code = ("import torch, hattn; from hattn.compiler import snapshot; "
+            "from hattn.models.presets import load; print(snapshot.model_key(load('tiny')))")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cwd,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": os.getcwd()}).stdout.strip()
+            for seed, cwd in ((1, os.getcwd()), (2, tmp_path))}  # also from another directory
     assert len(keys) == 1 and len(keys.pop()) == 32
 
 
@@ -198,3 +241,70 @@ def test_hattn_generate_warm_starts_without_dynamo_in_a_new_process(tmp_path):
     assert tokens[0] == tokens[1]
     assert "graphs from snapshots (no Dynamo) 0" in runs[0].stderr
     assert "graphs from snapshots (no Dynamo) 1" in runs[1].stderr and "dynamo 0.00" in runs[1].stderr
+
+
+def test_a_snapshot_that_cannot_be_saved_leaves_the_call_its_result(tmp_path, caplog):
+    """cache_dir/dynamo is a file (or the disk is read-only, or full): a warning, and the call's result stands."""
+    (tmp_path / snapshot.SNAPSHOTS).write_text("not a directory")
+    call, _, model = _process(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hattn"):
+        _checked(call, model, _ids(6))
+    assert "could not be saved" in caplog.text
+
+
+def test_one_token_from_a_snapshot_follows_the_dispatchers_switch(tmp_path, monkeypatch):
+    """Size 1 is served from a snapshot only where the dispatcher serves it in-process: not with
+    `one_token_via_dynamic` off (Dynamo traces its size-1 graph)."""
+    import hattn.compiler.dispatch as dispatch
+
+    _cold(tmp_path)
+    monkeypatch.setattr(dispatch, "one_token_via_dynamic", False)
+    call, be, model = _process(tmp_path)
+    traces = _traces()
+    _checked(call, model, _ids(1))
+    assert _traces() == traces + 1 and be.stats.graphs_from_snapshots == 0
+
+
+class _Sliced(nn.Module):
+    """An int argument beside the tokens: Dynamo traces it as a symbol of its own."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, n: int):
+        return self.inner(ids)[:n] * 2
+
+
+def test_an_int_argument_is_part_of_the_kind(tmp_path):
+    """The int is in the kind (as Dynamo specializes or guards it): another value is another kind, never served by
+    the snapshot of the first with a wrong slice."""
+    _cold_model = _Sliced(toy_model(pattern=PATTERN))
+    call, _, _ = _process(tmp_path, model=_cold_model)
+    with torch.inference_mode():
+        for n in (4, 5, 6):
+            call(_ids(n), n)
+    call, be, model = _process(tmp_path, model=_Sliced(toy_model(pattern=PATTERN)))
+    with torch.inference_mode():
+        for length, n in ((5, 5), (7, 5), (7, 3)):
+            torch.testing.assert_close(call(_ids(length), n), model(_ids(length), n), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.startswith("tiny")])
+def test_every_family_warm_starts_from_its_snapshot_with_the_same_tokens(tmp_path, preset):
+    """Each family's transformers model, adapted: the second "process" generates from the snapshot (no Dynamo
+    trace) the first's tokens, for a packed prefill of two prompts and its decode steps."""
+    runs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        try:
+            lm = load(preset)
+        except PresetUnavailable as e:
+            pytest.skip(str(e))
+        be = hattn.backend(mode="pcg", inner_compiler="eager", progress=False, cache_dir=str(tmp_path))
+        traces = _traces()
+        res = hattn.generate(torch.compile(lm, backend=be), [[1, 2, 3, 4, 5], [6, 7]],
+                             params=hattn.SamplingParams(max_new_tokens=3))
+        runs.append((res.tokens, _traces() - traces, be.stats.graphs_from_snapshots))
+    (cold_tokens, cold_traces, _), (warm_tokens, warm_traces, warm_snapshots) = runs
+    assert warm_tokens == cold_tokens and (cold_traces, warm_traces, warm_snapshots) == (1, 0, 1)
