@@ -5,7 +5,7 @@
 #   bash scripts/gpu_check.sh                       # tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench
 #   (rt-bench, k-bench and bench are suites of the one bench, `python3 -m hattn.bench --suite runtime|kernels|model`)
 #   bash scripts/gpu_check.sh tests demo            # a subset
-#   bash scripts/gpu_check.sh startup host-profile  # issue 21's cold/warm start in mode full; pcg's and full's host
+#   bash scripts/gpu_check.sh startup host-profile  # issue 21: cold/warm/traced start (MODES="full bcg"); pcg's and full's host
 #                                                   # time under cProfile (run each first in a call: a fresh GPU)
 #   bash scripts/gpu_check.sh dispatch-ab           # decode steps through Dynamo vs hattn's dispatch, per mode
 #                                                   # (DA_ARGS="--modes pcg,bcg --switch plans": pcg's plans off/on)
@@ -60,7 +60,7 @@ declare -A CMD=(
   [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress ${BENCH_BUDGET:+--budget $BENCH_BUDGET} ${BENCH_ARGS:-}"
   [recheck]="${PYTEST[*]} ${RECHECK:-tests}"
   [host-profile]="python3 scripts/host_profile.py ${HP_ARGS:---modes pcg,full}"
-  [startup]="env MODES=full bash scripts/startup.sh"
+  [startup]="env MODES=\"${MODES:-full}\" bash scripts/startup.sh"
   [kernel-profile]="python3 scripts/kernel_profile.py --modes full ${KP_ARGS:-}"
   [bound-ab]="python3 scripts/host_profile.py --modes pcg,bcg --ab-only"
   [gemv-sweep]="python3 scripts/gemv_sweep.py --budget ${GEMV_BUDGET:-150}"

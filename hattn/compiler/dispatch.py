@@ -242,8 +242,12 @@ class Dispatch:
     def _snapshot_kind(self, key: tuple, args: tuple) -> _Direct | None:
         """The direct call of a saved snapshot that serves this call (compiled at the first such call), if any."""
         if self.warm is None:
-            cache_dir = self._cache_dir()
-            self.warm = [[snap, None] for snap in snapshot.load(cache_dir, self.model_key)] if cache_dir else []
+            self.warm = []
+            try:
+                cache_dir = self._cache_dir()
+                self.warm = [[snap, None] for snap in snapshot.load(cache_dir, self.model_key)] if cache_dir else []
+            except Exception as e:  # noqa: BLE001  (an unreadable cache_dir: trace)
+                log.warning("hattn: the warm-start snapshots could not be read (%r); Dynamo traces", e)
         for entry in self.warm:
             snap, direct = entry
             if direct is False or snap.modes != key[:_MODES] or snap.sizes(args, one_token_via_dynamic) is None:
@@ -254,6 +258,8 @@ class Dispatch:
                 if direct and snap.sizes(args, one_token_via_dynamic) is None:
                     log.info("hattn: a warm-start snapshot's graph gained a guard this call fails; Dynamo traces it")
                     continue
+            elif not self._state_as_traced(snap):  # a new kind: Dynamo would check its guards again
+                continue
             if direct:
                 if len(self.kinds) < MAX_KINDS:
                     self.kinds[key] = direct
@@ -267,8 +273,7 @@ class Dispatch:
         from hattn.compiler.backend import compile_for
 
         snap, start = entry[0], time.perf_counter()
-        forward = type(self.module).forward
-        if not snapshot.globals_match(snap, forward.__globals__):
+        if not self._state_as_traced(snap):
             return False
         compile_, built = compile_for(self.model), snapshot.graph_inputs(snap, self.module)
         if compile_ is None or built is None:
@@ -292,22 +297,26 @@ class Dispatch:
         self.warm_traced.append(traced)
         return _Direct(traced, template, plan, snap.single, free={}, pattern=())
 
+    def _state_as_traced(self, snap) -> bool:
+        """Whether what Dynamo guarded of the module's state and globals is as it was when the graph was traced."""
+        return snap.guarded.match(type(self.module).forward.__globals__, self.self_name, self.module)
+
     def _save_snapshot(self, key: tuple, call: tuple, args: tuple, direct: _Direct) -> None:
         """Write the snapshot of a kind just learned; a failure (a read-only or full disk) is logged, never raised:
         the call's result stands."""
         traced, inputs, _ = call
         graph, traced.graph = traced.graph, None  # one snapshot per graph: its other kinds match it
-        cache_dir = self._cache_dir()
-        if cache_dir is None:
-            return
         start = time.perf_counter()
         try:
+            cache_dir = self._cache_dir()
+            if cache_dir is None:
+                return
             snap = snapshot.make_snapshot(graph, inputs, direct.plan, args, key[:_MODES], direct.single,
                                           self.module, traced.dynamic)
             if snap is not None:
                 snapshot.save(cache_dir, self.model_key, snap)
         except Exception as e:  # noqa: BLE001
-            log.warning("hattn: a warm-start snapshot could not be saved in %s (%r)", cache_dir, e)
+            log.warning("hattn: a warm-start snapshot could not be saved (%r)", e)
         register(Stats(snapshot_save_seconds=time.perf_counter() - start))
 
     def _dynamic_kind_for_one_token(self, key: tuple, args: tuple) -> _Direct | None:

@@ -42,6 +42,8 @@ import logging
 import os
 import pickle
 import platform
+import re
+import sys
 import time
 import types
 from dataclasses import dataclass, field
@@ -54,7 +56,7 @@ log = logging.getLogger("hattn")
 enabled = True  # False: no snapshot is written or read (every process traces with Dynamo)
 SNAPSHOTS = "dynamo"  # cache_dir/dynamo/<model key>/<kind>-<code>.pkl
 FORMAT = 2
-_DESCRIBE_DEPTH = 3
+_DESCRIBE_DEPTH = 6
 _LOWEST = 2  # Dynamo's lowest size for a symbol (it specializes 0 and 1)
 
 
@@ -66,13 +68,13 @@ class Opaque(ValueError):
 @dataclass
 class Graph:
     """What a compiled Dynamo graph offers a snapshot: its pickled form (before hattn's passes), the files Dynamo
-    traced, the guarded globals' descriptions, the shape environment (read again when the kind is learned:
-    compiling the pieces adds guards), each input's symbolic sizes ((dim, SymInt) pairs for a tensor, the SymInt for a
-    size) and its example value."""
+    traced, what Dynamo guarded of the model's state and globals, the shape environment (read again when the kind
+    is learned: compiling the pieces adds guards), each input's symbolic sizes ((dim, SymInt) pairs for a tensor,
+    the SymInt for a size) and its example value."""
 
     data: bytes
     files: dict[str, str]
-    globals: list
+    guarded: Guarded
     shape_env: object
     symbols: list
     values: list
@@ -90,8 +92,10 @@ def keep_graph(gm: fx.GraphModule, example_inputs: list) -> Graph | None:
         return None
     start = time.perf_counter()
     try:
-        frame_globals = InstructionTranslator.current_tx().f_globals
-        guarded = global_values(tracing.guards_context.dynamo_guards, frame_globals)
+        tx = InstructionTranslator.current_tx()
+        self_name = tx.f_code.co_varnames[0] if tx.f_code.co_argcount else None
+        module = tx.f_locals.get(self_name)
+        guarded = Guarded.of(tracing.guards_context.dynamo_guards, tx.f_globals, self_name, module)
         data = pickle_graph(gm)
         files = {f: file_digest(f) for f in sorted({c.co_filename for c in codes})}
     except Exception as e:  # noqa: BLE001  (torch's pickler covers most graphs, not all: then no snapshot)
@@ -198,7 +202,7 @@ class Snapshot:
 
     graph: bytes = field(repr=False)
     files: dict[str, str]            # file -> digest, of every file Dynamo traced a function of
-    globals: list                    # (source expression, guard kind, description) of each guarded global
+    guarded: Guarded                 # what Dynamo checked of the module's state and globals
     inputs: list[tuple]              # per graph input: ("arg", a) | ("size", a, dim) | ("tensor", name, meta)
     #                                  | ("value", v): a forward argument, its size, a parameter or buffer, a constant
     single: bool                     # the forward returns the graph's only output (not output[0])
@@ -296,7 +300,7 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
     for s in bound:
         vr = env.var_to_range.get(s)
         ranges[s] = (_LOWEST, None) if vr is None else (_int_or_none(vr.lower) or _LOWEST, _int_or_none(vr.upper))
-    return Snapshot(graph.data, graph.files, graph.globals, described, single, modes, _pattern(args, dims), dims,
+    return Snapshot(graph.data, graph.files, graph.guarded, described, single, modes, _pattern(args, dims), dims,
                     symbols, guards, ranges, tokens)
 
 
@@ -349,7 +353,7 @@ def graph_inputs(snap: Snapshot, module: torch.nn.Module) -> tuple[list, list] |
     return template, plan
 
 
-# -- the globals Dynamo guarded ------------------------------------------------------------------------------------
+# -- the values Dynamo guarded -------------------------------------------------------------------------------------
 class _FrameGlobals(dict):
     """`G` of Dynamo's source expressions: the forward's module globals, and what Dynamo installs there while it
     traces (`__import_<module>` for a module, `__builtins_dict___<n>` for the builtins)."""
@@ -362,39 +366,99 @@ class _FrameGlobals(dict):
         raise KeyError(name)
 
 
-def global_values(guards, frame_globals: dict) -> list:
-    """(source expression, guard kind, description) of each guard Dynamo put on a value reached from the frame's
-    globals. Raises (no snapshot) when one cannot be evaluated or described."""
-    from torch._dynamo.source import GlobalSource, GlobalWeakRefSource
+@dataclass
+class Guarded:
+    """What Dynamo checked of the model's state and globals when it traced a graph, as plain data: for every guard
+    whose source starts at the forward's `self` or its module's globals, (source expression, guard kind, what that
+    kind checks of the value); and which of those sources were one object (`identity`: each source with the first
+    source of its object)."""
 
-    out = set()
-    for guard in guards:
-        root, kind = guard.originating_source, guard.create_fn_name()
-        while getattr(root, "base", None) is not None:
-            root = root.base
-        if not isinstance(root, (GlobalSource, GlobalWeakRefSource)) or kind == "DUPLICATE_INPUT":
-            continue
-        name = guard.originating_source.name
-        expr = name() if callable(name) else name
-        out.add((expr, kind, json.dumps(_guarded(kind, _evaluate(expr, frame_globals)), default=str)))
-    return sorted(out)
+    values: list
+    identity: list
 
+    @classmethod
+    def of(cls, guards, frame_globals: dict, self_name: str, module) -> Guarded:
+        """Raises (no snapshot) when a guarded value cannot be evaluated or described, or is an object whose
+        identity Dynamo checked (ID_MATCH) but that another process cannot name (an instance)."""
+        values, objects = set(), {}
+        for guard in guards:
+            kind = guard.create_fn_name()
+            sources = [guard.originating_source]
+            if kind == "DUPLICATE_INPUT":
+                sources.append(guard.create_fn.keywords["source_b"])
+            for source in sources:
+                expr = _expr(source, self_name, frame_globals)
+                if expr is None:
+                    continue  # a forward argument's: the kind (`_pattern`) says what it must be
+                value = _evaluate(expr, frame_globals, self_name, module)
+                if kind == "ID_MATCH" and _instance_state(source) and not _named_identity(value):
+                    raise Opaque(f"Dynamo checked the identity of {expr} (a {_qualname(type(value))})")
+                if kind != "DUPLICATE_INPUT":
+                    values.add((expr, kind, _plain(_guarded(kind, value))))
+                if not _scalar(value):
+                    objects[expr] = value
+        return cls(sorted(values), _identity(objects))
 
-def globals_match(snap: Snapshot, frame_globals: dict) -> bool:
-    """Whether every global the snapshot's graph was traced with is as it was (logged when not)."""
-    for expr, kind, described in snap.globals:
+    def match(self, frame_globals: dict, self_name: str, module) -> bool:
+        """Whether every guarded value is as it was, and the same sources are one object (logged when not)."""
+        objects = {}
+        for expr, kind, described in self.values:
+            try:
+                value = _evaluate(expr, frame_globals, self_name, module)
+                now = _plain(_guarded(kind, value))
+            except Exception as e:  # noqa: BLE001  (gone, or not describable now: not as it was)
+                value, now = None, repr(e)
+            if now != described:
+                log.info("hattn: a warm-start snapshot is not used: %s (%s) is %s, it was %s", expr, kind, now,
+                         described)
+                return False
+            objects[expr] = value
         try:
-            now = json.dumps(_guarded(kind, _evaluate(expr, frame_globals)), default=str)
-        except Exception as e:  # noqa: BLE001  (gone, or not describable now: not as it was)
-            now = repr(e)
-        if now != described:
-            log.info("hattn: a warm-start snapshot is not used: %s (%s) is %s, it was %s", expr, kind, now, described)
+            for expr, _ in self.identity:
+                objects.setdefault(expr, _evaluate(expr, frame_globals, self_name, module))
+        except Exception:  # noqa: BLE001
             return False
-    return True
+        same = _identity({e: objects[e] for e, _ in self.identity}) == self.identity
+        if not same:
+            log.info("hattn: a warm-start snapshot is not used: its guarded objects are other objects' aliases now")
+        return same
 
 
-def _evaluate(expr: str, frame_globals: dict):
-    return eval(expr, {"G": _FrameGlobals(frame_globals), "L": {}, "__builtins__": builtins})  # noqa: S307
+def _expr(source, self_name: str, frame_globals: dict) -> str | None:
+    """The source's expression when it starts at the module's globals or at the forward's `self`, else None. A
+    global Dynamo installed under an object's id (`_<id>_c0`) is named by the module it holds; any other such object
+    has no name another process knows (Opaque)."""
+    from torch._dynamo.source import GlobalSource, GlobalWeakRefSource, LocalSource
+
+    root = source
+    while getattr(root, "base", None) is not None:
+        root = root.base
+    if not (isinstance(root, (GlobalSource, GlobalWeakRefSource))
+            or (isinstance(root, LocalSource) and root.local_name == self_name)):
+        return None
+    name = source.name
+    expr = name() if callable(name) else name
+    global_name = getattr(root, "global_name", None)
+    if global_name is not None and _BY_ID.fullmatch(global_name):
+        held = frame_globals.get(global_name)
+        if not isinstance(held, types.ModuleType):
+            raise Opaque(f"Dynamo guarded {expr}, a {_qualname(type(held))} it holds by id")
+        stable = "__import_" + held.__name__.replace(".", "_dot_")
+        expr = expr.replace(f"G['{global_name}']", f"G['{stable}']")
+    return expr
+
+
+_BY_ID = re.compile(r"_\d+_c\d+")
+
+
+def _evaluate(expr: str, frame_globals: dict, self_name: str, module):
+    """A Dynamo source expression's value now (`G`: the frame's globals; `L`: the forward's `self`)."""
+    from torch._dynamo import guards
+
+    helpers = guards._get_closure_vars() if hasattr(guards, "_get_closure_vars") else getattr(
+        guards, "CLOSURE_VARS", {})
+    scope = {**helpers, "G": _FrameGlobals(frame_globals), "L": {self_name: module}, "__builtins__": builtins}
+    return eval(expr, scope)  # noqa: S307  (Dynamo's own source expressions, as its guard code evaluates them)
 
 
 def _guarded(kind: str, value):
@@ -405,9 +469,55 @@ def _guarded(kind: str, value):
         return sorted(repr(k) for k in value.keys())
     if kind in ("NOT_PRESENT_IN_GENERIC_DICT", "HASATTR") and hasattr(value, "__dict__"):
         return [_qualname(type(value)), sorted(vars(value))]
+    if kind == "TENSOR_MATCH" and isinstance(value, torch.Tensor):
+        return ["tensor", list(value.shape), str(value.dtype), str(value.device), value.requires_grad]
     if kind == "TYPE_MATCH":
-        return _qualname(type(value))
-    return _describe(value, 1, {})
+        return _describe(type(value), 1, {}, False)
+    if kind == "ID_MATCH" and not _scalar(value) and _global_names(value):
+        return ["named", _qualname(type(value)), _global_names(value)]
+    return _describe(value, 1, {}, False)
+
+
+def _plain(described) -> str:
+    return json.dumps(described, sort_keys=True, default=str)
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device))
+
+
+def _named_identity(value) -> bool:
+    """Whether another process's object of the same name is this one's counterpart (a module, class, function,
+    enum member, singleton, or an object its class's module binds to a name), so that Dynamo's identity check on it
+    can be checked again by that name (`_guarded` describes such an object by it)."""
+    named = (types.ModuleType, type, types.FunctionType, types.BuiltinFunctionType, types.BuiltinMethodType,
+             types.MethodType, enum.Enum, torch.dtype, torch.device, functools.partial)
+    return (_scalar(value) or value is Ellipsis or value is NotImplemented or isinstance(value, named)
+            or bool(_global_names(value)))
+
+
+def _global_names(value) -> list[str]:
+    """The names the module of `value`'s class binds to `value` itself (`FAST = Mode()`)."""
+    home = sys.modules.get(getattr(type(value), "__module__", ""), None)
+    return sorted(k for k, v in vars(home).items() if v is value) if home is not None else []
+
+
+def _instance_state(source) -> bool:
+    """Whether a source reads a model instance's own state (`self.mode`), not class-level or import-time state (a
+    class attribute, a method's closure, a module global): for the latter, the object at the same path in another
+    process is the counterpart of this one."""
+    while source is not None:
+        if type(source).__name__ in ("TypeSource", "TypeDictSource", "TypeMROSource", "ClosureSource",
+                                     "CellContentsSource", "DefaultsSource", "GlobalSource", "GlobalWeakRefSource"):
+            return False
+        source = getattr(source, "base", None)
+    return True
+
+
+def _identity(objects: dict) -> list:
+    """(source, the first source of its object) for each source, in order: which sources were one object."""
+    first: dict[int, str] = {}
+    return [(expr, first.setdefault(id(value), expr)) for expr, value in sorted(objects.items())]
 
 
 # -- the model key -------------------------------------------------------------------------------------------------
@@ -424,14 +534,15 @@ def model_key(module: torch.nn.Module) -> str | None:
             "format": FORMAT,
             "versions": [hattn_version(), torch.__version__, _version("transformers"), _version("triton"),
                          platform.python_version()],
-            "dynamo": _describe({k: v for k, v in config.get_config_copy().items() if k not in ignored}, 2, memo),
+            "dynamo": _describe({k: v for k, v in config.get_config_copy().items() if k not in ignored}, 2, memo,
+                                False),
             "globals": _global_state(),
             "where": _placement(module),
             "modules": [(name, _module_fields(m, memo)) for name, m in module.named_modules(remove_duplicate=False)],
             "tied": _tied(module),
         }
-    except Opaque as e:
-        log.info("hattn: this model gets no warm-start snapshots: %s", e)
+    except Exception as e:  # noqa: BLE001  (Opaque, or an attribute whose repr fails: no snapshots, never a crash)
+        log.info("hattn: this model gets no warm-start snapshots: %r", e)
         return None
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -469,12 +580,31 @@ def _module_fields(m: torch.nn.Module, memo: dict) -> list:
                for kind, d in (("p", m._parameters), ("b", m._buffers)) for name, t in d.items()]
     attrs = {k: _describe(list(v.values()) if "hooks" in k and isinstance(v, dict) else v, _DESCRIBE_DEPTH, memo)
              for k, v in m.__dict__.items() if k not in _STATE}  # a hook dict's keys are process-wide counters
-    return [_class_fields(type(m)), sorted(m._modules), tensors, attrs]
+    return [_class_fields(type(m), memo), sorted(m._modules), tensors, attrs]
 
 
-@functools.cache
-def _class_fields(cls: type) -> list:
-    return [(_qualname(c), _class_file_digest(c)) for c in cls.__mro__ if c is not object]
+def _class_fields(cls: type, memo: dict) -> list:
+    """Each class of the MRO: its name, its file's digest and its own attributes (a flag or a method set at run
+    time, as a patching library does, is in no file)."""
+    return [_describe(c, 2, memo, False) for c in cls.__mro__ if c is not object]
+
+
+_VERSIONED = frozenset(("builtins", "torch", "typing", "collections", "abc", "enum", "dataclasses"))
+_CLASS_SKIPPED = frozenset(("__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__",
+                            "__annotate__", "__firstlineno__", "__static_attributes__"))
+
+
+def _class_attributes(cls: type, depth: int, memo: dict) -> list:
+    out = []
+    for name, v in vars(cls).items():
+        if name in _CLASS_SKIPPED:
+            continue
+        if isinstance(v, (staticmethod, classmethod)):
+            v = v.__func__
+        elif isinstance(v, property):
+            v = (v.fget, v.fset, v.fdel)
+        out.append([name, _describe(v, depth, memo, False)])
+    return out
 
 
 def _class_file_digest(cls: type) -> str | None:
@@ -491,10 +621,12 @@ def _qualname(obj) -> str:
     return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
-def _describe(v, depth: int, memo: dict):
+def _describe(v, depth: int, memo: dict, strict: bool = True):
     """A value as plain data for the key: scalars and strings as they are; containers item by item; tensors by
     metadata; modules, classes and builtins by name; functions by code, defaults and closure; other objects (a
-    config) by class and attributes, `depth` levels deep. Raises Opaque for what only has an address to show."""
+    config) by class and attributes, `depth` levels deep. Raises Opaque for what only has an address to show, and,
+    when `strict` (a module's attributes), for an object with attributes past `depth`; else such an object is its
+    class and attribute names (a class's attributes, a function's closure)."""
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, (torch.dtype, torch.device, torch.Size, enum.Enum, bytes, range, slice, complex)):
@@ -505,42 +637,52 @@ def _describe(v, depth: int, memo: dict):
         return ["module", _qualname(type(v))]  # its own fields are the key's entry for it
     if isinstance(v, types.ModuleType):
         return ["python module", v.__name__]
-    if isinstance(v, type):
-        return ["class", _qualname(v), _class_file_digest(v)]
     if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType)):
         return ["builtin", _qualname(v)]
-    key = (id(v), depth)  # the memo holds `v`: its id is not reused by another object while the key is made
+    key = (id(v), depth, strict)  # the memo holds `v`: its id is not reused by another object while the key is made
     if key in memo:
         return memo[key][1]
     memo[key] = (v, [_qualname(type(v))])  # what a reference cycle back to `v` reads
-    memo[key] = (v, _describe_new(v, depth, memo))
+    memo[key] = (v, _describe_new(v, depth, memo, strict))
     return memo[key][1]
 
 
-def _describe_new(v, depth: int, memo: dict):
+def _describe_new(v, depth: int, memo: dict, strict: bool):
     inner = max(depth - 1, 0)
+    if isinstance(v, type):  # by name and file, and (within depth) by its own attributes; not torch's and Python's
+        # own classes: their versions are in the key, and Dynamo patches nn.Module at its first compile
+        attrs = _class_attributes(v, inner, memo) if depth and v.__module__.split(".")[0] not in _VERSIONED else []
+        return ["class", _qualname(v), _class_file_digest(v), attrs]
     if isinstance(v, (list, tuple)):
-        return [_describe(x, inner, memo) for x in v]
+        return [_describe(x, inner, memo, strict) for x in v]
     if isinstance(v, (set, frozenset)):
-        return sorted((_describe(x, inner, memo) for x in v), key=repr)
+        return sorted((_describe(x, inner, memo, strict) for x in v), key=repr)
     if isinstance(v, dict):
-        return [[repr(k), _describe(x, inner, memo)] for k, x in v.items()]
+        return [[repr(k), _describe(x, inner, memo, strict)] for k, x in v.items()]
     if isinstance(v, functools.partial):
-        return ["partial", _describe(v.func, depth, memo), _describe(v.args, depth, memo),
-                _describe(v.keywords, depth, memo)]
+        return ["partial", _describe(v.func, depth, memo), _describe(v.args, depth, memo, strict),
+                _describe(v.keywords, depth, memo, strict)]
     if isinstance(v, (types.FunctionType, types.MethodType)):
         fn = getattr(v, "__func__", v)
         cells = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
-        return ["function", _qualname(fn), _code_digest(fn.__code__), _describe(fn.__defaults__, depth, memo),
-                _describe(fn.__kwdefaults__, depth, memo), _describe(cells, depth, memo),
-                _describe(getattr(v, "__self__", None), inner, memo)]
+        return ["function", _qualname(fn), _code_digest(fn.__code__), _describe(fn.__defaults__, depth, memo, False),
+                _describe(fn.__kwdefaults__, depth, memo, False), _describe(cells, depth, memo, False),
+                _describe(getattr(v, "__self__", None), inner, memo, False)]
     if hasattr(v, "__dict__"):
         # not a stored hash (GenerationConfig's _original_object_hash): Python salts str hashes per process
-        attrs = {k: _describe(x, inner, memo) for k, x in vars(v).items() if not k.endswith("_hash")} if depth else {}
-        return [_qualname(type(v)), attrs]
+        attrs = {k: x for k, x in vars(v).items() if not k.endswith("_hash")}
+        if attrs and not depth:
+            if strict:
+                raise Opaque(f"a {_qualname(type(v))} lies deeper than the key describes")
+            return [_qualname(type(v)), sorted(attrs)]
+        # the names its class's module binds it to: `self.mode is FAST` tells FAST from an equal SLOW
+        return [_qualname(type(v)), {k: _describe(x, inner, memo, strict) for k, x in attrs.items()},
+                _global_names(v)]
     text = repr(v)
     if " at 0x" in text:
-        raise Opaque(f"a {_qualname(type(v))} shows only its address ({text[:80]})")
+        if strict:
+            raise Opaque(f"a {_qualname(type(v))} shows only its address ({text[:80]})")
+        return [_qualname(type(v))]
     return [_qualname(type(v)), text]
 
 
@@ -556,11 +698,22 @@ def _code_digest(code: types.CodeType) -> str:
     """A code object's digest from its bytecode, names and constants (not marshal's bytes: they depend on reference
     counts)."""
     digest = hashlib.sha256(code.co_code)
-    for part in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars):
+    for part in (code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars, code.co_flags,
+                 code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount):
         digest.update(repr(part).encode())
     for const in code.co_consts:
-        digest.update((_code_digest(const) if isinstance(const, types.CodeType) else repr(const)).encode())
+        digest.update(_const_text(const).encode())
     return digest.hexdigest()[:16]
+
+
+def _const_text(const) -> str:
+    if isinstance(const, types.CodeType):
+        return _code_digest(const)
+    if isinstance(const, frozenset):  # `x in {...}` compiles to one: its order follows the salted hashes
+        return "frozenset(" + ", ".join(sorted(_const_text(c) for c in const)) + ")"
+    if isinstance(const, tuple):
+        return "(" + ", ".join(_const_text(c) for c in const) + ")"
+    return repr(const)
 
 
 def file_digest(path: str) -> str | None:

@@ -13,6 +13,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from types import SimpleNamespace
+
 from torch import nn
 
 import hattn
@@ -101,20 +103,38 @@ def test_the_cold_process_times_its_snapshot_and_the_warm_one_says_so_in_the_sta
 SCALE = 2.0  # a module global the forward reads: Dynamo guards its value
 
 
+class _Mode:
+    pass
+
+
+FAST, SLOW = _Mode(), _Mode()  # told apart by identity only
+CURRENT = FAST
+
+
 class _Hooked(nn.Module):
-    """The toy model, scaled by an attribute, a global and a function attribute."""
+    """The toy model, scaled by an attribute, a class attribute, a global, a global's and an attribute's identity, a
+    deep config flag and a function attribute, then a method's result."""
+
+    boost = 1.0
 
     def __init__(self, inner, scale: float, fn=None):
         super().__init__()
-        self.inner, self.scale, self.fn = inner, scale, fn
+        self.inner, self.scale, self.fn, self.mode = inner, scale, fn, FAST
+        self.cfg = SimpleNamespace(a=SimpleNamespace(b=SimpleNamespace(flag=False)))
+
+    def post(self, h):
+        return h
 
     def forward(self, ids):
-        h = self.inner(ids) * self.scale * SCALE
-        return self.fn(h) if self.fn is not None else h
+        h = self.inner(ids) * self.scale * SCALE * self.boost
+        h = h * (2 if CURRENT is FAST else 3) * (5 if self.mode is FAST else 7)
+        h = h + 1 if self.cfg.a.b.flag else h
+        return self.post(self.fn(h) if self.fn is not None else h)
 
 
 CHANGES = ["attribute", "config", "traced file", "parameter layout", "dtype", "grad mode", "submodule hook",
-           "untied", "global", "partial", "closure"]
+           "untied", "global", "partial", "closure", "class attribute", "patched method", "global identity",
+           "attribute identity", "deep flag", "varargs"]
 
 
 def _changed(change: str, monkeypatch):
@@ -144,27 +164,86 @@ def _changed(change: str, monkeypatch):
         def scaled(factor):
             return lambda h: h * factor
         first.fn, model.fn = scaled(2.0), scaled(7.0)
+    elif change == "attribute identity":
+        model.mode = SLOW
+    elif change == "deep flag":
+        model.cfg.a.b.flag = True
+    elif change == "varargs":  # the same bytecode, another signature
+        first.fn, model.fn = (lambda h: h[0] * 2), (lambda *h: h[0] * 2)
+        ids = _ids(6)
     return first, model, ids
+
+
+def _after_cold(change: str, monkeypatch) -> None:
+    """A change of the second process's surroundings: a global, a class, a source file."""
+    this = sys.modules[__name__]
+    if change == "global":  # a flag a user sets at start-up
+        monkeypatch.setattr(this, "SCALE", 5.0)
+    elif change == "global identity":
+        monkeypatch.setattr(this, "CURRENT", SLOW)
+    elif change == "class attribute":
+        monkeypatch.setattr(_Hooked, "boost", 3.0)
+    elif change == "patched method":  # as a patching library replaces a transformers method
+        monkeypatch.setattr(_Hooked, "post", lambda self, h: h * 5)
+    elif change == "traced file":
+        real = snapshot.file_digest
+        monkeypatch.setattr(snapshot, "file_digest", lambda f: "edited" if f.endswith("toy.py") else real(f))
 
 
 @pytest.mark.parametrize("change", CHANGES)
 def test_what_would_make_a_snapshot_wrong_sends_the_call_to_dynamo(tmp_path, monkeypatch, change):
     """Whatever Dynamo would have traced differently (a module attribute, the config, a source file it traced, a
     parameter's layout, the call's dtype or grad mode, a hook on a submodule, tied weights, a global it guarded, a
-    partial's or closure's values) or that changes the graph's inputs: the snapshot is not used; Dynamo traces, and
-    the results are the model's."""
+    partial's or closure's values, a class attribute, a method patched on the class, which object a global or an
+    attribute is, a flag deep in a config object, a function's signature) or that changes the graph's inputs: the
+    snapshot is not used; Dynamo traces, and the results are the model's."""
     first, model, ids = _changed(change, monkeypatch)
     _cold(tmp_path, model=first)
-    if change == "global":  # set by the second process (a flag a user sets at start-up)
-        monkeypatch.setattr(sys.modules[__name__], "SCALE", 5.0)
-    elif change == "traced file":
-        real = snapshot.file_digest
-        monkeypatch.setattr(snapshot, "file_digest", lambda f: "edited" if f.endswith("toy.py") else real(f))
+    _after_cold(change, monkeypatch)
     call, be, model = _process(tmp_path, model=model)
     traces = _traces()
     with torch.inference_mode(change != "grad mode"):
         torch.testing.assert_close(call(ids), model(ids), rtol=1e-5, atol=1e-5)
     assert _traces() == traces + 1 and be.stats.graphs_from_snapshots == 0
+
+
+def test_the_unchanged_model_of_those_tests_is_served_from_its_snapshot(tmp_path):
+    """The control of the test above: nothing changed, the snapshot serves."""
+    first, model, ids = _changed("none", None)
+    _cold(tmp_path, model=first)
+    call, be, model = _process(tmp_path, model=model)
+    _checked(call, model, ids)
+    assert be.stats.graphs_from_snapshots == 1
+
+
+def test_a_global_changed_after_the_first_call_sends_a_new_size_to_dynamo(tmp_path, monkeypatch):
+    """Dynamo checks the globals at every new kind: so does a snapshot's graph, not only when it was compiled."""
+    first, model, _ = _changed("none", None)
+    _cold(tmp_path, model=first)
+    call, be, model = _process(tmp_path, model=model)
+    _checked(call, model, _ids(6))
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 5.0)
+    traces = _traces()
+    _checked(call, model, _ids(9))
+    assert _traces() == traces + 1 and be.stats.graphs_from_snapshots == 1
+
+
+class _Lazy:
+    """An attribute whose repr fails (a handle not set up yet)."""
+
+    __slots__ = ("value",)
+
+    def __repr__(self):
+        return f"Lazy({self.value})"
+
+
+def test_a_model_the_key_cannot_describe_gets_no_snapshot_and_no_error(tmp_path):
+    model = toy_model(pattern=PATTERN)
+    model.handle = _Lazy()
+    assert snapshot.model_key(model) is None
+    call, _, model = _process(tmp_path, model=model)
+    _checked(call, model, _ids(6))
+    assert not (tmp_path / snapshot.SNAPSHOTS).exists()
 
 
 def test_the_compile_options_do_not_change_the_graph_a_snapshot_holds(tmp_path):
