@@ -258,7 +258,7 @@ class Dispatch:
                 if direct and snap.sizes(args, one_token_via_dynamic) is None:
                     log.info("hattn: a warm-start snapshot's graph gained a guard this call fails; Dynamo traces it")
                     continue
-            elif not self._state_as_traced(snap):  # a new kind: Dynamo would check its guards again
+            elif not self._state_as_traced(snap, globals_only=True):  # a new kind: Dynamo checks its guards again
                 continue
             if direct:
                 if len(self.kinds) < MAX_KINDS:
@@ -297,9 +297,10 @@ class Dispatch:
         self.warm_traced.append(traced)
         return _Direct(traced, template, plan, snap.single, free={}, pattern=())
 
-    def _state_as_traced(self, snap) -> bool:
-        """Whether what Dynamo guarded of the module's state and globals is as it was when the graph was traced."""
-        return snap.guarded.match(type(self.module).forward.__globals__, self.self_name, self.module)
+    def _state_as_traced(self, snap, globals_only: bool = False) -> bool:
+        """Whether what Dynamo guarded of the module's state and globals (`globals_only`: of its globals) is as it
+        was when the graph was traced."""
+        return snap.guarded.match(type(self.module).forward.__globals__, self.self_name, self.module, globals_only)
 
     def _save_snapshot(self, key: tuple, call: tuple, args: tuple, direct: _Direct) -> None:
         """Write the snapshot of a kind just learned; a failure (a read-only or full disk) is logged, never raised:

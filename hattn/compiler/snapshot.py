@@ -399,12 +399,16 @@ class Guarded:
                     objects[expr] = value
         return cls(sorted(values), _identity(objects))
 
-    def match(self, frame_globals: dict, self_name: str, module) -> bool:
-        """Whether every guarded value is as it was, and the same sources are one object (logged when not)."""
-        objects = {}
+    def match(self, frame_globals: dict, self_name: str, module, globals_only: bool = False) -> bool:
+        """Whether every guarded value is as it was, and the same sources are one object (logged when not).
+        `globals_only`: the values read from the module's globals alone (what may change between two calls of a
+        compiled model; its own state is the serving contract's, as for every direct call)."""
+        scope, objects = _scope(frame_globals, self_name, module), {}
         for expr, kind, described in self.values:
+            if globals_only and not expr.startswith("G["):
+                continue
             try:
-                value = _evaluate(expr, frame_globals, self_name, module)
+                value = eval(_code(expr), scope)  # noqa: S307
                 now = _plain(_guarded(kind, value))
             except Exception as e:  # noqa: BLE001  (gone, or not describable now: not as it was)
                 value, now = None, repr(e)
@@ -413,12 +417,14 @@ class Guarded:
                          described)
                 return False
             objects[expr] = value
+        identity = [(e, first) for e, first in self.identity if not globals_only or e.startswith("G[")]
         try:
-            for expr, _ in self.identity:
-                objects.setdefault(expr, _evaluate(expr, frame_globals, self_name, module))
+            for expr, _ in identity:
+                if expr not in objects:
+                    objects[expr] = eval(_code(expr), scope)  # noqa: S307
         except Exception:  # noqa: BLE001
             return False
-        same = _identity({e: objects[e] for e, _ in self.identity}) == self.identity
+        same = _identity({e: objects[e] for e, _ in identity}) == _regrouped(identity)
         if not same:
             log.info("hattn: a warm-start snapshot is not used: its guarded objects are other objects' aliases now")
         return same
@@ -453,12 +459,27 @@ _BY_ID = re.compile(r"_\d+_c\d+")
 
 def _evaluate(expr: str, frame_globals: dict, self_name: str, module):
     """A Dynamo source expression's value now (`G`: the frame's globals; `L`: the forward's `self`)."""
+    return eval(_code(expr), _scope(frame_globals, self_name, module))  # noqa: S307
+
+
+def _scope(frame_globals: dict, self_name: str, module) -> dict:
+    """What Dynamo's source expressions are evaluated in, as its guard code evaluates them."""
     from torch._dynamo import guards
 
     helpers = guards._get_closure_vars() if hasattr(guards, "_get_closure_vars") else getattr(
         guards, "CLOSURE_VARS", {})
-    scope = {**helpers, "G": _FrameGlobals(frame_globals), "L": {self_name: module}, "__builtins__": builtins}
-    return eval(expr, scope)  # noqa: S307  (Dynamo's own source expressions, as its guard code evaluates them)
+    return {**helpers, "G": _FrameGlobals(frame_globals), "L": {self_name: module}, "__builtins__": builtins}
+
+
+@functools.lru_cache(maxsize=65536)
+def _code(expr: str):
+    return compile(expr, "<dynamo source>", "eval")
+
+
+def _regrouped(identity: list) -> list:
+    """A recorded identity partition restricted to some of its sources, each with the first of those in its group."""
+    first: dict[str, str] = {}
+    return [(expr, first.setdefault(group, expr)) for expr, group in identity]
 
 
 def _guarded(kind: str, value):
