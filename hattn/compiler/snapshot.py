@@ -55,7 +55,7 @@ import torch.fx as fx
 log = logging.getLogger("hattn")
 enabled = True  # False: no snapshot is written or read (every process traces with Dynamo)
 SNAPSHOTS = "dynamo"  # cache_dir/dynamo/<model key>/<kind>-<code>.pkl
-FORMAT = 2
+FORMAT = 3
 _DESCRIBE_DEPTH = 6
 _LOWEST = 2  # Dynamo's lowest size for a symbol (it specializes 0 and 1)
 
@@ -94,8 +94,7 @@ def keep_graph(gm: fx.GraphModule, example_inputs: list) -> Graph | None:
     try:
         tx = InstructionTranslator.current_tx()
         self_name = tx.f_code.co_varnames[0] if tx.f_code.co_argcount else None
-        module = tx.f_locals.get(self_name)
-        guarded = Guarded.of(tracing.guards_context.dynamo_guards, tx.f_globals, self_name, module)
+        guarded = Guarded.of(tracing.guards_context.dynamo_guards, tx.f_globals, tx.f_locals, self_name)
         data = pickle_graph(gm)
         files = {f: file_digest(f) for f in sorted({c.co_filename for c in codes})}
     except Exception as e:  # noqa: BLE001  (torch's pickler covers most graphs, not all: then no snapshot)
@@ -218,6 +217,13 @@ class Snapshot:
     def sizes(self, args: tuple, one_token: bool = True) -> dict | None:
         """The call's value of each symbol when this snapshot serves the call (kind, sizes, guards), else None.
         Size 1 as the dispatcher serves it in-process: `one_token` on, every symbolic size 1, each allowed."""
+        try:
+            return self._sizes(args, one_token)
+        except Exception as e:  # noqa: BLE001  (a guard that cannot be evaluated at these sizes: x // (s - 1) at 1)
+            log.info("hattn: a warm-start snapshot does not serve this call (%r)", e)
+            return None
+
+    def _sizes(self, args: tuple, one_token: bool) -> dict | None:
         from hattn.compiler.dispatch import _pattern
 
         if _pattern(args, self.dims) != self.pattern:
@@ -370,24 +376,29 @@ class _FrameGlobals(dict):
 class Guarded:
     """What Dynamo checked of the model's state and globals when it traced a graph, as plain data: for every guard
     whose source starts at the forward's `self` or its module's globals, (source expression, guard kind, what that
-    kind checks of the value); and which of those sources were one object (`identity`: each source with the first
-    source of its object)."""
+    kind checks of the value); which of those sources were one object (`identity`: each source with the first
+    source of its object); which start at the globals; and torch's global flags."""
 
     values: list
     identity: list
+    globals: list
+    state: list
 
     @classmethod
-    def of(cls, guards, frame_globals: dict, self_name: str, module) -> Guarded:
-        """Raises (no snapshot) when a guarded value cannot be evaluated or described, or is an object whose
-        identity Dynamo checked (ID_MATCH) but that another process cannot name (an instance)."""
-        values, objects = set(), {}
+    def of(cls, guards, frame_globals: dict, frame_locals: dict, self_name: str) -> Guarded:
+        """Raises (no snapshot) when a guarded value cannot be evaluated or described, is an object whose identity
+        Dynamo checked (ID_MATCH) but that another process cannot name (an instance), or is read from a forward
+        parameter that is neither `self` nor what a dispatcher's kind describes (a default object, not passed)."""
+        values, objects, roots = set(), {}, set()
+        module = frame_locals.get(self_name)
         for guard in guards:
             kind = guard.create_fn_name()
             sources = [guard.originating_source]
             if kind == "DUPLICATE_INPUT":
                 sources.append(guard.create_fn.keywords["source_b"])
             for source in sources:
-                expr = _expr(source, self_name, frame_globals)
+                root = _root(source)
+                expr = _expr(source, root, self_name, frame_globals, frame_locals)
                 if expr is None:
                     continue  # a forward argument's: the kind (`_pattern`) says what it must be
                 value = _evaluate(expr, frame_globals, self_name, module)
@@ -397,15 +408,26 @@ class Guarded:
                     values.add((expr, kind, _plain(_guarded(kind, value))))
                 if not _scalar(value):
                     objects[expr] = value
-        return cls(sorted(values), _identity(objects))
+                if _is_global(root):
+                    roots.add(expr)
+        return cls(sorted(values), _identity(objects), sorted(roots), _global_state())
 
     def match(self, frame_globals: dict, self_name: str, module, globals_only: bool = False) -> bool:
         """Whether every guarded value is as it was, and the same sources are one object (logged when not).
-        `globals_only`: the values read from the module's globals alone (what may change between two calls of a
-        compiled model; its own state is the serving contract's, as for every direct call)."""
-        scope, objects = _scope(frame_globals, self_name, module), {}
+        `globals_only` (a new kind of call, after a full match): the values read from the module's globals and
+        torch's flags alone, compared with the objects the full match saw as Dynamo compares them within a process
+        (identity, equality, lengths, keys): what may change between two calls of a compiled model; its own state
+        is the serving contract's, as for every direct call."""
+        if _global_state() != self.state:
+            log.info("hattn: a warm-start snapshot is not used: torch's global flags are %s, they were %s",
+                     _global_state(), self.state)
+            return False
+        seen = getattr(self, "_seen", None)
+        if globals_only and seen is not None:
+            return self._unchanged(seen, frame_globals, self_name, module)
+        scope, objects, chosen = _scope(frame_globals, self_name, module), {}, set(self.globals)
         for expr, kind, described in self.values:
-            if globals_only and not expr.startswith("G["):
+            if globals_only and expr not in chosen:
                 continue
             try:
                 value = eval(_code(expr), scope)  # noqa: S307
@@ -417,7 +439,7 @@ class Guarded:
                          described)
                 return False
             objects[expr] = value
-        identity = [(e, first) for e, first in self.identity if not globals_only or e.startswith("G[")]
+        identity = [(e, first) for e, first in self.identity if not globals_only or e in chosen]
         try:
             for expr, _ in identity:
                 if expr not in objects:
@@ -427,23 +449,63 @@ class Guarded:
         same = _identity({e: objects[e] for e, _ in identity}) == _regrouped(identity)
         if not same:
             log.info("hattn: a warm-start snapshot is not used: its guarded objects are other objects' aliases now")
+        elif not globals_only:
+            self._seen = {e: objects[e] for e in self.globals if e in objects}  # for the next kinds' checks
         return same
 
+    def _unchanged(self, seen: dict, frame_globals: dict, self_name: str, module) -> bool:
+        """The globals' check at a new kind: each value is the object (or the equal scalar) the full match saw, its
+        contents as they were where a guard reads them; an object made anew at each access (a bound method) as
+        its guards describe it."""
+        scope, described = _scope(frame_globals, self_name, module), {}
+        for expr, kind, text in self.values:
+            described.setdefault(expr, []).append((kind, text))
+        for expr, before in seen.items():
+            try:
+                now = eval(_code(expr), scope)  # noqa: S307
+                same = (type(now) is type(before) and now == before) if _scalar(before) else now is before
+                checks = [(k, t) for k, t in described.get(expr, ()) if not same or k in _CONTENT_KINDS]
+                same = (same or not _scalar(before)) and all(_plain(_guarded(k, now)) == t for k, t in checks)
+            except Exception:  # noqa: BLE001
+                same = False
+            if not same:
+                log.info("hattn: a warm-start snapshot does not serve this call: %s changed since", expr)
+                return False
+        return True
 
-def _expr(source, self_name: str, frame_globals: dict) -> str | None:
-    """The source's expression when it starts at the module's globals or at the forward's `self`, else None. A
-    global Dynamo installed under an object's id (`_<id>_c0`) is named by the module it holds; any other such object
-    has no name another process knows (Opaque)."""
-    from torch._dynamo.source import GlobalSource, GlobalWeakRefSource, LocalSource
 
-    root = source
-    while getattr(root, "base", None) is not None:
-        root = root.base
-    if not (isinstance(root, (GlobalSource, GlobalWeakRefSource))
-            or (isinstance(root, LocalSource) and root.local_name == self_name)):
-        return None
+_CONTENT_KINDS = frozenset(("SEQUENCE_LENGTH", "DICT_KEYS_MATCH", "DICT_NOT_CONTAINS", "DICT_CONTAINS",
+                            "NOT_PRESENT_IN_GENERIC_DICT", "HASATTR", "EMPTY_NN_MODULE_HOOKS_DICT"))
+
+
+def _root(source):
+    while getattr(source, "base", None) is not None:
+        source = source.base
+    return source
+
+
+def _is_global(root) -> bool:
+    from torch._dynamo.source import GlobalSource, GlobalWeakRefSource
+
+    return isinstance(root, (GlobalSource, GlobalWeakRefSource))
+
+
+def _expr(source, root, self_name: str, frame_globals: dict, frame_locals: dict) -> str | None:
+    """The source's expression when it starts at the module's globals or at the forward's `self`; None for one
+    that starts at a forward argument a dispatcher's kind describes (a tensor, None, an int, a bool, a str); Opaque
+    for any other local (a parameter's default object). A global Dynamo installed under an object's id (`_<id>_c0`)
+    is named by the module it holds; any other such object has no name another process knows (Opaque)."""
+    from torch._dynamo.source import LocalSource
+
     name = source.name
     expr = name() if callable(name) else name
+    if isinstance(root, LocalSource) and root.local_name != self_name:
+        value = frame_locals.get(root.local_name)
+        if value is None or type(value) in (torch.Tensor, int, bool, str):
+            return None
+        raise Opaque(f"Dynamo guarded {expr}, read from a forward parameter's {_qualname(type(value))}")
+    if not (_is_global(root) or isinstance(root, LocalSource)):
+        return None
     global_name = getattr(root, "global_name", None)
     if global_name is not None and _BY_ID.fullmatch(global_name):
         held = frame_globals.get(global_name)
@@ -486,7 +548,9 @@ def _guarded(kind: str, value):
     """What a guard of `kind` checks of `value`, as plain data."""
     if kind in ("SEQUENCE_LENGTH", "EMPTY_NN_MODULE_HOOKS_DICT"):
         return len(value)
-    if kind in ("DICT_KEYS_MATCH", "DICT_NOT_CONTAINS", "DICT_CONTAINS"):
+    if kind == "DICT_KEYS_MATCH":  # in order: a traced loop over the dict follows it
+        return [repr(k) for k in value.keys()]
+    if kind in ("DICT_NOT_CONTAINS", "DICT_CONTAINS"):
         return sorted(repr(k) for k in value.keys())
     if kind in ("NOT_PRESENT_IN_GENERIC_DICT", "HASATTR") and hasattr(value, "__dict__"):
         return [_qualname(type(value)), sorted(vars(value))]

@@ -20,6 +20,7 @@ from torch import nn
 import hattn
 from hattn.compiler import snapshot
 from hattn.compiler.dispatch import Dispatch
+from hattn.compiler.dispatch import _pattern as dispatch_pattern
 from hattn.models.presets import PRESETS, PresetUnavailable, load
 from hattn.models.toy import toy_model
 
@@ -226,6 +227,104 @@ def test_a_global_changed_after_the_first_call_sends_a_new_size_to_dynamo(tmp_pa
     traces = _traces()
     _checked(call, model, _ids(9))
     assert _traces() == traces + 1 and be.stats.graphs_from_snapshots == 1
+
+
+DEFAULT = SimpleNamespace(flag=False)
+
+
+def _add1(h):
+    return h + 1
+
+
+def _mul2(h):
+    return h * 2
+
+
+PIPE = {"a": _add1, "b": _mul2}
+
+
+class _Holder:
+    def __init__(self, v):
+        self.v = v
+
+
+class _Registry:
+    table = {"scale": _Holder(2)}
+
+
+REGISTRY = _Registry()
+
+
+class _Reads(nn.Module):
+    """The toy model, then what a forward may read besides its module: a dict it loops over in order, a class-level
+    registry reached through a global instance."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids):
+        h = self.inner(ids)
+        for fn in PIPE.values():
+            h = fn(h)
+        return h * REGISTRY.table["scale"].v
+
+
+class _Defaults(nn.Module):
+    """A parameter's default object, which nothing names in another process."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, cfg=DEFAULT):
+        h = self.inner(ids)
+        return h * 3 if cfg.flag else h
+
+
+def test_a_forward_reading_a_default_arguments_object_gets_no_snapshot(tmp_path):
+    _cold(tmp_path, model=_Defaults(toy_model(pattern=PATTERN)))
+    assert not list((tmp_path / snapshot.SNAPSHOTS).rglob("*.pkl"))
+
+
+@pytest.mark.parametrize("change", ["dict order", "registry"])
+def test_what_a_forward_reads_outside_its_module_is_checked_at_every_new_kind(tmp_path, monkeypatch, change):
+    """A dict's order or a registry's entry changed after a snapshot served one size: the next new size goes to
+    Dynamo, with the model's results."""
+    _cold(tmp_path, model=_Reads(toy_model(pattern=PATTERN)))
+    call, be, model = _process(tmp_path, model=_Reads(toy_model(pattern=PATTERN)))
+    _checked(call, model, _ids(6))
+    assert be.stats.graphs_from_snapshots == 1
+    if change == "dict order":
+        monkeypatch.setattr(sys.modules[__name__], "PIPE", {"b": _mul2, "a": _add1})
+    else:
+        monkeypatch.setattr(_Registry.table["scale"], "v", 5)
+    traces = _traces()
+    _checked(call, model, _ids(9))
+    assert _traces() == traces + 1
+
+
+def test_torch_flags_changed_after_the_first_call_send_a_new_size_to_dynamo(tmp_path):
+    _cold(tmp_path)
+    call, be, model = _process(tmp_path)
+    _checked(call, model, _ids(6))
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium" if before != "medium" else "high")
+        traces = _traces()
+        _checked(call, model, _ids(9))
+        assert _traces() == traces + 1 and be.stats.graphs_from_snapshots == 1
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_guard_that_cannot_be_evaluated_at_a_size_is_a_miss():
+    import sympy
+
+    s = sympy.Symbol("s0", integer=True, positive=True)
+    snap = snapshot.Snapshot(b"", {}, None, [("arg", 0)], True, (), dispatch_pattern((_ids(4),), {0: (0,)}),
+                             {0: (0,)}, [(0, 0, s)], [sympy.Eq(sympy.Mod(4, s - 1), 0)], {s: (2, None)})
+    assert snap.sizes((_ids(3),)) is not None and snap.sizes((_ids(4),)) is None
 
 
 class _Lazy:
