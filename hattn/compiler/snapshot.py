@@ -10,23 +10,27 @@ call is compiled by hattn's backend as if Dynamo had handed it over, and serves 
 matches.
 
 Dynamo's guards never run for such a call, so what vouches for a snapshot is:
-  - the model key: hattn's, torch's, transformers', triton's and Python's versions, Dynamo's config, torch's global
-    flags, the device and rank, and every module of the model: its class (and the digest of the file defining each
-    class of its MRO), its plain attributes and hooks (values; functions by code, defaults and closure; objects
-    described three levels deep, a config with every field), its parameters' and buffers' names, shapes, dtypes and
-    devices, and which of them are one tensor (tied weights);
+  - the model key: hattn's, torch's, transformers', triton's and Python's versions, Dynamo's config (without its
+    path-like keys), torch's global flags, the device and rank, and every module of the model: the classes of its
+    MRO (file digest and own attributes: a method patched at run time is in no file), its attributes and hooks
+    (functions by code, signature, defaults and closure; objects with the global names bound to them, six levels
+    deep, deeper: no snapshot), its parameters' and buffers' names, shapes, dtypes and devices, and which of them
+    are one tensor (tied weights);
   - the code: every file Dynamo traced a function of, hashed when saved and again when loaded;
-  - the globals: each value reachable from the forward's module globals that Dynamo guarded while tracing (a
-    module flag, a registry's keys, a function's defaults), described when saved and again when loaded;
+  - the guarded values (`Guarded`): each guard Dynamo put on the forward's `self` or its module's globals, as its
+    source expression and what its kind checks of the value, and which sources were one object; evaluated again
+    when the snapshot is loaded, and the globals' again at every new kind it serves, as Dynamo would;
   - the call: grad/inference/autocast modes and default dtype, each argument's dtype, device, layout and static
     sizes as the dispatcher's kinds compare them (`_pattern`), the sizes Dynamo traced as symbols bound to the call's
     sizes, every shape guard of the graph (those inductor adds when this process compiles it included) true at those
     sizes, and size 1 only as the dispatcher serves it in-process (`one_token_via_dynamic`, every symbolic dim 1, each
     allowed by `dispatch.one_token_dims`);
   - the state: each parameter and buffer the graph reads, with the shape, strides, dtype and device it had.
-A model whose attributes cannot be described (an object without attributes whose repr names an address) gets no
-snapshot. A snapshot that does not match is skipped (Dynamo traces as before); one that cannot be read, compiled or
-written is logged and skipped. `enabled = False` turns this off. A cache_dir holds pickles: load only one you trust.
+No snapshot for a model whose attributes cannot be described the same way in another process, nor for a graph
+whose guards read what another process cannot name (a forward parameter's default object, an instance whose
+identity Dynamo checked, an object Dynamo holds by id). A snapshot that does not match is skipped (Dynamo traces as
+before); one that cannot be read, compiled or written is logged and skipped. `enabled = False` turns this off. A
+cache_dir holds pickles: load only one you trust.
 """
 from __future__ import annotations
 
