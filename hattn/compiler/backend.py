@@ -171,7 +171,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
             entry = load_entry(gm, example_inputs, config, stats)
         if fake_mode is None and code is not None and learning():  # a kind a dispatcher may learn and snapshot
             start = time.perf_counter()
-            graph = snapshot.keep_graph(gm, example_inputs)
+            graph = snapshot.keep_graph(gm, example_inputs, sizes)
             stats.snapshot_save_seconds += time.perf_counter() - start
         snapshot.renew_names(gm)
     start = time.perf_counter()
@@ -302,14 +302,10 @@ def compile_for(model) -> Callable[..., Traced] | None:
         return None
     backend_fn, _ = _backend_of(model)
 
+    counted = backend_fn._counted if isinstance(backend_fn, HattnBackend) else _registered
+
     def compile_(gm, example_inputs, fake_mode, load_seconds=0.0):
-        if isinstance(backend_fn, HattnBackend):
-            return backend_fn._counted(compile_graph, gm, example_inputs, config, fake_mode=fake_mode,
-                                       load_seconds=load_seconds)
-        stats = Stats()
-        fn = compile_graph(gm, example_inputs, config, stats, fake_mode=fake_mode, load_seconds=load_seconds)
-        register(stats)
-        return fn
+        return counted(compile_graph, gm, example_inputs, config, fake_mode=fake_mode, load_seconds=load_seconds)
 
     return compile_
 
@@ -333,8 +329,12 @@ def step_token_limit(model) -> int | None:
 
 def hattn_backend(gm: fx.GraphModule, example_inputs: list, mode: str | None = None, options: dict | None = None):
     """The function registered as torch.compile backend "hattn" (entry point group torch_dynamo_backends)."""
-    config = Config.from_options(mode, options)
+    return _registered(compile_graph, gm, example_inputs, Config.from_options(mode, options))
+
+
+def _registered(compile_fn, *args, **kwargs) -> Callable:
+    """compile_fn(*args, stats), its Stats counted in the process-wide totals once it succeeds."""
     stats = Stats()
-    fn = compile_graph(gm, example_inputs, config, stats)
+    fn = compile_fn(*args, stats, **kwargs)
     register(stats)
     return fn

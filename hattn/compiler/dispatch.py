@@ -306,13 +306,12 @@ class Dispatch:
         """Write the snapshot of a kind just learned; a failure (a read-only or full disk) is logged, never raised:
         the call's result stands."""
         traced, inputs, _ = call
-        graph, traced.graph = traced.graph, None  # one snapshot per graph: its other kinds match it
         start = time.perf_counter()
         try:
             cache_dir = self._cache_dir()
             if cache_dir is None:
                 return
-            snap = snapshot.make_snapshot(graph, inputs, direct.plan, args, key[:_MODES], direct.single,
+            snap = snapshot.make_snapshot(traced.graph, inputs, direct.plan, args, key[:_MODES], direct.single,
                                           self.module, traced.dynamic)
             if snap is not None:
                 snapshot.save(cache_dir, self.model_key, snap)

@@ -84,9 +84,9 @@ class Graph:
     values: list
 
 
-def keep_graph(gm: fx.GraphModule, example_inputs: list) -> Graph | None:
-    """The backend's record of Dynamo graph `gm` for a snapshot, or None: not traced by Dynamo, not picklable, or a
-    guarded global it cannot describe."""
+def keep_graph(gm: fx.GraphModule, example_inputs: list, sizes: list[tuple]) -> Graph | None:
+    """The backend's record of Dynamo graph `gm` (its inputs' `dispatch.symbolic_sizes`) for a snapshot, or None:
+    not traced by Dynamo, not picklable, or a guarded global it cannot describe."""
     from torch._dynamo.symbolic_convert import InstructionTranslator
     from torch._guards import TracingContext, detect_fake_mode
 
@@ -105,8 +105,7 @@ def keep_graph(gm: fx.GraphModule, example_inputs: list) -> Graph | None:
         log.info("hattn: this graph gets no warm-start snapshot (%r)", e)
         return None
     values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
-    symbols = [tuple((d, s) for d, s in enumerate(v.shape) if isinstance(s, torch.SymInt))
-               if isinstance(v, torch.Tensor) else v if isinstance(v, torch.SymInt) else () for v in values]
+    symbols = [v if isinstance(v, torch.SymInt) else dims for v, dims in zip(values, sizes, strict=True)]
     log.debug("hattn: graph pickled for its snapshot in %.2f s (%d bytes)", time.perf_counter() - start, len(data))
     return Graph(data, files, guarded, fake_mode.shape_env, symbols, values)
 
