@@ -26,7 +26,7 @@ class Stats:
     graphs_from_snapshots: int = 0  # graphs compiled from a cache_dir's snapshot, without Dynamo (snapshot.py)
     cuda_graphs: int = 0         # CUDA graphs captured (all pieces/segments, all sizes)
     capture_sizes_done: int = 0  # sizes captured
-    pool_bytes: int = 0          # memory held by the graph pools (each runtime's pool once), measured after capture
+    pool_bytes: int = 0          # memory held by the graph pools (each pool once), measured after capture
     pool_bytes_by_pool: dict[str, int] = field(default_factory=dict)  # the same per pool id (str)
     replays: int = 0             # forward calls served by graph replay
     prepared_calls: int = 0      # split-op calls served by the runner their `prepare` gave (bcg, pcg replays)
@@ -50,9 +50,13 @@ class Stats:
     first_replay_seconds: float = 0.0   # each runtime's first replay after its capture (synchronized)
 
     def add(self, other: "Stats") -> "Stats":
+        pools = dict(self.pool_bytes_by_pool)  # runtimes of one backend share a pool: each pool once, at its
+        for key, nbytes in other.pool_bytes_by_pool.items():  # largest figure (a pool only grows)
+            pools[key] = max(pools.get(key, 0), nbytes)
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
             setattr(self, f.name, {**mine, **theirs} if isinstance(mine, dict) else mine + theirs)
+        self.pool_bytes_by_pool, self.pool_bytes = pools, sum(pools.values())
         return self
 
     def set_pool_bytes(self, pool_id: str, nbytes: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -155,7 +156,7 @@ def _dynamo_seconds() -> float:
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats,
-                  fake_mode=None, load_seconds: float = 0.0) -> Traced:
+                  fake_mode=None, load_seconds: float = 0.0, pools=None) -> Traced:
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with.
     `fake_mode`: the fake mode of `gm`'s example values when its inputs are real and Dynamo is not tracing (a
     warm-start snapshot, read in `load_seconds`: the pieces compile from those values, with the traced symbols)."""
@@ -195,7 +196,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)
     from hattn.runtime import build_runtime
 
-    runtime = build_runtime(config, split_gm, example_inputs, stats)
+    runtime = build_runtime(config, split_gm, example_inputs, stats, pools)
     shape_env = getattr(fake_mode or detect_fake_mode(example_inputs), "shape_env", None)
     dynamic = one_token_dims(sizes, shape_env)  # after compiles
     return Traced(runtime if entry is None else entry.keep(runtime, stats), sources, code, dynamic, graph)
@@ -237,11 +238,15 @@ class HattnBackend:
     """
 
     def __init__(self, config: Config):
+        from hattn.runtime.graphs import GraphPools
+
         self.config = config
         self.graph_stats: list[Stats] = []
+        # one graph pool for the runtimes of all its graphs (per stream); HATTN_SHARED_POOLS=0: a pool per runtime
+        self.pools = GraphPools() if os.environ.get("HATTN_SHARED_POOLS", "1") != "0" else None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **kwargs: Any) -> Callable:
-        return self._counted(compile_graph, gm, example_inputs, self.config_for(kwargs))
+        return self._counted(compile_graph, gm, example_inputs, self.config_for(kwargs), pools=self.pools)
 
     def config_for(self, kwargs: dict) -> Config:
         """The config a compile uses: this backend's, with the mode / options torch.compile passed merged in."""
@@ -303,9 +308,11 @@ def compile_for(model) -> Callable[..., Traced] | None:
     backend_fn, _ = _backend_of(model)
 
     counted = backend_fn._counted if isinstance(backend_fn, HattnBackend) else _registered
+    pools = backend_fn.pools if isinstance(backend_fn, HattnBackend) else None
 
     def compile_(gm, example_inputs, fake_mode, load_seconds=0.0):
-        return counted(compile_graph, gm, example_inputs, config, fake_mode=fake_mode, load_seconds=load_seconds)
+        return counted(compile_graph, gm, example_inputs, config, fake_mode=fake_mode, load_seconds=load_seconds,
+                       pools=pools)
 
     return compile_
 

@@ -16,11 +16,14 @@ from hattn.runtime.graph_free import direct_split_ops
 from hattn.runtime.graphs import DEFAULT_CAPTURE_SIZES, graph_layout
 
 
-def build_runtime(config, split_gm: fx.GraphModule, example_inputs, stats):
-    """The callable that runs `split_gm` in `config.mode` (a graph runtime captures as config.lazy_capture says)."""
+def build_runtime(config, split_gm: fx.GraphModule, example_inputs, stats, pools=None):
+    """The callable that runs `split_gm` in `config.mode` (a graph runtime captures as config.lazy_capture says,
+    into `pools` when given: a backend's runtimes share their graph pool, `GraphPools`)."""
     runtime = registry.mode(config.mode).build(config, split_gm, example_inputs, stats)
     if hasattr(runtime, "lazy_capture"):
         runtime.lazy_capture = config.lazy_capture
+    if pools is not None and hasattr(runtime, "pools"):
+        runtime.pools = pools
     return runtime
 
 

@@ -25,8 +25,8 @@ from hattn.kernels import packing
 from hattn.kernels.packing import Bucket, PackedStep, copy_to
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
 from hattn.runtime.graph_free import graph_free
-from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, caller_context, capture_graph, log_once,
-                                  new_pool, ran_graph_free, served_layout, sizes_for, step_tokens)
+from hattn.runtime.graphs import (CapturedGraph, GraphPools, GraphRuntime, caller_context, capture_graph, log_once,
+                                  ran_graph_free, served_layout, sizes_for, step_tokens)
 from hattn.runtime.tokens import TokenLayout
 
 log = logging.getLogger("hattn")
@@ -52,9 +52,9 @@ class _Graphs(GraphRuntime):
 
     rows_by_slots = False  # decode graphs' sizes are capped at the slots already (`_build`); packed ones prefill
 
-    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool, cache, pool):
+    def __init__(self, fn, layout: TokenLayout, sizes, stats: Stats, progress: bool, cache, pools: GraphPools):
         super().__init__(fn, layout, sizes, stats, progress)
-        self.cache, self.pool = cache, pool
+        self.cache, self.pools = cache, pools
         self.graphs: dict[int, CapturedGraph] = {}
         self.extra: dict[int, dict] = {}  # the ForwardContext.extra each size was captured with
 
@@ -198,7 +198,8 @@ class FullGraphRuntime:
                  static_rows: int | None = None):
         self.fn, self.layout, self.sizes, self.stats, self.progress = fn, layout, list(sizes), stats, progress
         self.static_rows = static_rows  # a graph without a token dimension: the rows its split ops were traced with
-        self.cache = self.decode = self.packed = self.pool = None
+        self.cache = self.decode = self.packed = None
+        self.pools = GraphPools()  # shared by its decode and packed graphs (and the backend's runtimes: build_runtime)
         self.lazy_capture = True  # decode sizes at their first use (see GraphRuntime); packed buckets always
 
     def __call__(self, *args):
@@ -242,30 +243,26 @@ class FullGraphRuntime:
             return unsupported
         cap = packing.seq_bucket(seqs, self.cache.slots, SEQ_BUCKETS)
         if cap not in self.packed:
-            others = [self.decode, *self.packed.values()]
-            if not any(g.captured for g in others) and any(g.failed for g in others):
-                self.pool = self.decode.pool = new_pool()  # released after a failed capture: not to be reused
             graphs = _PackedGraphs(self.fn, self.layout, self.sizes, self.stats, self.progress, self.cache,
-                                   self.pool, max_seqs=cap)
+                                   self.pools, max_seqs=cap)
             graphs.largest_first = not any(g.captured for g in self.packed.values())
             self.packed[cap] = graphs
         return self.packed[cap]
 
     def _build(self, cache) -> None:
-        pool, decode_sizes = new_pool(), self.sizes
+        decode_sizes = self.sizes
         if self.layout.has_tokens:
             decode_sizes = sizes_for(self.sizes, cache.slots)  # a decode batch never exceeds the slots
-        common = (self.fn, self.layout), (self.stats, self.progress, cache, pool)
-        self.decode = _DecodeGraphs(*common[0], decode_sizes, *common[1])
+        self.decode = _DecodeGraphs(self.fn, self.layout, decode_sizes, self.stats, self.progress, cache, self.pools)
         self.decode.lazy_capture = self.lazy_capture
         self.packed = {} if self.layout.has_tokens else None  # sequence bucket -> its graphs (`_packed_for`)
-        self.cache, self.pool = cache, pool
+        self.cache = cache
 
     def release(self) -> None:
         for graphs in (self.decode, *(self.packed or {}).values()):
             if graphs is not None:
                 graphs.release()
-        self.cache = self.decode = self.packed = self.pool = None
+        self.cache = self.decode = self.packed = None
 
 
 def build(config, split_gm, example_inputs, stats):

@@ -14,6 +14,7 @@ import os
 import operator
 import threading
 import time
+import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass
 from unittest import mock
@@ -46,6 +47,32 @@ def _cuda() -> bool:
 
 def new_pool():
     return torch.cuda.graph_pool_handle() if _cuda() else None
+
+
+class GraphPools:
+    """The graph memory pool that the runtimes of one backend capture into, one per stream (vLLM keeps one pool for
+    all its graphs). Sharing is safe for the reason the sizes of one runtime already share a pool: runtimes replay
+    one at a time on a stream, every graph rewrites its intermediates before it reads them, and a runtime clones
+    what it returns, so nothing a graph leaves in the pool is read after another graph of the pool replayed.
+    Micro-batches of two-batch overlap replay on two streams at once: never one pool. A pool is captured into
+    only while a runtime holds graphs captured into it: torch 2.11 asserts when a pool whose graphs all died is
+    captured into again, so then (and after a failed capture: `drop`) a new one."""
+
+    def __init__(self):
+        self.by_stream: dict = {}  # stream -> (pool, the runtimes that captured into it: a WeakSet)
+
+    def for_capture(self, runtime):
+        key = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream) if _cuda() else None
+        pool, users = self.by_stream.get(key, (None, ()))
+        if pool is None or not any(u.captured for u in users):
+            pool, users = new_pool(), weakref.WeakSet()
+            self.by_stream[key] = pool, users
+        users.add(runtime)
+        return pool
+
+    def drop(self, pool) -> None:
+        """After a failed capture into `pool` (it may be left recording): the next capture takes a new one."""
+        self.by_stream = {k: v for k, v in self.by_stream.items() if v[0] is not pool}
 
 
 def _sync() -> None:
@@ -297,7 +324,8 @@ class GraphRuntime:
         self.sizes = sorted(set(sizes)) if layout.has_tokens else [0]
         self.rows_per_token = bool(layout.out_dims) and any(layout.out_dims)  # an output has a row per token
         self.inputs = StaticInputs(layout, self.sizes[-1])
-        self.pool = None
+        self.pool = None  # the pool the latest sizes were captured into (`pools`)
+        self.pools = GraphPools()  # a pool of its own unless the backend shares its pools (`build_runtime`)
         self.captured: set[int] = set()
         self.lazy_capture = True  # capture a size at its first use (after the largest); False: all at the first call
         self.largest_first = True  # lazily, the largest size first (it sizes the pool); False: the pool is sized
@@ -365,7 +393,7 @@ class GraphRuntime:
         first, so the others reuse the pool's memory. Lazily, a size no call uses is never captured."""
         from tqdm.auto import tqdm
 
-        self.pool = self.pool or new_pool()
+        self.pool = self.pools.for_capture(self)
         if not self.captured:
             self.state = ModuleState.of(self.layout, args)
         upfront = self.upfront_sizes()
@@ -383,10 +411,7 @@ class GraphRuntime:
                     if self.failed is not None:
                         break
         except BaseException:
-            if not self.captured:
-                # the aborted capture's graphs were the pool's only users: torch's caching host allocator does not
-                # take a pool id back once its use count fell to zero (an internal assert at the next capture)
-                self.pool = None
+            self.pools.drop(self.pool)
             raise
         _sync()
         self.stats.capture_seconds += time.perf_counter() - start
@@ -405,6 +430,7 @@ class GraphRuntime:
             with self.capture_context(size if has_tokens else None):
                 self.capture(size, static)
         except torch.OutOfMemoryError:
+            self.pools.drop(self.pool)
             self.release()
             self.failed = f"out of memory while capturing graphs for {size} tokens"
             log.warning(

@@ -155,13 +155,13 @@ def test_inductor_pieces_keep_a_marked_dynamic_token_count_with_static_example_i
     be = backend(mode="eager", inner_compiler="inductor")
     compile_graph = hattn.compiler.backend.compile_graph
 
-    def marking_compile_graph(gm, example_inputs, config, stats):
+    def marking_compile_graph(gm, example_inputs, config, stats, **kwargs):
         from torch._guards import detect_fake_mode
 
         detect_fake_mode(example_inputs)._hattn_test_backend_mode = True
         if ints_for_symints:
             example_inputs = [x.node.hint if isinstance(x, torch.SymInt) else x for x in example_inputs]
-        return compile_graph(gm, example_inputs, config, stats)
+        return compile_graph(gm, example_inputs, config, stats, **kwargs)
 
     monkeypatch.setattr(FakeTensorMode, "from_tensor", static_from_tensor)
     monkeypatch.setattr(hattn.compiler.backend, "compile_graph", marking_compile_graph)

@@ -316,6 +316,98 @@ def test_pool_bytes_count_each_runtimes_pool_once(monkeypatch):
     assert total.pool_bytes == 150 and total.pool_bytes_by_pool == a.stats.pool_bytes_by_pool
 
 
+def test_a_backends_runtimes_capture_into_one_pool_while_one_of_them_holds_graphs(monkeypatch):
+    """`GraphPools`: runtimes that share it (a backend's prefill and decode graphs) capture into one pool, so their
+    pools do not add up; a pool none of them holds graphs in any more (released, gone) or one a capture failed in
+    is never captured into again (torch 2.11 asserts on a dead pool): the next capture takes a new one."""
+    import gc
+
+    from hattn.runtime import graphs
+
+    made = iter(range(1, 100))
+    monkeypatch.setattr(graphs, "new_pool", lambda: ("pool", next(made)))
+    shared = graphs.GraphPools()
+    a, b = FakeGraphs(_rowwise, [4, 8]), FakeGraphs(_rowwise, [4, 8])
+    a.pools = b.pools = shared
+    a(torch.randn(3))
+    b(torch.randn(3))
+    assert a.pool == b.pool == ("pool", 1)
+    assert FakeGraphs(_rowwise, [4]).pools is not shared  # a runtime of its own keeps a pool of its own
+    a.release(), b.release()
+    b(torch.randn(3))  # the graphs of pool 1 are all gone
+    assert b.pool == ("pool", 2)
+    a(torch.randn(3))
+    assert a.pool == ("pool", 2)
+    del a, b
+    gc.collect()
+    c = FakeGraphs(_rowwise, [4, 8])
+    c.pools = shared
+    c(torch.randn(3))
+    assert c.pool == ("pool", 3)  # the runtimes that held pool 2's graphs died with them
+
+    d = FailingCapture([4, 8], 4, KeyboardInterrupt())
+    d.pools = shared
+    with pytest.raises(KeyboardInterrupt):
+        d(torch.randn(3))  # size 8 captured into pool 3, then size 4 failed
+    assert d.captured == {8} and d.pool == ("pool", 3)
+    d(torch.randn(3))
+    assert d.pool == ("pool", 4)  # not pool 3 again, though c and d hold graphs in it
+    e = FakeGraphs(_rowwise, [4])
+    e.pools = shared
+    e(torch.randn(3))
+    assert e.pool == ("pool", 4)
+
+
+def test_a_shared_pool_counts_once_in_the_backends_stats(monkeypatch):
+    """Each graph of a backend has its Stats; a pool its runtimes share counts once in their sum, at its latest
+    (largest) figure, whichever graph measured it last."""
+    from hattn.runtime import graphs
+
+    held = {("pool", 1): 100}
+    monkeypatch.setattr(graphs, "new_pool", lambda: ("pool", 1))
+    monkeypatch.setattr(graphs, "pool_bytes", lambda pool: held[pool])
+    shared = graphs.GraphPools()
+    a, b = FakeGraphs(_rowwise, [4, 8]), FakeGraphs(_rowwise, [4, 8])
+    a.pools = b.pools = shared
+    a(torch.randn(3))
+    held[("pool", 1)] = 140
+    b(torch.randn(3))
+    assert a.stats.pool_bytes == 100 and b.stats.pool_bytes == 140
+    assert Stats().add(b.stats).add(a.stats).pool_bytes == 140
+    assert Stats().add(a.stats).add(b.stats).pool_bytes_by_pool == {str(("pool", 1)): 140}
+
+
+def test_a_configured_backend_hands_its_pools_to_the_runtime_of_every_graph(monkeypatch):
+    """hattn.backend(...)'s graphs (a graph break's two, a model's prefill and decode) get one GraphPools; the
+    string backend "hattn" has no object to keep one in: each runtime keeps its own pool."""
+    import hattn.runtime as runtime_pkg
+
+    seen = []
+    build = runtime_pkg.build_runtime
+
+    def spy(config, split_gm, example_inputs, stats, pools=None):
+        seen.append(pools)
+        return build(config, split_gm, example_inputs, stats, pools)
+
+    monkeypatch.setattr(runtime_pkg, "build_runtime", spy)
+
+    def f(x):
+        y = torch.sin(x) + 1
+        torch._dynamo.graph_break()
+        return torch.cos(y) * 2
+
+    be = hattn.backend(mode="pcg", inner_compiler="eager", progress=False)
+    torch._dynamo.reset()
+    torch.compile(f, backend=be)(torch.randn(4))
+    assert len(seen) == 2 and seen[0] is seen[1] is be.pools
+    torch._dynamo.reset()
+    torch.compile(f, backend="hattn", options={"inner_compiler": "eager", "progress": False})(torch.randn(4))
+    assert seen[2:] == [None, None]
+    rt, pcg = FakeGraphs(_rowwise, [4]), hattn.registry.mode("pcg")
+    monkeypatch.setattr(hattn.registry, "mode", lambda name: dataclasses.replace(pcg, build=lambda *a: rt))
+    assert build(hattn.backend(mode="pcg").config, None, [], Stats(), be.pools) is rt and rt.pools is be.pools
+
+
 @pytest.fixture
 def stand_in_capture(monkeypatch):
     """mode=full's runtime on CPU: capture_graph replaced by a stand-in whose replay runs the step on the static
