@@ -2,6 +2,8 @@
 largest blocks live at that peak with the code that allocated them (torch's memory history, Python frames).
 
     python3 scripts/pool_profile.py [--modes pcg,bcg,full] [--sizes 1,...,2048] [--slots 64] [--top 12]
+    python3 scripts/pool_profile.py --shared off,on   # the A/B of a backend's one pool (HATTN_SHARED_POOLS): the
+                                                      # pools' sum per mode and setting, without memory history
 
 Per mode: the model compiled as `hattn bench` compiles it (every capture size at the first call), one prefill step of
 the largest size (logits of its last row, in --slots rows, as generate and the bench ask) and one decode step of two
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
+import os
 
 import torch
 
@@ -81,16 +84,21 @@ def main() -> None:
     ap.add_argument("--preset", default="qwen3.5-1b")
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--shared", default="", help="off,on: each mode with a pool per runtime, then the backend's one")
     a = ap.parse_args()
     sizes = [int(s) for s in a.sizes.split(",")]
     lm = load(a.preset, dtype=torch.bfloat16, device="cuda")
     cache = lm.make_cache(a.slots, max(sizes) + 1100)
-    t = max(sizes)
-    for mode in a.modes.split(","):
+    t, weights = max(sizes), sum(p.numel() * p.element_size() for p in lm.parameters())
+    runs = [(mode, shared) for mode in a.modes.split(",") for shared in (a.shared.split(",") if a.shared else [""])]
+    for mode, shared in runs:
         torch._dynamo.reset()
+        if shared:
+            os.environ["HATTN_SHARED_POOLS"] = "1" if shared == "on" else "0"
         be = hattn.backend(mode=mode, capture_sizes=sizes, progress=False, lazy_capture=False)
         model = torch.compile(lm, backend=be)
-        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+        if not shared:
+            torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
         ids = torch.randint(0, 1000, (t,), device="cuda")
         ctx = ForwardContext(seq_lens=[t], context_lens=[0], slots=[0], cache=cache, layer_kinds=lm.layer_kinds)
         run_step(model, ctx, ids, torch.arange(t, device="cuda"), last_rows([t], a.slots, "cuda"))
@@ -99,9 +107,17 @@ def main() -> None:
                              layer_kinds=lm.layer_kinds)
         run_step(model, ctx, ids[:2], torch.full((2,), 1024, device="cuda"))
         torch.cuda.synchronize()
+        st = be.stats
+        if shared:
+            mib, share = st.pool_bytes / 2**20, st.pool_bytes / weights
+            print(f"== {mode} shared pools {shared}: {mib:.1f} MiB = {share:.1%} of the weights, "
+                  f"{len(st.pool_bytes_by_pool)} pools, graphs {st.cuda_graphs}", flush=True)
+            model = be = None
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
+            continue
         snap = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-        st = be.stats
         print(f"== {mode}: pools {({k: round(v / 2**20, 1) for k, v in st.pool_bytes_by_pool.items()})} MiB, "
               f"graphs {st.cuda_graphs}, capture sizes {sorted(st.capture_size_seconds)}", flush=True)
         report(snap, a.top)
