@@ -67,6 +67,7 @@ class _Capture:
         self.graph = stitch.new_graph()
         with torch.cuda.stream(self.stream):
             self.graph.capture_begin(pool=self.pool, capture_error_mode=CAPTURE_ERROR_MODE)
+        graphs.captured_into(self.pool, self.graph)
         for s in self.side.values():  # streams the model forked before keep running inside the new segment
             s.wait_stream(self.stream)
 

@@ -49,22 +49,33 @@ def new_pool():
     return torch.cuda.graph_pool_handle() if _cuda() else None
 
 
+_GRAPHS: dict = {}  # pool -> the CUDA graphs captured into it that are alive (a WeakSet; pool ids are not reused)
+
+
+def captured_into(pool, graph) -> None:
+    """Note a graph captured into `pool` (`GraphPools` captures into a pool only while one of them lives)."""
+    if pool is not None:
+        _GRAPHS.setdefault(pool, weakref.WeakSet()).add(graph)
+
+
 class GraphPools:
-    """The graph memory pool that the runtimes of one backend capture into, one per stream (vLLM keeps one pool for
-    all its graphs). Sharing is safe for the reason the sizes of one runtime already share a pool: runtimes replay
-    one at a time on a stream, every graph rewrites its intermediates before it reads them, and a runtime clones
-    what it returns, so nothing a graph leaves in the pool is read after another graph of the pool replayed.
-    Micro-batches of two-batch overlap replay on two streams at once: never one pool. A pool is captured into
-    only while a runtime holds graphs captured into it: torch 2.11 asserts when a pool whose graphs all died is
-    captured into again, so then (and after a failed capture: `drop`) a new one."""
+    """The graph memory pool that the runtimes of one backend capture into, one per stream and thread (vLLM keeps
+    one pool for all its graphs). Sharing is safe for the reason the sizes of one runtime already share a pool:
+    runtimes replay one at a time on a stream, every graph rewrites its intermediates before it reads them, and a
+    runtime clones what it returns, so nothing a graph leaves in the pool is read after another graph of the pool
+    replayed. Micro-batches of two-batch overlap replay on two streams at once, and two threads interleave: never
+    one pool. A pool is captured into only while a graph captured into it lives (torch 2.11 asserts when a pool
+    whose graphs all died is captured into again; ask under `no_gc_in_capture`, so that a collection cannot kill
+    them between the question and the capture), and never after a failed capture (`drop`)."""
 
     def __init__(self):
-        self.by_stream: dict = {}  # stream -> (pool, the runtimes that captured into it: a WeakSet)
+        self.by_stream: dict = {}  # (device, stream, thread) -> (pool, the runtimes that captured into it)
 
     def for_capture(self, runtime):
         key = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream) if _cuda() else None
+        key = key, threading.get_ident()
         pool, users = self.by_stream.get(key, (None, ()))
-        if pool is None or not any(u.captured for u in users):
+        if pool is None or not _GRAPHS.get(pool):
             pool, users = new_pool(), weakref.WeakSet()
             self.by_stream[key] = pool, users
         users.add(runtime)
@@ -73,6 +84,14 @@ class GraphPools:
     def drop(self, pool) -> None:
         """After a failed capture into `pool` (it may be left recording): the next capture takes a new one."""
         self.by_stream = {k: v for k, v in self.by_stream.items() if v[0] is not pool}
+
+    def release(self, pool) -> None:
+        """After running out of memory in a capture into `pool`: every runtime's graphs in it go, so that the
+        memory it grew by is free again (they capture again into a new pool at their next use)."""
+        users = [u for p, us in self.by_stream.values() if p is pool for u in us]
+        self.drop(pool)
+        for runtime in users:
+            runtime.release()
 
 
 def _sync() -> None:
@@ -101,8 +120,14 @@ def no_gc_in_capture(collect: bool = True):
         gc.collect()
         if _cuda():
             torch.cuda.empty_cache()
-    with mock.patch("gc.collect", lambda *a, **k: 0), mock.patch("torch.cuda.empty_cache", lambda: None):
-        yield
+    enabled = gc.isenabled()
+    gc.disable()  # nor by itself: a collection mid-capture could destroy graphs of the pool being captured into
+    try:
+        with mock.patch("gc.collect", lambda *a, **k: 0), mock.patch("torch.cuda.empty_cache", lambda: None):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # -- forward contexts ---------------------------------------------------------------------------------------------
@@ -221,6 +246,7 @@ def capture_graph(fn, args: list, size: int, pool, keep: bool = False) -> tuple[
     graph = stitch.new_graph() if keep else torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
         out = fn(*args)
+    captured_into(pool, graph)
     if keep:
         stitch.instantiate(graph)
     return CapturedGraph(size, graph, list(args), weak_refs(out)), out
@@ -393,7 +419,6 @@ class GraphRuntime:
         first, so the others reuse the pool's memory. Lazily, a size no call uses is never captured."""
         from tqdm.auto import tqdm
 
-        self.pool = self.pools.for_capture(self)
         if not self.captured:
             self.state = ModuleState.of(self.layout, args)
         upfront = self.upfront_sizes()
@@ -405,6 +430,7 @@ class GraphRuntime:
         bar = tqdm(todo, desc=f"hattn {self.name} capture", unit="size", disable=not self.progress or len(todo) < 2)
         try:
             with CAPTURE_LOCK, no_gc_in_capture(collect=not self.captured):
+                self.pool = self.pools.for_capture(self)
                 for size in bar:
                     bar.set_postfix(tokens=size)
                     self._capture_one(size, args)
@@ -430,7 +456,7 @@ class GraphRuntime:
             with self.capture_context(size if has_tokens else None):
                 self.capture(size, static)
         except torch.OutOfMemoryError:
-            self.pools.drop(self.pool)
+            self.pools.release(self.pool)
             self.release()
             self.failed = f"out of memory while capturing graphs for {size} tokens"
             log.warning(

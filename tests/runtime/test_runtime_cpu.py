@@ -26,17 +26,29 @@ from hattn.runtime.tokens import TokenLayout, layout_from_args
 from hattn.counters import Stats
 
 
+class _Graph:
+    """What stands for a CUDA graph captured into a pool (the pool lives while one lives)."""
+
+
 class FakeGraphs(GraphRuntime):
     """Captures by remembering the static inputs and the context split ops saw; replays by calling fn on them."""
 
     def __init__(self, fn, sizes):
         super().__init__(fn, layout_from_args([torch.zeros(1)]), sizes, Stats(), progress=False)
-        self.static, self.order, self.seen = {}, [], []
+        self.static, self.order, self.seen, self.graphs = {}, [], [], {}
 
     def capture(self, size, args):
+        from hattn.runtime import graphs
+
         self.order.append(size)
         self.static[size] = args
         self.seen.append(("capture", get_forward_context().seq_lens))
+        self.graphs[size] = _Graph()
+        graphs.captured_into(self.pool, self.graphs[size])
+
+    def release(self):
+        self.graphs.clear()
+        super().release()
 
     def replay(self, size, args):
         assert all(a is s for a, s in zip(args, self.static[size]))  # the same static tensors every time
@@ -356,6 +368,73 @@ def test_a_backends_runtimes_capture_into_one_pool_while_one_of_them_holds_graph
     e.pools = shared
     e(torch.randn(3))
     assert e.pool == ("pool", 4)
+
+
+def test_a_shared_pool_is_judged_by_its_graphs_after_collection_and_per_thread(monkeypatch):
+    """Review findings: a runtime in a reference cycle (pcg's and bcg's are) dies only at a collection, which a
+    first capture runs; the pool is asked for after it, so its dead graphs are not counted (gc stays off during the
+    capture). A runtime whose sizes hold no CUDA graph (a split graph of split ops only) keeps no pool alive. Two
+    threads never share a pool (their replays interleave on one stream)."""
+    import gc
+    import threading
+
+    from hattn.runtime import graphs
+
+    made = iter(range(1, 100))
+    monkeypatch.setattr(graphs, "new_pool", lambda: ("cycle", next(made)))
+    shared = graphs.GraphPools()
+    a = FakeGraphs(_rowwise, [4])
+    a.pools, a.me = shared, a  # a cycle: only a collection frees it
+    a(torch.randn(3))
+    del a
+    b = FakeGraphs(_rowwise, [4])
+    b.pools = shared
+    enabled = []
+    capture = b.capture
+    b.capture = lambda size, args: enabled.append(gc.isenabled()) or capture(size, args)
+    b(torch.randn(3))
+    assert b.pool == ("cycle", 2) and enabled == [False] and gc.isenabled()
+
+    class NoGraphs(FakeGraphs):
+        def capture(self, size, args):
+            self.order.append(size)
+            self.static[size] = args
+
+    c = NoGraphs(_rowwise, [4])
+    c.pools = shared
+    c(torch.randn(3))
+    assert c.pool == ("cycle", 2) and c.captured == {4}
+    b.release()
+    d = FakeGraphs(_rowwise, [4])
+    d.pools = shared
+    d(torch.randn(3))
+    assert d.pool == ("cycle", 3)  # c's sizes hold no graph in pool 2
+
+    e = FakeGraphs(_rowwise, [4])
+    e.pools = shared
+    thread = threading.Thread(target=e, args=(torch.randn(3),))
+    thread.start()
+    thread.join()
+    assert e.captured == {4} and e.pool == ("cycle", 4)
+
+
+def test_out_of_memory_in_a_shared_pool_releases_every_runtimes_graphs_in_it(monkeypatch):
+    """The memory a capture that ran out grew the pool by is freed only with every graph of the pool: the other
+    runtimes' graphs go too and are captured again, into a new pool, at their next use."""
+    from hattn.runtime import graphs
+
+    made = iter(range(1, 100))
+    monkeypatch.setattr(graphs, "new_pool", lambda: ("oom", next(made)))
+    shared = graphs.GraphPools()
+    a = FakeGraphs(_rowwise, [4, 8])
+    b = FailingCapture([4, 8], 8, torch.OutOfMemoryError("CUDA out of memory"))
+    a.pools = b.pools = shared
+    a(torch.randn(3))
+    b(torch.randn(3))
+    assert b.failed is not None and a.captured == set() and not a.graphs
+    x = torch.randn(3)
+    torch.testing.assert_close(a(x), _rowwise(x))
+    assert a.pool == ("oom", 2) and a.captured == {4, 8}
 
 
 def test_a_shared_pool_counts_once_in_the_backends_stats(monkeypatch):
