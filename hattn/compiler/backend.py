@@ -76,7 +76,8 @@ class _CompilePieces(fx.Interpreter):
     """Runs the split graph on Dynamo's (fake) example inputs, compiling each piece with the inputs it receives.
 
     A piece with the signature of an earlier one (the same code on inputs of the same shapes: most of the layers'
-    pieces, which differ only in their parameters) reuses that piece's compiled callable instead of compiling.
+    pieces, which differ only in their parameters) reuses that piece's compiled callable instead of compiling, and
+    on fake inputs it does not run either: its outputs are made as the earlier piece's were (`_Returned`).
     """
 
     def __init__(self, split_gm: fx.GraphModule, stats: Stats, progress: bool, fake_mode=None):
@@ -85,6 +86,7 @@ class _CompilePieces(fx.Interpreter):
         super().__init__(split_gm)
         self.stats, self.compiles, self.seconds = stats, 0, 0.0  # this graph's compiles and their seconds
         self.compiled: dict[str, Callable] = {}  # signature -> compiled callable
+        self.returned: dict[str, _Returned | None] = {}  # signature -> what its first piece returned
         pieces = len(split_gm.graph.find_nodes(op="call_module"))
         self.bar = tqdm(total=pieces, desc="hattn compile", unit="piece", disable=not progress)
         self.fake_mode = fake_mode
@@ -94,22 +96,23 @@ class _CompilePieces(fx.Interpreter):
         return self.fake_mode.from_tensor(value) if self.fake_mode is not None else value
 
     def call_module(self, target, args, kwargs):
-        piece = self.fetch_attr(target)
-        out = piece(*args)
-        self.module.register_module(target, _Compiled(self._compiled(piece, list(args))))
-        self.bar.update()
-        return out
-
-    def _compiled(self, piece: fx.GraphModule, args: list) -> Callable:
         from torch._inductor import config as inductor_config
 
+        piece = self.fetch_attr(target)
         key = signature(piece, args)
         # no signature: nothing structural vouches for the piece; freezing: parameters' values become code
         if key is None or inductor_config.freezing:
-            return self._compile(piece, args)
-        if key not in self.compiled:
-            self.compiled[key] = self._compile(piece, args)
-        return self.compiled[key]
+            out, fn = piece(*args), self._compile(piece, list(args))
+        else:
+            returned = self.returned.get(key) if self.fake_mode is not None else None
+            out = returned.made_for(args) if returned is not None else piece(*args)
+            if key not in self.compiled:
+                self.compiled[key] = self._compile(piece, list(args))
+                self.returned[key] = _Returned.of(out, args) if self.fake_mode is not None else None
+            fn = self.compiled[key]
+        self.module.register_module(target, _Compiled(fn))
+        self.bar.update()
+        return out
 
     def _compile(self, piece: fx.GraphModule, args: list) -> Callable:
         from torch._dynamo.utils import counters
@@ -125,6 +128,78 @@ class _CompilePieces(fx.Interpreter):
         s.piece_compile_seconds.append(seconds)
         self.bar.set_postfix(compiled=self.compiles)
         return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class _Made:
+    """A tensor a piece returned: a view (size, stride, offset) of input `index`'s storage, or of fresh storage
+    `index` of `elements` elements (outputs that shared one share it again)."""
+
+    owner: str  # "input" or "fresh"
+    index: int
+    elements: Any
+    size: tuple
+    stride: tuple
+    offset: Any
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclasses.dataclass
+class _Returned:
+    """What a piece returned on fake inputs, so that a piece of the same signature (the same code on inputs of the
+    same sizes, strides, offsets and storage sharing) returns the same fakes without running it again."""
+
+    spec: Any
+    leaves: list  # per output leaf: a _Made, or the non-tensor value itself
+
+    @classmethod
+    def of(cls, out, args) -> _Returned | None:
+        """None unless every tensor returned is a fake, a view of an input of its dtype or of fresh storage of one
+        dtype that needs no grad."""
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._pytree import tree_flatten
+
+        flat, spec = tree_flatten(out)
+        inputs = {StorageWeakRef(a.untyped_storage()): k for k, a in enumerate(args) if isinstance(a, torch.Tensor)}
+        fresh: dict = {}  # storage -> (its index, the dtype of its first view)
+        leaves = []
+        for x in flat:
+            if not isinstance(x, torch.Tensor):
+                leaves.append(x)
+                continue
+            storage = StorageWeakRef(x.untyped_storage())
+            owner, index = ("input", inputs[storage]) if storage in inputs else ("fresh", None)
+            # a view of an input needing grad (a parameter passed through) needs it again; a fresh one is not made
+            if not isinstance(x, FakeTensor) or owner == "fresh" and x.requires_grad:
+                return None
+            if owner == "fresh":
+                index, dtype = fresh.setdefault(storage, (len(fresh), x.dtype))
+            else:
+                dtype = args[index].dtype
+            if dtype != x.dtype:
+                return None
+            leaves.append(_Made(owner, index, x.untyped_storage().nbytes() // x.element_size(), tuple(x.shape),
+                                tuple(x.stride()), x.storage_offset(), x.dtype, x.device))
+        return cls(spec, leaves)
+
+    def made_for(self, args):
+        """The outputs the recorded piece would return on `args` (fakes; the caller's fake mode is active)."""
+        from torch.utils._pytree import tree_unflatten
+
+        fresh, flat = {}, []
+        for leaf in self.leaves:
+            if isinstance(leaf, _Made):
+                if leaf.owner == "input":
+                    base = args[leaf.index]
+                elif leaf.index in fresh:
+                    base = fresh[leaf.index]
+                else:
+                    base = fresh[leaf.index] = torch.empty((leaf.elements,), dtype=leaf.dtype, device=leaf.device)
+                leaf = base.as_strided(leaf.size, leaf.stride, leaf.offset)
+            flat.append(leaf)
+        return tree_unflatten(flat, self.spec)
 
 
 class _Compiled(torch.nn.Module):

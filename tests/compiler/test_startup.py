@@ -22,6 +22,8 @@ from hattn.compiler.backend import backend, compile_graph
 from hattn.compiler.config import Config
 from hattn.compiler.signature import signature
 from hattn.counters import Stats, describe_startup
+from hattn.models import adapt
+from hattn.models.presets import preset_config, random_model
 from hattn.models.toy import toy_model
 from hattn.runtime import build_runtime
 from hattn.runtime.graphs import GraphRuntime
@@ -128,6 +130,56 @@ def test_identical_pieces_share_one_compile_and_progress_counts_them(traced_piec
     assert s.dynamo_seconds > 0 and s.split_seconds > 0 and s.fake_run_seconds > 0 and s.compile_seconds > 0
     err = capsys.readouterr().err
     assert "hattn compile: 100%" in err and "4/4" in err and "compiled=3" in err
+
+
+def _what_it_returned(out, args) -> list:
+    """Each tensor a piece returned: sizes, strides, offset, dtype, device, and the first input or earlier output
+    whose storage it shares (what the next piece's signature and compile see)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._pytree import tree_flatten
+
+    flat, spec = tree_flatten(out)
+    owners = {}
+    for k, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            owners.setdefault(StorageWeakRef(a.untyped_storage()), f"input {k}")
+    described = [str(spec)]
+    for j, x in enumerate(flat):
+        if not isinstance(x, torch.Tensor):
+            described.append(repr(x))
+            continue
+        owner = owners.setdefault(StorageWeakRef(x.untyped_storage()), f"output {j}")
+        described.append(f"{tuple(map(str, x.shape))} {tuple(map(str, x.stride()))} {x.storage_offset()} {x.dtype} "
+                         f"{x.device} {owner} {x.requires_grad}")
+    return described
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-minimax", "tiny-nemotron-h"])
+def test_a_piece_of_an_earlier_signature_returns_what_running_it_returns(traced_pieces, preset, monkeypatch):
+    """The fake run does not run a piece whose signature an earlier piece had: it makes that piece's outputs as the
+    earlier one's were made (`_Returned`). Per family (its tiny preset's layers twice, so that pieces repeat), every
+    piece so made returns what running it returns: sizes, strides, offsets, dtypes, grad, and which input's or
+    output's storage each tensor shares."""
+    config = preset_config(preset)
+    config.num_hidden_layers *= 2
+    config.layer_types = list(config.layer_types) * 2
+    lm = adapt(random_model(config))
+    made, call_module = [], backend_module._CompilePieces.call_module
+
+    def checked(self, target, args, kwargs):
+        piece, before = self.fetch_attr(target), len(made)
+        out = call_module(self, target, args, kwargs)
+        if len(made) > before:
+            assert _what_it_returned(out, args) == _what_it_returned(piece(*args), args), target
+        return out
+
+    made_for = backend_module._Returned.made_for
+    monkeypatch.setattr(backend_module._Returned, "made_for", lambda r, args: made.append(1) or made_for(r, args))
+    monkeypatch.setattr(backend_module._CompilePieces, "call_module", checked)
+    torch._dynamo.reset()
+    hattn.generate(torch.compile(lm, backend=backend(mode="eager", progress=False)), [[1, 2, 3, 4, 5], [6, 7]],
+                   params=hattn.SamplingParams(max_new_tokens=2))
+    assert made  # the layers' pieces repeat in every family
 
 
 def test_progress_false_is_quiet(traced_pieces, capsys, one_thread):
