@@ -105,7 +105,11 @@ class _CompilePieces(fx.Interpreter):
             out, fn = piece(*args), self._compile(piece, list(args))
         else:
             returned = self.returned.get(key) if self.fake_mode is not None else None
-            out = returned.made_for(args) if returned is not None else piece(*args)
+            if returned is not None:
+                out = returned.made_for(args)
+            else:  # its signature once it ran: the run may unify symbols (later pieces' inputs share sizes then)
+                out = piece(*args)
+                key = signature(piece, args)
             if key not in self.compiled:
                 self.compiled[key] = self._compile(piece, list(args))
                 self.returned[key] = _Returned.of(out, args) if self.fake_mode is not None else None
