@@ -108,11 +108,12 @@ class _CompilePieces(fx.Interpreter):
             if returned is not None:
                 out = returned.made_for(args)
             else:  # its signature once it ran: the run may unify symbols (later pieces' inputs share sizes then)
+                before = _metadata(args)
                 out = piece(*args)
                 key = signature(piece, args)
             if key not in self.compiled:
                 self.compiled[key] = self._compile(piece, list(args))
-                self.returned[key] = _Returned.of(out, args) if self.fake_mode is not None else None
+                self.returned[key] = _Returned.of(out, args, before) if self.fake_mode is not None else None
             fn = self.compiled[key]
         self.module.register_module(target, _Compiled(fn))
         self.bar.update()
@@ -136,10 +137,12 @@ class _CompilePieces(fx.Interpreter):
 
 @dataclasses.dataclass(frozen=True)
 class _Made:
-    """A tensor a piece returned: a view (size, stride, offset) of input `index`'s storage, or of fresh storage
-    `index` of `elements` elements (outputs that shared one share it again)."""
+    """A tensor a piece returned: input `index` itself ("same"), a view (size, stride, offset) of its storage
+    ("input"), or of fresh storage `index` of `elements` elements ("fresh"; outputs that shared one share it again),
+    a view there only if it was one, of the output it viewed (`base`: AOTAutograd builds an aliased input's base
+    from `_base`)."""
 
-    owner: str  # "input" or "fresh"
+    owner: str
     index: int
     elements: Any
     size: tuple
@@ -147,6 +150,8 @@ class _Made:
     offset: Any
     dtype: torch.dtype
     device: torch.device
+    view: bool
+    base: int | None = None  # the output (leaf index) that is this view's `_base`
 
 
 @dataclasses.dataclass
@@ -158,14 +163,17 @@ class _Returned:
     leaves: list  # per output leaf: a _Made, or the non-tensor value itself
 
     @classmethod
-    def of(cls, out, args) -> _Returned | None:
-        """None unless every tensor returned is a fake, a view of an input of its dtype or of fresh storage of one
-        dtype that needs no grad."""
+    def of(cls, out, args, before: list) -> _Returned | None:
+        """None unless the run left its inputs' metadata as it was (`before`: `_metadata(args)`) and every tensor
+        returned is a plain fake (no conj/neg bit, no constant, no unbacked size) that is an input, views one of its
+        dtype, or views fresh storage of one dtype without needing grad."""
         from torch._subclasses.fake_tensor import FakeTensor
         from torch.multiprocessing.reductions import StorageWeakRef
         from torch.utils._pytree import tree_flatten
 
         flat, spec = tree_flatten(out)
+        if _metadata(args) != before or _unbacked([x for x in flat if not isinstance(x, torch.Tensor)]):
+            return None
         inputs = {StorageWeakRef(a.untyped_storage()): k for k, a in enumerate(args) if isinstance(a, torch.Tensor)}
         fresh: dict = {}  # storage -> (its index, the dtype of its first view)
         leaves = []
@@ -173,37 +181,60 @@ class _Returned:
             if not isinstance(x, torch.Tensor):
                 leaves.append(x)
                 continue
-            storage = StorageWeakRef(x.untyped_storage())
-            owner, index = ("input", inputs[storage]) if storage in inputs else ("fresh", None)
-            # a view of an input needing grad (a parameter passed through) needs it again; a fresh one is not made
-            if not isinstance(x, FakeTensor) or owner == "fresh" and x.requires_grad:
+            if (not isinstance(x, FakeTensor) or x.is_conj() or x.is_neg() or x.constant is not None
+                    or _unbacked([*x.shape, *x.stride(), x.storage_offset()])):
                 return None
-            if owner == "fresh":
-                index, dtype = fresh.setdefault(storage, (len(fresh), x.dtype))
+            storage = StorageWeakRef(x.untyped_storage())
+            if storage in inputs:
+                index = next((k for k, a in enumerate(args) if a is x), inputs[storage])
+                owner, dtype = ("same" if args[index] is x else "input"), args[index].dtype
+            elif x.requires_grad:  # a view of an input needing grad (a parameter passed through) needs it again
+                return None
             else:
-                dtype = args[index].dtype
+                owner, (index, dtype) = "fresh", fresh.setdefault(storage, (len(fresh), x.dtype))
             if dtype != x.dtype:
                 return None
+            base = next((j for j, y in enumerate(flat) if y is x._base), None) if x._base is not None else None
             leaves.append(_Made(owner, index, x.untyped_storage().nbytes() // x.element_size(), tuple(x.shape),
-                                tuple(x.stride()), x.storage_offset(), x.dtype, x.device))
+                                tuple(x.stride()), x.storage_offset(), x.dtype, x.device, x._base is not None, base))
         return cls(spec, leaves)
 
     def made_for(self, args):
         """The outputs the recorded piece would return on `args` (fakes; the caller's fake mode is active)."""
         from torch.utils._pytree import tree_unflatten
 
-        fresh, flat = {}, []
-        for leaf in self.leaves:
-            if isinstance(leaf, _Made):
-                if leaf.owner == "input":
-                    base = args[leaf.index]
-                elif leaf.index in fresh:
-                    base = fresh[leaf.index]
-                else:
-                    base = fresh[leaf.index] = torch.empty((leaf.elements,), dtype=leaf.dtype, device=leaf.device)
-                leaf = base.as_strided(leaf.size, leaf.stride, leaf.offset)
-            flat.append(leaf)
+        fresh, flat = {}, [None] * len(self.leaves)
+        # outputs that are some output's view come after it: their base is made first
+        for j in sorted(range(len(self.leaves)), key=lambda j: getattr(self.leaves[j], "base", None) is not None):
+            leaf = self.leaves[j]
+            flat[j] = self._made(leaf, args, fresh, flat) if isinstance(leaf, _Made) else leaf
         return tree_unflatten(flat, self.spec)
+
+    @staticmethod
+    def _made(m: _Made, args, fresh: dict, outputs: list) -> torch.Tensor:
+        if m.owner == "same":
+            return args[m.index]
+        if m.owner == "input":
+            return args[m.index].as_strided(m.size, m.stride, m.offset)
+        if m.index not in fresh:
+            fresh[m.index] = torch.empty((m.elements,), dtype=m.dtype, device=m.device)
+        if m.view:
+            base = outputs[m.base] if m.base is not None else fresh[m.index]
+            return base.as_strided(m.size, m.stride, m.offset)
+        shared = torch.empty((0,), dtype=m.dtype, device=m.device).set_(fresh[m.index])  # its storage, not a view
+        return shared.as_strided_(m.size, m.stride, m.offset)
+
+
+def _metadata(args) -> list:
+    """What a piece's run must not change of its inputs for its outputs to be made for another piece."""
+    return [(x.shape, x.stride(), x.storage_offset(), x.untyped_storage()._cdata) if isinstance(x, torch.Tensor)
+            else None for x in args]
+
+
+def _unbacked(values) -> bool:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return any(isinstance(v, torch.SymInt) and free_unbacked_symbols(v) for v in values)
 
 
 class _Compiled(torch.nn.Module):

@@ -149,8 +149,13 @@ def _what_it_returned(out, args) -> list:
             described.append(repr(x))
             continue
         owner = owners.setdefault(StorageWeakRef(x.untyped_storage()), f"output {j}")
+        same = next((k for k, a in enumerate(args) if a is x), None)
+        base = x._base if x._base is not None else x  # the tensor it views (a root: `_base` never is a view)
+        roots = [(k, a) for k, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        base = next((f"output {i}" for i, y in enumerate(flat) if y is base), None) or next(
+            (f"input {k}" for k, a in roots if base is a or base is a._base), None)
         described.append(f"{tuple(map(str, x.shape))} {tuple(map(str, x.stride()))} {x.storage_offset()} {x.dtype} "
-                         f"{x.device} {owner} {x.requires_grad}")
+                         f"{x.device} {owner} {x.requires_grad} view of {base} input={same}")
     return described
 
 
@@ -158,8 +163,8 @@ def _what_it_returned(out, args) -> list:
 def test_a_piece_of_an_earlier_signature_returns_what_running_it_returns(traced_pieces, preset, monkeypatch):
     """The fake run does not run a piece whose signature an earlier piece had: it makes that piece's outputs as the
     earlier one's were made (`_Returned`). Per family (its tiny preset's layers twice, so that pieces repeat), every
-    piece so made returns what running it returns: sizes, strides, offsets, dtypes, grad, and which input's or
-    output's storage each tensor shares."""
+    piece so made returns what running it returns: sizes, strides, offsets, dtypes, grad, which input's or
+    output's storage each tensor shares, whether it is a view, whether it is an input itself."""
     config = preset_config(preset)
     config.num_hidden_layers *= 2
     config.layer_types = list(config.layer_types) * 2
@@ -183,7 +188,7 @@ def test_a_piece_of_an_earlier_signature_returns_what_running_it_returns(traced_
         hattn.generate(torch.compile(lm, backend=backend(mode="eager", progress=False)), [[1, 2, 3, 4, 5], [6, 7]],
                        params=hattn.SamplingParams(max_new_tokens=2))
         compiles.append(len(traced_pieces))
-        monkeypatch.setattr(backend_module._Returned, "of", classmethod(lambda cls, out, args: None))
+        monkeypatch.setattr(backend_module._Returned, "of", classmethod(lambda cls, *a: None))
     assert made and compiles[0] == compiles[1]  # the layers' pieces repeat in every family
 
 
