@@ -112,15 +112,12 @@ def main() -> None:
             mib, share = st.pool_bytes / 2**20, st.pool_bytes / weights
             print(f"== {mode} shared pools {shared}: {mib:.1f} MiB = {share:.1%} of the weights, "
                   f"{len(st.pool_bytes_by_pool)} pools, graphs {st.cuda_graphs}", flush=True)
-            model = be = None
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            continue
-        snap = torch.cuda.memory._snapshot()
-        torch.cuda.memory._record_memory_history(enabled=None)
-        print(f"== {mode}: pools {({k: round(v / 2**20, 1) for k, v in st.pool_bytes_by_pool.items()})} MiB, "
-              f"graphs {st.cuda_graphs}, capture sizes {sorted(st.capture_size_seconds)}", flush=True)
-        report(snap, a.top)
+        else:
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print(f"== {mode}: pools {({k: round(v / 2**20, 1) for k, v in st.pool_bytes_by_pool.items()})} MiB, "
+                  f"graphs {st.cuda_graphs}, capture sizes {sorted(st.capture_size_seconds)}", flush=True)
+            report(snap, a.top)
         model = be = snap = None
         torch._dynamo.reset()
         torch.cuda.empty_cache()

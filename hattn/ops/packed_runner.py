@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import gc
 import logging
 import os
 import time
@@ -160,7 +159,7 @@ class _SiteRunner:
         return self.shared
 
     def _capture(self, shared: _Shared, key, run: Callable) -> torch.cuda.CUDAGraph | None:
-        from hattn.runtime.graphs import CAPTURE_ERROR_MODE, CAPTURE_LOCK, log_once, pool_bytes
+        from hattn.runtime.graphs import CAPTURE_ERROR_MODE, CAPTURE_LOCK, gc_off, log_once, pool_bytes
 
         start, graph = time.perf_counter(), stitch.new_graph()
         shared.pool_for_capture(self.device)
@@ -168,7 +167,7 @@ class _SiteRunner:
         stream.wait_stream(torch.cuda.current_stream())
         try:
             # no cycle collection inside: it could destroy another model's graphs of the pool mid-capture
-            with CAPTURE_LOCK, _no_gc(), torch.cuda.stream(stream):
+            with CAPTURE_LOCK, gc_off(), torch.cuda.stream(stream):
                 graph.capture_begin(pool=pool, capture_error_mode=CAPTURE_ERROR_MODE)
                 try:
                     run()
@@ -315,13 +314,3 @@ class PackedRunner(_SiteRunner):
         graph.replay()
         return True
 
-
-@contextlib.contextmanager
-def _no_gc():
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()

@@ -120,11 +120,18 @@ def no_gc_in_capture(collect: bool = True):
         gc.collect()
         if _cuda():
             torch.cuda.empty_cache()
+    # nor by itself (gc_off): a collection mid-capture could destroy graphs of the pool being captured into
+    with gc_off(), mock.patch("gc.collect", lambda *a, **k: 0), mock.patch("torch.cuda.empty_cache", lambda: None):
+        yield
+
+
+@contextlib.contextmanager
+def gc_off():
+    """No automatic garbage collection inside (a capture's), restored as it was after."""
     enabled = gc.isenabled()
-    gc.disable()  # nor by itself: a collection mid-capture could destroy graphs of the pool being captured into
+    gc.disable()
     try:
-        with mock.patch("gc.collect", lambda *a, **k: 0), mock.patch("torch.cuda.empty_cache", lambda: None):
-            yield
+        yield
     finally:
         if enabled:
             gc.enable()
