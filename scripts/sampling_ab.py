@@ -6,9 +6,9 @@
 calls (CUDA events after a sync on a GPU: the host's work counts, as in a decode step that waits for its tokens), for
 greedy, transformers' default sampling (top_k 50), top_k + top_p (a full sort of the vocabulary, and top_p over
 top_k's survivors, `sampling.TOP_P_AFTER_TOP_K_MIN_ROWS`), top_p alone (a full sort),
-and a repetition penalty + no_repeat_ngram_size on greedy. Set against a decode step's time (the bench's decode
-rows) this says whether sampling needs a fused kernel (vLLM and SGLang sample with FlashInfer's sort-free top-k /
-top-p kernels).
+and a repetition penalty + no_repeat_ngram_size on greedy; the settings with top_k also through the sampling kernel
+(`hattn.kernels.sampling`, "kernel": what generate runs on CUDA) against the torch path. Set against a decode step's
+time (the bench's decode rows) this says what sampling adds to a step.
 """
 from __future__ import annotations
 
@@ -25,8 +25,12 @@ MIN_ROWS = sampling.TOP_P_AFTER_TOP_K_MIN_ROWS  # the default, for the settings 
 SETTINGS = {
     "greedy": {},
     "top_k 50": dict(temperature=1.0, top_k=50),
+    "top_k 50 (kernel)": dict(temperature=1.0, top_k=50, kernel=True),
     "top_k 50, top_p 0.95 (sort)": dict(temperature=0.7, top_k=50, top_p=0.95, min_rows=10**9),
     "top_k 50, top_p 0.95 (survivors)": dict(temperature=0.7, top_k=50, top_p=0.95, min_rows=0),
+    "top_k 50, top_p 0.95 (kernel)": dict(temperature=0.7, top_k=50, top_p=0.95, kernel=True),
+    "top_k 20, top_p 0.8 (kernel)": dict(temperature=0.7, top_k=20, top_p=0.8, kernel=True),
+    "top_k 256, top_p 0.95 (kernel)": dict(temperature=0.7, top_k=256, top_p=0.95, kernel=True),
     "top_p 0.95": dict(temperature=0.7, top_p=0.95),
     "greedy, penalty 1.1, 3-grams": dict(repetition_penalty=1.1, no_repeat_ngram_size=3),
 }
@@ -35,6 +39,7 @@ SETTINGS = {
 def time_setting(setting: dict, batch: int, vocab: int, device, reps: int, clock: Clock) -> float:
     setting = dict(setting)
     sampling.TOP_P_AFTER_TOP_K_MIN_ROWS = setting.pop("min_rows", MIN_ROWS)
+    sampling.fused_sampling = setting.pop("kernel", False)
     params = SamplingParams(max_new_tokens=reps + 2, seed=0, **setting)
     prompts = [list(range(i, i + 16)) for i in range(batch)]
     generator = torch.Generator(device=device).manual_seed(0) if params.temperature else None

@@ -283,7 +283,7 @@ class Dispatch:
             gm, fake_mode = snapshot.unpickle_graph(snap.graph)
             for node, desc in zip(gm.graph.find_nodes(op="placeholder"), snap.inputs, strict=True):
                 node.meta["hattn_forward_arg"] = desc[0] == "arg"
-            with snapshot.as_dynamo_compiles():
+            with snapshot.as_dynamo_compiles(), snapshot.specialized_floats(snap.floats):
                 traced = compile_(gm, _fill(template, plan, args), fake_mode, time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001  (another torch's internals, a graph the passes refuse now: trace)
             log.warning("hattn: a warm-start snapshot could not be compiled (%r); Dynamo traces this call", e)

@@ -74,7 +74,7 @@ class Graph:
     """What a compiled Dynamo graph offers a snapshot: its pickled form (before hattn's passes), the files Dynamo
     traced, what Dynamo guarded of the model's state and globals, the shape environment (read again when the kind
     is learned: compiling the pieces adds guards), each input's symbolic sizes ((dim, SymInt) pairs for a tensor,
-    the SymInt for a size) and its example value."""
+    the SymInt for a size) and its example value, and the float symbols Dynamo specialized (`specialized_floats`)."""
 
     data: bytes
     files: dict[str, str]
@@ -82,6 +82,7 @@ class Graph:
     shape_env: object
     symbols: list
     values: list
+    floats: tuple = ()
 
 
 def keep_graph(gm: fx.GraphModule, example_inputs: list, sizes: list[tuple]) -> Graph | None:
@@ -107,7 +108,30 @@ def keep_graph(gm: fx.GraphModule, example_inputs: list, sizes: list[tuple]) -> 
     values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
     symbols = [v if isinstance(v, torch.SymInt) else dims for v, dims in zip(values, sizes, strict=True)]
     log.debug("hattn: graph pickled for its snapshot in %.2f s (%d bytes)", time.perf_counter() - start, len(data))
-    return Graph(data, files, guarded, fake_mode.shape_env, symbols, values)
+    return Graph(data, files, guarded, fake_mode.shape_env, symbols, values, _specialized_floats())
+
+
+def _specialized_floats() -> tuple[str, ...]:
+    """The float symbols (zf0, ...) Dynamo's trace of this frame specialized after a TensorifyScalarRestartAnalysis:
+    AOTAutograd's tensorify pass, run on the graph again without that record, would ask Dynamo to restart."""
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    return tuple(sorted(getattr(TensorifyState, "force_specializations", ())))
+
+
+@contextlib.contextmanager
+def specialized_floats(names: tuple[str, ...]):
+    """Compile a snapshot's graph with its trace's float specializations declared, as Dynamo's restarted trace
+    compiled it (they are Dynamo's per-frame state, which a compile without Dynamo does not have)."""
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    before = set(TensorifyState.force_specializations)
+    TensorifyState.force_specializations.update(names)
+    try:
+        yield
+    finally:
+        TensorifyState.force_specializations.clear()
+        TensorifyState.force_specializations.update(before)
 
 
 _META_KEPT = ("example_value", "val", "stack_trace")
@@ -215,6 +239,7 @@ class Snapshot:
     guards: list                     # the graph's shape guards (sympy), replacements applied
     ranges: dict                     # symbol -> (lowest, highest or None)
     one_token: set = field(default_factory=set)  # (argument, dim) that may be 1
+    floats: tuple = ()               # float symbols Dynamo specialized (`specialized_floats`)
     format: int = FORMAT
 
     def sizes(self, args: tuple, one_token: bool = True) -> dict | None:
@@ -310,7 +335,7 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
         vr = env.var_to_range.get(s)
         ranges[s] = (_LOWEST, None) if vr is None else (_int_or_none(vr.lower) or _LOWEST, _int_or_none(vr.upper))
     return Snapshot(graph.data, graph.files, graph.guarded, described, single, modes, _pattern(args, dims), dims,
-                    symbols, guards, ranges, tokens)
+                    symbols, guards, ranges, tokens, graph.floats)
 
 
 def _int_or_none(bound) -> int | None:

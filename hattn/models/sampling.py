@@ -6,20 +6,27 @@ transformers' order, each step on the [B, vocab] logits (in float32 wherever a f
                                          or sampling: temperature -> top_k -> top_p -> min_p -> draw
 
 Each filter computes what transformers' logits processor of that name computes (`tests/models/test_sampling.py`
-compares them), so a setting means here what it means there. One difference, by design: for a batch of 32 rows or
-more, top_p after top_k ranks only top_k's survivors (`top_k_top_p`) instead of sorting the vocabulary, and where it
-must drop some of several equal scores it drops the lowest ids (a stable sort's order; transformers' sort is
-unstable, so which of them go is the sort's choice there): as many tokens go, at the same probabilities.
+compares them), so a setting means here what it means there. One difference, by design: on CUDA (the kernel below)
+and for a batch of 32 rows or more, top_p after top_k ranks only top_k's survivors (`top_k_top_p`) instead of
+sorting the vocabulary, and where it must drop some of several equal scores it drops the lowest ids (a stable sort's
+order; transformers' sort is unstable, so which of them go is the sort's choice there): as many tokens go, at the
+same probabilities.
 
 The draw is the exponential race (argmax of p / E, E ~ Exp(1): token i wins with probability p_i) through a seeded
 device generator; it has no host sync, and its tokens are transformers' distribution, not its draws. Greedy without
-penalties is one argmax on the logits as given.
+penalties is one argmax on the logits as given. On CUDA, temperature with top_k (1..256) and top_p is one Triton
+kernel pair (`hattn.kernels.sampling.topk_topp`: no sort of the vocabulary, ties of the k-th score dropped lowest id
+first as above, its own Philox draws from a seed the generator gives).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from hattn.kernels.launch import use_triton
+from hattn.kernels.sampling.reference import top_k_top_p
 
 
 @dataclass
@@ -115,46 +122,48 @@ def warp(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scores
 
 
-def top_k_top_p(scores: torch.Tensor, top, p: float) -> torch.Tensor:
-    """transformers' top_k then top_p without sorting the vocabulary: the tokens top_p ranks are top_k's survivors,
-    `top` (scores.topk(k): the k largest) and the tokens tied with the k-th (any number, most of them maybe outside
-    `top`). top_p drops, in ascending (score, token id) order (the full sort's), every token whose cumulative
-    probability is at most 1 - p but the last. The tied tokens come first, each of probability q: the first m by id
-    go, m = floor((1 - p) / q); then the higher tokens, all inside `top`, sorted there. Equal to the sort up to float
-    rounding (the sums' order differs) where a cumulative probability is within rounding of 1 - p."""
-    kth = top.values[..., -1:]
-    tied = scores == kth
-    keep = scores >= kth
-    lse = scores.masked_fill(~keep, -torch.inf).logsumexp(dim=-1, keepdim=True)
-    q = (kth - lse).exp()  # a tied token's probability (0 when the k-th score is -inf)
-    ties = tied.sum(dim=-1, keepdim=True)
-    above = top.values > kth
-    # the higher tokens in ascending (score, id) order: sorted by id, then stably by score
-    ids, by_id = top.indices.sort(dim=-1)
-    values, order = top.values.gather(-1, by_id).sort(dim=-1, stable=True)
-    ids, above = ids.gather(-1, order), above.gather(-1, by_id).gather(-1, order)
-    cumulative = ties * q + ((values - lse).exp() * above).cumsum(dim=-1)
-    drop_above = above & (cumulative <= 1 - p)
-    drop_above[..., -1] = False  # the most likely token stays
-    none_above = ~above[..., -1:]  # every survivor is tied: the last of them by id stays
-    m = torch.minimum(torch.floor((1 - p) / q), (ties - none_above.long()).float())
-    drop_tied = tied & (tied.cumsum(dim=-1) <= m)
-    drop = ~keep | drop_tied | torch.zeros_like(keep).scatter(-1, ids, drop_above)
-    return scores.masked_fill(drop, -torch.inf)
-
-
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens [B] (on the logits' device, no host sync) from logits or processed scores [B, vocab]: argmax when
     temperature is 0, else a draw from `warp`'s distribution."""
     return choose(logits, params, generator)[0]
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
-    """(next tokens [B], the scores they were chosen from): `sample`'s choice and, when sampling, `warp`'s scores."""
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           with_scores: bool = False):
+    """(next tokens [B], the scores they were chosen from): `sample`'s choice and, when sampling, `warp`'s scores
+    (None where the kernel drew the tokens: `with_scores` asks for the torch path, which makes them)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1), logits
+    kernel = None if with_scores else _kernel(logits, params)
+    if kernel is not None:
+        rows = logits if logits.stride(-1) == 1 else logits.contiguous()
+        return kernel(rows, params.temperature, params.top_k, params.top_p, generator), None
     scores = warp(logits.float(), params)
     return draw(scores, generator), scores
+
+
+# temperature + top_k (1..256) + top_p on CUDA: two Triton launches draw the tokens (`hattn.kernels.sampling`), where
+# `warp` + `draw` take ~25 ops (H200, session 25: 0.36 ms of GPU time at B=1 in a CUDA graph, 0.40 ms of host).
+# HATTN_FUSED_SAMPLING=0 (or `fused_sampling = False`) keeps the torch path, e.g. for an A/B.
+fused_sampling = os.environ.get("HATTN_FUSED_SAMPLING", "1") != "0"
+
+
+MAX_KERNEL_TOP_K = 256  # hattn.kernels.sampling.topk_topp.MAX_TOP_K (that module imports Triton)
+
+
+def _serves(logits: torch.Tensor, params: SamplingParams) -> bool:
+    """Whether the sampling kernel draws for these logits and settings (min_p, top_k 0 or > 256: the torch path)."""
+    return (fused_sampling and 1 <= params.top_k <= MAX_KERNEL_TOP_K and params.min_p == 0
+            and use_triton(logits))
+
+
+def _kernel(logits: torch.Tensor, params: SamplingParams):
+    """The sampling kernel's launcher where it serves, else None."""
+    if not _serves(logits, params):
+        return None
+    from hattn.kernels.sampling.topk_topp import sample_top_k_top_p
+
+    return sample_top_k_top_p
 
 
 def draw(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -196,7 +205,7 @@ class Sampler:
                 ids = [t for t in p.stop_tokens if t < logits.shape[-1]]
                 self.stops = _to(torch.tensor(ids, dtype=torch.long), logits.device)
             logits = logits.index_fill(-1, self.stops, -torch.inf)
-        nxt, logits = choose(logits, p, self.generator)
+        nxt, logits = choose(logits, p, self.generator, with_scores=self.keep)
         if self.keep:  # a copy: the logits given may be a graph's output buffer, rewritten at its next replay
             self.scores = logits.clone() if logits is given else logits
         if penalized:

@@ -486,3 +486,38 @@ def test_every_family_warm_starts_from_its_snapshot_with_the_same_tokens(tmp_pat
         runs.append((res.tokens, _traces() - traces, be.stats.graphs_from_snapshots))
     (cold_tokens, cold_traces, _), (warm_tokens, warm_traces, warm_snapshots) = runs
     assert warm_tokens == cold_tokens and (cold_traces, warm_traces, warm_snapshots) == (1, 0, 1)
+
+
+def test_a_snapshot_declares_the_float_specializations_of_its_trace_to_the_warm_compile(tmp_path, monkeypatch):
+    """A frame Dynamo traced again after AOTAutograd's TensorifyScalarRestartAnalysis compiled with the float symbols
+    it specialized declared (TensorifyState); its snapshot keeps them and the warm compile declares them again,
+    then restores the state (without them the warm compile raised the restart, which no Dynamo catches: seen on the
+    H200 in session 28). The names here are planted: the toy model's CPU trace specializes no float."""
+    from torch._dynamo.symbolic_convert import TensorifyState
+
+    TensorifyState.specialize("zf7")
+    assert snapshot._specialized_floats() == ("zf7",)
+    TensorifyState.clear()
+    monkeypatch.setattr(snapshot, "_specialized_floats", lambda: ("zf3", "zf5"))
+    _cold(tmp_path)
+    monkeypatch.undo()
+    [file] = (tmp_path / snapshot.SNAPSHOTS).rglob("*.pkl")
+    import pickle
+
+    assert pickle.loads(file.read_bytes()).floats == ("zf3", "zf5")
+    declared = []
+    real = snapshot.specialized_floats
+
+    def spy(names):
+        declared.append((names, set(TensorifyState.force_specializations)))
+        return real(names)
+
+    monkeypatch.setattr(snapshot, "specialized_floats", spy)
+    call, be, model = _process(tmp_path)
+    TensorifyState.specialize("zf0")  # another frame's (after _process: torch._dynamo.reset() clears them), kept
+    _checked(call, model, _ids(6))
+    assert be.stats.graphs_from_snapshots == 1 and [d[0] for d in declared] == [("zf3", "zf5")]
+    assert TensorifyState.force_specializations == {"zf0"}
+    with real(("zf3",)):
+        assert TensorifyState.should_specialize("zf3") and TensorifyState.should_specialize("zf0")
+    TensorifyState.clear()

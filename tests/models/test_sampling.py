@@ -266,3 +266,47 @@ def test_top_p_over_top_ks_survivors_on_cuda_keeps_what_the_stable_sort_keeps(ba
         got = warp(logits.cuda(), params).cpu()
         want, near = _top_k_top_p_by_stable_sort(logits / 0.7, k, p)
         assert torch.equal(got.isfinite() | near, want.isfinite() | near)
+
+
+def test_the_sampler_routes_top_k_sampling_to_the_kernel_where_it_serves(monkeypatch):
+    """Where the kernel serves (CUDA, top_k 1..256, no min_p, no kept scores, not switched off), the Sampler's
+    tokens are the kernel's (a stand-in here, on CPU); else warp + draw choose them."""
+    calls = []
+
+    def kernel(rows, temperature, k, p, generator):
+        calls.append((rows.shape, temperature, k, p))
+        return torch.zeros(rows.shape[0], dtype=torch.long)
+
+    monkeypatch.setattr(sampling, "use_triton", lambda t: True)
+    monkeypatch.setattr(sampling, "_kernel", lambda logits, params: kernel if sampling._serves(logits, params)
+                        else None)
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(0))
+    served = SamplingParams(temperature=0.7, top_k=50, top_p=0.9)
+    assert Sampler(served, [[1], [2]])(logits).tolist() == [0, 0] and calls == [((2, 300), 0.7, 50, 0.9)]
+    keep = Sampler(served, [[1], [2]], torch.Generator().manual_seed(0), keep=True)
+    keep(logits)
+    assert keep.scores is not None and torch.equal(keep.scores, warp(logits.float(), served))
+    for params in (SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, top_k=257),
+                   SamplingParams(temperature=0.7, top_k=50, min_p=0.1), SamplingParams()):
+        Sampler(params, [[1], [2]], torch.Generator().manual_seed(0))(logits)
+    monkeypatch.setattr(sampling, "fused_sampling", False)
+    Sampler(served, [[1], [2]], torch.Generator().manual_seed(0))(logits)
+    assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_sampler_on_cuda_draws_with_the_kernel_from_the_reference_distribution():
+    """generate's Sampler on CUDA (the kernel) at the preset's vocabulary: every token drawn is one that the torch
+    path keeps (with the stable sort's rule for ties, or within rounding of 1 - p), and a seeded generator repeats
+    its tokens."""
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.95)
+    logits = (torch.randn(16, 248320, generator=torch.Generator().manual_seed(2)) * 3).to(torch.bfloat16)
+    want, near = _top_k_top_p_by_stable_sort(logits.float() / 0.7, 50, 0.95)
+    allowed = want.isfinite() | near
+    runs = []
+    for _ in range(2):
+        sampler = Sampler(params, [[1]] * 16, torch.Generator("cuda").manual_seed(5))
+        runs.append(torch.stack([sampler(logits.cuda()) for _ in range(20)]).cpu())
+    assert torch.equal(runs[0], runs[1])
+    assert allowed.gather(1, runs[0].T).all()
