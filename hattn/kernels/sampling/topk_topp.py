@@ -17,7 +17,7 @@ high half, the id in the low). Then:
    The draw is the exponential race over the kept tokens above s_k and one more entrant, the kept ties as a block
    (mass n q; each of them is equally likely); if the block wins, a uniform pick among its ties (by id rank).
 
-Two launches and no host sync: capture-safe. The random numbers are Philox (`tl.rand`) from a seed per row that the
+Two launches (bound: `hattn.kernels.bound`) and no host sync: capture-safe. The random numbers are Philox (`tl.rand`) from a seed per row that the
 caller draws from its torch generator, so a seeded generator gives reproducible tokens; they are not the draws of
 `sampling.draw` (the same distribution, other random numbers).
 """
@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, next_pow2
 
 MAX_TOP_K = 256  # larger k: the torch path (the candidates would not fit one program)
@@ -223,9 +224,9 @@ def sample_top_k_top_p(scores: torch.Tensor, temperature: float, top_k: int, top
     cand = torch.empty(rows, nc * K, dtype=torch.int64, device=scores.device)
     seeds = torch.randint(0, 2**62, (rows,), generator=generator, device=scores.device)
     out = torch.empty(rows, dtype=torch.int64, device=scores.device)
-    _chunk_top_kernel[(rows, nc)](scores, scores.stride(0), vocab, temperature, cand, nc, K=K, CHUNK=chunk,
-                                  num_warps=8)
-    _draw_kernel[(rows,)](scores, scores.stride(0), temperature, cand, nc, k, 1.0 - top_p, seeds, out,
-                          out if cut is None else cut, V=vocab, K=K, NCK=next_pow2(nc * K), BLOCK=SCAN_BLOCK,
-                          TOP_P=top_p < 1, CUT=cut is not None, num_warps=8)
+    bound_launch(_chunk_top_kernel, (rows, nc), scores, scores.stride(0), vocab, temperature, cand, nc, K=K,
+                 CHUNK=chunk, num_warps=8)
+    bound_launch(_draw_kernel, (rows,), scores, scores.stride(0), temperature, cand, nc, k, 1.0 - top_p, seeds, out,
+                 out if cut is None else cut, V=vocab, K=K, NCK=next_pow2(nc * K), BLOCK=SCAN_BLOCK,
+                 TOP_P=top_p < 1, CUT=cut is not None, num_warps=8)
     return out
