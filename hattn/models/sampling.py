@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from hattn.kernels.launch import use_triton
+from hattn.kernels.sampling import MAX_TOP_K as MAX_KERNEL_TOP_K
 from hattn.kernels.sampling.reference import top_k_top_p
 
 
@@ -146,9 +147,6 @@ def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 # `warp` + `draw` take ~25 ops (H200, session 25: 0.36 ms of GPU time at B=1 in a CUDA graph, 0.40 ms of host).
 # HATTN_FUSED_SAMPLING=0 (or `fused_sampling = False`) keeps the torch path, e.g. for an A/B.
 fused_sampling = os.environ.get("HATTN_FUSED_SAMPLING", "1") != "0"
-
-
-MAX_KERNEL_TOP_K = 256  # hattn.kernels.sampling.topk_topp.MAX_TOP_K (that module imports Triton)
 
 
 def _serves(logits: torch.Tensor, params: SamplingParams) -> bool:

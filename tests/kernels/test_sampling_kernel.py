@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from hattn.kernels.launch import interpreting
 from hattn.kernels.sampling import reference as ref
+from tests.models.test_sampling import _top_k_top_p_by_stable_sort
 
 try:
     from hattn.kernels.sampling import topk_topp
@@ -28,10 +29,7 @@ SMALL_CHUNK = 64
 def _near(scores: torch.Tensor, k: int, p: float) -> torch.Tensor:
     """Tokens whose cumulative probability in the stable ascending order lies within 1e-5 of 1 - p (float64): a
     float32 sum may keep or drop them."""
-    kept = ref.warped(scores, 1.0, k, 1.0)
-    ascending, order = kept.sort(dim=-1, stable=True)
-    near = (ascending.double().softmax(dim=-1).cumsum(dim=-1) - (1 - p)).abs() < 1e-5
-    return near.scatter(-1, order, near)
+    return _top_k_top_p_by_stable_sort(scores, k, p)[1]
 
 
 def _sample(logits, temperature, k, p, generator=None, min_chunk=SMALL_CHUNK):
@@ -139,9 +137,3 @@ def test_the_kernel_replays_in_a_cuda_graph():
     for d in draws:
         assert got.gather(1, d.cpu()[:, None]).all()
     assert not torch.equal(draws[0], draws[1]) or not torch.equal(draws[1], draws[2])
-
-
-def test_the_sampler_knows_the_kernels_largest_top_k():
-    from hattn.models import sampling
-
-    assert sampling.MAX_KERNEL_TOP_K == topk_topp.MAX_TOP_K

@@ -17,9 +17,9 @@ high half, the id in the low). Then:
    The draw is the exponential race over the kept tokens above s_k and one more entrant, the kept ties as a block
    (mass n q; each of them is equally likely); if the block wins, a uniform pick among its ties (by id rank).
 
-Two launches (bound: `hattn.kernels.bound`) and no host sync: capture-safe. The random numbers are Philox (`tl.rand`) from a seed per row that the
-caller draws from its torch generator, so a seeded generator gives reproducible tokens; they are not the draws of
-`sampling.draw` (the same distribution, other random numbers).
+Two launches (bound: `hattn.kernels.bound`) and no host sync: capture-safe. The random numbers are Philox
+(`tl.rand`) from a seed per row that the caller draws from its torch generator, so a seeded generator gives
+reproducible tokens; they are not the draws of `sampling.draw` (the same distribution, other random numbers).
 """
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ import triton.language as tl
 
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import FLOATS, CheckedOnce, check_device, next_pow2
-
-MAX_TOP_K = 256  # larger k: the torch path (the candidates would not fit one program)
+from hattn.kernels.sampling import MAX_TOP_K
 CANDIDATES = 8192  # keys the draw kernel ranks at most: chunks x K
 MIN_CHUNK = 2048
 SCAN_BLOCK = 2048  # tokens a step of the degenerate rows' scan
