@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -274,6 +275,9 @@ def run_generate(args) -> int:
         return launch.relaunch(args.tp, args.argv)
     warmup = _warmup(args)
     started_s = process_seconds()  # interpreter start, imports of torch and hattn
+    if args.timing:  # what the start did: each capture, each cache save, why a warm start traced
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("hattn").setLevel(logging.INFO)
     if args.cache_dir is not None:  # before the model's first kernels (adapt's probe runs some)
         from hattn.compiler.artifacts import keep_kernels_in
 
@@ -346,7 +350,8 @@ def _add_generate(sub) -> None:
                         "compute on GPUs)")
     p.add_argument("--cache-dir", default=None,
                    help="warm start: torch's compiled artifacts and Dynamo's graphs kept here")
-    p.add_argument("--timing", action="store_true", help="print where the start went: process start to first token")
+    p.add_argument("--timing", action="store_true",
+                   help="print where the start went: process start to first token, and hattn's log of it")
     _device_args(p)
     p.set_defaults(func=run_generate)
 

@@ -42,7 +42,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   # process compiles transformers' sources again, ~7 s of each model build on the H200 (scripts/startup.sh measures it)
   python3 -m compileall -q -j 0 /tmp/site > /dev/null
 fi
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 MODES="${MODES:-full}"
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 
@@ -60,7 +60,7 @@ declare -A CMD=(
   [bench]="python3 -m hattn.bench --preset qwen3.5-1b --out $OUT/bench --no-progress ${BENCH_BUDGET:+--budget $BENCH_BUDGET} ${BENCH_ARGS:-}"
   [recheck]="${PYTEST[*]} ${RECHECK:-tests}"
   [host-profile]="python3 scripts/host_profile.py ${HP_ARGS:---modes pcg,full}"
-  [startup]="env MODES=\"${MODES:-full}\" bash scripts/startup.sh"
+  [startup]="bash scripts/startup.sh"  # MODES comes through the environment: a command string keeps quotes literal
   [kernel-profile]="python3 scripts/kernel_profile.py --modes full ${KP_ARGS:-}"
   [bound-ab]="python3 scripts/host_profile.py --modes pcg,bcg --ab-only"
   [gemv-sweep]="python3 scripts/gemv_sweep.py --budget ${GEMV_BUDGET:-150}"

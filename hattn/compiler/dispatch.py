@@ -274,9 +274,11 @@ class Dispatch:
 
         snap, start = entry[0], time.perf_counter()
         if not self._state_as_traced(snap):
+            log.info("hattn: a warm-start snapshot's guarded globals or module state differ here; Dynamo traces")
             return False
         compile_, built = compile_for(self.model), snapshot.graph_inputs(snap, self.module)
         if compile_ is None or built is None:
+            log.info("hattn: a warm-start snapshot names parameters this model lacks; Dynamo traces")
             return False
         template, plan = built
         try:
@@ -412,33 +414,37 @@ def _tensor_entry(x: torch.Tensor, args: tuple, dims: tuple = ()) -> tuple:
 def _learn(calls: list, args: tuple, out, dispatch: Dispatch) -> _Direct | None:
     """The direct call of a kind from what Dynamo just did, or None when it cannot be replayed directly."""
     if len(calls) != 1:  # no hattn graph, or several (a graph break): Dynamo's code runs between them
-        return None
+        return _not_learned(f"{len(calls)} hattn graphs in one call (a graph break?)")
     traced, inputs, result = calls[0]
-    if traced.code is None or traced.code is not dispatch.code:
-        return None  # a graph of another frame (a resumed one, another model's), or not all of the forward
+    if traced.code is None or traced.code is not dispatch.code:  # another frame's (resumed, another model's)
+        return _not_learned("the graph is not the whole forward")
     single = not isinstance(result, (tuple, list))
     if not (out is result if single else len(result) >= 1 and out is result[0]):
-        return None  # the forward returned something built after the graph
+        return _not_learned("the forward returned something built after the graph")
     if len(traced.sources) != len(inputs):
-        return None
+        return _not_learned("a graph input has no source")
     position = {name: i for i, name in enumerate(dispatch.names[:len(args)])}
     plan, template, free = [], list(inputs), {}
     for i, (source, value) in enumerate(zip(traced.sources, inputs)):
         where = _argument_place(source, position, dispatch.self_name)
         if where is False:
-            return None  # derived from a forward argument in a way this does not replay
+            return _not_learned(f"graph input {i} is derived from a forward argument ({source})")
         if where is not None:
             a, dim = where
             seen = args[a] if dim is None else args[a].shape[dim]
             if not (seen is value or (type(seen) is type(value) is int and seen == value)):
-                return None  # the graph input is not the argument (or its size) as it was passed
+                return _not_learned(f"graph input {i} is not the forward argument as passed ({source})")
             plan.append((i, a, dim))
             template[i] = None  # not kept alive by the kind
             if dim is None and traced.dynamic[i] and all(args[a].shape[d] > 1 for d in traced.dynamic[i]):
                 free[a] = traced.dynamic[i]
         elif not isinstance(value, torch.Tensor) and value is not None and type(value) not in (int, float, bool):
-            return None
+            return _not_learned(f"graph input {i} is a {type(value).__name__}")
     return _Direct(traced, template, plan, single, free, _pattern(args, free))
+
+
+def _not_learned(reason: str) -> None:
+    log.info("hattn: calls of this kind go through Dynamo: %s", reason)
 
 
 def _argument_place(source, position: dict[str, int], self_name: str):

@@ -297,7 +297,7 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
 
     env = graph.shape_env
     if getattr(env, "deferred_runtime_asserts", None) and any(env.deferred_runtime_asserts.values()):
-        return None
+        return _none("the graph has runtime asserts")
     names = _tensor_names(module)
     placed = {i: (a, dim) for i, a, dim in plan}
     described, symbols, dims, tokens = [], [], {}, set()
@@ -317,25 +317,31 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
         elif isinstance(value, torch.Tensor):
             name = names.get(id(value))
             if name is None or sym_info:
-                return None  # module state that is not a named parameter or buffer, or of symbolic size
+                return _none(f"graph input {i} is module state that is not a named parameter or buffer, or of "
+                             "symbolic size")
             traced = graph.values[i]  # its metadata when traced (fuse_linears has rebound it since)
             described.append(("tensor", name, tensor_meta(traced, type(value))))
         elif value is None or type(value) in (int, float, bool):
             described.append(("value", value))
         else:
-            return None
+            return _none(f"graph input {i} is a {type(value).__name__}, not a tensor or plain constant")
     if any(not isinstance(s, sympy.Symbol) for _, _, s in symbols):
-        return None
+        return _none("a symbolic size is an expression: " + ", ".join(str(s) for _, _, s in symbols))
     guards = [env.replace(g.expr) for g in env.guards]
     bound = {s for _, _, s in symbols}
     if any(not g.free_symbols <= bound for g in guards):
-        return None
+        return _none("a guard names a symbol that is not an argument's size: " + ", ".join(
+            str(g) for g in guards if not g.free_symbols <= bound))
     ranges = {}
     for s in bound:
         vr = env.var_to_range.get(s)
         ranges[s] = (_LOWEST, None) if vr is None else (_int_or_none(vr.lower) or _LOWEST, _int_or_none(vr.upper))
     return Snapshot(graph.data, graph.files, graph.guarded, described, single, modes, _pattern(args, dims), dims,
                     symbols, guards, ranges, tokens, graph.floats)
+
+
+def _none(reason: str) -> None:
+    log.info("hattn: no warm-start snapshot of this graph (%s): the next process traces it with Dynamo", reason)
 
 
 def _int_or_none(bound) -> int | None:

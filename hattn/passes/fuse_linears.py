@@ -192,7 +192,10 @@ def _span(ts: list[torch.Tensor]) -> torch.Tensor | None:
             return None
         offset += t.numel()
     shape = (sum(t.shape[0] for t in ts), *first.shape[1:])
-    return first.as_strided(shape, [math.prod(shape[i + 1:]) for i in range(len(shape))])
+    # made as `_fused` makes a new buffer (no grad, a normal tensor): the two ways of fusing (a first compile
+    # concatenates, a compile after it spans) give pieces of one AOTAutograd cache key
+    with torch.inference_mode(False), torch.no_grad():
+        return first.detach().as_strided(shape, [math.prod(shape[i + 1:]) for i in range(len(shape))])
 
 
 def _fused(ts: list[torch.Tensor]) -> torch.Tensor:

@@ -285,6 +285,20 @@ def test_second_graph_of_the_same_weights_spans_the_fused_buffer():
     assert gm.get_buffer("_hattn_fused_weight_0").untyped_storage().data_ptr() == storage
 
 
+def test_spanning_and_concatenating_give_a_fused_weight_of_the_same_metadata():
+    """A compile after the first one (Dynamo's restart, another graph of the model) spans what the first concatenated;
+    a new process concatenates again: the buffer's metadata must agree, or a piece misses torch's cache in the warm
+    process (a span of the parameters required grad where the concatenation did not)."""
+    weights = _weights(3)
+    with torch.inference_mode():
+        first, second = _two_linears(weights), _two_linears(weights)
+        assert _fuse_checked(*first) == _fuse_checked(*second) == 1
+    cat, span = (gm.get_buffer("_hattn_fused_weight_0") for gm in (first[0], second[0]))
+    assert span.untyped_storage().data_ptr() == cat.untyped_storage().data_ptr()
+    for t in (cat, span):
+        assert (type(t), t.requires_grad, t.is_inference(), t.is_leaf) == (torch.Tensor, False, False, True)
+
+
 def test_weights_fused_before_in_another_order_are_left_alone(caplog):
     weights = _weights(3)
     with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="hattn"):
