@@ -15,6 +15,9 @@ OUT=${OUT:-/tmp/hattn-out}; mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 PRESET=${PRESET:-qwen3.5-1b} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bfloat16}
 WORK=$(mktemp -d)
+# Python's bytecode where a read-only install cannot keep it (the device's torch has no .pyc: ~9 s of compile per
+# process); the cold run writes it, as an install would have
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$WORK/pycache}
 summary=()
 for mode in ${MODES:-bcg full pcg}; do
   for run in ${RUNS:-cold warm traced}; do

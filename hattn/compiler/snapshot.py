@@ -435,6 +435,8 @@ class Guarded:
                 expr = _expr(source, root, self_name, frame_globals, frame_locals)
                 if expr is None:
                     continue  # a forward argument's: the kind (`_pattern`) says what it must be
+                if kind == "HASATTR":  # Dynamo checks hasattr(base, member): the attribute may be absent
+                    expr = _hasattr_expr(guard, source, root, self_name, frame_globals, frame_locals)
                 value = _evaluate(expr, frame_globals, self_name, module)
                 if kind == "ID_MATCH" and _instance_state(source) and not _named_identity(value):
                     raise Opaque(f"Dynamo checked the identity of {expr} (a {_qualname(type(value))})")
@@ -551,6 +553,17 @@ def _expr(source, root, self_name: str, frame_globals: dict, frame_locals: dict)
 
 
 _BY_ID = re.compile(r"_\d+_c\d+")
+
+
+def _hasattr_expr(guard, source, root, self_name: str, frame_globals: dict, frame_locals: dict) -> str:
+    """`hasattr(<object>, '<name>')` of a HASATTR guard. torch 2.13 gives the object's source and the name as the
+    guard's `attr`; torch 2.11 the attribute's source (which cannot be read when `hasattr` was False in the
+    traced code: transformers asks `hasattr(config, ...)` of attributes a config may lack)."""
+    attr = getattr(guard.create_fn, "keywords", {}).get("attr")
+    while attr is None and not hasattr(source, "member") and getattr(source, "base", None) is not None:
+        source = source.base  # an NNModuleSource around the attribute's source
+    base, attr = (source, attr) if attr is not None else (source.base, source.member)
+    return f"hasattr({_expr(base, root, self_name, frame_globals, frame_locals)}, {attr!r})"
 
 
 def _evaluate(expr: str, frame_globals: dict, self_name: str, module):

@@ -130,12 +130,13 @@ class _Hooked(nn.Module):
         h = self.inner(ids) * self.scale * SCALE * self.boost
         h = h * (2 if CURRENT is FAST else 3) * (5 if self.mode is FAST else 7)
         h = h + 1 if self.cfg.a.b.flag else h
+        h = h * 3 if hasattr(self.cfg.a, "absent") else h  # Dynamo guards that an attribute does not exist
         return self.post(self.fn(h) if self.fn is not None else h)
 
 
 CHANGES = ["attribute", "config", "traced file", "parameter layout", "dtype", "grad mode", "submodule hook",
            "untied", "global", "partial", "closure", "class attribute", "patched method", "global identity",
-           "attribute identity", "deep flag", "varargs"]
+           "attribute identity", "deep flag", "varargs", "attribute added"]
 
 
 def _changed(change: str, monkeypatch):
@@ -169,6 +170,8 @@ def _changed(change: str, monkeypatch):
         model.mode = SLOW
     elif change == "deep flag":
         model.cfg.a.b.flag = True
+    elif change == "attribute added":  # one that was absent when traced
+        model.cfg.a.absent = True
     elif change == "varargs":  # the same bytecode, another signature
         first.fn, model.fn = (lambda h: h[0] * 2), (lambda *h: h[0] * 2)
         ids = _ids(6)
@@ -196,7 +199,8 @@ def test_what_would_make_a_snapshot_wrong_sends_the_call_to_dynamo(tmp_path, mon
     """Whatever Dynamo would have traced differently (a module attribute, the config, a source file it traced, a
     parameter's layout, the call's dtype or grad mode, a hook on a submodule, tied weights, a global it guarded, a
     partial's or closure's values, a class attribute, a method patched on the class, which object a global or an
-    attribute is, a flag deep in a config object, a function's signature) or that changes the graph's inputs: the
+    attribute is, a flag deep in a config object, a function's signature, an attribute added where the forward
+    asked hasattr) or that changes the graph's inputs: the
     snapshot is not used; Dynamo traces, and the results are the model's."""
     first, model, ids = _changed(change, monkeypatch)
     _cold(tmp_path, model=first)
@@ -316,6 +320,26 @@ def test_torch_flags_changed_after_the_first_call_send_a_new_size_to_dynamo(tmp_
         assert _traces() == traces + 1 and be.stats.graphs_from_snapshots == 1
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("torch_form", ["2.13: the object's source, attr=", "2.11: the attribute's source"])
+def test_a_hasattr_guard_on_an_absent_attribute_reads_hasattr_in_either_torchs_form(torch_form):
+    """transformers asks hasattr(config, "vision_feature_layer") of a text config that lacks it; torch 2.11 names
+    the guard by the attribute's source, which cannot be evaluated (the H100 saw AttributeError: no snapshot)."""
+    from torch._dynamo.source import AttrSource, LocalSource
+
+    cfg = AttrSource(LocalSource("self"), "cfg")
+    if torch_form.startswith("2.13"):
+        guard = SimpleNamespace(create_fn=functools.partial(lambda *a, **k: None, attr="absent"))
+        source = cfg
+    else:
+        guard, source = SimpleNamespace(create_fn=lambda *a: None), AttrSource(cfg, "absent")
+    module = SimpleNamespace(cfg=SimpleNamespace(present=1))
+    expr = snapshot._hasattr_expr(guard, source, LocalSource("self"), "self", {}, {"self": module})
+    assert expr == "hasattr(L['self'].cfg, 'absent')"
+    assert snapshot._evaluate(expr, {}, "self", module) is False
+    module.cfg.absent = 0
+    assert snapshot._evaluate(expr, {}, "self", module) is True
 
 
 def test_a_guard_that_cannot_be_evaluated_at_a_size_is_a_miss():
