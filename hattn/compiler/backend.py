@@ -93,7 +93,10 @@ class _CompilePieces(fx.Interpreter):
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)  # a real tensor (e.g. a fused weight): fake under fake mode
-        return self.fake_mode.from_tensor(value) if self.fake_mode is not None else value
+        # static, as Dynamo makes parameters: torch 2.11 gives a tensor without a source symbolic dims named by
+        # how many tensors the fake mode met before, which differs in a warm start's compile (its pieces then
+        # missed torch's cache on the H100: [192, s32] cold, [192, s61] warm)
+        return self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode is not None else value
 
     def call_module(self, target, args, kwargs):
         from torch._inductor import config as inductor_config

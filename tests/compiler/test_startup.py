@@ -106,6 +106,23 @@ class _Subclass(torch.Tensor):
     pass
 
 
+def test_a_fused_weight_read_by_get_attr_has_static_sizes_in_the_fake_run():
+    """A get_attr (fuse_linears' weight) is faked with static sizes, as Dynamo fakes parameters: a symbolic one
+    would be named by how many tensors the fake mode met before, which a warm start's compile does not repeat (its
+    piece missed torch's cache on the H100), and would make its GEMM's kernel dynamic in K."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    holder = torch.nn.Module()
+    holder.register_buffer("w", torch.randn(192, 64))
+    graph = fx.Graph()
+    graph.output((graph.get_attr("w"),))
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=False)
+    with fake_mode:
+        out, = backend_module._CompilePieces(fx.GraphModule(holder, graph), Stats(), False, fake_mode).run()
+    assert [type(n) for n in out.shape] == [int, int] and tuple(out.shape) == (192, 64)
+
+
 # -- identical pieces compiled once, startup breakdown, progress -----------------------------------------------------
 @pytest.fixture
 def traced_pieces(monkeypatch):
