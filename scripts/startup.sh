@@ -18,6 +18,8 @@ WORK=$(mktemp -d)
 # Python's bytecode where a read-only install cannot keep it (the device's torch has no .pyc: ~9 s of compile per
 # process); the cold run writes it, as an install would have
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$WORK/pycache}
+unset PYTHONDONTWRITEBYTECODE  # the H100's warm run still compiled ~4000 modules from source with the prefix alone
+python3 -c "import sys; print('bytecode written:', not sys.dont_write_bytecode, 'prefix:', sys.pycache_prefix)"
 summary=()
 for mode in ${MODES:-bcg full pcg}; do
   for run in ${RUNS:-cold warm traced}; do
