@@ -2,7 +2,8 @@
 and a "new process" warm-starts from cache_dir: torch's FX graph and AOTAutograd caches emptied (the compiled C++
 kernels kept, as on one machine), every piece then comes out of the entry loaded from cache_dir.
 
-One cold compile of 3 pieces (inductor's C++ compiles): the slowest CPU test of the startup work, kept to one."""
+Inductor's C++ compiles make these the slowest CPU tests of the startup work (~20 s each): kept to two, the
+Dynamo-traced warm start and the one from a snapshot."""
 from __future__ import annotations
 
 import os
@@ -57,3 +58,30 @@ def test_identical_pieces_compile_once_and_a_new_process_loads_them_from_cache_d
         assert (warm.cache_hits, warm.cache_misses) == (1, 0)
         assert (warm.pieces_compiled, warm.pieces_from_cache) == (3, 3)  # every compile served by the loaded entry
         torch.testing.assert_close(warm_out, other(IDS), **TOL)
+
+
+def test_a_warm_start_from_the_snapshot_takes_every_piece_from_cache_dir(tmp_path, one_thread):
+    """The dispatcher's warm start with inductor: the first process's Dynamo restarts (its tensorify pass) compile
+    the graph twice, so fuse_linears concatenates the q/k/v weights once and then spans them; the new process
+    compiles the snapshot's graph once, concatenating. Every piece must still come from the loaded entry (a span
+    that required grad had another AOTAutograd key: 4 of 5 pieces, seen on the H100 first)."""
+    from hattn.compiler.dispatch import Dispatch
+
+    def run(sizes):
+        torch._dynamo.reset()
+        model = toy_model(pattern=["linear", "linear", "full", "linear"])
+        be = backend(mode="eager", progress=False, cache_dir=str(tmp_path))
+        call = Dispatch(torch.compile(model, backend=be, dynamic=True))
+        with torch.inference_mode():
+            outs = [call(IDS[:n]) for n in sizes]
+        return outs, be.stats
+
+    with CacheArtifactManager.with_fresh_cache():
+        with fresh_cache():
+            cold_outs, cold = run([6, 3])
+        with fresh_cache():
+            warm_outs, warm = run([6, 3, 9])
+    assert (cold.graphs_from_snapshots, warm.graphs_from_snapshots, warm.dynamo_seconds) == (0, 1, 0)
+    assert warm.pieces_compiled == warm.pieces_from_cache == cold.pieces_compiled > 0
+    for got, want in zip(warm_outs, cold_outs):
+        torch.testing.assert_close(got, want, **TOL)
