@@ -67,14 +67,27 @@ def _chunk_top_kernel(scores, stride_row, V, temperature, cand, NC, K: tl.conste
 
 
 @triton.jit
+def _pad(N: tl.constexpr):
+    """N keys below every token's (high half -2**31, the masked-off lanes' of `_keys`)."""
+    return tl.full([N], -2147483648, tl.int64) << 32
+
+
+@triton.jit
+def _ties_in_block(row_ptr, start, V, temperature, tie_hi, BLOCK: tl.constexpr):
+    """(token ids, 1 where the token has the score of high half `tie_hi`) of the row's block at `start`."""
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < V
+    x = tl.load(row_ptr + offs, mask=mask, other=0.0)
+    return offs, ((_keys(x, offs, mask, temperature) >> 32) == tie_hi).to(tl.int32)
+
+
+@triton.jit
 def _count_ties(row_ptr, V, temperature, tie_hi, BLOCK: tl.constexpr):
     """How many tokens of the row have the score of high half `tie_hi` (a scan of the row)."""
     n = tl.zeros([BLOCK], tl.int32)
     for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < V
-        x = tl.load(row_ptr + offs, mask=mask, other=0.0)
-        n += ((_keys(x, offs, mask, temperature) >> 32) == tie_hi).to(tl.int32)
+        _, tie = _ties_in_block(row_ptr, start, V, temperature, tie_hi, BLOCK)
+        n += tie
     return tl.sum(n, axis=0)
 
 
@@ -84,10 +97,7 @@ def _nth_tie_by_scan(row_ptr, V, temperature, tie_hi, nth, BLOCK: tl.constexpr):
     seen = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
     found = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0) - 1
     for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < V
-        x = tl.load(row_ptr + offs, mask=mask, other=0.0)
-        tie = ((_keys(x, offs, mask, temperature) >> 32) == tie_hi).to(tl.int32)
+        offs, tie = _ties_in_block(row_ptr, start, V, temperature, tie_hi, BLOCK)
         hit = (tie > 0) & (seen + tl.cumsum(tie, axis=0) == nth + 1)
         found = tl.maximum(found, tl.max(tl.where(hit, offs.to(tl.int64), -1), axis=0))
         seen += tl.sum(tie, axis=0)
@@ -108,8 +118,7 @@ def _nth_tie(nth, top, keys, tied, n_above, n_tied, overflow, row_ptr, V, temper
         if overflow:
             found = _nth_tie_by_scan(row_ptr, V, temperature, tie_hi, nth, BLOCK)
         else:
-            pad = tl.full([NCK], -2147483648, tl.int64) << 32
-            ranked = tl.sort(tl.where(tied, keys, pad), descending=True)  # the ties first, highest id first
+            ranked = tl.sort(tl.where(tied, keys, _pad(NCK)), descending=True)  # the ties first, highest id first
             found = tl.sum(tl.where(tl.arange(0, NCK) == rank, ranked, 0), axis=0) & 0xFFFFFFFF
     return found
 
@@ -121,8 +130,7 @@ def _draw_kernel(scores, stride_row, temperature, cand, NC, k, one_minus_p, seed
     row_ptr = scores + row * stride_row
     n_cand = NC * K
     i = tl.arange(0, NCK)
-    pad = tl.full([NCK], -2147483648, tl.int64) << 32
-    keys = tl.where(i < n_cand, tl.load(cand + row * n_cand + i, mask=i < n_cand, other=0), pad)
+    keys = tl.where(i < n_cand, tl.load(cand + row * n_cand + i, mask=i < n_cand, other=0), _pad(NCK))
     top = tl.topk(keys, K)  # descending: the row's K largest keys
     j = tl.arange(0, K)
     kth = tl.sum(tl.where(j == k - 1, top, 0), axis=0)
