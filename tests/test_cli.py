@@ -1,4 +1,5 @@
 """The `hattn` command: demo's table and exit code, generate's output, errors without tracebacks."""
+import logging
 import re
 
 import pytest
@@ -57,6 +58,18 @@ def test_generate_without_warmup_says_its_times_include_compiling(capsys):
     assert cli.main(["generate", "--preset", "tiny", "--mode", "none", "--prompt-ids", "1,2", "--max-new-tokens",
                      "2", "--device", "cpu", "--warmup", "0"]) == 0
     assert "no warm-up (--warmup 0): these times include compiling and capturing: prefill" in capsys.readouterr().err
+
+
+def test_generate_timing_prints_where_the_start_went_and_hattns_log_of_it(capsys, caplog):
+    logger = logging.getLogger("hattn")
+    try:
+        assert cli.main(["generate", "--preset", "tiny", "--mode", "none", "--prompt-ids", "1,2", "--max-new-tokens",
+                         "2", "--device", "cpu", "--timing"]) == 0
+    finally:
+        logger.setLevel(logging.NOTSET)  # --timing turned it to INFO for the process
+    err = capsys.readouterr().err
+    assert "process start to first token" in err and "model built and adapted" in err
+    assert re.search(r"hattn: model: cpu ready [\d.]+ s, config [\d.]+ s .*built [\d.]+ s, adapted", caplog.text)
 
 
 def test_generate_errors_are_one_line(capsys):

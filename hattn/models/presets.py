@@ -9,12 +9,16 @@
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Callable
 
 import torch
 
 from hattn.models.hf import HybridLM, adapt
+
+log = logging.getLogger("hattn")
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -153,11 +157,20 @@ def load(preset: str | None = None, *, config: str | None = None, model: str | N
     """An adapted model from exactly one of: a preset name, a config file/dir (random weights), a saved model dir."""
     if sum(x is not None for x in (preset, config, model)) != 1:
         raise ValueError("give exactly one of preset=, config= (config.json), model= (a saved model directory)")
+    start = time.perf_counter()
+    torch.empty(0, device=device)  # the device's context first (CUDA: a second or more), timed apart
+    ready = time.perf_counter()
     if model is not None:
-        return adapt(_from_pretrained(model, dtype, device))
-    if config is not None:
-        return adapt(random_model(_read_config(config), dtype, device, seed))
-    return adapt(random_model(preset_config(preset), dtype, device, seed))
+        made, hf = ready, _from_pretrained(model, dtype, device)
+    else:
+        made_config = preset_config(preset) if config is None else _read_config(config)
+        made = time.perf_counter()
+        hf = random_model(made_config, dtype, device, seed)
+    built = time.perf_counter()
+    lm = adapt(hf)
+    log.info("hattn: model: %s ready %.2f s, config %.2f s (transformers' imports), built %.2f s, adapted %.2f s",
+             device, ready - start, made - ready, built - made, time.perf_counter() - built)
+    return lm
 
 
 def _read_config(path: str):
