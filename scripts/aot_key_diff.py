@@ -1,7 +1,8 @@
 """Why a warm start's piece misses torch's AOTAutograd cache: the GPU warm-start test's two "processes" (the toy
 model, cold then warm from cache_dir's snapshot, all of torch's caches emptied between them), with the cache's key
 details logged; for each key the warm process missed, the lines that differ from the closest key the cold process
-made. Run on the device: python3 scripts/aot_key_diff.py [--mode full] [--device cuda]."""
+made. From the repository root (it imports the test's scenario): PYTHONPATH=. python3 scripts/aot_key_diff.py
+[--mode full] [--device cuda]; gpu_check.sh's part aot-key-diff runs it on the device."""
 from __future__ import annotations
 
 import argparse
@@ -10,12 +11,8 @@ import re
 import tempfile
 
 import torch
-from torch._inductor.utils import fresh_cache
-from torch.compiler._cache import CacheArtifactManager
 
-import hattn
-from hattn.compiler.dispatch import Dispatch
-from hattn.models.toy import toy_model
+from tests.compiler.test_warm_start import cold_then_warm
 
 LOGGER = "torch._functorch._aot_autograd.autograd_cache"
 
@@ -37,17 +34,6 @@ class Keys(logging.Handler):
             self.missed[self.phase].append(text.split()[-1])
 
 
-def run(sizes, mode, device, cache_dir):
-    torch._dynamo.reset()
-    model = toy_model(pattern=["linear", "linear", "full", "linear"], device=device)
-    be = hattn.backend(mode=mode, capture_sizes=[1, 4, 8, 16], progress=False, cache_dir=cache_dir)
-    call = Dispatch(torch.compile(model, backend=be, dynamic=True))
-    with torch.inference_mode():
-        for n in sizes:
-            call(torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).to(device))
-    return be.stats
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="full")
@@ -57,13 +43,9 @@ def main() -> None:
     logger.addHandler(keys)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False  # the details only here, not torch's log of every line
-    cache_dir = tempfile.mkdtemp()
-    with CacheArtifactManager.with_fresh_cache():
-        with fresh_cache():
-            cold = run([6, 3], args.mode, args.device, cache_dir)
-        keys.phase = "warm"
-        with fresh_cache():
-            warm = run([6, 3, 11, 1], args.mode, args.device, cache_dir)
+    (_, cold, _), (_, warm, _) = cold_then_warm(tempfile.mkdtemp(), args.mode, args.device, [6, 3], [6, 3, 11, 1],
+                                                between=lambda: setattr(keys, "phase", "warm"),
+                                                capture_sizes=[1, 4, 8, 16])
     print(f"cold: {cold.pieces_compiled} compiled; warm: {warm.pieces_compiled} compiled, {warm.pieces_from_cache} "
           f"from cache, {warm.graphs_from_snapshots} graphs from snapshots")
     for key in keys.missed["warm"]:

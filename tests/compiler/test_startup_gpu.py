@@ -12,9 +12,9 @@ from torch.compiler._cache import CacheArtifactManager
 import hattn
 import hattn.compiler.artifacts as artifacts
 from hattn.models.toy import toy_model
+from tests.compiler.test_warm_start import PATTERN, cold_then_warm, ids_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-PATTERN = ["linear", "linear", "full", "linear"]
 SAME = {"rtol": 1e-5, "atol": 1e-5}  # the same kernels at other addresses (padding bugs are far larger)
 
 
@@ -80,25 +80,9 @@ def test_a_new_process_warm_starts_from_the_snapshot_without_dynamo(tmp_path, mo
     """The dispatcher's warm start (hattn.compiler.snapshot) on the GPU: the second "process" (Dynamo reset, torch's
     caches empty, the model built again) traces nothing, compiles the snapshot's graph with every piece from
     cache_dir, captures, and replays the first's outputs at sizes it saw and sizes it did not."""
-    from torch._dynamo.utils import counters
-
-    from hattn.compiler.dispatch import Dispatch
-
-    def run(sizes):
-        torch._dynamo.reset()
-        model = toy_model(pattern=PATTERN, device="cuda")
-        be = hattn.backend(mode=mode, capture_sizes=[1, 4, 8, 16], progress=False, cache_dir=str(tmp_path))
-        call, frames = Dispatch(torch.compile(model, backend=be, dynamic=True)), counters["frames"]["total"]
-        with torch.inference_mode():
-            outs = [call(_ids(n, n)).clone() for n in sizes]
-        return outs, be.stats, counters["frames"]["total"] - frames
-
     caplog.set_level("INFO", logger="hattn")
-    with CacheArtifactManager.with_fresh_cache():
-        with fresh_cache():
-            cold_outs, cold, cold_traces = run([6, 3])
-        with fresh_cache():
-            warm_outs, warm, warm_traces = run([6, 3, 11, 1])
+    (cold_outs, cold, cold_traces), (warm_outs, warm, warm_traces) = cold_then_warm(
+        tmp_path, mode, "cuda", [6, 3], [6, 3, 11, 1], capture_sizes=[1, 4, 8, 16])
     why = "\n".join(r.getMessage() for r in caplog.records)  # a fallback's reason, logged by the dispatcher
     assert (cold_traces, cold.graphs_from_snapshots, warm_traces, warm.graphs_from_snapshots) == (1, 0, 0, 1), why
     assert warm.pieces_compiled == warm.pieces_from_cache > 0 and warm.dynamo_seconds == 0
@@ -107,4 +91,4 @@ def test_a_new_process_warm_starts_from_the_snapshot_without_dynamo(tmp_path, mo
     model = toy_model(pattern=PATTERN, device="cuda")
     with torch.inference_mode():
         for n, got in zip([11, 1], warm_outs[2:]):
-            torch.testing.assert_close(got, model(_ids(n, n)), rtol=2e-3, atol=2e-3)
+            torch.testing.assert_close(got, model(ids_of(n, "cuda")), rtol=2e-3, atol=2e-3)

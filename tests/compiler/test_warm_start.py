@@ -19,8 +19,42 @@ from hattn.compiler.backend import backend
 from hattn.models.toy import toy_model
 
 LINEAR3 = ["linear", "linear", "linear"]  # 4 pieces: first, two identical between linear layers, last
+PATTERN = ["linear", "linear", "full", "linear"]  # 5 pieces, q/k/v fused before the full layer
 IDS = torch.randint(0, 128, (9,), generator=torch.Generator().manual_seed(0))
 TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def ids_of(n: int, device="cpu") -> torch.Tensor:
+    """n token ids drawn from seed n."""
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).to(device)
+
+
+def cold_then_warm(cache_dir, mode: str, device, cold_sizes, warm_sizes, between=None, **options):
+    """Two "processes" on one cache_dir, each with Dynamo reset and all of torch's caches empty (a new machine): the
+    toy model compiled with dynamic sizes and called through hattn's dispatcher (so the second may start from the
+    first's snapshot) at `ids_of` each size. For each, (outputs, the backend's stats, frames Dynamo traced);
+    `between()` runs between the two."""
+    from torch._dynamo.utils import counters
+
+    from hattn.compiler.dispatch import Dispatch
+
+    def run(sizes):
+        torch._dynamo.reset()
+        model = toy_model(pattern=PATTERN, device=device)
+        be = backend(mode=mode, progress=False, cache_dir=str(cache_dir), **options)
+        call, frames = Dispatch(torch.compile(model, backend=be, dynamic=True)), counters["frames"]["total"]
+        with torch.inference_mode():
+            outs = [call(ids_of(n, device)).clone() for n in sizes]
+        return outs, be.stats, counters["frames"]["total"] - frames
+
+    with CacheArtifactManager.with_fresh_cache():
+        with fresh_cache():
+            cold = run(cold_sizes)
+        if between is not None:
+            between()
+        with fresh_cache():
+            warm = run(warm_sizes)
+    return cold, warm
 
 
 def _compile(model, **options):
@@ -65,22 +99,7 @@ def test_a_warm_start_from_the_snapshot_takes_every_piece_from_cache_dir(tmp_pat
     the graph twice, so fuse_linears concatenates the q/k/v weights once and then spans them; the new process
     compiles the snapshot's graph once, concatenating. Every piece must still come from the loaded entry (a span
     that required grad had another AOTAutograd key: 4 of 5 pieces, seen on the H100 first)."""
-    from hattn.compiler.dispatch import Dispatch
-
-    def run(sizes):
-        torch._dynamo.reset()
-        model = toy_model(pattern=["linear", "linear", "full", "linear"])
-        be = backend(mode="eager", progress=False, cache_dir=str(tmp_path))
-        call = Dispatch(torch.compile(model, backend=be, dynamic=True))
-        with torch.inference_mode():
-            outs = [call(IDS[:n]) for n in sizes]
-        return outs, be.stats
-
-    with CacheArtifactManager.with_fresh_cache():
-        with fresh_cache():
-            cold_outs, cold = run([6, 3])
-        with fresh_cache():
-            warm_outs, warm = run([6, 3, 9])
+    (cold_outs, cold, _), (warm_outs, warm, _) = cold_then_warm(tmp_path, "eager", "cpu", [6, 3], [6, 3, 9])
     assert (cold.graphs_from_snapshots, warm.graphs_from_snapshots, warm.dynamo_seconds) == (0, 1, 0)
     assert warm.pieces_compiled == warm.pieces_from_cache == cold.pieces_compiled > 0
     for got, want in zip(warm_outs, cold_outs):
