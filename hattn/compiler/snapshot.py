@@ -325,8 +325,9 @@ def make_snapshot(graph: Graph, inputs: list, plan: list, args: tuple, modes: tu
             described.append(("value", value))
         else:
             return _none(f"graph input {i} is a {type(value).__name__}, not a tensor or plain constant")
-    if any(not isinstance(s, sympy.Symbol) for _, _, s in symbols):
-        return _none("a symbolic size is an expression: " + ", ".join(str(s) for _, _, s in symbols))
+    expressions = [str(s) for _, _, s in symbols if not isinstance(s, sympy.Symbol)]
+    if expressions:
+        return _none("a symbolic size is an expression: " + ", ".join(expressions))
     guards = [env.replace(g.expr) for g in env.guards]
     bound = {s for _, _, s in symbols}
     if any(not g.free_symbols <= bound for g in guards):
