@@ -7,10 +7,10 @@ tens of seconds on a cold Triton cache, paid by full mode's first packed-prefill
 long prefill. fla can instead read a kernel's best config from `$FLA_CONFIG_DIR/<kernel>.json`
 (`FLA_CACHE_MODE=strict`: only for the exact autotuning key: head counts, head dims, chunk size, dtypes).
 
-In a fresh Triton cache: time the first call of the forward at the given shape (bf16, `--seqs` packed sequences,
-initial states), write every fla autotuner's choice to DIR in fla's format, then time the first call again in a new
-process with another fresh Triton cache, reading DIR; both outputs must be the same bits. `--bundle` also writes
-every file of DIR into one JSON object (file name -> content).
+In a fresh Triton cache: time the first call of hattn's chunked rule at the given shape (bf16, `--seqs` packed
+sequences, new and continued), write every fla autotuner's choice to DIR in fla's format, then time the first call
+again in a new process with another fresh Triton cache, reading DIR; both outputs must be the same bits.
+`--bundle` also writes every file of DIR into one JSON object (file name -> content).
 """
 from __future__ import annotations
 
@@ -35,26 +35,29 @@ def _inputs(heads: int, dim: int, tokens: int, seqs: int):
     g = -torch.rand(1, tokens, heads, device=dev)
     beta = torch.rand(1, tokens, heads, device=dev, dtype=torch.bfloat16)
     h0 = torch.randn(seqs, heads, dim, dim, device=dev) / dim
-    bounds = torch.linspace(0, tokens, seqs + 1).long().tolist()
-    cu = torch.tensor(bounds, device=dev, dtype=torch.int32)
-    return q, k, v, g, beta, h0, cu, torch.tensor(bounds)
+    bounds = torch.linspace(0, tokens, seqs + 1).long()
+    return q, k, v, g, beta, h0, bounds
 
 
 def _first_call(heads, dim, tokens, seqs) -> tuple[float, torch.Tensor]:
-    """Seconds of the forward's first calls, with initial states (hattn's padded and continued batches) and
-    without (new prompts between graphs): their autotuning keys differ. Returns them and both outputs."""
-    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
-    from fla.ops.utils.index import prepare_chunk_indices
+    """Seconds of the first calls of hattn's own entry (`chunk_gated_delta_rule_slots`, the call the model's
+    linear-attention layers make: int64 offsets and chunk indices from a PackedBatch), for new prompts (no initial
+    states) and for continued ones (states gathered from their slots, as full mode's padded graphs always do): their
+    autotuning keys differ, and fla's strict lookup needs the exact keys the model makes (until the thirtieth session
+    this called fla with int32 offsets, and the configs it wrote matched no call of the model). Returns them and the
+    outputs and final states."""
+    from hattn.kernels.gated_delta.chunk import chunk_gated_delta_rule_slots
+    from hattn.kernels.packing import PackedBatch
 
-    q, k, v, g, beta, h0, cu, cu_cpu = _inputs(heads, dim, tokens, seqs)
+    q, k, v, g, beta, h0, bounds = _inputs(heads, dim, tokens, seqs)
+    lens, states = bounds.diff().tolist(), h0.clone()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    indices = prepare_chunk_indices(cu, 64, cu_seqlens_cpu=cu_cpu)
     outs = []
-    for initial in (h0, None):
-        _, o, _, final, _, _ = chunk_gated_delta_rule_fwd(q, k, v, g, beta, dim ** -0.5, initial, True,
-                                                          chunk_size=64, cu_seqlens=cu, chunk_indices=indices)
-        outs += [o.flatten().float(), final.flatten()]
+    for context in ([0] * seqs, [1] * seqs):
+        batch = PackedBatch.build(lens, "cuda", slots=list(range(seqs)), context_lens=context)
+        o = chunk_gated_delta_rule_slots(q[0], k[0], v[0], g[0], beta[0], batch, states)
+        outs += [o.flatten().float(), states.flatten().clone()]
     torch.cuda.synchronize()
     return time.perf_counter() - start, torch.cat(outs)
 

@@ -7,7 +7,9 @@
 #           as every warm start did before the snapshots (the A/B of hattn.compiler.snapshot)
 #   bash scripts/startup.sh        # modes bcg full pcg, qwen3.5-1b on cuda in bf16; MODES= PRESET= DEVICE= DTYPE=
 #   RUNS="cold warm" PROFILE_RUNS="warm" bash scripts/startup.sh   # some runs; a run under cProfile (its top 45 by
-#                                                                    # cumulative and 25 by own time appended to its log)
+#                                                                    # cumulative and 25 by own time, and who called
+#                                                                    # Triton's compiles and torch's op registrations)
+#   TRITON_COMPILES=1 bash scripts/startup.sh   # each run lists the Triton kernels it compiled and those from the cache
 # The summary lines at the end: mode, run, process start to first token, process wall seconds.
 set -uo pipefail
 unset TRITON_CACHE_DIR
@@ -27,10 +29,13 @@ for mode in ${MODES:-bcg full pcg}; do
     [ "$run" = traced ] && mv "$WORK/$mode-cache/dynamo" "$WORK/$mode-cache/dynamo.off" 2>/dev/null
     start=$(date +%s.%N)
     py=(python3); [[ " ${PROFILE_RUNS:-} " == *" $run "* ]] && py=(python3 -m cProfile -o "$WORK/$mode-$run.prof")
+    [ -n "${TRITON_COMPILES:-}" ] && py+=(scripts/triton_compiles.py)  # Triton's cache hits and misses by kernel
     "${py[@]}" -m hattn.cli generate --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --prompt-ids 1,2,3,4,5,6,7,8 \
       --max-new-tokens 16 --mode "$mode" --cache-dir "$WORK/$mode-cache" --timing 2>&1 | tee "$OUT/startup-$mode-$run.log"
     [ -f "$WORK/$mode-$run.prof" ] && python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); \
-s.sort_stats('cumulative').print_stats(45); s.sort_stats('tottime').print_stats(25)" "$WORK/$mode-$run.prof" \
+s.sort_stats('cumulative').print_stats(45); s.sort_stats('tottime').print_stats(25); \
+s.print_callers(r'triton.compiler.compiler.py:[0-9]+.compile.|_register_to_dispatcher|_jit_internal.py.*_overload|make_prim')" \
+      "$WORK/$mode-$run.prof" \
       >> "$OUT/startup-$mode-$run.log"
     wall=$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $start }")
     first=$(grep -o 'process start to first token [0-9.]*' "$OUT/startup-$mode-$run.log" | grep -o '[0-9.]*$')

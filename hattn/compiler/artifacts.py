@@ -142,6 +142,7 @@ def keep_kernels_in(cache_dir: str) -> str:
     compiles and autotunes them again (tens of seconds). Triton keys its entries by kernel source, signature,
     Triton version and target, so an entry that does not fit is never used. Sets the process's environment (Triton
     reads it at each compile)."""
+    same_triton_toolchain()
     chosen = os.environ.get("TRITON_CACHE_DIR")
     if chosen:
         return chosen
@@ -150,6 +151,30 @@ def keep_kernels_in(cache_dir: str) -> str:
     os.environ["TRITON_CACHE_DIR"] = path
     log.info("hattn: Triton's kernel cache is %s (cache_dir)", path)
     return path
+
+
+def same_triton_toolchain() -> None:
+    """Set the ptxas and libdevice Triton compiles with as inductor sets them, before anything compiles.
+
+    Inductor points Triton at torch's own ptxas and (on torch versions that do) at CUDA's libdevice, but only when
+    it first compiles a kernel itself. Both are in Triton's cache keys: ptxas's version in every kernel's and
+    autotuning result's key, libdevice's file hash in the options'. So a process whose inductor compiled early (a
+    cold start) keyed fla's and hattn's kernels differently from one whose pieces all came from torch's cache (a
+    warm start), which then found none of them: the H100's warm start compiled ~60 kernels and autotuned fla's
+    chunk kernels again (~42 s). Setting both first makes every process key them alike. torch's private setters
+    (idempotent; absent or failing ones are skipped: the keys are then as before)."""
+    try:
+        from torch._inductor.runtime import compile_tasks
+    except ImportError:
+        return
+    for name in ("_set_triton_ptxas_path", "_set_triton_libdevice_path"):
+        setter = getattr(compile_tasks, name, None)
+        if setter is None:
+            continue
+        try:
+            setter()
+        except Exception as e:  # noqa: BLE001  (a toolchain torch cannot find: Triton's own is used, as before)
+            log.debug("hattn: torch's %s failed (%r)", name, e)
 
 
 def entries(cache_dir) -> list[Path]:

@@ -19,7 +19,7 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import TracingContext, detect_fake_mode
 
 from hattn.compiler import snapshot
-from hattn.compiler.artifacts import keep_kernels_in, load_entry
+from hattn.compiler.artifacts import keep_kernels_in, load_entry, same_triton_toolchain
 from hattn.compiler.config import Config
 from hattn.compiler.dispatch import Traced, input_sources, learning, one_token_dims, symbolic_sizes, whole_frame
 from hattn.compiler.signature import signature
@@ -278,6 +278,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
         stats.graphs_from_snapshots += 1
         stats.snapshot_load_seconds += load_seconds
     sources, code, sizes = input_sources(gm), whole_frame(gm), symbolic_sizes(gm)  # before the passes touch the graph
+    same_triton_toolchain()  # before any kernel compiles: Triton's keys alike in every process (cache_dir or not)
     entry = graph = None
     if config.cache_dir is not None:
         keep_kernels_in(config.cache_dir)

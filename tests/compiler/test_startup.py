@@ -346,6 +346,33 @@ def test_cache_dir_keeps_tritons_kernel_cache_unless_the_user_chose_one(fake_cac
     assert not (tmp_path / "other").exists()
 
 
+def test_tritons_toolchain_is_set_as_inductor_sets_it_before_anything_compiles(fake_cache, tmp_path, monkeypatch,
+                                                                              one_thread):
+    """ptxas's version and libdevice's hash are in Triton's cache keys: a process whose inductor set them late keyed
+    fla's kernels unlike a warm process whose pieces all came from cache (the H100 compiled and autotuned them
+    again). Both are set when Triton's cache is chosen and at every graph compile, before anything compiles; a
+    setter that fails is skipped."""
+    from torch._inductor.runtime import compile_tasks
+
+    calls = []
+
+    def failing():
+        calls.append("libdevice")
+        raise RuntimeError("no CUDA toolkit")
+
+    monkeypatch.setattr(compile_tasks, "_set_triton_ptxas_path", lambda: calls.append("ptxas"))
+    monkeypatch.setattr(compile_tasks, "_set_triton_libdevice_path", failing, raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    artifacts.keep_kernels_in(str(tmp_path / "a"))
+    assert calls == ["ptxas", "libdevice"]
+    calls.clear()
+    torch._dynamo.reset()
+    be = backend(mode="eager", progress=False)  # no cache_dir: Triton's default cache has the same keys to keep
+    with torch.inference_mode():
+        torch.compile(toy_model(pattern=LINEAR3), backend=be)(_ids(9))
+    assert calls[:2] == ["ptxas", "libdevice"] and be.stats.graphs_compiled == 1
+
+
 def test_generate_cache_dir_sets_tritons_cache_before_the_model_loads(tmp_path, monkeypatch, one_thread):
     from hattn import cli
     from hattn.models import presets
