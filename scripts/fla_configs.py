@@ -1,6 +1,7 @@
 """fla's autotuning at a cold start, and what shipping its results saves.
 
     python3 scripts/fla_configs.py --out DIR [--bundle FILE] [--heads 16] [--dim 128] [--tokens 2048] [--seqs 4]
+    python3 scripts/fla_configs.py --out DIR --from-logs LOG...   # the choices the model's own runs printed
 
 fla's chunked gated delta rule autotunes each of its kernels at its first call (every config compiled and timed):
 tens of seconds on a cold Triton cache, paid by full mode's first packed-prefill capture and by pcg/bcg's first
@@ -11,13 +12,21 @@ In a fresh Triton cache: time the first call of hattn's chunked rule at the give
 sequences, new and continued), write every fla autotuner's choice to DIR in fla's format, then time the first call
 again in a new process with another fresh Triton cache, reading DIR; both outputs must be the same bits.
 `--bundle` also writes every file of DIR into one JSON object (file name -> content).
+
+`--from-logs` reads, instead, the choices fla's autotuners printed in runs of the model itself (Triton prints the
+key and the chosen config with TRITON_PRINT_AUTOTUNING=1, e.g. scripts/startup.sh's logs): the exact keys of the
+model's calls, which a synthetic call may miss (this script's own call did until the thirtieth session).
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import collections
 import gc
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,22 +73,60 @@ def _first_call(heads, dim, tokens, seqs) -> tuple[float, torch.Tensor]:
 
 def _dump(out: str) -> list[str]:
     """Every fla autotuner's choices, as $FLA_CONFIG_DIR/<kernel>.json files fla reads."""
-    import triton
-    from fla.ops.utils.cache import AutotuneKey, CachedAutotuner
+    from fla.ops.utils.cache import CachedAutotuner
 
-    written = []
-    os.makedirs(out, exist_ok=True)
+    choices = {}
     for tuner in [o for o in gc.get_objects() if isinstance(o, CachedAutotuner) and o.cache]:
-        entries = {}
-        for key, cfg in tuner.cache.items():
-            entries[AutotuneKey.key_hash(list(key))] = {"autotune_key": list(key), "config": {
-                "kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                "num_ctas": cfg.num_ctas, "maxnreg": cfg.maxnreg}}
-        body = {"kernel_name": tuner.kernel_name, "triton_version": triton.__version__, "autotune_entries": entries}
-        with open(os.path.join(out, f"{tuner.kernel_name}.json"), "w") as f:
+        choices[tuner.kernel_name] = {tuple(key): {
+            "kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+            "num_ctas": cfg.num_ctas, "maxnreg": cfg.maxnreg} for key, cfg in tuner.cache.items()}
+    return _write(out, choices)
+
+
+def _write(out: str, choices: dict) -> list[str]:
+    """kernel name -> {autotuning key (tuple): config} as fla's files, entries keyed by fla's AutotuneKey.key_hash
+    (md5 of the key as compact, sorted JSON); one line per kernel written."""
+    import triton
+
+    os.makedirs(out, exist_ok=True)
+    written = []
+    for name, configs in sorted(choices.items()):
+        entries = {hashlib.md5(json.dumps(list(key), separators=(",", ":"), sort_keys=True).encode()).hexdigest():
+                   {"autotune_key": list(key), "config": config} for key, config in configs.items()}
+        body = {"kernel_name": name, "triton_version": triton.__version__, "autotune_entries": entries}
+        with open(os.path.join(out, f"{name}.json"), "w") as f:
             json.dump(body, f, indent=1, sort_keys=True)
-        written.append(f"{tuner.kernel_name} ({len(tuner.configs)} configs): {list(entries.values())[0]['config']}")
+        written.append(f"{name}: {len(entries)} keys, {list(entries.values())[0]['config']}")
     return written
+
+
+_TUNED = re.compile(r"Triton autotuning for function (\w+),\s*with key as (\(.*?\)),\s*finished after [0-9.]+s,"
+                    r"\s*best config selected: (.*?);", re.S)
+
+
+def choices_from_logs(texts: list[str]) -> tuple[dict, list[str]]:
+    """fla's choices from logs of the model's own runs printed with TRITON_PRINT_AUTOTUNING=1 (Triton prints the
+    autotuning key fla looks configs up by, and the config it chose): kernel -> {key: config}, the choice made most
+    often per key (the first of equals), and a line per key whose runs chose differently."""
+    seen: dict = collections.defaultdict(list)
+    for text in texts:
+        for name, key, config in _TUNED.findall(text):
+            seen[(name, ast.literal_eval(key))].append(_config(config))
+    choices, split = collections.defaultdict(dict), []
+    for (name, key), configs in seen.items():
+        counts = collections.Counter(json.dumps(c, sort_keys=True) for c in configs)
+        choices[name][key] = json.loads(counts.most_common(1)[0][0])
+        if len(counts) > 1:
+            split.append(f"{name} {key}: {len(configs)} runs chose {len(counts)} configs; kept the most common")
+    return dict(choices), split
+
+
+def _config(text: str) -> dict:
+    """Triton's printed config ("BK: 64, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None") in fla's form."""
+    fields = dict(item.split(": ", 1) for item in text.split(", "))
+    value = {k: None if v == "None" else int(v) for k, v in fields.items()}
+    own = ("num_warps", "num_ctas", "num_stages", "maxnreg")
+    return {"kwargs": {k: v for k, v in value.items() if k not in own}, **{k: value.get(k) for k in own}}
 
 
 def main() -> None:
@@ -91,7 +138,15 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=4)
     ap.add_argument("--bundle", default=None)
     ap.add_argument("--child", default=None)  # internal: the second process writes its output here
+    ap.add_argument("--from-logs", nargs="+", default=None,
+                    help="no GPU work: the choices these logs of the model's runs printed (TRITON_PRINT_AUTOTUNING=1)")
     a = ap.parse_args()
+    if a.from_logs:
+        choices, split = choices_from_logs([open(f).read() for f in a.from_logs])
+        for line in [*_write(a.out, choices), *split]:
+            print("  ", line)
+        _bundle(a.out, a.bundle)
+        return
     shape = (a.heads, a.dim, a.tokens, a.seqs)
     if a.child:
         seconds, out = _first_call(*shape)
@@ -111,11 +166,15 @@ def main() -> None:
     same = torch.equal(torch.load(child), out.cpu())
     os.remove(child)
     print(f"outputs {'identical' if same else 'DIFFER'}", flush=True)
-    if a.bundle:
-        files = sorted(f for f in os.listdir(a.out) if f.endswith(".json"))
-        bundle = {f: json.load(open(os.path.join(a.out, f))) for f in files}
-        with open(a.bundle, "w") as f:
-            json.dump(bundle, f, indent=1, sort_keys=True)
+    _bundle(a.out, a.bundle)
+
+
+def _bundle(out: str, bundle: str | None) -> None:
+    """Every file of `out` in one JSON object (file name -> content), the device tool returning few files."""
+    if bundle:
+        files = sorted(f for f in os.listdir(out) if f.endswith(".json"))
+        with open(bundle, "w") as f:
+            json.dump({name: json.load(open(os.path.join(out, name))) for name in files}, f, indent=1, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,28 @@ def test_fla_reads_the_shipped_config_of_the_1b_shape():
     entry = next(iter(json.loads(file.read_text())["autotune_entries"].values()))
     got = load_cached_config("chunk_fwd_kernel_o", AutotuneKey(tuple(entry["autotune_key"])))
     assert got == entry["config"]
+
+
+def test_configs_are_read_from_the_models_own_autotuning_logs():
+    """scripts/fla_configs.py --from-logs: the key and config Triton printed (TRITON_PRINT_AUTOTUNING=1) for each
+    of the model's calls, the most common choice per key over runs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "scripts" / "fla_configs.py"
+    spec = importlib.util.spec_from_file_location("fla_configs_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def run(warps: int, bk: int) -> str:
+        return ("Autotuning kernel k with config BK: 32, num_warps: 1\nTriton autotuning for function k,\n"
+                "with key as (16, 128, False, 'torch.bfloat16', 'torch.int64'),\nfinished after 2.35s,\n"
+                f"best config selected: BK: {bk}, num_warps: {warps}, num_ctas: 1, num_stages: 3, maxnreg: None;\n"
+                "Triton autotuning for function c,\nwith key as (1, 'torch.float32'),\nfinished after 0.9s,\n"
+                "best config selected: num_warps: 8, num_ctas: 1, num_stages: 3, maxnreg: None;\n")
+
+    choices, split = script.choices_from_logs([run(4, 64), run(2, 32), run(4, 64)])
+    key = (16, 128, False, "torch.bfloat16", "torch.int64")
+    assert choices["k"] == {key: {"kwargs": {"BK": 64}, "num_warps": 4, "num_ctas": 1, "num_stages": 3,
+                                  "maxnreg": None}}
+    assert choices["c"][(1, "torch.float32")]["kwargs"] == {} and len(split) == 1 and split[0].startswith("k ")

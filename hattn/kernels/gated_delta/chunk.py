@@ -21,10 +21,12 @@ the 1B preset's shape on the H200, paid by full mode's first packed capture and 
 `fla_configs/<GPU>/` holds the configs that autotuning chose there (`scripts/fla_configs.py` writes them, in fla's
 own format); `use_shipped_configs` points fla at them (FLA_CACHE_MODE=strict: a kernel whose exact autotuning key
 -- head counts, head dims, chunk size, dtypes, the offsets' int64 included -- is not in the file autotunes as
-before), ~6 s instead. A user's own FLA_CONFIG_DIR or FLA_CACHE_MODE wins. None ship today: the H200's files of
-the thirteenth session were autotuned on int32 offsets, so no key the model makes was in them (H100 files written
-the same way in the thirtieth session left its cold start autotuning all five kernels); the script now calls this
-module's own entry. fla keeps its autotuning results in Triton's cache (`cache_results`), which `cache_dir` keeps.
+before), ~6 s instead. A user's own FLA_CONFIG_DIR or FLA_CACHE_MODE wins. The H200's files of the
+thirteenth session were autotuned on int32 offsets, so no key the model makes was in them (H100 files written the
+same way in the thirtieth session left its cold start autotuning all five kernels): removed. The H100's files now
+come from the model's own runs (`scripts/fla_configs.py --from-logs`, the choices Triton printed there), and the
+script's own call is this module's entry. fla also keeps its autotuning results in Triton's cache
+(`cache_results`), which `cache_dir` keeps.
 """
 from __future__ import annotations
 
