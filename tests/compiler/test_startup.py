@@ -558,7 +558,7 @@ def test_generate_timing_prints_the_startup_breakdown(capsys, one_thread):
     total, imports, model, setup = map(float, re.findall(
         r"first token ([\d.]+) s: .*\(imports ([\d.]+), model built and adapted ([\d.]+), cache and compile "
         r"set-up ([\d.]+)\)", first)[0])
-    assert 0 < imports and 0 < model and 0 <= setup and imports + model + setup <= total, first
+    assert 0 < imports and 0 < model and 0 <= setup and imports + model + setup <= total + 0.015, first  # 2 decimals
     assert re.search(r"startup s: probe [\d.]+, dynamo 0.00, snapshot load 0.00, cache load 0.00", err)
     assert "graphs 0, pieces 0: 0 compiled" in err
 
