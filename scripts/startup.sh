@@ -10,6 +10,8 @@
 #                                                                    # cumulative and 25 by own time, and who called
 #                                                                    # Triton's compiles and torch's op registrations)
 #   TRITON_COMPILES=1 bash scripts/startup.sh   # each run lists the Triton kernels it compiled and those from the cache
+#   TRITON_PRINT_AUTOTUNING=1 bash scripts/startup.sh   # and $OUT/fla_configs.json: fla's choices in the model's runs
+#                                                       # (file name -> content; ship them as fla_configs/<GPU>/)
 # The summary lines at the end: mode, run, process start to first token, process wall seconds.
 set -uo pipefail
 unset TRITON_CACHE_DIR
@@ -46,3 +48,8 @@ s.print_callers(r'triton.compiler.compiler.py:[0-9]+.compile.|_register_to_dispa
   done
 done
 printf '%s\n' "${summary[@]}" | tee "$OUT/startup-summary.txt"
+# fla's autotuning choices the runs printed (TRITON_PRINT_AUTOTUNING=1), as files to ship for this GPU
+if [ -n "${TRITON_PRINT_AUTOTUNING:-}" ] && grep -q "best config selected" "$OUT"/startup-*-*.log 2>/dev/null; then
+  python3 scripts/fla_configs.py --out "$WORK/fla_configs" --bundle "$OUT/fla_configs.json" \
+    --from-logs "$OUT"/startup-*-*.log
+fi
