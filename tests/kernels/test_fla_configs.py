@@ -138,3 +138,43 @@ def test_configs_are_read_from_the_models_own_autotuning_logs():
     assert choices["k"] == {key: {"kwargs": {"BK": 64}, "num_warps": 4, "num_ctas": 1, "num_stages": 3,
                                   "maxnreg": None}}
     assert choices["c"][(1, "torch.float32")]["kwargs"] == {} and len(split) == 1 and split[0].startswith("k ")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_shipped_configs_serve_the_models_own_calls(monkeypatch):
+    """Every fla kernel hattn's chunked rule launches (new and continued sequences, int64 offsets, the 1B preset's
+    16 heads of 128) finds its config in the GPU's shipped files: none autotunes. The H200's files of the
+    thirteenth session, written from a call with int32 offsets, matched none of these keys."""
+    import gc
+    import os
+
+    pytest.importorskip("fla")
+    if chunk.fla_chunk() is None or config_dir_for(torch.cuda.get_device_name(0)) is None:
+        pytest.skip("no shipped configs for this GPU")
+    if os.environ.get("FLA_CONFIG_DIR") != str(config_dir_for(torch.cuda.get_device_name(0))):
+        pytest.skip("fla reads the user's own configs")
+    from fla.ops.utils import cache as fla_cache
+
+    from hattn.kernels.gated_delta.chunk import chunk_gated_delta_rule_slots
+    from hattn.kernels.packing import PackedBatch
+
+    for tuner in [o for o in gc.get_objects() if isinstance(o, fla_cache.CachedAutotuner)]:
+        monkeypatch.setattr(tuner, "cache", {})  # earlier calls' choices: every key is looked up again
+    looked, lookup = [], fla_cache.load_cached_config
+    monkeypatch.setattr(fla_cache, "load_cached_config",
+                        lambda name, key=None: looked.append((name, key, lookup(name, key))) or looked[-1][2])
+    torch.manual_seed(0)
+    t, heads, dim, lens = 200, 16, 128, [136, 64]
+    q = torch.nn.functional.normalize(torch.randn(t, heads, dim, device="cuda"), dim=-1).bfloat16()
+    k = torch.nn.functional.normalize(torch.randn(t, heads, dim, device="cuda"), dim=-1).bfloat16()
+    v = torch.randn(t, heads, dim, device="cuda", dtype=torch.bfloat16)
+    g, beta = -torch.rand(t, heads, device="cuda"), torch.rand(t, heads, device="cuda", dtype=torch.bfloat16)
+    states = torch.zeros(len(lens), heads, dim, dim, device="cuda")
+    for context in ([0, 0], [1, 1]):  # new prompts (no initial states), then continued ones
+        batch = PackedBatch.build(lens, "cuda", slots=[0, 1], context_lens=context)
+        chunk_gated_delta_rule_slots(q, k, v, g, beta, batch, states)
+    torch.cuda.synchronize()
+    assert looked, "no fla kernel looked its config up (FLA_CACHE_MODE not strict?)"
+    missing = [(name, key.autotune_key) for name, key, found in looked if found is None]
+    assert not missing, f"keys the shipped files lack (fla autotuned them): {missing}"
