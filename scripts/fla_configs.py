@@ -107,12 +107,16 @@ _TUNED = re.compile(r"Triton autotuning for function (\w+),\s*with key as (\(.*?
 def choices_from_logs(texts: list[str]) -> tuple[dict, list[str]]:
     """fla's choices from logs of the model's own runs printed with TRITON_PRINT_AUTOTUNING=1 (Triton prints the
     autotuning key fla looks configs up by, and the config it chose): kernel -> {key: config}, the choice made most
-    often per key (the first of equals), and a line per key whose runs chose differently."""
+    often per key (the first of equals), and a line per key whose runs chose differently or that could not be read.
+    Only what a run autotuned is there: a call the runs never made (a long new prompt with a cache, say) is not."""
     seen: dict = collections.defaultdict(list)
+    choices, split = collections.defaultdict(dict), []
     for text in texts:
         for name, key, config in _TUNED.findall(text):
-            seen[(name, ast.literal_eval(key))].append(_config(config))
-    choices, split = collections.defaultdict(dict), []
+            try:
+                seen[(name, ast.literal_eval(key))].append(_config(config))
+            except (ValueError, SyntaxError) as e:  # a key or config not printed as literals: left out, said why
+                split.append(f"{name} {key[:80]}: unreadable ({e}); left out")
     for (name, key), configs in seen.items():
         counts = collections.Counter(json.dumps(c, sort_keys=True) for c in configs)
         choices[name][key] = json.loads(counts.most_common(1)[0][0])
@@ -124,7 +128,7 @@ def choices_from_logs(texts: list[str]) -> tuple[dict, list[str]]:
 def _config(text: str) -> dict:
     """Triton's printed config ("BK: 64, num_warps: 4, num_ctas: 1, num_stages: 3, maxnreg: None") in fla's form."""
     fields = dict(item.split(": ", 1) for item in text.split(", "))
-    value = {k: None if v == "None" else int(v) for k, v in fields.items()}
+    value = {k: ast.literal_eval(v) for k, v in fields.items()}  # ints, None, True, 0.5
     own = ("num_warps", "num_ctas", "num_stages", "maxnreg")
     return {"kwargs": {k: v for k, v in value.items() if k not in own}, **{k: value.get(k) for k in own}}
 

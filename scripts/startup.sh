@@ -24,16 +24,17 @@ WORK=$(mktemp -d)
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$WORK/pycache}
 unset PYTHONDONTWRITEBYTECODE  # the H100's warm run still compiled ~4000 modules from source with the prefix alone
 python3 -c "import sys; print('bytecode written:', not sys.dont_write_bytecode, 'prefix:', sys.pycache_prefix)"
-summary=()
+summary=() logs=()
 for mode in ${MODES:-bcg full pcg}; do
   for run in ${RUNS:-cold warm traced}; do
     export TORCHINDUCTOR_CACHE_DIR=$WORK/$mode-$run-inductor  # TRITON_CACHE_DIR unset: hattn puts it in cache_dir
     [ "$run" = traced ] && mv "$WORK/$mode-cache/dynamo" "$WORK/$mode-cache/dynamo.off" 2>/dev/null
     start=$(date +%s.%N)
     py=(python3); [[ " ${PROFILE_RUNS:-} " == *" $run "* ]] && py=(python3 -m cProfile -o "$WORK/$mode-$run.prof")
-    [ -n "${TRITON_COMPILES:-}" ] && py+=(scripts/triton_compiles.py)  # Triton's cache hits and misses by kernel
+    [ "${TRITON_COMPILES:-0}" != 0 ] && py+=(scripts/triton_compiles.py)  # Triton's cache hits and misses by kernel
     "${py[@]}" -m hattn.cli generate --preset "$PRESET" --device "$DEVICE" --dtype "$DTYPE" --prompt-ids 1,2,3,4,5,6,7,8 \
       --max-new-tokens 16 --mode "$mode" --cache-dir "$WORK/$mode-cache" --timing 2>&1 | tee "$OUT/startup-$mode-$run.log"
+    logs+=("$OUT/startup-$mode-$run.log")
     [ -f "$WORK/$mode-$run.prof" ] && python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); \
 s.sort_stats('cumulative').print_stats(45); s.sort_stats('tottime').print_stats(25); \
 s.print_callers(r'triton.compiler.compiler.py:[0-9]+.compile.|_register_to_dispatcher|_jit_internal.py.*_overload|make_prim')" \
@@ -49,7 +50,7 @@ s.print_callers(r'triton.compiler.compiler.py:[0-9]+.compile.|_register_to_dispa
 done
 printf '%s\n' "${summary[@]}" | tee "$OUT/startup-summary.txt"
 # fla's autotuning choices the runs printed (TRITON_PRINT_AUTOTUNING=1), as files to ship for this GPU
-if [ -n "${TRITON_PRINT_AUTOTUNING:-}" ] && grep -q "best config selected" "$OUT"/startup-*-*.log 2>/dev/null; then
-  python3 scripts/fla_configs.py --out "$WORK/fla_configs" --bundle "$OUT/fla_configs.json" \
-    --from-logs "$OUT"/startup-*-*.log
+# (this run's logs only: $OUT may hold older ones)
+if [ -n "${TRITON_PRINT_AUTOTUNING:-}" ] && [ ${#logs[@]} -gt 0 ] && grep -q "best config selected" "${logs[@]}" 2>/dev/null; then
+  python3 scripts/fla_configs.py --out "$WORK/fla_configs" --bundle "$OUT/fla_configs.json" --from-logs "${logs[@]}"
 fi

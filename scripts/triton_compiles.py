@@ -4,7 +4,10 @@
 
 At exit it prints, per kernel name, the compiles that missed Triton's cache and those that hit it, and the ptxas
 and libdevice the process ended with (both are in Triton's keys: a warm start whose keys differ from the cold
-run's finds nothing in the cache). scripts/startup.sh runs each start through it with TRITON_COMPILES=1.
+run's finds nothing in the cache). scripts/startup.sh runs each start through it with TRITON_COMPILES=1 (run from
+the repository root with it on PYTHONPATH, as startup.sh does). Only this process's compiles are seen: inductor's
+parallel compile workers compile in subprocesses, and this process then loads their kernels as cache hits
+(TORCHINDUCTOR_COMPILE_THREADS=1 keeps them here).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def _report() -> None:
     for name, count in misses:
         print(f"  missed {count:3d} {name}")
     print(f"triton toolchain: TRITON_PTXAS_PATH={os.environ.get('TRITON_PTXAS_PATH')} "
-          f"libdevice={knobs.nvidia.libdevice_path} TRITON_LIBDEVICE_PATH={os.environ.get('TRITON_LIBDEVICE_PATH')}")
+          f"libdevice={knobs.nvidia.libdevice_path}")
 
 
 def main() -> None:

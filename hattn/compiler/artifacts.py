@@ -154,15 +154,19 @@ def keep_kernels_in(cache_dir: str) -> str:
 
 
 def same_triton_toolchain() -> None:
-    """Set the ptxas and libdevice Triton compiles with as inductor sets them, before anything compiles.
+    """Set the ptxas (and libdevice, where torch's config asks for CUDA's) Triton compiles with as inductor sets
+    them, before anything compiles.
 
-    Inductor points Triton at torch's own ptxas and (on torch versions that do) at CUDA's libdevice, but only when
-    it first compiles a kernel itself. Both are in Triton's cache keys: ptxas's version in every kernel's and
-    autotuning result's key, libdevice's file hash in the options'. So a process whose inductor compiled early (a
-    cold start) keyed fla's and hattn's kernels differently from one whose pieces all came from torch's cache (a
-    warm start), which then found none of them: the H100's warm start compiled ~60 kernels and autotuned fla's
-    chunk kernels again (~42 s). Setting both first makes every process key them alike. torch's private setters
-    (idempotent; absent or failing ones are skipped: the keys are then as before)."""
+    Inductor points Triton at torch's own ptxas (and, with `eager_numerics.use_pytorch_libdevice` or
+    `emulate_precision_casts`, at CUDA's libdevice), but only when it compiles a kernel itself. Both are in
+    Triton's cache keys: ptxas's version in every kernel's and autotuning result's key, libdevice's file hash in
+    the options'. So a process whose inductor compiled early (a cold start) keyed fla's and hattn's kernels
+    differently from one whose pieces all came from torch's cache (a warm start), which then found none of them:
+    the H100's warm start compiled ~60 kernels and autotuned fla's chunk kernels again (~42 s). Set first, every
+    process keys them alike. Triton fixes ptxas's version at a process's first compile (`get_ptxas_version` is
+    cached), so this must run before any Triton kernel compiles: `keep_kernels_in` (before the model loads, in
+    `hattn generate`) and each graph compile (before its pieces and first run) call it. torch's private setters,
+    idempotent; absent or failing ones are skipped (the keys are then as before)."""
     try:
         from torch._inductor.runtime import compile_tasks
     except ImportError:

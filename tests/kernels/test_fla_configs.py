@@ -21,7 +21,7 @@ def _key_hash(key) -> str:
 
 @pytest.fixture
 def shipped(tmp_path, monkeypatch):
-    """A configs directory holding one GPU's (none ship today: the H200's matched no key the model makes)."""
+    """A configs directory of its own holding one GPU's: the tests do not depend on which GPUs hattn ships."""
     (tmp_path / "NVIDIA_H200").mkdir()
     monkeypatch.setattr(chunk, "SHIPPED_CONFIGS", tmp_path)
     return tmp_path
@@ -133,7 +133,11 @@ def test_configs_are_read_from_the_models_own_autotuning_logs():
                 "Triton autotuning for function c,\nwith key as (1, 'torch.float32'),\nfinished after 0.9s,\n"
                 "best config selected: num_warps: 8, num_ctas: 1, num_stages: 3, maxnreg: None;\n")
 
-    choices, split = script.choices_from_logs([run(4, 64), run(2, 32), run(4, 64)])
+    odd = ("Triton autotuning for function f,\nwith key as (8, 'torch.int64'),\nfinished after 1.0s,\n"
+           "best config selected: USE_X: True, SCALE: 0.5, num_warps: 4, num_ctas: 1, num_stages: 2, maxnreg: 128;\n")
+    choices, split = script.choices_from_logs([run(4, 64), run(2, 32), run(4, 64), odd])
+    assert choices["f"][(8, "torch.int64")] == {"kwargs": {"USE_X": True, "SCALE": 0.5}, "num_warps": 4,
+                                                "num_ctas": 1, "num_stages": 2, "maxnreg": 128}
     key = (16, 128, False, "torch.bfloat16", "torch.int64")
     assert choices["k"] == {key: {"kwargs": {"BK": 64}, "num_warps": 4, "num_ctas": 1, "num_stages": 3,
                                   "maxnreg": None}}

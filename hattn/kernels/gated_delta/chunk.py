@@ -24,8 +24,9 @@ own format); `use_shipped_configs` points fla at them (FLA_CACHE_MODE=strict: a 
 before), ~6 s instead. A user's own FLA_CONFIG_DIR or FLA_CACHE_MODE wins. The H200's files of the
 thirteenth session were autotuned on int32 offsets, so no key the model makes was in them (H100 files written the
 same way in the thirtieth session left its cold start autotuning all five kernels): removed. The H100's files now
-come from the model's own runs (`scripts/fla_configs.py --from-logs`, the choices Triton printed there), and the
-script's own call is this module's entry. fla also keeps its autotuning results in Triton's cache
+come from the model's own runs (`scripts/fla_configs.py --from-logs`, the choices Triton printed there; the state
+kernel's key of a new sequence with a cache, which those runs never made, from the script's own run with its
+int32 offsets' dtype set to int64), and the script's own call is this module's entry. fla also keeps its autotuning results in Triton's cache
 (`cache_results`), which `cache_dir` keeps.
 """
 from __future__ import annotations
