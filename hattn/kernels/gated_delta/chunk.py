@@ -18,16 +18,13 @@ would read the warm-up's offsets instead of recomputing them from this step's.
 
 fla autotunes each chunk kernel at its first call: every config compiled and timed, ~42 s on a cold Triton cache at
 the 1B preset's shape on the H200, paid by full mode's first packed capture and pcg/bcg's first long prefill.
-`fla_configs/<GPU>/` holds the configs that autotuning chose there (`scripts/fla_configs.py` writes them, in fla's
-own format); `use_shipped_configs` points fla at them (FLA_CACHE_MODE=strict: a kernel whose exact autotuning key
--- head counts, head dims, chunk size, dtypes, the offsets' int64 included -- is not in the file autotunes as
-before), ~6 s instead. A user's own FLA_CONFIG_DIR or FLA_CACHE_MODE wins. The H200's files of the
-thirteenth session were autotuned on int32 offsets, so no key the model makes was in them (H100 files written the
-same way in the thirtieth session left its cold start autotuning all five kernels): removed. The H100's files now
-come from the model's own runs (`scripts/fla_configs.py --from-logs`, the choices Triton printed there; the state
-kernel's key of a new sequence with a cache, which those runs never made, from the script's own run with its
-int32 offsets' dtype set to int64), and the script's own call is this module's entry. fla also keeps its autotuning results in Triton's cache
-(`cache_results`), which `cache_dir` keeps.
+`fla_configs/<GPU>/` holds the configs that autotuning chose there, in fla's own format; `use_shipped_configs` points
+fla at them (FLA_CACHE_MODE=strict: a kernel whose exact autotuning key -- head counts, head dims, chunk size, the
+dtypes of its tensors, the int64 offsets included -- is not in the file autotunes as before), ~6 s instead. Only
+the model's own calls make those keys: `scripts/fla_configs.py --from-logs` writes the files from the choices Triton
+printed in runs of the model (docs/benchmarks.md, thirtieth session: where the H100's came from, and why the H200's
+were removed). A user's own FLA_CONFIG_DIR or FLA_CACHE_MODE wins. fla also keeps its autotuning results in
+Triton's cache (`cache_results`), which `cache_dir` keeps.
 """
 from __future__ import annotations
 
