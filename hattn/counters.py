@@ -26,6 +26,7 @@ class Stats:
     graphs_from_snapshots: int = 0  # graphs compiled from a cache_dir's snapshot, without Dynamo (snapshot.py)
     cuda_graphs: int = 0         # CUDA graphs captured (all pieces/segments, all sizes)
     capture_sizes_done: int = 0  # sizes captured
+    kernels_compiled_ahead: int = 0  # Triton kernels compiled in parallel before captures (kernels/ahead.py)
     pool_bytes: int = 0          # memory held by the graph pools (each pool once), measured after capture
     pool_bytes_by_pool: dict[str, int] = field(default_factory=dict)  # the same per pool id (str)
     replays: int = 0             # forward calls served by graph replay
@@ -83,7 +84,8 @@ def describe_startup(s: Stats) -> str:
             f"graphs {s.graphs_compiled}, pieces {s.pieces}: {s.pieces_compiled} compiled{slowest}, "
             f"{s.pieces_from_cache} from torch's cache; cache_dir hits {s.cache_hits}, misses {s.cache_misses}, "
             f"graphs from snapshots (no Dynamo) {s.graphs_from_snapshots}; "
-            f"{s.capture_sizes_done} sizes captured ({s.cuda_graphs} cuda graphs){slow_captures}")
+            f"{s.capture_sizes_done} sizes captured ({s.cuda_graphs} cuda graphs, {s.kernels_compiled_ahead} Triton "
+            f"kernels compiled ahead){slow_captures}")
 
 
 def process_seconds() -> float:

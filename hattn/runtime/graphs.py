@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_map
 
 from hattn.context import ForwardContext, forward_context, get_forward_context
 from hattn.counters import Stats
+from hattn.kernels import ahead
 from hattn.runtime.tokens import StaticInputs, TokenLayout, layout_from_examples, pick_size, unpad_outputs
 
 log = logging.getLogger("hattn")
@@ -461,6 +462,7 @@ class GraphRuntime:
         static = self.inputs.fill(size, args, 0 if has_tokens else None)
         try:
             with self.capture_context(size if has_tokens else None):
+                self._compile_ahead(static)
                 self.capture(size, static)
         except torch.OutOfMemoryError:
             self.pools.release(self.pool)
@@ -476,6 +478,20 @@ class GraphRuntime:
         seconds = time.perf_counter() - start  # warm-up run included: first-call kernel compiles and autotuning
         self.stats.capture_size_seconds[f"{self.name} {size}"] = seconds
         log.info("hattn: %s captured size %s in %.2f s (its warm-up run included)", self.name, size, seconds)
+
+    def _compile_ahead(self, args: list) -> None:
+        """A dry run of the step before its warm-up, under the capture's metadata (it writes only where the warm-up
+        does): the Triton kernels it would launch compile in parallel (kernels/ahead.py), and the warm-up finds
+        them compiled. Its results are thrown away."""
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        with ahead.compiling(device) as run:
+            if run is not None:
+                self.fn(*args)
+        if run is not None:
+            self.stats.kernels_compiled_ahead += run.compiled
+            ctx = get_forward_context()
+            if ctx is not None:
+                ctx.forget()  # what split ops derived in the dry run is derived again by the warm-up
 
     def release(self) -> None:
         """Drop every captured graph and the pool."""

@@ -227,7 +227,8 @@ def test_compile_graph_outside_dynamo_counts_no_dynamo_time():
 
 def test_startup_breakdown_in_order_and_described():
     s = Stats(graphs_compiled=2, pieces=9, pieces_compiled=3, pieces_from_cache=1, cache_hits=1, cache_misses=1,
-              cuda_graphs=14, capture_sizes_done=2, dynamo_seconds=1.0, split_seconds=0.25, fake_run_seconds=0.5,
+              cuda_graphs=14, capture_sizes_done=2, kernels_compiled_ahead=7, dynamo_seconds=1.0, split_seconds=0.25,
+              fake_run_seconds=0.5,
               compile_seconds=6.0, piece_compile_seconds=[1.0, 4.0], capture_seconds=2.0,
               capture_size_seconds={"full decode 1": 0.5, "full packed 2048": 1.5}, first_replay_seconds=0.125)
     s.add(Stats(piece_compile_seconds=[1.0], compile_seconds=1.0))
@@ -239,8 +240,8 @@ def test_startup_breakdown_in_order_and_described():
         "startup s: probe 0.00, dynamo 1.00, snapshot load 0.00, cache load 0.00, split 0.25, fake run 0.50, "
         "compile 7.00, cache save 0.00, snapshot save 0.00, capture 2.00, first replay 0.12\n"
         "graphs 2, pieces 9: 3 compiled (slowest 4.00 s), 1 from torch's cache; cache_dir hits 1, misses 1, "
-        "graphs from snapshots (no Dynamo) 0; 2 sizes captured (14 cuda graphs); slowest: full packed 2048 1.50 s, "
-        "full decode 1 0.50 s")
+        "graphs from snapshots (no Dynamo) 0; 2 sizes captured (14 cuda graphs, 7 Triton kernels compiled ahead); "
+        "slowest: full packed 2048 1.50 s, full decode 1 0.50 s")
 
 
 # -- warm start: the cache key and entry ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from hattn.kernels import ahead
 from hattn.kernels.launch import FLOATS, has_triton
 
 MAX_M = 64  # rows the skinny GEMM serves
@@ -190,6 +191,9 @@ def _choice(x2, weight, bias, preload: bool = False) -> Choice:
     if choice is None:
         if torch.cuda.is_current_stream_capturing():
             return _CUBLAS
+        if ahead.active():  # a dry run (kernels/ahead.py): compile what the timing will launch; time nothing
+            _compile_ahead(x2, weight, bias, preload)
+            return _CUBLAS
         choice = _CHOICES[shape] = _measure(x2, weight, bias, preload)
     return choice
 
@@ -227,11 +231,8 @@ def _measure(x2, weight, bias, preload: bool = False) -> Choice:
         return _CUBLAS
     lead = _lead if preload else None
     (m, k), n = x2.shape, weight.shape[0]
-    skinny = [(None, preload)]  # (launch, preload form)
-    if preload:
-        skinny += [(launch, True) for launch in preload_launches(m, n, k, x2.dtype, x2.device)] + [(None, False)]
     times = {("cublas", None, False): _median_us(lambda: F.linear(x2, weight, bias), flush, lead)}
-    for launch, form in skinny:
+    for launch, form in _candidates(x2, weight, preload):
         try:
             times["triton", launch, form] = _median_us(
                 lambda: skinny_linear(x2, weight, bias, config=launch, constant_weight=form), flush, lead)
@@ -242,6 +243,28 @@ def _measure(x2, weight, bias, preload: bool = False) -> Choice:
     triton = [t for key, t in times.items() if key[0] == "triton"]
     return Choice(backend, times["cublas", None, False], min(triton) if triton else None, launch,
                   plain=preload and backend == "triton" and not form)
+
+
+def _candidates(x2, weight, preload: bool) -> list[tuple]:
+    """The skinny GEMM's (launch, preload form) pairs timed against cuBLAS for this shape (None: the default)."""
+    (m, k), n = x2.shape, weight.shape[0]
+    skinny = [(None, preload)]
+    if preload:
+        skinny += [(launch, True) for launch in preload_launches(m, n, k, x2.dtype, x2.device)] + [(None, False)]
+    return skinny
+
+
+def _compile_ahead(x2, weight, bias, preload: bool) -> None:
+    """Launch, during a dry run, every kernel `_measure` would: each is compiled ahead, none runs."""
+    from hattn.kernels.gemm.skinny import skinny_linear
+
+    if preload:
+        _lead()
+    for launch, form in _candidates(x2, weight, preload):
+        try:
+            skinny_linear(x2, weight, bias, config=launch, constant_weight=form)
+        except _UNBUILDABLE:  # raised where a kernel compiles on the launching thread; `_measure` logs it
+            pass
 
 
 def _unbuildable() -> tuple:

@@ -1,0 +1,241 @@
+"""Compiling ahead (hattn/kernels/ahead.py): a dry run skips the launches of kernels not yet compiled and compiles
+them in a pool, once each; an autotuner's benchmark, a CUDA graph's capture and the pool's own compiles go on as
+usual; hattn's GEMM choice times and remembers nothing in a dry run; a graph runtime dry-runs a step before its
+warm-up. The hook's decisions are CPU tests; real compiles and launches need a GPU."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import types
+
+import pytest
+import torch
+
+from hattn.counters import Stats
+from hattn.kernels import ahead
+from hattn.kernels.gemm import op
+from hattn.kernels.launch import has_triton
+from hattn.runtime.graphs import GraphRuntime
+
+
+class _Preloads:
+    """A JITFunction stand-in: records the specializations sent to `preload` (in pool threads)."""
+
+    def __init__(self):
+        self.calls, self.threads = [], set()
+
+    def preload(self, data):
+        self.calls.append(data)
+        self.threads.add(threading.current_thread().name)
+
+
+def _hook_call(run: ahead.DryRun, jit, key: str, device: int = 0):
+    return run.hook(key=key, repr=key, fn=types.SimpleNamespace(jit_function=jit),
+                    compile={"device": device, "specialization_data": f"data of {key}"},
+                    is_manual_warmup=False, already_compiled=False)
+
+
+@pytest.fixture(autouse=True)
+def not_capturing(monkeypatch):
+    """No CUDA graph is being captured (torch's CPU build has no such query)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+
+
+@pytest.fixture
+def no_cuda_device(monkeypatch):
+    """`_preload` sets the launch's device: a no-op stand-in where there is no GPU."""
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+
+def test_the_hook_skips_each_launch_and_compiles_each_kernel_once_in_the_pool(no_cuda_device, monkeypatch):
+    monkeypatch.setattr(ahead, "_autotuning", lambda: False)
+    run, jit, other = ahead.DryRun(workers=2), _Preloads(), _Preloads()
+    assert _hook_call(run, jit, "k1") is True and _hook_call(run, jit, "k1") is True  # launched twice, sent once
+    assert _hook_call(run, jit, "k2") is True and _hook_call(run, other, "k1") is True
+    assert _hook_call(run, jit, "k1", device=1) is True  # another device's launcher cache: its own compile
+    run.finish()
+    assert sorted(jit.calls) == ["data of k1", "data of k1", "data of k2"] and other.calls == ["data of k1"]
+    assert all(name.startswith("hattn-compile") for name in jit.threads | other.threads)
+    assert (run.compiled, run.failed, run.skipped) == (4, 0, 5)
+
+
+def test_a_failed_compile_is_counted_and_left_to_the_real_run(no_cuda_device, monkeypatch):
+    monkeypatch.setattr(ahead, "_autotuning", lambda: False)
+
+    class Broken(_Preloads):
+        def preload(self, data):
+            raise RuntimeError("ptxas: too many registers")
+
+    run = ahead.DryRun(workers=1)
+    _hook_call(run, Broken(), "bad")
+    _hook_call(run, _Preloads(), "good")
+    run.finish()
+    assert (run.compiled, run.failed) == (1, 1)
+
+
+def test_the_hook_lets_the_pools_own_compiles_and_autotuning_go_on(monkeypatch):
+    run, jit = ahead.DryRun(workers=1), _Preloads()
+    monkeypatch.setattr(ahead, "_autotuning", lambda: True)
+    assert _hook_call(run, jit, "tuned") is None  # an autotuner's benchmark: compile and run as usual
+    monkeypatch.setattr(ahead, "_autotuning", lambda: False)
+    result = []
+    worker = threading.Thread(target=lambda: (setattr(ahead._worker, "on", True),
+                                              result.append(_hook_call(run, jit, "in pool"))))
+    worker.start()
+    worker.join()
+    assert result == [None]  # preload's own compile, in a pool thread
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert _hook_call(run, jit, "captured") is None  # a graph being captured needs the real kernel
+    run.finish()
+    assert run.futures == {} and jit.calls == []
+
+
+@pytest.mark.skipif(not has_triton(), reason="needs Triton (its Autotuner)")
+def test_autotuning_is_seen_from_the_autotuners_benchmark():
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    seen = []
+    stub = types.SimpleNamespace(nargs={}, pre_hook=lambda *a, **k: None, post_hook=lambda *a, **k: None,
+                                 fn=types.SimpleNamespace(run=lambda *a, **k: seen.append(ahead._autotuning())),
+                                 do_bench=lambda call, quantiles: call() or [1.0] * 3, base_fn=_Preloads)
+    Autotuner._bench(stub, config=triton.Config({}))
+    assert seen == [True] and not ahead._autotuning()
+
+
+def test_no_dry_run_where_it_cannot_compile_ahead(monkeypatch):
+    for device in (None, torch.device("cpu")):
+        with ahead.compiling(device) as run:
+            assert run is None and not ahead.active()
+    monkeypatch.setattr(ahead, "enabled", False)
+    with ahead.compiling(torch.device("cuda", 0)) as run:
+        assert run is None
+
+
+def test_the_gemm_choice_times_nothing_and_remembers_nothing_in_a_dry_run(monkeypatch):
+    monkeypatch.setattr(op, "_CHOICES", {})
+    monkeypatch.setattr(ahead, "_active", object())
+    launched, leads = [], []
+    monkeypatch.setattr(op, "_measure", lambda *a, **k: pytest.fail("timed in a dry run"))
+    monkeypatch.setattr(op, "_lead", lambda: leads.append(1))
+    monkeypatch.setattr(op, "preload_launches", lambda m, n, k, dtype, device: ["narrow", "no split"])
+    skinny = types.ModuleType("hattn.kernels.gemm.skinny")  # Triton's kernels' module, without Triton
+    skinny.skinny_linear = lambda x, w, b, config=None, constant_weight=False: launched.append((config,
+                                                                                               constant_weight))
+    monkeypatch.setitem(sys.modules, "hattn.kernels.gemm.skinny", skinny)
+    x, w = torch.randn(4, 64), torch.randn(128, 64)
+    assert op._choice(x, w, None, preload=True) is op._CUBLAS
+    assert launched == [(None, True), ("narrow", True), ("no split", True), (None, False)] and leads == [1]
+    assert op._CHOICES == {}  # the real run times the shape
+    launched.clear()
+    assert op._choice(x, w, None, preload=False) is op._CUBLAS and launched == [(None, False)]
+
+
+class _FakeRun:
+    compiled = 3
+
+
+def _runtime_stub(fn):
+    return types.SimpleNamespace(fn=fn, stats=Stats())
+
+
+def test_a_graph_runtime_dry_runs_the_step_before_its_warm_up(monkeypatch):
+    calls, forgotten = [], []
+
+    @contextlib.contextmanager
+    def compiling(device):
+        calls.append(("dry run on", device))
+        yield _FakeRun()
+
+    monkeypatch.setattr(ahead, "compiling", compiling)
+    ctx = types.SimpleNamespace(forget=lambda: forgotten.append(1))
+    monkeypatch.setattr("hattn.runtime.graphs.get_forward_context", lambda: ctx)
+    stub = _runtime_stub(lambda *args: calls.append(("step", len(args))))
+    GraphRuntime._compile_ahead(stub, [3, torch.zeros(2), torch.zeros(1)])
+    assert calls == [("dry run on", torch.device("cpu")), ("step", 3)]
+    assert stub.stats.kernels_compiled_ahead == 3 and forgotten == [1]
+
+
+def test_no_dry_run_of_the_step_where_nothing_compiles_ahead(monkeypatch):
+    @contextlib.contextmanager
+    def compiling(device):
+        yield None
+
+    monkeypatch.setattr(ahead, "compiling", compiling)
+    stub = _runtime_stub(lambda *args: pytest.fail("the step ran"))
+    GraphRuntime._compile_ahead(stub, [torch.zeros(2)])
+    assert stub.stats.kernels_compiled_ahead == 0
+
+
+# -- on the GPU --------------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and has_triton()), reason="needs CUDA and Triton")
+
+if has_triton():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scale(x, out, a, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + i, a * tl.load(x + i, mask=i < n), mask=i < n)
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 64}), triton.Config({"BLOCK": 128})], key=["n"])
+    @triton.jit
+    def _tuned_scale(x, out, a, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + i, a * tl.load(x + i, mask=i < n), mask=i < n)
+
+
+def _kernel_cache(fn) -> dict:
+    return fn.device_caches[torch.cuda.current_device()][0]
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_dry_run_skips_a_new_kernels_launch_and_the_real_run_finds_it_compiled():
+    n, block = 1000, 128
+    x = torch.arange(n, device="cuda", dtype=torch.float32)
+    out = torch.full_like(x, -1.0)
+    grid = (triton.cdiv(n, block),)
+    _kernel_cache(_scale).clear()
+    with ahead.compiling(x.device) as run:
+        assert run is not None and ahead.active()
+        _scale[grid](x, out, 2.0, n, BLOCK=block, num_warps=2)
+        torch.cuda.synchronize()
+        assert (out == -1).all()  # skipped: the kernel was not compiled yet
+    assert not ahead.active() and (run.compiled, run.failed) == (1, 0) and len(_kernel_cache(_scale)) == 1
+    ahead_kernel = next(iter(_kernel_cache(_scale).values()))
+    assert ahead_kernel.metadata.num_warps == 2
+    _scale[grid](x, out, 2.0, n, BLOCK=block, num_warps=2)
+    torch.testing.assert_close(out, 2 * x)
+    assert len(_kernel_cache(_scale)) == 1  # the real launch compiled nothing more
+    _kernel_cache(_scale).clear()
+    _scale[grid](x, out, 2.0, n, BLOCK=block, num_warps=2)  # compiled on this thread (from Triton's disk cache)
+    assert next(iter(_kernel_cache(_scale).values())).hash == ahead_kernel.hash  # same source, options, target
+    with ahead.compiling(x.device) as again:
+        _scale[grid](x, out, 3.0, n, BLOCK=block, num_warps=2)  # compiled: a dry run launches it as usual
+    torch.testing.assert_close(out, 3 * x)
+    assert again.compiled == 0
+
+
+@pytest.mark.gpu
+@gpu
+def test_a_dry_run_leaves_autotuning_and_graph_capture_as_they_are():
+    n = 1000
+    x = torch.arange(n, device="cuda", dtype=torch.float32)
+    out = torch.zeros_like(x)
+    with ahead.compiling(x.device) as run:
+        _tuned_scale[lambda meta: (triton.cdiv(n, meta["BLOCK"]),)](x, out, 2.0, n)
+    torch.testing.assert_close(out, 2 * x)  # benchmarked and launched for real
+    assert all(t[0] > 0 for t in _tuned_scale.configs_timings.values()) and run.compiled == 0
+    _kernel_cache(_scale).clear()
+    graph = torch.cuda.CUDAGraph()
+    with ahead.compiling(x.device) as run:
+        _scale[(8,)](x, out, 5.0, n, BLOCK=128)  # skipped; compiling in the pool
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):  # relaxed: a module may load mid-capture
+            _scale[(8,)](x, out, 4.0, n, BLOCK=128)  # inside a capture: compiled here, captured
+    out.zero_()
+    graph.replay()
+    torch.testing.assert_close(out, 4 * x)
