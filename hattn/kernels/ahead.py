@@ -40,13 +40,13 @@ from hattn.kernels.launch import has_triton, interpreting
 
 log = logging.getLogger("hattn")
 enabled = os.environ.get("HATTN_COMPILE_AHEAD", "1") != "0"
-_worker = threading.local()  # set in the pool's threads: their own compiles must not be sent to the pool again
 _active: "DryRun | None" = None
 
 
 def active() -> bool:
-    """Whether a dry run is under way (the calling code should not time or remember what it sees)."""
-    return _active is not None
+    """Whether this thread runs a dry run (the calling code should not time or remember what it sees)."""
+    run = _active
+    return run is not None and run.thread == threading.get_ident()
 
 
 def available(device: torch.device | None) -> bool:
@@ -66,14 +66,16 @@ class DryRun:
 
     def __init__(self, workers: int):
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="hattn-compile")
+        self.thread = threading.get_ident()  # Triton's hook is the process's: only this thread's launches are dry
         self.futures: dict[tuple, Future] = {}
         self.skipped = 0  # launches skipped (a kernel launched again before its compile ended counts again)
         self.compiled = self.failed = 0  # set by `finish`
 
     def hook(self, *, key, fn, compile, **_) -> bool | None:
         """Triton's `jit_cache_hook`: called before a kernel not in its launcher's cache is compiled. True skips
-        the compile and the launch; None lets Triton go on as usual."""
-        if getattr(_worker, "on", False) or torch.cuda.is_current_stream_capturing() or _autotuning():
+        the compile and the launch; None lets Triton go on as usual: in another thread (the pool's own compiles,
+        another model's steps), during a capture and in an autotuner's benchmark."""
+        if threading.get_ident() != self.thread or torch.cuda.is_current_stream_capturing() or _autotuning():
             return None
         jit, device = fn.jit_function, compile["device"]
         ident = (jit, device, key)
@@ -95,7 +97,6 @@ class DryRun:
 
 def _preload(jit, device: int, specialization_data: str) -> None:
     """Compile one launch's kernel in a pool thread into its launcher's cache (and Triton's on-disk cache)."""
-    _worker.on = True
     with torch.cuda.device(device):
         jit.preload(specialization_data)
 

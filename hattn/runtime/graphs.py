@@ -486,7 +486,11 @@ class GraphRuntime:
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
         with ahead.compiling(device) as run:
             if run is not None:
-                self.fn(*args)
+                try:
+                    self.fn(*args)
+                except Exception as e:  # only an optimization: the warm-up runs the step and raises what it raises
+                    log.debug("hattn: %s: the dry run before capture failed (%s); the warm-up compiles on its own",
+                              self.name, e)
         if run is not None:
             self.stats.kernels_compiled_ahead += run.compiled
             ctx = get_forward_context()

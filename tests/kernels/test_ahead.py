@@ -75,17 +75,18 @@ def test_a_failed_compile_is_counted_and_left_to_the_real_run(no_cuda_device, mo
     assert (run.compiled, run.failed) == (1, 1)
 
 
-def test_the_hook_lets_the_pools_own_compiles_and_autotuning_go_on(monkeypatch):
+def test_the_hook_lets_other_threads_captures_and_autotuning_go_on(monkeypatch):
     run, jit = ahead.DryRun(workers=1), _Preloads()
     monkeypatch.setattr(ahead, "_autotuning", lambda: True)
     assert _hook_call(run, jit, "tuned") is None  # an autotuner's benchmark: compile and run as usual
     monkeypatch.setattr(ahead, "_autotuning", lambda: False)
     result = []
-    worker = threading.Thread(target=lambda: (setattr(ahead._worker, "on", True),
-                                              result.append(_hook_call(run, jit, "in pool"))))
-    worker.start()
-    worker.join()
-    assert result == [None]  # preload's own compile, in a pool thread
+    other = threading.Thread(target=lambda: result.append((_hook_call(run, jit, "elsewhere"), ahead.active())))
+    monkeypatch.setattr(ahead, "_active", run)
+    assert ahead.active()
+    other.start()
+    other.join()
+    assert result == [(None, False)]  # another thread's launch (the pool's own compiles, another model's step)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _hook_call(run, jit, "captured") is None  # a graph being captured needs the real kernel
     run.finish()
@@ -116,7 +117,7 @@ def test_no_dry_run_where_it_cannot_compile_ahead(monkeypatch):
 
 def test_the_gemm_choice_times_nothing_and_remembers_nothing_in_a_dry_run(monkeypatch):
     monkeypatch.setattr(op, "_CHOICES", {})
-    monkeypatch.setattr(ahead, "_active", object())
+    monkeypatch.setattr(ahead, "_active", types.SimpleNamespace(thread=threading.get_ident()))
     launched, leads = [], []
     monkeypatch.setattr(op, "_measure", lambda *a, **k: pytest.fail("timed in a dry run"))
     monkeypatch.setattr(op, "_lead", lambda: leads.append(1))
@@ -138,7 +139,7 @@ class _FakeRun:
 
 
 def _runtime_stub(fn):
-    return types.SimpleNamespace(fn=fn, stats=Stats())
+    return types.SimpleNamespace(fn=fn, stats=Stats(), name="stub")
 
 
 def test_a_graph_runtime_dry_runs_the_step_before_its_warm_up(monkeypatch):
@@ -156,6 +157,11 @@ def test_a_graph_runtime_dry_runs_the_step_before_its_warm_up(monkeypatch):
     GraphRuntime._compile_ahead(stub, [3, torch.zeros(2), torch.zeros(1)])
     assert calls == [("dry run on", torch.device("cpu")), ("step", 3)]
     assert stub.stats.kernels_compiled_ahead == 3 and forgotten == [1]
+
+    def fails(*args):
+        raise RuntimeError("a dry run's garbage")
+
+    GraphRuntime._compile_ahead(_runtime_stub(fails), [torch.zeros(2)])  # the warm-up that follows raises, if any
 
 
 def test_no_dry_run_of_the_step_where_nothing_compiles_ahead(monkeypatch):
