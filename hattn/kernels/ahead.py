@@ -21,8 +21,9 @@ slot (runtime/graphs.py). What it must not do, it does not:
 A dry run reads what skipped kernels did not write, so nothing may index by a Triton kernel's output within a
 step: true of hattn's kernels (their indices are the step's metadata, built by torch from the host's lists).
 
-`HATTN_COMPILE_AHEAD=0` turns it off (or `enabled = False`); without Triton's hook (an older Triton, the
-interpreter, no CUDA) a dry run is skipped.
+Off by default until it has run on a GPU (written in the thirty-first session, whose device calls failed to start):
+`HATTN_COMPILE_AHEAD=1` (or `enabled = True`) turns it on. Without Triton's hook (an older Triton, the interpreter,
+no CUDA) a dry run is skipped.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import torch
 from hattn.kernels.launch import has_triton, interpreting
 
 log = logging.getLogger("hattn")
-enabled = os.environ.get("HATTN_COMPILE_AHEAD", "1") != "0"
+enabled = os.environ.get("HATTN_COMPILE_AHEAD", "0") == "1"
 _active: "DryRun | None" = None
 
 

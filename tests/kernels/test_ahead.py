@@ -107,6 +107,7 @@ def test_autotuning_is_seen_from_the_autotuners_benchmark():
 
 
 def test_no_dry_run_where_it_cannot_compile_ahead(monkeypatch):
+    monkeypatch.setattr(ahead, "enabled", True)
     for device in (None, torch.device("cpu")):
         with ahead.compiling(device) as run:
             assert run is None and not ahead.active()
@@ -194,13 +195,19 @@ if has_triton():
         tl.store(out + i, a * tl.load(x + i, mask=i < n), mask=i < n)
 
 
+@pytest.fixture
+def compile_ahead(monkeypatch):
+    """Compiling ahead on, whatever HATTN_COMPILE_AHEAD says (off by default until it has run on a GPU)."""
+    monkeypatch.setattr(ahead, "enabled", True)
+
+
 def _kernel_cache(fn) -> dict:
     return fn.device_caches[torch.cuda.current_device()][0]
 
 
 @pytest.mark.gpu
 @gpu
-def test_a_dry_run_skips_a_new_kernels_launch_and_the_real_run_finds_it_compiled():
+def test_a_dry_run_skips_a_new_kernels_launch_and_the_real_run_finds_it_compiled(compile_ahead):
     n, block = 1000, 128
     x = torch.arange(n, device="cuda", dtype=torch.float32)
     out = torch.full_like(x, -1.0)
@@ -228,7 +235,7 @@ def test_a_dry_run_skips_a_new_kernels_launch_and_the_real_run_finds_it_compiled
 
 @pytest.mark.gpu
 @gpu
-def test_a_dry_run_leaves_autotuning_and_graph_capture_as_they_are():
+def test_a_dry_run_leaves_autotuning_and_graph_capture_as_they_are(compile_ahead):
     n = 1000
     x = torch.arange(n, device="cuda", dtype=torch.float32)
     out = torch.zeros_like(x)
@@ -245,3 +252,58 @@ def test_a_dry_run_leaves_autotuning_and_graph_capture_as_they_are():
     out.zero_()
     graph.replay()
     torch.testing.assert_close(out, 4 * x)
+
+
+def _forget_compiled_kernels() -> None:
+    """Empty the launch caches of every Triton kernel hattn and fla define (and hattn's kept launches), so the
+    next launches compile (from Triton's disk cache) as in a new process."""
+    import sys as _sys
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from hattn.kernels import bound
+
+    bound.forget()
+    for name, module in list(_sys.modules.items()):
+        if module is None or not name.startswith(("hattn.kernels", "fla.")):
+            continue
+        for value in list(vars(module).values()):
+            while isinstance(value, Autotuner):
+                value = value.fn
+            if isinstance(value, JITFunction):
+                value.device_caches.clear()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
+def test_every_graph_mode_compiles_ahead_and_equals_eager(mode, compile_ahead):
+    """A hybrid toy model's first captures with compiling ahead on: kernels were compiled by the dry runs, and the
+    graphs' results equal eager's (pcg and bcg: a packed prefill; full: a decode step over a cache)."""
+    import hattn
+    from hattn.models.toy import toy_cache, toy_model
+
+    torch._dynamo.reset()
+    _forget_compiled_kernels()
+    model = toy_model(seed=0, device="cuda", pattern=["linear", "full", "linear"], hidden=32, heads=4, kv_heads=2,
+                      head_dim=16, k_heads=2, v_heads=4, k_dim=16, v_dim=16, conv_kernel=4, intermediate=64)
+    be = hattn.backend(mode=mode, capture_sizes=[1, 2, 4, 8, 16], inner_compiler="eager", progress=False)
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        if mode == "full":
+            slots, lens = [3, 5], [7, 0]
+            caches = [toy_cache(model.config, slots=8, max_len=32, device="cuda") for _ in range(2)]
+            ids = torch.randint(0, 128, (2,), generator=gen).cuda()
+            outs = []
+            for run, cache in zip((model, compiled), caches):
+                with hattn.forward_context(hattn.ForwardContext([1, 1], lens, slots, cache)):
+                    outs.append(run(ids))
+            torch.testing.assert_close(outs[1], outs[0], rtol=2e-4, atol=2e-4)
+        else:
+            with hattn.forward_context(hattn.ForwardContext(seq_lens=[5, 6])):
+                for _ in range(2):  # the second call replays what the first captured
+                    ids = torch.randint(0, 128, (11,), generator=gen).cuda()
+                    torch.testing.assert_close(compiled(ids), model(ids), rtol=2e-4, atol=2e-4)
+    assert be.stats.replays >= 1 and be.stats.kernels_compiled_ahead > 0
