@@ -16,6 +16,7 @@
 #   bash scripts/gpu_check.sh seq-buckets           # full mode's prefill with packed graphs per sequence bucket, A/B
 #   bash scripts/gpu_check.sh packed-steps          # pcg's and bcg's prefill with call-site graphs, A/B (PS_ARGS)
 #   bash scripts/gpu_check.sh aot-key-diff          # why a warm start's piece misses torch's cache: its key vs the cold's
+#   bash scripts/gpu_check.sh ahead-ab              # cold starts with HATTN_COMPILE_AHEAD=0 and =1 per mode (MODES)
 #   bash scripts/gpu_check.sh pool-profile          # what each graph pool holds at its peak, by allocating code (PP_ARGS)
 #   bash scripts/gpu_check.sh ttft-trace            # the first token's host path by wall-clock stamps (TT_ARGS)
 #   bash scripts/gpu_check.sh decode-layer           # a model decode layer: weights prefetched into L2; PDL triggers early
@@ -78,6 +79,7 @@ declare -A CMD=(
   [ttft-trace]="python3 scripts/ttft_trace.py ${TT_ARGS:-}"
   [sampling-ab]="python3 scripts/sampling_ab.py ${SA_ARGS:-}"
   [aot-key-diff]="python3 scripts/aot_key_diff.py"
+  [ahead-ab]="bash scripts/ahead_ab.sh"  # MODES through the environment, as startup's
 )
 declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench [host-profile]=host_profile
