@@ -16,14 +16,17 @@ import collections
 import os
 import runpy
 import sys
+import threading
 
 from triton import knobs
 
 COUNTS: collections.Counter = collections.Counter()  # (kernel name, cache hit) -> compiles
+_LOCK = threading.Lock()
 
 
 def _listener(*, src, metadata, metadata_group, times, cache_hit) -> None:
-    COUNTS[(str(getattr(src, "name", src))[:90], bool(cache_hit))] += 1
+    with _LOCK:  # compiles also run in hattn's compile-ahead pool threads
+        COUNTS[(str(getattr(src, "name", src))[:90], bool(cache_hit))] += 1
 
 
 def _report() -> None:

@@ -483,14 +483,14 @@ class GraphRuntime:
         """A dry run of the step before its warm-up, under the capture's metadata (it writes only where the warm-up
         does): the Triton kernels it would launch compile in parallel (kernels/ahead.py), and the warm-up finds
         them compiled. Its results are thrown away."""
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
         with ahead.compiling(device) as run:
             if run is not None:
                 try:
                     self.fn(*args)
                 except Exception as e:  # only an optimization: the warm-up runs the step and raises what it raises
-                    log.debug("hattn: %s: the dry run before capture failed (%s); the warm-up compiles on its own",
-                              self.name, e)
+                    log.warning("hattn: %s: the dry run before a capture failed (%s: %s); the warm-up compiles "
+                                "its kernels itself", self.name, type(e).__name__, e)
         if run is not None:
             self.stats.kernels_compiled_ahead += run.compiled
             ctx = get_forward_context()

@@ -4,7 +4,9 @@ usual; hattn's GEMM choice times and remembers nothing in a dry run; a graph run
 warm-up. The hook's decisions are CPU tests; real compiles and launches need a GPU."""
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import sys
 import threading
 import types
@@ -24,15 +26,18 @@ class _Preloads:
 
     def __init__(self):
         self.calls, self.threads = [], set()
+        self.device_caches = collections.defaultdict(lambda: ({},))
 
     def preload(self, data):
-        self.calls.append(data)
+        self.calls.append(json.loads(data)["key"])
         self.threads.add(threading.current_thread().name)
 
 
-def _hook_call(run: ahead.DryRun, jit, key: str, device: int = 0):
+def _hook_call(run: ahead.DryRun, jit, key: str, device: int = 0, constants=None):
+    constants = constants or {}
+    data = json.dumps({"key": key, "constant_vals": list(constants.values())})
     return run.hook(key=key, repr=key, fn=types.SimpleNamespace(jit_function=jit),
-                    compile={"device": device, "specialization_data": f"data of {key}"},
+                    compile={"device": device, "constants": constants, "specialization_data": data},
                     is_manual_warmup=False, already_compiled=False)
 
 
@@ -44,24 +49,33 @@ def not_capturing(monkeypatch):
 
 
 @pytest.fixture
+def plain_constexprs(monkeypatch):
+    """The hook's JSON check passes (it needs Triton's dtypes: tested on its own below)."""
+    monkeypatch.setattr(ahead, "_round_trips", lambda compile: True)
+
+
+@pytest.fixture
 def no_cuda_device(monkeypatch):
     """`_preload` sets the launch's device: a no-op stand-in where there is no GPU."""
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
 
-def test_the_hook_skips_each_launch_and_compiles_each_kernel_once_in_the_pool(no_cuda_device, monkeypatch):
+def test_the_hook_skips_each_launch_and_compiles_each_kernel_once_after_the_dry_run(no_cuda_device, plain_constexprs,
+                                                                                   monkeypatch):
     monkeypatch.setattr(ahead, "_autotuning", lambda: False)
     run, jit, other = ahead.DryRun(workers=2), _Preloads(), _Preloads()
-    assert _hook_call(run, jit, "k1") is True and _hook_call(run, jit, "k1") is True  # launched twice, sent once
+    assert _hook_call(run, jit, "k1") is True and _hook_call(run, jit, "k1") is True  # launched twice, recorded once
     assert _hook_call(run, jit, "k2") is True and _hook_call(run, other, "k1") is True
     assert _hook_call(run, jit, "k1", device=1) is True  # another device's launcher cache: its own compile
+    assert jit.calls == [] and other.calls == []  # nothing compiles while the dry run runs
+    jit.device_caches[0][0]["k2"] = "compiled by a launch meanwhile"  # a capture's: kept, not compiled again
     run.finish()
-    assert sorted(jit.calls) == ["data of k1", "data of k1", "data of k2"] and other.calls == ["data of k1"]
+    assert sorted(jit.calls) == ["k1", "k1"] and other.calls == ["k1"]
     assert all(name.startswith("hattn-compile") for name in jit.threads | other.threads)
     assert (run.compiled, run.failed, run.skipped) == (4, 0, 5)
 
 
-def test_a_failed_compile_is_counted_and_left_to_the_real_run(no_cuda_device, monkeypatch):
+def test_a_failed_compile_is_counted_and_left_to_the_real_run(no_cuda_device, plain_constexprs, monkeypatch):
     monkeypatch.setattr(ahead, "_autotuning", lambda: False)
 
     class Broken(_Preloads):
@@ -75,7 +89,7 @@ def test_a_failed_compile_is_counted_and_left_to_the_real_run(no_cuda_device, mo
     assert (run.compiled, run.failed) == (1, 1)
 
 
-def test_the_hook_lets_other_threads_captures_and_autotuning_go_on(monkeypatch):
+def test_the_hook_lets_other_threads_captures_and_autotuning_go_on(plain_constexprs, monkeypatch):
     run, jit = ahead.DryRun(workers=1), _Preloads()
     monkeypatch.setattr(ahead, "_autotuning", lambda: True)
     assert _hook_call(run, jit, "tuned") is None  # an autotuner's benchmark: compile and run as usual
@@ -90,7 +104,32 @@ def test_the_hook_lets_other_threads_captures_and_autotuning_go_on(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _hook_call(run, jit, "captured") is None  # a graph being captured needs the real kernel
     run.finish()
-    assert run.futures == {} and jit.calls == []
+    assert run.jobs == {} and jit.calls == []
+
+
+@pytest.mark.skipif(not has_triton(), reason="needs Triton (its dtypes)")
+def test_a_launch_whose_constexprs_json_would_change_compiles_as_usual(monkeypatch):
+    import triton.language as tl
+
+    monkeypatch.setattr(ahead, "_autotuning", lambda: False)
+    run, jit = ahead.DryRun(workers=1), _Preloads()
+    kept = {(0,): 4, (1,): "ieee", (2,): True, (3,): None, (4,): tl.float16, (5,): tl.constexpr(8)}
+    serialized = {k: str(v) if isinstance(v, tl.dtype) else {"constexpr": v.value} if isinstance(v, tl.constexpr)
+                  else v for k, v in kept.items()}
+    data = json.dumps({"key": "ok", "constant_vals": list(serialized.values())})
+    assert run.hook(key="ok", fn=types.SimpleNamespace(jit_function=jit),
+                    compile={"device": 0, "constants": kept, "specialization_data": data}) is True
+    for value, as_json in (((1, 2), [1, 2]), ("fp32", "fp32"), (torch.float32, "torch.float32")):
+        data = json.dumps({"key": "changed", "constant_vals": [as_json]})
+        assert run.hook(key="changed", fn=types.SimpleNamespace(jit_function=jit),
+                        compile={"device": 0, "constants": {(0,): value}, "specialization_data": data}) is None
+    assert list(run.jobs) == [(jit, 0, "ok")]
+
+
+def test_a_caller_does_its_dry_run_work_once(monkeypatch):
+    assert not ahead.first("shape")  # no dry run
+    monkeypatch.setattr(ahead, "_active", ahead.DryRun(workers=1))
+    assert ahead.first("shape") and not ahead.first("shape") and ahead.first("other")
 
 
 @pytest.mark.skipif(not has_triton(), reason="needs Triton (its Autotuner)")
@@ -118,7 +157,7 @@ def test_no_dry_run_where_it_cannot_compile_ahead(monkeypatch):
 
 def test_the_gemm_choice_times_nothing_and_remembers_nothing_in_a_dry_run(monkeypatch):
     monkeypatch.setattr(op, "_CHOICES", {})
-    monkeypatch.setattr(ahead, "_active", types.SimpleNamespace(thread=threading.get_ident()))
+    monkeypatch.setattr(ahead, "_active", ahead.DryRun(workers=1))
     launched, leads = [], []
     monkeypatch.setattr(op, "_measure", lambda *a, **k: pytest.fail("timed in a dry run"))
     monkeypatch.setattr(op, "_lead", lambda: leads.append(1))
@@ -132,6 +171,7 @@ def test_the_gemm_choice_times_nothing_and_remembers_nothing_in_a_dry_run(monkey
     assert launched == [(None, True), ("narrow", True), ("no split", True), (None, False)] and leads == [1]
     assert op._CHOICES == {}  # the real run times the shape
     launched.clear()
+    assert op._choice(x, w, None, preload=True) is op._CUBLAS and launched == []  # once per shape and dry run
     assert op._choice(x, w, None, preload=False) is op._CUBLAS and launched == [(None, False)]
 
 
@@ -156,13 +196,30 @@ def test_a_graph_runtime_dry_runs_the_step_before_its_warm_up(monkeypatch):
     monkeypatch.setattr("hattn.runtime.graphs.get_forward_context", lambda: ctx)
     stub = _runtime_stub(lambda *args: calls.append(("step", len(args))))
     GraphRuntime._compile_ahead(stub, [3, torch.zeros(2), torch.zeros(1)])
-    assert calls == [("dry run on", torch.device("cpu")), ("step", 3)]
+    assert calls == [("dry run on", None), ("step", 3)]  # the device of its first CUDA tensor (none here)
     assert stub.stats.kernels_compiled_ahead == 3 and forgotten == [1]
 
     def fails(*args):
         raise RuntimeError("a dry run's garbage")
 
     GraphRuntime._compile_ahead(_runtime_stub(fails), [torch.zeros(2)])  # the warm-up that follows raises, if any
+
+
+def test_the_dry_run_runs_inside_the_captures_context_before_the_capture():
+    events = []
+
+    @contextlib.contextmanager
+    def capture_context(size):
+        events.append(("context", size))
+        yield
+        events.append("context left")
+
+    stub = types.SimpleNamespace(
+        layout=types.SimpleNamespace(has_tokens=True), inputs=types.SimpleNamespace(fill=lambda size, args, n: ["s"]),
+        capture_context=capture_context, _compile_ahead=lambda static: events.append(("dry run", static)),
+        capture=lambda size, static: events.append(("capture", size)), captured=set(), stats=Stats(), name="stub")
+    GraphRuntime._capture_one(stub, 4, ["arg"])
+    assert events == [("context", 4), ("dry run", ["s"]), ("capture", 4), "context left"]
 
 
 def test_no_dry_run_of_the_step_where_nothing_compiles_ahead(monkeypatch):
@@ -246,9 +303,12 @@ def test_a_dry_run_leaves_autotuning_and_graph_capture_as_they_are(compile_ahead
     _kernel_cache(_scale).clear()
     graph = torch.cuda.CUDAGraph()
     with ahead.compiling(x.device) as run:
-        _scale[(8,)](x, out, 5.0, n, BLOCK=128)  # skipped; compiling in the pool
+        _scale[(8,)](x, out, 5.0, n, BLOCK=128)  # skipped and recorded
         with torch.cuda.graph(graph, capture_error_mode="relaxed"):  # relaxed: a module may load mid-capture
             _scale[(8,)](x, out, 4.0, n, BLOCK=128)  # inside a capture: compiled here, captured
+        captured = next(iter(_kernel_cache(_scale).values()))
+    # the recorded compile left the captured kernel in place (its graph holds that one's function)
+    assert len(_kernel_cache(_scale)) == 1 and next(iter(_kernel_cache(_scale).values())) is captured
     out.zero_()
     graph.replay()
     torch.testing.assert_close(out, 4 * x)
@@ -259,8 +319,7 @@ def _forget_compiled_kernels() -> None:
     next launches compile (from Triton's disk cache) as in a new process."""
     import sys as _sys
 
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction, KernelInterface
 
     from hattn.kernels import bound
 
@@ -269,8 +328,9 @@ def _forget_compiled_kernels() -> None:
         if module is None or not name.startswith(("hattn.kernels", "fla.")):
             continue
         for value in list(vars(module).values()):
-            while isinstance(value, Autotuner):
-                value = value.fn
+            while not isinstance(value, JITFunction) and isinstance(getattr(value, "fn", None), (JITFunction,
+                                                                                                KernelInterface)):
+                value = value.fn  # an Autotuner, fla's Heuristics
             if isinstance(value, JITFunction):
                 value.device_caches.clear()
 
@@ -278,14 +338,25 @@ def _forget_compiled_kernels() -> None:
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
-def test_every_graph_mode_compiles_ahead_and_equals_eager(mode, compile_ahead):
-    """A hybrid toy model's first captures with compiling ahead on: kernels were compiled by the dry runs, and the
-    graphs' results equal eager's (pcg and bcg: a packed prefill; full: a decode step over a cache)."""
+def test_every_graph_mode_compiles_ahead_and_equals_eager(mode, compile_ahead, monkeypatch):
+    """A hybrid toy model's first captures with compiling ahead on: kernels were compiled by the dry runs and not
+    again by the warm-ups, and the graphs' results equal eager's (pcg and bcg: a packed prefill; full: a decode step
+    over a cache)."""
     import hattn
     from hattn.models.toy import toy_cache, toy_model
 
+    from triton import knobs
+
     torch._dynamo.reset()
     _forget_compiled_kernels()
+    compiled_by: dict[str, set] = collections.defaultdict(set)  # kernel hash -> threads that compiled it
+    lock = threading.Lock()
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        with lock:
+            compiled_by[metadata["hash"]].add(threading.current_thread().name.startswith("hattn-compile"))
+
+    monkeypatch.setattr(knobs.compilation, "listener", listener)
     model = toy_model(seed=0, device="cuda", pattern=["linear", "full", "linear"], hidden=32, heads=4, kv_heads=2,
                       head_dim=16, k_heads=2, v_heads=4, k_dim=16, v_dim=16, conv_kernel=4, intermediate=64)
     be = hattn.backend(mode=mode, capture_sizes=[1, 2, 4, 8, 16], inner_compiler="eager", progress=False)
@@ -307,3 +378,5 @@ def test_every_graph_mode_compiles_ahead_and_equals_eager(mode, compile_ahead):
                     ids = torch.randint(0, 128, (11,), generator=gen).cuda()
                     torch.testing.assert_close(compiled(ids), model(ids), rtol=2e-4, atol=2e-4)
     assert be.stats.replays >= 1 and be.stats.kernels_compiled_ahead > 0
+    # a kernel compiled ahead is the one the real launches find: none is compiled again on the step's thread
+    assert not [h for h, pool in compiled_by.items() if pool == {True, False}]

@@ -192,7 +192,8 @@ def _choice(x2, weight, bias, preload: bool = False) -> Choice:
         if torch.cuda.is_current_stream_capturing():
             return _CUBLAS
         if ahead.active():  # a dry run (kernels/ahead.py): compile what the timing will launch; time nothing
-            _compile_ahead(x2, weight, bias, preload)
+            if ahead.first(("linear", shape)):
+                _compile_ahead(x2, weight, bias, preload)
             return _CUBLAS
         choice = _CHOICES[shape] = _measure(x2, weight, bias, preload)
     return choice
