@@ -5,6 +5,7 @@
 #   MODES="full bcg" bash scripts/ahead_ab.sh      # gpu_check.sh ahead-ab
 set -uo pipefail
 OUT=${OUT:-/tmp/hattn-out}; mkdir -p "$OUT"
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$(mktemp -d)/pycache}  # one bytecode cache: compiled once, before all
 summary=()
 for mode in ${MODES:-full bcg}; do
   for side in off on; do

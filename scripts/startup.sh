@@ -22,10 +22,17 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 PRESET=${PRESET:-qwen3.5-1b} DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bfloat16}
 WORK=$(mktemp -d)
 # Python's bytecode where a read-only install cannot keep it (the device's torch has no .pyc: ~9 s of compile per
-# process); the cold run writes it, as an install would have
+# process). It is written before the first run, as an install would have (PYC_FIRST=0: the first run writes it, and
+# pays for it: ~12 s of the H100's first cold run in the thirty-first session)
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$WORK/pycache}
 unset PYTHONDONTWRITEBYTECODE  # the H100's warm run still compiled ~4000 modules from source with the prefix alone
 python3 -c "import sys; print('bytecode written:', not sys.dont_write_bytecode, 'prefix:', sys.pycache_prefix)"
+if [ "${PYC_FIRST:-1}" != 0 ]; then
+  pyc_start=$(date +%s.%N)
+  python3 -m compileall -q -j 0 $(python3 -c "import importlib.util as u, os; print(' '.join(os.path.dirname( \
+u.find_spec(m).origin) for m in ('torch', 'transformers', 'triton', 'fla', 'hattn') if u.find_spec(m)))") >/dev/null 2>&1
+  echo "bytecode compiled before the runs in $(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $pyc_start }") s"
+fi
 summary=() logs=()
 for mode in ${MODES:-bcg full pcg}; do
   for run in ${RUNS:-cold warm traced}; do
