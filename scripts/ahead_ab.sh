@@ -9,8 +9,7 @@ export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$(mktemp -d)/pycache}  # one b
 summary=()
 for mode in ${MODES:-full bcg}; do
   for side in off on; do
-    runs=cold; [ "$side" = on ] && runs="cold warm"
-    flag=0; [ "$side" = on ] && flag=1
+    if [ "$side" = on ]; then runs="cold warm" flag=1; else runs=cold flag=0; fi
     OUT=$OUT/ahead-$side MODES=$mode RUNS=$runs HATTN_COMPILE_AHEAD=$flag bash scripts/startup.sh \
       > "$OUT/ahead-$side-$mode.txt" 2>&1
     while read -r line; do summary+=("ahead $side: $line"); done < <(grep "first-token" "$OUT/ahead-$side-$mode.txt")

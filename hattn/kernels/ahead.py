@@ -150,7 +150,7 @@ def _autotuning() -> bool:
 
 
 @contextlib.contextmanager
-def compiling(device: torch.device | None, workers: int | None = None):
+def compiling(device: torch.device | None):
     """A dry run: yields its `DryRun` if launches inside compile ahead (skipped and recorded, compiled on leaving;
     its counts are set then), None if they would run as usual (the caller skips its dry run): not available here,
     inside another dry run, or another `jit_cache_hook` is set (a tool's: it is left alone)."""
@@ -163,7 +163,7 @@ def compiling(device: torch.device | None, workers: int | None = None):
     if knobs.runtime.jit_cache_hook is not None:
         yield None
         return
-    run, start = DryRun(workers or min(16, os.cpu_count() or 1)), time.perf_counter()
+    run, start = DryRun(min(16, os.cpu_count() or 1)), time.perf_counter()
     knobs.runtime.jit_cache_hook, _active = run.hook, run
     try:
         yield run
