@@ -84,11 +84,15 @@ declare -A CMD=(
 declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench [host-profile]=host_profile
                 [startup]=startup [kernel-profile]=kernel_profile [gemv-sweep]=gemv_sweep [bound-ab]=bound_ab [recheck]=gpu_tests [dispatch-ab]=dispatch_ab
-                [pdl-micro]=pdl_ab [pdl-model]=pdl_ab [fla-configs]=fla_configs [conv-ab]=conv_ab [graph-launch]=graph_launch [decode-layer]=decode_layer [seq-buckets]=seq_buckets [packed-steps]=packed_steps [pool-profile]=pool_profile [ttft-trace]=ttft_trace [sampling-ab]=sampling_ab [aot-key-diff]=aot_key_diff)
+                [pdl-micro]=pdl_ab [pdl-model]=pdl_ab [fla-configs]=fla_configs [conv-ab]=conv_ab [graph-launch]=graph_launch [decode-layer]=decode_layer [seq-buckets]=seq_buckets [packed-steps]=packed_steps [pool-profile]=pool_profile [ttft-trace]=ttft_trace [sampling-ab]=sampling_ab [aot-key-diff]=aot_key_diff [ahead-ab]=ahead_ab)
 declare -A BOX=([all-tests]=420 [tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
                 [k-bench]=150 [bench]=560 [host-profile]=240 [startup]=300 [kernel-profile]=180 [gemv-sweep]=200 [bound-ab]=150 [recheck]=120 [dispatch-ab]=220
                 [pdl-micro]=120 [pdl-model]=330 [fla-configs]=150 [conv-ab]=120 [graph-launch]=90 [decode-layer]=120
-                [seq-buckets]=200 [packed-steps]=240 [pool-profile]=240 [ttft-trace]=200 [sampling-ab]=90 [aot-key-diff]=90)
+                [seq-buckets]=200 [packed-steps]=240 [pool-profile]=240 [ttft-trace]=200 [sampling-ab]=90 [aot-key-diff]=90
+                [ahead-ab]=400)
+for part in "${!CMD[@]}"; do  # a part without its log or time box would run as `timeout "" ...`: nothing at all
+  [ -n "${LOG[$part]:-}" ] && [ -n "${BOX[$part]:-}" ] || { echo "part $part lacks its LOG or BOX entry"; exit 2; }
+done
 parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(tests kernels-tests runtime-tests faults-tests models-tests demo rt-bench k-bench bench)
 summary=()
 for part in "${parts[@]}"; do
