@@ -10,7 +10,7 @@
 #                                                                    # cumulative and 25 by own time, and who called
 #                                                                    # Triton's compiles and torch's op registrations)
 #   TRITON_COMPILES=1 bash scripts/startup.sh   # each run lists the Triton kernels it compiled and those from the cache
-#   HATTN_COMPILE_AHEAD=1 bash scripts/startup.sh   # captures compile their Triton kernels ahead, in parallel
+#   HATTN_COMPILE_AHEAD=0 bash scripts/startup.sh   # captures compile their Triton kernels one by one (on: ahead, in parallel)
 #                                                   # (scripts/ahead_ab.sh: the A/B)
 #   TRITON_PRINT_AUTOTUNING=1 bash scripts/startup.sh   # and $OUT/fla_configs.json: fla's choices in the model's runs
 #                                                       # (file name -> content; ship them as fla_configs/<GPU>/)

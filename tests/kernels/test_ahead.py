@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
+import subprocess
 import sys
 import threading
 import types
@@ -254,7 +256,7 @@ if has_triton():
 
 @pytest.fixture
 def compile_ahead(monkeypatch):
-    """Compiling ahead on, whatever HATTN_COMPILE_AHEAD says (off by default until it has run on a GPU)."""
+    """Compiling ahead on, whatever HATTN_COMPILE_AHEAD says in the environment."""
     monkeypatch.setattr(ahead, "enabled", True)
 
 
@@ -380,3 +382,12 @@ def test_every_graph_mode_compiles_ahead_and_equals_eager(mode, compile_ahead, m
     assert be.stats.replays >= 1 and be.stats.kernels_compiled_ahead > 0
     # a kernel compiled ahead is the one the real launches find: none is compiled again on the step's thread
     assert not [h for h, pool in compiled_by.items() if pool == {True, False}]
+
+
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+def test_compiling_ahead_is_on_unless_the_environment_turns_it_off(value, on):
+    env = {k: v for k, v in os.environ.items() if k != "HATTN_COMPILE_AHEAD"} | ({} if value is None else
+                                                                               {"HATTN_COMPILE_AHEAD": value})
+    out = subprocess.run([sys.executable, "-c", "from hattn.kernels import ahead; print(ahead.enabled)"], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(on)]
