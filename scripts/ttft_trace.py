@@ -97,7 +97,7 @@ def main() -> None:
     cache = lm.make_cache(1, max(lens) + 2)
     for owner, attr, name in [
             (gen, "check_inputs", "check_inputs"), (gen, "prefill", "prefill"), (gen, "step_inputs", "step_inputs"),
-            (gen, "run_step", "run_step"), (gen, "sample", "sample"), (gen, "_sync", "_sync"),
+            (gen, "run_step", "run_step"), (gen._Loop, "_choose", "_Loop._choose"), (gen, "_sync", "_sync"),
             (dispatch.Dispatch, "__call__", "Dispatch.__call__"), (dispatch, "_kind", "_kind"),
             (dispatch._Direct, "__call__", "_Direct.__call__"), (full.FullGraphRuntime, "__call__", "full __call__"),
             (graphs.GraphRuntime, "__call__", "GraphRuntime.__call__"), (graphs.ModuleState, "swapped", "swapped"),

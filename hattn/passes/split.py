@@ -26,23 +26,30 @@ class SplitInfo:
     split_nodes: list[str]  # names of split-op nodes in execution order
 
 
-def _is_getitem_of(node: fx.Node, parts: dict[fx.Node, int]) -> fx.Node | None:
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        return node.args[0] if node.args[0] in parts else None
-    return None
+def _unpacked(node: fx.Node, parts: dict[fx.Node, int], split_results: set[fx.Node]) -> fx.Node | None:
+    """The node that `node` unpacks (`x[i]`, i an int), where that is a piece's node or a split op's result."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and (parts.get(src, TOP) != TOP or src in split_results):
+            return src
+    return None  # e.g. a placeholder indexed (`inv_freq[None, :, None]`): computed in a piece like any node
 
 
 def assign_partitions(graph: fx.Graph) -> dict[fx.Node, int]:
     """Map each node to its piece index, or TOP for nodes kept in the top-level graph."""
     parts: dict[fx.Node, int] = {}
+    split_results: set[fx.Node] = set()  # split-op nodes and what unpacks them: they stay in the top graph
     piece, open_piece = -1, False
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             parts[node] = TOP
         elif split_op_of(node) is not None:
             parts[node], open_piece = TOP, False
-        elif (src := _is_getitem_of(node, parts)) is not None:
+            split_results.add(node)
+        elif (src := _unpacked(node, parts, split_results)) is not None:
             parts[node] = parts[src]  # unpacking stays with what it unpacks
+            if src in split_results:
+                split_results.add(node)
         else:
             if not open_piece:
                 piece, open_piece = piece + 1, True

@@ -17,7 +17,7 @@ from hattn.passes.split import split_graph
 from hattn.registry import split_op_of
 
 N, D = 3, 4
-OPS = ["add", "mul", "sin", "relu", "matmul", "rowsum", "chunk", "inplace", "split_fn", "split_out"]
+OPS = ["add", "mul", "sin", "relu", "matmul", "rowsum", "chunk", "index", "inplace", "split_fn", "split_out"]
 
 
 @st.composite
@@ -55,6 +55,9 @@ def _emit(g: fx.Graph, op: str, a: fx.Node, b: fx.Node) -> list[fx.Node]:
         pair = f(torch.chunk, (a, 2), {"dim": -1})
         halves = [f(operator.getitem, (pair, i)) for i in range(2)]
         return [f(torch.cat, (halves[::-1],), {"dim": -1})]
+    if op == "index":  # a view by indexing, of anything: a placeholder too (transformers 5.17's `inv_freq[None, :,
+        # None]`), which once stayed in the top graph after the piece that read it had been emitted
+        return [f(operator.getitem, (a, (slice(None), slice(0, D))))]
     if op == "inplace":  # mutate a fresh copy in place (it may cross a split op before its next use)
         fresh = f(torch.clone, (a,))
         g.call_method("mul_", (fresh, 0.5))
