@@ -57,7 +57,8 @@ def tables(result: dict) -> list:
     if host.row_count:
         out.append(host)
     out += [startup_table(entries, names), targets_table(result, names, notes)]
-    out.append(goals_table(result["goals"]) if result["goals"] is not None else result["goals_note"])
+    device = result["meta"].get("env", {}).get("device_name", "?")
+    out.append(goals_table(result["goals"], device) if result["goals"] is not None else result["goals_note"])
     for name in names:  # entry-level failures too
         if entries[name]["status"] != "ok" and entries[name].get("reason"):
             notes.ref(name, entries[name]["reason"])
@@ -132,8 +133,10 @@ def targets_table(result: dict, names: list[str], notes: Notes) -> Table:
     return t
 
 
-def goals_table(goal_rows: list[dict]) -> Table:
-    t = _table("goals (issues 17 and 18: H200, qwen3.5-1b, bf16)", ("goal", "figure", "status", "detail"))
+def goals_table(goal_rows: list[dict], device: str) -> Table:
+    """The goals, set for an H200, judged on this run's figures (from `device`: another GPU's figures differ)."""
+    t = _table(f"goals (issues 17 and 18: set for the H200, qwen3.5-1b, bf16; judged on this run, {device})",
+               ("goal", "figure", "status", "detail"))
     style = {"met": "green", "missed": "red", "unknown": "yellow"}
     for g in goal_rows:
         t.add_row(g["goal"], g["figure"], f"[{style[g['status']]}]{g['status']}[/]", g["detail"])

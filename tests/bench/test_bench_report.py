@@ -171,6 +171,7 @@ def test_tables_show_every_reason_the_startup_and_partial_runs():
     assert "FAIL[" in text and "RuntimeError: no compiler" in text and "not measured here" in text
     assert "capture_seconds" in text and "34.00" in text  # the startup table
     assert "goals (issues 17 and 18" in text and "(10.00x)" in text  # pcg prefill vs eager
+    assert "judged on this run, fake GPU" in text  # the goals are set for the H200; the title names this run's GPU
 
 
 def test_the_host_table_sets_each_calls_host_time_beside_its_latency():
