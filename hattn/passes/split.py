@@ -5,8 +5,9 @@
 The returned GraphModule's top-level graph holds only: placeholders and get_attr nodes of the original graph, one
 `call_module` per piece (submodules "piece_0", "piece_1", ...; each returns a tuple), `getitem`s unpacking piece
 outputs, the split-op calls (and getitems of their results) and the output node. Every original node lands in exactly
-one place; pieces are never empty; two adjacent split ops have no piece between them. A `getitem` of a piece node
-joins its source's piece, so pieces never return nested tuples.
+one place; pieces are never empty; two adjacent split ops have no piece between them. A `getitem` that unpacks a
+piece's node (an int index, or any index of a tuple) joins that piece, so pieces never return nested tuples; one that
+unpacks a split op's result stays in the top graph; any other indexing is a node of the piece where it stands.
 """
 from __future__ import annotations
 
@@ -27,12 +28,16 @@ class SplitInfo:
 
 
 def _unpacked(node: fx.Node, parts: dict[fx.Node, int], split_results: set[fx.Node]) -> fx.Node | None:
-    """The node that `node` unpacks (`x[i]`, i an int), where that is a piece's node or a split op's result."""
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
-        src = node.args[0]
-        if isinstance(src, fx.Node) and (parts.get(src, TOP) != TOP or src in split_results):
-            return src
-    return None  # e.g. a placeholder indexed (`inv_freq[None, :, None]`): computed in a piece like any node
+    """The node that `node` unpacks (`x[i]` with i an int, or any index of a tuple), where that is a piece's node or
+    a split op's result; None for other indexing, e.g. of a placeholder (`inv_freq[None, :, None]`): a piece computes
+    it like any node (so it is never left in the top graph after the piece that reads it)."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    src, index = node.args[0], node.args[1]
+    if not isinstance(src, fx.Node) or not (parts.get(src, TOP) != TOP or src in split_results):
+        return None
+    value = src.meta.get("example_value", src.meta.get("val"))
+    return src if isinstance(index, int) or isinstance(value, (tuple, list)) else None
 
 
 def assign_partitions(graph: fx.Graph) -> dict[fx.Node, int]:

@@ -156,3 +156,27 @@ def test_splitting_a_split_graph_changes_nothing(graph, seed):
         assert sum(n.op == "call_module" for n in piece.graph.nodes) == 1
     for e, o in zip(once(*_inputs(n_in, seed)), twice(*_inputs(n_in, seed))):
         torch.testing.assert_close(o, e, equal_nan=True)
+
+
+def test_indexing_joins_the_piece_it_unpacks_and_nothing_else():
+    """A tuple's item or slice stays with the piece that made the tuple (pieces return no nested tuples); indexing
+    a tensor that a placeholder holds, or indexing by a node, is an ordinary node of the piece where it stands."""
+    from hattn.passes.split import TOP, assign_partitions
+
+    g = fx.Graph()
+    x, i = g.placeholder("x"), g.placeholder("i")
+    pair = g.call_function(torch.chunk, (x, 2), {"dim": -1})
+    pair.meta["example_value"] = (torch.zeros(N, D // 2), torch.zeros(N, D // 2))
+    scaled = g.call_function(torch.ops.hattn_test.scale, (x, 0.5))
+    first = g.call_function(operator.getitem, (pair, slice(0, 1)))  # after the split op, a tuple's slice
+    rows = g.call_function(operator.getitem, (x, (slice(None), slice(0, D // 2))))  # a placeholder indexed
+    picked = g.call_function(operator.getitem, (scaled, i))  # the split op's tensor, indexed by a node
+    out = g.call_function(torch.add, (g.call_function(torch.cat, (first,), {"dim": -1}), rows))
+    g.output((out, picked))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    parts = assign_partitions(gm.graph)
+    assert parts[first] == parts[pair] == 0 and parts[rows] == parts[picked] == 1 and parts[scaled] == TOP
+    split_gm, _ = split_graph(gm)
+    xs, idx = torch.randn(N, D), torch.tensor([2, 0])
+    for got, want in zip(split_gm(xs, idx), gm(xs, idx), strict=True):
+        torch.testing.assert_close(got, want)
