@@ -26,9 +26,9 @@ WORK=$(mktemp -d)
 # pays for it: ~12 s of the H100's first cold run in the thirty-first session)
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-$WORK/pycache}
 unset PYTHONDONTWRITEBYTECODE  # the H100's warm run still compiled ~4000 modules from source with the prefix alone
-python3 -c "import sys; print('bytecode written:', not sys.dont_write_bytecode, 'prefix:', sys.pycache_prefix)"
-# the versions it runs under: run alone (not from gpu_check.sh) on the device, it gets the device's own transformers
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+# bytecode settings and the versions it runs under (run alone on the device, not from gpu_check.sh: its own transformers)
+python3 -c "import sys, torch, transformers; print('bytecode written:', not sys.dont_write_bytecode, 'prefix:', \
+sys.pycache_prefix, '| torch', torch.__version__, 'transformers', transformers.__version__)"
 if [ "${PYC_FIRST:-1}" != 0 ]; then
   pyc_start=$(date +%s.%N)
   python3 -m compileall -q -j 0 $(python3 -c "import importlib.util as u, os; print(' '.join(os.path.dirname( \

@@ -57,8 +57,8 @@ def tables(result: dict) -> list:
     if host.row_count:
         out.append(host)
     out += [startup_table(entries, names), targets_table(result, names, notes)]
-    device = result["meta"].get("env", {}).get("device_name", "?")
-    out.append(goals_table(result["goals"], device) if result["goals"] is not None else result["goals_note"])
+    out.append(goals_table(result["goals"], result["meta"]["env"]["device_name"]) if result["goals"] is not None
+               else result["goals_note"])
     for name in names:  # entry-level failures too
         if entries[name]["status"] != "ok" and entries[name].get("reason"):
             notes.ref(name, entries[name]["reason"])

@@ -61,10 +61,9 @@ def active() -> bool:
 
 def first(key) -> bool:
     """In this thread's dry run: True the first time `key` is seen (a caller's work done once per dry run)."""
-    run = _active
-    if run is None or run.thread != threading.get_ident() or key in run.seen:
+    if not active() or key in _active.seen:
         return False
-    run.seen.add(key)
+    _active.seen.add(key)
     return True
 
 
