@@ -47,7 +47,7 @@ class Stats:
     cache_save_seconds: float = 0.0     # writing the artifacts to cache_dir
     snapshot_save_seconds: float = 0.0  # pickling a Dynamo graph for its warm-start snapshot, and writing it
     capture_seconds: float = 0.0        # CUDA graph capture, warm-up runs included
-    capture_size_seconds: dict[str, float] = field(default_factory=dict)  # "<runtime> <size>" -> its capture
+    capture_size_seconds: dict[str, float] = field(default_factory=dict)  # "<runtime> <size>" -> its captures
     first_replay_seconds: float = 0.0   # each runtime's first replay after its capture (synchronized)
 
     def add(self, other: "Stats") -> "Stats":
@@ -56,7 +56,9 @@ class Stats:
             pools[key] = max(pools.get(key, 0), nbytes)
         for f in dataclasses.fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            setattr(self, f.name, {**mine, **theirs} if isinstance(mine, dict) else mine + theirs)
+            # dicts of seconds add up per key: two graphs' runtimes of one name capture the same sizes
+            setattr(self, f.name, {k: mine.get(k, 0) + theirs.get(k, 0) for k in {**mine, **theirs}}
+                    if isinstance(mine, dict) else mine + theirs)
         self.pool_bytes_by_pool, self.pool_bytes = pools, sum(pools.values())
         return self
 

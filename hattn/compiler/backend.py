@@ -241,14 +241,43 @@ def _unbacked(values) -> bool:
 
 
 class _Compiled(torch.nn.Module):
-    """A compiled piece as a submodule of the split graph (the runtime calls it like the piece)."""
+    """A compiled piece as a submodule of the split graph (the runtime calls it like the piece). `boxed(inputs)`,
+    where inductor compiled it: the same call with the inputs in a list it empties, so that the piece's code frees
+    each input at its last use (`hattn.runtime.freeing`); None otherwise."""
 
     def __init__(self, fn: Callable):
         super().__init__()
         self.fn = fn
+        self.boxed = _boxed(fn)
 
     def forward(self, *args):
         return self.fn(*args)
+
+
+def _boxed(fn: Callable) -> Callable[[list], Any] | None:
+    """`fn`'s call taking its inputs in a list that it empties, or None. inductor's compiled code frees each input
+    at its last use once it owns the only reference, but AOTAutograd's forward (what compile_fx returns, under
+    `torch._dynamo.disable`'s wrapper) takes `*runtime_args`, a tuple that holds every input until it returns.
+    Its boxed inner function (`compiled_fn`, called with the parameters and the inputs in one list it empties)
+    is reached through the closure, as torch 2.11-2.13 build it; any other shape gives None."""
+    while fn is not None:
+        code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+        cells = dict(zip(code.co_freevars, closure)) if code is not None else {}
+        params = cells.get("params_buffers_flat", cells.get("params_flat"))
+        if "compiled_fn" in cells and params is not None:
+            inner, leading = cells["compiled_fn"].cell_contents, params.cell_contents
+            if not callable(inner) or not isinstance(leading, (list, tuple)):
+                return None
+
+            @torch._dynamo.disable
+            def boxed(inputs: list):
+                full = [*leading, *inputs]
+                inputs.clear()
+                return inner(full)
+
+            return boxed
+        fn = getattr(fn, "__wrapped__", None)
+    return None
 
 
 def count_collectives(gm: fx.GraphModule) -> int:

@@ -14,6 +14,7 @@ them and captures again (logged).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from hattn.counters import Stats
 from hattn.kernels import packing
 from hattn.kernels.packing import Bucket, PackedStep, copy_to
 from hattn.registry import Mode, SplitOp, register_mode, split_op_of
+from hattn.runtime.freeing import run_freeing
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CapturedGraph, GraphPools, GraphRuntime, caller_context, capture_graph, log_once,
                                   ran_graph_free, served_layout, sizes_for, step_tokens)
@@ -88,7 +90,8 @@ class _Graphs(GraphRuntime):
         return contextlib.nullcontext()
 
     def capture(self, size: int, args: list) -> None:
-        self.graphs[size], _ = capture_graph(self.fn, args, size, self.pool)
+        # each value released at its last use, inside pieces too: the pool holds less (runtime/freeing.py)
+        self.graphs[size], _ = capture_graph(functools.partial(run_freeing, self.fn), args, size, self.pool)
         self.stats.cuda_graphs += 1
 
     def replay(self, size: int, args: list):

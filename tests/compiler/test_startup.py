@@ -231,8 +231,9 @@ def test_startup_breakdown_in_order_and_described():
               fake_run_seconds=0.5,
               compile_seconds=6.0, piece_compile_seconds=[1.0, 4.0], capture_seconds=2.0,
               capture_size_seconds={"full decode 1": 0.5, "full packed 2048": 1.5}, first_replay_seconds=0.125)
-    s.add(Stats(piece_compile_seconds=[1.0], compile_seconds=1.0))
+    s.add(Stats(piece_compile_seconds=[1.0], compile_seconds=1.0, capture_size_seconds={"full decode 1": 0.25}))
     assert s.piece_compile_seconds == [1.0, 4.0, 1.0]
+    assert s.capture_size_seconds == {"full decode 1": 0.75, "full packed 2048": 1.5}  # two graphs' runtimes add up
     assert list(s.startup()) == ["probe_seconds", "dynamo_seconds", "snapshot_load_seconds", "cache_load_seconds",
                                  "split_seconds", "fake_run_seconds", "compile_seconds", "cache_save_seconds",
                                  "snapshot_save_seconds", "capture_seconds", "first_replay_seconds"]
@@ -241,7 +242,7 @@ def test_startup_breakdown_in_order_and_described():
         "compile 7.00, cache save 0.00, snapshot save 0.00, capture 2.00, first replay 0.12\n"
         "graphs 2, pieces 9: 3 compiled (slowest 4.00 s), 1 from torch's cache; cache_dir hits 1, misses 1, "
         "graphs from snapshots (no Dynamo) 0; 2 sizes captured (14 cuda graphs, 7 Triton kernels compiled ahead); "
-        "slowest: full packed 2048 1.50 s, full decode 1 0.50 s")
+        "slowest: full packed 2048 1.50 s, full decode 1 0.75 s")
 
 
 # -- warm start: the cache key and entry ----------------------------------------------------------------------------

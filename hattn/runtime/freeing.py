@@ -1,0 +1,71 @@
+"""Run a split graph letting go of each value at its last use, inside pieces too (full mode's captures).
+
+The split graph's own code (FX's) clears a name only after the call that used it last returns, so a piece's inputs
+stay alive while it runs. In a full-step capture that keeps the previous layer's input projection in the pool beside
+the next layer's: the piece after a linear-attention op reads the gate `z`, a view of that projection, first, and
+makes the next layer's projection later (32 MiB each at 2048 tokens for qwen3.5-1b). Here each value leaves the
+environment before the call that uses it last, and a piece that can take its inputs boxed (`_Compiled.boxed`, in a
+list it empties) gets them so: inductor's code then frees each input where it is last read.
+
+Only captures use it: a replay runs no Python, and graph-free steps keep the graph's faster generated code.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+
+def run_freeing(gm: fx.GraphModule, *args):
+    """gm(*args), each value released before the call that uses it last (pieces get their inputs boxed); any other
+    callable is just called."""
+    if not isinstance(gm, fx.GraphModule):
+        return gm(*args)
+    last_use: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        for used in node.all_input_nodes:
+            last_use[used] = node
+    released_at: dict[fx.Node, list[fx.Node]] = {}
+    for value, user in last_use.items():
+        released_at.setdefault(user, []).append(value)
+    env: dict[fx.Node, object] = {}
+    inputs = iter(args)
+    del args
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(inputs)
+        elif node.op == "output":
+            return fx.node.map_arg(node.args[0], env.__getitem__)
+        elif node.op == "get_attr":
+            env[node] = _attr(gm, node.target)
+        elif node.op == "call_module" and not node.kwargs and getattr(_attr(gm, node.target), "boxed", None):
+            boxed = _attr(gm, node.target).boxed  # a piece's inputs are its flat positional arguments
+            piece_inputs = list(fx.node.map_arg(node.args, env.__getitem__))
+            _release(env, released_at.get(node, ()))
+            env[node] = boxed(piece_inputs)  # empties piece_inputs: nothing here holds them while it runs
+        else:
+            call_args, call_kwargs = fx.node.map_arg((node.args, node.kwargs), env.__getitem__)
+            _release(env, released_at.get(node, ()))
+            env[node] = _call(gm, node, call_args, call_kwargs)
+            del call_args, call_kwargs
+        if not node.users and node in env:  # a value nothing reads (a split op's None, say) goes at once
+            del env[node]
+    raise RuntimeError("the split graph has no output node")
+
+
+def _release(env: dict, values) -> None:
+    for value in values:
+        del env[value]
+
+
+def _call(gm: fx.GraphModule, node: fx.Node, args, kwargs):
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    return _attr(gm, node.target)(*args, **kwargs)  # call_module
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    value = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value

@@ -1,0 +1,84 @@
+"""`run_freeing`: a split graph run so that each value goes at its last use, inside inductor's pieces too (what full
+mode's captures run: the pool then holds less). The probe op inside the second piece records whether the first
+piece's output, which the second piece read just before, is still alive."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.fx as fx
+
+import hattn
+from hattn.compiler.backend import _compile_pieces
+from hattn.compiler.config import Config
+from hattn.counters import Stats
+from hattn.passes.split import split_graph
+from hattn.runtime.freeing import run_freeing
+
+REFS: list[weakref.ref] = []  # the split op's input, the projection a piece reads first
+SEEN: list[bool] = []  # per probe call: was it freed by then
+
+
+@torch.library.custom_op("hattn_freeing_test::mix", mutates_args=())
+def mix(h: torch.Tensor) -> torch.Tensor:
+    REFS.append(weakref.ref(h))
+    return h.cos()
+
+
+@mix.register_fake
+def _(h):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("hattn_freeing_test::probe", mutates_args=())
+def probe(x: torch.Tensor) -> torch.Tensor:
+    SEEN.append(REFS[-1]() is None)
+    return x.clone()
+
+
+@probe.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def layer(x):
+    h = x * 2 + 1  # piece 0: the "projection", read by the split op and first thing in piece 1
+    m = torch.ops.hattn_freeing_test.mix(h)
+    g = h.sigmoid() * m  # piece 1: h's last use ...
+    p = torch.ops.hattn_freeing_test.probe(g)  # ... before this
+    return (p + x,)
+
+
+@pytest.fixture
+def split_layer():
+    hattn.register_split_op(torch.ops.hattn_freeing_test.mix, "freeing_test")
+    try:
+        split_gm, info = split_graph(fx.symbolic_trace(layer))
+        assert len(info.pieces) == 2 and len(info.split_nodes) == 1
+        yield split_gm
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_freeing_test.mix)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_piece_input_is_freed_at_its_last_use_inside_the_piece(split_layer, device):
+    x = torch.randn(64, 32, device=device)
+    _compile_pieces(split_layer, None, [x], Config(mode="eager", progress=False), Stats())
+    pieces = [split_layer.get_submodule(n.target) for n in split_layer.graph.find_nodes(op="call_module")]
+    assert len(pieces) == 2 and all(p.boxed is not None for p in pieces)
+    SEEN.clear()
+    (plain,) = split_layer(x)  # FX's code holds piece 1's inputs until it returns
+    (freeing,) = run_freeing(split_layer, x)
+    assert SEEN == [False, True]
+    torch.testing.assert_close(freeing, plain)
+    torch.testing.assert_close(freeing, layer(x)[0])
+
+
+def test_a_piece_without_a_boxed_call_is_called_as_the_graph_would(split_layer):
+    x = torch.randn(8, 4)  # pieces left as traced FX code (inner_compiler "eager"): no `boxed`, called with *args
+    expected = layer(x)[0]
+    SEEN.clear()
+    torch.testing.assert_close(run_freeing(split_layer, x)[0], expected)
+    assert SEEN == [False]
+    assert run_freeing(lambda a: a + 1, x).equal(x + 1)  # not a GraphModule: just called
