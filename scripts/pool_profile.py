@@ -4,6 +4,8 @@ largest blocks live at that peak with the code that allocated them (torch's memo
     python3 scripts/pool_profile.py [--modes pcg,bcg,full] [--sizes 1,...,2048] [--slots 64] [--top 12]
     python3 scripts/pool_profile.py --shared off,on   # the A/B of a backend's one pool (HATTN_SHARED_POOLS): the
                                                       # pools' sum per mode and setting, without memory history
+    python3 scripts/pool_profile.py --freeing off,on  # the same for captures that release values at their last use
+                                                      # (HATTN_FREE_AT_LAST_USE, hattn/runtime/freeing.py)
 
 Per mode: the model compiled as `hattn bench` compiles it (every capture size at the first call), one prefill step of
 the largest size (logits of its last row, in --slots rows, as generate and the bench ask) and one decode step of two
@@ -85,19 +87,24 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=64)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--shared", default="", help="off,on: each mode with a pool per runtime, then the backend's one")
+    ap.add_argument("--freeing", default="", help="off,on: each mode's captures holding values to the end of the "
+                    "call that reads them last, then releasing them at their last use")
     a = ap.parse_args()
+    if a.shared and a.freeing:
+        ap.error("--shared and --freeing are two A/Bs: give one")
+    variable, setting = ("HATTN_SHARED_POOLS", a.shared) if a.shared else ("HATTN_FREE_AT_LAST_USE", a.freeing)
     sizes = [int(s) for s in a.sizes.split(",")]
     lm = load(a.preset, dtype=torch.bfloat16, device="cuda")
     cache = lm.make_cache(a.slots, max(sizes) + 1100)
     t, weights = max(sizes), sum(p.numel() * p.element_size() for p in lm.parameters())
-    runs = [(mode, shared) for mode in a.modes.split(",") for shared in (a.shared.split(",") if a.shared else [""])]
-    for mode, shared in runs:
+    runs = [(mode, ab) for mode in a.modes.split(",") for ab in (setting.split(",") if setting else [""])]
+    for mode, ab in runs:
         torch._dynamo.reset()
-        if shared:
-            os.environ["HATTN_SHARED_POOLS"] = "1" if shared == "on" else "0"
+        if ab:
+            os.environ[variable] = "1" if ab == "on" else "0"
         be = hattn.backend(mode=mode, capture_sizes=sizes, progress=False, lazy_capture=False)
         model = torch.compile(lm, backend=be)
-        if not shared:
+        if not ab:
             torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
         ids = torch.randint(0, 1000, (t,), device="cuda")
         ctx = ForwardContext(seq_lens=[t], context_lens=[0], slots=[0], cache=cache, layer_kinds=lm.layer_kinds)
@@ -108,9 +115,9 @@ def main() -> None:
         run_step(model, ctx, ids[:2], torch.full((2,), 1024, device="cuda"))
         torch.cuda.synchronize()
         st = be.stats
-        if shared:
+        if ab:
             mib, share = st.pool_bytes / 2**20, st.pool_bytes / weights
-            print(f"== {mode} shared pools {shared}: {mib:.1f} MiB = {share:.1%} of the weights, "
+            print(f"== {mode} {variable} {ab}: {mib:.1f} MiB = {share:.1%} of the weights, "
                   f"{len(st.pool_bytes_by_pool)} pools, graphs {st.cuda_graphs}", flush=True)
         else:
             snap = torch.cuda.memory._snapshot()

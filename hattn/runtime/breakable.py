@@ -27,6 +27,7 @@ from hattn.context import get_forward_context
 from hattn.counters import Stats, new_stats
 from hattn.registry import Mode, UnregisteredAttentionError, direct_call, register_mode, split_op_of, unregistered_mixer
 from hattn.runtime import graphs, stitch
+from hattn.runtime.freeing import run_freeing
 from hattn.runtime.graph_free import graph_free
 from hattn.runtime.graphs import (CAPTURE_ERROR_MODE, DEFAULT_CAPTURE_SIZES, CaptureError, GraphRuntime, copy_if_moved,
                                   served_layout, weak_refs)
@@ -195,13 +196,15 @@ class BreakableRuntime(GraphRuntime):
         self.stitched: dict[int, stitch.StepStitcher] = {}  # per size: its decode steps as one launch
 
     def capture(self, size: int, args: list) -> None:
-        watched(_Capture(), self.fn, args)  # warm-up; rejects unregistered attention before any capture
+        # each value released at its last use, inside pieces too: the pool holds less (runtime/freeing.py)
+        run = functools.partial(run_freeing, self.fn)
+        watched(_Capture(), run, args)  # warm-up; rejects unregistered attention before any capture
         cap = _Capture(self.pool, _capture_stream())
         cap.stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(cap.stream):
                 cap.begin_segment()
-                out = watched(cap, self.fn, args)
+                out = watched(cap, run, args)
                 cap.end_segment()
         except BaseException:
             cap.abort()

@@ -1,4 +1,4 @@
-"""Run a split graph letting go of each value at its last use, inside pieces too (full mode's captures).
+"""Run a split graph letting go of each value at its last use, inside pieces too (full and bcg captures).
 
 The split graph's own code (FX's) clears a name only after the call that used it last returns, so a piece's inputs
 stay alive while it runs. In a full-step capture that keeps the previous layer's input projection in the pool beside
@@ -7,9 +7,12 @@ makes the next layer's projection later (32 MiB each at 2048 tokens for qwen3.5-
 environment before the call that uses it last, and a piece that can take its inputs boxed (`_Compiled.boxed`, in a
 list it empties) gets them so: inductor's code then frees each input where it is last read.
 
-Only captures use it: a replay runs no Python, and graph-free steps keep the graph's faster generated code.
+Captures use it (full and bcg): a replay runs no Python, and graph-free steps keep the graph's faster generated code.
+`HATTN_FREE_AT_LAST_USE=0` runs the graph's own code instead (the A/B of `scripts/pool_profile.py --freeing off,on`).
 """
 from __future__ import annotations
+
+import os
 
 import torch.fx as fx
 
@@ -17,7 +20,7 @@ import torch.fx as fx
 def run_freeing(gm: fx.GraphModule, *args):
     """gm(*args), each value released before the call that uses it last (pieces get their inputs boxed); any other
     callable is just called."""
-    if not isinstance(gm, fx.GraphModule):
+    if not isinstance(gm, fx.GraphModule) or os.environ.get("HATTN_FREE_AT_LAST_USE", "1") == "0":
         return gm(*args)
     last_use: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:

@@ -82,3 +82,12 @@ def test_a_piece_without_a_boxed_call_is_called_as_the_graph_would(split_layer):
     torch.testing.assert_close(run_freeing(split_layer, x)[0], expected)
     assert SEEN == [False]
     assert run_freeing(lambda a: a + 1, x).equal(x + 1)  # not a GraphModule: just called
+
+
+def test_the_switch_runs_the_graphs_own_code(split_layer, monkeypatch):
+    x = torch.randn(64, 32)
+    _compile_pieces(split_layer, None, [x], Config(mode="eager", progress=False), Stats())
+    monkeypatch.setenv("HATTN_FREE_AT_LAST_USE", "0")
+    SEEN.clear()
+    run_freeing(split_layer, x)
+    assert SEEN == [False]
