@@ -314,6 +314,32 @@ def test_linear_op_times_a_new_shape_once_and_remembers_the_faster(fresh_choices
     _assert_matches(linear(x, weight, bias), x, weight, bias)
 
 
+def test_a_new_shape_is_timed_under_the_capture_lock(fresh_choices, monkeypatch):
+    """The timing synchronizes the device, which CUDA forbids while another thread captures (seen on the H100: a
+    thread's graph-free step timed a new shape while another thread captured pcg graphs): it waits for captures."""
+    import threading
+
+    from hattn.runtime.graphs import CAPTURE_LOCK
+
+    held = []
+
+    def measure(*args):
+        held.append(CAPTURE_LOCK._is_owned())
+        return op._CUBLAS
+    monkeypatch.setattr(op, "_measure", measure)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # a CPU build raises
+    x, weight, _ = _case(3, 40, 16, torch.float32, seed=0)
+    op._choice(x, weight, None)
+    assert held == [True]
+    with CAPTURE_LOCK:  # another thread capturing: the shape's timing waits
+        other = threading.Thread(target=op._choice, args=(x[:2], weight, None))
+        other.start()
+        other.join(timeout=0.2)
+        assert other.is_alive() and held == [True]
+    other.join()
+    assert held == [True, True]
+
+
 @cuda_test
 def test_linear_op_timing_leaves_out_the_hosts_launch_time(fresh_choices, monkeypatch):
     """The per-shape timing reads device time: a host that takes 300 us to launch the skinny GEMM (a model's warm-up

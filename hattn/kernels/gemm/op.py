@@ -195,7 +195,13 @@ def _choice(x2, weight, bias, preload: bool = False) -> Choice:
             if ahead.first(("linear", shape)):
                 _compile_ahead(x2, weight, bias, preload)
             return _CUBLAS
-        choice = _CHOICES[shape] = _measure(x2, weight, bias, preload)
+        from hattn.runtime.graphs import CAPTURE_LOCK
+
+        # the timing synchronizes the device, which CUDA forbids while any stream captures: another thread's
+        # graph-free step (a shape first met above the largest capture size) waits for that thread's captures
+        with CAPTURE_LOCK:
+            choice = _CHOICES.get(shape) or _measure(x2, weight, bias, preload)
+            _CHOICES[shape] = choice
     return choice
 
 
