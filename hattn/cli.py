@@ -15,6 +15,7 @@ import copy
 import logging
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -146,7 +147,8 @@ def run_mode(lm, mode: str, prompts, cache, ref, params, args, tie: float) -> Mo
         first = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
         first_s = time.perf_counter() - t0
         res = generate(model, prompts, cache, params, layer_kinds=lm.layer_kinds)
-    except Exception as e:  # a failing mode is reported in its row, not raised
+    except Exception as e:  # a failing mode is reported in its row, not raised; its traceback goes to stderr
+        traceback.print_exc()
         return ModeResult(mode, False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
     ok, note = check_tokens(ref, res.tokens, tie)
     if ok and first.tokens != res.tokens:
