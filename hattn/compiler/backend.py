@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 import time
@@ -259,25 +261,35 @@ def _boxed(fn: Callable) -> Callable[[list], Any] | None:
     at its last use once it owns the only reference, but AOTAutograd's forward (what compile_fx returns, under
     `torch._dynamo.disable`'s wrapper) takes `*runtime_args`, a tuple that holds every input until it returns.
     Its boxed inner function (`compiled_fn`, called with the parameters and the inputs in one list it empties)
-    is reached through the closure, as torch 2.11-2.13 build it; any other shape gives None."""
-    while fn is not None:
-        code, closure = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
-        cells = dict(zip(code.co_freevars, closure)) if code is not None else {}
-        params = cells.get("params_buffers_flat", cells.get("params_flat"))
-        if "compiled_fn" in cells and params is not None:
-            inner, leading = cells["compiled_fn"].cell_contents, params.cell_contents
-            if not callable(inner) or not isinstance(leading, (list, tuple)):
-                return None
-
-            @torch._dynamo.disable
-            def boxed(inputs: list):
-                full = [*leading, *inputs]
-                inputs.clear()
-                return inner(full)
-
-            return boxed
+    is reached through the closure, as torch 2.11-2.13 build it. Only the disable wrapper is stepped through: any
+    other layer (compile_fx's wrapper that unpacks a one-tensor result, say) does work the boxed call would skip,
+    so it gives None, as does any other shape."""
+    if getattr(fn, "__code__", None) is _disable_wrapper_code():
         fn = getattr(fn, "__wrapped__", None)
-    return None
+    code = getattr(fn, "__code__", None)
+    if code is None or code.co_name != "forward" or not code.co_flags & inspect.CO_VARARGS:
+        return None
+    cells = dict(zip(code.co_freevars, fn.__closure__ or ()))
+    params = cells.get("params_buffers_flat", cells.get("params_flat"))
+    if "compiled_fn" not in cells or params is None:
+        return None
+    inner, leading = cells["compiled_fn"].cell_contents, params.cell_contents
+    if not callable(inner) or not isinstance(leading, (list, tuple)):
+        return None
+
+    @torch._dynamo.disable
+    def boxed(inputs: list):
+        full = [*leading, *inputs]
+        inputs.clear()
+        return inner(full)
+
+    return boxed
+
+
+@functools.cache
+def _disable_wrapper_code():
+    """The code object of every `torch._dynamo.disable` wrapper (one function, a closure per wrapped callable)."""
+    return getattr(torch._dynamo.disable(lambda: None), "__code__", None)
 
 
 def count_collectives(gm: fx.GraphModule) -> int:

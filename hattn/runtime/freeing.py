@@ -8,6 +8,8 @@ environment before the call that uses it last, and a piece that can take its inp
 list it empties) gets them so: inductor's code then frees each input where it is last read.
 
 Captures use it (full and bcg): a replay runs no Python, and graph-free steps keep the graph's faster generated code.
+Boxed pieces are called without `nn.Module.__call__` and the graph's own forward does not run, so hooks on either
+do not run (hattn sets none).
 `HATTN_FREE_AT_LAST_USE=0` runs the graph's own code instead (the A/B of `scripts/pool_profile.py --freeing off,on`).
 """
 from __future__ import annotations
@@ -29,14 +31,17 @@ def run_freeing(gm: fx.GraphModule, *args):
     released_at: dict[fx.Node, list[fx.Node]] = {}
     for value, user in last_use.items():
         released_at.setdefault(user, []).append(value)
+    placeholders = len(gm.graph.find_nodes(op="placeholder"))
+    if len(args) != placeholders:
+        raise TypeError(f"the split graph takes {placeholders} inputs, got {len(args)}")
     env: dict[fx.Node, object] = {}
     inputs = iter(args)
     del args
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             env[node] = next(inputs)
-        elif node.op == "output":
-            return fx.node.map_arg(node.args[0], env.__getitem__)
+        elif node.op == "output":  # plain lists and dicts, as the graph's code returns (map_arg's are immutable)
+            return _plain(fx.node.map_arg(node.args[0], env.__getitem__))
         elif node.op == "get_attr":
             env[node] = _attr(gm, node.target)
         elif node.op == "call_module" and not node.kwargs and getattr(_attr(gm, node.target), "boxed", None):
@@ -52,6 +57,15 @@ def run_freeing(gm: fx.GraphModule, *args):
         if not node.users and node in env:  # a value nothing reads (a split op's None, say) goes at once
             del env[node]
     raise RuntimeError("the split graph has no output node")
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _release(env: dict, values) -> None:

@@ -91,3 +91,30 @@ def test_the_switch_runs_the_graphs_own_code(split_layer, monkeypatch):
     SEEN.clear()
     run_freeing(split_layer, x)
     assert SEEN == [False]
+
+
+def test_only_aot_autograds_forward_under_the_disable_wrapper_is_boxed():
+    """compile_fx wraps a graph returning one tensor in a function that unpacks the result: a boxed call of the
+    function inside would return a list where the piece returns a tensor, so no boxed call is offered."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from hattn.compiler.backend import _boxed
+
+    x = torch.randn(4)
+    tupled = compile_fx(fx.symbolic_trace(lambda a: (a * 2,)), [x])
+    single = compile_fx(fx.symbolic_trace(lambda a: a * 2), [x])
+    boxed = _boxed(tupled)
+    inputs = [x]
+    assert boxed is not None and boxed(inputs)[0].equal(x * 2) and inputs == []
+    assert _boxed(single) is None and single(x).equal(x * 2)
+    assert _boxed(lambda *a: a) is None and _boxed(print) is None
+
+
+def test_outputs_and_arguments_as_the_graphs_code_has_them():
+    gm = fx.symbolic_trace(lambda a, b: [a + b, {"d": (a * b, None)}])
+    a, b = torch.randn(3), torch.randn(3)
+    out = run_freeing(gm, a, b)
+    assert type(out) is list and type(out[1]) is dict and type(out[1]["d"]) is tuple
+    torch.testing.assert_close(out, gm(a, b))
+    with pytest.raises(TypeError, match="takes 2 inputs, got 1"):
+        run_freeing(gm, a)

@@ -199,9 +199,8 @@ def _choice(x2, weight, bias, preload: bool = False) -> Choice:
 
         # the timing synchronizes the device, which CUDA forbids while any stream captures: another thread's
         # graph-free step (a shape first met above the largest capture size) waits for that thread's captures
-        with CAPTURE_LOCK:
-            choice = _CHOICES.get(shape) or _measure(x2, weight, bias, preload)
-            _CHOICES[shape] = choice
+        with CAPTURE_LOCK:  # a row `load_choices` pinned meanwhile wins over the timing
+            choice = _CHOICES.get(shape) or _CHOICES.setdefault(shape, _measure(x2, weight, bias, preload))
     return choice
 
 
