@@ -44,9 +44,8 @@ def run_freeing(gm: fx.GraphModule, *args):
             return _plain(fx.node.map_arg(node.args[0], env.__getitem__))
         elif node.op == "get_attr":
             env[node] = _attr(gm, node.target)
-        elif node.op == "call_module" and not node.kwargs and getattr(_attr(gm, node.target), "boxed", None):
-            boxed = _attr(gm, node.target).boxed  # a piece's inputs are its flat positional arguments
-            piece_inputs = list(fx.node.map_arg(node.args, env.__getitem__))
+        elif node.op == "call_module" and not node.kwargs and (boxed := getattr(_attr(gm, node.target), "boxed", None)):
+            piece_inputs = list(fx.node.map_arg(node.args, env.__getitem__))  # a piece's flat positional inputs
             _release(env, released_at.get(node, ()))
             env[node] = boxed(piece_inputs)  # empties piece_inputs: nothing here holds them while it runs
         else:
