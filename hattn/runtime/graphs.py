@@ -241,23 +241,27 @@ def run_prepared(runner, name: str) -> bool:
     return runner(get_forward_context())
 
 
-def capture_graph(fn, args: list, size: int, pool, keep: bool = False) -> tuple[CapturedGraph, object]:
+def capture_graph(fn, args: list, size: int, pool, keep: bool = False, boxed=None,
+                  inputs: list | None = None) -> tuple[CapturedGraph, object]:
     """Capture fn(*args) into the pool (after one warm-up call outside the graph: lazy init, autotuning).
     Returns the captured graph (holding weak references to the outputs) and the outputs themselves. `keep`: a graph
-    a stitched step can embed (`stitch.new_graph`)."""
+    a stitched step can embed (`stitch.new_graph`). `boxed`: fn's call that takes `args` as a list and empties it
+    (`_Compiled.boxed`), captured in fn's place, so that nothing here holds an input past its last use inside fn;
+    `inputs`: what the graph keeps as its inputs (weak references where the pool owns them), by default `args`."""
     from hattn.runtime import stitch
 
     fn(*args)
     ctx = get_forward_context()
     if ctx is not None:
         ctx.forget()  # what split ops derived in the warm-up is computed again inside the graph
+    inputs = list(args) if inputs is None else inputs
     graph = stitch.new_graph() if keep else torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
-        out = fn(*args)
+        out = fn(*args) if boxed is None else boxed(args)
     captured_into(pool, graph)
     if keep:
         stitch.instantiate(graph)
-    return CapturedGraph(size, graph, list(args), weak_refs(out)), out
+    return CapturedGraph(size, graph, inputs, weak_refs(out)), out
 
 
 # -- module state ---------------------------------------------------------------------------------------------------

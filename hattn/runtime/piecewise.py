@@ -23,6 +23,7 @@ from hattn.context import get_forward_context
 from hattn.counters import Stats
 from hattn.registry import Mode, register_mode, returns_nothing, split_op_of
 from hattn.runtime import graphs, stitch
+from hattn.runtime.freeing import run_freeing
 from hattn.runtime.graph_free import direct_split_ops, graph_free
 from hattn.runtime.graphs import (CapturedGraph, GraphRuntime, capture_graph, copy_if_moved, served_layout,
                                   storage_ptr, weak_ref)
@@ -49,17 +50,28 @@ class _PieceGraphs(torch.nn.Module):
             self.runtime.recording.record_piece(graph, args)
         return out
 
-    def _capture(self, size: int, args):
-        graph, out = capture_graph(self.fn, list(args), size, self.runtime.pool, keep=True)
+    def boxed(self, inputs: list):
+        """forward(*inputs), emptying `inputs` (`run_freeing` calls pieces so during a capture): a capture then
+        holds no input of the piece past its last use inside it, and the pool can give that memory to the piece's
+        later buffers."""
+        if self.runtime.phase == "capture":
+            return self._capture(self.runtime.size, inputs, boxed=getattr(self.fn, "boxed", None))
+        args = tuple(inputs)
+        inputs.clear()
+        return self.forward(*args)
+
+    def _capture(self, size: int, args, boxed=None):
+        # what earlier graphs of this size produced is pool memory: the graph keeps weak references, so later
+        # pieces and the next size's capture can reuse it; anything else (inputs, eager split-op results) stays owned
+        pooled = self.runtime.pooled
+        inputs = [weak_ref(a) if storage_ptr(a) in pooled else a for a in args]
+        args = args if boxed is not None else list(args)
+        graph, out = capture_graph(self.fn, args, size, self.runtime.pool, keep=True, boxed=boxed, inputs=inputs)
         # a capture runs no kernel: its outputs hold what the pool held (memory of other sizes' graphs). The next
         # pieces' warm-ups and the split ops between them read them as an eager run would, and one may index by
         # them (the LM head's logits rows, clamped inside the first piece): replayed once, they hold this step's
         # values (on the H200 the decode step's capture indexed by the pool's garbage: a device-side assert)
         graph.graph.replay()
-        # what earlier graphs of this size produced is pool memory: keep weak references, so the next size's
-        # capture can reuse it; anything else (inputs, eager split-op results) stays owned here
-        pooled = self.runtime.pooled
-        graph.inputs = [weak_ref(a) if storage_ptr(a) in pooled else a for a in args]
         pooled.update(storage_ptr(o) for o in (out if isinstance(out, (tuple, list)) else [out]))
         self.graphs[size] = graph
         self.runtime.stats.cuda_graphs += 1
@@ -89,6 +101,8 @@ class PiecewiseRuntime(GraphRuntime):
     def _run(self, phase: str, size: int, args):
         self.phase, self.size = phase, size
         try:
+            if phase == "capture":  # each value released at its last use, inside pieces too (runtime/freeing.py)
+                return run_freeing(self.split_gm, *args)
             return self.split_gm(*args)
         finally:
             self.phase = "eager"

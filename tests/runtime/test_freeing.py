@@ -118,3 +118,25 @@ def test_outputs_and_arguments_as_the_graphs_code_has_them():
     torch.testing.assert_close(out, gm(a, b))
     with pytest.raises(TypeError, match="takes 2 inputs, got 1"):
         run_freeing(gm, a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("free", ["1", "0"])
+def test_a_pcg_capture_frees_a_piece_input_at_its_last_use(split_layer, monkeypatch, free):
+    """pcg captures each piece in its own graph: run through `run_freeing`, a piece's capture gets its inputs boxed
+    and keeps weak references to the pooled ones, so the previous piece's output dies inside the capture; replays
+    still equal eager."""
+    from hattn.runtime.piecewise import PiecewiseRuntime
+    from hattn.runtime.tokens import layout_from_examples
+
+    monkeypatch.setenv("HATTN_FREE_AT_LAST_USE", free)
+    x = torch.randn(64, 32, device="cuda")
+    _compile_pieces(split_layer, None, [x], Config(mode="eager", progress=False), Stats())
+    runtime = PiecewiseRuntime(split_layer, layout_from_examples([x], [x], {0}), [64], Stats(), progress=False)
+    SEEN.clear()
+    (first,) = runtime(x)
+    assert runtime.captured == {0} and SEEN[-1] is (free == "1")  # the probe's last Python call: the capture's
+    torch.testing.assert_close(first, layer(x)[0])
+    for _ in range(2):
+        y = torch.randn_like(x)
+        torch.testing.assert_close(runtime(y)[0], layer(y)[0])

@@ -921,10 +921,12 @@ def _stand_in_pcg(monkeypatch) -> None:
     from hattn.runtime import piecewise
     from hattn.runtime.graphs import CapturedGraph, graph_layout, weak_refs
 
-    def capture(fn, args, size, pool, keep=False):
+    def capture(fn, args, size, pool, keep=False, boxed=None, inputs=None):
         fn(*args)
-        out = fn(*args)
-        return CapturedGraph(size, _StandInGraph(fn, list(args), out), list(args), weak_refs(out)), out
+        held = list(args)  # the stand-in's replays run the piece on them (boxed() empties args)
+        out = fn(*args) if boxed is None else boxed(args)
+        return CapturedGraph(size, _StandInGraph(fn, held, out), held if inputs is None else inputs,
+                             weak_refs(out)), out
 
     monkeypatch.setattr(piecewise, "capture_graph", capture)
     monkeypatch.setattr(piecewise, "served_layout", lambda mode, split_gm, examples, stats: graph_layout(split_gm))
@@ -1212,14 +1214,15 @@ def test_pcg_replays_each_captured_piece_before_the_next_piece_reads_it(monkeypa
                     static.copy_(new)
             return self.out
 
-    def capture(fn, args, size, pool, keep=False):
+    def capture(fn, args, size, pool, keep=False, boxed=None, inputs=None):
         fn(*args)  # the warm-up runs
-        out = fn(*args)  # the capture does not: its outputs are pool memory holding anything
-        ins = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        held = list(args)  # the stand-in's replays run the piece on them (boxed() empties args)
+        out = fn(*args) if boxed is None else boxed(args)  # the capture does not: its outputs are pool memory
+        ins = {a.untyped_storage().data_ptr() for a in held if isinstance(a, torch.Tensor)}
         for o in out:
             if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in ins:
                 o.fill_(float("nan") if o.dtype.is_floating_point else 10**9 if o.dtype != torch.bool else True)
-        return StandInGraph(fn, args, out), out
+        return StandInGraph(fn, held, out), out
 
     monkeypatch.setattr(piecewise, "capture_graph", capture)
     monkeypatch.setattr(piecewise, "served_layout", lambda mode, gm, inputs, stats: graphs.graph_layout(gm))
