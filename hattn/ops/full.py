@@ -2,8 +2,10 @@
 
 Decode steps (one token per sequence, a cache) are one batched, capture-safe kernel call reading the step's slots
 and context lengths from device tensors. Other steps of several sequences over a cache on CUDA (prefill, extend,
-mixed) are one launch of the varlen Triton kernel that full mode's graphs run; the rest walks the sequences (torch
-SDPA on CUDA: one long prompt takes flash attention; the torch reference on CPU). Kernels: `hattn/kernels/attention/`.
+mixed), and every packed step full mode's graphs run, are one launch: FlashAttention-2's varlen kernel where it fits
+(`prefill_flash`: fp16/bf16, one head size up to 256), else the varlen Triton kernel; the rest walks the sequences
+(torch SDPA on CUDA: one long prompt takes flash attention; the torch reference on CPU). Kernels:
+`hattn/kernels/attention/`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 
 from hattn import registry
 from hattn.context import CaptureUnsupported, LayerSpec, op_context, zero_padding
+from hattn.kernels.attention import prefill_flash
 from hattn.kernels.attention.decode import full_attention_decode
 from hattn.kernels.attention.prefill import sdpa_attention
 from hattn.kernels.attention.reference import causal_attention
@@ -70,6 +73,10 @@ def _packed(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
                     lambda: _packed_meta(ctx, q.shape[1], k.shape[1], q.device))
     k_cache, v_cache = ctx.cache.state(layer_id)
     write_kv(k[:n], v[:n], k_cache, v_cache, meta["token_slot"], meta["token_pos"])
+    if prefill_flash.fits(q, k_cache, v_cache):
+        rows = ctx.memo(("full", "flash_rows", k_cache.shape[1], q.device), lambda: prefill_flash.key_rows(
+            meta["starts"], meta["seq_lens"], meta["context_lens"], meta["slots"], k_cache.shape[1], n))
+        return prefill_flash.flash_prefill_attention(q[:n], k_cache, v_cache, *rows, out[:n], scale)
     prefill_attention(q[:n], k_cache, v_cache, meta["starts"], meta["seq_lens"], meta["context_lens"], meta["slots"],
                       meta["blocks"], out[:n], scale)
 
@@ -100,6 +107,10 @@ def _captured_packed(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
     f = ctx.static.packed.fields
     k_cache, v_cache = ctx.cache.state(layer_id)
     write_kv(k, v, k_cache, v_cache, f["token_slot"], f["token_pos"])
+    if prefill_flash.fits(q, k_cache, v_cache):  # rows past the real tokens: the padding sequence, no keys: zeros
+        rows = ctx.memo(("flash_rows", k_cache.shape[1]), lambda: prefill_flash.key_rows(
+            f["cu"][:-1], f["attn_lens"], f["context_lens"], f["slots"], k_cache.shape[1], q.shape[0]))
+        return prefill_flash.flash_prefill_attention(q, k_cache, v_cache, *rows, out, scale)
     t, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
     blocks = ctx.memo(("attention_blocks", hq, hkv), lambda: device_block_table(f["attn_lens"], t, hq, hkv))
     prefill_attention(q, k_cache, v_cache, f["cu"][:-1], f["attn_lens"], f["context_lens"], f["slots"], blocks, out,

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from hattn.kernels.attention.reference import packed_prefill_attention_reference
 from hattn.kernels.launch import interpreting
 
+from hattn.kernels.attention import prefill_flash
+
 try:
     from hattn.kernels.attention import prefill_triton as pt
 except ImportError:  # no triton: a CPU install
@@ -56,6 +58,10 @@ class Step:
     def attend(self, q, k_cache, v_cache, out):
         pt.prefill_attention(q, k_cache, v_cache, *self.meta, self.blocks, out, q.shape[-1] ** -0.5)
 
+    def attend_flash(self, q, k_cache, v_cache, out):
+        rows = prefill_flash.key_rows(*self.meta, k_cache.shape[1], q.shape[0])
+        prefill_flash.flash_prefill_attention(q, k_cache, v_cache, *rows, out, q.shape[-1] ** -0.5)
+
     def reference(self, q, k_cache, v_cache, dv):
         want = torch.empty(q.shape[0], q.shape[1], dv, device=DEV)
         packed_prefill_attention_reference(q, k_cache, v_cache, *self.meta, want, q.shape[-1] ** -0.5)
@@ -93,7 +99,7 @@ def _assert_written_only(cache, before, new, step):
     assert torch.equal(cache.cpu()[slot[real], pos[real]], new.cpu()[real])
 
 
-def _run_and_check(seqs, num_tokens, num_slots, hkv, rep, dk, dv, dtype, seed, max_len=None):
+def _run_and_check(seqs, num_tokens, num_slots, hkv, rep, dk, dv, dtype, seed, max_len=None, kernel="triton"):
     max_len = max_len or max(n + past for n, past, _ in seqs)
     q, k, v, k_cache, v_cache = _tensors(num_tokens, num_slots, max_len, hkv, rep, dk, dv, dtype, seed)
     k_before, v_before = k_cache.clone(), v_cache.clone()
@@ -102,7 +108,11 @@ def _run_and_check(seqs, num_tokens, num_slots, hkv, rep, dk, dv, dtype, seed, m
     _assert_written_only(k_cache, k_before, k, step)
     _assert_written_only(v_cache, v_before, v, step)
     out = torch.empty(num_tokens, hkv * rep, dv, device=DEV, dtype=dtype)
-    step.attend(q, k_cache, v_cache, out)
+    if kernel == "flash":
+        assert prefill_flash.fits(q, k_cache, v_cache)
+        step.attend_flash(q, k_cache, v_cache, out)
+    else:
+        step.attend(q, k_cache, v_cache, out)
     want = step.reference(q, k_cache, v_cache, dv)
     torch.testing.assert_close(out.float().cpu(), want.cpu(), rtol=TOL[dtype], atol=TOL[dtype])
     assert torch.equal(out[step.real_tokens:].cpu(), torch.zeros_like(out[step.real_tokens:]).cpu())
@@ -123,6 +133,41 @@ def test_prefill_attention_at_the_qwen35_1b_shape(rep, nan_empty):
     cache, a decode row, a padding sequence and padding rows, slots out of order."""
     seqs = [(70, 0, 3), (33, 31, 0), (1, 64, 2), (0, 0, 5), (16, 0, 1)]
     _run_and_check(seqs, 160, 6, 2, rep, 256, 256, torch.bfloat16, 3, max_len=100)
+
+
+needs_flash = pytest.mark.skipif(DEV != "cuda", reason="FlashAttention runs on CUDA only")
+
+
+@needs_flash
+@given(step=steps(), hkv=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2, 4, 8]), d=st.sampled_from([64, 80, 256]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_flash_prefill_attention_matches_reference(step, hkv, rep, d, dtype, seed, nan_empty):
+    """FA-2 over the cache (prefill_flash) on the same random packed steps: padding sequences of length 0 anywhere,
+    padding rows past the last sequence (zeros), slots in any order, decode-like rows."""
+    seqs, num_tokens, num_slots = step
+    if num_tokens < 2:  # one row takes FA's decode layout: `fits` declines it
+        return
+    _run_and_check(seqs, num_tokens, num_slots, hkv, rep, d, d, dtype, seed, kernel="flash")
+
+
+@needs_flash
+@pytest.mark.parametrize("rep", [1, 4])
+def test_flash_prefill_attention_at_the_qwen35_1b_shape(rep, nan_empty):
+    seqs = [(70, 0, 3), (33, 31, 0), (1, 64, 2), (0, 0, 5), (16, 0, 1)]
+    _run_and_check(seqs, 160, 6, 2, rep, 256, 256, torch.bfloat16, 3, max_len=100, kernel="flash")
+
+
+@needs_flash
+def test_flash_declines_what_it_cannot_serve(monkeypatch):
+    q, _, _, k_cache, v_cache = _tensors(8, 3, 16, 2, 2, 64, 64, torch.bfloat16, 0)
+    assert prefill_flash.fits(q, k_cache, v_cache)
+    assert not prefill_flash.fits(q[:1], k_cache, v_cache)  # one row
+    assert not prefill_flash.fits(q.float(), k_cache.float(), v_cache.float())  # fp32
+    assert not prefill_flash.fits(q[..., :48], k_cache[..., :48].contiguous(), v_cache)  # head sizes differ
+    assert not prefill_flash.fits(q, k_cache[:, :8], v_cache[:, :8])  # a cache view that is not contiguous
+    monkeypatch.setattr(prefill_flash, "enabled", False)  # HATTN_PREFILL_ATTENTION=triton
+    assert not prefill_flash.fits(q, k_cache, v_cache)
 
 
 @given(lens=st.lists(st.integers(0, 200), min_size=1, max_size=6), extra=st.integers(0, 100),
@@ -178,9 +223,11 @@ def test_prefill_attention_rejects_bad_arguments_naming_them(bad):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need CUDA")
-def test_write_kv_and_prefill_attention_captured_in_graph_replay_two_packings():
+@pytest.mark.parametrize("kernel", ["triton", "flash"])
+def test_write_kv_and_prefill_attention_captured_in_graph_replay_two_packings(kernel):
     """One graph of a 256-row bucket with at most 4 sequences, its static buffers refilled for a prefill + extend
-    + decode step and then for a different packing (other lengths, contexts and slots)."""
+    + decode step and then for a different packing (other lengths, contexts and slots). FA's metadata is derived
+    inside the graph from the same buffers."""
     num_tokens, max_seqs, hkv, rep, d, num_slots, dtype = 256, 4, 2, 4, 128, 6, torch.bfloat16
     packings = [[(100, 0, 2), (1, 37, 0), (60, 20, 4), (0, 0, 5)], [(7, 5, 1), (120, 0, 3), (1, 0, 0), (1, 200, 4)]]
     q, k, v, k_cache, v_cache = _tensors(num_tokens, num_slots, 300, hkv, rep, d, d, dtype, 0)
@@ -190,7 +237,11 @@ def test_write_kv_and_prefill_attention_captured_in_graph_replay_two_packings():
 
     def run():
         pt.write_kv(k, v, k_cache, v_cache, *targets)
-        pt.prefill_attention(q, k_cache, v_cache, *meta, blocks, out, d**-0.5)
+        if kernel == "flash":
+            rows = prefill_flash.key_rows(*meta, k_cache.shape[1], num_tokens)
+            prefill_flash.flash_prefill_attention(q, k_cache, v_cache, *rows, out, d**-0.5)
+        else:
+            pt.prefill_attention(q, k_cache, v_cache, *meta, blocks, out, d**-0.5)
 
     run()  # warm-up: compiles
     graph = torch.cuda.CUDAGraph()
