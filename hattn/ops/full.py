@@ -76,7 +76,8 @@ def _packed(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
     if prefill_flash.fits(q, k_cache, v_cache):
         rows = ctx.memo(("full", "flash_rows", k_cache.shape[1], q.device), lambda: prefill_flash.key_rows(
             meta["starts"], meta["seq_lens"], meta["context_lens"], meta["slots"], k_cache.shape[1], n))
-        return prefill_flash.flash_prefill_attention(q[:n], k_cache, v_cache, *rows, out[:n], scale)
+        return prefill_flash.flash_prefill_attention(q[:n], k_cache, v_cache, *rows, out[:n], scale,
+                                                     max(ctx.seq_lens))
     prefill_attention(q[:n], k_cache, v_cache, meta["starts"], meta["seq_lens"], meta["context_lens"], meta["slots"],
                       meta["blocks"], out[:n], scale)
 
@@ -108,7 +109,7 @@ def _captured_packed(q, k, v, out, layer_id: int, scale: float, ctx) -> None:
     k_cache, v_cache = ctx.cache.state(layer_id)
     write_kv(k, v, k_cache, v_cache, f["token_slot"], f["token_pos"])
     if prefill_flash.fits(q, k_cache, v_cache):  # rows past the real tokens: the padding sequence, no keys: zeros
-        rows = ctx.memo(("flash_rows", k_cache.shape[1]), lambda: prefill_flash.key_rows(
+        rows = ctx.memo(("full", "flash_rows", k_cache.shape[1], q.device), lambda: prefill_flash.key_rows(
             f["cu"][:-1], f["attn_lens"], f["context_lens"], f["slots"], k_cache.shape[1], q.shape[0]))
         return prefill_flash.flash_prefill_attention(q, k_cache, v_cache, *rows, out, scale)
     t, hq, hkv = q.shape[0], q.shape[1], k.shape[1]

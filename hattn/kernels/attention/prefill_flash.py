@@ -54,13 +54,16 @@ def key_rows(starts: torch.Tensor, seq_lens: torch.Tensor, context_lens: torch.T
     return cu_q, cu_k, torch.cat([context_lens + seq_lens, seq_lens.new_zeros(1)]).int()
 
 
-def flash_prefill_attention(q, k_cache, v_cache, cu_q, cu_k, used_k, out, scale: float) -> None:
+def flash_prefill_attention(q, k_cache, v_cache, cu_q, cu_k, used_k, out, scale: float,
+                            max_q: int | None = None) -> None:
     """out = causal attention of each packed sequence's new tokens over its cache slot (`key_rows` gives the
     metadata); rows of a sequence without keys get zeros. q: [T, Hq, D]; caches [S, L, Hkv, D] holding the new
-    tokens' k/v (`prefill_triton.write_kv`); out: [T, Hq, D]."""
+    tokens' k/v (`prefill_triton.write_kv`); out: [T, Hq, D]. `max_q`: the most rows of a sequence where the host
+    knows it (FA launches that many rows' blocks per sequence; T by default, the bound a graph must use)."""
     s, length, hkv, d = k_cache.shape
+    max_q = q.shape[0] if max_q is None else max(2, min(max_q, q.shape[0]))  # 1 would take FA's decode layout
     o = torch.ops.aten._flash_attention_forward(
-        q, k_cache.view(s * length, hkv, d), v_cache.view(s * length, hkv, d), cu_q, cu_k, q.shape[0], length, 0.0,
+        q, k_cache.view(s * length, hkv, d), v_cache.view(s * length, hkv, d), cu_q, cu_k, max_q, length, 0.0,
         True, False, scale=scale, seqused_k=used_k,
     )[0]
     out.copy_(o)
