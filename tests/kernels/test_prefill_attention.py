@@ -58,9 +58,11 @@ class Step:
     def attend(self, q, k_cache, v_cache, out):
         pt.prefill_attention(q, k_cache, v_cache, *self.meta, self.blocks, out, q.shape[-1] ** -0.5)
 
-    def attend_flash(self, q, k_cache, v_cache, out):
+    def attend_flash(self, q, k_cache, v_cache, out, tight=False):
+        """tight: FA's grid for the longest sequence (eager steps), not for every row (graphs)."""
         rows = prefill_flash.key_rows(*self.meta, k_cache.shape[1], q.shape[0])
-        prefill_flash.flash_prefill_attention(q, k_cache, v_cache, *rows, out, q.shape[-1] ** -0.5)
+        prefill_flash.flash_prefill_attention(q, k_cache, v_cache, *rows, out, q.shape[-1] ** -0.5,
+                                              max(self.seq_lens) if tight else None)
 
     def reference(self, q, k_cache, v_cache, dv):
         want = torch.empty(q.shape[0], q.shape[1], dv, device=DEV)
@@ -99,7 +101,8 @@ def _assert_written_only(cache, before, new, step):
     assert torch.equal(cache.cpu()[slot[real], pos[real]], new.cpu()[real])
 
 
-def _run_and_check(seqs, num_tokens, num_slots, hkv, rep, dk, dv, dtype, seed, max_len=None, kernel="triton"):
+def _run_and_check(seqs, num_tokens, num_slots, hkv, rep, dk, dv, dtype, seed, max_len=None, kernel="triton",
+                   tight=False):
     max_len = max_len or max(n + past for n, past, _ in seqs)
     q, k, v, k_cache, v_cache = _tensors(num_tokens, num_slots, max_len, hkv, rep, dk, dv, dtype, seed)
     k_before, v_before = k_cache.clone(), v_cache.clone()
@@ -110,7 +113,7 @@ def _run_and_check(seqs, num_tokens, num_slots, hkv, rep, dk, dv, dtype, seed, m
     out = torch.empty(num_tokens, hkv * rep, dv, device=DEV, dtype=dtype)
     if kernel == "flash":
         assert prefill_flash.fits(q, k_cache, v_cache)
-        step.attend_flash(q, k_cache, v_cache, out)
+        step.attend_flash(q, k_cache, v_cache, out, tight)
     else:
         step.attend(q, k_cache, v_cache, out)
     want = step.reference(q, k_cache, v_cache, dv)
@@ -140,15 +143,16 @@ needs_flash = pytest.mark.skipif(DEV != "cuda", reason="FlashAttention runs on C
 
 @needs_flash
 @given(step=steps(), hkv=st.sampled_from([1, 2]), rep=st.sampled_from([1, 2, 4, 8]), d=st.sampled_from([64, 80, 256]),
-       dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16), tight=st.booleans())
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_flash_prefill_attention_matches_reference(step, hkv, rep, d, dtype, seed, nan_empty):
+def test_flash_prefill_attention_matches_reference(step, hkv, rep, d, dtype, seed, tight, nan_empty):
     """FA-2 over the cache (prefill_flash) on the same random packed steps: padding sequences of length 0 anywhere,
-    padding rows past the last sequence (zeros), slots in any order, decode-like rows."""
+    padding rows past the last sequence (zeros), slots in any order, decode-like rows (all of them one row long with
+    `tight`: FA's grid is still for two rows)."""
     seqs, num_tokens, num_slots = step
     if num_tokens < 2:  # one row takes FA's decode layout: `fits` declines it
         return
-    _run_and_check(seqs, num_tokens, num_slots, hkv, rep, d, d, dtype, seed, kernel="flash")
+    _run_and_check(seqs, num_tokens, num_slots, hkv, rep, d, d, dtype, seed, kernel="flash", tight=tight)
 
 
 @needs_flash
