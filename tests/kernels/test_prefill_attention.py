@@ -61,8 +61,9 @@ class Step:
     def attend_flash(self, q, k_cache, v_cache, out, tight=False):
         """tight: FA's grid for the longest sequence (eager steps), not for every row (graphs)."""
         rows = prefill_flash.key_rows(*self.meta, k_cache.shape[1], q.shape[0])
+        longest = max(*self.seq_lens, q.shape[0] - self.real_tokens)  # the padding rows are a sequence too
         prefill_flash.flash_prefill_attention(q, k_cache, v_cache, *rows, out, q.shape[-1] ** -0.5,
-                                              max(self.seq_lens) if tight else None)
+                                              longest if tight else None)
 
     def reference(self, q, k_cache, v_cache, dv):
         want = torch.empty(q.shape[0], q.shape[1], dv, device=DEV)

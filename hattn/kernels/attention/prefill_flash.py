@@ -58,8 +58,9 @@ def flash_prefill_attention(q, k_cache, v_cache, cu_q, cu_k, used_k, out, scale:
                             max_q: int | None = None) -> None:
     """out = causal attention of each packed sequence's new tokens over its cache slot (`key_rows` gives the
     metadata); rows of a sequence without keys get zeros. q: [T, Hq, D]; caches [S, L, Hkv, D] holding the new
-    tokens' k/v (`prefill_triton.write_kv`); out: [T, Hq, D]. `max_q`: the most rows of a sequence where the host
-    knows it (FA launches that many rows' blocks per sequence; T by default, the bound a graph must use)."""
+    tokens' k/v (`prefill_triton.write_kv`); out: [T, Hq, D]. `max_q`: the most rows of a sequence, the rows past
+    the last sequence counted as one, where the host knows it (FA launches that many rows' blocks per sequence; T by
+    default, the bound a graph must use)."""
     s, length, hkv, d = k_cache.shape
     max_q = q.shape[0] if max_q is None else max(2, min(max_q, q.shape[0]))  # 1 would take FA's decode layout
     o = torch.ops.aten._flash_attention_forward(
