@@ -25,7 +25,7 @@
 #                                                   # process (PDL_ARGS="--modes full --variants off,hattn+inductor")
 #   bash scripts/gpu_check.sh fla-configs           # fla's cold autotuning vs its shipped configs; writes new ones
 #                                                   # to $OUT/fla_configs.json (copy them into gated_delta/fla_configs)
-#   bash scripts/gpu_check.sh all-tests bench       # every GPU test in 10 xdist workers (~5.5 min on the H200; -v
+#   bash scripts/gpu_check.sh all-tests             # every GPU test in 10 xdist workers (~5.5 min on the H200, over 6.3 on an H100: run it alone; -v
 #                                                   # lines name each result even when the box cuts the summary)
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
 #   RECHECK="tests/a.py::test_b tests/c.py" bash scripts/gpu_check.sh recheck  # some GPU tests alone (node ids, no spaces)
@@ -87,7 +87,7 @@ declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_test
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench [host-profile]=host_profile
                 [startup]=startup [kernel-profile]=kernel_profile [gemv-sweep]=gemv_sweep [bound-ab]=bound_ab [recheck]=gpu_tests [dispatch-ab]=dispatch_ab
                 [pdl-micro]=pdl_ab [pdl-model]=pdl_ab [fla-configs]=fla_configs [conv-ab]=conv_ab [graph-launch]=graph_launch [decode-layer]=decode_layer [seq-buckets]=seq_buckets [packed-steps]=packed_steps [pool-profile]=pool_profile [ttft-trace]=ttft_trace [sampling-ab]=sampling_ab [aot-key-diff]=aot_key_diff [ahead-ab]=ahead_ab [attn-ab]=attn_ab)
-declare -A BOX=([all-tests]=420 [tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
+declare -A BOX=([all-tests]=540 [tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
                 [k-bench]=150 [bench]=560 [host-profile]=240 [startup]=300 [kernel-profile]=180 [gemv-sweep]=200 [bound-ab]=150 [recheck]=120 [dispatch-ab]=220
                 [pdl-micro]=120 [pdl-model]=330 [fla-configs]=150 [conv-ab]=120 [graph-launch]=90 [decode-layer]=120
                 [seq-buckets]=200 [packed-steps]=240 [pool-profile]=240 [ttft-trace]=200 [sampling-ab]=90 [aot-key-diff]=90
