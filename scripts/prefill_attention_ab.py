@@ -11,6 +11,7 @@ import argparse
 
 import torch
 
+from hattn.bench.kernels import graph_us
 from hattn.kernels.attention import prefill_flash
 from hattn.kernels.attention import prefill_triton as pt
 
@@ -28,22 +29,6 @@ STEPS = {
 def _flops(seqs, hq: int, d: int) -> float:
     """QK^T and PV of the causal pairs: 4 * d * hq per (query, visible key)."""
     return sum(4 * d * hq * (n * past + n * (n + 1) / 2) for n, past in seqs)
-
-
-def _time(fn, reps: int) -> float:
-    fn()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / reps
 
 
 def main() -> None:
@@ -78,7 +63,7 @@ def main() -> None:
             rows = prefill_flash.key_rows(*meta, max_len, tokens)
             prefill_flash.flash_prefill_attention(q, k_cache, v_cache, *rows, outs["flash"], d**-0.5)
 
-        us = {"triton": _time(triton_step, a.reps), "flash": _time(flash_step, a.reps)}
+        us = {"triton": graph_us([triton_step], a.reps), "flash": graph_us([flash_step], a.reps)}
         tf = {k: _flops(seqs, a.hq, d) / (v * 1e-6) / 1e12 for k, v in us.items()}
         diff = (outs["triton"].float() - outs["flash"].float()).abs().max().item()
         print(f"{name:<18} {us['triton']:>10.1f} {tf['triton']:>8.1f} {us['flash']:>10.1f} {tf['flash']:>8.1f} "
