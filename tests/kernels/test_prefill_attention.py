@@ -15,10 +15,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hattn.kernels.attention import prefill_flash
 from hattn.kernels.attention.reference import packed_prefill_attention_reference
 from hattn.kernels.launch import interpreting
-
-from hattn.kernels.attention import prefill_flash
 
 try:
     from hattn.kernels.attention import prefill_triton as pt
