@@ -8,7 +8,8 @@ where the real sequences come first, one padding sequence covers the rows past t
 computed from finite inputs and written; attention, whose kernel zeroes padding rows itself, sees it with length 0
 in `attn_lens`), and zero-length sequences fill the rest; every padding sequence uses the
 cache's scratch slot and starts from zero state, so it does no harm. fla's chunk indices come padded the same way:
-the real chunks in order, then entries of the zero-length last sequence, which do no work.
+the real chunks in order, then entries of the zero-length last sequence, which do no work; and so do its chunk
+offsets (each sequence's first chunk), which fla would otherwise derive on the device in every layer.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ class Bucket:
         """The int64 fields of the layout, in order, and their lengths."""
         s, t = self.seqs, self.tokens
         return {"cu": s + 1, "token_seq": t, "slots": s, "has_state": s, "context_lens": s, "attn_lens": s,
-                "chunk_indices": 2 * self.chunks, "token_slot": t, "token_pos": t, "real_tokens": 1}
+                "chunk_indices": 2 * self.chunks, "chunk_offsets": s + 1, "token_slot": t, "token_pos": t,
+                "real_tokens": 1}
 
     @property
     def numel(self) -> int:
@@ -141,6 +143,7 @@ class Bucket:
             for c in range(-(-n // CHUNK)):
                 chunks.extend((s, c))
         chunks.extend(array("q", [self.seqs - 1, 0]) * (self.chunks - len(chunks) // 2))
+        fields["chunk_offsets"].extend(itertools.accumulate((-(-n // CHUNK) for n in lens), initial=0))
         fields["real_tokens"].append(real)
         flat = array("q")
         for name in self.parts:
@@ -165,6 +168,7 @@ class Bucket:
         batch = PackedBatch([self.tokens] + [0] * (self.seqs - 1), None, None, cu_cpu, v["cu"], v["token_seq"],
                             v["slots"], v["has_state"], padded=True)
         batch._memo["fla_chunk_indices"] = v["chunk_indices"].view(self.chunks, 2)
+        batch._memo["fla_chunk_offsets"] = v["chunk_offsets"]
         return batch
 
 

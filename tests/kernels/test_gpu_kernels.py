@@ -175,7 +175,7 @@ def test_decode_step_captured_in_graph_matches_reference_and_spares_other_slots(
 def test_fla_facts_our_wrappers_rely_on():
     """fla 0.6.0: chunk's final state is a new fp32 tensor (the initial state is left alone); the fused recurrent
     kernel's 5th positional parameter is `gk`, not `beta` (pass beta by keyword); chunk wants B == 1 with cu_seqlens;
-    the chunk forward we call directly takes its arguments in the order we pass them."""
+    the chunk forward's stages we call directly take the arguments we pass them."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
     hk, hv, d, t = 16, 32, 128, 40
@@ -193,12 +193,19 @@ def test_fla_facts_our_wrappers_rely_on():
                                g=g[None].expand(2, -1, -1), beta=beta[None].expand(2, -1, -1), cu_seqlens=cu)
     import inspect
 
-    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+    from fla.ops.utils import chunk_local_cumsum
     assert list(inspect.signature(fused_recurrent_gated_delta_rule).parameters)[4] == "gk"
-    # what chunk.chunk_gated_delta_rule_slots passes to the forward it calls directly
-    params = list(inspect.signature(chunk_gated_delta_rule_fwd).parameters)
-    assert params[:8] == ["q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state"]
-    assert {"chunk_size", "cu_seqlens", "chunk_indices"} <= set(params)
+    # what chunk._fla_forward passes to the stages it calls (by keyword) in place of chunk_gated_delta_rule_fwd
+    at = {"chunk_size", "cu_seqlens", "chunk_indices"}
+    for stage, own in ((chunk_local_cumsum, {"g", "scale"}),
+                       (chunk_gated_delta_rule_fwd_intra, {"k", "v", "g", "beta"}),
+                       (chunk_gated_delta_rule_fwd_h, {"k", "w", "u", "g", "initial_state", "output_final_state",
+                                                       "chunk_offsets"}),
+                       (chunk_fwd_o, {"q", "k", "v", "h", "g", "scale"})):
+        assert at | own <= set(inspect.signature(stage).parameters), stage.__name__
 
 
 def linear_op(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx):

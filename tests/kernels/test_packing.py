@@ -59,6 +59,7 @@ def _bucket_host_reference(bucket: Bucket, seq_lens, context_lens, slots, scratc
         "context_lens": ctx,
         "attn_lens": torch.cat([lens[:len(keep)], torch.zeros(pad + 1, dtype=torch.long)]),
         "chunk_indices": torch.cat([pairs, filler]).flatten(),
+        "chunk_offsets": torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
         "token_slot": slot[token_seq],
         "token_pos": token_pos,
         "real_tokens": torch.tensor([real]),
@@ -70,7 +71,8 @@ def _bucket_host_reference(bucket: Bucket, seq_lens, context_lens, slots, scratc
 @settings(max_examples=60, deadline=None)
 def test_bucket_host_layout_equals_the_torch_reference(tokens, max_seqs, data):
     """Every field of a step's bucket metadata (offsets, rows' sequences, slots and positions, fla's chunk pairs with
-    their no-op filler), for packings with empty sequences, lengths straddling a chunk and padding rows."""
+    their no-op filler and each sequence's first chunk), for packings with empty sequences, lengths straddling a
+    chunk and padding rows."""
     bucket = Bucket.for_tokens(tokens, max_seqs)
     n = data.draw(st.integers(0, bucket.seqs - 2))
     seq_lens = data.draw(st.lists(st.integers(0, tokens), min_size=n, max_size=n).filter(lambda x: sum(x) <= tokens))

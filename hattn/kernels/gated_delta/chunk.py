@@ -8,8 +8,9 @@ head h // (Hv // Hk) (as repeat_interleave), takes log-space `g` and post-sigmoi
 fp32 final state `[N, Hv, Dk, Dv]`; so we gather the initial states from the cache slots and scatter the final
 states back. Its public function wraps `chunk_gated_delta_rule_fwd` in an autograd Function whose `input_guard`
 copies every non-contiguous input and whose `use_qk_l2norm_in_kernel` runs two extra normalisation kernels. We
-call `chunk_gated_delta_rule_fwd` (the forward alone) with q, k already normalised and q, k, v contiguous, written
-so by our conv (`packed_conv_qkv`), and with the chunk indices built once per step (`PackedBatch.memo`).
+call the forward alone (`_fla_forward`: `chunk_gated_delta_rule_fwd`'s stages) with q, k already normalised and q, k,
+v contiguous, written so by our conv (`packed_conv_qkv`), and with the chunk indices and offsets built once per step
+(`PackedBatch.memo`).
 
 Inside a CUDA graph (a padded `PackedBatch`, `mode="full"`): the chunk indices come padded with the batch (fla's
 own `prepare_chunk_indices` has a data-dependent size), and fla's identity-keyed tensor cache is switched off for
@@ -96,14 +97,37 @@ def _chunk_indices(batch: PackedBatch) -> torch.Tensor:
     return prepare_chunk_indices(batch.cu, CHUNK, cu_seqlens_cpu=batch.cu_cpu)
 
 
+def _chunk_offsets(batch: PackedBatch) -> torch.Tensor:
+    from fla.ops.utils.index import prepare_chunk_offsets
+
+    return prepare_chunk_offsets(batch.cu, CHUNK)
+
+
+def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_offsets):
+    """fla 0.6.0's `chunk_gated_delta_rule_fwd` (gate outside the kernel, no context parallelism), stage by stage, so
+    that its state pass takes the step's chunk offsets: fla's own function derives them from `cu` in every layer,
+    five small launches each that its tensor cache cannot spare inside a graph (switched off there)."""
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    at = dict(cu_seqlens=cu, chunk_indices=chunk_indices, chunk_size=CHUNK)
+    g = chunk_local_cumsum(g, scale=RCP_LN2, **at)
+    w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, **at)
+    h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=h0, output_final_state=stateful,
+                                                   chunk_offsets=chunk_offsets, **at)
+    o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=q.shape[-1] ** -0.5, **at)
+    return o, final
+
+
 def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state) -> torch.Tensor:
     """fla's chunked rule over the sequences of `batch`, states gathered from and scattered back to their slots.
 
     q, k: [T, Hk, Dk], L2-normalised; v: [T, Hv, Dv]; all three contiguous; g (log decay), beta: [T, Hv];
     rec_state: [S, Hv, Dk, Dv] fp32 or None (start from zeros, keep nothing). Returns o: [T, Hv, Dv] in v's dtype.
     """
-    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
-
     stateful = rec_state is not None  # the conv before it checked that the batch then has slots
     h0 = None
     if stateful and (batch.padded or any(batch.has_state)):
@@ -111,11 +135,10 @@ def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state
         if batch.padded or not all(batch.has_state):  # new sequences start from zeros
             h0.masked_fill_(batch.has_state_d[:, None, None, None] == 0, 0.0)  # not mul: 0 * NaN left in a slot
     chunk_indices = batch.memo("fla_chunk_indices", lambda: _chunk_indices(batch))
+    chunk_offsets = batch.memo("fla_chunk_offsets", lambda: _chunk_offsets(batch))
     with torch.cuda.device(q.device), _no_fla_tensor_cache(batch.padded):
-        _, o, _, final, _, _ = chunk_gated_delta_rule_fwd(
-            q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(), q.shape[-1] ** -0.5,
-            h0, stateful, chunk_size=CHUNK, cu_seqlens=batch.cu, chunk_indices=chunk_indices,
-        )
+        o, final = _fla_forward(q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(),
+                                h0, stateful, batch.cu, chunk_indices, chunk_offsets)
     if stateful:
         rec_state.index_copy_(0, batch.slots_d, final)
     return o[0]
