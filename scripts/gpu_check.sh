@@ -29,6 +29,7 @@
 #                                                   # lines name each result even when the box cuts the summary)
 #   SECONDS_TESTS=200 bash scripts/gpu_check.sh ... # a part's time box (SECONDS_<PART>, dashes as underscores)
 #   RECHECK="tests/a.py::test_b tests/c.py" bash scripts/gpu_check.sh recheck  # some GPU tests alone (node ids, no spaces)
+#   PATCH=ab.patch bash scripts/tree_ab.sh CMD...   # after a part (the wheels): CMD before and after a change, alternated
 #   BENCH_BUDGET=300 BENCH_ARGS="--modes full,tc-ro" bash scripts/gpu_check.sh bench  # a --budget and more arguments
 #
 # Wheels (carry=[".whl"]; scripts/device_wheels.sh fetches them): fla-core, einops, hypothesis (cp312: the device's Python is 3.12), sortedcontainers, pytest
