@@ -10,8 +10,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/hattn-out}; mkdir -p "$OUT"
 : "${PATCH:?PATCH=<a patch of the change, relative to this tree>}"
-before=/tmp/tree-ab-before
-rm -rf "$before" && cp -r . "$before" && (cd "$before" && patch -s -R -p1 < "$OLDPWD/$PATCH") \
+patch_file=$(realpath "$PATCH") before=/tmp/tree-ab-before
+rm -rf "$before" && cp -r . "$before" && (cd "$before" && patch -s -R -p1 < "$patch_file") \
   || { echo "tree_ab: $PATCH does not reverse on this tree"; exit 2; }
 for round in $(seq "${ROUNDS:-2}"); do
   for side in before after; do

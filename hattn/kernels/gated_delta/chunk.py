@@ -106,7 +106,7 @@ def _chunk_offsets(batch: PackedBatch) -> torch.Tensor:
 def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_offsets):
     """fla 0.6.0's `chunk_gated_delta_rule_fwd` (gate outside the kernel, no context parallelism), stage by stage, so
     that its state pass takes the step's chunk offsets: fla's own function derives them from `cu` in every layer,
-    five small launches each that its tensor cache cannot spare inside a graph (switched off there)."""
+    about eight small launches each that its tensor cache cannot spare inside a graph (switched off there)."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
