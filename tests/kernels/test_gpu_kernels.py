@@ -91,7 +91,7 @@ def test_short_packed_prefill_runs_the_recurrent_kernel(dtype, tol, monkeypatch,
     from hattn.kernels.gated_delta import packed, recurrent
 
     calls = []
-    monkeypatch.setattr(packed, "chunk_gated_delta_rule_slots", lambda *a: calls.append("chunk"))
+    monkeypatch.setattr(packed, "chunk_gated_delta_rule_slots", lambda *a, **kw: calls.append("chunk"))
     real = packed.packed_recurrent_gated_delta
     monkeypatch.setattr(packed, "packed_recurrent_gated_delta", lambda *a: calls.append("recurrent") or real(*a))
     lens = [recurrent.MAX_RECURRENT_TOKENS_EAGER, 1, 0, 7, 33]
@@ -206,6 +206,13 @@ def test_fla_facts_our_wrappers_rely_on():
                                                        "chunk_offsets"}),
                        (chunk_fwd_o, {"q", "k", "v", "h", "g", "scale"})):
         assert at | own <= set(inspect.signature(stage).parameters), stage.__name__
+    # chunk._output_pass launches the output kernel itself (into the caller's buffer), with fla's keywords
+    from fla.ops.common.chunk_o import chunk_fwd_kernel_o
+    kernel = chunk_fwd_kernel_o
+    while not hasattr(kernel, "arg_names"):  # autotuner / heuristics wrappers
+        kernel = kernel.fn
+    assert {"q", "k", "v", "h", "g", "g_gamma", "o", "cu_seqlens", "chunk_indices", "scale", "T", "H", "HV", "K", "V",
+            "BT", "STATE_V_FIRST"} <= set(kernel.arg_names)
 
 
 def linear_op(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx):

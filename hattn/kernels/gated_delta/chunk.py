@@ -103,12 +103,12 @@ def _chunk_offsets(batch: PackedBatch) -> torch.Tensor:
     return prepare_chunk_offsets(batch.cu, CHUNK)
 
 
-def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_offsets):
+def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_offsets, out=None):
     """fla 0.6.0's `chunk_gated_delta_rule_fwd` (gate outside the kernel, no context parallelism), stage by stage, so
-    that its state pass takes the step's chunk offsets: fla's own function derives them from `cu` in every layer,
-    about eight small launches each that its tensor cache cannot spare inside a graph (switched off there)."""
+    that its state pass takes the step's chunk offsets (fla's own function derives them from `cu` in every layer,
+    about eight small launches that its tensor cache cannot spare inside a graph, where it is off) and its output
+    pass writes `out` [1, T, Hv, Dv] when given (fla's allocates a new tensor, which the caller then copied)."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
-    from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
     from fla.ops.utils import chunk_local_cumsum
     from fla.ops.utils.constant import RCP_LN2
@@ -118,27 +118,50 @@ def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_
     w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, **at)
     h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=h0, output_final_state=stateful,
                                                    chunk_offsets=chunk_offsets, **at)
-    o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=q.shape[-1] ** -0.5, **at)
-    return o, final
+    del w, u  # the output pass's buffer may take their memory
+    return _output_pass(q, k, v_new, h, g, cu, chunk_indices, out), final
 
 
-def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state) -> torch.Tensor:
+def _output_pass(q, k, v_new, h, g, cu, chunk_indices, out):
+    """fla 0.6.0's `chunk_fwd_o` (scale Dk**-0.5, no g_gamma, states [K, V]), into `out` where it has v_new's layout
+    (contiguous [1, T, Hv, Dv], v_new's dtype); else fla's own call, copied into `out` (or returned if None).
+    Every row is written once either way: each chunk entry stores its rows, a zero-length sequence's none."""
+    import triton
+    from fla.ops.common.chunk_o import chunk_fwd_kernel_o, chunk_fwd_o
+
+    scale = q.shape[-1] ** -0.5
+    if out is None or not (out.is_contiguous() and out.shape == v_new.shape and out.dtype == v_new.dtype):
+        o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, cu_seqlens=cu, chunk_indices=chunk_indices,
+                        chunk_size=CHUNK)
+        return o if out is None else out.copy_(o)
+    b, t, hk, dk = q.shape
+    hv, dv = v_new.shape[2], v_new.shape[3]
+    chunk_fwd_kernel_o[lambda meta: (triton.cdiv(dv, meta["BV"]) * len(chunk_indices), b * hv)](
+        q=q, k=k, v=v_new, h=h, g=g, g_gamma=None, o=out, cu_seqlens=cu, chunk_indices=chunk_indices, scale=scale,
+        T=t, H=hk, HV=hv, K=dk, V=dv, BT=CHUNK, STATE_V_FIRST=False,
+    )
+    return out
+
+
+def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state, out=None) -> torch.Tensor:
     """fla's chunked rule over the sequences of `batch`, states gathered from and scattered back to their slots.
 
     q, k: [T, Hk, Dk], L2-normalised; v: [T, Hv, Dv]; all three contiguous; g (log decay), beta: [T, Hv];
-    rec_state: [S, Hv, Dk, Dv] fp32 or None (start from zeros, keep nothing). Returns o: [T, Hv, Dv] in v's dtype.
+    rec_state: [S, Hv, Dk, Dv] fp32 or None (start from zeros, keep nothing). out: [T, Hv, Dv] to write, or None.
+    Returns o: [T, Hv, Dv] in v's dtype (`out` when given).
     """
+    from hattn.kernels.gated_delta.states import gather_states  # Triton: not on CPU installs, which import this module
+
     stateful = rec_state is not None  # the conv before it checked that the batch then has slots
     h0 = None
     if stateful and (batch.padded or any(batch.has_state)):
-        h0 = rec_state.index_select(0, batch.slots_d)
-        if batch.padded or not all(batch.has_state):  # new sequences start from zeros
-            h0.masked_fill_(batch.has_state_d[:, None, None, None] == 0, 0.0)  # not mul: 0 * NaN left in a slot
+        h0 = gather_states(rec_state, batch.slots_d, batch.has_state_d)  # new sequences start from zeros
     chunk_indices = batch.memo("fla_chunk_indices", lambda: _chunk_indices(batch))
     chunk_offsets = batch.memo("fla_chunk_offsets", lambda: _chunk_offsets(batch))
+    out = None if out is None else out[None]
     with torch.cuda.device(q.device), _no_fla_tensor_cache(batch.padded):
         o, final = _fla_forward(q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(),
-                                h0, stateful, batch.cu, chunk_indices, chunk_offsets)
+                                h0, stateful, batch.cu, chunk_indices, chunk_offsets, out)
     if stateful:
         rec_state.index_copy_(0, batch.slots_d, final)
     return o[0]

@@ -63,7 +63,7 @@ def linear_attention_packed(
         if form.recurrent:
             packed_recurrent_gated_delta(q, k, v, g, beta, out, batch, rec_state, form.block_v, real_tokens)
         else:
-            out.copy_(chunk_gated_delta_rule_slots(q, k, v.view(t, hv, dv), g, beta, batch, rec_state))
+            chunk_gated_delta_rule_slots(q, k, v.view(t, hv, dv), g, beta, batch, rec_state, out=out)
         return
     x = packed_causal_conv1d(mixed_qkv, conv_weight, conv_bias, batch, conv_state)
     key_dim = num_k_heads * head_k_dim

@@ -9,6 +9,7 @@ serves Hv // Hk consecutive value heads. Recurrent states are fp32 `[Hv, Dk, Dv]
 - `chunk_gated_delta_rule_packed`: N packed sequences (`cu_seqlens`), states read from / written to cache slots.
 - `gated_delta_rule_step`: one token per sequence, states updated in place at their slots (capture-safe).
 - `linear_attention_decode_reference`: the fused decode step (conv update + silu + split + delta-rule step).
+- `gather_states`: a packed step's initial states from their cache slots, zeros for new sequences.
 """
 from __future__ import annotations
 
@@ -163,3 +164,10 @@ def linear_attention_decode_reference(
     o = gated_delta_rule_step(q.reshape(b, num_k_heads, head_k_dim), k.reshape(b, num_k_heads, head_k_dim),
                               v.reshape(b, hv, dv), g, beta, rec_state, slots, has_state)
     out.copy_(o)
+
+
+def gather_states(states: torch.Tensor, slots: torch.Tensor, has_state: torch.Tensor) -> torch.Tensor:
+    """states[slots[i]] for each i with has_state[i] != 0, zeros for the rest (what a slot holds, NaN included, is
+    not read for a new sequence)."""
+    out = states.index_select(0, slots.long())
+    return out.masked_fill_((has_state == 0).view(-1, *[1] * (states.dim() - 1)), 0.0)
