@@ -258,6 +258,13 @@ def zero_padding(out: torch.Tensor, num_tokens: int | torch.Tensor) -> None:
     """Rows past the step's tokens are zeros (never stale values). `num_tokens` may be a device scalar (a captured
     step's real token count: the rows are masked on the device, no host sync)."""
     if isinstance(num_tokens, torch.Tensor):
+        from hattn.kernels.launch import use_triton
+
+        if use_triton(out):
+            from hattn.kernels import rows  # triton: CUDA installs only
+
+            if rows.fits(out):
+                return rows.zero_rows_past(out, num_tokens)
         padding = torch.arange(out.shape[0], device=out.device) >= num_tokens
         out.masked_fill_(padding.view(-1, *[1] * (out.dim() - 1)), 0)
     elif out.shape[0] > num_tokens:  # an empty slice assignment still costs a dispatch
