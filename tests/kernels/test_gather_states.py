@@ -47,9 +47,15 @@ def test_gathered_states_equal_the_reference(slots_total, n, row, dtype, data):
 
 def test_bad_input_names_the_problem():
     states = torch.zeros(4, 2, 3, device=DEV)
+    one = torch.zeros(1, dtype=torch.long, device=DEV)
     with pytest.raises(ValueError, match="states must be contiguous"):
-        gather_states(states.transpose(1, 2), torch.zeros(1, dtype=torch.long, device=DEV),
-                      torch.zeros(1, dtype=torch.long, device=DEV))
+        gather_states(states.transpose(1, 2), one, one)
+    with pytest.raises(ValueError, match="slots must be contiguous"):
+        gather_states(states, torch.zeros(4, dtype=torch.long, device=DEV)[::2], one.expand(2).contiguous())
+    with pytest.raises(ValueError, match="of one length"):
+        gather_states(states, one, torch.zeros(2, dtype=torch.long, device=DEV))
+    with pytest.raises(ValueError, match="no slots to gather from"):
+        gather_states(states[:0], one, one)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")

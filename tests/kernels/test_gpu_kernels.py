@@ -215,6 +215,38 @@ def test_fla_facts_our_wrappers_rely_on():
             "BT", "STATE_V_FIRST"} <= set(kernel.arg_names)
 
 
+@needs_fla
+def test_output_pass_writes_what_fla_returns_into_the_callers_buffer():
+    """chunk._output_pass (fla's output kernel launched into the split op's `out`) == fla's `chunk_fwd_o` bit for
+    bit, every row written (NaN-filled buffers), over padded buckets (a padding-rows sequence, zero-length ones,
+    no-op chunk entries, an empty step) and exact batches; buffers fla's kernel cannot address take fla's call."""
+    from fla.ops.common.chunk_o import chunk_fwd_o
+
+    from hattn.kernels.gated_delta import chunk
+    from hattn.kernels.packing import CHUNK, Bucket, PackedBatch
+
+    hk, hv, dk, dv = 16, 16, 128, 128  # the 1B preset's layer: fla's shipped configs
+    bucket = Bucket.for_tokens(256, 3)
+    batches = [(bucket.batch(bucket.host(lens, ctx, slots, 5).cuda()), 256) for lens, ctx, slots in
+               (([70, 0, 9], [0, 5, 3], [1, 2, 3]), ([64, 1], [2, 0], [4, 0]), ([], [], []))]
+    batches += [(PackedBatch.build(lens, "cuda", list(range(len(lens))), [0] * len(lens)), sum(lens))
+                for lens in ([70, 9], [64, 1, 130], [1])]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for batch, t in batches:
+        ci = batch.memo("fla_chunk_indices", lambda: chunk._chunk_indices(batch))
+        r = lambda *shape: torch.randn(*shape, device="cuda", generator=gen)  # noqa: E731
+        q, k, v = r(1, t, hk, dk).bfloat16(), r(1, t, hk, dk).bfloat16(), r(1, t, hv, dv).bfloat16()
+        h = (r(1, len(ci), hv, dk, dv) * 0.1).bfloat16()
+        g = -torch.rand(1, t, hv, device="cuda", generator=gen).cumsum(1) * 0.01
+        ref = chunk_fwd_o(q=q, k=k, v=v, h=h, g=g, scale=dk ** -0.5, cu_seqlens=batch.cu, chunk_indices=ci,
+                          chunk_size=CHUNK)
+        out = torch.full_like(v, float("nan"))
+        assert chunk._output_pass(q, k, v, h, g, batch.cu, ci, out) is out and torch.equal(out, ref)
+        wide = torch.full((1, t, hv, dv + 8), float("nan"), device="cuda", dtype=torch.bfloat16)[..., :dv]
+        assert torch.equal(chunk._output_pass(q, k, v, h, g, batch.cu, ci, wide), ref)  # fla's call and a copy
+        assert torch.equal(chunk._output_pass(q, k, v, h, g, batch.cu, ci, None), ref)
+
+
 def linear_op(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, head_k_dim, ctx):
     """hattn::linear_attention's implementation under the forward context `ctx`."""
     from hattn.ops.linear import _linear_attention

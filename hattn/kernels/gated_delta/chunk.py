@@ -115,10 +115,11 @@ def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_
 
     at = dict(cu_seqlens=cu, chunk_indices=chunk_indices, chunk_size=CHUNK)
     g = chunk_local_cumsum(g, scale=RCP_LN2, **at)
-    w, u, _ = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, **at)
+    w, u, a = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, **at)
+    del a  # fla's solved chunk matrices: the state pass reads w and u
     h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=h0, output_final_state=stateful,
                                                    chunk_offsets=chunk_offsets, **at)
-    del w, u  # the output pass's buffer may take their memory
+    del w, u  # the output pass's buffer (fla's own call) may take their memory
     return _output_pass(q, k, v_new, h, g, cu, chunk_indices, out), final
 
 
@@ -130,7 +131,8 @@ def _output_pass(q, k, v_new, h, g, cu, chunk_indices, out):
     from fla.ops.common.chunk_o import chunk_fwd_kernel_o, chunk_fwd_o
 
     scale = q.shape[-1] ** -0.5
-    if out is None or not (out.is_contiguous() and out.shape == v_new.shape and out.dtype == v_new.dtype):
+    fits = out is not None and out.shape == v_new.shape and out.dtype == v_new.dtype
+    if not (fits and out.is_contiguous() and v_new.is_contiguous()):  # the kernel addresses v and o alike
         o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=g, scale=scale, cu_seqlens=cu, chunk_indices=chunk_indices,
                         chunk_size=CHUNK)
         return o if out is None else out.copy_(o)
@@ -153,13 +155,13 @@ def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state
     from hattn.kernels.gated_delta.states import gather_states  # Triton: not on CPU installs, which import this module
 
     stateful = rec_state is not None  # the conv before it checked that the batch then has slots
-    h0 = None
-    if stateful and (batch.padded or any(batch.has_state)):
-        h0 = gather_states(rec_state, batch.slots_d, batch.has_state_d)  # new sequences start from zeros
     chunk_indices = batch.memo("fla_chunk_indices", lambda: _chunk_indices(batch))
     chunk_offsets = batch.memo("fla_chunk_offsets", lambda: _chunk_offsets(batch))
     out = None if out is None else out[None]
     with torch.cuda.device(q.device), _no_fla_tensor_cache(batch.padded):
+        h0 = None
+        if stateful and (batch.padded or any(batch.has_state)):
+            h0 = gather_states(rec_state, batch.slots_d, batch.has_state_d)  # new sequences start from zeros
         o, final = _fla_forward(q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(),
                                 h0, stateful, batch.cu, chunk_indices, chunk_offsets, out)
     if stateful:

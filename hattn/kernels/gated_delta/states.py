@@ -9,6 +9,8 @@ Torch reference: `hattn.kernels.gated_delta.reference.gather_states`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -34,8 +36,13 @@ def gather_states(states: torch.Tensor, slots: torch.Tensor, has_state: torch.Te
     """[N, *row] = states[slots[i]] where has_state[i] != 0, else zeros. states: [S, *row], contiguous;
     slots, has_state: [N] integer tensors on its device."""
     check_device("gather_states", states=states, slots=slots, has_state=has_state)
-    check_contiguous("gather_states", states=states)
-    n, row = slots.shape[0], states[0].numel() if states.shape[0] else 0
+    check_contiguous("gather_states", states=states, slots=slots, has_state=has_state)
+    if slots.dim() != 1 or has_state.shape != slots.shape:
+        raise ValueError(f"gather_states: slots {tuple(slots.shape)} and has_state {tuple(has_state.shape)} must be "
+                         f"1-D and of one length (one entry per sequence)")
+    if states.shape[0] == 0 and slots.numel():
+        raise ValueError("gather_states: the state cache has no slots to gather from; build it with slots >= 1")
+    n, row = slots.shape[0], math.prod(states.shape[1:])
     out = torch.empty((n, *states.shape[1:]), device=states.device, dtype=states.dtype)
     if n and row:
         bound_launch(gather_kernel, (n, triton.cdiv(row, BLOCK)), states, slots, has_state, out, row,
