@@ -14,6 +14,8 @@ import argparse
 import cProfile
 import pstats
 import statistics
+from functools import partial
+import time
 
 import torch
 
@@ -21,7 +23,9 @@ from hattn.bench.cli import SIZES16
 from hattn.bench.harness import Clock
 from hattn.bench.modes import HattnMode
 from hattn.bench.target import Setup
-from hattn.bench.workloads import Plan, Point
+from hattn.bench.workloads import Plan, token_ids
+from hattn.context import ForwardContext
+from hattn.models.generate import run_step
 from hattn.models.presets import preset_config, random_model
 from hattn.runtime.graphs import serving_log
 
@@ -30,6 +34,68 @@ def _timed(fn, clock: Clock, reps: int) -> tuple[float, float]:
     """(median ms by CUDA events, median host ms in the call), each call after a sync."""
     pairs = [clock.time_host_ms(fn) for _ in range(reps)]
     return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
+def _us(fn, reps: int, sync: bool) -> float:
+    """Median host us of one call of fn, each call after a sync (as the bench's) or back to back."""
+    times = []
+    for _ in range(reps):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def _parts(model, ctx_of, ids, pos, reps: int) -> None:
+    """Host us of each stage of a decode step's path, alone (after a sync / back to back)."""
+    from hattn.compiler.dispatch import _fill, _kind, dispatch_for
+    from hattn.context import forward_context
+    from hattn.models.generate import run_step
+    from hattn.runtime.tokens import unpad_outputs
+
+    dispatch = dispatch_for(model)
+    ctx = ctx_of()
+    with serving_log() as served:
+        run_step(model, ctx, ids, pos)
+    served = served[0]
+    rt, size, args = served.runtime, served.size, served.args
+    with torch.inference_mode():  # run_step's modes: part of the kind
+        direct = dispatch.kinds[_kind((ids, pos))]
+    traced = direct.traced()
+    filled = _fill(direct.template, direct.plan, (ids, pos))
+    n = ids.shape[0]
+
+    def inside(fn):  # every stage but run_step under the step's context and run_step's modes (~3 us: "nothing")
+        def call():
+            with forward_context(ctx_of()), torch.inference_mode():
+                fn()
+        return call
+
+    calls = dispatch.direct_calls
+    run_step(model, ctx_of(), ids, pos)
+    print(f"   run_step skipped Dynamo: {dispatch.direct_calls == calls + 1}")
+    stages = {
+        "run_step (the bench's call)": partial(_bench_step, model, ctx_of, ids, pos),
+        "Dispatch(ids, pos)": inside(lambda: dispatch(ids, pos)),
+        "the learned kind's direct call": inside(lambda: direct(traced, (ids, pos))),
+        "runtime alone (no dispatch)": inside(lambda: traced.fn(*filled)),
+        "nothing": inside(lambda: None),
+        "ForwardContext(...)": ctx_of,
+        "dispatch _kind": inside(lambda: _kind((ids, pos))),
+        "dispatch _plain": inside(dispatch._plain),
+        "dispatch _fill": lambda: _fill(direct.template, direct.plan, (ids, pos)),
+        "ModuleState.swapped": lambda: rt.state.swapped(args),
+        "StaticInputs.fill": inside(lambda: rt.inputs.fill(size, args, n)),
+        "fill_step (slots, context lengths)": inside(lambda: rt.fill_step(rt.static(size), ctx, size)),
+        "CUDAGraph.replay": rt.graphs[size].graph.replay,
+        "unpad_outputs": inside(lambda: unpad_outputs(served.out, rt.layout, size, n)),
+    }
+    for name, fn in stages.items():
+        print(f"   {name:45s} {_us(fn, reps, True):8.1f} us after a sync {_us(fn, reps, False):8.1f} back to back",
+              flush=True)
 
 
 def _profile(fn, reps: int, top: int) -> None:
@@ -43,6 +109,10 @@ def _profile(fn, reps: int, top: int) -> None:
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumtime").print_stats(top)
+
+
+def _bench_step(model, ctx_of, ids, pos):
+    return run_step(model, ctx_of(), ids, pos)
 
 
 def main() -> None:
@@ -62,7 +132,12 @@ def main() -> None:
         target = HattnMode(setup, mode)
         target.prepare()
         for b in map(int, args.batches.split(",")):
-            fn = target.decode(Point("decode", batch=b, context=args.context))
+            cache = setup.cache()
+            ctx_of = partial(ForwardContext, seq_lens=[1] * b, context_lens=[args.context] * b, slots=list(range(b)),
+                             cache=cache, layer_kinds=setup.lm.layer_kinds)
+            ids = token_ids(b, setup.vocab, device)
+            pos = torch.full((b,), args.context, dtype=torch.long, device=device)
+            fn = partial(_bench_step, target.model, ctx_of, ids, pos)  # the bench's decode row (rows None)
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()
@@ -74,9 +149,11 @@ def main() -> None:
                 graph = served[0].runtime.graphs[served[0].size]
                 ms, host = _timed(graph.replay, clock, args.reps)
                 print(f"== {mode} B={b}: bare replay {ms:.3f} ms, host {host:.3f} ms in the call", flush=True)
+                _parts(target.model, ctx_of, ids, pos, args.reps)
             else:
-                print(f"== {mode} B={b}: served by {served} (not one graph replay)")
-            _profile(fn, args.reps, args.top)
+                print(f"== {mode} B={b}: served by {len(served)} runs (not one graph replay): no parts")
+            if args.top:
+                _profile(fn, args.reps, args.top)
         target.close()
 
 
