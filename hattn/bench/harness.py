@@ -61,6 +61,23 @@ class Clock:
     def time_ms(self, fn: Callable) -> float:
         return self.time_host_ms(fn)[0]
 
+    def back_to_back_ms(self, fn: Callable, calls: int) -> float:
+        """ms a call of `calls` calls made back to back between two syncs: the host queues the next call while the
+        GPU runs the last (as a serving loop does), so a call costs the larger of its host and its GPU time."""
+        if not self.cuda:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            return (time.perf_counter() - t0) * 1e3 / calls
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+
     def time_host_ms(self, fn: Callable) -> tuple[float, float | None]:
         """(ms of the call, ms the host spent in it): on a GPU the call's time by CUDA events after a sync, and the
         host's wall time from the call to its return (launches are asynchronous: near the call's time, the step is
@@ -82,13 +99,15 @@ class Clock:
 @dataclass
 class Timing:
     """ms: median of the timed calls; first_ms: the first call (compile, capture, autotune); reps: timed calls;
-    host_ms: median of the host's time in each timed call (`Clock.time_host_ms`; None on a CPU)."""
+    host_ms: median of the host's time in each timed call (`Clock.time_host_ms`; None on a CPU);
+    back_to_back_ms: a call's ms among `reps` calls made back to back (`Clock.back_to_back_ms`), if asked for."""
 
     ms: float
     times_ms: list[float]
     first_ms: float
     reps: int
     host_ms: float | None = None
+    back_to_back_ms: float | None = None
 
     def per_call(self, calls: int) -> dict:
         """The figures of one of `calls` calls timed together (first_ms: all of the first)."""
@@ -96,12 +115,15 @@ class Timing:
                "reps": self.reps, "calls": calls}
         if self.host_ms is not None:
             out["host_ms"] = self.host_ms / calls
+        if self.back_to_back_ms is not None:
+            out["back_to_back_ms"] = self.back_to_back_ms / calls
         return out
 
 
 def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warmup: int = 2,
-            warmup_s: float = 0.0) -> Timing:
-    """Warm up, then time up to `reps` calls.
+            warmup_s: float = 0.0, back_to_back: bool = False) -> Timing:
+    """Warm up, then time up to `reps` calls (and, with `back_to_back`, as many again as fit in `max_s`, without a
+    sync between them: `Timing.back_to_back_ms`).
 
     Warm-up: the first call timed on the wall clock, then more calls, each synced, until `warmup` calls in all and
     at least `warmup_s` seconds of them (within `max_s`) have run. A GPU idle through a long compile runs its first
@@ -125,7 +147,10 @@ def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warm
         times.append(ms)
         hosts.append(host)
     host_ms = statistics.median(hosts) if None not in hosts else None
-    return Timing(statistics.median(times), times, first, len(times), host_ms)
+    ms = statistics.median(times)
+    chained_calls = min(len(times), int(max_s * 1e3 / ms)) if back_to_back and ms > 0 else 0  # within max_s too
+    chained = clock.back_to_back_ms(fn, chained_calls) if chained_calls else None
+    return Timing(ms, times, first, len(times), host_ms, chained)
 
 
 def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:

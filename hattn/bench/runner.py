@@ -171,7 +171,7 @@ def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Opti
             e.d["box_spent"] = f"skipped {p.id}: its new graph (~{compile_s:.0f} s) would compile past the box"
             return {"skipped": f"skipped: {p.id} would compile a new graph (~{compile_s:.0f} s) past {e.t.name}'s "
                                f"time box ({e.box_s:.0f} s), leaving the rest of the budget to the next targets"}
-        timing = measure(fn, clock, opts.reps, opts.max_s, e.t.warmup, opts.warmup_s)
+        timing = measure(fn, clock, opts.reps, opts.max_s, e.t.warmup, opts.warmup_s, back_to_back=p.kind == "decode")
         e.t.compiled(p)
     except Skip as s:
         return {"skipped": str(s)}

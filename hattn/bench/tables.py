@@ -56,6 +56,9 @@ def tables(result: dict) -> list:
     host = host_table(result, names)
     if host.row_count:
         out.append(host)
+    chained = back_to_back_table(result, names)
+    if chained.row_count:
+        out.append(chained)
     out += [startup_table(entries, names), targets_table(result, names, notes)]
     out.append(goals_table(result["goals"], result["meta"]["env"]["device_name"]) if result["goals"] is not None
                else result["goals_note"])
@@ -100,6 +103,23 @@ def host_table(result: dict, names: list[str]) -> Table:
         cells = [result["entries"][n]["results"].get(p["id"]) or {} for n in names]
         if any("host_ms" in r for r in cells):
             t.add_row(p["label"], *[f"{r['host_ms']:.3g} / {r['ms']:.3g}" if "host_ms" in r else "" for r in cells])
+    return t
+
+
+def back_to_back_table(result: dict, names: list[str]) -> Table:
+    """Per decode point and target, a step's ms among steps called back to back (the host queues the next while the
+    GPU runs the last, as a serving loop does) and its floor ratio: what the GPU side costs when the host keeps up.
+    The latency rows (and the goals) time each call after a sync, host work before the first launch included."""
+    t = _table("decode back to back, ms a step (x floor): no sync between steps, so host work overlaps the GPU's",
+               ["workload"] + names)
+    for p in result["points"]:
+        cells = [result["entries"][n]["results"].get(p["id"]) or {} for n in names]
+        if not any("back_to_back_ms" in r for r in cells):
+            continue
+        floor = p.get("floor_ms")
+        t.add_row(p["label"], *[f"{r['back_to_back_ms']:.4g}" + (f" ({r['back_to_back_ms'] / floor:.2f}x)" if floor
+                                                                  else "") if "back_to_back_ms" in r else ""
+                                for r in cells])
     return t
 
 

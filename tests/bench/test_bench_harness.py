@@ -86,6 +86,18 @@ def test_measure_keeps_the_median_host_time_and_per_call_divides_it():
     assert cpu.host_ms is None and "host_ms" not in cpu.per_call(1)  # a CPU's wall time is the call's time
 
 
+def test_back_to_back_calls_are_timed_only_when_asked_and_per_call_divides_them():
+    fn = Calls([0.0] * 3 + [0.002] * 20)  # warm-up and timed calls fast, the back-to-back ones 2 ms each
+    t = measure(fn, Clock("cpu"), reps=3, max_s=10.0, warmup=1, back_to_back=True)
+    assert fn.n == 1 + 3 + 3  # the first call, the timed ones, as many again back to back
+    assert 2.0 <= t.back_to_back_ms < 20.0 and t.per_call(2)["back_to_back_ms"] == t.back_to_back_ms / 2
+    plain = measure(lambda: None, Clock("cpu"), reps=2, max_s=10.0, warmup=1)
+    assert plain.back_to_back_ms is None and "back_to_back_ms" not in plain.per_call(1)
+    slow = Calls([0.03])
+    t = measure(slow, Clock("cpu"), reps=2, max_s=0.02, warmup=1, back_to_back=True)
+    assert t.back_to_back_ms is None and slow.n == 2  # no back-to-back call fits in max_s
+
+
 def test_copy_bandwidth_counts_read_and_write_and_no_matmul_peak_on_cpu():
     assert 1e7 < copy_bandwidth("cpu", nbytes=1 << 20, reps=3) < 1e13
     assert matmul_peak("cpu") is None

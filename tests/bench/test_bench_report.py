@@ -182,6 +182,16 @@ def test_the_host_table_sets_each_calls_host_time_beside_its_latency():
     assert "host time in the call" in text and "0.75 / 1" in text
 
 
+def test_the_back_to_back_table_sets_each_steps_time_against_its_floor():
+    entries = good_entries()
+    assert "decode back to back" not in _text(data.build(meta(), points(), entries, []))
+    entries["full"]["results"]["decode/B1/C1024"]["back_to_back_ms"] = 0.9
+    result = data.build(meta(), points(), entries, [])
+    floor = next(p["floor_ms"] for p in result["points"] if p["id"] == "decode/B1/C1024")
+    text = _text(result)
+    assert "decode back to back" in text and f"0.9 ({0.9 / floor:.2f}x)" in text
+
+
 def test_cpu_runs_print_one_line_instead_of_the_goals():
     r = good_result("cpu")
     assert r["goals"] is None and r["goals_note"].startswith("goals: not evaluated, they mean nothing on a CPU")
