@@ -20,7 +20,7 @@ import time
 import torch
 
 from hattn.bench.cli import SIZES16
-from hattn.bench.harness import Clock
+from hattn.bench.harness import Clock, measure
 from hattn.bench.modes import HattnMode
 from hattn.bench.target import Setup
 from hattn.bench.workloads import Plan, token_ids
@@ -31,9 +31,9 @@ from hattn.runtime.graphs import serving_log
 
 
 def _timed(fn, clock: Clock, reps: int) -> tuple[float, float]:
-    """(median ms by CUDA events, median host ms in the call), each call after a sync."""
-    pairs = [clock.time_host_ms(fn) for _ in range(reps)]
-    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    """(median ms by CUDA events, median host ms in the call), each call after a sync: the bench's `measure`."""
+    timing = measure(fn, clock, reps=reps, max_s=60.0, warmup=1)
+    return timing.ms, timing.host_ms
 
 
 def _us(fn, reps: int, sync: bool) -> float:
@@ -53,7 +53,6 @@ def _parts(model, ctx_of, ids, pos, reps: int) -> None:
     """Host us of each stage of a decode step's path, alone (after a sync / back to back)."""
     from hattn.compiler.dispatch import _fill, _kind, dispatch_for
     from hattn.context import forward_context
-    from hattn.models.generate import run_step
     from hattn.runtime.tokens import unpad_outputs
 
     dispatch = dispatch_for(model)

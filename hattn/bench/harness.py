@@ -64,19 +64,10 @@ class Clock:
     def back_to_back_ms(self, fn: Callable, calls: int) -> float:
         """ms a call of `calls` calls made back to back between two syncs: the host queues the next call while the
         GPU runs the last (as a serving loop does), so a call costs the larger of its host and its GPU time."""
-        if not self.cuda:
-            t0 = time.perf_counter()
+        def chain():
             for _ in range(calls):
                 fn()
-            return (time.perf_counter() - t0) * 1e3 / calls
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / calls
+        return self.time_ms(chain) / calls
 
     def time_host_ms(self, fn: Callable) -> tuple[float, float | None]:
         """(ms of the call, ms the host spent in it): on a GPU the call's time by CUDA events after a sync, and the
