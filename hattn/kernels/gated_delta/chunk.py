@@ -109,8 +109,9 @@ def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_
     that its state pass takes the step's chunk offsets (fla's own function derives them from `cu` in every layer,
     about eight small launches that its tensor cache cannot spare inside a graph, where it is off) and its output
     pass writes `out` [1, T, Hv, Dv] when given (fla's allocates a new tensor, which the caller then copied).
-    `slots`: (states [S, Hv, Dk, Dv] fp32, slots [N], has_state [N]): the state pass reads and writes the states in
-    the cache's slots (`state_pass.py`; h0 and stateful unused, no final states returned); None: fla's pass."""
+    `slots`: (states [S, Hv, Dk, Dv] fp32, slots [N], has_state [N], whether any sequence may continue a state): the
+    state pass reads and writes the states in the cache's slots (`state_pass.py`; h0 and stateful unused, no final
+    states returned); None: fla's pass."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
     from fla.ops.utils import chunk_local_cumsum
@@ -123,7 +124,9 @@ def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_
     if slots is not None:
         from hattn.kernels.gated_delta.state_pass import state_pass
 
-        h, v_new = state_pass(k, w, u, g, *slots, cu, chunk_offsets, len(chunk_indices), CHUNK)
+        states, slot_ids, has_state, continues = slots
+        h, v_new = state_pass(k, w, u, g, states, slot_ids, has_state, cu, chunk_offsets, len(chunk_indices), CHUNK,
+                              continues)
         final = None
     else:
         h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=h0,
@@ -170,13 +173,14 @@ def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state
     chunk_offsets = batch.memo("fla_chunk_offsets", lambda: _chunk_offsets(batch))
     out = None if out is None else out[None]
     in_slots = stateful and slot_states and k.shape[-1] <= MAX_DK
+    continues = batch.padded or any(batch.has_state)  # a padded bucket's states are on the device: may continue
     with torch.cuda.device(q.device), _no_fla_tensor_cache(batch.padded):
         h0 = None
-        if stateful and not in_slots and (batch.padded or any(batch.has_state)):
+        if stateful and not in_slots and continues:
             h0 = gather_states(rec_state, batch.slots_d, batch.has_state_d)  # new sequences start from zeros
         o, final = _fla_forward(q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(),
                                 h0, stateful, batch.cu, chunk_indices, chunk_offsets, out,
-                                (rec_state, batch.slots_d, batch.has_state_d) if in_slots else None)
+                                (rec_state, batch.slots_d, batch.has_state_d, continues) if in_slots else None)
     if stateful and not in_slots:
         rec_state.index_copy_(0, batch.slots_d, final)
     return o[0]

@@ -11,8 +11,9 @@ state there. Each program reads its tile of a state before it writes it and no o
 the sequences of a step hold distinct slots, except padding sequences, which hold the cache's scratch slot and no
 tokens (what they write there is never read as a real state).
 
-In place, so never autotuned (a timing run would advance the states): one config, the one fla's autotuner chose
-for its kernel at the 1B preset's shape on the H100 (`fla_configs`). Torch reference:
+In place, so never autotuned (a timing run would advance the states): the configs fla's autotuner chose for its
+kernel at the 1B preset's shape on the H100 (`fla_configs`): 32 value columns a program where a sequence continues
+a state, 64 where every sequence is new (fla then ran without initial states). Torch reference:
 `hattn.kernels.gated_delta.reference.state_pass`.
 """
 from __future__ import annotations
@@ -24,14 +25,16 @@ import triton.language as tl
 from hattn.kernels.bound import launch as bound_launch
 from hattn.kernels.launch import check_contiguous, check_device
 
-CONFIG = dict(BV=32, num_warps=4, num_stages=3)
+CONFIGS = {True: dict(BV=32, num_warps=4, num_stages=3),  # some sequence continues a state (h0 in fla's key)
+           False: dict(BV=64, num_warps=4, num_stages=3)}  # every sequence new (no h0)
 MAX_DK = 256  # four 64-row blocks of the state, as fla's kernel
 
 
 @triton.jit
 def _load_block(p_state, o_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr, keep):
+    # + 0.0 as fla's zeros + h0: a stored -0.0 enters as +0.0 (fla's bits, sign of zero included)
     return tl.load(p_state + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :] & keep,
-                   other=0.0).to(tl.float32)
+                   other=0.0).to(tl.float32) + 0.0
 
 
 @triton.jit
@@ -40,8 +43,8 @@ def _store_block(p_state, b_h, o_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr):
              mask=(o_k[:, None] < K) & m_v[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
-def state_pass_kernel(k, v, w, v_new, g, h, states, slots, has_state, cu_seqlens, chunk_offsets, T,
+@triton.jit
+def state_pass_kernel(k, v, w, v_new, g, h, states, slots, has_state, cu_seqlens, chunk_offsets,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                       BV: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -49,7 +52,7 @@ def state_pass_kernel(k, v, w, v_new, g, h, states, slots, has_state, cu_seqlens
     i_v, i_nh = pid % NV, pid // NV
     i_n, i_h = i_nh // HV, i_nh % HV
     bos, eos = tl.load(cu_seqlens + i_n).to(tl.int64), tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    T = eos - bos
+    T = eos - bos  # this sequence's tokens
     NT = tl.cdiv(T, BT)
     boh = tl.load(chunk_offsets + i_n).to(tl.int64)
     p_state = states + (tl.load(slots + i_n).to(tl.int64) * HV + i_h) * K * V
@@ -141,7 +144,7 @@ def state_pass_kernel(k, v, w, v_new, g, h, states, slots, has_state, cu_seqlens
 
 def state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torch.Tensor, states: torch.Tensor,
                slots: torch.Tensor, has_state: torch.Tensor, cu: torch.Tensor, chunk_offsets: torch.Tensor,
-               chunks: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+               chunks: int, chunk: int = 64, continues: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(h [1, chunks, Hv, Dk, Dv] in k's dtype: each chunk's entry state; v_new [1, T, Hv, Dv] in u's dtype), as
     fla's `chunk_gated_delta_rule_fwd_h` returns them, with states[slots[n]] read as sequence n's initial state
     (zeros where has_state[n] is 0) and overwritten with its final one.
@@ -149,7 +152,8 @@ def state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torch.Tenso
     k: [1, T, Hk, Dk]; w: [1, T, Hv, Dk]; u: [1, T, Hv, Dv]; g: [1, T, Hv] fp32, chunk-local cumsum in log2 units
     (fla's `chunk_local_cumsum(scale=RCP_LN2)`); states: [S, Hv, Dk, Dv] fp32; slots, has_state: [N]; cu: [N + 1]
     cumulative lengths; chunk_offsets: [N (+ 1)] each sequence's first chunk entry; chunks: the entries of h (fla's
-    chunk indices' length). All contiguous, on one device.
+    chunk indices' length); continues: whether any sequence may continue a state (picks the config, `CONFIGS`; the
+    results are the same). All contiguous, on one device.
     """
     check_device("state_pass", k=k, w=w, u=u, g=g, states=states, slots=slots, has_state=has_state, cu=cu,
                  chunk_offsets=chunk_offsets)
@@ -162,12 +166,16 @@ def state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torch.Tenso
         raise ValueError(f"state_pass: keys [.., {hk}, {dk}], values [.., {hv}, {dv}] and states "
                          f"{states.dtype}{list(states.shape)}: the states must be fp32 [S, {hv}, {dk}, {dv}], "
                          f"Dk <= {MAX_DK} and the value heads a multiple of the key heads")
+    if g.shape != (1, t, hv) or g.dtype != torch.float32:
+        raise ValueError(f"state_pass: g must be fp32 [1, {t}, {hv}] (fla's chunk-local cumsum); got "
+                         f"{g.dtype}{list(g.shape)}")
     if slots.shape != (n,) or has_state.shape != (n,) or chunk_offsets.shape[0] < n:
         raise ValueError(f"state_pass: {n} sequences (cu {list(cu.shape)}) but slots {list(slots.shape)}, has_state "
                          f"{list(has_state.shape)}, chunk_offsets {list(chunk_offsets.shape)}")
     h = k.new_empty(1, chunks, hv, dk, dv)
     v_new = torch.empty_like(u)
     if n and hv:
-        bound_launch(state_pass_kernel, (triton.cdiv(dv, CONFIG["BV"]) * n * hv,), k, u, w, v_new, g, h, states,
-                     slots, has_state, cu, chunk_offsets, t, H=hk, HV=hv, K=dk, V=dv, BT=chunk, **CONFIG)
+        config = CONFIGS[continues]
+        bound_launch(state_pass_kernel, (triton.cdiv(dv, config["BV"]) * n * hv,), k, u, w, v_new, g, h, states,
+                     slots, has_state, cu, chunk_offsets, H=hk, HV=hv, K=dk, V=dv, BT=chunk, **config)
     return h, v_new
