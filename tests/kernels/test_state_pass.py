@@ -138,3 +138,40 @@ def test_state_pass_equals_fla_with_its_gather_and_scatter():
     torch.testing.assert_close(v_new, want_v, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(h, want_h, atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(states, theirs, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="fla's kernels run on CUDA only")
+@pytest.mark.parametrize("stateful", [True, False])
+def test_the_chunked_rule_is_the_same_with_the_pass_in_slots_or_fla_s(monkeypatch, stateful):
+    """`chunk_gated_delta_rule_slots` end to end, `slot_states` on against off (fla's pass between a gather and a
+    scatter): the same output and the same cache states, over exact batches and a padded bucket, and over a batch
+    without states (rec_state None: a prefill that keeps nothing)."""
+    pytest.importorskip("fla.ops.common.chunk_delta_h")
+    from hattn.kernels.gated_delta import chunk
+    from hattn.kernels.packing import Bucket, PackedBatch
+
+    hk, hv, d, scratch = 16, 16, 128, 7
+    bucket = Bucket.for_tokens(256, 3)
+    batches = [(PackedBatch.build(lens, "cuda", slots, past), sum(lens)) for lens, past, slots in
+               (([130, 1, 64], [0, 5, 0], [2, 0, 5]), ([200], [0], [3]))]
+    batches += [(bucket.batch(bucket.host([70, 0, 9], [0, 5, 3], [1, 2, 4], scratch).cuda()), 256)] if stateful else []
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for batch, t in batches:
+        r = lambda *shape: torch.randn(*shape, device="cuda", generator=gen)  # noqa: E731
+        q, k = (torch.nn.functional.normalize(r(t, hk, d), dim=-1).bfloat16() for _ in range(2))
+        v = r(t, hv, d).bfloat16()
+        g = -torch.rand(t, hv, device="cuda", generator=gen) * 0.3
+        beta = torch.rand(t, hv, device="cuda", generator=gen).bfloat16()
+        states = r(8, hv, d, d) * 0.1 if stateful else None
+        results = []
+        for in_slots in (False, True):
+            monkeypatch.setattr(chunk, "slot_states", in_slots)
+            rec = None if states is None else states.clone()
+            out = torch.full((t, hv, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+            o = chunk.chunk_gated_delta_rule_slots(q, k, v, g, beta, batch, rec, out)
+            results.append((o.float(), rec))
+        (o_fla, rec_fla), (o_ours, rec_ours) = results
+        torch.testing.assert_close(o_ours, o_fla, atol=2e-2, rtol=2e-2)
+        if stateful:
+            # the scratch slot takes the padding sequences' states in either order: not compared
+            torch.testing.assert_close(rec_ours[:scratch], rec_fla[:scratch], atol=1e-3, rtol=1e-3)

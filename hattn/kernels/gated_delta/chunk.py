@@ -173,7 +173,8 @@ def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state
     chunk_offsets = batch.memo("fla_chunk_offsets", lambda: _chunk_offsets(batch))
     out = None if out is None else out[None]
     in_slots = stateful and slot_states and k.shape[-1] <= MAX_DK
-    continues = batch.padded or any(batch.has_state)  # a padded bucket's states are on the device: may continue
+    # a padded bucket's states are on the device: any sequence may continue one (a stateless batch has no has_state)
+    continues = stateful and (batch.padded or any(batch.has_state))
     with torch.cuda.device(q.device), _no_fla_tensor_cache(batch.padded):
         h0 = None
         if stateful and not in_slots and continues:
