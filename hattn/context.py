@@ -126,6 +126,16 @@ class ForwardContext:
             if max_len is not None and past + n > max_len:
                 raise ValueError(f"sequence {i} needs {past + n} cache positions ({past} cached + {n} new) but the "
                                  f"cache holds max_len={max_len}; build the cache with a larger max_len")
+        # kernels read and write a sequence's states in its slot in place: two sequences in one would race; the
+        # scratch slot (padding, repeated) is written by any of them, so nothing may continue a state there
+        if any(n and past and slot == top for slot, n, past in zip(self.slots, self.seq_lens, self.context_lens)):
+            raise ValueError(f"a sequence in the scratch slot ({top}) has cached tokens; padding there starts from "
+                             f"nothing (context_lens 0): give the sequence a slot of its own (cache.alloc())")
+        used = [slot for slot, n in zip(self.slots, self.seq_lens) if n and slot != top]
+        if len(set(used)) != len(used):
+            twice = sorted({s for s in used if used.count(s) > 1})
+            raise ValueError(f"cache slot(s) {twice} hold more than one sequence of this step; give each sequence "
+                             f"its own slot (cache.alloc()); only the scratch slot may repeat (padding)")
 
     @property
     def num_tokens(self) -> int:

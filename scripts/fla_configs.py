@@ -51,9 +51,9 @@ def _inputs(heads: int, dim: int, tokens: int, seqs: int):
 def _first_call(heads, dim, tokens, seqs) -> tuple[float, torch.Tensor]:
     """Seconds of the first calls of hattn's own entry (`chunk_gated_delta_rule_slots`, the call the model's
     linear-attention layers make: int64 offsets and chunk indices from a PackedBatch), for new prompts (no initial
-    states) and for continued ones (states gathered from their slots, as full mode's padded graphs always do): their
-    autotuning keys differ, and fla's strict lookup needs the exact keys the model makes. Returns them and the
-    outputs and final states."""
+    states) and for continued ones (as full mode's padded graphs always are): their autotuning keys differ, and fla's
+    strict lookup needs the exact keys the model makes (fla's own state pass runs only with `chunk.slot_states`
+    off: hattn's, `state_pass.py`, is not autotuned). Returns them and the outputs and final states."""
     from hattn.kernels.gated_delta.chunk import chunk_gated_delta_rule_slots
     from hattn.kernels.packing import PackedBatch
 

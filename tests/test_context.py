@@ -45,6 +45,12 @@ def test_context_rejects_slots_and_lengths_outside_its_cache():
     with pytest.raises(ValueError, match=r"needs 17 cache positions \(15 cached \+ 2 new\).*max_len=16"):
         hattn.ForwardContext(seq_lens=[2], context_lens=[15], slots=[0], cache=cache)
     hattn.ForwardContext(seq_lens=[1, 1], context_lens=[15, 0], slots=[2, cache.scratch_slot], cache=cache)
+    with pytest.raises(ValueError, match=r"cache slot\(s\) \[1\] hold more than one sequence"):
+        hattn.ForwardContext(seq_lens=[1, 3, 1], slots=[1, 0, 1], cache=cache)
+    with pytest.raises(ValueError, match=r"sequence in the scratch slot \(3\) has cached tokens"):
+        hattn.ForwardContext(seq_lens=[1], context_lens=[4], slots=[cache.scratch_slot], cache=cache)
+    # padding may repeat the scratch slot, and an empty sequence (skipped everywhere) may share a slot
+    hattn.ForwardContext(seq_lens=[1, 0, 1, 1], slots=[1, 1, cache.scratch_slot, cache.scratch_slot], cache=cache)
 
 
 def test_two_threads_two_models_no_cross_talk():

@@ -22,8 +22,8 @@ import torch
 
 CHUNK = 64  # fla's chunk size for the gated delta rule
 # real sequences a packed graph holds, below the cache's slots (which are the last bucket): a bucket pads its
-# sequences up to its count, and each padding sequence's recurrent state is gathered and scattered like a real one's
-# (~1 MB a layer each at the 1B preset), so a one-prompt prefill should not pay for every slot of the cache
+# sequences up to its count, and the state pass runs over each padding sequence like a real one (reading and writing
+# the scratch slot's ~1 MB a layer at the 1B preset), so a one-prompt prefill should not pay for every slot
 SEQ_BUCKETS = (1, 4, 16)
 
 

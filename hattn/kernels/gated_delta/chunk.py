@@ -5,8 +5,9 @@ fla (`fla-core==0.6.0`, the `gpu` extra) is imported only on the first CUDA pref
 Facts checked in fla-core 0.6.0's source (and by tests/kernels/test_gpu_kernels.py::test_fla_facts_*):
 `chunk_gated_delta_rule` is `@torch.compiler.disable`d, wants B == 1 with `cu_seqlens`, maps value head h to key
 head h // (Hv // Hk) (as repeat_interleave), takes log-space `g` and post-sigmoid `beta`, and allocates a *new*
-fp32 final state `[N, Hv, Dk, Dv]`; so we gather the initial states from the cache slots and scatter the final
-states back. Its public function wraps `chunk_gated_delta_rule_fwd` in an autograd Function whose `input_guard`
+fp32 final state `[N, Hv, Dk, Dv]`; so its state pass is replaced by ours (`state_pass.py`: fla's kernel reading
+and writing the cache's slots), or, with `slot_states` off, fed states gathered from the slots and its final states
+scattered back. Its public function wraps `chunk_gated_delta_rule_fwd` in an autograd Function whose `input_guard`
 copies every non-contiguous input and whose `use_qk_l2norm_in_kernel` runs two extra normalisation kernels. We
 call the forward alone (`_fla_forward`: `chunk_gated_delta_rule_fwd`'s stages) with q, k already normalised and q, k,
 v contiguous, written so by our conv (`packed_conv_qkv`), and with the chunk indices and offsets built once per step
@@ -103,11 +104,14 @@ def _chunk_offsets(batch: PackedBatch) -> torch.Tensor:
     return prepare_chunk_offsets(batch.cu, CHUNK)
 
 
-def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_offsets, out=None):
+def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_offsets, out=None, slots=None):
     """fla 0.6.0's `chunk_gated_delta_rule_fwd` (gate outside the kernel, no context parallelism), stage by stage, so
     that its state pass takes the step's chunk offsets (fla's own function derives them from `cu` in every layer,
     about eight small launches that its tensor cache cannot spare inside a graph, where it is off) and its output
-    pass writes `out` [1, T, Hv, Dv] when given (fla's allocates a new tensor, which the caller then copied)."""
+    pass writes `out` [1, T, Hv, Dv] when given (fla's allocates a new tensor, which the caller then copied).
+    `slots`: (states [S, Hv, Dk, Dv] fp32, slots [N], has_state [N], whether any sequence may continue a state): the
+    state pass reads and writes the states in the cache's slots (`state_pass.py`; h0 and stateful unused, no final
+    states returned); None: fla's pass."""
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
     from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
     from fla.ops.utils import chunk_local_cumsum
@@ -117,8 +121,16 @@ def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_
     g = chunk_local_cumsum(g, scale=RCP_LN2, **at)
     w, u, a = chunk_gated_delta_rule_fwd_intra(k=k, v=v, g=g, beta=beta, **at)
     del a  # fla's solved chunk matrices: the state pass reads w and u
-    h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=h0, output_final_state=stateful,
-                                                   chunk_offsets=chunk_offsets, **at)
+    if slots is not None:
+        from hattn.kernels.gated_delta.state_pass import state_pass
+
+        states, slot_ids, has_state, continues = slots
+        h, v_new = state_pass(k, w, u, g, states, slot_ids, has_state, cu, chunk_offsets, len(chunk_indices), CHUNK,
+                              continues)
+        final = None
+    else:
+        h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=h0,
+                                                       output_final_state=stateful, chunk_offsets=chunk_offsets, **at)
     del w, u  # the output pass's buffer (fla's own call) may take their memory
     return _output_pass(q, k, v_new, h, g, cu, chunk_indices, out), final
 
@@ -146,27 +158,38 @@ def _output_pass(q, k, v_new, h, g, cu, chunk_indices, out):
 
 
 def chunk_gated_delta_rule_slots(q, k, v, g, beta, batch: PackedBatch, rec_state, out=None) -> torch.Tensor:
-    """fla's chunked rule over the sequences of `batch`, states gathered from and scattered back to their slots.
+    """fla's chunked rule over the sequences of `batch`, its state pass reading and writing their slots (ours:
+    `state_pass.py`; fla's between a gather and a scatter where `slot_states` is off or Dk > 256).
 
     q, k: [T, Hk, Dk], L2-normalised; v: [T, Hv, Dv]; all three contiguous; g (log decay), beta: [T, Hv];
     rec_state: [S, Hv, Dk, Dv] fp32 or None (start from zeros, keep nothing). out: [T, Hv, Dv] to write, or None.
     Returns o: [T, Hv, Dv] in v's dtype (`out` when given).
     """
-    from hattn.kernels.gated_delta.states import gather_states  # Triton: not on CPU installs, which import this module
+    from hattn.kernels.gated_delta.state_pass import MAX_DK  # Triton: not on CPU installs, which import this module
+    from hattn.kernels.gated_delta.states import gather_states
 
     stateful = rec_state is not None  # the conv before it checked that the batch then has slots
     chunk_indices = batch.memo("fla_chunk_indices", lambda: _chunk_indices(batch))
     chunk_offsets = batch.memo("fla_chunk_offsets", lambda: _chunk_offsets(batch))
     out = None if out is None else out[None]
+    in_slots = stateful and slot_states and k.shape[-1] <= MAX_DK
+    # a padded bucket's states are on the device: any sequence may continue one (a stateless batch has no has_state)
+    continues = stateful and (batch.padded or any(batch.has_state))
     with torch.cuda.device(q.device), _no_fla_tensor_cache(batch.padded):
         h0 = None
-        if stateful and (batch.padded or any(batch.has_state)):
+        if stateful and not in_slots and continues:
             h0 = gather_states(rec_state, batch.slots_d, batch.has_state_d)  # new sequences start from zeros
         o, final = _fla_forward(q[None], k[None], v[None], g[None].float().contiguous(), beta[None].contiguous(),
-                                h0, stateful, batch.cu, chunk_indices, chunk_offsets, out)
-    if stateful:
+                                h0, stateful, batch.cu, chunk_indices, chunk_offsets, out,
+                                (rec_state, batch.slots_d, batch.has_state_d, continues) if in_slots else None)
+    if stateful and not in_slots:
         rec_state.index_copy_(0, batch.slots_d, final)
     return o[0]
+
+
+# True: the state pass reads and writes the cache's slots (state_pass.py); False: fla's own pass between a gather and
+# a scatter (what ran before; a switch for an A/B in one process)
+slot_states = True
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ serves Hv // Hk consecutive value heads. Recurrent states are fp32 `[Hv, Dk, Dv]
 - `gated_delta_rule_step`: one token per sequence, states updated in place at their slots (capture-safe).
 - `linear_attention_decode_reference`: the fused decode step (conv update + silu + split + delta-rule step).
 - `gather_states`: a packed step's initial states from their cache slots, zeros for new sequences.
+- `state_pass`: the chunked rule's state pass (fla's, with the states read from and written to cache slots).
 """
 from __future__ import annotations
 
@@ -171,3 +172,31 @@ def gather_states(states: torch.Tensor, slots: torch.Tensor, has_state: torch.Te
     not read for a new sequence)."""
     out = states.index_select(0, slots.long())
     return out.masked_fill_((has_state == 0).view(-1, *[1] * (states.dim() - 1)), 0.0)
+
+
+def state_pass(k, w, u, g, states, slots, has_state, cu, chunk_offsets, chunks: int, chunk: int = 64):
+    """fla's chunked state pass with the states at cache slots (`state_pass.state_pass`), in torch, with its
+    roundings: each chunk's entry state stored in k's dtype and multiplied in w's; v_new = u - w @ h stored in u's
+    dtype; the decayed v_new in k's dtype before k^T @ v_new joins the fp32 state. Shapes and g's units as there;
+    states[slots[n]] updated in place; h's entries past the sequences' chunks are zeros here (the kernel's are
+    unwritten)."""
+    _, _, hk, dk = k.shape
+    hv, dv = u.shape[2], u.shape[3]
+    h = k.new_zeros(1, chunks, hv, dk, dv)
+    v_new = torch.empty_like(u)
+    keys = k[0].repeat_interleave(hv // hk, dim=1).float()  # [T, Hv, Dk]: value head i reads key head i // (Hv // Hk)
+    for n, (bos, eos) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        slot = int(slots[n])
+        s = states[slot].clone() if int(has_state[n]) else states.new_zeros(hv, dk, dv)
+        first = int(chunk_offsets[n])
+        for c, t0 in enumerate(range(bos, eos, chunk)):
+            t1 = min(t0 + chunk, eos)
+            h[0, first + c] = s.to(k.dtype)
+            vc = u[0, t0:t1].float() - torch.einsum("lhk,hkv->lhv", w[0, t0:t1].float(), s.to(w.dtype).float())
+            v_new[0, t0:t1] = vc.to(u.dtype)
+            gc = g[0, t0:t1].float()  # [L, Hv]
+            vc = vc * torch.exp2(gc[-1][None] - gc)[..., None]
+            s = s * torch.exp2(gc[-1])[:, None, None]
+            s = s + torch.einsum("lhk,lhv->hkv", keys[t0:t1], vc.to(k.dtype).float())
+        states[slot] = s
+    return h, v_new
