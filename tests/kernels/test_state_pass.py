@@ -66,7 +66,9 @@ def test_state_pass_equals_the_reference(lens, heads, dims, data):
     want_h, want_v = reference(k, w, u, g, want_states, slots, keep, cu, offsets, chunks)
     dev = [x.to(DEV) for x in (k, w, u, g, states, slots, keep, cu, offsets)]
     continues = bool(keep.any()) or data.draw(st.booleans())  # the config (32 or 64 value columns): same results
-    h, v_new = state_pass(*dev, chunks, continues=continues)
+    v_in_u = data.draw(st.booleans())  # v_new over u (the chunked rule's call): u's rows read before written
+    h, v_new = state_pass(*dev, chunks, continues=continues, v_in_u=v_in_u)
+    assert (v_new is dev[2]) == v_in_u
     got_states = dev[4].cpu()
     torch.testing.assert_close(v_new.cpu(), want_v, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(h.cpu(), want_h, atol=2e-2, rtol=2e-2)

@@ -126,7 +126,7 @@ def _fla_forward(q, k, v, g, beta, h0, stateful: bool, cu, chunk_indices, chunk_
 
         states, slot_ids, has_state, continues = slots
         h, v_new = state_pass(k, w, u, g, states, slot_ids, has_state, cu, chunk_offsets, len(chunk_indices), CHUNK,
-                              continues)
+                              continues, v_in_u=True)  # u is read by this pass alone
         final = None
     else:
         h, v_new, final = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=g, initial_state=h0,

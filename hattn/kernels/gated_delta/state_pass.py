@@ -144,10 +144,13 @@ def state_pass_kernel(k, v, w, v_new, g, h, states, slots, has_state, cu_seqlens
 
 def state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torch.Tensor, states: torch.Tensor,
                slots: torch.Tensor, has_state: torch.Tensor, cu: torch.Tensor, chunk_offsets: torch.Tensor,
-               chunks: int, chunk: int = 64, continues: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               chunks: int, chunk: int = 64, continues: bool = True,
+               v_in_u: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(h [1, chunks, Hv, Dk, Dv] in k's dtype: each chunk's entry state; v_new [1, T, Hv, Dv] in u's dtype), as
     fla's `chunk_gated_delta_rule_fwd_h` returns them, with states[slots[n]] read as sequence n's initial state
-    (zeros where has_state[n] is 0) and overwritten with its final one.
+    (zeros where has_state[n] is 0) and overwritten with its final one. v_in_u: v_new is written over u (u's
+    buffer is returned): each program reads a chunk's rows of u before it writes them and no other program reads
+    them, so the pass needs no second [T, Hv, Dv] buffer (8 MiB at 2048 tokens of the 1B preset).
 
     k: [1, T, Hk, Dk]; w: [1, T, Hv, Dk]; u: [1, T, Hv, Dv]; g: [1, T, Hv] fp32, chunk-local cumsum in log2 units
     (fla's `chunk_local_cumsum(scale=RCP_LN2)`); states: [S, Hv, Dk, Dv] fp32; slots, has_state: [N]; cu: [N + 1]
@@ -173,7 +176,7 @@ def state_pass(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, g: torch.Tenso
         raise ValueError(f"state_pass: {n} sequences (cu {list(cu.shape)}) but slots {list(slots.shape)}, has_state "
                          f"{list(has_state.shape)}, chunk_offsets {list(chunk_offsets.shape)}")
     h = k.new_empty(1, chunks, hv, dk, dv)
-    v_new = torch.empty_like(u)
+    v_new = u if v_in_u else torch.empty_like(u)
     if n and hv:
         config = CONFIGS[continues]
         bound_launch(state_pass_kernel, (triton.cdiv(dv, config["BV"]) * n * hv,), k, u, w, v_new, g, h, states,
