@@ -119,6 +119,7 @@ class ForwardContext:
         """Slots and lengths inside the cache (a bad one would index past it deep in a kernel, or write another
         sequence's rows). The cache's scratch slot is allowed: graph runtimes point padding sequences at it."""
         top, max_len = getattr(cache, "scratch_slot", None), getattr(cache, "max_len", None)
+        used = []  # the slots of sequences with tokens, the scratch slot's aside
         for i, (slot, n, past) in enumerate(zip(self.slots, self.seq_lens, self.context_lens)):
             if top is not None and not 0 <= slot <= top:
                 raise ValueError(f"sequence {i} uses cache slot {slot} but the cache has slots 0..{top - 1}; "
@@ -126,12 +127,13 @@ class ForwardContext:
             if max_len is not None and past + n > max_len:
                 raise ValueError(f"sequence {i} needs {past + n} cache positions ({past} cached + {n} new) but the "
                                  f"cache holds max_len={max_len}; build the cache with a larger max_len")
-        # kernels read and write a sequence's states in its slot in place: two sequences in one would race; the
-        # scratch slot (padding, repeated) is written by any of them, so nothing may continue a state there
-        if any(n and past and slot == top for slot, n, past in zip(self.slots, self.seq_lens, self.context_lens)):
-            raise ValueError(f"a sequence in the scratch slot ({top}) has cached tokens; padding there starts from "
-                             f"nothing (context_lens 0): give the sequence a slot of its own (cache.alloc())")
-        used = [slot for slot, n in zip(self.slots, self.seq_lens) if n and slot != top]
+            # kernels read and write a sequence's states in its slot in place: two sequences in one would race; the
+            # scratch slot (padding, repeated) is written by any of them, so nothing may continue a state there
+            if n and slot == top and past:
+                raise ValueError(f"a sequence in the scratch slot ({top}) has cached tokens; padding there starts "
+                                 f"from nothing (context_lens 0): give the sequence a slot of its own (cache.alloc())")
+            if n and slot != top:
+                used.append(slot)
         if len(set(used)) != len(used):
             twice = sorted({s for s in used if used.count(s) > 1})
             raise ValueError(f"cache slot(s) {twice} hold more than one sequence of this step; give each sequence "

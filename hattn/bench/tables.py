@@ -117,9 +117,10 @@ def back_to_back_table(result: dict, names: list[str]) -> Table:
         if not any("back_to_back_ms" in r for r in cells):
             continue
         floor = p.get("floor_ms")
-        t.add_row(p["label"], *[f"{r['back_to_back_ms']:.4g}" + (f" ({r['back_to_back_ms'] / floor:.2f}x)" if floor
-                                                                  else "") if "back_to_back_ms" in r else ""
-                                for r in cells])
+
+        def cell(ms):
+            return "" if ms is None else f"{ms:.4g}" + (f" ({ms / floor:.2f}x)" if floor else "")
+        t.add_row(p["label"], *[cell(r.get("back_to_back_ms")) for r in cells])
     return t
 
 
