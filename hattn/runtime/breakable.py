@@ -200,6 +200,7 @@ class BreakableRuntime(GraphRuntime):
         run = functools.partial(run_freeing, self.fn)
         watched(_Capture(), run, args)  # warm-up; rejects unregistered attention before any capture
         cap = _Capture(self.pool, _capture_stream())
+        graphs.warm_blas(cap.stream)
         cap.stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(cap.stream):

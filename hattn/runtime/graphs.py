@@ -203,6 +203,22 @@ def copy_if_moved(static: list, args) -> None:
             s.copy_(a)
 
 
+def warm_blas(stream: torch.cuda.Stream) -> None:
+    """One small GEMM through cuBLAS and one through cuBLASLt on `stream`, before a capture on it. Both libraries get
+    a workspace per (handle, stream) from the caching allocator at their first call on a stream and keep it; a first
+    call inside a capture takes it from the graph's pool, where it stays while the process runs: 32 MiB on Hopper,
+    the largest block of bcg's and full's pools at 2048 tokens (scripts/pool_holders.py found it: no tensor over
+    it). Taken here, outside any capture, it is ordinary memory, one per capture stream, and every capture on the
+    stream uses it. Newer torch scopes a capture's workspaces to the capture itself; then this allocates once."""
+    if torch.cuda.is_current_stream_capturing():
+        return
+    with torch.cuda.stream(stream):
+        a = torch.ones(16, 16, device=stream.device, dtype=torch.bfloat16)
+        torch.mm(a, a)  # cuBLAS
+        torch.nn.functional.linear(a, a, a[0])  # addmm with a bias: cuBLASLt
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
+
+
 # -- one captured graph -------------------------------------------------------------------------------------------
 @dataclass
 class CapturedGraph:
@@ -256,7 +272,9 @@ def capture_graph(fn, args: list, size: int, pool, keep: bool = False, boxed=Non
         ctx.forget()  # what split ops derived in the warm-up is computed again inside the graph
     inputs = list(args) if inputs is None else inputs
     graph = stitch.new_graph() if keep else torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+    capture = torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE)
+    warm_blas(capture.capture_stream)
+    with capture:
         out = fn(*args) if boxed is None else boxed(args)
     captured_into(pool, graph)
     if keep:

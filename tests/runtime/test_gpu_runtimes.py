@@ -234,6 +234,65 @@ def test_one_pool_for_sixteen_sizes(mode):
     assert 0 < pools["all16"] <= 2 * max(pools["largest"], 2 << 20), pools
 
 
+def _pool_blocks(pool) -> list[int]:
+    """Sizes of the allocated blocks of graph pool `pool`."""
+    return [b["size"] for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", ())) == tuple(pool)
+            for b in seg["blocks"] if b["state"] == "active_allocated"]
+
+
+def test_blas_workspaces_stay_out_of_a_capture_on_a_warmed_stream():
+    """cuBLAS and cuBLASLt take a workspace at their first GEMM on a stream and keep it: inside a capture it comes
+    from the graph's pool and stays there (32 MiB on Hopper). `warm_blas` takes both before the capture; without
+    it the same capture on a fresh stream keeps the workspace in its pool (the control)."""
+    from hattn.runtime.graphs import pool_bytes, warm_blas
+
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16), torch.randn(512, device="cuda",
+                                                                                   dtype=torch.bfloat16)
+    held = {}
+    for warm in (True, False):
+        stream, pool, graph = torch.cuda.Stream(), torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph()
+        if warm:
+            warm_blas(stream)
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            out = (torch.nn.functional.linear(x, w, b), x @ w.t())
+        held[warm] = pool_bytes(pool)
+        graph.replay()
+        torch.testing.assert_close(out[0], torch.nn.functional.linear(x, w, b))
+        del graph, out
+    assert held[True] < 8 << 20 < held[False], held
+
+
+@pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
+def test_graph_pools_hold_no_blas_workspace(mode, monkeypatch):
+    """Each runtime warms cuBLAS on its capture stream first: captured on fresh streams (no workspace yet), a toy
+    model's decode step of 100 sequences (GEMMs of 100 rows: cuBLAS) leaves only small blocks in its pools."""
+    from hattn.runtime import breakable
+
+    monkeypatch.setattr(breakable, "_STREAMS", {})  # bcg's capture stream, fresh
+    monkeypatch.setattr(torch.cuda.graph, "default_capture_stream", None)  # pcg's and full's, fresh
+    torch._dynamo.reset()
+    model = toy_model(pattern=PATTERN, device="cuda")
+    be = hattn.backend(mode=mode, capture_sizes=[128], inner_compiler="eager", progress=False, lazy_capture=False)
+    fn = torch.compile(model, backend=be, dynamic=True)
+    n, slots = 100, list(range(100))
+    before = {tuple(seg["segment_pool_id"]) for seg in torch.cuda.memory_snapshot()}
+    outs = []
+    with torch.no_grad():
+        for run in (fn, model):
+            cache = _toy_cache(model.config, slots=128, max_len=8)
+            with hattn.forward_context(hattn.ForwardContext(seq_lens=[1] * n, slots=slots, cache=cache)):
+                model(_ids(n, 0))  # the prompts' one token each, eagerly
+            with hattn.forward_context(hattn.ForwardContext(seq_lens=[1] * n, context_lens=[1] * n, slots=slots,
+                                                            cache=cache)):
+                outs.append(run(_ids(n, 1)))
+    assert be.stats.cuda_graphs > 0
+    torch.testing.assert_close(*outs, **TOL)
+    pools = {tuple(seg["segment_pool_id"]) for seg in torch.cuda.memory_snapshot()} - before - {(0, 0)}
+    blocks = [size for pool in pools for size in _pool_blocks(pool)]
+    assert pools and max(blocks, default=0) < 4 << 20, sorted(blocks)[-4:]
+
+
 # -- full graph: decode steps with a cache ------------------------------------------------------------------------
 def _toy_cache(c: ToyConfig, slots=8, max_len=64):
     return toy_cache(c, slots, max_len, torch.float32, "cuda")
