@@ -269,19 +269,31 @@ def test_capture_recomputes_what_split_ops_derived_in_the_warm_up(monkeypatch):
         def replay(self):
             pass
 
+    class Capture(contextlib.nullcontext):
+        capture_stream = "the capture stream"
+
+    events = []
+
+    def warm_blas(stream):
+        events.append(("warm_blas", stream))
+
     monkeypatch.setattr(torch.cuda, "CUDAGraph", NoGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda *a, **k: Capture())
+    monkeypatch.setattr(graphs, "warm_blas", warm_blas)
     built = []
 
     def step(x):
         ctx = get_forward_context()
         table = ctx.memo("block_table", lambda: built.append(len(built)) or x + len(built))
+        events.append("step")
         return x * 0 + table
 
     with hattn.forward_context(hattn.ForwardContext([2])):
         _, out = graphs.capture_graph(step, [torch.zeros(2)], 2, pool=None)
     assert built == [0, 1]  # once in the warm-up, once more in the capture
     assert out.tolist() == [2.0, 2.0]
+    # cuBLAS's workspace on the capture stream is taken before the capture, not inside it (runtime/graphs.warm_blas)
+    assert events == ["step", ("warm_blas", "the capture stream"), "step"]
 
 
 def test_serving_log_names_each_replay_and_graph_free_run_so_direct_replay_needs_exactly_one():
