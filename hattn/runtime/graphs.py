@@ -212,8 +212,10 @@ def warm_blas(stream: torch.cuda.Stream) -> None:
     stream uses it. Newer torch scopes a capture's workspaces to the capture itself; then this allocates once."""
     if torch.cuda.is_current_stream_capturing():
         return
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    dtype = torch.bfloat16 if native_bf16 else torch.float16  # either dtype takes the one workspace
     with torch.cuda.stream(stream):
-        a = torch.ones(16, 16, device=stream.device, dtype=torch.bfloat16)
+        a = torch.ones(16, 16, device=stream.device, dtype=dtype)
         torch.mm(a, a)  # cuBLAS
         torch.nn.functional.linear(a, a, a[0])  # addmm with a bias: cuBLASLt
     torch.cuda.current_stream(stream.device).wait_stream(stream)
