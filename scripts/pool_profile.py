@@ -7,6 +7,10 @@ largest blocks live at that peak with the code that allocated them (torch's memo
     python3 scripts/pool_profile.py --freeing off,on  # the same for captures that release values at their last use
                                                       # (HATTN_FREE_AT_LAST_USE, hattn/runtime/freeing.py)
 
+A block is named by the frames that allocated it, which need not be what keeps it: a library's cached buffer
+allocated inside a capture (cuBLAS's workspace, 32 MiB on Hopper, until `graphs.warm_blas`) shows as the GEMM that
+asked first. `scripts/pool_holders.py` lists the Python tensors over a pool's large blocks (none: a C++ owner).
+
 Per mode: the model compiled as `hattn bench` compiles it (every capture size at the first call), one prefill step of
 the largest size (logits of its last row, in --slots rows, as generate and the bench ask) and one decode step of two
 sequences at context 1024 over one cache of --slots slots; then the pools' figures (`stats.pool_bytes_by_pool`).
