@@ -1,13 +1,14 @@
-"""Who keeps the first linear-attention layer's input projection alive while later layers run (bcg and full captures).
+"""What keeps a graph pool's large blocks allocated during bcg's and full's captures: Python tensors, or nothing
+Python can see (a C++ owner).
 
     python3 scripts/pool_holders.py [--modes bcg,full] [--sizes 2048,1024] [--probe-layer 4]
 
-`pool_profile.py` finds, at a pool's peak, the first piece's fused input projection (qkvz+ba, 32 MiB at 2048 tokens
-for qwen3.5-1b) still allocated beside a later layer's work. Here every call of the linear-attention op records a
-weak reference to its `mixed_qkv` storage (a view of that projection) at the first linear layer; at a later linear
-layer (--probe-layer: its index among the linear layers) it reports, for each storage recorded so far in the
-process, whether it is still alive, the Python tensors over it and what refers to them (a few levels up), its
-StorageImpl's use count against the tensors found (more: a C++ owner), and the allocator's state of its block.
+At every call of the first linear-attention layer it records a weak reference to the op's `mixed_qkv` storage; at
+a later linear layer (--probe-layer: its index among the linear layers), and at the end of the step, it prints
+whether each storage recorded so far is still alive, then every allocated block of 8 MiB or more in a graph pool
+with the frames that allocated it, the Python tensors over it (with their storages' use counts) and what refers to
+those, a few levels up. It found the 32 MiB block `pool_profile.py` blamed on the first piece's projection to have
+no tensor over it: cuBLAS's workspace (`hattn.runtime.graphs.warm_blas`).
 """
 from __future__ import annotations
 
