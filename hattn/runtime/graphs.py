@@ -203,22 +203,38 @@ def copy_if_moved(static: list, args) -> None:
             s.copy_(a)
 
 
+_BLAS_POOLS: dict[int, object] = {}  # device index -> the MemPool that holds the capture streams' BLAS workspaces
+
+
 def warm_blas(stream: torch.cuda.Stream) -> None:
     """One small GEMM through cuBLAS and one through cuBLASLt on `stream`, before a capture on it. Both libraries get
     a workspace per (handle, stream) from the caching allocator at their first call on a stream and keep it; a first
     call inside a capture takes it from the graph's pool, where it stays while the process runs: 32 MiB on Hopper,
     the largest block of bcg's and full's pools at 2048 tokens (scripts/pool_holders.py found it: no tensor over
-    it). Taken here, outside any capture, it is ordinary memory, one per capture stream, and every capture on the
-    stream uses it. Newer torch scopes a capture's workspaces to the capture itself; then this allocates once."""
+    it). Taken here, outside any capture, every capture on the stream uses it.
+
+    It is taken from a memory pool of its own (`torch.cuda.MemPool`, one per device) that nothing else allocates
+    from: torch forgets these workspaces at times (inductor's CUDA graph trees clear them at each warm-up and
+    recording; some torch versions when a graph captured on the stream is destroyed) while hattn's graphs keep
+    their address. Freed into this pool, the memory never holds a tensor; the next warm-up's workspace takes the
+    same block, so graphs captured before and after share it."""
     if torch.cuda.is_current_stream_capturing():
         return
+    device = stream.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    mem_pool = getattr(torch.cuda, "MemPool", None)
+    if mem_pool is not None and index not in _BLAS_POOLS:
+        _BLAS_POOLS[index] = mem_pool()
+    pool = _BLAS_POOLS.get(index)
     native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     dtype = torch.bfloat16 if native_bf16 else torch.float16  # either dtype takes the one workspace
-    with torch.cuda.stream(stream):
-        a = torch.ones(16, 16, device=stream.device, dtype=dtype)
+    into_pool = torch.cuda.use_mem_pool(pool, index) if pool is not None else contextlib.nullcontext()
+    with into_pool, torch.cuda.stream(stream):
+        a = torch.ones(16, 16, device=device, dtype=dtype)
         torch.mm(a, a)  # cuBLAS
         torch.nn.functional.linear(a, a, a[0])  # addmm with a bias: cuBLASLt
-    torch.cuda.current_stream(stream.device).wait_stream(stream)
+        del a
+    torch.cuda.current_stream(device).wait_stream(stream)
 
 
 # -- one captured graph -------------------------------------------------------------------------------------------

@@ -263,6 +263,40 @@ def test_blas_workspaces_stay_out_of_a_capture_on_a_warmed_stream():
     assert held[True] < 8 << 20 < held[False], held
 
 
+def test_graphs_keep_their_blas_workspace_when_torch_forgets_it():
+    """inductor's CUDA graph trees clear cuBLAS's workspaces (`torch._C._cuda_clearCublasWorkspaces`) at each warm-up
+    and recording, in the same process; a graph captured before keeps their address, and its GEMMs write there at
+    every replay. So the freed workspace must never become a tensor's memory. Graphs of small-M, large-K GEMMs (split
+    over K: they use the workspace) captured before and after a clear; then 1 GiB of eager tensors filled with a
+    pattern: replays of both leave the pattern and their outputs as they were."""
+    from hattn.runtime.graphs import capture_graph
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16, 8192, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(1024, 8192, device="cuda", dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(1024, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def gemms(x):
+        return torch.nn.functional.linear(x, w, b) + x @ w.t()
+
+    pool = torch.cuda.graph_pool_handle()
+    first, out1 = capture_graph(gemms, [x], 16, pool)
+    torch._C._cuda_clearCublasWorkspaces()  # what cudagraph trees do
+    second, out2 = capture_graph(gemms, [x], 16, pool)
+    torch._C._cuda_clearCublasWorkspaces()
+    first.replay()
+    second.replay()
+    expected = gemms(x)
+    fill = [torch.full((1 << 22,), 7, dtype=torch.int32, device="cuda") for _ in range(64)]
+    for _ in range(3):
+        first.replay()
+        second.replay()
+    torch.cuda.synchronize()
+    assert all(bool((f == 7).all()) for f in fill), "a graph's GEMM wrote into memory that eager tensors now hold"
+    torch.testing.assert_close(out1, expected)
+    torch.testing.assert_close(out2, expected)
+
+
 @pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
 def test_graph_pools_hold_no_blas_workspace(mode, monkeypatch):
     """Each runtime warms cuBLAS on its capture stream first: captured on fresh streams (no workspace yet), a toy
