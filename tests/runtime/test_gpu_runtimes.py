@@ -267,8 +267,9 @@ def test_graphs_keep_their_blas_workspace_when_torch_forgets_it():
     """inductor's CUDA graph trees clear cuBLAS's workspaces (`torch._C._cuda_clearCublasWorkspaces`) at each warm-up
     and recording, in the same process; a graph captured before keeps their address, and its GEMMs write there at
     every replay. So the freed workspace must never become a tensor's memory. Graphs of small-M, large-K GEMMs (split
-    over K: they use the workspace) captured before and after a clear; then 1 GiB of eager tensors filled with a
-    pattern: replays of both leave the pattern and their outputs as they were."""
+    over K: they use the workspace) captured before and after a clear; then the cache emptied (a freed block
+    of the ordinary allocator goes back to the driver) and 1 GiB of eager tensors filled with a pattern: replays of
+    both leave the pattern and their outputs as they were."""
     from hattn.runtime.graphs import capture_graph
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -284,6 +285,7 @@ def test_graphs_keep_their_blas_workspace_when_torch_forgets_it():
     torch._C._cuda_clearCublasWorkspaces()  # what cudagraph trees do
     second, out2 = capture_graph(gemms, [x], 16, pool)
     torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()  # a freed workspace's segment goes back to the driver, unless a pool keeps it
     first.replay()
     second.replay()
     expected = gemms(x)
