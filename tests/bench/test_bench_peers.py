@@ -77,10 +77,10 @@ def test_tc_peers_count_a_compile_for_each_graph_until_a_point_of_it_was_measure
     peer = make_peer("tc-ro", None)
     p16, p64 = Point("prefill", tokens=16, seqs=1), Point("prefill", tokens=64, seqs=1)
     b1, b16 = Point("decode", batch=1, context=8), Point("decode", batch=16, context=8)
-    assert peer.first_call_s(p16, cuda=True) == 250.0 and peer.first_call_s(b1, cuda=True) == 35.0
+    assert peer.first_call_s(p16, cuda=True) == 400.0 and peer.first_call_s(b1, cuda=True) == 35.0
     assert peer.estimate(True) == 2 * 35.0
     peer.compiled(p16)
     assert peer.first_call_s(p64, cuda=True) == 0.0
-    assert peer.first_call_s(Point("prefill", tokens=64, seqs=2), cuda=True) == 250.0  # another batch of prompts
+    assert peer.first_call_s(Point("prefill", tokens=64, seqs=2), cuda=True) == 400.0  # another batch of prompts
     peer.compiled(b1)
     assert peer.first_call_s(b16, cuda=True) == 35.0 and peer.first_call_s(b1, cuda=True) == 0.0
