@@ -472,6 +472,12 @@ def compile_for(model) -> Callable[..., Traced] | None:
     return compile_
 
 
+def backend_object(model) -> HattnBackend | None:
+    """The HattnBackend object `model` was torch.compile'd with (`backend=hattn.backend(...)`), else None."""
+    backend_fn, _ = _backend_of(model)
+    return backend_fn if isinstance(backend_fn, HattnBackend) else None
+
+
 def _backend_of(model) -> tuple[Any, dict]:
     """(the backend torch.compile was given, its mode/options kwargs) of an OptimizedModule; (None, {}) else."""
     if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):

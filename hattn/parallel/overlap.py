@@ -114,6 +114,22 @@ def _pick_rows(outs: list[torch.Tensor], in_first: torch.Tensor, dim: int) -> to
     return torch.where(in_first.view(shape), outs[0], outs[1])
 
 
+def _check_own_backends(first, second) -> None:
+    """Two instances compiled with one hattn.backend object get one compiled graph and runtime (the backend compiles
+    a Dynamo graph once for both): their micro-batches, on two streams at once, would replay the same graphs over the
+    same static inputs."""
+    from hattn.compiler.backend import backend_object
+
+    if second is None or second is first:
+        return
+    shared = backend_object(first)
+    if shared is not None and shared is backend_object(second):
+        raise ValueError(
+            "two-batch overlap's two instances were compiled with one hattn.backend(...) object: they would share "
+            "its graphs and static inputs while their micro-batches run at once. Fix: a backend per instance, e.g. "
+            "compile=lambda m: torch.compile(m, backend=hattn.backend(mode=...))")
+
+
 class TwoBatchOverlap:
     """`model(*args)` of a packed step, run as two micro-batches (`first` runs A, `second` runs B).
 
@@ -124,6 +140,7 @@ class TwoBatchOverlap:
 
     def __init__(self, first: Callable, second: Callable | None = None, token_dims: Sequence[int] = TOKEN_DIMS,
                  out_dim: int = 0):
+        _check_own_backends(first, second)
         self.models = (first, first if second is None else second)
         self.token_dims, self.out_dim = tuple(token_dims), out_dim
         self._streams: dict[torch.device, tuple] = {}

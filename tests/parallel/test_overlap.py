@@ -112,6 +112,17 @@ def _mrope_step():
     return torch.arange(sum(LENS)) % 64, positions, ForwardContext(LENS, layer_kinds={0: "running_sum"})
 
 
+def test_instances_compiled_with_one_backend_object_are_an_error():
+    """One hattn.backend object compiles a Dynamo graph once for both instances: one runtime, whose graphs and
+    static inputs the two micro-batches would use at once on CUDA. A backend per instance is fine."""
+    model, _ = _toy()
+    shared = hattn.backend(mode="pcg", progress=False)
+    with pytest.raises(ValueError, match="a backend per instance"):
+        TwoBatchOverlap.for_model(model, compile=lambda m: torch.compile(m, backend=shared))
+    own = TwoBatchOverlap.for_model(model, compile=lambda m: torch.compile(m, backend=hattn.backend(progress=False)))
+    assert own.models[0] is not own.models[1]
+
+
 def test_mrope_positions_are_sliced_on_their_token_dim():
     model = MropeModel()
     ids, positions, ctx = _mrope_step()
