@@ -23,7 +23,8 @@ device.
 On CUDA, with two model instances, micro-batch A runs on one stream and B on another; B's instance is a replica
 (same weights) whose collectives use a sibling process group, i.e. its own NCCL communicator, so the two
 micro-batches' all-reduces neither serialize nor wait behind each other while the other's kernels run. Each instance
-has its own compiled graphs and static buffers (the two streams never share one). With one instance, or on CPU,
+has its own compiled graphs and static buffers (the two streams never share one), so each needs a backend object of
+its own: one `hattn.backend(...)` for both compiles their graph once, and is an error. With one instance, or on CPU,
 the micro-batches run one after the other (same results).
 """
 from __future__ import annotations
