@@ -222,14 +222,11 @@ def warm_blas(stream: torch.cuda.Stream) -> None:
         return
     device = stream.device
     index = device.index if device.index is not None else torch.cuda.current_device()
-    mem_pool = getattr(torch.cuda, "MemPool", None)
-    if mem_pool is not None and index not in _BLAS_POOLS:
-        _BLAS_POOLS[index] = mem_pool()
-    pool = _BLAS_POOLS.get(index)
+    if index not in _BLAS_POOLS:
+        _BLAS_POOLS[index] = torch.cuda.MemPool()
     native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     dtype = torch.bfloat16 if native_bf16 else torch.float16  # either dtype takes the one workspace
-    into_pool = torch.cuda.use_mem_pool(pool, index) if pool is not None else contextlib.nullcontext()
-    with into_pool, torch.cuda.stream(stream):
+    with torch.cuda.use_mem_pool(_BLAS_POOLS[index], index), torch.cuda.stream(stream):
         a = torch.ones(16, 16, device=device, dtype=dtype)
         torch.mm(a, a)  # cuBLAS
         torch.nn.functional.linear(a, a, a[0])  # addmm with a bias: cuBLASLt
