@@ -460,10 +460,9 @@ def compile_for(model) -> Callable[..., Traced] | None:
     config = compiled_config(model)
     if config is None or not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         return None
-    backend_fn, _ = _backend_of(model)
-
-    counted = backend_fn._counted if isinstance(backend_fn, HattnBackend) else _registered
-    pools = backend_fn.pools if isinstance(backend_fn, HattnBackend) else None
+    backend = backend_object(model)
+    counted = backend._counted if backend is not None else _registered
+    pools = backend.pools if backend is not None else None
 
     def compile_(gm, example_inputs, fake_mode, load_seconds=0.0):
         return counted(compile_graph, gm, example_inputs, config, fake_mode=fake_mode, load_seconds=load_seconds,
