@@ -172,18 +172,6 @@ def watched(cap: _Capture, fn, args):
         _WATCH.reset(token)
 
 
-_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _capture_stream() -> torch.cuda.Stream:
-    """One capture stream per device, reused by every capture: the caching allocator keeps blocks per stream, so a
-    new stream per size would strand the eager ops' memory of every size (16 sizes: 16x the memory)."""
-    device = torch.cuda.current_device()
-    if device not in _STREAMS:
-        _STREAMS[device] = torch.cuda.Stream()
-    return _STREAMS[device]
-
-
 class BreakableRuntime(GraphRuntime):
     """Serves any callable (a split graph, a plain nn.Module) with breakable CUDA graphs per size."""
 
@@ -199,7 +187,7 @@ class BreakableRuntime(GraphRuntime):
         # each value released at its last use, inside pieces too: the pool holds less (runtime/freeing.py)
         run = functools.partial(run_freeing, self.fn)
         watched(_Capture(), run, args)  # warm-up; rejects unregistered attention before any capture
-        cap = _Capture(self.pool, _capture_stream())
+        cap = _Capture(self.pool, self.capture_stream)  # one per replay stream (`GraphPools.capture_stream`)
         graphs.warm_blas(cap.stream)
         cap.stream.wait_stream(torch.cuda.current_stream())
         try:

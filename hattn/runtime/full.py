@@ -91,7 +91,8 @@ class _Graphs(GraphRuntime):
 
     def capture(self, size: int, args: list) -> None:
         # each value released at its last use, inside pieces too: the pool holds less (runtime/freeing.py)
-        self.graphs[size], _ = capture_graph(functools.partial(run_freeing, self.fn), args, size, self.pool)
+        self.graphs[size], _ = capture_graph(functools.partial(run_freeing, self.fn), args, size, self.pool,
+                                           stream=self.capture_stream)
         self.stats.cuda_graphs += 1
 
     def replay(self, size: int, args: list):

@@ -67,20 +67,35 @@ class GraphPools:
     replayed. Micro-batches of two-batch overlap replay on two streams at once, and two threads interleave: never
     one pool. A pool is captured into only while a graph captured into it lives (torch 2.11 asserts when a pool
     whose graphs all died is captured into again; ask under `no_gc_in_capture`, so that a collection cannot kill
-    them between the question and the capture), and never after a failed capture (`drop`)."""
+    them between the question and the capture), and never after a failed capture (`drop`).
+
+    Beside each pool, its capture stream (`capture_stream`): cuBLAS keeps one workspace per (handle, stream), and a
+    captured GEMM keeps its address, so graphs captured on one stream share it. Graphs that may replay at once (two
+    replay streams, two threads, two backends' instances under two-batch overlap) are captured on streams of their
+    own. A backend's streams go back to a free list when it dies (each keeps ~33 MiB of workspace for good)."""
 
     def __init__(self):
         self.by_stream: dict = {}  # (device, stream, thread) -> (pool, the runtimes that captured into it)
+        self.streams: dict = {}  # (device, stream, thread) -> the capture stream of graphs replayed there
+        weakref.finalize(self, _give_back, self.streams)
 
     def for_capture(self, runtime):
-        key = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream) if _cuda() else None
-        key = key, threading.get_ident()
+        key = _replay_key()
         pool, users = self.by_stream.get(key, (None, ()))
         if pool is None or not _GRAPHS.get(pool):
             pool, users = new_pool(), weakref.WeakSet()
             self.by_stream[key] = pool, users
         users.add(runtime)
         return pool
+
+    def capture_stream(self):
+        """The stream to capture on for graphs replayed on the current stream by this thread (None without CUDA)."""
+        if not _cuda():
+            return None
+        key = _replay_key()
+        if key not in self.streams:
+            self.streams[key] = _take_stream(key[0][0])
+        return self.streams[key]
 
     def drop(self, pool) -> None:
         """After a failed capture into `pool` (it may be left recording): the next capture takes a new one."""
@@ -93,6 +108,54 @@ class GraphPools:
         self.drop(pool)
         for runtime in users:
             runtime.release()
+
+
+def _replay_key():
+    """(device, current stream) and this thread: what graphs replayed together share, and nothing else."""
+    key = (torch.cuda.current_device(), torch.cuda.current_stream().cuda_stream) if _cuda() else None
+    return key, threading.get_ident()
+
+
+_FREE_STREAMS: dict[int, list] = {}  # device -> capture streams whose GraphPools died (reused before new ones)
+_MADE_STREAMS: set[int] = set()  # the handles of every capture stream made (the pool fallback skips them)
+
+
+def _give_back(streams: dict) -> None:
+    for stream in streams.values():
+        _FREE_STREAMS.setdefault(stream.device.index, []).append(stream)
+    streams.clear()
+
+
+def _take_stream(device: int):
+    free = _FREE_STREAMS.get(device)
+    return free.pop() if free else new_stream(device)
+
+
+def new_stream(device: int) -> torch.cuda.Stream:
+    """A stream no other code is handed: made with cuda-python (non-blocking, as torch's pool makes them). Torch's
+    `torch.cuda.Stream()` takes one of 32 pooled streams per device in turn, so a capture stream from there could
+    later be a side stream somewhere (two-batch overlap's, a model's) whose work then shares its cuBLAS workspace.
+    Without cuda-python: a pooled stream that is no capture stream yet (logged once)."""
+    from hattn.runtime import stitch
+
+    rt = stitch.cudart()
+    if rt is not None:
+        flags = getattr(rt, "cudaStreamNonBlocking", 1)
+        with torch.cuda.device(device):
+            handle = stitch.checked(rt, rt.cudaStreamCreateWithFlags(flags), "cudaStreamCreateWithFlags")
+        stream = torch.cuda.ExternalStream(int(handle), device=torch.device("cuda", device))
+        stream.hattn_handle = handle  # the stream lives while the process does (streams are reused, never destroyed)
+    else:
+        log_once("hattn: cuda-python is not installed: capture streams come from torch's stream pool (32 per "
+                 "device, handed out in turn), skipping those already capture streams")
+        for _ in range(64):
+            stream = torch.cuda.Stream(device)
+            if stream.cuda_stream not in _MADE_STREAMS:
+                break
+        else:
+            raise RuntimeError("no stream of torch's pool is free to capture on: install cuda-python")
+    _MADE_STREAMS.add(stream.cuda_stream)
+    return stream
 
 
 def _sync() -> None:
@@ -226,12 +289,16 @@ def warm_blas(stream: torch.cuda.Stream) -> None:
         _BLAS_POOLS[index] = torch.cuda.MemPool()
     native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
     dtype = torch.bfloat16 if native_bf16 else torch.float16  # either dtype takes the one workspace
+    stream.wait_stream(torch.cuda.current_stream(device))  # the stream may be new to the work before it
     with torch.cuda.use_mem_pool(_BLAS_POOLS[index], index), torch.cuda.stream(stream):
         a = torch.ones(16, 16, device=device, dtype=dtype)
         torch.mm(a, a)  # cuBLAS
         torch.nn.functional.linear(a, a, a[0])  # addmm with a bias: cuBLASLt
         del a
     torch.cuda.current_stream(device).wait_stream(stream)
+
+
+_STREAMS = GraphPools()  # the capture streams of graphs captured outside a runtime (`capture_graph`'s default)
 
 
 # -- one captured graph -------------------------------------------------------------------------------------------
@@ -273,12 +340,13 @@ def run_prepared(runner, name: str) -> bool:
 
 
 def capture_graph(fn, args: list, size: int, pool, keep: bool = False, boxed=None,
-                  inputs: list | None = None) -> tuple[CapturedGraph, object]:
+                  inputs: list | None = None, stream=None) -> tuple[CapturedGraph, object]:
     """Capture fn(*args) into the pool (after one warm-up call outside the graph: lazy init, autotuning).
     Returns the captured graph (holding weak references to the outputs) and the outputs themselves. `keep`: a graph
     a stitched step can embed (`stitch.new_graph`). `boxed`: fn's call that takes `args` as a list and empties it
     (`_Compiled.boxed`), captured in fn's place, so that nothing here holds an input past its last use inside fn;
-    `inputs`: what the graph keeps as its inputs (weak references where the pool owns them), by default `args`."""
+    `inputs`: what the graph keeps as its inputs (weak references where the pool owns them), by default `args`.
+    `stream`: the capture stream (a runtime's, `GraphPools.capture_stream`); by default one per replay stream."""
     from hattn.runtime import stitch
 
     fn(*args)
@@ -287,7 +355,8 @@ def capture_graph(fn, args: list, size: int, pool, keep: bool = False, boxed=Non
         ctx.forget()  # what split ops derived in the warm-up is computed again inside the graph
     inputs = list(args) if inputs is None else inputs
     graph = stitch.new_graph() if keep else torch.cuda.CUDAGraph()
-    capture = torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE)
+    stream = stream if stream is not None else _STREAMS.capture_stream()
+    capture = torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE)
     warm_blas(capture.capture_stream)
     with capture:
         out = fn(*args) if boxed is None else boxed(args)
@@ -396,6 +465,7 @@ class GraphRuntime:
         self.rows_per_token = bool(layout.out_dims) and any(layout.out_dims)  # an output has a row per token
         self.inputs = StaticInputs(layout, self.sizes[-1])
         self.pool = None  # the pool the latest sizes were captured into (`pools`)
+        self.capture_stream = None  # the stream they were captured on (`GraphPools.capture_stream`)
         self.pools = GraphPools()  # a pool of its own unless the backend shares its pools (`build_runtime`)
         self.captured: set[int] = set()
         self.lazy_capture = True  # capture a size at its first use (after the largest); False: all at the first call
@@ -476,6 +546,7 @@ class GraphRuntime:
         try:
             with CAPTURE_LOCK, no_gc_in_capture(collect=not self.captured):
                 self.pool = self.pools.for_capture(self)
+                self.capture_stream = self.pools.capture_stream()
                 for size in bar:
                     bar.set_postfix(tokens=size)
                     self._capture_one(size, args)

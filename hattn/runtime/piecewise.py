@@ -66,7 +66,8 @@ class _PieceGraphs(torch.nn.Module):
         pooled = self.runtime.pooled
         inputs = [weak_ref(a) if storage_ptr(a) in pooled else a for a in args]
         args = args if boxed is not None else list(args)
-        graph, out = capture_graph(self.fn, args, size, self.runtime.pool, keep=True, boxed=boxed, inputs=inputs)
+        graph, out = capture_graph(self.fn, args, size, self.runtime.pool, keep=True, boxed=boxed, inputs=inputs,
+                                   stream=self.runtime.capture_stream)
         # a capture runs no kernel: its outputs hold what the pool held (memory of other sizes' graphs). The next
         # pieces' warm-ups and the split ops between them read them as an eager run would, and one may index by
         # them (the LM head's logits rows, clamped inside the first piece): replayed once, they hold this step's

@@ -263,7 +263,7 @@ def _rng_offset():
 
 
 # -- one launch ------------------------------------------------------------------------------------------------------
-def _cudart():
+def cudart():
     try:
         from cuda.bindings import runtime
     except ImportError:
@@ -274,7 +274,7 @@ def _cudart():
     return runtime
 
 
-def _ok(rt, result, what: str):
+def checked(rt, result, what: str):
     err, *values = result
     if err != rt.cudaError_t.cudaSuccess:
         raise RuntimeError(f"{what}: {err}")
@@ -286,7 +286,7 @@ _LOGGED: set[str] = set()
 
 def _one_launch(graphs: list) -> Callable[[], None] | None:
     """A launcher of one parent graph embedding `graphs` in order, or None (logged once) where CUDA cannot."""
-    rt = _cudart()
+    rt = cudart()
     why = None
     if rt is None:
         why = "cuda-python is not installed"
@@ -307,14 +307,14 @@ def _one_launch(graphs: list) -> Callable[[], None] | None:
 class _Launcher:
     def __init__(self, rt, graphs: list):
         self.rt = rt
-        parent = _ok(rt, rt.cudaGraphCreate(0), "cudaGraphCreate")
+        parent = checked(rt, rt.cudaGraphCreate(0), "cudaGraphCreate")
         try:
             deps: list = []
             for g in graphs:
-                node = _ok(rt, rt.cudaGraphAddChildGraphNode(parent, deps, len(deps), g.raw_cuda_graph()),
+                node = checked(rt, rt.cudaGraphAddChildGraphNode(parent, deps, len(deps), g.raw_cuda_graph()),
                            "cudaGraphAddChildGraphNode")
                 deps = [node]
-            self.exec = _ok(rt, rt.cudaGraphInstantiate(parent, 0), "cudaGraphInstantiate")
+            self.exec = checked(rt, rt.cudaGraphInstantiate(parent, 0), "cudaGraphInstantiate")
         finally:
             rt.cudaGraphDestroy(parent)  # the executable graph holds what it needs
         weakref.finalize(self, rt.cudaGraphExecDestroy, self.exec)

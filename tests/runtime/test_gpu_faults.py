@@ -113,9 +113,7 @@ def test_interrupt_in_a_bcg_stream_capture_ends_the_capture_and_a_later_call_cap
         runner(_ids(3, 0))
     assert not Interrupting.armed  # it fired inside a capture (the largest size's second segment)
     assert get_forward_context() is None and gc.collect is collect
-    from hattn.runtime.breakable import _capture_stream
-
-    with torch.cuda.stream(_capture_stream()):
+    with torch.cuda.stream(runner.runtime.capture_stream):
         assert not torch.cuda.is_current_stream_capturing()  # the open stream capture was ended
     torch.cuda.synchronize()  # the device is healthy
     with torch.no_grad():

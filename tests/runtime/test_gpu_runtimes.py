@@ -299,14 +299,87 @@ def test_graphs_keep_their_blas_workspace_when_torch_forgets_it():
     torch.testing.assert_close(out2, expected)
 
 
+def test_graphs_replayed_on_two_streams_at_once_keep_their_own_blas_workspace():
+    """cuBLAS keeps a workspace per (handle, stream), and a captured GEMM keeps its address: graphs captured on one
+    stream share it. Two graphs of eight split-K GEMMs (small M, K = 8192: partial sums in the workspace), captured
+    under two replay streams as two-batch overlap's two instances are, then replayed on both streams at once 200
+    times, must give the bits of their replays alone (a shared workspace: wrong values, no error)."""
+    from hattn.runtime.graphs import capture_graph
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(8, 1024, 8192, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    def gemms(x):
+        return torch.stack([x @ w[i].t() for i in range(8)])
+
+    main, streams = torch.cuda.current_stream(), [torch.cuda.Stream(), torch.cuda.Stream()]
+    xs = [torch.randn(16, 8192, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in streams]
+    captured = []
+    for stream, x in zip(streams, xs):
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            captured.append(capture_graph(gemms, [x], 16, torch.cuda.graph_pool_handle()))
+        main.wait_stream(stream)
+    refs = []
+    for graph, out in captured:  # each alone
+        graph.replay()
+        torch.cuda.synchronize()
+        refs.append(out.clone())
+    torch.testing.assert_close(refs[0], gemms(xs[0]))
+    wrong = [torch.zeros((), dtype=torch.int64, device="cuda") for _ in streams]
+    for stream in streams:
+        stream.wait_stream(main)
+    for _ in range(200):
+        for stream, (graph, out), ref, count in zip(streams, captured, refs, wrong):
+            with torch.cuda.stream(stream):
+                graph.replay()
+                count += (out != ref).sum()
+    for stream in streams:
+        main.wait_stream(stream)
+    torch.cuda.synchronize()
+    assert [int(c) for c in wrong] == [0, 0], "graphs replayed at once wrote one cuBLAS workspace"
+
+
+def test_a_backend_captures_on_a_stream_of_its_own_per_replay_stream():
+    """Two backends, each asked under two replay streams: four capture streams, all distinct, and (with
+    cuda-python) none a stream torch's pool hands out: it hands its 32 per device out in turn, so a capture stream
+    from there could be any code's side stream too. The stream a backend's graphs were captured on is the one it
+    gives for their replay stream."""
+    from hattn.runtime import stitch
+
+    torch._dynamo.reset()
+    main, replay = torch.cuda.current_stream(), [torch.cuda.Stream(), torch.cuda.Stream()]
+    found = []
+    for _ in range(2):
+        model = toy_model(pattern=PATTERN, device="cuda")
+        be = hattn.backend(mode="pcg", capture_sizes=[4], inner_compiler="eager", progress=False)
+        fn = torch.compile(model, backend=be, dynamic=True)
+        replay[0].wait_stream(main)
+        with torch.cuda.stream(replay[0]), torch.no_grad():
+            got, want = fn(_ids(3, 0)), model(_ids(3, 0))
+        main.wait_stream(replay[0])
+        torch.testing.assert_close(got, want, **TOL)
+        assert be.stats.cuda_graphs > 0
+        captured_on = list(be.pools.streams.values())
+        streams = []
+        for stream in replay:
+            with torch.cuda.stream(stream):
+                streams.append(be.pools.capture_stream())
+        assert captured_on == streams[:1]
+        found += streams
+    assert len({s.cuda_stream for s in found}) == 4
+    if stitch.cudart() is not None:
+        pooled = {torch.cuda.Stream().cuda_stream for _ in range(64)}
+        assert not pooled & {s.cuda_stream for s in found}
+
+
 @pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
 def test_graph_pools_hold_no_blas_workspace(mode, monkeypatch):
     """Each runtime warms cuBLAS on its capture stream first: captured on fresh streams (no workspace yet), a toy
     model's decode step of 100 sequences (GEMMs of 100 rows: cuBLAS) leaves only small blocks in its pools."""
-    from hattn.runtime import breakable
+    from hattn.runtime import graphs
 
-    monkeypatch.setattr(breakable, "_STREAMS", {})  # bcg's capture stream, fresh
-    monkeypatch.setattr(torch.cuda.graph, "default_capture_stream", None)  # pcg's and full's, fresh
+    monkeypatch.setattr(graphs, "_FREE_STREAMS", {})  # the backend's capture streams, fresh (no earlier workspace)
     torch._dynamo.reset()
     model = toy_model(pattern=PATTERN, device="cuda")
     be = hattn.backend(mode=mode, capture_sizes=[128], inner_compiler="eager", progress=False, lazy_capture=False)

@@ -518,7 +518,7 @@ def stand_in_capture(monkeypatch):
                 for static, new in zip(self.out, self.fn(*self.args)):
                     static.copy_(new)
 
-    def capture(fn, args, size, pool, keep=False):
+    def capture(fn, args, size, pool, keep=False, stream=None):
         fn(*args)
         ctx = get_forward_context()
         ctx.forget()
@@ -933,7 +933,7 @@ def _stand_in_pcg(monkeypatch) -> None:
     from hattn.runtime import piecewise
     from hattn.runtime.graphs import CapturedGraph, graph_layout, weak_refs
 
-    def capture(fn, args, size, pool, keep=False, boxed=None, inputs=None):
+    def capture(fn, args, size, pool, keep=False, boxed=None, inputs=None, stream=None):
         fn(*args)
         held = list(args)  # the stand-in's replays run the piece on them (boxed() empties args)
         out = fn(*args) if boxed is None else boxed(args)
@@ -1226,7 +1226,7 @@ def test_pcg_replays_each_captured_piece_before_the_next_piece_reads_it(monkeypa
                     static.copy_(new)
             return self.out
 
-    def capture(fn, args, size, pool, keep=False, boxed=None, inputs=None):
+    def capture(fn, args, size, pool, keep=False, boxed=None, inputs=None, stream=None):
         fn(*args)  # the warm-up runs
         held = list(args)  # the stand-in's replays run the piece on them (boxed() empties args)
         out = fn(*args) if boxed is None else boxed(args)  # the capture does not: its outputs are pool memory
@@ -1253,3 +1253,39 @@ def test_pcg_replays_each_captured_piece_before_the_next_piece_reads_it(monkeypa
         torch._dynamo.reset()
     assert got == generate.generate(lm, prompts, lm.make_cache(3, 32), params).tokens
     assert be.stats.cuda_graphs > 0 and be.stats.replays > 0 and be.stats.eager_runs == 0
+
+
+def test_capture_streams_are_one_per_replay_stream_and_reused_after_their_backend_dies(monkeypatch):
+    """A backend's GraphPools gives one capture stream per replay stream (graphs that may replay at once never share
+    cuBLAS's workspace) and none that another live backend has; when it dies, the next backend reuses its streams
+    (each keeps a cuBLAS workspace for good) instead of making new ones."""
+    import gc
+
+    from hattn.runtime import graphs
+
+    made = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = torch.device("cuda", device)
+            made.append(self)
+
+    replay = {"stream": 1}
+    monkeypatch.setattr(graphs, "_cuda", lambda: True)
+    monkeypatch.setattr(graphs, "_replay_key", lambda: ((0, replay["stream"]), 7))
+    monkeypatch.setattr(graphs, "new_stream", Stream)
+    monkeypatch.setattr(graphs, "_FREE_STREAMS", {})
+    first = graphs.GraphPools()
+    a = first.capture_stream()
+    assert first.capture_stream() is a
+    replay["stream"] = 2
+    b = first.capture_stream()
+    assert b is not a
+    assert graphs.GraphPools().capture_stream() not in (a, b)  # a live backend's streams are its own
+    del first
+    gc.collect()
+    after = graphs.GraphPools()
+    reused = {after.capture_stream()}
+    replay["stream"] = 1
+    reused.add(after.capture_stream())
+    assert a in reused and len(reused) == 2 and len(made) == 3

@@ -203,7 +203,7 @@ def test_stitched_steps_keep_the_most_recently_used_batch_sizes(replay_each, mon
 
 def test_one_launch_needs_cuda_python_and_kept_graphs_else_the_graphs_replay_one_by_one(monkeypatch, caplog):
     log = []
-    monkeypatch.setattr(stitch, "_cudart", lambda: None)
+    monkeypatch.setattr(stitch, "cudart", lambda: None)
     monkeypatch.setattr(stitch, "_LOGGED", set())  # another test may have logged it
     step = stitch.Stitched([_Graph("a", log), _Graph("b", log)], [], 0)
     step.run(None)
