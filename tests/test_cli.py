@@ -126,6 +126,8 @@ def test_subcommands_are_a_dict():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_demo_on_the_gpu_every_mode(capsys):
-    assert cli.main(["demo"]) == 0, capsys.readouterr().out
-    out = capsys.readouterr().out
+    code = cli.main(["demo"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err  # a failing mode's traceback is on stderr
+    out = captured.out
     assert "on cuda (bfloat16)" in out and "MISMATCH" not in out and "ERROR" not in out

@@ -99,6 +99,18 @@ def _padded(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
         return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
+def _own_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a contiguous tensor of its own (storage offset 0), copied only if it is not one already; an inference
+    tensor only if `x` is one. A micro-batch's rows are a view of the step's tensor: B's start at a nonzero storage
+    offset, and mrope positions [3, T] sliced on their last dim keep the step's row stride. With a dynamic dim,
+    Dynamo gives such an offset or stride a symbol of its own (an offset of 0 or 1 and a contiguous stride it
+    specializes), so B's graph would have two dynamic sizes and run graph-free (runtime/graphs.py, served_layout)."""
+    if x.storage_offset() == 0 and x.is_contiguous():
+        return x
+    with torch.inference_mode(x.is_inference()):
+        return x.clone(memory_format=torch.contiguous_format)
+
+
 def _local_rows(rows: torch.Tensor | None, part: slice) -> list[torch.Tensor]:
     """The step's logits rows as rows of one micro-batch's tokens, clamped into them ([] without logits rows); an
     inference tensor only if the caller's is (Dynamo guards on it: the model's other calls get the caller's kind)."""
@@ -202,6 +214,7 @@ class TwoBatchOverlap:
         if pad:
             args = [_padded(a, d, pad) for a, d in zip(args[:n], self.token_dims)] + list(args[n:])
             ctx = dataclasses.replace(ctx, padding=pad)
+        args = [_own_rows(a) for a in args[:n]] + list(args[n:])  # B's rows: offset 0, or Dynamo adds a size
         for a, d in zip(args, self.token_dims):
             if a.shape[d] > 1:  # one graph for every micro-batch size (Dynamo specializes 1)
                 torch._dynamo.mark_dynamic(a, d % a.dim())

@@ -59,11 +59,10 @@ class TokenLayout:
 
 
 def _sym_exprs(value) -> list:
-    if isinstance(value, torch.SymInt):
-        return [value.node.expr]
-    if isinstance(value, torch.Tensor):
-        return [s.node.expr for s in value.shape if isinstance(s, torch.SymInt)]
-    return []
+    """The symbolic sizes of a SymInt or tensor; a SymInt Dynamo specialized to a constant (under dynamic=True a
+    dim of 3 that the model unbinds) is a fixed size, not one derived from the token count."""
+    sizes = [value] if isinstance(value, torch.SymInt) else list(value.shape) if isinstance(value, torch.Tensor) else []
+    return [s.node.expr for s in sizes if isinstance(s, torch.SymInt) and not s.node.expr.is_number]
 
 
 def _dims_of(value, symbol) -> tuple[int, ...]:

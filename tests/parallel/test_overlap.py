@@ -11,9 +11,10 @@ from hattn.context import ForwardContext, LayerSpec, StaticMeta, forward_context
 from hattn.context import sequence_states, zero_padding
 from hattn.models.cache import HybridCache
 from hattn.models.presets import load
-from hattn.models.toy import ToyConfig, ToyHybridModel
+from hattn.models.toy import ToyConfig, ToyHybridModel, toy_cache, toy_model
 from hattn.ops import full, linear
 from hattn.parallel.overlap import TwoBatchOverlap, split_context, split_point
+from hattn.runtime import graph_layout
 
 SEEN: list[tuple[int, list[int], list[int]]] = []  # (layer, seq_lens, slots) of every running_sum call
 
@@ -251,3 +252,32 @@ def test_a_decode_step_of_one_token_micro_batches_replays_the_prefills_graph():
             out = tbo(ids, pos)
         assert out.shape[0] == ctx.num_tokens
     assert len(graphs) == 1  # the one-token micro-batches ran the prefill's dynamic graph at two rows
+
+
+def test_each_instance_compiles_one_graph_of_the_token_count_alone():
+    """Two instances, a backend each (as on CUDA): B's compile traced its rows as they were, a view at storage
+    offset 12 (the prefill's A holds 12 tokens), and Dynamo made that offset a symbol of its own (A's offset 0 it
+    specializes): a graph of two dynamic sizes, which graphs cannot pad (runtime/graphs.py, `served_layout`: it ran
+    graph-free on the GPU). Each instance's graph has the token count as its one dynamic size, for the prefill and
+    every decode step."""
+    model = toy_model(pattern=["linear", "full", "linear", "full"])
+    layouts = []
+
+    def compile(m):
+        backend = hattn.backend(mode="pcg", capture_sizes=[2, 4, 8, 16], inner_compiler="eager", progress=False)
+
+        def recording(gm, example_inputs):  # on CPU the backend runs graph-free before it asks for the layout
+            layouts.append(graph_layout(gm))
+            return backend(gm, example_inputs)
+        return torch.compile(m, backend=recording, dynamic=True)
+
+    tbo = TwoBatchOverlap.for_model(model, compile=compile, token_dims=(0,))
+    c = model.config
+    cache, kinds, slots = toy_cache(c, slots=4, max_len=16), c.layer_kinds(), [0, 1, 2, 3]
+    steps = [(ForwardContext(LENS, [0] * 4, slots, cache, kinds), torch.arange(sum(LENS)) % c.vocab)]
+    steps += [(ForwardContext([1] * 4, [n + i for n in LENS], slots, cache, kinds), torch.tensor([3, 1, 4, 1]))
+              for i in range(2)]
+    for ctx, ids in steps:
+        with forward_context(ctx), torch.no_grad():
+            assert tbo(ids).shape[0] == ctx.num_tokens
+    assert [layout.reason for layout in layouts] == [None, None]  # one graph per instance, none graph-free

@@ -126,3 +126,14 @@ def test_non_contiguous_inputs_are_copied_into_the_static_buffers():
     assert static.is_contiguous() and static.shape == (8, 3)
     torch.testing.assert_close(static[:5], x)
     assert static[5:].abs().sum() == 0
+
+
+def test_a_size_dynamo_specialized_to_a_constant_is_not_derived_from_the_token_count():
+    class Mrope(nn.Module):  # positions [3, T] as mrope's: unbinding them makes Dynamo specialize the 3
+        def forward(self, ids, positions):
+            a, b, c = positions.unbind(0)
+            return ids.float()[:, None] * (a + b + c).float()[:, None]
+
+    layout = _layout_of(Mrope(), torch.arange(7), torch.arange(21).view(3, 7), dynamic=True)
+    assert layout.reason is None  # was "sizes derived from the token count (3)": graph-free
+    assert (0,) in layout.in_dims and (1,) in layout.in_dims and layout.out_dims == [(0,)]
