@@ -61,7 +61,12 @@ class TokenLayout:
 def _sym_exprs(value) -> list:
     """The symbolic sizes of a SymInt or tensor; a SymInt Dynamo specialized to a constant (under dynamic=True a
     dim of 3 that the model unbinds) is a fixed size, not one derived from the token count."""
-    sizes = [value] if isinstance(value, torch.SymInt) else list(value.shape) if isinstance(value, torch.Tensor) else []
+    if isinstance(value, torch.SymInt):
+        sizes = [value]
+    elif isinstance(value, torch.Tensor):
+        sizes = value.shape
+    else:
+        return []
     return [s.node.expr for s in sizes if isinstance(s, torch.SymInt) and not s.node.expr.is_number]
 
 
