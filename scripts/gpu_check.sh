@@ -19,6 +19,8 @@
 #   bash scripts/gpu_check.sh ahead-ab              # cold starts with HATTN_COMPILE_AHEAD=0 and =1 per mode (MODES)
 #   bash scripts/gpu_check.sh pool-profile          # what each graph pool holds at its peak, by allocating code (PP_ARGS)
 #   bash scripts/gpu_check.sh attn-ab               # packed prefill attention: hattn's Triton kernel vs FlashAttention-2
+#   bash scripts/gpu_check.sh step-host             # a decode step's host time by stage, per mode (SH_ARGS="--modes pcg
+#                                                   # --batches 1"); pcg's and bcg's stitched path too
 #   bash scripts/gpu_check.sh ttft-trace            # the first token's host path by wall-clock stamps (TT_ARGS)
 #   bash scripts/gpu_check.sh decode-layer           # a model decode layer: weights prefetched into L2; PDL triggers early
 #   bash scripts/gpu_check.sh pdl-micro pdl-model   # PDL at kernel boundaries: GEMV chains; the model, variants in one
@@ -83,16 +85,17 @@ declare -A CMD=(
   [aot-key-diff]="python3 scripts/aot_key_diff.py"
   [ahead-ab]="bash scripts/ahead_ab.sh"  # MODES through the environment, as startup's
   [attn-ab]="python3 scripts/prefill_attention_ab.py"
+  [step-host]="python3 scripts/step_host.py ${SH_ARGS:---modes pcg,bcg,full}"
 )
 declare -A LOG=([all-tests]=gpu_tests [tests]=gpu_tests [kernels-tests]=gpu_tests [runtime-tests]=gpu_tests [faults-tests]=gpu_tests [models-tests]=gpu_tests
                 [demo]=demo [rt-bench]=runtime_bench [k-bench]=kernels_bench [bench]=bench [host-profile]=host_profile
                 [startup]=startup [kernel-profile]=kernel_profile [gemv-sweep]=gemv_sweep [bound-ab]=bound_ab [recheck]=gpu_tests [dispatch-ab]=dispatch_ab
-                [pdl-micro]=pdl_ab [pdl-model]=pdl_ab [fla-configs]=fla_configs [conv-ab]=conv_ab [graph-launch]=graph_launch [decode-layer]=decode_layer [seq-buckets]=seq_buckets [packed-steps]=packed_steps [pool-profile]=pool_profile [ttft-trace]=ttft_trace [sampling-ab]=sampling_ab [aot-key-diff]=aot_key_diff [ahead-ab]=ahead_ab [attn-ab]=attn_ab)
+                [pdl-micro]=pdl_ab [pdl-model]=pdl_ab [fla-configs]=fla_configs [conv-ab]=conv_ab [graph-launch]=graph_launch [decode-layer]=decode_layer [seq-buckets]=seq_buckets [packed-steps]=packed_steps [pool-profile]=pool_profile [ttft-trace]=ttft_trace [sampling-ab]=sampling_ab [aot-key-diff]=aot_key_diff [ahead-ab]=ahead_ab [attn-ab]=attn_ab [step-host]=step_host)
 declare -A BOX=([all-tests]=540 [tests]=120 [kernels-tests]=240 [runtime-tests]=200 [faults-tests]=200 [models-tests]=300 [demo]=200 [rt-bench]=150
                 [k-bench]=150 [bench]=560 [host-profile]=240 [startup]=300 [kernel-profile]=180 [gemv-sweep]=200 [bound-ab]=150 [recheck]=120 [dispatch-ab]=220
                 [pdl-micro]=120 [pdl-model]=330 [fla-configs]=150 [conv-ab]=120 [graph-launch]=90 [decode-layer]=120
                 [seq-buckets]=200 [packed-steps]=240 [pool-profile]=240 [ttft-trace]=200 [sampling-ab]=90 [aot-key-diff]=90
-                [ahead-ab]=400 [attn-ab]=90)
+                [ahead-ab]=400 [attn-ab]=90 [step-host]=330)
 for part in "${!CMD[@]}"; do  # a part without its log or time box would run as `timeout "" ...`: nothing at all
   [ -n "${LOG[$part]:-}" ] && [ -n "${BOX[$part]:-}" ] || { echo "part $part lacks its LOG or BOX entry"; exit 2; }
 done

@@ -1,5 +1,6 @@
 """Where the host time of the bench's decode row goes: one decode step through `run_step` (a new forward context a
-call, as the bench and a user's loop call the compiled model) against a replay of the graph that served it.
+call, as the bench and a user's loop call the compiled model) against a replay of the graph that served it (full)
+or the one launch of the stitched step that served it (pcg, bcg), and each stage of the path alone.
 
     python3 scripts/step_host.py [--modes full] [--batches 1,16] [--context 1024] [--top 30]
 
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import pstats
 import statistics
 from functools import partial
 import time
+import traceback
 
 import torch
 
@@ -49,10 +52,24 @@ def _us(fn, reps: int, sync: bool) -> float:
     return statistics.median(times)
 
 
+def _stitched(served, ctx):
+    """The stitched step (`hattn.runtime.stitch.Stitched`) that serves this decode step of pcg or bcg, or None."""
+    rt, size = served.runtime, served.size
+    stitchers = getattr(rt, "stitched", None)  # bcg: a StepStitcher per size
+    if isinstance(stitchers, dict):
+        stitcher = stitchers.get(size)
+    else:  # pcg: the size's plan holds it
+        plan = getattr(rt, "plans", {}).get(size)
+        stitcher = plan.stitched if plan is not None else None
+    return stitcher.steps.get(stitcher._key(ctx)) if stitcher is not None else None
+
+
 def _parts(model, ctx_of, ids, pos, reps: int) -> None:
-    """Host us of each stage of a decode step's path, alone (after a sync / back to back)."""
+    """Host us of each stage of a decode step's path, alone (after a sync / back to back): full's graph replay, or
+    pcg's and bcg's stitched step."""
     from hattn.compiler.dispatch import _fill, _kind, dispatch_for
     from hattn.context import forward_context
+    from hattn.runtime.graphs import step_tokens
     from hattn.runtime.tokens import unpad_outputs
 
     dispatch = dispatch_for(model)
@@ -87,11 +104,26 @@ def _parts(model, ctx_of, ids, pos, reps: int) -> None:
         "dispatch _plain": inside(dispatch._plain),
         "dispatch _fill": lambda: _fill(direct.template, direct.plan, (ids, pos)),
         "ModuleState.swapped": lambda: rt.state.swapped(args),
+        "step_tokens": inside(lambda: step_tokens(rt.layout, args)),
         "StaticInputs.fill": inside(lambda: rt.inputs.fill(size, args, n)),
-        "fill_step (slots, context lengths)": inside(lambda: rt.fill_step(rt.static(size), ctx, size)),
-        "CUDAGraph.replay": rt.graphs[size].graph.replay,
-        "unpad_outputs": inside(lambda: unpad_outputs(served.out, rt.layout, size, n)),
     }
+    if hasattr(rt, "graphs"):  # full: one graph a step
+        stages["fill_step (slots, context lengths)"] = inside(lambda: rt.fill_step(rt.static(size), ctx, size))
+        stages["CUDAGraph.replay"] = rt.graphs[size].graph.replay
+    else:  # pcg, bcg: the stitched step of their graphs
+        step = _stitched(served, ctx)
+
+        def replay():  # the runtime's replay under its step context: the stitched step, and pcg's plan around it
+            with rt.step_context(n, size):
+                rt.replay(size, served.static)
+        print(f"   stitched step: {len(step.graphs)} graphs, {len(step.guards)} guards, {step.sites} sites, "
+              f"one launch: {step.launcher is not None}")
+        stages["replay (step context, plan, stitched step)"] = inside(replay)
+        stages["Stitched.run (guards' prepare + launch)"] = inside(lambda: step.run(ctx_of()))
+        stages["guards' prepare"] = inside(lambda: [g.prepare(ctx_of()) for g in step.guards])
+        stages["guards' matches"] = lambda: step.matches(ctx)
+        stages["the one launch"] = step.launcher or (lambda: None)
+    stages["unpad_outputs"] = inside(lambda: unpad_outputs(served.out, rt.layout, size, n))
     for name, fn in stages.items():
         print(f"   {name:45s} {_us(fn, reps, True):8.1f} us after a sync {_us(fn, reps, False):8.1f} back to back",
               flush=True)
@@ -140,15 +172,28 @@ def main() -> None:
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()
+            before = [g["collections"] for g in gc.get_stats()]
             ms, host = _timed(fn, clock, args.reps)
-            print(f"== {mode} B={b}: step {ms:.3f} ms, host {host:.3f} ms in the call", flush=True)
+            collected = [g["collections"] - c for g, c in zip(gc.get_stats(), before)]
+            print(f"== {mode} B={b}: step {ms:.3f} ms, host {host:.3f} ms in the call; Python's gc ran "
+                  f"{collected} times (generations 0, 1, 2) in those calls; {len(gc.get_objects())} objects tracked",
+                  flush=True)
             with serving_log() as served:
                 fn()
-            if len(served) == 1 and served[0] is not None and hasattr(served[0].runtime, "graphs"):
-                graph = served[0].runtime.graphs[served[0].size]
-                ms, host = _timed(graph.replay, clock, args.reps)
-                print(f"== {mode} B={b}: bare replay {ms:.3f} ms, host {host:.3f} ms in the call", flush=True)
-                _parts(target.model, ctx_of, ids, pos, args.reps)
+            one = served[0] if len(served) == 1 and served[0] is not None else None
+            graph = getattr(one.runtime, "graphs", {}).get(one.size) if one is not None else None
+            step = _stitched(one, ctx_of()) if one is not None and graph is None else None
+            if graph is not None or step is not None:
+                if graph is not None:
+                    launch, what = graph.replay, "bare replay"
+                else:
+                    launch, what = step.launcher or partial(step.run, ctx_of()), "bare stitched launch"
+                ms, host = _timed(launch, clock, args.reps)
+                print(f"== {mode} B={b}: {what} {ms:.3f} ms, host {host:.3f} ms in the call", flush=True)
+                try:  # a stage that fails is reported; the profile and the other modes still run
+                    _parts(target.model, ctx_of, ids, pos, args.reps)
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
             else:
                 print(f"== {mode} B={b}: served by {len(served)} runs (not one graph replay): no parts")
             if args.top:
