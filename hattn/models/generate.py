@@ -45,6 +45,7 @@ from hattn.models.hf import HybridLM, text_config
 from hattn.models.sampling import Sampler, SamplingParams
 from hattn.runtime.full import DirectStep, direct_step
 from hattn.runtime.graphs import serving_log
+from hattn.runtime.tokens import plain_layout
 
 LOOKAHEAD = 8  # with stop tokens: steps the host may run ahead of the GPU before it waits for a finished-check
 
@@ -77,6 +78,7 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
     """One forward of packed tokens under `ctx`. input_ids, positions: [T] -> logits [T, vocab], or [R, vocab] for
     the rows `logits_rows` [R] names. With `ctx.padding` rows after the tokens, a graph runtime returns
     T - padding rows and a graph-free run T: read the first ctx.num_tokens."""
+    input_ids, positions = plain_layout(input_ids), plain_layout(positions)  # a view would run graph-free
     _mark_tokens_dynamic(input_ids, positions)
     call = dispatch_for(model)  # a compiled model: Dynamo once per kind of step, then its graph directly
     with forward_context(ctx), torch.inference_mode():

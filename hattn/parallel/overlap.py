@@ -38,6 +38,7 @@ import torch
 
 from hattn.context import ForwardContext, forward_context, get_forward_context
 from hattn.parallel.tp import replica
+from hattn.runtime.tokens import plain_layout
 
 INPUT_IDS_DIM = 0  # input ids [T]
 POSITIONS_DIM = -1  # positions [T] or mrope positions [3, T]: the tokens are the last dimension
@@ -97,18 +98,6 @@ def _padded(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
     shape[dim] = pad
     with torch.inference_mode(x.is_inference()):
         return torch.cat([x, x.new_zeros(shape)], dim=dim)
-
-
-def _own_rows(x: torch.Tensor) -> torch.Tensor:
-    """`x` as a contiguous tensor of its own (storage offset 0), copied only if it is not one already; an inference
-    tensor only if `x` is one. A micro-batch's rows are a view of the step's tensor: B's start at a nonzero storage
-    offset, and mrope positions [3, T] sliced on their last dim keep the step's row stride. With a dynamic dim,
-    Dynamo gives such an offset or stride a symbol of its own (an offset of 0 or 1 and a contiguous stride it
-    specializes), so B's graph would have two dynamic sizes and run graph-free (runtime/graphs.py, served_layout)."""
-    if x.storage_offset() == 0 and x.is_contiguous():
-        return x
-    with torch.inference_mode(x.is_inference()):
-        return x.clone(memory_format=torch.contiguous_format)
 
 
 def _local_rows(rows: torch.Tensor | None, part: slice) -> list[torch.Tensor]:
@@ -214,7 +203,9 @@ class TwoBatchOverlap:
         if pad:
             args = [_padded(a, d, pad) for a, d in zip(args[:n], self.token_dims)] + list(args[n:])
             ctx = dataclasses.replace(ctx, padding=pad)
-        args = [_own_rows(a) for a in args[:n]] + list(args[n:])  # B's rows: offset 0, or Dynamo adds a size
+        # B's rows are a view at an offset (mrope positions [3, T] keep the step's row stride): Dynamo would trace
+        # the offset or stride as a second dynamic size, and B's graph would run graph-free
+        args = [plain_layout(a) for a in args[:n]] + list(args[n:])
         for a, d in zip(args, self.token_dims):
             if a.shape[d] > 1:  # one graph for every micro-batch size (Dynamo specializes 1)
                 torch._dynamo.mark_dynamic(a, d % a.dim())

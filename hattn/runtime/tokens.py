@@ -70,6 +70,35 @@ def _sym_exprs(value) -> list:
     return [s.node.expr for s in sizes if isinstance(s, torch.SymInt) and not s.node.expr.is_number]
 
 
+def _several_sizes(symbols: set, values: list) -> str:
+    """Why a graph of several dynamic sizes runs graph-free, each size named by where Dynamo took it from, and the
+    fix where one is an input's stride or storage offset (a view passed as an input)."""
+    env = next((s.node.shape_env for v in values for s in ([v] if isinstance(v, torch.SymInt) else
+                getattr(v, "shape", ())) if isinstance(s, torch.SymInt)), None)
+    named = []
+    for symbol in sorted(symbols, key=str):
+        sources = getattr(env, "var_to_sources", {}).get(symbol, [])
+        names = [src.name() if callable(src.name) else src.name for src in sources]
+        named.append(f"{symbol} ({', '.join(names)})" if names else str(symbol))
+    reason = f"the graph has several dynamic sizes: {'; '.join(named)}; graphs pad one token count"
+    if any(".stride()" in n or ".storage_offset()" in n for n in named):
+        reason += (". An input that is a view (a slice at an offset, or strided) gets its offset or stride traced "
+                   "as a size of its own: pass inputs with contiguous memory of their own (x.clone()), as "
+                   "hattn.runtime.tokens.plain_layout makes them")
+    return reason
+
+
+def plain_layout(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a contiguous tensor at storage offset 0, copied only if it is not one already; an inference tensor
+    only if `x` is one. A view at an offset or with its base's strides, passed to a compiled model with a dynamic
+    dim, gets a symbol of its own for that offset or stride from Dynamo (an offset of 0 and contiguous strides it
+    specializes): a second dynamic size, and graph modes run such a graph graph-free."""
+    if x.storage_offset() == 0 and x.is_contiguous():
+        return x
+    with torch.inference_mode(x.is_inference()):
+        return x.clone(memory_format=torch.contiguous_format)
+
+
 def _dims_of(value, symbol) -> tuple[int, ...]:
     if not isinstance(value, torch.Tensor):
         return ()
@@ -87,7 +116,7 @@ def layout_from_examples(inputs: list, outputs: list, forward_args: set[int] = f
     symbols = {s for e in exprs for s in e.free_symbols}
     n = len(inputs)
     if len(symbols) > 1:
-        return TokenLayout([()] * n, reason=f"the graph has several dynamic sizes {sorted(map(str, symbols))}")
+        return TokenLayout([()] * n, reason=_several_sizes(symbols, list(inputs) + list(outputs)))
     if symbols:
         (symbol,) = symbols
         derived = sorted({str(e) for e in exprs if e != symbol})

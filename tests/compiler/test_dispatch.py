@@ -1,6 +1,8 @@
 """Dispatch: a compiled model's steps skip Dynamo after a kind's first call, with the results Dynamo's call gives."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -240,6 +242,30 @@ def test_run_step_dispatches_a_compiled_model_only():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         ids, pos, lens = got[-1:].argmax(-1), torch.tensor([3 + step]), [1]
     assert dispatch_for(compiled).direct_calls == 3
+
+
+def test_run_step_passes_a_view_of_ids_as_tensors_of_their_own():
+    """A slice of a larger tensor at an offset would give Dynamo a second dynamic size (its storage offset), and a
+    graph mode would run the graph graph-free; run_step copies such views."""
+    from hattn.models.presets import load
+    from hattn.runtime.graphs import graph_layout
+
+    torch.manual_seed(0)
+    lm, layouts = load("tiny"), []
+
+    def probe(gm, example_inputs):
+        layouts.append(graph_layout(gm))
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lm, backend=probe)
+    ids, pos = torch.tensor([9, 9, 9, 5, 6, 7]), torch.arange(-3, 3)
+    ctx = ForwardContext(seq_lens=[3], context_lens=[0], slots=[0], cache=lm.make_cache(1, 32),
+                         layer_kinds=lm.layer_kinds)
+    got = run_step(compiled, ctx, ids[3:], pos[3:])  # views at storage offset 3
+    want = run_step(lm, dataclasses.replace(ctx, cache=lm.make_cache(1, 32)), ids[3:].clone(), pos[3:].clone())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert layouts and all(layout.reason is None for layout in layouts), [layout.reason for layout in layouts]
 
 
 def _one_graph_backend():

@@ -10,7 +10,7 @@ from torch import nn
 
 from hattn.models.toy import toy_model
 from hattn.runtime import graph_layout
-from hattn.runtime.tokens import StaticInputs, TokenLayout, layout_from_args, pick_size, unpad_outputs
+from hattn.runtime.tokens import StaticInputs, TokenLayout, layout_from_args, pick_size, plain_layout, unpad_outputs
 
 
 @given(st.lists(st.integers(1, 600), min_size=1, max_size=16, unique=True), st.integers(1, 700))
@@ -137,3 +137,22 @@ def test_a_size_dynamo_specialized_to_a_constant_is_not_derived_from_the_token_c
     layout = _layout_of(Mrope(), torch.arange(7), torch.arange(21).view(3, 7), dynamic=True)
     assert layout.reason is None  # was "sizes derived from the token count (3)": graph-free
     assert (0,) in layout.in_dims and (1,) in layout.in_dims and layout.out_dims == [(0,)]
+
+
+def test_a_view_input_names_its_offset_or_stride_and_the_fix_and_its_plain_layout_has_one_size():
+    model, base = toy_model(pattern=["linear", "full"]), torch.arange(40).reshape(2, 20)
+    offset, strided = base[0, 3:9], base[:, 2]  # a slice at storage offset 3; a column (stride 20, offset 2)
+    reason = _layout_of(model, offset, dynamic=True).reason
+    assert "L['input_ids'].storage_offset()" in reason and "L['input_ids'].size()[0]" in reason
+    assert "x.clone()" in reason  # the fix
+    assert "L['input_ids'].stride()[0]" in _layout_of(model, strided, dynamic=True).reason
+    for view in (offset, strided):
+        plain = plain_layout(view)
+        assert plain.storage_offset() == 0 and plain.is_contiguous() and torch.equal(plain, view)
+        assert _layout_of(model, plain, dynamic=True).reason is None
+    ids = torch.arange(6)
+    assert plain_layout(ids) is ids and plain_layout(base[0, :6]) is not None  # its own memory already: no copy
+    assert plain_layout(base[0, :6]).data_ptr() == base.data_ptr()  # offset 0, contiguous: the view itself
+    with torch.inference_mode():
+        assert plain_layout(torch.arange(9)[2:]).is_inference()
+    assert not plain_layout(offset).is_inference()
