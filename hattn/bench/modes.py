@@ -126,6 +126,17 @@ class HattnMode(Target):
         counts = self._stats().as_dict().items() if self.backends else ()
         return {k: v for k, v in counts if k.endswith("_seconds") and isinstance(v, float)}  # not the per-piece list
 
+    def step_counts(self) -> dict[str, int]:
+        from hattn.compiler.dispatch import dispatch_for
+
+        if not self.backends or self.model is None:
+            return {}
+        st = self._stats()
+        counts = {k: getattr(st, k) for k in ("replays", "stitched_steps", "eager_runs", "prepared_calls")}
+        dispatch = dispatch_for(self.model)
+        counts["direct_calls"] = getattr(dispatch, "direct_calls", 0)  # calls that skipped Dynamo (run_step's)
+        return counts
+
     def info(self) -> dict:
         if not self.backends:
             return {}

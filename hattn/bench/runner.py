@@ -171,7 +171,10 @@ def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Opti
             e.d["box_spent"] = f"skipped {p.id}: its new graph (~{compile_s:.0f} s) would compile past the box"
             return {"skipped": f"skipped: {p.id} would compile a new graph (~{compile_s:.0f} s) past {e.t.name}'s "
                                f"time box ({e.box_s:.0f} s), leaving the rest of the budget to the next targets"}
+        fn, calls = _counting(fn)
+        before = e.t.step_counts()
         timing = measure(fn, clock, opts.reps, opts.max_s, e.t.warmup, opts.warmup_s, back_to_back=p.kind == "decode")
+        after = e.t.step_counts()
         e.t.compiled(p)
     except Skip as s:
         return {"skipped": str(s)}
@@ -184,7 +187,20 @@ def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Opti
     e.repeats = 0
     e.d.setdefault("startup", startup(timing.first_ms / 1e3, e.t.counters()))
     _project(e, p, later, timing.ms / p.calls, opts.slow_s)
-    return timing.per_call(p.calls)
+    out = timing.per_call(p.calls)
+    if after:  # how the point's calls were served: e.g. decode steps that skipped Dynamo and ran stitched
+        out["counts"] = {"calls": calls[0], **{k: v - before.get(k, 0) for k, v in after.items()}}
+    return out
+
+
+def _counting(fn: Callable[[], object]) -> tuple[Callable[[], object], list[int]]:
+    """fn, and a one-item list counting its calls (the first, the warm-up and the timed ones)."""
+    calls = [0]
+
+    def counted():
+        calls[0] += 1
+        return fn()
+    return counted, calls
 
 
 def startup(first_s: float, counters: dict[str, float]) -> dict:

@@ -143,6 +143,11 @@ class Target:
         breakdown splits the first call's wall time with them."""
         return {}
 
+    def step_counts(self) -> dict[str, int]:
+        """Counts of how the target's calls were served so far ({name: count}); a point records what its calls
+        added (`runner._run_point`): e.g. whether a hattn mode's decode steps skipped Dynamo and ran stitched."""
+        return {}
+
     def info(self) -> dict:
         """Figures beyond latency: capture seconds, graph pool bytes, graph counts, kernels used."""
         return {}

@@ -192,6 +192,20 @@ def test_a_modes_rows_build_a_forward_context_per_step_as_generate_does(monkeypa
     assert len(seen) == 4 and len({id(c) for c in seen}) == 4  # memoized metadata is never carried to a next step
 
 
+def test_a_points_counts_say_how_its_calls_were_served():
+    from hattn.bench.modes import HattnMode
+    from hattn.models.presets import preset_config, random_model
+
+    hf = random_model(preset_config("tiny"), torch.float32, "cpu")
+    setup = Setup.build(hf, plan=Plan.quick(), capture_sizes=[1, 2, 4], inner_compiler="eager", progress=False)
+    opts = Options(reps=3, progress=False)
+    entry = run_target(HattnMode(setup, "pcg"), [Point("decode", batch=2, context=8)], Clock("cpu"), opts, 60.0)
+    counts = entry["results"]["decode/B2/C8"]["counts"]
+    assert counts["calls"] >= 1 + 3  # the first call and the timed ones (and the warm-up)
+    assert counts["direct_calls"] == counts["calls"] - 1  # Dynamo served the first call only
+    assert counts["eager_runs"] == counts["calls"] and counts["stitched_steps"] == 0  # on a CPU: graph-free
+
+
 def test_bad_arguments_name_the_valid_ones(capsys):
     assert main(["--modes", "pcg,fast"]) == 2
     assert "unknown target 'fast' for --suite model" in capsys.readouterr().err
