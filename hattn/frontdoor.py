@@ -19,6 +19,7 @@ from hattn.models.cache import HybridCache
 from hattn.models.generate import generate as packed_generate
 from hattn.models.hf import HybridLM, adapt
 from hattn.models.hf_generate import merged_config, output, repad, request, stream_to
+from hattn.runtime.tokens import plain_layout
 
 
 class CompiledLM:
@@ -96,7 +97,8 @@ class CompiledLM:
     # -- the packed model ----------------------------------------------------------------------------------------
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self._call(input_ids, positions, logits_rows)
+        # a view (a slice at an offset) would give Dynamo a second dynamic size: the graph would run graph-free
+        return self._call(plain_layout(input_ids), plain_layout(positions), logits_rows)
 
     @property
     def layer_kinds(self) -> dict[int, str]:

@@ -128,6 +128,19 @@ def test_compiled_model_has_transformers_attributes_serves_the_packed_api_and_ke
     assert (model._cache.slots, model._cache.max_len) == (3, 17 + NEW) and torch.equal(out, hf_batch(c))
 
 
+def test_the_packed_call_passes_views_as_tensors_of_their_own(make_case):
+    model = hattn.compile(fresh(make_case("tiny")), mode="eager", inner_compiler="eager")
+    seen = []
+    model._call = lambda *args: seen.append(args)
+    ids, pos = torch.arange(10), torch.arange(10)
+    model(ids[4:], pos[4:])  # views at storage offset 4: Dynamo would trace the offset as a second dynamic size
+    got_ids, got_pos, rows = seen[0]
+    assert got_ids.storage_offset() == got_pos.storage_offset() == 0 and rows is None
+    assert torch.equal(got_ids, ids[4:]) and torch.equal(got_pos, pos[4:])
+    model(ids, pos)
+    assert seen[1][0] is ids and seen[1][1] is pos  # a tensor of its own already: passed as it is
+
+
 def test_compiling_again_in_another_mode_reuses_the_adapted_model(make_case):
     c = make_case("tiny")
     hf = fresh(c)
