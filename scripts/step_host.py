@@ -112,6 +112,8 @@ def _parts(model, ctx_of, ids, pos, reps: int) -> None:
         stages["CUDAGraph.replay"] = rt.graphs[size].graph.replay
     else:  # pcg, bcg: the stitched step of their graphs
         step = _stitched(served, ctx)
+        if step is None:
+            raise RuntimeError("the step was not served by a stitched step (stitching or pcg's plans off?)")
 
         def replay():  # the runtime's replay under its step context: the stitched step, and pcg's plan around it
             with rt.step_context(n, size):
@@ -195,7 +197,8 @@ def main() -> None:
                 except Exception:  # noqa: BLE001
                     traceback.print_exc()
             else:
-                print(f"== {mode} B={b}: served by {len(served)} runs (not one graph replay): no parts")
+                what = "one replay, not stitched" if one is not None else f"{len(served)} runs, not one replay"
+                print(f"== {mode} B={b}: served by {what}: no parts")
             if args.top:
                 _profile(fn, args.reps, args.top)
         target.close()

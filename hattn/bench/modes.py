@@ -47,6 +47,7 @@ class HattnMode(Target):
             self.about += "; two-batch overlap (two micro-batches per step, each compiled on its own)"
             self.est_s = tuple(2 * x for x in self.est_s)  # (GPU, CPU) seconds, each doubled
         self.backends, self.model = [], None
+        self.step_calls = 0
 
     def prepare(self) -> None:
         torch._dynamo.reset()
@@ -72,7 +73,10 @@ class HattnMode(Target):
         from it (device copies of the metadata) is paid every step, not memoized once for every repetition."""
         from hattn.models.generate import run_step
 
-        return lambda: run_step(self.model, make_ctx(), ids, pos, rows)
+        def step():
+            self.step_calls += 1  # the bench's counts: model calls of a point (a prefill in steps makes several)
+            return run_step(self.model, make_ctx(), ids, pos, rows)
+        return step
 
     def prefill(self, point: Point):
         """generate's prefill: the prompts packed, in steps of at most the largest capture size in a graph mode
@@ -135,6 +139,7 @@ class HattnMode(Target):
         counts = {k: getattr(st, k) for k in ("replays", "stitched_steps", "eager_runs", "prepared_calls")}
         dispatch = dispatch_for(self.model)
         counts["direct_calls"] = getattr(dispatch, "direct_calls", 0)  # calls that skipped Dynamo (run_step's)
+        counts["step_calls"] = self.step_calls  # run_step's calls from decode and prefill points (not generate's)
         return counts
 
     def info(self) -> dict:

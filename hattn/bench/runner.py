@@ -189,12 +189,13 @@ def _run_point(e: _Entry, p: Point, later: list[Point], clock: Clock, opts: Opti
     _project(e, p, later, timing.ms / p.calls, opts.slow_s)
     out = timing.per_call(p.calls)
     if after:  # how the point's calls were served: e.g. decode steps that skipped Dynamo and ran stitched
-        out["counts"] = {"calls": calls[0], **{k: v - before.get(k, 0) for k, v in after.items()}}
+        out["counts"] = {"point_calls": calls[0], **{k: v - before.get(k, 0) for k, v in after.items()}}
     return out
 
 
 def _counting(fn: Callable[[], object]) -> tuple[Callable[[], object], list[int]]:
-    """fn, and a one-item list counting its calls (the first, the warm-up and the timed ones)."""
+    """fn, and a one-item list counting its calls (the first, the warm-up and the timed ones); a call of a prefill
+    in steps or of a generate point makes several model calls."""
     calls = [0]
 
     def counted():

@@ -144,8 +144,9 @@ class Target:
         return {}
 
     def step_counts(self) -> dict[str, int]:
-        """Counts of how the target's calls were served so far ({name: count}); a point records what its calls
-        added (`runner._run_point`): e.g. whether a hattn mode's decode steps skipped Dynamo and ran stitched."""
+        """Counts of how the target's model calls were served so far ({name: count}); a point records what its
+        calls added (`runner._run_point`): e.g. whether a hattn mode's decode steps skipped Dynamo and ran
+        stitched."""
         return {}
 
     def info(self) -> dict:

@@ -77,7 +77,8 @@ def run_step(model, ctx: ForwardContext, input_ids: torch.Tensor, positions: tor
              logits_rows: torch.Tensor | None = None) -> torch.Tensor:
     """One forward of packed tokens under `ctx`. input_ids, positions: [T] -> logits [T, vocab], or [R, vocab] for
     the rows `logits_rows` [R] names. With `ctx.padding` rows after the tokens, a graph runtime returns
-    T - padding rows and a graph-free run T: read the first ctx.num_tokens."""
+    T - padding rows and a graph-free run T: read the first ctx.num_tokens. A view (a slice at an offset) is passed
+    as a copy of its own, so `Served.static_of(view)` finds nothing: drive graphs directly with tensors of their own."""
     input_ids, positions = plain_layout(input_ids), plain_layout(positions)  # a view would run graph-free
     _mark_tokens_dynamic(input_ids, positions)
     call = dispatch_for(model)  # a compiled model: Dynamo once per kind of step, then its graph directly

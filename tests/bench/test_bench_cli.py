@@ -201,9 +201,10 @@ def test_a_points_counts_say_how_its_calls_were_served():
     opts = Options(reps=3, progress=False)
     entry = run_target(HattnMode(setup, "pcg"), [Point("decode", batch=2, context=8)], Clock("cpu"), opts, 60.0)
     counts = entry["results"]["decode/B2/C8"]["counts"]
-    assert counts["calls"] >= 1 + 3  # the first call and the timed ones (and the warm-up)
-    assert counts["direct_calls"] == counts["calls"] - 1  # Dynamo served the first call only
-    assert counts["eager_runs"] == counts["calls"] and counts["stitched_steps"] == 0  # on a CPU: graph-free
+    assert counts["point_calls"] >= 1 + 3  # the first call and the timed ones (and the warm-up)
+    assert counts["step_calls"] == counts["point_calls"]  # a decode point: one model call a call
+    assert counts["direct_calls"] == counts["step_calls"] - 1  # Dynamo served the first call only
+    assert counts["eager_runs"] == counts["step_calls"] and counts["stitched_steps"] == 0  # on a CPU: graph-free
 
 
 def test_bad_arguments_name_the_valid_ones(capsys):
