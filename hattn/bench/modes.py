@@ -151,4 +151,5 @@ class HattnMode(Target):
 
     def close(self) -> None:
         self.model = None
+        self.backends = []  # their graph pools and capture streams (and cuBLAS's workspaces on them) go too
         torch._dynamo.reset()  # drops the compiled code, its graphs and their pool

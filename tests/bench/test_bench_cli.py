@@ -199,12 +199,15 @@ def test_a_points_counts_say_how_its_calls_were_served():
     hf = random_model(preset_config("tiny"), torch.float32, "cpu")
     setup = Setup.build(hf, plan=Plan.quick(), capture_sizes=[1, 2, 4], inner_compiler="eager", progress=False)
     opts = Options(reps=3, progress=False)
-    entry = run_target(HattnMode(setup, "pcg"), [Point("decode", batch=2, context=8)], Clock("cpu"), opts, 60.0)
+    target = HattnMode(setup, "pcg")
+    entry = run_target(target, [Point("decode", batch=2, context=8)], Clock("cpu"), opts, 60.0)
     counts = entry["results"]["decode/B2/C8"]["counts"]
     assert counts["point_calls"] >= 1 + 3  # the first call and the timed ones (and the warm-up)
     assert counts["step_calls"] == counts["point_calls"]  # a decode point: one model call a call
     assert counts["direct_calls"] == counts["step_calls"] - 1  # Dynamo served the first call only
     assert counts["eager_runs"] == counts["step_calls"] and counts["stitched_steps"] == 0  # on a CPU: graph-free
+    target.close()  # what the runner does after a target: nothing of it stays alive for the next one
+    assert target.model is None and target.backends == [] and target.step_counts() == {}
 
 
 def test_bad_arguments_name_the_valid_ones(capsys):
