@@ -177,10 +177,10 @@ def main() -> None:
             before, counts = [g["collections"] for g in gc.get_stats()], target.step_counts()
             ms, host = _timed(fn, clock, args.reps)
             collected = [g["collections"] - c for g, c in zip(gc.get_stats(), before)]
-            served = {k: v - counts.get(k, 0) for k, v in target.step_counts().items()}  # as the bench's counts
+            how = {k: v - counts.get(k, 0) for k, v in target.step_counts().items()}  # as the bench's counts
             print(f"== {mode} B={b}: step {ms:.3f} ms, host {host:.3f} ms in the call; Python's gc ran "
                   f"{collected} times (generations 0, 1, 2) in those calls; {len(gc.get_objects())} objects tracked; "
-                  f"served: {served}", flush=True)
+                  f"served: {how}", flush=True)
             with serving_log() as served:
                 fn()
             one = served[0] if len(served) == 1 and served[0] is not None else None

@@ -58,23 +58,22 @@ class TokenLayout:
         return bool(self.in_ints) or self.first_token_input is not None
 
 
+def _symints(value) -> list:
+    """The sizes of a SymInt (itself) or a tensor (its shape) that are SymInts; nothing for any other value."""
+    sizes = [value] if isinstance(value, torch.SymInt) else value.shape if isinstance(value, torch.Tensor) else ()
+    return [s for s in sizes if isinstance(s, torch.SymInt)]
+
+
 def _sym_exprs(value) -> list:
     """The symbolic sizes of a SymInt or tensor; a SymInt Dynamo specialized to a constant (under dynamic=True a
     dim of 3 that the model unbinds) is a fixed size, not one derived from the token count."""
-    if isinstance(value, torch.SymInt):
-        sizes = [value]
-    elif isinstance(value, torch.Tensor):
-        sizes = value.shape
-    else:
-        return []
-    return [s.node.expr for s in sizes if isinstance(s, torch.SymInt) and not s.node.expr.is_number]
+    return [s.node.expr for s in _symints(value) if not s.node.expr.is_number]
 
 
 def _several_sizes(symbols: set, values: list) -> str:
     """Why a graph of several dynamic sizes runs graph-free, each size named by where Dynamo took it from, and the
     fix where one is an input's stride or storage offset (a view passed as an input)."""
-    env = next((s.node.shape_env for v in values for s in ([v] if isinstance(v, torch.SymInt) else
-                getattr(v, "shape", ())) if isinstance(s, torch.SymInt)), None)
+    env = next((s.node.shape_env for v in values for s in _symints(v)), None)
     named = []
     for symbol in sorted(symbols, key=str):
         sources = getattr(env, "var_to_sources", {}).get(symbol, [])
