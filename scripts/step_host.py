@@ -2,18 +2,24 @@
 call, as the bench and a user's loop call the compiled model) against a replay of the graph that served it (full)
 or the one launch of the stitched step that served it (pcg, bcg), and each stage of the path alone.
 
-    python3 scripts/step_host.py [--modes full] [--batches 1,16] [--context 1024] [--top 30]
+    python3 scripts/step_host.py [--modes full] [--batches 1,16] [--context 1024] [--top 30] [--watch 20]
 
 Per mode and batch: the bench's figure (CUDA events around the call after a sync, and the host's time in the call),
 the same for the bare `CUDAGraph.replay` of the graph that served the step (no Python of hattn's around it: what the
 step's GPU part and the launch cost alone), then cProfile over the calls (each after a sync, as the bench times
 them; cProfile slows Python ~2x: read it for shares).
+
+--watch S first times the bench's call for S seconds right after the mode's first step (compile and capture), one
+row a second: its median host time, and the CPU time each thread of this process and all its child processes
+(inductor's compile workers) spent in that second. A host time that falls as their CPU time does says work left
+running after the compile slows the steps measured first.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
 import gc
+import os
 import pstats
 import statistics
 from functools import partial
@@ -144,6 +150,58 @@ def _profile(fn, reps: int, top: int) -> None:
     stats.sort_stats("cumtime").print_stats(top)
 
 
+def _cpu_ms() -> tuple[dict[str, float], float]:
+    """(CPU ms so far per thread name of this process, CPU ms so far of its children and their descendants)."""
+    tick = 1000.0 / os.sysconf("SC_CLK_TCK")
+    threads: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended
+            continue
+        threads[name] = threads.get(name, 0.0) + (int(fields[11]) + int(fields[12])) * tick
+    parent, cpu = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(pid)], cpu[int(pid)] = int(fields[1]), (int(fields[11]) + int(fields[12])) * tick
+
+    def descends(pid):
+        while pid in parent and pid > 1:
+            pid = parent[pid]
+            if pid == os.getpid():
+                return True
+        return False
+    return threads, sum(c for pid, c in cpu.items() if pid != os.getpid() and descends(pid))
+
+
+def _watch(fn, seconds: float) -> None:
+    """One row a second for `seconds`: the call's median host us (after a sync), and who used the CPU meanwhile."""
+    print(f"   watch: the bench's call, one row a second since the first step (load: {os.getloadavg()})")
+    threads, children = _cpu_ms()
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0, times = time.perf_counter(), []
+        while time.perf_counter() - t0 < 1.0:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e6)
+        torch.cuda.synchronize()
+        now, kids = _cpu_ms()
+        busy = sorted(((now[n] - threads.get(n, 0.0), n) for n in now), reverse=True)[:4]
+        print(f"   {time.perf_counter() - start:5.1f} s  host {statistics.median(times):7.1f} us  ({len(times)} calls)"
+              f"  children {kids - children:6.0f} ms  threads: "
+              + ", ".join(f"{n} {ms:.0f} ms" for ms, n in busy if ms > 0), flush=True)
+        threads, children = now, kids
+
+
 def _bench_step(model, ctx_of, ids, pos):
     return run_step(model, ctx_of(), ids, pos)
 
@@ -156,6 +214,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--watch", type=float, default=0.0, help="seconds of host times a second after the first step")
     args = ap.parse_args()
     device = torch.device("cuda")
     hf = random_model(preset_config(args.preset), torch.bfloat16, device, 0)
@@ -171,6 +230,9 @@ def main() -> None:
             ids = token_ids(b, setup.vocab, device)
             pos = torch.full((b,), args.context, dtype=torch.long, device=device)
             fn = partial(_bench_step, target.model, ctx_of, ids, pos)  # the bench's decode row (rows None)
+            if args.watch:
+                fn()
+                _watch(fn, args.watch)
             for _ in range(5):
                 fn()
             torch.cuda.synchronize()

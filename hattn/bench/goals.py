@@ -19,6 +19,7 @@ PREFILL_MS = {16: 1.0, 256: 2.0, 1024: 5.0}
 PREFILL_FLOOR_X = (8192, 1.3)
 PACKED_X = (4, 1024, 1.15)                 # 4 packed prompts of 1024 <= 1.15x one prompt of 4096
 TTFT_MS = 2.0
+PROBE_SPREAD = 1.2                         # two rows' host probes further apart: their ratio gets a note
 
 
 def ms_of(result: dict, entry: str, pid: str) -> tuple[float | None, str | None]:
@@ -34,6 +35,22 @@ def ms_of(result: dict, entry: str, pid: str) -> tuple[float | None, str | None]
     return None, f"{entry} {pid}: {r.get('error') or r.get('skipped')}"
 
 
+def probe_us(result: dict, entry: str, pid: str) -> float | None:
+    """The mean host probe (`harness.host_probe_us`) of a row: the host's Python speed while it ran."""
+    probe = result["entries"].get(entry, {}).get("results", {}).get(pid, {}).get("host_probe_us")
+    return sum(probe) / len(probe) if probe else None
+
+
+def probe_note(result: dict, a: tuple[str, str], b: tuple[str, str]) -> str:
+    """A note when two rows ran at host speeds more than PROBE_SPREAD apart: a host-bound ratio between them is
+    then the host's phase as much as the code (scripts/step_host.py compares modes in one quiet window)."""
+    pa, pb = probe_us(result, *a), probe_us(result, *b)
+    if pa is None or pb is None or max(pa, pb) <= PROBE_SPREAD * min(pa, pb):
+        return ""
+    return (f"the host ran Python at different speeds: probe {pa:.0f} us for {a[0]}, {pb:.0f} us for {b[0]} "
+            f"(a host-bound row is slower in a slow phase)")
+
+
 def _goal(goal: str, figure: str, ok: bool | None, detail: str = "") -> dict:
     status = "unknown" if ok is None else "met" if ok else "missed"
     return {"goal": goal, "figure": figure, "status": status, "detail": detail}
@@ -44,7 +61,8 @@ def _ratio(result: dict, goal: str, a: tuple[str, str], b: tuple[str, str], limi
     (x, why_a), (y, why_b) = ms_of(result, *a), ms_of(result, *b)
     if x is None or y is None:
         return _goal(goal, "-", None, why_a or why_b)
-    return _goal(goal, f"{a[0]} {x:.3f} ms / {b[0]} {y:.3f} ms = {x / y:.2f}x", x / y <= limit)
+    return _goal(goal, f"{a[0]} {x:.3f} ms / {b[0]} {y:.3f} ms = {x / y:.2f}x", x / y <= limit,
+                 probe_note(result, a, b))
 
 
 def _faster(result: dict, goal: str, fast: tuple[str, str], slow: tuple[str, str], factor: float) -> dict:
@@ -52,7 +70,8 @@ def _faster(result: dict, goal: str, fast: tuple[str, str], slow: tuple[str, str
     (x, why_a), (y, why_b) = ms_of(result, *fast), ms_of(result, *slow)
     if x is None or y is None:
         return _goal(goal, "-", None, why_a or why_b)
-    return _goal(goal, f"{slow[0]} {y:.3f} ms / {fast[0]} {x:.3f} ms = {y / x:.2f}x", y / x >= factor)
+    return _goal(goal, f"{slow[0]} {y:.3f} ms / {fast[0]} {x:.3f} ms = {y / x:.2f}x", y / x >= factor,
+                 probe_note(result, fast, slow))
 
 
 def _floor(result: dict, goal: str, target: str, pid: str, limit: float) -> dict:

@@ -87,11 +87,31 @@ class Clock:
         return start.elapsed_time(end), host
 
 
+def _probe_work() -> None:
+    counts: dict[int, int] = {}
+    for i in range(2000):
+        counts[i % 97] = counts.get(i % 97, 0) + i
+
+
+def host_probe_us(reps: int = 15) -> float:
+    """The host's Python speed now: median us of a fixed pure-Python workload (~130 us on a quiet host). The lent
+    H100 hosts run Python up to ~2.5x slower in phases of seconds, with no other thread or process of ours busy
+    (docs/benchmarks.md, forty-third session): a host-bound row timed in a slow phase is that much slower, and two
+    targets' rows compare only where their probes agree."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        _probe_work()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
 @dataclass
 class Timing:
     """ms: median of the timed calls; first_ms: the first call (compile, capture, autotune); reps: timed calls;
     host_ms: median of the host's time in each timed call (`Clock.time_host_ms`; None on a CPU);
-    back_to_back_ms: a call's ms among `reps` calls made back to back (`Clock.back_to_back_ms`), if asked for."""
+    back_to_back_ms: a call's ms among `reps` calls made back to back (`Clock.back_to_back_ms`), if asked for;
+    host_probe_us: `host_probe_us` just before and just after the timed calls (the host's speed while they ran)."""
 
     ms: float
     times_ms: list[float]
@@ -99,6 +119,7 @@ class Timing:
     reps: int
     host_ms: float | None = None
     back_to_back_ms: float | None = None
+    host_probe_us: tuple[float, float] | None = None
 
     def per_call(self, calls: int) -> dict:
         """The figures of one of `calls` calls timed together (first_ms: all of the first)."""
@@ -108,6 +129,8 @@ class Timing:
             out["host_ms"] = self.host_ms / calls
         if self.back_to_back_ms is not None:
             out["back_to_back_ms"] = self.back_to_back_ms / calls
+        if self.host_probe_us is not None:
+            out["host_probe_us"] = list(self.host_probe_us)
         return out
 
 
@@ -132,6 +155,7 @@ def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warm
         if ms >= max_s * 1e3 and calls >= warmup:
             break  # a slow step: no warm-up past the target's count (that call may have been slow with build work)
     times, hosts = [], []
+    probe = host_probe_us()
     start = time.perf_counter()
     while len(times) < reps and (not times or time.perf_counter() - start < max_s):
         ms, host = clock.time_host_ms(fn)
@@ -141,7 +165,7 @@ def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warm
     ms = statistics.median(times)
     chained_calls = min(len(times), int(max_s * 1e3 / ms)) if back_to_back and ms > 0 else 0  # within max_s too
     chained = clock.back_to_back_ms(fn, chained_calls) if chained_calls else None
-    return Timing(ms, times, first, len(times), host_ms, chained)
+    return Timing(ms, times, first, len(times), host_ms, chained, (probe, host_probe_us()))
 
 
 def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:

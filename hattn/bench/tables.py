@@ -98,11 +98,18 @@ def host_table(result: dict, names: list[str]) -> Table:
     """Per point and target, the host's ms in the call against the call's ms (GPU runs): a host time near the
     latency is a host-bound step (or one that waited for the GPU), one far below it a GPU-bound step."""
     t = _table("host time in the call / latency, ms (median; after a sync, so the GPU waits for the host's first "
-               "launch)", ["workload"] + names)
+               "launch); (n): the host probe, us of fixed Python work while the row ran (harness.host_probe_us: "
+               "rows compare where it agrees)", ["workload"] + names)
+
+    def cell(r: dict) -> str:
+        if "host_ms" not in r:
+            return ""
+        probe = r.get("host_probe_us")
+        return f"{r['host_ms']:.3g} / {r['ms']:.3g}" + (f" ({sum(probe) / len(probe):.0f})" if probe else "")
     for p in result["points"]:
         cells = [result["entries"][n]["results"].get(p["id"]) or {} for n in names]
         if any("host_ms" in r for r in cells):
-            t.add_row(p["label"], *[f"{r['host_ms']:.3g} / {r['ms']:.3g}" if "host_ms" in r else "" for r in cells])
+            t.add_row(p["label"], *[cell(r) for r in cells])
     return t
 
 

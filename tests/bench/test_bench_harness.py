@@ -86,6 +86,21 @@ def test_measure_keeps_the_median_host_time_and_per_call_divides_it():
     assert cpu.host_ms is None and "host_ms" not in cpu.per_call(1)  # a CPU's wall time is the call's time
 
 
+def test_measure_probes_the_hosts_speed_before_and_after_the_timed_calls(monkeypatch):
+    from hattn.bench import harness
+
+    probes = iter([130.0, 260.0])
+    monkeypatch.setattr(harness, "host_probe_us", lambda: next(probes))
+    t = measure(lambda: None, Clock("cpu"), reps=2, max_s=10.0, warmup=1)
+    assert t.host_probe_us == (130.0, 260.0) and t.per_call(2)["host_probe_us"] == [130.0, 260.0]
+
+
+def test_the_host_probe_times_fixed_python_work():
+    from hattn.bench.harness import host_probe_us
+
+    assert 1.0 < host_probe_us(reps=3) < 1e5
+
+
 def test_back_to_back_calls_are_timed_only_when_asked_and_per_call_divides_them():
     fn = Calls([0.0] * 3 + [0.002] * 20)  # warm-up and timed calls fast, the back-to-back ones 2 ms each
     t = measure(fn, Clock("cpu"), reps=3, max_s=10.0, warmup=1, back_to_back=True)

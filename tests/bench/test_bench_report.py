@@ -182,6 +182,22 @@ def test_the_host_table_sets_each_calls_host_time_beside_its_latency():
     assert "host time in the call" in text and "0.75 / 1" in text
 
 
+def test_a_host_bound_ratio_of_rows_timed_at_different_host_speeds_gets_a_note():
+    entries = good_entries()
+    pcg, full = entries["pcg"]["results"]["decode/B1/C1024"], entries["full"]["results"]["decode/B1/C1024"]
+    pcg.update(host_ms=0.75, host_probe_us=[250.0, 270.0])
+    full.update(host_ms=0.2, host_probe_us=[130.0, 130.0])
+    r = data.build(meta(), points(), entries, [])
+    g = by_goal(r)
+    assert g["decode B=1: pcg <= 1.25x full"]["detail"] == ("the host ran Python at different speeds: probe 260 us for "
+                                                            "pcg, 130 us for full (a host-bound row is slower in a "
+                                                            "slow phase)")
+    assert g["decode B=1: bcg <= 1.25x full"]["detail"] == ""  # bcg has no probe: nothing to compare
+    assert "0.75 / 1 (260)" in _text(r)  # the host table shows each row's probe
+    pcg["host_probe_us"] = [140.0, 150.0]  # within 1.2x of full's: no note
+    assert by_goal(data.build(meta(), points(), entries, []))["decode B=1: pcg <= 1.25x full"]["detail"] == ""
+
+
 def test_the_back_to_back_table_sets_each_steps_time_against_its_floor():
     entries = good_entries()
     assert "decode back to back" not in _text(data.build(meta(), points(), entries, []))
