@@ -1,6 +1,7 @@
 """Is the host's Python speed steady? A fixed pure-Python workload timed in half-second windows, unpinned and then
 pinned to one CPU, with the machine's steal time per window (/proc/stat): phases of slower windows that pinning
-removes point at the scheduler, phases with steal at other tenants of the host.
+removes point at the scheduler, phases with steal at other tenants of the host. The workload is the bench's host
+probe (`hattn.bench.harness.probe_work`).
 
     python3 scripts/host_phases.py [--seconds 15] [--cpu 2]
 """
@@ -11,11 +12,7 @@ import os
 import statistics
 import time
 
-
-def _work() -> None:
-    d = {}
-    for i in range(2000):
-        d[i % 97] = d.get(i % 97, 0) + i
+from hattn.bench.harness import probe_work
 
 
 def _cpu() -> int:
@@ -37,7 +34,7 @@ def windows(seconds: float, label: str) -> None:
         start, times = time.perf_counter(), []
         while time.perf_counter() - start < 0.5:
             a = time.perf_counter()
-            _work()
+            probe_work()
             times.append((time.perf_counter() - a) * 1e6)
         s1, t1 = _steal()
         print(f"{label:10s} cpu {_cpu():3d}  {statistics.median(times):7.1f} us  "
