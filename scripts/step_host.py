@@ -3,6 +3,7 @@ call, as the bench and a user's loop call the compiled model) against a replay o
 or the one launch of the stitched step that served it (pcg, bcg), and each stage of the path alone.
 
     python3 scripts/step_host.py [--modes full] [--batches 1,16] [--context 1024] [--top 30] [--watch 20]
+    python3 scripts/step_host.py --alternate 6 --modes full,pcg --batches 1,16
 
 Per mode and batch: the bench's figure (CUDA events around the call after a sync, and the host's time in the call),
 the same for the bare `CUDAGraph.replay` of the graph that served the step (no Python of hattn's around it: what the
@@ -13,6 +14,11 @@ them; cProfile slows Python ~2x: read it for shares).
 row a second: its median host time, and the CPU time each thread of this process and all its child processes
 (inductor's compile workers) spent in that second. A host time that falls as their CPU time does says work left
 running after the compile slows the steps measured first.
+
+--alternate R compiles every mode first, keeping each alive (Dynamo is not reset between them), then times the
+bench's own decode step (`HattnMode.decode`, the callable a bench row times) of each mode and batch in turn, R rounds,
+each with the bench's host probe before and after: modes compared in the same minute of the same process, so a
+difference that holds in every round is the code's, not the host's phase or the bench's process history.
 """
 from __future__ import annotations
 
@@ -202,6 +208,42 @@ def _watch(fn, seconds: float) -> None:
         threads, children = now, kids
 
 
+def _alternate(setup, modes: list[str], batches: list[int], context: int, rounds: int, reps: int) -> None:
+    from hattn.bench.harness import host_probe_us
+    from hattn.bench.workloads import Point
+
+    clock, targets = Clock(setup.device), {}
+    reset = torch._dynamo.reset
+    for i, mode in enumerate(modes):
+        target = HattnMode(setup, mode)
+        if i:  # prepare resets Dynamo, which would drop the modes compiled before
+            torch._dynamo.reset = lambda: None
+        try:
+            target.prepare()
+        finally:
+            torch._dynamo.reset = reset
+        targets[mode] = target
+    steps = {}
+    for mode, target in targets.items():
+        for b in batches:
+            fn = steps[mode, b] = target.decode(Point("decode", batch=b, context=context))
+            for _ in range(20):  # compile, capture, learn the kind, stitch
+                fn()
+    clock.sync()
+    print(f"   alternate: {rounds} rounds of {reps} calls each, after a sync (the bench's latency rows); "
+          f"host ms in the call (probe us before/after)")
+    for r in range(rounds):
+        cells = []
+        for (mode, b), fn in steps.items():
+            before = host_probe_us()
+            ms, host = _timed(fn, clock, reps)
+            host = float("nan") if host is None else host  # a CPU: wall time only
+            cells.append(f"{mode} B={b} {ms:.3f} / {host:.3f} ({before:.0f}/{host_probe_us():.0f})")
+        print(f"   round {r + 1}: " + "  ".join(cells), flush=True)
+    for target in targets.values():
+        target.close()
+
+
 def _bench_step(model, ctx_of, ids, pos):
     return run_step(model, ctx_of(), ids, pos)
 
@@ -215,11 +257,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--watch", type=float, default=0.0, help="seconds of host times a second after the first step")
+    ap.add_argument("--alternate", type=int, default=0, help="rounds of every mode's bench decode step in turn")
     args = ap.parse_args()
     device = torch.device("cuda")
     hf = random_model(preset_config(args.preset), torch.bfloat16, device, 0)
     setup = Setup.build(hf, plan=Plan(), capture_sizes=SIZES16, progress=False)
     clock = Clock(device)
+    if args.alternate:
+        _alternate(setup, args.modes.split(","), [int(b) for b in args.batches.split(",")], args.context,
+                   args.alternate, args.reps)
+        return
     for mode in args.modes.split(","):
         target = HattnMode(setup, mode)
         target.prepare()
