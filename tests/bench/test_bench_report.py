@@ -182,19 +182,39 @@ def test_the_host_table_sets_each_calls_host_time_beside_its_latency():
     assert "host time in the call" in text and "0.75 / 1" in text
 
 
-def test_a_host_bound_ratio_of_rows_timed_at_different_host_speeds_gets_a_note():
-    entries = good_entries()
+def test_a_ratio_of_rows_timed_at_different_host_speeds_stands_only_if_the_slow_phase_worked_against_it():
+    entries = good_entries()  # decode B=1: pcg 1.0 ms, full 0.9 ms (pcg 1.11x full: met)
     pcg, full = entries["pcg"]["results"]["decode/B1/C1024"], entries["full"]["results"]["decode/B1/C1024"]
     pcg.update(host_ms=0.75, host_probe_us=[250.0, 270.0])
     full.update(host_ms=0.2, host_probe_us=[130.0, 130.0])
     r = data.build(meta(), points(), entries, [])
-    g = by_goal(r)
-    assert g["decode B=1: pcg <= 1.25x full"]["detail"] == ("the host ran Python at different speeds: probe 260 us for "
-                                                            "pcg, 130 us for full (a host-bound row is slower in a "
-                                                            "slow phase)")
-    assert g["decode B=1: bcg <= 1.25x full"]["detail"] == ""  # bcg has no probe: nothing to compare
+    got = by_goal(r)["decode B=1: pcg <= 1.25x full"]
+    assert got["status"] == "met"  # met although pcg ran in the slow phase
+    assert got["detail"] == ("the host ran Python at different speeds: probe 260 us for pcg, 130 us for full; met "
+                             "even with the slow phase on pcg's side")
+    assert by_goal(r)["decode B=1: bcg <= 1.25x full"]["detail"] == ""  # bcg has no probe: judged as measured
     assert "0.75 / 1 (260)" in _text(r)  # the host table shows each row's probe
-    pcg["host_probe_us"] = [140.0, 150.0]  # within 1.2x of full's: no note
+
+    pcg.update(ms=1.5)  # 1.67x full, pcg in the slow phase: the phase may have decided it
+    got = by_goal(data.build(meta(), points(), entries, []))["decode B=1: pcg <= 1.25x full"]
+    assert got["status"] == "unknown" and "missed with the slow phase on pcg's side" in got["detail"]
+
+    pcg.update(host_probe_us=[130.0, 130.0])
+    full.update(host_probe_us=[260.0, 260.0])  # now full ran slow: a miss stands, a met would not
+    got = by_goal(data.build(meta(), points(), entries, []))["decode B=1: pcg <= 1.25x full"]
+    assert got["status"] == "missed" and got["detail"].endswith("missed even with the slow phase on full's side")
+    pcg.update(ms=1.0)
+    assert by_goal(data.build(meta(), points(), entries, []))["decode B=1: pcg <= 1.25x full"]["status"] == "unknown"
+
+    tc = entries["tc-ro"]["results"]["decode/B1/C1024"]  # full 0.9 vs tc-ro 3.0 ms: 3.33x, met
+    tc.update(host_probe_us=[130.0, 130.0])  # full (the fast side) ran slow: met even so
+    got = by_goal(data.build(meta(), points(), entries, []))["decode B=1: full >= 3x faster than tc-ro"]
+    assert got["status"] == "met" and got["detail"].endswith("met even with the slow phase on full's side")
+    pcg.update(host_ms=0.05, host_probe_us=[130.0, 130.0])
+    full.update(host_ms=0.05)  # the host under a tenth of both rows' latency: judged as measured
+    assert by_goal(data.build(meta(), points(), entries, []))["decode B=1: pcg <= 1.25x full"]["detail"] == ""
+    pcg.update(host_ms=0.75, host_probe_us=[140.0, 150.0])  # within 1.2x of each other: no note
+    full.update(host_probe_us=[130.0, 130.0])
     assert by_goal(data.build(meta(), points(), entries, []))["decode B=1: pcg <= 1.25x full"]["detail"] == ""
 
 
