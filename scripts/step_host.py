@@ -209,7 +209,6 @@ def _watch(fn, seconds: float) -> None:
 
 
 def _alternate(setup, modes: list[str], batches: list[int], context: int, rounds: int, reps: int) -> None:
-    from hattn.bench.harness import host_probe_us
     from hattn.bench.workloads import Point
 
     clock, targets = Clock(setup.device), {}
@@ -235,10 +234,10 @@ def _alternate(setup, modes: list[str], batches: list[int], context: int, rounds
     for r in range(rounds):
         cells = []
         for (mode, b), fn in steps.items():
-            before = host_probe_us()
-            ms, host = _timed(fn, clock, reps)
-            host = float("nan") if host is None else host  # a CPU: wall time only
-            cells.append(f"{mode} B={b} {ms:.3f} / {host:.3f} ({before:.0f}/{host_probe_us():.0f})")
+            t = measure(fn, clock, reps=reps, max_s=60.0, warmup=1)  # as _timed, with the probes it takes
+            host = float("nan") if t.host_ms is None else t.host_ms  # a CPU: wall time only
+            before, after = t.host_probe_us
+            cells.append(f"{mode} B={b} {t.ms:.3f} / {host:.3f} ({before:.0f}/{after:.0f})")
         print(f"   round {r + 1}: " + "  ".join(cells), flush=True)
     for target in targets.values():
         target.close()

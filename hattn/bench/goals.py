@@ -36,9 +36,14 @@ def ms_of(result: dict, entry: str, pid: str) -> tuple[float | None, str | None]
     return None, f"{entry} {pid}: {r.get('error') or r.get('skipped')}"
 
 
+def _row(result: dict, entry: str, pid: str) -> dict:
+    """A target's result of one point ({} if either is missing)."""
+    return result["entries"].get(entry, {}).get("results", {}).get(pid) or {}
+
+
 def probe_us(result: dict, entry: str, pid: str) -> float | None:
     """The mean host probe (`harness.host_probe_us`) of a row: the host's Python speed while it ran."""
-    probe = result["entries"].get(entry, {}).get("results", {}).get(pid, {}).get("host_probe_us")
+    probe = _row(result, entry, pid).get("host_probe_us")
     return sum(probe) / len(probe) if probe else None
 
 
@@ -46,7 +51,7 @@ def _host_share(result: dict, *rows: tuple[str, str]) -> bool:
     """Whether the host's time in the call is at least HOST_SHARE of the latency in one of the rows: a row that is
     mostly GPU time (a long prefill, decode at B=64) barely moves with the host's phase."""
     for entry, pid in rows:
-        r = result["entries"].get(entry, {}).get("results", {}).get(pid, {})
+        r = _row(result, entry, pid)
         if r.get("host_ms") is not None and r.get("ms") and r["host_ms"] >= HOST_SHARE * r["ms"]:
             return True
     return False

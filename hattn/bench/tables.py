@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hattn.bench.data import ordered
+from hattn.bench.goals import probe_us
 
 
 class Notes:
@@ -101,15 +102,15 @@ def host_table(result: dict, names: list[str]) -> Table:
                "launch); (n): the host probe, us of fixed Python work while the row ran (harness.host_probe_us: "
                "rows compare where it agrees)", ["workload"] + names)
 
-    def cell(r: dict) -> str:
+    def cell(name: str, pid: str) -> str:
+        r, probe = result["entries"][name]["results"].get(pid) or {}, probe_us(result, name, pid)
         if "host_ms" not in r:
             return ""
-        probe = r.get("host_probe_us")
-        return f"{r['host_ms']:.3g} / {r['ms']:.3g}" + (f" ({sum(probe) / len(probe):.0f})" if probe else "")
+        return f"{r['host_ms']:.3g} / {r['ms']:.3g}" + (f" ({probe:.0f})" if probe is not None else "")
     for p in result["points"]:
-        cells = [result["entries"][n]["results"].get(p["id"]) or {} for n in names]
-        if any("host_ms" in r for r in cells):
-            t.add_row(p["label"], *[cell(r) for r in cells])
+        cells = [cell(n, p["id"]) for n in names]
+        if any(cells):
+            t.add_row(p["label"], *cells)
     return t
 
 
