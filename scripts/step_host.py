@@ -18,7 +18,9 @@ running after the compile slows the steps measured first.
 --alternate R compiles every mode first, keeping each alive (Dynamo is not reset between them), then times the
 bench's own decode step (`HattnMode.decode`, the callable a bench row times) of each mode and batch in turn, R rounds,
 each with the bench's host probe before and after: modes compared in the same minute of the same process, so a
-difference that holds in every round is the code's, not the host's phase or the bench's process history.
+difference that holds in every round is the code's, not the host's phase or the bench's process history. With
+--profile-after K the bench's torch.profiler pass (CPU and CUDA activities, 5 steps) runs after round K: rounds after
+it show what a profiled mode leaves behind for the steps timed later in the process.
 """
 from __future__ import annotations
 
@@ -208,7 +210,9 @@ def _watch(fn, seconds: float) -> None:
         threads, children = now, kids
 
 
-def _alternate(setup, modes: list[str], batches: list[int], context: int, rounds: int, reps: int) -> None:
+def _alternate(setup, modes: list[str], batches: list[int], context: int, rounds: int, reps: int,
+               profile_after: int = 0) -> None:
+    from hattn.bench.runner import _profile
     from hattn.bench.workloads import Point
 
     clock, targets = Clock(setup.device), {}
@@ -239,6 +243,11 @@ def _alternate(setup, modes: list[str], batches: list[int], context: int, rounds
             before, after = t.host_probe_us
             cells.append(f"{mode} B={b} {t.ms:.3f} / {host:.3f} ({before:.0f}/{after:.0f})")
         print(f"   round {r + 1}: " + "  ".join(cells), flush=True)
+        if r + 1 == profile_after:  # what the bench does after each hattn mode's rows, before the next mode's
+            (mode, b), fn = next(iter(steps.items()))
+            _profile(fn, clock, 5)
+            print(f"   -- torch.profiler (CPU and CUDA activities) over 5 steps of {mode} B={b}, as the bench profiles "
+                  f"a mode; TEARDOWN_CUPTI={os.environ.get('TEARDOWN_CUPTI')!r}", flush=True)
     for target in targets.values():
         target.close()
 
@@ -257,6 +266,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--watch", type=float, default=0.0, help="seconds of host times a second after the first step")
     ap.add_argument("--alternate", type=int, default=0, help="rounds of every mode's bench decode step in turn")
+    ap.add_argument("--profile-after", type=int, default=0,
+                    help="with --alternate: run the bench's torch.profiler pass after this round")
     args = ap.parse_args()
     device = torch.device("cuda")
     hf = random_model(preset_config(args.preset), torch.bfloat16, device, 0)
@@ -264,7 +275,7 @@ def main() -> None:
     clock = Clock(device)
     if args.alternate:
         _alternate(setup, args.modes.split(","), [int(b) for b in args.batches.split(",")], args.context,
-                   args.alternate, args.reps)
+                   args.alternate, args.reps, args.profile_after)
         return
     for mode in args.modes.split(","):
         target = HattnMode(setup, mode)

@@ -10,6 +10,7 @@ in the entry as a timing, `skipped` or `error`.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -329,6 +330,7 @@ def profile_points(points: list[Point]) -> list[Point]:
 
 def profile_target(target: Target, points: list[Point], clock: Clock, opts: Options) -> dict:
     """Top ops by device (or CPU) time per step, from torch.profiler over a few steps of each profile point."""
+    detach_profiler_after_use()
     out = {}
     for p in profile_points(points):
         try:
@@ -340,6 +342,13 @@ def profile_target(target: Target, points: list[Point], clock: Clock, opts: Opti
         except Exception as ex:  # noqa: BLE001
             out[p.id] = {"error": reason(ex)}
     return out
+
+
+def detach_profiler_after_use() -> None:
+    """Have kineto detach CUPTI when a profiler session ends (TEARDOWN_CUPTI=1), unless the environment says
+    otherwise. Left attached, CUPTI's callbacks stay on every later CUDA call of the process, and the bench times
+    the next targets after this one's profile: their rows would pay what this one's did not."""
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
 
 
 def _us(ev, kind: str, cuda: bool) -> float:

@@ -1,4 +1,5 @@
 """The runner records every point of every target: figures, skips, errors, time boxes, projections, budget."""
+import os
 import re
 import time
 
@@ -187,6 +188,23 @@ def test_profile_summarises_top_ops():
     p = prof["decode/B1/C8"]
     assert p["steps"] == 2 and p["top"] and any("mm" in r["name"] for r in p["top"])
     assert p["split_ops"] == [] and p["split_ops_ms_per_step"] == 0
+
+
+@pytest.mark.parametrize("chosen", [None, "0"])
+def test_profiling_has_kineto_detach_cupti_unless_the_environment_says_otherwise(monkeypatch, chosen):
+    """The bench times later targets after a target's profile: CUPTI left attached would slow their CUDA calls."""
+    class MatMul(Fake):
+        def step(self, point):
+            x = torch.randn(8, 8)
+            return lambda: x @ x
+
+    if chosen is None:
+        monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    else:
+        monkeypatch.setenv("TEARDOWN_CUPTI", chosen)
+    profile_target(MatMul(), [Point("decode", batch=1, context=8)], Clock("cpu"),
+                   Options(profile_steps=1, progress=False))
+    assert os.environ["TEARDOWN_CUPTI"] == (chosen or "1")
 
 
 def test_profile_times_split_ops_inclusively():
