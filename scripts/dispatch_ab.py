@@ -29,6 +29,7 @@ import torch
 
 import hattn
 from hattn.bench.harness import Clock
+from hattn.bench.runner import detach_profiler_after_use
 from hattn.compiler import dispatch
 from hattn.context import ForwardContext
 from hattn.models.presets import load
@@ -87,6 +88,7 @@ def decode_step(model, lm, cache, context: int, b: int, inputs: dict, rows):
 
 
 def main() -> None:
+    detach_profiler_after_use()  # variants timed after another's profile: no CUPTI left attached
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="full,bcg,pcg")
     ap.add_argument("--batches", default="1,16")

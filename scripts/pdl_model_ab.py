@@ -23,6 +23,7 @@ import time
 import torch
 
 import hattn
+from hattn.bench.runner import detach_profiler_after_use
 from hattn.kernels import pdl
 from hattn.kernels.gemm import op as gemm_op
 from hattn.models.presets import load
@@ -45,6 +46,7 @@ def _restore(cache, snapshot) -> None:
 
 
 def main() -> None:
+    detach_profiler_after_use()  # variants timed after another's profile: no CUPTI left attached
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="full,bcg")
     ap.add_argument("--variants", default="off,hattn,hattn+inductor")
