@@ -80,7 +80,7 @@ class _Entry:
     def __init__(self, target: Target, box_s: float):
         self.t, self.box_s, self.end = target, box_s, time.perf_counter() + box_s
         self.d = {"kind": target.kind, "about": target.about, "status": "ok", "reason": None, "results": {},
-                  "notes": target.notes, "box_s": box_s}
+                  "notes": target.notes, "box_s": box_s, "profiles_before": _PROFILES[0]}
         self.series_skip: dict[str, str] = {}
         self.last_error, self.repeats, self.current, self.start = None, 0, None, time.perf_counter()
         self.mem = Memory(target.s.device)
@@ -344,6 +344,9 @@ def profile_target(target: Target, points: list[Point], clock: Clock, opts: Opti
     return out
 
 
+_PROFILES = [0]  # torch.profiler passes this process ran (`_profile`): a target's rows were timed after as many
+
+
 def detach_profiler_after_use() -> None:
     """Have kineto detach CUPTI when a profiler session ends (TEARDOWN_CUPTI=1), unless the environment says
     otherwise. Left attached, CUPTI's callbacks stay on every later CUDA call of the process, and the bench times
@@ -376,6 +379,7 @@ def _profile(fn: Callable, clock: Clock, steps: int, top: int = 12) -> dict:
         for _ in range(steps):
             fn()
         clock.sync()
+    _PROFILES[0] += 1
     names = {op.name for op in split_ops()}
     rows = [{"name": ev.key[:80], "calls": ev.count / steps, "ms_per_step": _us(ev, "self", clock.cuda) / 1e3 / steps,
              "total_ms_per_step": _us(ev, "total", clock.cuda) / 1e3 / steps,

@@ -207,6 +207,16 @@ def test_profiling_has_kineto_detach_cupti_unless_the_environment_says_otherwise
     assert os.environ["TEARDOWN_CUPTI"] == (chosen or "1")
 
 
+def test_an_entry_says_how_many_profile_passes_ran_before_its_rows():
+    opts = Options(reps=2, max_s=0.05, slow_s=0.05, progress=False, profile=True, profile_steps=1)
+    points = [Point("decode", batch=1, context=8)]
+    first = run(Fake(), points, opts)
+    second = run(Fake(), points, opts)
+    assert "decode/B1/C8" in first["profile"]  # the first target's one profiled point ran before the second's rows
+    assert second["profiles_before"] == first["profiles_before"] + 1
+    assert run(Fake(), points)["profiles_before"] == second["profiles_before"] + 1  # without profiling its own
+
+
 def test_profile_times_split_ops_inclusively():
     class SplitOps(Fake):
         def step(self, point):
