@@ -13,10 +13,13 @@ from hattn.context import ForwardContext, forward_context
 from hattn.counters import reset_stats
 from hattn.counters import total_stats as stats
 from hattn.frontdoor import CompiledLM, compile
+from hattn.imports import defer_fla_ops
 from hattn.models.generate import generate
 from hattn.models.hf import adapt
 from hattn.models.sampling import SamplingParams
 from hattn.registry import register_split_op, unregister_split_op
+
+defer_fla_ops()  # before transformers imports fla: only the kernel families a model uses load (hattn/imports.py)
 
 __version__ = "0.2.0"
 

@@ -1,0 +1,105 @@
+"""hattn.imports: a package's `__init__` of re-exports replaced by one whose names load on first use."""
+import importlib.util
+import itertools
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import hattn.imports as imports
+
+_ids = itertools.count()
+
+
+@pytest.fixture
+def make_pkg(tmp_path, monkeypatch):
+    """A package `<name>` with a subpackage `ops` whose __init__ is `init` and families a (fa) and b (fb, gb)."""
+    made = []
+
+    def make(init="from .a import fa\nfrom .b import fb, gb as g2\n__all__ = ['fa', 'fb', 'g2']\n"):
+        name = f"lazypkg{next(_ids)}"
+        root = tmp_path / name / "ops"
+        (root / "b").mkdir(parents=True)
+        (tmp_path / name / "__init__.py").write_text("")
+        (root / "__init__.py").write_text(init)
+        (root / "a.py").write_text("def fa():\n    return 'a'\n")
+        (root / "b" / "__init__.py").write_text("def fb():\n    return 'b'\n\ndef gb():\n    return 'g'\n")
+        made.append(name)
+        return name
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield make
+    for key in [k for k in sys.modules if any(k == n or k.startswith(n + ".") for n in made)]:
+        del sys.modules[key]
+
+
+def test_a_deferred_init_loads_only_the_family_imported(make_pkg):
+    name = make_pkg()
+    assert imports.defer_package_init(f"{name}.ops")
+    fa = importlib.import_module(f"{name}.ops.a").fa
+    assert fa() == "a"
+    assert f"{name}.ops.b" not in sys.modules  # the eager __init__ would have imported it
+
+
+def test_the_eager_init_loads_every_family(make_pkg):  # the control: what the deferral saves
+    name = make_pkg()
+    importlib.import_module(f"{name}.ops.a")
+    assert f"{name}.ops.b" in sys.modules
+
+
+def test_a_deferred_package_serves_its_names_submodules_and_dir(make_pkg):
+    name = make_pkg()
+    assert imports.defer_package_init(f"{name}.ops")
+    ops = importlib.import_module(f"{name}.ops")
+    assert importlib.import_module(name).ops is ops
+    assert ops.fb() == "b" and ops.g2() == "g"  # re-exported names, an alias among them
+    assert f"{name}.ops.b" in sys.modules
+    assert ops.a.fa() == "a"  # a submodule as an attribute
+    exec(f"from {name}.ops import fa; assert fa() == 'a'", {})
+    assert {"fa", "fb", "g2"} <= set(dir(ops)) and ops.__all__ == ["fa", "fb", "g2"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        ops.nothing
+
+
+@pytest.mark.parametrize("init", [
+    "from .a import fa\nprint('a side effect')\n",  # anything but re-exports may be needed: the init runs
+    "from .a import *\n",
+    "from os import path\n",
+])
+def test_an_init_that_does_more_than_reexport_is_left_to_run(make_pkg, init):
+    name = make_pkg(init)
+    assert not imports.defer_package_init(f"{name}.ops")
+    assert f"{name}.ops" not in sys.modules
+
+
+def test_nothing_is_deferred_when_imported_already_or_missing(make_pkg):
+    name = make_pkg()
+    importlib.import_module(f"{name}.ops")
+    assert not imports.defer_package_init(f"{name}.ops")
+    assert not imports.defer_package_init("no_such_package_anywhere.ops")
+    assert not imports.defer_package_init(f"{name}.no_such_sub")
+    assert not imports.defer_package_init("toplevel")
+
+
+def test_hattn_lazy_fla_0_turns_it_off(monkeypatch):
+    calls = []
+    monkeypatch.setattr(imports, "defer_package_init", lambda name: calls.append(name) or True)
+    monkeypatch.setenv("HATTN_LAZY_FLA", "0")
+    assert not imports.defer_fla_ops() and calls == []
+    monkeypatch.delenv("HATTN_LAZY_FLA")
+    assert imports.defer_fla_ops() and calls == ["fla.ops"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="flash-linear-attention is not installed")
+def test_importing_hattn_keeps_fla_to_the_families_a_model_imports():
+    code = textwrap.dedent("""
+        import sys
+        import hattn
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        import fla.ops
+        assert fla.ops.chunk_gated_delta_rule is chunk_gated_delta_rule
+        assert "fla.ops.kda" not in sys.modules and "fla.ops.rwkv7" not in sys.modules, sorted(sys.modules)
+        assert fla.ops.chunk_kda.__module__.startswith("fla.ops.kda")
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
