@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
+import importlib.abc
+import importlib.machinery
 import os
 import sys
+import threading
 import types
 
 _ENV = "HATTN_LAZY_FLA"
@@ -27,34 +29,44 @@ def defer_fla_ops() -> bool:
 
 
 def defer_package_init(name: str) -> bool:
-    """Register `name` (a subpackage, e.g. "fla.ops") as a module whose attributes import on first use, in place of
-    running its `__init__.py`. Only an `__init__` of relative `from .x import y` statements (and a docstring and
-    `__all__`) is replaced: anything else in it might be a side effect someone needs. Returns False, doing nothing,
-    where the package is missing, already imported, or its `__init__` is not of that form."""
-    parent_name, _, child = name.rpartition(".")
-    if name in sys.modules or not parent_name:
+    """Have the first import of `name` (a subpackage, e.g. "fla.ops") make a module whose attributes import on first
+    use, in place of running its `__init__.py`. Nothing is imported now: a finder on `sys.meta_path` waits for it,
+    so importing hattn never imports fla, and a parent whose own `__init__` imports the subpackage gets the deferred
+    one too. Only an `__init__` of relative `from .x import y` statements (and a docstring and `__all__`) is
+    replaced: anything else in it might be a side effect someone needs, and then it runs as usual. Returns False,
+    doing nothing, where `name` is imported already or a finder for it is in place."""
+    if "." not in name or name in sys.modules or any(isinstance(f, _Deferred) and f.name == name
+                                                     for f in sys.meta_path):
         return False
-    try:
-        if importlib.util.find_spec(parent_name) is None:
-            return False
-        parent = importlib.import_module(parent_name)
-    except ImportError:
-        return False
-    if name in sys.modules:  # the parent's own __init__ imported it
-        return False
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None or spec.submodule_search_locations is None:
-        return False
-    names = _reexports(spec.origin)
-    if names is None:
-        return False
-    module = importlib.util.module_from_spec(spec)  # __path__, __file__, __spec__; its code is not run
-    module.__all__ = list(names)
-    module.__getattr__ = _loader(module, names)
-    module.__dir__ = lambda: sorted(set(module.__dict__) | set(names))
-    sys.modules[name] = module
-    setattr(parent, child, module)
+    sys.meta_path.insert(0, _Deferred(name))
     return True
+
+
+class _Deferred(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds `name` as the path finder does and loads it as a deferred module where its `__init__` allows."""
+
+    def __init__(self, name: str):
+        self.name, self.names = name, None
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.origin is None or spec.submodule_search_locations is None:
+            return None
+        self.names = _reexports(spec.origin)
+        if self.names is None:
+            return None  # the import system goes on to the path finder: the __init__ runs
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return None  # the default module: __path__, __file__, __spec__ from the spec
+
+    def exec_module(self, module):
+        module.__all__ = list(self.names)
+        module.__getattr__ = _loader(module, self.names)
+        module.__dir__ = lambda: sorted(set(module.__dict__) | set(self.names))
 
 
 def _reexports(init_path: str) -> dict[str, tuple[str, str]] | None:
@@ -80,17 +92,26 @@ def _reexports(init_path: str) -> dict[str, tuple[str, str]] | None:
     return names
 
 
+_LOADING = threading.RLock()  # first touches from several threads import one family at a time, as the eager init did
+
+
 def _loader(module: types.ModuleType, names: dict[str, tuple[str, str]]):
     def __getattr__(attr: str):
-        if attr in names:
-            submodule, defined_as = names[attr]
-            value = getattr(importlib.import_module(f"{module.__name__}.{submodule}"), defined_as)
-        elif not attr.startswith("__") and _is_submodule(module, attr):
-            value = importlib.import_module(f"{module.__name__}.{attr}")
-        else:
-            raise AttributeError(f"module {module.__name__!r} has no attribute {attr!r}")
-        setattr(module, attr, value)
-        return value
+        with _LOADING:
+            if attr in module.__dict__:  # another thread loaded it meanwhile
+                return module.__dict__[attr]
+            if attr in names:
+                submodule, defined_as = names[attr]
+                value = getattr(importlib.import_module(f"{module.__name__}.{submodule}"), defined_as)
+            elif not attr.startswith("__") and _is_submodule(module, attr):
+                try:
+                    value = importlib.import_module(f"{module.__name__}.{attr}")
+                except ImportError as e:  # as the eager init: an attribute that is not there (hasattr -> False)
+                    raise AttributeError(f"module {module.__name__!r} has no attribute {attr!r} ({e})") from e
+            else:
+                raise AttributeError(f"module {module.__name__!r} has no attribute {attr!r}")
+            setattr(module, attr, value)
+            return value
     return __getattr__
 
 
