@@ -46,7 +46,7 @@ class _Deferred(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds `name` as the path finder does and loads it as a deferred module where its `__init__` allows."""
 
     def __init__(self, name: str):
-        self.name, self.names = name, None
+        self.name = name
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
@@ -54,19 +54,20 @@ class _Deferred(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.origin is None or spec.submodule_search_locations is None:
             return None
-        self.names = _reexports(spec.origin)
-        if self.names is None:
+        names = _reexports(spec.origin)
+        if names is None:
             return None  # the import system goes on to the path finder: the __init__ runs
-        spec.loader = self
+        spec.loader, spec.loader_state = self, names
         return spec
 
     def create_module(self, spec):
         return None  # the default module: __path__, __file__, __spec__ from the spec
 
     def exec_module(self, module):
-        module.__all__ = list(self.names)
-        module.__getattr__ = _loader(module, self.names)
-        module.__dir__ = lambda: sorted(set(module.__dict__) | set(self.names))
+        names = module.__spec__.loader_state
+        module.__all__ = list(names)
+        module.__getattr__ = _loader(module, names)
+        module.__dir__ = lambda: sorted(set(module.__dict__) | set(names))
 
 
 def _reexports(init_path: str) -> dict[str, tuple[str, str]] | None:
@@ -80,9 +81,9 @@ def _reexports(init_path: str) -> dict[str, tuple[str, str]] | None:
     names: dict[str, tuple[str, str]] = {}
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
-            names.update({a.asname or a.name: (node.module, a.name) for a in node.names if a.name != "*"})
             if any(a.name == "*" for a in node.names):
                 return None
+            names.update({a.asname or a.name: (node.module, a.name) for a in node.names})
         elif isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]:
             continue
         elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):  # the docstring
@@ -103,7 +104,8 @@ def _loader(module: types.ModuleType, names: dict[str, tuple[str, str]]):
             if attr in names:
                 submodule, defined_as = names[attr]
                 value = getattr(importlib.import_module(f"{module.__name__}.{submodule}"), defined_as)
-            elif not attr.startswith("__") and _is_submodule(module, attr):
+            elif not attr.startswith("__") and importlib.machinery.PathFinder.find_spec(
+                    f"{module.__name__}.{attr}", module.__path__) is not None:
                 try:
                     value = importlib.import_module(f"{module.__name__}.{attr}")
                 except ImportError as e:  # as the eager init: an attribute that is not there (hasattr -> False)
@@ -114,7 +116,3 @@ def _loader(module: types.ModuleType, names: dict[str, tuple[str, str]]):
             return value
     return __getattr__
 
-
-def _is_submodule(module: types.ModuleType, attr: str) -> bool:
-    return any(os.path.exists(os.path.join(d, attr, "__init__.py")) or os.path.exists(os.path.join(d, f"{attr}.py"))
-               for d in module.__path__)
