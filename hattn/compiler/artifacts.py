@@ -24,7 +24,9 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +73,16 @@ class ArtifactEntry:
         start = time.perf_counter()
         saved = torch.compiler.save_cache_artifacts()
         more = saved is not None and _count(saved[1]) > self.artifacts
-        if more:
-            self._write(*saved)
-        if (self.path / KEY_FILE).is_file():
-            self._save_gemm_choices()
+        try:
+            if more:
+                self._write(*saved)
+            if (self.path / KEY_FILE).is_file():
+                self._save_gemm_choices()
+        except OSError as e:  # a read-only (shipped) or full cache_dir: this process's results stand
+            log.warning("hattn: the compiled artifacts could not be saved to %s (%s); a later process compiles "
+                        "what this one did again", self.path, e)
+            self.artifacts = _count(saved[1]) if more else self.artifacts  # warned once for these artifacts
+            more = False
         stats.cache_save_seconds += time.perf_counter() - start
         return more
 
@@ -147,10 +155,26 @@ def keep_kernels_in(cache_dir: str) -> str:
     if chosen:
         return chosen
     path = os.path.join(os.path.abspath(cache_dir), "triton")
+    if not _writable(path):  # Triton writes each kernel it compiles there (and fails on a read-only directory)
+        digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+        shipped, path = path, os.path.join(tempfile.gettempdir(), f"hattn-triton-{digest}")
+        if os.path.isdir(shipped):
+            shutil.copytree(shipped, path, dirs_exist_ok=True)
+        log.warning("hattn: %s cannot be written; Triton's kernel cache is a copy of it in %s", shipped, path)
     os.makedirs(path, exist_ok=True)
     os.environ["TRITON_CACHE_DIR"] = path
     log.info("hattn: Triton's kernel cache is %s (cache_dir)", path)
     return path
+
+
+def _writable(path: str) -> bool:
+    """Whether files can be made in `path` (made if missing): tried, since root may not write a read-only mount."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
 
 
 def same_triton_toolchain() -> None:

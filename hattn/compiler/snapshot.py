@@ -12,7 +12,8 @@ matches.
 Dynamo's guards never run for such a call, so what vouches for a snapshot is:
   - the model key: hattn's, torch's, transformers', triton's and Python's versions, Dynamo's config (without its
     path-like keys), torch's global flags, the device and rank, and every module of the model: the classes of its
-    MRO (file digest and own attributes: a method patched at run time is in no file), its attributes and hooks
+    MRO (file digest and own attributes, of torch's and Python's own classes the functions set on them from outside
+    their package: a method patched at run time is in no file), its attributes and hooks
     (functions by code, signature, defaults and closure; objects with the global names bound to them, six levels
     deep, deeper: no snapshot), its parameters' and buffers' names, shapes, dtypes and devices, and which of them
     are one tensor (tied weights);
@@ -28,7 +29,8 @@ Dynamo's guards never run for such a call, so what vouches for a snapshot is:
   - the state: each parameter and buffer the graph reads, with the shape, strides, dtype and device it had.
 No snapshot for a model whose attributes cannot be described the same way in another process, nor for a graph
 whose guards read what another process cannot name (a forward parameter's default object, an instance whose
-identity Dynamo checked, an object Dynamo holds by id). A snapshot that does not match is skipped (Dynamo traces as
+identity Dynamo checked, an object Dynamo holds by id) or that reads the environment (Dynamo guards a variable's
+value only where it is set). Ops are described by name (their attributes fill in at first use). A snapshot that does not match is skipped (Dynamo traces as
 before); one that cannot be read, compiled or written is logged and skipped. `enabled = False` turns this off. A
 cache_dir holds pickles: load only one you trust.
 """
@@ -439,6 +441,9 @@ class Guarded:
                 if kind == "HASATTR":  # Dynamo checks hasattr(base, member): the attribute may be absent
                     expr = _hasattr_expr(guard, source, root, self_name, frame_globals, frame_locals)
                 value = _evaluate(expr, frame_globals, self_name, module)
+                if value is os.environ or value is getattr(os.environ, "_data", None):
+                    raise Opaque(f"the traced code reads the environment ({expr}): Dynamo guards a variable's "
+                                 "value only where it was set, so another process's may differ unchecked")
                 if kind == "ID_MATCH" and _instance_state(source) and not _named_identity(value):
                     raise Opaque(f"Dynamo checked the identity of {expr} (a {_qualname(type(value))})")
                 if kind != "DUPLICATE_INPUT":
@@ -727,7 +732,9 @@ _CLASS_SKIPPED = frozenset(("__dict__", "__weakref__", "__doc__", "__module__", 
                             "__annotate__", "__firstlineno__", "__static_attributes__"))
 
 
-def _class_attributes(cls: type, depth: int, memo: dict) -> list:
+def _class_attributes(cls: type, depth: int, memo: dict, package: str | None = None) -> list:
+    """The class's own attributes; with `package` (the directory of a versioned package's sources), only its
+    functions whose code lies outside that directory (set on the class at run time)."""
     out = []
     for name, v in vars(cls).items():
         if name in _CLASS_SKIPPED:
@@ -736,8 +743,24 @@ def _class_attributes(cls: type, depth: int, memo: dict) -> list:
             v = v.__func__
         elif isinstance(v, property):
             v = (v.fget, v.fset, v.fdel)
-        out.append([name, _describe(v, depth, memo, False)])
+        if package is None or _defined_outside(v, package):
+            out.append([name, _describe(v, depth, memo, False)])
     return out
+
+
+def _defined_outside(v, package: str) -> bool:
+    """Whether a class attribute is (or holds) a Python function whose code is not in `package`'s directory."""
+    functions = v if isinstance(v, tuple) else (v,)
+    files = [getattr(getattr(f, "__code__", None), "co_filename", None) for f in functions]
+    return any(f is not None and not os.path.abspath(f).startswith(package) for f in files)
+
+
+@functools.lru_cache(maxsize=None)
+def _package_dir(cls: type) -> str:
+    """The directory of the sources of `cls`'s top-level package (a built-in one has none: nothing is outside)."""
+    top = sys.modules.get(cls.__module__.split(".")[0])
+    file = getattr(top, "__file__", None)
+    return os.path.dirname(os.path.abspath(file)) + os.sep if file else ""
 
 
 def _class_file_digest(cls: type) -> str | None:
@@ -770,6 +793,8 @@ def _describe(v, depth: int, memo: dict, strict: bool = True):
         return ["module", _qualname(type(v))]  # its own fields are the key's entry for it
     if isinstance(v, types.ModuleType):
         return ["python module", v.__name__]
+    if isinstance(v, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)):  # by name: their attributes fill lazily
+        return ["op", _qualname(type(v)), str(v)]
     if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType)):
         return ["builtin", _qualname(v)]
     key = (id(v), depth, strict)  # the memo holds `v`: its id is not reused by another object while the key is made
@@ -782,9 +807,11 @@ def _describe(v, depth: int, memo: dict, strict: bool = True):
 
 def _describe_new(v, depth: int, memo: dict, strict: bool):
     inner = max(depth - 1, 0)
-    if isinstance(v, type):  # by name and file, and (within depth) by its own attributes; not torch's and Python's
-        # own classes: their versions are in the key, and Dynamo patches nn.Module at its first compile
-        attrs = _class_attributes(v, inner, memo) if depth and v.__module__.split(".")[0] not in _VERSIONED else []
+    if isinstance(v, type):  # by name and file, and (within depth) by its own attributes; of torch's and Python's
+        # own classes only the functions set from outside their package: their versions are in the key, and Dynamo
+        # patches nn.Module at its first compile, but a user's `nn.Linear.forward = ...` is in neither
+        versioned = v.__module__.split(".")[0] in _VERSIONED
+        attrs = (_class_attributes(v, inner, memo, _package_dir(v) if versioned else None) if depth else [])
         return ["class", _qualname(v), _class_file_digest(v), attrs]
     if isinstance(v, (list, tuple)):
         return [_describe(x, inner, memo, strict) for x in v]

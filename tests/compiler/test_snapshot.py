@@ -136,7 +136,7 @@ class _Hooked(nn.Module):
 
 CHANGES = ["attribute", "config", "traced file", "parameter layout", "dtype", "grad mode", "submodule hook",
            "untied", "global", "partial", "closure", "class attribute", "patched method", "global identity",
-           "attribute identity", "deep flag", "varargs", "attribute added"]
+           "attribute identity", "deep flag", "varargs", "attribute added", "patched torch method"]
 
 
 def _changed(change: str, monkeypatch):
@@ -189,6 +189,8 @@ def _after_cold(change: str, monkeypatch) -> None:
         monkeypatch.setattr(_Hooked, "boost", 3.0)
     elif change == "patched method":  # as a patching library replaces a transformers method
         monkeypatch.setattr(_Hooked, "post", lambda self, h: h * 5)
+    elif change == "patched torch method":  # torch's version is in the key, but not what a user set on its class
+        monkeypatch.setattr(nn.Linear, "forward", lambda self, x: nn.functional.linear(x, self.weight) * 1.5)
     elif change == "traced file":
         real = snapshot.file_digest
         monkeypatch.setattr(snapshot, "file_digest", lambda f: "edited" if f.endswith("toy.py") else real(f))
@@ -289,6 +291,43 @@ class _Defaults(nn.Module):
 def test_a_forward_reading_a_default_arguments_object_gets_no_snapshot(tmp_path):
     _cold(tmp_path, model=_Defaults(toy_model(pattern=PATTERN)))
     assert not list((tmp_path / snapshot.SNAPSHOTS).rglob("*.pkl"))
+
+
+class _Environ(nn.Module):
+    """Reads an environment variable: Dynamo guards its value where it is set, nothing where it is not."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids):
+        h = self.inner(ids)
+        return h * 2 if os.environ.get("HATTN_TEST_SCALE") == "1" else h
+
+
+@pytest.mark.parametrize("value", [None, "1"])
+def test_a_forward_reading_the_environment_gets_no_snapshot(tmp_path, monkeypatch, value):
+    """A second process with the variable set (or unset) would be served a graph traced without (or with) it."""
+    if value is None:
+        monkeypatch.delenv("HATTN_TEST_SCALE", raising=False)
+    else:
+        monkeypatch.setenv("HATTN_TEST_SCALE", value)
+    _cold(tmp_path, model=_Environ(toy_model(pattern=PATTERN)))
+    assert not list((tmp_path / snapshot.SNAPSHOTS).rglob("*.pkl"))
+
+
+def test_an_op_is_described_by_its_name_whatever_its_lazy_attributes():
+    """Dynamo guards ops it reads from globals (`torch.ops.hattn.full_attention`); an op packet fills attributes
+    at first use (`default`, an overload's `_handle`), so a description by attributes differs between a fresh
+    process and the one that traced: no snapshot would ever serve (five of the seven tiny families, before)."""
+    packet = torch.ops.aten.sin
+    before = [snapshot._plain(snapshot._guarded(kind, v)) for kind in ("BUILTIN_MATCH", "ID_MATCH")
+              for v in (packet, packet.default)]
+    packet.default._handle  # noqa: B018
+    packet(torch.ones(1))
+    after = [snapshot._plain(snapshot._guarded(kind, v)) for kind in ("BUILTIN_MATCH", "ID_MATCH")
+             for v in (packet, packet.default)]
+    assert before == after and "aten.sin.default" in after[1]
 
 
 @pytest.mark.parametrize("change", ["dict order", "registry"])
@@ -432,10 +471,18 @@ def test_the_model_key_is_the_same_in_another_process(tmp_path):
     assert len(keys) == 1 and len(keys.pop()) == 32
 
 
-def test_hattn_generate_warm_starts_without_dynamo_in_a_new_process(tmp_path):
-    """The CLI twice with one cache_dir (the tiny transformers preset, graph-free pcg on CPU): the second process
-    traces nothing and prints the first's tokens."""
-    cmd = [sys.executable, "-m", "hattn.cli", "generate", "--preset", "tiny", "--device", "cpu", "--mode", "pcg",
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-next"])
+def test_hattn_generate_warm_starts_without_dynamo_in_a_new_process(tmp_path, preset):
+    """The CLI twice with one cache_dir (a tiny transformers preset, graph-free pcg on CPU): the second process
+    traces nothing and prints the first's tokens. (Qwen3-Next's MoE reads one of transformers' ops, which Dynamo
+    guards: an op must be described alike in a fresh process.)"""
+    from hattn.models.presets import preset_config
+
+    try:
+        preset_config(preset)
+    except PresetUnavailable as e:
+        pytest.skip(str(e))
+    cmd = [sys.executable, "-m", "hattn.cli", "generate", "--preset", preset, "--device", "cpu", "--mode", "pcg",
            "--inner-compiler", "eager", "--prompt-ids", "1,2,3,4,5", "--max-new-tokens", "4", "--timing",
            "--cache-dir", str(tmp_path)]
     runs = [subprocess.run(cmd, capture_output=True, text=True, check=True) for _ in range(2)]

@@ -348,6 +348,42 @@ def test_cache_dir_keeps_tritons_kernel_cache_unless_the_user_chose_one(fake_cac
     assert not (tmp_path / "other").exists()
 
 
+def test_a_read_only_cache_dir_serves_what_it_holds_and_compiles_the_rest_without_saving(
+        fake_cache, tmp_path, monkeypatch, one_thread, caplog):
+    """A cache_dir shipped read-only: its entry is loaded; a graph it lacks compiles and runs, with a warning that
+    its artifacts could not be saved, never an error out of the backend."""
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    _run(tmp_path)
+    fake_cache.recorded.clear()
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(artifacts, "_write", read_only)
+    monkeypatch.setattr(artifacts.Path, "mkdir", read_only)
+    assert _run(tmp_path, seed=1).cache_hits == 1
+    with caplog.at_level("WARNING", logger="hattn"):
+        changed = _run(tmp_path, hidden=48)  # another graph: a miss, compiled, not saved
+    assert (changed.cache_hits, changed.cache_misses) == (0, 1)
+    assert "could not be saved" in caplog.text and len(artifacts.entries(tmp_path)) == 1
+
+
+def test_a_read_only_triton_directory_in_cache_dir_is_used_through_a_writable_copy(tmp_path, monkeypatch, caplog):
+    """Triton writes every kernel it compiles into its cache directory (and fails on a read-only one): a shipped
+    cache_dir's kernels are copied where Triton can write, not pointed at in place."""
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    shipped = tmp_path / "triton"
+    (shipped / "k1").mkdir(parents=True)
+    (shipped / "k1" / "kernel.json").write_text("{}")
+    writable = artifacts._writable
+    monkeypatch.setattr(artifacts, "_writable", lambda path: path != str(shipped) and writable(path))
+    with caplog.at_level("WARNING", logger="hattn"):
+        chosen = artifacts.keep_kernels_in(str(tmp_path))
+    assert chosen != str(shipped) and os.environ["TRITON_CACHE_DIR"] == chosen
+    assert (artifacts.Path(chosen) / "k1" / "kernel.json").read_text() == "{}" and "cannot be written" in caplog.text
+    assert artifacts._writable(str(tmp_path / "new")) and (tmp_path / "new").is_dir()
+
+
 def test_tritons_toolchain_is_set_as_inductor_sets_it_before_anything_compiles(fake_cache, tmp_path, monkeypatch,
                                                                               one_thread):
     """ptxas's version and libdevice's hash are in Triton's cache keys: a process whose inductor set them late keyed
