@@ -37,6 +37,19 @@ def subcommand(name: str):
 
 
 # -- shared helpers -------------------------------------------------------------------------------------------------
+def _at_least(low: int):
+    """An argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
 def _ints(text: str) -> list[int]:
     items = text.replace(" ", "").split(",")
     try:
@@ -267,6 +280,13 @@ def _warmup(args) -> int:
     return args.warmup
 
 
+def _eos(lm):
+    """The stop tokens transformers' generate uses: the generation config's eos, else the model config's."""
+    generation = getattr(lm.hf, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    return lm.config.eos_token_id if eos is None else eos
+
+
 def run_generate(args) -> int:
     from hattn.counters import describe_startup, process_seconds, total_stats
     from hattn.models.generate import generate
@@ -289,10 +309,12 @@ def run_generate(args) -> int:
     lm = shard(_load(args, device, dtype), tp)
     loaded_s = process_seconds()  # + CUDA init, transformers, the model built on the device, adapted
     prompts, tokenizer = _prompts(args, lm)
-    eos = lm.config.eos_token_id
-    stops = args.stop_ids if args.stop_ids is not None else ([eos] if isinstance(eos, int) else list(eos or []))
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, tuple(stops), args.seed,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    stops = args.stop_ids if args.stop_ids is not None else _eos(lm)
+    try:
+        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed,
+                                top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    except ValueError as e:
+        raise SystemExit(f"hattn generate: {e}") from None
     max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     cache = lm.make_cache(len(prompts), max_len)
     model, backends = _step_model(lm, args)
@@ -335,17 +357,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-ids", type=_ints, action="append", help="a prompt as ids 1,2,3; repeat for a batch")
     p.add_argument("--prompt", action="append", help="a text prompt (needs --model with a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-len", type=int, default=None, help="cache length per sequence (default: just enough)")
+    p.add_argument("--max-len", type=_at_least(1), default=None, help="cache length per sequence (default: just enough)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="transformers' repetition penalty (1: off; > 1 discourages tokens already seen)")
     p.add_argument("--stop-ids", type=_ints, default=None, help="stop tokens (default: the config's eos)")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=_at_least(0), default=None,
                    help="untimed runs first (the first compiles and captures; its time is printed; default: 1, "
                         "0 with --timing)")
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=_at_least(1), default=1,
                    help="tensor-parallel ranks: one process per GPU (gloo processes on CPU), started with torchrun")
     p.add_argument("--tbo", action="store_true",
                    help="two-batch overlap: each step as two micro-batches (one's all-reduces overlap the other's "

@@ -83,7 +83,8 @@ class CompiledLM:
         transformers' defaults. Greedy tokens equal transformers' generate; sampling draws from its processors'
         distribution.
         """
-        req = request(input_ids, attention_mask, merged_config(generation_config, self.generation_config), **kwargs)
+        req = request(input_ids, attention_mask, merged_config(generation_config, self.generation_config),
+                      max_positions=getattr(self.hf.config, "max_position_embeddings", None), **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens
         on_tokens = stream_to(req)
         try:

@@ -86,11 +86,41 @@ def test_generate_errors_are_one_line(capsys):
      "argument --prompt-ids: expected comma-separated integers such as 1,2,3, got '1,,3'"),
     (["generate", "--preset", "tiny", "--prompt-ids", "1,x"], "expected comma-separated integers such as 1,2,3"),
     (["generate", "--preset", "tiny-llama", "--prompt-ids", "1"], "argument --preset: invalid choice: 'tiny-llama'"),
+    (["generate", "--preset", "tiny", "--prompt-ids", "1", "--max-len", "0"],
+     "argument --max-len: expected an integer >= 1, got '0'"),
+    (["generate", "--preset", "tiny", "--prompt-ids", "1", "--warmup", "-1"],
+     "argument --warmup: expected an integer >= 0, got '-1'"),
 ])
 def test_malformed_arguments_are_usage_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--stop-ids", "-5"], "stop_tokens must be token ids"),
+                                            (["--temperature", "nan"], "temperature must be a finite number"),
+                                            (["--max-new-tokens", "0"], "max_new_tokens must be an int >= 1")])
+def test_sampling_settings_out_of_range_are_one_line_errors(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["generate", "--preset", "tiny", "--mode", "none", "--prompt-ids", "1,2", "--device", "cpu", *flags])
+
+
+def test_generate_stops_at_the_generation_configs_eos_as_transformers_does(tmp_path, capsys):
+    """A saved model whose end-of-turn id is only in its generation config (a chat model's): hattn generate stops
+    there, as transformers' generate does."""
+    from hattn.models.presets import preset_config, random_model
+
+    hf = random_model(preset_config("tiny"))
+    argv = ["generate", "--model", str(tmp_path), "--mode", "none", "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
+            "--device", "cpu", "--warmup", "0"]
+    hf.save_pretrained(tmp_path)
+    assert cli.main(argv) == 0
+    free = eval(capsys.readouterr().out.split("->")[1])  # noqa: S307  (the printed token list)
+    hf.generation_config.eos_token_id = free[1]
+    hf.config.eos_token_id = None
+    hf.save_pretrained(tmp_path)
+    assert cli.main(argv) == 0
+    assert eval(capsys.readouterr().out.split("->")[1]) == free[:2]  # noqa: S307
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")

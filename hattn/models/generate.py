@@ -226,6 +226,7 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
     """
     params = params or SamplingParams()
     check_inputs(model, prompts, params, cache)
+    keep = (keep,) if isinstance(keep, str) else keep
     if set(keep) - {"scores", "logits"}:
         raise ValueError(f"keep takes 'scores' and 'logits', got {tuple(keep)!r}")
     if layer_kinds is None:
@@ -368,9 +369,7 @@ def _check_params(params) -> None:
     if not isinstance(params, SamplingParams):
         raise TypeError(f"params must be a hattn.SamplingParams, got {type(params).__name__}: "
                         f"params=hattn.SamplingParams(max_new_tokens=..., temperature=..., top_p=...)")
-    n = params.max_new_tokens
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"params.max_new_tokens must be an int >= 1, got {n!r}: ask for at least one new token")
+    params.check()  # again: a setting may have changed since the params were made
 
 
 def _check_cache(cache, model) -> None:

@@ -57,8 +57,9 @@ class Request:
 
 
 def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config,
-            **kwargs) -> Request:
-    """Resolve transformers' generate arguments for `input_ids` [B, T] (see the module docstring)."""
+            max_positions: int | None = None, **kwargs) -> Request:
+    """Resolve transformers' generate arguments for `input_ids` [B, T] (see the module docstring);
+    `max_positions`: the model config's max_position_embeddings, which caps the default length as in transformers."""
     unknown = sorted(set(kwargs) - set(ACCEPTED) - set(UNSUPPORTED) - set(IGNORED))
     if unknown:
         raise TypeError(f"generate() got unsupported argument(s) {unknown}; hattn's generate takes input_ids, "
@@ -69,15 +70,14 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
     eos = _token_ids(setting("eos_token_id"), "eos_token_id")
     pad = setting("pad_token_id")
     pad = eos[0] if pad is None and eos else pad
-    if attention_mask is None:
-        attention_mask = infer_mask(input_ids, pad, eos)
     repeats = _num_return_sequences(setting)
-    prompts = [p for p in unpad(input_ids, attention_mask) for _ in range(repeats)]  # transformers' row order
+    prompts = [p for p in _prompts(input_ids, attention_mask, pad, eos) for _ in range(repeats)]  # HF's row order
     width = input_ids.shape[1]
     # min_new_tokens, when set, overrides min_length, which counts the padded input (transformers' rule)
     min_new = setting("min_new_tokens")
     min_new = max(setting("min_length", 0) - width, 0) if min_new is None else min_new
-    params = SamplingParams(max_new_tokens=_max_new_tokens(setting, width), stop_tokens=eos, seed=setting("seed"),
+    params = SamplingParams(max_new_tokens=_max_new_tokens(setting, width, max_positions), stop_tokens=eos,
+                            seed=setting("seed"),
                             repetition_penalty=float(setting("repetition_penalty", 1.0)), min_new_tokens=min_new,
                             no_repeat_ngram_size=setting("no_repeat_ngram_size", 0), **_sampling(setting))
     streamer = kwargs.get("streamer")
@@ -169,14 +169,30 @@ def _num_return_sequences(setting) -> int:
     return n
 
 
-def _max_new_tokens(setting, width: int) -> int:
+def _prompts(input_ids: torch.Tensor, attention_mask, pad, eos) -> list[list[int]]:
+    """Each row's tokens, through the mask given or the one transformers infers from the pad token."""
+    if attention_mask is not None:
+        return unpad(input_ids, attention_mask)
+    try:
+        return unpad(input_ids, infer_mask(input_ids, pad, eos))
+    except ValueError as e:
+        raise ValueError(f"no attention_mask was given, and pad_token_id={pad} occurs inside a prompt, so the mask "
+                         f"inferred from it has a hole ({e}); pass attention_mask=... (1 for each token of a row, 0 "
+                         f"for its padding)") from None
+
+
+def _max_new_tokens(setting, width: int, max_positions: int | None = None) -> int:
     n = setting("max_new_tokens")
     if n is None and setting("max_length") is not None:
         n = setting("max_length") - width
         if n < 1:
             raise ValueError(f"max_length={setting('max_length')} leaves no room for new tokens after the "
                              f"{width}-token input: pass max_new_tokens=... instead")
-    n = DEFAULT_MAX_NEW_TOKENS if n is None else n
+    if n is None:  # transformers' default: 20 new tokens, the total capped at the model's positions
+        n = DEFAULT_MAX_NEW_TOKENS if max_positions is None else min(DEFAULT_MAX_NEW_TOKENS, max_positions - width)
+        if n < 1:
+            raise ValueError(f"the {width}-token input fills the model's max_position_embeddings={max_positions}: "
+                             f"pass max_new_tokens=... to generate past it")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}: ask for at least one new token")
     return n

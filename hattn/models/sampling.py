@@ -20,6 +20,7 @@ first as above, its own Philox draws from a seed the generator gives).
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -50,22 +51,47 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0 or not 0 <= self.top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 <= top_p <= 1 (0: the most likely token), got "
-                             f"{self.temperature}, {self.top_p}")
+        self.check()
+
+    def check(self) -> None:
+        """Raise ValueError naming a setting out of range (also for one changed after construction: generate checks
+        again); stop_tokens becomes a tuple of ints (one int is one stop token, None none, as transformers' eos)."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}: ask for at least one "
+                             f"new token")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be in [0, 1] (1: off; 0: the most likely token), got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
-        if not 0 <= self.min_p <= 1:
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0: off), got {self.min_p!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty!r}")
+        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1: off), got "
+                             f"{self.repetition_penalty!r}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
         if not _is_int(self.no_repeat_ngram_size) or self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {self.no_repeat_ngram_size!r}")
-        self.stop_tokens = tuple(self.stop_tokens)
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        self.stop_tokens = _stop_tokens(self.stop_tokens)
+
+
+def _stop_tokens(tokens) -> tuple[int, ...]:
+    tokens = () if tokens is None else (tokens,) if _is_int(tokens) else tokens
+    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+        raise ValueError(f"stop_tokens must be token ids (an int or a list of ints), got {tokens!r}")
+    tokens = tuple(tokens)
+    bad = [t for t in tokens if not _is_int(t) or not 0 <= t < 2 ** 63]
+    if bad:
+        raise ValueError(f"stop_tokens must be token ids (ints >= 0), got {bad[:3]!r} among them")
+    return tokens
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def _is_int(x) -> bool:
@@ -227,7 +253,7 @@ class Sampler:
     def _start_history(self, device) -> None:
         if self.history is None:
             width = max(map(len, self.prompts)) + self.params.max_new_tokens
-            rows = [prompt + [0] * (width - len(prompt)) for prompt in self.prompts]
+            rows = [list(prompt) + [0] * (width - len(prompt)) for prompt in self.prompts]
             self.history = _to(torch.tensor(rows, dtype=torch.long), device)
             self.lengths = _to(torch.tensor([len(prompt) for prompt in self.prompts], dtype=torch.long), device)
 

@@ -34,9 +34,16 @@ def test_bad_prompts_are_named(make_case, prompts, error, match):
 def test_bad_params_are_named(make_case):
     c = make_case("tiny")
     params = SamplingParams(max_new_tokens=2)
-    params.max_new_tokens = 0  # SamplingParams checks at construction only
-    with pytest.raises(ValueError, match="params.max_new_tokens must be an int >= 1, got 0: ask for at least one"):
+    params.max_new_tokens = 0  # changed after construction: generate checks again
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0: ask for at least one"):
         generate(c.lm, c.prompts, params=params)
+    for name, value, match in (("temperature", -1.0, "temperature must be"), ("top_p", 5.0, "top_p must be"),
+                               ("repetition_penalty", 0.0, "repetition_penalty must be"),
+                               ("top_k", -3, "top_k must be"), ("stop_tokens", "2", "stop_tokens must be")):
+        params = SamplingParams(max_new_tokens=2)
+        setattr(params, name, value)
+        with pytest.raises(ValueError, match=match):
+            generate(c.lm, c.prompts, params=params)
     with pytest.raises(TypeError, match=r"params must be a hattn.SamplingParams, got dict: params=hattn.Sampling"):
         generate(c.lm, c.prompts, params={"max_new_tokens": 2})
 

@@ -72,12 +72,27 @@ def test_mask_is_inferred_from_the_pad_token_unless_it_is_an_eos_token():
     assert request(ids, None, GC, pad_token_id=0).prompts == [[5], [4, 5, 6]]
 
 
+def test_a_pad_token_inside_a_prompt_without_a_mask_names_the_pad_token_and_the_fix():
+    with pytest.raises(ValueError, match=r"no attention_mask was given, and pad_token_id=0 occurs inside a prompt.*"
+                                         r"pass attention_mask="):
+        request(torch.tensor([[5, 0, 7, 8]]), None, GC, pad_token_id=0)
+
+
+def test_the_default_length_stops_at_the_models_positions_as_in_transformers():
+    ids, mask = _batch([list(range(1, 18))], "left")  # 17 tokens
+    assert request(ids, mask, GC).params.max_new_tokens == 20
+    assert request(ids, mask, GC, max_positions=24).params.max_new_tokens == 7
+    assert request(ids, mask, GC, max_positions=24, max_new_tokens=30).params.max_new_tokens == 30  # asked for
+    with pytest.raises(ValueError, match="fills the model's max_position_embeddings=17: pass max_new_tokens"):
+        request(ids, mask, GC, max_positions=17)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"num_beams": 4}, ValueError, r"num_beams=4 \(from the arguments or the model's generation_config\) is not "
                                    r"supported by hattn's generate and would change the tokens: pass num_beams=1"),
     ({"num_return_sequences": 2}, ValueError, "num_return_sequences=2 with greedy decoding .* pass do_sample=True"),
     ({"num_return_sequences": 0, "do_sample": True}, ValueError, "num_return_sequences must be an int >= 1, got 0"),
-    ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be > 0"),
+    ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be a finite number > 0"),
     ({"output_attentions": True}, ValueError, "output_attentions=True .* pass output_attentions=False"),
     ({"assistant_model": object()}, TypeError,
      r"unsupported argument\(s\) \['assistant_model'\]; hattn's generate takes input_ids, attention_mask, "

@@ -181,11 +181,28 @@ def test_stop_ids_past_the_vocabulary_are_not_masked_and_top_p_0_keeps_the_top_t
 
 
 @pytest.mark.parametrize("args", [dict(top_k=-1), dict(top_k=2.5), dict(min_p=1.5), dict(repetition_penalty=0.0),
-                                  dict(min_new_tokens=-1), dict(no_repeat_ngram_size=-2)],
-                         ids=lambda a: next(iter(a)))
+                                  dict(min_new_tokens=-1), dict(no_repeat_ngram_size=-2),
+                                  dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                  dict(temperature="0.5"), dict(top_p=float("nan")), dict(seed="a"),
+                                  dict(stop_tokens="2"), dict(stop_tokens=[-1]), dict(stop_tokens=[2 ** 64]),
+                                  dict(stop_tokens=[1.0]), dict(max_new_tokens=True)],
+                         ids=lambda a: f"{next(iter(a))}={next(iter(a.values()))!r}")
 def test_settings_out_of_range_name_themselves(args):
     with pytest.raises(ValueError, match=next(iter(args))):
         SamplingParams(**args)
+
+
+def test_stop_tokens_take_one_id_or_none_as_transformers_eos_does():
+    assert SamplingParams(stop_tokens=2).stop_tokens == (2,)
+    assert SamplingParams(stop_tokens=None).stop_tokens == ()
+    assert SamplingParams(stop_tokens=[3, 4]).stop_tokens == (3, 4)
+
+
+def test_tuple_prompts_serve_the_ngram_rule(make_case):
+    c = make_case("tiny")
+    params = SamplingParams(max_new_tokens=6, no_repeat_ngram_size=2)
+    assert hattn.generate(c.lm, [(5, 6, 5)], params=params).tokens == hattn.generate(c.lm, [[5, 6, 5]],
+                                                                                     params=params).tokens
 
 
 def test_generate_with_penalty_and_min_new_tokens_equals_transformers(family_case):
