@@ -357,7 +357,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt-ids", type=_ints, action="append", help="a prompt as ids 1,2,3; repeat for a batch")
     p.add_argument("--prompt", action="append", help="a text prompt (needs --model with a tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-len", type=_at_least(1), default=None, help="cache length per sequence (default: just enough)")
+    p.add_argument("--max-len", type=_at_least(1), default=None,
+                   help="cache length per sequence (default: just enough)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0)

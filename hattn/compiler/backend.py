@@ -25,7 +25,7 @@ from hattn.compiler.artifacts import keep_kernels_in, load_entry, same_triton_to
 from hattn.compiler.config import Config
 from hattn.compiler.dispatch import Traced, input_sources, learning, one_token_dims, symbolic_sizes, whole_frame
 from hattn.compiler.signature import signature
-from hattn.passes.fuse_linears import fuse_linears
+from hattn.passes.fuse_linears import FusedWeightsGuard, fuse_linears
 from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
 from hattn.passes.small_m_linears import route_small_m_linears
 from hattn.passes.split import split_graph
@@ -351,7 +351,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     log.debug("hattn: %d pieces, %d split ops, mode=%s", len(info.pieces), len(info.split_nodes), config.mode)
     from hattn.runtime import build_runtime
 
-    runtime = build_runtime(config, split_gm, example_inputs, stats, pools)
+    runtime = FusedWeightsGuard.wrap(build_runtime(config, split_gm, example_inputs, stats, pools), gm,
+                                     example_inputs)
     shape_env = getattr(fake_mode or detect_fake_mode(example_inputs), "shape_env", None)
     dynamic = one_token_dims(sizes, shape_env)  # after compiles
     return Traced(runtime if entry is None else entry.keep(runtime, stats), sources, code, dynamic, graph)

@@ -9,11 +9,14 @@ which of hattn's compiled graphs served it and with which arguments (`Traced`), 
 itself: the parameters gathered once, the call's tensors and sizes put in their places.
 
 What it relies on is the serving contract of a compiled model (vLLM's dispatcher relies on it too): after the first
-calls, the model's code, module attributes and parameter metadata do not change. New weights are copied in place; a
-parameter given new storage is still caught by the graph runtimes, which capture again. A kind whose call runs
-Python around the graph keeps going through Dynamo at every call: a graph break or a resumed frame's graph, a
-store into an object that existed before the call (unless it ends as it was), module hooks, a non-default Dynamo
-stance, a graph that is not hattn's, or a result that is not the graph's output.
+calls, the model's code, module attributes, the globals its forward reads and parameter metadata (dtype, device,
+requires_grad) do not change. New weights are copied in place; a parameter given new storage is still caught by the
+graph runtimes, which capture again (one fused with others into one GEMM is an error naming the fix: the fused graph
+reads its own buffer). A kind whose call runs Python around the graph keeps going through Dynamo at every call: a
+graph break or a resumed frame's graph, a store into an object that existed before the call (unless it ends as it
+was), module hooks (backward ones too), a torch-function or dispatch mode, a non-default Dynamo stance, a graph that
+is not hattn's, or a result that is not the graph's output. The module switched between training and eval mode
+(`.train()`, `.eval()` on it) forgets its kinds: each is learned again through Dynamo, which guards the mode.
 
 One more kind skips Dynamo from its first call: a one-token call of a kind learned with a symbolic token count.
 Dynamo would trace it as a graph of its own (it specializes sizes 0 and 1); the graph traced for every size serves
@@ -195,8 +198,17 @@ class Dispatch:
         self.warm: list | None = None
         self.warm_traced: list = []
         self.model_key: str | None = None
+        self.training = getattr(self.module, "training", None)  # the mode the kinds were learned in
+
+    def _forget(self, training: bool) -> None:
+        """The module's mode changed: what was learned (kinds, snapshots matched under the old model key) is not
+        for this mode."""
+        self.kinds.clear()
+        self.warm, self.warm_traced, self.model_key, self.training = None, [], None, training
 
     def __call__(self, *args):
+        if self.module is not None and self.module.training is not self.training:
+            self._forget(self.module.training)
         key = _kind(args) if enabled and self.names is not None and self._plain() else None
         direct = self.kinds.get(key) if key is not None else _VIA_DYNAMO
         if direct is _VIA_DYNAMO:
@@ -338,17 +350,25 @@ class Dispatch:
 
     def _plain(self) -> bool:
         """Nothing around the compiled frame that a direct call would skip: module hooks (run by `__call__` outside
-        the frame), a torch-function mode, and a Dynamo stance other than the default (e.g. `force_eager`)."""
+        the frame; backward hooks too), a torch-function or dispatch mode, and a Dynamo stance other than the default
+        (e.g. `force_eager`)."""
         m = self.module
-        if m is None or m._forward_hooks or m._forward_pre_hooks or self.model._forward_hooks \
-                or self.model._forward_pre_hooks:
+        if m is None or any(getattr(x, name) for x in (m, self.model) for name in _MODULE_HOOKS):
             return False
-        if _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks:
+        if any(getattr(_hooks, name) for name in _GLOBAL_HOOKS):
             return False
         if torch._C._len_torch_function_stack():  # a TorchFunctionMode Dynamo would trace into the graph
             return False
+        if _dispatch_modes():  # a TorchDispatchMode: Dynamo runs eager under it, a compiled kernel would bypass it
+            return False
         stance = getattr(torch._dynamo.eval_frame, "_stance", None)
         return stance is None or (stance.stance == "default" and not stance.skip_guard_eval_unsafe)
+
+
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
 def _arg_names(forward) -> list[str] | None:
@@ -368,11 +388,12 @@ _MODES = 5  # the key's leading entries: grad and inference modes, default dtype
 
 def _kind(args: tuple):
     """What Dynamo's guards on the call's own inputs depend on, as a dict key; None when an argument is neither a
-    plain tensor (no subclass), None nor a plain int/bool/str (such a call always goes through Dynamo)."""
+    plain strided tensor (no subclass, not sparse), None nor a plain int/bool/str (such a call always goes through
+    Dynamo)."""
     key = [torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_default_dtype(),
            *(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in ("cuda", "cpu"))]
     for a in args:
-        if type(a) is torch.Tensor:
+        if type(a) is torch.Tensor and a.layout is torch.strided:
             key.append(_tensor_entry(a, args))
         elif a is None or type(a) in (int, bool, str):
             key.append((type(a), a))

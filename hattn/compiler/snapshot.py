@@ -30,9 +30,9 @@ Dynamo's guards never run for such a call, so what vouches for a snapshot is:
 No snapshot for a model whose attributes cannot be described the same way in another process, nor for a graph
 whose guards read what another process cannot name (a forward parameter's default object, an instance whose
 identity Dynamo checked, an object Dynamo holds by id) or that reads the environment (Dynamo guards a variable's
-value only where it is set). Ops are described by name (their attributes fill in at first use). A snapshot that does not match is skipped (Dynamo traces as
-before); one that cannot be read, compiled or written is logged and skipped. `enabled = False` turns this off. A
-cache_dir holds pickles: load only one you trust.
+value only where it is set). Ops are described by name (their attributes fill in at first use). A snapshot that
+does not match is skipped (Dynamo traces as before); one that cannot be read, compiled or written is logged and
+skipped. `enabled = False` turns this off. A cache_dir holds pickles: load only one you trust.
 """
 from __future__ import annotations
 

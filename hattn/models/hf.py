@@ -263,6 +263,7 @@ class HybridLM(nn.Module):
     def __init__(self, hf_model: nn.Module, family: Family, layer_kinds: dict[int, str]):
         super().__init__()
         self.hf = hf_model
+        self.training = hf_model.training  # the wrapper's mode is its model's (the dispatcher reads the root's)
         self.family = family.name
         self.layer_kinds = dict(layer_kinds)
         self._text_config = (hf_model.config, text_config(hf_model.config))

@@ -235,3 +235,58 @@ def _register(gm: fx.GraphModule, kind: str, t: torch.Tensor) -> str:
     assert kind != "weight" or name.startswith(FUSED_WEIGHT_PREFIX)
     gm.register_buffer(name, t, persistent=False)
     return name
+
+
+class FusedWeightsMoved(RuntimeError):
+    """A compiled graph with fused linears was called with parameters that are not the views of its fused buffers."""
+
+
+class FusedWeightsGuard:
+    """The compiled graph `fn`, called only while the parameters fused into its buffers still are (by storage
+    address) the ones it fused. The fused GEMMs read the buffers, not the parameter inputs, so another model instance
+    that Dynamo serves with this graph (two models of one class compiled with one backend, or with
+    `backend="hattn"` and equal options) or a fused parameter given new storage (`p.data = ...`,
+    `load_state_dict(assign=True)`) would get this graph's weights: an error instead. One C++ check per call where
+    torch has it (CUDA builds)."""
+
+    def __init__(self, fn, indices: list[int], example_inputs: list):
+        self.fn, self.indices = fn, indices
+        self.ptrs: list[int | None] = [None] * len(example_inputs)
+        for i in indices:
+            self.ptrs[i] = example_inputs[i].data_ptr()
+        self._check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
+    @classmethod
+    def wrap(cls, fn, gm: fx.GraphModule, example_inputs: list):
+        """`fn` guarded by the parameters `gm`'s fused buffers hold (fn itself when nothing was fused)."""
+        buffers = {StorageWeakRef(t.untyped_storage()) for name, t in gm.named_buffers()
+                   if name.startswith("_hattn_fused_")}
+        indices = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)
+                   and StorageWeakRef(x.untyped_storage()) in buffers]
+        return cls(fn, indices, example_inputs) if indices else fn
+
+    def __call__(self, *args):
+        if not self._same(args):
+            moved = next(i for i in self.indices if args[i].data_ptr() != self.ptrs[i])
+            raise FusedWeightsMoved(
+                f"hattn: graph input {moved}, a parameter fused into one GEMM with others at compile time "
+                f"(fuse_linears), is not the tensor it fused: another model instance reached this compiled graph "
+                f"(two models of one class compiled with one backend, or torch.compile(..., backend='hattn') with "
+                f"equal options), or the parameter got new storage (p.data = ..., load_state_dict(assign=True), "
+                f"model.to(...) after compile). Compile each model with its own backend (hattn.backend(...)) and "
+                f"after moving it, update weights in place (load_state_dict without assign, p.data.copy_(...)), or "
+                f"pass fuse_linears=False")
+        return self.fn(*args)
+
+    def _same(self, args) -> bool:
+        if self._check is not None:
+            try:
+                return self._check(list(args), self.ptrs, self.indices)
+            except TypeError:  # an argument it does not take: the Python check decides
+                pass
+        return all(args[i].data_ptr() == self.ptrs[i] for i in self.indices)
+
+    def __getattr__(self, name: str):  # the graph's own attributes (runtime stats, plans) stay reachable
+        if name == "fn":  # not set yet (a copy being built)
+            raise AttributeError(name)
+        return getattr(self.fn, name)

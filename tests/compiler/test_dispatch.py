@@ -77,6 +77,8 @@ def test_grad_mode_dtype_and_none_arguments_are_kinds():
         inside = key((x,))
     assert inside != key((x,))
     assert key((x, object())) is None  # an argument it cannot describe: the call always goes through Dynamo
+    m = torch.eye(3)
+    assert key((m.to_sparse_csr(),)) is None and key((m.to_sparse(),)) is None  # no strides to describe
 
 
 class _Break(nn.Module):
@@ -200,6 +202,54 @@ def test_a_call_under_a_torch_function_mode_goes_through_dynamo(toy):
     with _Doubling():
         call(_ids(5, 1))
     assert call.direct_calls == 0
+
+
+class _Scaling(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return out * 2 if func is torch.ops.aten.mm.default else out
+
+
+def test_a_call_under_a_dispatch_mode_goes_through_dynamo(toy):
+    """Dynamo runs the model eagerly under a dispatch mode; a direct call's compiled kernels would bypass it."""
+    torch._dynamo.reset()
+    call = Dispatch(_compiled(toy))
+    call(_ids(5))
+    with torch.no_grad(), _Scaling():
+        want = toy(_ids(5, 1))
+    with torch.no_grad(), _Scaling():
+        got = call(_ids(5, 1))
+    torch.testing.assert_close(got, want)
+    assert call.direct_calls == 0
+
+
+def test_backward_hooks_go_through_dynamo_and_a_mode_switch_learns_kinds_again():
+    """A backward hook added after a kind was learned is what a direct call would skip: that call goes through
+    Dynamo. A switch to training mode (dropout) or back forgets the kinds: each is learned again through Dynamo,
+    which guards the mode, then served directly in that mode."""
+    torch._dynamo.reset()
+    model = toy_model(pattern=["linear", "full"])
+    call = Dispatch(_compiled(model))
+    call(_ids(5))
+    call(_ids(5, 1))
+    assert call.direct_calls == 1
+    handle = model.register_full_backward_pre_hook(lambda m, grad: None)
+    call(_ids(5, 2))
+    handle.remove()
+    assert call.direct_calls == 1
+    for training, direct in ((True, 2), (False, 3)):
+        model.train(training)
+        with torch.no_grad():
+            for i in (3, 4):
+                torch.testing.assert_close(call(_ids(5, i)), model(_ids(5, i)))
+        assert call.direct_calls == direct  # the first call of the mode through Dynamo, the second direct
+
+
+def test_an_adapted_model_is_in_its_models_mode():
+    from hattn.models.presets import load
+
+    lm = load("tiny")
+    assert not lm.training and not lm.hf.training
 
 
 def test_the_dispatcher_lives_and_dies_with_its_compiled_module():

@@ -417,6 +417,40 @@ def test_load_state_dict_after_compile_reaches_the_fused_weights(one_thread):
     assert not torch.allclose(_logits(compiled, 9), first, atol=1e-3)
 
 
+@pytest.mark.parametrize("how", ["two models, one backend", "backend='hattn' twice", "p.data", "assign"])
+def test_a_fused_graph_refuses_parameters_that_are_not_the_ones_it_fused(one_thread, how):
+    """The fused GEMMs read the graph's fused buffers: another instance of the model class that Dynamo serves with
+    the same graph, or a fused parameter given new storage, would get the first weights silently. An error naming
+    the fixes instead; with fuse_linears=False (the control) the same calls are right."""
+    from hattn.passes.fuse_linears import FusedWeightsMoved
+
+    for fuse in (True, False):
+        torch._dynamo.reset()
+        first, second = load("tiny"), load("tiny", seed=1)
+        options = dict(mode="eager", inner_compiler="eager", progress=False, fuse_linears=fuse)
+        if how == "backend='hattn' twice":
+            compiled = [torch.compile(m, backend="hattn", options=options) for m in (first, second)]
+        else:
+            be = backend(**options)
+            compiled = [torch.compile(m, backend=be) for m in (first, second)]
+        ref = copy.deepcopy(second)
+        _same_logits(compiled[0], copy.deepcopy(first), 9)
+        if how == "p.data":
+            compiled[1] = compiled[0]
+            second = first
+            w = first.hf.model.layers[0].mlp.up_proj.weight
+            w.data = w.data.clone() * 2
+            ref = copy.deepcopy(first)
+        elif how == "assign":
+            compiled[1] = compiled[0]
+            first.load_state_dict(ref.state_dict(), assign=True)
+        if fuse:
+            with pytest.raises(FusedWeightsMoved, match="fuse_linears=False"):
+                _logits(compiled[1], 9)
+        else:
+            _same_logits(compiled[1], ref, 9)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["eager", "pcg", "bcg", "full"])
