@@ -165,7 +165,8 @@ ATTENTION_ATEN = frozenset({
     "_flash_attention_forward", "_efficient_attention_forward", "_cudnn_attention_forward",
 })
 # names of custom ops / user Triton kernels that are batch-dependent mixers unless registered
-MIXER_NAME = re.compile(r"attn|attention|delta_rule|mamba|selective_scan|ssm|lightning|conv1d_update|varlen")
+MIXER_NAME = re.compile(r"attn|attention|delta_rule|mamba|scan|ssm|lightning|conv1d_update|varlen|retention|rwkv|"
+                        r"hgrn|recurren|flash|(^|_)(gla|gsa|kda|sdpa|mla)(_|$)")
 _OWN_NAMESPACES = ("aten", "prims", "_c10d_functional", "c10d")
 
 

@@ -122,6 +122,11 @@ class _SaveAfterFirstCall:
     def __init__(self, runtime: Callable, entry: ArtifactEntry, stats: Stats):
         self.runtime, self.entry, self.stats = runtime, entry, stats
 
+    def __getattr__(self, name: str):  # the runtime's own attributes stay reachable
+        if name == "runtime":
+            raise AttributeError(name)
+        return getattr(self.runtime, name)
+
     def __call__(self, *args):
         out = self.runtime(*args)
         if self.entry is not None:

@@ -283,6 +283,12 @@ class HybridLM(nn.Module):
         if positions.shape != input_ids.shape:
             raise ValueError(f"positions has shape {tuple(positions.shape)} but input_ids {tuple(input_ids.shape)}: "
                              f"pass one position per token")
+        if self.config._attn_implementation != ATTN_IMPLEMENTATION:  # a guard under Dynamo, not a per-call cost
+            raise AdaptedModelError(
+                f"the model's attention implementation is {self.config._attn_implementation!r}, not hattn's "
+                f"{ATTN_IMPLEMENTATION!r} (set after hattn adapted the model?): its attention layers would not read "
+                f"or write hattn's cache and would give wrong tokens. Leave config._attn_implementation as adapt set "
+                f"it, or adapt the model again (hattn.adapt / hattn.compile)")
         # transformers: 0 keeps every row, a 1-D tensor those rows. Clamped: a graph runtime captures smaller token
         # counts with the caller's rows, which may point past them there (a real call's rows are all < T)
         keep = 0 if logits_rows is None else logits_rows.clamp(max=input_ids.shape[0] - 1)

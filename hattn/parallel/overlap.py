@@ -155,6 +155,14 @@ class TwoBatchOverlap:
 
         return compiled_config(self.models[0])
 
+    def __getattr__(self, name: str):
+        """The model's own attributes (`layer_kinds`, `make_cache`, `cache_specs`, `config`, ...): generate checks
+        each layer's route against the table and makes the cache from the model it is given."""
+        if name == "models":  # not set yet (a copy being built)
+            raise AttributeError(name)
+        first = self.models[0]
+        return getattr(getattr(first, "_orig_mod", first), name)
+
     @classmethod
     def for_model(cls, lm, compile: Callable | None = None, **kwargs) -> "TwoBatchOverlap":
         """Micro-batch A on `lm`, B on a replica whose collectives use a sibling group (a sharded `lm`; unsharded,

@@ -93,7 +93,9 @@ def fix_for(gm: fx.GraphModule) -> str:
 
 
 def check_no_unregistered_attention(gm: fx.GraphModule) -> None:
-    """Raise UnregisteredAttentionError for the first attention/mixer node that is not a registered split op."""
+    """Raise UnregisteredAttentionError for the first attention/mixer node that is not a registered split op, and
+    for a split op or mixer inside a higher-order op's body (checkpoint, cond, ...): the graph is split at top-level
+    calls only, so such a call would run inside a piece."""
     for node in gm.graph.nodes:
         reason = unregistered_attention_reason(node)
         if reason is not None:
@@ -101,6 +103,20 @@ def check_no_unregistered_attention(gm: fx.GraphModule) -> None:
                 f"node {node.name!r} calls {reason}, which is not a registered hattn split op; captured in a CUDA "
                 f"graph it would replay with stale batch metadata.\n  at {source_line(node)}\n{fix_for(gm)}"
             )
+    for name, body in gm.named_modules():
+        if body is gm or not isinstance(body, fx.GraphModule):
+            continue
+        for node in body.graph.nodes:
+            op = split_op_of(node)
+            reason = f"split op {op.name}" if op is not None else unregistered_attention_reason(node)
+            if reason is not None:
+                raise UnregisteredAttentionError(
+                    f"node {node.name!r} of {name!r}, the body of a higher-order op (torch.utils.checkpoint, "
+                    f"torch.cond, ...), calls {reason}: hattn splits a graph at top-level calls only, so it would run "
+                    f"inside a piece (and be captured in a CUDA graph).\n  at {source_line(node)}\nCall the layer "
+                    f"outside checkpoint / cond when compiling with hattn (checkpointing is for training; hattn "
+                    f"serves inference)."
+                )
 
 
 # -- attention written out in plain ops, in a graph without split ops -----------------------------------------------

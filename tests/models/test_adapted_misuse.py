@@ -82,3 +82,19 @@ def test_adapting_again_guards_once(adapted):
     lm = adapt(hf)
     assert lm.hf is hf and len(hf.model._forward_pre_hooks) == 1
     assert lm.layer_kinds == c.lm.layer_kinds
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_an_attention_implementation_set_after_adapt_is_refused(adapted, implementation):
+    """Set after adapt, transformers' own attention would run without hattn's cache (wrong tokens, no error): the
+    adapted model refuses, called directly or compiled."""
+    import hattn
+
+    c, hf = adapted
+    hf.config._attn_implementation = implementation
+    ids, positions = torch.tensor([1, 2, 3]), torch.arange(3)
+    with pytest.raises(AdaptedModelError, match=f"attention implementation is '{implementation}', not hattn's"):
+        c.lm(ids, positions)
+    with pytest.raises(Exception, match=f"attention implementation is '{implementation}'"):
+        hattn.generate(hattn.compile(c.lm, mode="eager", inner_compiler="eager"), [[1, 2, 3]],
+                       params=hattn.SamplingParams(max_new_tokens=2))

@@ -281,3 +281,14 @@ def test_each_instance_compiles_one_graph_of_the_token_count_alone():
         with forward_context(ctx), torch.no_grad():
             assert tbo(ids).shape[0] == ctx.num_tokens
     assert [layout.reason for layout in layouts] == [None, None]  # one graph per instance, none graph-free
+
+
+def test_the_overlap_wrapper_shows_its_models_layer_table_and_cache():
+    """generate checks each layer's route against the model's `layer_kinds` and makes its cache from the model it
+    is given: through the wrapper, the model's (a wrapper without them ran with no route check)."""
+    lm = load("tiny")
+    tbo = TwoBatchOverlap.for_model(lm)
+    assert tbo.layer_kinds == lm.layer_kinds and tbo.config is lm.config
+    assert tbo.cache_specs() == lm.cache_specs() and tbo.make_cache(2, 8).slots == 2
+    with pytest.raises(AttributeError):
+        tbo.no_such_attribute  # noqa: B018

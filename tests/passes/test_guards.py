@@ -50,3 +50,49 @@ def test_registered_custom_op_and_plain_ops_pass():
         check_no_unregistered_attention(_graph_calling(torch.ops.flash_attn_test.varlen_fwd))
     finally:
         hattn.unregister_split_op(torch.ops.flash_attn_test.varlen_fwd)
+
+
+@torch.library.custom_op("mylib_test::decay_scan", mutates_args=())
+def decay_scan(x: torch.Tensor) -> torch.Tensor:
+    return x.cumsum(0)
+
+
+@decay_scan.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_a_recurrent_scan_by_a_name_without_attention_in_it_is_rejected():
+    """README's own example of a mixer kernel (`decay_scan`), unregistered: the name rule catches scans, retention,
+    RWKV, HGRN, GLA/KDA and the like, not only 'attention'."""
+    with pytest.raises(UnregisteredAttentionError, match="custom op mylib_test::decay_scan"):
+        check_no_unregistered_attention(_graph_calling(torch.ops.mylib_test.decay_scan))
+
+
+def _compiled_calls(model, x):
+    torch._dynamo.reset()
+    be = hattn.backend(mode="pcg", inner_compiler="eager", progress=False)
+    with torch.no_grad(), hattn.forward_context(hattn.ForwardContext(seq_lens=[x.shape[0]])):
+        return torch.compile(model, backend=be)(x)
+
+
+class _InCheckpoint(torch.nn.Module):
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(lambda y: torch.ops.hattn_test.scale(y, 2.0).sin(), x, use_reentrant=False) * 2
+
+
+class _InCond(torch.nn.Module):
+    def forward(self, x):
+        return torch.cond(x.sum() > -1e9, lambda y: torch.ops.hattn_test.scale(y, 2.0) + 1,
+                          lambda y: torch.ops.hattn_test.scale(y, 3.0) - 1, (x,)) * 2
+
+
+@pytest.mark.parametrize("model", [_InCheckpoint, _InCond], ids=["checkpoint", "cond"])
+def test_a_split_op_inside_a_higher_order_op_is_refused(model):
+    """The graph is split at top-level calls only: a split op in checkpoint's or cond's body would run inside a
+    piece (captured with it in a CUDA graph)."""
+    with pytest.raises(Exception, match="the body of a higher-order op") as err:
+        _compiled_calls(model(), torch.randn(5, 4))
+    assert "split op hattn_test::scale" in str(err.value)
