@@ -85,16 +85,17 @@ def test_adapting_again_guards_once(adapted):
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_an_attention_implementation_set_after_adapt_is_refused(adapted, implementation):
+def test_an_attention_implementation_set_after_adapt_is_refused(implementation):
     """Set after adapt, transformers' own attention would run without hattn's cache (wrong tokens, no error): the
     adapted model refuses, called directly or compiled."""
     import hattn
+    from hattn.models.presets import load
 
-    c, hf = adapted
-    hf.config._attn_implementation = implementation
+    lm = load("tiny")  # its own: the shared cases must keep hattn's implementation
+    lm.hf.config._attn_implementation = implementation
     ids, positions = torch.tensor([1, 2, 3]), torch.arange(3)
     with pytest.raises(AdaptedModelError, match=f"attention implementation is '{implementation}', not hattn's"):
-        c.lm(ids, positions)
+        lm(ids, positions)
     with pytest.raises(Exception, match=f"attention implementation is '{implementation}'"):
-        hattn.generate(hattn.compile(c.lm, mode="eager", inner_compiler="eager"), [[1, 2, 3]],
+        hattn.generate(hattn.compile(lm, mode="eager", inner_compiler="eager"), [[1, 2, 3]],
                        params=hattn.SamplingParams(max_new_tokens=2))
