@@ -71,7 +71,8 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
     """Register a custom op as a split op of `kind`.
 
     `op` is `torch.ops.ns.name`, one of its overloads, the object `torch.library.custom_op` returned, or the
-    string "ns::name". Registering the same op again with the same kind is a no-op; with another kind, an error.
+    string "ns::name". Registering the same op again with the same kind replaces its flags (capture_safe, direct,
+    prepare) for graphs compiled from then on; with another kind, it is an error.
     `capture_safe=True` declares that the op's kernels keep fixed addresses and never sync with the host, so
     `mode="full"` may capture it inside one graph. `direct` is the op's implementation as a plain Python function
     (the same for every device): graph runtimes then call it between graphs without the dispatcher (see
