@@ -97,7 +97,7 @@ def test_malformed_arguments_are_usage_errors(capsys, argv, message):
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [(["--stop-ids", "-5"], "stop_tokens must be token ids"),
+@pytest.mark.parametrize("flags, message", [(["--stop-ids", "-5"], "stop_tokens must be a token id or a list of them"),
                                             (["--temperature", "nan"], "temperature must be a finite number"),
                                             (["--max-new-tokens", "0"], "max_new_tokens must be an int >= 1")])
 def test_sampling_settings_out_of_range_are_one_line_errors(flags, message):

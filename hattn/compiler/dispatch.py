@@ -353,9 +353,10 @@ class Dispatch:
         the frame; backward hooks too), a torch-function or dispatch mode, and a Dynamo stance other than the default
         (e.g. `force_eager`)."""
         m = self.module
-        if m is None or any(getattr(x, name) for x in (m, self.model) for name in _MODULE_HOOKS):
+        if m is None or _hooked(m) or _hooked(self.model):
             return False
-        if any(getattr(_hooks, name) for name in _GLOBAL_HOOKS):
+        if _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks or _hooks._global_backward_hooks \
+                or _hooks._global_backward_pre_hooks:
             return False
         if torch._C._len_torch_function_stack():  # a TorchFunctionMode Dynamo would trace into the graph
             return False
@@ -365,9 +366,10 @@ class Dispatch:
         return stance is None or (stance.stance == "default" and not stance.skip_guard_eval_unsafe)
 
 
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                 "_global_backward_pre_hooks")
+def _hooked(m: torch.nn.Module) -> bool:  # attribute reads, not a loop: this runs at every step
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from hattn.models.sampling import SamplingParams
+from hattn.models.sampling import SamplingParams, token_ids
 
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' model-agnostic default (max_length=20 on top of the prompt)
 ACCEPTED = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
@@ -67,7 +67,7 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
     check_input_ids(input_ids)
     setting = _settings(generation_config, kwargs)
     _check_unsupported(setting)
-    eos = _token_ids(setting("eos_token_id"), "eos_token_id")
+    eos = token_ids(setting("eos_token_id"), "eos_token_id")
     pad = setting("pad_token_id")
     pad = eos[0] if pad is None and eos else pad
     repeats = _num_return_sequences(setting)
@@ -147,17 +147,6 @@ def _check_unsupported(setting) -> None:
                              f"transformers' generate on a model hattn has not adapted")
 
 
-def _token_ids(value, name: str) -> tuple[int, ...]:
-    """None, an int, a list or a tensor of token ids -> a tuple of ints."""
-    if value is None:
-        return ()
-    ids = value.flatten().tolist() if isinstance(value, torch.Tensor) else value
-    ids = [ids] if isinstance(ids, int) else list(ids)
-    if not all(isinstance(t, int) and t >= 0 for t in ids):
-        raise ValueError(f"{name} must be a token id or a list of them, got {value!r}")
-    return tuple(ids)
-
-
 def _num_return_sequences(setting) -> int:
     n = setting("num_return_sequences", 1)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -193,9 +182,7 @@ def _max_new_tokens(setting, width: int, max_positions: int | None = None) -> in
         if n < 1:
             raise ValueError(f"the {width}-token input fills the model's max_position_embeddings={max_positions}: "
                              f"pass max_new_tokens=... to generate past it")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}: ask for at least one new token")
-    return n
+    return n  # SamplingParams checks it (an int >= 1)
 
 
 def _sampling(setting) -> dict:

@@ -76,18 +76,23 @@ class SamplingParams:
             raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: off), got {self.no_repeat_ngram_size!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        self.stop_tokens = _stop_tokens(self.stop_tokens)
+        self.stop_tokens = token_ids(self.stop_tokens, "stop_tokens")
 
 
-def _stop_tokens(tokens) -> tuple[int, ...]:
-    tokens = () if tokens is None else (tokens,) if _is_int(tokens) else tokens
-    if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
-        raise ValueError(f"stop_tokens must be token ids (an int or a list of ints), got {tokens!r}")
-    tokens = tuple(tokens)
-    bad = [t for t in tokens if not _is_int(t) or not 0 <= t < 2 ** 63]
-    if bad:
-        raise ValueError(f"stop_tokens must be token ids (ints >= 0), got {bad[:3]!r} among them")
-    return tokens
+def token_ids(value, name: str) -> tuple[int, ...]:
+    """None, an int, a list or a tensor of token ids -> a tuple of ints (>= 0); else ValueError naming `name`."""
+    if value is None:
+        return ()
+    ids = value.flatten().tolist() if isinstance(value, torch.Tensor) else value
+    if _is_int(ids):
+        ids = [ids]
+    bad = ValueError(f"{name} must be a token id or a list of them, got {value!r}")
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        raise bad
+    ids = tuple(ids)
+    if not all(_is_int(t) and 0 <= t < 2 ** 63 for t in ids):
+        raise bad
+    return ids
 
 
 def _is_real(x) -> bool:

@@ -44,8 +44,11 @@ import torch.nn.functional as F
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
+from hattn.runtime.graphs import data_ptrs_at, data_ptrs_equal
+
 log = logging.getLogger("hattn")
-FUSED_WEIGHT_PREFIX = "_hattn_fused_weight_"
+FUSED_PREFIX = "_hattn_fused_"  # the fused buffers' names: FUSED_PREFIX + kind + "_" + index
+FUSED_WEIGHT_PREFIX = FUSED_PREFIX + "weight_"
 
 
 @dataclass
@@ -229,9 +232,9 @@ def _emit(gm: fx.GraphModule, group: list[_Linear], sizes: list[int], weight: to
 
 def _register(gm: fx.GraphModule, kind: str, t: torch.Tensor) -> str:
     i = 0
-    while hasattr(gm, f"_hattn_fused_{kind}_{i}"):
+    while hasattr(gm, f"{FUSED_PREFIX}{kind}_{i}"):
         i += 1
-    name = f"_hattn_fused_{kind}_{i}"
+    name = f"{FUSED_PREFIX}{kind}_{i}"
     assert kind != "weight" or name.startswith(FUSED_WEIGHT_PREFIX)
     gm.register_buffer(name, t, persistent=False)
     return name
@@ -250,17 +253,13 @@ class FusedWeightsGuard:
     torch has it (CUDA builds)."""
 
     def __init__(self, fn, indices: list[int], example_inputs: list):
-        self.fn, self.indices = fn, indices
-        self.ptrs: list[int | None] = [None] * len(example_inputs)
-        for i in indices:
-            self.ptrs[i] = example_inputs[i].data_ptr()
-        self._check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+        self.fn, self.indices, self.ptrs = fn, indices, data_ptrs_at(example_inputs, indices)
 
     @classmethod
     def wrap(cls, fn, gm: fx.GraphModule, example_inputs: list):
         """`fn` guarded by the parameters `gm`'s fused buffers hold (fn itself when nothing was fused)."""
         buffers = {StorageWeakRef(t.untyped_storage()) for name, t in gm.named_buffers()
-                   if name.startswith("_hattn_fused_")}
+                   if name.startswith(FUSED_PREFIX)}
         indices = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)
                    and StorageWeakRef(x.untyped_storage()) in buffers]
         return cls(fn, indices, example_inputs) if indices else fn
@@ -279,12 +278,8 @@ class FusedWeightsGuard:
         return self.fn(*args)
 
     def _same(self, args) -> bool:
-        if self._check is not None:
-            try:
-                return self._check(list(args), self.ptrs, self.indices)
-            except TypeError:  # an argument it does not take: the Python check decides
-                pass
-        return all(args[i].data_ptr() == self.ptrs[i] for i in self.indices)
+        same = data_ptrs_equal(args, self.ptrs, self.indices)
+        return all(args[i].data_ptr() == self.ptrs[i] for i in self.indices) if same is None else same
 
     def __getattr__(self, name: str):  # the graph's own attributes (runtime stats, plans) stay reachable
         if name == "fn":  # not set yet (a copy being built)

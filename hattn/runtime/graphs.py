@@ -383,20 +383,36 @@ class ModuleState:
         dims = layout.in_dims
         indices = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not (i < len(dims) and dims[i])
                    and i not in layout.owned]
-        ptrs: list[int | None] = [None] * len(args)
-        for i in indices:
-            ptrs[i] = args[i].data_ptr()
-        return cls(indices, [args[i] for i in indices], ptrs)
+        return cls(indices, [args[i] for i in indices], data_ptrs_at(args, indices))
 
     def swapped(self, args) -> bool:
         """Whether an input is the captured tensor object with another storage (one C++ call when nothing moved)."""
-        check = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds
-        try:
-            if check is not None and check(list(args), self.ptrs, self.indices):
-                return False
-        except TypeError:  # an argument it does not take (a float, None): the Python check below decides
-            pass
+        if data_ptrs_equal(args, self.ptrs, self.indices):
+            return False
         return any(args[i] is obj and args[i].data_ptr() != self.ptrs[i] for i, obj in zip(self.indices, self.objects))
+
+
+def data_ptrs_at(args, indices: list[int]) -> list[int | None]:
+    """Per argument position, the data pointer of the tensors at `indices` (None elsewhere): what
+    `data_ptrs_equal` compares against."""
+    ptrs: list[int | None] = [None] * len(args)
+    for i in indices:
+        ptrs[i] = args[i].data_ptr()
+    return ptrs
+
+
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)  # CUDA builds
+
+
+def data_ptrs_equal(args, ptrs: list[int | None], indices: list[int]) -> bool | None:
+    """Whether the arguments at `indices` still have the data pointers `ptrs` holds, in one C++ call; None where
+    torch lacks it or it refuses an argument (a float, None): the caller's Python check decides."""
+    if _PTRS_EQUAL is None:
+        return None
+    try:
+        return _PTRS_EQUAL(list(args), ptrs, indices)
+    except TypeError:
+        return None
 
 
 # -- the runtime --------------------------------------------------------------------------------------------------
