@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import gc
 import os
 import pstats
@@ -64,6 +65,13 @@ def _us(fn, reps: int, sync: bool) -> float:
         times.append((time.perf_counter() - t0) * 1e6)
     torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def _all_inputs(rt, args):
+    """The runtime's module-state check as it was before session 47: over the inputs its graph never reads too."""
+    from hattn.runtime.graphs import ModuleState
+
+    return ModuleState.of(dataclasses.replace(rt.layout, unread=frozenset()), args)
 
 
 def _stitched(served, ctx):
@@ -118,9 +126,14 @@ def _parts(model, ctx_of, ids, pos, reps: int) -> None:
         "dispatch _plain": inside(dispatch._plain),
         "dispatch _fill": lambda: _fill(direct.template, direct.plan, (ids, pos)),
         "ModuleState.swapped": lambda: rt.state.swapped(args),
+        "ModuleState.swapped over the unread inputs too": partial(_all_inputs(rt, args).swapped, args),
         "step_tokens": inside(lambda: step_tokens(rt.layout, args)),
         "StaticInputs.fill": inside(lambda: rt.inputs.fill(size, args, n)),
     }
+    if hasattr(traced.fn, "_same"):  # fuse_linears' FusedWeightsGuard around the runtime
+        stages["FusedWeightsGuard's check"] = lambda: traced.fn._same(filled)
+    print(f"   inputs checked a call: module state {len(rt.state.indices)} (unread left out: "
+          f"{len(rt.layout.unread)}), fused weights {len(getattr(traced.fn, 'indices', ()))}")
     if hasattr(rt, "graphs"):  # full: one graph a step
         stages["fill_step (slots, context lengths)"] = inside(lambda: rt.fill_step(rt.static(size), ctx, size))
         stages["CUDAGraph.replay"] = rt.graphs[size].graph.replay

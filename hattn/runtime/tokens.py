@@ -30,6 +30,8 @@ class TokenLayout:
     out_dims[j]  likewise for outputs; None = discover at run time: every tensor whose dim `out_dim` has the
                  padded size (outputs of any pytree structure)
     owned        indices of other tensor inputs that are forward arguments (copied into owned static buffers)
+    unread       indices of inputs no node of the graph reads (parameters fused into one buffer at compile time):
+                 their storage may change without the graphs reading stale memory
     reason       why graphs cannot serve this callable (e.g. several dynamic sizes), or None
     """
 
@@ -38,6 +40,7 @@ class TokenLayout:
     out_dims: list[tuple[int, ...]] | None = None
     owned: list[int] = field(default_factory=list)
     reason: str | None = None
+    unread: frozenset[int] = frozenset()
     out_dim: int = 0
 
     def num_tokens(self, args) -> int:

@@ -673,6 +673,53 @@ def test_a_parameter_given_new_storage_after_capture_is_captured_again(caplog):
     assert rt.order == [4, 4]
 
 
+def test_a_parameter_the_graph_never_reads_is_not_checked_at_each_call(caplog):
+    """An input no node reads (a parameter fused into one buffer at compile time: `TokenLayout.unread`) is left
+    out of the per-call storage check: new storage there costs no second capture, and the check skips it."""
+    from hattn.runtime import graphs
+
+    class Graphs(FakeGraphs):
+        def __init__(self, fn, sizes):
+            super().__init__(fn, sizes)
+            self.layout = TokenLayout([(0,), (), ()], unread=frozenset({2}))
+
+    weight, unread = (torch.nn.Parameter(torch.ones(1), requires_grad=False) for _ in range(2))
+    rt = Graphs(lambda x, w, _: x * w, [4])
+    with caplog.at_level(logging.WARNING, logger="hattn"):
+        assert rt(torch.ones(3), weight, unread).tolist() == [1.0] * 3
+        unread.data = torch.full((1,), 2.0)
+        assert rt(torch.ones(3), weight, unread).tolist() == [1.0] * 3
+    assert rt.order == [4] and "got new storage" not in caplog.text
+    assert rt.state.indices == [1]
+    state = graphs.ModuleState.of(TokenLayout([(0,), (), ()]), [torch.ones(3), weight, unread])
+    assert state.indices == [1, 2]  # without `unread`, both are checked
+
+
+def test_graph_layout_names_the_parameters_fused_linears_left_unread():
+    """After fuse_linears the fused parameters' placeholders have no users (the GEMM reads the fused buffer): the
+    layout of the split graph lists them as unread, and nothing else."""
+    from hattn.passes.fuse_linears import fuse_linears
+    from hattn.passes.split import split_graph
+    from hattn.runtime.graphs import graph_layout
+
+    model, seen = toy_model(pattern=["linear", "full"]), []
+
+    def backend(gm, example_inputs):
+        before = graph_layout(gm).unread
+        assert fuse_linears(gm, example_inputs) > 0
+        split_gm, _ = split_graph(gm)
+        placeholders = split_gm.graph.find_nodes(op="placeholder")
+        seen.append((before, graph_layout(split_gm).unread, [placeholders[i].name for i in
+                                                             graph_layout(split_gm).unread]))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad(), hattn.forward_context(hattn.ForwardContext([6])):
+        torch.compile(model, backend=backend, dynamic=True)(torch.arange(6))
+    before, after, names = seen[0]
+    assert not before and after and all("weight" in n or "bias" in n for n in names), names
+
+
 def test_full_mode_serves_a_step_above_its_largest_bucket_graph_free_without_leaving_its_cache(stand_in_capture):
     """A prompt longer than the largest bucket runs graph-free whatever cache it carries; the graphs stay bound to
     their cache (they were released and captured twice: once for the long prompt's cache, once to come back)."""
