@@ -57,7 +57,11 @@ def _packet_of(op) -> torch._ops.OpOverloadPacket:
         return op.overloadpacket
     if isinstance(op, str) and "::" in op:
         ns, name = op.split("::", 1)
-        return getattr(getattr(torch.ops, ns), name.split(".")[0])
+        try:
+            return getattr(getattr(torch.ops, ns), name.split(".")[0])
+        except (AttributeError, RuntimeError) as e:
+            raise RegistryError(f"no custom op {op!r} is defined (define it with torch.library.custom_op or "
+                                f"torch.library.define before registering it): {e}") from None
     if hasattr(op, "_opoverload"):  # torch.library.custom_op's CustomOpDef
         return op._opoverload.overloadpacket
     raise RegistryError(
@@ -80,10 +84,14 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
     arguments (bcg's replays of its recorded calls, pcg's call sites): it returns None (not served), or a runner:
     `runner(ctx)` does the call for that step's forward context (checks and planning done once, when it first
     serves a context like it) and returns True, or returns False, and the runtime calls the op. A runner may only
-    be faster, never different: same kernels, same results. Only ops that return nothing are prepared.
+    be faster, never different: same kernels, same results. Only ops that return nothing are prepared. `direct`
+    and `prepare` serve the op's default overload (what `torch.ops.ns.name(...)` calls); its other overloads
+    (`.out`, ...) go through the dispatcher.
     """
     if not isinstance(kind, str) or not kind.isidentifier():
         raise RegistryError(f"split-op kind must be an identifier string such as 'mamba', got {kind!r}")
+    if not isinstance(capture_safe, bool):
+        raise RegistryError(f"capture_safe must be True or False, got {capture_safe!r}")
     for name, fn in (("direct", direct), ("prepare", prepare)):
         if fn is not None and not callable(fn):
             raise RegistryError(f"{name}= must be a function (see register_split_op), got {fn!r}")
@@ -129,6 +137,19 @@ def split_op_of(target) -> SplitOp | None:
     return _OPS.get(target._qualified_op_name)
 
 
+def serves_overload(target) -> bool:
+    """Whether a split op's `direct` and `prepare` serve `target`: its packet (what Dynamo's graphs hold) or its
+    default overload. Another overload (`.out`, or any other schema of the op) has code of its own: it is called
+    through the dispatcher."""
+    return not isinstance(target, torch._ops.OpOverload) or target._overloadname == "default"
+
+
+def prepare_of(target) -> Callable | None:
+    """The `prepare` of the split op `target` calls, where it serves that overload (`serves_overload`)."""
+    op = split_op_of(target)
+    return op.prepare if op is not None and serves_overload(target) else None
+
+
 def direct_call(target) -> Callable:
     """What a runtime calls for `target` when it runs eagerly between graphs: a split op's `direct` implementation,
     under a profiler range of the op's name while a profiler runs, or `target` itself.
@@ -138,7 +159,7 @@ def direct_call(target) -> Callable:
     finds split ops through the dispatcher, so only its recorded calls use this). Not inside a trace.
     """
     op = split_op_of(target)
-    if op is None or op.direct is None:
+    if op is None or op.direct is None or not serves_overload(target):
         return target
     fn, name = op.direct, op.name
 
@@ -166,8 +187,9 @@ ATTENTION_ATEN = frozenset({
     "_flash_attention_forward", "_efficient_attention_forward", "_cudnn_attention_forward",
 })
 # names of custom ops / user Triton kernels that are batch-dependent mixers unless registered
-MIXER_NAME = re.compile(r"attn|attention|delta_rule|mamba|scan|ssm|lightning|conv1d_update|varlen|retention|rwkv|"
-                        r"hgrn|recurren|flash|(^|_)(gla|gsa|kda|sdpa|mla)(_|$)")
+MIXER_NAME = re.compile(r"attn|attention|delta_rule|mamba|scan|ssm|lightning|conv1d|varlen|retention|rwkv|hgrn|"
+                        r"recurren|flash|mixer|selective_state|kv_?cache|reshape_and_cache|"
+                        r"(^|_)(gla|gsa|kda|sdpa|mla|ssd|lstm|mlstm|rnn|rglru|gru)(_|$)")
 _OWN_NAMESPACES = ("aten", "prims", "_c10d_functional", "c10d")
 
 

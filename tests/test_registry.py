@@ -49,6 +49,48 @@ def test_register_rejects_non_custom_ops_and_bad_kinds():
         hattn.register_split_op(torch.ops.hattn_test.scale, "not a kind")
 
 
+def test_register_names_a_missing_op_and_wants_a_bool_capture_safe():
+    with pytest.raises(RegistryError, match="no custom op 'hattn_test::typo' is defined"):
+        hattn.register_split_op("hattn_test::typo", "testmix")
+    with pytest.raises(RegistryError, match="capture_safe must be True or False, got 'no'"):
+        hattn.register_split_op(torch.ops.hattn_test.scale, "testmix", capture_safe="no")
+
+
+_OVERLOADS = torch.library.Library("hattn_overload_test", "DEF")
+_OVERLOADS.define("mix(Tensor x, float s=1.0) -> Tensor")
+_OVERLOADS.define("mix.neg(Tensor x, float s) -> Tensor")
+_OVERLOADS.impl("mix", lambda x, s=1.0: x * s, "CompositeExplicitAutograd")
+_OVERLOADS.impl("mix.neg", lambda x, s: -x * s, "CompositeExplicitAutograd")
+_OVERLOADS.impl("mix", lambda x, s=1.0: torch.empty_like(x), "Meta")  # what fake tensors run
+_OVERLOADS.impl("mix.neg", lambda x, s: torch.empty_like(x), "Meta")
+
+
+class _CallsOverloads(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.hattn_overload_test.mix.neg(x, 2.0) + torch.ops.hattn_overload_test.mix(x, 3.0)
+
+
+@pytest.mark.parametrize("mode", ["eager", "pcg", "bcg"])
+def test_direct_and_prepare_serve_the_default_overload_only(mode):
+    """`direct=` is the default overload's code: a call of another overload (`.neg` here, `.out` in general) goes
+    through the dispatcher. It ran the default's code before (2x instead of -2x, silently)."""
+    packet = torch.ops.hattn_overload_test.mix
+    prepare = lambda *args, **kwargs: None  # noqa: E731
+    hattn.register_split_op(packet, "overloadmix", direct=lambda x, s=1.0: x * s, prepare=prepare)
+    try:
+        assert registry.direct_call(packet.neg) is packet.neg
+        assert registry.direct_call(packet.default) is not packet.default
+        assert registry.prepare_of(packet.neg) is None and registry.prepare_of(packet) is prepare
+        model, x = _CallsOverloads(), torch.ones(3, 4)
+        torch._dynamo.reset()
+        be = hattn.backend(mode=mode, inner_compiler="eager", progress=False)
+        with torch.no_grad(), hattn.forward_context(hattn.ForwardContext(seq_lens=[3])):
+            torch.testing.assert_close(torch.compile(model, backend=be)(x), model(x))  # 1.0 each, not 5.0
+        assert be.stats.split_ops == 2
+    finally:
+        hattn.unregister_split_op(packet)
+
+
 def test_route_cross_checks_layer_kinds():
     kinds = {0: "linear", 1: "full"}
     check_route("full", 1, kinds)

@@ -26,7 +26,8 @@ from hattn.compiler.config import Config
 from hattn.compiler.dispatch import Traced, input_sources, learning, one_token_dims, symbolic_sizes, whole_frame
 from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import FusedWeightsGuard, fuse_linears
-from hattn.passes.guards import check_no_unregistered_attention, check_split_ops_present
+from hattn.passes.guards import (check_no_unregistered_attention, check_split_ops_outside_contexts,
+                                 check_split_ops_present)
 from hattn.passes.small_m_linears import route_small_m_linears
 from hattn.passes.split import split_graph
 from hattn.counters import Stats, register
@@ -332,6 +333,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
         snapshot.renew_names(gm)
     start = time.perf_counter()
     check_no_unregistered_attention(gm)  # first: a rejected graph leaves the user's parameters untouched
+    check_split_ops_outside_contexts(gm)
     check_split_ops_present(gm, example_inputs, config.mode, config.uses_graphs)
     # with "eager" the pieces run as traced FX code: no fake run. The fakes are made before fuse_linears rebinds
     # parameters: a rebound one's storage offset contradicts the one Dynamo traced it with.

@@ -68,12 +68,13 @@ class Config:
             raise ValueError(
                 f"unknown inner_compiler {self.inner_compiler!r}; valid: {', '.join(INNER_COMPILERS)}"
             )
-        sizes = list(self.capture_sizes)
+        sizes = list(self.capture_sizes) if isinstance(self.capture_sizes, (list, tuple, set, range)) else [None]
         if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
             raise ValueError(f"capture_sizes must be a non-empty list of positive ints, got {self.capture_sizes!r}")
         self.capture_sizes = sorted(set(sizes))
-        if not isinstance(self.lazy_capture, bool):
-            raise ValueError(f"lazy_capture must be True or False, got {self.lazy_capture!r}")
+        for name in ("lazy_capture", "progress", "fuse_linears", "small_m_gemm", "gated_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         self._check_cache_dir()
 
     def _check_cache_dir(self) -> None:

@@ -25,8 +25,9 @@ from hattn.registry import MIXER_NAME, UnregisteredAttentionError, split_op_of, 
 
 _MIXER_HOPS = ("flex_attention", "triton_kernel_wrapper")
 
-__all__ = ["UnregisteredAttentionError", "NoSplitOpError", "NoSplitOpWarning", "check_no_unregistered_attention",
-           "check_split_ops_present", "unregistered_attention_reason", "attention_without_split_op"]
+__all__ = ["UnregisteredAttentionError", "NoSplitOpError", "NoSplitOpWarning", "SplitOpInContextError",
+           "check_no_unregistered_attention", "check_split_ops_outside_contexts", "check_split_ops_present",
+           "unregistered_attention_reason", "attention_without_split_op"]
 
 
 class NoSplitOpError(UnregisteredAttentionError):
@@ -35,6 +36,10 @@ class NoSplitOpError(UnregisteredAttentionError):
 
 class NoSplitOpWarning(UserWarning):
     """Mode eager got a graph with attention-like compute but no split op (it runs, without hattn's attention)."""
+
+
+class SplitOpInContextError(ValueError):
+    """A split op called inside a `with` block that Dynamo records as enter/exit calls (autocast, inference_mode)."""
 
 
 def unregistered_attention_reason(node: fx.Node) -> str | None:
@@ -117,6 +122,30 @@ def check_no_unregistered_attention(gm: fx.GraphModule) -> None:
                     f"outside checkpoint / cond when compiling with hattn (checkpointing is for training; hattn "
                     f"serves inference)."
                 )
+
+
+def check_split_ops_outside_contexts(gm: fx.GraphModule) -> None:
+    """Raise SplitOpInContextError for a split op called inside a `with torch.autocast(...)` or
+    `with torch.inference_mode()` block. Dynamo records such a block as an `_enter_*` call whose result the matching
+    `_exit_*` call takes; a split op between them splits the block over two pieces (the context object would cross
+    the piece boundary, which inductor cannot compile, and a piece's graph replays without entering the context).
+    Grad mode (`torch.no_grad()`) is a plain `_set_grad_enabled` call and splits fine."""
+    open_blocks: dict[fx.Node, None] = {}
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        if name.startswith("_enter_"):
+            open_blocks[node] = None
+        elif name.startswith("_exit_") and node.args and node.args[0] in open_blocks:
+            del open_blocks[node.args[0]]
+        elif open_blocks and split_op_of(node) is not None:
+            block = next(reversed(open_blocks))
+            kind = getattr(block.target, "__name__", "")[len("_enter_"):]
+            raise SplitOpInContextError(
+                f"split op {split_op_of(node).name} (node {node.name!r}) is called inside a `with` block ({kind}); "
+                f"hattn splits the graph at split ops, and such a block cannot span two pieces.\n  at "
+                f"{source_line(node)}\nFix: move the split-op call out of the block, or apply the block's setting "
+                f"inside the op's own implementation."
+            )
 
 
 # -- attention written out in plain ops, in a graph without split ops -----------------------------------------------

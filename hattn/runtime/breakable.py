@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hattn.context import get_forward_context
 from hattn.counters import Stats, new_stats
-from hattn.registry import Mode, UnregisteredAttentionError, direct_call, register_mode, split_op_of, unregistered_mixer
+from hattn.registry import (Mode, UnregisteredAttentionError, direct_call, prepare_of, register_mode, split_op_of,
+                            unregistered_mixer)
 from hattn.runtime import graphs, stitch
 from hattn.runtime.freeing import run_freeing
 from hattn.runtime.graph_free import graph_free
@@ -104,7 +105,7 @@ class _Capture:
             # weak references: the segments' tensors it reads are pool memory that later segments of this capture
             # may reuse once the forward drops them (held here, every linear layer's inputs stayed allocated to the
             # capture's end: ~0.9 GiB of bcg's pool at 2048 tokens); what the eager op returned stays owned
-            prepare = op.prepare if op is not None and op.direct is not None else None
+            prepare = prepare_of(func) if op is not None and op.direct is not None else None
             self.ops.append(_Recorded(direct_call(func), weak_refs(args), weak_refs(kwargs), out, prepare,
                                       name=op.name if op else ""))
         self.begin_segment()

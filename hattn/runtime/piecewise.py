@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from hattn.context import get_forward_context
 from hattn.counters import Stats
-from hattn.registry import Mode, register_mode, returns_nothing, split_op_of
+from hattn.registry import Mode, prepare_of, register_mode, returns_nothing, split_op_of
 from hattn.runtime import graphs, stitch
 from hattn.runtime.freeing import run_freeing
 from hattn.runtime.graph_free import direct_split_ops, graph_free
@@ -236,7 +236,7 @@ def _prepared_split_ops(split_gm: fx.GraphModule, runtime: "PiecewiseRuntime") -
         target = node.meta.get("split_op")
         op = split_op_of(target)
         if op is not None and returns_nothing(target):
-            node.target, changed = _call_site(node.target, op, runtime), True
+            node.target, changed = _call_site(node.target, op, prepare_of(target), runtime), True
     if changed:
         split_gm.recompile()
     return split_gm
@@ -245,7 +245,7 @@ def _prepared_split_ops(split_gm: fx.GraphModule, runtime: "PiecewiseRuntime") -
 _REBINDS = 4  # a site whose arguments keep changing at one size (between captures) stops preparing there
 
 
-def _call_site(fn, op, runtime: "PiecewiseRuntime"):
+def _call_site(fn, op, prepare, runtime: "PiecewiseRuntime"):
     """A split op's call site under pcg. At replay a size's calls pass the same tensors step after step (what the
     pieces' graphs return, parameters): per size, the op's `prepare` (if it has one) gives a runner once, and the
     runner serves the steps it accepts (`graphs.prepared` switches it off too). Other phases, steps the runner
@@ -256,11 +256,11 @@ def _call_site(fn, op, runtime: "PiecewiseRuntime"):
     def call(*args, **kwargs):
         if runtime.recording is not None:
             runtime.recording.record_site(call, args, kwargs)
-        if runtime.phase == "replay" and graphs.prepared and op.prepare is not None:
+        if runtime.phase == "replay" and graphs.prepared and prepare is not None:
             site = sites.get(runtime.size)
             if site is None or not (runtime.planned or _same(site, args, kwargs)):
                 rebinds = 0 if site is None else site[3] + 1
-                runner = graphs.prepared_runner(op.prepare, args, kwargs, runtime.stats) if rebinds < _REBINDS else None
+                runner = graphs.prepared_runner(prepare, args, kwargs, runtime.stats) if rebinds < _REBINDS else None
                 site = sites[runtime.size] = [args, kwargs, runner, rebinds]
             if site[2] is not None and graphs.run_prepared(site[2], op.name):
                 runtime.stats.prepared_calls += 1

@@ -54,6 +54,11 @@ def test_entry_point_accepts_options_with_mode():
         ({"mode": "pcg", "capture_size": [1]}, r"unknown hattn option\(s\) \['capture_size'\]"),
         ({"mode": "pcg", "inner_compiler": "tvm"}, "unknown inner_compiler 'tvm'"),
         ({"mode": "pcg", "capture_sizes": [0, 4]}, "capture_sizes must be a non-empty list of positive ints"),
+        ({"mode": "pcg", "capture_sizes": 8}, "capture_sizes must be a non-empty list of positive ints, got 8"),
+        ({"mode": "pcg", "fuse_linears": "no"}, "fuse_linears must be True or False, got 'no'"),
+        ({"mode": "pcg", "progress": 0}, "progress must be True or False, got 0"),
+        ({"mode": "pcg", "small_m_gemm": None}, "small_m_gemm must be True or False, got None"),
+        ({"mode": "pcg", "gated_mlp": "yes"}, "gated_mlp must be True or False, got 'yes'"),
     ],
 )
 def test_bad_mode_or_option_is_a_value_error(kwargs, match):

@@ -62,6 +62,19 @@ def _(x):
     return torch.empty_like(x)
 
 
+@pytest.mark.parametrize("name", ["token_mixer", "causal_conv1d_fwd", "selective_state_update", "ssd_combined",
+                                  "reshape_and_cache", "store_kvcache", "kv_cache_write", "lstm", "rglru",
+                                  "mlstm_chunk", "rnn_step"])
+def test_mixer_names_the_rule_knows(name):
+    """Batch-dependent kernels of the field by their usual names (vLLM's and mamba's among them): unregistered,
+    each is refused; names that merely contain such letters are not."""
+    from hattn.registry import MIXER_NAME
+
+    assert MIXER_NAME.search(name)
+    assert not any(MIXER_NAME.search(n) for n in ("hornet_gemm", "fused_rms_norm", "grouped_mm_fallback",
+                                                   "swiglu", "rotary_embedding"))
+
+
 def test_a_recurrent_scan_by_a_name_without_attention_in_it_is_rejected():
     """README's own example of a mixer kernel (`decay_scan`), unregistered: the name rule catches scans, retention,
     RWKV, HGRN, GLA/KDA and the like, not only 'attention'."""
@@ -96,3 +109,48 @@ def test_a_split_op_inside_a_higher_order_op_is_refused(model):
     with pytest.raises(Exception, match="the body of a higher-order op") as err:
         _compiled_calls(model(), torch.randn(5, 4))
     assert "split op hattn_test::scale" in str(err.value)
+
+
+@torch.library.custom_op("hattn_guard_test::mix", mutates_args=())
+def _mix(x: torch.Tensor, layer_id: int) -> torch.Tensor:
+    return x.cumsum(0)
+
+
+@_mix.register_fake
+def _(x, layer_id):
+    return torch.empty_like(x)
+
+
+class _InBlock(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.lin = block, torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        with self.block():
+            y = torch.ops.hattn_guard_test.mix(self.lin(x), 0)
+        with torch.no_grad():  # grad mode is a plain call in the graph: it splits fine
+            y = torch.ops.hattn_guard_test.mix(y, 1)
+        return y + 1
+
+
+@pytest.mark.parametrize("block", [lambda: torch.autocast("cpu", enabled=False), torch.inference_mode],
+                         ids=["autocast", "inference_mode"])
+def test_a_split_op_inside_an_autocast_or_inference_mode_block_is_refused(block):
+    """Such a block would span two pieces (its context object crossing the boundary: inductor's compile failed deep
+    inside torch, and a failed inference_mode block left the process unable to build an nn.Linear): a clear error
+    before anything compiles, naming the op and the fix; the process stays usable."""
+    from hattn.passes.guards import SplitOpInContextError
+
+    hattn.register_split_op(torch.ops.hattn_guard_test.mix, "guard_mix")
+    try:
+        torch._dynamo.reset()
+        be = hattn.backend(mode="pcg", progress=False)
+        with pytest.raises(Exception, match="hattn_guard_test::mix .* inside a `with` block") as err:
+            torch.compile(_InBlock(block), backend=be)(torch.randn(5, 4))
+        assert "move the split-op call out of the block" in str(err.value)
+        assert isinstance(getattr(err.value, "inner_exception", err.value), SplitOpInContextError), repr(err.value)
+        torch.nn.Linear(2, 2)(torch.randn(1, 2))
+        assert be.stats.graphs_compiled == 0
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_guard_test.mix)
