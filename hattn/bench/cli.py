@@ -58,7 +58,11 @@ def _targets_of(suite: str, modes_text: str) -> list[str]:
         known = [*hattn_modes, *PEERS]
         groups = {"all": known, "goals": list(GOALS), "hattn": hattn_modes, "peers": PEERS}
     out: list[str] = []
-    for name in (t.strip() for t in modes_text.split(",") if t.strip()):
+    names = [t.strip() for t in modes_text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--modes {modes_text!r} names no target; targets: {', '.join(known)} (groups: "
+                         f"{', '.join(groups)})")
+    for name in names:
         for n in groups.get(name, (name,)):
             if n not in known:
                 raise ValueError(f"unknown target {n!r} for --suite {suite}; targets: {', '.join(known)} "
@@ -81,10 +85,40 @@ def _workloads_of(suite: str, text: str) -> list[str]:
 
 
 def _ints(text: str) -> list[int]:
+    """Comma-separated positive integers (sizes: batches, token counts), each once, in ascending order."""
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        values = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return sorted(set(values))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seconds(text: str, lowest: float = 0.0, allow_lowest: bool = False) -> float:
+    """A finite number of seconds above `lowest` (or equal to it, where allowed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < lowest or (value == lowest and not allow_lowest):
+        bound = f">= {lowest:g}" if allow_lowest else f"> {lowest:g}"
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds {bound}, got {text!r}")
+    return value
+
+
+def _warmup_seconds(text: str) -> float:
+    return _seconds(text, allow_lowest=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -99,23 +133,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                        "gdn-prefill, attn-decode, gemm); default: all of the suite")
     p.add_argument("--quick", action="store_true", help="small sizes, few repetitions: a smoke run")
     p.add_argument("--out", default="out/bench", help="directory for bench.json, bench.png, bench.txt")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=_seconds, default=None,
                    help="seconds for the whole run, report included (default: model 540, others 240; quick 120)")
-    p.add_argument("--reps", type=int, default=None, help="timed calls per point (default 10; quick 3)")
-    p.add_argument("--max-s", type=float, default=None, help="seconds of timed calls per point (default 1)")
-    p.add_argument("--warmup-s", type=float, default=None,
+    p.add_argument("--reps", type=_positive_int, default=None, help="timed calls per point (default 10; quick 3)")
+    p.add_argument("--max-s", type=_seconds, default=None, help="seconds of timed calls per point (default 1)")
+    p.add_argument("--warmup-s", type=_warmup_seconds, default=None,
                    help="seconds of warm-up calls per point after the first, at least (default on a GPU 0.2, "
                         "quick 0.05; on a CPU 0)")
-    p.add_argument("--slow-s", type=float, default=None,
+    p.add_argument("--slow-s", type=_seconds, default=None,
                    help="skip larger sizes of a series projected past this many seconds per call (default 3)")
     p.add_argument("--tokens", type=_ints, help="prefill token counts of one prompt (default 16,256,1024,4096,8192)")
     p.add_argument("--packed-tokens", dest="packed", type=_ints,
                    help="token counts of the packed prefill rows, --seqs prompts each (default seqs x 1024)")
-    p.add_argument("--seqs", type=int, help="sequences of the packed prefill (default 4)")
+    p.add_argument("--seqs", type=_positive_int, help="sequences of the packed prefill (default 4)")
     p.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,16,64)")
-    p.add_argument("--context", type=int, help="decode context length (default 1024)")
-    p.add_argument("--prompt", type=int, help="prompt tokens of the generate rows (default 128)")
-    p.add_argument("--new-tokens", type=int, help="tokens the generate rows make (default 128)")
+    p.add_argument("--context", type=_positive_int, help="decode context length (default 1024)")
+    p.add_argument("--prompt", type=_positive_int, help="prompt tokens of the generate rows (default 128)")
+    p.add_argument("--new-tokens", type=_positive_int, help="tokens the generate rows make (default 128)")
     p.add_argument("--gen-batches", type=_ints, help="batches of the generate rows (default 1,16)")
     p.add_argument("--capture-sizes", type=_ints, help="graph capture sizes (default: 16 sizes 1..2048)")
     p.add_argument("--inner-compiler", default=None, choices=["inductor", "eager"],
@@ -152,9 +186,27 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.resolved = True
     defaults = SUITES[args.suite]
     args.inner_compiler = args.inner_compiler or defaults.get("inner_compiler", "inductor")
-    args.modes = _targets_of(args.suite, args.modes or defaults["modes"])
+    args.modes = _targets_of(args.suite, args.modes if args.modes is not None else defaults["modes"])
     args.workloads = _workloads_of(args.suite, args.workloads or defaults["workloads"])
+    _check_device(args.device)
     return args
+
+
+def _check_device(name: str | None) -> None:
+    """--device names cpu or cuda, and cuda only where torch has a CUDA device (ValueError otherwise)."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu or cuda (cuda:N for one GPU)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}, but torch sees no CUDA device here (torch {torch.__version__}); use "
+                         f"--device cpu")
 
 
 def _options(args, cuda: bool):

@@ -9,6 +9,7 @@ Ratios: `vs_base` = base ms / target ms (a speedup; base: hattn's eager mode, or
 from __future__ import annotations
 
 import json
+import math
 
 from hattn.bench import goals
 from hattn.bench.floor import floor_ms
@@ -36,11 +37,22 @@ def add_per_token(entries: dict, per_token: list[Point]) -> None:
                 e["results"][p.id] = {"error": f"not measurable: {many} ({rn['ms']:.3f} ms) took no longer than "
                                                f"{one} ({r1['ms']:.3f} ms); the host was too noisy for this size"}
             elif "ms" in r1 and "ms" in rn:
-                e["results"][p.id] = {"ms": (rn["ms"] - r1["ms"]) / (p.new_tokens - 1), "derived": f"({many} - {one})"
-                                      f" / {p.new_tokens - 1}"}
+                e["results"][p.id] = _per_token_row(r1, rn, p.new_tokens - 1, f"({many} - {one}) / {p.new_tokens - 1}")
             else:
                 bad = rn if "ms" not in rn else r1
                 e["results"][p.id] = {"skipped": f"needs both generate rows: {bad.get('error') or bad.get('skipped')}"}
+
+
+def _per_token_row(r1: dict, rn: dict, steps: int, derived: str) -> dict:
+    """The per-token row from its two generate rows, with their host probes and host time (the goals' host-phase
+    rule reads them: a per-token figure is as host-bound as the rows it comes from)."""
+    row = {"ms": (rn["ms"] - r1["ms"]) / steps, "derived": derived}
+    probes = (r1.get("host_probe_us") or []) + (rn.get("host_probe_us") or [])
+    if probes:
+        row["host_probe_us"] = probes
+    if r1.get("host_ms") is not None and rn.get("host_ms") is not None:
+        row["host_ms"] = max(0.0, (rn["host_ms"] - r1["host_ms"]) / steps)
+    return row
 
 
 def rows(points: list[Point], meta: dict) -> list[dict]:
@@ -86,5 +98,17 @@ def build(meta: dict, points: list[Point], entries: dict, partial: list[str] = (
 
 
 def write_json(result: dict, path: str) -> None:
+    """`result` as strict JSON: a non-finite float (an unbounded time box, a ratio without a base) is written as
+    null, which every JSON parser reads (json.dump's default writes Infinity and NaN, which strict ones reject)."""
     with open(path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
+        json.dump(_finite(result), f, indent=1, default=str, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

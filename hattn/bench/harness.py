@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import math
 import os
 import platform
 import signal
@@ -164,7 +165,9 @@ def measure(fn: Callable, clock: Clock, reps: int = 10, max_s: float = 1.0, warm
         hosts.append(host)
     host_ms = statistics.median(hosts) if None not in hosts else None
     ms = statistics.median(times)
-    chained_calls = min(len(times), int(max_s * 1e3 / ms)) if back_to_back and ms > 0 else 0  # within max_s too
+    # within max_s too (an infinite max_s, as tensor-parallel runs set it so every rank times as many calls: all)
+    within = len(times) if math.isinf(max_s) else int(max_s * 1e3 / ms) if ms > 0 else 0
+    chained_calls = min(len(times), within) if back_to_back else 0
     chained = clock.back_to_back_ms(fn, chained_calls) if chained_calls else None
     return Timing(ms, times, first, len(times), host_ms, chained, (probe, host_probe_us()))
 

@@ -57,15 +57,20 @@ def _per_token_bars(ax, result: dict, names: list[str], rows: list[dict]) -> Non
     ax.legend(fontsize=8)
 
 
+class NothingToPlot(ValueError):
+    """A result without a series to draw (one size per workload, or nothing measured)."""
+
+
 def plot(result: dict, path: str) -> None:
+    series, names = _series(result), ordered(result["entries"])
+    per_token = [p for p in result["points"] if p["kind"] == "per_token"]
+    panels = len(series) + bool(per_token)
+    if not panels:
+        raise NothingToPlot("nothing to plot: no series of two or more sizes, nor a per-token row")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    series, names = _series(result), ordered(result["entries"])
-    per_token = [p for p in result["points"] if p["kind"] == "per_token"]
-    panels = len(series) + bool(per_token)
     cols = 2 if panels > 1 else 1
     fig, axes = plt.subplots((panels + cols - 1) // cols, cols, figsize=(7 * cols, 5 * ((panels + cols - 1) // cols)),
                              squeeze=False)
@@ -90,6 +95,8 @@ def write_png(result: dict, path: str) -> None:
     try:
         plot(result, path)
         result["plot"] = {"path": path}
+    except NothingToPlot as e:
+        result["plot"] = {"error": str(e)}
     except Exception as e:  # noqa: BLE001  (no matplotlib, no display: the reason goes in the JSON and the text)
         hint = " (pip install matplotlib)" if isinstance(e, ImportError) else ""
         result["plot"] = {"error": f"{type(e).__name__}: {e}{hint}"}

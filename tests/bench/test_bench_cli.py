@@ -218,6 +218,34 @@ def test_bad_arguments_name_the_valid_ones(capsys):
             in capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["--suite", "train"])
+    assert main(["--modes", ","]) == 2
+    assert "--modes ',' names no target" in capsys.readouterr().err
+    assert main(["--device", "foo"]) == 2
+    assert "--device 'foo': expected cpu or cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batches", "0"], "expected comma-separated positive integers, got '0'"),
+    (["--tokens", "16,-1"], "expected comma-separated positive integers"),
+    (["--reps", "-1"], "expected a positive integer, got '-1'"),
+    (["--seqs", "0"], "expected a positive integer, got '0'"),
+    (["--budget", "0"], "expected a finite number of seconds > 0, got '0'"),
+    (["--budget", "inf"], "expected a finite number of seconds > 0, got 'inf'"),
+    (["--max-s", "-1"], "expected a finite number of seconds > 0"),
+    (["--warmup-s", "nan"], "expected a finite number of seconds >= 0"),
+])
+def test_bad_sizes_and_seconds_are_argument_errors(argv, message, capsys):
+    """Zero, negative or infinite sizes and seconds ran before (zero replaced by a default, a FAIL row per size,
+    a traceback for --budget inf): argparse refuses them, naming the argument."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sizes_are_deduplicated():
+    from hattn.bench.cli import _ints
+
+    assert _ints("16,1,16") == [1, 16]
 
 
 def test_add_parser_builds_the_hattn_subcommand():

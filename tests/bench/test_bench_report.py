@@ -150,6 +150,64 @@ def test_pool_goal_of_a_target_whose_box_was_spent_is_unknown_unless_missed():
     assert goals.goal_pool(r, "pcg")["status"] == "missed"
 
 
+def test_pool_goal_of_a_target_without_prefill_rows_is_unknown_unless_missed():
+    """Prefill and decode are two Dynamo graphs with a pool each: without a measured prefill row the pool figure
+    lacks the prefill graph's (it said met before)."""
+    r = good_result()
+    for pid, row in r["entries"]["pcg"]["results"].items():
+        if pid.startswith("prefill/"):
+            r["entries"]["pcg"]["results"][pid] = {"error": "RuntimeError: capture failed"}
+    got = goals.goal_pool(r, "pcg")
+    assert got["status"] == "unknown" and "measured no prefill row" in got["detail"]
+    r["entries"]["pcg"]["pool_bytes"] = WEIGHTS
+    assert goals.goal_pool(r, "pcg")["status"] == "missed"
+
+
+def test_per_token_goals_apply_the_host_phase_rule():
+    """A per-token row is derived from two generate rows: it carries their probes and host time, so the goals on it
+    judge host phases as the other paired goals do (hf-static's slow phase made full look 4.5x faster: 'met')."""
+    entries = good_entries()  # full 0.92 ms a token, hf-static 4.0: 4.35x, met
+    for name, probe in (("full", 130.0), ("hf-static", 400.0)):
+        for pid, row in entries[name]["results"].items():
+            if pid.startswith("e2e/B1/"):
+                row.update(host_ms=0.9 * row["ms"], host_probe_us=[probe, probe])
+    r = data.build(meta(), points(), entries, [])
+    per_token = r["entries"]["full"]["results"]["per_token/B1/P128/N128"]
+    assert per_token["host_probe_us"] == [130.0] * 4 and per_token["host_ms"] == pytest.approx(0.9 * 0.92)
+    got = by_goal(r)["generate B=1: full >= 4x faster than hf-static per new token"]
+    assert got["status"] == "unknown" and "met with the slow phase on hf-static's side" in got["detail"]
+
+
+def test_prefill_faster_goal_applies_the_host_phase_rule():
+    entries = good_entries()  # bcg 2.5 ms against eager's 20 and tc-ro's 5 at every size: met
+    bcg, tc = entries["bcg"]["results"]["prefill/T16/x1"], entries["tc-ro"]["results"]["prefill/T16/x1"]
+    bcg.update(ms=4.0, host_ms=3.0, host_probe_us=[130.0, 130.0])
+    tc.update(host_ms=3.0, host_probe_us=[300.0, 300.0])  # tc-ro ran in a slow phase: bcg's win may be that
+    got = by_goal(data.build(meta(), points(), entries, []))[
+        "prefill <= 2048 tokens: bcg faster than eager and tc-ro at every size"]
+    assert got["status"] == "unknown" and "slow phase on tc-ro's side" in got["detail"]
+    bcg.update(ms=6.0)  # slower than tc-ro although tc-ro ran slow: missed stands
+    got = by_goal(data.build(meta(), points(), entries, []))[
+        "prefill <= 2048 tokens: bcg faster than eager and tc-ro at every size"]
+    assert got["status"] == "missed"
+
+
+def test_json_is_strict_and_plot_says_when_there_is_nothing_to_draw(tmp_path):
+    """Non-finite figures (a tensor-parallel run's unbounded time box) are written as null, not Infinity; a run
+    with no series of two sizes records why no plot was drawn."""
+    r = good_result()
+    r["options"] = {"max_s": float("inf"), "ratio": float("nan")}
+    data.write_json(r, str(tmp_path / "bench.json"))
+    text = (tmp_path / "bench.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)["options"] == {"max_s": None, "ratio": None}
+    from hattn.bench.plot import write_png
+
+    empty = {**r, "points": [], "entries": {}}
+    write_png(empty, str(tmp_path / "bench.png"))
+    assert empty["plot"] == {"error": "nothing to plot: no series of two or more sizes, nor a per-token row"}
+
+
 def _text(result) -> str:
     console = Console(record=True, width=300, file=open("/dev/null", "w"))
     console.print(tables.header(result))
