@@ -51,6 +51,44 @@ class CompiledLM:
     def generation_config(self):
         return self.hf.generation_config
 
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self.hf.generation_config = value
+
+    def __getattr__(self, name: str):
+        """The transformers model's other attributes (eval, parameters, get_input_embeddings, name_or_path, ...), as
+        torch.compile's wrapper shows its module's."""
+        if name.startswith("__") or name in ("lm", "backend", "model", "_call", "_cache"):
+            raise AttributeError(name)  # not set yet (a copy being built) or a dunder Python asks for
+        return getattr(self.hf, name)
+
+    def to(self, *args, **kwargs) -> "CompiledLM":
+        """Itself where the device and dtype asked for are the model's; otherwise an error: the compiled graphs,
+        fused weights and cache are bound to one device and dtype (move or cast the model before hattn.compile)."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        same_device = device is None or (device.type == self.device.type and device.index in (None, self.device.index))
+        if same_device and (dtype is None or dtype == self.dtype):
+            return self
+        raise ValueError(f"CompiledLM.to({', '.join(map(repr, args))}): this model was compiled on {self.device} in "
+                         f"{self.dtype}, and its graphs, fused weights and cache are bound to them. Move or cast the "
+                         f"transformers model first, then compile: hattn.compile(model.to(...))")
+
+    def cuda(self, device=None) -> "CompiledLM":
+        return self.to("cuda" if device is None else torch.device("cuda", device) if isinstance(device, int)
+                       else device)
+
+    def cpu(self) -> "CompiledLM":
+        return self.to("cpu")
+
+    def half(self) -> "CompiledLM":
+        return self.to(torch.float16)
+
+    def float(self) -> "CompiledLM":
+        return self.to(torch.float32)
+
+    def bfloat16(self) -> "CompiledLM":
+        return self.to(torch.bfloat16)
+
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
@@ -69,8 +107,8 @@ class CompiledLM:
         """What the backend compiled and ran (graphs, pieces, split ops, CUDA graphs, replays, ...)."""
         return self.backend.stats
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 generation_config=None, **kwargs):
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, *, inputs: torch.Tensor | None = None, **kwargs):
         """transformers' generate for a left- or right-padded batch: input_ids, attention_mask [B, T] ->
         [B, T + new], each row its input then its new tokens then the pad token.
 
@@ -81,8 +119,15 @@ class CompiledLM:
         reproducible sampling); use_cache, cache_implementation, cache_config, compile_config and disable_compile
         are ignored (hattn's own cache). Unset ones come from `generation_config` (default: the model's), then
         transformers' defaults. Greedy tokens equal transformers' generate; sampling draws from its processors'
-        distribution.
+        distribution. `inputs` is transformers' name for input_ids.
         """
+        if input_ids is None:
+            input_ids = inputs
+        elif inputs is not None:
+            raise ValueError("pass the prompt once: input_ids or inputs (transformers' name for it), not both")
+        if input_ids is None:
+            raise ValueError("generate needs the prompt ids: model.generate(input_ids [B, T], attention_mask=...) "
+                             "(hattn does not start from the BOS token alone; pass [[bos_token_id]] for that)")
         req = request(input_ids, attention_mask, merged_config(generation_config, self.generation_config),
                       max_positions=getattr(self.hf.config, "max_position_embeddings", None), **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens
@@ -96,8 +141,12 @@ class CompiledLM:
         return output(req, repad(req.rows, res.tokens, req.pad_token_id), res)
 
     # -- the packed model ----------------------------------------------------------------------------------------
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                  logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None or getattr(input_ids, "dim", lambda: 1)() != 1:
+            raise TypeError("a CompiledLM called directly is the packed model: model(input_ids [T], positions [T]) "
+                            "under a hattn.ForwardContext (hattn.generate drives it). For transformers' logits of "
+                            "one sequence call model.hf(input_ids [1, T]); to generate, model.generate(input_ids)")
         # a view (a slice at an offset) would give Dynamo a second dynamic size: the graph would run graph-free
         return self._call(plain_layout(input_ids), plain_layout(positions), logits_rows)
 

@@ -155,7 +155,13 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no .model.layers ModuleList; hattn adapts decoder-only LMs")
+        hint = ""
+        if getattr(base, "language_model", None) is not None:  # transformers' vision-language models
+            hint = (": this is a multimodal model; load its language model with AutoModelForCausalLM."
+                    "from_pretrained(path) (transformers builds the text-only causal LM from the same checkpoint) "
+                    "and compile that")
+        raise ValueError(f"{type(model).__name__} has no .model.layers ModuleList; hattn adapts decoder-only "
+                         f"LMs{hint}")
     return layers
 
 
@@ -212,6 +218,12 @@ def _check_hf_call(names: list[str], args: tuple, kwargs: dict) -> None:
             "use_cache=True / a transformers cache: this model was adapted by hattn, whose attention writes hattn's "
             "cache, not transformers' (a cache fed back would give wrong tokens). Call the model with "
             f"use_cache=False (one [1, T] forward gives transformers' logits), or {_USE_INSTEAD}"
+        )
+    if given.get("output_attentions"):
+        raise AdaptedModelError(
+            "output_attentions=True: this model was adapted by hattn, whose attention kernels never form the "
+            "attention weights (transformers would return none, silently). Call the model without "
+            "output_attentions, or the unadapted model for the weights"
         )
     tokens = given.get("input_ids") if given.get("input_ids") is not None else given.get("inputs_embeds")
     if tokens is not None and tokens.shape[0] != 1:

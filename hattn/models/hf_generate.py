@@ -238,4 +238,5 @@ def repad(input_ids: torch.Tensor, new_tokens: list[list[int]], pad_token_id: in
     width = max(len(t) for t in new_tokens)
     fill = 0 if pad_token_id is None else pad_token_id  # None only without eos: every row is then full width
     rows = [t + [fill] * (width - len(t)) for t in new_tokens]
-    return torch.cat([input_ids, torch.tensor(rows, dtype=input_ids.dtype).to(input_ids.device)], dim=1)
+    # int64 as transformers returns, whatever integer type the ids came in
+    return torch.cat([input_ids.long(), torch.tensor(rows, dtype=torch.long).to(input_ids.device)], dim=1)

@@ -21,6 +21,7 @@ first as above, its own Philox draws from a seed the generator gives).
 from __future__ import annotations
 
 import math
+import operator
 import os
 from dataclasses import dataclass
 
@@ -55,7 +56,10 @@ class SamplingParams:
 
     def check(self) -> None:
         """Raise ValueError naming a setting out of range (also for one changed after construction: generate checks
-        again); stop_tokens becomes a tuple of ints (one int is one stop token, None none, as transformers' eos)."""
+        again); stop_tokens becomes a tuple of ints (one int is one stop token, None none, as transformers' eos).
+        Integer settings may be any integer type (numpy's, a 0-d tensor: what transformers takes); they become ints."""
+        for name in ("max_new_tokens", "top_k", "min_new_tokens", "no_repeat_ngram_size", "seed"):
+            setattr(self, name, _int_like(getattr(self, name)))
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}: ask for at least one "
                              f"new token")
@@ -83,13 +87,13 @@ def token_ids(value, name: str) -> tuple[int, ...]:
     """None, an int, a list or a tensor of token ids -> a tuple of ints (>= 0); else ValueError naming `name`."""
     if value is None:
         return ()
-    ids = value.flatten().tolist() if isinstance(value, torch.Tensor) else value
+    ids = value.flatten().tolist() if isinstance(value, torch.Tensor) else _int_like(value)
     if _is_int(ids):
         ids = [ids]
     bad = ValueError(f"{name} must be a token id or a list of them, got {value!r}")
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise bad
-    ids = tuple(ids)
+    ids = tuple(map(_int_like, ids))
     if not all(_is_int(t) and 0 <= t < 2 ** 63 for t in ids):
         raise bad
     return ids
@@ -101,6 +105,16 @@ def _is_real(x) -> bool:
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int_like(x):
+    """x as a Python int where it is an integer of another type (numpy's, a one-element integer tensor), else x."""
+    if x is None or isinstance(x, (bool, int, str, bytes)):
+        return x
+    try:
+        return operator.index(x)
+    except (TypeError, RuntimeError, ValueError):
+        return x
 
 
 def penalize(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -35,6 +35,7 @@ def test_its_own_generate_refuses(adapted):
                                                           r"ignores the mask"),
     ({"input_ids": torch.zeros(2, 5, dtype=torch.long)}, r"one packed sequence \[1, T\], got a batch of 2"),
     ({"inputs_embeds": torch.zeros(3, 5, 64)}, r"one packed sequence \[1, T\], got a batch of 3"),
+    ({"output_attentions": True}, r"output_attentions=True: .* never form the attention weights"),
 ])
 def test_forwards_it_cannot_serve_refuse(adapted, kwargs, match):
     c, hf = adapted

@@ -128,6 +128,43 @@ def test_compiled_model_has_transformers_attributes_serves_the_packed_api_and_ke
     assert (model._cache.slots, model._cache.max_len) == (3, 17 + NEW) and torch.equal(out, hf_batch(c))
 
 
+def test_compiled_model_shows_the_module_surface_transformers_code_touches(make_case):
+    """model.eval(), model.parameters(), model.generation_config = ..., model.to(its own device), generate(inputs=)
+    and numpy ints, as on transformers' model and torch.compile's wrapper; what it cannot do is a clear error."""
+    import numpy as np
+    from transformers import GenerationConfig
+
+    c = make_case("tiny")
+    hf = fresh(c)
+    model = hattn.compile(hf, mode="eager", inner_compiler="eager")
+    assert model.eval() is hf and not hf.training and list(model.parameters()) == list(hf.parameters())
+    assert model.get_input_embeddings() is hf.get_input_embeddings()
+    assert model.to("cpu") is model and model.to(torch.float32) is model and model.float() is model
+    with pytest.raises(ValueError, match=r"compiled on cpu in torch.float32, .* hattn.compile\(model.to"):
+        model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(max_new_tokens=3, pad_token_id=PAD)
+    assert hf.generation_config.max_new_tokens == 3
+    ids, mask = padded(c.prompts)
+    out = model.generate(inputs=ids[:1, -5:].int(), max_new_tokens=np.int64(4))
+    assert out.dtype == torch.long and out.shape == (1, 9)  # int64 as transformers returns, for int32 ids too
+    assert hattn.SamplingParams(stop_tokens=np.int64(3), top_k=torch.tensor(2)).stop_tokens == (3,)
+    with pytest.raises(ValueError, match="generate needs the prompt ids"):
+        model.generate(max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"the packed model: model\(input_ids \[T\], positions \[T\]\).*model.hf"):
+        model(ids[:1])
+
+
+def test_a_multimodal_model_is_refused_naming_the_text_model():
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from hattn.models.presets import tiny
+
+    config = Qwen3_5Config(text_config=tiny().to_dict(), vision_config=dict(depth=1, hidden_size=32, num_heads=2,
+                                                                            out_hidden_size=64, intermediate_size=64))
+    with pytest.raises(ValueError, match="multimodal model; load its language model with AutoModelForCausalLM"):
+        hattn.compile(Qwen3_5ForConditionalGeneration(config).eval(), mode="eager", inner_compiler="eager")
+
+
 def test_the_packed_call_passes_views_as_tensors_of_their_own(make_case):
     model = hattn.compile(fresh(make_case("tiny")), mode="eager", inner_compiler="eager")
     seen = []
