@@ -813,7 +813,7 @@ def test_pcg_call_site_prepares_once_per_size_and_gives_up_on_arguments_that_kee
         lambda ctx: calls.append("runner") or True))
     runtime = types.SimpleNamespace(phase="replay", size=4, stats=Stats(), call_sites=[], recording=None,
                                     planned=False)
-    site = piecewise._call_site(lambda *a: calls.append("op"), op, runtime)
+    site = piecewise._call_site(lambda *a: calls.append("op"), op, op.prepare, runtime)
     x4, x8 = torch.zeros(4), torch.zeros(8)
     site(x4, 1), site(x4, 1)
     runtime.size = 8
