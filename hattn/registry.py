@@ -10,8 +10,10 @@ The registry answers, and nothing else in hattn answers:
 - which kind serves layer `layer_id`?                -> `check_route(kind, layer_id, layer_kinds)`
 - which modes exist, and how each builds its runtime -> `modes()`, `mode(name)` (runtime modules register them)
 
-Routing is by the op's registered kind and the layer id only, never by a module's class or a flag on it: peers
-that decided "is this layer linear attention?" from a class attribute routed layers to the wrong backend.
+Routing is by kind and layer id only, never by a module's class or a flag on it: peers that decided "is this layer
+linear attention?" from a class attribute routed layers to the wrong backend. At run time the kind checked against the
+model's layer table is the one the op's implementation passes to `context.op_context`; the registered kind is what
+the adapter's probe checks each layer calls (`hattn.models.hf.probe`). An op should pass its registered kind.
 """
 from __future__ import annotations
 
