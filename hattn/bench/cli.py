@@ -189,7 +189,16 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.modes = _targets_of(args.suite, args.modes if args.modes is not None else defaults["modes"])
     args.workloads = _workloads_of(args.suite, args.workloads or defaults["workloads"])
     _check_device(args.device)
+    if args.suite == "kernels":  # its workloads have their shapes (hattn.bench.kernels): a model's options do nothing
+        given = [f"--{k.replace('_', '-')}" for k in _MODEL_ONLY if getattr(args, k, None) is not None]
+        if given or args.tp > 1 or args.tbo:
+            raise ValueError(f"{', '.join(given) or '--tp/--tbo'} apply to the model and runtime suites, not to "
+                             f"--suite kernels (its workloads have their own shapes: --workloads, --quick)")
     return args
+
+
+_MODEL_ONLY = ("preset", "config", "tokens", "packed", "seqs", "batches", "context", "prompt", "new_tokens",
+               "gen_batches", "capture_sizes", "dtype")
 
 
 def _check_device(name: str | None) -> None:

@@ -222,6 +222,9 @@ def test_bad_arguments_name_the_valid_ones(capsys):
     assert "--modes ',' names no target" in capsys.readouterr().err
     assert main(["--device", "foo"]) == 2
     assert "--device 'foo': expected cpu or cuda" in capsys.readouterr().err
+    assert main(["--suite", "kernels", "--preset", "qwen3.5-27b", "--batches", "7", "--device", "cpu"]) == 2
+    assert "--preset, --batches apply to the model and runtime suites, not to --suite kernels" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
