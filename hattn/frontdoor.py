@@ -62,6 +62,19 @@ class CompiledLM:
             raise AttributeError(name)  # not set yet (a copy being built) or a dunder Python asks for
         return getattr(self.hf, name)
 
+    def eval(self) -> "CompiledLM":
+        """The transformers model in eval mode; returns this model, as torch.compile's wrapper returns itself."""
+        self.hf.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "CompiledLM":
+        self.hf.train(mode)
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "CompiledLM":
+        self.hf.requires_grad_(requires_grad)
+        return self
+
     def to(self, *args, **kwargs) -> "CompiledLM":
         """Itself where the device and dtype asked for are the model's; otherwise an error: the compiled graphs,
         fused weights and cache are bound to one device and dtype (move or cast the model before hattn.compile)."""

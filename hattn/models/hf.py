@@ -50,6 +50,13 @@ def hattn_attention(module, query, key, value, attention_mask=None, scaling=None
 
     The mask is ignored: sequences are packed along T and the forward context says where each starts.
     """
+    if not getattr(module, "_hattn_adapted", False):
+        raise AdaptedModelError(
+            f"{type(module).__name__} runs hattn's attention but belongs to a model hattn did not adapt: it shares "
+            f"its config object with an adapted model (AutoModelForCausalLM.from_config(config) twice with one "
+            f"config), whose attention implementation adapt set to {ATTN_IMPLEMENTATION!r}. Build each model from "
+            f"its own config (copy.deepcopy(config)), or adapt this one too"
+        )
     if query.shape[0] != 1:
         raise ValueError(
             f"hattn packs sequences along the token dimension: call the model with batch size 1 (input [1, T]), "
@@ -187,7 +194,11 @@ def _patch_layers(model: nn.Module, family: Family, kinds: dict[int, str]) -> No
 
 
 def _set_attention(model: nn.Module) -> None:
+    """Route the model's full attention to hattn's (its config's attention implementation), and mark its modules as
+    adapted: a model sharing the config object runs hattn's attention too, which then refuses it."""
     register_attention()
+    for module in model.modules():
+        module._hattn_adapted = True
     for config in {id(c): c for c in (model.config, text_config(model.config))}.values():
         config._attn_implementation = ATTN_IMPLEMENTATION
 

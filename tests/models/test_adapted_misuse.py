@@ -100,3 +100,26 @@ def test_an_attention_implementation_set_after_adapt_is_refused(implementation):
     with pytest.raises(Exception, match=f"attention implementation is '{implementation}'"):
         hattn.generate(hattn.compile(lm, mode="eager", inner_compiler="eager"), [[1, 2, 3]],
                        params=hattn.SamplingParams(max_new_tokens=2))
+
+
+def test_a_model_sharing_its_config_with_an_adapted_one_is_refused():
+    """Two models from one config object share it: adapting one set the other's attention implementation to
+    hattn's too, and its own generate then ran hattn's attention without hattn's cache (other tokens, silently)."""
+    from transformers import AutoModelForCausalLM
+
+    from hattn.models.presets import tiny
+
+    config = tiny()
+    torch.manual_seed(0)
+    first, twin = (AutoModelForCausalLM.from_config(config).eval() for _ in range(2))
+    adapt(first)
+    with torch.no_grad(), pytest.raises(AdaptedModelError, match="belongs to a model hattn did not adapt: it shares "
+                                                                 "its config object"):
+        twin(torch.tensor([[1, 2, 3]]))
+
+
+def test_positions_of_another_shape_are_refused(adapted):
+    c, _ = adapted
+    ids = torch.tensor(c.prompts[0])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"positions has shape \(3,\) but input_ids \(\d+,\)"):
+        c.lm(ids, torch.arange(3))

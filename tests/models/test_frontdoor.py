@@ -137,7 +137,8 @@ def test_compiled_model_shows_the_module_surface_transformers_code_touches(make_
     c = make_case("tiny")
     hf = fresh(c)
     model = hattn.compile(hf, mode="eager", inner_compiler="eager")
-    assert model.eval() is hf and not hf.training and list(model.parameters()) == list(hf.parameters())
+    assert model.train() is model and hf.training and model.eval() is model and not hf.training
+    assert list(model.parameters()) == list(hf.parameters())  # hattn.compile(m).eval().generate(...) works
     assert model.get_input_embeddings() is hf.get_input_embeddings()
     assert model.to("cpu") is model and model.to(torch.float32) is model and model.float() is model
     with pytest.raises(ValueError, match=r"compiled on cpu in torch.float32, .* hattn.compile\(model.to"):
