@@ -12,11 +12,14 @@ What it relies on is the serving contract of a compiled model (vLLM's dispatcher
 calls, the model's code, module attributes, the globals its forward reads and parameter metadata (dtype, device,
 requires_grad) do not change. New weights are copied in place; a parameter given new storage is still caught by the
 graph runtimes, which capture again (one fused with others into one GEMM is an error naming the fix: the fused graph
-reads its own buffer). A kind whose call runs Python around the graph keeps going through Dynamo at every call: a
-graph break or a resumed frame's graph, a store into an object that existed before the call (unless it ends as it
-was), module hooks (backward ones too), a torch-function or dispatch mode, a non-default Dynamo stance, a graph that
-is not hattn's, or a result that is not the graph's output. The module switched between training and eval mode
-(`.train()`, `.eval()` on it) forgets its kinds: each is learned again through Dynamo, which guards the mode.
+reads its own buffer). A parameter or buffer assigned on any module (`load_state_dict(assign=True)`: new Parameter
+objects) makes every Dispatch forget its kinds, as a train/eval switch does (torch's global registration hooks; its
+kinds held the old objects, which went on serving silently before). A kind whose call runs Python around the graph
+keeps going through Dynamo at every call: a graph break or a resumed frame's graph, a store into an object that
+existed before the call (unless it ends as it was), module hooks (backward ones too), a torch-function or dispatch
+mode, a non-default Dynamo stance, a graph that is not hattn's, or a result that is not the graph's output. The
+module switched between training and eval mode (`.train()`, `.eval()` on it) forgets its kinds: each is learned
+again through Dynamo, which guards the mode.
 
 One more kind skips Dynamo from its first call: a one-token call of a kind learned with a symbolic token count.
 Dynamo would trace it as a graph of its own (it specializes sizes 0 and 1); the graph traced for every size serves
@@ -49,6 +52,20 @@ MAX_KINDS = 1024  # kinds remembered per model; past it, new kinds go through Dy
 log = logging.getLogger("hattn")
 _CALLS: ContextVar[list | None] = ContextVar("hattn_traced_calls", default=None)
 _VIA_DYNAMO = object()  # a kind that goes through Dynamo at every call
+_ASSIGNED = [0]  # parameters and buffers assigned on any module (not a GraphModule) so far
+
+
+def _assigned(module, name, value) -> None:
+    """torch's global registration hook: a parameter or buffer set on a module (`load_state_dict(assign=True)`,
+    `module.weight = nn.Parameter(...)`). The kinds a Dispatch learned hold the old objects; it forgets them (one
+    int compare a call). Compiles building FX GraphModules do not count, nor submodules (a forward slicing its
+    ModuleList builds a new one at every call)."""
+    if not isinstance(module, fx.GraphModule):
+        _ASSIGNED[0] += 1
+
+
+for _register in (_hooks.register_module_parameter_registration_hook, _hooks.register_module_buffer_registration_hook):
+    _register(_assigned)
 
 
 class Traced:
@@ -199,16 +216,18 @@ class Dispatch:
         self.warm_traced: list = []
         self.model_key: str | None = None
         self.training = getattr(self.module, "training", None)  # the mode the kinds were learned in
+        self.assigned = _ASSIGNED[0]  # the registrations the kinds were learned after
 
-    def _forget(self, training: bool) -> None:
-        """The module's mode changed: what was learned (kinds, snapshots matched under the old model key) is not
-        for this mode."""
+    def _forget(self) -> None:
+        """The module's mode changed, or a module got a new parameter or buffer: what was learned (kinds, snapshots
+        matched under the old model key) is not for the model as it is now."""
         self.kinds.clear()
-        self.warm, self.warm_traced, self.model_key, self.training = None, [], None, training
+        self.warm, self.warm_traced, self.model_key = None, [], None
+        self.training, self.assigned = getattr(self.module, "training", None), _ASSIGNED[0]
 
     def __call__(self, *args):
-        if self.module is not None and self.module.training is not self.training:
-            self._forget(self.module.training)
+        if (self.module is not None and self.module.training is not self.training) or _ASSIGNED[0] != self.assigned:
+            self._forget()
         key = _kind(args) if enabled and self.names is not None and self._plain() else None
         direct = self.kinds.get(key) if key is not None else _VIA_DYNAMO
         if direct is _VIA_DYNAMO:

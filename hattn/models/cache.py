@@ -57,6 +57,8 @@ class HybridCache:
 
     def alloc(self, n: int = 1) -> list[int]:
         """Take `n` free slots (lowest first). A new sequence in a slot starts at context length 0."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"alloc takes a number of slots >= 0, got {n!r}")
         if n > len(self._free):
             raise RuntimeError(
                 f"the cache has {len(self._free)} free slot(s) of {self.slots} but {n} were requested; "
@@ -67,10 +69,13 @@ class HybridCache:
 
     def free(self, slots: list[int]) -> None:
         """Give slots back for reuse (their contents are ignored from now on)."""
-        for s in slots:
-            if not 0 <= s < self.slots or s in self._free:
-                raise ValueError(f"slot {s} is not an allocated slot of this cache (slots 0..{self.slots - 1})")
-        self._free = sorted(self._free + list(slots))
+        slots = list(slots)
+        for i, s in enumerate(slots):
+            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < self.slots or s in self._free \
+                    or s in slots[:i]:
+                raise ValueError(f"slot {s!r} is not an allocated slot of this cache (slots 0..{self.slots - 1}), "
+                                 f"or is given twice")
+        self._free = sorted(self._free + slots)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self._tensors.values() for t in ts)

@@ -245,6 +245,24 @@ def test_backward_hooks_go_through_dynamo_and_a_mode_switch_learns_kinds_again()
         assert call.direct_calls == direct  # the first call of the mode through Dynamo, the second direct
 
 
+def test_weights_assigned_as_new_parameters_are_read_after_it():
+    """load_state_dict(assign=True) puts new Parameter objects on the modules: the learned kinds held the old ones
+    and served them silently (the old weights' tokens). Any parameter, buffer or submodule assignment makes the
+    dispatcher forget its kinds; the next call goes through Dynamo with the new objects, then directly again."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, other = toy_model(pattern=["linear", "full"]), toy_model(pattern=["linear", "full"])
+    call = Dispatch(torch.compile(model, backend=hattn.backend(mode="eager", inner_compiler="eager", progress=False,
+                                                               fuse_linears=False)))
+    with torch.no_grad():
+        call(_ids(5)), call(_ids(5, 1))
+        assert call.direct_calls == 1
+        model.load_state_dict(other.state_dict(), assign=True)
+        torch.testing.assert_close(call(_ids(5, 2)), other(_ids(5, 2)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(call(_ids(5, 3)), other(_ids(5, 3)), rtol=1e-5, atol=1e-5)
+    assert call.direct_calls == 2  # the call after the assignment through Dynamo, the one after it direct
+
+
 def test_an_adapted_model_is_in_its_models_mode():
     from hattn.models.presets import load
 

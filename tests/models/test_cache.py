@@ -47,6 +47,14 @@ def test_alloc_free_reuse():
     with pytest.raises(ValueError, match="not an allocated slot"):
         c.free([1])
     assert c.scratch_slot == 3 and c.alloc(3) == [0, 1, 2]  # the scratch slot is never handed out
+    # a slot freed twice in one call was handed to two sequences by the next alloc; alloc(-1) took all but one
+    with pytest.raises(ValueError, match="or is given twice"):
+        c.free([1, 1])
+    assert c.num_free == 0
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="alloc takes a number of slots >= 0"):
+            c.alloc(bad)
+    assert c.alloc(0) == [] and c.num_free == 0
 
 
 def test_addresses_are_fixed():
