@@ -237,17 +237,21 @@ def _prompts(args, lm) -> tuple[list[list[int]], object]:
     tokenizer = None
     if args.prompt:
         if args.model is None:
-            raise SystemExit("--prompt needs --model PATH with a tokenizer; with presets give --prompt-ids 1,2,3")
+            raise ValueError("--prompt needs --model PATH with a tokenizer; with presets give --prompt-ids 1,2,3")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-        prompts += [tokenizer(text)["input_ids"] for text in args.prompt]
+        encoded = [tokenizer(text)["input_ids"] for text in args.prompt]
+        if any(text and not ids for text, ids in zip(args.prompt, encoded)):  # transformers 5 builds an empty one
+            raise ValueError(f"--model {args.model} has no usable tokenizer (a non-empty --prompt became no tokens): "
+                             f"save the tokenizer with the model, or give --prompt-ids")
+        prompts += encoded
     if not prompts:
-        raise SystemExit("give at least one --prompt-ids 1,2,3 (or --prompt TEXT with --model)")
+        raise ValueError("give at least one --prompt-ids 1,2,3 (or --prompt TEXT with --model)")
     vocab = lm.config.vocab_size
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
-        raise SystemExit(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
     return prompts, tokenizer
 
 
@@ -276,7 +280,7 @@ def _warmup(args) -> int:
     if args.warmup is None:
         return 0 if args.timing else 1
     if args.timing and args.warmup:
-        raise SystemExit("--timing measures the first generate (compile, capture, prefill): drop --warmup")
+        raise ValueError("--timing measures the first generate (compile, capture, prefill): drop --warmup")
     return args.warmup
 
 
@@ -310,11 +314,8 @@ def run_generate(args) -> int:
     loaded_s = process_seconds()  # + CUDA init, transformers, the model built on the device, adapted
     prompts, tokenizer = _prompts(args, lm)
     stops = args.stop_ids if args.stop_ids is not None else _eos(lm)
-    try:
-        params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed,
-                                top_k=args.top_k, repetition_penalty=args.repetition_penalty)
-    except ValueError as e:
-        raise SystemExit(f"hattn generate: {e}") from None
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty)  # ValueError: one line
     max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     cache = lm.make_cache(len(prompts), max_len)
     model, backends = _step_model(lm, args)
