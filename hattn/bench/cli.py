@@ -190,15 +190,19 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.workloads = _workloads_of(args.suite, args.workloads or defaults["workloads"])
     _check_device(args.device)
     if args.suite == "kernels":  # its workloads have their shapes (hattn.bench.kernels): a model's options do nothing
-        given = [f"--{k.replace('_', '-')}" for k in _MODEL_ONLY if getattr(args, k, None) is not None]
+        given = [_flag(k) for k in _MODEL_ONLY if getattr(args, k, None) is not None]
         if given or args.tp > 1 or args.tbo:
             raise ValueError(f"{', '.join(given) or '--tp/--tbo'} apply to the model and runtime suites, not to "
                              f"--suite kernels (its workloads have their own shapes: --workloads, --quick)")
     return args
 
 
-_MODEL_ONLY = ("preset", "config", "tokens", "packed", "seqs", "batches", "context", "prompt", "new_tokens",
-               "gen_batches", "capture_sizes", "dtype")
+_PLAN_KEYS = ("tokens", "seqs", "batches", "context", "prompt", "new_tokens", "gen_batches", "packed")  # Plan's
+_MODEL_ONLY = ("preset", "config", *_PLAN_KEYS, "capture_sizes", "dtype")
+
+
+def _flag(dest: str) -> str:
+    return "--packed-tokens" if dest == "packed" else f"--{dest.replace('_', '-')}"
 
 
 def _check_device(name: str | None) -> None:
@@ -238,8 +242,7 @@ def _plan(args):
 
     from hattn.bench.workloads import Plan
 
-    keys = ("tokens", "seqs", "batches", "context", "prompt", "new_tokens", "gen_batches", "packed")
-    overrides = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in _PLAN_KEYS if getattr(args, k) is not None}
     if "packed" not in overrides and ("tokens" in overrides or "seqs" in overrides):
         overrides["packed"] = None  # derived again from the new tokens / seqs
     return dataclasses.replace(Plan.quick() if args.quick else Plan(), **overrides)

@@ -225,6 +225,8 @@ def test_bad_arguments_name_the_valid_ones(capsys):
     assert main(["--suite", "kernels", "--preset", "qwen3.5-27b", "--batches", "7", "--device", "cpu"]) == 2
     assert "--preset, --batches apply to the model and runtime suites, not to --suite kernels" in \
         capsys.readouterr().err
+    assert main(["--suite", "kernels", "--packed-tokens", "64", "--device", "cpu"]) == 2
+    assert "error: --packed-tokens apply to the model and runtime suites" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
