@@ -37,6 +37,16 @@ def subcommand(name: str):
 
 
 # -- shared helpers -------------------------------------------------------------------------------------------------
+def _mode_list(text: str) -> list[str]:
+    """`--modes pcg,full` checked when parsed: an unknown name is a usage error before any model is built."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in _modes()]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(map(repr, unknown)) or repr(text)}; "
+                                         f"valid modes: {', '.join(_modes())}")
+    return names
+
+
 def _at_least(low: int):
     """An argparse type: an int >= low."""
     def parse(text: str) -> int:
@@ -218,9 +228,9 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a tiny model in every mode: tokens checked against HF eager, times")
     p.add_argument("--preset", default="tiny", choices=_presets(), metavar="PRESET",
                    help=f"model preset, one of: {', '.join(_presets())} (default: tiny)")
-    p.add_argument("--modes", type=lambda s: s.split(","), default=None,
-                   help="comma-separated modes (default: every mode)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--modes", type=_mode_list, default=None,
+                   help=f"comma-separated modes, of: {', '.join(_modes())} (default: every mode)")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=32)
     _device_args(p)
     p.set_defaults(func=run_demo)
 

@@ -92,6 +92,9 @@ def test_generate_errors_are_one_line(capsys):
      "argument --max-len: expected an integer >= 1, got '0'"),
     (["generate", "--preset", "tiny", "--prompt-ids", "1", "--warmup", "-1"],
      "argument --warmup: expected an integer >= 0, got '-1'"),
+    (["demo", "--modes", "pcg,bogus"], "argument --modes: unknown mode(s) 'bogus'; valid modes: eager, pcg, bcg, full"),
+    (["demo", "--modes", ","], "argument --modes: unknown mode(s) ','"),
+    (["demo", "--max-new-tokens", "0"], "argument --max-new-tokens: expected an integer >= 1, got '0'"),
 ])
 def test_malformed_arguments_are_usage_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

@@ -10,6 +10,10 @@ as is. What each layer caches is its kind's `LayerSpec` (`hattn.ops.<kind>.cache
 """
 from __future__ import annotations
 
+import math
+import operator
+import os
+
 import torch
 
 from hattn.context import LayerSpec
@@ -24,10 +28,12 @@ class HybridCache:
     """
 
     def __init__(self, specs: dict[int, LayerSpec], slots: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        slots, max_len = _count(slots, "slots"), _count(max_len, "max_len")
         if slots < 1 or max_len < 1:
             raise ValueError(f"a cache needs slots >= 1 and max_len >= 1, got slots={slots}, max_len={max_len}")
         self.specs, self.slots, self.max_len = dict(specs), slots, max_len
         self.dtype, self.device = dtype, torch.device(device)
+        _check_fits(self._planned_bytes(), self)
         self.scratch_slot = slots  # one extra row that graph runtimes point padding rows at; never handed out
         self._tensors = {i: self._allocate(spec) for i, spec in self.specs.items()}
         self._free = list(range(slots))
@@ -38,6 +44,17 @@ class HybridCache:
             shape = (self.slots + 1, self.max_len, heads)
             return (self._zeros(shape + (k_dim,), None), self._zeros(shape + (v_dim,), None))
         return tuple(self._zeros((self.slots + 1, *shape), dtype) for shape, dtype in spec.states)
+
+    def _planned_bytes(self) -> int:
+        """What `_allocate` will take, from the specs alone."""
+        total, rows = 0, self.slots + 1
+        for spec in self.specs.values():
+            if spec.kv is not None:
+                heads, k_dim, v_dim = spec.kv
+                total += rows * self.max_len * heads * (k_dim + v_dim) * self.dtype.itemsize
+            else:
+                total += sum(rows * math.prod(shape) * (dtype or self.dtype).itemsize for shape, dtype in spec.states)
+        return total
 
     def _zeros(self, shape, dtype) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype or self.dtype, device=self.device)
@@ -88,3 +105,29 @@ class HybridCache:
             f"HybridCache(slots={self.slots}, max_len={self.max_len}, layers={kinds}, dtype={self.dtype}, "
             f"{self.nbytes() / 2**20:.1f} MiB)"
         )
+
+
+def _count(x, name: str) -> int:
+    """x as an int (numpy's and other integer types too); a bool or a float is refused by name."""
+    try:
+        if isinstance(x, bool):
+            raise TypeError
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"a cache's {name} must be an int, got {x!r} ({type(x).__name__})") from None
+
+
+def _check_fits(nbytes: int, cache: HybridCache) -> None:
+    """Refuse a cache larger than its device's memory before allocating it, naming the sizes that set it (torch's
+    allocator would fail with a bare byte count, or a CPU cache could take the machine's swap)."""
+    if cache.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(cache.device)
+        room, what = free, "free"
+    elif cache.device.type == "cpu" and hasattr(os, "sysconf"):
+        room, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in all"
+    else:
+        return
+    if nbytes > room:
+        raise ValueError(f"a cache of slots={cache.slots}, max_len={cache.max_len} ({cache.dtype}) needs "
+                         f"{nbytes / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB {cache.device} has {what}: "
+                         f"lower max_len (generate sizes it as the longest prompt + max_new_tokens) or slots")

@@ -69,3 +69,27 @@ def test_bad_specs_and_sizes():
         LayerSpec("full")
     with pytest.raises(ValueError, match="slots >= 1"):
         HybridCache(SPECS, slots=0, max_len=4, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("slots, max_len", [(2.5, 4), (2, 4.0), (True, 4), (2, "4")])
+def test_sizes_must_be_ints(slots, max_len):
+    with pytest.raises(TypeError, match="must be an int"):
+        HybridCache(SPECS, slots=slots, max_len=max_len, dtype=torch.float32)
+
+
+def test_numpy_ints_are_sizes():
+    np = pytest.importorskip("numpy")
+    c = HybridCache(SPECS, slots=np.int64(2), max_len=np.int32(4), dtype=torch.float32)
+    assert (c.slots, c.max_len) == (2, 4) and type(c.slots) is int
+
+
+def test_the_planned_size_is_what_is_allocated():
+    c = cache(slots=5, max_len=7)  # bf16 KV cache, fp32 recurrent states: both dtypes counted
+    assert c._planned_bytes() == c.nbytes()
+
+
+def test_a_cache_larger_than_the_device_is_refused_before_allocating():
+    # 2**40 tokens of one full layer's KV: far more than any machine's memory; torch's allocator would fail with a
+    # bare byte count (or take the swap) where this names the sizes and the fix
+    with pytest.raises(ValueError, match=r"slots=2, max_len=1099511627776 .* GiB, more than .*lower max_len"):
+        HybridCache({1: full.cache_spec(2, 16, 8)}, slots=2, max_len=2**40, dtype=torch.bfloat16)

@@ -79,3 +79,9 @@ def test_good_inputs_pass_the_checks_unchanged(make_case):
     prompts = copy.deepcopy(c.prompts)
     assert generate(c.lm, tuple(prompts), params=TWO).tokens == [t[:2] for t in c.ref.tokens]
     assert prompts == c.prompts
+
+
+def test_a_cache_too_large_for_the_machine_names_max_new_tokens(make_case):
+    c = make_case("tiny")
+    with pytest.raises(ValueError, match=r"max_len=1099511627779 .* GiB, more than .*longest prompt \+ max_new_tokens"):
+        generate(c.lm, [[1, 2, 3]], params=SamplingParams(max_new_tokens=2**40))
