@@ -18,13 +18,18 @@ fused output (row stride sum(N_i), as vLLM's qkv split). A linear joins a group 
   - it is `F.linear` (`torch._C._nn.linear`, what Dynamo records) with weight (and bias) a placeholder whose
     example input is an `nn.Parameter` (2-d weight, 1-d bias), used by linears only, as their weight (bias): a
     weight read or mutated by other nodes is left alone;
-  - it is inference: grad mode is off at compile time, or no weight or bias of it requires grad (the fused graph
-    reads W, so gradients would never reach the parameters);
-  - the group shares the input node (so also dtype, device and K), and biases are all absent or all present; a
-    weight appears once per group;
-  - no node between the group's first and last linear may mutate the input (an in-place op, setitem, `out=`, a
-    custom op with mutable arguments, whose tensor arguments share the input's storage; without fake-tensor
-    metadata any such node counts): the fused GEMM runs at the first linear's place.
+  - it is inference: grad mode is off where it runs (at compile time, then as the graph's `_set_grad_enabled`
+    nodes set it), or no weight or bias of it requires grad (the fused graph reads W, so gradients would never
+    reach the parameters);
+  - its output is read only where a column slice serves as well as a contiguous tensor: not a graph output (the
+    caller's `.view(-1)` would fail), not `as_strided`, and every `.view` of it keeps the rows apart from the
+    columns (a view that merges the two fails on a slice);
+  - the group shares the input node (so also dtype, device and K), biases are all absent or all present, and the
+    weights (biases) have one dtype; a weight or bias appears once per group;
+  - no node between the group's first and last linear may mutate the input (an in-place op, `inplace=True`,
+    setitem, `out=`, a custom op with mutable arguments, whose tensor arguments share the input's storage; without
+    fake-tensor metadata any such node counts) or change global state (grad mode, autocast): the fused GEMM runs
+    at the first linear's place, under the first linear's state.
 W is then one of:
   - a view spanning the weights when they already are adjacent rows of one storage (a second Dynamo graph of the
     same model, e.g. the one-token graph): no copy, no rebinding;
@@ -33,6 +38,8 @@ W is then one of:
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import operator
@@ -41,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
@@ -78,21 +86,41 @@ def _linear_args(node: fx.Node) -> tuple | None:
     """(input, weight, bias) of a linear call node, or None for any other node."""
     if node.op != "call_function" or node.target is not F.linear:
         return None
-    args = [*node.args, None][:3]
+    args = [*node.args, None, None, None][:3]  # F.linear(x, weight=w) names what it does not place
     return tuple(node.kwargs.get(name, arg) for name, arg in zip(("input", "weight", "bias"), args))
 
 
-def _as_linear(node: fx.Node, params: dict) -> _Linear | None:
-    """`node` as a fusible linear, or None (see the module docstring's rules)."""
+def _as_linear(node: fx.Node, params: dict, grad: bool) -> _Linear | None:
+    """`node` as a fusible linear where grad mode is `grad`, or None (see the module docstring's rules)."""
     args = _linear_args(node)
     if args is None:
         return None
     x, w, b = args
     if not _only_read_as(w, 1, 2, params) or (b is not None and not _only_read_as(b, 2, 1, params)):
         return None
-    if torch.is_grad_enabled() and any(params[p].requires_grad for p in (w, b) if p is not None):
+    if grad and any(params[p].requires_grad for p in (w, b) if p is not None):
+        return None
+    if not all(_slice_serves(user, node) for user in node.users):
         return None
     return _Linear(node, x, w, b)
+
+
+def _slice_serves(user: fx.Node, out: fx.Node) -> bool:
+    """Whether `user` reads a column slice of a wider output (row stride > columns) as it reads `out` itself."""
+    if user.op == "output" or user.target in (torch.as_strided, "as_strided", torch.ops.aten.as_strided.default):
+        return False
+    if user.target not in ("view", torch.Tensor.view, torch.ops.aten.view.default):
+        return True
+    before, after = (_value(n) for n in (out, user))
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        return False  # no metadata, or .view(dtype): not proven
+    rows, cols = math.prod(before.shape[:-1]), before.shape[-1]
+    return any(statically_known_true(math.prod(after.shape[:k]) == rows)
+               and statically_known_true(math.prod(after.shape[k:]) == cols) for k in range(after.dim() + 1))
+
+
+def _value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
 
 
 def _only_read_as(p, position: int, dim: int, params: dict) -> bool:
@@ -107,20 +135,33 @@ def _only_read_as(p, position: int, dim: int, params: dict) -> bool:
 
 
 def _groups(graph: fx.Graph, params: dict) -> list[list[_Linear]]:
-    """Groups of two or more fusible linears, in graph order; a node that may mutate an input closes its group."""
+    """Groups of two or more fusible linears, in graph order; a node that may mutate an input closes its group, one
+    that changes grad mode or autocast closes every group."""
     open_groups: dict[tuple, list[_Linear]] = {}
     closed: list[list[_Linear]] = []
+    grad = torch.is_grad_enabled()
     for node in graph.nodes:
-        linear = _as_linear(node, params)
+        linear = _as_linear(node, params, grad)
         if linear is not None:
             key = (linear.x, linear.bias is None)
             group = open_groups.setdefault(key, [])
-            if all(lin.weight is not linear.weight for lin in group):
+            if all(lin.weight is not linear.weight and (lin.bias is None or lin.bias is not linear.bias)
+                   for lin in group):
                 group.append(linear)
+        elif node.op == "call_function" and node.target in _GLOBAL_STATE:
+            closed += open_groups.values()
+            open_groups = {}
+            if node.target is torch._C._set_grad_enabled:
+                grad = bool(node.args[0])
         elif _may_mutate(node):
             for key in [k for k in open_groups if _may_alias(node, k[0])]:
                 closed.append(open_groups.pop(key))
     return [g for g in closed + list(open_groups.values()) if len(g) > 1]
+
+
+# what Dynamo records for `with torch.no_grad()` / `enable_grad()` / `torch.autocast(...)` blocks
+_GLOBAL_STATE = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                 torch.amp.autocast_mode._exit_autocast}
 
 
 def _may_mutate(node: fx.Node) -> bool:
@@ -135,7 +176,26 @@ def _may_mutate(node: fx.Node) -> bool:
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.is_mutable
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    return target in _IN_PLACE_OPERATORS or name.endswith("_") or "out" in node.kwargs
+    return (target in _IN_PLACE_OPERATORS or name.endswith("_") or "out" in node.kwargs
+            or _in_place_flag(node))
+
+
+def _in_place_flag(node: fx.Node) -> bool:
+    """F.relu(x, inplace=True) or F.relu(x, True): a function whose `inplace` argument is set (Dynamo records
+    `nn.ReLU(inplace=True)` so too)."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    position = _inplace_position(node.target)
+    return position is not None and len(node.args) > position and node.args[position] is True
+
+
+@functools.cache
+def _inplace_position(target) -> int | None:
+    try:
+        names = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 _IN_PLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.imatmul,
@@ -153,9 +213,9 @@ def _may_alias(node: fx.Node, x: fx.Node) -> bool:
 
 def _storages(node: fx.Node) -> set | None:
     """The storages of the tensors in node's example value (Dynamo's fakes), or None when it has none."""
-    if "example_value" not in node.meta and "val" not in node.meta:
+    value = _value(node)
+    if value is None:
         return None
-    value = node.meta.get("example_value", node.meta.get("val"))
     return {StorageWeakRef(t.untyped_storage()) for t in tree_leaves(value) if isinstance(t, torch.Tensor)}
 
 
@@ -174,6 +234,8 @@ def _fuse_group(gm: fx.GraphModule, group: list[_Linear], params: dict, example_
 
 def _unfusable(ts: list[torch.Tensor], example_inputs: list) -> str | None:
     """Why `ts` can be neither spanned nor concatenated, or None when they can."""
+    if len({(t.dtype, t.device) for t in ts}) > 1:  # torch.cat would promote them: a parameter's dtype changed
+        return f"parameters of different dtypes or devices: {sorted({str(t.dtype) for t in ts})}"
     if _span(ts) is not None:
         return None
     users = [StorageWeakRef(x.untyped_storage()) for x in example_inputs if isinstance(x, torch.Tensor)]

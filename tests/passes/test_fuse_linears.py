@@ -163,12 +163,13 @@ def test_fused_equals_unfused_and_is_memory_neutral(case):
 
 
 def _two_linears(weights: list, extra_inputs: tuple = (), read_weight: bool = False):
-    """(gm, inputs): linear(h, w) for each w in `weights` on one input h, outputs each; `extra_inputs` are more
-    placeholders (unused); read_weight: the first weight is also summed (a second use of it)."""
+    """(gm, inputs): linear(h, w) for each w in `weights` on one input h, outputs the sine of each (a linear's own
+    output returned is not fused); `extra_inputs` are more placeholders (unused); read_weight: the first weight is
+    also summed (a second use of it)."""
     b = Built()
     h = b.placeholder(torch.randn(T, K, generator=torch.Generator().manual_seed(0)))
     ws = [b.placeholder(w) for w in weights]
-    b.outputs += [b.graph.call_function(F.linear, (h, w)) for w in ws]
+    b.outputs += [b.graph.call_function(torch.sin, (b.graph.call_function(F.linear, (h, w)),)) for w in ws]
     for x in extra_inputs:
         b.placeholder(x)
     if read_weight:
@@ -225,7 +226,8 @@ def test_a_node_that_may_mutate_the_input_between_linears_stops_fusion(between, 
     w0, w1 = (b.placeholder(w) for w in weights)
     first = b.graph.call_function(F.linear, (h, w0))
     _BETWEEN[between](b.graph, h, other)
-    b.outputs += [first, b.graph.call_function(F.linear, (h, w1)), other]
+    second = b.graph.call_function(F.linear, (h, w1))
+    b.outputs += [b.graph.call_function(torch.sin, (y,)) for y in (first, second)] + [other]
     gm = b.module(torch.nn.ModuleDict({"relu": torch.nn.ReLU(inplace=True)}))
     FakeTensorProp(gm).propagate(*b.inputs)  # Dynamo's metadata: which storages each node's tensors live in
     with torch.no_grad():
@@ -237,7 +239,7 @@ def test_a_weight_used_twice_on_one_input_joins_its_group_once():
     b = Built()
     h = b.placeholder(torch.randn(T, K, generator=torch.Generator().manual_seed(0)))
     w0, w1 = (b.placeholder(w) for w in weights)
-    b.outputs += [b.graph.call_function(F.linear, (h, w)) for w in (w0, w1, w0)]
+    b.outputs += [b.graph.call_function(torch.sin, (b.graph.call_function(F.linear, (h, w)),)) for w in (w0, w1, w0)]
     gm = b.module()
     with torch.no_grad():
         assert _fuse_checked(gm, b.inputs) == 1
@@ -472,3 +474,213 @@ def test_gpu_fused_graph_modes_match_hf_in_bf16(mode):
     assert sum(_param_storages(lm).values()) == sum(before.values())
     assert len(_param_storages(lm)) == len(before) - TINY_MERGED
     assert (be.stats.cuda_graphs > 0) == (mode != "eager")
+
+
+# -- models whose fusion changed results (found by a review): each compiled equals eager ----------------------------
+
+
+def _compiled(model: torch.nn.Module, inner: str = "eager"):
+    torch._dynamo.reset()
+    be = backend(mode="eager", inner_compiler=inner, progress=False)
+    return torch.compile(model, backend=be), be
+
+
+class _TwoProjections(torch.nn.Module):
+    """gate(h) and up(h) on one input, with `between(self, h)` run between them."""
+
+    def __init__(self, between=None, dtypes=(torch.float32, torch.float32)):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gate = torch.nn.Linear(16, 8).to(dtypes[0])
+        self.up = torch.nn.Linear(16, 8).to(dtypes[1])
+        self.act = torch.nn.ReLU(inplace=True)
+        self.between = between
+
+    def forward(self, x):
+        h = x + 0
+        g = self.gate(h)
+        self.between(self, h)
+        return g.sin(), self.up(h).sin()
+
+
+@pytest.mark.parametrize("between", [
+    lambda m, h: m.act(h),  # nn.ReLU(inplace=True): Dynamo records F.relu(h, inplace=True)
+    lambda m, h: F.relu(h, True),  # the flag by position
+    lambda m, h: F.silu(h, inplace=True),
+    lambda m, h: F.hardtanh(h, -0.1, 0.1, True),
+], ids=["ReLU module", "relu positional", "silu", "hardtanh"])
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_an_in_place_activation_of_the_input_between_linears_stops_fusion(between, inner):
+    m, x = _TwoProjections(between).eval(), torch.randn(4, 16)
+    with torch.no_grad():
+        expected = m(x)
+        compiled, be = _compiled(m, inner)
+        got = compiled(x)
+    assert be.stats.fused_linears == 0
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **SAME_MATH)
+
+
+class _AcrossBlocks(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.block = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8), block
+
+    def forward(self, x):
+        y1 = self.a(x).sin()
+        with self.block():
+            y2 = self.b(x).sin()
+        return y1, y2
+
+
+def test_linears_on_either_side_of_an_autocast_block_are_not_fused():
+    m, x = _AcrossBlocks(lambda: torch.autocast("cpu", dtype=torch.bfloat16)).eval(), torch.randn(4, 16)
+    with torch.no_grad():
+        expected = m(x)
+        compiled, be = _compiled(m)
+        got = compiled(x)
+    assert be.stats.fused_linears == 0
+    assert [g.dtype for g in got] == [torch.float32, torch.bfloat16]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_weights_of_two_dtypes_keep_their_dtypes():
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 8, bias=False)
+            self.b = torch.nn.Linear(16, 8, bias=False).to(torch.bfloat16)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.a(x).sin(), self.b(x).sin()
+
+    m, x = Mixed().eval(), torch.randn(4, 16)
+    with torch.no_grad():
+        expected = m(x)
+        compiled, be = _compiled(m)
+        got = compiled(x)
+    assert be.stats.fused_linears == 0  # torch.cat would have made b's weight float32
+    assert m.b.weight.dtype == torch.bfloat16 and m.state_dict()["b.weight"].dtype == torch.bfloat16
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_a_bias_shared_by_two_linears_stays_one_parameter():
+    class SharedBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(8, 16))
+            self.b = torch.nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return F.linear(x, self.w1, self.b).sin(), F.linear(x, self.w2, self.b).sin()
+
+    torch.manual_seed(0)
+    m, x = SharedBias().eval(), torch.randn(4, 16)
+    compiled, _ = _compiled(m)
+    with torch.no_grad():
+        compiled(x)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        state["b"] = torch.full((8,), 100.0)
+        m.load_state_dict(state)  # in place: every linear reading b must see it
+        for g, e in zip(compiled(x), m(x)):
+            torch.testing.assert_close(g, e, **SAME_MATH)
+
+
+def test_linears_under_a_no_grad_block_with_grad_on_outside_keep_their_gradients():
+    class Distill(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Linear(16, 8).requires_grad_(False)
+            self.b = torch.nn.Linear(16, 8).requires_grad_(False)
+            self.emb = torch.nn.Parameter(torch.randn(4, 16))
+
+        def forward(self, x):
+            h = x + self.emb
+            with torch.no_grad():
+                target = self.a(h)
+            return ((self.b(h) - target) ** 2).sum() + h.sum()
+
+    m, x = Distill(), torch.randn(4, 16)
+    m(x).backward()
+    expected, m.emb.grad = m.emb.grad.clone(), None
+    compiled, _ = _compiled(m)
+    compiled(x).backward()
+    torch.testing.assert_close(m.emb.grad, expected, **SAME_MATH)
+
+
+def test_linears_under_enable_grad_inside_a_no_grad_call_are_not_fused():
+    m, x = _AcrossBlocks(torch.enable_grad), torch.randn(4, 16)
+    compiled, be = _compiled(m)
+    with torch.no_grad():
+        got, expected = compiled(x), m(x)
+    assert be.stats.fused_linears == 0
+    assert [g.requires_grad for g in got] == [e.requires_grad for e in expected] == [False, True]
+
+
+class _Viewed(torch.nn.Module):
+    def __init__(self, flat: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 8, bias=False)
+        self.flat = flat
+
+    def forward(self, x):  # x [2, 3, 16]
+        k = self.k(x)
+        k = k.view(-1) if self.flat else k.view(2, 3, 2, 4)  # merges rows with columns / splits the columns only
+        return self.q(x).sin(), k.sin()
+
+
+@pytest.mark.parametrize("flat, fused", [(True, 0), (False, 1)])
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_a_view_that_a_column_slice_cannot_take_stops_fusion(flat, fused, inner):
+    m, x = _Viewed(flat).eval(), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        expected = m(x)
+        compiled, be = _compiled(m, inner)
+        got = compiled(x)  # fused, k.view(-1) failed: "view size is not compatible with input tensor's size"
+    assert be.stats.fused_linears == fused
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **SAME_MATH)
+
+
+def test_a_linear_output_returned_by_the_graph_stays_contiguous():
+    class Returned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.q(x), self.k(x)
+
+    compiled, be = _compiled(Returned().eval())
+    with torch.no_grad():
+        q, k = compiled(torch.randn(4, 16))
+    assert be.stats.fused_linears == 0 and q.is_contiguous() and k.view(-1).shape == (32,)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w: F.linear(x, weight=w),
+    lambda x, w: F.linear(input=x, weight=w, bias=None),
+], ids=["weight=", "all by name"])
+def test_linears_called_with_keyword_arguments_are_fused(call):
+    class Named(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(8, 16))
+
+        def forward(self, x):
+            return (call(x, self.w1) + F.linear(x, self.w2)).sin()
+
+    torch.manual_seed(0)
+    m, x = Named().eval(), torch.randn(4, 16)
+    with torch.no_grad():
+        expected = m(x)
+        compiled, be = _compiled(m)
+        got = compiled(x)  # raised "not enough values to unpack (expected 3, got 2)"
+    assert be.stats.fused_linears == 1
+    torch.testing.assert_close(got, expected, **SAME_MATH)
