@@ -195,3 +195,29 @@ def test_split_ops_run_their_direct_implementation_without_the_dispatcher(monkey
     compiled = torch.compile(model, backend=backend(mode=mode, inner_compiler="eager"))
     torch.testing.assert_close(compiled(_ids(7)), model(_ids(7)), rtol=1e-5, atol=1e-5)
     assert calls == [0, 2]  # the compiled run only: the eager model goes through the dispatcher
+
+
+@pytest.mark.parametrize("device, dynamic, combo", [("cpu", False, False), ("cuda", False, True),
+                                                   ("cuda", True, False)])
+def test_static_pieces_on_cuda_compile_with_combo_kernels(monkeypatch, device, dynamic, combo):
+    """Inductor's horizontal fusion of a piece's independent kernels is on for CUDA pieces of static shapes (the
+    one-token decode graph: fewer launches, measured on the H100); pieces dynamic in the token count also serve
+    prefill, where it measured slower, and CPU pieces are left as the user has them. Checked by the setting
+    compile_fx sees."""
+    from torch._inductor import compile_fx as inductor_compile
+    from torch._inductor import config as inductor_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from hattn.compiler import backend as backend_module
+
+    seen = []
+    monkeypatch.setattr(inductor_compile, "compile_fx", lambda gm, args: seen.append(inductor_config.combo_kernels))
+    gm = torch.fx.symbolic_trace(lambda x: x.sin() + x.cos())
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    rows = mode.from_tensor(torch.empty(4, 8), static_shapes=not dynamic).shape[0]  # a SymInt where dynamic
+    with mode:
+        x = torch.empty(rows, 8, device=device)
+    backend_module._compile_piece(gm, [x])
+    assert isinstance(x.shape[0], torch.SymInt) == dynamic
+    assert seen == [combo] and inductor_config.combo_kernels is False  # restored after the piece
