@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import TracingContext, detect_fake_mode
 
@@ -145,6 +146,13 @@ class _CompilePieces(fx.Interpreter):
     def _compile(self, piece: fx.GraphModule, args: list) -> Callable:
         from torch._dynamo.utils import counters
 
+        if _returns_a_float(piece):
+            # inductor cannot return a Python float (its graph outputs are tensors and ints). Dynamo passes a float
+            # attribute whose value changed between two compiles of one frame (the attention scale of a second
+            # model family in the process) as a tensor input, and a piece turns it back into the float a split op
+            # takes: that piece runs as traced FX code (in a graph mode, inside the graph like any piece)
+            log.debug("hattn: a piece returns a float: run as traced code, not compiled by inductor")
+            return piece
         s, hits = self.stats, counters["aot_autograd"]["autograd_cache_hit"]
         start = time.perf_counter()
         fn = _compile_piece(piece, args)
@@ -156,6 +164,13 @@ class _CompilePieces(fx.Interpreter):
         s.piece_compile_seconds.append(seconds)
         self.bar.set_postfix(compiled=self.compiles)
         return fn
+
+
+def _returns_a_float(piece: fx.GraphModule) -> bool:
+    (output,) = piece.graph.find_nodes(op="output")
+    values = [n.meta.get("example_value", n.meta.get("val")) for n in tree_leaves(output.args)
+              if isinstance(n, fx.Node)]
+    return any(isinstance(v, (float, torch.SymFloat)) for v in values)
 
 
 @dataclasses.dataclass(frozen=True)

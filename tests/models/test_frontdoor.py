@@ -86,6 +86,18 @@ def test_generate_equals_transformers_generate_for_a_padded_batch(make_case, pre
     assert model._call.direct_calls == NEW - 2
 
 
+def test_a_second_family_of_another_attention_scale_compiles_with_inductor_pieces(make_case):
+    """Dynamo passes the attention scale (a float attribute whose value changed between two compiles of one frame:
+    every adapted model runs HybridLM.forward) as a tensor input; a piece then returns it as the float the split op
+    takes, which inductor cannot (it failed with an AssertionError deep in inductor). Found by a review."""
+    torch._dynamo.reset()
+    for preset in ("tiny", "tiny-bailing-hybrid"):  # scales 0.25 and 1/sqrt(24)
+        c = make_case(preset)
+        model = hattn.compile(fresh(c), mode="eager", progress=False)  # inductor pieces
+        ids, mask = padded(c.prompts)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD), hf_batch(c))
+
+
 def test_eos_padding_sides_and_inferred_mask_as_transformers(make_case):
     c = make_case("tiny")
     model = hattn.compile(fresh(c), mode="bcg", inner_compiler="eager")
