@@ -18,6 +18,7 @@ warns that its tokens are wrong); hattn's equal transformers' for the same batch
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,9 +38,21 @@ UNSUPPORTED = {"num_beams": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cut
                "output_attentions": False, "output_hidden_states": False, "penalty_alpha": None, "dola_layers": None,
                "guidance_scale": None, "stop_strings": None, "watermarking_config": None, "token_healing": None,
                "exponential_decay_length_penalty": None, "force_words_ids": None, "constraints": None,
-               "num_beam_groups": 1, "diversity_penalty": 0.0, "prompt_lookup_num_tokens": None}
+               "num_beam_groups": 1, "diversity_penalty": 0.0, "prompt_lookup_num_tokens": None,
+               # transformers applies the encoder_* pair to a decoder-only model's prompt; max_time cuts the output;
+               # renormalize_logits changes the scores it returns
+               "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "max_time": None,
+               "renormalize_logits": False, "remove_invalid_values": False}
 # settings that change how transformers computes, not which tokens come out: accepted and left to hattn's own cache
 IGNORED = ("use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile")
+# generation-config fields that change nothing here: ids of other models' kinds, beam-search-only settings (beams are
+# refused), assistant/speculative settings without an assistant (greedy tokens and the sampled distribution are the
+# same), transformers' own bookkeeping. Any other field set is warned about: hattn does not know what it does.
+NO_EFFECT = ("bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config", "early_stopping",
+             "length_penalty", "low_memory", "max_cache_len", "prefill_chunk_size", "use_mtp", "is_assistant",
+             "assistant_confidence_threshold", "assistant_early_exit", "assistant_ensemble_weight",
+             "assistant_lookbehind", "target_lookbehind", "num_assistant_tokens", "num_assistant_tokens_schedule",
+             "max_matching_ngram_size", "speculation_type", "continuous_batching_config")
 
 
 @dataclass
@@ -67,6 +80,7 @@ def request(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, genera
     check_input_ids(input_ids)
     setting = _settings(generation_config, kwargs)
     _check_unsupported(setting)
+    _warn_unknown(generation_config)
     eos = token_ids(setting("eos_token_id"), "eos_token_id")
     pad = setting("pad_token_id")
     pad = eos[0] if pad is None and eos else pad
@@ -145,6 +159,15 @@ def _check_unsupported(setting) -> None:
             raise ValueError(f"{name}={value!r} (from the arguments or the model's generation_config) is not "
                              f"supported by hattn's generate and would change the tokens: pass {name}={off!r}, or use "
                              f"transformers' generate on a model hattn has not adapted")
+
+
+def _warn_unknown(generation_config) -> None:
+    known = {*ACCEPTED, *UNSUPPORTED, *IGNORED, *NO_EFFECT}
+    fields = generation_config.to_dict() if hasattr(generation_config, "to_dict") else {}
+    unknown = sorted(name for name, value in fields.items() if value is not None and name not in known)
+    if unknown:
+        warnings.warn(f"hattn's generate ignores generation_config setting(s) {unknown}: it does not implement them "
+                      f"(check that they do not change the tokens you expect)", stacklevel=3)
 
 
 def _num_return_sequences(setting) -> int:

@@ -1,4 +1,6 @@
 """transformers' generate arguments -> packed prompts and SamplingParams, and the output layout (no model needed)."""
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -136,12 +138,26 @@ def test_sampling_settings_resolve_as_transformers():
 
 def test_a_model_generation_config_setting_that_changes_tokens_is_refused():
     ids, mask = _batch([[5, 6, 7]], "left")
-    for name, value in (("guidance_scale", 1.5), ("stop_strings", ["\n"]), ("penalty_alpha", 0.6)):
+    # the last four passed silently through a GenerationConfig (a review found them): transformers applies the
+    # encoder_* pair to a decoder-only model's prompt, max_time cuts the output, renormalize_logits the scores
+    for name, value in (("guidance_scale", 1.5), ("stop_strings", ["\n"]), ("penalty_alpha", 0.6),
+                        ("encoder_repetition_penalty", 3.0), ("encoder_no_repeat_ngram_size", 2), ("max_time", 0.0),
+                        ("renormalize_logits", True)):
         with pytest.raises(ValueError, match=f"{name}=.* is not supported"):
             request(ids, mask, GenerationConfig(**{name: value}))
     assert request(ids, mask, GC, cache_implementation="static", use_cache=True).params.max_new_tokens == 20
     with pytest.raises(ValueError, match="typical_p=0.5 .* pass typical_p=1.0"):
         request(ids, mask, GenerationConfig(typical_p=0.5))
+
+
+def test_a_generation_config_setting_hattn_does_not_know_is_warned_about():
+    ids, mask = _batch([[5, 6, 7]], "left")
+    with pytest.warns(UserWarning, match=r"ignores generation_config setting\(s\) \['my_setting'\]"):
+        request(ids, mask, GenerationConfig(my_setting=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # settings without effect here (beam-only, assistants, ids) pass quietly
+        request(ids, mask, GenerationConfig(bos_token_id=1, early_stopping=True, length_penalty=2.0, use_mtp=True,
+                                            renormalize_logits=False, encoder_repetition_penalty=1.0))
 
 
 @pytest.mark.parametrize("input_ids, mask, error, match", [
