@@ -174,17 +174,23 @@ class CompiledLM:
         return self.lm.make_cache(slots, max_len, dtype, device)
 
     def _cache_for(self, slots: int, max_len: int) -> HybridCache:
-        """One cache kept across calls (graph modes capture over its addresses), grown when a call needs more."""
+        """One cache kept across calls (graph modes capture over its addresses), grown when a call needs more: to
+        powers of two, so that calls of growing batches and lengths make few caches (each slot count is a graph of
+        its own: batches of 1..11 rows made 11 and hit Dynamo's recompile limit, after which calls ran uncompiled)."""
         cache = self._cache
         if cache is None or cache.slots < slots or cache.max_len < max_len:
             old = (cache.slots, cache.max_len) if cache is not None else (0, 0)
             self._cache = None  # free the old one before allocating the new
-            self._cache = self.make_cache(max(slots, old[0]), max(max_len, old[1]))
+            self._cache = self.make_cache(_power_of_two(max(slots, old[0])), _power_of_two(max(max_len, old[1])))
         return self._cache
 
     def __repr__(self) -> str:
         return (f"CompiledLM({type(self.hf).__name__}, family={self.lm.family}, mode={self.backend.config.mode}, "
                 f"inner_compiler={self.backend.config.inner_compiler}, device={self.device}, dtype={self.dtype})")
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def compile(model, mode: str = "bcg", **options) -> CompiledLM:  # noqa: A001  (hattn.compile, as torch.compile)

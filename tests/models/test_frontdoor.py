@@ -133,11 +133,23 @@ def test_compiled_model_has_transformers_attributes_serves_the_packed_api_and_ke
     ids, mask = padded(c.prompts)
     model.generate(ids, attention_mask=mask, max_new_tokens=4)
     cache = model._cache
-    assert (cache.slots, cache.max_len) == (3, 17 + 4)
+    assert (cache.slots, cache.max_len) == (4, 32)  # 3 rows of up to 17 + 4 tokens, in powers of two
     model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4)
     assert model._cache is cache  # kept across calls (graph modes capture over its addresses)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
-    assert (model._cache.slots, model._cache.max_len) == (3, 17 + NEW) and torch.equal(out, hf_batch(c))
+    assert (model._cache.slots, model._cache.max_len) == (4, 64) and torch.equal(out, hf_batch(c))  # 17 + 16 > 32
+
+
+def test_growing_batches_make_few_caches_and_graphs(make_case, caplog):
+    """Each slot count is a Dynamo graph of its own (the logits rows): a cache grown to each batch's exact size made
+    a graph per batch size, and batches of 1..11 rows hit Dynamo's recompile limit (found by a review)."""
+    c = make_case("tiny")
+    model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager", progress=False)
+    gen = torch.Generator().manual_seed(0)
+    for rows in range(1, 12):
+        model.generate(torch.randint(1, 512, (rows, 5 + rows), generator=gen), max_new_tokens=2)
+    assert (model._cache.slots, model._cache.max_len) == (16, 32)
+    assert model.backend.stats.graphs_compiled <= 6 and "recompile_limit" not in caplog.text
 
 
 def test_compiled_model_shows_the_module_surface_transformers_code_touches(make_case):
