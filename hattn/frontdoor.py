@@ -181,7 +181,11 @@ class CompiledLM:
         if cache is None or cache.slots < slots or cache.max_len < max_len:
             old = (cache.slots, cache.max_len) if cache is not None else (0, 0)
             self._cache = None  # free the old one before allocating the new
-            self._cache = self.make_cache(_power_of_two(max(slots, old[0])), _power_of_two(max(max_len, old[1])))
+            slots, max_len = max(slots, old[0]), max(max_len, old[1])
+            try:
+                self._cache = self.make_cache(_power_of_two(slots), _power_of_two(max_len))
+            except ValueError:  # the rounded cache would not fit the device (HybridCache checks): the exact one
+                self._cache = self.make_cache(slots, max_len)
         return self._cache
 
     def __repr__(self) -> str:

@@ -380,3 +380,18 @@ def test_scores_and_logits_of_return_dict_in_generate_are_transformers(make_case
     assert torch.equal(first.isinf(), sampled.scores[0].isinf()) and (first.isfinite().sum(-1) == 7).all()
     torch.testing.assert_close(first[first.isfinite()], sampled.scores[0][first.isfinite()], atol=1e-4, rtol=1e-4)
     assert isinstance(model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD), torch.Tensor)
+
+
+def test_a_cache_rounded_past_the_memory_falls_back_to_the_exact_size(make_case, monkeypatch):
+    from hattn.models import cache as cache_module
+
+    c = make_case("tiny")
+    model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager", progress=False)
+    exact = model.make_cache(3, 21)._planned_bytes()
+
+    def fits_only_the_exact_size(nbytes, cache):
+        if nbytes > exact:
+            raise ValueError("more than the device has")
+
+    monkeypatch.setattr(cache_module, "_check_fits", fits_only_the_exact_size)
+    assert (model._cache_for(3, 21).slots, model._cache.max_len) == (3, 21)
