@@ -235,6 +235,11 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
         cache = model.make_cache(len(prompts), max(len(p) for p in prompts) + params.max_new_tokens)
     device = device or cache.device
     _check_fits(prompts, params, cache)
+    tp = _tp_group(model)
+    if tp is not None:
+        from hattn.parallel.tp import agree_on_request
+
+        params = agree_on_request(tp, prompts, params, device)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -404,6 +409,15 @@ def _check_model(model, cache) -> None:
     if cache is None and not hasattr(model, "make_cache"):
         raise TypeError(f"{type(model).__name__} has no make_cache, so generate cannot build a cache: pass "
                         f"cache=HybridCache(...) or use the model hattn.adapt returns")
+
+
+def _tp_group(model):
+    """The tensor-parallel group of a sharded model (maybe compiled, or wrapped for two-batch overlap), or None."""
+    for m in (model, getattr(model, "_orig_mod", None), getattr(model, "lm", None)):
+        tp = getattr(m, "tp", None) if m is not None else None
+        if tp is not None and tp.size > 1:
+            return tp
+    return None
 
 
 def _vocab_size(model) -> int | None:

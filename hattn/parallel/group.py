@@ -26,6 +26,11 @@ class TPGroup:
             raise ValueError(f"a TPGroup needs 0 <= rank < size, got rank={self.rank}, size={self.size}")
         if self.size > 1 and self.group is None:
             raise ValueError(f"a TPGroup of size {self.size} needs a process group (torch.distributed)")
+        if self.group is not None and dist.is_initialized():  # a wrong rank kept another rank's shards, silently
+            rank, size = dist.get_rank(self.group), dist.get_world_size(self.group)
+            if (rank, size) != (self.rank, self.size):
+                raise ValueError(f"TPGroup(rank={self.rank}, size={self.size}) does not match its process group, "
+                                 f"where this process is rank {rank} of {size}: use TPGroup.of(group)")
 
     @classmethod
     def single(cls) -> "TPGroup":

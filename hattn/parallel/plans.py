@@ -177,6 +177,27 @@ def moe(block: nn.Module, tp: TPGroup) -> None:
     reduce_output(block, tp)
 
 
+def check_mlp(mlp: nn.Module, where: str, size: int) -> str | None:
+    """What keeps `mlp` (a dense MLP or an MoE block) from sharding over `size` ranks, or None; checked for every
+    layer before any is sharded."""
+    if hasattr(mlp, "experts"):
+        experts = mlp.experts
+        inter = experts.intermediate_dim
+        if inter % size:
+            return f"{where}.experts: intermediate size {inter} (moe_intermediate_size) does not divide over tp={size}"
+        row = inter // size * experts.down_proj.element_size()
+        if row % 16:  # torch's grouped_mm, which transformers' experts call, needs 16-byte aligned strides
+            return (f"{where}.experts: intermediate size {inter} (moe_intermediate_size) over tp={size} leaves "
+                    f"{inter // size} columns per rank, {row} bytes in {experts.down_proj.dtype}; the experts' "
+                    f"grouped GEMM needs a multiple of 16 bytes")
+        shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+        return check_mlp(shared, f"{where}.shared_expert", size) if shared is not None else None
+    inter = mlp.down_proj.in_features
+    if inter % size:
+        return f"{where}: intermediate size {inter} (intermediate_size) does not divide over tp={size}"
+    return None
+
+
 def mlp_block(mlp: nn.Module, tp: TPGroup) -> None:
     if hasattr(mlp, "experts"):
         moe(mlp, tp)

@@ -14,6 +14,8 @@ its head counts divided by tp), through the family's own `cache_specs`.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import itertools
 
 import torch
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from hattn.models.hf import HybridLM, _decoder_layers, family_of
 from hattn.parallel.group import TPGroup
 from hattn.parallel.layers import vocab_parallel_head
-from hattn.parallel.plans import Plan, mlp_block, plan_of
+from hattn.parallel.plans import Plan, check_mlp, mlp_block, plan_of
 
 
 def local_config(config, heads: tuple[str, ...], size: int):
@@ -54,6 +56,16 @@ def check_same_weights(lm: HybridLM, tp: TPGroup) -> None:
                              f"build the model from the same seed or checkpoint on every rank")
 
 
+def _check_mlps(lm: HybridLM, plan: Plan, size: int) -> None:
+    """Every layer's MLP or MoE block shards over `size` ranks (checked before any layer changes)."""
+    for i, layer in enumerate(_decoder_layers(lm.hf)):
+        mlp = plan.mlp(layer)
+        problem = check_mlp(mlp, f"layer {i}'s {type(mlp).__name__}", size) if mlp is not None else None
+        if problem is not None:
+            raise ValueError(f"{lm.family}: {problem}; use a --tp that divides it (tensor parallelism shards the "
+                             f"MLPs on their intermediate dimension)")
+
+
 def _shard_layers(lm: HybridLM, plan: Plan, tp: TPGroup) -> None:
     family = family_of(lm.config)
     unsharded = sorted(set(lm.layer_kinds.values()) - set(plan.mixers))
@@ -72,9 +84,9 @@ def _shard_layers(lm: HybridLM, plan: Plan, tp: TPGroup) -> None:
 def shard(lm: HybridLM, tp: TPGroup, check_weights: bool = True) -> HybridLM:
     """Shard `lm` in place over `tp` and return it (unchanged for a group of one).
 
-    Raises ValueError before changing anything for a family without a plan, head counts or a vocabulary that do
-    not divide by tp.size, or (check_weights) ranks whose full weights differ; while sharding, for an intermediate
-    size that does not divide.
+    Raises ValueError before changing anything for a family without a plan, head counts, a vocabulary or an
+    MLP's intermediate size that do not divide by tp.size (or MoE experts' per-rank rows not 16-byte aligned), or
+    (check_weights) ranks whose full weights differ.
     """
     if getattr(lm, "tp", None) is not None:
         raise ValueError("this model is already sharded; shard a freshly adapted model")
@@ -85,6 +97,7 @@ def shard(lm: HybridLM, tp: TPGroup, check_weights: bool = True) -> HybridLM:
     if lm.config.vocab_size % tp.size:
         raise ValueError(f"vocab_size={lm.config.vocab_size} does not divide over tp={tp.size} ranks (the LM head is "
                          f"sharded by vocabulary); use a --tp that divides it")
+    _check_mlps(lm, plan, tp.size)
     if check_weights:
         check_same_weights(lm, tp)
     _shard_layers(lm, plan, tp)
@@ -103,3 +116,26 @@ def replica(lm: HybridLM, tp: TPGroup) -> HybridLM:
     memo = {id(t): t for t in itertools.chain(lm.parameters(), lm.buffers())}
     memo[id(lm.tp)] = tp
     return copy.deepcopy(lm, memo)
+
+
+def agree_on_request(tp: TPGroup, prompts: list[list[int]], params, device):
+    """The SamplingParams every rank of a sharded model generates with, after checking that all ranks were given
+    the same prompts and settings. Each step all-reduces the ranks' hidden states, so ranks that feed different
+    tokens mix two sequences with no error: other prompts, or samples drawn without a seed from each process's own
+    global generator. Params without a seed get the one rank 0 draws from its global generator (as a single
+    process samples from it). One all-gather of two int64s a generate call."""
+    if tp.size == 1:
+        return params
+    settings = {k: v for k, v in dataclasses.asdict(params).items() if k != "seed" or v is not None}
+    digest = hashlib.sha256(repr(([list(map(int, p)) for p in prompts], sorted(settings.items()))).encode()).digest()
+    seed = params.seed
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item()) if tp.rank == 0 else 0
+    mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True), seed], dtype=torch.long, device=device)
+    every = [torch.empty_like(mine) for _ in range(tp.size)]
+    dist.all_gather(every, mine, group=tp.group)
+    differ = [rank for rank, theirs in enumerate(every) if theirs[0] != every[0][0]]
+    if differ:
+        raise ValueError(f"rank(s) {differ} of the tensor-parallel group were given other prompts or sampling "
+                         f"settings than rank 0: every rank must call generate with the same prompts and params")
+    return params if params.seed is not None else dataclasses.replace(params, seed=int(every[0][1]))

@@ -146,3 +146,31 @@ def test_a_group_needs_a_valid_rank_and_a_process_group():
         TPGroup(2, 2, group=object())
     with pytest.raises(ValueError, match="a TPGroup of size 2 needs a process group"):
         TPGroup(0, 2)
+
+
+def _adapted(preset: str, **changes):
+    from hattn.models.hf import adapt
+    from hattn.models.presets import random_model
+
+    config = preset_config(preset)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return adapt(random_model(config))
+
+
+@pytest.mark.parametrize("preset, changes, match", [
+    ("tiny", {"intermediate_size": 129}, r"layer 0's .*: intermediate size 129 \(intermediate_size\) does not divide "
+                                         r"over tp=2"),
+    ("tiny-qwen3-next", {"moe_intermediate_size": 36}, r"experts: intermediate size 36 \(moe_intermediate_size\) over "
+                                                       r"tp=2 leaves 18 columns per rank, 72 bytes in torch.float32; "
+                                                       r"the experts' grouped GEMM needs a multiple of 16 bytes"),
+    ("tiny-qwen3-next", {"shared_expert_intermediate_size": 33}, r"shared_expert: intermediate size 33"),
+])
+def test_an_mlp_that_does_not_shard_is_refused_before_any_layer_changes(preset, changes, match):
+    """Found by a review: the unaligned MoE failed at the first forward in torch's grouped_mm; an intermediate size
+    that does not divide was named by its tensor only, after earlier layers were already sharded."""
+    lm = _adapted(preset, **changes)
+    before = {n: p.shape for n, p in lm.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        shard(lm, fake_group(0), check_weights=False)
+    assert {n: p.shape for n, p in lm.named_parameters()} == before

@@ -107,3 +107,29 @@ def all_families(tp) -> dict:
 
 def gpu_families(tp, presets: list[str], mode: str) -> dict:
     return {preset: family(tp, preset, f"cuda:{tp.rank}", mode) for preset in presets}
+
+
+def agreement(tp) -> dict:
+    """What each rank gets from the checks that keep ranks in step (found by a review): a TPGroup that misstates
+    its rank or size, samples drawn without a seed while each rank's global generator differs, and prompts that
+    differ between ranks."""
+    import torch.distributed as dist
+
+    from hattn.models.presets import load
+    from hattn.parallel import TPGroup
+
+    errors = {}
+    for name, rank, size in (("rank", 1 - tp.rank, 2), ("size", tp.rank, 3)):
+        try:
+            TPGroup(rank, size, dist.group.WORLD)
+        except ValueError as e:
+            errors[name] = str(e)
+    lm = shard(load("tiny"), tp)
+    torch.manual_seed(1000 + tp.rank)  # each process's own global generator
+    unseeded = SamplingParams(max_new_tokens=6, temperature=1.0)
+    tokens = generate(lm, [[1, 2, 3, 4, 5]], params=unseeded).tokens
+    try:
+        generate(lm, [[1, 2, 3 + tp.rank]], params=SamplingParams(max_new_tokens=2))
+    except ValueError as e:
+        errors["prompts"] = str(e)
+    return {"tokens": tokens, "errors": errors}
