@@ -301,6 +301,19 @@ def _eos(lm):
     return lm.config.eos_token_id if eos is None else eos
 
 
+def _check_tp(args) -> None:
+    """Head counts and a vocabulary that do not divide over --tp, from the config alone (a model folder's config
+    that cannot be read here is left to the ranks)."""
+    from hattn.models.presets import _read_config, preset_config
+    from hattn.parallel.tp import check_config
+
+    try:
+        config = preset_config(args.preset) if args.preset else _read_config(args.config or args.model)
+    except Exception:  # noqa: BLE001  (the ranks load it again and report)
+        return
+    check_config(config, args.tp)
+
+
 def run_generate(args) -> int:
     from hattn.counters import describe_startup, process_seconds, total_stats
     from hattn.models.generate import generate
@@ -308,6 +321,7 @@ def run_generate(args) -> int:
     from hattn.parallel import launch, shard
 
     if args.tp > 1 and not launch.under_torchrun():
+        _check_tp(args)  # one message here, not one per rank after torchrun started them
         return launch.relaunch(args.tp, args.argv)
     warmup = _warmup(args)
     started_s = process_seconds()  # interpreter start, imports of torch and hattn

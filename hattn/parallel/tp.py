@@ -41,6 +41,16 @@ def local_config(config, heads: tuple[str, ...], size: int):
     return local
 
 
+def check_config(config, size: int):
+    """The local config of `config` over `size` ranks; ValueError for a family without a plan, head counts or a
+    vocabulary that do not divide (what `shard` and the CLI's --tp check first, from the config alone)."""
+    local = local_config(config, plan_of(family_of(config).name).heads, size)
+    if config.vocab_size % size:
+        raise ValueError(f"vocab_size={config.vocab_size} does not divide over tp={size} ranks (the LM head is "
+                         f"sharded by vocabulary); use a --tp that divides it")
+    return local
+
+
 def check_same_weights(lm: HybridLM, tp: TPGroup) -> None:
     """Every rank must shard the same full weights (same seed or checkpoint): a float64 fingerprint of each
     parameter (sum, sum of magnitudes) is gathered and compared."""
@@ -93,10 +103,7 @@ def shard(lm: HybridLM, tp: TPGroup, check_weights: bool = True) -> HybridLM:
     if tp.size == 1:
         return lm
     plan = plan_of(lm.family)
-    local = local_config(lm.config, plan.heads, tp.size)
-    if lm.config.vocab_size % tp.size:
-        raise ValueError(f"vocab_size={lm.config.vocab_size} does not divide over tp={tp.size} ranks (the LM head is "
-                         f"sharded by vocabulary); use a --tp that divides it")
+    local = check_config(lm.config, tp.size)
     _check_mlps(lm, plan, tp.size)
     if check_weights:
         check_same_weights(lm, tp)

@@ -80,3 +80,10 @@ def test_bench_ranks_take_no_decision_from_their_own_clock():
     opts = _options(_bench_args("--tp", "2", "--quick"), cuda=False)
     assert (opts.max_s, opts.slow_s, opts.reps) == (math.inf, math.inf, 3)
     assert _options(_bench_args("--quick"), cuda=False).max_s == 0.2
+
+
+def test_heads_that_do_not_divide_over_tp_are_named_before_torchrun_starts(monkeypatch, capsys, no_torchrun):
+    """Each of the 4 ranks printed the error and torchrun its traceback, exit 1 (found by a review)."""
+    monkeypatch.setattr(launch, "relaunch", lambda *a: pytest.fail("relaunched a command that cannot shard"))
+    assert cli.main(["generate", "--preset", "tiny", "--tp", "4", "--prompt-ids", "1,2,3", "--device", "cpu"]) == 2
+    assert "num_key_value_heads=2, linear_num_key_heads=2 do not divide over tp=4" in capsys.readouterr().err
