@@ -304,11 +304,14 @@ def _eos(lm):
 def _check_tp(args) -> None:
     """Head counts and a vocabulary that do not divide over --tp, from the config alone (a model folder's config
     that cannot be read here is left to the ranks)."""
+    from hattn.models.hf import family_of, text_config
     from hattn.models.presets import _read_config, preset_config
+    from hattn.parallel.plans import plan_of
     from hattn.parallel.tp import check_config
 
     try:
         config = preset_config(args.preset) if args.preset else _read_config(args.config or args.model)
+        plan_of(family_of(text_config(config)).name)
     except Exception:  # noqa: BLE001  (the ranks load it again and report)
         return
     check_config(config, args.tp)

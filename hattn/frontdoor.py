@@ -174,27 +174,26 @@ class CompiledLM:
         return self.lm.make_cache(slots, max_len, dtype, device)
 
     def _cache_for(self, slots: int, max_len: int) -> HybridCache:
-        """One cache kept across calls (graph modes capture over its addresses), grown when a call needs more: to
-        powers of two, so that calls of growing batches and lengths make few caches (each slot count is a graph of
-        its own: batches of 1..11 rows made 11 and hit Dynamo's recompile limit, after which calls ran uncompiled)."""
+        """One cache kept across calls (graph modes capture over its addresses): the first call's size, grown when
+        a call needs more to at least twice the old slots (length), so that calls of growing batches make few caches
+        (each slot count is a Dynamo graph of its own: grown to each batch's exact size, batches of 1..11 rows made
+        11 and hit Dynamo's recompile limit, after which calls ran uncompiled). The exact size where the doubled one
+        would not fit the device."""
         cache = self._cache
         if cache is None or cache.slots < slots or cache.max_len < max_len:
-            old = (cache.slots, cache.max_len) if cache is not None else (0, 0)
+            exact = (max(slots, cache.slots), max(max_len, cache.max_len)) if cache is not None else (slots, max_len)
+            grown = exact if cache is None else tuple(n if n == old else max(n, 2 * old) for n, old in
+                                                      zip(exact, (cache.slots, cache.max_len)))
             self._cache = None  # free the old one before allocating the new
-            slots, max_len = max(slots, old[0]), max(max_len, old[1])
             try:
-                self._cache = self.make_cache(_power_of_two(slots), _power_of_two(max_len))
-            except ValueError:  # the rounded cache would not fit the device (HybridCache checks): the exact one
-                self._cache = self.make_cache(slots, max_len)
+                self._cache = self.make_cache(*grown)
+            except ValueError:  # more than the device has (HybridCache checks before allocating)
+                self._cache = self.make_cache(*exact)
         return self._cache
 
     def __repr__(self) -> str:
         return (f"CompiledLM({type(self.hf).__name__}, family={self.lm.family}, mode={self.backend.config.mode}, "
                 f"inner_compiler={self.backend.config.inner_compiler}, device={self.device}, dtype={self.dtype})")
-
-
-def _power_of_two(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def compile(model, mode: str = "bcg", **options) -> CompiledLM:  # noqa: A001  (hattn.compile, as torch.compile)

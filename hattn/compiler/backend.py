@@ -39,7 +39,7 @@ log = logging.getLogger("hattn")
 # Where inductor's combo_kernels (independent kernels of a piece launched as one: q's and k's norms, the gates'
 # activations) is on: "static" (pieces on CUDA whose shapes are all static: the one-token decode graph), "all" (every
 # CUDA piece) or "off". Measured in one process on the H100 (session 48, scripts/inductor_config_ab.py, full mode,
-# ctx 1024, logits bit for bit the same): decode B=1 1.086 -> 1.057 ms (340 -> 298 kernels), B=16 1.769 -> 1.726
+# ctx 1024, logits bit for bit the same): decode B=1 1.086 -> 1.057 ms (340 -> 298 kernels), B=16 1.797 -> 1.726
 # (426 -> 383), but a 1024-token prefill 5.81 -> 5.96 ms (GPU busy +2%): the dynamic pieces serve prefill too.
 COMBO_KERNELS = "static"
 

@@ -120,9 +120,10 @@ def _count(x, name: str) -> int:
 def _check_fits(nbytes: int, cache: HybridCache) -> None:
     """Refuse a cache larger than its device's memory before allocating it, naming the sizes that set it (torch's
     allocator would fail with a bare byte count, or a CPU cache could take the machine's swap)."""
-    if cache.device.type == "cuda":
+    if cache.device.type == "cuda":  # the driver's free bytes and what torch's allocator holds unused
         free, _ = torch.cuda.mem_get_info(cache.device)
-        room, what = free, "free"
+        idle = torch.cuda.memory_reserved(cache.device) - torch.cuda.memory_allocated(cache.device)
+        room, what = free + idle, "free"
     elif cache.device.type == "cpu" and hasattr(os, "sysconf"):
         room, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in all"
     else:

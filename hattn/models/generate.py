@@ -225,6 +225,11 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
     in the result (transformers' output_scores / output_logits).
     """
     params = params or SamplingParams()
+    tp = _tp_group(model)
+    if tp is not None:  # first: every rank then checks the same inputs below and fails alike
+        from hattn.parallel.tp import agree_on_request
+
+        params = agree_on_request(tp, prompts, params, _device_of(model, cache))
     check_inputs(model, prompts, params, cache)
     keep = (keep,) if isinstance(keep, str) else keep
     if set(keep) - {"scores", "logits"}:
@@ -235,11 +240,6 @@ def generate(model, prompts: list[list[int]], cache: HybridCache | None = None,
         cache = model.make_cache(len(prompts), max(len(p) for p in prompts) + params.max_new_tokens)
     device = device or cache.device
     _check_fits(prompts, params, cache)
-    tp = _tp_group(model)
-    if tp is not None:
-        from hattn.parallel.tp import agree_on_request
-
-        params = agree_on_request(tp, prompts, params, device)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -418,6 +418,15 @@ def _tp_group(model):
         if tp is not None and tp.size > 1:
             return tp
     return None
+
+
+def _device_of(model, cache):
+    """Where a sharded model's collectives run: its cache's device, else its parameters'."""
+    if isinstance(cache, HybridCache):
+        return cache.device
+    inner = getattr(model, "_orig_mod", model)
+    params = inner.parameters() if hasattr(inner, "parameters") else iter(())
+    return next(params, torch.empty(0)).device
 
 
 def _vocab_size(model) -> int | None:

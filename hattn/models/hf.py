@@ -405,8 +405,9 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
             if fake:
                 raise
             raise ValueError(
-                f"{lm.family}: a probe forward failed ({type(e).__name__}: {e}); the config's layer types may "
-                f"disagree with the model's modules"
+                f"{lm.family}: a probe forward of 2 tokens failed ({type(e).__name__}: {e}): the transformers "
+                f"model cannot run this config (its own error above), or the config's layer types disagree with "
+                f"the model's modules"
             ) from e
     return rec.calls
 

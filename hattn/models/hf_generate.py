@@ -42,7 +42,9 @@ UNSUPPORTED = {"num_beams": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cut
                # transformers applies the encoder_* pair to a decoder-only model's prompt; max_time cuts the output;
                # renormalize_logits changes the scores it returns
                "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "max_time": None,
-               "renormalize_logits": False, "remove_invalid_values": False}
+               "renormalize_logits": False, "remove_invalid_values": False,
+               # with use_mtp, transformers mixes the draft's probabilities into the sampled distribution by it
+               "assistant_ensemble_weight": None}
 # settings that change how transformers computes, not which tokens come out: accepted and left to hattn's own cache
 IGNORED = ("use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile")
 # generation-config fields that change nothing here: ids of other models' kinds, beam-search-only settings (beams are
@@ -50,9 +52,9 @@ IGNORED = ("use_cache", "cache_implementation", "cache_config", "compile_config"
 # same), transformers' own bookkeeping. Any other field set is warned about: hattn does not know what it does.
 NO_EFFECT = ("bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config", "early_stopping",
              "length_penalty", "low_memory", "max_cache_len", "prefill_chunk_size", "use_mtp", "is_assistant",
-             "assistant_confidence_threshold", "assistant_early_exit", "assistant_ensemble_weight",
-             "assistant_lookbehind", "target_lookbehind", "num_assistant_tokens", "num_assistant_tokens_schedule",
-             "max_matching_ngram_size", "speculation_type", "continuous_batching_config")
+             "assistant_confidence_threshold", "assistant_early_exit", "assistant_lookbehind", "target_lookbehind",
+             "num_assistant_tokens", "num_assistant_tokens_schedule", "max_matching_ngram_size", "speculation_type",
+             "continuous_batching_config")
 
 
 @dataclass

@@ -21,7 +21,8 @@ import itertools
 import torch
 import torch.distributed as dist
 
-from hattn.models.hf import HybridLM, _decoder_layers, family_of
+from hattn.models.hf import HybridLM, _decoder_layers, family_of, text_config
+from hattn.models.sampling import SamplingParams
 from hattn.parallel.group import TPGroup
 from hattn.parallel.layers import vocab_parallel_head
 from hattn.parallel.plans import Plan, check_mlp, mlp_block, plan_of
@@ -44,6 +45,7 @@ def local_config(config, heads: tuple[str, ...], size: int):
 def check_config(config, size: int):
     """The local config of `config` over `size` ranks; ValueError for a family without a plan, head counts or a
     vocabulary that do not divide (what `shard` and the CLI's --tp check first, from the config alone)."""
+    config = text_config(config)  # a multimodal checkpoint's config (Qwen3.5) holds the text model's
     local = local_config(config, plan_of(family_of(config).name).heads, size)
     if config.vocab_size % size:
         raise ValueError(f"vocab_size={config.vocab_size} does not divide over tp={size} ranks (the LM head is "
@@ -125,24 +127,44 @@ def replica(lm: HybridLM, tp: TPGroup) -> HybridLM:
     return copy.deepcopy(lm, memo)
 
 
-def agree_on_request(tp: TPGroup, prompts: list[list[int]], params, device):
+def agree_on_request(tp: TPGroup, prompts, params, device):
     """The SamplingParams every rank of a sharded model generates with, after checking that all ranks were given
     the same prompts and settings. Each step all-reduces the ranks' hidden states, so ranks that feed different
     tokens mix two sequences with no error: other prompts, or samples drawn without a seed from each process's own
-    global generator. Params without a seed get the one rank 0 draws from its global generator (as a single
-    process samples from it). One all-gather of two int64s a generate call."""
+    global generator. Sampling params without a seed get the one rank 0 draws from its global generator (every rank
+    draws one, so the ranks' generators stay alike). Called before generate checks its inputs, so that every rank
+    checks the same ones and fails alike. One all-gather of two int64s a generate call."""
     if tp.size == 1:
         return params
-    settings = {k: v for k, v in dataclasses.asdict(params).items() if k != "seed" or v is not None}
-    digest = hashlib.sha256(repr(([list(map(int, p)) for p in prompts], sorted(settings.items()))).encode()).digest()
-    seed = params.seed
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item()) if tp.rank == 0 else 0
-    mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True), seed], dtype=torch.long, device=device)
+    sampling = (isinstance(params, SamplingParams) and params.seed is None
+                and isinstance(params.temperature, (int, float)) and params.temperature > 0)
+    seed = int(torch.randint(0, 2**62, ()).item()) if sampling else None
+    digest = hashlib.sha256(_request_key(prompts, params).encode()).digest()
+    mine = torch.tensor([int.from_bytes(digest[:8], "little", signed=True), seed or 0], dtype=torch.long,
+                        device=device)
     every = [torch.empty_like(mine) for _ in range(tp.size)]
     dist.all_gather(every, mine, group=tp.group)
     differ = [rank for rank, theirs in enumerate(every) if theirs[0] != every[0][0]]
     if differ:
         raise ValueError(f"rank(s) {differ} of the tensor-parallel group were given other prompts or sampling "
                          f"settings than rank 0: every rank must call generate with the same prompts and params")
-    return params if params.seed is not None else dataclasses.replace(params, seed=int(every[0][1]))
+    return dataclasses.replace(params, seed=int(every[0][1])) if sampling else params
+
+
+def _request_key(prompts, params) -> str:
+    """A text equal on two ranks exactly when their requests are: numbers by value (1 and 1.0, numpy's and
+    Python's), anything that is not a list of int lists or not SamplingParams by its repr."""
+    try:
+        rows = [[int(t) for t in p] for p in prompts]
+        settings = sorted((f.name, _value(getattr(params, f.name))) for f in dataclasses.fields(params))
+        return repr((rows, settings))
+    except (TypeError, ValueError):
+        return repr((prompts, params))
+
+
+def _value(x):
+    if isinstance(x, bool) or x is None:
+        return x
+    if isinstance(x, (tuple, list)):
+        return tuple(_value(v) for v in x)
+    return float(x)  # ints and floats of any type: by value

@@ -21,15 +21,17 @@ fused output (row stride sum(N_i), as vLLM's qkv split). A linear joins a group 
   - it is inference: grad mode is off where it runs (at compile time, then as the graph's `_set_grad_enabled`
     nodes set it), or no weight or bias of it requires grad (the fused graph reads W, so gradients would never
     reach the parameters);
-  - its output is read only where a column slice serves as well as a contiguous tensor: not a graph output (the
-    caller's `.view(-1)` would fail), not `as_strided`, and every `.view` of it keeps the rows apart from the
-    columns (a view that merges the two fails on a slice);
+  - a column slice serves as well as its contiguous output: neither the output nor any alias of it (a view,
+    chunk, index: a value sharing its storage) is returned by the graph (the caller's `.view(-1)` would fail),
+    read by `as_strided` or mutated (reshape, flatten and contiguous alias a contiguous output but copy a slice),
+    and the aliases' ops run on a fake column slice as they did (a view merging rows with columns fails there);
   - the group shares the input node (so also dtype, device and K), biases are all absent or all present, and the
     weights (biases) have one dtype; a weight or bias appears once per group;
   - no node between the group's first and last linear may mutate the input (an in-place op, `inplace=True`,
-    setitem, `out=`, a custom op with mutable arguments, whose tensor arguments share the input's storage; without
-    fake-tensor metadata any such node counts) or change global state (grad mode, autocast): the fused GEMM runs
-    at the first linear's place, under the first linear's state.
+    setitem, `out=`, a custom op with mutable arguments, a higher-order op such as a user's Triton kernel, whose
+    tensor arguments share the input's storage; without fake-tensor metadata any such node counts) or change global
+    state (grad mode, inference mode, autocast): the fused GEMM runs at the first linear's place, under the first
+    linear's state.
 W is then one of:
   - a view spanning the weights when they already are adjacent rows of one storage (a second Dynamo graph of the
     same model, e.g. the one-token graph): no copy, no rebinding;
@@ -48,7 +50,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
@@ -100,23 +101,78 @@ def _as_linear(node: fx.Node, params: dict, grad: bool) -> _Linear | None:
         return None
     if grad and any(params[p].requires_grad for p in (w, b) if p is not None):
         return None
-    if not all(_slice_serves(user, node) for user in node.users):
+    if not _slice_serves(node):
         return None
     return _Linear(node, x, w, b)
 
 
-def _slice_serves(user: fx.Node, out: fx.Node) -> bool:
-    """Whether `user` reads a column slice of a wider output (row stride > columns) as it reads `out` itself."""
-    if user.op == "output" or user.target in (torch.as_strided, "as_strided", torch.ops.aten.as_strided.default):
+_AS_STRIDED = (torch.as_strided, "as_strided", torch.ops.aten.as_strided.default)
+_VIEWS = ("view", torch.Tensor.view, torch.ops.aten.view.default)
+
+
+def _slice_serves(out: fx.Node) -> bool:
+    """Whether a column slice of a wider output (row stride > columns) can stand in for the linear output `out`.
+
+    With fake-tensor metadata (Dynamo's graphs), over `out` and every node whose value shares its storage (its
+    views, chunks, indexing): none is returned by the graph, read by `as_strided` or mutated (reshape, flatten and
+    contiguous copy a slice where they alias a contiguous output), and each of them computes on a fake column slice
+    as it did (a view that merges rows with columns fails there). Without metadata, the direct readers only."""
+    if _value(out) is None:
+        return all(_direct_read_serves(user, out) for user in out.users)
+    aliases = _aliases(out)
+    for alias in aliases:
+        for user in alias.users:
+            if user.op == "output" or user.target in _AS_STRIDED:
+                return False
+            if _may_mutate(user) and any(n in aliases for n in _written(user)):
+                return False
+    return _replays_on_a_slice(out, aliases)
+
+
+def _direct_read_serves(user: fx.Node, out: fx.Node) -> bool:
+    if user.op == "output" or user.target in _AS_STRIDED:
         return False
-    if user.target not in ("view", torch.Tensor.view, torch.ops.aten.view.default):
-        return True
-    before, after = (_value(n) for n in (out, user))
-    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
-        return False  # no metadata, or .view(dtype): not proven
-    rows, cols = math.prod(before.shape[:-1]), before.shape[-1]
-    return any(statically_known_true(math.prod(after.shape[:k]) == rows)
-               and statically_known_true(math.prod(after.shape[k:]) == cols) for k in range(after.dim() + 1))
+    return user.target not in _VIEWS  # no metadata: a view is not proven
+
+
+def _aliases(out: fx.Node) -> list[fx.Node]:
+    """`out` and the nodes reached from it through users whose values share its storage, in graph order."""
+    storage = _storages(out)
+    found, todo = {out: None}, [out]
+    while todo:
+        for user in todo.pop().users:
+            shared = _storages(user)
+            if user not in found and shared is not None and not storage.isdisjoint(shared):
+                found[user] = None
+                todo.append(user)
+    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    return sorted(found, key=order.__getitem__)
+
+
+def _replays_on_a_slice(out: fx.Node, aliases: list[fx.Node]) -> bool:
+    """Run the aliases' ops again on a fake column slice in place of `out` (their other arguments as traced)."""
+    value = _value(out)
+    mode = getattr(value, "fake_mode", None)
+    if mode is None:
+        return False
+    shape = tuple(value.shape)
+    stride = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):  # a row stride past the columns: what a wider fused output gives
+        stride[i] = (stride[i + 1] * shape[i + 1] + 1) if i == len(shape) - 2 else stride[i + 1] * shape[i + 1]
+    with mode:
+        env = {out: torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)}
+        for node in aliases[1:]:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n] if n in env else _value(n))
+            try:
+                if node.op == "call_method":
+                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "call_function":
+                    env[node] = node.target(*args, **kwargs)
+                else:
+                    return False
+            except Exception:  # noqa: BLE001  (e.g. "view size is not compatible with input tensor's size")
+                return False
+    return True
 
 
 def _value(node: fx.Node):
@@ -136,10 +192,10 @@ def _only_read_as(p, position: int, dim: int, params: dict) -> bool:
 
 def _groups(graph: fx.Graph, params: dict) -> list[list[_Linear]]:
     """Groups of two or more fusible linears, in graph order; a node that may mutate an input closes its group, one
-    that changes grad mode or autocast closes every group."""
+    that changes grad mode, inference mode or autocast closes every group."""
     open_groups: dict[tuple, list[_Linear]] = {}
     closed: list[list[_Linear]] = []
-    grad = torch.is_grad_enabled()
+    grad, outer = torch.is_grad_enabled(), []  # grad mode here, and outside each inference_mode block
     for node in graph.nodes:
         linear = _as_linear(node, params, grad)
         if linear is not None:
@@ -148,20 +204,28 @@ def _groups(graph: fx.Graph, params: dict) -> list[list[_Linear]]:
             if all(lin.weight is not linear.weight and (lin.bias is None or lin.bias is not linear.bias)
                    for lin in group):
                 group.append(linear)
-        elif node.op == "call_function" and node.target in _GLOBAL_STATE:
+        elif _changes_global_state(node):
             closed += open_groups.values()
             open_groups = {}
-            if node.target is torch._C._set_grad_enabled:
+            name = node.target.__name__
+            if name == "_set_grad_enabled":
                 grad = bool(node.args[0])
+            elif name == "_enter_inference_mode":
+                outer.append(grad)
+                grad = grad and not node.args[0]
+            elif name == "_exit_inference_mode" and outer:
+                grad = outer.pop()
         elif _may_mutate(node):
             for key in [k for k in open_groups if _may_alias(node, k[0])]:
                 closed.append(open_groups.pop(key))
     return [g for g in closed + list(open_groups.values()) if len(g) > 1]
 
 
-# what Dynamo records for `with torch.no_grad()` / `enable_grad()` / `torch.autocast(...)` blocks
-_GLOBAL_STATE = {torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
-                 torch.amp.autocast_mode._exit_autocast}
+def _changes_global_state(node: fx.Node) -> bool:
+    """What Dynamo records for `with torch.no_grad()` / `enable_grad()` (`_set_grad_enabled`), `torch.autocast`,
+    `torch.inference_mode` and other context managers (`_enter_*` / `_exit_*` functions)."""
+    name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    return name == "_set_grad_enabled" or name.startswith(("_enter_", "_exit_"))
 
 
 def _may_mutate(node: fx.Node) -> bool:
@@ -171,6 +235,8 @@ def _may_mutate(node: fx.Node) -> bool:
     if node.op not in ("call_function", "call_method"):
         return False
     target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):  # e.g. a user Triton kernel writing its arguments
+        return True
     if isinstance(target, torch._ops.OpOverloadPacket):
         return any(getattr(target, name)._schema.is_mutable for name in target.overloads())
     if isinstance(target, torch._ops.OpOverload):
@@ -180,13 +246,33 @@ def _may_mutate(node: fx.Node) -> bool:
             or _in_place_flag(node))
 
 
+def _written(node: fx.Node) -> list[fx.Node]:
+    """The arguments a node that `_may_mutate` may write: by the op's schema, the in-place method's self, `out=`;
+    every input where that is not known (a module, a higher-order op, an op with several overloads)."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket) and target.overloads() == ["default"]:
+        target = target.default
+    if isinstance(target, torch._ops.OpOverload):
+        schema = target._schema.arguments
+        written = [node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                   for i, arg in enumerate(schema) if arg.alias_info is not None and arg.alias_info.is_write]
+        return [n for n in tree_leaves(written) if isinstance(n, fx.Node)]
+    if "out" in node.kwargs:
+        return [n for n in tree_leaves(node.kwargs["out"]) if isinstance(n, fx.Node)]
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if node.op in ("call_function", "call_method") and (target in _IN_PLACE_OPERATORS or name.endswith("_")
+                                                          or _in_place_flag(node)):
+        first = node.args[0] if node.args else node.kwargs.get("input")
+        return [first] if isinstance(first, fx.Node) else list(node.all_input_nodes)
+    return list(node.all_input_nodes)
+
+
 def _in_place_flag(node: fx.Node) -> bool:
     """F.relu(x, inplace=True) or F.relu(x, True): a function whose `inplace` argument is set (Dynamo records
     `nn.ReLU(inplace=True)` so too)."""
-    if node.kwargs.get("inplace") is True:
-        return True
     position = _inplace_position(node.target)
-    return position is not None and len(node.args) > position and node.args[position] is True
+    flag = node.args[position] if position is not None and len(node.args) > position else node.kwargs.get("inplace")
+    return isinstance(flag, fx.Node) or bool(flag)  # inplace=1 too; a traced flag may be true
 
 
 @functools.cache

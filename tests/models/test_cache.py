@@ -93,3 +93,20 @@ def test_a_cache_larger_than_the_device_is_refused_before_allocating():
     # bare byte count (or take the swap) where this names the sizes and the fix
     with pytest.raises(ValueError, match=r"slots=2, max_len=1099511627776 .* GiB, more than .*lower max_len"):
         HybridCache({1: full.cache_spec(2, 16, 8)}, slots=2, max_len=2**40, dtype=torch.bfloat16)
+
+
+def test_on_cuda_the_room_counts_what_torchs_allocator_holds_unused(monkeypatch):
+    """A review found the check refusing caches torch could allocate: the driver's free bytes leave out the blocks
+    torch's caching allocator holds (an old cache just freed), which it releases before failing."""
+    from types import SimpleNamespace
+
+    from hattn.models import cache as cache_module
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * gib)
+    cache = SimpleNamespace(device=torch.device("cuda"), slots=8, max_len=4096, dtype=torch.bfloat16)
+    cache_module._check_fits(6 * gib, cache)  # 1 GiB free + 6 GiB held unused
+    with pytest.raises(ValueError, match=r"needs 8.0 GiB, more than the 7.0 GiB cuda has free"):
+        cache_module._check_fits(8 * gib, cache)

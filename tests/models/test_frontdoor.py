@@ -133,11 +133,12 @@ def test_compiled_model_has_transformers_attributes_serves_the_packed_api_and_ke
     ids, mask = padded(c.prompts)
     model.generate(ids, attention_mask=mask, max_new_tokens=4)
     cache = model._cache
-    assert (cache.slots, cache.max_len) == (4, 32)  # 3 rows of up to 17 + 4 tokens, in powers of two
+    assert (cache.slots, cache.max_len) == (3, 17 + 4)
     model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4)
     assert model._cache is cache  # kept across calls (graph modes capture over its addresses)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, pad_token_id=PAD)
-    assert (model._cache.slots, model._cache.max_len) == (4, 64) and torch.equal(out, hf_batch(c))  # 17 + 16 > 32
+    # 17 + 16 > 21 positions: grown to twice the length (few caches for growing calls)
+    assert (model._cache.slots, model._cache.max_len) == (3, 42) and torch.equal(out, hf_batch(c))
 
 
 def test_growing_batches_make_few_caches_and_graphs(make_case, caplog):
@@ -148,7 +149,7 @@ def test_growing_batches_make_few_caches_and_graphs(make_case, caplog):
     gen = torch.Generator().manual_seed(0)
     for rows in range(1, 12):
         model.generate(torch.randint(1, 512, (rows, 5 + rows), generator=gen), max_new_tokens=2)
-    assert (model._cache.slots, model._cache.max_len) == (16, 32)
+    assert (model._cache.slots, model._cache.max_len) == (16, 32)  # 1, 2, 4, 8, 16 slots; 8, 16, 32 positions
     assert model.backend.stats.graphs_compiled <= 6 and "recompile_limit" not in caplog.text
 
 
@@ -382,16 +383,17 @@ def test_scores_and_logits_of_return_dict_in_generate_are_transformers(make_case
     assert isinstance(model.generate(ids, attention_mask=mask, max_new_tokens=2, pad_token_id=PAD), torch.Tensor)
 
 
-def test_a_cache_rounded_past_the_memory_falls_back_to_the_exact_size(make_case, monkeypatch):
+def test_a_cache_grown_past_the_memory_falls_back_to_the_exact_size(make_case, monkeypatch):
     from hattn.models import cache as cache_module
 
     c = make_case("tiny")
     model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager", progress=False)
-    exact = model.make_cache(3, 21)._planned_bytes()
+    assert (model._cache_for(3, 21).slots, model._cache.max_len) == (3, 21)  # the first call's size
+    exact = model.make_cache(4, 21)._planned_bytes()
 
     def fits_only_the_exact_size(nbytes, cache):
         if nbytes > exact:
             raise ValueError("more than the device has")
 
     monkeypatch.setattr(cache_module, "_check_fits", fits_only_the_exact_size)
-    assert (model._cache_for(3, 21).slots, model._cache.max_len) == (3, 21)
+    assert (model._cache_for(4, 21).slots, model._cache.max_len) == (4, 21)  # not the doubled 6 slots

@@ -142,7 +142,7 @@ def test_a_model_generation_config_setting_that_changes_tokens_is_refused():
     # encoder_* pair to a decoder-only model's prompt, max_time cuts the output, renormalize_logits the scores
     for name, value in (("guidance_scale", 1.5), ("stop_strings", ["\n"]), ("penalty_alpha", 0.6),
                         ("encoder_repetition_penalty", 3.0), ("encoder_no_repeat_ngram_size", 2), ("max_time", 0.0),
-                        ("renormalize_logits", True)):
+                        ("renormalize_logits", True), ("assistant_ensemble_weight", 0.5)):
         with pytest.raises(ValueError, match=f"{name}=.* is not supported"):
             request(ids, mask, GenerationConfig(**{name: value}))
     assert request(ids, mask, GC, cache_implementation="static", use_cache=True).params.max_new_tokens == 20

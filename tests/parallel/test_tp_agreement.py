@@ -26,3 +26,16 @@ def test_unseeded_sampling_draws_the_same_tokens_on_every_rank(ranks):
 def test_ranks_given_other_prompts_are_refused_on_every_rank(ranks):
     for got in ranks:
         assert "rank(s) [1] of the tensor-parallel group were given other prompts" in got["errors"]["prompts"]
+
+
+def test_a_prompt_one_rank_would_refuse_fails_every_rank_at_the_agreement(ranks):
+    for got in ranks:  # rank 1 alone would have raised its vocabulary error and left rank 0 waiting
+        assert "rank(s) [1] of the tensor-parallel group were given other prompts" in got["errors"]["bad prompt"]
+
+
+def test_greedy_calls_leave_the_global_generator_alike_on_every_rank(ranks):
+    assert ranks[0]["greedy"] == ranks[1]["greedy"] and len(ranks[0]["greedy"]) == 2
+
+
+def test_equal_settings_of_other_python_types_are_one_request(ranks):
+    assert ranks[0]["typed"] == ranks[1]["typed"]

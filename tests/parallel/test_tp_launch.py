@@ -87,3 +87,18 @@ def test_heads_that_do_not_divide_over_tp_are_named_before_torchrun_starts(monke
     monkeypatch.setattr(launch, "relaunch", lambda *a: pytest.fail("relaunched a command that cannot shard"))
     assert cli.main(["generate", "--preset", "tiny", "--tp", "4", "--prompt-ids", "1,2,3", "--device", "cpu"]) == 2
     assert "num_key_value_heads=2, linear_num_key_heads=2 do not divide over tp=4" in capsys.readouterr().err
+
+
+def test_a_multimodal_checkpoints_config_is_checked_by_its_text_config(tmp_path):
+    """A Qwen3.5 checkpoint's config is the multimodal one (a review found the check refusing it by its
+    model_type): the heads checked are its text model's."""
+    from transformers import Qwen3_5Config
+
+    from hattn.models.presets import preset_config
+
+    Qwen3_5Config(text_config=preset_config("tiny").to_dict()).save_pretrained(tmp_path)
+    args = argparse.Namespace(preset=None, config=str(tmp_path), model=None, tp=2)
+    cli._check_tp(args)  # divides: no error
+    args.tp = 4
+    with pytest.raises(ValueError, match="num_key_value_heads=2, linear_num_key_heads=2 do not divide over tp=4"):
+        cli._check_tp(args)

@@ -132,4 +132,17 @@ def agreement(tp) -> dict:
         generate(lm, [[1, 2, 3 + tp.rank]], params=SamplingParams(max_new_tokens=2))
     except ValueError as e:
         errors["prompts"] = str(e)
-    return {"tokens": tokens, "errors": errors}
+    try:  # a prompt only one rank's checks would refuse: every rank fails at the agreement, none waits
+        generate(lm, [[1, 2, 3 if tp.rank == 0 else 10**9]], params=SamplingParams(max_new_tokens=2))
+    except ValueError as e:
+        errors["bad prompt"] = str(e)
+    # greedy calls draw nothing from the global generator: prompts drawn from it stay alike on every rank
+    torch.manual_seed(0)
+    greedy = [generate(lm, [torch.randint(0, 512, (6,)).tolist()], params=SamplingParams(max_new_tokens=3)).tokens
+              for _ in range(2)]
+    # equal settings of other Python types are one request
+    import numpy as np
+
+    temperature = 1 if tp.rank == 0 else np.float64(1.0)
+    typed = generate(lm, [[1, 2, 3]], params=SamplingParams(max_new_tokens=2, temperature=temperature, seed=3)).tokens
+    return {"tokens": tokens, "errors": errors, "greedy": greedy, "typed": typed}

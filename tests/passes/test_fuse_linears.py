@@ -684,3 +684,110 @@ def test_linears_called_with_keyword_arguments_are_fused(call):
         got = compiled(x)  # raised "not enough values to unpack (expected 3, got 2)"
     assert be.stats.fused_linears == 1
     torch.testing.assert_close(got, expected, **SAME_MATH)
+
+
+# -- a second review: what reaches a fused output through its aliases ----------------------------------------------
+
+
+class _Aliased(torch.nn.Module):
+    """q(x) and k(x) on one input, k read by `body(k)` (through views, indexing or copies of it)."""
+
+    def __init__(self, body):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k = torch.nn.Linear(16, 8, bias=False), torch.nn.Linear(16, 8, bias=False)
+        self.body = body
+
+    def forward(self, x):  # x [2, 3, 16]
+        return self.q(x).sin(), self.body(self.k(x))
+
+
+def _mutated_through(alias):
+    def body(k):
+        alias(k).mul_(2)  # reaches k where alias(k) is a view of it; a copy of a column slice would not
+        return k.sin()
+    return body
+
+
+ALIAS_CASES = {  # name: (body, fused): each compiled result must equal eager's
+    "as_strided of a view": (lambda k: torch.as_strided(k.view(6, 8), (6, 8), (8, 1)).sin(), 0),
+    "as_strided of k[0]": (lambda k: torch.as_strided(k[0], (3, 8), (8, 1)).sin(), 0),
+    "reshape then mul_": (_mutated_through(lambda k: k.reshape(-1)), 0),
+    "flatten then mul_": (_mutated_through(lambda k: k.flatten()), 0),
+    "contiguous then mul_": (_mutated_through(lambda k: k.contiguous()), 0),
+    "unsqueeze then view(-1)": (lambda k: k.unsqueeze(0).view(-1).sin(), 0),
+    "view_as a flat tensor": (lambda k: k.view_as(torch.empty(48)).sin(), 0),
+    "a view of k[0] returned": (lambda k: k[0], 0),
+    "chunk then view per head": (lambda k: torch.chunk(k.view(2, 3, 2, 4), 2, dim=-1)[1].reshape(2, 3, 4).sin(), 1),
+    "view then transpose then view": (lambda k: k.view(2, 3, 2, 4).transpose(1, 2).reshape(2, 2, 12).sin(), 1),
+}
+
+
+@pytest.mark.parametrize("name", ALIAS_CASES)
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_what_reads_a_fused_output_through_its_aliases_equals_eager(name, inner):
+    body, fused = ALIAS_CASES[name]
+    m, x = _Aliased(body).eval(), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        expected = m(x)
+        compiled, be = _compiled(m, inner)
+        got = compiled(x)
+    assert be.stats.fused_linears == fused
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.is_contiguous() == e.is_contiguous()
+        torch.testing.assert_close(g, e, **SAME_MATH)
+
+
+def test_a_linear_inside_an_inference_mode_block_is_not_fused_with_one_outside():
+    class Inference(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = torch.nn.Linear(16, 8).requires_grad_(False)
+            self.b = torch.nn.Linear(16, 8).requires_grad_(False)
+            self.emb = torch.nn.Parameter(torch.randn(4, 16))
+
+        def forward(self, x):
+            h = x + self.emb
+            with torch.inference_mode():
+                target = self.a(h)
+            return ((self.b(h) - target.clone()) ** 2).sum() + h.sum()
+
+    m, x = Inference(), torch.randn(4, 16)
+    m(x).backward()
+    expected, m.emb.grad = m.emb.grad.clone(), None
+    compiled, be = _compiled(m)
+    compiled(x).backward()
+    assert be.stats.fused_linears == 0
+    torch.testing.assert_close(m.emb.grad, expected, **SAME_MATH)
+
+
+def test_an_in_place_flag_given_as_an_int_stops_fusion():
+    m, x = _TwoProjections(lambda m, h: F.relu(h, inplace=1)).eval(), torch.randn(4, 16)
+    with torch.no_grad():
+        expected = m(x)
+        compiled, be = _compiled(m)
+        got = compiled(x)
+    assert be.stats.fused_linears == 0
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **SAME_MATH)
+
+
+def test_a_higher_order_op_between_linears_may_write_their_input():
+    """A user's Triton kernel (Dynamo records `triton_kernel_wrapper_mutation`, a higher-order op) may write the
+    input: the linears around it stay apart."""
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_mutation
+
+    from hattn.passes.fuse_linears import _groups
+
+    g = fx.Graph()
+    x, w1, w2 = (g.placeholder(n) for n in ("x", "w1", "w2"))
+    a = g.call_function(F.linear, (x, w1))
+    g.call_function(triton_kernel_wrapper_mutation, (), {"kernel_idx": 0, "constant_args_idx": 0,
+                                                           "grid": [(1, 1, 1)], "tma_descriptor_metadata": {},
+                                                           "kwargs": {"x_ptr": x}})
+    b = g.call_function(F.linear, (x, w2))
+    g.output((g.call_method("sin", (a,)), g.call_method("sin", (b,))))
+    params = {w1: torch.nn.Parameter(torch.randn(8, 16)), w2: torch.nn.Parameter(torch.randn(8, 16))}
+    with torch.no_grad():
+        assert _groups(g, params) == []
