@@ -590,26 +590,33 @@ def test_a_bias_shared_by_two_linears_stays_one_parameter():
             torch.testing.assert_close(g, e, **SAME_MATH)
 
 
-def test_linears_under_a_no_grad_block_with_grad_on_outside_keep_their_gradients():
-    class Distill(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = torch.nn.Linear(16, 8).requires_grad_(False)
-            self.b = torch.nn.Linear(16, 8).requires_grad_(False)
-            self.emb = torch.nn.Parameter(torch.randn(4, 16))
+class _Distill(torch.nn.Module):
+    """A target from a frozen linear under `block`, another frozen linear outside it, a trainable input: emb's
+    gradient flows through b's branch only."""
 
-        def forward(self, x):
-            h = x + self.emb
-            with torch.no_grad():
-                target = self.a(h)
-            return ((self.b(h) - target) ** 2).sum() + h.sum()
+    def __init__(self, block):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(16, 8).requires_grad_(False)
+        self.b = torch.nn.Linear(16, 8).requires_grad_(False)
+        self.emb = torch.nn.Parameter(torch.randn(4, 16))
+        self.block = block
 
-    m, x = Distill(), torch.randn(4, 16)
+    def forward(self, x):
+        h = x + self.emb
+        with self.block():
+            target = self.a(h)
+        return ((self.b(h) - target.clone()) ** 2).sum() + h.sum()
+
+
+@pytest.mark.parametrize("block", [torch.no_grad, torch.inference_mode])
+def test_a_linear_under_no_grad_or_inference_mode_is_not_fused_with_one_outside(block):
+    m, x = _Distill(block), torch.randn(4, 16)
     m(x).backward()
     expected, m.emb.grad = m.emb.grad.clone(), None
-    compiled, _ = _compiled(m)
+    compiled, be = _compiled(m)
     compiled(x).backward()
+    assert be.stats.fused_linears == 0
     torch.testing.assert_close(m.emb.grad, expected, **SAME_MATH)
 
 
@@ -736,30 +743,6 @@ def test_what_reads_a_fused_output_through_its_aliases_equals_eager(name, inner)
     for g, e in zip(got, expected):
         assert g.shape == e.shape and g.is_contiguous() == e.is_contiguous()
         torch.testing.assert_close(g, e, **SAME_MATH)
-
-
-def test_a_linear_inside_an_inference_mode_block_is_not_fused_with_one_outside():
-    class Inference(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = torch.nn.Linear(16, 8).requires_grad_(False)
-            self.b = torch.nn.Linear(16, 8).requires_grad_(False)
-            self.emb = torch.nn.Parameter(torch.randn(4, 16))
-
-        def forward(self, x):
-            h = x + self.emb
-            with torch.inference_mode():
-                target = self.a(h)
-            return ((self.b(h) - target.clone()) ** 2).sum() + h.sum()
-
-    m, x = Inference(), torch.randn(4, 16)
-    m(x).backward()
-    expected, m.emb.grad = m.emb.grad.clone(), None
-    compiled, be = _compiled(m)
-    compiled(x).backward()
-    assert be.stats.fused_linears == 0
-    torch.testing.assert_close(m.emb.grad, expected, **SAME_MATH)
 
 
 def test_an_in_place_flag_given_as_an_int_stops_fusion():
