@@ -91,8 +91,9 @@ def _linear_args(node: fx.Node) -> tuple | None:
     return tuple(node.kwargs.get(name, arg) for name, arg in zip(("input", "weight", "bias"), args))
 
 
-def _as_linear(node: fx.Node, params: dict, grad: bool) -> _Linear | None:
-    """`node` as a fusible linear where grad mode is `grad`, or None (see the module docstring's rules)."""
+def _as_linear(node: fx.Node, params: dict, grad: bool, order: dict) -> _Linear | None:
+    """`node` as a fusible linear where grad mode is `grad`, or None (see the module docstring's rules); `order`:
+    each node's place in the graph."""
     args = _linear_args(node)
     if args is None:
         return None
@@ -101,7 +102,7 @@ def _as_linear(node: fx.Node, params: dict, grad: bool) -> _Linear | None:
         return None
     if grad and any(params[p].requires_grad for p in (w, b) if p is not None):
         return None
-    if not _slice_serves(node):
+    if not _slice_serves(node, order):
         return None
     return _Linear(node, x, w, b)
 
@@ -110,7 +111,7 @@ _AS_STRIDED = (torch.as_strided, "as_strided", torch.ops.aten.as_strided.default
 _VIEWS = ("view", torch.Tensor.view, torch.ops.aten.view.default)
 
 
-def _slice_serves(out: fx.Node) -> bool:
+def _slice_serves(out: fx.Node, order: dict) -> bool:
     """Whether a column slice of a wider output (row stride > columns) can stand in for the linear output `out`.
 
     With fake-tensor metadata (Dynamo's graphs), over `out` and every node whose value shares its storage (its
@@ -119,7 +120,7 @@ def _slice_serves(out: fx.Node) -> bool:
     as it did (a view that merges rows with columns fails there). Without metadata, the direct readers only."""
     if _value(out) is None:
         return all(_direct_read_serves(user, out) for user in out.users)
-    aliases = _aliases(out)
+    aliases = _aliases(out, order)
     for alias in aliases:
         for user in alias.users:
             if user.op == "output" or user.target in _AS_STRIDED:
@@ -135,7 +136,7 @@ def _direct_read_serves(user: fx.Node, out: fx.Node) -> bool:
     return user.target not in _VIEWS  # no metadata: a view is not proven
 
 
-def _aliases(out: fx.Node) -> list[fx.Node]:
+def _aliases(out: fx.Node, order: dict) -> list[fx.Node]:
     """`out` and the nodes reached from it through users whose values share its storage, in graph order."""
     storage = _storages(out)
     found, todo = {out: None}, [out]
@@ -145,7 +146,6 @@ def _aliases(out: fx.Node) -> list[fx.Node]:
             if user not in found and shared is not None and not storage.isdisjoint(shared):
                 found[user] = None
                 todo.append(user)
-    order = {n: i for i, n in enumerate(out.graph.nodes)}
     return sorted(found, key=order.__getitem__)
 
 
@@ -196,8 +196,9 @@ def _groups(graph: fx.Graph, params: dict) -> list[list[_Linear]]:
     open_groups: dict[tuple, list[_Linear]] = {}
     closed: list[list[_Linear]] = []
     grad, outer = torch.is_grad_enabled(), []  # grad mode here, and outside each inference_mode block
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
-        linear = _as_linear(node, params, grad)
+        linear = _as_linear(node, params, grad, order)
         if linear is not None:
             key = (linear.x, linear.bias is None)
             group = open_groups.setdefault(key, [])
