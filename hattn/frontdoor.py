@@ -63,12 +63,13 @@ class CompiledLM:
         return getattr(self.hf, name)
 
     def eval(self) -> "CompiledLM":
-        """The transformers model in eval mode; returns this model, as torch.compile's wrapper returns itself."""
-        self.hf.eval()
-        return self
+        """The model in eval mode; returns this model, as torch.compile's wrapper returns itself."""
+        return self.train(False)
 
     def train(self, mode: bool = True) -> "CompiledLM":
-        self.hf.train(mode)
+        """The adapted wrapper and the transformers model in it (the dispatcher reads the wrapper's mode: the
+        transformers model's alone left the eval-mode graphs serving a model in training mode)."""
+        self.lm.train(mode)
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> "CompiledLM":

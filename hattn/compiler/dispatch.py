@@ -14,10 +14,13 @@ requires_grad) do not change. New weights are copied in place; a parameter given
 graph runtimes, which capture again (one fused with others into one GEMM is an error naming the fix: the fused graph
 reads its own buffer). A parameter or buffer assigned on any module (`load_state_dict(assign=True)`: new Parameter
 objects) makes every Dispatch forget its kinds, as a train/eval switch does (torch's global registration hooks; its
-kinds held the old objects, which went on serving silently before). A kind whose call runs Python around the graph
-keeps going through Dynamo at every call: a graph break or a resumed frame's graph, a store into an object that
-existed before the call (unless it ends as it was), module hooks (backward ones too), a torch-function or dispatch
-mode, a non-default Dynamo stance, a graph that is not hattn's, or a result that is not the graph's output. The
+kinds held the old objects, which went on serving silently before); one written into a module's `_parameters` /
+`_buffers` dict directly (as `torch.func.functional_call` does) fires no such hook and is not seen. A hook added to or
+removed from a submodule makes it forget its kinds too, and the calls it sends through Dynamo build hook guards
+(which Dynamo skips by default: its cached graph would serve the old hooks). A kind whose call runs Python around
+the graph keeps going through Dynamo at every call: a graph break or a resumed frame's graph, a store into an object
+that existed before the call (unless it ends as it was), module hooks (backward ones too), a torch-function or
+dispatch mode, a non-default Dynamo stance, a graph that is not hattn's, or a result that is not the graph's output. The
 module switched between training and eval mode (`.train()`, `.eval()` on it) forgets its kinds: each is learned
 again through Dynamo, which guards the mode.
 
@@ -41,6 +44,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 import torch.nn.modules.module as _hooks
+from torch.utils.hooks import RemovableHandle
 
 from hattn.compiler import snapshot
 from hattn.counters import Stats, register
@@ -217,21 +221,25 @@ class Dispatch:
         self.model_key: str | None = None
         self.training = getattr(self.module, "training", None)  # the mode the kinds were learned in
         self.assigned = _ASSIGNED[0]  # the registrations the kinds were learned after
+        self.hooks = _SubmoduleHooks(self.module)  # the submodules' hooks they were learned with
 
     def _forget(self) -> None:
-        """The module's mode changed, or a module got a new parameter or buffer: what was learned (kinds, snapshots
-        matched under the old model key) is not for the model as it is now."""
+        """The module's mode changed, a module got a new parameter or buffer, or a submodule's hooks changed: what
+        was learned (kinds, snapshots matched under the old model key) is not for the model as it is now."""
         self.kinds.clear()
         self.warm, self.warm_traced, self.model_key = None, [], None
         self.training, self.assigned = getattr(self.module, "training", None), _ASSIGNED[0]
+        self.hooks = _SubmoduleHooks(self.module)
 
     def __call__(self, *args):
-        if (self.module is not None and self.module.training is not self.training) or _ASSIGNED[0] != self.assigned:
+        if (self.module is not None and self.module.training is not self.training) or _ASSIGNED[0] != self.assigned \
+                or self.hooks.changed():
             self._forget()
         key = _kind(args) if enabled and self.names is not None and self._plain() else None
         direct = self.kinds.get(key) if key is not None else _VIA_DYNAMO
         if direct is _VIA_DYNAMO:
-            return self.model(*args)
+            with _guarding_hooks():
+                return self.model(*args)
         if direct is None and key is not None and one_token_via_dynamic:
             direct = self._dynamic_kind_for_one_token(key, args)
         if direct is None and key is not None:
@@ -245,7 +253,8 @@ class Dispatch:
         calls: list = []
         token = _CALLS.set(calls)
         try:
-            out = self.model(*args)
+            with _guarding_hooks():
+                out = self.model(*args)
         finally:
             _CALLS.reset(token)
         learned = _learn(calls, args, out, self)
@@ -383,6 +392,37 @@ class Dispatch:
             return False
         stance = getattr(torch._dynamo.eval_frame, "_stance", None)
         return stance is None or (stance.stance == "default" and not stance.skip_guard_eval_unsafe)
+
+
+def _guarding_hooks():
+    """Dynamo guards the submodules' hooks of what it compiles here (by default it does not, and a hook registered
+    after the first call is skipped by its cached graph too): with `_SubmoduleHooks`, a hook added or removed later
+    gets a graph traced with it."""
+    return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
+
+
+class _SubmoduleHooks:
+    """The hooks on a module's submodules, as a kind was learned with them: Dynamo traces a submodule's hooks into
+    the graph, so one added or removed later must send the call through Dynamo again (a steering hook added after
+    the first generate was skipped, silently). Checked at every call: one counter read while no hook was registered
+    anywhere in the process (`RemovableHandle.next_id`) and the submodules had none; their hook count while they
+    had some (a removal); their hook ids after any registration."""
+
+    KINDS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+    def __init__(self, module):
+        modules = module.modules() if isinstance(module, torch.nn.Module) else ()
+        self.dicts = [getattr(m, kind) for m in modules for kind in self.KINDS]
+        self.next_id, self.ids = RemovableHandle.next_id, self._ids()
+
+    def _ids(self) -> frozenset:
+        return frozenset(i for d in self.dicts for i in d)
+
+    def changed(self) -> bool:
+        if RemovableHandle.next_id == self.next_id:
+            return bool(self.ids) and sum(map(len, self.dicts)) != len(self.ids)
+        self.next_id = RemovableHandle.next_id  # a hook registered somewhere: on these modules?
+        return self._ids() != self.ids
 
 
 def _hooked(m: torch.nn.Module) -> bool:  # attribute reads, not a loop: this runs at every step

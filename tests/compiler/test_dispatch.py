@@ -263,6 +263,28 @@ def test_weights_assigned_as_new_parameters_are_read_after_it():
     assert call.direct_calls == 2  # the call after the assignment through Dynamo, the one after it direct
 
 
+def test_a_submodule_hook_added_or_removed_after_learning_is_run_as_eager_runs_it():
+    """Dynamo traces a submodule's hooks into the graph: a steering hook added after the first calls was skipped,
+    and one removed kept acting, silently (found by a review). A changed set of submodule hooks makes the
+    dispatcher forget its kinds; a hook registered elsewhere in the process (another module) does not."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = toy_model(pattern=["linear", "full"])
+    call = Dispatch(torch.compile(model, backend=hattn.backend(mode="eager", inner_compiler="eager", progress=False)))
+    steer = model.layers[1].register_forward_hook(lambda mod, args, out: out + 5.0)
+    with torch.no_grad():
+        call(_ids(5)), call(_ids(5, 1))  # learned with the hook
+        steer.remove()
+        torch.testing.assert_close(call(_ids(5, 2)), model(_ids(5, 2)), rtol=1e-5, atol=1e-5)
+        call(_ids(5, 3))
+        direct = call.direct_calls
+        nn.ReLU().register_forward_hook(lambda *a: None)  # another module's hook: the kinds stay
+        call(_ids(5, 4))
+        assert call.direct_calls == direct + 1
+        model.layers[0].register_forward_pre_hook(lambda mod, args: (args[0] * 2,) + tuple(args[1:]))
+        torch.testing.assert_close(call(_ids(5, 5)), model(_ids(5, 5)), rtol=1e-5, atol=1e-5)
+
+
 def test_an_adapted_model_is_in_its_models_mode():
     from hattn.models.presets import load
 

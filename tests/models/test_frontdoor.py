@@ -397,3 +397,19 @@ def test_a_cache_grown_past_the_memory_falls_back_to_the_exact_size(make_case, m
 
     monkeypatch.setattr(cache_module, "_check_fits", fits_only_the_exact_size)
     assert (model._cache_for(4, 21).slots, model._cache.max_len) == (4, 21)  # not the doubled 6 slots
+
+
+def test_train_and_eval_switch_the_mode_the_dispatcher_serves(make_case):
+    """CompiledLM.train() switched the transformers model only; the dispatcher reads the adapted wrapper's mode and
+    kept serving the eval-mode graphs (found by a review: MiniMax's router jitter, read in training mode, never
+    ran)."""
+    from hattn.compiler.dispatch import dispatch_for
+
+    c = make_case("tiny")
+    model = hattn.compile(fresh(c), mode="eager", inner_compiler="eager", progress=False)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model.generate(ids, max_new_tokens=2)
+    assert model.train() is model and model.lm.training and model.hf.training
+    model.generate(ids, max_new_tokens=2)
+    assert dispatch_for(model.model).training is True  # learned again in training mode
+    assert model.eval() is model and not model.lm.training and not model.hf.training
