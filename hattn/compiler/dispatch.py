@@ -404,25 +404,32 @@ def _guarding_hooks():
 class _SubmoduleHooks:
     """The hooks on a module's submodules, as a kind was learned with them: Dynamo traces a submodule's hooks into
     the graph, so one added or removed later must send the call through Dynamo again (a steering hook added after
-    the first generate was skipped, silently). Checked at every call: one counter read while no hook was registered
-    anywhere in the process (`RemovableHandle.next_id`) and the submodules had none; their hook count while they
-    had some (a removal); their hook ids after any registration."""
+    the first generate was skipped, silently). Checked at every call: while no hook was registered anywhere in the
+    process (`RemovableHandle.next_id`), only a removal can have changed them, from a dict that held hooks (adapt's
+    own pre-hook on the base model: one dict); after any registration, their hook ids."""
 
     KINDS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
     def __init__(self, module):
         modules = module.modules() if isinstance(module, torch.nn.Module) else ()
         self.dicts = [getattr(m, kind) for m in modules for kind in self.KINDS]
+        self._take()
+
+    def _take(self) -> None:
         self.next_id, self.ids = RemovableHandle.next_id, self._ids()
+        self.held = [d for d in self.dicts if d]
 
     def _ids(self) -> frozenset:
         return frozenset(i for d in self.dicts for i in d)
 
     def changed(self) -> bool:
         if RemovableHandle.next_id == self.next_id:
-            return bool(self.ids) and sum(map(len, self.dicts)) != len(self.ids)
-        self.next_id = RemovableHandle.next_id  # a hook registered somewhere: on these modules?
-        return self._ids() != self.ids
+            return sum(map(len, self.held)) != len(self.ids)
+        ids = self._ids()  # a hook registered somewhere: on these modules?
+        if ids != self.ids:
+            return True
+        self._take()
+        return False
 
 
 def _hooked(m: torch.nn.Module) -> bool:  # attribute reads, not a loop: this runs at every step
