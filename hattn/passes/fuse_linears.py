@@ -50,9 +50,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._prims_common import make_contiguous_strides_for
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
+from hattn.passes.guards import with_block_call
 from hattn.runtime.graphs import data_ptrs_at, data_ptrs_equal
 
 log = logging.getLogger("hattn")
@@ -118,22 +120,19 @@ def _slice_serves(out: fx.Node, order: dict) -> bool:
     views, chunks, indexing): none is returned by the graph, read by `as_strided` or mutated (reshape, flatten and
     contiguous copy a slice where they alias a contiguous output), and each of them computes on a fake column slice
     as it did (a view that merges rows with columns fails there). Without metadata, the direct readers only."""
-    if _value(out) is None:
-        return all(_direct_read_serves(user, out) for user in out.users)
+    if _value(out) is None:  # a view is not proven either
+        return not any(_reads_the_layout(user) or user.target in _VIEWS for user in out.users)
     aliases = _aliases(out, order)
     for alias in aliases:
         for user in alias.users:
-            if user.op == "output" or user.target in _AS_STRIDED:
-                return False
-            if _may_mutate(user) and any(n in aliases for n in _written(user)):
+            if _reads_the_layout(user) or any(n in aliases for n in _written(user) or ()):
                 return False
     return _replays_on_a_slice(out, aliases)
 
 
-def _direct_read_serves(user: fx.Node, out: fx.Node) -> bool:
-    if user.op == "output" or user.target in _AS_STRIDED:
-        return False
-    return user.target not in _VIEWS  # no metadata: a view is not proven
+def _reads_the_layout(user: fx.Node) -> bool:
+    """A graph output (the caller's `.view(-1)` would fail on a slice) or `as_strided` (strides as given)."""
+    return user.op == "output" or user.target in _AS_STRIDED
 
 
 def _aliases(out: fx.Node, order: dict) -> list[fx.Node]:
@@ -155,12 +154,10 @@ def _replays_on_a_slice(out: fx.Node, aliases: list[fx.Node]) -> bool:
     mode = getattr(value, "fake_mode", None)
     if mode is None:
         return False
-    shape = tuple(value.shape)
-    stride = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):  # a row stride past the columns: what a wider fused output gives
-        stride[i] = (stride[i + 1] * shape[i + 1] + 1) if i == len(shape) - 2 else stride[i + 1] * shape[i + 1]
+    *rows, cols = value.shape
+    stride = make_contiguous_strides_for((*rows, cols + 1))  # a column slice of a wider output, as the fused GEMM's
     with mode:
-        env = {out: torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)}
+        env = {out: torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)}
         for node in aliases[1:]:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n] if n in env else _value(n))
             try:
@@ -225,47 +222,45 @@ def _groups(graph: fx.Graph, params: dict) -> list[list[_Linear]]:
 def _changes_global_state(node: fx.Node) -> bool:
     """What Dynamo records for `with torch.no_grad()` / `enable_grad()` (`_set_grad_enabled`), `torch.autocast`,
     `torch.inference_mode` and other context managers (`_enter_*` / `_exit_*` functions)."""
-    name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
-    return name == "_set_grad_enabled" or name.startswith(("_enter_", "_exit_"))
+    grad_mode = node.op == "call_function" and getattr(node.target, "__name__", "") == "_set_grad_enabled"
+    return grad_mode or bool(with_block_call(node))
 
 
 def _may_mutate(node: fx.Node) -> bool:
     """Whether `node` may write into one of its arguments (conservatively: any name ending in "_" counts)."""
+    return _written(node) is not None
+
+
+def _written(node: fx.Node) -> list[fx.Node] | None:
+    """The arguments `node` may write, or None when it writes none: by the op's schema, the in-place method's self,
+    `out=`; every input where that is not known (a module, a higher-order op such as a user's Triton kernel, an op
+    with several overloads, one of them mutable)."""
     if node.op == "call_module":
-        return True
+        return list(node.all_input_nodes)
     if node.op not in ("call_function", "call_method"):
-        return False
+        return None
     target = node.target
-    if isinstance(target, torch._ops.HigherOrderOperator):  # e.g. a user Triton kernel writing its arguments
-        return True
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return list(node.all_input_nodes)
     if isinstance(target, torch._ops.OpOverloadPacket):
-        return any(getattr(target, name)._schema.is_mutable for name in target.overloads())
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.is_mutable
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    return (target in _IN_PLACE_OPERATORS or name.endswith("_") or "out" in node.kwargs
-            or _in_place_flag(node))
-
-
-def _written(node: fx.Node) -> list[fx.Node]:
-    """The arguments a node that `_may_mutate` may write: by the op's schema, the in-place method's self, `out=`;
-    every input where that is not known (a module, a higher-order op, an op with several overloads)."""
-    target = node.target
-    if isinstance(target, torch._ops.OpOverloadPacket) and target.overloads() == ["default"]:
+        if target.overloads() != ["default"]:
+            mutable = any(getattr(target, name)._schema.is_mutable for name in target.overloads())
+            return list(node.all_input_nodes) if mutable else None
         target = target.default
     if isinstance(target, torch._ops.OpOverload):
-        schema = target._schema.arguments
+        if not target._schema.is_mutable:
+            return None
         written = [node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
-                   for i, arg in enumerate(schema) if arg.alias_info is not None and arg.alias_info.is_write]
+                   for i, arg in enumerate(target._schema.arguments)
+                   if arg.alias_info is not None and arg.alias_info.is_write]
         return [n for n in tree_leaves(written) if isinstance(n, fx.Node)]
     if "out" in node.kwargs:
         return [n for n in tree_leaves(node.kwargs["out"]) if isinstance(n, fx.Node)]
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    if node.op in ("call_function", "call_method") and (target in _IN_PLACE_OPERATORS or name.endswith("_")
-                                                          or _in_place_flag(node)):
+    if target in _IN_PLACE_OPERATORS or name.endswith("_") or _in_place_flag(node):
         first = node.args[0] if node.args else node.kwargs.get("input")
         return [first] if isinstance(first, fx.Node) else list(node.all_input_nodes)
-    return list(node.all_input_nodes)
+    return None
 
 
 def _in_place_flag(node: fx.Node) -> bool:

@@ -124,6 +124,13 @@ def check_no_unregistered_attention(gm: fx.GraphModule) -> None:
                 )
 
 
+def with_block_call(node: fx.Node) -> str:
+    """The name of the `_enter_*` / `_exit_*` function a node calls, as Dynamo records a `with` block's start and
+    end (autocast, inference_mode, ...); "" for any other node."""
+    name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+    return name if name.startswith(("_enter_", "_exit_")) else ""
+
+
 def check_split_ops_outside_contexts(gm: fx.GraphModule) -> None:
     """Raise SplitOpInContextError for a split op called inside a `with torch.autocast(...)` or
     `with torch.inference_mode()` block. Dynamo records such a block as an `_enter_*` call whose result the matching
@@ -132,7 +139,7 @@ def check_split_ops_outside_contexts(gm: fx.GraphModule) -> None:
     Grad mode (`torch.no_grad()`) is a plain `_set_grad_enabled` call and splits fine."""
     open_blocks: dict[fx.Node, None] = {}
     for node in gm.graph.nodes:
-        name = getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+        name = with_block_call(node)
         if name.startswith("_enter_"):
             open_blocks[node] = None
         elif name.startswith("_exit_") and node.args and node.args[0] in open_blocks:
