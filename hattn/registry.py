@@ -34,6 +34,7 @@ class SplitOp:
     capture_safe: bool = False  # may run inside a single CUDA graph (`mode="full"`)
     direct: Callable | None = None  # the op's implementation, a plain function of the same signature (see direct_call)
     prepare: Callable | None = None  # (*args, **kwargs) -> runner(ctx) -> bool, or None (see register_split_op)
+    strided_inputs: bool = False  # its kernels read any strides of its tensor arguments (see reads_input_layout)
 
     @property
     def name(self) -> str:
@@ -73,7 +74,7 @@ def _packet_of(op) -> torch._ops.OpOverloadPacket:
 
 
 def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Callable | None = None,
-                      prepare: Callable | None = None) -> SplitOp:
+                      prepare: Callable | None = None, strided_inputs: bool = False) -> SplitOp:
     """Register a custom op as a split op of `kind`.
 
     `op` is `torch.ops.ns.name`, one of its overloads, the object `torch.library.custom_op` returned, or the
@@ -88,17 +89,20 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
     serves a context like it) and returns True, or returns False, and the runtime calls the op. A runner may only
     be faster, never different: same kernels, same results. Only ops that return nothing are prepared. `direct`
     and `prepare` serve the op's default overload (what `torch.ops.ns.name(...)` calls); its other overloads
-    (`.out`, ...) go through the dispatcher.
+    (`.out`, ...) go through the dispatcher. `strided_inputs=True` declares that the op's kernels honour any strides
+    of its tensor arguments, so hattn's passes may hand it a view where eager would give a contiguous tensor (a
+    column slice of a fused GEMM's output); by default it gets the layout it gets in eager (`reads_input_layout`).
     """
     if not isinstance(kind, str) or not kind.isidentifier():
         raise RegistryError(f"split-op kind must be an identifier string such as 'mamba', got {kind!r}")
-    if not isinstance(capture_safe, bool):
-        raise RegistryError(f"capture_safe must be True or False, got {capture_safe!r}")
+    for name, flag in (("capture_safe", capture_safe), ("strided_inputs", strided_inputs)):
+        if not isinstance(flag, bool):
+            raise RegistryError(f"{name} must be True or False, got {flag!r}")
     for name, fn in (("direct", direct), ("prepare", prepare)):
         if fn is not None and not callable(fn):
             raise RegistryError(f"{name}= must be a function (see register_split_op), got {fn!r}")
     packet = _packet_of(op)
-    entry = SplitOp(packet, kind, capture_safe, direct, prepare)
+    entry = SplitOp(packet, kind, capture_safe, direct, prepare, strided_inputs)
     with _LOCK:
         old = _OPS.get(entry.name)
         if old is not None and old.kind != kind:
@@ -173,6 +177,21 @@ def direct_call(target) -> Callable:
 
     direct.__name__ = f"direct_{name.replace('::', '_')}"
     return direct
+
+
+def reads_input_layout(target) -> bool:
+    """Whether a call to `target` may depend on how its tensor arguments are laid out, not only on their values: a
+    custom op outside torch's own namespaces (a user's kernel may assume contiguous rows; torch hands a custom op the
+    strides it has in eager, inductor's `needs_fixed_stride_order`), unless it is a split op registered with
+    `strided_inputs=True`."""
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    if not isinstance(target, torch._ops.OpOverloadPacket):
+        return False
+    op = split_op_of(target)
+    if op is not None:
+        return not op.strided_inputs
+    return target._qualified_op_name.split("::", 1)[0] not in _OWN_NAMESPACES
 
 
 def split_ops() -> list[SplitOp]:

@@ -54,6 +54,22 @@ def test_register_names_a_missing_op_and_wants_a_bool_capture_safe():
         hattn.register_split_op("hattn_test::typo", "testmix")
     with pytest.raises(RegistryError, match="capture_safe must be True or False, got 'no'"):
         hattn.register_split_op(torch.ops.hattn_test.scale, "testmix", capture_safe="no")
+    with pytest.raises(RegistryError, match="strided_inputs must be True or False, got 1"):
+        hattn.register_split_op(torch.ops.hattn_test.scale, "testmix", strided_inputs=1)
+
+
+def test_custom_ops_read_their_inputs_layout_unless_registered_strided():
+    """Only split ops registered with strided_inputs=True take a view where eager passes a contiguous tensor (what
+    fuse_linears' column slices need); torch's own ops follow the strides they are given."""
+    strided = {name: not registry.reads_input_layout(getattr(torch.ops.hattn, name).default)
+               for name in ("full_attention", "linear_attention", "mamba2_mixer", "kda_attention",
+                            "lightning_attention")}
+    assert strided == {"full_attention": True, "linear_attention": True, "mamba2_mixer": True,
+                       "kda_attention": False, "lightning_attention": False}
+    assert registry.reads_input_layout(torch.ops.hattn_test.scale)  # registered without the flag
+    assert registry.reads_input_layout(torch.ops.hattn_overload_test.mix)  # not a split op
+    assert not registry.reads_input_layout(torch.ops.aten.mm.default)
+    assert not registry.reads_input_layout(torch.sin) and not registry.reads_input_layout("sin")
 
 
 _OVERLOADS = torch.library.Library("hattn_overload_test", "DEF")

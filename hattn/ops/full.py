@@ -153,4 +153,5 @@ def _(q, k, v, out, layer_id, scale) -> None:
     return None
 
 
-registry.register_split_op(full_attention, "full", capture_safe=True, direct=_full_attention, prepare=_prepare)
+registry.register_split_op(full_attention, "full", capture_safe=True, direct=_full_attention, prepare=_prepare,
+                          strided_inputs=True)

@@ -151,4 +151,5 @@ def _(mixed_qkv, conv_weight, conv_bias, g, beta, out, layer_id, num_k_heads, he
     return None
 
 
-registry.register_split_op(linear_attention, "linear", capture_safe=True, direct=_linear_attention, prepare=_prepare)
+registry.register_split_op(linear_attention, "linear", capture_safe=True, direct=_linear_attention, prepare=_prepare,
+                          strided_inputs=True)

@@ -56,4 +56,4 @@ def _(xbc, conv_weight, conv_bias, dt, a, d, out, layer_id, n_groups, state_size
     return None
 
 
-registry.register_split_op(mamba2_mixer, "mamba2", direct=_mamba2_mixer)
+registry.register_split_op(mamba2_mixer, "mamba2", direct=_mamba2_mixer, strided_inputs=True)

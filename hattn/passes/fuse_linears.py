@@ -23,7 +23,9 @@ fused output (row stride sum(N_i), as vLLM's qkv split). A linear joins a group 
     reach the parameters);
   - a column slice serves as well as its contiguous output: neither the output nor any alias of it (a view,
     chunk, index: a value sharing its storage) is returned by the graph (the caller's `.view(-1)` would fail),
-    read by `as_strided` or mutated (reshape, flatten and contiguous alias a contiguous output but copy a slice),
+    read by `as_strided` or by a custom op that may assume contiguous rows (`registry.reads_input_layout`: any but
+    split ops registered with `strided_inputs=True`), or mutated (reshape, flatten and contiguous alias a
+    contiguous output but copy a slice),
     and the aliases' ops run on a fake column slice as they did (a view merging rows with columns fails there);
   - the group shares the input node (so also dtype, device and K), biases are all absent or all present, and the
     weights (biases) have one dtype; a weight or bias appears once per group;
@@ -54,6 +56,7 @@ from torch._prims_common import make_contiguous_strides_for
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
+from hattn import registry
 from hattn.passes.guards import with_block_call
 from hattn.runtime.graphs import data_ptrs_at, data_ptrs_equal
 
@@ -131,8 +134,10 @@ def _slice_serves(out: fx.Node, order: dict) -> bool:
 
 
 def _reads_the_layout(user: fx.Node) -> bool:
-    """A graph output (the caller's `.view(-1)` would fail on a slice) or `as_strided` (strides as given)."""
-    return user.op == "output" or user.target in _AS_STRIDED
+    """A graph output (the caller's `.view(-1)` would fail on a slice), `as_strided` (strides as given), or a custom
+    op not registered as taking strided inputs (`registry.reads_input_layout`: a user's kernel may assume contiguous
+    rows, as eager gives it)."""
+    return user.op == "output" or user.target in _AS_STRIDED or registry.reads_input_layout(user.target)
 
 
 def _aliases(out: fx.Node, order: dict) -> list[fx.Node]:

@@ -15,9 +15,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch._prims_common import make_contiguous_strides_for
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.multiprocessing.reductions import StorageWeakRef
 
+import hattn
 from hattn.compiler.backend import backend, compile_graph
 from hattn.compiler.config import Config
 from hattn.counters import Stats
@@ -310,25 +312,64 @@ def test_weights_fused_before_in_another_order_are_left_alone(caplog):
     assert len({w.untyped_storage().data_ptr() for w in weights}) == 1
 
 
-def test_fused_linears_across_a_split_op():
-    """q = linear(h, w0); split op on q; z = linear(h, w1) after it: the fused GEMM runs before the split op and z
-    crosses it (as GatedDeltaNet's in_proj_z); the fused weight is a get_attr through split_graph (inductor pieces:
-    the tiny Qwen3.5 test below)."""
-    weights = _weights(2)
+@pytest.fixture
+def strided_scale():
+    """The conftest's split op hattn_test::scale registered as taking strided inputs, for one test."""
+    op = torch.ops.hattn_test.scale
+    hattn.register_split_op(op, "testmix", strided_inputs=True)
+    yield op
+    hattn.register_split_op(op, "testmix")
+
+
+def _linear_into(op, inputs: tuple = ()) -> tuple[fx.GraphModule, list]:
+    """q = op(linear(h, w0), *inputs); z = linear(h, w1) after it, as GatedDeltaNet's in_proj_z."""
     b = Built()
     h = b.placeholder(torch.randn(T, K, generator=torch.Generator().manual_seed(0)))
-    w0, w1 = (b.placeholder(w) for w in weights)
-    q = b.graph.call_function(torch.ops.hattn_test.scale, (b.graph.call_function(F.linear, (h, w0)), 0.5))
+    w0, w1 = (b.placeholder(w) for w in _weights(2))
+    q = b.graph.call_function(op, (b.graph.call_function(F.linear, (h, w0)), *inputs))
     b.outputs += [q, b.graph.call_function(torch.sin, (b.graph.call_function(F.linear, (h, w1)),))]
-    gm = b.module()
-    expected = gm(*b.inputs)
+    return b.module(), b.inputs
+
+
+def _compile_and_compare(gm: fx.GraphModule, inputs: list) -> Stats:
+    expected = gm(*inputs)
     stats = Stats()
     with torch.no_grad():
-        run = compile_graph(gm, b.inputs, Config(mode="eager", inner_compiler="eager"), stats)
-        got = run(*b.inputs)
-    assert (stats.fused_linears, stats.split_ops, stats.pieces) == (1, 1, 2)
+        got = compile_graph(gm, inputs, Config(mode="eager", inner_compiler="eager"), stats)(*inputs)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, **SAME_MATH)
+    return stats
+
+
+def test_fused_linears_across_a_split_op(strided_scale):
+    """The fused GEMM runs before the split op, which reads a column slice of it, and z crosses the split op; the
+    fused weight is a get_attr through split_graph (inductor pieces: the tiny Qwen3.5 test below)."""
+    stats = _compile_and_compare(*_linear_into(strided_scale, (0.5,)))
+    assert (stats.fused_linears, stats.split_ops, stats.pieces) == (1, 1, 2)
+
+
+@torch.library.custom_op("hattn_test::raw_rows", mutates_args=())
+def raw_rows(x: torch.Tensor) -> torch.Tensor:
+    """A user's kernel that reads its input's memory as contiguous rows (as a raw pointer would)."""
+    return torch.as_strided(x, x.shape, make_contiguous_strides_for(x.shape)).clone()
+
+
+@raw_rows.register_fake
+def _(x):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@pytest.mark.parametrize("registered", [False, True], ids=["custom op", "split op"])
+def test_a_custom_op_reading_a_linear_output_gets_it_contiguous(registered):
+    """torch hands a custom op the layout it has in eager: a split op not registered with `strided_inputs=True`, or
+    any other custom op, keeps its input apart from the fused GEMM (a column slice would read the next columns)."""
+    if registered:
+        hattn.register_split_op(torch.ops.hattn_test.raw_rows, "testmix")
+    try:
+        stats = _compile_and_compare(*_linear_into(torch.ops.hattn_test.raw_rows))
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_test.raw_rows)
+    assert (stats.fused_linears, stats.split_ops) == (0, int(registered))
 
 
 def test_a_graph_the_guard_rejects_keeps_its_parameters_apart():
