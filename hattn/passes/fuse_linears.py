@@ -37,8 +37,9 @@ fused output (row stride sum(N_i), as vLLM's qkv split). A linear joins a group 
 W is then one of:
   - a view spanning the weights when they already are adjacent rows of one storage (a second Dynamo graph of the
     same model, e.g. the one-token graph): no copy, no rebinding;
-  - a new buffer, when every weight is contiguous and the only user of its whole storage among the graph inputs;
-    otherwise (tied by storage to another input, fused before in another order) the group is not fused (logged).
+  - a new buffer, when every weight is contiguous and the only tensor on its whole storage (no other graph input, no
+    tensor outside the graph: rebinding would cut a tie); otherwise (tied by storage to another input or tensor,
+    fused before in another order) the group is not fused (logged).
 """
 from __future__ import annotations
 
@@ -332,7 +333,15 @@ def _unfusable(ts: list[torch.Tensor], example_inputs: list) -> str | None:
         if not (t.is_contiguous() and whole and users.count(ref) == 1):
             return (f"a {tuple(t.shape)} parameter is not the sole owner of its whole storage (tied to another "
                     f"input, non-contiguous, or fused before in another order)")
+        if _tensors_on(t.untyped_storage()) > 1:
+            return (f"a {tuple(t.shape)} parameter shares its storage with a tensor outside the graph (a tied "
+                    f"weight of another module, a view someone holds): rebinding it would cut that tie")
     return None
+
+
+def _tensors_on(storage: torch.UntypedStorage) -> int:
+    """How many tensors hold `storage` (its use count less the reference of the `storage` object itself)."""
+    return torch._C._storage_Use_Count(storage._cdata) - 1
 
 
 def _span(ts: list[torch.Tensor]) -> torch.Tensor | None:

@@ -277,6 +277,20 @@ def test_weight_tied_by_storage_to_another_input_is_not_fused(caplog):
     assert tied.data_ptr() == weights[0].data_ptr()
 
 
+def test_weight_tied_to_a_tensor_outside_the_graph_is_not_fused(caplog):
+    """Another module's parameter over the same storage (a draft model sharing the projection): rebinding the
+    graph's parameter to rows of a new buffer would leave the other one behind, stale after `load_state_dict`."""
+    weights = _weights(3)
+    outside = torch.nn.Parameter(weights[1].data)
+    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="hattn"):
+        assert _fuse_checked(*_two_linears(weights)) == 0
+    assert "shares its storage with a tensor outside the graph" in caplog.text
+    assert outside.data_ptr() == weights[1].data_ptr()
+    del outside
+    with torch.no_grad():
+        assert _fuse_checked(*_two_linears(weights)) == 1
+
+
 def test_second_graph_of_the_same_weights_spans_the_fused_buffer():
     weights = _weights(3)
     with torch.no_grad():
