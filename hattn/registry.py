@@ -43,6 +43,7 @@ class SplitOp:
 
 _LOCK = threading.Lock()
 _OPS: dict[str, SplitOp] = {}  # qualified name -> SplitOp
+_GENERATION = [0]  # bumped by every (un)registration: a compiled graph rechecks its ops when it changed
 
 
 class RegistryError(ValueError):
@@ -111,6 +112,7 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
                 f"Call unregister_split_op first if you mean to change it."
             )
         _OPS[entry.name] = entry
+        _GENERATION[0] += 1
     return entry
 
 
@@ -118,6 +120,12 @@ def unregister_split_op(op) -> None:
     """Forget a split op (tests and users replacing a registration)."""
     with _LOCK:
         _OPS.pop(_packet_of(op)._qualified_op_name, None)
+        _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """A number that changes whenever a split op is registered or unregistered."""
+    return _GENERATION[0]
 
 
 def returns_nothing(target) -> bool:
@@ -184,14 +192,21 @@ def reads_input_layout(target) -> bool:
     custom op outside torch's own namespaces (a user's kernel may assume contiguous rows; torch hands a custom op the
     strides it has in eager, inductor's `needs_fixed_stride_order`), unless it is a split op registered with
     `strided_inputs=True`."""
+    packet = custom_op(target)
+    if packet is None:
+        return False
+    op = split_op_of(packet)
+    return op is None or not op.strided_inputs
+
+
+def custom_op(target) -> torch._ops.OpOverloadPacket | None:
+    """The packet of a `torch.library` op (or overload) outside torch's own namespaces, or None."""
     if isinstance(target, torch._ops.OpOverload):
         target = target.overloadpacket
-    if not isinstance(target, torch._ops.OpOverloadPacket):
-        return False
-    op = split_op_of(target)
-    if op is not None:
-        return not op.strided_inputs
-    return target._qualified_op_name.split("::", 1)[0] not in _OWN_NAMESPACES
+    if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.split("::")[0] not in \
+            _OWN_NAMESPACES:
+        return target
+    return None
 
 
 def split_ops() -> list[SplitOp]:

@@ -27,7 +27,7 @@ from hattn.compiler.config import Config
 from hattn.compiler.dispatch import Traced, input_sources, learning, one_token_dims, symbolic_sizes, whole_frame
 from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import FusedWeightsGuard, fuse_linears
-from hattn.passes.guards import (check_no_unregistered_attention, check_split_ops_outside_contexts,
+from hattn.passes.guards import (AsRegistered, check_no_unregistered_attention, check_split_ops_outside_contexts,
                                  check_split_ops_present)
 from hattn.passes.small_m_linears import route_small_m_linears
 from hattn.passes.split import split_graph
@@ -117,7 +117,9 @@ class _CompilePieces(fx.Interpreter):
         # static, as Dynamo makes parameters: torch 2.11 gives a tensor without a source symbolic dims named by
         # how many tensors the fake mode met before, which differs in a warm start's compile (its pieces then
         # missed torch's cache on the H100: [192, s32] cold, [192, s61] warm)
-        return self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode is not None else value
+        if self.fake_mode is None or not isinstance(value, torch.Tensor):  # a higher-order op's body (torch.cond)
+            return value
+        return self.fake_mode.from_tensor(value, static_shapes=True)
 
     def call_module(self, target, args, kwargs):
         from torch._inductor import config as inductor_config
@@ -387,6 +389,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
 
     runtime = FusedWeightsGuard.wrap(build_runtime(config, split_gm, example_inputs, stats, pools), gm,
                                      example_inputs)
+    runtime = AsRegistered.wrap(runtime, gm, full=config.mode == "full")
     shape_env = getattr(fake_mode or detect_fake_mode(example_inputs), "shape_env", None)
     dynamic = one_token_dims(sizes, shape_env)  # after compiles
     return Traced(runtime if entry is None else entry.keep(runtime, stats), sources, code, dynamic, graph)

@@ -46,6 +46,7 @@ import torch.fx as fx
 import torch.nn.modules.module as _hooks
 from torch.utils.hooks import RemovableHandle
 
+from hattn import registry
 from hattn.compiler import snapshot
 from hattn.counters import Stats, register
 
@@ -221,19 +222,22 @@ class Dispatch:
         self.model_key: str | None = None
         self.training = getattr(self.module, "training", None)  # the mode the kinds were learned in
         self.assigned = _ASSIGNED[0]  # the registrations the kinds were learned after
+        self.registered = registry.generation()  # the split ops' registrations they were compiled under
         self.hooks = _SubmoduleHooks(self.module)  # the submodules' hooks they were learned with
 
     def _forget(self) -> None:
-        """The module's mode changed, a module got a new parameter or buffer, or a submodule's hooks changed: what
-        was learned (kinds, snapshots matched under the old model key) is not for the model as it is now."""
+        """The module's mode changed, a module got a new parameter or buffer, a submodule's hooks changed, or a split
+        op was (un)registered: what was learned (kinds, snapshots matched under the old model key, graphs compiled
+        from them) is not for the model as it is now."""
         self.kinds.clear()
         self.warm, self.warm_traced, self.model_key = None, [], None
         self.training, self.assigned = getattr(self.module, "training", None), _ASSIGNED[0]
+        self.registered = registry.generation()
         self.hooks = _SubmoduleHooks(self.module)
 
     def __call__(self, *args):
         if (self.module is not None and self.module.training is not self.training) or _ASSIGNED[0] != self.assigned \
-                or self.hooks.changed():
+                or registry.generation() != self.registered or self.hooks.changed():
             self._forget()
         key = _kind(args) if enabled and self.names is not None and self._plain() else None
         direct = self.kinds.get(key) if key is not None else _VIA_DYNAMO

@@ -21,13 +21,14 @@ import warnings
 import torch
 import torch.fx as fx
 
-from hattn.registry import MIXER_NAME, UnregisteredAttentionError, split_op_of, unregistered_mixer
+from hattn import registry
+from hattn.registry import MIXER_NAME, RegistryError, UnregisteredAttentionError, split_op_of, unregistered_mixer
 
 _MIXER_HOPS = ("flex_attention", "triton_kernel_wrapper")
 
 __all__ = ["UnregisteredAttentionError", "NoSplitOpError", "NoSplitOpWarning", "SplitOpInContextError",
            "check_no_unregistered_attention", "check_split_ops_outside_contexts", "check_split_ops_present",
-           "unregistered_attention_reason", "attention_without_split_op"]
+           "unregistered_attention_reason", "attention_without_split_op", "RegisteredAfterCompile", "AsRegistered"]
 
 
 class NoSplitOpError(UnregisteredAttentionError):
@@ -270,3 +271,66 @@ def check_split_ops_present(gm: fx.GraphModule, example_inputs, mode: str, graph
         )
     warnings.warn(f"{head}mode 'eager' runs it as it is, without hattn's attention or cache.\n{fix_for(gm)}",
                   NoSplitOpWarning, stacklevel=2)
+
+
+class RegisteredAfterCompile(RegistryError):
+    """A compiled graph holds a custom op whose registration changed since: it would run as it no longer should."""
+
+
+class AsRegistered:
+    """The compiled graph `fn`, called only while the registry still says of the custom ops in `gm` what it said
+    when `gm` was compiled, where the difference could make the graph wrong: an op registered as a split op since
+    runs inside a piece (captured in a CUDA graph, it would replay with the batch of capture); in mode "full" a
+    split op declared capture-safe then is captured though it no longer is; one declared to take strided inputs
+    then may get a column slice of a fused GEMM's output though it no longer takes one. Dynamo has no guard on hattn's
+    registry, so this is checked here: one integer compare per call, the ops looked up only after a registration."""
+
+    def __init__(self, fn, ops: dict, full: bool):
+        self.fn, self.ops, self.full, self.generation = fn, ops, full, registry.generation()
+
+    @classmethod
+    def wrap(cls, fn, gm: fx.GraphModule, full: bool):
+        """`fn` guarded by the registrations of the custom ops `gm` calls (fn itself when it calls none)."""
+        graphs = [m for m in gm.modules() if isinstance(m, fx.GraphModule)]  # higher-order ops' bodies too
+        packets = (registry.custom_op(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function")
+        ops = {packet: split_op_of(packet) for packet in packets if packet is not None}
+        return cls(fn, ops, full) if ops else fn
+
+    def __call__(self, *args):
+        if registry.generation() != self.generation:
+            self._check()
+        return self.fn(*args)
+
+    def _check(self) -> None:
+        for packet, then in self.ops.items():
+            now = split_op_of(packet)
+            if then is None and now is not None:
+                raise RegisteredAfterCompile(
+                    f"hattn: {now.name} was registered as a split op (kind {now.kind!r}) after this graph was "
+                    f"compiled, so the graph runs it inside a compiled piece (captured in a CUDA graph it would "
+                    f"replay with the batch of capture). Register split ops before the model's first call, or "
+                    f"compile again: torch._dynamo.reset() (or a new torch.compile / hattn.compile)")
+            lost = self._relied_on(then) - self._relied_on(now)
+            if lost:
+                flag = sorted(lost)[0]
+                raise RegisteredAfterCompile(
+                    f"hattn: {now.name} was registered again with {flag}=False after this graph was compiled "
+                    f"relying on it ({_RELIED_ON[flag]}). Compile again: torch._dynamo.reset() (or a new "
+                    f"torch.compile / hattn.compile)")
+        self.generation = registry.generation()
+
+    def _relied_on(self, op) -> set[str]:
+        """The flags of split op `op` (None: not one) that this graph may rely on."""
+        if op is None:
+            return set()
+        return {flag for flag, on in (("capture_safe", op.capture_safe and self.full),
+                                      ("strided_inputs", op.strided_inputs)) if on}
+
+    def __getattr__(self, name: str):  # the graph's own attributes (runtime stats, plans) stay reachable
+        if name == "fn":  # not set yet (a copy being built)
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+
+_RELIED_ON = {"capture_safe": "captured in mode full",
+              "strided_inputs": "its inputs may be column slices of a fused GEMM's output"}

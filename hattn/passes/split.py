@@ -2,7 +2,8 @@
 
     split_gm = split_graph(gm)
 
-The returned GraphModule's top-level graph holds only: placeholders and get_attr nodes of the original graph, one
+The returned GraphModule's top-level graph holds only: placeholders and get_attr nodes of the original graph (a
+higher-order op's body, such as torch.cond's branches, is read by the piece that calls it, not passed in), one
 `call_module` per piece (submodules "piece_0", "piece_1", ...; each returns a tuple), `getitem`s unpacking piece
 outputs, the split-op calls (and getitems of their results) and the output node. Every original node lands in exactly
 one place; pieces are never empty; two adjacent split ops have no piece between them. A `getitem` that unpacks a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 
 from hattn.registry import split_op_of
@@ -66,12 +68,21 @@ def _piece_module(root: fx.GraphModule, nodes: list[fx.Node], inputs: list[fx.No
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for inp in inputs:
+        if _body(root, inp):  # a higher-order op's body is the piece's own attribute, not an input
+            env[inp] = graph.node_copy(inp)
+            continue
         env[inp] = graph.placeholder(inp.name)
         env[inp].meta = dict(inp.meta)
     for node in nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(tuple(env[o] for o in outputs))
     return fx.GraphModule(root, graph)
+
+
+def _body(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether `node` gets a submodule of `gm`: the body of a higher-order op such as torch.cond (a piece's compiler
+    takes tensors as inputs, not modules)."""
+    return node.op == "get_attr" and isinstance(operator.attrgetter(node.target)(gm), torch.nn.Module)
 
 
 def _boundary(nodes: list[fx.Node], member: set[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -121,7 +132,7 @@ def _emit_piece(gm, top: fx.Graph, env, nodes: list[fx.Node], name: str) -> fx.G
     """Add the call of one piece (and getitems of its outputs) to the top graph; return the piece module."""
     inputs, outputs = _boundary(nodes, set(nodes))
     piece = _piece_module(gm, nodes, inputs, outputs)
-    call = top.call_module(name, tuple(env[i] for i in inputs))
+    call = top.call_module(name, tuple(env[i] for i in inputs if not _body(gm, i)))
     for i, out in enumerate(outputs):
         env[out] = top.call_function(operator.getitem, (call, i))
         env[out].meta = dict(out.meta)

@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hattn.context import get_forward_context
 from hattn.counters import Stats, new_stats
+from hattn import registry
 from hattn.registry import (Mode, UnregisteredAttentionError, direct_call, prepare_of, register_mode, split_op_of,
                             unregistered_mixer)
 from hattn.runtime import graphs, stitch
@@ -259,7 +260,9 @@ class BreakableGraphRunner:
     other tensor args are copied into owned static buffers. Outputs (any pytree) are sliced back along
     `token_dim` and cloned, so the caller owns them. Above the largest size, or on CPU, the callable runs
     graph-free (counted in `stats.eager_runs`). Split ops read the caller's forward context; without one they see
-    one sequence of the real token count. lazy_capture: as the backend's option (a size at its first use).
+    one sequence of the real token count. lazy_capture: as the backend's option (a size at its first use). A split
+    op registered or unregistered after a capture makes the next call capture again (where the graphs break follows
+    the registry, as for the first capture).
     """
 
     def __init__(self, fn, capture_sizes=DEFAULT_CAPTURE_SIZES, token_dim: int = 0, progress: bool = True,
@@ -271,16 +274,21 @@ class BreakableGraphRunner:
         self.lazy_capture = lazy_capture
         self.stats = new_stats()
         self.runtime: BreakableRuntime | None = None
+        self.generation = registry.generation()  # the registry's, when `runtime` was made
 
     def __call__(self, *args):
         if not any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
             log.info("hattn: BreakableGraphRunner runs graph-free: the inputs are not on a CUDA device")
             self.stats.eager_runs += 1
             return self.fn(*args)
+        if self.runtime is not None and self.generation != registry.generation():
+            self.runtime.release()  # split ops were (un)registered since its captures: capture again under them
+            self.runtime = None
         if self.runtime is None:
             self.runtime = BreakableRuntime(self.fn, layout_from_args(args, self.token_dim), self.sizes, self.stats,
                                             self.progress)
             self.runtime.lazy_capture = self.lazy_capture
+            self.generation = registry.generation()
         return self.runtime(*args)
 
     def segments(self, size: int) -> int:

@@ -1,6 +1,8 @@
 """The hattn backend end to end on CPU: every mode == eager, split counts, guard errors, user kinds, options."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -124,6 +126,27 @@ def test_user_registered_mamba_op_splits_too():
         hattn.unregister_split_op(torch.ops.hattn_test.mamba_mixer)
 
 
+class _Branching(nn.Module):
+    """torch.cond between two split ops: its branches are submodules of the Dynamo graph (get_attr nodes)."""
+
+    def forward(self, x):
+        y = torch.ops.hattn_test.scale(x, 2.0)
+        y = torch.cond(y.sum() > 0, lambda t: t.sin() * 2, lambda t: t.cos(), (y,))
+        return torch.ops.hattn_test.scale(y, 0.5)
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_a_piece_with_torch_cond_compiles_its_branches_itself(inner):
+    """The branches are read by the piece that calls cond, not passed to it (inductor takes tensors only: before,
+    "all flat_args must be KNOWN_TYPES")."""
+    be = backend(mode="eager", inner_compiler=inner, progress=False)
+    model, x = _Branching(), torch.randn(6, 4)
+    compiled = torch.compile(model, backend=be)
+    for sign in (1, -1):
+        torch.testing.assert_close(compiled(sign * x.abs()), model(sign * x.abs()))
+    assert (be.stats.pieces, be.stats.split_ops) == (1, 2)
+
+
 def test_graph_break_gives_several_graphs_each_split():
     class Broken(nn.Module):
         def __init__(self):
@@ -190,7 +213,7 @@ def test_split_ops_run_their_direct_implementation_without_the_dispatcher(monkey
         calls.append(kwargs.get("layer_id", args[6] if len(args) > 6 else None))
         return entry.direct(*args, **kwargs)
 
-    monkeypatch.setitem(registry._OPS, entry.name, registry.SplitOp(entry.packet, entry.kind, entry.capture_safe, spy))
+    monkeypatch.setitem(registry._OPS, entry.name, dataclasses.replace(entry, direct=spy))
     model = toy_model(pattern=["linear", "full", "linear"])
     compiled = torch.compile(model, backend=backend(mode=mode, inner_compiler="eager"))
     torch.testing.assert_close(compiled(_ids(7)), model(_ids(7)), rtol=1e-5, atol=1e-5)

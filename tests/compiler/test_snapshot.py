@@ -408,6 +408,41 @@ def test_a_model_the_key_cannot_describe_gets_no_snapshot_and_no_error(tmp_path)
     assert not (tmp_path / snapshot.SNAPSHOTS).exists()
 
 
+def test_a_split_op_registered_after_a_warm_start_compiles_the_snapshot_again(tmp_path):
+    """The dispatcher holds the graphs it compiled from snapshots itself (torch._dynamo.reset() does not drop them):
+    a registration forgets them, and the next call compiles the snapshot again under the new registry, splitting at
+    the op it now names (before, the old graph raised RegisteredAfterCompile at every call)."""
+    _cold(tmp_path, model=_Scaled())
+    call, be, model = _process(tmp_path, model=_Scaled())
+    _checked(call, model, _ids(6))
+    assert (be.stats.graphs_from_snapshots, be.stats.split_ops) == (1, 2)
+    hattn.register_split_op(torch.ops.hattn_test.snapshot_scale, "snapmix")
+    try:
+        _checked(call, model, _ids(6))
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_test.snapshot_scale)
+    assert (be.stats.graphs_from_snapshots, be.stats.split_ops) == (2, 5)
+
+
+@torch.library.custom_op("hattn_test::snapshot_scale", mutates_args=())
+def snapshot_scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5
+
+
+@snapshot_scale.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = toy_model(pattern=PATTERN)
+
+    def forward(self, input_ids):
+        return torch.ops.hattn_test.snapshot_scale(self.inner(input_ids))
+
+
 def test_the_compile_options_do_not_change_the_graph_a_snapshot_holds(tmp_path):
     """Dynamo's graph is what the model is, before hattn's passes: a snapshot saved in one mode, with fused linears,
     serves another mode without them (the passes run again on it)."""

@@ -154,3 +154,100 @@ def test_a_split_op_inside_an_autocast_or_inference_mode_block_is_refused(block)
         assert be.stats.graphs_compiled == 0
     finally:
         hattn.unregister_split_op(torch.ops.hattn_guard_test.mix)
+
+
+@torch.library.custom_op("hattn_test::blend", mutates_args=())
+def blend(x: torch.Tensor) -> torch.Tensor:
+    """Mixes tokens (a cumulative sum over them), by a name the mixer rule does not know."""
+    return x.cumsum(0)
+
+
+@blend.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Blended(torch.nn.Module):
+    def __init__(self, op, in_cond: bool = False):
+        super().__init__()
+        self.op, self.in_cond = op, in_cond
+
+    def forward(self, x):
+        if self.in_cond:  # the op in a higher-order op's body
+            return torch.cond(x.sum() > 0, lambda y: self.op(y.sin()), lambda y: y - 1, (x,)).cos()
+        return self.op(x.sin()).cos()
+
+
+@pytest.fixture
+def compiled_with():
+    """compiled_with(op, mode) -> a torch.compile'd model calling `op` once; registrations made in a test undone."""
+    from hattn.compiler.backend import backend
+
+    before = {op.name: op for op in hattn.registry.split_ops()}
+    yield lambda op, mode="eager", in_cond=False: torch.compile(_Blended(op, in_cond),
+                                                                 backend=backend(mode=mode, progress=False))
+    for name in {op.name for op in hattn.registry.split_ops()} - set(before):
+        hattn.unregister_split_op(name)
+    for op in before.values():
+        hattn.unregister_split_op(op.packet)
+        hattn.register_split_op(op.packet, op.kind, capture_safe=op.capture_safe, direct=op.direct,
+                                prepare=op.prepare, strided_inputs=op.strided_inputs)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("in_cond", [False, True], ids=["top level", "in a torch.cond branch"])
+def test_an_op_registered_as_a_split_op_after_compile_stops_the_graph(compiled_with, in_cond):
+    """The graph runs blend inside a piece; once blend is a split op that is wrong (captured, it would replay the
+    batch of capture): the next call is an error naming the op and the fix, and a new compile splits there (or,
+    for a split op in a cond branch, refuses)."""
+    from hattn.passes.guards import RegisteredAfterCompile
+
+    torch._dynamo.reset()
+    x = torch.randn(5, 4)
+    model = compiled_with(torch.ops.hattn_test.blend, in_cond=in_cond)
+    torch.testing.assert_close(model(x), model._orig_mod(x))
+    hattn.register_split_op("hattn_test::scale", "testmix")  # another op's registration changes nothing here
+    torch.testing.assert_close(model(x), model._orig_mod(x))
+    hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix")
+    with pytest.raises(RegisteredAfterCompile, match=r"hattn_test::blend was registered as a split op \(kind "
+                                                     r"'blendmix'\) after this graph was compiled.*_dynamo.reset"):
+        model(x)
+    torch._dynamo.reset()
+    if in_cond:
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="body of a higher-order op"):
+            model(x)
+    else:
+        torch.testing.assert_close(model(x), model._orig_mod(x))
+
+
+def test_a_split_op_made_not_capture_safe_after_a_full_graph_captured_it(compiled_with):
+    from hattn.passes.guards import RegisteredAfterCompile
+
+    torch._dynamo.reset()
+    hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix", capture_safe=True)
+    x = torch.randn(5, 4)
+    model = compiled_with(torch.ops.hattn_test.blend, mode="full")
+    with hattn.forward_context(hattn.ForwardContext(seq_lens=[5])):
+        torch.testing.assert_close(model(x), model._orig_mod(x))
+        hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix", capture_safe=True)  # the same: fine
+        model(x)
+        hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix")
+        with pytest.raises(RegisteredAfterCompile, match="capture_safe=False after this graph was compiled relying "
+                                                         "on it .captured in mode full"):
+            model(x)
+
+
+def test_a_split_op_that_no_longer_takes_strided_inputs_stops_a_graph_that_fused_its_input(compiled_with):
+    """Compiled while blend took strided inputs, its input may be a column slice of a fused GEMM: registered again
+    without the flag, the graph is an error (a new compile keeps its input contiguous)."""
+    from hattn.passes.guards import RegisteredAfterCompile
+
+    torch._dynamo.reset()
+    hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix", strided_inputs=True)
+    model, x = compiled_with(torch.ops.hattn_test.blend), torch.randn(5, 4)
+    model(x)
+    hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix", capture_safe=True, strided_inputs=True)
+    model(x)  # capture_safe gained, nothing lost
+    hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix")
+    with pytest.raises(RegisteredAfterCompile, match="strided_inputs=False after this graph was compiled"):
+        model(x)

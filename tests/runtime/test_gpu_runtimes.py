@@ -153,6 +153,37 @@ def test_bcg_segments_equal_split_calls_plus_one_and_match_eager():
     assert runner.stats.eager_runs == 1  # 11 tokens > 8
 
 
+@torch.library.custom_op("hattn_test::add_late_bias", mutates_args=())
+def add_late_bias(x: torch.Tensor) -> torch.Tensor:
+    return add_step_bias(x)
+
+
+@add_late_bias.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class LateBias(StepBias):
+    def forward(self, x):
+        return self.proj(torch.ops.hattn_test.add_late_bias(x))
+
+
+def test_bcg_runner_captures_again_after_a_split_op_is_registered():
+    """Captured while add_late_bias was not a split op, the segment froze its bias; registered since, the runner
+    captures again and runs it between segments."""
+    model = _step_bias_model(("stepbias", "linear"), LateBias)
+    runner = BreakableGraphRunner(model, capture_sizes=[8], progress=False)
+    try:
+        for bias, segments in ((0.0, 2), (1.5, 3), (-2.0, 3)):
+            if bias == 1.5:
+                hattn.register_split_op(torch.ops.hattn_test.add_late_bias, "latebias")
+            with torch.no_grad(), hattn.forward_context(hattn.ForwardContext(seq_lens=[6], extra={"bias": bias})):
+                torch.testing.assert_close(runner(_ids(6, 0)), model(_ids(6, 0)), **TOL)
+            assert runner.segments(8) == segments
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_test.add_late_bias)
+
+
 class SideStreamBias(nn.Module):
     """Forks a side stream in one segment, joins it after the split op (in the next segment)."""
 
@@ -193,7 +224,8 @@ def test_seed000_unregistered_linear_attention_rejected_before_capture():
             assert runner.stats.cuda_graphs == 0  # rejected in the warm-up: nothing was captured
         finally:
             hattn.register_split_op(torch.ops.hattn.linear_attention, entry.kind, capture_safe=entry.capture_safe,
-                                    direct=entry.direct, prepare=entry.prepare)  # as it was
+                                    direct=entry.direct, prepare=entry.prepare,
+                                    strided_inputs=entry.strided_inputs)  # as it was
         runner = BreakableGraphRunner(model, capture_sizes=[4], progress=False)  # registered: correct under BCG
         torch.testing.assert_close(runner(_ids(3, 0)), want, **TOL)
         assert runner.segments(4) == 4

@@ -194,7 +194,8 @@ def test_bcg_warmup_sees_every_split_op_call_and_rejects_unregistered_ones():
             watched(_Capture(), model, (ids,))
     finally:
         hattn.register_split_op(torch.ops.hattn.linear_attention, entry.kind, capture_safe=entry.capture_safe,
-                                direct=entry.direct, prepare=entry.prepare)  # as it was
+                                direct=entry.direct, prepare=entry.prepare,
+                                    strided_inputs=entry.strided_inputs)  # as it was
 
 
 class _Sdpa(nn.Module):
