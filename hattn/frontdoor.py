@@ -121,8 +121,8 @@ class CompiledLM:
         """What the backend compiled and ran (graphs, pieces, split ops, CUDA graphs, replays, ...)."""
         return self.backend.stats
 
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 generation_config=None, *, inputs: torch.Tensor | None = None, **kwargs):
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *,
+                 input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
         """transformers' generate for a left- or right-padded batch: input_ids, attention_mask [B, T] ->
         [B, T + new], each row its input then its new tokens then the pad token.
 
@@ -133,12 +133,16 @@ class CompiledLM:
         reproducible sampling); use_cache, cache_implementation, cache_config, compile_config and disable_compile
         are ignored (hattn's own cache). Unset ones come from `generation_config` (default: the model's), then
         transformers' defaults. Greedy tokens equal transformers' generate; sampling draws from its processors'
-        distribution. `inputs` is transformers' name for input_ids.
+        distribution. The arguments are transformers': the prompt first (`inputs`, or `input_ids=`), then
+        `generation_config`; the rest by keyword.
         """
         if input_ids is None:
             input_ids = inputs
         elif inputs is not None:
             raise ValueError("pass the prompt once: input_ids or inputs (transformers' name for it), not both")
+        if isinstance(generation_config, torch.Tensor):
+            raise TypeError("generate's second positional argument is generation_config, as in transformers, got a "
+                            "tensor: pass the mask by keyword, generate(input_ids, attention_mask=mask, ...)")
         if input_ids is None:
             raise ValueError("generate needs the prompt ids: model.generate(input_ids [B, T], attention_mask=...) "
                              "(hattn does not start from the BOS token alone; pass [[bos_token_id]] for that)")

@@ -44,7 +44,14 @@ UNSUPPORTED = {"num_beams": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cut
                "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "max_time": None,
                "renormalize_logits": False, "remove_invalid_values": False,
                # with use_mtp, transformers mixes the draft's probabilities into the sampled distribution by it
-               "assistant_ensemble_weight": None}
+               "assistant_ensemble_weight": None,
+               # generate's own arguments besides the config's fields
+               "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None,
+               "synced_gpus": False, "assistant_model": None, "negative_prompt_ids": None,
+               "negative_prompt_attention_mask": None, "custom_generate": None}
+# other values that mean "off" to transformers: a guidance scale of 1 is no guidance, token healing is a flag (and an
+# empty list of tokens, bad words or biases, or of processors, is also off: `_off`)
+ALSO_OFF = {"guidance_scale": 1.0, "token_healing": False}
 # settings that change how transformers computes, not which tokens come out: accepted and left to hattn's own cache
 IGNORED = ("use_cache", "cache_implementation", "cache_config", "compile_config", "disable_compile")
 # generation-config fields that change nothing here: ids of other models' kinds, beam-search-only settings (beams are
@@ -157,10 +164,17 @@ def merged_config(passed, model_config):
 def _check_unsupported(setting) -> None:
     for name, off in UNSUPPORTED.items():
         value = setting(name)
-        if value is not None and value != off:
+        if not _off(name, value):
             raise ValueError(f"{name}={value!r} (from the arguments or the model's generation_config) is not "
                              f"supported by hattn's generate and would change the tokens: pass {name}={off!r}, or use "
                              f"transformers' generate on a model hattn has not adapted")
+
+
+def _off(name: str, value) -> bool:
+    """Whether `value` of the unsupported setting `name` leaves transformers' tokens as they are without it."""
+    if value is None or value == UNSUPPORTED[name] or (name in ALSO_OFF and value == ALSO_OFF[name]):
+        return True
+    return isinstance(value, (list, tuple, dict)) and len(value) == 0  # LogitsProcessorList() is a list
 
 
 def _warn_unknown(generation_config) -> None:

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import hattn
 from hattn.compiler.backend import step_token_limit
@@ -118,6 +119,13 @@ def test_eos_padding_sides_and_inferred_mask_as_transformers(make_case):
     # no mask: inferred from the generation config's pad token, as transformers does
     model.generation_config.pad_token_id = PAD
     assert torch.equal(model.generate(ids, max_new_tokens=NEW), hf_batch(c))
+    # transformers' positional order: the prompt, then the generation config (a review found it read as the mask)
+    config = GenerationConfig(max_new_tokens=NEW, pad_token_id=PAD)
+    assert torch.equal(model.generate(ids, config), hf_batch(c))
+    assert torch.equal(model.generate(input_ids=ids, generation_config=config), hf_batch(c))
+    with pytest.raises(TypeError, match="second positional argument is generation_config, as in transformers, got a "
+                                        "tensor: pass the mask by keyword"):
+        model.generate(ids, mask)
 
 
 def test_compiled_model_has_transformers_attributes_serves_the_packed_api_and_keeps_its_cache(make_case):

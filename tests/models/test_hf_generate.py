@@ -96,8 +96,11 @@ def test_the_default_length_stops_at_the_models_positions_as_in_transformers():
     ({"num_return_sequences": 0, "do_sample": True}, ValueError, "num_return_sequences must be an int >= 1, got 0"),
     ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be a finite number > 0"),
     ({"output_attentions": True}, ValueError, "output_attentions=True .* pass output_attentions=False"),
-    ({"assistant_model": object()}, TypeError,
-     r"unsupported argument\(s\) \['assistant_model'\]; hattn's generate takes input_ids, attention_mask, "
+    ({"assistant_model": object()}, ValueError, "assistant_model=<object .* is not supported .* pass "
+                                                "assistant_model=None"),
+    ({"logits_processor": [lambda ids, scores: scores]}, ValueError, "logits_processor=.* is not supported"),
+    ({"my_argument": 1}, TypeError,
+     r"unsupported argument\(s\) \['my_argument'\]; hattn's generate takes input_ids, attention_mask, "
      r"generation_config and max_new_tokens"),
     ({"max_new_tokens": 0}, ValueError, "max_new_tokens must be an int >= 1, got 0: ask for at least one new"),
     ({"max_new_tokens": 2.5}, ValueError, "max_new_tokens must be an int >= 1, got 2.5"),
@@ -117,6 +120,22 @@ def test_neutral_values_of_unsupported_settings_and_greedy_top_k_are_accepted():
     ids, mask = _batch([[5, 6, 7]], "left")
     req = request(ids, mask, GenerationConfig(top_k=50), num_beams=1, typical_p=1.0, use_cache=False)
     assert req.params.temperature == 0.0  # greedy: top_k does not matter
+
+
+def test_values_transformers_treats_as_off_are_accepted():
+    """A hub generation_config.json with "guidance_scale": 1.0 or "suppress_tokens": [] (a review found every call
+    refused), and generate's own arguments at their no-op values, as transformers takes them."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    ids, mask = _batch([[5, 6, 7]], "left")
+    config = GenerationConfig(guidance_scale=1.0, token_healing=False, suppress_tokens=[], begin_suppress_tokens=[],
+                              sequence_bias={})
+    req = request(ids, mask, config, logits_processor=LogitsProcessorList(), stopping_criteria=StoppingCriteriaList(),
+                  synced_gpus=False, assistant_model=None, prefix_allowed_tokens_fn=None)
+    assert req.params.max_new_tokens == 20
+    for name, value in (("suppress_tokens", [3]), ("token_healing", True), ("sequence_bias", {(3,): 1.0})):
+        with pytest.raises(ValueError, match=f"{name}=.* is not supported"):
+            request(ids, mask, GenerationConfig(**{name: value}))
 
 
 def test_sampling_settings_resolve_as_transformers():
