@@ -87,14 +87,29 @@ def _device_args(p: argparse.ArgumentParser) -> None:
                    help="what compiles the pieces between split ops in pcg/bcg/full")
 
 
+def check_device(name: str | None) -> None:
+    """--device names cpu or cuda, and cuda only where torch has a CUDA device (ValueError otherwise)."""
+    import torch
+
+    if name is None:
+        return
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu or cuda (cuda:N for one GPU)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "has no CUDA support (a CPU build)" if torch.version.cuda is None else "sees no CUDA device"
+        raise ValueError(f"--device {name}: this torch {torch.__version__} {build}; use --device cpu, or run on a "
+                         f"machine with a CUDA GPU and a CUDA build of torch")
+
+
 def _device_dtype(args):
     import torch
 
+    check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        build = "has no CUDA support (a CPU build)" if torch.version.cuda is None else "sees no CUDA device"
-        raise ValueError(f"--device {device}: this torch {torch.__version__} {build}; use --device cpu, or run on a "
-                         f"machine with a CUDA GPU and a CUDA build of torch")
     name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     return device, getattr(torch, name)
 
@@ -258,11 +273,14 @@ def _prompts(args, lm) -> tuple[list[list[int]], object]:
         prompts += encoded
     if not prompts:
         raise ValueError("give at least one --prompt-ids 1,2,3 (or --prompt TEXT with --model)")
-    vocab = lm.config.vocab_size
+    _check_ids(prompts, lm.config.vocab_size)
+    return prompts, tokenizer
+
+
+def _check_ids(prompts: list[list[int]], vocab: int) -> None:
     bad = [t for p in prompts for t in p if not 0 <= t < vocab]
     if bad:
         raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    return prompts, tokenizer
 
 
 def _step_model(lm, args):
@@ -315,16 +333,27 @@ def _check_tp(args) -> None:
     except Exception:  # noqa: BLE001  (the ranks load it again and report)
         return
     check_config(config, args.tp)
+    _check_ids(args.prompt_ids or [], text_config(config).vocab_size)
+
+
+def _sampling(args, stops):
+    from hattn.models.sampling import SamplingParams
+
+    return SamplingParams(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed, top_k=args.top_k,
+                          repetition_penalty=args.repetition_penalty)  # ValueError: one line
 
 
 def run_generate(args) -> int:
     from hattn.counters import describe_startup, process_seconds, total_stats
     from hattn.models.generate import generate
-    from hattn.models.sampling import SamplingParams
     from hattn.parallel import launch, shard
 
     if args.tp > 1 and not launch.under_torchrun():
-        _check_tp(args)  # one message here, not one per rank after torchrun started them
+        # input errors once here, not once per rank with torchrun's traceback after it started them
+        check_device(args.device)
+        _warmup(args)
+        _sampling(args, stops=())
+        _check_tp(args)
         return launch.relaunch(args.tp, args.argv)
     warmup = _warmup(args)
     started_s = process_seconds()  # interpreter start, imports of torch and hattn
@@ -341,8 +370,7 @@ def run_generate(args) -> int:
     loaded_s = process_seconds()  # + CUDA init, transformers, the model built on the device, adapted
     prompts, tokenizer = _prompts(args, lm)
     stops = args.stop_ids if args.stop_ids is not None else _eos(lm)
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, stops, args.seed,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty)  # ValueError: one line
+    params = _sampling(args, stops)
     max_len = args.max_len or max(map(len, prompts)) + args.max_new_tokens
     cache = lm.make_cache(len(prompts), max_len)
     model, backends = _step_model(lm, args)

@@ -111,6 +111,55 @@ def test_sampling_settings_out_of_range_are_one_line_errors(flags, message, caps
     assert f"hattn generate: error: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["generate", "--preset", "tiny", "--prompt-ids", "1"], ["demo"]])
+def test_a_device_that_is_not_cpu_or_cuda_is_a_one_line_error(capsys, command):
+    """Before, a traceback from deep in torch ("Expected one of cpu, cuda, ... device type")."""
+    assert cli.main(command + ["--device", "gpu"]) == 2
+    assert f"hattn {command[0]}: error: --device 'gpu': expected cpu or cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"config.json": '{"model_type": "llama"}'}, "hattn has no adapter for model_type 'llama'"),  # before: a 7B built
+    ({"config.json": "{not json"}, "cannot be read as a transformers config"),
+])
+def test_a_config_hattn_cannot_serve_is_named_before_the_model_is_built(tmp_path, capsys, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert cli.main(["generate", "--config", str(tmp_path), "--prompt-ids", "1", "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_model_folder_without_weights_or_too_big_for_the_device_is_named(tmp_path, capsys, monkeypatch):
+    from hattn.models import cache
+    from hattn.models.presets import preset_config
+
+    preset_config("tiny").save_pretrained(tmp_path)
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt-ids", "1", "--device", "cpu"]) == 2
+    assert "cannot be loaded as a transformers model" in capsys.readouterr().err
+    monkeypatch.setattr(cache, "memory_room", lambda device: (2**10, "in all"))  # 1 KiB: less than tiny's weights
+    assert cli.main(["generate", "--config", str(tmp_path), "--prompt-ids", "1", "--device", "cpu"]) == 2
+    assert "GiB of weights (torch.float32), more than the 0.0 GiB cpu has in all" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [(["--prompt-ids", "99999"], "token ids [99999] are outside"),
+                                            (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be"),
+                                            (["--prompt-ids", "1", "--device", "gpu"], "--device 'gpu'")])
+def test_tensor_parallel_input_errors_are_named_before_starting_the_ranks(flags, message, capsys, monkeypatch):
+    from hattn.parallel import launch
+
+    monkeypatch.setattr(launch, "relaunch", lambda *a: pytest.fail("the ranks were started"))
+    assert cli.main(["generate", "--preset", "tiny", "--tp", "2", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_hattn_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "hattn", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("hattn ")
+
+
 def test_a_model_folder_without_a_tokenizer_is_named(tmp_path, capsys):
     """transformers 5 builds an empty tokenizer from the config alone: "hi" became no tokens, and the error said the
     prompt was empty."""

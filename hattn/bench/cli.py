@@ -188,7 +188,13 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.inner_compiler = args.inner_compiler or defaults.get("inner_compiler", "inductor")
     args.modes = _targets_of(args.suite, args.modes if args.modes is not None else defaults["modes"])
     args.workloads = _workloads_of(args.suite, args.workloads or defaults["workloads"])
-    _check_device(args.device)
+    from hattn.cli import check_device
+
+    check_device(args.device)
+    _check_out(args.out)
+    if args.config is not None and not os.path.exists(args.config):
+        raise FileNotFoundError(f"--config {args.config!r} does not exist (give a config.json or a directory "
+                                f"holding one)")
     if args.suite == "kernels":  # its workloads have their shapes (hattn.bench.kernels): a model's options do nothing
         given = [_flag(k) for k in _MODEL_ONLY if getattr(args, k, None) is not None]
         if given or args.tp > 1 or args.tbo:
@@ -197,29 +203,25 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _check_out(out: str) -> None:
+    """--out is a directory the report can be written into: checked before anything is measured."""
+    probe = os.path.join(out, ".hattn-bench-write-check")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out!r}: the report cannot be written there ({e.strerror or e}); give a directory "
+                         f"you can write to") from e
+
+
 _PLAN_KEYS = ("tokens", "seqs", "batches", "context", "prompt", "new_tokens", "gen_batches", "packed")  # Plan's
 _MODEL_ONLY = ("preset", "config", *_PLAN_KEYS, "capture_sizes", "dtype")
 
 
 def _flag(dest: str) -> str:
     return "--packed-tokens" if dest == "packed" else f"--{dest.replace('_', '-')}"
-
-
-def _check_device(name: str | None) -> None:
-    """--device names cpu or cuda, and cuda only where torch has a CUDA device (ValueError otherwise)."""
-    import torch
-
-    if name is None:
-        return
-    try:
-        kind = torch.device(name).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected cpu or cuda (cuda:N for one GPU)")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}, but torch sees no CUDA device here (torch {torch.__version__}); use "
-                         f"--device cpu")
 
 
 def _options(args, cuda: bool):
@@ -253,9 +255,9 @@ def _model(args, device, dtype):
     from hattn.models.presets import preset_config, random_model
 
     if args.config:
-        from transformers import AutoConfig
+        from hattn.models.presets import _read_config
 
-        return random_model(AutoConfig.from_pretrained(args.config), dtype, device, args.seed), args.config
+        return random_model(_read_config(args.config), dtype, device, args.seed), args.config
     preset = args.preset or ("qwen3.5-1b" if device.type == "cuda" else "tiny")
     return random_model(preset_config(preset), dtype, device, args.seed), preset
 
@@ -348,6 +350,8 @@ def run(args: argparse.Namespace, start: float | None = None) -> dict:
 
             partial = [f"setup failed: {reason(e)}"]
     meta["total_s"] = budget.elapsed()
+    if deadlines.signal is not None:
+        meta["stopped_by_signal"] = deadlines.signal
     launch.finish()
     if tp.rank != 0:  # every rank measured the same points; rank 0 reports
         from hattn.bench.data import build
@@ -395,13 +399,17 @@ def _check_tp(args) -> None:
 
 
 def run_cli(args: argparse.Namespace, start: float | None = None) -> int:
-    """0 when at least one target measured something, 1 when none did."""
+    """0 when at least one target measured something, 1 when none did, 128 + the signal's number when SIGINT (130)
+    or SIGTERM (143) stopped the run (its partial report written)."""
     from hattn.parallel import launch
 
     _check_tp(args)
     if args.tp > 1 and not launch.under_torchrun():
         return launch.relaunch(args.tp, args.argv)
     result = run(args, start)
+    stopped = result.get("meta", {}).get("stopped_by_signal")
+    if stopped is not None:  # the shell's code for a process a signal ended: a script tells it from a finished run
+        return 128 + stopped
     return 0 if any(e["status"] == "ok" for e in result["entries"].values()) else 1
 
 

@@ -253,6 +253,7 @@ class Deadlines:
     def __init__(self, budget: Budget):
         self.budget, self.box_end, self.saved = budget, None, None
         self.armed = threading.current_thread() is threading.main_thread()
+        self.signal: int | None = None  # the signal that stopped the run, if one did
 
     def __enter__(self) -> "Deadlines":
         if self.armed:
@@ -279,6 +280,7 @@ class Deadlines:
         now = time.perf_counter()
         if signum in self.SIGNALS or now >= self.budget.hard_deadline - 1e-3:
             self._restore()
+            self.signal = signum if signum in self.SIGNALS else None
             why = self.SIGNALS.get(signum) or f"the budget ({self.budget.total_s:.0f} s) was spent"
             raise Stop(f"stopped: {why}")
         if self.box_end is not None and now >= self.box_end - 1e-3:

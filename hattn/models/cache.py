@@ -117,17 +117,26 @@ def _count(x, name: str) -> int:
         raise TypeError(f"a cache's {name} must be an int, got {x!r} ({type(x).__name__})") from None
 
 
+def memory_room(device) -> tuple[int, str] | None:
+    """(bytes a new allocation on `device` may take, how they are counted), or None where that is not known: on
+    CUDA the driver's free bytes and what torch's allocator holds unused, on a CPU all of the machine's memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + idle, "free"
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in all"
+    return None
+
+
 def _check_fits(nbytes: int, cache: HybridCache) -> None:
     """Refuse a cache larger than its device's memory before allocating it, naming the sizes that set it (torch's
     allocator would fail with a bare byte count, or a CPU cache could take the machine's swap)."""
-    if cache.device.type == "cuda":  # the driver's free bytes and what torch's allocator holds unused
-        free, _ = torch.cuda.mem_get_info(cache.device)
-        idle = torch.cuda.memory_reserved(cache.device) - torch.cuda.memory_allocated(cache.device)
-        room, what = free + idle, "free"
-    elif cache.device.type == "cpu" and hasattr(os, "sysconf"):
-        room, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "in all"
-    else:
+    room = memory_room(cache.device)
+    if room is None:
         return
+    room, what = room
     if nbytes > room:
         raise ValueError(f"a cache of slots={cache.slots}, max_len={cache.max_len} ({cache.dtype}) needs "
                          f"{nbytes / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB {cache.device} has {what}: "

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from hattn.models.hf import HybridLM, adapt
+from hattn.models.hf import HybridLM, adapt, family_of, text_config
 
 log = logging.getLogger("hattn")
 
@@ -143,13 +143,34 @@ def preset_config(name: str):
 
 
 def random_model(config, dtype: torch.dtype = torch.float32, device="cpu", seed: int = 0) -> torch.nn.Module:
-    """An unmodified transformers causal LM of `config` with weights drawn from `seed` (on `device`)."""
+    """An unmodified transformers causal LM of `config` with weights drawn from `seed` (on `device`); weights larger
+    than the device's memory are a ValueError before anything is allocated (a default-sized config, 7B parameters,
+    could take the machine's memory first)."""
     from transformers import AutoModelForCausalLM
 
+    _check_fits(config, dtype, device)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def _check_fits(config, dtype: torch.dtype, device) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from hattn.models.cache import memory_room
+
+    room = memory_room(device)
+    if room is None:
+        return
+    with torch.device("meta"):  # shapes only
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if nbytes > room[0]:
+        raise ValueError(f"the {config.model_type} model of this config has {nbytes / 2**30:.1f} GiB of weights "
+                         f"({dtype}), more than the {room[0] / 2**30:.1f} GiB {torch.device(device)} has {room[1]}: "
+                         f"give a smaller config (its hidden_size, num_hidden_layers, vocab_size, ...) or another "
+                         f"device or dtype")
 
 
 def load(preset: str | None = None, *, config: str | None = None, model: str | None = None,
@@ -164,6 +185,7 @@ def load(preset: str | None = None, *, config: str | None = None, model: str | N
         made, hf = ready, _from_pretrained(model, dtype, device)
     else:
         made_config = preset_config(preset) if config is None else _read_config(config)
+        family_of(text_config(made_config))  # a family hattn cannot adapt: refused before building it
         made = time.perf_counter()
         hf = random_model(made_config, dtype, device, seed)
     built = time.perf_counter()
@@ -178,7 +200,10 @@ def _read_config(path: str):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"config {path!r} does not exist (give a config.json or a directory holding one)")
-    return AutoConfig.from_pretrained(path)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except OSError as e:  # not JSON, no config.json in the directory: transformers' own words, without a traceback
+        raise ValueError(f"config {path!r} cannot be read as a transformers config: {e}") from e
 
 
 def _from_pretrained(path: str, dtype, device):
@@ -186,4 +211,9 @@ def _from_pretrained(path: str, dtype, device):
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is not a directory (save one with model.save_pretrained(path))")
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except OSError as e:  # no weights or no config in it
+        raise ValueError(f"model {path!r} cannot be loaded as a transformers model (a save_pretrained directory "
+                         f"with config.json and weights): {e}") from e
+    return hf.to(device).eval()

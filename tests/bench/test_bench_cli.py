@@ -222,6 +222,8 @@ def test_bad_arguments_name_the_valid_ones(capsys):
     assert "--modes ',' names no target" in capsys.readouterr().err
     assert main(["--device", "foo"]) == 2
     assert "--device 'foo': expected cpu or cuda" in capsys.readouterr().err
+    assert main(["--config", "/nonexistent/config.json"]) == 2  # before: measured, then "setup failed"
+    assert "--config '/nonexistent/config.json' does not exist" in capsys.readouterr().err
     assert main(["--suite", "kernels", "--preset", "qwen3.5-27b", "--batches", "7", "--device", "cpu"]) == 2
     assert "--preset, --batches apply to the model and runtime suites, not to --suite kernels" in \
         capsys.readouterr().err
@@ -247,6 +249,17 @@ def test_bad_sizes_and_seconds_are_argument_errors(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_out_path_the_report_cannot_go_to_is_refused_before_measuring(tmp_path, capsys):
+    """Before, the run measured, then died in os.makedirs with a traceback and no report."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out in (a_file, a_file / "sub"):
+        start = time.perf_counter()
+        assert main(["--suite", "kernels", "--device", "cpu", "--quick", "--out", str(out)]) == 2
+        assert time.perf_counter() - start < 5
+        assert f"--out '{out}': the report cannot be written there" in capsys.readouterr().err
+
+
 def test_sizes_are_deduplicated():
     from hattn.bench.cli import _ints
 
@@ -270,11 +283,12 @@ def test_sigterm_mid_run_still_writes_the_report(tmp_path):
     timer.start()
     start = time.perf_counter()
     try:
-        main(CPU_ARGS + ["--out", out, "--modes", "hf-eager,eager", "--budget", "300", "--reps", "10000",
-                         "--max-s", "300"])
+        rc = main(CPU_ARGS + ["--out", out, "--modes", "hf-eager,eager", "--budget", "300", "--reps", "10000",
+                              "--max-s", "300"])
     finally:
         timer.cancel()
     assert time.perf_counter() - start < 30
+    assert rc == 128 + signal.SIGTERM  # a script tells a stopped run from a finished one (it was 0)
     r = _load(out)
     assert r["partial"] is True and len(r["partial_reasons"]) == 1
     assert r["partial_reasons"][0].startswith("stopped: SIGTERM during ")

@@ -1,0 +1,6 @@
+"""`python -m hattn ...`: the `hattn` command (hattn/cli.py)."""
+import sys
+
+from hattn.cli import main
+
+sys.exit(main())
