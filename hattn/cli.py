@@ -333,7 +333,7 @@ def _check_tp(args) -> None:
     except Exception:  # noqa: BLE001  (the ranks load it again and report)
         return
     check_config(config, args.tp)
-    _check_ids(args.prompt_ids or [], text_config(config).vocab_size)
+    _check_ids(getattr(args, "prompt_ids", None) or [], text_config(config).vocab_size)
 
 
 def _sampling(args, stops):
