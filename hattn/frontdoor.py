@@ -9,6 +9,8 @@ module with the hattn backend. The returned `CompiledLM` takes transformers' com
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -36,6 +38,8 @@ class CompiledLM:
         self.model = torch.compile(lm, backend=hattn_backend)
         self._call = dispatch_for(self.model)  # Dynamo once per kind of step, then the compiled graph directly
         self._cache: HybridCache | None = None
+        self._bound = self.device, self.dtype  # what its graphs, fused weights and cache are for
+        self._lock, self._generating = threading.Lock(), None  # one generate at a time: they share the cache
 
     # -- what transformers users touch ---------------------------------------------------------------------------
     @property
@@ -58,7 +62,8 @@ class CompiledLM:
     def __getattr__(self, name: str):
         """The transformers model's other attributes (eval, parameters, get_input_embeddings, name_or_path, ...), as
         torch.compile's wrapper shows its module's."""
-        if name.startswith("__") or name in ("lm", "backend", "model", "_call", "_cache"):
+        if name.startswith("__") or name in ("lm", "backend", "model", "_call", "_cache", "_bound", "_lock",
+                                             "_generating"):
             raise AttributeError(name)  # not set yet (a copy being built) or a dunder Python asks for
         return getattr(self.hf, name)
 
@@ -80,12 +85,29 @@ class CompiledLM:
         """Itself where the device and dtype asked for are the model's; otherwise an error: the compiled graphs,
         fused weights and cache are bound to one device and dtype (move or cast the model before hattn.compile)."""
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
-        same_device = device is None or (device.type == self.device.type and device.index in (None, self.device.index))
-        if same_device and (dtype is None or dtype == self.dtype):
+        bound_device, bound_dtype = self._bound
+        same_device = device is None or (device.type == bound_device.type and device.index in (None,
+                                                                                               bound_device.index))
+        if same_device and (dtype is None or dtype == bound_dtype):
+            self._check_unmoved()
             return self
-        raise ValueError(f"CompiledLM.to({', '.join(map(repr, args))}): this model was compiled on {self.device} in "
-                         f"{self.dtype}, and its graphs, fused weights and cache are bound to them. Move or cast the "
-                         f"transformers model first, then compile: hattn.compile(model.to(...))")
+        raise ValueError(f"CompiledLM.to({', '.join(map(repr, args))}): {self._bound_to()}")
+
+    def _bound_to(self) -> str:
+        device, dtype = self._bound
+        return (f"this model was compiled on {device} in {dtype}, and its graphs, fused weights and cache are bound "
+                f"to them. Move or cast the transformers model first, then compile: hattn.compile(model.to(...))")
+
+    def _check_unmoved(self) -> None:
+        """The transformers model cast or moved behind this wrapper's back (`hf.half()`): a clear error, not a
+        dtype mismatch deep in a compiled piece."""
+        if (self.device, self.dtype) != self._bound:
+            raise ValueError(f"the transformers model is now on {self.device} in {self.dtype}, but {self._bound_to()}")
+
+    def __deepcopy__(self, memo):
+        raise TypeError("a CompiledLM cannot be copied: its graphs hold the original's weights (fused into one "
+                        "buffer) and cache. Copy the transformers model, then compile the copy: "
+                        "hattn.compile(copy.deepcopy(model.hf))")
 
     def cuda(self, device=None) -> "CompiledLM":
         return self.to("cuda" if device is None else torch.device("cuda", device) if isinstance(device, int)
@@ -146,6 +168,18 @@ class CompiledLM:
         if input_ids is None:
             raise ValueError("generate needs the prompt ids: model.generate(input_ids [B, T], attention_mask=...) "
                              "(hattn does not start from the BOS token alone; pass [[bos_token_id]] for that)")
+        self._check_unmoved()
+        if self._generating == threading.get_ident():
+            raise RuntimeError("generate was called again from inside a generate of the same model (a streamer's "
+                               "put?): they share one cache; call it after the first returns")
+        with self._lock:  # another thread's call waits: both would take slots of the one cache
+            self._generating = threading.get_ident()
+            try:
+                return self._generate(input_ids, attention_mask, generation_config, **kwargs)
+            finally:
+                self._generating = None
+
+    def _generate(self, input_ids, attention_mask, generation_config, **kwargs):
         req = request(input_ids, attention_mask, merged_config(generation_config, self.generation_config),
                       max_positions=getattr(self.hf.config, "max_position_embeddings", None), **kwargs)
         need = max(len(p) for p in req.prompts) + req.params.max_new_tokens

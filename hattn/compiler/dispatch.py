@@ -57,20 +57,29 @@ MAX_KINDS = 1024  # kinds remembered per model; past it, new kinds go through Dy
 log = logging.getLogger("hattn")
 _CALLS: ContextVar[list | None] = ContextVar("hattn_traced_calls", default=None)
 _VIA_DYNAMO = object()  # a kind that goes through Dynamo at every call
-_ASSIGNED = [0]  # parameters and buffers assigned on any module (not a GraphModule) so far
+_ASSIGNED = [0]  # parameters and buffers assigned on any module (not a GraphModule), submodules on a served one
+_SERVED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # the modules of models a Dispatch serves
 
 
 def _assigned(module, name, value) -> None:
     """torch's global registration hook: a parameter or buffer set on a module (`load_state_dict(assign=True)`,
     `module.weight = nn.Parameter(...)`). The kinds a Dispatch learned hold the old objects; it forgets them (one
-    int compare a call). Compiles building FX GraphModules do not count, nor submodules (a forward slicing its
-    ModuleList builds a new one at every call)."""
+    int compare a call). Compiles building FX GraphModules do not count."""
     if not isinstance(module, fx.GraphModule):
+        _ASSIGNED[0] += 1
+
+
+def _submodule_assigned(module, name, value) -> None:
+    """The same for a submodule set on a module of a served model (`model.norm = MyNorm()`, `mlp.act_fn =
+    nn.Identity()`: the learned graphs run the old one). Only there: a forward slicing its ModuleList builds a new
+    one, registering its layers, at every call; Dynamo, tracing such a forward, skips the rest (no guard on the set)."""
+    if not torch.compiler.is_compiling() and module in _SERVED:
         _ASSIGNED[0] += 1
 
 
 for _register in (_hooks.register_module_parameter_registration_hook, _hooks.register_module_buffer_registration_hook):
     _register(_assigned)
+_hooks.register_module_module_registration_hook(_submodule_assigned)
 
 
 class Traced:
@@ -224,16 +233,23 @@ class Dispatch:
         self.assigned = _ASSIGNED[0]  # the registrations the kinds were learned after
         self.registered = registry.generation()  # the split ops' registrations they were compiled under
         self.hooks = _SubmoduleHooks(self.module)  # the submodules' hooks they were learned with
+        self._serve()
 
     def _forget(self) -> None:
-        """The module's mode changed, a module got a new parameter or buffer, a submodule's hooks changed, or a split
-        op was (un)registered: what was learned (kinds, snapshots matched under the old model key, graphs compiled
-        from them) is not for the model as it is now."""
+        """The module's mode changed, a module got a new parameter, buffer or submodule, a submodule's hooks
+        changed, or a split op was (un)registered: what was learned (kinds, snapshots matched under the old model
+        key, graphs compiled from them) is not for the model as it is now."""
         self.kinds.clear()
         self.warm, self.warm_traced, self.model_key = None, [], None
         self.training, self.assigned = getattr(self.module, "training", None), _ASSIGNED[0]
         self.registered = registry.generation()
         self.hooks = _SubmoduleHooks(self.module)
+        self._serve()
+
+    def _serve(self) -> None:
+        """Watch the model's modules as they are now for submodule assignments (`_submodule_assigned`)."""
+        if isinstance(self.module, torch.nn.Module):
+            _SERVED.update(self.module.modules())
 
     def __call__(self, *args):
         if (self.module is not None and self.module.training is not self.training) or _ASSIGNED[0] != self.assigned \

@@ -23,6 +23,7 @@ A family is one file in hattn/models/families/ that calls `register_family(Famil
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -262,15 +263,17 @@ def guard_hf_calls(hf_model: nn.Module) -> None:
     if getattr(base, "_hattn_guarded", False):
         return
     names = list(inspect.signature(base.forward).parameters)  # here, not in the hook: Dynamo traces the hook
-
-    def hook(module, args, kwargs):
-        _check_hf_call(names, args, kwargs)
-        if "use_cache" in names[len(args):]:
-            kwargs["use_cache"] = False
-        return args, kwargs
-
-    base.register_forward_pre_hook(hook, with_kwargs=True)
+    # a module-level function: the adapted model stays picklable (torch.save(model))
+    base.register_forward_pre_hook(functools.partial(_checked_hf_call, names), with_kwargs=True)
     base._hattn_guarded = True
+
+
+def _checked_hf_call(names: list[str], module, args, kwargs):
+    """guard_hf_calls' pre-hook of the base model's forward (its parameter names first)."""
+    _check_hf_call(names, args, kwargs)
+    if "use_cache" in names[len(args):]:
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 class HybridLM(nn.Module):

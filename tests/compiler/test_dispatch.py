@@ -1,6 +1,7 @@
 """Dispatch: a compiled model's steps skip Dynamo after a kind's first call, with the results Dynamo's call gives."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -247,8 +248,9 @@ def test_backward_hooks_go_through_dynamo_and_a_mode_switch_learns_kinds_again()
 
 def test_weights_assigned_as_new_parameters_are_read_after_it():
     """load_state_dict(assign=True) puts new Parameter objects on the modules: the learned kinds held the old ones
-    and served them silently (the old weights' tokens). Any parameter, buffer or submodule assignment makes the
-    dispatcher forget its kinds; the next call goes through Dynamo with the new objects, then directly again."""
+    and served them silently (the old weights' tokens). Any parameter or buffer assignment makes the dispatcher
+    forget its kinds (a submodule assignment on the served model too: the next test); the next call goes through
+    Dynamo with the new objects, then directly again."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, other = toy_model(pattern=["linear", "full"]), toy_model(pattern=["linear", "full"])
@@ -261,6 +263,38 @@ def test_weights_assigned_as_new_parameters_are_read_after_it():
         torch.testing.assert_close(call(_ids(5, 2)), other(_ids(5, 2)), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(call(_ids(5, 3)), other(_ids(5, 3)), rtol=1e-5, atol=1e-5)
     assert call.direct_calls == 2  # the call after the assignment through Dynamo, the one after it direct
+
+
+def test_a_submodule_replaced_after_learning_is_run_and_a_sliced_module_list_is_not_a_change():
+    """A submodule assigned on the served model, with parameters or without (an activation), is read from the next
+    call on (before, found by a review: the old one kept running, silently: a copy registers no parameter). A forward
+    that builds a ModuleList at every call (slicing) does not make the dispatcher forget."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Sliced(toy_model(pattern=["linear", "full"]))
+    call = Dispatch(torch.compile(model, backend=hattn.backend(mode="eager", inner_compiler="eager", progress=False)))
+    with torch.no_grad():
+        call(_ids(5)), call(_ids(5, 1)), call(_ids(5, 2))
+        assert call.direct_calls == 2
+        norm = copy.deepcopy(model.inner.norm)
+        norm.weight.mul_(3.0)
+        model.inner.norm = norm
+        torch.testing.assert_close(call(_ids(5, 3)), model(_ids(5, 3)), rtol=1e-5, atol=1e-5)
+        model.scale = nn.Tanh()
+        torch.testing.assert_close(call(_ids(5, 4)), model(_ids(5, 4)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(call(_ids(5, 5)), model(_ids(5, 5)), rtol=1e-5, atol=1e-5)
+    assert call.direct_calls == 3  # each call after an assignment through Dynamo, the last one direct
+
+
+class _Sliced(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.scale = inner, nn.Identity()
+
+    def forward(self, input_ids):
+        layers = self.inner.layers[:]  # a new ModuleList at every call, registering the layers
+        assert len(layers) == len(self.inner.layers)
+        return self.scale(self.inner(input_ids))
 
 
 def test_a_submodule_hook_added_or_removed_after_learning_is_run_as_eager_runs_it():

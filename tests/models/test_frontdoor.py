@@ -421,3 +421,58 @@ def test_train_and_eval_switch_the_mode_the_dispatcher_serves(make_case):
     model.generate(ids, max_new_tokens=2)
     assert dispatch_for(model.model).training is True  # learned again in training mode
     assert model.eval() is model and not model.lm.training and not model.hf.training
+
+
+def test_a_model_cast_behind_the_compiled_wrapper_is_a_clear_error(make_case):
+    """hf.half() after compile: before, a dtype mismatch deep in a compiled piece, or FusedWeightsMoved suggesting
+    fuse_linears=False (which led to that mismatch); and model.to(float16) said all was well."""
+    c = make_case("tiny")
+    hf = fresh(c)
+    model = hattn.compile(hf, mode="eager", inner_compiler="eager", progress=False)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model.generate(ids, max_new_tokens=2)
+    hf.half()
+    with pytest.raises(ValueError, match=r"the transformers model is now on cpu in torch.float16, but this model "
+                                         r"was compiled on cpu in torch.float32"):
+        model.generate(ids, max_new_tokens=2)
+    for dtype in (torch.float16, torch.float32):  # neither is what the model is and was compiled for
+        with pytest.raises(ValueError, match=r"compiled on cpu in torch.float32"):
+            model.to(dtype)
+    with pytest.raises(TypeError, match=r"cannot be copied.*hattn.compile\(copy.deepcopy\(model.hf\)\)"):
+        copy.deepcopy(model)
+
+
+def test_generate_from_two_threads_takes_turns_on_the_one_cache(make_case):
+    """Before, the second thread's call found no free slot of the shared cache ("build the cache with slots >= 1",
+    a cache the user never built)."""
+    import threading
+
+    c = make_case("tiny")
+    model = hattn.compile(fresh(c), mode="bcg", inner_compiler="eager", progress=False)
+    ids = torch.tensor([[5, 17, 42, 7]])
+    want = model.generate(ids, max_new_tokens=12)
+    got, errors = [], []
+
+    def run():
+        try:
+            got.append(model.generate(ids, max_new_tokens=12))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 3 and all(torch.equal(g, want) for g in got)
+
+    class CallsAgain:  # a streamer whose put generates again: the cache is in use
+        def put(self, tokens):
+            model.generate(ids, max_new_tokens=2)
+
+        def end(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="generate was called again from inside a generate of the same model"):
+        model.generate(ids, max_new_tokens=2, streamer=CallsAgain())
+    assert torch.equal(model.generate(ids, max_new_tokens=12), want)  # and the model still serves
