@@ -291,6 +291,9 @@ def test_cpu_runs_print_one_line_instead_of_the_goals():
     assert r["goals"] is None and r["goals_note"].startswith("goals: not evaluated, they mean nothing on a CPU")
     text = _text(r)
     assert "goals: not evaluated" in text and "goals (issues" not in text
+    cached = "on a CPU, rows whose bytes fit its caches may go under 1x"  # the floor is a DRAM copy's
+    assert cached in text.replace("\n", " ") or cached in " ".join(text.split())
+    assert "caches may go under" not in _text(good_result())
 
 
 def test_write_report_writes_json_and_text(tmp_path):
