@@ -62,8 +62,8 @@ class CompiledLM:
     def __getattr__(self, name: str):
         """The transformers model's other attributes (eval, parameters, get_input_embeddings, name_or_path, ...), as
         torch.compile's wrapper shows its module's."""
-        if name.startswith("__") or name in ("lm", "backend", "model", "_call", "_cache", "_bound", "_lock",
-                                             "_generating"):
+        if name.startswith("__") or "lm" not in self.__dict__ or name in ("backend", "model", "_call", "_cache",
+                                                                          "_bound", "_lock", "_generating"):
             raise AttributeError(name)  # not set yet (a copy being built) or a dunder Python asks for
         return getattr(self.hf, name)
 

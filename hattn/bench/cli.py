@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 import time
 
 HATTN_FIRST = ("eager", "full", "pcg", "bcg")  # run order = priority: what the goals need first, slow compiles last
@@ -191,7 +192,6 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     from hattn.cli import check_device
 
     check_device(args.device)
-    _check_out(args.out)
     if args.config is not None and not os.path.exists(args.config):
         raise FileNotFoundError(f"--config {args.config!r} does not exist (give a config.json or a directory "
                                 f"holding one)")
@@ -200,16 +200,16 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         if given or args.tp > 1 or args.tbo:
             raise ValueError(f"{', '.join(given) or '--tp/--tbo'} apply to the model and runtime suites, not to "
                              f"--suite kernels (its workloads have their own shapes: --workloads, --quick)")
+    _check_out(args.out)  # last: it makes the directory
     return args
 
 
 def _check_out(out: str) -> None:
     """--out is a directory the report can be written into: checked before anything is measured."""
-    probe = os.path.join(out, ".hattn-bench-write-check")
     try:
         os.makedirs(out, exist_ok=True)
-        with open(probe, "w"):
-            pass
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".hattn-bench-write-check-")  # one per process (--tp ranks)
+        os.close(fd)
         os.remove(probe)
     except OSError as e:
         raise ValueError(f"--out {out!r}: the report cannot be written there ({e.strerror or e}); give a directory "
@@ -255,9 +255,12 @@ def _model(args, device, dtype):
     from hattn.models.presets import preset_config, random_model
 
     if args.config:
+        from hattn.models.hf import family_of, text_config
         from hattn.models.presets import _read_config
 
-        return random_model(_read_config(args.config), dtype, device, args.seed), args.config
+        config = _read_config(args.config)
+        family_of(text_config(config))  # a family hattn cannot adapt: refused before building it
+        return random_model(config, dtype, device, args.seed), args.config
     preset = args.preset or ("qwen3.5-1b" if device.type == "cuda" else "tiny")
     return random_model(preset_config(preset), dtype, device, args.seed), preset
 

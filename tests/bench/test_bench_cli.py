@@ -249,6 +249,20 @@ def test_bad_sizes_and_seconds_are_argument_errors(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_refused_run_leaves_no_out_directory_and_an_unknown_family_is_refused_before_building(tmp_path, capsys,
+                                                                                               monkeypatch):
+    from hattn.models import presets
+
+    out = tmp_path / "new"
+    assert main(["--config", str(tmp_path / "missing.json"), "--out", str(out), "--device", "cpu"]) == 2
+    assert not out.exists()
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    monkeypatch.setattr(presets, "random_model", lambda *a, **k: pytest.fail("the model was built"))
+    assert main(["--config", str(tmp_path / "llama"), "--out", str(out), "--device", "cpu", "--quick"]) == 2
+    assert "hattn has no adapter for model_type 'llama'" in capsys.readouterr().err
+
+
 def test_an_out_path_the_report_cannot_go_to_is_refused_before_measuring(tmp_path, capsys):
     """Before, the run measured, then died in os.makedirs with a traceback and no report."""
     a_file = tmp_path / "a_file"

@@ -440,6 +440,8 @@ def test_a_model_cast_behind_the_compiled_wrapper_is_a_clear_error(make_case):
             model.to(dtype)
     with pytest.raises(TypeError, match=r"cannot be copied.*hattn.compile\(copy.deepcopy\(model.hf\)\)"):
         copy.deepcopy(model)
+    half_built = CompiledLM.__new__(CompiledLM)  # as pickle and copy make one: no recursion through hf
+    assert not hasattr(half_built, "device") and not hasattr(half_built, "foo")
 
 
 def test_generate_from_two_threads_takes_turns_on_the_one_cache(make_case):

@@ -251,3 +251,5 @@ def test_a_split_op_that_no_longer_takes_strided_inputs_stops_a_graph_that_fused
     hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix")
     with pytest.raises(RegisteredAfterCompile, match="strided_inputs=False after this graph was compiled"):
         model(x)
+    hattn.unregister_split_op(torch.ops.hattn_test.blend)  # the graph runs it between pieces, as compiled: no error
+    torch.testing.assert_close(model(x), model._orig_mod(x))  # (before, an AttributeError on the missing entry)
