@@ -103,6 +103,9 @@ def check_device(name: str | None) -> None:
         build = "has no CUDA support (a CPU build)" if torch.version.cuda is None else "sees no CUDA device"
         raise ValueError(f"--device {name}: this torch {torch.__version__} {build}; use --device cpu, or run on a "
                          f"machine with a CUDA GPU and a CUDA build of torch")
+    index, count = torch.device(name).index, torch.cuda.device_count() if kind == "cuda" else 0
+    if index is not None and index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def _device_dtype(args):

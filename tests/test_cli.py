@@ -118,6 +118,14 @@ def test_a_device_that_is_not_cpu_or_cuda_is_a_one_line_error(capsys, command):
     assert f"hattn {command[0]}: error: --device 'gpu': expected cpu or cuda" in capsys.readouterr().err
 
 
+def test_a_cuda_index_past_the_devices_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cli.check_device("cuda:0")
+    with pytest.raises(ValueError, match=r"--device cuda:7: this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        cli.check_device("cuda:7")
+
+
 @pytest.mark.parametrize("files, message", [
     ({"config.json": '{"model_type": "llama"}'}, "hattn has no adapter for model_type 'llama'"),  # before: a 7B built
     ({"config.json": "{not json"}, "cannot be read as a transformers config"),
