@@ -255,12 +255,9 @@ def _model(args, device, dtype):
     from hattn.models.presets import preset_config, random_model
 
     if args.config:
-        from hattn.models.hf import family_of, text_config
         from hattn.models.presets import _read_config
 
-        config = _read_config(args.config)
-        family_of(text_config(config))  # a family hattn cannot adapt: refused before building it
-        return random_model(config, dtype, device, args.seed), args.config
+        return random_model(_read_config(args.config), dtype, device, args.seed), args.config
     preset = args.preset or ("qwen3.5-1b" if device.type == "cuda" else "tiny")
     return random_model(preset_config(preset), dtype, device, args.seed), preset
 

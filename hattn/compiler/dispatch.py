@@ -224,6 +224,14 @@ class Dispatch:
         self.self_name, self.names = (names[0], names[1:]) if names and len(names) > 1 else (None, None)
         self.kinds: dict = {}
         self.direct_calls = 0
+        self._forget()
+
+    def _forget(self) -> None:
+        """What the kinds are learned under, taken now (at the start, and when the module's mode changed, a module
+        got a new parameter, buffer or submodule, a submodule's hooks changed, or a split op was (un)registered:
+        what was learned, kinds, snapshots matched under the old model key and graphs compiled from them, is not
+        for the model as it is now)."""
+        self.kinds.clear()
         # cache_dir's snapshots, read at the first call: [snapshot, its _Direct, None before it is compiled, False
         # when it cannot serve]; the graphs compiled from them; the model key ("" when the model has none)
         self.warm: list | None = None
@@ -233,17 +241,6 @@ class Dispatch:
         self.assigned = _ASSIGNED[0]  # the registrations the kinds were learned after
         self.registered = registry.generation()  # the split ops' registrations they were compiled under
         self.hooks = _SubmoduleHooks(self.module)  # the submodules' hooks they were learned with
-        self._serve()
-
-    def _forget(self) -> None:
-        """The module's mode changed, a module got a new parameter, buffer or submodule, a submodule's hooks
-        changed, or a split op was (un)registered: what was learned (kinds, snapshots matched under the old model
-        key, graphs compiled from them) is not for the model as it is now."""
-        self.kinds.clear()
-        self.warm, self.warm_traced, self.model_key = None, [], None
-        self.training, self.assigned = getattr(self.module, "training", None), _ASSIGNED[0]
-        self.registered = registry.generation()
-        self.hooks = _SubmoduleHooks(self.module)
         self._serve()
 
     def _serve(self) -> None:

@@ -148,14 +148,14 @@ def random_model(config, dtype: torch.dtype = torch.float32, device="cpu", seed:
     could take the machine's memory first)."""
     from transformers import AutoModelForCausalLM
 
-    _check_fits(config, dtype, device)
+    _check_weights_fit(config, dtype, device)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
-def _check_fits(config, dtype: torch.dtype, device) -> None:
+def _check_weights_fit(config, dtype: torch.dtype, device) -> None:
     from transformers import AutoModelForCausalLM
 
     from hattn.models.cache import memory_room
@@ -185,7 +185,6 @@ def load(preset: str | None = None, *, config: str | None = None, model: str | N
         made, hf = ready, _from_pretrained(model, dtype, device)
     else:
         made_config = preset_config(preset) if config is None else _read_config(config)
-        family_of(text_config(made_config))  # a family hattn cannot adapt: refused before building it
         made = time.perf_counter()
         hf = random_model(made_config, dtype, device, seed)
     built = time.perf_counter()
@@ -196,14 +195,18 @@ def load(preset: str | None = None, *, config: str | None = None, model: str | N
 
 
 def _read_config(path: str):
+    """The transformers config at `path`, of a family hattn adapts (checked here, before any model is built: a
+    default-sized one of another family could take the machine's memory first)."""
     from transformers import AutoConfig
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"config {path!r} does not exist (give a config.json or a directory holding one)")
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     except OSError as e:  # not JSON, no config.json in the directory: transformers' own words, without a traceback
         raise ValueError(f"config {path!r} cannot be read as a transformers config: {e}") from e
+    family_of(text_config(config))
+    return config
 
 
 def _from_pretrained(path: str, dtype, device):

@@ -58,7 +58,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from hattn import registry
-from hattn.passes.guards import with_block_call
+from hattn.passes.guards import GraphWrapper, with_block_call
 from hattn.runtime.graphs import data_ptrs_at, data_ptrs_equal
 
 log = logging.getLogger("hattn")
@@ -402,7 +402,7 @@ class FusedWeightsMoved(RuntimeError):
     """A compiled graph with fused linears was called with parameters that are not the views of its fused buffers."""
 
 
-class FusedWeightsGuard:
+class FusedWeightsGuard(GraphWrapper):
     """The compiled graph `fn`, called only while the parameters fused into its buffers still are (by storage
     address) the ones it fused. The fused GEMMs read the buffers, not the parameter inputs, so another model instance
     that Dynamo serves with this graph (two models of one class compiled with one backend, or with
@@ -438,8 +438,3 @@ class FusedWeightsGuard:
     def _same(self, args) -> bool:
         same = data_ptrs_equal(args, self.ptrs, self.indices)
         return all(args[i].data_ptr() == self.ptrs[i] for i in self.indices) if same is None else same
-
-    def __getattr__(self, name: str):  # the graph's own attributes (runtime stats, plans) stay reachable
-        if name == "fn":  # not set yet (a copy being built)
-            raise AttributeError(name)
-        return getattr(self.fn, name)

@@ -28,7 +28,8 @@ _MIXER_HOPS = ("flex_attention", "triton_kernel_wrapper")
 
 __all__ = ["UnregisteredAttentionError", "NoSplitOpError", "NoSplitOpWarning", "SplitOpInContextError",
            "check_no_unregistered_attention", "check_split_ops_outside_contexts", "check_split_ops_present",
-           "unregistered_attention_reason", "attention_without_split_op", "RegisteredAfterCompile", "AsRegistered"]
+           "unregistered_attention_reason", "attention_without_split_op", "RegisteredAfterCompile", "AsRegistered",
+           "GraphWrapper"]
 
 
 class NoSplitOpError(UnregisteredAttentionError):
@@ -277,7 +278,17 @@ class RegisteredAfterCompile(RegistryError):
     """A compiled graph holds a custom op whose registration changed since: it would run as it no longer should."""
 
 
-class AsRegistered:
+class GraphWrapper:
+    """A compiled graph's callable `fn` wrapped with a check per call; the graph's own attributes (runtime stats,
+    plans) stay reachable through it."""
+
+    def __getattr__(self, name: str):
+        if name == "fn":  # not set yet (a copy being built)
+            raise AttributeError(name)
+        return getattr(self.fn, name)
+
+
+class AsRegistered(GraphWrapper):
     """The compiled graph `fn`, called only while the registry still says of the custom ops in `gm` what it said
     when `gm` was compiled, where the difference could make the graph wrong: an op registered as a split op since
     runs inside a piece (captured in a CUDA graph, it would replay with the batch of capture); in mode "full" a
@@ -327,11 +338,6 @@ class AsRegistered:
             return set()
         return {flag for flag, on in (("capture_safe", op.capture_safe and self.full),
                                       ("strided_inputs", op.strided_inputs)) if on}
-
-    def __getattr__(self, name: str):  # the graph's own attributes (runtime stats, plans) stay reachable
-        if name == "fn":  # not set yet (a copy being built)
-            raise AttributeError(name)
-        return getattr(self.fn, name)
 
 
 _RELIED_ON = {"capture_safe": "captured in mode full",
