@@ -149,6 +149,25 @@ def test_a_model_folder_without_weights_or_too_big_for_the_device_is_named(tmp_p
     assert "GiB of weights (torch.float32), more than the 0.0 GiB cpu has in all" in capsys.readouterr().err
 
 
+def test_a_model_folder_is_checked_before_its_weights_are_read(tmp_path, capsys, monkeypatch):
+    """A saved model of a family hattn cannot adapt, or too big for the device, is refused from its config.json;
+    before, every weight was read (onto the host first) and only then refused."""
+    import transformers
+
+    from hattn.models import cache
+    from hattn.models.presets import preset_config, random_model
+
+    random_model(preset_config("tiny")).save_pretrained(tmp_path)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the weights were read"))
+    monkeypatch.setattr(cache, "memory_room", lambda device: (2**10, "in all"))
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt-ids", "1", "--device", "cpu"]) == 2
+    assert "more than the 0.0 GiB cpu has in all" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    assert cli.main(["generate", "--model", str(tmp_path), "--prompt-ids", "1", "--device", "cpu"]) == 2
+    assert "hattn has no adapter for model_type 'llama'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [(["--prompt-ids", "99999"], "token ids [99999] are outside"),
                                             (["--prompt-ids", "1", "--temperature", "-1"], "temperature must be"),
                                             (["--prompt-ids", "1", "--device", "gpu"], "--device 'gpu'")])

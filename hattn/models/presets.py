@@ -214,8 +214,10 @@ def _from_pretrained(path: str, dtype, device):
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is not a directory (save one with model.save_pretrained(path))")
+    config = _read_config(path)  # a family hattn adapts, and weights the device holds, before any is read
+    _check_weights_fit(config, dtype, device)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     except OSError as e:  # no weights or no config in it
         raise ValueError(f"model {path!r} cannot be loaded as a transformers model (a save_pretrained directory "
                          f"with config.json and weights): {e}") from e
