@@ -400,7 +400,7 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
     device = next(lm.hf.parameters()).device
     ids, positions = torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with torch.no_grad(), mode, _quiet_fake_tensors(fake), _RecordSplitOps() as rec, \
+    with torch.no_grad(), _state_kept(lm), mode, _quiet_fake_tensors(fake), _RecordSplitOps() as rec, \
             forward_context(ForwardContext(seq_lens=[2])):
         try:
             lm(ids, positions)
@@ -415,6 +415,38 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
     return rec.calls
 
 
+@contextlib.contextmanager
+def _state_kept(model: nn.Module):
+    """Put back every module's attributes, buffers, parameters and submodules as they were: a forward may cache
+    state on its modules (transformers' longrope RoPE keeps `long_inv_freq` from its first call), and the probe's
+    would be a fake tensor, or a 2-token one, kept for every later forward."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs, params, buffers, modules in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for now, then in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
+                now.clear()
+                now.update(then)
+
+
+def _check_rope(model: nn.Module) -> None:
+    """Refuse RoPE whose frequencies a forward recomputes from its largest position ("dynamic" NTK scaling): packed
+    sequences would rescale each other's, and the Python branch and new buffer it takes are not in any graph."""
+    for name, module in model.named_modules():
+        types = getattr(module, "rope_type", None)
+        types = types.values() if isinstance(types, dict) else [types]
+        dynamic = sorted({t for t in types if isinstance(t, str) and "dynamic" in t})
+        if dynamic:
+            raise ValueError(
+                f"{name or type(module).__name__}: rope_type {dynamic[0]!r} recomputes the rotary frequencies at every "
+                f"forward from the batch's largest position; hattn packs sequences into one step and replays graphs, "
+                f"so it would apply one sequence's scaling to the others. Serve a static RoPE scaling instead (set "
+                f"rope_parameters' rope_type to 'linear', 'yarn' or 'default'), or run this model with transformers")
+
+
 def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
     """Make `hf_model` (an unmodified transformers causal LM of a supported family) call hattn's split ops.
 
@@ -427,6 +459,7 @@ def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
     family = family_of(config)
     family.check(config)
     kinds = family.layer_kinds(config)
+    _check_rope(hf_model)
     _patch_layers(hf_model, family, kinds)
     share_activations(hf_model, _patched_class)
     _set_attention(hf_model)

@@ -80,3 +80,40 @@ def test_the_token_count_is_the_one_dynamic_size_of_the_graph(family_case):
     ctx = ForwardContext(seq_lens=[len(p) for p in c.prompts], layer_kinds=c.lm.layer_kinds)
     run_step(compiled, ctx, ids, pos)
     assert layouts and all(layout.reason is None for layout in layouts), [layout.reason for layout in layouts]
+
+
+def _tiny_with_rope(**rope):
+    from hattn.models.presets import preset_config
+
+    config = preset_config("tiny").to_dict()
+    config.update(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.25, **rope},
+                  max_position_embeddings=128)
+    return type(preset_config("tiny")).from_dict(config)
+
+
+def test_the_adapt_probe_leaves_no_state_on_the_model():
+    """transformers' longrope RoPE keeps `long_inv_freq` from its first forward; the probe's was a fake tensor, and
+    every later forward past original_max_position_embeddings used the short frequencies (logits off by 0.4)."""
+    import copy
+
+    from hattn.models.hf import adapt
+    from hattn.models.presets import random_model
+
+    hf = random_model(_tiny_with_rope(rope_type="longrope", factor=2.0, short_factor=[1.0, 1.0],
+                                      long_factor=[4.0, 4.0], original_max_position_embeddings=64))
+    ref = copy.deepcopy(hf)
+    adapt(hf)
+    assert getattr(hf.model.rotary_emb, "long_inv_freq", None) is None
+    ids = torch.randint(0, hf.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_rope_that_rescales_from_the_batchs_longest_position_is_refused():
+    import pytest
+
+    from hattn.models.hf import adapt
+    from hattn.models.presets import random_model
+
+    with pytest.raises(ValueError, match="rope_type 'dynamic' recomputes the rotary frequencies"):
+        adapt(random_model(_tiny_with_rope(rope_type="dynamic", factor=2.0)))
