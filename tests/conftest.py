@@ -37,7 +37,8 @@ def _triton_cache_dir():
         os.environ["TRITON_CACHE_DIR"] = before
 
 
-# Split ops defined for tests: a functional one and an out= one, both of the user kind "testmix".
+# Split ops defined for tests: a functional one, an out= one and one returning a tuple, all of the user kind
+# "testmix".
 
 
 @torch.library.custom_op("hattn_test::scale", mutates_args=())
@@ -60,8 +61,19 @@ def _(x, out):
     return None
 
 
+@torch.library.custom_op("hattn_test::pair", mutates_args=())
+def pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x * 2, x - 1
+
+
+@pair.register_fake
+def _(x):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
 hattn.register_split_op(torch.ops.hattn_test.scale, "testmix")
 hattn.register_split_op(torch.ops.hattn_test.add_into, "testmix")
+hattn.register_split_op(torch.ops.hattn_test.pair, "testmix")  # a split op returning a tuple
 
 
 @pytest.fixture

@@ -113,6 +113,7 @@ def test_hattn_lazy_fla_0_turns_it_off(monkeypatch):
     assert imports.defer_fla_ops() and calls == ["fla.ops"]
 
 
+@pytest.mark.gpu  # fla is installed with the GPU extras only: a CPU CI never has it
 @pytest.mark.skipif(importlib.util.find_spec("fla") is None, reason="flash-linear-attention is not installed")
 def test_importing_hattn_keeps_fla_to_the_families_a_model_imports():
     code = textwrap.dedent("""

@@ -29,6 +29,12 @@ def test_decode_weights_leave_out_the_input_embedding_and_count_a_tied_head_once
         assert sum(p.numel() * 4 for p in hf.parameters()) == every - emb.numel() * 4
     finally:
         hf.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
+    wider = torch.nn.Embedding(emb.shape[0] + 7, emb.shape[1])  # not the head's size: which one is left out shows
+    hf.set_input_embeddings(wider)
+    try:
+        assert decode_weight_bytes(hf) == every - emb.numel() * 4
+    finally:
+        hf.set_input_embeddings(torch.nn.Embedding.from_pretrained(emb.detach(), freeze=False))
 
 
 def test_state_bytes_kv_reads_and_state_read_write():

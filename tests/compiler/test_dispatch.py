@@ -77,6 +77,9 @@ def test_grad_mode_dtype_and_none_arguments_are_kinds():
     with torch.no_grad():
         inside = key((x,))
     assert inside != key((x,))
+    with torch.inference_mode():  # grad off as under no_grad; its graphs make inference tensors
+        assert key((x,)) != inside
+    assert key((x[1:],)) != key((torch.zeros(2),))  # a view at an offset: Dynamo guards it as another layout
     assert key((x, object())) is None  # an argument it cannot describe: the call always goes through Dynamo
     m = torch.eye(3)
     assert key((m.to_sparse_csr(),)) is None and key((m.to_sparse(),)) is None  # no strides to describe

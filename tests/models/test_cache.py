@@ -41,8 +41,9 @@ def test_alloc_free_reuse():
         c.alloc(2)
     c.free([0])
     assert c.alloc(2) == [0, 2] and c.num_free == 0
-    with pytest.raises(ValueError, match="not an allocated slot"):
-        c.free([5])
+    for outside in (5, c.scratch_slot, -1):  # the scratch slot (padding rows' row) is never a sequence's
+        with pytest.raises(ValueError, match="not an allocated slot"):
+            c.free([outside])
     c.free([0, 1, 2])
     with pytest.raises(ValueError, match="not an allocated slot"):
         c.free([1])

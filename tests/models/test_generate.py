@@ -26,7 +26,7 @@ def test_stop_tokens_end_sequences_others_continue(make_case):
     c = make_case("tiny")
     stop = c.ref.tokens[0][5]
     res = generate(c.lm, c.prompts, params=SamplingParams(max_new_tokens=32, stop_tokens=(stop,)))
-    for got, want in zip(res.tokens, c.ref.tokens):
+    for got, want in zip(res.tokens, c.ref.tokens, strict=True):
         end = want.index(stop) + 1 if stop in want else len(want)
         assert got == want[:end]
     assert len(res.tokens[0]) <= 6

@@ -85,7 +85,7 @@ def test_a_newly_registered_kind_is_served_per_micro_batch(mode):
     want = _two_steps(model, c)
     SEEN.clear()
     got = _two_steps(TwoBatchOverlap(run, token_dims=(0,)), c)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     a, b = ([5, 7], [0, 1]), ([3, 6], [2, 3])  # prefill: 12 | 9 tokens; decode: 2 | 2 sequences
     assert SEEN == [(0, *a), (3, *a), (0, *b), (3, *b), (0, [1, 1], [0, 1]), (3, [1, 1], [0, 1]),

@@ -675,6 +675,42 @@ def test_a_linear_under_no_grad_or_inference_mode_is_not_fused_with_one_outside(
     torch.testing.assert_close(m.emb.grad, expected, **SAME_MATH)
 
 
+class _AroundInferenceMode(torch.nn.Module):
+    """Two trainable linears on one input, inside an inference_mode block or after one."""
+
+    def __init__(self, inside: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.inside = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8), inside
+
+    def forward(self, x):
+        if self.inside:
+            with torch.inference_mode():
+                return (self.q(x).sin() + self.k(x).cos()).sum()
+        with torch.inference_mode():
+            scale = x.abs().mean()
+        return ((self.q(x).sin() + self.k(x).cos()) * scale.clone()).sum()
+
+
+@pytest.mark.parametrize("inside, fused", [(True, 1), (False, 0)])
+def test_grad_mode_after_an_inference_mode_block_is_the_one_before_it(inside, fused):
+    """Inside the block no gradient is recorded, so trainable linears fuse; after it grad mode is back on, and
+    fusing would lose their gradients."""
+    m, x = _AroundInferenceMode(inside), torch.randn(4, 16)
+    expected = m(x)
+    compiled, be = _compiled(m)
+    got = compiled(x)
+    assert be.stats.fused_linears == fused
+    torch.testing.assert_close(got, expected, **SAME_MATH)
+    if not inside:
+        got.backward()
+        grads = [p.grad.clone() for p in (m.q.weight, m.k.weight)]
+        m.zero_grad()
+        expected.backward()
+        for g, e in zip(grads, (m.q.weight.grad, m.k.weight.grad), strict=True):
+            torch.testing.assert_close(g, e, **SAME_MATH)
+
+
 def test_linears_under_enable_grad_inside_a_no_grad_call_are_not_fused():
     m, x = _AcrossBlocks(torch.enable_grad), torch.randn(4, 16)
     compiled, be = _compiled(m)

@@ -2,7 +2,8 @@
 
 Graphs: random DAGs of elementwise / matmul / reduction ops over [N, D] tensors, parameters via get_attr,
 multi-output nodes (chunk + getitem), in-place ops on earlier intermediates (also across split ops), and split ops
-(functional and out=) at random places, including first, last and back-to-back; several outputs.
+(functional, out= and tuple-returning, whose items are read later) at random places, including first, last and
+back-to-back; several outputs.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from hattn.passes.split import split_graph
 from hattn.registry import split_op_of
 
 N, D = 3, 4
-OPS = ["add", "mul", "sin", "relu", "matmul", "rowsum", "chunk", "index", "inplace", "split_fn", "split_out"]
+OPS = ["add", "mul", "sin", "relu", "matmul", "rowsum", "chunk", "index", "inplace", "split_fn", "split_out",
+       "split_pair"]
 
 
 @st.composite
@@ -64,6 +66,9 @@ def _emit(g: fx.Graph, op: str, a: fx.Node, b: fx.Node) -> list[fx.Node]:
         return [fresh]
     if op == "split_fn":
         return [f(torch.ops.hattn_test.scale, (a, 0.5))]
+    if op == "split_pair":  # its items stay in the top graph with it; the pieces after it read them
+        both = f(torch.ops.hattn_test.pair, (a,))
+        return [f(operator.getitem, (both, i)) for i in range(2)]
     out = f(torch.empty_like, (a,))
     f(torch.ops.hattn_test.add_into, (b, out))
     return [out]
@@ -82,11 +87,16 @@ def _pieces(split_gm: fx.GraphModule) -> list[fx.GraphModule]:
     return [split_gm.get_submodule(n.target) for n in split_gm.graph.nodes if n.op == "call_module"]
 
 
+def _unpacks_a_split_op(n: fx.Node) -> bool:
+    """An item of a split op's tuple (it stays in the top graph with the op); indexing its tensor is a piece's."""
+    return n.target is operator.getitem and isinstance(n.args[1], int) and split_op_of(n.args[0]) is not None
+
+
 def _expected_piece_count(gm: fx.GraphModule) -> int:
     """Maximal runs of nodes between split ops (get_attr nodes stay top-level and do not count)."""
     count, open_run = 0, False
     for n in gm.graph.nodes:
-        if n.op in ("placeholder", "get_attr", "output"):
+        if n.op in ("placeholder", "get_attr", "output") or _unpacks_a_split_op(n):
             continue
         if split_op_of(n) is not None:
             open_run = False
@@ -131,14 +141,19 @@ def test_every_node_in_exactly_one_place_in_order(graph):
     placed, attrs = [], []
     for n in split_gm.graph.nodes:
         if n.op == "call_module":
-            placed += [m.name for m in _body(split_gm.get_submodule(n.target))]
+            placed += [_named(m) for m in _body(split_gm.get_submodule(n.target))]
         elif n.op == "get_attr":  # hoisted to the top (they have no inputs)
             attrs.append(n.name)
         elif n.op in ("call_function", "call_method") and not _is_piece_getitem(n):
-            placed.append(n.name)
+            placed.append(_named(n))
     body = _body(gm)
     assert sorted(attrs) == sorted(n.name for n in body if n.op == "get_attr")
-    assert placed == [n.name for n in body if n.op != "get_attr"]  # each once, in the original order
+    assert placed == [_named(n) for n in body if n.op != "get_attr"]  # each once, in the original order
+
+
+def _named(n: fx.Node) -> str:
+    """A node's name; an item of a split op's tuple by the op's name and index (the top graph names it anew)."""
+    return f"{n.args[0].name}[{n.args[1]}]" if _unpacks_a_split_op(n) else n.name
 
 
 def _is_piece_getitem(n: fx.Node) -> bool:
@@ -154,7 +169,7 @@ def test_splitting_a_split_graph_changes_nothing(graph, seed):
     assert info2.split_nodes == info1.split_nodes
     for piece in _pieces(twice):  # each new piece wraps exactly one old piece call
         assert sum(n.op == "call_module" for n in piece.graph.nodes) == 1
-    for e, o in zip(once(*_inputs(n_in, seed)), twice(*_inputs(n_in, seed))):
+    for e, o in zip(once(*_inputs(n_in, seed)), twice(*_inputs(n_in, seed)), strict=True):
         torch.testing.assert_close(o, e, equal_nan=True)
 
 
