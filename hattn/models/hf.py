@@ -432,13 +432,35 @@ def _state_kept(model: nn.Module):
                 now.update(then)
 
 
+def _rope_types(module: nn.Module) -> dict[str | None, str]:
+    """A transformers rotary module's rope type per layer type (None: one for all), else {}."""
+    types = getattr(module, "rope_type", None)
+    if isinstance(types, dict):
+        return {k: t for k, t in types.items() if isinstance(t, str)}
+    return {None: types} if isinstance(types, str) else {}
+
+
+def _start_longrope(model: nn.Module) -> None:
+    """Run each longrope rotary module once, for real, at position 0: transformers makes its `long_inv_freq` at the
+    first forward (a host tensor copied to the device), which a graph's capture cannot do; position 0 keeps the short
+    frequencies it starts with."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return
+    x = torch.zeros(1, 1, dtype=param.dtype, device=param.device)
+    position = torch.zeros(1, 1, dtype=torch.long, device=param.device)
+    for name, module in model.named_modules():
+        for layer_type, rope_type in _rope_types(module).items():
+            if rope_type == "longrope":
+                with torch.no_grad():
+                    module(x, position, **({} if layer_type is None else {"layer_type": layer_type}))
+
+
 def _check_rope(model: nn.Module) -> None:
     """Refuse RoPE whose frequencies a forward recomputes from its largest position ("dynamic" NTK scaling): packed
     sequences would rescale each other's, and the Python branch and new buffer it takes are not in any graph."""
     for name, module in model.named_modules():
-        types = getattr(module, "rope_type", None)
-        types = types.values() if isinstance(types, dict) else [types]
-        dynamic = sorted({t for t in types if isinstance(t, str) and "dynamic" in t})
+        dynamic = sorted({t for t in _rope_types(module).values() if "dynamic" in t})
         if dynamic:
             raise ValueError(
                 f"{name or type(module).__name__}: rope_type {dynamic[0]!r} recomputes the rotary frequencies at every "
@@ -469,4 +491,5 @@ def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
         start = time.perf_counter()
         probe(lm)
         register(Stats(probe_seconds=time.perf_counter() - start))
+    _start_longrope(hf_model)
     return lm

@@ -103,7 +103,8 @@ def test_the_adapt_probe_leaves_no_state_on_the_model():
                                       long_factor=[4.0, 4.0], original_max_position_embeddings=64))
     ref = copy.deepcopy(hf)
     adapt(hf)
-    assert getattr(hf.model.rotary_emb, "long_inv_freq", None) is None
+    # made for real at adapt (a graph's capture cannot copy transformers' host tensor of it to the device)
+    assert type(hf.model.rotary_emb.long_inv_freq) is torch.Tensor
     ids = torch.randint(0, hf.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=ids).logits, ref(input_ids=ids).logits)
