@@ -23,6 +23,7 @@ A family is one file in hattn/models/families/ that calls `register_family(Famil
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import logging
@@ -417,56 +418,39 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
 
 @contextlib.contextmanager
 def _state_kept(model: nn.Module):
-    """Put back every module's attributes, buffers, parameters and submodules as they were: a forward may cache
-    state on its modules (transformers' longrope RoPE keeps `long_inv_freq` from its first call), and the probe's
-    would be a fake tensor, or a 2-token one, kept for every later forward."""
-    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+    """Put back every module's attributes as they were, and the contents of its dicts and sets (parameters, buffers,
+    submodules, hooks) in place: a forward may leave state on its modules (transformers' longrope RoPE kept a fake
+    `long_inv_freq` from the probe; its output capture installs hooks and sets a flag), which would be the probe's,
+    a fake tensor or a 2-token one, in every later forward."""
+    saved = [(m, dict(m.__dict__), [(c, copy.copy(c)) for c in m.__dict__.values() if isinstance(c, (dict, set))])
+             for m in model.modules()]
     try:
         yield
     finally:
-        for m, attrs, params, buffers, modules in saved:
+        for m, attrs, containers in saved:
             m.__dict__.clear()
             m.__dict__.update(attrs)
-            for now, then in ((m._parameters, params), (m._buffers, buffers), (m._modules, modules)):
+            for now, then in containers:
                 now.clear()
                 now.update(then)
 
 
-def _rope_types(module: nn.Module) -> dict[str | None, str]:
-    """A transformers rotary module's rope type per layer type (None: one for all), else {}."""
-    types = getattr(module, "rope_type", None)
-    if isinstance(types, dict):
-        return {k: t for k, t in types.items() if isinstance(t, str)}
-    return {None: types} if isinstance(types, str) else {}
-
-
-def _start_longrope(model: nn.Module) -> None:
-    """Run each longrope rotary module once, for real, at position 0: transformers makes its `long_inv_freq` at the
-    first forward (a host tensor copied to the device), which a graph's capture cannot do; position 0 keeps the short
-    frequencies it starts with."""
-    param = next(model.parameters(), None)
-    if param is None or param.device.type == "meta":
-        return
-    x = torch.zeros(1, 1, dtype=param.dtype, device=param.device)
-    position = torch.zeros(1, 1, dtype=torch.long, device=param.device)
-    for name, module in model.named_modules():
-        for layer_type, rope_type in _rope_types(module).items():
-            if rope_type == "longrope":
-                with torch.no_grad():
-                    module(x, position, **({} if layer_type is None else {"layer_type": layer_type}))
-
-
 def _check_rope(model: nn.Module) -> None:
-    """Refuse RoPE whose frequencies a forward recomputes from its largest position ("dynamic" NTK scaling): packed
-    sequences would rescale each other's, and the Python branch and new buffer it takes are not in any graph."""
+    """Refuse RoPE whose frequencies a forward picks from the step's largest position: "dynamic" NTK scaling and
+    "longrope" (long or short frequencies for all tokens). hattn packs sequences into one step and prefills a long
+    prompt in steps, so one sequence's length would set another's frequencies, or a prompt's first step would take
+    other ones than transformers' single forward."""
     for name, module in model.named_modules():
-        dynamic = sorted({t for t in _rope_types(module).values() if "dynamic" in t})
-        if dynamic:
+        types = getattr(module, "rope_type", None)
+        types = types.values() if isinstance(types, dict) else [types]
+        found = sorted({t for t in types if isinstance(t, str) and ("dynamic" in t or t == "longrope")})
+        if found:
             raise ValueError(
-                f"{name or type(module).__name__}: rope_type {dynamic[0]!r} recomputes the rotary frequencies at every "
-                f"forward from the batch's largest position; hattn packs sequences into one step and replays graphs, "
-                f"so it would apply one sequence's scaling to the others. Serve a static RoPE scaling instead (set "
-                f"rope_parameters' rope_type to 'linear', 'yarn' or 'default'), or run this model with transformers")
+                f"{name or type(module).__name__}: rope_type {found[0]!r} picks the rotary frequencies at every "
+                f"forward from the step's largest position; hattn packs sequences into one step and prefills long "
+                f"prompts in steps, so one sequence would set another's frequencies. Serve a static RoPE scaling "
+                f"instead (set rope_parameters' rope_type to 'linear', 'yarn' or 'default'), or run this model with "
+                f"transformers")
 
 
 def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
@@ -491,5 +475,4 @@ def adapt(hf_model: nn.Module, check: bool = True) -> HybridLM:
         start = time.perf_counter()
         probe(lm)
         register(Stats(probe_seconds=time.perf_counter() - start))
-    _start_longrope(hf_model)
     return lm

@@ -209,13 +209,23 @@ def _read_config(path: str):
     return config
 
 
+def _loaded_dtype(dtype, config) -> torch.dtype:
+    """The dtype from_pretrained loads with: `dtype`, or the config's for "auto" (float32 where it names none)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    named = getattr(config, "dtype", None)
+    named = getattr(torch, named, None) if isinstance(named, str) else named
+    return named if isinstance(named, torch.dtype) else torch.float32
+
+
 def _from_pretrained(path: str, dtype, device):
     from transformers import AutoModelForCausalLM
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model {path!r} is not a directory (save one with model.save_pretrained(path))")
     config = _read_config(path)  # a family hattn adapts, and weights the device holds, before any is read
-    _check_weights_fit(config, dtype, device)
+    if getattr(config, "quantization_config", None) is None:  # quantized weights are not numel x dtype bytes
+        _check_weights_fit(config, _loaded_dtype(dtype, config), device)
     try:
         hf = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
     except OSError as e:  # no weights or no config in it

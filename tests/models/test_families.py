@@ -1,4 +1,5 @@
 """Every adapted family == its unmodified transformers model: logits of a packed prefill, 32 greedy tokens."""
+import pytest
 import torch
 
 from hattn.models.generate import SamplingParams, generate, run_step
@@ -91,30 +92,46 @@ def _tiny_with_rope(**rope):
     return type(preset_config("tiny")).from_dict(config)
 
 
-def test_the_adapt_probe_leaves_no_state_on_the_model():
-    """transformers' longrope RoPE keeps `long_inv_freq` from its first forward; the probe's was a fake tensor, and
-    every later forward past original_max_position_embeddings used the short frequencies (logits off by 0.4)."""
+def test_the_adapt_probe_leaves_no_state_on_the_model(monkeypatch):
+    """A forward that keeps state on its modules kept the probe's: transformers' longrope RoPE kept a fake
+    `long_inv_freq` (logits off by 0.4 past original_max_position_embeddings), and its output capture's hooks were
+    kept while its flag was not (each forward then added them again: 9 hidden states instead of 5)."""
     import copy
 
     from hattn.models.hf import adapt
-    from hattn.models.presets import random_model
+    from hattn.models.presets import preset_config, random_model
 
-    hf = random_model(_tiny_with_rope(rope_type="longrope", factor=2.0, short_factor=[1.0, 1.0],
-                                      long_factor=[4.0, 4.0], original_max_position_embeddings=64))
+    config = preset_config("tiny")
+    config.output_hidden_states = True
+    hf = random_model(config)
     ref = copy.deepcopy(hf)
+    rotary = type(hf.model.rotary_emb)
+    forward = rotary.forward
+
+    def remembering(self, x, position_ids):  # a forward caching what it saw first, as longrope's does
+        if getattr(self, "first", None) is None:
+            self.first = position_ids.clone()
+        return forward(self, x, position_ids)
+
+    monkeypatch.setattr(rotary, "forward", remembering)
     adapt(hf)
-    # made for real at adapt (a graph's capture cannot copy transformers' host tensor of it to the device)
-    assert type(hf.model.rotary_emb.long_inv_freq) is torch.Tensor
-    ids = torch.randint(0, hf.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(0))
+    assert getattr(hf.model.rotary_emb, "first", None) is None
+    ids = torch.randint(0, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids).logits, ref(input_ids=ids).logits)
+        got, want = hf(input_ids=ids, use_cache=False), ref(input_ids=ids, use_cache=False)
+    torch.testing.assert_close(got.logits, want.logits)
+    assert len(got.hidden_states) == len(want.hidden_states) == config.num_hidden_layers + 1
+    assert hf.model.rotary_emb.first.shape[-1] == 9  # the real forward's
 
 
-def test_rope_that_rescales_from_the_batchs_longest_position_is_refused():
-    import pytest
-
+@pytest.mark.parametrize("rope", [dict(rope_type="dynamic", factor=2.0),
+                                  dict(rope_type="longrope", factor=2.0, short_factor=[1.0, 1.0],
+                                       long_factor=[4.0, 4.0], original_max_position_embeddings=64)])
+def test_rope_that_picks_frequencies_from_the_steps_longest_position_is_refused(rope):
+    """Packed with a longer sequence, or in a long prompt's first prefill step, a sequence got other frequencies than
+    transformers gives it alone (longrope: logits off by 0.4)."""
     from hattn.models.hf import adapt
     from hattn.models.presets import random_model
 
-    with pytest.raises(ValueError, match="rope_type 'dynamic' recomputes the rotary frequencies"):
-        adapt(random_model(_tiny_with_rope(rope_type="dynamic", factor=2.0)))
+    with pytest.raises(ValueError, match=f"rope_type '{rope['rope_type']}' picks the rotary frequencies"):
+        adapt(random_model(_tiny_with_rope(**rope)))

@@ -75,23 +75,6 @@ def test_graph_modes_bf16_match_hf(preset, mode):
     assert stats.cuda_graphs > 0 and stats.replays > 0
 
 
-@pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
-def test_longrope_switches_to_its_long_frequencies_inside_the_graphs(mode):
-    """transformers' longrope RoPE picks its long frequencies once a position passes original_max_position_embeddings
-    (a torch.where into its buffer, inside the graph): a decode that crosses it gives HF's tokens."""
-    config = preset_config("tiny").to_dict()
-    config.update(max_position_embeddings=128, rope_parameters={
-        "rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "longrope", "factor": 2.0,
-        "short_factor": [1.0, 1.0], "long_factor": [4.0, 4.0], "original_max_position_embeddings": 24})
-    hf = random_model(type(preset_config("tiny")).from_dict(config), torch.bfloat16, "cuda", seed=0)
-    prompts = [torch.randint(0, hf.config.vocab_size, (20,), generator=torch.Generator().manual_seed(1)).tolist()]
-    ref = hf_greedy(copy.deepcopy(hf), prompts, NEW)
-    first, second, stats = _run(adapt(hf), prompts, mode, "eager")
-    ok, note = check_tokens(ref, first, TIE)
-    assert ok, note
-    assert first == second and stats.replays > 0
-
-
 @pytest.mark.parametrize("mode", ["eager", "pcg", "bcg", "full"])
 def test_inductor_pieces_bf16_match_hf(mode):
     lm, prompts, ref = _case("tiny")

@@ -56,3 +56,25 @@ def test_load_needs_exactly_one_source(tmp_path):
         load(model=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load(config=str(tmp_path / "missing.json"))
+
+
+def test_a_saved_model_loads_in_its_own_dtype_with_auto(tmp_path, monkeypatch):
+    """dtype="auto" (transformers': the checkpoint's dtype) passes the size check, which counts the config's dtype;
+    a quantized checkpoint's weights are not numel x dtype bytes, so its size is left to the loader."""
+    import transformers
+
+    from hattn.models import presets
+
+    random_model(preset_config("tiny"), dtype=torch.bfloat16).save_pretrained(tmp_path)
+    assert next(load(model=str(tmp_path), dtype="auto").parameters()).dtype == torch.bfloat16
+    counted = []
+    monkeypatch.setattr(presets, "_check_weights_fit", lambda config, dtype, device: counted.append(dtype))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: 1 / 0)  # checked
+    with pytest.raises(ZeroDivisionError):
+        load(model=str(tmp_path), dtype="auto")
+    config = preset_config("tiny")
+    config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    monkeypatch.setattr(presets, "_read_config", lambda path: config)
+    with pytest.raises(ZeroDivisionError):
+        load(model=str(tmp_path))
+    assert counted == [torch.bfloat16]
