@@ -25,9 +25,10 @@ def hf_greedy(hf_model, prompts: list[list[int]], max_new_tokens: int) -> Refere
     device = next(hf_model.parameters()).device
     tokens, margins, ulps = [], [], []
     for p in prompts:
-        with torch.inference_mode():
-            out = hf_model.generate(
-                torch.tensor([p], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+        ids = torch.tensor([p], device=device)
+        with torch.inference_mode():  # the mask says every id is the prompt's: without it, transformers masks out
+            out = hf_model.generate(  # each id equal to pad_token_id as padding, and generates for another input
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                 output_scores=True, return_dict_in_generate=True, pad_token_id=0,
             )
         tokens.append(out.sequences[0, len(p):].tolist())

@@ -135,3 +135,15 @@ def test_rope_that_picks_frequencies_from_the_steps_longest_position_is_refused(
 
     with pytest.raises(ValueError, match=f"rope_type '{rope['rope_type']}' picks the rotary frequencies"):
         adapt(random_model(_tiny_with_rope(**rope)))
+
+
+def test_value_heads_that_are_no_multiple_of_the_key_heads_are_refused_at_adapt():
+    """transformers' own forward fails on such a config; adapt's probe (fake tensors) passed it, and the first prefill
+    failed in hattn's kernel."""
+    from hattn.models.hf import adapt
+    from hattn.models.presets import preset_config, random_model
+
+    config = preset_config("tiny")
+    config.linear_num_key_heads, config.linear_num_value_heads = 4, 6
+    with pytest.raises(ValueError, match=r"linear_num_value_heads \(6\) must be a multiple of linear_num_key_heads"):
+        adapt(random_model(config))

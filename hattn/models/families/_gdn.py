@@ -19,6 +19,14 @@ def check_silu(config, key: str = "hidden_act") -> None:
         raise ValueError(f"{config.model_type}: hattn's conv1d applies silu but the config's {key} is {act!r}")
 
 
+def check_gdn(config) -> None:
+    check_silu(config)
+    hk, hv = config.linear_num_key_heads, config.linear_num_value_heads
+    if hv % hk:
+        raise ValueError(f"{config.model_type}: linear_num_value_heads ({hv}) must be a multiple of "
+                         f"linear_num_key_heads ({hk}): each key head serves a group of value heads")
+
+
 def gdn_spec(config) -> LayerSpec:
     """Conv state over q, k, v channels + fp32 recurrent state [Hv, Dk, Dv]."""
     hk, dk = config.linear_num_key_heads, config.linear_key_head_dim
@@ -63,4 +71,4 @@ def gdn_family(name: str, model_types: tuple[str, ...], forward: Callable) -> Fa
     """Register a gated-delta-net family whose GatedDeltaNet modules run `forward`."""
     return register_family(Family(name=name, model_types=model_types, layer_kinds=kinds_from_layer_types,
                                   cache_specs=cache_specs, forwards={"linear": forward}, mixer=mixer,
-                                  check=check_silu))
+                                  check=check_gdn))
