@@ -49,6 +49,9 @@ UNSUPPORTED = {"num_beams": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cut
                "logits_processor": None, "stopping_criteria": None, "prefix_allowed_tokens_fn": None,
                "synced_gpus": False, "assistant_model": None, "negative_prompt_ids": None,
                "negative_prompt_attention_mask": None, "custom_generate": None}
+# settings of what transformers returns, not of the tokens: they matter only with return_dict_in_generate (a model
+# config's output_hidden_states=True reaches its generation config)
+ONLY_RETURNED = ("output_attentions", "output_hidden_states")
 # other values that mean "off" to transformers: a guidance scale of 1 is no guidance, token healing is a flag (and an
 # empty list of tokens, bad words or biases, or of processors, is also off: `_off`)
 ALSO_OFF = {"guidance_scale": 1.0, "token_healing": False}
@@ -164,10 +167,12 @@ def merged_config(passed, model_config):
 def _check_unsupported(setting) -> None:
     for name, off in UNSUPPORTED.items():
         value = setting(name)
-        if not _off(name, value):
-            raise ValueError(f"{name}={value!r} (from the arguments or the model's generation_config) is not "
-                             f"supported by hattn's generate and would change the tokens: pass {name}={off!r}, or use "
-                             f"transformers' generate on a model hattn has not adapted")
+        if _off(name, value) or (name in ONLY_RETURNED and not setting("return_dict_in_generate", False)):
+            continue
+        effect = "its output would lack them" if name in ONLY_RETURNED else "it would change the tokens"
+        raise ValueError(f"{name}={value!r} (from the arguments or the model's generation_config) is not "
+                         f"supported by hattn's generate ({effect}): pass {name}={off!r}, or use transformers' "
+                         f"generate on a model hattn has not adapted")
 
 
 def _off(name: str, value) -> bool:

@@ -91,11 +91,12 @@ def test_the_default_length_stops_at_the_models_positions_as_in_transformers():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"num_beams": 4}, ValueError, r"num_beams=4 \(from the arguments or the model's generation_config\) is not "
-                                   r"supported by hattn's generate and would change the tokens: pass num_beams=1"),
+                                   r"supported by hattn's generate \(it would change the tokens\): pass num_beams=1"),
     ({"num_return_sequences": 2}, ValueError, "num_return_sequences=2 with greedy decoding .* pass do_sample=True"),
     ({"num_return_sequences": 0, "do_sample": True}, ValueError, "num_return_sequences must be an int >= 1, got 0"),
     ({"repetition_penalty": 0.0}, ValueError, "repetition_penalty must be a finite number > 0"),
-    ({"output_attentions": True}, ValueError, "output_attentions=True .* pass output_attentions=False"),
+    ({"output_attentions": True, "return_dict_in_generate": True}, ValueError,
+     r"output_attentions=True .* \(its output would lack them\): pass output_attentions=False"),
     ({"assistant_model": object()}, ValueError, "assistant_model=<object .* is not supported .* pass "
                                                 "assistant_model=None"),
     ({"logits_processor": [lambda ids, scores: scores]}, ValueError, "logits_processor=.* is not supported"),
@@ -114,6 +115,15 @@ def test_unsupported_or_bad_arguments_are_named(kwargs, error, match):
     ids, mask = _batch([[5, 6, 7], [8]], "left")
     with pytest.raises(error, match=match):
         request(ids, mask, GC, **kwargs)
+
+
+def test_output_flags_without_return_dict_change_nothing_and_are_accepted():
+    """transformers returns hidden states and attentions only in its output object; a model config with
+    output_hidden_states=True (it reaches the generation config) made every generate fail, naming the tokens."""
+    ids, mask = _batch([[5, 6, 7]], "left")
+    request(ids, mask, GenerationConfig(output_hidden_states=True, output_attentions=True))
+    with pytest.raises(ValueError, match=r"output_hidden_states=True .*its output would lack them"):
+        request(ids, mask, GenerationConfig(output_hidden_states=True), return_dict_in_generate=True)
 
 
 def test_neutral_values_of_unsupported_settings_and_greedy_top_k_are_accepted():
