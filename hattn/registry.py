@@ -240,7 +240,7 @@ def unregistered_mixer(target) -> str | None:
     ns, name = target._qualified_op_name.split("::", 1)
     if ns == "aten" and name in ATTENTION_ATEN:
         return f"aten.{name}"
-    if ns not in _OWN_NAMESPACES and MIXER_NAME.search(name.lower()):
+    if custom_op(target) is not None and MIXER_NAME.search(name.lower()):
         return f"custom op {ns}::{name}"
     return None
 

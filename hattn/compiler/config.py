@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from hattn import registry
-from hattn.runtime.graphs import DEFAULT_CAPTURE_SIZES
+from hattn.runtime.graphs import DEFAULT_CAPTURE_SIZES, checked_capture_sizes
 
 INNER_COMPILERS = ("inductor", "eager")
 
@@ -68,10 +68,7 @@ class Config:
             raise ValueError(
                 f"unknown inner_compiler {self.inner_compiler!r}; valid: {', '.join(INNER_COMPILERS)}"
             )
-        sizes = list(self.capture_sizes) if isinstance(self.capture_sizes, (list, tuple, set, range)) else [None]
-        if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
-            raise ValueError(f"capture_sizes must be a non-empty list of positive ints, got {self.capture_sizes!r}")
-        self.capture_sizes = sorted(set(sizes))
+        self.capture_sizes = checked_capture_sizes(self.capture_sizes)
         for name in ("lazy_capture", "progress", "fuse_linears", "small_m_gemm", "gated_mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")

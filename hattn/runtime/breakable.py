@@ -31,8 +31,8 @@ from hattn.registry import (Mode, UnregisteredAttentionError, direct_call, prepa
 from hattn.runtime import graphs, stitch
 from hattn.runtime.freeing import run_freeing
 from hattn.runtime.graph_free import graph_free
-from hattn.runtime.graphs import (CAPTURE_ERROR_MODE, DEFAULT_CAPTURE_SIZES, CaptureError, GraphRuntime, copy_if_moved,
-                                  served_layout, weak_refs)
+from hattn.runtime.graphs import (CAPTURE_ERROR_MODE, DEFAULT_CAPTURE_SIZES, CaptureError, GraphRuntime,
+                                  checked_capture_sizes, copy_if_moved, served_layout, weak_refs)
 from hattn.runtime.tokens import TokenLayout, layout_from_args
 
 log = logging.getLogger("hattn")
@@ -63,6 +63,8 @@ class _Capture:
     side: dict = field(default_factory=dict)  # side streams seen in segments: handle -> stream
     in_split_op: bool = False
     split_calls: int = 0
+    met: dict = field(default_factory=dict)  # every op packet the watched forward called -> its SplitOp or None
+
 
     def begin_segment(self) -> None:
         if self.stream is None:
@@ -145,6 +147,7 @@ class _BreakAtSplitOps(TorchDispatchMode):
         if cap is None or cap.in_split_op:
             return func(*args, **kwargs)
         op = split_op_of(func)
+        cap.met.setdefault(getattr(func, "overloadpacket", func), op)
         if op is not None:
             return cap.run_split_op(func, args, kwargs, op)
         reason = unregistered_mixer(func)
@@ -184,11 +187,14 @@ class BreakableRuntime(GraphRuntime):
         self.captures: dict[int, tuple[_Capture, list, object]] = {}
         self.steps: dict[int, list] = {}  # per size: its replay, segments and recorded split ops (`stitch.replay`)
         self.stitched: dict[int, stitch.StepStitcher] = {}  # per size: its decode steps as one launch
+        self.met: dict = {}  # the op packets its warm-ups and captures called -> their SplitOp (or None) then
 
     def capture(self, size: int, args: list) -> None:
         # each value released at its last use, inside pieces too: the pool holds less (runtime/freeing.py)
         run = functools.partial(run_freeing, self.fn)
-        watched(_Capture(), run, args)  # warm-up; rejects unregistered attention before any capture
+        warm = _Capture()
+        watched(warm, run, args)  # warm-up; rejects unregistered attention before any capture
+        self.met.update(warm.met)
         cap = _Capture(self.pool, self.capture_stream)  # one per replay stream (`GraphPools.capture_stream`)
         graphs.warm_blas(cap.stream)
         cap.stream.wait_stream(torch.cuda.current_stream())
@@ -202,6 +208,7 @@ class BreakableRuntime(GraphRuntime):
             raise
         finally:
             torch.cuda.current_stream().wait_stream(cap.stream)
+            self.met.update(cap.met)
         # segments' tensors are pool memory: weak references (the recorded ops' arguments too, `run_split_op`) let
         # other sizes reuse it; what the eager ops returned (rec.out) and the inputs stay owned
         cap.side.clear()
@@ -228,8 +235,14 @@ class BreakableRuntime(GraphRuntime):
     def segments(self, size: int) -> int:
         return len(self.captures[size][0].segments)
 
+    def registrations_changed(self) -> bool:
+        """Whether an op its forwards called is now registered otherwise than when they called it (a split op then
+        and not now, or the reverse, or with another kind or implementation): its captures break elsewhere now."""
+        return any(split_op_of(packet) != op for packet, op in self.met.items())
+
     def release(self) -> None:
         self.captures.clear()
+        self.met.clear()
         self.steps.clear()
         self.stitched.clear()
         super().release()
@@ -261,15 +274,14 @@ class BreakableGraphRunner:
     `token_dim` and cloned, so the caller owns them. Above the largest size, or on CPU, the callable runs
     graph-free (counted in `stats.eager_runs`). Split ops read the caller's forward context; without one they see
     one sequence of the real token count. lazy_capture: as the backend's option (a size at its first use). A split
-    op registered or unregistered after a capture makes the next call capture again (where the graphs break follows
-    the registry, as for the first capture).
+    op registered or unregistered after a capture, where it is an op the captured forwards called, makes the next
+    call capture again (where the graphs break follows the registry, as for the first capture); a registration of
+    any other op keeps the graphs.
     """
 
     def __init__(self, fn, capture_sizes=DEFAULT_CAPTURE_SIZES, token_dim: int = 0, progress: bool = True,
                  lazy_capture: bool = True):
-        sizes = sorted(set(capture_sizes))
-        if not sizes or any(not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"capture_sizes must be positive ints, got {capture_sizes!r}")
+        sizes = checked_capture_sizes(capture_sizes)
         self.fn, self.sizes, self.token_dim, self.progress = fn, sizes, token_dim, progress
         self.lazy_capture = lazy_capture
         self.stats = new_stats()
@@ -282,8 +294,10 @@ class BreakableGraphRunner:
             self.stats.eager_runs += 1
             return self.fn(*args)
         if self.runtime is not None and self.generation != registry.generation():
-            self.runtime.release()  # split ops were (un)registered since its captures: capture again under them
-            self.runtime = None
+            self.generation = registry.generation()
+            if self.runtime.registrations_changed():  # ops its captures called: capture again under the registry
+                self.runtime.release()
+                self.runtime = None
         if self.runtime is None:
             self.runtime = BreakableRuntime(self.fn, layout_from_args(args, self.token_dim), self.sizes, self.stats,
                                             self.progress)

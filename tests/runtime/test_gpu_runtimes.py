@@ -170,16 +170,18 @@ class LateBias(StepBias):
 
 def test_bcg_runner_captures_again_after_a_split_op_is_registered():
     """Captured while add_late_bias was not a split op, the segment froze its bias; registered since, the runner
-    captures again and runs it between segments."""
+    captures again and runs it between segments. A registration of an op its forward never called keeps the graphs."""
     model = _step_bias_model(("stepbias", "linear"), LateBias)
     runner = BreakableGraphRunner(model, capture_sizes=[8], progress=False)
     try:
-        for bias, segments in ((0.0, 2), (1.5, 3), (-2.0, 3)):
+        for bias, segments, graphs in ((0.0, 2, 2), (0.0, 2, 2), (1.5, 3, 5), (-2.0, 3, 5)):
             if bias == 1.5:
                 hattn.register_split_op(torch.ops.hattn_test.add_late_bias, "latebias")
+            elif runner.runtime is not None:
+                hattn.register_split_op(torch.ops.hattn_test.add_into, "testmix")  # again: the generation moves
             with torch.no_grad(), hattn.forward_context(hattn.ForwardContext(seq_lens=[6], extra={"bias": bias})):
                 torch.testing.assert_close(runner(_ids(6, 0)), model(_ids(6, 0)), **TOL)
-            assert runner.segments(8) == segments
+            assert runner.segments(8) == segments and runner.stats.cuda_graphs == graphs
     finally:
         hattn.unregister_split_op(torch.ops.hattn_test.add_late_bias)
 

@@ -133,6 +133,13 @@ def test_breakable_runner_on_cpu_is_graph_free():
     assert runner.stats.eager_runs == 1
 
 
+@pytest.mark.parametrize("sizes", [[True, 4], [0, 4], 8, [], ["4"]])
+def test_breakable_runner_refuses_capture_sizes_that_are_not_positive_ints(sizes):
+    with pytest.raises(ValueError, match="capture_sizes must be a non-empty list of positive ints"):
+        BreakableGraphRunner(toy_model(pattern=["linear"]), capture_sizes=sizes)
+    assert BreakableGraphRunner(toy_model(pattern=["linear"]), capture_sizes=range(4, 0, -2)).sizes == [2, 4]
+
+
 class ScaleMixer(nn.Module):
     """Calls the conftest's functional split op hattn_test::scale (kind "testmix", not capture-safe)."""
 
@@ -196,6 +203,45 @@ def test_bcg_warmup_sees_every_split_op_call_and_rejects_unregistered_ones():
         hattn.register_split_op(torch.ops.hattn.linear_attention, entry.kind, capture_safe=entry.capture_safe,
                                 direct=entry.direct, prepare=entry.prepare,
                                     strided_inputs=entry.strided_inputs)  # as it was
+
+
+def test_bcg_runtime_captures_again_only_when_an_op_its_forwards_called_changes_registration():
+    """A warm-up records every op packet it called with its registration; `registrations_changed` is True only when
+    one of those is registered otherwise now (an unrelated registration keeps the graphs)."""
+    from types import SimpleNamespace
+
+    from hattn.runtime.breakable import BreakableRuntime, _Capture, watched
+
+    model = toy_model(pattern=["linear", "full", "linear"])
+    cap = _Capture()
+    watched(cap, model, (torch.arange(5),))
+    linear = torch.ops.hattn.linear_attention
+    assert cap.met[linear] == split_op_of(linear) and cap.met[torch.ops.aten.mm] is None
+    runtime = SimpleNamespace(met=cap.met)
+    assert not BreakableRuntime.registrations_changed(runtime)
+    hattn.register_split_op(torch.ops.hattn_test.add_late_bias_cpu, "latebias")  # no forward called it
+    try:
+        assert not BreakableRuntime.registrations_changed(runtime)
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_test.add_late_bias_cpu)
+    entry = split_op_of(linear)
+    hattn.unregister_split_op(linear)
+    try:
+        assert BreakableRuntime.registrations_changed(runtime)  # a split op the forward called is one no more
+    finally:
+        hattn.register_split_op(linear, entry.kind, capture_safe=entry.capture_safe, direct=entry.direct,
+                                prepare=entry.prepare, strided_inputs=entry.strided_inputs)  # as it was
+    assert not BreakableRuntime.registrations_changed(runtime)
+    hattn.register_split_op(torch.ops.aten.mm, "mmkind")  # an op the segments held becomes a split op
+    try:
+        assert BreakableRuntime.registrations_changed(runtime)
+    finally:
+        hattn.unregister_split_op(torch.ops.aten.mm)
+
+
+@torch.library.custom_op("hattn_test::add_late_bias_cpu", mutates_args=())
+def _add_late_bias_cpu(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
 
 
 class _Sdpa(nn.Module):
