@@ -26,6 +26,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -367,6 +368,8 @@ def probe(lm: HybridLM) -> None:
     """
     try:
         calls = _probe_calls(lm, fake=True)
+    except WroteInPlace:
+        raise  # the real run would write it again
     except Exception:  # noqa: BLE001  (whatever the fake run could not do, the real run decides)
         calls = _probe_calls(lm, fake=False)
     called = {}
@@ -416,14 +419,21 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
     return rec.calls
 
 
+class WroteInPlace(ValueError):
+    """The model's forward wrote one of its parameters or buffers in place (adapt's probe found it)."""
+
+
 @contextlib.contextmanager
 def _state_kept(model: nn.Module):
     """Put back every module's attributes as they were, and the contents of its dicts and sets (parameters, buffers,
     submodules, hooks) in place: a forward may leave state on its modules (transformers' longrope RoPE kept a fake
     `long_inv_freq` from the probe; its output capture installs hooks and sets a flag), which would be the probe's,
-    a fake tensor or a 2-token one, in every later forward."""
+    a fake tensor or a 2-token one, in every later forward. A parameter or buffer the forward wrote in place cannot
+    be put back (the fake mode lets an in-place op on a real tensor write it): that is an error naming it."""
     saved = [(m, dict(m.__dict__), [(c, copy.copy(c)) for c in m.__dict__.values() if isinstance(c, (dict, set))])
              for m in model.modules()]
+    owner = getattr(model, "hf", model)  # names as in the transformers model
+    versions = _versions(owner)
     try:
         yield
     finally:
@@ -433,6 +443,19 @@ def _state_kept(model: nn.Module):
             for now, then in containers:
                 now.clear()
                 now.update(then)
+    written = [name for name, version in _versions(owner).items() if versions.get(name, version) != version]
+    if written:
+        raise WroteInPlace(
+            f"the model's forward wrote {', '.join(written[:3])}{' and more' if len(written) > 3 else ''} in place "
+            f"(during adapt's 2-token probe, which may have changed its values: reload the model). hattn cannot serve "
+            f"a forward that keeps state in its parameters or buffers: every step of a packed batch would change what "
+            f"the next one reads, across sequences. Keep such state outside the module, or run it with transformers")
+
+
+def _versions(model: nn.Module) -> dict[str, int]:
+    """Each parameter's and buffer's version counter (bumped by every in-place write); inference tensors have none."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return {name: t._version for name, t in tensors if not t.is_inference()}
 
 
 def _check_rope(model: nn.Module) -> None:

@@ -124,6 +124,31 @@ def test_the_adapt_probe_leaves_no_state_on_the_model(monkeypatch):
     assert hf.model.rotary_emb.first.shape[-1] == 9  # the real forward's
 
 
+@pytest.mark.parametrize("fake", [True, False])
+def test_a_forward_that_writes_a_buffer_in_place_is_an_error_at_adapt(monkeypatch, fake):
+    """The probe puts back module attributes, not tensor contents: a forward writing a buffer in place (here a step
+    counter, on the probe's fake tensors or, where those fail, real ones) changed the real buffer silently."""
+    from hattn.models import hf as hf_module
+    from hattn.models.presets import preset_config, random_model
+
+    hf = random_model(preset_config("tiny"))
+    rotary = hf.model.rotary_emb
+    rotary.register_buffer("steps", torch.zeros(()), persistent=False)
+    forward = type(rotary).forward
+
+    def counting(self, x, position_ids):
+        self.steps.add_(1)
+        return forward(self, x, position_ids)
+
+    monkeypatch.setattr(type(rotary), "forward", counting)
+    if not fake:
+        probe_calls = hf_module._probe_calls
+        monkeypatch.setattr(hf_module, "_probe_calls", lambda lm, fake: probe_calls(lm, False))
+    with pytest.raises(ValueError, match=r"forward wrote model\.rotary_emb\.steps in place"):
+        hf_module.adapt(hf)
+    assert rotary.steps.item() == 1  # written once: the fake run's error is not followed by a real run
+
+
 @pytest.mark.parametrize("rope", [dict(rope_type="dynamic", factor=2.0),
                                   dict(rope_type="longrope", factor=2.0, short_factor=[1.0, 1.0],
                                        long_factor=[4.0, 4.0], original_max_position_embeddings=64)])
