@@ -404,23 +404,41 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
     device = next(lm.hf.parameters()).device
     ids, positions = torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with torch.no_grad(), _state_kept(lm), mode, _quiet_fake_tensors(fake), _RecordSplitOps() as rec, \
-            forward_context(ForwardContext(seq_lens=[2])):
+    # outside inference mode, so that writing an inference tensor (a model built under it) raises, as any other
+    # in-place write of a parameter or buffer does after the run (`_state_kept`)
+    with torch.inference_mode(False), torch.no_grad(), _state_kept(lm), mode, _quiet_fake_tensors(fake), \
+            _RecordSplitOps() as rec, forward_context(ForwardContext(seq_lens=[2])):
         try:
             lm(ids, positions)
+        except RuntimeError as e:
+            if "Inplace update to inference tensor" in str(e):
+                raise _wrote_in_place(f"one of its inference tensors ({e})") from e
+            if fake:
+                raise
+            raise _probe_failed(lm, e) from e
         except Exception as e:
             if fake:
                 raise
-            raise ValueError(
-                f"{lm.family}: a probe forward of 2 tokens failed ({type(e).__name__}: {e}): the transformers "
-                f"model cannot run this config (its own error above), or the config's layer types disagree with "
-                f"the model's modules"
-            ) from e
+            raise _probe_failed(lm, e) from e
     return rec.calls
+
+
+def _probe_failed(lm: HybridLM, e: Exception) -> ValueError:
+    return ValueError(f"{lm.family}: a probe forward of 2 tokens failed ({type(e).__name__}: {e}): the transformers "
+                      f"model cannot run this config (its own error above), or the config's layer types disagree "
+                      f"with the model's modules")
 
 
 class WroteInPlace(ValueError):
     """The model's forward wrote one of its parameters or buffers in place (adapt's probe found it)."""
+
+
+def _wrote_in_place(what: str) -> WroteInPlace:
+    return WroteInPlace(
+        f"the model's forward wrote {what} in place or replaced its data (during adapt's 2-token probe, which may "
+        f"have changed its values: reload the model). hattn cannot serve a forward that keeps state in its "
+        f"parameters, buffers or tensor attributes: every step of a packed batch would change what the next one "
+        f"reads, across sequences. Keep such state outside the module, or run it with transformers")
 
 
 @contextlib.contextmanager
@@ -428,12 +446,14 @@ def _state_kept(model: nn.Module):
     """Put back every module's attributes as they were, and the contents of its dicts and sets (parameters, buffers,
     submodules, hooks) in place: a forward may leave state on its modules (transformers' longrope RoPE kept a fake
     `long_inv_freq` from the probe; its output capture installs hooks and sets a flag), which would be the probe's,
-    a fake tensor or a 2-token one, in every later forward. A parameter or buffer the forward wrote in place cannot
-    be put back (the fake mode lets an in-place op on a real tensor write it): that is an error naming it."""
+    a fake tensor or a 2-token one, in every later forward. A tensor of the model (parameter, buffer or attribute)
+    the forward wrote in place or moved (`.data = ...`) cannot be put back (the fake mode lets an in-place op on a
+    real tensor write it): that is an error naming it. Not seen: an in-place write through `.data` (a version counter
+    of its own)."""
     saved = [(m, dict(m.__dict__), [(c, copy.copy(c)) for c in m.__dict__.values() if isinstance(c, (dict, set))])
              for m in model.modules()]
     owner = getattr(model, "hf", model)  # names as in the transformers model
-    versions = _versions(owner)
+    before = _tensor_states(owner)
     try:
         yield
     finally:
@@ -443,19 +463,20 @@ def _state_kept(model: nn.Module):
             for now, then in containers:
                 now.clear()
                 now.update(then)
-    written = [name for name, version in _versions(owner).items() if versions.get(name, version) != version]
+    written = [name for name, state in _tensor_states(owner).items() if before.get(name, state) != state]
     if written:
-        raise WroteInPlace(
-            f"the model's forward wrote {', '.join(written[:3])}{' and more' if len(written) > 3 else ''} in place "
-            f"(during adapt's 2-token probe, which may have changed its values: reload the model). hattn cannot serve "
-            f"a forward that keeps state in its parameters or buffers: every step of a packed batch would change what "
-            f"the next one reads, across sequences. Keep such state outside the module, or run it with transformers")
+        raise _wrote_in_place(f"{', '.join(written[:3])}{' and more' if len(written) > 3 else ''}")
 
 
-def _versions(model: nn.Module) -> dict[str, int]:
-    """Each parameter's and buffer's version counter (bumped by every in-place write); inference tensors have none."""
-    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
-    return {name: t._version for name, t in tensors if not t.is_inference()}
+def _tensor_states(model: nn.Module) -> dict[str, tuple]:
+    """Each parameter, buffer and tensor attribute of the model's modules by name: its version counter (bumped by
+    every in-place write; inference tensors have none), device, dtype, shape, strides and address."""
+    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    for prefix, m in model.named_modules():
+        tensors.update((f"{prefix}.{k}" if prefix else k, v) for k, v in m.__dict__.items()
+                       if isinstance(v, torch.Tensor))
+    return {name: (None if t.is_inference() else t._version, t.device, t.dtype, t.shape,
+                   *((t.stride(), t.data_ptr()) if t.layout == torch.strided else ())) for name, t in tensors.items()}
 
 
 def _check_rope(model: nn.Module) -> None:

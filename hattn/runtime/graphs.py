@@ -15,6 +15,7 @@ import operator
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from unittest import mock
@@ -33,9 +34,9 @@ DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024
 
 
 def checked_capture_sizes(sizes) -> list[int]:
-    """`sizes` (a list, tuple, set or range of positive ints; bools are not sizes) sorted without repeats, or a
-    ValueError that shows what was given."""
-    items = list(sizes) if isinstance(sizes, (list, tuple, set, frozenset, range)) else [None]
+    """`sizes` (positive ints in a list, tuple, set, range or any other iterable but a string; bools are not sizes)
+    sorted without repeats, or a ValueError that shows what was given."""
+    items = list(sizes) if isinstance(sizes, Iterable) and not isinstance(sizes, (str, bytes)) else [None]
     if not items or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in items):
         raise ValueError(f"capture_sizes must be a non-empty list of positive ints, got {sizes!r}")
     return sorted(set(items))

@@ -1,4 +1,6 @@
 """Every adapted family == its unmodified transformers model: logits of a packed prefill, 32 greedy tokens."""
+import re
+
 import pytest
 import torch
 
@@ -124,29 +126,70 @@ def test_the_adapt_probe_leaves_no_state_on_the_model(monkeypatch):
     assert hf.model.rotary_emb.first.shape[-1] == 9  # the real forward's
 
 
+_WRITES = {  # how a forward may keep state in a tensor of its module: (write, the name the error gives)
+    "buffer": (lambda m: m.steps.add_(1), "model.rotary_emb.steps"),
+    "attribute": (lambda m: m.plain.add_(1), "model.rotary_emb.plain"),  # a tensor attribute, not a buffer
+    "data": (lambda m: setattr(m.steps, "data", m.steps + 1), "model.rotary_emb.steps"),  # fake: a meta tensor
+}
+
+
 @pytest.mark.parametrize("fake", [True, False])
-def test_a_forward_that_writes_a_buffer_in_place_is_an_error_at_adapt(monkeypatch, fake):
-    """The probe puts back module attributes, not tensor contents: a forward writing a buffer in place (here a step
-    counter, on the probe's fake tensors or, where those fail, real ones) changed the real buffer silently."""
+@pytest.mark.parametrize("write", sorted(_WRITES))
+def test_a_forward_that_writes_a_buffer_in_place_is_an_error_at_adapt(monkeypatch, fake, write):
+    """The probe puts back module attributes, not tensor contents: a forward writing a tensor of its module in place
+    (here a step counter, on the probe's fake tensors or, where those fail, real ones) changed it silently; under
+    the fake mode `.data = ...` left a meta tensor in the real model."""
     from hattn.models import hf as hf_module
     from hattn.models.presets import preset_config, random_model
 
     hf = random_model(preset_config("tiny"))
     rotary = hf.model.rotary_emb
     rotary.register_buffer("steps", torch.zeros(()), persistent=False)
-    forward = type(rotary).forward
+    rotary.plain = torch.zeros(())
+    forward, (step, name) = type(rotary).forward, _WRITES[write]
 
     def counting(self, x, position_ids):
-        self.steps.add_(1)
+        step(self)
         return forward(self, x, position_ids)
 
     monkeypatch.setattr(type(rotary), "forward", counting)
     if not fake:
         probe_calls = hf_module._probe_calls
         monkeypatch.setattr(hf_module, "_probe_calls", lambda lm, fake: probe_calls(lm, False))
-    with pytest.raises(ValueError, match=r"forward wrote model\.rotary_emb\.steps in place"):
+    with pytest.raises(hf_module.WroteInPlace, match=f"forward wrote {re.escape(name)} in place"):
         hf_module.adapt(hf)
-    assert rotary.steps.item() == 1  # written once: the fake run's error is not followed by a real run
+    if write == "buffer":
+        assert rotary.steps.item() == 1  # written once: the fake run's error is not followed by a real run
+
+
+def test_a_forward_that_writes_an_inference_tensor_is_an_error_at_adapt(monkeypatch):
+    """A model built under inference_mode has no version counters; its probe runs outside inference mode, where
+    such a write raises."""
+    from hattn.models import hf as hf_module
+    from hattn.models.presets import preset_config, random_model
+
+    with torch.inference_mode():
+        hf = random_model(preset_config("tiny"))
+        hf.model.rotary_emb.register_buffer("steps", torch.zeros(()), persistent=False)
+    forward = type(hf.model.rotary_emb).forward
+
+    def counting(self, x, position_ids):
+        self.steps.add_(1)
+        return forward(self, x, position_ids)
+
+    monkeypatch.setattr(type(hf.model.rotary_emb), "forward", counting)
+    with torch.inference_mode(), pytest.raises(hf_module.WroteInPlace, match="one of its inference tensors"):
+        hf_module.adapt(hf)
+
+
+def test_adapt_under_inference_mode_serves_a_model_built_under_it():
+    from hattn.models.hf import adapt
+    from hattn.models.presets import preset_config, random_model
+
+    with torch.inference_mode():
+        hf = random_model(preset_config("tiny"))
+        lm = adapt(hf)
+    assert lm.layer_kinds
 
 
 @pytest.mark.parametrize("rope", [dict(rope_type="dynamic", factor=2.0),

@@ -133,11 +133,13 @@ def test_breakable_runner_on_cpu_is_graph_free():
     assert runner.stats.eager_runs == 1
 
 
-@pytest.mark.parametrize("sizes", [[True, 4], [0, 4], 8, [], ["4"]])
+@pytest.mark.parametrize("sizes", [[True, 4], [0, 4], 8, [], ["4"], "48"])
 def test_breakable_runner_refuses_capture_sizes_that_are_not_positive_ints(sizes):
     with pytest.raises(ValueError, match="capture_sizes must be a non-empty list of positive ints"):
         BreakableGraphRunner(toy_model(pattern=["linear"]), capture_sizes=sizes)
     assert BreakableGraphRunner(toy_model(pattern=["linear"]), capture_sizes=range(4, 0, -2)).sizes == [2, 4]
+    assert BreakableGraphRunner(toy_model(pattern=["linear"]), capture_sizes=(2 ** i for i in range(3))).sizes == [
+        1, 2, 4]  # any iterable, as before
 
 
 class ScaleMixer(nn.Module):
