@@ -58,6 +58,31 @@ def test_register_names_a_missing_op_and_wants_a_bool_capture_safe():
         hattn.register_split_op(torch.ops.hattn_test.scale, "testmix", strided_inputs=1)
 
 
+_DECOMPOSED = torch.library.Library("hattn_test_decomposed", "DEF")
+_DECOMPOSED.define("mix(Tensor x) -> Tensor")
+_DECOMPOSED.impl("mix", lambda x: x * 3, "CompositeImplicitAutograd")
+_DECOMPOSED.define("mix_explicit(Tensor x) -> Tensor")
+_DECOMPOSED.impl("mix_explicit", lambda x: x * 3, "CompositeExplicitAutograd")
+
+
+def test_register_refuses_an_op_torch_decomposes_before_a_dispatch_mode_sees_it():
+    """bcg breaks where its dispatch mode meets a split op; a CompositeImplicitAutograd op reaches it as its inner ops
+    (x * 3 here), so it was captured inside a graph, silently (found by a review)."""
+    from hattn.runtime.breakable import _Capture, watched
+
+    with pytest.raises(RegistryError, match="hattn_test_decomposed::mix .*CompositeImplicitAutograd.*"
+                                            "CompositeExplicitAutograd"):
+        hattn.register_split_op(torch.ops.hattn_test_decomposed.mix, "decomposed")
+    assert split_op_of(torch.ops.hattn_test_decomposed.mix) is None
+    hattn.register_split_op(torch.ops.hattn_test_decomposed.mix_explicit, "decomposed")
+    try:
+        cap = _Capture()
+        watched(cap, torch.ops.hattn_test_decomposed.mix_explicit, (torch.ones(2),))
+        assert cap.split_calls == 1  # the breakable graph sees it
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_test_decomposed.mix_explicit)
+
+
 def test_custom_ops_read_their_inputs_layout_unless_registered_strided():
     """Only split ops registered with strided_inputs=True take a view where eager passes a contiguous tensor (what
     fuse_linears' column slices need); torch's own ops follow the strides they are given."""
