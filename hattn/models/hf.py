@@ -463,9 +463,9 @@ def _state_kept(model: nn.Module):
             for now, then in containers:
                 now.clear()
                 now.update(then)
-    written = [name for name, state in _tensor_states(owner).items() if before.get(name, state) != state]
-    if written:
-        raise _wrote_in_place(f"{', '.join(written[:3])}{' and more' if len(written) > 3 else ''}")
+        written = [name for name, state in _tensor_states(owner).items() if before.get(name, state) != state]
+        if written:  # also where the forward failed after the write (its error is this one's __context__)
+            raise _wrote_in_place(f"{', '.join(written[:3])}{' and more' if len(written) > 3 else ''}")
 
 
 def _tensor_states(model: nn.Module) -> dict[str, tuple]:
@@ -475,8 +475,17 @@ def _tensor_states(model: nn.Module) -> dict[str, tuple]:
     for prefix, m in model.named_modules():
         tensors.update((f"{prefix}.{k}" if prefix else k, v) for k, v in m.__dict__.items()
                        if isinstance(v, torch.Tensor))
-    return {name: (None if t.is_inference() else t._version, t.device, t.dtype, t.shape,
-                   *((t.stride(), t.data_ptr()) if t.layout == torch.strided else ())) for name, t in tensors.items()}
+    return {name: (None if t.is_inference() else t._version, t.device, t.dtype, t.shape, *_layout(t))
+            for name, t in tensors.items()}
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """A dense tensor's strides and address (a fake or meta one has none: its real data is gone)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if t.layout != torch.strided:
+        return ()
+    return t.stride(), None if is_fake(t) or t.device.type == "meta" else t.data_ptr()
 
 
 def _check_rope(model: nn.Module) -> None:

@@ -130,7 +130,12 @@ _WRITES = {  # how a forward may keep state in a tensor of its module: (write, t
     "buffer": (lambda m: m.steps.add_(1), "model.rotary_emb.steps"),
     "attribute": (lambda m: m.plain.add_(1), "model.rotary_emb.plain"),  # a tensor attribute, not a buffer
     "data": (lambda m: setattr(m.steps, "data", m.steps + 1), "model.rotary_emb.steps"),  # fake: a meta tensor
+    "then_fail": (lambda m: (m.steps.add_(1), _fail(m.steps)), "model.rotary_emb.steps"),  # no real run after it
 }
+
+
+def _fail(t):
+    raise RuntimeError("a forward that fails after its write")
 
 
 @pytest.mark.parametrize("fake", [True, False])
@@ -158,7 +163,7 @@ def test_a_forward_that_writes_a_buffer_in_place_is_an_error_at_adapt(monkeypatc
         monkeypatch.setattr(hf_module, "_probe_calls", lambda lm, fake: probe_calls(lm, False))
     with pytest.raises(hf_module.WroteInPlace, match=f"forward wrote {re.escape(name)} in place"):
         hf_module.adapt(hf)
-    if write == "buffer":
+    if write in ("buffer", "then_fail"):
         assert rotary.steps.item() == 1  # written once: the fake run's error is not followed by a real run
 
 
