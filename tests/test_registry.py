@@ -65,6 +65,36 @@ _DECOMPOSED.define("mix_explicit(Tensor x) -> Tensor")
 _DECOMPOSED.impl("mix_explicit", lambda x: x * 3, "CompositeExplicitAutograd")
 
 
+class _TimesThree(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 3
+
+
+_DECOMPOSED.define("mix_autograd(Tensor x) -> Tensor")
+_DECOMPOSED.impl("mix_autograd", lambda x: x * 3, "CPU")
+_DECOMPOSED.impl("mix_autograd", _TimesThree.apply, "Autograd")  # computes itself: its inner ops run above Python
+
+
+def test_bcg_sees_a_split_op_whose_autograd_kernel_computes_itself():
+    """Under no_grad such an op reached bcg's watch as its inner ops (x * 3), so it was captured inside a graph
+    (found by a review); the watch runs below autograd."""
+    from hattn.runtime.breakable import _Capture, watched
+
+    hattn.register_split_op(torch.ops.hattn_test_decomposed.mix_autograd, "decomposed")
+    try:
+        cap = _Capture()
+        with torch.no_grad():
+            out = watched(cap, torch.ops.hattn_test_decomposed.mix_autograd, (torch.ones(2),))
+        assert cap.split_calls == 1 and out.tolist() == [3.0, 3.0]
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_test_decomposed.mix_autograd)
+
+
 def test_register_refuses_an_op_torch_decomposes_before_a_dispatch_mode_sees_it():
     """bcg breaks where its dispatch mode meets a split op; a CompositeImplicitAutograd op reaches it as its inner ops
     (x * 3 here), so it was captured inside a graph, silently (found by a review)."""

@@ -402,16 +402,16 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     device = next(lm.hf.parameters()).device
-    ids, positions = torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     # outside inference mode, so that writing an inference tensor (a model built under it) raises, as any other
     # in-place write of a parameter or buffer does after the run (`_state_kept`)
-    with torch.inference_mode(False), torch.no_grad(), _state_kept(lm), mode, _quiet_fake_tensors(fake), \
-            _RecordSplitOps() as rec, forward_context(ForwardContext(seq_lens=[2])):
+    with torch.inference_mode(False), torch.no_grad(), _state_kept(lm) as inference, mode, \
+            _quiet_fake_tensors(fake), _RecordSplitOps() as rec, forward_context(ForwardContext(seq_lens=[2])):
+        ids, positions = torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device)
         try:
             lm(ids, positions)
         except RuntimeError as e:
-            if "Inplace update to inference tensor" in str(e):
+            if inference and "Inplace update to inference tensor" in str(e):
                 raise _wrote_in_place(f"one of its inference tensors ({e})") from e
             if fake:
                 raise
@@ -455,7 +455,7 @@ def _state_kept(model: nn.Module):
     owner = getattr(model, "hf", model)  # names as in the transformers model
     before = _tensor_states(owner)
     try:
-        yield
+        yield any(state[0] is None for state in before.values())  # whether it holds inference tensors
     finally:
         for m, attrs, containers in saved:
             m.__dict__.clear()
@@ -470,22 +470,25 @@ def _state_kept(model: nn.Module):
 
 def _tensor_states(model: nn.Module) -> dict[str, tuple]:
     """Each parameter, buffer and tensor attribute of the model's modules by name: its version counter (bumped by
-    every in-place write; inference tensors have none), device, dtype, shape, strides and address."""
+    every in-place write; None for an inference tensor, which has none), device, dtype, and for a dense tensor its
+    shape, strides and address."""
     tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
     for prefix, m in model.named_modules():
         tensors.update((f"{prefix}.{k}" if prefix else k, v) for k, v in m.__dict__.items()
                        if isinstance(v, torch.Tensor))
-    return {name: (None if t.is_inference() else t._version, t.device, t.dtype, t.shape, *_layout(t))
-            for name, t in tensors.items()}
+    return {name: _state(t) for name, t in tensors.items()}
 
 
-def _layout(t: torch.Tensor) -> tuple:
-    """A dense tensor's strides and address (a fake or meta one has none: its real data is gone)."""
+def _state(t: torch.Tensor) -> tuple:
     from torch._subclasses.fake_tensor import is_fake
 
-    if t.layout != torch.strided:
-        return ()
-    return t.stride(), None if is_fake(t) or t.device.type == "meta" else t.data_ptr()
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor, or one made from it outside inference mode
+        version = None
+    if t.layout != torch.strided or t.is_nested:
+        return version, t.device, t.dtype
+    return version, t.device, t.dtype, t.shape, t.stride(), None if is_fake(t) or t.is_meta else t.data_ptr()
 
 
 def _check_rope(model: nn.Module) -> None:

@@ -168,10 +168,12 @@ class _RejectAttentionFunctions(TorchFunctionMode):
 
 
 def watched(cap: _Capture, fn, args):
-    """Run fn(*args) with `cap` watching every op (see the module docstring)."""
+    """Run fn(*args) with `cap` watching every op (see the module docstring). Below autograd: an op whose autograd
+    kernel computes itself (`Library.impl(..., "Autograd")` around an autograd.Function) would reach the watch as
+    its inner ops, not as the split op it is (graphs record no autograd anyway)."""
     token = _WATCH.set(cap)
     try:
-        with _RejectAttentionFunctions(), _BreakAtSplitOps():
+        with torch._C._AutoDispatchBelowAutograd(), _RejectAttentionFunctions(), _BreakAtSplitOps():
             return fn(*args)
     finally:
         _WATCH.reset(token)

@@ -187,6 +187,25 @@ def test_a_forward_that_writes_an_inference_tensor_is_an_error_at_adapt(monkeypa
         hf_module.adapt(hf)
 
 
+def test_adapt_under_inference_mode_lets_a_forward_write_its_own_inputs(monkeypatch):
+    """The probe's token ids are made outside inference mode, as the forward runs: a forward clamping its input ids
+    in place is no write of the model's (a review found it reported as one, on the real probe's path)."""
+    from hattn.models.hf import adapt
+    from hattn.models.presets import preset_config, random_model
+
+    hf = random_model(preset_config("tiny-qwen3-next"))  # fp32 MoE: its probe runs for real
+    embed = type(hf.model.embed_tokens)
+    forward = embed.forward
+
+    def clamping(self, ids):
+        ids.clamp_(max=self.num_embeddings - 1)
+        return forward(self, ids)
+
+    monkeypatch.setattr(embed, "forward", clamping)
+    with torch.inference_mode():
+        assert adapt(hf).layer_kinds
+
+
 def test_adapt_under_inference_mode_serves_a_model_built_under_it():
     from hattn.models.hf import adapt
     from hattn.models.presets import preset_config, random_model
