@@ -93,7 +93,6 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
     (`.out`, ...) go through the dispatcher. `strided_inputs=True` declares that the op's kernels honour any strides
     of its tensor arguments, so hattn's passes may hand it a view where eager would give a contiguous tensor (a
     column slice of a fused GEMM's output); by default it gets the layout it gets in eager (`reads_input_layout`).
-    An op with a CompositeImplicitAutograd kernel is refused: torch decomposes its calls before hattn sees them.
     """
     if not isinstance(kind, str) or not kind.isidentifier():
         raise RegistryError(f"split-op kind must be an identifier string such as 'mamba', got {kind!r}")
@@ -104,7 +103,6 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
         if fn is not None and not callable(fn):
             raise RegistryError(f"{name}= must be a function (see register_split_op), got {fn!r}")
     packet = _packet_of(op)
-    _check_not_decomposed(packet)
     entry = SplitOp(packet, kind, capture_safe, direct, prepare, strided_inputs)
     with _LOCK:
         old = _OPS.get(entry.name)
@@ -116,18 +114,6 @@ def register_split_op(op, kind: str, *, capture_safe: bool = False, direct: Call
         _OPS[entry.name] = entry
         _GENERATION[0] += 1
     return entry
-
-
-def _check_not_decomposed(packet: torch._ops.OpOverloadPacket) -> None:
-    """A CompositeImplicitAutograd kernel is decomposed into its inner ops before any dispatch mode sees the call, so
-    bcg (which breaks its graphs where a dispatch mode meets a split op) would capture those inside a graph."""
-    for name in packet.overloads():
-        if getattr(packet, name).has_kernel_for_dispatch_key(torch._C.DispatchKey.CompositeImplicitAutograd):
-            raise RegistryError(
-                f"{packet._qualified_op_name} ({name}) has a CompositeImplicitAutograd kernel: torch decomposes its "
-                f"calls into their inner ops before hattn sees them, so a breakable graph would capture those inside "
-                f"its graph. Register its implementation for CompositeExplicitAutograd or per device (\"CPU\", "
-                f"\"CUDA\") instead; torch.library.custom_op does")
 
 
 def unregister_split_op(op) -> None:

@@ -218,7 +218,7 @@ def test_bcg_runtime_captures_again_only_when_an_op_its_forwards_called_changes_
     cap = _Capture()
     watched(cap, model, (torch.arange(5),))
     linear = torch.ops.hattn.linear_attention
-    assert cap.met[linear] == split_op_of(linear) and cap.met[torch.ops.aten.mm] is None
+    assert cap.met[linear] == split_op_of(linear) and cap.met[torch.ops.aten.linear] is None
     runtime = SimpleNamespace(met=cap.met)
     assert not BreakableRuntime.registrations_changed(runtime)
     hattn.register_split_op(torch.ops.hattn_test.add_late_bias_cpu, "latebias")  # no forward called it
@@ -234,11 +234,11 @@ def test_bcg_runtime_captures_again_only_when_an_op_its_forwards_called_changes_
         hattn.register_split_op(linear, entry.kind, capture_safe=entry.capture_safe, direct=entry.direct,
                                 prepare=entry.prepare, strided_inputs=entry.strided_inputs)  # as it was
     assert not BreakableRuntime.registrations_changed(runtime)
-    hattn.register_split_op(torch.ops.aten.mm, "mmkind")  # an op the segments held becomes a split op
+    hattn.register_split_op(torch.ops.aten.linear, "linearkind")  # an op the segments held becomes a split op
     try:
         assert BreakableRuntime.registrations_changed(runtime)
     finally:
-        hattn.unregister_split_op(torch.ops.aten.mm)
+        hattn.unregister_split_op(torch.ops.aten.linear)
 
 
 @torch.library.custom_op("hattn_test::add_late_bias_cpu", mutates_args=())
