@@ -175,6 +175,15 @@ def watched(cap: _Capture, fn, args):
     try:
         with torch._C._AutoDispatchBelowAutograd(), _RejectAttentionFunctions(), _BreakAtSplitOps():
             return fn(*args)
+    except NotImplementedError as e:
+        if "HigherOrderOperator" not in str(e):
+            raise
+        raise CaptureError(
+            f"bcg met a higher-order operator ({str(e).split(' and mode')[0].split('HigherOrderOperator ')[-1]}: "
+            f"torch.cond, torch.while_loop, ...) in the forward: its branches would run outside the watch that "
+            f"breaks the graph at split ops, and control flow on device values cannot be captured in a CUDA graph. "
+            f"Fix: compile the model with mode='pcg' (torch.compile(..., backend='hattn')), or move the control flow "
+            f"into a split op") from e
     finally:
         _WATCH.reset(token)
 

@@ -246,6 +246,18 @@ def _add_late_bias_cpu(x: torch.Tensor) -> torch.Tensor:
     return x + 1
 
 
+def test_bcg_names_a_higher_order_operator_it_cannot_watch_inside():
+    """torch.cond under bcg's watch failed with torch's hint to change hattn's internal dispatch mode."""
+    from hattn.runtime.breakable import _Capture, watched
+    from hattn.runtime.graphs import CaptureError
+
+    def branching(x):
+        return torch.cond(x.sum() > 0, lambda y: y + 1, lambda y: y - 1, (x,))
+
+    with pytest.raises(CaptureError, match=r"higher-order operator \(cond: .*mode='pcg'"):
+        watched(_Capture(), branching, (torch.ones(2),))
+
+
 class _Sdpa(nn.Module):
     def forward(self, x):
         q = x[None, None]
