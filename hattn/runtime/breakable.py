@@ -141,11 +141,15 @@ def _unregistered(what: str) -> UnregisteredAttentionError:
 class _BreakAtSplitOps(TorchDispatchMode):
     """Sees every op of the watched forward: split ops break the segment, unregistered mixers are rejected."""
 
+    supports_higher_order_operators = True  # torch.cond & co. come here too: run inside a split op, refused outside
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         cap = _WATCH.get()
         if cap is None or cap.in_split_op:
             return func(*args, **kwargs)
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            raise _higher_order(func.name())
         op = split_op_of(func)
         cap.met.setdefault(getattr(func, "overloadpacket", func), op)
         if op is not None:
@@ -175,17 +179,20 @@ def watched(cap: _Capture, fn, args):
     try:
         with torch._C._AutoDispatchBelowAutograd(), _RejectAttentionFunctions(), _BreakAtSplitOps():
             return fn(*args)
-    except NotImplementedError as e:
+    except NotImplementedError as e:  # a torch whose dispatch modes do not take higher-order operators
         if "HigherOrderOperator" not in str(e):
             raise
-        raise CaptureError(
-            f"bcg met a higher-order operator ({str(e).split(' and mode')[0].split('HigherOrderOperator ')[-1]}: "
-            f"torch.cond, torch.while_loop, ...) in the forward: its branches would run outside the watch that "
-            f"breaks the graph at split ops, and control flow on device values cannot be captured in a CUDA graph. "
-            f"Fix: compile the model with mode='pcg' (torch.compile(..., backend='hattn')), or move the control flow "
-            f"into a split op") from e
+        raise _higher_order(str(e).split(" and mode")[0].split("HigherOrderOperator ")[-1]) from e
     finally:
         _WATCH.reset(token)
+
+
+def _higher_order(name: str) -> CaptureError:
+    return CaptureError(
+        f"bcg met a higher-order operator ({name}: torch.cond, torch.while_loop, ...) in the forward: its branches "
+        f"would run outside the watch that breaks the graph at split ops, and control flow on device values cannot "
+        f"be captured in a CUDA graph. Fix: compile the model with mode='pcg' (torch.compile(..., backend='hattn')), "
+        f"or move the control flow into a split op")
 
 
 class BreakableRuntime(GraphRuntime):

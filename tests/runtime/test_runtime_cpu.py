@@ -256,6 +256,9 @@ def test_bcg_names_a_higher_order_operator_it_cannot_watch_inside():
 
     with pytest.raises(CaptureError, match=r"higher-order operator \(cond: .*mode='pcg'"):
         watched(_Capture(), branching, (torch.ones(2),))
+    cap = _Capture()
+    cap.in_split_op = True  # what a split op does inside runs eagerly: torch.cond too
+    assert watched(cap, branching, (torch.ones(2),)).tolist() == [2.0, 2.0]
 
 
 class _Sdpa(nn.Module):
