@@ -410,23 +410,17 @@ def _probe_calls(lm: HybridLM, fake: bool) -> list[tuple[str, int | None]]:
         ids, positions = torch.zeros(2, dtype=torch.long, device=device), torch.arange(2, device=device)
         try:
             lm(ids, positions)
-        except RuntimeError as e:
-            if inference and "Inplace update to inference tensor" in str(e):
+        except Exception as e:
+            if inference and isinstance(e, RuntimeError) and "Inplace update to inference tensor" in str(e):
                 raise _wrote_in_place(f"one of its inference tensors ({e})") from e
             if fake:
                 raise
-            raise _probe_failed(lm, e) from e
-        except Exception as e:
-            if fake:
-                raise
-            raise _probe_failed(lm, e) from e
+            raise ValueError(
+                f"{lm.family}: a probe forward of 2 tokens failed ({type(e).__name__}: {e}): the transformers "
+                f"model cannot run this config (its own error above), or the config's layer types disagree with "
+                f"the model's modules"
+            ) from e
     return rec.calls
-
-
-def _probe_failed(lm: HybridLM, e: Exception) -> ValueError:
-    return ValueError(f"{lm.family}: a probe forward of 2 tokens failed ({type(e).__name__}: {e}): the transformers "
-                      f"model cannot run this config (its own error above), or the config's layer types disagree "
-                      f"with the model's modules")
 
 
 class WroteInPlace(ValueError):

@@ -65,7 +65,6 @@ class _Capture:
     split_calls: int = 0
     met: dict = field(default_factory=dict)  # every op packet the watched forward called -> its SplitOp or None
 
-
     def begin_segment(self) -> None:
         if self.stream is None:
             return
@@ -151,7 +150,7 @@ class _BreakAtSplitOps(TorchDispatchMode):
         if isinstance(func, torch._ops.HigherOrderOperator):
             raise _higher_order(func.name())
         op = split_op_of(func)
-        cap.met.setdefault(getattr(func, "overloadpacket", func), op)
+        cap.met.setdefault(func.overloadpacket, op)
         if op is not None:
             return cap.run_split_op(func, args, kwargs, op)
         reason = unregistered_mixer(func)
@@ -179,10 +178,6 @@ def watched(cap: _Capture, fn, args):
     try:
         with torch._C._AutoDispatchBelowAutograd(), _RejectAttentionFunctions(), _BreakAtSplitOps():
             return fn(*args)
-    except NotImplementedError as e:  # a torch whose dispatch modes do not take higher-order operators
-        if "HigherOrderOperator" not in str(e):
-            raise
-        raise _higher_order(str(e).split(" and mode")[0].split("HigherOrderOperator ")[-1]) from e
     finally:
         _WATCH.reset(token)
 

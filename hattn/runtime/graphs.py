@@ -31,15 +31,6 @@ from hattn.runtime.tokens import StaticInputs, TokenLayout, layout_from_examples
 log = logging.getLogger("hattn")
 # token counts graphs are captured for, by default (16 sizes); a call is padded up to the next one
 DEFAULT_CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 1536, 2048)
-
-
-def checked_capture_sizes(sizes) -> list[int]:
-    """`sizes` (positive ints in a list, tuple, set, range or any other iterable but a string; bools are not sizes)
-    sorted without repeats, or a ValueError that shows what was given."""
-    items = list(sizes) if isinstance(sizes, Iterable) and not isinstance(sizes, (str, bytes)) else [None]
-    if not items or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in items):
-        raise ValueError(f"capture_sizes must be a non-empty list of positive ints, got {sizes!r}")
-    return sorted(set(items))
 # Captures are serialized process-wide: capture's gc/empty_cache patch is global, and two stream captures at once in
 # one process are fragile. Each capture also uses the "thread_local" error mode, so another thread's eager work
 # (a cudaMalloc, a sync) does not invalidate it. Replays and graph-free runs take no lock.
@@ -49,6 +40,15 @@ CAPTURE_ERROR_MODE = "thread_local"
 
 class CaptureError(RuntimeError):
     """Capturing a CUDA graph failed (out of memory, an op that cannot be captured, ...)."""
+
+
+def checked_capture_sizes(sizes) -> list[int]:
+    """`sizes` (positive ints in a list, tuple, set, range or any other iterable but a string; bools are not sizes)
+    sorted without repeats, or a ValueError that shows what was given."""
+    items = list(sizes) if isinstance(sizes, Iterable) and not isinstance(sizes, (str, bytes)) else [None]
+    if not items or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in items):
+        raise ValueError(f"capture_sizes must be a non-empty list of positive ints, got {sizes!r}")
+    return sorted(set(items))
 
 
 # -- device helpers (no-ops without CUDA, so the size/padding logic is testable on CPU) -------------------------
