@@ -192,6 +192,49 @@ def test_module_hooks_and_float_arguments_go_through_dynamo(toy):
     assert dispatch._kind((torch.zeros(2), 0.5)) is None
 
 
+class _Times(nn.Module):
+    """Scales its logits by an int argument: Dynamo specializes the int, so each value is a graph of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = toy_model(pattern=["linear", "full"])
+
+    def forward(self, ids, n: int):
+        return self.a(ids) * n
+
+
+def test_an_int_argument_of_another_value_is_another_kind():
+    torch._dynamo.reset()
+    model = _Times()
+    call = Dispatch(_compiled(model))
+    with torch.no_grad():
+        call(_ids(5), 2)
+        torch.testing.assert_close(call(_ids(5, 1), 3), model(_ids(5, 1), 3), rtol=1e-5, atol=1e-5)
+        assert call.direct_calls == 0  # learned again through Dynamo, not served by the graph of n=2
+        torch.testing.assert_close(call(_ids(5, 2), 2), model(_ids(5, 2), 2), rtol=1e-5, atol=1e-5)
+        assert call.direct_calls == 1
+
+
+def test_a_global_module_hook_or_one_on_the_compiled_module_is_run(toy):
+    """A hook registered for every module (`register_module_forward_hook`), or on the OptimizedModule that
+    torch.compile returns, after a kind was learned: the call runs it, as the compiled module's own call does."""
+    torch._dynamo.reset()
+    compiled = _compiled(toy)
+    call = Dispatch(compiled)
+    with torch.no_grad():
+        call(_ids(5))
+        for register, on in ((nn.modules.module.register_module_forward_hook, toy),
+                             (compiled.register_forward_hook, compiled)):
+            handle = register(lambda module, args, out, on=on: out * 0 if module is on else None)
+            try:
+                out = call(_ids(5, 1))
+            finally:
+                handle.remove()
+            assert out.abs().sum() == 0 and call.direct_calls == 0
+        torch.testing.assert_close(call(_ids(5, 1)), toy(_ids(5, 1)), rtol=1e-5, atol=1e-5)  # hooks gone: served
+        assert call.direct_calls == 1
+
+
 class _Doubling(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

@@ -70,6 +70,8 @@ def test_bad_specs_and_sizes():
         LayerSpec("full")
     with pytest.raises(ValueError, match="slots >= 1"):
         HybridCache(SPECS, slots=0, max_len=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="max_len >= 1"):
+        HybridCache(SPECS, slots=2, max_len=0, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("slots, max_len", [(2.5, 4), (2, 4.0), (True, 4), (2, "4")])

@@ -158,6 +158,10 @@ def test_sampling_settings_resolve_as_transformers():
     p = request(ids, mask, qwen, top_k=0, min_p=0.1, do_sample=False, min_new_tokens=2).params
     assert (p.temperature, p.repetition_penalty, p.min_new_tokens) == (0.0, 1.05, 2)  # greedy keeps the penalty
     assert request(ids, mask, qwen, top_k=0, min_p=0.1).params.top_k == 0
+    p = request(ids, mask, GC, do_sample=True, min_p=0.2, no_repeat_ngram_size=2).params
+    assert (p.min_p, p.no_repeat_ngram_size) == (0.2, 2)
+    p = request(ids, mask, GenerationConfig(do_sample=True, min_p=0.3, no_repeat_ngram_size=3)).params
+    assert (p.min_p, p.no_repeat_ngram_size) == (0.3, 3)
     assert request(ids, mask, GC, min_length=5).params.min_new_tokens == 2  # min_length counts the padded input
     assert request(ids, mask, GC, min_length=9, min_new_tokens=1).params.min_new_tokens == 1  # it wins when set
     assert request(ids, mask, qwen, top_k=None).params.top_k == 0  # a keyword None: transformers adds no top-k

@@ -183,7 +183,8 @@ def test_stop_ids_past_the_vocabulary_are_not_masked_and_top_p_0_keeps_the_top_t
 @pytest.mark.parametrize("args", [dict(top_k=-1), dict(top_k=2.5), dict(min_p=1.5), dict(repetition_penalty=0.0),
                                   dict(min_new_tokens=-1), dict(no_repeat_ngram_size=-2),
                                   dict(temperature=float("nan")), dict(temperature=float("inf")),
-                                  dict(temperature="0.5"), dict(top_p=float("nan")), dict(seed="a"),
+                                  dict(temperature="0.5"), dict(top_p=float("nan")), dict(top_p=1.5), dict(top_p=-0.1),
+                                  dict(seed="a"),
                                   dict(stop_tokens="2"), dict(stop_tokens=[-1]), dict(stop_tokens=[2 ** 64]),
                                   dict(stop_tokens=[1.0]), dict(max_new_tokens=True)],
                          ids=lambda a: f"{next(iter(a))}={next(iter(a.values()))!r}")
