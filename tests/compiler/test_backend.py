@@ -48,6 +48,33 @@ def test_entry_point_accepts_options_with_mode():
     torch.testing.assert_close(compiled(_ids(6)), model(_ids(6)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_call_that_asks_for_gradients_runs_for_inference_and_a_backward_names_the_fix(mode):
+    """Called with grad mode on and a trainable part (an adapter's weight on a frozen model), the graph compiles and
+    runs for inference (its trainable linears fused, as under no_grad), its output requires grad as eager's does
+    and may be written in place, and any backward through it raises, also where the loss has other parameters."""
+    from hattn.compiler.dispatch import Dispatch
+
+    torch.manual_seed(0)
+    model = toy_model(pattern=["linear", "full"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    be = backend(mode=mode, inner_compiler="eager")
+    call, other = Dispatch(torch.compile(model, backend=be)), nn.Parameter(torch.ones(()))
+    for seed in (0, 1):  # through Dynamo, then served by the dispatcher
+        out = call(_ids(5, seed))
+        torch.testing.assert_close(out, model(_ids(5, seed)), rtol=1e-5, atol=1e-5)
+        assert out.requires_grad
+        out[0] = 0
+        with pytest.raises(RuntimeError, match="compiles for inference.*Call it under torch.inference_mode"):
+            (out.sum() + other).backward()
+        assert model.lm_head.weight.grad is None
+    assert call.direct_calls == 1 and be.stats.fused_linears > 0
+    with torch.no_grad():
+        assert not call(_ids(5, 2)).requires_grad
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -480,6 +480,32 @@ def test_decode_steps_with_cache_equal_eager(mode):
     assert be.stats.cuda_graphs > 0 and be.stats.replays == 5
 
 
+@pytest.mark.parametrize("mode", ["full", "pcg", "bcg"])
+def test_decode_steps_that_ask_for_gradients_replay_graphs_for_inference(mode):
+    """Grad mode on and trainable parameters (no torch.no_grad() around the steps): the graphs are captured and
+    replayed with eager's values, linears fused as for inference, and a backward through a step's output raises."""
+    model = toy_model(pattern=PATTERN, device="cuda")
+    be = hattn.backend(mode=mode, capture_sizes=[1, 2, 4], inner_compiler="eager", progress=False)
+    fn = torch.compile(model, backend=be, dynamic=True)
+    caches = [_toy_cache(model.config), _toy_cache(model.config)]
+    ids, tok = torch.tensor([3, 5, 7, 11, 2], device="cuda"), torch.tensor([1, 2], device="cuda")
+    for cache in caches:
+        with torch.no_grad(), hattn.forward_context(hattn.ForwardContext(seq_lens=[3, 2], slots=[0, 1], cache=cache)):
+            model(ids)
+    for step in range(3):
+        outs = []
+        for cache, run, grad in zip(caches, (model, fn), (False, True)):  # eager's saved views would stop fusion
+            ctx = hattn.ForwardContext(seq_lens=[1, 1], context_lens=[3 + step, 2 + step], slots=[0, 1], cache=cache)
+            with hattn.forward_context(ctx), torch.set_grad_enabled(grad):
+                outs.append(run(tok))
+        torch.testing.assert_close(outs[1], outs[0], **TOL)
+        assert outs[1].requires_grad
+        with pytest.raises(RuntimeError, match="compiles for inference"):
+            outs[1].sum().backward()
+        tok = outs[0].argmax(-1)
+    assert be.stats.cuda_graphs > 0 and be.stats.replays == 3 and be.stats.fused_linears > 0
+
+
 def _randomize(cache, seed):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     for i in cache.specs:
