@@ -350,12 +350,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with.
     `fake_mode`: the fake mode of `gm`'s example values when its inputs are real and Dynamo is not tracing (a
     warm-start snapshot, read in `load_seconds`: the pieces compile from those values, with the traced symbols).
-    A call that asks for gradients compiles and runs for inference (`inference.NoBackward`)."""
-    if wants_gradients(example_inputs):
-        with torch.no_grad():
-            traced = compile_graph(gm, example_inputs, config, stats, fake_mode, load_seconds, pools)
-        traced.fn = NoBackward.wrap(traced.fn, example_inputs)
-        return traced
+    In a graph mode, a call that asks for gradients compiles and runs for inference (`inference.NoBackward`)."""
+    if not (config.uses_graphs and wants_gradients(example_inputs)):
+        return _compile_graph(gm, example_inputs, config, stats, fake_mode, load_seconds, pools)
+    with torch.no_grad():
+        traced = _compile_graph(gm, example_inputs, config, stats, fake_mode, load_seconds, pools)
+    traced.fn = NoBackward.wrap(traced.fn, example_inputs)
+    return traced
+
+
+def _compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stats: Stats,
+                   fake_mode, load_seconds: float, pools) -> Traced:
     stats.dynamo_seconds += _dynamo_seconds()
     if fake_mode is not None:
         stats.graphs_from_snapshots += 1

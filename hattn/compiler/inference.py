@@ -1,13 +1,15 @@
-"""hattn compiles for inference: a call that asks for gradients runs without them, and a backward through its
-outputs is an error that names the fix.
+"""hattn's graph modes compile for inference: a call that asks for gradients runs without them, and a backward
+through its outputs is an error that names the fix.
 
-Gradients cannot flow through hattn's runtimes: a CUDA graph replays into fixed buffers that no autograd graph
-points to, split ops write their caches and states in place, and fused linears read a concatenated buffer. Before,
-a call with grad mode on and parameters requiring grad (a model called without `torch.no_grad()`) compiled its
-pieces for training (each saving activations, inside the graph pools too) and then either failed deep in autograd
-at backward (a state written in place) or, where a graph replay's outputs need no grad, left the model's parameters
-out of a loss's gradients silently. Now such a graph compiles and runs under `no_grad` (as an inference backend of
-vLLM's kind always runs), and its floating outputs require grad as eager's do, through a node whose backward raises.
+Gradients cannot flow through the graph runtimes (pcg, bcg, full): a CUDA graph replays into fixed buffers that no
+autograd graph points to, and split ops write their caches and states in place. (Mode eager keeps autograd: its
+pieces run as compiled, and a graph whose ops all support it trains as the model does.) Before, a call with grad
+mode on and parameters requiring grad (a model called without `torch.no_grad()`) compiled its pieces for training
+(each saving activations, inside the graph pools too) and then either failed deep in autograd at backward (a state
+written in place, on CPU in every mode) or, where a graph replay's outputs need no grad, would leave the model's
+parameters out of a loss's gradients silently. Now such a graph compiles and runs under `no_grad` (as an inference
+server such as vLLM always runs), and its floating outputs require grad as eager's do, through a node whose
+backward raises.
 """
 from __future__ import annotations
 
