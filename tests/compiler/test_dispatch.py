@@ -80,6 +80,9 @@ def test_grad_mode_dtype_and_none_arguments_are_kinds():
     with torch.inference_mode():  # grad off as under no_grad; its graphs make inference tensors
         assert key((x,)) != inside
     assert key((x[1:],)) != key((torch.zeros(2),))  # a view at an offset: Dynamo guards it as another layout
+    with torch.inference_mode():
+        made_inside = torch.zeros(3)
+    assert key((made_inside,)) != key((x,)) != key((torch._neg_view(x),))  # other dispatch keys, as Dynamo guards
     assert key((x, object())) is None  # an argument it cannot describe: the call always goes through Dynamo
     m = torch.eye(3)
     assert key((m.to_sparse_csr(),)) is None and key((m.to_sparse(),)) is None  # no strides to describe
@@ -213,6 +216,32 @@ def test_an_int_argument_of_another_value_is_another_kind():
         assert call.direct_calls == 0  # learned again through Dynamo, not served by the graph of n=2
         torch.testing.assert_close(call(_ids(5, 2), 2), model(_ids(5, 2), 2), rtol=1e-5, atol=1e-5)
         assert call.direct_calls == 1
+
+
+class _Counts(nn.Module):
+    """Counts the calls that run its forward in Python (under Dynamo's trace the count is not kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.eager_runs = toy_model(pattern=["linear", "full"]), [0]
+
+    def forward(self, ids):
+        if not torch.compiler.is_compiling():
+            self.eager_runs[0] += 1
+        return self.a(ids)
+
+
+def test_a_call_under_a_stance_other_than_the_default_goes_through_dynamo():
+    torch._dynamo.reset()
+    model = _Counts()
+    call = Dispatch(_compiled(model))
+    with torch.no_grad():
+        call(_ids(5))
+        with torch.compiler.set_stance("force_eager"):  # the model runs as eager code (debugging)
+            call(_ids(5, 1))
+        assert model.eager_runs == [1] and call.direct_calls == 0
+        call(_ids(5, 2))
+        assert model.eager_runs == [1] and call.direct_calls == 1
 
 
 def test_a_global_module_hook_or_one_on_the_compiled_module_is_run(toy):
