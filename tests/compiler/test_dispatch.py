@@ -83,6 +83,14 @@ def test_grad_mode_dtype_and_none_arguments_are_kinds():
     with torch.inference_mode():
         made_inside = torch.zeros(3)
     assert key((made_inside,)) != key((x,)) != key((torch._neg_view(x),))  # other dispatch keys, as Dynamo guards
+    plain = key((x,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inductor's pieces bake in the dtypes autocast gave
+        assert key((x,)) != plain
+    torch.set_default_dtype(torch.float64)  # and those of factories without a dtype
+    try:
+        assert key((x,)) != plain
+    finally:
+        torch.set_default_dtype(torch.float32)
     assert key((x, object())) is None  # an argument it cannot describe: the call always goes through Dynamo
     m = torch.eye(3)
     assert key((m.to_sparse_csr(),)) is None and key((m.to_sparse(),)) is None  # no strides to describe
@@ -290,7 +298,8 @@ def test_a_call_under_a_dispatch_mode_goes_through_dynamo(toy):
     """Dynamo runs the model eagerly under a dispatch mode; a direct call's compiled kernels would bypass it."""
     torch._dynamo.reset()
     call = Dispatch(_compiled(toy))
-    call(_ids(5))
+    with torch.no_grad():  # the kind of the call below but for the mode (learned in grad mode, it was another)
+        call(_ids(5))
     with torch.no_grad(), _Scaling():
         want = toy(_ids(5, 1))
     with torch.no_grad(), _Scaling():
