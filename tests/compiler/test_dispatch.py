@@ -497,6 +497,34 @@ def test_a_one_token_call_replays_the_dynamic_graph_without_dynamo(toy, monkeypa
         assert call.direct_calls == (3 if on else 2)
 
 
+class _ManyTokens(nn.Module):
+    """Takes another branch at one token: `T > 1` is true over Dynamo's symbol range (from 2), so it leaves no guard."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = toy_model(pattern=["linear", "full"])
+
+    def forward(self, ids):
+        h = self.a(ids)
+        return h * 2 if ids.shape[0] > 1 else h * 3
+
+
+@pytest.mark.parametrize("mode", ["eager", "pcg"])
+def test_a_model_branching_at_one_token_is_served_its_branch_with_the_switch_off(monkeypatch, mode):
+    """The README's fix for such a model: `one_token_via_dynamic = False` (on, the dynamic graph serves one token
+    and its many-token branch runs: a documented limitation, as in vLLM)."""
+    monkeypatch.setattr(dispatch, "one_token_via_dynamic", False)
+    torch._dynamo.reset()
+    model = _ManyTokens()
+    call = Dispatch(_compiled(model, mode))
+    with torch.inference_mode():
+        for n in (4, 5, 1, 1):
+            ids = _ids(n, n)
+            if n > 1:
+                torch._dynamo.mark_dynamic(ids, 0)
+            torch.testing.assert_close(call(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
 def test_a_one_token_call_of_a_graph_traced_for_one_size_goes_through_dynamo(toy):
     """A graph traced with a fixed token count (no symbolic size) serves that count only: a one-token call is
     traced (and anything else that differs: another dtype, another rank)."""

@@ -136,7 +136,7 @@ class _Hooked(nn.Module):
 
 CHANGES = ["attribute", "config", "traced file", "parameter layout", "dtype", "grad mode", "submodule hook",
            "untied", "global", "partial", "closure", "class attribute", "patched method", "global identity",
-           "attribute identity", "deep flag", "varargs", "attribute added", "patched torch method"]
+           "attribute identity", "deep flag", "varargs", "attribute added", "patched torch method", "constant"]
 
 
 def _changed(change: str, monkeypatch):
@@ -172,6 +172,8 @@ def _changed(change: str, monkeypatch):
         model.cfg.a.b.flag = True
     elif change == "attribute added":  # one that was absent when traced
         model.cfg.a.absent = True
+    elif change == "constant":  # the same bytecode and file, another constant (functions built from strings)
+        first.fn, model.fn = eval("lambda h: h * 2"), eval("lambda h: h * 7")
     elif change == "varargs":  # the same bytecode, another signature
         first.fn, model.fn = (lambda h: h[0] * 2), (lambda *h: h[0] * 2)
         ids = _ids(6)
@@ -201,8 +203,8 @@ def test_what_would_make_a_snapshot_wrong_sends_the_call_to_dynamo(tmp_path, mon
     """Whatever Dynamo would have traced differently (a module attribute, the config, a source file it traced, a
     parameter's layout, the call's dtype or grad mode, a hook on a submodule, tied weights, a global it guarded, a
     partial's or closure's values, a class attribute, a method patched on the class, which object a global or an
-    attribute is, a flag deep in a config object, a function's signature, an attribute added where the forward
-    asked hasattr) or that changes the graph's inputs: the
+    attribute is, a flag deep in a config object, a function's signature or constants, an attribute added where
+    the forward asked hasattr) or that changes the graph's inputs: the
     snapshot is not used; Dynamo traces, and the results are the model's."""
     first, model, ids = _changed(change, monkeypatch)
     _cold(tmp_path, model=first)
@@ -330,16 +332,18 @@ def test_an_op_is_described_by_its_name_whatever_its_lazy_attributes():
     assert before == after and "aten.sin.default" in after[1]
 
 
-@pytest.mark.parametrize("change", ["dict order", "registry"])
+@pytest.mark.parametrize("change", ["dict order", "dict key added in place", "registry"])
 def test_what_a_forward_reads_outside_its_module_is_checked_at_every_new_kind(tmp_path, monkeypatch, change):
-    """A dict's order or a registry's entry changed after a snapshot served one size: the next new size goes to
-    Dynamo, with the model's results."""
+    """A dict's order, a key added to the same dict object, or a registry's entry changed after a snapshot served
+    one size: the next new size goes to Dynamo, with the model's results."""
     _cold(tmp_path, model=_Reads(toy_model(pattern=PATTERN)))
     call, be, model = _process(tmp_path, model=_Reads(toy_model(pattern=PATTERN)))
     _checked(call, model, _ids(6))
     assert be.stats.graphs_from_snapshots == 1
     if change == "dict order":
         monkeypatch.setattr(sys.modules[__name__], "PIPE", {"b": _mul2, "a": _add1})
+    elif change == "dict key added in place":
+        monkeypatch.setitem(PIPE, "c", _mul2)
     else:
         monkeypatch.setattr(_Registry.table["scale"], "v", 5)
     traces = _traces()

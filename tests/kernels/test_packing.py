@@ -2,6 +2,7 @@
 host layout (hypothesis against a torch reference)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -81,3 +82,13 @@ def test_bucket_host_layout_equals_the_torch_reference(tokens, max_seqs, data):
     host = bucket.host(seq_lens, context_lens, slots, 15)
     assert host.dtype == torch.long and host.shape == (bucket.numel,)
     assert torch.equal(host, _bucket_host_reference(bucket, seq_lens, context_lens, slots, 15))
+
+
+def test_a_step_of_more_sequences_than_the_bucket_holds_is_refused():
+    """A bucket of `seqs` sequences holds seqs - 2 real ones: one more is the padding rows', one at least of length
+    zero, which fla's filler chunk entries name."""
+    bucket = Bucket(tokens=8, seqs=4)
+    bucket.host([3, 2], [0, 0], [0, 1], scratch=9)
+    for lens in ([3, 2, 1], [9]):
+        with pytest.raises(ValueError, match="does not fit the bucket of 8 tokens and 2 sequences"):
+            bucket.host(lens, [0] * len(lens), list(range(len(lens))), scratch=9)

@@ -134,6 +134,28 @@ class _InBlock(torch.nn.Module):
         return y + 1
 
 
+class _AfterBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):  # closed before the split op
+            x = self.lin(x)
+        return torch.ops.hattn_guard_test.mix(x, 0) + 1
+
+
+def test_a_split_op_after_a_closed_autocast_block_is_served():
+    hattn.register_split_op(torch.ops.hattn_guard_test.mix, "guard_mix")
+    try:
+        torch._dynamo.reset()
+        model, x = _AfterBlock(), torch.randn(5, 4)
+        compiled = torch.compile(model, backend=hattn.backend(mode="pcg", inner_compiler="eager", progress=False))
+        torch.testing.assert_close(compiled(x), model(x))
+    finally:
+        hattn.unregister_split_op(torch.ops.hattn_guard_test.mix)
+
+
 @pytest.mark.parametrize("block", [lambda: torch.autocast("cpu", enabled=False), torch.inference_mode],
                          ids=["autocast", "inference_mode"])
 def test_a_split_op_inside_an_autocast_or_inference_mode_block_is_refused(block):
@@ -220,18 +242,24 @@ def test_an_op_registered_as_a_split_op_after_compile_stops_the_graph(compiled_w
         torch.testing.assert_close(model(x), model._orig_mod(x))
 
 
-def test_a_split_op_made_not_capture_safe_after_a_full_graph_captured_it(compiled_with):
+@pytest.mark.parametrize("mode", ["full", "pcg"])
+def test_a_split_op_made_not_capture_safe_after_a_full_graph_captured_it(compiled_with, mode):
+    """Mode full captures capture-safe split ops: its graph stops; pcg runs split ops outside its graphs whatever
+    the flag says: its graph goes on."""
     from hattn.passes.guards import RegisteredAfterCompile
 
     torch._dynamo.reset()
     hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix", capture_safe=True)
     x = torch.randn(5, 4)
-    model = compiled_with(torch.ops.hattn_test.blend, mode="full")
+    model = compiled_with(torch.ops.hattn_test.blend, mode=mode)
     with hattn.forward_context(hattn.ForwardContext(seq_lens=[5])):
         torch.testing.assert_close(model(x), model._orig_mod(x))
         hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix", capture_safe=True)  # the same: fine
         model(x)
         hattn.register_split_op(torch.ops.hattn_test.blend, "blendmix")
+        if mode == "pcg":
+            torch.testing.assert_close(model(x), model._orig_mod(x))
+            return
         with pytest.raises(RegisteredAfterCompile, match="capture_safe=False after this graph was compiled relying "
                                                          "on it .captured in mode full"):
             model(x)

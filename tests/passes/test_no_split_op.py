@@ -49,14 +49,52 @@ class KVCacheWrite(nn.Module):
         return self.k_cache.sum(0)
 
 
+class MatmulRouter(nn.Module):
+    """A router written as a product with its own weight (`x @ self.w`): one activation in the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, x):
+        return F.softmax(x @ self.w, dim=-1).topk(2).values
+
+
+class FilledKeys(nn.Module):
+    """Attention whose keys are added into a buffer it made (`add_`, an in-place op not in the writes' list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(16, 32)
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, dim=-1)
+        keys = torch.zeros(x.shape[0], 16)
+        keys.add_(k)
+        return F.softmax(q @ keys.T, dim=-1)
+
+
+class ConstantWrite(nn.Module):
+    """Writes a constant into an input (a flag, a counter): no activation is written, not a KV cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x, buf):
+        buf[0] = 0.0
+        return self.lin(x) + buf.sum()
+
+
 def _compile(module, mode):
     return torch.compile(module, backend=hattn.backend(mode=mode, inner_compiler="eager"))
 
 
 @pytest.mark.parametrize("mode", ["pcg", "bcg", "full"])
-def test_graph_modes_refuse_attention_written_out(mode):
+@pytest.mark.parametrize("module", [EagerAttention, FilledKeys])
+def test_graph_modes_refuse_attention_written_out(mode, module):
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="softmax of an activation product") as err:
-        _compile(EagerAttention(), mode)(torch.randn(5, 16))
+        _compile(module(), mode)(torch.randn(5, 16))
     inner = err.value.inner_exception
     assert type(inner) is NoSplitOpError and isinstance(inner, UnregisteredAttentionError)
     msg = str(inner)
@@ -79,10 +117,18 @@ def test_mode_eager_runs_it_and_warns():
 
 
 @pytest.mark.parametrize("mode", ["pcg", "eager"])
-def test_a_router_softmax_is_not_attention(mode, recwarn):
-    module, x = Router(), torch.randn(5, 16)
+@pytest.mark.parametrize("router", [Router, MatmulRouter])
+def test_a_router_softmax_is_not_attention(mode, router, recwarn):
+    module, x = router(), torch.randn(5, 16)
     torch.testing.assert_close(_compile(module, mode)(x), module(x))
     assert not [w for w in recwarn if issubclass(w.category, NoSplitOpWarning)]
+
+
+def test_a_constant_written_into_an_input_is_not_a_kv_cache_write():
+    module, x = ConstantWrite(), torch.randn(5, 16)
+    got, want = torch.ones(4), torch.ones(4)
+    torch.testing.assert_close(_compile(module, "pcg")(x, got), module(x, want))
+    assert torch.equal(got, want)
 
 
 def test_transformers_eager_attention_names_hattn_compile():

@@ -97,6 +97,16 @@ def test_layout_of_static_graph_owns_its_forward_args():
     assert len(layout.owned) == 1  # the ids: copied into an owned buffer, parameters used in place
 
 
+def test_layout_of_graph_with_an_output_derived_from_the_token_count_has_a_reason():
+    class Twice(nn.Module):
+        def forward(self, ids):
+            h = ids.float()[:, None] * 2
+            return torch.cat([h, h])  # 2 * T rows: padding rows would land among them
+
+    layout = _layout_of(Twice(), torch.arange(1, 4), dynamic=True)
+    assert layout.reason is not None and "derived from the token count" in layout.reason
+
+
 def test_layout_of_graph_with_two_symbols_has_a_reason():
     class TwoSizes(nn.Module):
         def forward(self, a, b):
@@ -116,6 +126,8 @@ def test_inputs_of_another_dtype_or_device_are_errors_naming_both():
         inputs.fill(8, [torch.zeros(4, 3, device="meta"), torch.zeros(5)], 4)
     with pytest.raises(TypeError, match=r"is torch.int64\[5\] on cpu but graphs were captured for torch.float32\[5\]"):
         inputs.fill(8, [torch.zeros(4, 3), torch.zeros(5, dtype=torch.long)], 4)
+    with pytest.raises(TypeError, match=r"is torch.float32\[1\] on cpu but graphs were captured for torch.float32"):
+        inputs.fill(8, [torch.zeros(4, 3), torch.zeros(1)], 4)  # copied in, it would broadcast
 
 
 def test_non_contiguous_inputs_are_copied_into_the_static_buffers():
