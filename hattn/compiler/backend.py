@@ -25,7 +25,7 @@ from hattn.compiler import snapshot
 from hattn.compiler.artifacts import keep_kernels_in, load_entry, same_triton_toolchain
 from hattn.compiler.config import Config
 from hattn.compiler.dispatch import Traced, input_sources, learning, one_token_dims, symbolic_sizes, whole_frame
-from hattn.compiler.inference import NoBackward, wants_gradients
+from hattn.compiler.inference import NoBackward, drop_grad_mode_switches, output_inputs
 from hattn.compiler.signature import signature
 from hattn.passes.fuse_linears import FusedWeightsGuard, fuse_linears
 from hattn.passes.guards import (AsRegistered, check_no_unregistered_attention, check_split_ops_outside_contexts,
@@ -350,12 +350,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: Config, stat
     """Guard, fuse linears, split and compile one Dynamo graph; return what the mode's runtime serves it with.
     `fake_mode`: the fake mode of `gm`'s example values when its inputs are real and Dynamo is not tracing (a
     warm-start snapshot, read in `load_seconds`: the pieces compile from those values, with the traced symbols).
-    In a graph mode, a call that asks for gradients compiles and runs for inference (`inference.NoBackward`)."""
-    if not (config.uses_graphs and wants_gradients(example_inputs)):
+    A graph mode's graph compiles and runs for inference (`inference.NoBackward`)."""
+    if not config.uses_graphs:
         return _compile_graph(gm, example_inputs, config, stats, fake_mode, load_seconds, pools)
+    sources = output_inputs(gm)
+    drop_grad_mode_switches(gm)
     with torch.no_grad():
         traced = _compile_graph(gm, example_inputs, config, stats, fake_mode, load_seconds, pools)
-    traced.fn = NoBackward.wrap(traced.fn, example_inputs)
+    traced.fn = NoBackward(traced.fn, sources)
     return traced
 
 

@@ -1,5 +1,5 @@
-"""hattn's graph modes compile for inference: a call that asks for gradients runs without them, and a backward
-through its outputs is an error that names the fix.
+"""hattn's graph modes compile for inference: their graphs run without autograd, and a backward through an output
+that eager would give with grad is an error that names the fix.
 
 Gradients cannot flow through the graph runtimes (pcg, bcg, full): a CUDA graph replays into fixed buffers that no
 autograd graph points to, and split ops write their caches and states in place. (Mode eager keeps autograd: its
@@ -7,13 +7,20 @@ pieces run as compiled, and a graph whose ops all support it trains as the model
 mode on and parameters requiring grad (a model called without `torch.no_grad()`) compiled its pieces for training
 (each saving activations, inside the graph pools too) and then either failed deep in autograd at backward (a state
 written in place, on CPU in every mode) or, where a graph replay's outputs need no grad, would leave the model's
-parameters out of a loss's gradients silently. Now such a graph compiles and runs under `no_grad` (as an inference
-server such as vLLM always runs), and its floating outputs require grad as eager's do, through a node whose
-backward raises.
+parameters out of a loss's gradients silently.
+
+Now a graph mode's graph loses its grad-mode switches (a `with torch.no_grad():` block in the forward is recorded
+as `_set_grad_enabled(False)` ... `_set_grad_enabled(True)`, the second turning autograd on again for the rest of
+the graph, which then saved activations and chained every decode step's cache writes into one autograd graph), is
+compiled under `no_grad` and runs so (as an inference server such as vLLM always runs). With grad mode on, each
+floating output that eager would give with grad (one that depends on an input requiring grad now: parameters may
+be frozen or unfrozen between calls the dispatcher serves with one graph) comes through a node whose backward
+raises.
 """
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from hattn.passes.guards import GraphWrapper
@@ -25,9 +32,30 @@ NO_BACKWARD = (
 )
 
 
-def wants_gradients(example_inputs: list) -> bool:
-    """Whether a graph's call asks for gradients: grad mode on and an input requiring grad (a parameter)."""
-    return torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+def drop_grad_mode_switches(gm: fx.GraphModule) -> None:
+    """Erase the graph's `_set_grad_enabled` calls: it runs under no_grad from start to end."""
+    switches = [n for n in gm.graph.nodes
+                if n.op == "call_function" and getattr(n.target, "__name__", "") == "_set_grad_enabled"]
+    for node in switches:
+        gm.graph.erase_node(node)
+    if switches:
+        gm.recompile()
+
+
+def output_inputs(gm: fx.GraphModule) -> list[tuple[int, ...]]:
+    """Per output of `gm` (flattened), the positions of the graph inputs its value is computed from."""
+    reach: dict[fx.Node, int] = {}  # a node's inputs as a bit set
+    for i, node in enumerate(gm.graph.find_nodes(op="placeholder")):
+        reach[node] = 1 << i
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            bits = 0
+            for arg in node.all_input_nodes:
+                bits |= reach.get(arg, 0)
+            reach[node] = bits
+    leaves, _ = tree_flatten(gm.graph.output_node().args[0])
+    return [tuple(i for i in range(reach[x].bit_length()) if reach[x] >> i & 1) if isinstance(x, fx.Node) else ()
+            for x in leaves]
 
 
 class _Raises(torch.autograd.Function):
@@ -44,27 +72,30 @@ class _Raises(torch.autograd.Function):
 
 
 class NoBackward(GraphWrapper):
-    """The compiled graph `fn` of a call that asked for gradients, run under no_grad. `anchor`: the position of an
-    input that required grad at compile time (Dynamo guards it): while it still does and grad mode is on, the
-    floating outputs come through `_Raises`, so they require grad and a backward through any of them raises."""
+    """A graph mode's compiled graph `fn`, run under no_grad. `sources`: per flattened output, the graph inputs it
+    is computed from (`output_inputs`). With grad mode on, the floating outputs computed from an input that requires
+    grad at this call come through `_Raises`: they require grad as eager's would, and a backward raises."""
 
-    def __init__(self, fn, anchor: int):
-        self.fn, self.anchor = fn, anchor
-
-    @classmethod
-    def wrap(cls, fn, example_inputs: list) -> "NoBackward":
-        anchor = next(i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad)
-        return cls(fn, anchor)
+    def __init__(self, fn, sources: list[tuple[int, ...]]):
+        self.fn, self.sources = fn, sources
 
     def __call__(self, *args):
+        if not torch.is_grad_enabled():
+            return self.fn(*args)
         with torch.no_grad():
             out = self.fn(*args)
-        anchor = args[self.anchor]
-        if not (torch.is_grad_enabled() and anchor.requires_grad):
-            return out
         leaves, spec = tree_flatten(out)
-        at = [i for i, x in enumerate(leaves)
-              if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())]
-        for i, x in zip(at, _Raises.apply(anchor, *(leaves[i] for i in at)), strict=True):
-            leaves[i] = x
+        sources = self.sources if len(self.sources) == len(leaves) else [range(len(args))] * len(leaves)
+        at, anchor = [], None
+        for k, (x, inputs) in enumerate(zip(leaves, sources, strict=True)):
+            if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+                grad = next((a for a in map(args.__getitem__, inputs)
+                             if isinstance(a, torch.Tensor) and a.requires_grad), None)
+                if grad is not None:
+                    at.append(k)
+                    anchor = grad if anchor is None else anchor
+        if not at:
+            return out
+        for k, x in zip(at, _Raises.apply(anchor, *(leaves[k] for k in at)), strict=True):
+            leaves[k] = x
         return tree_unflatten(leaves, spec)

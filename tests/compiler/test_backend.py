@@ -76,6 +76,48 @@ def test_a_call_that_asks_for_gradients_runs_for_inference_and_a_backward_names_
         assert not call(_ids(5, 2)).requires_grad
 
 
+class _Blocked(nn.Module):
+    """The toy model behind a `torch.no_grad()` block (Dynamo records it as two grad-mode switches); with `extra`, a
+    second output computed from that input alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = toy_model(pattern=["linear", "full"])
+
+    def forward(self, ids, extra=None):
+        with torch.no_grad():
+            ids = ids.clamp(0, 127)
+        return self.a(ids) if extra is None else (self.a(ids), extra * 2)
+
+
+def test_a_graph_mode_runs_without_autograd_whatever_its_parameters_and_blocks_say():
+    """Served by the dispatcher with one graph: parameters unfrozen after the kind was learned frozen, or another
+    one unfrozen instead, still give an output whose backward raises (on a GPU a replay's output would need no grad:
+    the loss's gradients would lack the model's, silently); a no_grad block in the forward leaves no autograd graph
+    behind the output (its closing switch turned autograd on for the rest of the graph, and every decode step's
+    cache writes chained onto the last); an output computed from no parameter needs no grad, as eager's."""
+    from hattn.compiler.dispatch import Dispatch
+
+    torch.manual_seed(0)
+    model = _Blocked()
+    be = backend(mode="pcg", inner_compiler="eager")
+    call = Dispatch(torch.compile(model, backend=be))
+    for trainable in (None, model.a.lm_head.weight, model.a.norm.weight):  # learned frozen, then unfrozen
+        model.requires_grad_(False)
+        if trainable is not None:
+            trainable.requires_grad_(True)
+        logits = call(_ids(5))
+        torch.testing.assert_close(logits, model(_ids(5)), rtol=1e-5, atol=1e-5)
+        assert logits.requires_grad == (trainable is not None)
+        if trainable is not None:
+            assert {type(f).__name__ for f, _ in logits.grad_fn.next_functions if f} == {"AccumulateGrad"}
+            with pytest.raises(RuntimeError, match="compiles for inference"):
+                logits.sum().backward()
+    assert call.direct_calls == 2 and be.stats.fused_linears > 0
+    logits, aside = torch.compile(model, backend=backend(mode="pcg", inner_compiler="eager"))(_ids(5), torch.ones(3))
+    assert logits.requires_grad and not aside.requires_grad
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
