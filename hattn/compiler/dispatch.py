@@ -9,20 +9,21 @@ which of hattn's compiled graphs served it and with which arguments (`Traced`), 
 itself: the parameters gathered once, the call's tensors and sizes put in their places.
 
 What it relies on is the serving contract of a compiled model (vLLM's dispatcher relies on it too): after the first
-calls, the model's code, module attributes, the globals its forward reads and parameter metadata (dtype, device,
-requires_grad) do not change. New weights are copied in place; a parameter given new storage is still caught by the
-graph runtimes, which capture again (one fused with others into one GEMM is an error naming the fix: the fused graph
-reads its own buffer). A parameter or buffer assigned on any module (`load_state_dict(assign=True)`: new Parameter
+calls, the model's code, module attributes, the globals its forward reads and parameter metadata (dtype, device) do not
+change; a parameter frozen or unfrozen is seen with grad mode on (a walk over the parameters at each such call), where
+it decides what a graph differentiates. New weights are copied in place; a parameter given new storage is still caught
+by the graph runtimes, which capture again (one fused with others into one GEMM is an error naming the fix: the fused
+graph reads its own buffer). A parameter or buffer assigned on any module (`load_state_dict(assign=True)`: new Parameter
 objects) makes every Dispatch forget its kinds, as a train/eval switch does (torch's global registration hooks; its
 kinds held the old objects, which went on serving silently before); one written into a module's `_parameters` /
 `_buffers` dict directly (as `torch.func.functional_call` does) fires no such hook and is not seen. A hook added to or
-removed from a submodule makes it forget its kinds too, and the calls it sends through Dynamo build hook guards
-(which Dynamo skips by default: its cached graph would serve the old hooks). A kind whose call runs Python around
-the graph keeps going through Dynamo at every call: a graph break or a resumed frame's graph, a store into an object
-that existed before the call (unless it ends as it was), module hooks (backward ones too), a torch-function or
-dispatch mode, a non-default Dynamo stance, a graph that is not hattn's, or a result that is not the graph's output. The
-module switched between training and eval mode (`.train()`, `.eval()` on it) forgets its kinds: each is learned
-again through Dynamo, which guards the mode.
+removed from a submodule makes it forget its kinds too, and the calls it sends through Dynamo build hook guards (which
+Dynamo skips by default: its cached graph would serve the old hooks). A kind whose call runs Python around the graph
+keeps going through Dynamo at every call: a graph break or a resumed frame's graph, a store into an object that existed
+before the call (unless it ends as it was), module hooks (backward ones too), a torch-function or dispatch mode, a
+non-default Dynamo stance, a graph that is not hattn's, or a result that is not the graph's output. The module switched
+between training and eval mode (`.train()`, `.eval()` on it) forgets its kinds: each is learned again through Dynamo,
+which guards the mode.
 
 One more kind skips Dynamo from its first call: a one-token call of a kind learned with a symbolic token count.
 Dynamo would trace it as a graph of its own (it specializes sizes 0 and 1); the graph traced for every size serves
@@ -241,7 +242,16 @@ class Dispatch:
         self.assigned = _ASSIGNED[0]  # the registrations the kinds were learned after
         self.registered = registry.generation()  # the split ops' registrations they were compiled under
         self.hooks = _SubmoduleHooks(self.module)  # the submodules' hooks they were learned with
+        self.trainable = self._trainable()  # which parameters required grad (read with grad mode on only)
         self._serve()
+
+    def _trainable(self) -> tuple[bool, ...]:
+        """Which of the module's parameters require grad. Read only with grad mode on (a walk over every parameter):
+        a graph compiled while none of them did differentiates none, so one unfrozen since is another kind (Dynamo
+        guards requires_grad; the kinds do not hold it). Under no_grad and inference_mode it decides nothing."""
+        if not torch.is_grad_enabled() or not isinstance(self.module, torch.nn.Module):
+            return ()
+        return tuple(p.requires_grad for p in self.module.parameters())
 
     def _serve(self) -> None:
         """Watch the model's modules as they are now for submodule assignments (`_submodule_assigned`)."""
@@ -250,7 +260,8 @@ class Dispatch:
 
     def __call__(self, *args):
         if (self.module is not None and self.module.training is not self.training) or _ASSIGNED[0] != self.assigned \
-                or registry.generation() != self.registered or self.hooks.changed():
+                or registry.generation() != self.registered or self.hooks.changed() \
+                or (torch.is_grad_enabled() and self._trainable() != self.trainable):
             self._forget()
         key = _kind(args) if enabled and self.names is not None and self._plain() else None
         direct = self.kinds.get(key) if key is not None else _VIA_DYNAMO

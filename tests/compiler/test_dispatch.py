@@ -330,6 +330,19 @@ def test_backward_hooks_go_through_dynamo_and_a_mode_switch_learns_kinds_again()
         assert call.direct_calls == direct  # the first call of the mode through Dynamo, the second direct
 
 
+def test_a_parameter_unfrozen_after_learning_in_grad_mode_is_differentiated():
+    """Mode eager keeps autograd: inductor's pieces compiled while every parameter was frozen differentiate none, so
+    a parameter unfrozen since makes the call another kind (Dynamo guards requires_grad), as eager computes it."""
+    torch._dynamo.reset()
+    model = toy_model(pattern=["linear", "full"])
+    model.requires_grad_(False)
+    call = Dispatch(torch.compile(model, backend=hattn.backend(mode="eager", progress=False)))  # inductor pieces
+    call(_ids(5))
+    model.lm_head.weight.requires_grad_(True)
+    call(_ids(5, 1)).sum().backward()
+    assert model.lm_head.weight.grad is not None and call.direct_calls == 0
+
+
 def test_weights_assigned_as_new_parameters_are_read_after_it():
     """load_state_dict(assign=True) puts new Parameter objects on the modules: the learned kinds held the old ones
     and served them silently (the old weights' tokens). Any parameter or buffer assignment makes the dispatcher
