@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from hattn.passes.guards import GraphWrapper
+from hattn.passes.guards import GraphWrapper, grad_mode_switch
 
 NO_BACKWARD = (
     "hattn: gradients cannot flow back through a model compiled with hattn: it compiles for inference (CUDA graphs "
@@ -34,8 +34,7 @@ NO_BACKWARD = (
 
 def drop_grad_mode_switches(gm: fx.GraphModule) -> None:
     """Erase the graph's `_set_grad_enabled` calls: it runs under no_grad from start to end."""
-    switches = [n for n in gm.graph.nodes
-                if n.op == "call_function" and getattr(n.target, "__name__", "") == "_set_grad_enabled"]
+    switches = [n for n in gm.graph.nodes if grad_mode_switch(n)]
     for node in switches:
         gm.graph.erase_node(node)
     if switches:
@@ -93,7 +92,7 @@ class NoBackward(GraphWrapper):
                              if isinstance(a, torch.Tensor) and a.requires_grad), None)
                 if grad is not None:
                     at.append(k)
-                    anchor = grad if anchor is None else anchor
+                    anchor = grad if anchor is None else anchor  # any one: all of _Raises' outputs need grad
         if not at:
             return out
         for k, x in zip(at, _Raises.apply(anchor, *(leaves[k] for k in at)), strict=True):

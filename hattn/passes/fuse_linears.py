@@ -58,7 +58,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_leaves
 
 from hattn import registry
-from hattn.passes.guards import GraphWrapper, with_block_call
+from hattn.passes.guards import GraphWrapper, grad_mode_switch, with_block_call
 from hattn.runtime.graphs import data_ptrs_at, data_ptrs_equal
 
 log = logging.getLogger("hattn")
@@ -228,8 +228,7 @@ def _groups(graph: fx.Graph, params: dict) -> list[list[_Linear]]:
 def _changes_global_state(node: fx.Node) -> bool:
     """What Dynamo records for `with torch.no_grad()` / `enable_grad()` (`_set_grad_enabled`), `torch.autocast`,
     `torch.inference_mode` and other context managers (`_enter_*` / `_exit_*` functions)."""
-    grad_mode = node.op == "call_function" and getattr(node.target, "__name__", "") == "_set_grad_enabled"
-    return grad_mode or bool(with_block_call(node))
+    return grad_mode_switch(node) or bool(with_block_call(node))
 
 
 def _may_mutate(node: fx.Node) -> bool:

@@ -133,6 +133,11 @@ def with_block_call(node: fx.Node) -> str:
     return name if name.startswith(("_enter_", "_exit_")) else ""
 
 
+def grad_mode_switch(node: fx.Node) -> bool:
+    """Whether a node is what Dynamo records for `with torch.no_grad()` / `enable_grad()`: `_set_grad_enabled`."""
+    return node.op == "call_function" and getattr(node.target, "__name__", "") == "_set_grad_enabled"
+
+
 def check_split_ops_outside_contexts(gm: fx.GraphModule) -> None:
     """Raise SplitOpInContextError for a split op called inside a `with torch.autocast(...)` or
     `with torch.inference_mode()` block. Dynamo records such a block as an `_enter_*` call whose result the matching
