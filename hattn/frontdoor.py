@@ -86,8 +86,8 @@ class CompiledLM:
         fused weights and cache are bound to one device and dtype (move or cast the model before hattn.compile)."""
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         bound_device, bound_dtype = self._bound
-        same_device = device is None or (device.type == bound_device.type and device.index in (None,
-                                                                                               bound_device.index))
+        same_device = device is None or (device.type == bound_device.type and (
+            device.type == "cpu" or device.index in (None, bound_device.index)))  # the CPU is one device: cpu:0 too
         if same_device and (dtype is None or dtype == bound_dtype):
             self._check_unmoved()
             return self

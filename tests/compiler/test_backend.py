@@ -119,6 +119,49 @@ def test_a_graph_mode_runs_without_autograd_whatever_its_parameters_and_blocks_s
     assert logits.requires_grad and not aside.requires_grad
 
 
+class _ScaledOutputs(nn.Module):
+    """A split op over a product with a parameter; outputs: the op's result as complex, a view of it, its argmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        y = torch.ops.hattn_test.scale(x @ self.w, 2.0)
+        return torch.view_as_complex(y.reshape(-1, 2, 2)), y, y[:, :2], y.argmax(-1)
+
+
+def test_a_graph_mode_in_grad_mode_wraps_complex_outputs_keeps_aliases_and_compiles_for_inference(monkeypatch):
+    """With grad mode on and a trainable parameter: a complex output requires grad as eager's (its backward raises,
+    so a loss over it never silently leaves the parameter out), an integer one does not; outputs that alias each
+    other in eager still do (a write to one shows in the other: not copies); and the split graph is built under
+    no_grad (pieces compiled for training would save activations, inside graph pools too)."""
+    import hattn.runtime
+
+    seen, build = [], hattn.runtime.build_runtime
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(hattn.runtime, "build_runtime", recording)
+    torch.manual_seed(0)
+    model, x = _ScaledOutputs(), torch.randn(3, 4)
+    want = model(x)
+    out = torch.compile(model, backend=backend(mode="pcg", inner_compiler="eager"))(x)
+    for got, exp in zip(out, want, strict=True):
+        torch.testing.assert_close(got, exp)
+        assert got.requires_grad == exp.requires_grad
+    cplx, y, head, _ = out
+    assert seen == [False] and cplx.requires_grad and not out[3].requires_grad
+    with torch.no_grad():
+        y[0, 0] = 123.0
+    assert head[0, 0].item() == 123.0 and cplx[0, 0].real.item() == 123.0
+    with pytest.raises(RuntimeError, match="compiles for inference"):
+        cplx.abs().sum().backward()
+    assert model.w.grad is None
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

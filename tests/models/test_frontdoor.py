@@ -174,6 +174,7 @@ def test_compiled_model_shows_the_module_surface_transformers_code_touches(make_
     assert list(model.parameters()) == list(hf.parameters())  # hattn.compile(m).eval().generate(...) works
     assert model.get_input_embeddings() is hf.get_input_embeddings()
     assert model.to("cpu") is model and model.to(torch.float32) is model and model.float() is model
+    assert model.to("cpu:0") is model and model.to(torch.device("cpu", 0), torch.float32) is model  # as hf.to
     with pytest.raises(ValueError, match=r"compiled on cpu in torch.float32, .* hattn.compile\(model.to"):
         model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(max_new_tokens=3, pad_token_id=PAD)
@@ -478,3 +479,67 @@ def test_generate_from_two_threads_takes_turns_on_the_one_cache(make_case):
     with pytest.raises(RuntimeError, match="generate was called again from inside a generate of the same model"):
         model.generate(ids, max_new_tokens=2, streamer=CallsAgain())
     assert torch.equal(model.generate(ids, max_new_tokens=12), want)  # and the model still serves
+
+
+def _eager(c) -> CompiledLM:
+    return hattn.compile(fresh(c), mode="eager", inner_compiler="eager", progress=False)
+
+
+def test_generate_refuses_a_prompt_given_both_positionally_and_as_input_ids(make_case):
+    """generate(a, input_ids=b): transformers refuses two prompts; taking either one silently would be a guess."""
+    model = _eager(make_case("tiny"))
+    a, b = torch.tensor([[5, 17, 42, 7]]), torch.tensor([[3, 9, 11, 2]])
+    with pytest.raises(ValueError, match=r"pass the prompt once: input_ids or inputs"):
+        model.generate(a, input_ids=b, max_new_tokens=2)
+
+
+def test_the_default_length_is_capped_at_the_models_max_position_embeddings_as_transformers(make_case):
+    """With no length set, transformers' default of 20 new tokens stops at the model's positions."""
+    model = _eager(make_case("tiny"))
+    model.config.max_position_embeddings = 8
+    model.generation_config.max_length = None
+    model.generation_config.max_new_tokens = None
+    assert model.generate(torch.tensor([[5, 17, 42, 7, 9]])).shape == (1, 8)
+
+
+def test_the_packed_call_refuses_a_batch_of_rows_with_positions(make_case):
+    """Positions name the packed call (ids [T], positions [T]): [B, T] ids with them are a TypeError naming both
+    forms, not rows fed to the packed graph."""
+    model = _eager(make_case("tiny"))
+    with pytest.raises(TypeError, match=r"the packed model: model\(input_ids \[T\], positions \[T\]\)"):
+        model(torch.tensor([[5, 17, 42, 7]]), torch.arange(4)[None])
+
+
+def test_requires_grad_reaches_the_transformers_parameters(make_case):
+    model = _eager(make_case("tiny"))
+    assert model.requires_grad_(False) is model and not any(p.requires_grad for p in model.hf.parameters())
+    assert model.requires_grad_() is model and all(p.requires_grad for p in model.hf.parameters())
+
+
+@pytest.mark.parametrize("dtype, same, others", [(torch.float16, "half", ("bfloat16", "float")),
+                                                 (torch.bfloat16, "bfloat16", ("half", "float"))])
+def test_the_dtype_shortcuts_return_the_model_in_its_own_dtype_and_refuse_others(make_case, dtype, same, others):
+    model = hattn.compile(fresh(make_case("tiny")).to(dtype), mode="eager", inner_compiler="eager", progress=False)
+    assert getattr(model, same)() is model
+    for name in others:
+        with pytest.raises(ValueError, match=f"compiled on cpu in {dtype}"):
+            getattr(model, name)()
+
+
+def test_a_passed_generation_config_overrides_the_models_own_settings(make_case):
+    """As transformers: the GenerationConfig passed wins over the model's; the model's fills what it leaves."""
+    model = _eager(make_case("tiny"))
+    model.generation_config.max_new_tokens = 3
+    ids = torch.tensor([[5, 17, 42, 7]])
+    assert model.generate(ids, GenerationConfig(max_new_tokens=5, pad_token_id=PAD)).shape == (1, 4 + 5)
+    assert model.generate(ids, generation_config=GenerationConfig(pad_token_id=PAD)).shape == (1, 4 + 3)
+
+
+def test_compile_takes_a_torch_compiled_transformers_model(make_case):
+    """hattn.compile(torch.compile(model)) compiles the model inside torch.compile's wrapper."""
+    c = make_case("tiny")
+    hf = fresh(c)
+    model = hattn.compile(torch.compile(hf), mode="eager", inner_compiler="eager", progress=False)
+    assert model.hf is hf
+    ids = torch.tensor([c.prompts[0]])
+    assert model.generate(ids, max_new_tokens=4)[0, ids.shape[1]:].tolist() == c.ref.tokens[0][:4]

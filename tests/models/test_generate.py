@@ -328,3 +328,61 @@ def test_step_token_limit_is_the_largest_capture_size_of_a_graph_mode():
 
     tbo = TwoBatchOverlap.for_model(m, compile=lambda x: torch.compile(x, backend=hattn.backend(capture_sizes=[8])))
     assert step_token_limit(tbo) == 8 and step_token_limit(TwoBatchOverlap.for_model(m)) is None
+
+
+def test_seed_zero_is_a_seed(make_case):
+    """seed=0 samples from its own generator (not the global one): two calls give the same tokens."""
+    c = make_case("tiny")
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=0)
+    torch.manual_seed(1)
+    first = generate(c.lm, c.prompts, params=params).tokens
+    torch.manual_seed(2)
+    assert generate(c.lm, c.prompts, params=params).tokens == first
+
+
+def test_keep_takes_a_single_name_as_a_string(make_case):
+    c = make_case("tiny")
+    res = generate(c.lm, c.prompts, params=SamplingParams(max_new_tokens=3), keep="scores")
+    assert len(res.scores) == 3 and res.logits is None
+
+
+def test_a_cache_of_exactly_the_positions_generate_writes_is_enough(make_case):
+    """The last new token is never fed back: len(prompt) + max_new_tokens - 1 positions suffice; one fewer is
+    refused, naming how many it needs."""
+    c = make_case("tiny")
+    prompt, new = c.prompts[1], 6
+    got = generate(c.lm, [prompt], c.lm.make_cache(1, len(prompt) + new - 1), SamplingParams(max_new_tokens=new))
+    assert got.tokens == [c.ref.tokens[1][:new]]
+    with pytest.raises(ValueError, match=f"it needs {len(prompt) + new - 1} cache positions"):
+        generate(c.lm, [prompt], c.lm.make_cache(1, len(prompt) + new - 2), SamplingParams(max_new_tokens=new))
+
+
+def test_steps_the_host_ran_past_every_stop_are_dropped_from_tokens_and_kept_scores(make_case, monkeypatch):
+    """On a GPU the loop runs up to LOOKAHEAD steps past the last stop before it reads the finished flags (on a CPU
+    it reads them at once). Here the read always says 'not yet', so every step runs: what the steps after the last
+    stop made must not show in the tokens, the kept scores or the kept logits."""
+    gen_mod = importlib.import_module("hattn.models.generate")
+    c = make_case("tiny")
+    stops = (c.ref.tokens[0][2], c.ref.tokens[1][4], c.ref.tokens[2][3])
+    params = SamplingParams(max_new_tokens=12, stop_tokens=stops)
+    want = generate(c.lm, c.prompts, params=params, keep=("scores", "logits"))
+    monkeypatch.setattr(gen_mod._Loop, "_all_done", lambda self: False)
+    got = generate(c.lm, c.prompts, params=params, keep=("scores", "logits"))
+    assert got.tokens == want.tokens and got.decode_tokens == want.decode_tokens
+    width = max(map(len, want.tokens))
+    assert width < 12 and len(got.scores) == len(got.logits) == len(want.scores) == width
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, want.scores))
+
+
+def test_decode_steps_counts_the_steps_that_ran_when_every_sequence_stops_early(make_case):
+    c = make_case("tiny")
+    stops = (c.ref.tokens[0][2], c.ref.tokens[1][4], c.ref.tokens[2][3])
+    res = generate(c.lm, c.prompts, params=SamplingParams(max_new_tokens=12, stop_tokens=stops))
+    width = max(map(len, res.tokens))
+    assert width < 12 and res.decode_steps == width - 1  # on a CPU the flags are read at once: no step runs past
+
+
+def test_bool_token_ids_are_refused(make_case):
+    """A mask passed where ids belong ([[True, 2]]) is a TypeError, not token 1."""
+    with pytest.raises(TypeError, match=r"prompt 0 holds non-int token ids \[True, 2\]"):
+        generate(make_case("tiny").lm, [[True, 2]], params=SamplingParams(max_new_tokens=2))
