@@ -42,6 +42,18 @@ def test_register_twice_same_kind_ok_other_kind_error():
         hattn.register_split_op("hattn_test::scale", "full")
 
 
+def test_an_op_is_named_by_its_packet_or_any_overload_as_a_string_too():
+    """"ns::op" and "ns::op.default" name one split op, as torch.ops.ns.op and its .default do."""
+    assert hattn.register_split_op("hattn_test::scale.default", "testmix") is split_op_of(torch.ops.hattn_test.scale)
+    assert split_op_of(torch.ops.hattn_test.scale.default).name == "hattn_test::scale"
+
+
+def test_an_empty_layer_table_knows_no_layer():
+    """An empty table is a model's table that lists no layer (not the bare toy model's None): a call is an error."""
+    with pytest.raises(RegistryError, match="has no layer 0"):
+        check_route("full", 0, {})
+
+
 def test_register_rejects_non_custom_ops_and_bad_kinds():
     with pytest.raises(RegistryError, match="is not a torch custom op"):
         hattn.register_split_op(lambda x: x, "mamba")
@@ -205,3 +217,16 @@ def test_direct_call_keeps_a_profiler_range_named_after_the_op():
         assert "hattn_test::scale" in {e.name for e in prof.events()}
     finally:
         registry.register_split_op(torch.ops.hattn_test.scale, "testmix", direct=entry.direct)
+
+
+@torch.library.custom_op("hattn_test::FusedFlashAttnFwd", mutates_args=())
+def _camel_case_mixer(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+def test_an_unregistered_mixer_is_recognised_in_any_case_of_its_name():
+    """A custom attention kernel named in CamelCase is a mixer too: missed, it would be captured inside a graph with
+    the batch layout of capture time (the bug class hattn exists to make impossible)."""
+    want = "custom op hattn_test::FusedFlashAttnFwd"
+    assert registry.unregistered_mixer(torch.ops.hattn_test.FusedFlashAttnFwd.default) == want
+    assert registry.unregistered_mixer(torch.ops.hattn_test.FusedFlashAttnFwd) == want
