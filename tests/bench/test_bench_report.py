@@ -1,6 +1,7 @@
 """Report: per-token rows, floors and ratios, the goals of issues 17 and 18 met / missed / unknown, tables that show
 every reason, JSON, text and PNG files."""
 import dataclasses
+import io
 import json
 
 import pytest
@@ -326,3 +327,176 @@ def test_missing_matplotlib_is_a_recorded_reason(tmp_path, monkeypatch):
     r = write_report(meta(), points(), good_entries(), [], str(tmp_path))
     assert r["plot"] == {"error": "ImportError: No module named 'matplotlib' (pip install matplotlib)"}
     assert json.loads((tmp_path / "bench.json").read_text())["plot"] == r["plot"]
+
+
+
+def _judge(entries=None, result=None):
+    r = result or data.build(meta(), points(), entries, [])
+    return by_goal({**r, "goals": goals.evaluate(r)})
+
+
+def test_a_floor_goal_whose_row_has_no_floor_is_unknown_never_met():
+    """No copy bandwidth or matmul peak: the floor goals cannot be judged (a 'met' here would read as done)."""
+    r = good_result()
+    for p in r["points"]:
+        p["floor_ms"] = None
+    g = _judge(result=r)
+    for b, x in goals.FLOOR_X.items():
+        got = g[f"full decode B={b} <= {x}x its floor"]
+        assert got["status"] == "unknown" and "has no floor" in got["detail"], got
+    assert g["full prefill of 8192 tokens <= 1.3x its compute floor"]["status"] == "unknown"
+
+
+def test_a_ratio_goal_with_a_missing_row_is_unknown_never_met():
+    entries = good_entries()
+    entries["pcg"]["results"]["decode/B1/C1024"] = {"error": "RuntimeError: capture failed"}
+    entries["full"]["results"]["prefill/T4096/x4"] = {"skipped": "its time box was spent"}
+    g = _judge(entries)
+    got = g["decode B=1: pcg <= 1.25x full"]
+    assert got["status"] == "unknown" and got["detail"] == "pcg decode/B1/C1024: RuntimeError: capture failed"
+    assert g["full prefill of 4 packed prompts of 1024 <= 1.15x one prompt of 4096"]["status"] == "unknown"
+
+
+def test_goals_at_exactly_their_limit_are_met():
+    """The goals say '<= x' and '>= x': a figure on the limit meets them (exact binary fractions: no rounding)."""
+    entries = good_entries()
+    entries["full"]["results"]["decode/B1/C1024"]["ms"] = 1.0      # 2.0x its 0.5 ms floor
+    entries["pcg"]["results"]["decode/B1/C1024"]["ms"] = 1.25      # 1.25x full
+    entries["tc-ro"]["results"]["decode/B1/C1024"]["ms"] = 3.0     # full 3.0x faster
+    entries["full"]["results"]["prefill/T16/x1"]["ms"] = 1.0       # the 1 ms goal
+    g = _judge(entries)
+    assert g["full decode B=1 <= 2.0x its floor"]["status"] == "met"
+    assert g["decode B=1: pcg <= 1.25x full"]["status"] == "met"
+    assert g["decode B=1: full >= 3x faster than tc-ro"]["status"] == "met"
+    assert g["full prefill of 16 tokens <= 1 ms"]["status"] == "met"
+
+
+def test_a_pool_of_exactly_its_limit_misses_the_strict_goal():
+    r = good_result()
+    r["entries"]["pcg"]["pool_bytes"] = WEIGHTS // 10  # 10.0% of the weights: the goal is '< 10%'
+    assert goals.goal_pool(r, "pcg")["status"] == "missed"
+
+
+def test_pool_goal_with_sixteen_sizes_of_another_top_is_unknown():
+    r = good_result()
+    r["meta"]["capture_sizes"] = [s // 2 for s in r["meta"]["capture_sizes"]]  # 16 sizes, up to 1024 tokens
+    got = goals.goal_pool(r, "pcg")
+    assert len(r["meta"]["capture_sizes"]) == 16 and got["status"] == "unknown" and "captured sizes" in got["detail"]
+
+
+def test_pool_goal_of_a_target_without_decode_rows_is_unknown():
+    r = good_result()
+    for pid in list(r["entries"]["pcg"]["results"]):
+        if pid.startswith("decode/"):
+            r["entries"]["pcg"]["results"][pid] = {"error": "RuntimeError: capture failed"}
+    got = goals.goal_pool(r, "pcg")
+    assert got["status"] == "unknown" and "measured no decode row" in got["detail"]
+
+
+def test_host_phase_rule_edges_spread_of_exactly_1_2_and_host_share_of_exactly_a_tenth():
+    entries = good_entries()  # decode B=1: full 0.9 ms
+    pcg, full = entries["pcg"]["results"]["decode/B1/C1024"], entries["full"]["results"]["decode/B1/C1024"]
+    pcg.update(ms=2.0, host_ms=1.5, host_probe_us=[120.0])  # 2.2x full: missed, pcg in the slower phase
+    full.update(host_probe_us=[100.0])                      # exactly 1.2x apart: not 'further apart', judged plain
+    got = _judge(entries)["decode B=1: pcg <= 1.25x full"]
+    assert got["status"] == "missed" and got["detail"] == ""
+    pcg.update(host_probe_us=[200.0], host_ms=0.2)          # host exactly a tenth of pcg's 2.0 ms: host-bound enough
+    got = _judge(entries)["decode B=1: pcg <= 1.25x full"]
+    assert got["status"] == "unknown" and "missed with the slow phase on pcg's side" in got["detail"]
+
+
+def test_host_share_counts_either_row_of_a_pair():
+    """tc-ro (the large row) is host-bound and ran slow; full's own host time is tiny: the pair is still host-bound."""
+    entries = good_entries()
+    full, tc = entries["full"]["results"]["decode/B1/C1024"], entries["tc-ro"]["results"]["decode/B1/C1024"]
+    full.update(host_ms=0.01, host_probe_us=[130.0])
+    tc.update(host_ms=2.9, host_probe_us=[300.0])
+    got = _judge(entries)["decode B=1: full >= 3x faster than tc-ro"]
+    assert got["status"] == "unknown" and "slow phase on tc-ro's side" in got["detail"]
+
+
+def test_prefill_faster_goal_a_tie_is_not_faster_and_a_missing_row_makes_it_unknown():
+    entries = good_entries()
+    entries["bcg"]["results"]["prefill/T16/x1"]["ms"] = 5.0  # tc-ro's 5.0 ms: not faster
+    goal = "prefill <= 2048 tokens: bcg faster than eager and tc-ro at every size"
+    assert _judge(entries)[goal]["status"] == "missed"
+    entries = good_entries()
+    entries["bcg"]["results"]["prefill/T16/x1"] = {"skipped": "its time box was spent"}  # the rest are met
+    got = _judge(entries)[goal]
+    assert got["status"] == "unknown" and "bcg prefill/T16/x1: its time box was spent" in got["detail"]
+
+
+def test_prefill_faster_goal_includes_a_2048_token_row():
+    r = good_result()
+    pid = "prefill/T2048/x1"
+    r["points"].append({"id": pid, "kind": "prefill", "tokens": 2048, "seqs": 1, "floor_ms": None})
+    for name, ms in (("bcg", 30.0), ("eager", 20.0), ("tc-ro", 5.0)):
+        r["entries"][name]["results"][pid] = {"ms": ms}
+    assert goals.goal_prefill_faster(r, "bcg")["status"] == "missed"
+
+
+def test_each_goal_reads_its_own_row():
+    """Every decode, per-token and generate row has its own time, so a goal that reads the wrong batch, context,
+    row or figure (the back-to-back time instead of the after-sync one) shows in its figure."""
+    entries = good_entries()
+    for name, e in entries.items():
+        for i, (pid, r) in enumerate(sorted(e["results"].items())):
+            if pid.startswith("decode/") or (pid.startswith("e2e/") and name in ("full", "hf-static")):
+                r["ms"] = r["ms"] + 0.001 * (i + 1)  # distinct, same verdicts
+            if pid.startswith("decode/"):
+                r["back_to_back_ms"] = 0.123
+    r = data.build(meta(), points(), entries, [])
+    g, res = by_goal(r), {n: e["results"] for n, e in r["entries"].items()}
+
+    def ms(name, pid):
+        return f"{res[name][pid]['ms']:.3f} ms"
+    for b in (1, 16):
+        d = f"decode/B{b}/C1024"
+        assert g[f"decode B={b}: pcg <= 1.25x full"]["figure"].startswith(f"pcg {ms('pcg', d)} / full {ms('full', d)}")
+        assert g[f"decode B={b}: full >= 3x faster than tc-ro"]["figure"].startswith(
+            f"tc-ro {ms('tc-ro', d)} / full {ms('full', d)}")
+        pt = f"per_token/B{b}/P128/N128"
+        assert g[f"generate B={b}: full ms per new token <= 1.05x full's decode step at its context"]["figure"] \
+            .startswith(f"full {ms('full', pt)} / full {ms('full', f'decode/B{b}/C192')}")
+    assert g["full decode B=64 <= 3.0x its floor"]["figure"].startswith(f"full {ms('full', 'decode/B64/C1024')}")
+    assert g["generate B=1: full >= 4x faster than hf-static per new token"]["figure"].startswith(
+        f"hf-static {ms('hf-static', 'per_token/B1/P128/N128')} / full {ms('full', 'per_token/B1/P128/N128')}")
+    assert g["full time to first token (prompt 128, B=1) <= 2 ms"]["figure"] == f"full {ms('full', 'e2e/B1/P128/N1')}"
+    packed = g["full prefill of 4 packed prompts of 1024 <= 1.15x one prompt of 4096"]["figure"]
+    assert packed == f"full {ms('full', 'prefill/T4096/x4')} / full {ms('full', 'prefill/T4096/x1')} = 1.10x"
+
+
+def test_a_per_token_row_of_equal_generate_times_is_not_measurable_and_its_goals_unknown():
+    """N tokens in the time of 1: a 0 ms per-token figure would meet every '<= x' goal (0 / y) and divide by 0."""
+    entries = good_entries()
+    rows = entries["full"]["results"]
+    rows["e2e/B1/P128/N128"]["ms"] = rows["e2e/B1/P128/N1"]["ms"]
+    r = data.build(meta(), points(), entries, [])
+    assert r["entries"]["full"]["results"]["per_token/B1/P128/N128"]["error"].startswith("not measurable")
+    g = by_goal(r)
+    assert g["generate B=1: full ms per new token <= 1.05x full's decode step at its context"]["status"] == "unknown"
+    assert g["generate B=1: full >= 4x faster than hf-static per new token"]["status"] == "unknown"
+
+
+def _render(table) -> str:
+    console = Console(record=True, width=300, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
+
+
+def test_the_floor_table_shows_each_rows_ms_over_its_floor():
+    from hattn.bench import tables
+
+    r = good_result()
+    names = list(r["entries"])
+    text = _render(tables.floor_table(r, names))
+    assert "20.00x" in text  # eager decode: 10 ms over the 0.5 ms floor (vs eager itself it is 1.00x)
+    assert "1.80x" in text   # full decode B=1: 0.9 / 0.5
+
+
+def test_the_targets_table_shows_the_pool_as_a_share_of_the_weights():
+    from hattn.bench import tables
+
+    r = good_result()
+    text = _render(tables.targets_table(r, list(r["entries"]), tables.Notes()))
+    assert "5.2%" in text and "2.6%" in text  # pcg 100 MiB, full 50 MiB of 2e9 bytes
