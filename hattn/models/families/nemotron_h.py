@@ -50,8 +50,6 @@ def check(config) -> None:
     if config.mamba_hidden_act not in ("silu", "swish"):
         raise ValueError(f"nemotron_h: hattn's conv1d applies silu, the config's mamba_hidden_act is "
                          f"{config.mamba_hidden_act!r}")
-    if config.num_nextn_predict_layers:
-        raise ValueError("nemotron_h: multi-token-prediction layers are not served; set num_nextn_predict_layers=0")
 
 
 register_family(Family(

@@ -1,0 +1,152 @@
+"""Model configs the presets do not cover: adapt gives transformers' tokens for them, or refuses them naming what
+is not served (each case from a mutation review: a check no preset reached)."""
+import copy
+
+import pytest
+import torch
+
+from hattn.models.generate import SamplingParams, generate
+from hattn.models.hf import adapt
+from hattn.models.presets import preset_config, random_model
+from hattn.models.reference import hf_greedy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def _adapted_and_reference(config, seed=0):
+    hf = random_model(config, seed=seed)
+    ref = copy.deepcopy(hf)
+    return adapt(hf), ref
+
+
+# -- gqa_full_spec's head_dim --------------------------------------------------------------------------------
+def test_attention_head_dim_other_than_hidden_over_heads_gives_hf_tokens():
+    """Every preset has head_dim == hidden_size // num_attention_heads (16 == 64/4),
+    so a KV cache sized from hidden_size // heads (not config.head_dim) went unseen; real Qwen3.5-27B has
+    head_dim 256 != 5120 // 24."""
+    config = preset_config("tiny")
+    config.head_dim = 32
+    lm, ref = _adapted_and_reference(config)
+    assert {s.kv for i, s in lm.cache_specs().items() if s.kind == "full"} == {(2, 32, 32)}
+    prompts = [[5, 9, 2, 7], [7, 7, 1, 3, 8, 4, 2, 11, 3]]
+    got = generate(lm, prompts, params=SamplingParams(max_new_tokens=8)).tokens
+    assert got == hf_greedy(ref, prompts, 8).tokens
+
+
+# -- register_family refuses a second family for one model_type -------------------------------------------------
+def test_a_second_family_for_a_served_model_type_is_refused():
+    """Registering another family for qwen3_5_text silently replaced the adapter."""
+    from hattn.models.hf import FAMILIES, Family, family_of, register_family
+
+    family_of(preset_config("tiny"))  # registers every family
+    before = dict(FAMILIES)
+    impostor = Family(name="impostor", model_types=("qwen3_5_text",), layer_kinds=lambda c: {},
+                      cache_specs=lambda c: {}, forwards={}, mixer=lambda layer, kind: None)
+    try:
+        with pytest.raises(ValueError, match="model_type 'qwen3_5_text' is already served by family 'qwen3_5'"):
+            register_family(impostor)
+    finally:
+        FAMILIES.clear()
+        FAMILIES.update(before)
+    assert FAMILIES["qwen3_5_text"].name == "qwen3_5"
+
+
+# -- unknown layer types are a clear error ------------------------------------------------------------------
+def test_a_layer_type_hattn_does_not_serve_is_named_in_the_error():
+    """A sliding-window layer type gave a bare KeyError instead of naming it."""
+    from hattn.models.hf import kinds_from_layer_types
+
+    config = preset_config("tiny")
+    config.layer_types = ["linear_attention", "sliding_attention", "linear_attention", "full_attention"]
+    with pytest.raises(ValueError, match=r"layer types \['sliding_attention'\] are not served by hattn"):
+        kinds_from_layer_types(config)
+
+
+# -- the conv activation hattn hard-codes (silu) ---------------------------------------------------
+@pytest.mark.parametrize("preset, key", [("tiny", "hidden_act"), ("tiny-qwen3-next", "hidden_act"),
+                                         ("tiny-olmo-hybrid", "hidden_act"), ("tiny-kimi-linear", "hidden_act"),
+                                         ("tiny-bailing-hybrid", "hidden_act"),
+                                         ("tiny-nemotron-h", "mamba_hidden_act")])
+def test_a_conv_activation_other_than_silu_is_refused_at_adapt(preset, key):
+    """transformers applies config.<key> after the short conv; hattn's conv
+    kernels apply silu, so another activation gave other tokens silently. No preset tried another one."""
+    config = preset_config(preset)
+    setattr(config, key, "gelu")
+    with pytest.raises(ValueError, match=f"conv1d applies silu.*{key}.*'gelu'"):
+        adapt(random_model(config, seed=0), check=False)
+
+
+# -- MiniMax sliding window ----------------------------------------------------------------------------------
+def test_minimax_sliding_window_attention_is_refused_at_adapt():
+    """hattn's full attention attends to the whole context; transformers'
+    MiniMax with sliding_window masks beyond it (other tokens past the window)."""
+    config = preset_config("tiny-minimax")
+    config.sliding_window = 4
+    with pytest.raises(ValueError, match=r"minimax: sliding-window attention \(sliding_window=4\) is not served"):
+        adapt(random_model(config, seed=0), check=False)
+
+
+# -- Nemotron-H's multi-token-prediction layers: transformers builds none of them -------------------------------
+def test_nemotron_h_with_multi_token_prediction_layers_in_its_config_gives_hf_tokens():
+    """transformers' Nemotron-H builds no layer for `num_nextn_predict_layers` (its forward is the main stack's), so
+    a checkpoint's config with MTP layers is served as transformers runs it, not refused."""
+    config = preset_config("tiny-nemotron-h")
+    config.num_nextn_predict_layers = 1
+    lm, ref = _adapted_and_reference(config)
+    prompts = [[5, 9, 2, 7], [7, 7, 1, 3, 8, 4, 2, 11, 3]]
+    assert generate(lm, prompts, params=SamplingParams(max_new_tokens=8)).tokens == hf_greedy(ref, prompts, 8).tokens
+
+
+# -- Nemotron-H dt clamp (time_step_limit) --------------------------------------------------------------------
+def test_nemotron_h_time_step_limit_clamps_dt_as_transformers():
+    """The preset's time_step_limit is (0, inf), so dropping the clamp changed no
+    logits; a finite limit (set in some checkpoints) clamps dt in transformers."""
+    config = preset_config("tiny-nemotron-h")
+    config.time_step_limit = (0.0, 0.01)
+    lm, ref = _adapted_and_reference(config)
+    ids = torch.randint(0, config.vocab_size, (13,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = lm(ids, torch.arange(13))
+        want = ref(input_ids=ids[None], use_cache=False).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# -- the probe's "exactly one split op per layer" ---------------------------------------------------------------
+def test_a_layer_that_calls_its_split_op_twice_is_rejected_by_the_probe():
+    """probe promises each layer calls exactly one split op; a mixer calling its
+    op twice (its state advanced twice per step) was accepted when the check was 'its kind is among the calls'."""
+    from hattn.models.hf import probe
+
+    lm = adapt(random_model(preset_config("tiny"), seed=0))
+    mixer = lm.hf.model.layers[0].linear_attn
+    once = type(mixer).forward
+
+    def twice(self, hidden_states, **kwargs):
+        once(self, hidden_states, **kwargs)
+        return once(self, hidden_states, **kwargs)
+
+    mixer.forward = twice.__get__(mixer)
+    with pytest.raises(ValueError, match=r"layer 0: config 'linear', called \['linear', 'linear'\]"):
+        probe(lm)
+
+
+# -- more layer kinds than layers ---------------------------------------------------------------------------
+def test_a_config_with_more_layer_types_than_layers_is_refused_naming_both_counts():
+    """The bound check was never reached by a test (>= vs > survived): one type
+    too many gave a bare IndexError from the ModuleList instead."""
+    hf = random_model(preset_config("tiny"), seed=0)
+    hf.config.layer_types = list(hf.config.layer_types) + ["linear_attention"]
+    with pytest.raises(ValueError, match="the config gives kinds for 5 layers but the model has 4"):
+        adapt(hf)
+
+
+def test_a_nemotron_h_block_type_hattn_does_not_serve_is_named_in_the_error():
+    from hattn.models.families.nemotron_h import layer_kinds
+
+    config = preset_config("tiny-nemotron-h")
+    config.layers_block_type = ["mlp", "sliding_attention", "linear_attention"]
+    with pytest.raises(ValueError, match=r"nemotron_h: block types \['sliding_attention'\] are not served"):
+        layer_kinds(config)
