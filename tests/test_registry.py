@@ -45,6 +45,7 @@ def test_register_twice_same_kind_ok_other_kind_error():
 def test_an_op_is_named_by_its_packet_or_any_overload_as_a_string_too():
     """"ns::op" and "ns::op.default" name one split op, as torch.ops.ns.op and its .default do."""
     assert hattn.register_split_op("hattn_test::scale.default", "testmix") is split_op_of(torch.ops.hattn_test.scale)
+    assert hattn.register_split_op(torch.ops.hattn_test.scale.default, "testmix").name == "hattn_test::scale"
     assert split_op_of(torch.ops.hattn_test.scale.default).name == "hattn_test::scale"
 
 
