@@ -5,6 +5,8 @@ Floors are the rows' own (hattn.bench.floor): decode bytes / copy bandwidth, pre
 """
 from __future__ import annotations
 
+import math
+
 from hattn.bench.workloads import Point, generate_context
 
 GOAL_BATCHES = (1, 16)
@@ -32,6 +34,8 @@ def ms_of(result: dict, entry: str, pid: str) -> tuple[float | None, str | None]
     if r is None:
         return None, f"{entry} has no {pid} (add the workload or size)"
     if "ms" in r:
+        if not r["ms"] > 0 or math.isinf(r["ms"]):  # 0, negative, NaN: a goal would divide by it or call it met
+            return None, f"{entry} {pid}: {r['ms']} ms is not a measured time"
         return r["ms"], None
     return None, f"{entry} {pid}: {r.get('error') or r.get('skipped')}"
 

@@ -500,3 +500,16 @@ def test_the_targets_table_shows_the_pool_as_a_share_of_the_weights():
     r = good_result()
     text = _render(tables.targets_table(r, list(r["entries"]), tables.Notes()))
     assert "5.2%" in text and "2.6%" in text  # pcg 100 MiB, full 50 MiB of 2e9 bytes
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_row_whose_time_is_not_a_measured_time_makes_its_goals_unknown(bad):
+    """0 ms would be 'met' by every '<= x' goal (and a division by zero in '>= x faster'); NaN compares false both
+    ways. Such a row decides nothing."""
+    entries = good_entries()
+    entries["full"]["results"]["decode/B1/C1024"]["ms"] = bad
+    entries["full"]["results"]["prefill/T16/x1"]["ms"] = bad
+    g = _judge(entries)
+    for name in ("full decode B=1 <= 2.0x its floor", "decode B=1: pcg <= 1.25x full",
+                 "decode B=1: full >= 3x faster than tc-ro", "full prefill of 16 tokens <= 1 ms"):
+        assert g[name]["status"] == "unknown" and "is not a measured time" in g[name]["detail"], g[name]
