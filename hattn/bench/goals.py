@@ -34,7 +34,7 @@ def ms_of(result: dict, entry: str, pid: str) -> tuple[float | None, str | None]
     if r is None:
         return None, f"{entry} has no {pid} (add the workload or size)"
     if "ms" in r:
-        if not r["ms"] > 0 or math.isinf(r["ms"]):  # 0, negative, NaN: a goal would divide by it or call it met
+        if not (math.isfinite(r["ms"]) and r["ms"] > 0):  # a goal would divide by it or call it met
             return None, f"{entry} {pid}: {r['ms']} ms is not a measured time"
         return r["ms"], None
     return None, f"{entry} {pid}: {r.get('error') or r.get('skipped')}"

@@ -85,16 +85,17 @@ class NoBackward(GraphWrapper):
             out = self.fn(*args)
         leaves, spec = tree_flatten(out)
         sources = self.sources if len(self.sources) == len(leaves) else [range(len(args))] * len(leaves)
-        at, anchor = [], None
-        for k, (x, inputs) in enumerate(zip(leaves, sources, strict=True)):
-            if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
-                grad = next((a for a in map(args.__getitem__, inputs)
-                             if isinstance(a, torch.Tensor) and a.requires_grad), None)
-                if grad is not None:
-                    at.append(k)
-                    anchor = grad if anchor is None else anchor  # any one: all of _Raises' outputs need grad
+        grads = [_input_requiring_grad(args, inputs) if isinstance(x, torch.Tensor) and (
+            x.is_floating_point() or x.is_complex()) else None for x, inputs in zip(leaves, sources, strict=True)]
+        at = [k for k, grad in enumerate(grads) if grad is not None]
         if not at:
             return out
-        for k, x in zip(at, _Raises.apply(anchor, *(leaves[k] for k in at)), strict=True):
+        # any one anchor serves: every output of _Raises needs grad
+        for k, x in zip(at, _Raises.apply(grads[at[0]], *(leaves[k] for k in at)), strict=True):
             leaves[k] = x
         return tree_unflatten(leaves, spec)
+
+
+def _input_requiring_grad(args: tuple, inputs) -> torch.Tensor | None:
+    """The first of `args` at the positions `inputs` that requires grad at this call, or None."""
+    return next((a for a in map(args.__getitem__, inputs) if isinstance(a, torch.Tensor) and a.requires_grad), None)
