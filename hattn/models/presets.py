@@ -112,6 +112,25 @@ def tiny_nemotron_h():
                            moe_shared_expert_intermediate_size=64, num_nextn_predict_layers=0)
 
 
+_MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8)
+
+
+def tiny_granite_4_h():
+    """Granite 4.0-H's layout (no RoPE, MoE beside a shared MLP, Granite's multipliers) at tiny sizes."""
+    from transformers import GraniteMoeHybridConfig
+
+    return GraniteMoeHybridConfig(**_TINY, **_MAMBA, layer_types=_pattern(4), position_embedding_type=None,
+                                  num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64,
+                                  embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                                  logits_scaling=4.0)
+
+
+def tiny_bamba():
+    from transformers import BambaConfig
+
+    return BambaConfig(**_TINY, **_MAMBA, attn_layer_indices=[1, 3])
+
+
 PRESETS: dict[str, Callable] = {
     "tiny": tiny,
     "qwen3.5-1b": qwen3_5_1b,
@@ -122,7 +141,12 @@ PRESETS: dict[str, Callable] = {
     "tiny-bailing-hybrid": tiny_bailing_hybrid,
     "tiny-minimax": tiny_minimax,
     "tiny-nemotron-h": tiny_nemotron_h,
+    "tiny-granite-4.0-h": tiny_granite_4_h,
+    "tiny-bamba": tiny_bamba,
 }
+
+
+TINY_FAMILIES = tuple(name for name in PRESETS if name == "tiny" or name.startswith("tiny-"))  # one per family
 
 
 class PresetUnavailable(ImportError):

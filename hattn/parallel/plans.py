@@ -23,11 +23,16 @@ from hattn.parallel.layers import colwise, reduce_output, rowwise, shard_norm, s
 class Plan:
     """heads   config fields counting heads or groups: each must divide by tp; the local config divides them
     mixers  split-op kind -> shard(mixer module, tp)
-    mlp     decoder layer -> its MLP or MoE block, or None"""
+    mlps    decoder layer -> its MLP and MoE blocks (each reduces its own output)"""
 
     heads: tuple[str, ...]
     mixers: dict[str, Callable[[nn.Module, TPGroup], None]]
-    mlp: Callable[[nn.Module], nn.Module | None] = field(default=lambda layer: getattr(layer, "mlp", None))
+    mlps: Callable[[nn.Module], list[nn.Module]] = field(default=lambda layer: _present(layer, "mlp"))
+
+
+def _present(layer: nn.Module, *names: str) -> list[nn.Module]:
+    """The layer's submodules `names` that it has (not None), in that order."""
+    return [m for m in (getattr(layer, name, None) for name in names) if m is not None]
 
 
 def _local(module: nn.Module, tp: TPGroup, *names: str) -> None:
@@ -128,8 +133,8 @@ def lightning(m: nn.Module, tp: TPGroup) -> None:
 
 
 def mamba2(m: nn.Module, tp: TPGroup) -> None:
-    """Nemotron-H's Mamba2: in_proj is [gate | x | B | C | dt] (x, gate, dt by heads, B and C by groups); whole
-    groups stay on one rank, so the gated group norm is local."""
+    """A Mamba2 mixer (Nemotron-H, Granite 4.0-H, Bamba): in_proj is [gate | x | B | C | dt] (x, gate, dt by heads,
+    B and C by groups); whole groups stay on one rank, so the gated group norm is local."""
     inner, bc = m.intermediate_size, m.n_groups * m.ssm_state_size
     colwise(m.in_proj, tp, [inner, inner, bc, bc, m.num_heads])
     _shard_conv(m.conv1d, tp, [inner, bc, bc])
@@ -142,7 +147,13 @@ def mamba2(m: nn.Module, tp: TPGroup) -> None:
 
 # -- MLP and MoE -----------------------------------------------------------------------------------------------------
 def dense_mlp(mlp: nn.Module, tp: TPGroup, reduce: bool = True) -> None:
-    """gate/up column-parallel, down row-parallel (reduced here, or by the caller: a shared expert)."""
+    """gate/up column-parallel, down row-parallel (reduced here, or by the caller: a shared expert). Granite's
+    MLP holds gate | up in one `input_linear` (cut per part) and down in `output_linear`."""
+    if hasattr(mlp, "input_linear"):
+        colwise(mlp.input_linear, tp, [mlp.hidden_size] * 2)
+        rowwise(mlp.output_linear, tp, reduce=reduce)
+        mlp.hidden_size = mlp.output_linear.in_features
+        return
     for name in ("gate_proj", "up_proj"):
         if hasattr(mlp, name):
             colwise(getattr(mlp, name), tp)
@@ -192,7 +203,7 @@ def check_mlp(mlp: nn.Module, where: str, size: int) -> str | None:
                     f"grouped GEMM needs a multiple of 16 bytes")
         shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
         return check_mlp(shared, f"{where}.shared_expert", size) if shared is not None else None
-    inter = mlp.down_proj.in_features
+    inter = (mlp.down_proj if hasattr(mlp, "down_proj") else mlp.output_linear).in_features
     if inter % size:
         return f"{where}: intermediate size {inter} (intermediate_size) does not divide over tp={size}"
     return None
@@ -208,6 +219,7 @@ def mlp_block(mlp: nn.Module, tp: TPGroup) -> None:
 # -- the families ----------------------------------------------------------------------------------------------------
 _GDN_HEADS = ("num_attention_heads", "num_key_value_heads", "linear_num_key_heads", "linear_num_value_heads")
 _KDA = Plan(heads=("num_attention_heads", "linear_num_heads"), mixers={"full": mla_attention, "kda": kda})
+_MAMBA_HEADS = ("num_attention_heads", "num_key_value_heads", "mamba_n_heads", "mamba_n_groups")
 
 PLANS: dict[str, Plan] = {
     "qwen3_5": Plan(_GDN_HEADS, {"full": gqa_attention, "linear": qwen3_5_gdn}),
@@ -218,7 +230,11 @@ PLANS: dict[str, Plan] = {
     "minimax": Plan(("num_attention_heads", "num_key_value_heads"), {"full": gqa_attention, "lightning": lightning}),
     "nemotron_h": Plan(("num_attention_heads", "num_key_value_heads", "mamba_num_heads", "n_groups"),
                        {"full": gqa_attention, "mamba2": mamba2},
-                       mlp=lambda layer: layer.mixer if layer.block_type in ("mlp", "moe") else None),
+                       mlps=lambda layer: [layer.mixer] if layer.block_type in ("mlp", "moe") else []),
+    "granitemoehybrid": Plan(_MAMBA_HEADS, {"full": gqa_attention, "mamba2": mamba2},
+                             mlps=lambda layer: _present(layer, "block_sparse_moe", "shared_mlp")),
+    "bamba": Plan(_MAMBA_HEADS, {"full": gqa_attention, "mamba2": mamba2},
+                  mlps=lambda layer: _present(layer, "feed_forward")),
 }
 
 

@@ -71,11 +71,11 @@ def check_same_weights(lm: HybridLM, tp: TPGroup) -> None:
 def _check_mlps(lm: HybridLM, plan: Plan, size: int) -> None:
     """Every layer's MLP or MoE block shards over `size` ranks (checked before any layer changes)."""
     for i, layer in enumerate(_decoder_layers(lm.hf)):
-        mlp = plan.mlp(layer)
-        problem = check_mlp(mlp, f"layer {i}'s {type(mlp).__name__}", size) if mlp is not None else None
-        if problem is not None:
-            raise ValueError(f"{lm.family}: {problem}; use a --tp that divides it (tensor parallelism shards the "
-                             f"MLPs on their intermediate dimension)")
+        for mlp in plan.mlps(layer):
+            problem = check_mlp(mlp, f"layer {i}'s {type(mlp).__name__}", size)
+            if problem is not None:
+                raise ValueError(f"{lm.family}: {problem}; use a --tp that divides it (tensor parallelism shards "
+                                 f"the MLPs on their intermediate dimension)")
 
 
 def _shard_layers(lm: HybridLM, plan: Plan, tp: TPGroup) -> None:
@@ -88,8 +88,7 @@ def _shard_layers(lm: HybridLM, plan: Plan, tp: TPGroup) -> None:
         kind = lm.layer_kinds.get(i)
         if kind is not None:
             plan.mixers[kind](family.mixer(layer, kind), tp)
-        mlp = plan.mlp(layer)
-        if mlp is not None:
+        for mlp in plan.mlps(layer):
             mlp_block(mlp, tp)
 
 

@@ -89,7 +89,7 @@ def test_attention_decode_bytes_match_the_kernels_own_count():
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3-next", "tiny-minimax", "tiny-bailing-hybrid", "tiny-kimi-linear",
-                                    "tiny-nemotron-h"])
+                                    "tiny-nemotron-h", "tiny-granite-4.0-h"])
 def test_routed_experts_count_their_top_k_share_so_the_floor_stays_a_floor(preset):
     """A token reads top-k of a layer's routed experts (shared experts whole): the decode bytes and prefill FLOPs
     count the stacked expert parameters at k / experts (4 experts, top-2 in the tiny presets), never more."""

@@ -176,7 +176,8 @@ def _what_it_returned(out, args) -> list:
     return described
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-minimax", "tiny-nemotron-h"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-minimax", "tiny-nemotron-h",
+                                    "tiny-granite-4.0-h"])
 def test_a_piece_of_an_earlier_signature_returns_what_running_it_returns(traced_pieces, preset, monkeypatch):
     """The fake run does not run a piece whose signature an earlier piece had: it makes that piece's outputs as the
     earlier one's were made (`_Returned`). Per family (its tiny preset's layers twice, so that pieces repeat), every

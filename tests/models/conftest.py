@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from hattn.models.hf import HybridLM, adapt
-from hattn.models.presets import preset_config, random_model
+from hattn.models.presets import TINY_FAMILIES, preset_config, random_model
 from hattn.models.reference import Reference, hf_greedy
 
-FAMILY_PRESETS = ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-kimi-linear", "tiny-bailing-hybrid",
-                  "tiny-minimax", "tiny-nemotron-h"]
+FAMILY_PRESETS = list(TINY_FAMILIES)
 PROMPT_LENS = (5, 17, 9)
 NEW_TOKENS = 32
 

@@ -69,7 +69,8 @@ def test_a_layer_type_hattn_does_not_serve_is_named_in_the_error():
 @pytest.mark.parametrize("preset, key", [("tiny", "hidden_act"), ("tiny-qwen3-next", "hidden_act"),
                                          ("tiny-olmo-hybrid", "hidden_act"), ("tiny-kimi-linear", "hidden_act"),
                                          ("tiny-bailing-hybrid", "hidden_act"),
-                                         ("tiny-nemotron-h", "mamba_hidden_act")])
+                                         ("tiny-nemotron-h", "mamba_hidden_act"),
+                                         ("tiny-granite-4.0-h", "hidden_act"), ("tiny-bamba", "hidden_act")])
 def test_a_conv_activation_other_than_silu_is_refused_at_adapt(preset, key):
     """transformers applies config.<key> after the short conv; hattn's conv
     kernels apply silu, so another activation gave other tokens silently. No preset tried another one."""
@@ -112,6 +113,57 @@ def test_nemotron_h_time_step_limit_clamps_dt_as_transformers():
         got = lm(ids, torch.arange(13))
         want = ref(input_ids=ids[None], use_cache=False).logits[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# -- Granite 4.0-H and Bamba: the Mamba2 families beside Nemotron-H -------------------------------------------
+def _logits_equal_hf(config, tokens: int = 13):
+    lm, ref = _adapted_and_reference(config)
+    ids = torch.randint(0, config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = lm(ids, torch.arange(tokens))
+        want = ref(input_ids=ids[None], use_cache=False).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    return got
+
+
+@pytest.mark.parametrize("preset", ["tiny-granite-4.0-h", "tiny-bamba"])
+def test_mamba2_time_step_limit_clamps_dt_as_transformers(preset):
+    config = preset_config(preset)
+    config.time_step_limit = (0.0, 0.01)
+    _logits_equal_hf(config)
+
+
+def test_no_time_step_limit_is_no_clamp():
+    """A config whose time_step_limit is None is served without a clamp: transformers' default (0, inf), which is no
+    clamp (softplus is >= 0), gives the reference (transformers' torch path itself cannot run None)."""
+    config = preset_config("tiny-bamba")
+    config.time_step_limit = None
+    lm = adapt(random_model(config, seed=0))
+    ref = random_model(preset_config("tiny-bamba"), seed=0)
+    ids = torch.arange(1, 14)
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids, torch.arange(13)), ref(input_ids=ids[None], use_cache=False).logits[0],
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(position_embedding_type="rope"),  # Granite 4.0-H ships without RoPE; other Granite hybrids use it
+    dict(num_local_experts=0),  # the dense Granite 4.0-H models (micro): the shared MLP only
+    dict(mamba_conv_bias=False, mamba_proj_bias=True),
+])
+def test_granite_4_h_variants_give_hf_logits(changes):
+    config = preset_config("tiny-granite-4.0-h")
+    for k, v in changes.items():
+        setattr(config, k, v)
+    _logits_equal_hf(config)
+
+
+def test_granite_attention_multiplier_is_the_attention_scale():
+    """Granite scales attention by config.attention_multiplier, not head_dim ** -0.5: hattn's attention takes the
+    scale transformers passes (a scale of its own gives other logits than transformers', below)."""
+    half, quarter = preset_config("tiny-granite-4.0-h"), preset_config("tiny-granite-4.0-h")
+    half.attention_multiplier, quarter.attention_multiplier = 0.5, 0.25
+    assert not torch.allclose(_logits_equal_hf(half), _logits_equal_hf(quarter), atol=1e-3)
 
 
 # -- the probe's "exactly one split op per layer" ---------------------------------------------------------------

@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 import hattn
 from hattn.compiler.backend import step_token_limit
 from hattn.frontdoor import CompiledLM
-from hattn.models.presets import preset_config, random_model
+from hattn.models.presets import TINY_FAMILIES, preset_config, random_model
 from hattn.models.reference import check_tokens, hf_greedy
 from hattn.registry import split_ops
 from hattn.runtime.full import NotCaptureSafeError
@@ -65,7 +65,7 @@ def capture_safe(lm) -> bool:
 # they run on the GPU (below), where every mode captures its graphs.
 CPU_CASES = [("tiny", "full"), ("tiny-qwen3-next", "bcg"), ("tiny-olmo-hybrid", "pcg"), ("tiny-kimi-linear", "eager"),
              ("tiny-bailing-hybrid", "bcg"), ("tiny-minimax", "pcg"), ("tiny-nemotron-h", "bcg"),
-             ("tiny-nemotron-h", "full")]
+             ("tiny-nemotron-h", "full"), ("tiny-granite-4.0-h", "pcg"), ("tiny-bamba", "full")]
 
 
 @pytest.mark.parametrize("preset, mode", CPU_CASES)
@@ -280,8 +280,7 @@ def test_compile_with_cache_dir_keeps_tritons_cache_there_before_adapting(make_c
 
 
 # -- on the GPU: every family in every mode, CUDA graphs captured ----------------------------------------------------
-GPU_FAMILIES = ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-kimi-linear", "tiny-bailing-hybrid",
-                "tiny-minimax", "tiny-nemotron-h"]
+GPU_FAMILIES = list(TINY_FAMILIES)
 
 
 @pytest.mark.gpu

@@ -11,13 +11,12 @@ from hattn.compiler.backend import backend
 from hattn.compiler.dispatch import dispatch_for
 from hattn.models.generate import SamplingParams, generate
 from hattn.models.hf import adapt
-from hattn.models.presets import preset_config, random_model
+from hattn.models.presets import TINY_FAMILIES, preset_config, random_model
 from hattn.models.reference import check_tokens, hf_greedy
 from hattn.registry import split_ops
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-FAMILIES = ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-kimi-linear", "tiny-bailing-hybrid",
-            "tiny-minimax", "tiny-nemotron-h"]
+FAMILIES = list(TINY_FAMILIES)
 SIZES = [1, 2, 4, 8, 16, 32, 64]
 TIE = 0.1  # bf16 logits: HF's top-2 margin below this may legitimately flip
 NEW = 32

@@ -7,9 +7,9 @@ import torch
 
 from hattn.compiler.backend import backend
 from hattn.models.generate import SamplingParams, generate
+from hattn.models.presets import TINY_FAMILIES
 
-FAMILIES = ["tiny", "tiny-qwen3-next", "tiny-olmo-hybrid", "tiny-kimi-linear", "tiny-bailing-hybrid",
-            "tiny-minimax", "tiny-nemotron-h"]
+FAMILIES = list(TINY_FAMILIES)
 
 
 def _run(case, mode, inner_compiler):

@@ -21,10 +21,12 @@ TINY_PRESETS = [name for name in PRESETS if name == "tiny" or name.startswith("t
 PROMPT_LENS = (5, 17, 9, 6)  # the overlap splits prefill 22 | 15 tokens and decode 2 | 2: no one-token graph
 NEW_TOKENS = 8
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor")
-# all-reduces per forward: one per mixer and one per MLP/MoE block (4 layers; Nemotron-H: 6 blocks of one each),
-# plus one per norm that spans every head (OLMo's full layer: q and k norms; MiniMax: 3 lightning layers' norms)
+# all-reduces per forward: one per mixer and one per MLP/MoE block (4 layers; Nemotron-H: 6 blocks of one each;
+# Granite 4.0-H: an MoE block and a shared MLP a layer), plus one per norm that spans every head (OLMo's full
+# layer: q and k norms; MiniMax: 3 lightning layers' norms)
 ALL_REDUCES = {"tiny": 8, "tiny-qwen3-next": 8, "tiny-olmo-hybrid": 8 + 2, "tiny-kimi-linear": 8,
-               "tiny-bailing-hybrid": 8, "tiny-minimax": 8 + 3, "tiny-nemotron-h": 6}
+               "tiny-bailing-hybrid": 8, "tiny-minimax": 8 + 3, "tiny-nemotron-h": 6, "tiny-granite-4.0-h": 12,
+               "tiny-bamba": 8}
 
 
 def prompts_for(vocab: int) -> list[list[int]]:
