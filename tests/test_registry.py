@@ -13,7 +13,7 @@ from hattn.registry import RegistryError, check_route, split_op_of
 
 def test_builtin_ops_are_split_ops_by_packet_and_overload():
     kinds = {"full_attention": "full", "linear_attention": "linear", "kda_attention": "kda",
-             "lightning_attention": "lightning", "mamba2_mixer": "mamba2"}
+             "lightning_attention": "lightning", "mamba2_mixer": "mamba2", "short_conv": "short_conv"}
     for name, kind in kinds.items():
         packet = getattr(torch.ops.hattn, name)
         assert split_op_of(packet).kind == kind

@@ -131,6 +131,13 @@ def tiny_bamba():
     return BambaConfig(**_TINY, **_MAMBA, attn_layer_indices=[1, 3])
 
 
+def tiny_lfm2():
+    from transformers import Lfm2Config
+
+    types = ["conv", FULL, "conv", "conv", FULL, "conv"]  # LFM2's mostly-conv layout
+    return Lfm2Config(**{**_TINY, "num_hidden_layers": len(types)}, layer_types=types)
+
+
 PRESETS: dict[str, Callable] = {
     "tiny": tiny,
     "qwen3.5-1b": qwen3_5_1b,
@@ -143,6 +150,7 @@ PRESETS: dict[str, Callable] = {
     "tiny-nemotron-h": tiny_nemotron_h,
     "tiny-granite-4.0-h": tiny_granite_4_h,
     "tiny-bamba": tiny_bamba,
+    "tiny-lfm2": tiny_lfm2,
 }
 
 

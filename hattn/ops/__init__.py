@@ -1,4 +1,4 @@
-"""hattn's split ops, one module per kind: `full`, `linear`, `kda`, `lightning`, `mamba2`.
+"""hattn's split ops, one module per kind: `full`, `linear`, `kda`, `lightning`, `mamba2`, `short_conv`.
 
 A kind's module defines its `torch.library` custom op (written into a caller-provided `out`, so graph runtimes own
 every address), the op's fake, its cache spec (`cache_spec(...) -> LayerSpec`), and registers op, kind,

@@ -51,12 +51,12 @@ def _shard_conv(conv: nn.Conv1d, tp: TPGroup, parts: list[int]) -> None:
 
 # -- full attention ------------------------------------------------------------------------------------------------
 def gqa_attention(m: nn.Module, tp: TPGroup) -> None:
-    """q/k/v by heads (Qwen's gated q_proj holds [q, gate] per head: still whole heads), o_proj row-parallel.
-    q/k norms over one head stay whole; norms over all heads (OLMo) become ShardedRMSNorm."""
+    """q/k/v by heads (Qwen's gated q_proj holds [q, gate] per head: still whole heads), o_proj (LFM2: out_proj)
+    row-parallel. q/k norms over one head stay whole; norms over all heads (OLMo) become ShardedRMSNorm."""
     for name in ("q_proj", "k_proj", "v_proj"):
         colwise(getattr(m, name), tp)
-    rowwise(m.o_proj, tp)
-    for name in ("q_norm", "k_norm"):
+    rowwise(m.o_proj if hasattr(m, "o_proj") else m.out_proj, tp)
+    for name in ("q_norm", "k_norm", "q_layernorm", "k_layernorm"):
         norm = getattr(m, name, None)
         if norm is not None and norm.weight.numel() != m.head_dim:
             shard_norm(norm, tp, weight_in_fp32=True)
@@ -145,19 +145,28 @@ def mamba2(m: nn.Module, tp: TPGroup) -> None:
     _local(m, tp, "num_heads", "intermediate_size", "n_groups", "conv_dim")
 
 
+def short_conv(m: nn.Module, tp: TPGroup) -> None:
+    """LFM2's gated short conv: in_proj is [B | C | x], each gating or convolving channel by channel, so all three,
+    the conv's channels and out_proj's inputs are cut alike."""
+    channels = m.conv.weight.shape[0]
+    colwise(m.in_proj, tp, [channels] * 3)
+    _shard_conv(m.conv, tp, [channels])
+    rowwise(m.out_proj, tp)
+
+
 # -- MLP and MoE -----------------------------------------------------------------------------------------------------
 def dense_mlp(mlp: nn.Module, tp: TPGroup, reduce: bool = True) -> None:
     """gate/up column-parallel, down row-parallel (reduced here, or by the caller: a shared expert). Granite's
-    MLP holds gate | up in one `input_linear` (cut per part) and down in `output_linear`."""
+    MLP holds gate | up in one `input_linear` (cut per part) and down in `output_linear`; LFM2's are w1, w3, w2."""
     if hasattr(mlp, "input_linear"):
         colwise(mlp.input_linear, tp, [mlp.hidden_size] * 2)
         rowwise(mlp.output_linear, tp, reduce=reduce)
         mlp.hidden_size = mlp.output_linear.in_features
         return
-    for name in ("gate_proj", "up_proj"):
+    for name in ("gate_proj", "up_proj", "w1", "w3"):
         if hasattr(mlp, name):
             colwise(getattr(mlp, name), tp)
-    rowwise(mlp.down_proj, tp, reduce=reduce)
+    rowwise(_down(mlp), tp, reduce=reduce)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = mlp.up_proj.out_features
 
@@ -203,10 +212,15 @@ def check_mlp(mlp: nn.Module, where: str, size: int) -> str | None:
                     f"grouped GEMM needs a multiple of 16 bytes")
         shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
         return check_mlp(shared, f"{where}.shared_expert", size) if shared is not None else None
-    inter = (mlp.down_proj if hasattr(mlp, "down_proj") else mlp.output_linear).in_features
+    inter = _down(mlp).in_features
     if inter % size:
         return f"{where}: intermediate size {inter} (intermediate_size) does not divide over tp={size}"
     return None
+
+
+def _down(mlp: nn.Module) -> nn.Linear:
+    """A dense MLP's down projection, by the names the families give it."""
+    return next(getattr(mlp, name) for name in ("down_proj", "output_linear", "w2") if hasattr(mlp, name))
 
 
 def mlp_block(mlp: nn.Module, tp: TPGroup) -> None:
@@ -235,6 +249,9 @@ PLANS: dict[str, Plan] = {
                              mlps=lambda layer: _present(layer, "block_sparse_moe", "shared_mlp")),
     "bamba": Plan(_MAMBA_HEADS, {"full": gqa_attention, "mamba2": mamba2},
                   mlps=lambda layer: _present(layer, "feed_forward")),
+    # hidden_size: the short conv's channels, which its cache state counts, are cut too
+    "lfm2": Plan(("num_attention_heads", "num_key_value_heads", "hidden_size"),
+                 {"full": gqa_attention, "short_conv": short_conv}, mlps=lambda layer: _present(layer, "feed_forward")),
 }
 
 

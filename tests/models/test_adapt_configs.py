@@ -166,6 +166,37 @@ def test_granite_attention_multiplier_is_the_attention_scale():
     assert not torch.allclose(_logits_equal_hf(half), _logits_equal_hf(quarter), atol=1e-3)
 
 
+# -- LFM2: gated short convs (kind "short_conv") -----------------------------------------------------------------
+def test_lfm2_moe_gives_hf_tokens():
+    """LFM2-MoE (lfm2_moe) is the LFM2 family with MoE MLPs past its first num_dense_layers: one family serves both."""
+    from transformers import Lfm2MoeConfig
+
+    types = ["conv", "full_attention", "conv", "conv"]
+    config = Lfm2MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                           num_experts_per_tok=2, num_dense_layers=1, layer_types=types, initializer_range=0.05,
+                           pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    lm, ref = _adapted_and_reference(config)
+    assert lm.layer_kinds == {0: "short_conv", 1: "full", 2: "short_conv", 3: "short_conv"}
+    prompts = [[5, 9, 2, 7], [7, 7, 1, 3, 8, 4, 2, 11, 3]]
+    assert generate(lm, prompts, params=SamplingParams(max_new_tokens=8)).tokens == hf_greedy(ref, prompts, 8).tokens
+
+
+def test_lfm2_conv_bias_gives_hf_logits():
+    config = preset_config("tiny-lfm2")
+    config.conv_bias = True
+    _logits_equal_hf(config)
+
+
+def test_an_lfm2_layer_type_hattn_does_not_serve_is_named_in_the_error():
+    from hattn.models.families.lfm2 import layer_kinds
+
+    config = preset_config("tiny-lfm2")
+    config.layer_types = ["conv", "sliding_attention"] + config.layer_types[2:]
+    with pytest.raises(ValueError, match=r"lfm2: layer types \['sliding_attention'\] are not served by hattn"):
+        layer_kinds(config)
+
+
 # -- the probe's "exactly one split op per layer" ---------------------------------------------------------------
 def test_a_layer_that_calls_its_split_op_twice_is_rejected_by_the_probe():
     """probe promises each layer calls exactly one split op; a mixer calling its

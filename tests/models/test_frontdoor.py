@@ -65,7 +65,8 @@ def capture_safe(lm) -> bool:
 # they run on the GPU (below), where every mode captures its graphs.
 CPU_CASES = [("tiny", "full"), ("tiny-qwen3-next", "bcg"), ("tiny-olmo-hybrid", "pcg"), ("tiny-kimi-linear", "eager"),
              ("tiny-bailing-hybrid", "bcg"), ("tiny-minimax", "pcg"), ("tiny-nemotron-h", "bcg"),
-             ("tiny-nemotron-h", "full"), ("tiny-granite-4.0-h", "pcg"), ("tiny-bamba", "full")]
+             ("tiny-nemotron-h", "full"), ("tiny-granite-4.0-h", "pcg"), ("tiny-bamba", "full"),
+             ("tiny-lfm2", "bcg")]
 
 
 @pytest.mark.parametrize("preset, mode", CPU_CASES)

@@ -54,7 +54,8 @@ def test_one_all_reduce_per_row_parallel_output(results, preset):
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_pcg_graph_holds_the_collectives_in_its_pieces(results, preset):
     (stats,) = results[preset]["graph_stats"]  # one compiled model: the overlap shares it on CPU
-    mixers = 4 if preset != "tiny-nemotron-h" else 3
+    config = preset_config(preset)
+    mixers = len(family_of(config).layer_kinds(config))  # layers with a split op (4 in most tiny presets)
     # two graphs, no graph break at a collective: generate's prefill (logits of each prompt's last row), the rest
     assert (stats["graphs_compiled"], stats["split_ops"]) == (2, 2 * mixers)
     assert stats["collectives"] == 2 * (ALL_REDUCES[preset] + 1)  # + the LM head's all-gather, in each graph

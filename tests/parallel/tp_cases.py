@@ -26,7 +26,7 @@ COLLECTIVES = ("all_reduce", "all_gather_into_tensor")
 # layer: q and k norms; MiniMax: 3 lightning layers' norms)
 ALL_REDUCES = {"tiny": 8, "tiny-qwen3-next": 8, "tiny-olmo-hybrid": 8 + 2, "tiny-kimi-linear": 8,
                "tiny-bailing-hybrid": 8, "tiny-minimax": 8 + 3, "tiny-nemotron-h": 6, "tiny-granite-4.0-h": 12,
-               "tiny-bamba": 8}
+               "tiny-bamba": 8, "tiny-lfm2": 12}
 
 
 def prompts_for(vocab: int) -> list[list[int]]:
