@@ -1,7 +1,8 @@
 """Kind "kda": Kimi delta attention (Kimi-Linear, Ling/Ring "bailing" hybrids), `hattn::kda_attention`: causal
 conv1d (silu) + a delta rule with per-channel decay, its conv and fp32 recurrent states in each sequence's cache
-slot. Kernels: the torch references in `hattn/kernels/kda/` and `hattn/kernels/conv1d/` (host loops; not
-capture-safe: pcg and bcg run it between graphs, full refuses it).
+slot. Kernels: torch, in `hattn/kernels/kda/` and `hattn/kernels/conv1d/`: a decode step is a few batched ops over
+every sequence's slot; a prefill runs each sequence token by token (host loops; not capture-safe: pcg and bcg run it
+between graphs, full refuses it).
 """
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 
 from hattn import registry
 from hattn.context import LayerSpec, op_context, sequence_states, zero_padding
-from hattn.kernels.conv1d.reference import causal_conv1d
-from hattn.kernels.kda.reference import recurrent_kda
+from hattn.kernels.conv1d.reference import causal_conv1d, causal_conv1d_step
+from hattn.kernels.kda.reference import kda_step, recurrent_kda
 from hattn.ops.linear import cache_spec as _conv_and_state_spec
 
 
@@ -32,6 +33,14 @@ def _kda_attention(
     out: [T, H, D]."""
     ctx = op_context("kda", layer_id, mixed_qkv.shape[0])
     h, d = out.shape[1:]
+    if ctx.is_decode and ctx.cache is not None:  # one token of every sequence, batched
+        (conv_state, state), n = ctx.cache.state(layer_id), ctx.num_tokens
+        slots, lens = ctx.device_meta(mixed_qkv.device)
+        x = causal_conv1d_step(mixed_qkv[:n], conv_weight, conv_bias, conv_state, slots, lens > 0)
+        q, k, v = (y.reshape(-1, h, d) for y in x.chunk(3, dim=-1))
+        out[:n] = kda_step(q, k, v, g[:n], beta[:n], state, slots, lens > 0)
+        zero_padding(out, n)
+        return
 
     def fresh():
         conv = mixed_qkv.new_zeros(mixed_qkv.shape[1], conv_weight.shape[1] - 1, dtype=conv_weight.dtype)

@@ -1,6 +1,7 @@
 """Kind "lightning": MiniMax's lightning attention, `hattn::lightning_attention`: linear attention with a fixed
 per-head exponential decay, S <- exp(-slope) S + k^T v, o = q S; the fp32 state [H, D, D] in each sequence's cache
-slot. Kernels: the torch reference in `hattn/kernels/lightning/` (a host loop; not capture-safe).
+slot. Kernels: torch, in `hattn/kernels/lightning/`: a decode step is a few batched ops over every sequence's slot;
+a prefill runs each sequence in chunks of 64 tokens (a host loop over sequences: not capture-safe).
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from hattn import registry
 from hattn.context import LayerSpec, op_context, sequence_states, zero_padding
-from hattn.kernels.lightning.reference import recurrent_lightning
+from hattn.kernels.lightning.reference import chunked_lightning, lightning_step
 
 
 def cache_spec(heads: int, head_dim: int) -> LayerSpec:
@@ -22,12 +23,18 @@ def _lightning_attention(
     """q, k, v, out: [T, H, D]; slope: [H]."""
     ctx = op_context("lightning", layer_id, q.shape[0])
     h, d = q.shape[1:]
+    if ctx.is_decode and ctx.cache is not None:  # one token of every sequence, batched
+        (state,), n = ctx.cache.state(layer_id), ctx.num_tokens
+        slots, lens = ctx.device_meta(q.device)
+        out[:n] = lightning_step(q[:n], k[:n], v[:n], slope, state, slots, lens > 0)
+        zero_padding(out, n)
+        return
 
     def fresh():
         return (q.new_zeros(h, d, d, dtype=torch.float32),)
 
     for rows, (state,) in sequence_states(ctx, layer_id, fresh):
-        out[rows] = recurrent_lightning(q[rows], k[rows], v[rows], slope, state)
+        out[rows] = chunked_lightning(q[rows], k[rows], v[rows], slope, state)
     zero_padding(out, ctx.num_tokens)
 
 

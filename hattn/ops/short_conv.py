@@ -1,7 +1,8 @@
 """Kind "short_conv": a gated short convolution's core (LFM2), `hattn::short_conv`: the causal depthwise conv1d
 over each sequence, no activation, continuing from the conv state [C, kernel-1] in its cache slot. The gates
-(B * x before, C * y after) and the projections stay outside the op. Kernel: the torch reference in
-`hattn/kernels/conv1d/` (a host loop; not capture-safe).
+(B * x before, C * y after) and the projections stay outside the op. Kernels: torch, in `hattn/kernels/conv1d/`: a
+decode step is one batched window over every sequence's slot; a prefill loops over sequences on the host (not
+capture-safe: pcg and bcg run it between graphs, full refuses it).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from hattn import registry
 from hattn.context import LayerSpec, op_context, sequence_states, zero_padding
-from hattn.kernels.conv1d.reference import causal_conv1d
+from hattn.kernels.conv1d.reference import causal_conv1d, causal_conv1d_step
 
 
 def cache_spec(channels: int, kernel: int) -> LayerSpec:
@@ -21,6 +22,12 @@ def _short_conv(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Ten
                 layer_id: int) -> None:
     """x, out: [T, C]; conv_weight: [C, kernel]; conv_bias: [C] or None."""
     ctx = op_context("short_conv", layer_id, x.shape[0])
+    if ctx.is_decode and ctx.cache is not None:  # one token of every sequence, batched
+        (conv_state,), n = ctx.cache.state(layer_id), ctx.num_tokens
+        slots, lens = ctx.device_meta(x.device)
+        out[:n] = causal_conv1d_step(x[:n], conv_weight, conv_bias, conv_state, slots, lens > 0, activation=None)
+        zero_padding(out, n)
+        return
 
     def fresh():
         return (x.new_zeros(x.shape[1], conv_weight.shape[1] - 1, dtype=conv_weight.dtype),)

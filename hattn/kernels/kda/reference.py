@@ -27,3 +27,20 @@ def recurrent_kda(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
         out[t] = (s * q[t][..., None]).sum(dim=-2)
     state.copy_(s)
     return out.to(v.dtype)
+
+
+def kda_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tensor,
+             has_state: torch.Tensor | None = None) -> torch.Tensor:
+    """One token of each of B sequences, states [S, H, Dk, Dv] fp32 in cache slots `slots` [B]: `recurrent_kda`'s
+    step batched over them, no host loop, no sync. has_state: [B] bool or None, False = a new sequence (zeros)."""
+    q = l2norm(q.float()) * q.shape[-1] ** -0.5
+    k = l2norm(k.float())
+    v, g, beta = v.float(), g.float(), beta.float()
+    s = state[slots].float()
+    if has_state is not None:
+        s = s * has_state[:, None, None, None].to(s.dtype)
+    s = s * g.exp()[..., None]
+    delta = (v - (s * k[..., None]).sum(dim=-2)) * beta[..., None]
+    s = s + k[..., None] * delta[:, :, None, :]
+    state.index_copy_(0, slots, s.to(state.dtype))
+    return (s * q[..., None]).sum(dim=-2).to(v.dtype)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from hattn.kernels.mamba2.reference import chunked_ssd, ssd_step
+
 
 def recurrent_lightning(q, k, v, slope: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """Token-by-token lightning attention of one sequence: S <- exp(-slope) S + k^T v, o = q S; updates `state`.
@@ -18,3 +20,19 @@ def recurrent_lightning(q, k, v, slope: torch.Tensor, state: torch.Tensor) -> to
         out[t] = (q[t][:, :, None] * s).sum(dim=-2)
     state.copy_(s)
     return out.to(v.dtype)
+
+
+def chunked_lightning(q, k, v, slope: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """`recurrent_lightning` in chunks: lightning attention is the Mamba2 scan with x = v, B = k, C = q, dt = 1 and
+    A = -slope on the transposed state, so it runs as `chunked_ssd` (T / 64 steps instead of T)."""
+    ones = torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
+    return chunked_ssd(v, ones, -slope.float(), k, q, ones.new_zeros(v.shape[1]), state.transpose(-1, -2))
+
+
+def lightning_step(q, k, v, slope: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+                   has_state: torch.Tensor | None = None) -> torch.Tensor:
+    """One token of each of B sequences, states [S, H, D, D] in cache slots (`ssd_step` on the transposed state):
+    no host loop, no sync."""
+    ones = torch.ones(v.shape[:2], dtype=torch.float32, device=v.device)
+    return ssd_step(v, ones, -slope.float(), k, q, ones.new_zeros(v.shape[1]), state.transpose(-1, -2), slots,
+                    has_state)

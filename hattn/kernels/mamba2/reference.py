@@ -18,3 +18,46 @@ def recurrent_ssd(x, dt, a, b, c, d, state: torch.Tensor) -> torch.Tensor:
         out[t] = (s * c[t][:, None, :]).sum(dim=-1) + d[:, None] * xf[t]
     state.copy_(s)
     return out.to(x.dtype)
+
+
+def chunked_ssd(x, dt, a, b, c, d, state: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """`recurrent_ssd` in chunks (Mamba2's state-space duality): within a chunk of L tokens the outputs are one
+    masked [L, L] product per head, across chunks the state carries over; T / L steps instead of T. Same
+    arguments and result as `recurrent_ssd` (up to float rounding); updates `state` in place."""
+    xf, dt, b, c, a = x.float(), dt.float(), b.float(), c.float(), a.float()
+    s = state.float()
+    out = torch.empty(xf.shape, dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], chunk):
+        rows = slice(start, min(start + chunk, x.shape[0]))
+        out[rows], s = _ssd_chunk(xf[rows], dt[rows], a, b[rows], c[rows], s)
+    state.copy_(s)
+    return (out + d.float()[:, None] * xf).to(x.dtype)
+
+
+def _ssd_chunk(x, dt, a, b, c, s):
+    """One chunk of L tokens from state s [H, P, N]: (C.h for each token [L, H, P], the state after the chunk)."""
+    decay = torch.cumsum(dt * a, dim=0)  # [L, H]: log of the decay from the chunk's start through token t
+    rel = decay[:, None, :] - decay[None, :, :]  # [t, s, H]: log decay from token s to token t
+    causal = torch.ones(rel.shape[:2], dtype=torch.bool, device=x.device).tril()
+    weights = torch.exp(rel.masked_fill(~causal[:, :, None], float("-inf")))  # 0 above the diagonal, never inf
+    scores = torch.einsum("thn,shn->tsh", c, b) * weights * dt[None, :, :]  # C_t.B_s decay(s->t) dt_s
+    y = torch.einsum("tsh,shp->thp", scores, x)
+    y = y + torch.exp(decay)[:, :, None] * torch.einsum("thn,hpn->thp", c, s)  # the carried state's share
+    to_end = torch.exp(decay[-1][None, :] - decay) * dt  # [L, H]: decay(s->end) dt_s
+    s = torch.exp(decay[-1])[:, None, None] * s + torch.einsum("sh,shp,shn->hpn", to_end, x, b)
+    return y, s
+
+
+def ssd_step(x, dt, a, b, c, d, ssm_state: torch.Tensor, slots: torch.Tensor,
+             has_state: torch.Tensor | None = None) -> torch.Tensor:
+    """One token of each of B sequences, their states in cache slots: no host loop, no sync (capture-safe).
+
+    x: [B, H, P]; dt: [B, H]; b, c: [B, H, N]; ssm_state: [S, H, P, N] fp32, rows `slots` [B] read and written;
+    has_state: [B] bool or None, False = a new sequence (starts from zeros). Returns [B, H, P] in x's dtype."""
+    xf, dt, b, c = x.float(), dt.float(), b.float(), c.float()
+    s = ssm_state[slots].float()
+    if has_state is not None:
+        s = s * has_state[:, None, None, None].to(s.dtype)
+    s = s * torch.exp(dt * a.float())[:, :, None, None] + (dt[:, :, None] * xf)[..., None] * b[:, :, None, :]
+    ssm_state.index_copy_(0, slots, s.to(ssm_state.dtype))
+    return ((s * c[:, :, None, :]).sum(-1) + d.float()[:, None] * xf).to(x.dtype)
