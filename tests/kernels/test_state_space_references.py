@@ -133,3 +133,89 @@ def test_the_batched_kda_step_equals_its_recurrence_per_slot():
                                    **TOL)
         torch.testing.assert_close(cache[slot], state, **TOL)
     assert torch.equal(cache[[1, 3]], before[[1, 3]])
+
+
+# -- the ops' decode steps: padding rows, no cache, a slot left non-finite --------------------------------------------
+H, P, N, W, D = 2, 4, 8, 4, 8
+KINDS = ["mamba2", "lightning", "kda", "short_conv"]
+
+
+def _op_case(kind, rows, g):
+    """(cache spec, call(out), out's shape) of one layer-0 call of `kind`'s op on `rows` rows of random inputs."""
+    import hattn.ops.kda, hattn.ops.lightning, hattn.ops.mamba2, hattn.ops.short_conv  # noqa: E401, F401
+
+    if kind == "mamba2":
+        c = H * P + 2 * N
+        args = (torch.randn(rows, c, generator=g), torch.randn(c, W, generator=g), None,
+                torch.rand(rows, H, generator=g), -torch.rand(H, generator=g), torch.randn(H, generator=g))
+        return (hattn.ops.mamba2.cache_spec(H, P, 1, N, W),
+                lambda out: torch.ops.hattn.mamba2_mixer(*args, out, 0, 1, N), (rows, H, P))
+    if kind == "lightning":
+        q, k, v = (torch.randn(rows, H, D, generator=g) for _ in range(3))
+        slope = torch.rand(H, generator=g)
+        return (hattn.ops.lightning.cache_spec(H, D),
+                lambda out: torch.ops.hattn.lightning_attention(q, k, v, slope, out, 0), (rows, H, D))
+    if kind == "kda":
+        args = (torch.randn(rows, 3 * H * D, generator=g), torch.randn(3 * H * D, W, generator=g), None,
+                -torch.rand(rows, H, D, generator=g), torch.rand(rows, H, generator=g))
+        return hattn.ops.kda.cache_spec(3 * H * D, W, H, D), lambda out: torch.ops.hattn.kda_attention(*args, out, 0), \
+            (rows, H, D)
+    args = (torch.randn(rows, 6, generator=g), torch.randn(6, W, generator=g), None)
+    return hattn.ops.short_conv.cache_spec(6, W), lambda out: torch.ops.hattn.short_conv(*args, out, 0), (rows, 6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_decode_steps_padding_rows_come_out_zero(kind):
+    from hattn.models.cache import HybridCache
+
+    spec, call, shape = _op_case(kind, 3, torch.Generator().manual_seed(0))
+    cache = HybridCache({0: spec}, slots=2, max_len=16, dtype=torch.float32)
+    out = torch.full(shape, float("nan"))
+    with forward_context(ForwardContext([1, 1], [3, 0], [0, 1], cache, padding=1)), torch.no_grad():
+        call(out)
+    assert out[:2].isfinite().all() and torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_token_without_a_cache_runs_from_zero_states(kind):
+    spec, call, shape = _op_case(kind, 1, torch.Generator().manual_seed(1))
+    out = torch.empty(shape)
+    with torch.no_grad():
+        call(out)
+    assert out.isfinite().all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_new_sequence_in_a_slot_a_diverged_one_left_nan_starts_from_zeros(kind):
+    """0 * NaN is NaN: a new sequence's states are selected away, not multiplied by 0."""
+    from hattn.models.cache import HybridCache
+
+    outs = []
+    for fill in (0.0, float("nan")):
+        spec, call, shape = _op_case(kind, 1, torch.Generator().manual_seed(2))
+        cache = HybridCache({0: spec}, slots=2, max_len=16, dtype=torch.float32)
+        for state in cache.state(0):
+            state.fill_(fill)
+        out = torch.empty(shape)
+        with forward_context(ForwardContext([1], [0], [1], cache)), torch.no_grad():
+            call(out)
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0])
+
+
+def test_the_chunked_scan_is_as_accurate_as_the_recurrence_after_a_large_time_step():
+    """exp(cumsum[t] - cumsum[s]) loses the small steps after one large one in fp32 (cumsum near -320); the segment
+    sums are summed directly, as transformers' segment_sum."""
+    g = torch.Generator().manual_seed(0)
+    t, h, p, n = 64, 3, 4, 8
+    x, b, c = torch.randn(t, h, p, generator=g), torch.randn(t, h, n, generator=g), torch.randn(t, h, n, generator=g)
+    a, d, s0 = torch.full((h,), -16.0), torch.randn(h, generator=g), torch.randn(h, p, n, generator=g)
+    dt = torch.full((t, h), 0.01)
+    dt[0] = 20.0
+    want = recurrent_ssd(*(z.double() for z in (x, dt, a, b, c, d)), s0.double().clone())
+
+    def error(y):
+        return ((y.double() - want).abs() / (want.abs() + 1e-2)).max().item()
+
+    got, rec = chunked_ssd(x, dt, a, b, c, d, s0.clone()), recurrent_ssd(x, dt, a, b, c, d, s0.clone())
+    assert error(got) < 10 * error(rec) + 1e-5, (error(got), error(rec))

@@ -83,8 +83,8 @@ def causal_conv1d_step(
     from zeros. No host sync, no data-dependent shapes (capture-safe). Returns y: [B, C] in x's dtype.
     """
     old = conv_state[slots]  # [B, C, W-1]
-    if has_state is not None:
-        old = old * has_state[:, None, None].to(old.dtype)
+    if has_state is not None:  # where, not a product: a slot left NaN must not leak into a new sequence
+        old = torch.where(has_state[:, None, None], old, torch.zeros((), dtype=old.dtype, device=old.device))
     window = torch.cat([old, x.to(conv_state.dtype)[:, :, None]], dim=-1)  # [B, C, W]
     conv_state.index_copy_(0, slots, window[:, :, 1:])
     y = (window.to(weight.dtype) * weight[None]).sum(-1)

@@ -134,8 +134,8 @@ def gated_delta_rule_step(q, k, v, g, beta, states: torch.Tensor, slots: torch.T
     _check_heads(k, v)
     q, k = _prepare_qk(q, k, v.shape[1])
     s = states[slots]  # [B, Hv, Dk, Dv]
-    if has_state is not None:
-        s = s * has_state[:, None, None, None].to(s.dtype)
+    if has_state is not None:  # where, not a product: a slot left NaN must not leak into a new sequence
+        s = torch.where(has_state[:, None, None, None], s, 0.0)
     s = s * g.float().exp()[:, :, None, None]
     delta = (v.float() - (s * k[..., None]).sum(-2)) * beta.float()[..., None]
     s = s + k[..., None] * delta[:, :, None, :]

@@ -37,8 +37,8 @@ def kda_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tensor,
     k = l2norm(k.float())
     v, g, beta = v.float(), g.float(), beta.float()
     s = state[slots].float()
-    if has_state is not None:
-        s = s * has_state[:, None, None, None].to(s.dtype)
+    if has_state is not None:  # where, not a product: a slot left NaN must not leak into a new sequence
+        s = torch.where(has_state[:, None, None, None], s, 0.0)
     s = s * g.exp()[..., None]
     delta = (v - (s * k[..., None]).sum(dim=-2)) * beta[..., None]
     s = s + k[..., None] * delta[:, :, None, :]

@@ -36,16 +36,24 @@ def chunked_ssd(x, dt, a, b, c, d, state: torch.Tensor, chunk: int = 64) -> torc
 
 def _ssd_chunk(x, dt, a, b, c, s):
     """One chunk of L tokens from state s [H, P, N]: (C.h for each token [L, H, P], the state after the chunk)."""
-    decay = torch.cumsum(dt * a, dim=0)  # [L, H]: log of the decay from the chunk's start through token t
-    rel = decay[:, None, :] - decay[None, :, :]  # [t, s, H]: log decay from token s to token t
-    causal = torch.ones(rel.shape[:2], dtype=torch.bool, device=x.device).tril()
-    weights = torch.exp(rel.masked_fill(~causal[:, :, None], float("-inf")))  # 0 above the diagonal, never inf
-    scores = torch.einsum("thn,shn->tsh", c, b) * weights * dt[None, :, :]  # C_t.B_s decay(s->t) dt_s
+    da = dt * a  # [L, H]: each token's log decay
+    decay = torch.cumsum(da, dim=0)  # log of the decay from the chunk's start through token t
+    rel = _segment_sums(da)  # [t, s, H]: log decay from token s to token t, -inf for s > t
+    scores = torch.einsum("thn,shn->tsh", c, b) * torch.exp(rel) * dt[None, :, :]  # C_t.B_s decay(s->t) dt_s
     y = torch.einsum("tsh,shp->thp", scores, x)
     y = y + torch.exp(decay)[:, :, None] * torch.einsum("thn,hpn->thp", c, s)  # the carried state's share
-    to_end = torch.exp(decay[-1][None, :] - decay) * dt  # [L, H]: decay(s->end) dt_s
+    to_end = torch.exp(rel[-1]) * dt  # [L, H]: decay(s->end) dt_s
     s = torch.exp(decay[-1])[:, None, None] * s + torch.einsum("sh,shp,shn->hpn", to_end, x, b)
     return y, s
+
+
+def _segment_sums(da: torch.Tensor) -> torch.Tensor:
+    """[t, s, H]: the sum of da[r] over s < r <= t, summed directly (as transformers' segment_sum): a difference of
+    two running sums loses the small steps after a large one in fp32. -inf above the diagonal (exp gives 0)."""
+    n = da.shape[0]
+    ones = torch.ones(n, n, dtype=torch.bool, device=da.device)
+    steps = da[:, None, :].expand(n, n, -1).masked_fill(~ones.tril(-1)[:, :, None], 0)  # [r, s]: da[r] where r > s
+    return torch.cumsum(steps, dim=0).masked_fill(~ones.tril()[:, :, None], float("-inf"))
 
 
 def ssd_step(x, dt, a, b, c, d, ssm_state: torch.Tensor, slots: torch.Tensor,
@@ -56,8 +64,8 @@ def ssd_step(x, dt, a, b, c, d, ssm_state: torch.Tensor, slots: torch.Tensor,
     has_state: [B] bool or None, False = a new sequence (starts from zeros). Returns [B, H, P] in x's dtype."""
     xf, dt, b, c = x.float(), dt.float(), b.float(), c.float()
     s = ssm_state[slots].float()
-    if has_state is not None:
-        s = s * has_state[:, None, None, None].to(s.dtype)
+    if has_state is not None:  # where, not a product: a slot a diverged sequence left NaN must not leak
+        s = torch.where(has_state[:, None, None, None], s, 0.0)
     s = s * torch.exp(dt * a.float())[:, :, None, None] + (dt[:, :, None] * xf)[..., None] * b[:, :, None, :]
     ssm_state.index_copy_(0, slots, s.to(ssm_state.dtype))
     return ((s * c[:, :, None, :]).sum(-1) + d.float()[:, None] * xf).to(x.dtype)
