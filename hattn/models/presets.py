@@ -112,7 +112,7 @@ def tiny_nemotron_h():
                            moe_shared_expert_intermediate_size=64, num_nextn_predict_layers=0)
 
 
-_MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8)
+_MAMBA = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=32, mamba_chunk_size=8)  # P != N
 
 
 def tiny_granite_4_h():

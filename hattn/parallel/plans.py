@@ -168,7 +168,7 @@ def dense_mlp(mlp: nn.Module, tp: TPGroup, reduce: bool = True) -> None:
             colwise(getattr(mlp, name), tp)
     rowwise(_down(mlp), tp, reduce=reduce)
     if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = mlp.up_proj.out_features
+        mlp.intermediate_size = _down(mlp).in_features
 
 
 EXPERT_PARAMS = {"gate_up_proj", "up_proj", "down_proj"}
@@ -214,7 +214,8 @@ def check_mlp(mlp: nn.Module, where: str, size: int) -> str | None:
         return check_mlp(shared, f"{where}.shared_expert", size) if shared is not None else None
     inter = _down(mlp).in_features
     if inter % size:
-        return f"{where}: intermediate size {inter} (intermediate_size) does not divide over tp={size}"
+        field = "shared_intermediate_size" if hasattr(mlp, "input_linear") else "intermediate_size"  # Granite's
+        return f"{where}: intermediate size {inter} ({field}) does not divide over tp={size}"
     return None
 
 

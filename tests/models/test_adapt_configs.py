@@ -166,6 +166,34 @@ def test_granite_attention_multiplier_is_the_attention_scale():
     assert not torch.allclose(_logits_equal_hf(half), _logits_equal_hf(quarter), atol=1e-3)
 
 
+# -- one decode step on a cache against transformers' full forward -------------------------------------------------
+@pytest.mark.parametrize("preset", ["tiny-lfm2", "tiny-bamba", "tiny-granite-4.0-h", "tiny-minimax",
+                                    "tiny-kimi-linear"])
+def test_a_decode_step_after_a_prefill_gives_the_logits_of_transformers_full_forward(preset):
+    """The batched decode step of each torch mixer kind, checked by its logits (a few greedy tokens may agree by
+    chance: a short conv with an activation it does not have still matched 8 tokens)."""
+    from hattn.context import ForwardContext, forward_context
+
+    hf = random_model(preset_config(preset), seed=0)
+    ref, lm = copy.deepcopy(hf), adapt(hf)
+    ids = torch.tensor([5, 9, 2, 7, 11, 3, 8])
+    n, cache = len(ids) - 1, lm.make_cache(1, 16)
+    with torch.no_grad():
+        with forward_context(ForwardContext([n], [0], [0], cache, layer_kinds=lm.layer_kinds)):
+            lm(ids[:n], torch.arange(n))
+        with forward_context(ForwardContext([1], [n], [0], cache, layer_kinds=lm.layer_kinds)):
+            got = lm(ids[n:], torch.tensor([n]))
+        want = ref(input_ids=ids[None], use_cache=False).logits[0, -1:]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_swish_is_silu_for_the_conv_activation_check():
+    """transformers' "swish" is SiLU: a config naming it is served, with transformers' logits."""
+    config = preset_config("tiny-bamba")
+    config.hidden_act = "swish"
+    _logits_equal_hf(config)
+
+
 # -- LFM2: gated short convs (kind "short_conv") -----------------------------------------------------------------
 def test_lfm2_moe_gives_hf_tokens():
     """LFM2-MoE (lfm2_moe) is the LFM2 family with MoE MLPs past its first num_dense_layers: one family serves both."""

@@ -174,3 +174,36 @@ def test_an_mlp_that_does_not_shard_is_refused_before_any_layer_changes(preset, 
     with pytest.raises(ValueError, match=match):
         shard(lm, fake_group(0), check_weights=False)
     assert {n: p.shape for n, p in lm.named_parameters()} == before
+
+
+def test_lfm2_moe_with_dense_layers_shards_its_dense_mlps():
+    """LFM2-MoE's dense MLPs (its first num_dense_layers) have w1/w3/w2 and an intermediate_size attribute: the plan
+    set that from an up_proj they do not have, after other layers were already sharded."""
+    from transformers import Lfm2MoeConfig
+
+    from hattn.models.hf import adapt
+    from hattn.models.presets import random_model
+
+    config = Lfm2MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                           num_experts_per_tok=2, num_dense_layers=1, layer_types=["conv", "full_attention", "conv",
+                                                                                   "conv"],
+                           block_auto_adjust_ff_dim=False, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    lm = shard(adapt(random_model(config, seed=0)), fake_group(0), check_weights=False)
+    dense = lm.hf.model.layers[0].feed_forward
+    assert (dense.w1.out_features, dense.w3.out_features, dense.w2.in_features) == (64, 64, 64)
+
+
+def test_a_granite_shared_mlp_that_does_not_shard_is_refused_before_any_layer_changes():
+    """Every MLP block of a layer is checked (Granite: its MoE block and its shared MLP), before anything changes."""
+    from hattn.models.hf import adapt
+    from hattn.models.presets import random_model
+
+    config = preset_config("tiny-granite-4.0-h")
+    config.shared_intermediate_size = 31
+    lm = adapt(random_model(config, seed=0))
+    before = {n: p.shape for n, p in lm.named_parameters()}
+    with pytest.raises(ValueError, match=r"GraniteMoeHybridMLP: intermediate size 31 \(shared_intermediate_size\) "
+                                         r"does not divide over tp=2"):
+        shard(lm, fake_group(0), check_weights=False)
+    assert {n: p.shape for n, p in lm.named_parameters()} == before
