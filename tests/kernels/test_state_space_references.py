@@ -219,3 +219,20 @@ def test_the_chunked_scan_is_as_accurate_as_the_recurrence_after_a_large_time_st
 
     got, rec = chunked_ssd(x, dt, a, b, c, d, s0.clone()), recurrent_ssd(x, dt, a, b, c, d, s0.clone())
     assert error(got) < 10 * error(rec) + 1e-5, (error(got), error(rec))
+
+
+def test_every_form_returns_the_dtype_of_its_values():
+    """The recurrences rebound v to fp32 before casting the output to v's dtype (so they returned fp32 for bf16)."""
+    from hattn.kernels.kda.reference import kda_step, recurrent_kda
+    from hattn.kernels.lightning.reference import chunked_lightning, lightning_step, recurrent_lightning
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 2, 8, generator=g).bfloat16() for _ in range(3))
+    slope, decay, beta = torch.rand(2, generator=g), -torch.rand(3, 2, 8, generator=g), torch.rand(3, 2, generator=g)
+    state, slots = torch.zeros(3, 2, 8, 8), torch.tensor([0, 1, 2])
+    outs = [recurrent_lightning(q, k, v, slope, state[0].clone()), chunked_lightning(q, k, v, slope, state[0].clone()),
+            lightning_step(q, k, v, slope, state.clone(), slots), recurrent_kda(q, k, v, decay, beta, state[0].clone()),
+            kda_step(q, k, v, decay, beta, state.clone(), slots)]
+    x, dt, a, b, c, d, s0 = _inputs(5, 2, 4, 8, seed=1)
+    outs += [recurrent_ssd(x.bfloat16(), dt, a, b, c, d, s0.clone()), chunked_ssd(x.bfloat16(), dt, a, b, c, d, s0)]
+    assert [o.dtype for o in outs] == [torch.bfloat16] * 7

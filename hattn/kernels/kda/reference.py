@@ -15,6 +15,7 @@ def recurrent_kda(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     q, k: [T, H, Dk]; v: [T, H, Dv]; g (log decay per channel): [T, H, Dk]; beta: [T, H]; state: [H, Dk, Dv] fp32.
     Returns [T, H, Dv] in v's dtype. Matches transformers' recurrent_kimi_delta_attention (qk l2-normalised).
     """
+    dtype = v.dtype
     q = l2norm(q.float()) * q.shape[-1] ** -0.5
     k = l2norm(k.float())
     v, g, beta = v.float(), g.float(), beta.float()
@@ -26,13 +27,14 @@ def recurrent_kda(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
         s = s + k[t][..., None] * delta[:, None, :]
         out[t] = (s * q[t][..., None]).sum(dim=-2)
     state.copy_(s)
-    return out.to(v.dtype)
+    return out.to(dtype)
 
 
 def kda_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tensor,
              has_state: torch.Tensor | None = None) -> torch.Tensor:
     """One token of each of B sequences, states [S, H, Dk, Dv] fp32 in cache slots `slots` [B]: `recurrent_kda`'s
     step batched over them, no host loop, no sync. has_state: [B] bool or None, False = a new sequence (zeros)."""
+    dtype = v.dtype
     q = l2norm(q.float()) * q.shape[-1] ** -0.5
     k = l2norm(k.float())
     v, g, beta = v.float(), g.float(), beta.float()
@@ -43,4 +45,4 @@ def kda_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tensor,
     delta = (v - (s * k[..., None]).sum(dim=-2)) * beta[..., None]
     s = s + k[..., None] * delta[:, :, None, :]
     state.index_copy_(0, slots, s.to(state.dtype))
-    return (s * q[..., None]).sum(dim=-2).to(v.dtype)
+    return (s * q[..., None]).sum(dim=-2).to(dtype)

@@ -12,14 +12,14 @@ def recurrent_lightning(q, k, v, slope: torch.Tensor, state: torch.Tensor) -> to
     q, k, v: [T, H, D]; slope: [H]; state: [H, D, D] fp32. Returns [T, H, D] in v's dtype.
     """
     decay = torch.exp(-slope.float())[:, None, None]
-    q, k, v = q.float(), k.float(), v.float()
+    dtype, (q, k, v) = v.dtype, (q.float(), k.float(), v.float())
     s = state.float()
     out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     for t in range(v.shape[0]):
         s = decay * s + k[t][:, :, None] * v[t][:, None, :]
         out[t] = (q[t][:, :, None] * s).sum(dim=-2)
     state.copy_(s)
-    return out.to(v.dtype)
+    return out.to(dtype)
 
 
 def chunked_lightning(q, k, v, slope: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
