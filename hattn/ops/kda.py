@@ -1,8 +1,8 @@
 """Kind "kda": Kimi delta attention (Kimi-Linear, Ling/Ring "bailing" hybrids), `hattn::kda_attention`: causal
 conv1d (silu) + a delta rule with per-channel decay, its conv and fp32 recurrent states in each sequence's cache
 slot. Kernels: torch, in `hattn/kernels/kda/` and `hattn/kernels/conv1d/`: a decode step is a few batched ops over
-every sequence's slot; a prefill runs each sequence token by token (host loops; not capture-safe: pcg and bcg run it
-between graphs, full refuses it).
+every sequence's slot; a prefill runs each sequence in chunks of 64 tokens (host loops; not capture-safe: pcg and
+bcg run it between graphs, full refuses it).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hattn import registry
 from hattn.context import LayerSpec, op_context, sequence_states, zero_padding
 from hattn.kernels.conv1d.reference import causal_conv1d, causal_conv1d_step
-from hattn.kernels.kda.reference import kda_step, recurrent_kda
+from hattn.kernels.kda.reference import chunked_kda, kda_step
 from hattn.ops.linear import cache_spec as _conv_and_state_spec
 
 
@@ -49,7 +49,7 @@ def _kda_attention(
     for rows, (conv_state, state) in sequence_states(ctx, layer_id, fresh):
         x = causal_conv1d(mixed_qkv[rows], conv_weight, conv_bias, conv_state)
         q, k, v = (y.reshape(-1, h, d) for y in x.chunk(3, dim=-1))
-        out[rows] = recurrent_kda(q, k, v, g[rows], beta[rows], state)
+        out[rows] = chunked_kda(q, k, v, g[rows], beta[rows], state)
     zero_padding(out, ctx.num_tokens)
 
 

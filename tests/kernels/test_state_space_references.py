@@ -236,3 +236,37 @@ def test_every_form_returns_the_dtype_of_its_values():
     x, dt, a, b, c, d, s0 = _inputs(5, 2, 4, 8, seed=1)
     outs += [recurrent_ssd(x.bfloat16(), dt, a, b, c, d, s0.clone()), chunked_ssd(x.bfloat16(), dt, a, b, c, d, s0)]
     assert [o.dtype for o in outs] == [torch.bfloat16] * 7
+
+
+# -- KDA's chunked form ------------------------------------------------------------------------------------------
+def _kda_inputs(t, h, dk, dv, seed, strong=False):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(t, h, dk, generator=g), torch.randn(t, h, dk, generator=g), torch.randn(t, h, dv, generator=g)
+    decay = -torch.rand(t, h, dk, generator=g) * (20.0 if strong else 1.0)
+    return q, k, v, decay, torch.rand(t, h, generator=g), torch.randn(h, dk, dv, generator=g)
+
+
+@given(t=st.integers(1, 140), chunk=st.sampled_from([1, 4, 64]), strong=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_chunked_kda_equals_its_recurrence(t, chunk, strong, seed):
+    from hattn.kernels.kda.reference import chunked_kda, recurrent_kda
+
+    q, k, v, decay, beta, s0 = _kda_inputs(t, 2, 8, 4, seed, strong)
+    s1, s2 = s0.clone(), s0.clone()
+    torch.testing.assert_close(chunked_kda(q, k, v, decay, beta, s1, chunk), recurrent_kda(q, k, v, decay, beta, s2),
+                               **TOL)
+    torch.testing.assert_close(s1, s2, **TOL)
+
+
+def test_chunked_kda_equals_transformers_torch_chunk_kda():
+    """From a carried state, against transformers' own torch chunk form of Kimi-Linear (qk l2-normalised inside)."""
+    from hattn.kernels.kda.reference import chunked_kda
+
+    kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    hf_chunk = getattr(kimi.chunk_kimi_delta_attention, "__wrapped__", kimi.chunk_kimi_delta_attention)
+    q, k, v, decay, beta, s0 = _kda_inputs(100, 2, 8, 4, seed=7)
+    want, want_state = hf_chunk(q[None], k[None], v[None], decay[None], beta[None], initial_state=s0[None].clone(),
+                                output_final_state=True, use_qk_l2norm_in_kernel=True)
+    state = s0.clone()
+    torch.testing.assert_close(chunked_kda(q, k, v, decay, beta, state), want[0], **TOL)
+    torch.testing.assert_close(state, want_state[0], **TOL)

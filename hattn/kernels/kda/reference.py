@@ -46,3 +46,41 @@ def kda_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tensor,
     s = s + k[..., None] * delta[:, :, None, :]
     state.index_copy_(0, slots, s.to(state.dtype))
     return (s * q[..., None]).sum(dim=-2).to(dtype)
+
+
+def chunked_kda(q, k, v, g, beta, state: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """`recurrent_kda` in chunks of `chunk` tokens (the WY form of the delta rule): per chunk, the tokens' pseudo-values
+    u solve one unit lower-triangular system, then the outputs and the carried state are products. T / chunk steps
+    instead of T; same arguments and result as `recurrent_kda` (up to float rounding); updates `state` in place."""
+    dtype = v.dtype
+    q = l2norm(q.float()) * q.shape[-1] ** -0.5
+    k = l2norm(k.float())
+    v, g, beta = v.float(), g.float(), beta.float()
+    s = state.float()
+    out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    for start in range(0, v.shape[0], chunk):
+        rows = slice(start, min(start + chunk, v.shape[0]))
+        out[rows], s = _kda_chunk(q[rows], k[rows], v[rows], g[rows], beta[rows], s)
+    state.copy_(s)
+    return out.to(dtype)
+
+
+def _kda_chunk(q, k, v, g, beta, s):
+    """One chunk of L tokens from state s [H, Dk, Dv]: (outputs [L, H, Dv], the state after the chunk).
+
+    With decay(s->t) = prod of exp(g[r]) over s < r <= t (per key channel), the state before token t's update is
+    decay(0->t) s + sum_{r<t} decay(r->t) k_r u_r^T, so u_t = beta_t (v_t - k_t^T that) is
+    (I + A) u = beta (v - (k decay(start->t))^T s) with A[t, r] = beta_t k_t.decay(r->t).k_r for r < t."""
+    n = v.shape[0]
+    ones = torch.ones(n, n, dtype=torch.bool, device=v.device)
+    steps = g[:, None].expand(n, n, *g.shape[1:]).masked_fill(~ones.tril(-1)[:, :, None, None], 0)
+    rel = torch.exp(torch.cumsum(steps, dim=0))  # [t, r, H, Dk]: decay(r->t) for t >= r, each segment summed
+    from_start = torch.exp(torch.cumsum(g, dim=0))  # [L, H, Dk]: decay(start->t), token t's own step included
+    a = torch.einsum("thc,trhc,rhc->htr", k, rel, k) * beta.t()[:, :, None]
+    a = a.masked_fill(~ones.tril(-1), 0) + torch.eye(n, device=v.device)
+    rhs = (v - torch.einsum("thc,hcv->thv", k * from_start, s)) * beta[..., None]  # [L, H, Dv]
+    u = torch.linalg.solve_triangular(a, rhs.transpose(0, 1), upper=False, unitriangular=True).transpose(0, 1)
+    scores = torch.einsum("thc,trhc,rhc->thr", q, rel, k).masked_fill(~ones.tril()[:, None, :], 0)
+    out = torch.einsum("thr,rhv->thv", scores, u) + torch.einsum("thc,hcv->thv", q * from_start, s)
+    s = from_start[-1][..., None] * s + torch.einsum("rhc,rhv->hcv", k * rel[-1], u)  # rel[-1]: decay(r->end)
+    return out, s
