@@ -1,5 +1,7 @@
-"""Plain-torch reference of Kimi delta attention (KDA): a gated delta rule whose decay is per channel ([T, H, Dk])
-instead of per head. The CPU path runs it and the tests compare against transformers' own recurrence."""
+"""Kimi delta attention (KDA) in plain torch: a gated delta rule whose decay is per channel ([T, H, Dk]) instead of
+per head. `recurrent_kda` (token by token) is the reference the tests hold the op's forms to: `chunked_kda` (a
+prefill, 64 tokens a step) and `kda_step` (a decode step over every sequence's slot), which the op runs on every
+device."""
 from __future__ import annotations
 
 import torch

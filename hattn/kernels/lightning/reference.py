@@ -1,4 +1,5 @@
-"""Plain-torch reference of MiniMax's lightning attention: linear attention with a fixed per-head decay."""
+"""MiniMax's lightning attention in plain torch: linear attention with a fixed per-head decay. `recurrent_lightning`
+is the reference; `chunked_lightning` and `lightning_step` run it as the Mamba2 scan's chunked and decode forms."""
 from __future__ import annotations
 
 import torch

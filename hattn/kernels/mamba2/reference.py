@@ -1,4 +1,6 @@
-"""Plain-torch reference of the Mamba2 selective state-space scan (Nemotron-H's mixers)."""
+"""The Mamba2 selective state-space scan in plain torch (Nemotron-H, Granite 4.0-H, Bamba). `recurrent_ssd` (token by
+token) is the reference the tests hold the op's forms to: `chunked_ssd` (a prefill, 64 tokens a step) and `ssd_step`
+(a decode step over every sequence's slot), which the op runs on every device."""
 from __future__ import annotations
 
 import torch
