@@ -11,16 +11,18 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)  # FLA's KDA variant (sqrt, then divide)
 
 
+def _fp32(q, k, v, g, beta) -> tuple[torch.Tensor, ...]:
+    """Every form's inputs in fp32, q and k l2-normalised (q scaled by Dk ** -0.5), as FLA and transformers do."""
+    return l2norm(q.float()) * q.shape[-1] ** -0.5, l2norm(k.float()), v.float(), g.float(), beta.float()
+
+
 def recurrent_kda(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
     """Token-by-token KDA of one sequence; updates `state` in place.
 
     q, k: [T, H, Dk]; v: [T, H, Dv]; g (log decay per channel): [T, H, Dk]; beta: [T, H]; state: [H, Dk, Dv] fp32.
     Returns [T, H, Dv] in v's dtype. Matches transformers' recurrent_kimi_delta_attention (qk l2-normalised).
     """
-    dtype = v.dtype
-    q = l2norm(q.float()) * q.shape[-1] ** -0.5
-    k = l2norm(k.float())
-    v, g, beta = v.float(), g.float(), beta.float()
+    dtype, (q, k, v, g, beta) = v.dtype, _fp32(q, k, v, g, beta)
     s = state.float()
     out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     for t in range(v.shape[0]):
@@ -36,10 +38,7 @@ def kda_step(q, k, v, g, beta, state: torch.Tensor, slots: torch.Tensor,
              has_state: torch.Tensor | None = None) -> torch.Tensor:
     """One token of each of B sequences, states [S, H, Dk, Dv] fp32 in cache slots `slots` [B]: `recurrent_kda`'s
     step batched over them, no host loop, no sync. has_state: [B] bool or None, False = a new sequence (zeros)."""
-    dtype = v.dtype
-    q = l2norm(q.float()) * q.shape[-1] ** -0.5
-    k = l2norm(k.float())
-    v, g, beta = v.float(), g.float(), beta.float()
+    dtype, (q, k, v, g, beta) = v.dtype, _fp32(q, k, v, g, beta)
     s = state[slots].float()
     if has_state is not None:  # where, not a product: a slot left NaN must not leak into a new sequence
         s = torch.where(has_state[:, None, None, None], s, 0.0)
@@ -54,10 +53,7 @@ def chunked_kda(q, k, v, g, beta, state: torch.Tensor, chunk: int = 64) -> torch
     """`recurrent_kda` in chunks of `chunk` tokens (the WY form of the delta rule): per chunk, the tokens' pseudo-values
     u solve one unit lower-triangular system, then the outputs and the carried state are products. T / chunk steps
     instead of T; same arguments and result as `recurrent_kda` (up to float rounding); updates `state` in place."""
-    dtype = v.dtype
-    q = l2norm(q.float()) * q.shape[-1] ** -0.5
-    k = l2norm(k.float())
-    v, g, beta = v.float(), g.float(), beta.float()
+    dtype, (q, k, v, g, beta) = v.dtype, _fp32(q, k, v, g, beta)
     s = state.float()
     out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
     for start in range(0, v.shape[0], chunk):
