@@ -266,6 +266,18 @@ def sequence_states(
         yield slice(start, start + n), states
 
 
+def decode_states(ctx: ForwardContext, layer_id: int, device) -> tuple[tuple[torch.Tensor, ...], int, torch.Tensor,
+                                                                       torch.Tensor] | None:
+    """For a decode step over a cache (one token of every sequence): (the layer's state tensors [S, ...], the step's
+    token count, slots [B] and `started` [B] on `device`, False for a sequence whose first token this is, which
+    starts from zero states), for an op that steps every sequence at once; else None (`sequence_states` serves)."""
+    if not (ctx.is_decode and ctx.cache is not None):
+        return None
+    slots, lens = ctx.device_meta(device)
+    started = ctx.memo(("started", str(device)), lambda: lens > 0)  # once a step, not once a layer
+    return ctx.cache.state(layer_id), ctx.num_tokens, slots, started
+
+
 def zero_padding(out: torch.Tensor, num_tokens: int | torch.Tensor) -> None:
     """Rows past the step's tokens are zeros (never stale values). `num_tokens` may be a device scalar (a captured
     step's real token count: the rows are masked on the device, no host sync)."""

@@ -127,9 +127,11 @@ def family_of(config) -> Family:
     return family
 
 
-def kinds_from_layer_types(config, linear_kind: str = "linear", key: str = "layer_types") -> dict[int, str]:
-    """{"full_attention": "full", "linear_attention": linear_kind} over `config.<key>`; other types are an error."""
-    names = {"full_attention": "full", "linear_attention": linear_kind}
+def kinds_from_layer_types(config, linear_kind: str = "linear", key: str = "layer_types",
+                           names: dict[str, str] | None = None) -> dict[int, str]:
+    """`names` ({"full_attention": "full", "linear_attention": linear_kind} by default) over `config.<key>`; other
+    types are an error."""
+    names = names or {"full_attention": "full", "linear_attention": linear_kind}
     types = getattr(config, key, None)
     if types is None:
         raise ValueError(f"{config.model_type} config has no {key}; hattn needs the per-layer kinds")
@@ -137,6 +139,14 @@ def kinds_from_layer_types(config, linear_kind: str = "linear", key: str = "laye
     if unknown:
         raise ValueError(f"{config.model_type}: layer types {unknown} are not served by hattn (known: {sorted(names)})")
     return {i: names[t] for i, t in enumerate(types)}
+
+
+def check_silu(config, key: str = "hidden_act") -> None:
+    """hattn's conv kernels apply SiLU: a config whose short conv applies another activation (`config.<key>`) is
+    refused."""
+    act = getattr(config, key)
+    if act not in ("silu", "swish"):
+        raise ValueError(f"{config.model_type}: hattn's conv1d applies silu but the config's {key} is {act!r}")
 
 
 def gqa_full_spec(config) -> LayerSpec:

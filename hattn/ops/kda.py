@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import LayerSpec, op_context, sequence_states, zero_padding
+from hattn.context import LayerSpec, decode_states, op_context, sequence_states, zero_padding
 from hattn.kernels.conv1d.reference import causal_conv1d, causal_conv1d_step
 from hattn.kernels.kda.reference import chunked_kda, kda_step
 from hattn.ops.linear import cache_spec as _conv_and_state_spec
@@ -33,12 +33,12 @@ def _kda_attention(
     out: [T, H, D]."""
     ctx = op_context("kda", layer_id, mixed_qkv.shape[0])
     h, d = out.shape[1:]
-    if ctx.is_decode and ctx.cache is not None:  # one token of every sequence, batched
-        (conv_state, state), n = ctx.cache.state(layer_id), ctx.num_tokens
-        slots, lens = ctx.device_meta(mixed_qkv.device)
-        x = causal_conv1d_step(mixed_qkv[:n], conv_weight, conv_bias, conv_state, slots, lens > 0)
+    step = decode_states(ctx, layer_id, mixed_qkv.device)
+    if step is not None:  # one token of every sequence, batched
+        (conv_state, state), n, slots, started = step
+        x = causal_conv1d_step(mixed_qkv[:n], conv_weight, conv_bias, conv_state, slots, started)
         q, k, v = (y.reshape(-1, h, d) for y in x.chunk(3, dim=-1))
-        out[:n] = kda_step(q, k, v, g[:n], beta[:n], state, slots, lens > 0)
+        out[:n] = kda_step(q, k, v, g[:n], beta[:n], state, slots, started)
         zero_padding(out, n)
         return
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import LayerSpec, op_context, sequence_states, zero_padding
+from hattn.context import LayerSpec, decode_states, op_context, sequence_states, zero_padding
 from hattn.kernels.lightning.reference import chunked_lightning, lightning_step
 
 
@@ -23,10 +23,10 @@ def _lightning_attention(
     """q, k, v, out: [T, H, D]; slope: [H]."""
     ctx = op_context("lightning", layer_id, q.shape[0])
     h, d = q.shape[1:]
-    if ctx.is_decode and ctx.cache is not None:  # one token of every sequence, batched
-        (state,), n = ctx.cache.state(layer_id), ctx.num_tokens
-        slots, lens = ctx.device_meta(q.device)
-        out[:n] = lightning_step(q[:n], k[:n], v[:n], slope, state, slots, lens > 0)
+    step = decode_states(ctx, layer_id, q.device)
+    if step is not None:  # one token of every sequence, batched
+        (state,), n, slots, started = step
+        out[:n] = lightning_step(q[:n], k[:n], v[:n], slope, state, slots, started)
         zero_padding(out, n)
         return
 

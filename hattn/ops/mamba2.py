@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import LayerSpec, op_context, sequence_states, zero_padding
+from hattn.context import LayerSpec, decode_states, op_context, sequence_states, zero_padding
 from hattn.kernels.conv1d.reference import causal_conv1d, causal_conv1d_step
 from hattn.kernels.mamba2.reference import chunked_ssd, ssd_step
 
@@ -38,8 +38,9 @@ def _mamba2_mixer(
     out: [T, H, P]."""
     ctx = op_context("mamba2", layer_id, xbc.shape[0])
     h, p = out.shape[1:]
-    if ctx.is_decode and ctx.cache is not None:
-        _decode(xbc, conv_weight, conv_bias, dt, a, d, out, layer_id, n_groups, state_size, ctx)
+    step = decode_states(ctx, layer_id, xbc.device)
+    if step is not None:
+        _decode(xbc, conv_weight, conv_bias, dt, a, d, out, n_groups, state_size, step)
         return
 
     def fresh():
@@ -52,12 +53,10 @@ def _mamba2_mixer(
     zero_padding(out, ctx.num_tokens)
 
 
-def _decode(xbc, conv_weight, conv_bias, dt, a, d, out, layer_id, n_groups, state_size, ctx) -> None:
-    """One token of every sequence: the conv and the scan batched over them, their states in their slots."""
-    n, (h, p) = ctx.num_tokens, out.shape[1:]
-    conv_state, ssm_state = ctx.cache.state(layer_id)
-    slots, lens = ctx.device_meta(xbc.device)
-    started = lens > 0  # a sequence whose first token this is starts from zero states
+def _decode(xbc, conv_weight, conv_bias, dt, a, d, out, n_groups, state_size, step) -> None:
+    """One token of every sequence (`decode_states`' step): the conv and the scan batched over them."""
+    (conv_state, ssm_state), n, slots, started = step
+    h, p = out.shape[1:]
     y = causal_conv1d_step(xbc[:n], conv_weight, conv_bias, conv_state, slots, started)
     x, b, c = _split(y, h, p, n_groups, state_size)
     out[:n] = ssd_step(x, dt[:n], a, b, c, d, ssm_state, slots, started)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from hattn import registry
-from hattn.context import LayerSpec, op_context, sequence_states, zero_padding
+from hattn.context import LayerSpec, decode_states, op_context, sequence_states, zero_padding
 from hattn.kernels.conv1d.reference import causal_conv1d, causal_conv1d_step
 
 
@@ -22,10 +22,10 @@ def _short_conv(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Ten
                 layer_id: int) -> None:
     """x, out: [T, C]; conv_weight: [C, kernel]; conv_bias: [C] or None."""
     ctx = op_context("short_conv", layer_id, x.shape[0])
-    if ctx.is_decode and ctx.cache is not None:  # one token of every sequence, batched
-        (conv_state,), n = ctx.cache.state(layer_id), ctx.num_tokens
-        slots, lens = ctx.device_meta(x.device)
-        out[:n] = causal_conv1d_step(x[:n], conv_weight, conv_bias, conv_state, slots, lens > 0, activation=None)
+    step = decode_states(ctx, layer_id, x.device)
+    if step is not None:  # one token of every sequence, batched
+        (conv_state,), n, slots, started = step
+        out[:n] = causal_conv1d_step(x[:n], conv_weight, conv_bias, conv_state, slots, started, activation=None)
         zero_padding(out, n)
         return
 

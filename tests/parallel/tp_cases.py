@@ -13,11 +13,11 @@ from hattn.compiler.backend import backend
 from hattn.context import ForwardContext, forward_context
 from hattn.models.generate import SamplingParams, generate, run_step
 from hattn.models.hf import adapt
-from hattn.models.presets import PRESETS, preset_config, random_model
+from hattn.models.presets import TINY_FAMILIES, preset_config, random_model
 from hattn.parallel import shard
 from hattn.parallel.overlap import TwoBatchOverlap
 
-TINY_PRESETS = [name for name in PRESETS if name == "tiny" or name.startswith("tiny-")]
+TINY_PRESETS = list(TINY_FAMILIES)
 PROMPT_LENS = (5, 17, 9, 6)  # the overlap splits prefill 22 | 15 tokens and decode 2 | 2: no one-token graph
 NEW_TOKENS = 8
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from hattn.kernels.mamba2.reference import segment_sums
+
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)  # FLA's KDA variant (sqrt, then divide)
@@ -69,16 +71,12 @@ def _kda_chunk(q, k, v, g, beta, s):
     With decay(s->t) = prod of exp(g[r]) over s < r <= t (per key channel), the state before token t's update is
     decay(0->t) s + sum_{r<t} decay(r->t) k_r u_r^T, so u_t = beta_t (v_t - k_t^T that) is
     (I + A) u = beta (v - (k decay(start->t))^T s) with A[t, r] = beta_t k_t.decay(r->t).k_r for r < t."""
-    n = v.shape[0]
-    ones = torch.ones(n, n, dtype=torch.bool, device=v.device)
-    steps = g[:, None].expand(n, n, *g.shape[1:]).masked_fill(~ones.tril(-1)[:, :, None, None], 0)
-    rel = torch.exp(torch.cumsum(steps, dim=0))  # [t, r, H, Dk]: decay(r->t) for t >= r, each segment summed
+    rel = torch.exp(segment_sums(g))  # [t, r, H, Dk]: decay(r->t), 0 for r > t
     from_start = torch.exp(torch.cumsum(g, dim=0))  # [L, H, Dk]: decay(start->t), token t's own step included
-    a = torch.einsum("thc,trhc,rhc->htr", k, rel, k) * beta.t()[:, :, None]
-    a = a.masked_fill(~ones.tril(-1), 0) + torch.eye(n, device=v.device)
+    a = torch.einsum("thc,trhc,rhc->htr", k, rel, k) * beta.t()[:, :, None]  # I + A, less its diagonal (read as 1)
     rhs = (v - torch.einsum("thc,hcv->thv", k * from_start, s)) * beta[..., None]  # [L, H, Dv]
     u = torch.linalg.solve_triangular(a, rhs.transpose(0, 1), upper=False, unitriangular=True).transpose(0, 1)
-    scores = torch.einsum("thc,trhc,rhc->thr", q, rel, k).masked_fill(~ones.tril()[:, None, :], 0)
+    scores = torch.einsum("thc,trhc,rhc->thr", q, rel, k)  # 0 for r > t
     out = torch.einsum("thr,rhv->thv", scores, u) + torch.einsum("thc,hcv->thv", q * from_start, s)
     s = from_start[-1][..., None] * s + torch.einsum("rhc,rhv->hcv", k * rel[-1], u)  # rel[-1]: decay(r->end)
     return out, s

@@ -40,7 +40,7 @@ def _ssd_chunk(x, dt, a, b, c, s):
     """One chunk of L tokens from state s [H, P, N]: (C.h for each token [L, H, P], the state after the chunk)."""
     da = dt * a  # [L, H]: each token's log decay
     decay = torch.cumsum(da, dim=0)  # log of the decay from the chunk's start through token t
-    rel = _segment_sums(da)  # [t, s, H]: log decay from token s to token t, -inf for s > t
+    rel = segment_sums(da)  # [t, s, H]: log decay from token s to token t, -inf for s > t
     scores = torch.einsum("thn,shn->tsh", c, b) * torch.exp(rel) * dt[None, :, :]  # C_t.B_s decay(s->t) dt_s
     y = torch.einsum("tsh,shp->thp", scores, x)
     y = y + torch.exp(decay)[:, :, None] * torch.einsum("thn,hpn->thp", c, s)  # the carried state's share
@@ -49,13 +49,14 @@ def _ssd_chunk(x, dt, a, b, c, s):
     return y, s
 
 
-def _segment_sums(da: torch.Tensor) -> torch.Tensor:
-    """[t, s, H]: the sum of da[r] over s < r <= t, summed directly (as transformers' segment_sum): a difference of
-    two running sums loses the small steps after a large one in fp32. -inf above the diagonal (exp gives 0)."""
-    n = da.shape[0]
+def segment_sums(da: torch.Tensor) -> torch.Tensor:
+    """da [L, ...] (log decays per token) -> [t, s, ...]: the sum of da[r] over s < r <= t, summed directly (as
+    transformers' segment_sum): a difference of two running sums loses the small steps after a large one in fp32.
+    -inf above the diagonal (exp gives 0)."""
+    n, extra = da.shape[0], (None,) * (da.dim() - 1)
     ones = torch.ones(n, n, dtype=torch.bool, device=da.device)
-    steps = da[:, None, :].expand(n, n, -1).masked_fill(~ones.tril(-1)[:, :, None], 0)  # [r, s]: da[r] where r > s
-    return torch.cumsum(steps, dim=0).masked_fill(~ones.tril()[:, :, None], float("-inf"))
+    steps = da[:, None].expand(n, n, *da.shape[1:]).masked_fill(~ones.tril(-1)[(..., *extra)], 0)  # da[r], r > s
+    return torch.cumsum(steps, dim=0).masked_fill(~ones.tril()[(..., *extra)], float("-inf"))
 
 
 def ssd_step(x, dt, a, b, c, d, ssm_state: torch.Tensor, slots: torch.Tensor,

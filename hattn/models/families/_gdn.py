@@ -9,14 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from hattn.context import LayerSpec
-from hattn.models.hf import Family, gqa_full_spec, kinds_from_layer_types, register_family
+from hattn.models.hf import Family, check_silu, gqa_full_spec, kinds_from_layer_types, register_family
 from hattn.ops import linear
-
-
-def check_silu(config, key: str = "hidden_act") -> None:
-    act = getattr(config, key)
-    if act not in ("silu", "swish"):
-        raise ValueError(f"{config.model_type}: hattn's conv1d applies silu but the config's {key} is {act!r}")
 
 
 def check_gdn(config) -> None:

@@ -9,8 +9,7 @@ from typing import Callable
 import torch
 
 from hattn.context import LayerSpec
-from hattn.models.families._gdn import check_silu
-from hattn.models.hf import Family, kinds_from_layer_types, register_family
+from hattn.models.hf import Family, check_silu, kinds_from_layer_types, register_family
 from hattn.ops import full, kda
 
 

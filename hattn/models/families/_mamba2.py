@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hattn.context import LayerSpec
-from hattn.models.hf import Family, gqa_full_spec, kinds_from_layer_types, register_family
+from hattn.models.hf import Family, check_silu, gqa_full_spec, kinds_from_layer_types, register_family
 from hattn.ops import mamba2
 
 
@@ -34,12 +34,6 @@ def mamba2_spec(config, heads: str, head_dim: str, groups: str, state: str, conv
     return mamba2.cache_spec(*(getattr(config, k) for k in (heads, head_dim, groups, state, conv)))
 
 
-def check_conv_silu(config, key: str) -> None:
-    act = getattr(config, key)
-    if act not in ("silu", "swish"):
-        raise ValueError(f"{config.model_type}: hattn's conv1d applies silu, the config's {key} is {act!r}")
-
-
 def mamba_attention_family(name: str, model_types: tuple[str, ...]) -> Family:
     """Granite 4.0-H and Bamba: each decoder layer holds a Mamba2 mixer in `mamba` or a GQA attention in
     `self_attn`, as `config.layers_block_type` says; sizes in the `mamba_*` fields; the config's `hidden_act` is
@@ -59,5 +53,5 @@ def mamba_attention_family(name: str, model_types: tuple[str, ...]) -> Family:
         cache_specs=cache_specs,
         forwards={"mamba2": mamba2_forward},
         mixer=lambda layer, kind: getattr(layer, "mamba" if kind == "mamba2" else "self_attn", None),
-        check=lambda config: check_conv_silu(config, "hidden_act"),
+        check=check_silu,
     ))

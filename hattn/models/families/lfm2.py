@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from hattn.models.hf import Family, gqa_full_spec, register_family
+from hattn.models.hf import Family, gqa_full_spec, kinds_from_layer_types, register_family
 from hattn.ops import short_conv
 
 
@@ -22,10 +22,7 @@ KINDS = {"full_attention": "full", "conv": "short_conv"}
 
 
 def layer_kinds(config) -> dict[int, str]:
-    unknown = sorted(set(config.layer_types) - set(KINDS))
-    if unknown:
-        raise ValueError(f"{config.model_type}: layer types {unknown} are not served by hattn (known: {sorted(KINDS)})")
-    return {i: KINDS[t] for i, t in enumerate(config.layer_types)}
+    return kinds_from_layer_types(config, names=KINDS)
 
 
 def cache_specs(config):

@@ -6,8 +6,8 @@ norm and the projections stay outside it.
 """
 from __future__ import annotations
 
-from hattn.models.families._mamba2 import check_conv_silu, mamba2_forward, mamba2_spec
-from hattn.models.hf import Family, gqa_full_spec, register_family
+from hattn.models.families._mamba2 import mamba2_forward, mamba2_spec
+from hattn.models.hf import Family, check_silu, gqa_full_spec, register_family
 
 KINDS = {"full_attention": "full", "linear_attention": "mamba2", "mlp": None, "moe": None}
 
@@ -32,5 +32,5 @@ register_family(Family(
     cache_specs=cache_specs,
     forwards={"mamba2": mamba2_forward},
     mixer=lambda layer, kind: getattr(layer, "mixer", None),
-    check=lambda config: check_conv_silu(config, "mamba_hidden_act"),
+    check=lambda config: check_silu(config, "mamba_hidden_act"),
 ))
